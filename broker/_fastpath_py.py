@@ -1,0 +1,106 @@
+"""Pure-Python fast path: the specification `_fastpath.pyx` must match byte for byte.
+
+Frames are complete server-to-client WebSocket frames (FIN + binary opcode, unmasked, header
+included), so one bytes object can be written to any number of connections as it is.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+_encode = msgspec.msgpack.Encoder().encode
+_H = struct.Struct("!H")
+_Q = struct.Struct("!Q")
+
+
+def frame_header(size: int) -> bytes:
+    """Header of a final binary frame carrying `size` bytes, server side (no mask)."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 65536:
+        return b"\x82\x7e" + _H.pack(size)
+    return b"\x82\x7f" + _Q.pack(size)
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """One complete binary WebSocket frame holding `payload`."""
+    return frame_header(len(payload)) + payload
+
+
+def batch_prefix(topic: str, epoch: int) -> bytes:
+    """The constant start of every `msg` batch of a topic: `[` "msg", topic, epoch."""
+    return b"\x95" + _encode("msg") + _encode(topic) + _encode(epoch)
+
+
+def encode_batch(prefix: bytes, first_seq: int, payloads: list) -> bytes:
+    """A complete frame holding `["msg", topic, epoch, first_seq, [payload, ...]]`."""
+    body = prefix + _encode(first_seq) + _encode(payloads)
+    return frame_header(len(body)) + body
+
+
+class Outbox:
+    """One connection's outbound queue of complete frames, counted in bytes.
+
+    `transport_bytes` is what the transport still held after the last write; the bound applies
+    to the sum, so a connection cannot hide a backlog in its transport."""
+
+    __slots__ = ("owner", "frames", "size", "transport_bytes", "limit", "scheduled", "paused", "closed", "over")
+
+    def __init__(self, owner: object, limit: int) -> None:
+        self.owner = owner
+        self.frames: list[bytes] = []
+        self.size = 0
+        self.transport_bytes = 0
+        self.limit = limit
+        self.scheduled = False  # already in this tick's list of connections to write
+        self.paused = False  # the transport asked us to stop writing
+        self.closed = False  # no more frames are accepted
+        self.over = False  # passed its limit; reported once
+
+    def push(self, frame: bytes) -> bool:
+        """Queue a frame; True when this push took the connection past its limit."""
+        if self.closed:
+            return False
+        self.frames.append(frame)
+        self.size += len(frame)
+        if not self.over and self.size + self.transport_bytes > self.limit:
+            self.over = True
+            return True
+        return False
+
+    def take(self) -> bytes:
+        """Everything queued as one bytes object (the single frame itself when there is one)."""
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.frames = []
+        self.size = 0
+        return data
+
+    def clear(self) -> None:
+        self.frames = []
+        self.size = 0
+
+    @property
+    def pending(self) -> int:
+        return self.size + self.transport_bytes
+
+
+def fan_out(frame: bytes, targets: tuple, touched: list, slow: list) -> None:
+    """Queue `frame` on every outbox in `targets`.
+
+    Each outbox not yet in `touched` this tick is appended to it once; each one that passes its
+    limit with this frame is appended to `slow`. Nothing is raised per subscriber."""
+    size = len(frame)
+    for box in targets:
+        if box.closed:
+            continue
+        box.frames.append(frame)
+        box.size += size
+        if not box.scheduled:
+            box.scheduled = True
+            touched.append(box)
+        if not box.over and box.size + box.transport_bytes > box.limit:
+            box.over = True
+            slow.append(box)

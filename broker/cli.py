@@ -1,0 +1,158 @@
+"""Command line: `broker serve`, `broker pub`, `broker sub` (also `python -m broker`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Sequence
+
+from . import __version__
+from .config import DEFAULT_PORT, FIELDS, HELP, Config, load
+from .errors import BrokerError, ConfigError
+
+DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broker", description="Binary publish/subscribe broker for WebSocket clients.")
+    parser.add_argument("--version", action="version", version=f"broker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the broker",
+        description="Run the broker. Every setting can also come from BROKER_<NAME> in the environment "
+        "or from a TOML file (--config); flags win over the environment, which wins over the file.",
+        argument_default=argparse.SUPPRESS,
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML file with settings (top level or a [broker] table)")
+    defaults = Config()
+    for name in FIELDS:
+        default = getattr(defaults, name)
+        serve.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            metavar=name.upper(),
+            help=f"{HELP[name]} (default {default!r}, env {('BROKER_' + name.upper())})",
+        )
+
+    pub = commands.add_parser("pub", help="publish one message (or one per line of stdin)")
+    pub.add_argument("topic")
+    pub.add_argument("data", nargs="?", help="payload as text; without it, each stdin line is a message")
+    pub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL})")
+    pub.add_argument("--hex", action="store_true", help="DATA (or each line) is hex, not text")
+
+    sub = commands.add_parser("sub", help="print messages of a topic or pattern, one per line")
+    sub.add_argument("pattern")
+    sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL})")
+    sub.add_argument("--json", action="store_true", help="print JSON lines")
+    sub.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until stopped)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "pub":
+            return _run(_pub(args))
+        return _run(_sub(args))
+    except ConfigError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    except BrokerError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _new_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run(coro) -> int:
+    _new_loop_policy()
+    return asyncio.run(coro)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import logs, run
+
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    config = load(flags, config_file=getattr(args, "config", None))
+    logs.setup(config.log_level, config.log_format)
+    _new_loop_policy()
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:
+        print(f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _pub(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    def payload(text: str) -> bytes:
+        if args.hex:
+            try:
+                return bytes.fromhex(text)
+            except ValueError as exc:
+                raise BrokerError(f"not hex: {text!r}") from exc
+        return text.encode()
+
+    async with Client(args.url) as client:
+        if args.data is not None:
+            ack = await client.publish_acked(args.topic, payload(args.data))
+            print(f"{args.topic} seq={ack.seq}")
+            return 0
+        loop = asyncio.get_running_loop()
+        last = None
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                break
+            last = await client.publish_acked(args.topic, payload(line.rstrip("\n")))
+        if last is not None:
+            print(f"{args.topic} seq={last.seq}")
+    return 0
+
+
+def _show(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.hex()
+    return text if text.isprintable() else data.hex()
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    seen = 0
+    async with Client(args.url) as client:
+        sub = await client.subscribe(args.pattern)
+        print(f"subscribed to {args.pattern}", file=sys.stderr, flush=True)
+        async for message in sub:
+            if args.json:
+                try:
+                    text = message.data.decode("utf-8")
+                    field = {"text": text}
+                except UnicodeDecodeError:
+                    field = {"hex": message.data.hex()}
+                line = json.dumps({"topic": message.topic, "epoch": message.epoch, "seq": message.seq, **field})
+            else:
+                line = f"{message.topic} {message.seq} {_show(message.data)}"
+            print(line, flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    return 0

@@ -1,0 +1,392 @@
+"""asyncio client for the broker (picows).
+
+    async with Client("ws://127.0.0.1:7341/") as client:
+        sub = await client.subscribe("md.>")
+        client.publish("md.AAPL", b"189.5")            # fire-and-forget, batched per tick
+        ack = await client.publish_acked("md.AAPL", b"189.6")
+        async for message in sub:
+            print(message.topic, message.seq, message.data)
+
+Publishes made in the same loop tick leave in one WebSocket frame. Replies are matched to
+requests by id; a refused request raises RequestError with the broker's error code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Awaitable, Callable, NamedTuple
+
+import msgspec
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from ..errors import BrokerError, ConnectionClosed, RequestError, SubscriptionOverflow
+from ..messages import SUBPROTOCOL, Ack, Err, Msg, Pub, Sub, Unsub, encode, server_decoder
+from ..topics import SubscriptionIndex, validate_pattern, validate_topic
+
+__all__ = [
+    "Client",
+    "Message",
+    "PublishAck",
+    "Subscription",
+    "RequestError",
+    "ConnectionClosed",
+    "SubscriptionOverflow",
+    "BrokerError",
+]
+
+DEFAULT_URL = "ws://127.0.0.1:7341/"
+
+
+def _log_error(error: RequestError) -> None:
+    """Default handler for errors no request waits for (fire-and-forget publishes)."""
+    logging.getLogger("broker.client").warning("broker refused a request: %s", error)
+
+
+class Message(NamedTuple):
+    topic: str
+    epoch: int
+    seq: int
+    data: bytes
+
+
+class PublishAck(NamedTuple):
+    epoch: int
+    seq: int
+
+
+Callback = Callable[[Message], object]
+
+
+class Subscription:
+    """A subscription: an async iterator of Messages, or a callback target."""
+
+    def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int) -> None:
+        self.client = client
+        self.pattern = pattern
+        self.callback = callback
+        self.max_queue = max_queue
+        self.epoch = 0  # from the subscribe ack (exact topics): the topic's epoch
+        self.seq = 0  # and the last sequence number published before the subscription
+        self._queue: deque[Message] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    def _deliver(self, message: Message) -> None:
+        if self.callback is not None:
+            self.callback(message)
+            return
+        if self._done:
+            return
+        if len(self._queue) >= self.max_queue:
+            self._finish(SubscriptionOverflow(f"subscription {self.pattern!r}: more than {self.max_queue} messages unread"))
+            self.client._drop(self)
+            return
+        self._queue.append(message)
+        self._wake()
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self._done:
+            self._done = True
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        while not self._queue:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = self.client._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    async def next(self, timeout: float | None = None) -> Message:
+        """The next message, waiting at most `timeout` seconds (asyncio.TimeoutError after)."""
+        return await asyncio.wait_for(self.__anext__(), timeout)
+
+    async def unsubscribe(self) -> None:
+        await self.client.unsubscribe(self)
+
+
+class _Listener(WSListener):
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self.client = client
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.BINARY:
+            self.client._on_message(frame.get_payload_as_memoryview())
+        elif kind is WSMsgType.CLOSE:
+            self.client._close_info = (int(frame.get_close_code()), frame.get_close_reason() or "")
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+        elif kind is WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.client._on_disconnected()
+
+    def pause_writing(self) -> None:
+        self.client._paused = True
+
+    def resume_writing(self) -> None:
+        self.client._paused = False
+        drained = self.client._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+
+class Client:
+    """One connection to a broker. Use `await Client.connect(url)` or `async with Client(url)`."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        connect_timeout: float = 5.0,
+        request_timeout: float = 10.0,
+        max_frame_bytes: int = 64 << 20,
+        max_queue: int = 100_000,
+        on_error: Callable[[RequestError], object] | None = None,
+    ) -> None:
+        self.url = url
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.max_queue = max_queue
+        self.on_error = on_error or _log_error
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport: WSTransport | None = None
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self._subs: dict[str, Subscription] = {}
+        self._index: SubscriptionIndex[Subscription] = SubscriptionIndex()
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
+        self._paused = False
+        self._drained: asyncio.Future | None = None
+        self._close_info: tuple[int, str] | None = None
+        self._closed: asyncio.Future | None = None
+
+    @classmethod
+    async def connect(cls, url: str = DEFAULT_URL, **options) -> Client:
+        client = cls(url, **options)
+        await client.open()
+        return client
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        try:
+            self._transport, _ = await asyncio.wait_for(
+                ws_connect(
+                    lambda: _Listener(self),
+                    self.url,
+                    extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
+                    max_frame_size=self.max_frame_bytes,
+                    websocket_handshake_timeout=self.connect_timeout,
+                    enable_auto_pong=True,
+                    logger_name="broker.client",
+                    use_aiofastnet=False,
+                ),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError as exc:
+            raise ConnectionClosed(1006, f"could not connect to {self.url} within {self.connect_timeout}s") from exc
+        except (OSError, Exception) as exc:
+            if isinstance(exc, BrokerError):
+                raise
+            raise ConnectionClosed(1006, f"could not connect to {self.url}: {exc}") from exc
+
+    async def __aenter__(self) -> Client:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is None or self._closed.done()
+
+    # requests
+
+    async def subscribe(
+        self, pattern: str, callback: Callback | None = None, *, max_queue: int | None = None
+    ) -> Subscription:
+        """Subscribe to a topic or pattern; returns once the broker acknowledged it.
+
+        Without a callback, iterate the returned Subscription for messages. With one, the
+        callback runs for every message (synchronously, in the loop: keep it short)."""
+        validate_pattern(pattern)
+        if pattern in self._subs:
+            raise RequestError(5, f"already subscribed to {pattern!r}")
+        sub = Subscription(self, pattern, callback, max_queue or self.max_queue)
+        self._subs[pattern] = sub
+        self._index.add(pattern, sub)
+        try:
+            ack = await self._request(lambda rid: Sub(rid, pattern))
+        except BaseException:
+            self._forget(sub)
+            raise
+        sub.epoch, sub.seq = ack.epoch, ack.seq
+        return sub
+
+    async def unsubscribe(self, target: Subscription | str) -> None:
+        pattern = target.pattern if isinstance(target, Subscription) else target
+        sub = self._subs.get(pattern)
+        if sub is None:
+            raise RequestError(6, f"not subscribed to {pattern!r}")
+        self._forget(sub)
+        sub._finish(None)
+        await self._request(lambda rid: Unsub(rid, pattern))
+
+    def publish(self, topic: str, data: bytes) -> None:
+        """Fire-and-forget publish. Publishes within one loop tick leave in one frame."""
+        self._check_open()
+        self._queue_out(encode(Pub(0, topic, data)))
+
+    async def publish_acked(self, topic: str, data: bytes) -> PublishAck:
+        """Publish and wait for the broker's ack: returns the epoch and sequence number given."""
+        validate_topic(topic)
+        ack = await self._request(lambda rid: Pub(rid, topic, data))
+        return PublishAck(ack.epoch, ack.seq)
+
+    async def drain(self) -> None:
+        """Wait until the connection's write buffer is below its high-water mark."""
+        self._flush_out()
+        while self._paused and not self.closed:
+            self._drained = self._loop.create_future()
+            await asyncio.wait([self._drained, self._closed], timeout=self.request_timeout)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker."""
+        if self._transport is None or self.closed:
+            return
+        self._flush_out()
+        self._transport.send_close(WSCloseCode.OK)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+        except asyncio.TimeoutError:
+            self._transport.disconnect(graceful=False)
+            await self._closed
+
+    async def wait_closed(self) -> tuple[int, str]:
+        """Wait until the connection ends; returns the close code and reason the broker sent."""
+        await asyncio.shield(self._closed)
+        return self._close_info or (1006, "connection lost")
+
+    # internals
+
+    def _check_open(self) -> None:
+        if self.closed:
+            code, reason = self._close_info or (1006, "not connected")
+            raise ConnectionClosed(code, reason)
+
+    def _queue_out(self, encoded: bytes) -> None:
+        self._outgoing.append(encoded)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        out = self._outgoing
+        if not out or self.closed:
+            return
+        self._outgoing = []
+        if len(out) == 1:
+            frame = out[0]
+        else:
+            n = len(out)
+            head = bytes((0x90 | n,)) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 65536 else b"\xdd" + n.to_bytes(4, "big"))
+            frame = head + b"".join(out)
+        self._transport.send(WSMsgType.BINARY, frame)
+
+    async def _request(self, make: Callable[[int], object]) -> Ack:
+        self._check_open()
+        self._next_id += 1
+        rid = self._next_id
+        future = self._loop.create_future()
+        self._pending[rid] = future
+        self._queue_out(encode(make(rid)))
+        try:
+            return await asyncio.wait_for(future, self.request_timeout)
+        except asyncio.TimeoutError as exc:
+            raise BrokerError(f"no reply to request {rid} within {self.request_timeout}s") from exc
+        finally:
+            self._pending.pop(rid, None)
+
+    def _forget(self, sub: Subscription) -> None:
+        if self._subs.get(sub.pattern) is sub:
+            del self._subs[sub.pattern]
+            self._index.remove(sub.pattern, sub)
+
+    def _drop(self, sub: Subscription) -> None:
+        """Unsubscribe at the broker after a local overflow (no reply is awaited)."""
+        if self._subs.get(sub.pattern) is sub:
+            self._forget(sub)
+            if not self.closed:
+                self._queue_out(encode(Unsub(0, sub.pattern)))
+
+    def _on_message(self, data: memoryview) -> None:
+        try:
+            message = server_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"undecodable server message")
+            self._transport.disconnect()
+            return
+        kind = type(message)
+        if kind is Msg:
+            targets = self._index.lookup(message.topic)
+            if targets:
+                topic, epoch, seq = message.topic, message.epoch, message.seq
+                for i, payload in enumerate(message.data):
+                    item = Message(topic, epoch, seq + i, payload)
+                    for sub in targets:
+                        sub._deliver(item)
+        elif kind is Ack:
+            future = self._pending.get(message.id)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif kind is Err:
+            error = RequestError(message.code, message.text, message.id)
+            future = self._pending.get(message.id)
+            if future is not None and not future.done():
+                future.set_exception(error)
+            else:
+                self.on_error(error)
+
+    def _on_disconnected(self) -> None:
+        code, reason = self._close_info or (1006, "connection lost")
+        if self._transport is not None and self._transport.close_handshake is not None:
+            recv = self._transport.close_handshake.recv
+            if recv is not None and self._close_info is None:
+                code, reason = int(recv.code), recv.reason or ""
+        self._close_info = (code, reason)
+        error = ConnectionClosed(code, reason)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        for sub in list(self._subs.values()):
+            sub._finish(None if code == 1000 else error)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        drained = self._drained
+        if drained is not None and not drained.done():
+            drained.set_result(None)

@@ -1,0 +1,119 @@
+"""Server settings: defaults < TOML file < environment (BROKER_*) < command-line flags.
+
+Only values that were explicitly given are merged; the result is validated once by msgspec and
+any problem comes back as a ConfigError that names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Annotated, Any, Literal, Mapping
+
+import msgspec
+
+from .errors import ConfigError
+
+DEFAULT_PORT = 7341
+ENV_PREFIX = "BROKER_"
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
+    path: str = "/"
+    max_frame_bytes: Positive = 1 << 20
+    max_payload_bytes: Positive = 512 << 10
+    max_pending_bytes: Positive = 8 << 20
+    max_subscriptions: Positive = 10_000
+    max_topics: Positive = 1_000_000
+    max_topic_length: Annotated[int, msgspec.Meta(gt=0, le=4096)] = 255
+    handshake_timeout_s: Seconds = 5.0
+    ping_interval_s: Seconds = 20.0
+    ping_timeout_s: Seconds = 10.0
+    close_timeout_s: Seconds = 2.0
+    shutdown_timeout_s: Seconds = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError("path must start with '/'")
+        if self.ping_timeout_s > self.ping_interval_s:
+            raise ValueError("ping_timeout_s must not exceed ping_interval_s")
+        if self.max_payload_bytes >= self.max_frame_bytes:
+            raise ValueError("max_payload_bytes must be smaller than max_frame_bytes")
+
+
+FIELDS: tuple[str, ...] = Config.__struct_fields__
+
+HELP = {
+    "host": "interface to listen on",
+    "port": "TCP port to listen on (0 picks a free one)",
+    "path": "URL path clients connect to",
+    "max_frame_bytes": "largest WebSocket frame a client may send; larger ones close with 1009",
+    "max_payload_bytes": "largest payload one publish may carry",
+    "max_pending_bytes": "bytes queued for one connection before it is closed as a slow consumer (1013)",
+    "max_subscriptions": "subscriptions one connection may hold",
+    "max_topics": "concrete topics the broker keeps state for",
+    "max_topic_length": "longest topic name or pattern, in characters",
+    "handshake_timeout_s": "seconds a client has to complete the WebSocket handshake",
+    "ping_interval_s": "seconds of silence before the server pings a client",
+    "ping_timeout_s": "seconds a client has to answer a ping before it is disconnected",
+    "close_timeout_s": "seconds a closing connection gets to flush before it is aborted",
+    "shutdown_timeout_s": "seconds graceful shutdown waits for clients before aborting them",
+    "log_level": "debug, info, warning or error",
+    "log_format": "text (key=value) or json",
+}
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Config:
+    """Merge every source and validate once. `flags` holds only the flags actually given."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        merged.update(_read_file(path))
+    for name in FIELDS:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            merged[name] = value
+    if flags:
+        merged.update({k: v for k, v in flags.items() if k in FIELDS})
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {_describe(exc)}") from exc
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    section = data.get("broker", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [broker] must be a table")
+    unknown = sorted(set(section) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return dict(section)
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    # msgspec says "Expected `int`, got `str` - at `$.port`": lead with the setting's name.
+    if " - at `$." in text:
+        message, _, where = text.rpartition(" - at `$.")
+        return f"{where.rstrip('`')}: {message}"
+    return text

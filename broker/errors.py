@@ -1,0 +1,80 @@
+"""Errors raised by the broker and the codes it puts on the wire.
+
+`ErrorCode` values travel in `err` replies; `CloseCode` values are WebSocket close codes.
+Both tables are part of the protocol contract (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by an `err` reply. The connection stays open after every one of them."""
+
+    BAD_MESSAGE = 1  # not MessagePack, or not an array of the documented shape
+    UNKNOWN_TYPE = 2  # the first element names no client message type
+    INVALID_TOPIC = 3  # topic or pattern breaks the naming rules
+    PATTERN_NOT_ALLOWED = 4  # a publish named a wildcard pattern
+    ALREADY_SUBSCRIBED = 5  # the connection already holds this exact subscription
+    NOT_SUBSCRIBED = 6  # unsub of a pattern the connection does not hold
+    PAYLOAD_TOO_LARGE = 7  # payload longer than max_payload_bytes
+    TOO_MANY_SUBSCRIPTIONS = 8  # max_subscriptions reached on this connection
+    TOO_MANY_TOPICS = 9  # the broker holds max_topics topics already
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the broker sends."""
+
+    NORMAL = 1000  # the client closed, or asked to
+    GOING_AWAY = 1001  # server shutting down
+    PROTOCOL_ERROR = 1002  # broken WebSocket framing (picows)
+    UNSUPPORTED_DATA = 1003  # text frame or fragmented message
+    MESSAGE_TOO_BIG = 1009  # frame larger than max_frame_bytes
+    INTERNAL_ERROR = 1011  # a bug in the broker; logged with a traceback
+    SLOW_CONSUMER = 1013  # outbound queue passed max_pending_bytes
+
+
+class BrokerError(Exception):
+    """Base of every error the broker package raises."""
+
+
+class ConfigError(BrokerError):
+    """A setting is missing, malformed or out of range; the message names it."""
+
+
+class RequestError(BrokerError):
+    """A client request was refused: carries the wire error code and text."""
+
+    def __init__(self, code: int, text: str, request_id: int = 0) -> None:
+        super().__init__(f"{_code_name(code)}: {text}")
+        self.code = code
+        self.text = text
+        self.request_id = request_id
+
+
+class ConnectionClosed(BrokerError):
+    """The WebSocket connection is closed; `code` and `reason` come from the close frame."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"connection closed ({code}): {reason}" if reason else f"connection closed ({code})")
+        self.code = code
+        self.reason = reason
+
+
+class SubscriptionOverflow(BrokerError):
+    """A subscription's local queue filled up because its consumer did not keep up."""
+
+
+class TopicError(RequestError):
+    """A topic name or pattern is invalid."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(ErrorCode.INVALID_TOPIC, text)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return f"error {code}"

@@ -1,0 +1,168 @@
+"""Wire schema of protocol v1: msgspec tagged structs encoded as MessagePack arrays.
+
+Every message is an array whose first element is its type name. New optional fields are only
+ever appended at the end with defaults; decoders ignore trailing elements they do not know, so
+an older peer can read a newer one's messages.
+
+A client frame carries either one message (`["pub", ...]`) or an array of messages
+(`[["pub", ...], ["sub", ...]]`): the batch form lets a client send many publishes in one frame.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "broker.v1"
+
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class _Wire(msgspec.Struct, array_like=True, frozen=True, tag_field="type"):
+    pass
+
+
+# Client to server
+
+
+class Sub(_Wire, tag="sub"):
+    """Subscribe to an exact topic or a wildcard pattern."""
+
+    id: RequestId
+    topic: str
+
+
+class Unsub(_Wire, tag="unsub"):
+    """Drop a subscription made earlier with the same topic or pattern."""
+
+    id: RequestId
+    topic: str
+
+
+class Pub(_Wire, tag="pub"):
+    """Publish one payload to an exact topic. id 0 asks for no ack (errors still come back)."""
+
+    id: RequestId
+    topic: str
+    data: bytes
+
+
+ClientMessage = Union[Sub, Unsub, Pub]
+CLIENT_TYPES = ("sub", "unsub", "pub")
+
+
+# Server to client
+
+
+class Ack(_Wire, tag="ack"):
+    """Success reply. For `pub`: the topic epoch and the sequence number given to the message.
+    For `sub` of an exact topic: the topic epoch and the last sequence number published so far
+    (0, 0 when nothing was published yet). 0, 0 for patterns and `unsub`."""
+
+    id: int
+    epoch: int = 0
+    seq: int = 0
+
+
+class Err(_Wire, tag="err"):
+    """Failure reply: echoes the request id (0 when none could be read)."""
+
+    id: int
+    code: int
+    text: str
+
+
+class Msg(_Wire, tag="msg"):
+    """A batch of messages of one topic from one loop tick; message i has sequence seq + i."""
+
+    topic: str
+    epoch: int
+    seq: int
+    data: list[bytes]
+
+
+ServerMessage = Union[Ack, Err, Msg]
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+client_decoder = msgspec.msgpack.Decoder(ClientMessage)
+client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
+server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_any_decoder = msgspec.msgpack.Decoder()
+
+
+def is_batch(data: bytes | memoryview) -> bool:
+    """True when a client frame holds an array of messages rather than one message.
+
+    Looks only at the second byte: the first element of a batch is an array (fixarray 0x90-0x9f
+    or array16/32 0xdc/0xdd), the first element of a single message is its type string."""
+    if len(data) < 2:
+        return False
+    first = data[0]
+    if not (0x90 <= first <= 0x9F or first in (0xDC, 0xDD)):
+        return False
+    offset = 1 if first < 0xDC else (3 if first == 0xDC else 5)
+    if len(data) <= offset:
+        return False
+    nxt = data[offset]
+    return 0x90 <= nxt <= 0x9F or nxt in (0xDC, 0xDD)
+
+
+class BadMessage(Exception):
+    """One undecodable client message: what the `err` reply should say."""
+
+    def __init__(self, request_id: int, code: int, text: str) -> None:
+        super().__init__(text)
+        self.request_id = request_id
+        self.code = code
+        self.text = text
+
+
+def decode_client_frame(data: bytes | memoryview) -> tuple[list[ClientMessage], list[BadMessage]]:
+    """Decode one client frame into the messages it holds and the errors for those it could not.
+
+    The common case (well-formed) costs one msgspec decode. Only when it fails is the frame taken
+    apart element by element, so that each bad message gets its own error with its own id and
+    the good ones in the same batch still apply."""
+    from .errors import ErrorCode
+
+    batch = is_batch(data)
+    try:
+        if batch:
+            return client_batch_decoder.decode(data), []
+        return [client_decoder.decode(data)], []
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        first_error = exc
+    if not batch:
+        return [], [_explain(data, first_error, ErrorCode)]
+    try:
+        parts = _raw_list_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"malformed batch: {exc}")]
+    good: list[ClientMessage] = []
+    bad: list[BadMessage] = []
+    for part in parts:
+        try:
+            good.append(client_decoder.decode(part))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            bad.append(_explain(part, exc, ErrorCode))
+    return good, bad
+
+
+def _explain(data, exc: Exception, codes) -> BadMessage:
+    """Turn a failed decode into an error reply, recovering the request id when there is one."""
+    try:
+        value = _any_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return BadMessage(0, codes.BAD_MESSAGE, f"malformed MessagePack: {exc}")
+    if not isinstance(value, list) or not value:
+        return BadMessage(0, codes.BAD_MESSAGE, "a message is a non-empty array whose first element is its type")
+    request_id = value[1] if len(value) > 1 and type(value[1]) is int and 0 <= value[1] < 2**63 else 0
+    kind = value[0]
+    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
+        return BadMessage(request_id, codes.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}")
+    return BadMessage(request_id, codes.BAD_MESSAGE, f"invalid {kind}: {exc}")

@@ -1,0 +1,173 @@
+"""Stamping, per-tick batching, encode-once fan-out (sans-I/O).
+
+The router never touches a socket. The I/O shell gives it `request_flush`, a callable that
+arranges for `flush()` to run once at the end of the current loop iteration (`loop.call_soon`).
+The first piece of work in a tick calls it; everything else in the same tick joins the batch.
+`flush()` encodes one frame per dirty topic, queues that same bytes object on every subscriber's
+outbox, and returns the outboxes to write (each once) and those that passed their byte limit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from .errors import ErrorCode, RequestError
+from .fastpath import Outbox, batch_prefix, encode_batch, fan_out
+from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, validate_pattern, validate_topic
+
+
+class TopicState:
+    """One concrete topic: its epoch, its last sequence number and this tick's pending batch."""
+
+    __slots__ = ("name", "epoch", "seq", "prefix", "pending", "first", "dirty")
+
+    def __init__(self, name: str, epoch: int) -> None:
+        self.name = name
+        self.epoch = epoch
+        self.seq = 0  # sequence number of the last message published
+        self.prefix = batch_prefix(name, epoch)
+        self.pending: list[bytes] = []
+        self.first = 0  # sequence number of pending[0]
+        self.dirty = False
+
+
+class RouterStats:
+    """Counters the router keeps; read by tests, logs and metrics."""
+
+    __slots__ = ("published", "delivered", "frames", "bytes_queued", "slow_consumers", "errors", "closes")
+
+    def __init__(self) -> None:
+        self.published = 0  # messages accepted from publishers
+        self.delivered = 0  # messages queued to subscribers (one per message per subscriber)
+        self.frames = 0  # batch frames encoded
+        self.bytes_queued = 0  # batch bytes queued to subscribers
+        self.slow_consumers = 0
+        self.errors: dict[int, int] = {}  # err replies sent, by ErrorCode
+        self.closes: dict[int, int] = {}  # connections closed by the broker, by close code
+
+    def count_error(self, code: int) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def count_close(self, code: int) -> None:
+        self.closes[code] = self.closes.get(code, 0) + 1
+
+
+class Router:
+    def __init__(
+        self,
+        request_flush: Callable[[], object],
+        *,
+        max_topics: int = 1_000_000,
+        max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
+        epoch: int | None = None,
+    ) -> None:
+        self._request_flush = request_flush
+        self.max_topics = max_topics
+        self.max_topic_length = max_topic_length
+        # Epoch: milliseconds since 1970 at start, so a restarted broker never reuses one.
+        self.epoch = int(time.time() * 1000) if epoch is None else epoch
+        self.index: SubscriptionIndex[Outbox] = SubscriptionIndex()
+        self.topics: dict[str, TopicState] = {}
+        self.stats = RouterStats()
+        self._dirty: list[TopicState] = []
+        self._touched: list[Outbox] = []
+        self._slow: list[Outbox] = []
+        self._flush_requested = False
+
+    # publishing
+
+    def topic(self, name: str) -> TopicState:
+        """The state of a concrete topic, created (after validation) on first use."""
+        state = self.topics.get(name)
+        if state is None:
+            if is_pattern(name):
+                validate_pattern(name, self.max_topic_length)
+                raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"cannot publish to pattern {name!r}; name a concrete topic")
+            validate_topic(name, self.max_topic_length)
+            if len(self.topics) >= self.max_topics:
+                raise RequestError(ErrorCode.TOO_MANY_TOPICS, f"the broker holds {self.max_topics} topics, its limit")
+            state = self.topics[name] = TopicState(name, self.epoch)
+        return state
+
+    def publish(self, name: str, payload: bytes) -> TopicState:
+        """Stamp `payload` with the topic's next sequence number and add it to this tick's batch.
+
+        Returns the topic state: `.epoch` and `.seq` are what the message was given."""
+        state = self.topics.get(name)
+        if state is None:
+            state = self.topic(name)
+        seq = state.seq = state.seq + 1
+        if not state.dirty:
+            state.dirty = True
+            state.first = seq
+            self._dirty.append(state)
+            if not self._flush_requested:
+                self._flush_requested = True
+                self._request_flush()
+        state.pending.append(payload)
+        self.stats.published += 1
+        return state
+
+    # subscriptions
+
+    def subscribe(self, pattern: str, box: Outbox) -> bool:
+        """Validate and add a subscription; False when `box` already holds it."""
+        validate_pattern(pattern, self.max_topic_length)
+        return self.index.add(pattern, box)
+
+    def unsubscribe(self, pattern: str, box: Outbox) -> bool:
+        return self.index.remove(pattern, box)
+
+    # outbound
+
+    def send(self, box: Outbox, frame: bytes) -> None:
+        """Queue one frame (a reply) on one connection; written with the rest of this tick."""
+        if box.push(frame):
+            self._slow.append(box)
+        self.schedule_write(box)
+
+    def schedule_write(self, box: Outbox) -> None:
+        """Ask for `box` to be written at the end of this tick (after the transport resumed)."""
+        if not box.scheduled:
+            box.scheduled = True
+            self._touched.append(box)
+            if not self._flush_requested:
+                self._flush_requested = True
+                self._request_flush()
+
+    def flush(self) -> tuple[list[Outbox], list[Outbox]]:
+        """Encode and fan out every dirty topic's batch.
+
+        Returns (outboxes to write, each once; outboxes that passed their limit). The caller
+        resets `scheduled` on each outbox it writes."""
+        self._flush_requested = False
+        dirty = self._dirty
+        touched = self._touched
+        slow = self._slow
+        if dirty:
+            self._dirty = []
+            lookup = self.index.lookup
+            stats = self.stats
+            for state in dirty:
+                payloads = state.pending
+                state.pending = []
+                state.dirty = False
+                targets = lookup(state.name)
+                if targets:
+                    frame = encode_batch(state.prefix, state.first, payloads)
+                    fan_out(frame, targets, touched, slow)
+                    stats.frames += 1
+                    stats.delivered += len(payloads) * len(targets)
+                    stats.bytes_queued += len(frame) * len(targets)
+        self._touched = []
+        self._slow = []
+        if slow:
+            self.stats.slow_consumers += len(slow)
+        return touched, slow
+
+    def remove_all(self, box: Outbox, patterns: set[str] | list[str]) -> None:
+        """Drop every subscription of a closing connection."""
+        for pattern in patterns:
+            self.index.remove(pattern, box)
+

@@ -1,0 +1,105 @@
+"""One client connection's protocol state (sans-I/O): bytes in, replies queued on its outbox.
+
+The I/O shell hands every complete binary message to `receive()`; replies and deliveries leave
+through the router, which writes each connection once per tick.
+"""
+
+from __future__ import annotations
+
+from .errors import ErrorCode, RequestError
+from .fastpath import Outbox, encode_frame
+from .messages import Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
+from .router import Router
+
+
+class Limits:
+    """Per-connection limits, taken from the server config."""
+
+    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes")
+
+    def __init__(self, max_payload_bytes: int = 1 << 20, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.max_subscriptions = max_subscriptions
+        self.max_pending_bytes = max_pending_bytes
+
+
+class Session:
+    __slots__ = ("router", "limits", "box", "subscriptions", "received", "errors", "closed")
+
+    def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
+        self.router = router
+        self.limits = limits
+        self.box = Outbox(owner, limits.max_pending_bytes)
+        self.subscriptions: set[str] = set()
+        self.received = 0  # client messages handled
+        self.errors = 0  # err replies sent
+        self.closed = False
+
+    def receive(self, data: bytes | memoryview) -> None:
+        """Handle one client frame: one message or a batch of them."""
+        if self.closed:
+            return
+        messages, bad = decode_client_frame(data)
+        for problem in bad:
+            self.reply_error(problem.request_id, problem.code, problem.text)
+        router = self.router
+        max_payload = self.limits.max_payload_bytes
+        for message in messages:
+            self.received += 1
+            kind = type(message)
+            try:
+                if kind is Pub:
+                    if len(message.data) > max_payload:
+                        raise RequestError(
+                            ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"payload is {len(message.data)} bytes; the limit is {max_payload}",
+                        )
+                    state = router.publish(message.topic, message.data)
+                    if message.id:
+                        router.send(self.box, encode_frame(encode(Ack(message.id, state.epoch, state.seq))))
+                elif kind is Sub:
+                    self._subscribe(message)
+                elif kind is Unsub:
+                    self._unsubscribe(message)
+            except RequestError as exc:
+                self.reply_error(message.id, exc.code, exc.text)
+
+    def _subscribe(self, message: Sub) -> None:
+        pattern = message.topic
+        if pattern in self.subscriptions:
+            raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
+        if len(self.subscriptions) >= self.limits.max_subscriptions:
+            raise RequestError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"this connection holds {len(self.subscriptions)} subscriptions, the limit",
+            )
+        self.router.subscribe(pattern, self.box)
+        self.subscriptions.add(pattern)
+        state = self.router.topics.get(pattern)
+        epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
+        if message.id:
+            self.router.send(self.box, encode_frame(encode(Ack(message.id, epoch, seq))))
+
+    def _unsubscribe(self, message: Unsub) -> None:
+        pattern = message.topic
+        if pattern not in self.subscriptions:
+            raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
+        self.router.unsubscribe(pattern, self.box)
+        self.subscriptions.discard(pattern)
+        if message.id:
+            self.router.send(self.box, encode_frame(encode(Ack(message.id))))
+
+    def reply_error(self, request_id: int, code: int, text: str) -> None:
+        self.errors += 1
+        self.router.stats.count_error(code)
+        self.router.send(self.box, encode_frame(encode(Err(request_id, int(code), text))))
+
+    def close(self) -> None:
+        """Leave every subscription and stop accepting frames; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        self.router.remove_all(self.box, self.subscriptions)
+        self.subscriptions.clear()
+        self.box.closed = True
+        self.box.clear()
