@@ -36,6 +36,9 @@ def batch_prefix(topic: str, epoch: int) -> bytes:
 
 def encode_batch(prefix: bytes, first_seq: int, payloads: list) -> bytes:
     """A complete frame holding `["msg", topic, epoch, first_seq, [payload, ...]]`."""
+    for payload in payloads:
+        if type(payload) is not bytes:
+            raise TypeError("payloads must be bytes")
     body = prefix + _encode(first_seq) + _encode(payloads)
     return frame_header(len(body)) + body
 

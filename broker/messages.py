@@ -112,6 +112,10 @@ def is_batch(data: bytes | memoryview) -> bool:
     return 0x90 <= nxt <= 0x9F or nxt in (0xDC, 0xDD)
 
 
+# Invalid UTF-8 in a str field surfaces as UnicodeDecodeError, not as msgspec.DecodeError.
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
+
+
 class BadMessage(Exception):
     """One undecodable client message: what the `err` reply should say."""
 
@@ -135,20 +139,20 @@ def decode_client_frame(data: bytes | memoryview) -> tuple[list[ClientMessage], 
         if batch:
             return client_batch_decoder.decode(data), []
         return [client_decoder.decode(data)], []
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         first_error = exc
     if not batch:
         return [], [_explain(data, first_error, ErrorCode)]
     try:
         parts = _raw_list_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"malformed batch: {exc}")]
     good: list[ClientMessage] = []
     bad: list[BadMessage] = []
     for part in parts:
         try:
             good.append(client_decoder.decode(part))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _DECODE_ERRORS as exc:
             bad.append(_explain(part, exc, ErrorCode))
     return good, bad
 
@@ -157,7 +161,7 @@ def _explain(data, exc: Exception, codes) -> BadMessage:
     """Turn a failed decode into an error reply, recovering the request id when there is one."""
     try:
         value = _any_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         return BadMessage(0, codes.BAD_MESSAGE, f"malformed MessagePack: {exc}")
     if not isinstance(value, list) or not value:
         return BadMessage(0, codes.BAD_MESSAGE, "a message is a non-empty array whose first element is its type")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, batch_prefix, encode_batch, fan_out
-from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, validate_pattern, validate_topic
+from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, matches, validate_pattern, validate_topic
 
 
 class TopicState:
@@ -114,6 +114,12 @@ class Router:
     def subscribe(self, pattern: str, box: Outbox) -> bool:
         """Validate and add a subscription; False when `box` already holds it."""
         validate_pattern(pattern, self.max_topic_length)
+        if self._dirty:
+            # Messages published earlier in this tick go out without the new subscriber, so
+            # it receives exactly the messages after the sequence number its ack reports.
+            for state in self._dirty:
+                if state.pending and matches(pattern, state.name):
+                    self._emit(state)
         return self.index.add(pattern, box)
 
     def unsubscribe(self, pattern: str, box: Outbox) -> bool:
@@ -147,24 +153,29 @@ class Router:
         slow = self._slow
         if dirty:
             self._dirty = []
-            lookup = self.index.lookup
-            stats = self.stats
+            emit = self._emit
             for state in dirty:
-                payloads = state.pending
-                state.pending = []
-                state.dirty = False
-                targets = lookup(state.name)
-                if targets:
-                    frame = encode_batch(state.prefix, state.first, payloads)
-                    fan_out(frame, targets, touched, slow)
-                    stats.frames += 1
-                    stats.delivered += len(payloads) * len(targets)
-                    stats.bytes_queued += len(frame) * len(targets)
+                if state.pending:
+                    emit(state)
         self._touched = []
         self._slow = []
         if slow:
             self.stats.slow_consumers += len(slow)
         return touched, slow
+
+    def _emit(self, state: TopicState) -> None:
+        """Encode the topic's pending batch once and queue it on every subscriber."""
+        payloads = state.pending
+        state.pending = []
+        state.dirty = False
+        targets = self.index.lookup(state.name)
+        if targets:
+            frame = encode_batch(state.prefix, state.first, payloads)
+            fan_out(frame, targets, self._touched, self._slow)
+            stats = self.stats
+            stats.frames += 1
+            stats.delivered += len(payloads) * len(targets)
+            stats.bytes_queued += len(frame) * len(targets)
 
     def remove_all(self, box: Outbox, patterns: set[str] | list[str]) -> None:
         """Drop every subscription of a closing connection."""

@@ -347,7 +347,7 @@ class Client:
     def _on_message(self, data: memoryview) -> None:
         try:
             message = server_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, UnicodeDecodeError):
             self._transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"undecodable server message")
             self._transport.disconnect()
             return

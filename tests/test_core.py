@@ -1,0 +1,164 @@
+"""The sans-I/O core: router and session driven with plain calls, no sockets, no loop."""
+
+import subprocess
+import sys
+
+import pytest
+
+from broker.errors import ErrorCode
+from broker.messages import Ack, Err, Msg, Pub, Sub, Unsub, encode
+from broker.router import Router
+from broker.session import Limits, Session
+
+from conftest import decode_frames
+
+
+class Harness:
+    def __init__(self, **limits):
+        self.flush_requests = 0
+        self.router = Router(self._request, epoch=42, max_topics=limits.pop("max_topics", 1000))
+        self.limits = Limits(**limits)
+
+    def _request(self):
+        self.flush_requests += 1
+
+    def session(self, name):
+        return Session(self.router, self.limits, owner=name)
+
+    def tick(self):
+        """What the server does at the end of a tick: flush, then write each touched outbox."""
+        touched, slow = self.router.flush()
+        written = {}
+        for box in touched:
+            box.scheduled = False
+            written[box.owner] = decode_frames(box.take())
+        return written, [box.owner for box in slow]
+
+
+def test_one_flush_request_per_tick_and_one_frame_per_topic():
+    h = Harness()
+    a, b = h.session("a"), h.session("b")
+    a.receive(encode(Sub(0, "md.x")))
+    b.receive(encode([Pub(0, "md.x", b"1"), Pub(0, "md.x", b"2"), Pub(0, "md.y", b"3")]))
+    b.receive(encode(Pub(0, "md.x", b"4")))
+    assert h.flush_requests == 1
+    written, slow = h.tick()
+    assert written == {"a": [Msg("md.x", 42, 1, [b"1", b"2", b"4"])]}
+    assert slow == []
+    b.receive(encode(Pub(0, "md.x", b"5")))
+    assert h.flush_requests == 2
+    assert h.tick()[0] == {"a": [Msg("md.x", 42, 4, [b"5"])]}
+
+
+def test_the_same_frame_object_is_shared_by_all_subscribers():
+    h = Harness()
+    subs = [h.session(i) for i in range(5)]
+    for s in subs:
+        s.receive(encode(Sub(0, "t")))
+    h.session("p").receive(encode(Pub(0, "t", b"x")))
+    touched, _ = h.router.flush()
+    frames = {id(box.frames[0]) for box in touched}
+    assert len(frames) == 1 and len(touched) == 5
+    assert h.router.stats.frames == 1 and h.router.stats.delivered == 5
+
+
+def test_acks_carry_epoch_and_sequence():
+    h = Harness()
+    p = h.session("p")
+    p.receive(encode([Pub(1, "t", b"a"), Pub(2, "t", b"b"), Pub(0, "t", b"c"), Pub(3, "u", b"d")]))
+    p.receive(encode([Sub(4, "t"), Sub(5, "nothing.yet"), Sub(6, "t.>"), Unsub(7, "t.>")]))
+    written, _ = h.tick()
+    assert written["p"] == [
+        Ack(1, 42, 1), Ack(2, 42, 2), Ack(3, 42, 1), Ack(4, 42, 3), Ack(5, 0, 0), Ack(6, 0, 0), Ack(7, 0, 0)
+    ]
+
+
+def test_errors_echo_ids_and_are_counted():
+    h = Harness(max_payload_bytes=4, max_subscriptions=1)
+    s = h.session("s")
+    s.receive(encode([Pub(1, "a.*", b""), Pub(2, "a..b", b""), Pub(3, "t", b"12345"), Sub(4, "x"), Sub(5, "x"), Sub(6, "y"), Unsub(7, "z")]))
+    s.receive(b"\xc1")
+    written, _ = h.tick()
+    codes = [(m.id, m.code) for m in written["s"] if isinstance(m, Err)]
+    assert codes == [
+        (1, ErrorCode.PATTERN_NOT_ALLOWED),
+        (2, ErrorCode.INVALID_TOPIC),
+        (3, ErrorCode.PAYLOAD_TOO_LARGE),
+        (5, ErrorCode.ALREADY_SUBSCRIBED),
+        (6, ErrorCode.TOO_MANY_SUBSCRIPTIONS),
+        (7, ErrorCode.NOT_SUBSCRIBED),
+        (0, ErrorCode.BAD_MESSAGE),
+    ]
+    assert s.errors == 7
+    assert sum(h.router.stats.errors.values()) == 7
+    assert h.router.stats.published == 0
+
+
+def test_topic_limit():
+    h = Harness(max_topics=2)
+    s = h.session("s")
+    s.receive(encode([Pub(1, "a", b""), Pub(2, "b", b""), Pub(3, "c", b""), Pub(4, "a", b"")]))
+    written, _ = h.tick()
+    assert [type(m).__name__ for m in written["s"]] == ["Ack", "Ack", "Err", "Ack"]
+    assert written["s"][2].code == ErrorCode.TOO_MANY_TOPICS
+
+
+def test_slow_consumer_is_reported_once_and_neighbours_keep_receiving():
+    h = Harness(max_pending_bytes=1000)
+    slow, fast = h.session("slow"), h.session("fast")
+    slow.receive(encode(Sub(0, "t")))
+    fast.receive(encode(Sub(0, "t")))
+    slow.box.paused = True  # its transport stopped accepting writes
+    delivered = []
+    reported = []
+    for i in range(10):
+        h.session("p").receive(encode(Pub(0, "t", bytes(300))))
+        touched, slow_boxes = h.router.flush()
+        reported += [box.owner for box in slow_boxes]
+        for box in slow_boxes:
+            box.owner  # the server closes it; here the session just goes away
+            slow.close()
+        for box in touched:
+            box.scheduled = False
+            if box.paused or box.closed:
+                continue
+            delivered += [m.seq for m in decode_frames(box.take())]
+    assert reported == ["slow"]
+    assert delivered == list(range(1, 11))
+    assert h.router.index.lookup("t") == (fast.box,)
+
+
+def test_closing_a_session_drops_its_subscriptions():
+    h = Harness()
+    s = h.session("s")
+    s.receive(encode([Sub(0, "a"), Sub(0, "b.>")]))
+    s.close()
+    s.close()
+    assert len(h.router.index) == 0
+    s.receive(encode(Pub(1, "a", b"x")))
+    assert h.router.stats.published == 0
+
+
+def test_core_modules_do_not_import_io_libraries():
+    code = (
+        "import sys\n"
+        "import broker.messages, broker.topics, broker.router, broker.session, broker.fastpath, broker.config\n"
+        "bad = [m for m in ('asyncio', 'picows', 'uvloop') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_subscriber_receives_exactly_the_messages_after_its_ack():
+    h = Harness()
+    early, late, pattern = h.session("early"), h.session("late"), h.session("pattern")
+    early.receive(encode(Sub(0, "t")))
+    publisher = h.session("p")
+    publisher.receive(encode([Pub(0, "t", b"1"), Pub(0, "t", b"2")]))
+    late.receive(encode(Sub(1, "t")))
+    pattern.receive(encode(Sub(2, "*")))
+    publisher.receive(encode(Pub(0, "t", b"3")))
+    written, _ = h.tick()
+    assert written["early"] == [Msg("t", 42, 1, [b"1", b"2"]), Msg("t", 42, 3, [b"3"])]
+    assert written["late"] == [Ack(1, 42, 2), Msg("t", 42, 3, [b"3"])]
+    assert written["pattern"] == [Ack(2, 0, 0), Msg("t", 42, 3, [b"3"])]
