@@ -27,7 +27,7 @@ class CloseCode(enum.IntEnum):
     """WebSocket close codes the broker sends."""
 
     NORMAL = 1000  # the client closed, or asked to
-    GOING_AWAY = 1001  # server shutting down
+    GOING_AWAY = 1001  # server shutting down, or a ping went unanswered
     PROTOCOL_ERROR = 1002  # broken WebSocket framing (picows)
     UNSUPPORTED_DATA = 1003  # text frame or fragmented message
     MESSAGE_TOO_BIG = 1009  # frame larger than max_frame_bytes

@@ -92,7 +92,8 @@ client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
 server_decoder = msgspec.msgpack.Decoder(ServerMessage)
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
-_any_decoder = msgspec.msgpack.Decoder()
+_id_decoder = msgspec.msgpack.Decoder(RequestId)
+_str_decoder = msgspec.msgpack.Decoder(str)
 
 
 def is_batch(data: bytes | memoryview) -> bool:
@@ -158,15 +159,28 @@ def decode_client_frame(data: bytes | memoryview) -> tuple[list[ClientMessage], 
 
 
 def _explain(data, exc: Exception, codes) -> BadMessage:
-    """Turn a failed decode into an error reply, recovering the request id when there is one."""
+    """Turn a failed decode into an error reply, recovering the request id when there is one.
+
+    The elements are split without decoding them (msgspec.Raw), so a bad field elsewhere (even
+    invalid UTF-8) does not hide the type name or the id."""
     try:
-        value = _any_decoder.decode(data)
+        parts = _raw_list_decoder.decode(data)
+    except msgspec.ValidationError:
+        parts = []
     except _DECODE_ERRORS:
         return BadMessage(0, codes.BAD_MESSAGE, f"malformed MessagePack: {exc}")
-    if not isinstance(value, list) or not value:
+    if not parts:
         return BadMessage(0, codes.BAD_MESSAGE, "a message is a non-empty array whose first element is its type")
-    request_id = value[1] if len(value) > 1 and type(value[1]) is int and 0 <= value[1] < 2**63 else 0
-    kind = value[0]
-    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
+    request_id = 0
+    if len(parts) > 1:
+        try:
+            request_id = _id_decoder.decode(parts[1])
+        except _DECODE_ERRORS:
+            pass
+    try:
+        kind = _str_decoder.decode(parts[0])
+    except _DECODE_ERRORS:
+        kind = None
+    if kind not in CLIENT_TYPES:
         return BadMessage(request_id, codes.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}")
     return BadMessage(request_id, codes.BAD_MESSAGE, f"invalid {kind}: {exc}")

@@ -114,16 +114,21 @@ class Router:
     def subscribe(self, pattern: str, box: Outbox) -> bool:
         """Validate and add a subscription; False when `box` already holds it."""
         validate_pattern(pattern, self.max_topic_length)
-        if self._dirty:
-            # Messages published earlier in this tick go out without the new subscriber, so
-            # it receives exactly the messages after the sequence number its ack reports.
-            for state in self._dirty:
-                if state.pending and matches(pattern, state.name):
-                    self._emit(state)
+        # Messages published earlier in this tick go out without the new subscriber, so it
+        # receives exactly the messages after the sequence number its ack reports.
+        self._emit_matching(pattern)
         return self.index.add(pattern, box)
 
     def unsubscribe(self, pattern: str, box: Outbox) -> bool:
+        """Drop a subscription; messages published before it in this tick are still delivered."""
+        validate_pattern(pattern, self.max_topic_length)
+        self._emit_matching(pattern)
         return self.index.remove(pattern, box)
+
+    def _emit_matching(self, pattern: str) -> None:
+        for state in self._dirty:
+            if state.pending and matches(pattern, state.name):
+                self._emit(state)
 
     # outbound
 

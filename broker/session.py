@@ -10,6 +10,7 @@ from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, encode_frame
 from .messages import Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
 from .router import Router
+from .topics import validate_pattern
 
 
 class Limits:
@@ -17,7 +18,7 @@ class Limits:
 
     __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes")
 
-    def __init__(self, max_payload_bytes: int = 1 << 20, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20) -> None:
+    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_subscriptions = max_subscriptions
         self.max_pending_bytes = max_pending_bytes
@@ -66,6 +67,7 @@ class Session:
 
     def _subscribe(self, message: Sub) -> None:
         pattern = message.topic
+        validate_pattern(pattern, self.router.max_topic_length)
         if pattern in self.subscriptions:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
         if len(self.subscriptions) >= self.limits.max_subscriptions:
@@ -82,6 +84,7 @@ class Session:
 
     def _unsubscribe(self, message: Unsub) -> None:
         pattern = message.topic
+        validate_pattern(pattern, self.router.max_topic_length)
         if pattern not in self.subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
         self.router.unsubscribe(pattern, self.box)

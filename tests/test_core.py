@@ -162,3 +162,13 @@ def test_a_subscriber_receives_exactly_the_messages_after_its_ack():
     assert written["early"] == [Msg("t", 42, 1, [b"1", b"2"]), Msg("t", 42, 3, [b"3"])]
     assert written["late"] == [Ack(1, 42, 2), Msg("t", 42, 3, [b"3"])]
     assert written["pattern"] == [Ack(2, 0, 0), Msg("t", 42, 3, [b"3"])]
+
+
+def test_unsubscribe_delivers_what_was_published_before_it():
+    h = Harness()
+    s = h.session("s")
+    s.receive(encode(Sub(0, "t")))
+    h.tick()
+    s.receive(encode([Pub(0, "t", b"1"), Unsub(2, "t"), Pub(0, "t", b"2")]))
+    written, _ = h.tick()
+    assert written["s"] == [Msg("t", 42, 1, [b"1"]), Ack(2, 0, 0)]

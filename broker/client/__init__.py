@@ -132,8 +132,9 @@ class _Listener(WSListener):
         if kind is WSMsgType.BINARY:
             self.client._on_message(frame.get_payload_as_memoryview())
         elif kind is WSMsgType.CLOSE:
-            self.client._close_info = (int(frame.get_close_code()), frame.get_close_reason() or "")
-            transport.send_close(WSCloseCode.OK)
+            if not transport.is_close_frame_sent:
+                self.client._close_info = (int(frame.get_close_code()), frame.get_close_reason() or "")
+                transport.send_close(WSCloseCode.OK)
             transport.disconnect()
         elif kind is WSMsgType.PING:
             transport.send_pong(frame.get_payload_as_bytes())

@@ -121,6 +121,9 @@ class Server:
             return self._refuse(404, f"no WebSocket endpoint at {raw_path}; connect to {self.config.path}")
         if self._closing:
             return self._refuse(503, "server is shutting down")
+        version = request.headers.get("Sec-WebSocket-Version")
+        if version is not None and version.strip() != "13":
+            return self._refuse(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
         offered = [p.strip() for h in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in h.split(",")]
         if SUBPROTOCOL not in offered:
             why = f"offered {', '.join(offered)}" if offered else "no Sec-WebSocket-Protocol header"
@@ -130,11 +133,11 @@ class Server:
         response = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
         return WSUpgradeResponseWithListener(response, conn)
 
-    def _refuse(self, status: int, text: str):
+    def _refuse(self, status: int, text: str, headers: dict[str, str] | None = None):
         self.handshakes_refused += 1
         logs.event(logging.INFO, "handshake_refused", status=status, reason=text)
         response = WSUpgradeResponse.create_error_response(
-            status, (text + "\n").encode(), extra_headers={"Content-Type": "text/plain; charset=utf-8"}
+            status, (text + "\n").encode(), extra_headers={"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
         )
         return WSUpgradeResponseWithListener(response, None)
 

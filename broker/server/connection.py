@@ -47,6 +47,9 @@ class Connection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        if transport.is_close_frame_sent and kind is not _CLOSE:
+            # Closing (picows may have refused this very frame as oversized): apply nothing more.
+            return
         if kind is _BINARY and frame.fin:
             try:
                 self.session.receive(frame.get_payload_as_memoryview())
@@ -54,9 +57,11 @@ class Connection(WSListener):
                 logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
                 self.close(CloseCode.INTERNAL_ERROR, "internal error")
         elif kind is _CLOSE:
-            code = frame.get_close_code()
-            self.close_reason = (int(code), "client closed")
-            transport.send_close(code if int(code) in (1000, 1001) else WSCloseCode.OK)
+            if not transport.is_close_frame_sent:
+                # The client started the close: answer it. Otherwise this is the echo of ours.
+                code = frame.get_close_code()
+                self.close_reason = (int(code), "client closed")
+                transport.send_close(code if int(code) in (1000, 1001) else WSCloseCode.OK)
             transport.disconnect()
         elif kind is _PING:
             transport.send_pong(frame.get_payload_as_bytes())
@@ -97,7 +102,7 @@ class Connection(WSListener):
 
         The transport gets close_timeout_s to flush its buffer, then the connection is aborted."""
         transport = self.transport
-        if transport is None or self.close_reason is not None or transport.is_disconnected:
+        if transport is None or self.close_reason is not None or transport.is_close_frame_sent or transport.is_disconnected:
             return
         self.close_reason = (int(code), reason)
         self.server.router.stats.count_close(int(code))

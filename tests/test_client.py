@@ -1,0 +1,378 @@
+"""The asyncio client (broker.client) against a real server: its API and its error behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from broker.client import (
+    Client,
+    ConnectionClosed,
+    Message,
+    PublishAck,
+    RequestError,
+    Subscription,
+    SubscriptionOverflow,
+)
+from broker.errors import ErrorCode
+from broker.messages import Ack, Msg, Sub, encode
+
+from conftest import recv_message, run, serving, url, ws_raw
+from test_integration import eventually
+
+
+async def connect_tracked(server, **options) -> tuple[Client, object]:
+    """A connected Client and the server-side Connection it got."""
+    before = set(server.connections)
+    client = await Client.connect(url(server), **options)
+    await eventually(lambda: len(set(server.connections) - before) == 1, 5, "the server-side connection")
+    (conn_id,) = set(server.connections) - before
+    return client, server.connections[conn_id]
+
+
+class FrameCountingSession:
+    """Stands in for a connection's Session and counts the frames the server receives."""
+
+    def __init__(self, session) -> None:
+        self.__dict__["_session"] = session
+        self.__dict__["frames"] = 0
+
+    def receive(self, data) -> None:
+        self.__dict__["frames"] += 1
+        self._session.receive(data)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def test_subscribe_with_callback():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub:
+                got = []
+                sub = await sub_client.subscribe("cb.>", got.append)
+                assert isinstance(sub, Subscription) and sub.pattern == "cb.>"
+                pub.publish("cb.a", b"1")
+                pub.publish("cb.b", b"2")
+                await pub.publish_acked("cb.a", b"3")
+                await eventually(lambda: len(got) == 3, 5, "three callbacks")
+                epoch = server.router.epoch
+                # one tick: each topic's messages form one batch, in the order topics were first published
+                assert got == [
+                    Message("cb.a", epoch, 1, b"1"),
+                    Message("cb.a", epoch, 2, b"3"),
+                    Message("cb.b", epoch, 1, b"2"),
+                ]
+                assert all(isinstance(m, Message) and type(m.data) is bytes for m in got)
+
+    run(main())
+
+
+def test_async_iterator():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub:
+                sub = await sub_client.subscribe("it.t")
+                for i in range(5):
+                    pub.publish("it.t", b"%d" % i)
+                seen = []
+                async for message in sub:
+                    seen.append((message.seq, message.data))
+                    if len(seen) == 5:
+                        break
+                assert seen == [(i + 1, b"%d" % i) for i in range(5)]
+            # closing the client with 1000 ends the iteration without an error
+            assert [m async for m in sub] == []
+
+    run(main())
+
+
+def test_next_with_timeout():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub:
+                sub = await sub_client.subscribe("nx.t")
+                with pytest.raises(asyncio.TimeoutError):
+                    await sub.next(0.05)
+                # a timeout leaves the subscription usable
+                pub.publish("nx.t", b"late")
+                message = await sub.next(5)
+                assert (message.topic, message.seq, message.data) == ("nx.t", 1, b"late")
+                pub.publish("nx.t", b"later")
+                assert (await sub.next()).data == b"later"
+
+    run(main())
+
+
+def test_publish_acked_returns_publish_ack():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client:
+                first = await client.publish_acked("pa.t", b"a")
+                second = await client.publish_acked("pa.t", b"b")
+                assert isinstance(first, PublishAck)
+                assert first == PublishAck(server.router.epoch, 1)
+                assert (second.epoch, second.seq) == (server.router.epoch, 2)
+
+    run(main())
+
+
+def test_large_publishes_in_one_tick_respect_the_frame_limit():
+    """Each publish is within max_payload_bytes (512 KiB), so together they must not exceed the
+    broker's max_frame_bytes (1 MiB) in a single batch frame: the client has to split its batch."""
+    size, n = 400 << 10, 3
+
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub:
+                got = []
+                await sub_client.subscribe("lp.t", got.append)
+                for i in range(n):
+                    pub.publish("lp.t", bytes([i]) * size)
+                ack = await pub.publish_acked("lp.t", b"last")
+                assert ack.seq == n + 1
+                await eventually(lambda: len(got) == n + 1, 5, "every message")
+                assert [m.data[:1] for m in got[:n]] == [bytes([i]) for i in range(n)]
+                assert server.router.stats.closes == {}
+
+    run(main())
+
+
+def test_server_refusal_raises_request_error_with_code():
+    async def main():
+        async with serving(max_payload_bytes=1000, max_subscriptions=2) as server:
+            async with Client(url(server)) as client:
+                with pytest.raises(RequestError) as info:
+                    await client.publish_acked("big.t", bytes(1001))
+                assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+                assert info.value.request_id > 0
+                assert "1000" in info.value.text
+                # the connection stays usable; the refused message took no sequence number
+                assert (await client.publish_acked("big.t", bytes(1000))).seq == 1
+
+                one = await client.subscribe("s.one")
+                await client.subscribe("s.two")
+                with pytest.raises(RequestError) as info:
+                    await client.subscribe("s.three")
+                assert info.value.code == ErrorCode.TOO_MANY_SUBSCRIPTIONS
+                # the refused subscription was not kept locally: it can be made once there is room
+                await one.unsubscribe()
+                three = await client.subscribe("s.three")
+                await client.publish_acked("s.three", b"x")
+                assert (await three.next(5)).data == b"x"
+                assert server.router.stats.errors == {ErrorCode.PAYLOAD_TOO_LARGE: 1, ErrorCode.TOO_MANY_SUBSCRIPTIONS: 1}
+
+    run(main())
+
+
+def test_fire_and_forget_refusals_reach_on_error():
+    async def main():
+        async with serving(max_payload_bytes=1000) as server:
+            errors = []
+            async with Client(url(server), on_error=errors.append) as client:
+                client.publish("ff.*", b"x")  # not validated locally: the broker refuses it
+                client.publish("ff.t", bytes(2000))
+                await client.publish_acked("ff.t", b"ok")  # replies come in order
+                assert [e.code for e in errors] == [ErrorCode.PATTERN_NOT_ALLOWED, ErrorCode.PAYLOAD_TOO_LARGE]
+                assert all(isinstance(e, RequestError) and e.request_id == 0 for e in errors)
+
+    run(main())
+
+
+def test_client_side_validation():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client:
+                with pytest.raises(RequestError) as info:
+                    await client.publish_acked("bad..topic", b"x")
+                assert info.value.code == ErrorCode.INVALID_TOPIC
+                with pytest.raises(RequestError) as info:
+                    await client.subscribe("md.>.x")
+                assert info.value.code == ErrorCode.INVALID_TOPIC
+                with pytest.raises(RequestError) as info:
+                    await client.unsubscribe("never.subscribed")
+                assert info.value.code == ErrorCode.NOT_SUBSCRIBED
+                assert server.router.stats.errors == {}  # none of them reached the broker
+
+    run(main())
+
+
+def test_subscribing_twice_to_the_same_pattern_raises():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client:
+                sub = await client.subscribe("dup.>")
+                with pytest.raises(RequestError) as info:
+                    await client.subscribe("dup.>")
+                assert info.value.code == ErrorCode.ALREADY_SUBSCRIBED
+                # the first subscription is unaffected
+                await client.publish_acked("dup.x", b"1")
+                assert (await sub.next(5)).data == b"1"
+                # the same pattern is fine again after unsubscribing
+                await sub.unsubscribe()
+                again = await client.subscribe("dup.>")
+                await client.publish_acked("dup.x", b"2")
+                assert (await again.next(5)).seq == 2
+
+    run(main())
+
+
+def test_publishes_of_one_tick_leave_in_one_frame():
+    n = 100
+
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(encode(Sub(1, "cb.batch")))
+                assert await recv_message(ws) == Ack(1)
+                pub, conn = await connect_tracked(server)
+                counting = conn.session = FrameCountingSession(conn.session)
+                try:
+                    payloads = [b"p%d" % i for i in range(n)]
+                    for data in payloads:
+                        pub.publish("cb.batch", data)
+                    frame = await recv_message(ws)
+                    assert frame == Msg("cb.batch", server.router.epoch, 1, payloads)
+                    assert counting.frames == 1
+                    assert counting.received == n
+                    # a later tick is a new frame
+                    pub.publish("cb.batch", b"again")
+                    assert (await recv_message(ws)).data == [b"again"]
+                    assert counting.frames == 2
+                finally:
+                    await pub.close()
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_requests_after_the_server_closed_raise_connection_closed():
+    async def main():
+        async with serving() as server:
+            client = await Client.connect(url(server))
+            sub = await client.subscribe("cc.t")
+            pending = asyncio.ensure_future(client.publish_acked("cc.t", b"x"))
+            await server.stop()
+            assert await client.wait_closed() == (1001, "server shutting down")
+            assert client.closed
+            with pytest.raises(ConnectionClosed) as info:
+                await pending  # made before the close, never answered
+            assert info.value.code == 1001
+            with pytest.raises(ConnectionClosed) as info:
+                client.publish("cc.t", b"x")
+            assert (info.value.code, info.value.reason) == (1001, "server shutting down")
+            with pytest.raises(ConnectionClosed):
+                await client.publish_acked("cc.t", b"x")
+            with pytest.raises(ConnectionClosed):
+                await client.subscribe("cc.other")
+            with pytest.raises(ConnectionClosed):
+                await sub.next(1)
+            await client.close()  # a no-op now
+
+    run(main())
+
+
+def test_clean_close():
+    async def main():
+        async with serving() as server:
+            client = await Client.connect(url(server))
+            sub = await client.subscribe("close.t")
+            assert len(server.connections) == 1 and not client.closed
+            await client.close()
+            assert client.closed
+            assert (await client.wait_closed())[0] == 1000
+            await eventually(lambda: not server.connections, 5, "the server to drop the connection")
+            assert server.router.index.lookup("close.t") == ()
+            assert server.router.stats.closes == {}  # the client closed, not the broker
+            with pytest.raises(StopAsyncIteration):
+                await sub.next(1)
+            with pytest.raises(ConnectionClosed) as info:
+                client.publish("close.t", b"x")
+            assert info.value.code == 1000
+            await client.close()  # idempotent
+
+    run(main())
+
+
+def test_connect_failures_raise_connection_closed():
+    async def main():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with pytest.raises(ConnectionClosed) as info:
+            await Client.connect(f"ws://127.0.0.1:{port}/", connect_timeout=2)
+        assert info.value.code == 1006
+
+        # a listener that never answers the handshake: bounded by connect_timeout
+        with socket.socket() as mute:
+            mute.bind(("127.0.0.1", 0))
+            mute.listen()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(ConnectionClosed) as info:
+                await Client.connect(f"ws://127.0.0.1:{mute.getsockname()[1]}/", connect_timeout=0.3)
+            assert info.value.code == 1006
+            assert loop.time() - started < 2
+
+        # a broker that refuses the handshake (wrong path)
+        async with serving() as server:
+            with pytest.raises(ConnectionClosed) as info:
+                await Client.connect(f"ws://127.0.0.1:{server.port}/nowhere", connect_timeout=2)
+            assert info.value.code == 1006
+            assert server.handshakes_refused == 1
+
+    run(main())
+
+
+def test_subscription_queue_overflow():
+    async def main():
+        async with serving() as server:
+            sub_client, conn = await connect_tracked(server)
+            try:
+                async with Client(url(server)) as pub:
+                    sub = await sub_client.subscribe("ovf.t", max_queue=5)
+                    done = asyncio.Event()
+                    await sub_client.subscribe("ovf.marker", lambda m: done.set())
+                    for i in range(10):
+                        pub.publish("ovf.t", b"%d" % i)
+                    pub.publish("ovf.marker", b"")
+                    await asyncio.wait_for(done.wait(), 5)
+                    # what was queued is still handed out, then the overflow is raised
+                    got = []
+                    with pytest.raises(SubscriptionOverflow):
+                        async for message in sub:
+                            got.append(message.seq)
+                    assert got == [1, 2, 3, 4, 5]
+                    # the client dropped the subscription at the broker too
+                    await eventually(lambda: conn.session.subscriptions == {"ovf.marker"}, 5, "the broker-side unsub")
+                    # and the pattern can be subscribed again
+                    again = await sub_client.subscribe("ovf.t")
+                    assert again.seq == 10
+            finally:
+                await sub_client.close()
+
+    run(main())
+
+
+def test_client_default_max_queue_applies_to_subscriptions():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server), max_queue=2) as client:
+                sub = await client.subscribe("dq.t")
+                assert sub.max_queue == 2
+                assert (await client.subscribe("dq.u", max_queue=10)).max_queue == 10
+                done = asyncio.Event()
+                await client.subscribe("dq.marker", lambda m: done.set())
+                for i in range(3):
+                    client.publish("dq.t", b"%d" % i)
+                client.publish("dq.marker", b"")
+                await asyncio.wait_for(done.wait(), 5)
+                assert [(await sub.next(1)).seq for _ in range(2)] == [1, 2]
+                with pytest.raises(SubscriptionOverflow):
+                    await sub.next(1)
+
+    run(main())

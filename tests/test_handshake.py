@@ -1,0 +1,338 @@
+"""WebSocket handshake validation against a real server, with real clients.
+
+A client must ask for the broker.v1 subprotocol on the configured path; anything else is refused
+with an HTTP error whose body says what to do. A TCP client that never completes the handshake
+is disconnected after handshake_timeout_s, and one that sends garbage is disconnected at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+
+import msgspec
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from broker.client import Client
+from broker.messages import SUBPROTOCOL, Ack
+
+from conftest import recv_message, run, serving, url
+
+pack = msgspec.msgpack.encode
+
+
+async def refused(uri: str, **kwargs) -> tuple[int, bytes]:
+    """Connect with `websockets`; the handshake must fail: return its HTTP status and body."""
+    with pytest.raises(InvalidStatus) as info:
+        ws = await websockets.connect(uri, open_timeout=3, **kwargs)
+        await ws.close()
+    response = info.value.response
+    return response.status_code, bytes(response.body or b"")
+
+
+async def works(ws) -> None:
+    """The connection speaks the protocol: a subscribe gets its ack."""
+    await ws.send(pack(["sub", 1, "hs.check"]))
+    assert await recv_message(ws, 3) == Ack(1, 0, 0)
+
+
+def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> bytes:
+    """A hand-made upgrade request; one Sec-WebSocket-Protocol header line per entry."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols or ()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, list[str]]]:
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split(" ")[1])
+    headers: dict[str, list[str]] = {}
+    for line in header_lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status, headers
+
+
+async def read_to_eof(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes, and how long that took."""
+    start = time.monotonic()
+    data = await asyncio.wait_for(reader.read(), timeout)
+    return data, time.monotonic() - start
+
+
+# subprotocol
+
+
+def test_no_subprotocol_is_refused_with_400_naming_broker_v1():
+    async def main():
+        async with serving() as server:
+            status, body = await refused(url(server))
+            assert status == 400
+            assert SUBPROTOCOL.encode() in body
+            assert b"no Sec-WebSocket-Protocol" in body
+            assert server.handshakes_refused == 1
+            assert server.connections == {}
+
+    run(main())
+
+
+def test_wrong_subprotocol_only_is_refused_with_400():
+    async def main():
+        async with serving() as server:
+            for offered in (["broker.v2"], ["chat", "mqtt"], ["broker.v10"], ["Broker.V1"], ["broker.v1x"]):
+                status, body = await refused(url(server), subprotocols=offered)
+                assert status == 400
+                assert SUBPROTOCOL.encode() in body
+                assert offered[0].encode() in body  # says what was offered
+            assert server.handshakes_refused == 5
+            assert server.connections == {}
+            # refusals leave the server serving
+            async with websockets.connect(url(server), subprotocols=[SUBPROTOCOL]) as ws:
+                await works(ws)
+
+    run(main())
+
+
+def test_several_subprotocols_including_broker_v1_selects_it():
+    async def main():
+        async with serving() as server:
+            for offered in (["chat", SUBPROTOCOL, "broker.v2"], [SUBPROTOCOL, "broker.v2"], ["broker.v0", SUBPROTOCOL]):
+                async with websockets.connect(url(server), subprotocols=offered) as ws:
+                    assert ws.subprotocol == SUBPROTOCOL
+                    assert ws.response.status_code == 101
+                    assert ws.response.headers.get_all("Sec-WebSocket-Protocol") == [SUBPROTOCOL]
+                    await works(ws)
+            assert server.handshakes_refused == 0
+
+    run(main())
+
+
+def test_subprotocol_offered_on_separate_header_lines_is_accepted():
+    async def main():
+        async with serving() as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(upgrade_request("/", ["chat", f"broker.v2, {SUBPROTOCOL}"]))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+                status, headers = parse_head(head)
+                assert status == 101
+                assert headers["sec-websocket-protocol"] == [SUBPROTOCOL]
+            finally:
+                writer.close()
+            assert server.handshakes_refused == 0
+
+    run(main())
+
+
+def test_broker_client_connects():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client:
+                sub = await client.subscribe("hs.x")
+                ack = await client.publish_acked("hs.x", b"1")
+                assert (await sub.next(3)).seq == ack.seq == 1
+
+    run(main())
+
+
+# path
+
+
+def test_wrong_path_is_refused_with_404():
+    async def main():
+        async with serving() as server:
+            base = f"ws://127.0.0.1:{server.port}"
+            for path in ("/nope", "/v1", "//", "/index.html?x=1"):
+                status, body = await refused(base + path, subprotocols=[SUBPROTOCOL])
+                assert status == 404, path
+                assert path.split("?")[0].encode() in body
+                assert b"connect to /" in body
+            assert server.handshakes_refused == 4
+            assert server.connections == {}
+
+    run(main())
+
+
+def test_query_string_on_the_right_path_is_accepted():
+    async def main():
+        async with serving() as server:
+            for query in ("?token=abc", "?a=1&b=2", "?"):
+                async with websockets.connect(url(server) + query, subprotocols=[SUBPROTOCOL]) as ws:
+                    assert ws.subprotocol == SUBPROTOCOL
+                    await works(ws)
+            assert server.handshakes_refused == 0
+
+    run(main())
+
+
+def test_configured_path():
+    async def main():
+        async with serving(path="/feed") as server:
+            base = f"ws://127.0.0.1:{server.port}"
+            for path in ("/feed", "/feed?x=1"):
+                async with websockets.connect(base + path, subprotocols=[SUBPROTOCOL]) as ws:
+                    await works(ws)
+            for path in ("/", "/feed/x", "/feedx", "/Feed"):
+                status, body = await refused(base + path, subprotocols=[SUBPROTOCOL])
+                assert status == 404, path
+                assert b"/feed" in body
+            assert server.handshakes_refused == 4
+
+    run(main())
+
+
+def test_wrong_path_is_checked_before_subprotocol():
+    async def main():
+        async with serving() as server:
+            status, _ = await refused(f"ws://127.0.0.1:{server.port}/nope")
+            assert status == 404
+            assert server.handshakes_refused == 1
+
+    run(main())
+
+
+# handshake timeout and garbage
+
+
+def test_silent_tcp_client_is_disconnected_after_handshake_timeout():
+    async def main():
+        async with serving(handshake_timeout_s=0.3) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                data, elapsed = await read_to_eof(reader, 2.0)
+            finally:
+                writer.close()
+            assert data == b""
+            assert 0.2 <= elapsed < 2.0
+            assert server.connections == {}
+
+    run(main())
+
+
+def test_incomplete_http_request_is_disconnected_after_handshake_timeout():
+    async def main():
+        async with serving(handshake_timeout_s=0.3) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(upgrade_request("/", [SUBPROTOCOL])[:-4])  # no blank line: never ends
+                data, elapsed = await read_to_eof(reader, 2.0)
+            finally:
+                writer.close()
+            assert data == b""
+            assert 0.2 <= elapsed < 2.0
+            assert server.connections == {}
+
+    run(main())
+
+
+def test_handshake_timeout_does_not_affect_connected_clients():
+    async def main():
+        async with serving(handshake_timeout_s=0.3) as server:
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub_client:
+                sub = await sub_client.subscribe("hs.t")
+                await asyncio.sleep(0.5)
+                ack = await pub_client.publish_acked("hs.t", b"late")
+                message = await sub.next(3)
+                assert (message.seq, message.data) == (ack.seq, b"late")
+                assert not sub_client.closed and len(server.connections) == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"garbage\r\n\r\n",
+        b"\x00\x01\x02\xff\xfe\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/1.1\r\nthis is not a header\r\n\r\n",
+    ],
+    ids=["text", "binary", "short-request-line", "bad-header"],
+)
+def test_garbage_instead_of_http_is_refused_and_disconnected(garbage):
+    async def main():
+        async with serving(handshake_timeout_s=5.0) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(garbage)
+                data, elapsed = await read_to_eof(reader, 2.0)
+            finally:
+                writer.close()
+            # refused at once (not by the 5 s handshake timeout) with an HTTP error
+            assert elapsed < 1.0
+            assert data.startswith(b"HTTP/1.1 400")
+            assert server.connections == {}
+            async with websockets.connect(url(server), subprotocols=[SUBPROTOCOL]) as ws:
+                await works(ws)
+
+    run(main())
+
+
+def test_binary_garbage_without_line_end_is_disconnected_after_handshake_timeout():
+    async def main():
+        async with serving(handshake_timeout_s=0.3) as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                # what a TLS client sends first: no HTTP, no CRLF CRLF
+                writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(64)))
+                data, elapsed = await read_to_eof(reader, 2.0)
+            finally:
+                writer.close()
+            assert data == b""
+            assert elapsed < 2.0
+            assert server.connections == {}
+
+    run(main())
+
+
+def _without(request: bytes, header: bytes) -> bytes:
+    return b"".join(line for line in request.splitlines(keepends=True) if not line.lower().startswith(header.lower()))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        _without(upgrade_request("/", [SUBPROTOCOL]), b"Upgrade:"),
+        _without(upgrade_request("/", [SUBPROTOCOL]), b"Sec-WebSocket-Key:"),
+        _without(upgrade_request("/", [SUBPROTOCOL]), b"Sec-WebSocket-Version:"),
+        upgrade_request("/", [SUBPROTOCOL]).replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"),
+    ],
+    ids=["no-upgrade-header", "no-key", "no-version", "version-8"],
+)
+def test_malformed_upgrade_request_is_refused(request_bytes):
+    """RFC 6455 4.2.1/4.2.2: an upgrade request the server cannot honour gets an HTTP error
+    (426 with Sec-WebSocket-Version: 13 for an unsupported version), never 101."""
+
+    async def main():
+        async with serving() as server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            try:
+                writer.write(request_bytes)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            finally:
+                writer.close()
+            status, _ = parse_head(head)
+            assert status in (400, 426), head
+            await until_no_connections(server)
+
+    run(main())
+
+
+async def until_no_connections(server, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.connections:
+        assert time.monotonic() < deadline, "connections left open"
+        await asyncio.sleep(0.01)

@@ -1,0 +1,455 @@
+"""End to end: a real server on a free port, real clients (broker.client.Client), raw WebSocket
+clients where the wire itself must be observed (frames, duplicates, a consumer that never reads)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import time
+
+from broker.client import Client
+from broker.messages import SUBPROTOCOL, Ack, Msg, Sub, Unsub, encode, server_decoder
+
+from conftest import decode_frames, recv_message, run, serving, url, ws_raw
+
+
+# helpers
+
+
+async def eventually(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def collector():
+    """A subscription callback that records every Message, and the list it records into."""
+    got = []
+    return got, got.append
+
+
+def conns_with(server, subscriptions: set[str]) -> list:
+    """The server-side Connections whose sessions hold exactly `subscriptions`, oldest first."""
+    found = [c for c in server.connections.values() if c.session.subscriptions == subscriptions]
+    return sorted(found, key=lambda c: c.id)
+
+
+def server_conn_with(server, subscriptions: set[str]):
+    found = conns_with(server, subscriptions)
+    assert len(found) == 1, f"expected one connection holding {subscriptions}, found {len(found)}"
+    return found[0]
+
+
+class RawSocketClient:
+    """A WebSocket client written by hand on a plain non-blocking socket.
+
+    It reads only when asked to, so it can play a consumer that stops reading; a small
+    SO_RCVBUF keeps the kernel from hiding much of the backlog in its buffers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def connect(cls, port: int, rcvbuf: int | None = None) -> RawSocketClient:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        self = cls(sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return self
+
+    async def _fill(self) -> None:
+        chunk = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), 5)
+        if not chunk:
+            raise ConnectionError("peer closed")
+        self.buffer += chunk
+
+    async def send(self, message) -> None:
+        payload = encode(message)
+        n = len(payload)
+        assert n < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await self.loop.sock_sendall(self.sock, bytes((0x82, 0x80 | n)) + mask + masked)
+
+    async def recv(self):
+        """The next server frame, decoded (binary frames only)."""
+        while True:
+            if len(self.buffer) >= 2:
+                size, head = self.buffer[1] & 0x7F, 2
+                if size == 126 and len(self.buffer) >= 4:
+                    size, head = int.from_bytes(self.buffer[2:4], "big"), 4
+                elif size == 127 and len(self.buffer) >= 10:
+                    size, head = int.from_bytes(self.buffer[2:10], "big"), 10
+                if size < 126 or head > 2:
+                    if len(self.buffer) >= head + size:
+                        assert self.buffer[0] == 0x82
+                        frame = self.buffer[head : head + size]
+                        self.buffer = self.buffer[head + size :]
+                        return server_decoder.decode(frame)
+            await self._fill()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_many_subscribers_get_every_message_in_order():
+    n_subs, n_msgs, burst = 50, 2000, 50
+
+    async def main():
+        async with serving() as server:
+            subscribers = await asyncio.gather(*(Client.connect(url(server)) for _ in range(n_subs)))
+            publisher = await Client.connect(url(server))
+            try:
+                received = []
+                for client in subscribers:
+                    got, callback = collector()
+                    received.append(got)
+                    sub = await client.subscribe("fan.out", callback)
+                    assert (sub.epoch, sub.seq) == (0, 0)
+                expected = [b"payload-%d" % i for i in range(n_msgs)]
+                for start in range(0, n_msgs, burst):
+                    for data in expected[start : start + burst]:
+                        publisher.publish("fan.out", data)
+                    await asyncio.sleep(0)
+                await eventually(lambda: all(len(got) == n_msgs for got in received), 10, "every delivery")
+                epoch = server.router.epoch
+                for got in received:
+                    assert [m.seq for m in got] == list(range(1, n_msgs + 1))
+                    assert [m.data for m in got] == expected
+                    assert {(m.topic, m.epoch) for m in got} == {("fan.out", epoch)}
+                stats = server.router.stats
+                assert stats.published == n_msgs
+                assert stats.delivered == n_msgs * n_subs
+                # each burst left the client in one frame and became at most one batch frame
+                assert stats.frames <= n_msgs // burst
+                assert not stats.closes and not stats.errors
+            finally:
+                await asyncio.gather(publisher.close(), *(c.close() for c in subscribers))
+
+    run(main())
+
+
+def test_order_per_topic_with_several_publishers_and_topics():
+    topics = ["ord.a", "ord.b", "ord.c"]
+    n_pubs, per_pub = 4, 300
+
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as wild, Client(url(server)) as exact:
+                all_got, on_all = collector()
+                a_got, on_a = collector()
+                await wild.subscribe("ord.>", on_all)
+                await exact.subscribe("ord.a", on_a)
+                publishers = await asyncio.gather(*(Client.connect(url(server)) for _ in range(n_pubs)))
+
+                async def publish(p: int, client: Client) -> None:
+                    for k in range(per_pub):
+                        client.publish(topics[k % len(topics)], b"%d:%d" % (p, k))
+                        if k % 7 == 6:
+                            await asyncio.sleep(0)
+
+                await asyncio.gather(*(publish(p, c) for p, c in enumerate(publishers)))
+                total = n_pubs * per_pub
+                await eventually(lambda: len(all_got) == total, 10, "all messages")
+                await eventually(lambda: len(a_got) == total // len(topics), 5, "ord.a messages")
+                for topic in topics:
+                    mine = [m for m in all_got if m.topic == topic]
+                    assert [m.seq for m in mine] == list(range(1, len(mine) + 1))
+                    for p in range(n_pubs):
+                        ks = [int(m.data.split(b":")[1]) for m in mine if m.data.startswith(b"%d:" % p)]
+                        assert ks == [k for k in range(per_pub) if topics[k % len(topics)] == topic]
+                # two subscribers of one topic see the very same sequence
+                assert a_got == [m for m in all_got if m.topic == "ord.a"]
+                for c in publishers:
+                    await c.close()
+
+    run(main())
+
+
+def test_wildcard_matching():
+    published = ["md.NASDAQ.AAPL", "md.NYSE.AAPL", "md.NASDAQ.MSFT", "md.AAPL", "md.a.b.AAPL", "md", "other.x"]
+    marker = "md.zz.AAPL"  # matches every subscription below
+
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub:
+                subs = {p: await sub_client.subscribe(p) for p in ("md.*.AAPL", "md.>", ">", "*.AAPL", "md.*")}
+                for topic in published + [marker]:
+                    await pub.publish_acked(topic, topic.encode())
+
+                async def topics_until(sub, last: str) -> list[str]:
+                    topics = []
+                    while True:
+                        message = await sub.next(5)
+                        assert message.data == message.topic.encode()
+                        if message.topic == last:
+                            return topics
+                        topics.append(message.topic)
+
+                assert await topics_until(subs["md.*.AAPL"], marker) == ["md.NASDAQ.AAPL", "md.NYSE.AAPL"]
+                assert await topics_until(subs["md.>"], marker) == [t for t in published if t.startswith("md.")]
+                assert await topics_until(subs[">"], marker) == published
+                # `*.AAPL` and `md.*` are exactly two tokens long
+                await pub.publish_acked("end.AAPL", b"end.AAPL")
+                await pub.publish_acked("md.end", b"md.end")
+                assert await topics_until(subs["*.AAPL"], "end.AAPL") == ["md.AAPL"]
+                assert await topics_until(subs["md.*"], "md.end") == ["md.AAPL"]
+
+    run(main())
+
+
+def test_overlapping_subscriptions_receive_each_message_once():
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                for rid, pattern in enumerate(("md.>", "md.X", "md.*", ">"), 1):
+                    await ws.send(encode(Sub(rid, pattern)))
+                    assert await recv_message(ws) == Ack(rid, 0, 0)
+                async with Client(url(server)) as pub, Client(url(server)) as both:
+                    wide = await both.subscribe("md.>")
+                    narrow = await both.subscribe("md.X")
+                    ack = await pub.publish_acked("md.X", b"one")
+                    await pub.publish_acked("md.Y", b"marker")
+                    first = await recv_message(ws)
+                    assert first == Msg("md.X", ack.epoch, 1, [b"one"])
+                    # the next frame is the marker: md.X was not sent a second time
+                    assert await recv_message(ws) == Msg("md.Y", ack.epoch, 1, [b"marker"])
+                    # the Python client hands the one message to each matching subscription
+                    assert (await wide.next(5)).data == b"one"
+                    assert (await narrow.next(5)).data == b"one"
+                    assert (await wide.next(5)).data == b"marker"
+                    assert server.router.stats.delivered == 4  # md.X and md.Y to 2 connections
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_many_topics_all_delivered():
+    n = 1000
+    names = [f"many.t{i}" for i in range(n)]
+
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as exact, Client(url(server)) as wild, Client(url(server)) as pub:
+                per_topic = {name: [] for name in names}
+                subs = await asyncio.gather(*(exact.subscribe(name, per_topic[name].append) for name in names))
+                assert all((s.epoch, s.seq) == (0, 0) for s in subs)
+                all_got, on_all = collector()
+                await wild.subscribe("many.>", on_all)
+                frames_before = server.router.stats.frames
+                for name in names:  # one tick: one client frame, one batch frame per topic
+                    pub.publish(name, name.encode())
+                await eventually(lambda: len(all_got) == n, 10, "the '>' subscriber")
+                await eventually(lambda: all(per_topic.values()), 10, "every exact subscriber")
+                epoch = server.router.epoch
+                for name in names:
+                    assert [tuple(m) for m in per_topic[name]] == [(name, epoch, 1, name.encode())]
+                assert sorted(m.topic for m in all_got) == sorted(names)
+                assert all(m.seq == 1 and m.data == m.topic.encode() for m in all_got)
+                assert server.router.stats.frames - frames_before == n
+                assert len(server.router.topics) == n
+
+    run(main())
+
+
+def test_acked_publish_and_subscribe_ack():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as pub, Client(url(server)) as sub_client:
+                epoch = server.router.epoch
+                acks = [await pub.publish_acked("acks.t", b"%d" % i) for i in range(5)]
+                assert [tuple(a) for a in acks] == [(epoch, i) for i in range(1, 6)]
+                # requests in one frame are answered in order
+                acks = await asyncio.gather(*(pub.publish_acked("acks.t", b"x") for _ in range(10)))
+                assert [a.seq for a in acks] == list(range(6, 16))
+                assert {a.epoch for a in acks} == {epoch}
+                # topics count independently
+                assert tuple(await pub.publish_acked("acks.other", b"y")) == (epoch, 1)
+
+                sub = await sub_client.subscribe("acks.t")
+                assert (sub.epoch, sub.seq) == (epoch, 15)
+                never = await sub_client.subscribe("acks.never")
+                assert (never.epoch, never.seq) == (0, 0)
+                pattern = await sub_client.subscribe("acks.>")
+                assert (pattern.epoch, pattern.seq) == (0, 0)
+
+                ack = await pub.publish_acked("acks.t", b"next")
+                assert ack.seq == 16
+                message = await sub.next(5)
+                assert (message.seq, message.epoch, message.data) == (16, epoch, b"next")
+                assert (await pattern.next(5)).seq == 16
+
+    run(main())
+
+
+def test_unsubscribe_stops_delivery():
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(encode(Sub(1, "u.a")))
+                assert await recv_message(ws) == Ack(1)
+                await ws.send(encode(Sub(2, "u.b")))
+                assert await recv_message(ws) == Ack(2)
+                async with Client(url(server)) as pub, Client(url(server)) as client:
+                    sub = await client.subscribe("u.a")
+                    await pub.publish_acked("u.a", b"before")
+                    assert (await recv_message(ws)).data == [b"before"]
+                    assert (await sub.next(5)).data == b"before"
+
+                    await ws.send(encode(Unsub(3, "u.a")))
+                    assert await recv_message(ws) == Ack(3)
+                    await sub.unsubscribe()
+                    await pub.publish_acked("u.a", b"after")
+                    await pub.publish_acked("u.b", b"marker")
+                    message = await recv_message(ws)
+                    assert (message.topic, message.data) == ("u.b", [b"marker"])
+                    # a client-side subscription ends when unsubscribed
+                    assert [m async for m in sub] == []
+                    assert server.router.index.lookup("u.a") == ()
+                    for conn in server.connections.values():
+                        assert "u.a" not in conn.session.subscriptions
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_publishes_of_one_tick_arrive_as_one_msg_frame():
+    n = 200
+
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(encode(Sub(1, "batch.t")))
+                assert await recv_message(ws) == Ack(1)
+                async with Client(url(server)) as pub:
+                    payloads = [b"m%d" % i for i in range(n)]
+                    for data in payloads:
+                        pub.publish("batch.t", data)
+                    frames, messages = [], 0
+                    while messages < n:
+                        frame = await recv_message(ws)
+                        frames.append(frame)
+                        messages += len(frame.data)
+                    assert len(frames) == 1
+                    assert frames[0] == Msg("batch.t", server.router.epoch, 1, payloads)
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_one_write_per_connection_per_tick():
+    topics = ["w.a", "w.b", "w.c"]
+    per_topic = 10
+
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                for rid, topic in enumerate(topics, 1):
+                    await ws.send(encode(Sub(rid, topic)))
+                    assert await recv_message(ws) == Ack(rid)
+                conn = server_conn_with(server, set(topics))
+                writes = []
+                real_write = conn.write
+
+                def counting_write(data):
+                    writes.append(bytes(data))
+                    real_write(data)
+
+                conn.write = counting_write
+                async with Client(url(server)) as pub:
+                    for k in range(per_topic):  # one tick, interleaved topics
+                        for topic in topics:
+                            pub.publish(topic, b"%s-%d" % (topic.encode(), k))
+                    received = [await recv_message(ws) for _ in topics]
+                epoch = server.router.epoch
+                expected = [Msg(t, epoch, 1, [b"%s-%d" % (t.encode(), k) for k in range(per_topic)]) for t in topics]
+                assert received == expected
+                assert len(writes) == 1, f"{len(writes)} writes for one tick"
+                assert decode_frames(writes[0]) == expected
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_slow_consumer_is_closed_and_others_keep_up():
+    size = 64 << 10
+
+    async def main():
+        async with serving(max_pending_bytes=256 << 10, close_timeout_s=0.2) as server:
+            async with Client(url(server)) as fast, Client(url(server)) as pub:
+                got, on_message = collector()
+                arrived = asyncio.Event()
+
+                def on_fast(message):
+                    on_message(message)
+                    arrived.set()
+
+                await fast.subscribe("big", on_fast)
+                slow = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await slow.send(Sub(1, "big"))
+                    assert await slow.recv() == Ack(1)
+                    both = conns_with(server, {"big"})
+                    assert len(both) == 2  # the fast client, then the raw one
+                    fast_conn, slow_conn = both
+
+                    sent = 0
+                    after_close = None
+                    while sent < 512:
+                        pub.publish("big", sent.to_bytes(4, "big") + bytes(size - 4))
+                        sent += 1
+                        # keep at most two messages in flight to the fast subscriber
+                        while len(got) < sent - 1:
+                            arrived.clear()
+                            await asyncio.wait_for(arrived.wait(), 5)
+                        await asyncio.sleep(0)
+                        if slow_conn.close_reason is not None and after_close is None:
+                            after_close = sent
+                        if after_close is not None and sent >= after_close + 16:
+                            break
+                    assert after_close is not None, f"slow consumer not closed after {sent} messages"
+                    await eventually(lambda: len(got) == sent, 5, "the fast subscriber")
+                    assert [m.seq for m in got] == list(range(1, sent + 1))
+                    assert [int.from_bytes(m.data[:4], "big") for m in got] == list(range(sent))
+                    assert all(len(m.data) == size for m in got)
+
+                    assert slow_conn.close_reason[0] == 1013
+                    assert "slow consumer" in slow_conn.close_reason[1]
+                    stats = server.router.stats
+                    assert stats.closes == {1013: 1}
+                    assert stats.slow_consumers == 1
+                    await eventually(lambda: slow_conn.id not in server.connections, 3, "the slow connection to go")
+                    assert fast_conn.id in server.connections and not fast.closed
+                finally:
+                    slow.close()
+
+    run(main())

@@ -1,0 +1,247 @@
+"""docs/protocol.md is checked against the code: its hex examples, its code tables, its message
+field tables and its limits table.
+
+Example format in the document (see its Examples section):
+
+    example: NAME
+    encoding: msgpack | websocket-frame
+    ```hex
+    93 a3 73 ...
+    ```
+    value: <Python literal>
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+import pytest
+
+from broker import _fastpath_py
+from broker.config import DEFAULT_PORT, Config
+from broker.errors import CloseCode, ErrorCode
+from broker.messages import (
+    SUBPROTOCOL,
+    Ack,
+    Err,
+    Msg,
+    Pub,
+    Sub,
+    Unsub,
+    client_batch_decoder,
+    client_decoder,
+    is_batch,
+    server_decoder,
+)
+from broker.topics import DEFAULT_MAX_TOPIC_LENGTH, MAX_TOKENS
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+_EXAMPLE = re.compile(
+    r"^example: (?P<name>\S+)\n"
+    r"encoding: (?P<encoding>msgpack|websocket-frame)\n"
+    r"```hex\n(?P<hex>[0-9a-f \n]*?)\n```\n"
+    r"value: (?P<value>.+)$",
+    re.MULTILINE,
+)
+
+CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub}
+SERVER_TYPES = {"ack": Ack, "err": Err, "msg": Msg}
+
+
+class Example(NamedTuple):
+    name: str
+    encoding: str
+    data: bytes
+    value: Any
+
+
+def doc_text() -> str:
+    return DOC.read_text(encoding="utf-8")
+
+
+def examples(text: str | None = None) -> dict[str, Example]:
+    """Every example of the document, by name."""
+    text = doc_text() if text is None else text
+    found: dict[str, Example] = {}
+    for m in _EXAMPLE.finditer(text):
+        name = m["name"]
+        assert name not in found, f"example {name!r} appears twice"
+        data = bytes.fromhex("".join(m["hex"].split()))
+        found[name] = Example(name, m["encoding"], data, ast.literal_eval(m["value"]))
+    return found
+
+
+def section(text: str, title: str) -> str:
+    """The body of the `## N. title` section, up to the next heading of level 2."""
+    m = re.search(rf"^## (?:\d+\. )?{re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert m, f"section {title!r} not found in {DOC}"
+    return m.group(1)
+
+
+def subsection(text: str, heading: str) -> str:
+    """The body of the `#### heading` subsection, up to the next heading."""
+    m = re.search(rf"^#### {re.escape(heading)}\n(.*?)(?=^#|\Z)", text, re.MULTILINE | re.DOTALL)
+    assert m, f"subsection {heading!r} not found in {DOC}"
+    return m.group(1)
+
+
+def table_rows(body: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table in `body`, header and rule left out."""
+    lines = body.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    assert len(rows) >= 2 and set(rows[1][0]) <= set("-: "), f"not a table: {rows[:2]}"
+    return rows[2:]
+
+
+def strict_equal(a: Any, b: Any) -> bool:
+    """Equality that also compares types, so True != 1 and b'x' != 'x'."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(strict_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def typed_decode(data: bytes):
+    """Decode with the broker's own decoders: a client frame (one message or batch) or a server message."""
+    value = msgspec.msgpack.decode(data)
+    if is_batch(data):
+        return client_batch_decoder.decode(data)
+    if value[0] in CLIENT_TYPES:
+        return client_decoder.decode(data)
+    return server_decoder.decode(data)
+
+
+def split_frame(frame: bytes) -> tuple[int, bytes]:
+    """(first header byte, payload) of one complete unmasked WebSocket frame."""
+    assert frame[1] & 0x80 == 0, "server frames are not masked"
+    size, head = frame[1] & 0x7F, 2
+    if size == 126:
+        size, head = int.from_bytes(frame[2:4], "big"), 4
+    elif size == 127:
+        size, head = int.from_bytes(frame[2:10], "big"), 10
+    payload = frame[head:]
+    assert len(payload) == size, f"frame header says {size} bytes, {len(payload)} follow"
+    return frame[0], payload
+
+
+EXAMPLES = examples()
+
+
+def test_every_example_is_well_formed():
+    text = doc_text()
+    names = re.findall(r"^example: (\S+)", text, re.MULTILINE)
+    assert names, "no examples found"
+    assert sorted(names) == sorted(EXAMPLES), "an `example:` line is not followed by the documented format"
+
+
+def test_examples_cover_every_message_type_a_batch_and_a_frame():
+    msgpack_values = [e.value for e in EXAMPLES.values() if e.encoding == "msgpack"]
+    kinds = {v[0] for v in msgpack_values if isinstance(v[0], str)}
+    assert kinds >= set(CLIENT_TYPES) | set(SERVER_TYPES)
+    batches = [v for v in msgpack_values if isinstance(v[0], list)]
+    assert any(len(b) == 2 and all(m[0] == "pub" for m in b) for b in batches), "no batch of two pubs"
+    assert any(v[0] == "msg" and len(v[4]) == 2 for v in msgpack_values), "no msg with two payloads"
+    frames = [e for e in EXAMPLES.values() if e.encoding == "websocket-frame"]
+    assert any(e.value[0] == "msg" for e in frames), "no complete WebSocket frame of a msg"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.encoding == "msgpack"))
+def test_msgpack_example(name):
+    example = EXAMPLES[name]
+    decoded = msgspec.msgpack.decode(example.data)
+    assert strict_equal(decoded, example.value), f"{name}: doc says {example.value!r}, bytes decode to {decoded!r}"
+    assert msgspec.msgpack.encode(example.value) == example.data, f"{name}: value does not re-encode to the bytes"
+    # The broker's own schema accepts it and writes the very same bytes.
+    typed = typed_decode(example.data)
+    assert msgspec.msgpack.encode(typed) == example.data
+
+
+@pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.encoding == "websocket-frame"))
+def test_frame_example(name, fastpath_impl):
+    example = EXAMPLES[name]
+    first, payload = split_frame(example.data)
+    assert first == 0x82, "FIN + binary opcode"
+    decoded = msgspec.msgpack.decode(payload)
+    assert strict_equal(decoded, example.value)
+    assert msgspec.msgpack.encode(example.value) == payload
+    message = server_decoder.decode(payload)
+    assert isinstance(message, Msg)
+    prefix = fastpath_impl.batch_prefix(message.topic, message.epoch)
+    assert fastpath_impl.encode_batch(prefix, message.seq, list(message.data)) == example.data
+    assert _fastpath_py.encode_frame(payload) == example.data
+
+
+def test_error_code_table_lists_exactly_error_code():
+    rows = table_rows(section(doc_text(), "Error codes"))
+    documented = {row[1].strip("`"): int(row[0]) for row in rows}
+    assert len(documented) == len(rows), "a name appears twice"
+    assert documented == {member.name: member.value for member in ErrorCode}
+
+
+def test_close_code_table_lists_exactly_close_code():
+    rows = table_rows(section(doc_text(), "Close codes"))
+    codes = [int(row[0]) for row in rows]
+    assert len(set(codes)) == len(codes), "a code appears twice"
+    named = {row[1].strip("`"): int(row[0]) for row in rows if row[1] not in ("—", "-", "")}
+    unnamed = {int(row[0]) for row in rows if row[1] in ("—", "-", "")}
+    assert named == {member.name: member.value for member in CloseCode}
+    # Seen by clients without the broker choosing them: 1006 (no close frame) and 1007 (picows).
+    assert unnamed == {1006, 1007}
+
+
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Ack, Err, Msg])
+def test_field_tables_match_the_structs(struct):
+    tag = struct.__struct_config__.tag
+    body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))
+    rows = table_rows(body)
+    assert rows[0][1:3] == ["type", "str"] and rows[0][3] == f'`"{tag}"`'
+    assert [row[1] for row in rows[1:]] == list(struct.__struct_fields__)
+    assert [int(row[0]) for row in rows] == list(range(len(rows)))
+    defaults = struct.__struct_defaults__
+    with_default = struct.__struct_fields__[len(struct.__struct_fields__) - len(defaults) :]
+    for row, field in zip(rows[1:], struct.__struct_fields__):
+        assert ("default" in row[2]) == (field in with_default), f"{tag}.{field}: default marking"
+    signature = "`[" + ", ".join([f'"{tag}"', *struct.__struct_fields__]) + "]`"
+    if struct is Msg:
+        signature = signature.replace("data]", "[data, ...]]")
+    assert signature in body
+
+
+def _headings() -> list[str]:
+    return re.findall(r"^#### (.+)$", doc_text(), re.MULTILINE)
+
+
+def test_limits_table_matches_the_config_defaults():
+    defaults = Config()
+    rows = table_rows(section(doc_text(), "Limits"))
+    checked = set()
+    for row in rows:
+        names = re.findall(r"`(\w+)`", row[0])
+        values = [float(re.match(r"[\d.]+", part.strip()).group()) for part in row[1].split("/")]
+        if not names:
+            assert row[0] == "tokens per topic" and values == [MAX_TOKENS]
+            continue
+        assert len(names) == len(values), row
+        for name, value in zip(names, values):
+            assert getattr(defaults, name) == value, f"{name}: doc says {value}, default is {getattr(defaults, name)}"
+            checked.add(name)
+    assert {"max_frame_bytes", "max_payload_bytes", "max_pending_bytes", "max_subscriptions", "max_topics"} <= checked
+    assert defaults.max_topic_length == DEFAULT_MAX_TOPIC_LENGTH
+
+
+def test_transport_facts():
+    text = doc_text()
+    assert f"`{SUBPROTOCOL}`" in text
+    assert f"port **{DEFAULT_PORT}**" in text
+    assert f"path **`{Config().path}`**" in text

@@ -1,0 +1,428 @@
+"""The broker as a process: graceful shutdown on SIGTERM/SIGINT, the command line, settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from broker import __version__
+from broker.client import Client, ConnectionClosed
+from broker.messages import Ack, Sub, server_decoder
+
+from conftest import ROOT, broker_cli, run, serving, url
+from test_integration import RawSocketClient, conns_with, eventually
+
+
+# helpers
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct ports that were free a moment ago (bound to port 0, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def serve(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return broker_cli("serve", *args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 10.0) -> str:
+    """Read the process's stderr until `needle` appears; returns everything read so far."""
+    fd = proc.stderr.fileno()
+    text = ""
+    deadline = time.monotonic() + timeout
+    while needle not in text:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {needle!r} on stderr within {timeout}s; got:\n{text}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"stderr closed before {needle!r} (exit {proc.wait()}):\n{text}")
+            text += chunk.decode()
+    return text
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Cleanup for a test that failed half way: end the process this test started."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+async def connect_when_ready(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> Client:
+    """A Client connected to the broker process once it accepts WebSocket connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"broker exited with {proc.returncode}: {proc.stderr.read().decode()}")
+        try:
+            return await Client.connect(f"ws://127.0.0.1:{port}/", connect_timeout=1)
+        except ConnectionClosed:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"broker still running {timeout}s after the signal")
+        await asyncio.sleep(0.01)
+    return proc.returncode
+
+
+def events(log: str) -> list[str]:
+    return [word[len("event=") :] for line in log.splitlines() for word in line.split() if word.startswith("event=")]
+
+
+async def run_cli(*args: str, input: bytes | None = None, timeout: float = 15.0) -> subprocess.CompletedProcess:
+    """Run `python -m broker ARGS` to completion without blocking the loop (the server may be
+    running in this very loop)."""
+    proc = broker_cli(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    loop = asyncio.get_running_loop()
+    try:
+        out, err = await loop.run_in_executor(None, proc.communicate, input, timeout)
+    finally:
+        stop_process(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
+
+# graceful shutdown
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_closes_clients_with_1001_and_exits_0(sig):
+    (port,) = free_ports()
+    bound = 3.0
+    proc = serve("--port", str(port), "--shutdown-timeout-s", str(bound))
+    try:
+
+        async def main():
+            client = await connect_when_ready(proc, port)
+            sub = await client.subscribe("t")
+            await client.publish_acked("t", b"before")
+            assert (await sub.next(5)).data == b"before"
+            proc.send_signal(sig)
+            started = time.monotonic()
+            code, reason = await asyncio.wait_for(client.wait_closed(), 5)
+            assert (code, reason) == (1001, "server shutting down")
+            assert await wait_exit(proc, bound + 2) == 0
+            assert time.monotonic() - started < bound
+            with pytest.raises(ConnectionClosed) as info:
+                await sub.next(1)
+            assert info.value.code == 1001
+            with pytest.raises(ConnectionClosed):
+                await client.publish_acked("t", b"after")
+
+        run(main())
+        log = proc.stderr.read().decode()
+        assert f"port={port}" in log
+        names = events(log)
+        assert names[0] == "start" and names[-1] == "stopped"
+        assert names.index("start") < names.index("stopping") < names.index("stopped")
+        assert "connections=1" in next(line for line in log.splitlines() if "event=stopping" in line)
+    finally:
+        stop_process(proc)
+
+
+def test_shutdown_is_bounded_when_a_client_never_answers():
+    (port,) = free_ports()
+    proc = serve("--port", str(port), "--shutdown-timeout-s", "1", "--close-timeout-s", "30")
+    try:
+
+        async def main():
+            ready = await connect_when_ready(proc, port)
+            await ready.close()
+            deaf = await RawSocketClient.connect(port, rcvbuf=4096)  # never reads again
+            try:
+                await deaf.send(Sub(1, "t"))
+                assert await deaf.recv() == Ack(1)
+                async with Client(f"ws://127.0.0.1:{port}/") as pub:
+                    for _ in range(64):  # fill the deaf client's buffers
+                        await pub.publish_acked("t", bytes(64 << 10))
+                proc.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                assert await wait_exit(proc, 5) == 0
+                assert time.monotonic() - started < 3
+            finally:
+                deaf.close()
+
+        run(main())
+        names = events(proc.stderr.read().decode())
+        assert names.index("stopping") < names.index("shutdown_timeout") < names.index("stopped")
+    finally:
+        stop_process(proc)
+
+
+def test_messages_published_before_sigterm_are_delivered_before_1001():
+    (port,) = free_ports()
+    proc = serve("--port", str(port))
+    n = 2000
+    try:
+
+        async def main():
+            subscriber = await connect_when_ready(proc, port)
+            publisher = await Client.connect(f"ws://127.0.0.1:{port}/")
+            sub = await subscriber.subscribe("flush.t")
+            for i in range(n - 1):
+                publisher.publish("flush.t", b"%d" % i + bytes(500))
+            # same frame as the burst: once it is acked, the broker has taken all of them
+            ack = await publisher.publish_acked("flush.t", b"last")
+            assert ack.seq == n
+            proc.send_signal(signal.SIGTERM)
+            got = []
+            with pytest.raises(ConnectionClosed) as info:
+                async for message in sub:
+                    got.append(message)
+            assert info.value.code == 1001
+            assert [m.seq for m in got] == list(range(1, n + 1))
+            assert got[-1].data == b"last"
+            assert await subscriber.wait_closed() == (1001, "server shutting down")
+            assert await wait_exit(proc, 10) == 0
+
+        run(main())
+    finally:
+        stop_process(proc)
+
+
+def test_stop_flushes_messages_queued_behind_a_paused_transport():
+    """Graceful shutdown must flush what is queued: also frames a subscriber has not been
+    written yet because its transport was paused (it lagged, within max_pending_bytes)."""
+    n, size = 120, 64 << 10
+
+    async def main():
+        async with serving(max_pending_bytes=64 << 20) as server:
+            lagging = await RawSocketClient.connect(server.port, rcvbuf=4096)
+            try:
+                await lagging.send(Sub(1, "lag"))
+                assert await lagging.recv() == Ack(1)
+                (conn,) = conns_with(server, {"lag"})
+                async with Client(url(server)) as pub:
+                    for i in range(n):
+                        await pub.publish_acked("lag", i.to_bytes(4, "big") + bytes(size - 4))
+                assert conn.box.paused and conn.box.size > 0  # the situation under test
+                stopping = asyncio.ensure_future(server.stop())
+                await asyncio.sleep(0)
+                data = lagging.buffer
+                loop = asyncio.get_running_loop()
+                while True:  # read to the end of the stream
+                    chunk = await asyncio.wait_for(loop.sock_recv(lagging.sock, 1 << 20), 5)
+                    if not chunk:
+                        break
+                    data += chunk
+                await stopping
+            finally:
+                lagging.close()
+            seqs, close_code = [], None
+            while data:
+                opcode, size_, head = data[0] & 0x0F, data[1] & 0x7F, 2
+                if size_ == 126:
+                    size_, head = int.from_bytes(data[2:4], "big"), 4
+                elif size_ == 127:
+                    size_, head = int.from_bytes(data[2:10], "big"), 10
+                body, data = data[head : head + size_], data[head + size_ :]
+                if opcode == 2:
+                    message = server_decoder.decode(body)
+                    seqs.extend(range(message.seq, message.seq + len(message.data)))
+                elif opcode == 8:
+                    close_code = int.from_bytes(body[:2], "big")
+                    assert not data, "bytes after the close frame"
+            assert close_code == 1001
+            assert seqs == list(range(1, n + 1)), f"{n - len(seqs)} of {n} queued messages dropped at shutdown"
+
+    run(main())
+
+
+# command line
+
+
+def test_version():
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"broker {__version__}"
+
+
+def test_pub_prints_topic_and_seq():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client:
+                sub = await client.subscribe("cli.t")
+                result = await run_cli("pub", "cli.t", "hello", "--url", url(server))
+                assert (result.returncode, result.stdout) == (0, "cli.t seq=1\n"), result.stderr
+                result = await run_cli("pub", "cli.t", "00ff", "--hex", "--url", url(server))
+                assert (result.returncode, result.stdout) == (0, "cli.t seq=2\n"), result.stderr
+                result = await run_cli("pub", "cli.t", "--url", url(server), input=b"a\nb\nc\n")
+                assert (result.returncode, result.stdout) == (0, "cli.t seq=5\n"), result.stderr
+                got = [(await sub.next(5)) for _ in range(5)]
+                assert [(m.seq, m.data) for m in got] == [(1, b"hello"), (2, b"\x00\xff"), (3, b"a"), (4, b"b"), (5, b"c")]
+
+    run(main())
+
+
+def test_pub_refused_exits_1():
+    async def main():
+        async with serving() as server:
+            result = await run_cli("pub", "cli.*", "x", "--url", url(server))
+            assert result.returncode == 1
+            assert "cli.*" in result.stderr
+            (port,) = free_ports()
+            result = await run_cli("pub", "cli.t", "x", "--url", f"ws://127.0.0.1:{port}/")
+            assert result.returncode == 1 and "could not connect" in result.stderr
+
+    run(main())
+
+
+async def start_sub_cli(server, *args: str) -> subprocess.Popen:
+    proc = broker_cli("sub", *args, "--url", url(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pattern = args[0]
+    await eventually(
+        lambda: proc.poll() is not None or any(pattern in c.session.subscriptions for c in server.connections.values()),
+        10,
+        "the sub command to subscribe",
+    )
+    assert proc.poll() is None, proc.stderr.read().decode()
+    return proc
+
+
+def test_sub_prints_text_or_hex_and_stops_after_count():
+    async def main():
+        async with serving() as server:
+            proc = await start_sub_cli(server, "cli.>", "--count", "3")
+            try:
+                async with Client(url(server)) as pub:
+                    await pub.publish_acked("cli.a", b"hello world")
+                    await pub.publish_acked("cli.b", b"\x00\x01\xff")
+                    await pub.publish_acked("cli.a", b"tab\there")
+                    await pub.publish_acked("cli.a", b"not printed")
+                loop = asyncio.get_running_loop()
+                out, err = await loop.run_in_executor(None, proc.communicate, None, 15)
+                assert proc.returncode == 0, err
+                assert out.decode().splitlines() == ["cli.a 1 hello world", "cli.b 1 0001ff", "cli.a 2 7461620968657265"]
+                assert "subscribed to cli.>" in err.decode()
+            finally:
+                stop_process(proc)
+
+    run(main())
+
+
+def test_sub_json_lines():
+    async def main():
+        async with serving() as server:
+            proc = await start_sub_cli(server, "cli.j", "--count", "2", "--json")
+            try:
+                async with Client(url(server)) as pub:
+                    await pub.publish_acked("cli.j", b"hi")
+                    await pub.publish_acked("cli.j", b"\xff\x00")
+                loop = asyncio.get_running_loop()
+                out, err = await loop.run_in_executor(None, proc.communicate, None, 15)
+                assert proc.returncode == 0, err
+                lines = [json.loads(line) for line in out.decode().splitlines()]
+                epoch = server.router.epoch
+                assert lines == [
+                    {"topic": "cli.j", "epoch": epoch, "seq": 1, "text": "hi"},
+                    {"topic": "cli.j", "epoch": epoch, "seq": 2, "hex": "ff00"},
+                ]
+            finally:
+                stop_process(proc)
+
+    run(main())
+
+
+# settings
+
+
+@pytest.mark.parametrize(
+    "args, env, file_text, named",
+    [
+        (["--port", "notanumber"], {}, None, "port"),
+        ([], {"BROKER_PORT": "70000"}, None, "port"),
+        ([], {}, "port = 7000\nbogus_setting = 1\n", "bogus_setting"),
+        ([], {}, "[broker]\nmax_pending_bytes = -5\n", "max_pending_bytes"),
+        (["--log-level", "loud"], {}, None, "log_level"),
+        (["--max-payload-bytes", "2000000"], {}, None, "max_payload_bytes"),
+    ],
+    ids=["flag", "env", "file-unknown-key", "file-bad-value", "literal", "cross-field"],
+)
+def test_bad_setting_exits_2_naming_it(tmp_path, args, env, file_text, named):
+    if file_text is not None:
+        path = tmp_path / "broker.toml"
+        path.write_text(file_text)
+        args = [*args, "--config", str(path)]
+    proc = serve(*args, env=env)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 2, err.decode()
+    assert named in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+def test_port_in_use_exits_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = serve("--port", str(port))
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            stop_process(proc)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in err.decode()
+
+
+async def _handshake(port: int) -> None:
+    client = await Client.connect(f"ws://127.0.0.1:{port}/")
+    await client.close()
+
+
+def bound_port(args: list[str], env: dict) -> int:
+    """Start `broker serve ARGS` with `env`, read the port it listens on, stop it."""
+    proc = serve(*args, env=env)
+    try:
+        log = read_until(proc, "event=start")
+        line = next(line for line in log.splitlines() if "event=start" in line)
+        port = int(next(word for word in line.split() if word.startswith("port="))[5:])
+        # a full WebSocket handshake, not just the log line, before the signal: see
+        # test_signal_closes_clients_with_1001_and_exits_0
+        run(_handshake(port))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        return port
+    finally:
+        stop_process(proc)
+
+
+def test_flags_beat_env_beat_file(tmp_path):
+    file_port, env_port, flag_port = free_ports(3)
+    path = tmp_path / "broker.toml"
+    path.write_text(f"[broker]\nport = {file_port}\n")
+    env = {"BROKER_PORT": str(env_port)}
+    assert bound_port(["--config", str(path), "--port", str(flag_port)], env) == flag_port
+    assert bound_port(["--config", str(path)], env) == env_port
+    assert bound_port(["--config", str(path)], {}) == file_port
+    # the file can also come from the environment
+    assert bound_port([], {"BROKER_CONFIG": str(path)}) == file_port
