@@ -45,6 +45,20 @@ def server_conn_with(server, subscriptions: set[str]):
     return found[0]
 
 
+def split_frame(data: bytes) -> tuple[int, bytes, bytes] | None:
+    """(opcode, payload, rest) of the first server frame in `data`; None while incomplete."""
+    if len(data) < 2:
+        return None
+    size, head = data[1] & 0x7F, 2
+    if size == 126:
+        size, head = int.from_bytes(data[2:4], "big"), 4
+    elif size == 127:
+        size, head = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < head + size:
+        return None
+    return data[0] & 0x0F, data[head : head + size], data[head + size :]
+
+
 class RawSocketClient:
     """A WebSocket client written by hand on a plain non-blocking socket.
 
@@ -94,20 +108,11 @@ class RawSocketClient:
 
     async def recv(self):
         """The next server frame, decoded (binary frames only)."""
-        while True:
-            if len(self.buffer) >= 2:
-                size, head = self.buffer[1] & 0x7F, 2
-                if size == 126 and len(self.buffer) >= 4:
-                    size, head = int.from_bytes(self.buffer[2:4], "big"), 4
-                elif size == 127 and len(self.buffer) >= 10:
-                    size, head = int.from_bytes(self.buffer[2:10], "big"), 10
-                if size < 126 or head > 2:
-                    if len(self.buffer) >= head + size:
-                        assert self.buffer[0] == 0x82
-                        frame = self.buffer[head : head + size]
-                        self.buffer = self.buffer[head + size :]
-                        return server_decoder.decode(frame)
+        while (split := split_frame(self.buffer)) is None:
             await self._fill()
+        opcode, payload, self.buffer = split
+        assert opcode == 0x2, f"opcode {opcode:#x}"
+        return server_decoder.decode(payload)
 
     def close(self) -> None:
         self.sock.close()

@@ -19,7 +19,7 @@ from broker.client import Client, ConnectionClosed
 from broker.messages import Ack, Sub, server_decoder
 
 from conftest import ROOT, broker_cli, run, serving, url
-from test_integration import RawSocketClient, conns_with, eventually
+from test_integration import RawSocketClient, conns_with, eventually, split_frame
 
 
 # helpers
@@ -145,6 +145,42 @@ def test_signal_closes_clients_with_1001_and_exits_0(sig):
         stop_process(proc)
 
 
+def test_sigterm_right_after_the_start_line_is_graceful():
+    """Once `event=start` is logged the broker is up, so SIGTERM from then on must shut it down
+    gracefully (exit 0, `event=stopped`). The broker and this test share one CPU and the broker
+    runs at low priority, so the test's reaction to the line tends to land right after it."""
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+
+    def on_one_cpu_at_low_priority() -> None:
+        os.sched_setaffinity(0, {cpu})
+        os.nice(19)
+
+    results = []
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for _ in range(10):
+            proc = broker_cli(
+                "serve",
+                "--port",
+                "0",
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=on_one_cpu_at_low_priority,
+            )
+            try:
+                log = read_until(proc, "event=start")
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(10)
+                log += proc.stderr.read().decode()
+                results.append((code, "event=stopped" in log))
+            finally:
+                stop_process(proc)
+    finally:
+        os.sched_setaffinity(0, saved)
+    assert results == [(0, True)] * 10, f"exit codes after SIGTERM: {[code for code, _ in results]}"
+
+
 def test_shutdown_is_bounded_when_a_client_never_answers():
     (port,) = free_ports()
     proc = serve("--port", str(port), "--shutdown-timeout-s", "1", "--close-timeout-s", "30")
@@ -211,7 +247,8 @@ def test_stop_flushes_messages_queued_behind_a_paused_transport():
     n, size = 120, 64 << 10
 
     async def main():
-        async with serving(max_pending_bytes=64 << 20) as server:
+        # close_timeout_s: reading megabytes through a tiny receive window takes a moment
+        async with serving(max_pending_bytes=64 << 20, close_timeout_s=10) as server:
             lagging = await RawSocketClient.connect(server.port, rcvbuf=4096)
             try:
                 await lagging.send(Sub(1, "lag"))
@@ -223,7 +260,7 @@ def test_stop_flushes_messages_queued_behind_a_paused_transport():
                 assert conn.box.paused and conn.box.size > 0  # the situation under test
                 stopping = asyncio.ensure_future(server.stop())
                 await asyncio.sleep(0)
-                data = lagging.buffer
+                data = bytearray(lagging.buffer)
                 loop = asyncio.get_running_loop()
                 while True:  # read to the end of the stream
                     chunk = await asyncio.wait_for(loop.sock_recv(lagging.sock, 1 << 20), 5)
@@ -234,17 +271,15 @@ def test_stop_flushes_messages_queued_behind_a_paused_transport():
             finally:
                 lagging.close()
             seqs, close_code = [], None
+            data = memoryview(bytes(data))
             while data:
-                opcode, size_, head = data[0] & 0x0F, data[1] & 0x7F, 2
-                if size_ == 126:
-                    size_, head = int.from_bytes(data[2:4], "big"), 4
-                elif size_ == 127:
-                    size_, head = int.from_bytes(data[2:10], "big"), 10
-                body, data = data[head : head + size_], data[head + size_ :]
-                if opcode == 2:
+                split = split_frame(data)
+                assert split is not None, "the stream ended inside a frame"
+                opcode, body, data = split
+                if opcode == 0x2:
                     message = server_decoder.decode(body)
                     seqs.extend(range(message.seq, message.seq + len(message.data)))
-                elif opcode == 8:
+                elif opcode == 0x8:
                     close_code = int.from_bytes(body[:2], "big")
                     assert not data, "bytes after the close frame"
             assert close_code == 1001

@@ -163,6 +163,7 @@ class Client:
         request_timeout: float = 10.0,
         max_frame_bytes: int = 64 << 20,
         max_queue: int = 100_000,
+        max_batch_bytes: int = 256 << 10,
         on_error: Callable[[RequestError], object] | None = None,
     ) -> None:
         self.url = url
@@ -170,6 +171,7 @@ class Client:
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes
         self.max_queue = max_queue
+        self.max_batch_bytes = max_batch_bytes  # a tick's publishes are split into frames of about this size
         self.on_error = on_error or _log_error
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: WSTransport | None = None
@@ -178,6 +180,7 @@ class Client:
         self._subs: dict[str, Subscription] = {}
         self._index: SubscriptionIndex[Subscription] = SubscriptionIndex()
         self._outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
         self._flush_scheduled = False
         self._paused = False
         self._drained: asyncio.Future | None = None
@@ -300,17 +303,24 @@ class Client:
             raise ConnectionClosed(code, reason)
 
     def _queue_out(self, encoded: bytes) -> None:
+        if self._outgoing and self._outgoing_bytes + len(encoded) > self.max_batch_bytes:
+            self._send_batch()  # keep every frame well under the broker's max_frame_bytes
         self._outgoing.append(encoded)
+        self._outgoing_bytes += len(encoded)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_out)
 
     def _flush_out(self) -> None:
         self._flush_scheduled = False
+        self._send_batch()
+
+    def _send_batch(self) -> None:
         out = self._outgoing
         if not out or self.closed:
             return
         self._outgoing = []
+        self._outgoing_bytes = 0
         if len(out) == 1:
             frame = out[0]
         else:

@@ -80,7 +80,7 @@ class Server:
     async def stop(self) -> None:
         """Graceful shutdown: stop accepting, flush what is queued, close every client with 1001
         and wait for them (at most shutdown_timeout_s), then abort the rest."""
-        if self._closing:
+        if self._closing or self._server is None:
             return
         self._closing = True
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
@@ -89,7 +89,7 @@ class Server:
         self._tick()
         self._all_gone = asyncio.Event()
         for conn in list(self.connections.values()):
-            conn.close(CloseCode.GOING_AWAY, "server shutting down")
+            conn.close(CloseCode.GOING_AWAY, "server shutting down", flush=True)
         if self.connections:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), self.config.shutdown_timeout_s)
@@ -97,6 +97,7 @@ class Server:
                 logs.event(logging.WARNING, "shutdown_timeout", aborted=len(self.connections))
                 for conn in list(self.connections.values()):
                     conn._abort()
+                await asyncio.sleep(0)  # let the aborted connections report their disconnect
         if self._server is not None:
             await self._server.wait_closed()
         stats = self.router.stats
@@ -164,12 +165,12 @@ class Server:
 async def run(config: Config) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
     server = Server(config)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        await server.start()
         await stop.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

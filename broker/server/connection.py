@@ -97,8 +97,9 @@ class Connection(WSListener):
 
     # broker-initiated close
 
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame with `code` and drop what is still queued for this connection.
+    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Send a close frame with `code`. With `flush`, what is still queued for this connection
+        goes first (even while the transport is paused); without, it is dropped.
 
         The transport gets close_timeout_s to flush its buffer, then the connection is aborted."""
         transport = self.transport
@@ -106,6 +107,8 @@ class Connection(WSListener):
             return
         self.close_reason = (int(code), reason)
         self.server.router.stats.count_close(int(code))
+        if flush and self.box.size:
+            self.write(self.box.take())
         self.session.close()
         transport.send_close(WSCloseCode(int(code)), reason.encode()[:123])
         transport.disconnect(graceful=True)
