@@ -38,12 +38,14 @@ cdef inline uint8_t* _put_header(uint8_t* out, Py_ssize_t size) noexcept:
 
 cpdef bytes frame_header(Py_ssize_t size):
     """Header of a final binary frame carrying `size` bytes, server side (no mask)."""
+    if size < 0:
+        raise ValueError("frame size must not be negative")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _header_size(size))
     _put_header(<uint8_t*>PyBytes_AS_STRING(out), size)
     return out
 
 
-cpdef bytes encode_frame(bytes payload):
+def encode_frame(bytes payload not None):
     """One complete binary WebSocket frame holding `payload`."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _header_size(size) + size)
@@ -105,7 +107,7 @@ cdef inline uint8_t* _put_bin_header(uint8_t* out, Py_ssize_t n) noexcept:
 from ._fastpath_py import batch_prefix  # built once per topic, not on the hot path
 
 
-cpdef bytes encode_batch(bytes prefix, uint64_t first_seq, list payloads):
+def encode_batch(bytes prefix not None, uint64_t first_seq, list payloads not None):
     """A complete frame holding `["msg", topic, epoch, first_seq, [payload, ...]]`."""
     cdef Py_ssize_t n = PyList_GET_SIZE(payloads)
     cdef Py_ssize_t i, size, body
@@ -169,12 +171,16 @@ cdef class Outbox:
         self.over = False
 
     cpdef bint push(self, bytes frame):
-        """Queue a frame; True when this push took the connection past its limit."""
-        if self.closed:
+        """Queue a frame; True when this push took the connection past its limit.
+
+        Once past it (or closed) the outbox takes nothing more: the connection is being closed."""
+        if frame is None:
+            raise TypeError("frame must be bytes")
+        if self.closed or self.over:
             return False
         self.frames.append(frame)
         self.size += PyBytes_GET_SIZE(frame)
-        if not self.over and self.size + self.transport_bytes > self.limit:
+        if self.size + self.transport_bytes > self.limit:
             self.over = True
             return True
         return False
@@ -200,23 +206,24 @@ cdef class Outbox:
         return self.size + self.transport_bytes
 
 
-cpdef fan_out(bytes frame, tuple targets, list touched, list slow):
+def fan_out(bytes frame not None, tuple targets not None, list touched not None, list slow not None):
     """Queue `frame` on every outbox in `targets`.
 
     Each outbox not yet in `touched` this tick is appended to it once; each one that passes its
-    limit with this frame is appended to `slow`. Nothing is raised per subscriber."""
+    limit with this frame is appended to `slow`, and takes no more frames from then on (it is
+    about to be closed). Nothing is raised per subscriber."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
     cdef Py_ssize_t i, n = PyTuple_GET_SIZE(targets)
     cdef Outbox box
     for i in range(n):
-        box = <Outbox>PyTuple_GET_ITEM(targets, i)
-        if box.closed:
+        box = targets[i]  # typed assignment: checked to be an Outbox
+        if box.closed or box.over:
             continue
         box.frames.append(frame)
         box.size += size
         if not box.scheduled:
             box.scheduled = True
             touched.append(box)
-        if not box.over and box.size + box.transport_bytes > box.limit:
+        if box.size + box.transport_bytes > box.limit:
             box.over = True
             slow.append(box)

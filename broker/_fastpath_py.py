@@ -17,6 +17,8 @@ _Q = struct.Struct("!Q")
 
 def frame_header(size: int) -> bytes:
     """Header of a final binary frame carrying `size` bytes, server side (no mask)."""
+    if size < 0:
+        raise ValueError("frame size must not be negative")
     if size < 126:
         return bytes((0x82, size))
     if size < 65536:
@@ -26,6 +28,8 @@ def frame_header(size: int) -> bytes:
 
 def encode_frame(payload: bytes) -> bytes:
     """One complete binary WebSocket frame holding `payload`."""
+    if type(payload) is not bytes:
+        raise TypeError("payload must be bytes")
     return frame_header(len(payload)) + payload
 
 
@@ -63,12 +67,14 @@ class Outbox:
         self.over = False  # passed its limit; reported once
 
     def push(self, frame: bytes) -> bool:
-        """Queue a frame; True when this push took the connection past its limit."""
-        if self.closed:
+        """Queue a frame; True when this push took the connection past its limit.
+
+    Once past it (or closed) the outbox takes nothing more: the connection is being closed."""
+        if self.closed or self.over:
             return False
         self.frames.append(frame)
         self.size += len(frame)
-        if not self.over and self.size + self.transport_bytes > self.limit:
+        if self.size + self.transport_bytes > self.limit:
             self.over = True
             return True
         return False
@@ -94,16 +100,17 @@ def fan_out(frame: bytes, targets: tuple, touched: list, slow: list) -> None:
     """Queue `frame` on every outbox in `targets`.
 
     Each outbox not yet in `touched` this tick is appended to it once; each one that passes its
-    limit with this frame is appended to `slow`. Nothing is raised per subscriber."""
+    limit with this frame is appended to `slow`, and takes no more frames from then on (it is
+    about to be closed). Nothing is raised per subscriber."""
     size = len(frame)
     for box in targets:
-        if box.closed:
+        if box.closed or box.over:
             continue
         box.frames.append(frame)
         box.size += size
         if not box.scheduled:
             box.scheduled = True
             touched.append(box)
-        if not box.over and box.size + box.transport_bytes > box.limit:
+        if box.size + box.transport_bytes > box.limit:
             box.over = True
             slow.append(box)

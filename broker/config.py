@@ -17,6 +17,8 @@ from .errors import ConfigError
 DEFAULT_PORT = 7341
 ENV_PREFIX = "BROKER_"
 
+_ENVELOPE_BYTES = 64  # MessagePack and WebSocket framing around one payload and its topic
+
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -28,8 +30,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: Positive = 1 << 20
     max_payload_bytes: Positive = 512 << 10
     max_pending_bytes: Positive = 8 << 20
+    max_batch_messages: Positive = 10_000
     max_subscriptions: Positive = 10_000
-    max_topics: Positive = 1_000_000
+    max_topics: Positive = 100_000
     max_topic_length: Annotated[int, msgspec.Meta(gt=0, le=4096)] = 255
     handshake_timeout_s: Seconds = 5.0
     ping_interval_s: Seconds = 20.0
@@ -44,8 +47,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("path must start with '/'")
         if self.ping_timeout_s > self.ping_interval_s:
             raise ValueError("ping_timeout_s must not exceed ping_interval_s")
-        if self.max_payload_bytes >= self.max_frame_bytes:
-            raise ValueError("max_payload_bytes must be smaller than max_frame_bytes")
+        # A publish of max_payload_bytes must fit in a frame (else it would close with 1009
+        # instead of getting err 7), and one message must fit in a subscriber's queue.
+        envelope = self.max_payload_bytes + self.max_topic_length + _ENVELOPE_BYTES
+        if envelope > self.max_frame_bytes:
+            raise ValueError(
+                f"max_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
+            )
+        if envelope > self.max_pending_bytes:
+            raise ValueError(
+                f"max_pending_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
+            )
 
 
 FIELDS: tuple[str, ...] = Config.__struct_fields__
@@ -57,6 +69,7 @@ HELP = {
     "max_frame_bytes": "largest WebSocket frame a client may send; larger ones close with 1009",
     "max_payload_bytes": "largest payload one publish may carry",
     "max_pending_bytes": "bytes queued for one connection before it is closed as a slow consumer (1013)",
+    "max_batch_messages": "messages one client frame may carry",
     "max_subscriptions": "subscriptions one connection may hold",
     "max_topics": "concrete topics the broker keeps state for",
     "max_topic_length": "longest topic name or pattern, in characters",

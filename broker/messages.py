@@ -14,6 +14,8 @@ from typing import Annotated, Union
 
 import msgspec
 
+from .errors import ErrorCode
+
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "broker.v1"
 
@@ -96,25 +98,40 @@ _id_decoder = msgspec.msgpack.Decoder(RequestId)
 _str_decoder = msgspec.msgpack.Decoder(str)
 
 
-def is_batch(data: bytes | memoryview) -> bool:
-    """True when a client frame holds an array of messages rather than one message.
+DEFAULT_MAX_BATCH = 10_000
+MAX_ERRORS_PER_FRAME = 100
 
-    Looks only at the second byte: the first element of a batch is an array (fixarray 0x90-0x9f
-    or array16/32 0xdc/0xdd), the first element of a single message is its type string."""
+
+def batch_size(data: bytes | memoryview) -> int:
+    """How many messages a client batch frame holds, or -1 when the frame is one message.
+
+    Looks only at the header: the first element of a batch is an array (fixarray 0x90-0x9f or
+    array16/32 0xdc/0xdd), the first element of a single message is its type string."""
     if len(data) < 2:
-        return False
+        return -1
     first = data[0]
-    if not (0x90 <= first <= 0x9F or first in (0xDC, 0xDD)):
-        return False
-    offset = 1 if first < 0xDC else (3 if first == 0xDC else 5)
+    if 0x90 <= first <= 0x9F:
+        count, offset = first & 0x0F, 1
+    elif first == 0xDC and len(data) >= 3:
+        count, offset = int.from_bytes(data[1:3], "big"), 3
+    elif first == 0xDD and len(data) >= 5:
+        count, offset = int.from_bytes(data[1:5], "big"), 5
+    else:
+        return -1
     if len(data) <= offset:
-        return False
+        return -1
     nxt = data[offset]
-    return 0x90 <= nxt <= 0x9F or nxt in (0xDC, 0xDD)
+    return count if 0x90 <= nxt <= 0x9F or nxt in (0xDC, 0xDD) else -1
 
 
-# Invalid UTF-8 in a str field surfaces as UnicodeDecodeError, not as msgspec.DecodeError.
-_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError)
+def is_batch(data: bytes | memoryview) -> bool:
+    """True when a client frame holds an array of messages rather than one message."""
+    return batch_size(data) >= 0
+
+
+# Invalid UTF-8 in a str field surfaces as UnicodeDecodeError, and too deeply nested arrays as
+# RecursionError, not as msgspec.DecodeError.
+_DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
 class BadMessage(Exception):
@@ -127,23 +144,27 @@ class BadMessage(Exception):
         self.text = text
 
 
-def decode_client_frame(data: bytes | memoryview) -> tuple[list[ClientMessage], list[BadMessage]]:
+def decode_client_frame(
+    data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH
+) -> tuple[list[ClientMessage], list[BadMessage]]:
     """Decode one client frame into the messages it holds and the errors for those it could not.
 
     The common case (well-formed) costs one msgspec decode. Only when it fails is the frame taken
     apart element by element, so that each bad message gets its own error with its own id and
-    the good ones in the same batch still apply."""
-    from .errors import ErrorCode
-
-    batch = is_batch(data)
+    the good ones in the same batch still apply. A batch of more than `max_batch` messages is
+    refused whole, and after MAX_ERRORS_PER_FRAME bad elements the rest of a frame is ignored:
+    one frame cannot make the broker do unbounded work or queue unbounded replies."""
+    count = batch_size(data)
+    if count > max_batch:
+        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"a batch holds {count} messages; the limit is {max_batch}")]
     try:
-        if batch:
+        if count >= 0:
             return client_batch_decoder.decode(data), []
         return [client_decoder.decode(data)], []
     except _DECODE_ERRORS as exc:
         first_error = exc
-    if not batch:
-        return [], [_explain(data, first_error, ErrorCode)]
+    if count < 0:
+        return [], [_explain(data, first_error)]
     try:
         parts = _raw_list_decoder.decode(data)
     except _DECODE_ERRORS as exc:
@@ -154,11 +175,14 @@ def decode_client_frame(data: bytes | memoryview) -> tuple[list[ClientMessage], 
         try:
             good.append(client_decoder.decode(part))
         except _DECODE_ERRORS as exc:
-            bad.append(_explain(part, exc, ErrorCode))
+            if len(bad) == MAX_ERRORS_PER_FRAME:
+                bad.append(BadMessage(0, ErrorCode.BAD_MESSAGE, f"more than {MAX_ERRORS_PER_FRAME} bad messages in one frame; the rest of it was ignored"))
+                break
+            bad.append(_explain(part, exc))
     return good, bad
 
 
-def _explain(data, exc: Exception, codes) -> BadMessage:
+def _explain(data, exc: Exception) -> BadMessage:
     """Turn a failed decode into an error reply, recovering the request id when there is one.
 
     The elements are split without decoding them (msgspec.Raw), so a bad field elsewhere (even
@@ -168,9 +192,9 @@ def _explain(data, exc: Exception, codes) -> BadMessage:
     except msgspec.ValidationError:
         parts = []
     except _DECODE_ERRORS:
-        return BadMessage(0, codes.BAD_MESSAGE, f"malformed MessagePack: {exc}")
+        return BadMessage(0, ErrorCode.BAD_MESSAGE, f"malformed MessagePack: {exc}")
     if not parts:
-        return BadMessage(0, codes.BAD_MESSAGE, "a message is a non-empty array whose first element is its type")
+        return BadMessage(0, ErrorCode.BAD_MESSAGE, "a message is a non-empty array whose first element is its type")
     request_id = 0
     if len(parts) > 1:
         try:
@@ -182,5 +206,6 @@ def _explain(data, exc: Exception, codes) -> BadMessage:
     except _DECODE_ERRORS:
         kind = None
     if kind not in CLIENT_TYPES:
-        return BadMessage(request_id, codes.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}")
-    return BadMessage(request_id, codes.BAD_MESSAGE, f"invalid {kind}: {exc}")
+        shown = repr(kind) if kind is None or len(kind) <= 40 else repr(kind[:40]) + "..."
+        return BadMessage(request_id, ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}")
+    return BadMessage(request_id, ErrorCode.BAD_MESSAGE, f"invalid {kind}: {exc}")

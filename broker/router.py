@@ -14,7 +14,7 @@ from typing import Callable
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, batch_prefix, encode_batch, fan_out
-from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, matches, validate_pattern, validate_topic
+from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, validate_pattern, validate_topic
 
 
 class TopicState:
@@ -38,7 +38,7 @@ class RouterStats:
     __slots__ = ("published", "delivered", "frames", "bytes_queued", "slow_consumers", "errors", "closes")
 
     def __init__(self) -> None:
-        self.published = 0  # messages accepted from publishers
+        self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
         self.delivered = 0  # messages queued to subscribers (one per message per subscriber)
         self.frames = 0  # batch frames encoded
         self.bytes_queued = 0  # batch bytes queued to subscribers
@@ -58,7 +58,7 @@ class Router:
         self,
         request_flush: Callable[[], object],
         *,
-        max_topics: int = 1_000_000,
+        max_topics: int = 100_000,
         max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
         epoch: int | None = None,
     ) -> None:
@@ -106,7 +106,6 @@ class Router:
                 self._flush_requested = True
                 self._request_flush()
         state.pending.append(payload)
-        self.stats.published += 1
         return state
 
     # subscriptions
@@ -126,8 +125,21 @@ class Router:
         return self.index.remove(pattern, box)
 
     def _emit_matching(self, pattern: str) -> None:
-        for state in self._dirty:
-            if state.pending and matches(pattern, state.name):
+        """Emit this tick's pending batches before a subscription change.
+
+        An exact topic emits only its own batch; a pattern emits them all (one pass, after which
+        nothing is pending), so a frame full of subscription changes costs O(1) each."""
+        if not self._dirty:
+            return
+        if not is_pattern(pattern):
+            state = self.topics.get(pattern)
+            if state is not None and state.pending:
+                self._emit(state)
+            return
+        dirty = self._dirty
+        self._dirty = []
+        for state in dirty:
+            if state.pending:
                 self._emit(state)
 
     # outbound
@@ -173,11 +185,12 @@ class Router:
         payloads = state.pending
         state.pending = []
         state.dirty = False
+        stats = self.stats
+        stats.published += len(payloads)
         targets = self.index.lookup(state.name)
         if targets:
             frame = encode_batch(state.prefix, state.first, payloads)
             fan_out(frame, targets, self._touched, self._slow)
-            stats = self.stats
             stats.frames += 1
             stats.delivered += len(payloads) * len(targets)
             stats.bytes_queued += len(frame) * len(targets)

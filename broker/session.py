@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, encode_frame
-from .messages import Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
+from .messages import DEFAULT_MAX_BATCH, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import validate_pattern
 
@@ -16,12 +16,13 @@ from .topics import validate_pattern
 class Limits:
     """Per-connection limits, taken from the server config."""
 
-    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes")
+    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes", "max_batch_messages")
 
-    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20) -> None:
+    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20, max_batch_messages: int = DEFAULT_MAX_BATCH) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_subscriptions = max_subscriptions
         self.max_pending_bytes = max_pending_bytes
+        self.max_batch_messages = max_batch_messages
 
 
 class Session:
@@ -40,13 +41,18 @@ class Session:
         """Handle one client frame: one message or a batch of them."""
         if self.closed:
             return
-        messages, bad = decode_client_frame(data)
+        messages, bad = decode_client_frame(data, self.limits.max_batch_messages)
         for problem in bad:
+            if self.box.over:
+                break
             self.reply_error(problem.request_id, problem.code, problem.text)
         router = self.router
+        box = self.box
         max_payload = self.limits.max_payload_bytes
+        self.received += len(messages)
         for message in messages:
-            self.received += 1
+            if box.over or box.closed:
+                return  # the connection is being closed: the rest of the frame is not applied
             kind = type(message)
             try:
                 if kind is Pub:

@@ -6,7 +6,7 @@ non-empty and made of printable ASCII other than `.`, `*`, `>` and space.
 
 `SubscriptionIndex.lookup(topic)` answers "who receives this topic" from a cache of the matched
 subscriber tuple per concrete topic. Wildcard matching runs on a cache miss only; subscribe and
-unsubscribe drop exactly the cache entries they can change.
+unsubscribe of an exact topic drop that topic's entry; a pattern change clears the cache.
 """
 
 from __future__ import annotations
@@ -224,9 +224,10 @@ class SubscriptionIndex(Generic[S]):
                 del parent.children[token]
 
     def _invalidate(self, pattern: str) -> None:
-        stale = [topic for topic in self._cache if matches(pattern, topic)]
-        for topic in stale:
-            del self._cache[topic]
+        # Scanning the cache for the topics a pattern matches would cost O(cached topics) per
+        # pattern change; clearing is O(1) and the cache refills lazily, one lookup per topic
+        # published afterwards.
+        self._cache.clear()
 
     def _count(self, node: _Node) -> int:
         total = len(node.rest) + len(node.here)

@@ -79,10 +79,11 @@ def test_outbox_push_take_and_limit(fastpath_impl):
     assert box.owner == "owner" and box.pending == 0
     assert box.push(b"12345") is False
     assert box.push(b"123456") is True  # 11 > 10: reported once
-    assert box.push(b"x") is False
-    assert box.over and box.size == 12
-    assert box.take() == b"12345123456x"
+    assert box.push(b"x") is False  # past its limit the outbox takes nothing more
+    assert box.over and box.size == 11
+    assert box.take() == b"12345123456"
     assert box.size == 0 and box.take() == b""
+    box = fastpath_impl.Outbox("owner", 10)
     box.push(b"only")
     single = box.frames[0]
     assert box.take() is single  # one frame goes out without a copy
@@ -105,3 +106,15 @@ def test_fan_out_touches_each_outbox_once_and_reports_slow_ones(fastpath_impl):
     assert c.size == 0
     fastpath_impl.fan_out(b"frame3", (b,), touched, slow)
     assert slow == [b]  # reported once
+    assert b.take() == b"frame1frame2"  # and given nothing after
+
+
+def test_wrong_types_raise_in_both_implementations(fastpath_impl):
+    with pytest.raises(TypeError):
+        fastpath_impl.encode_frame(None)
+    with pytest.raises(TypeError):
+        fastpath_impl.Outbox(None, 10).push(None)
+    with pytest.raises(ValueError):
+        fastpath_impl.frame_header(-1)
+    with pytest.raises((TypeError, AttributeError)):
+        fastpath_impl.fan_out(b"x", (object(),), [], [])

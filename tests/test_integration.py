@@ -409,7 +409,7 @@ def test_slow_consumer_is_closed_and_others_keep_up():
     size = 64 << 10
 
     async def main():
-        async with serving(max_pending_bytes=256 << 10, close_timeout_s=0.2) as server:
+        async with serving(max_pending_bytes=256 << 10, max_payload_bytes=128 << 10, close_timeout_s=0.2) as server:
             async with Client(url(server)) as fast, Client(url(server)) as pub:
                 got, on_message = collector()
                 arrived = asyncio.Event()

@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, NamedTuple
 import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from ..errors import BrokerError, ConnectionClosed, RequestError, SubscriptionOverflow
+from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
 from ..messages import SUBPROTOCOL, Ack, Err, Msg, Pub, Sub, Unsub, encode, server_decoder
 from ..topics import SubscriptionIndex, validate_pattern, validate_topic
 
@@ -73,10 +73,14 @@ class Subscription:
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._done = False
+        self._abandoned = False  # subscribe() was cancelled before its ack
 
     def _deliver(self, message: Message) -> None:
         if self.callback is not None:
-            self.callback(message)
+            try:
+                self.callback(message)
+            except Exception:
+                logging.getLogger("broker.client").exception("subscription callback for %r raised", self.pattern)
             return
         if self._done:
             return
@@ -102,6 +106,8 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        if self._waiter is not None:
+            raise RuntimeError(f"another coroutine is already waiting on subscription {self.pattern!r}")
         while not self._queue:
             if self._done:
                 if self._error is not None:
@@ -177,6 +183,7 @@ class Client:
         self._transport: WSTransport | None = None
         self._next_id = 0
         self._pending: dict[int, asyncio.Future] = {}
+        self._on_ack: dict[int, Callable[[Ack], None]] = {}  # run synchronously when an ack is read
         self._subs: dict[str, Subscription] = {}
         self._index: SubscriptionIndex[Subscription] = SubscriptionIndex()
         self._outgoing: list[bytes] = []
@@ -210,12 +217,16 @@ class Client:
                 ),
                 self.connect_timeout,
             )
-        except asyncio.TimeoutError as exc:
-            raise ConnectionClosed(1006, f"could not connect to {self.url} within {self.connect_timeout}s") from exc
-        except (OSError, Exception) as exc:
-            if isinstance(exc, BrokerError):
+        except BaseException as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = f"could not connect to {self.url} within {self.connect_timeout}s"
+            else:
+                reason = f"could not connect to {self.url}: {exc}"
+            self._close_info = (1006, reason)
+            self._closed.set_result(None)
+            if isinstance(exc, (BrokerError, asyncio.CancelledError)) or not isinstance(exc, Exception):
                 raise
-            raise ConnectionClosed(1006, f"could not connect to {self.url}: {exc}") from exc
+            raise ConnectionClosed(1006, reason) from exc
 
     async def __aenter__(self) -> Client:
         await self.open()
@@ -239,23 +250,40 @@ class Client:
         callback runs for every message (synchronously, in the loop: keep it short)."""
         validate_pattern(pattern)
         if pattern in self._subs:
-            raise RequestError(5, f"already subscribed to {pattern!r}")
+            raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
         sub = Subscription(self, pattern, callback, max_queue or self.max_queue)
         self._subs[pattern] = sub
-        self._index.add(pattern, sub)
+
+        def activate(ack: Ack) -> None:
+            # Runs as the ack is read, before any later frame: the subscription receives exactly
+            # the messages the broker sends after its ack, even if another local subscription
+            # already receives the topic.
+            if sub._abandoned:
+                if not self.closed:
+                    self._queue_out(encode(Unsub(0, pattern)))
+                return
+            sub.epoch, sub.seq = ack.epoch, ack.seq
+            self._index.add(pattern, sub)
+
         try:
-            ack = await self._request(lambda rid: Sub(rid, pattern))
-        except BaseException:
+            await self._request(lambda rid: Sub(rid, pattern), activate)
+        except RequestError:
             self._forget(sub)
             raise
-        sub.epoch, sub.seq = ack.epoch, ack.seq
+        except BaseException:
+            # Cancelled or timed out: the broker may hold (or still make) the subscription.
+            sub._abandoned = True
+            if self._index.remove(pattern, sub) and not self.closed:
+                self._queue_out(encode(Unsub(0, pattern)))
+            self._forget(sub)
+            raise
         return sub
 
     async def unsubscribe(self, target: Subscription | str) -> None:
         pattern = target.pattern if isinstance(target, Subscription) else target
         sub = self._subs.get(pattern)
         if sub is None:
-            raise RequestError(6, f"not subscribed to {pattern!r}")
+            raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
         self._forget(sub)
         sub._finish(None)
         await self._request(lambda rid: Unsub(rid, pattern))
@@ -271,12 +299,15 @@ class Client:
         ack = await self._request(lambda rid: Pub(rid, topic, data))
         return PublishAck(ack.epoch, ack.seq)
 
-    async def drain(self) -> None:
-        """Wait until the connection's write buffer is below its high-water mark."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the connection's write buffer is below its high-water mark.
+
+        Raises asyncio.TimeoutError after `timeout` seconds (default: request_timeout)."""
         self._flush_out()
-        while self._paused and not self.closed:
-            self._drained = self._loop.create_future()
-            await asyncio.wait([self._drained, self._closed], timeout=self.request_timeout)
+        async with asyncio.timeout(self.request_timeout if timeout is None else timeout):
+            while self._paused and not self.closed:
+                self._drained = self._loop.create_future()
+                await asyncio.wait([self._drained, self._closed], return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker."""
@@ -329,12 +360,14 @@ class Client:
             frame = head + b"".join(out)
         self._transport.send(WSMsgType.BINARY, frame)
 
-    async def _request(self, make: Callable[[int], object]) -> Ack:
+    async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None) -> Ack:
         self._check_open()
         self._next_id += 1
         rid = self._next_id
         future = self._loop.create_future()
         self._pending[rid] = future
+        if on_ack is not None:
+            self._on_ack[rid] = on_ack
         self._queue_out(encode(make(rid)))
         try:
             return await asyncio.wait_for(future, self.request_timeout)
@@ -372,10 +405,14 @@ class Client:
                     for sub in targets:
                         sub._deliver(item)
         elif kind is Ack:
+            hook = self._on_ack.pop(message.id, None)
+            if hook is not None:
+                hook(message)
             future = self._pending.get(message.id)
             if future is not None and not future.done():
                 future.set_result(message)
         elif kind is Err:
+            self._on_ack.pop(message.id, None)
             error = RequestError(message.code, message.text, message.id)
             future = self._pending.get(message.id)
             if future is not None and not future.done():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from urllib.parse import urlsplit
 
 from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
 
@@ -38,6 +37,7 @@ class Server:
             max_payload_bytes=config.max_payload_bytes,
             max_subscriptions=config.max_subscriptions,
             max_pending_bytes=config.max_pending_bytes,
+            max_batch_messages=config.max_batch_messages,
         )
         self.connections: dict[int, Connection] = {}
         self.port: int | None = None
@@ -118,13 +118,17 @@ class Server:
 
     def _accept(self, request: WSUpgradeRequest):
         raw_path = request.path.decode("latin-1")
-        if urlsplit(raw_path).path != self.config.path:
+        if raw_path.partition("?")[0] != self.config.path:
             return self._refuse(404, f"no WebSocket endpoint at {raw_path}; connect to {self.config.path}")
         if self._closing:
             return self._refuse(503, "server is shutting down")
         version = request.headers.get("Sec-WebSocket-Version")
         if version is not None and version.strip() != "13":
             return self._refuse(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
+        # Browsers may send "Connection: keep-alive, Upgrade"; picows expects the single token.
+        connection = request.headers.get("Connection", "")
+        if "upgrade" in (token.strip().lower() for token in connection.split(",")):
+            request.headers["Connection"] = "Upgrade"
         offered = [p.strip() for h in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in h.split(",")]
         if SUBPROTOCOL not in offered:
             why = f"offered {', '.join(offered)}" if offered else "no Sec-WebSocket-Protocol header"
@@ -158,8 +162,12 @@ class Server:
             if box.paused or box.closed or not box.size:
                 continue
             conn = box.owner
-            conn.write(box.take())
-            box.transport_bytes = conn.buffer_size()
+            try:
+                conn.write(box.take())
+                box.transport_bytes = conn.buffer_size()
+            except Exception:  # never leave the other connections of this tick unwritten
+                logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
+                conn._abort()
 
 
 async def run(config: Config) -> None:

@@ -32,6 +32,7 @@ class Connection(WSListener):
         self.write = None
         self.buffer_size = None
         self.close_reason: tuple[int, str] | None = None  # set when the broker closes
+        self._abort_scheduled = False
 
     # picows callbacks
 
@@ -49,6 +50,7 @@ class Connection(WSListener):
         kind = frame.msg_type
         if transport.is_close_frame_sent and kind is not _CLOSE:
             # Closing (picows may have refused this very frame as oversized): apply nothing more.
+            self._closing()
             return
         if kind is _BINARY and frame.fin:
             try:
@@ -62,6 +64,7 @@ class Connection(WSListener):
                 code = frame.get_close_code()
                 self.close_reason = (int(code), "client closed")
                 transport.send_close(code if int(code) in (1000, 1001) else WSCloseCode.OK)
+            self._closing()
             transport.disconnect()
         elif kind is _PING:
             transport.send_pong(frame.get_payload_as_bytes())
@@ -103,16 +106,26 @@ class Connection(WSListener):
 
         The transport gets close_timeout_s to flush its buffer, then the connection is aborted."""
         transport = self.transport
-        if transport is None or self.close_reason is not None or transport.is_close_frame_sent or transport.is_disconnected:
+        if transport is None or transport.is_disconnected:
+            return
+        if self.close_reason is not None or transport.is_close_frame_sent:
+            self._closing()  # a close is already under way: make sure it ends
             return
         self.close_reason = (int(code), reason)
         self.server.router.stats.count_close(int(code))
         if flush and self.box.size:
             self.write(self.box.take())
-        self.session.close()
         transport.send_close(WSCloseCode(int(code)), reason.encode()[:123])
+        self._closing()
         transport.disconnect(graceful=True)
-        self.server.loop.call_later(self.server.config.close_timeout_s, self._abort)
+
+    def _closing(self) -> None:
+        """Stop deliveries to this connection and abort it unless it is gone within
+        close_timeout_s (a peer that stops reading never completes a graceful close)."""
+        self.session.close()
+        if not self._abort_scheduled:
+            self._abort_scheduled = True
+            self.server.loop.call_later(self.server.config.close_timeout_s, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None and not self.transport.is_disconnected:
