@@ -370,8 +370,9 @@ class Client:
             self._on_ack[rid] = on_ack
         self._queue_out(encode(make(rid)))
         try:
-            return await asyncio.wait_for(future, self.request_timeout)
-        except asyncio.TimeoutError as exc:
+            async with asyncio.timeout(self.request_timeout):
+                return await future
+        except TimeoutError as exc:
             raise BrokerError(f"no reply to request {rid} within {self.request_timeout}s") from exc
         finally:
             self._pending.pop(rid, None)

@@ -45,6 +45,8 @@ class Server:
         self._next_id = 0
         self._closing = False
         self._all_gone: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_period = 1.0
         self.handshakes_refused = 0
 
     # lifecycle
@@ -66,6 +68,8 @@ class Server:
             use_aiofastnet=False,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweep_period = min(1.0, cfg.close_timeout_s / 2)
+        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
         logs.event(
             logging.INFO,
             "start",
@@ -83,6 +87,7 @@ class Server:
         if self._closing or self._server is None:
             return
         self._closing = True
+        self._sweeper.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         if self._server is not None:
             self._server.close()
@@ -146,6 +151,16 @@ class Server:
         )
         return WSUpgradeResponseWithListener(response, None)
 
+    def _sweep(self) -> None:
+        """Find connections picows closed by itself (an oversized frame gets 1009 without telling
+        the listener) and give them the same treatment as ours: no more deliveries, abort after
+        close_timeout_s. Runs a few times a second; O(connections)."""
+        for conn in list(self.connections.values()):
+            transport = conn.transport
+            if transport is not None and transport.is_close_frame_sent and not conn._abort_scheduled:
+                conn._closing()
+        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
+
     # per-tick flush
 
     def _request_flush(self) -> None:
@@ -159,7 +174,12 @@ class Server:
             conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {box.pending} bytes pending, limit {box.limit}")
         for box in touched:
             box.scheduled = False
-            if box.paused or box.closed or not box.size:
+            if box.paused:
+                # A paused connection that picows already closed (1009) will not drain: stop it.
+                if box.owner.transport.is_close_frame_sent:
+                    box.owner._closing()
+                continue
+            if box.closed or not box.size:
                 continue
             conn = box.owner
             try:
