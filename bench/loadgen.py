@@ -39,6 +39,7 @@ class WSClient(asyncio.Protocol):
         self.transport = None
         self._head = b""
         self.paused = False
+        self.counted = 0  # messages already reported to Progress
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -116,13 +117,18 @@ async def _commands(pipe: Connection, handle) -> None:
     done = loop.create_future()
 
     def readable() -> None:
-        while pipe.poll():
-            command = pipe.recv()
-            if command == "exit":
-                if not done.done():
-                    done.set_result(None)
+        try:
+            while pipe.poll():
+                command = pipe.recv()
+                if command == "exit":
+                    break
+                pipe.send(handle(command))
+            else:
                 return
-            pipe.send(handle(command))
+        except (EOFError, OSError):
+            pass  # the orchestrator is gone: stop too
+        if not done.done():
+            done.set_result(None)
 
     loop.add_reader(pipe.fileno(), readable)
     try:
@@ -131,14 +137,31 @@ async def _commands(pipe: Connection, handle) -> None:
         loop.remove_reader(pipe.fileno())
 
 
-def subscriber_main(pipe: Connection, system_name: str, host: str, port: int, assignments: list[list[str]]) -> None:
+class Progress:
+    """Publishes this process's delivered-message count in a shared-memory slot, for the
+    publisher's closed loop (updated once per received chunk, not per message)."""
+
+    def __init__(self, shared, slot: int) -> None:
+        self.shared = shared
+        self.slot = slot
+        self.total = 0
+
+    def __call__(self, client: "WSClient") -> None:
+        messages = client.scanner.messages
+        self.total += messages - client.counted
+        client.counted = messages
+        self.shared[self.slot] = self.total
+
+
+def subscriber_main(pipe: Connection, system_name: str, host: str, port: int, assignments: list[list[str]], shared, slot: int) -> None:
     """One process holding len(assignments) subscriber connections; assignments[i] = patterns."""
 
     async def main() -> None:
         system = SYSTEMS[system_name]
+        progress = Progress(shared, slot)
         clients = []
         for patterns in assignments:
-            clients.append(await connect(system, host, port, patterns))
+            clients.append(await connect(system, host, port, patterns, on_data=progress))
         pipe.send("ready")
 
         def handle(command):
@@ -169,20 +192,22 @@ def publisher_main(
     batch: int,
     window: int,
     rate: float,
+    deliveries: list[int],
+    shared,
+    slot: int,
 ) -> None:
-    """Publishes round-robin over `topics`: closed loop (rate 0: at most `window` messages in
-    flight to the pacer) or at a fixed `rate` per second. The pacer is one of the scenario's
-    subscribers (counted like the others) and also measures latency."""
+    """Publishes round-robin over `topics`: closed loop (rate 0: at most `window` deliveries in
+    flight, summed over every subscriber through shared memory) or at a fixed `rate` per second.
+    `deliveries[i]` is how many subscribers receive a message of topics[i]. The pacer is one of
+    the scenario's subscribers (counted like the others) and also measures latency."""
 
     async def main() -> None:
         system = SYSTEMS[system_name]
         loop = asyncio.get_running_loop()
-        state = {"published": [0] * len(topics), "go": False, "stop": False}
+        state = {"published": [0] * len(topics), "go": False, "stop": False, "stalls": 0}
         latencies: list[int] = []
         carry = bytearray()
         wake = asyncio.Event()
-        matches_pacer = [any(_matches(p, t) for p in pacer_patterns) for t in topics]
-        pacer_expected = [0]
 
         def on_pacer_data(client: WSClient) -> None:
             samples = client.scanner.samples
@@ -193,8 +218,10 @@ def publisher_main(
                         for payload in system.payloads(frame, carry):
                             latencies.append(now - int(payload[:STAMP]))
                 client.scanner.samples = []
+            progress(client)
             wake.set()
 
+        progress = Progress(shared, slot)
         pacer = await connect(system, host, port, pacer_patterns, sample=True, on_data=on_pacer_data)
         publisher = await connect(system, host, port, [])
         filler = b"x" * max(0, payload_size - STAMP)
@@ -209,28 +236,36 @@ def publisher_main(
         # Closed loop: the same frame bytes are sent again and again (building them is not
         # what is measured); latency runs build each frame with a fresh timestamp.
         fixed = frame_for(0)
-        per_frame_pacer = sum(matches_pacer[i] for i in fixed[2])
         per_frame_counts = [0] * len(topics)
         for i in fixed[2]:
             per_frame_counts[i] += 1
+        per_frame_deliveries = sum(n * deliveries[i] for i, n in enumerate(per_frame_counts))
+        counted = [(i, n) for i, n in enumerate(per_frame_counts) if n]
 
         async def run_closed() -> None:
             opcode, data, _ = fixed
+            expected = 0
+            stalled_since = None
             while not state["stop"]:
-                if pacer_expected[0] - pacer.scanner.messages >= window or publisher.paused:
+                received = sum(shared)
+                if expected - received >= window or publisher.paused:
+                    now = loop.time()
+                    if stalled_since is None or received != stalled_since[1]:
+                        stalled_since = (now, received)
+                    elif now - stalled_since[0] > 1.0:
+                        expected = received  # a peer that drops messages must not stall the loop
+                        state["stalls"] += 1
                     wake.clear()
                     try:
-                        async with asyncio.timeout(0.5):
+                        async with asyncio.timeout(0.002):
                             await wake.wait()
                     except TimeoutError:
-                        # lost messages (a peer that drops) must not stall the closed loop
-                        pacer_expected[0] = pacer.scanner.messages
+                        pass
                     continue
                 publisher.send(data, opcode)
-                pacer_expected[0] += per_frame_pacer
-                for i, n in enumerate(per_frame_counts):
-                    if n:
-                        state["published"][i] += n
+                expected += per_frame_deliveries
+                for i, n in counted:
+                    state["published"][i] += n
                 await asyncio.sleep(0)
 
         async def run_rate() -> None:
@@ -271,7 +306,7 @@ def publisher_main(
             if command == "stop":
                 state["stop"] = True
                 wake.set()
-                return {"published": dict(zip(topics, state["published"]))}
+                return {"published": dict(zip(topics, state["published"])), "stalls": state["stalls"]}
             if command == "latency":
                 return latencies
             return None

@@ -37,9 +37,13 @@ class Scenario:
     subscribers: list[list[str]]  # patterns of each subscriber connection
     payload: int = 100
     batch: int = 200
-    window: int = 4000
+    window: int = 0  # deliveries in flight, summed over subscribers (0: 256 KiB of payload per subscriber)
     rate: float = 0.0  # publishes/s; 0 = closed loop
     duration: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.window:
+            self.window = max(2000, len(self.subscribers) * (256 << 10) // (self.payload + 32))
 
 
 def scenarios() -> dict[str, Scenario]:
@@ -51,7 +55,7 @@ def scenarios() -> dict[str, Scenario]:
         "c": Scenario("c", "wildcard: 1,000 topics md.X.N, 100 subscribers on md.>", md, [["md.>"]] * 100, batch=500),
         "d5": Scenario("d5", "latency: 100 subscribers, 5,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=5000),
         "d20": Scenario("d20", "latency: 100 subscribers, 20,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=20000),
-        "e": Scenario("e", "large payloads: 16 KiB, 10 subscribers", ["bench.t0"], [["bench.t0"]] * 10, payload=16384, batch=16, window=256),
+        "e": Scenario("e", "large payloads: 16 KiB, 10 subscribers", ["bench.t0"], [["bench.t0"]] * 10, payload=16384, batch=16),
     }
     return out
 
@@ -97,12 +101,11 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
         wait_port(port, server)
         pacer_patterns = expand(system_name, sc.subscribers[0], sc.topics)
         rest = [expand(system_name, p, sc.topics) for p in sc.subscribers[1:]]
-        groups = [rest[i::sub_procs] for i in range(sub_procs)]
-        for group in groups:
-            if not group:
-                continue
+        groups = [g for g in (rest[i::sub_procs] for i in range(sub_procs)) if g]
+        shared = ctx.Array("q", len(groups) + 1, lock=False)
+        for slot, group in enumerate(groups):
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=subscriber_main, args=(theirs, system_name, "127.0.0.1", port, group), daemon=True)
+            p = ctx.Process(target=subscriber_main, args=(theirs, system_name, "127.0.0.1", port, group, shared, slot), daemon=True)
             p.start()
             procs.append(p)
             pipes.append(ours)
@@ -113,7 +116,8 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
         ours, theirs = ctx.Pipe()
         pub = ctx.Process(
             target=publisher_main,
-            args=(theirs, system_name, "127.0.0.1", port, sc.topics, pacer_patterns, sc.payload, sc.batch, sc.window, sc.rate),
+            args=(theirs, system_name, "127.0.0.1", port, sc.topics, pacer_patterns, sc.payload, sc.batch, sc.window, sc.rate,
+                  [sum(1 for s in sc.subscribers if any(_matches(p, t) for p in s)) for t in sc.topics], shared, len(groups)),
             daemon=True,
         )
         pub.start()
@@ -139,7 +143,8 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
         time.sleep(sc.duration)
         m1, s1, t1 = mark()
         ours.send("stop")
-        published = ours.recv()["published"]
+        stopped = ours.recv()
+        published = stopped["published"]
         # drain: wait until nothing more arrives (or everything expected did)
         expected = []
         for patterns in [pacer_patterns] + rest:
@@ -180,6 +185,7 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
             "server_cpu": (s1 - s0) / elapsed,
             "loadgen_cpu": gen_cpu / elapsed,
             "alive": server.poll() is None,
+            "stalls": stopped["stalls"],
         }
         if lat:
             result.update(

@@ -5,7 +5,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uint8_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 
 cdef inline Py_ssize_t _header_size(Py_ssize_t size) noexcept:
@@ -227,3 +227,157 @@ def fan_out(bytes frame not None, tuple targets not None, list touched not None,
         if box.size + box.transport_bytes > box.limit:
             box.over = True
             slow.append(box)
+
+
+cdef class TopicState:
+    """One concrete topic: its epoch, its last sequence number and this tick's pending batch."""
+
+    cdef public str name
+    cdef public bytes key
+    cdef public object epoch
+    cdef public long long seq
+    cdef public bytes prefix
+    cdef public list pending
+    cdef public long long first
+    cdef public bint dirty
+
+    def __init__(self, str name, epoch):
+        self.name = name
+        self.key = name.encode()
+        self.epoch = epoch
+        self.seq = 0
+        self.prefix = batch_prefix(name, epoch)
+        self.pending = []
+        self.first = 0
+        self.dirty = False
+
+
+cdef inline void _stamp(TopicState state, bytes payload, list dirty) except *:
+    state.seq += 1
+    if not state.dirty:
+        state.dirty = True
+        state.first = state.seq
+        dirty.append(state)
+    state.pending.append(payload)
+
+
+def stamp(TopicState state not None, bytes payload not None, list dirty not None):
+    """Give `payload` the topic's next sequence number and add it to this tick's batch."""
+    _stamp(state, payload, dirty)
+
+
+cdef inline Py_ssize_t _array_len(const uint8_t* p, Py_ssize_t n, Py_ssize_t* pos) noexcept:
+    """Length of the canonical MessagePack array header at p[pos], advancing pos; -1 if none."""
+    cdef Py_ssize_t i = pos[0], count
+    if i >= n:
+        return -1
+    cdef uint8_t b = p[i]
+    if 0x90 <= b <= 0x9F:
+        pos[0] = i + 1
+        return b & 0x0F
+    if b == 0xDC and i + 3 <= n:
+        count = <Py_ssize_t>((p[i + 1] << 8) | p[i + 2])
+        if count < 16:
+            return -1
+        pos[0] = i + 3
+        return count
+    if b == 0xDD and i + 5 <= n:
+        count = <Py_ssize_t>((<uint64_t>p[i + 1] << 24) | (p[i + 2] << 16) | (p[i + 3] << 8) | p[i + 4])
+        if count < 65536:
+            return -1
+        pos[0] = i + 5
+        return count
+    return -1
+
+
+def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_t max_payload, Py_ssize_t max_count, list dirty not None):
+    """Apply a client frame made only of fire-and-forget publishes to known topics (at most
+    `max_count` of them, payloads of at most `max_payload` bytes).
+
+    Returns how many messages were published, or -1 when the frame holds anything else (a
+    request id, an unknown topic, a large payload, another message type, bad data): then
+    nothing was applied and the frame takes the general path. Only exact, canonical encodings
+    count as simple; anything unusual is left to the general path, which handles it the same."""
+    cdef Py_ssize_t n = data.shape[0]
+    if n < 2:
+        return -1
+    cdef const uint8_t* p = &data[0]
+    cdef Py_ssize_t pos = 0, count, i, tlen, plen, start
+    cdef uint8_t b
+    cdef bint batch
+    count = _array_len(p, n, &pos)
+    if count <= 0:
+        return -1
+    batch = pos < n and (0x90 <= p[pos] <= 0x9F or p[pos] == 0xDC or p[pos] == 0xDD)
+    if not batch:
+        if count != 4:
+            return -1
+        count = 1
+        pos = 0
+    if count > max_count:
+        return -1
+    cdef list accepted = []
+    cdef TopicState state = None
+    cdef object found
+    cdef bytes key, payload
+    for i in range(count):
+        # ["pub", 0, topic, payload]: 94 a3 'p' 'u' 'b' 00
+        if pos + 6 > n or p[pos] != 0x94 or p[pos + 1] != 0xA3 or p[pos + 2] != 112 \
+                or p[pos + 3] != 117 or p[pos + 4] != 98 or p[pos + 5] != 0:
+            return -1
+        pos += 6
+        if pos >= n:
+            return -1
+        b = p[pos]
+        if 0xA0 <= b <= 0xBF:
+            tlen = b & 0x1F
+            pos += 1
+        elif b == 0xD9 and pos + 2 <= n and p[pos + 1] >= 32:
+            tlen = p[pos + 1]
+            pos += 2
+        elif b == 0xDA and pos + 3 <= n:
+            tlen = (p[pos + 1] << 8) | p[pos + 2]
+            if tlen < 256:
+                return -1
+            pos += 3
+        else:
+            return -1
+        if pos + tlen > n:
+            return -1
+        if state is None or PyBytes_GET_SIZE(state.key) != tlen or \
+                memcmp(PyBytes_AS_STRING(state.key), p + pos, tlen) != 0:
+            key = PyBytes_FromStringAndSize(<const char*>(p + pos), tlen)
+            found = topics_by_key.get(key)
+            if found is None:
+                return -1
+            state = <TopicState>found
+        pos += tlen
+        if pos >= n:
+            return -1
+        b = p[pos]
+        if b == 0xC4 and pos + 2 <= n:
+            plen = p[pos + 1]
+            pos += 2
+        elif b == 0xC5 and pos + 3 <= n:
+            plen = (p[pos + 1] << 8) | p[pos + 2]
+            if plen < 256:
+                return -1
+            pos += 3
+        elif b == 0xC6 and pos + 5 <= n:
+            plen = <Py_ssize_t>((<uint64_t>p[pos + 1] << 24) | (p[pos + 2] << 16) | (p[pos + 3] << 8) | p[pos + 4])
+            if plen < 65536:
+                return -1
+            pos += 5
+        else:
+            return -1
+        if plen > max_payload or pos + plen > n:
+            return -1
+        payload = PyBytes_FromStringAndSize(<const char*>(p + pos), plen)
+        pos += plen
+        accepted.append(state)
+        accepted.append(payload)
+    if pos != n:
+        return -1
+    for i in range(0, PyList_GET_SIZE(accepted), 2):
+        _stamp(<TopicState>PyList_GET_ITEM(accepted, i), <bytes>PyList_GET_ITEM(accepted, i + 1), dirty)
+    return count

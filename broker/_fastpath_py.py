@@ -114,3 +114,78 @@ def fan_out(frame: bytes, targets: tuple, touched: list, slow: list) -> None:
         if box.size + box.transport_bytes > box.limit:
             box.over = True
             slow.append(box)
+
+
+class TopicState:
+    """One concrete topic: its epoch, its last sequence number and this tick's pending batch."""
+
+    __slots__ = ("name", "key", "epoch", "seq", "prefix", "pending", "first", "dirty")
+
+    def __init__(self, name: str, epoch: int) -> None:
+        self.name = name
+        self.key = name.encode()  # the topic as it appears on the wire, for fast_publish
+        self.epoch = epoch
+        self.seq = 0  # sequence number of the last message published
+        self.prefix = batch_prefix(name, epoch)
+        self.pending: list[bytes] = []
+        self.first = 0  # sequence number of pending[0]
+        self.dirty = False
+
+
+def stamp(state: TopicState, payload: bytes, dirty: list) -> None:
+    """Give `payload` the topic's next sequence number and add it to this tick's batch."""
+    seq = state.seq = state.seq + 1
+    if not state.dirty:
+        state.dirty = True
+        state.first = seq
+        dirty.append(state)
+    state.pending.append(payload)
+
+
+_decode_any = msgspec.msgpack.Decoder().decode
+
+
+def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, dirty: list) -> int:
+    """Apply a client frame made only of fire-and-forget publishes to known topics (at most
+    `max_count` of them, payloads of at most `max_payload` bytes).
+
+    Returns how many messages were published, or -1 when the frame holds anything else (a
+    request id, an unknown topic, a large payload, another message type, bad data): then
+    nothing was applied and the frame takes the general path. Only exact, canonical encodings
+    count as simple; anything unusual is left to the general path, which handles it the same."""
+    data = bytes(data)
+    if len(data) < 2 or data[0] not in _ARRAY_HEADS:
+        return -1
+    try:
+        value = _decode_any(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return -1
+    batch = isinstance(value[0], list) if value else False
+    messages = value if batch else [value]
+    if not messages or len(messages) > max_count:
+        return -1
+    accepted = []
+    for message in messages:
+        if not (
+            type(message) is list
+            and len(message) == 4
+            and message[0] == "pub"
+            and type(message[1]) is int
+            and message[1] == 0
+            and type(message[2]) is str
+            and type(message[3]) is bytes
+            and len(message[3]) <= max_payload
+        ):
+            return -1
+        state = topics_by_key.get(message[2].encode())
+        if state is None:
+            return -1
+        accepted.append((state, message[3]))
+    if msgspec.msgpack.encode(value) != data:
+        return -1  # not the canonical encoding the compiled parser accepts
+    for state, payload in accepted:
+        stamp(state, payload, dirty)
+    return len(accepted)
+
+
+_ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}

@@ -27,6 +27,9 @@ batch_prefix = _impl.batch_prefix
 encode_batch = _impl.encode_batch
 Outbox = _impl.Outbox
 fan_out = _impl.fan_out
+TopicState = _impl.TopicState
+stamp = _impl.stamp
+fast_publish = _impl.fast_publish
 
 __all__ = [
     "IMPLEMENTATION",
@@ -35,5 +38,8 @@ __all__ = [
     "encode_batch",
     "encode_frame",
     "fan_out",
+    "fast_publish",
     "frame_header",
+    "stamp",
+    "TopicState",
 ]

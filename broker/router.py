@@ -13,23 +13,8 @@ import time
 from typing import Callable
 
 from .errors import ErrorCode, RequestError
-from .fastpath import Outbox, batch_prefix, encode_batch, fan_out
+from .fastpath import Outbox, TopicState, encode_batch, fan_out, stamp
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, validate_pattern, validate_topic
-
-
-class TopicState:
-    """One concrete topic: its epoch, its last sequence number and this tick's pending batch."""
-
-    __slots__ = ("name", "epoch", "seq", "prefix", "pending", "first", "dirty")
-
-    def __init__(self, name: str, epoch: int) -> None:
-        self.name = name
-        self.epoch = epoch
-        self.seq = 0  # sequence number of the last message published
-        self.prefix = batch_prefix(name, epoch)
-        self.pending: list[bytes] = []
-        self.first = 0  # sequence number of pending[0]
-        self.dirty = False
 
 
 class RouterStats:
@@ -69,6 +54,7 @@ class Router:
         self.epoch = int(time.time() * 1000) if epoch is None else epoch
         self.index: SubscriptionIndex[Outbox] = SubscriptionIndex()
         self.topics: dict[str, TopicState] = {}
+        self.topics_by_key: dict[bytes, TopicState] = {}  # the same, keyed by UTF-8 name
         self.stats = RouterStats()
         self._dirty: list[TopicState] = []
         self._touched: list[Outbox] = []
@@ -88,6 +74,7 @@ class Router:
             if len(self.topics) >= self.max_topics:
                 raise RequestError(ErrorCode.TOO_MANY_TOPICS, f"the broker holds {self.max_topics} topics, its limit")
             state = self.topics[name] = TopicState(name, self.epoch)
+            self.topics_by_key[state.key] = state
         return state
 
     def publish(self, name: str, payload: bytes) -> TopicState:
@@ -97,16 +84,15 @@ class Router:
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
-        seq = state.seq = state.seq + 1
-        if not state.dirty:
-            state.dirty = True
-            state.first = seq
-            self._dirty.append(state)
-            if not self._flush_requested:
-                self._flush_requested = True
-                self._request_flush()
-        state.pending.append(payload)
+        stamp(state, payload, self._dirty)
+        self.published_since_flush()
         return state
+
+    def published_since_flush(self) -> None:
+        """Called after messages were stamped: the first time in a tick, ask for a flush."""
+        if self._dirty and not self._flush_requested:
+            self._flush_requested = True
+            self._request_flush()
 
     # subscriptions
 
