@@ -57,6 +57,7 @@ cdef class Scanner:
     cdef public list control   # (opcode, payload) of control frames, for Python to answer
     cdef public list samples   # payloads of data frames when sampling
     cdef public bint sample
+    cdef Py_ssize_t _skip      # bytes of a counted data frame still to pass over
 
     def __init__(self, int mode, bint sample=False):
         self.mode = mode
@@ -67,6 +68,7 @@ cdef class Scanner:
         self.control = []
         self.samples = []
         self.sample = sample
+        self._skip = 0
 
     def feed(self, bytes data):
         cdef bytes buf
@@ -78,8 +80,15 @@ cdef class Scanner:
             buf = data
         cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(buf)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
-        cdef Py_ssize_t pos = 0, head, size, start
+        cdef Py_ssize_t pos = 0, head, size, start, need, have
         cdef uint8_t opcode, b1
+        if self._skip:
+            # the rest of a large data frame already counted: pass over it without buffering
+            have = self._skip if self._skip < n else n
+            if self.mode == 1:
+                self._count(p, have)
+            self._skip -= have
+            pos = have
         while n - pos >= 2:
             opcode = p[pos] & 0x0F
             b1 = p[pos + 1] & 0x7F
@@ -96,16 +105,36 @@ cdef class Scanner:
                 head = 10
             else:
                 size = b1
-            if n - pos < head + size:
-                break
             start = pos + head
-            if opcode >= 8:
-                self.control.append((opcode, buf[start:start + size]))
-            else:
-                self.frames += 1
-                self._count(p + start, size)
-                if self.sample:
+            if opcode >= 8 or self.sample:
+                if n - start < size:
+                    break
+                if opcode >= 8:
+                    self.control.append((opcode, buf[start:start + size]))
+                else:
+                    self.frames += 1
+                    self._count(p + start, size)
                     self.samples.append(buf[start:start + size])
+                pos = start + size
+                continue
+            # a data frame, counted from its first bytes: the rest need not be held
+            need = size if self.mode != 2 or size < 600 else 600
+            if self.mode != 2:
+                need = 0
+            if n - start < need:
+                break
+            self.frames += 1
+            have = size if n - start >= size else n - start
+            if self.mode == 2:
+                self._count(p + start, need if need else size)
+            elif self.mode == 0:
+                self.messages += 1
+            else:
+                self._count(p + start, have)
+            if have < size:
+                self._skip = size - have
+                pos = n
+                break
             pos = start + size
         if pos < n:
             self._tail = bytearray(buf[pos:])

@@ -307,8 +307,12 @@ def publisher_main(
                 state["stop"] = True
                 wake.set()
                 return {"published": dict(zip(topics, state["published"])), "stalls": state["stalls"]}
-            if command == "latency":
-                return latencies
+            if command == "latency":  # percentiles in microseconds, computed here (small reply)
+                ordered = sorted(latencies)
+                if not ordered:
+                    return {}
+                pick = lambda q: ordered[min(len(ordered) - 1, int(len(ordered) * q))] / 1000
+                return {"p50_us": pick(0.5), "p99_us": pick(0.99), "p999_us": pick(0.999), "latency_samples": len(ordered)}
             return None
 
         await _commands(pipe, handle)

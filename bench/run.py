@@ -60,6 +60,13 @@ def scenarios() -> dict[str, Scenario]:
     return out
 
 
+def reply(pipe, timeout: float = 60.0):
+    """The answer of a load-generator process; fails the run instead of hanging if it died."""
+    if not pipe.poll(timeout):
+        raise RuntimeError("a load generator process did not answer")
+    return pipe.recv()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,17 +140,17 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
             for pipe in pipes:
                 pipe.send("mark")
             for pipe in pipes:
-                out.append(pipe.recv())
+                out.append(reply(pipe))
             return out, proc_cpu(server.pid), time.monotonic()
 
         ours.send("go")
-        ours.recv()
+        reply(ours)
         time.sleep(warmup)
         m0, s0, t0 = mark()
         time.sleep(sc.duration)
         m1, s1, t1 = mark()
         ours.send("stop")
-        stopped = ours.recv()
+        stopped = reply(ours)
         published = stopped["published"]
         # drain: wait until nothing more arrives (or everything expected did)
         expected = []
@@ -166,7 +173,7 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
             time.sleep(0.2)
         final, _, _ = mark()
         ours.send("latency")
-        lat = sorted(ours.recv())
+        lat = reply(ours)
         elapsed = t1 - t0
         delivered = sum(sum(x["messages"]) for x in m1) - sum(sum(x["messages"]) for x in m0)
         frames = sum(x["frames"] for x in m1) - sum(x["frames"] for x in m0)
@@ -187,13 +194,8 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
             "alive": server.poll() is None,
             "stalls": stopped["stalls"],
         }
-        if lat:
-            result.update(
-                p50_us=lat[len(lat) // 2] / 1000,
-                p99_us=lat[int(len(lat) * 0.99)] / 1000,
-                p999_us=lat[min(len(lat) - 1, int(len(lat) * 0.999))] / 1000,
-                latency_samples=len(lat),
-            )
+        if sc.rate:
+            result.update(lat)
         return result
     finally:
         for pipe in pipes:
@@ -284,6 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--sub-procs", type=int, default=1, help="subscriber processes")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON and Markdown results")
+    parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the table from the JSON lines of earlier runs")
     args = parser.parse_args(argv)
     scs = scenarios()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -295,17 +298,33 @@ def main(argv=None) -> int:
         if name not in SYSTEMS:
             parser.error(f"unknown system {name}; choose from {', '.join(SYSTEMS)}")
     rows = []
-    for key in chosen:
+    if args.report:
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for path in args.report:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    runs.setdefault((r["scenario"], r["system"]), []).append(r)
+        order = {k: i for i, k in enumerate(scs)}
+        for key in sorted(runs, key=lambda k: (order.get(k[0], 99), systems.index(k[1]) if k[1] in systems else 99)):
+            rows.append(median_of(runs[key]))
+        args.runs = max(len(v) for v in runs.values())
+    for key in chosen if not args.report else []:
         sc = scs[key]
         if args.duration:
             sc.duration = args.duration
         for name in systems:
             results = []
             for i in range(args.runs):
-                r = run_once(name, sc, args.sub_procs, args.warmup)
+                try:
+                    r = run_once(name, sc, args.sub_procs, args.warmup)
+                except Exception as exc:  # one failed run must not lose the others
+                    print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
+                    continue
                 results.append(r)
                 print(json.dumps(r), flush=True)
-            rows.append(median_of(results))
+            if results:
+                rows.append(median_of(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

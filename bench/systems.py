@@ -83,6 +83,10 @@ class System:
 
 SYSTEMS = {
     "broker": System("broker", scan.BROKER, "broker.v1"),
+    # lever measurements: the broker on its pure-Python fast path, and the broker at another
+    # commit (BENCH_BASELINE_TREE: a checkout with its extension built in place)
+    "broker-pure": System("broker-pure", scan.BROKER, "broker.v1"),
+    "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1"),
     "ceiling": System("ceiling", scan.BROKER, "broker.v1"),
     "naive": System("naive", scan.BROKER, "broker.v1"),
     "nats": System("nats", scan.NATS, None),
@@ -113,7 +117,12 @@ def start(name: str, port: int) -> subprocess.Popen:
     """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file)."""
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     env = dict(os.environ)
-    if name == "broker":
+    cwd = ROOT
+    if name.startswith("broker"):
+        if name == "broker-pure":
+            env["BROKER_PURE_PYTHON"] = "1"
+        if name == "broker-baseline":
+            cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
         cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
                "--max-frame-bytes", str(16 << 20), "--max-payload-bytes", str(1 << 20),
                "--max-pending-bytes", str(64 << 20)]
@@ -130,4 +139,4 @@ def start(name: str, port: int) -> subprocess.Popen:
         cmd = [bun_binary(), str(HERE / "peers" / "bun_server.js"), str(port)]
     else:
         raise ValueError(f"unknown system {name}")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)

@@ -118,3 +118,85 @@ def test_wrong_types_raise_in_both_implementations(fastpath_impl):
         fastpath_impl.frame_header(-1)
     with pytest.raises((TypeError, AttributeError)):
         fastpath_impl.fan_out(b"x", (object(),), [], [])
+
+
+# fast_publish: the compiled parser and the pure one agree, and both agree with the general path
+
+from broker.messages import Pub, Sub, decode_client_frame  # noqa: E402
+
+KNOWN = ["md.a", "md.b", "x" * 40, "y" * 300]
+
+
+def states(impl):
+    by_key = {}
+    for name in KNOWN:
+        state = impl.TopicState(name, 7)
+        by_key[state.key] = state
+    return by_key
+
+
+def outcome(impl, data, max_payload=1000, max_count=50):
+    by_key = states(impl)
+    dirty = []
+    count = impl.fast_publish(data, by_key, max_payload, max_count, dirty)
+    return count, [(s.name, s.seq, s.first, list(s.pending), s.dirty) for s in dirty]
+
+
+frames = st.lists(
+    st.tuples(
+        st.sampled_from(KNOWN + ["unknown"]),
+        st.sampled_from([0, 0, 0, 5]),
+        st.sampled_from([0, 1, 255, 256, 1000, 1001, 70000]),
+    ),
+    min_size=1,
+    max_size=60,
+).map(lambda items: [Pub(i, t, bytes(n)) for t, i, n in items])
+
+
+@settings(max_examples=300, deadline=None)
+@given(frames, st.booleans())
+def test_fast_publish_parity_and_agreement_with_general_path(messages, single):
+    from broker import _fastpath as compiled
+
+    data = msgspec.msgpack.encode(messages[0] if single else messages)
+    got = outcome(compiled, data, max_payload=70000)
+    assert got == outcome(pure, data, max_payload=70000)
+    count, stamped = got
+    decoded, bad = decode_client_frame(data)
+    simple = not bad and all(
+        type(m) is Pub and m.id == 0 and m.topic in KNOWN and len(m.data) <= 70000 for m in decoded
+    ) and len(decoded) <= 50
+    assert (count >= 0) == simple
+    if count >= 0:
+        assert count == len(decoded)
+        flat = {name: pending for name, _, _, pending, _ in stamped}
+        for name in KNOWN:
+            assert flat.get(name, []) == [m.data for m in decoded if m.topic == name]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x90",
+        b"\xc1",
+        msgspec.msgpack.encode(Sub(0, "md.a")),
+        msgspec.msgpack.encode(["pub", 0, "md.a", b"x", "extra"]),
+        msgspec.msgpack.encode(["pub", False, "md.a", b"x"]),
+        msgspec.msgpack.encode(["pub", 0, "md.a", "text"]),
+        msgspec.msgpack.encode([["pub", 0, "md.a", b"x"]]) + b"\x00",  # trailing bytes
+        msgspec.msgpack.encode([["pub", 0, "md.a", b"x"]])[:-1],  # truncated
+        b"\xdc\x00\x01" + msgspec.msgpack.encode(["pub", 0, "md.a", b"x"]),  # non-canonical array16
+        b"\x94\xa3pub\xcc\x00\xa4md.a\xc4\x01x",  # non-canonical id
+    ],
+)
+def test_fast_publish_leaves_unusual_frames_to_the_general_path(fastpath_impl, data):
+    assert outcome(fastpath_impl, data)[0] == -1
+    assert outcome(fastpath_impl, data) == (-1, [])
+
+
+def test_fast_publish_limits(fastpath_impl):
+    batch = msgspec.msgpack.encode([Pub(0, "md.a", b"12345")] * 3)
+    assert outcome(fastpath_impl, batch, max_payload=5, max_count=3)[0] == 3
+    assert outcome(fastpath_impl, batch, max_payload=4, max_count=3)[0] == -1
+    assert outcome(fastpath_impl, batch, max_payload=5, max_count=2)[0] == -1
