@@ -7,15 +7,9 @@ just enough of protocol v1 for the load generator (batched `pub`, `sub` of exact
 import asyncio
 import sys
 
-import msgspec
-import uvloop
-from picows import WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+from common import encode, messages, serve, subscribe, subscribers
+from picows import WSListener, WSMsgType
 
-decode = msgspec.msgpack.Decoder().decode
-encode = msgspec.msgpack.encode
-exact: dict[str, list] = {}
-prefixes: dict[str, list] = {}  # "md." -> subscribers of "md.>"
-cache: dict[str, list] = {}
 pending: dict[str, list] = {}
 touched: list = []
 
@@ -30,17 +24,14 @@ def header(size):
 
 def flush():
     for topic, payloads in pending.items():
-        subs = cache.get(topic)
-        if subs is None:
-            subs = cache[topic] = exact.get(topic, []) + [s for p, l in prefixes.items() if topic.startswith(p) for s in l]
         body = encode(["msg", topic, 0, 0, payloads])
-        frame = header(len(body)) + body
-        for conn in subs:
+        frame = header(len(body)) + body  # encoded once, shared by every subscriber
+        for conn in subscribers(topic):
             if not conn.out:
                 touched.append(conn)
             conn.out.append(frame)
     pending.clear()
-    for conn in touched:
+    for conn in touched:  # one write per connection per tick
         conn.write(b"".join(conn.out))
         conn.out.clear()
     touched.clear()
@@ -54,27 +45,14 @@ class Conn(WSListener):
     def on_ws_frame(self, transport, frame):
         if frame.msg_type != WSMsgType.BINARY:
             return
-        msg = decode(frame.get_payload_as_memoryview())
-        for m in msg if isinstance(msg[0], list) else [msg]:
+        for m in messages(frame):
             if m[0] == "pub":
                 if not pending:
                     asyncio.get_running_loop().call_soon(flush)
                 pending.setdefault(m[2], []).append(m[3])
             elif m[0] == "sub":
-                target = prefixes.setdefault(m[2][:-1], []) if m[2].endswith(">") else exact.setdefault(m[2], [])
-                target.append(self)
-                cache.clear()
-
-
-def accept(request):
-    response = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": "broker.v1"})
-    return WSUpgradeResponseWithListener(response, Conn())
-
-
-async def main(port):
-    server = await ws_create_server(accept, "127.0.0.1", port, use_aiofastnet=False, max_frame_size=16 << 20)
-    await server.serve_forever()
+                subscribe(self, m[2])
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1])))
+    serve(Conn, int(sys.argv[1]))
