@@ -56,7 +56,7 @@ class Router:
         self.topics: dict[str, TopicState] = {}
         self.topics_by_key: dict[bytes, TopicState] = {}  # the same, keyed by UTF-8 name
         self.stats = RouterStats()
-        self._dirty: list[TopicState] = []
+        self.dirty: list[TopicState] = []
         self._touched: list[Outbox] = []
         self._slow: list[Outbox] = []
         self._flush_requested = False
@@ -84,13 +84,13 @@ class Router:
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
-        stamp(state, payload, self._dirty)
+        stamp(state, payload, self.dirty)
         self.published_since_flush()
         return state
 
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""
-        if self._dirty and not self._flush_requested:
+        if self.dirty and not self._flush_requested:
             self._flush_requested = True
             self._request_flush()
 
@@ -115,15 +115,15 @@ class Router:
 
         An exact topic emits only its own batch; a pattern emits them all (one pass, after which
         nothing is pending), so a frame full of subscription changes costs O(1) each."""
-        if not self._dirty:
+        if not self.dirty:
             return
         if not is_pattern(pattern):
             state = self.topics.get(pattern)
             if state is not None and state.pending:
                 self._emit(state)
             return
-        dirty = self._dirty
-        self._dirty = []
+        dirty = self.dirty
+        self.dirty = []
         for state in dirty:
             if state.pending:
                 self._emit(state)
@@ -151,11 +151,11 @@ class Router:
         Returns (outboxes to write, each once; outboxes that passed their limit). The caller
         resets `scheduled` on each outbox it writes."""
         self._flush_requested = False
-        dirty = self._dirty
+        dirty = self.dirty
         touched = self._touched
         slow = self._slow
         if dirty:
-            self._dirty = []
+            self.dirty = []
             emit = self._emit
             for state in dirty:
                 if state.pending:

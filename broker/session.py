@@ -45,18 +45,18 @@ class Session:
         limits = self.limits
         # Fast path: a frame of fire-and-forget publishes to known topics, parsed and stamped in
         # one compiled call. Anything else (or anything unusual) returns -1, nothing applied.
-        count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router._dirty)
+        count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
             router.published_since_flush()
             return
         messages, bad = decode_client_frame(data, limits.max_batch_messages)
+        box = self.box
         for problem in bad:
-            if self.box.over:
+            if box.over:
                 break
             self.reply_error(problem.request_id, problem.code, problem.text)
-        box = self.box
-        max_payload = self.limits.max_payload_bytes
+        max_payload = limits.max_payload_bytes
         self.received += len(messages)
         for message in messages:
             if box.over or box.closed:
