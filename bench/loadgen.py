@@ -323,12 +323,3 @@ def publisher_main(
 
     uvloop.run(main())
 
-
-def _matches(pattern: str, topic: str) -> bool:
-    p, t = pattern.split("."), topic.split(".")
-    for i, token in enumerate(p):
-        if token == ">":
-            return len(t) > i
-        if i >= len(t) or (token != "*" and token != t[i]):
-            return False
-    return len(p) == len(t)

@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loadgen import _matches, publisher_main, subscriber_main
+from broker.topics import matches
+
+from .loadgen import publisher_main, subscriber_main
 from .systems import ROOT, SYSTEMS, start
 
 CLOCK = os.sysconf("SC_CLK_TCK")
@@ -96,7 +98,7 @@ def proc_cpu(pid: int) -> float:
 def expand(system_name: str, patterns: list[str], topics: list[str]) -> list[str]:
     if SYSTEMS[system_name].wildcards:
         return patterns
-    return [t for t in topics if any(_matches(p, t) for p in patterns)]
+    return [t for t in topics if any(matches(p, t) for p in patterns)]
 
 
 def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> dict:
@@ -124,7 +126,7 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
         pub = ctx.Process(
             target=publisher_main,
             args=(theirs, system_name, "127.0.0.1", port, sc.topics, pacer_patterns, sc.payload, sc.batch, sc.window, sc.rate,
-                  [sum(1 for s in sc.subscribers if any(_matches(p, t) for p in s)) for t in sc.topics], shared, len(groups)),
+                  [sum(1 for s in sc.subscribers if any(matches(p, t) for p in s)) for t in sc.topics], shared, len(groups)),
             daemon=True,
         )
         pub.start()
@@ -155,7 +157,7 @@ def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> d
         # drain: wait until nothing more arrives (or everything expected did)
         expected = []
         for patterns in [pacer_patterns] + rest:
-            expected.append(sum(n for t, n in published.items() if any(_matches(p, t) for p in patterns)))
+            expected.append(sum(n for t, n in published.items() if any(matches(p, t) for p in patterns)))
         last, still = None, 0.0
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

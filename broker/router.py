@@ -90,7 +90,11 @@ class Router:
 
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""
-        if self.dirty and not self._flush_requested:
+        if self.dirty:
+            self._want_flush()
+
+    def _want_flush(self) -> None:
+        if not self._flush_requested:
             self._flush_requested = True
             self._request_flush()
 
@@ -141,9 +145,7 @@ class Router:
         if not box.scheduled:
             box.scheduled = True
             self._touched.append(box)
-            if not self._flush_requested:
-                self._flush_requested = True
-                self._request_flush()
+            self._want_flush()
 
     def flush(self) -> tuple[list[Outbox], list[Outbox]]:
         """Encode and fan out every dirty topic's batch.

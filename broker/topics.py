@@ -121,7 +121,7 @@ class SubscriptionIndex(Generic[S]):
             subs[subscriber] = None
             self._cache.pop(pattern, None)
             return True
-        node, bucket = self._walk(pattern, create=True)
+        bucket = self._walk(pattern, create=True)
         if subscriber in bucket:
             return False
         bucket[subscriber] = None
@@ -140,10 +140,10 @@ class SubscriptionIndex(Generic[S]):
                 del self._exact[pattern]
             self._cache.pop(pattern, None)
             return True
-        found = self._walk(pattern, create=False)
-        if found is None or subscriber not in found[1]:
+        bucket = self._walk(pattern, create=False)
+        if bucket is None or subscriber not in bucket:
             return False
-        del found[1][subscriber]
+        del bucket[subscriber]
         self._patterns -= 1
         self._prune(pattern)
         self._invalidate(pattern)
@@ -178,13 +178,12 @@ class SubscriptionIndex(Generic[S]):
         if node.star is not None:
             self._collect(node.star, tokens, i + 1, found)
 
-    def _walk(self, pattern: str, create: bool):
+    def _walk(self, pattern: str, create: bool) -> dict | None:
+        """The subscriber dict of `pattern`'s trie position (created when `create`), or None."""
         node = self._root
-        path = [node]
-        tokens = pattern.split(".")
-        for i, token in enumerate(tokens):
+        for token in pattern.split("."):
             if token == ">":
-                return node, node.rest
+                return node.rest
             if token == "*":
                 if node.star is None:
                     if not create:
@@ -198,8 +197,7 @@ class SubscriptionIndex(Generic[S]):
                         return None
                     nxt = node.children[token] = _Node()
                 node = nxt
-            path.append(node)
-        return node, node.here
+        return node.here
 
     def _prune(self, pattern: str) -> None:
         """Remove trie nodes left empty by a removal, so the trie does not grow forever."""
