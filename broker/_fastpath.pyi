@@ -32,6 +32,7 @@ class TopicState:
     first: int
     dirty: bool
     nodes: list[Node]
+    compacted: int
     announce: bytes
     def __init__(self, topic_id: int, name: str, epoch: int) -> None: ...
 
@@ -65,6 +66,7 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list[Outbox]
 class Node:
     pattern: str
     members: dict[Outbox, None]
+    dead: bool
     def __init__(self, pattern: str) -> None: ...
 
 class Index:

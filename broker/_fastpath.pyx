@@ -448,6 +448,7 @@ cdef class TopicState:
     cdef public long long first
     cdef public bint dirty
     cdef public list nodes
+    cdef public Py_ssize_t compacted
     cdef public bytes announce
 
     def __init__(self, Py_ssize_t topic_id, str name not None, epoch):
@@ -462,6 +463,7 @@ cdef class TopicState:
         self.first = 0
         self.dirty = False
         self.nodes = []
+        self.compacted = 0
         self.announce = encode_topic(topic_id, name, epoch)
 
 
@@ -754,8 +756,12 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
     cdef PyObject* key
     cdef PyObject* value
     cdef dict members
+    cdef bint dead = False
     for i in range(nnodes):
         node = <Node>PyList_GET_ITEM(nodes, i)
+        if node.dead:
+            dead = True
+            continue
         members = node.members
         pos = 0
         while PyDict_Next(members, &pos, &key, &value):
@@ -779,21 +785,43 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
                 if box._push(<bytes>PyList_GET_ITEM(pieces, k)):
                     slow.append(box)
                     break
+    if dead:
+        _compact(state)
     return receivers
+
+
+cdef void _compact(TopicState state) except *:
+    cdef list live = []
+    cdef Node node
+    for node in state.nodes:
+        if not node.dead:
+            live.append(node)
+    state.nodes = live
+    state.compacted = PyList_GET_SIZE(live)
+
+
+cdef void _add_node(TopicState state, Node node) except *:
+    if PyList_GET_SIZE(state.nodes) >= 2 * state.compacted + 16:
+        _compact(state)
+    state.nodes.append(node)
+
 
 
 # Who receives which topic
 
 
 cdef class Node:
-    """One distinct subscription string (a topic or a pattern) and the outboxes holding it."""
+    """One distinct subscription string (a topic or a pattern) and the outboxes holding it;
+    dead once the last one left."""
 
     cdef public str pattern
     cdef public dict members
+    cdef public bint dead
 
     def __init__(self, str pattern not None):
         self.pattern = pattern
         self.members = {}
+        self.dead = False
 
 
 cdef class _PatternTrie:
@@ -828,8 +856,8 @@ cdef inline bint _is_pattern(str name):
 
 
 cdef class Index:
-    """Subscriptions and topics, kept so that every topic's `nodes` list is exact (see the
-    twin). `work` counts trie nodes visited and topic lists changed."""
+    """Subscriptions and topics, kept so that every topic's `nodes` list holds the live nodes
+    that match it (see the twin). `work` counts trie nodes visited and topic lists changed."""
 
     cdef public dict exact
     cdef _PatternTrie root
@@ -870,6 +898,7 @@ cdef class Index:
         if self.patterns:
             self._collect(self.root, tokens, 0, nodes)
         state.nodes = nodes
+        state.compacted = PyList_GET_SIZE(nodes)
         cdef _TopicTrie trie = self._topic_root, child
         cdef Py_ssize_t depth = PyList_GET_SIZE(tokens)
         for token in tokens:
@@ -986,8 +1015,9 @@ cdef class Index:
             self._collect(self.root, name.split("."), 0, nodes)
         seen = {}
         for node in nodes:
-            for box in (<Node>node).members:
-                seen[box] = None
+            if not (<Node>node).dead:
+                for box in (<Node>node).members:
+                    seen[box] = None
         return list(seen)
 
     cdef Node _node(self, str pattern, bint create):
@@ -1003,7 +1033,7 @@ cdef class Index:
                 self.exact[pattern] = node
                 state = self.topics.get(pattern)
                 if state is not None:
-                    (<TopicState>state).nodes.append(node)
+                    _add_node(<TopicState>state, node)
                     self.work += 1
                 return node
             return <Node>found
@@ -1035,25 +1065,17 @@ cdef class Index:
     cdef Node _attach(self, Node node):
         self.patterns += 1
         for state in self._matching_topics(node.pattern):
-            (<TopicState>state).nodes.append(node)
+            _add_node(<TopicState>state, node)
             self.work += 1
         return node
 
     cdef void _drop(self, Node node) except *:
+        node.dead = True
         cdef str pattern = node.pattern
-        cdef list nodes
         if not _is_pattern(pattern):
             del self.exact[pattern]
-            state = self.topics.get(pattern)
-            if state is not None:
-                (<TopicState>state).nodes.remove(node)
-                self.work += 1
             return
         self.patterns -= 1
-        for state in self._matching_topics(pattern):
-            nodes = (<TopicState>state).nodes
-            nodes.remove(node)
-            self.work += PyList_GET_SIZE(nodes) + 1
         cdef list tokens = pattern.split(".")
         cdef Py_ssize_t last = PyList_GET_SIZE(tokens) - 1
         cdef bint rest = tokens[last] == ">"

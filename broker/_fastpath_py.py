@@ -9,9 +9,10 @@ What lives here is everything the broker does per message or per subscriber:
   into as few frames as a size cap allows.
 - `TopicState`, `stamp` and `fast_publish`: a topic's sequence numbers and this tick's batch.
 - `Index`: who receives which topic. Each distinct subscription string is one `Node`; each
-  topic keeps the list of nodes that match it, kept exact on every change, so finding the
-  receivers of a topic costs nothing per publish and a change touches only the topics it
-  affects.
+  topic keeps the list of nodes that match it, so finding the receivers of a topic costs
+  nothing per publish. A new node joins the lists of the topics it matches; a node whose last
+  subscriber left is marked dead and dropped from a list the next time that list is read or
+  grows, so a change touches only the topics it matches and a departure touches none.
 - `Outbox` and `emit`: one connection's pieces of this tick, and the fan-out of a topic's batch
   to every node member, each connection once.
 
@@ -221,7 +222,7 @@ class TopicState:
     """One concrete topic: its id, epoch, last sequence number, this tick's pending batch and
     the subscription nodes that match it."""
 
-    __slots__ = ("id", "name", "key", "epoch", "seq", "pending", "first", "dirty", "nodes", "announce")
+    __slots__ = ("id", "name", "key", "epoch", "seq", "pending", "first", "dirty", "nodes", "compacted", "announce")
 
     def __init__(self, topic_id: int, name: str, epoch: int) -> None:
         self.id = topic_id
@@ -232,7 +233,8 @@ class TopicState:
         self.pending: list[bytes] = []
         self.first = 0  # sequence number of pending[0]
         self.dirty = False
-        self.nodes: list[Node] = []  # subscription nodes matching this topic
+        self.nodes: list[Node] = []  # subscription nodes matching this topic (dead ones skipped)
+        self.compacted = 0  # len(nodes) when dead nodes were last dropped from it
         self.announce = encode_topic(topic_id, name, epoch)
 
 
@@ -408,7 +410,11 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
     pieces.append(encode_batch(state.id, first + start, payloads[start:]))
     receivers = 0
     topic_id = state.id
+    dead = False
     for node in nodes:
+        if node.dead:
+            dead = True
+            continue
         for box in node.members:
             if box.mark == emission or box.closed or box.over:
                 continue
@@ -426,20 +432,39 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
                 if box.push(piece):
                     slow.append(box)
                     break
+    if dead:
+        _compact(state)
     return receivers
+
+
+def _compact(state: TopicState) -> None:
+    """Drop the dead nodes from a topic's list."""
+    state.nodes = [node for node in state.nodes if not node.dead]
+    state.compacted = len(state.nodes)
+
+
+def _add_node(state: TopicState, node: "Node") -> None:
+    """Append a live node to a topic's list, first dropping dead ones once the list has grown
+    to twice its length at the last compaction (so the list stays within twice its live nodes
+    plus a few, at amortized O(1) per append)."""
+    if len(state.nodes) >= 2 * state.compacted + 16:
+        _compact(state)
+    state.nodes.append(node)
 
 
 # Who receives which topic
 
 
 class Node:
-    """One distinct subscription string (a topic or a pattern) and the outboxes holding it."""
+    """One distinct subscription string (a topic or a pattern) and the outboxes holding it;
+    dead once the last one left (a new subscription to the string makes a new node)."""
 
-    __slots__ = ("pattern", "members")
+    __slots__ = ("pattern", "members", "dead")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
         self.members: dict = {}
+        self.dead = False
 
 
 class _PatternTrie:
@@ -469,12 +494,13 @@ def _is_pattern(name: str) -> bool:
 
 
 class Index:
-    """Subscriptions and topics, kept so that every topic's `nodes` list is exact.
+    """Subscriptions and topics, kept so that every topic's `nodes` list holds exactly the live
+    nodes that match it (and perhaps some dead ones, which readers skip).
 
     - A new topic walks the pattern trie once (`add_topic`).
     - The first subscription to a string creates its node and adds it to the topics it
-      matches (found through a trie of the existing topics); the last one to leave removes it
-      from them. Joining or leaving an existing node touches no topic at all.
+      matches (found through a trie of the existing topics); when the last one leaves, the
+      node dies and touches no topic. Joining or leaving a live node touches no topic either.
     `work` counts trie nodes visited and topic lists changed, so callers can bound the work
     one client causes per loop iteration."""
 
@@ -507,6 +533,7 @@ class Index:
         if self.patterns:
             self._collect(self.root, tokens, 0, nodes)
         state.nodes = nodes
+        state.compacted = len(nodes)
         trie = self._topic_root
         depth = len(tokens)
         for token in tokens:
@@ -611,8 +638,9 @@ class Index:
             self._collect(self.root, name.split("."), 0, nodes)
         seen: dict = {}
         for node in nodes:
-            for box in node.members:
-                seen[box] = None
+            if not node.dead:
+                for box in node.members:
+                    seen[box] = None
         return list(seen)
 
     def _node(self, pattern: str, create: bool) -> Node | None:
@@ -622,7 +650,7 @@ class Index:
                 node = self.exact[pattern] = Node(pattern)
                 state = self.topics.get(pattern)
                 if state is not None:
-                    state.nodes.append(node)
+                    _add_node(state, node)
                     self.work += 1
             return node
         trie = self.root
@@ -654,23 +682,17 @@ class Index:
         """A new pattern node joins every existing topic it matches."""
         self.patterns += 1
         for state in self._matching_topics(node.pattern):
-            state.nodes.append(node)
+            _add_node(state, node)
             self.work += 1
         return node
 
     def _drop(self, node: Node) -> None:
+        node.dead = True
         pattern = node.pattern
         if not _is_pattern(pattern):
             del self.exact[pattern]
-            state = self.topics.get(pattern)
-            if state is not None:
-                state.nodes.remove(node)
-                self.work += 1
             return
         self.patterns -= 1
-        for state in self._matching_topics(pattern):
-            state.nodes.remove(node)
-            self.work += len(state.nodes) + 1
         tokens = pattern.split(".")
         chain = [self.root]
         for token in tokens[:-1] if tokens[-1] == ">" else tokens:

@@ -1,0 +1,139 @@
+"""Who receives which topic, at a cost no client can make large for others: each topic keeps
+the exact list of subscription nodes that match it; a subscription change touches only the
+topics it matches; the work of one loop iteration is bounded, and a client that asks for more
+waits for later iterations, in turn."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+from broker.client import Client
+from broker.fastpath import IMPLEMENTATION
+from broker.messages import Pub, Sub, Unsub, encode
+from broker.router import TICK_INDEX_WORK
+
+from conftest import RawSocketClient, client_frame, eventually, run, serving, url
+from test_core import Harness
+
+DEPTH = 13
+
+
+def overlapping_patterns(count: int) -> list[str]:
+    """`count` distinct patterns of DEPTH tokens, each `a` or `*`, then `>`: every one of them
+    matches every topic `a.a. ... .a.<anything>`."""
+    out = []
+    for bits in itertools.product("a*", repeat=DEPTH):
+        out.append(".".join(bits) + ".>")
+        if len(out) == count:
+            return out
+    raise ValueError("too many")
+
+
+def attack_topic(n: int) -> str:
+    return ".".join(["a"] * DEPTH) + f".n{n}"
+
+
+def test_each_topic_lists_exactly_the_nodes_that_match_it():
+    h = Harness(max_topics=10_000)
+    a, b = h.session("a"), h.session("b")
+    a.receive(encode([Sub(0, "md.>"), Sub(0, "md.*.x"), Sub(0, "md.n.x")]))
+    b.receive(encode([Sub(0, "md.>"), Sub(0, "other.>")]))
+    h.session("p").receive(encode([Pub(0, "md.n.x", b"1"), Pub(0, "md.n.y", b"2"), Pub(0, "zz", b"3")]))
+    topics = h.router.topics
+    assert sorted(n.pattern for n in topics["md.n.x"].nodes) == ["md.*.x", "md.>", "md.n.x"]
+    assert [n.pattern for n in topics["md.n.y"].nodes] == ["md.>"]
+    assert topics["zz"].nodes == []
+    written, _ = h.tick()
+    assert {m.topic for m in written["a"]} == {"md.n.x", "md.n.y"}
+    assert [(m.topic, m.data) for m in written["a"] if m.topic == "md.n.x"] == [("md.n.x", [b"1"])]  # once
+    b.receive(encode(Unsub(0, "md.>")))
+    assert [len(n.members) for n in topics["md.n.y"].nodes] == [1]  # a still holds md.>
+
+
+def test_overlapping_patterns_of_one_client_cost_it_iterations_not_the_others():
+    """8,192 overlapping patterns of one connection, then subscription changes and publishes to
+    new topics that match all of them: the frames that carry them are spread over several loop
+    iterations (none does much more than its budget), and everything is applied in order."""
+    h = Harness(max_topics=10_000)
+    attacker = h.session("attacker")
+    patterns = overlapping_patterns(8192)
+    work = h.router.index.work
+    attacker.receive(encode([Sub(0, p) for p in patterns]))
+    assert attacker.iterations >= 1 and len(attacker.subscriptions) == 8192
+    assert (h.router.index.work - work) / (attacker.iterations + 1) < 2 * TICK_INDEX_WORK
+    honest = h.session("honest")
+    honest.receive(encode(Sub(0, ">")))
+    frame = []
+    for n in range(20):
+        frame += [Sub(0, attack_topic(n) + ".>"), Unsub(0, attack_topic(n) + ".>"), Pub(0, attack_topic(n), b"%d" % n)]
+    work = h.router.index.work
+    attacker.receive(encode(frame))
+    spent = h.router.index.work - work
+    assert attacker.iterations >= spent // (2 * TICK_INDEX_WORK)
+    written, _ = h.tick()
+    assert [(m.topic, m.seq, m.data) for m in written["honest"]] == [(attack_topic(n), 1, [b"%d" % n]) for n in range(20)]
+    assert [(m.topic, m.seq) for m in written["attacker"]] == [(attack_topic(n), 1) for n in range(20)]
+
+
+def test_an_honest_subscriber_keeps_its_latency_while_a_client_churns_overlapping_patterns():
+    """The attack of the test above against a real server, at 250 frames a second, while an
+    honest publisher and subscriber exchange timestamped messages: the honest messages all
+    arrive, in order, without waiting long, and new connections are accepted at once."""
+    n_patterns = 8192
+
+    async def main():
+        async with serving(max_subscriptions=10_000) as server:
+            attacker = await RawSocketClient.connect(server.port)
+            patterns = overlapping_patterns(n_patterns)
+            await attacker.loop.sock_sendall(attacker.sock, client_frame(0x2, encode([Sub(0, p) for p in patterns])))
+            await eventually(lambda: len(server.router.index) >= n_patterns, 30, "the attacker's patterns")
+            async with Client(url(server)) as sub_client, Client(url(server)) as pub_client:
+                latencies: list[float] = []
+                received: list[int] = []
+
+                def on_message(message):
+                    received.append(message.seq)
+                    latencies.append(time.monotonic() - float(message.data))
+
+                await sub_client.subscribe("honest.t", on_message)
+                stop = asyncio.Event()
+
+                async def attack():
+                    n = 0
+                    while not stop.is_set():
+                        x = attack_topic(n)
+                        frame = encode([Sub(0, x + ".>"), Unsub(0, x + ".>"), Pub(0, x, b"x")])
+                        await attacker.loop.sock_sendall(attacker.sock, client_frame(0x2, frame))
+                        n += 1
+                        await asyncio.sleep(0.004)
+                    return n
+
+                attacking = asyncio.ensure_future(attack())
+                connect_times = []
+                sent = 0
+                started = time.monotonic()
+                while time.monotonic() - started < 2.0:
+                    pub_client.publish("honest.t", b"%.9f" % time.monotonic())
+                    sent += 1
+                    if sent % 200 == 0:
+                        t0 = time.monotonic()
+                        async with Client(url(server)):
+                            connect_times.append(time.monotonic() - t0)
+                    await asyncio.sleep(0.002)
+                stop.set()
+                frames = await attacking
+                await eventually(lambda: len(received) == sent, 10, "every honest message")
+                assert received == list(range(1, sent + 1))
+                assert frames > 200, f"the attack sent only {frames} frames"
+                ordered = sorted(latencies)
+                p50, p99 = ordered[len(ordered) // 2], ordered[int(len(ordered) * 0.99)]
+                # the pure-Python fast path walks the attacker's 16,384 trie nodes per new topic
+                # some twenty times slower than the compiled one
+                bound50, bound99 = (0.02, 0.1) if IMPLEMENTATION == "cython" else (0.1, 0.5)
+                assert p50 < bound50 and p99 < bound99, f"honest latency p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+                assert max(connect_times) < 0.5, f"a new connection took {max(connect_times):.3f}s"
+            attacker.close()
+
+    run(main(), timeout=120)
