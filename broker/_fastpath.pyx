@@ -9,6 +9,7 @@ from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
+from libc.stdint cimport INT64_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 
@@ -189,6 +190,8 @@ def frame_needs(const uint8_t[::1] data, Py_ssize_t pos):
             return 0
         size = _be(p + 2, 8)
         head = 10
+        if size > <uint64_t>(INT64_MAX - 14):
+            return INT64_MAX  # read_frame refuses such a length anyway
     return head + (4 if p[1] & 0x80 else 0) + <Py_ssize_t>size
 
 
@@ -596,12 +599,86 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
     return count
 
 
+# Topic-id bitmaps: which topics were announced to a connection, or to every solo member of a node
+
+
+cdef struct Bits:
+    uint8_t* data
+    Py_ssize_t size
+
+
+cdef inline bint _bits_has(Bits* bits, Py_ssize_t i) noexcept:
+    cdef Py_ssize_t byte = i >> 3
+    return byte < bits.size and (bits.data[byte] >> (i & 7)) & 1
+
+
+cdef int _bits_grow(Bits* bits, Py_ssize_t size) except -1:
+    cdef uint8_t* grown
+    if size <= bits.size:
+        return 0
+    grown = <uint8_t*>PyMem_Realloc(bits.data, size)
+    if grown == NULL:
+        raise MemoryError()
+    memset(grown + bits.size, 0, size - bits.size)
+    bits.data = grown
+    bits.size = size
+    return 0
+
+
+cdef int _bits_add(Bits* bits, Py_ssize_t i) except -1:
+    cdef Py_ssize_t byte = i >> 3, size
+    if byte >= bits.size:
+        size = 16 if bits.size == 0 else bits.size
+        while size <= byte:
+            size *= 2
+        _bits_grow(bits, size)
+    bits.data[byte] |= <uint8_t>(1 << (i & 7))
+    return 0
+
+
+cdef int _bits_copy(Bits* dst, Bits* src) except -1:
+    """dst = src"""
+    if dst.size:
+        memset(dst.data, 0, dst.size)
+    _bits_grow(dst, src.size)
+    if src.size:
+        memcpy(dst.data, src.data, src.size)
+    return 0
+
+
+cdef void _bits_and(Bits* dst, Bits* src) noexcept:
+    """dst &= src"""
+    cdef Py_ssize_t i
+    for i in range(dst.size):
+        if i < src.size:
+            dst.data[i] &= src.data[i]
+        else:
+            dst.data[i] = 0
+
+
+cdef int _bits_or(Bits* dst, Bits* src) except -1:
+    """dst |= src"""
+    cdef Py_ssize_t i
+    _bits_grow(dst, src.size)
+    for i in range(src.size):
+        dst.data[i] |= src.data[i]
+    return 0
+
+
+cdef inline void _bits_free(Bits* bits) noexcept:
+    if bits.data != NULL:
+        PyMem_Free(bits.data)
+        bits.data = NULL
+    bits.size = 0
+
+
 # Outbound queue of one connection
 
 
 cdef class Outbox:
     """One connection's pieces of this loop iteration (or of every iteration while its
-    transport is paused), counted in bytes, and the topics announced on it (see the twin)."""
+    transport is paused), counted in bytes, and the topics announced on it; a solo member of
+    the node of its only subscription reads this tick's batches from the node (see the twin)."""
 
     cdef public object owner
     cdef public list pieces
@@ -616,8 +693,10 @@ cdef class Outbox:
     cdef public unsigned long long mark
     cdef public unsigned long long sig
     cdef public double over_since
-    cdef uint8_t* _known
-    cdef Py_ssize_t _known_size
+    cdef public Py_ssize_t nsubs
+    cdef public Node solo_node
+    cdef public Py_ssize_t offset
+    cdef Bits known
 
     def __init__(self, object owner, Py_ssize_t limit, hard_limit=None):
         self.owner = owner
@@ -633,15 +712,20 @@ cdef class Outbox:
         self.mark = 0
         self.sig = SIG_SEED
         self.over_since = 0.0
+        self.nsubs = 0
+        self.solo_node = None
+        self.offset = 0
 
     def __dealloc__(self):
-        if self._known != NULL:
-            PyMem_Free(self._known)
+        _bits_free(&self.known)
 
-    cdef inline int _push(self, bytes piece) except -1:
+    cdef inline void _add(self, bytes piece) except *:
         PyList_Append(self.pieces, piece)
         self.size += PyBytes_GET_SIZE(piece)
         self.sig = (self.sig ^ <uint64_t><uintptr_t><PyObject*>piece) * SIG_PRIME
+
+    cdef inline int _push(self, bytes piece) except -1:
+        self._add(piece)
         if self.size + self.transport_bytes > self.hard_limit:
             self.over = True
             return True
@@ -657,40 +741,40 @@ cdef class Outbox:
             return False
         return self._push(piece)
 
-    cdef inline bint _knows(self, Py_ssize_t topic_id) noexcept:
-        cdef Py_ssize_t byte = topic_id >> 3
-        return byte < self._known_size and (self._known[byte] >> (topic_id & 7)) & 1
-
-    cdef int _learn(self, Py_ssize_t topic_id) except -1:
-        cdef Py_ssize_t byte = topic_id >> 3, size
-        cdef uint8_t* grown
-        if byte >= self._known_size:
-            size = 16 if self._known_size == 0 else self._known_size
-            while size <= byte:
-                size *= 2
-            grown = <uint8_t*>PyMem_Realloc(self._known, size)
-            if grown == NULL:
-                raise MemoryError()
-            memset(grown + self._known_size, 0, size - self._known_size)
-            self._known = grown
-            self._known_size = size
-        self._known[byte] |= <uint8_t>(1 << (topic_id & 7))
-        return 0
-
     def knows(self, Py_ssize_t topic_id):
-        return topic_id >= 0 and self._knows(topic_id)
+        if topic_id < 0:
+            return False
+        cdef Node node = self.solo_node
+        return _bits_has(&self.known, topic_id) or (node is not None and node.has_known and _bits_has(&node.known, topic_id))
 
     cpdef bytes take(self, Py_ssize_t max_frame, dict shared=None):
         """Everything queued, assembled into frames (b"" when nothing is queued); outboxes
-        holding the very same pieces in the same order get the same bytes object."""
+        holding the very same pieces in the same order get the same bytes object, and the
+        solo members of a node with nothing else get the node's frame."""
+        cdef Node node = self.solo_node
+        cdef Py_ssize_t count, i
+        cdef bytes data = None
+        if node is not None:
+            count = PyList_GET_SIZE(node.pieces)
+            if count > self.offset:
+                if PyList_GET_SIZE(self.pieces) == 0 and self.offset == 0:
+                    self.offset = count
+                    if node.frame is None:
+                        node.frame = _assemble(node.pieces, max_frame)
+                    return node.frame
+                for i in range(self.offset, count):
+                    PyList_Append(self.pieces, <object>PyList_GET_ITEM(node.pieces, i))
+                self.offset = count
+                data = _assemble(self.pieces, max_frame)
+                self.clear()
+                return data
         cdef list pieces = self.pieces
-        cdef Py_ssize_t n = PyList_GET_SIZE(pieces), i
+        cdef Py_ssize_t n = PyList_GET_SIZE(pieces)
         if n == 0:
             return b""
         cdef object key = (self.sig, n)
         cdef object hit
         cdef list other
-        cdef bytes data = None
         if shared is not None:
             hit = shared.get(key)
             if hit is not None:
@@ -709,6 +793,24 @@ cdef class Outbox:
         self.sig = SIG_SEED
         return data
 
+    cpdef bint keep(self):
+        """Move this tick's batches of its solo node into its own pieces (its transport is
+        paused); True when that took it past its hard limit."""
+        cdef Node node = self.solo_node
+        cdef Py_ssize_t count, i
+        if node is None or self.closed or self.over:
+            return False
+        count = PyList_GET_SIZE(node.pieces)
+        if count <= self.offset:
+            return False
+        for i in range(self.offset, count):
+            self._add(<bytes>PyList_GET_ITEM(node.pieces, i))
+        self.offset = count
+        if self.size + self.transport_bytes > self.hard_limit:
+            self.over = True
+            return True
+        return False
+
     cpdef clear(self):
         self.pieces = []
         self.size = 0
@@ -722,9 +824,10 @@ cdef class Outbox:
 # Fan-out
 
 
-def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None):
+def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None):
     """Encode the topic's pending batch once and queue it on every outbox of every node that
-    matches the topic, each outbox once (see the twin). Returns how many outboxes received it."""
+    matches the topic, each outbox once; a node's solo members get it once, through the node
+    (see the twin). Returns how many outboxes received it."""
     cdef list payloads = state.pending
     state.pending = []
     state.dirty = False
@@ -762,6 +865,15 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
         if node.dead:
             dead = True
             continue
+        if node.solo:
+            if PyList_GET_SIZE(node.pieces) == 0:
+                nodes_touched.append(node)
+            if not _bits_has(&node.known, topic_id):
+                _bits_add(&node.known, topic_id)
+                node.pieces.append(announce)
+            for k in range(npieces):
+                node.pieces.append(<object>PyList_GET_ITEM(pieces, k))
+            receivers += len(node.solo)
         members = node.members
         pos = 0
         while PyDict_Next(members, &pos, &key, &value):
@@ -773,8 +885,8 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
             if not box.scheduled:
                 box.scheduled = True
                 touched.append(box)
-            if not box._knows(topic_id):
-                box._learn(topic_id)
+            if not _bits_has(&box.known, topic_id):
+                _bits_add(&box.known, topic_id)
                 if box._push(announce):
                     slow.append(box)
                     continue
@@ -806,22 +918,42 @@ cdef void _add_node(TopicState state, Node node) except *:
     state.nodes.append(node)
 
 
-
 # Who receives which topic
 
 
 cdef class Node:
-    """One distinct subscription string (a topic or a pattern) and the outboxes holding it;
-    dead once the last one left."""
+    """One distinct subscription string (a topic or a pattern), the outboxes holding it (solo
+    members apart), this tick's pieces for the solo members and the topics every solo member
+    was announced (see the twin); dead once the last one left."""
 
     cdef public str pattern
     cdef public dict members
+    cdef public dict solo
+    cdef public list pieces
+    cdef public object frame
     cdef public bint dead
+    cdef bint has_known
+    cdef Bits known
 
     def __init__(self, str pattern not None):
         self.pattern = pattern
         self.members = {}
+        self.solo = {}
+        self.pieces = []
+        self.frame = None
         self.dead = False
+        self.has_known = False
+
+    def __dealloc__(self):
+        _bits_free(&self.known)
+
+    def end_tick(self):
+        """Forget this tick's pieces (every solo member took or kept its share)."""
+        self.pieces = []
+        self.frame = None
+        cdef Outbox box
+        for box in self.solo:
+            box.offset = 0
 
 
 cdef class _PatternTrie:
@@ -974,27 +1106,80 @@ cdef class Index:
 
     # subscriptions
 
-    def subscribe(self, str pattern not None, box):
-        """Add `box` to the node of `pattern`; False when it is already there."""
-        cdef Node node = self._node(pattern, True)
-        if box in node.members:
+    def subscribe(self, str pattern not None, Outbox box not None):
+        """Add `box` to the node of `pattern`; False when it is already there (see the twin)."""
+        cdef Node node = self._node(pattern, True), old
+        if box in node.members or box in node.solo:
             return False
-        node.members[box] = None
+        if box.nsubs == 0:
+            self._join_solo(node, box)
+        else:
+            if box.nsubs == 1:
+                old = box.solo_node
+                self._leave_solo(old, box)
+                old.members[box] = None
+            node.members[box] = None
+        box.nsubs += 1
         self.subscriptions += 1
         self.work += 1
         return True
 
-    def unsubscribe(self, str pattern not None, box):
+    def unsubscribe(self, str pattern not None, Outbox box not None):
         """Remove `box` from the node of `pattern`; False when it was not there."""
         cdef Node node = self._node(pattern, False)
-        if node is None or box not in node.members:
+        if node is None:
             return False
-        del node.members[box]
+        if box in node.solo:
+            self._leave_solo(node, box)
+        elif box in node.members:
+            del node.members[box]
+        else:
+            return False
+        box.nsubs -= 1
         self.subscriptions -= 1
         self.work += 1
-        if not node.members:
+        if not node.members and not node.solo:
             self._drop(node)
         return True
+
+    def settle(self, str pattern not None, Outbox box not None):
+        """`box` holds `pattern` as its only subscription now: make it a solo member."""
+        cdef Node node = self._node(pattern, False)
+        if node is not None and box.nsubs == 1 and box in node.members:
+            del node.members[box]
+            self._join_solo(node, box)
+
+    cdef void _join_solo(self, Node node, Outbox box) except *:
+        cdef Py_ssize_t i, bit
+        cdef uint8_t missing
+        if not node.solo:
+            _bits_copy(&node.known, &box.known)
+            node.has_known = True
+        else:
+            for i in range(node.known.size):
+                missing = node.known.data[i] & ~(box.known.data[i] if i < box.known.size else 0)
+                if missing:
+                    for bit in range(8):
+                        if (missing >> bit) & 1:
+                            box._add((<TopicState>self.states[i * 8 + bit]).announce)
+                            self.work += 1
+            _bits_or(&box.known, &node.known)
+        node.solo[box] = None
+        box.solo_node = node
+        box.offset = PyList_GET_SIZE(node.pieces)
+
+    cdef void _leave_solo(self, Node node, Outbox box) except *:
+        cdef Py_ssize_t i
+        del node.solo[box]
+        if not box.closed:
+            for i in range(box.offset, PyList_GET_SIZE(node.pieces)):
+                box._add(<bytes>PyList_GET_ITEM(node.pieces, i))
+            _bits_or(&box.known, &node.known)
+        box.solo_node = None
+        box.offset = 0
+        if not node.solo:
+            _bits_free(&node.known)
+            node.has_known = False
 
     def node(self, str pattern not None):
         """The node of `pattern`, if anyone holds it."""
@@ -1016,6 +1201,8 @@ cdef class Index:
         seen = {}
         for node in nodes:
             if not (<Node>node).dead:
+                for box in (<Node>node).solo:
+                    seen[box] = None
                 for box in (<Node>node).members:
                     seen[box] = None
         return list(seen)

@@ -14,7 +14,10 @@ What lives here is everything the broker does per message or per subscriber:
   subscriber left is marked dead and dropped from a list the next time that list is read or
   grows, so a change touches only the topics it matches and a departure touches none.
 - `Outbox` and `emit`: one connection's pieces of this tick, and the fan-out of a topic's batch
-  to every node member, each connection once.
+  to every node member, each connection once. A connection with a single subscription (every
+  `md.>` subscriber, every subscriber of one topic) is a *solo* member of that node: a batch
+  goes once into the node's own list, not into each solo member's, and all of them are written
+  the node's frame, assembled once.
 
 This module imports nothing from `_fastpath.pyx` and that one nothing from here: the parity
 tests compare two independent implementations.
@@ -141,7 +144,7 @@ def frame_needs(data, pos: int) -> int:
             return 0
         size = int.from_bytes(bytes(data[pos + 2 : pos + 10]), "big")
         head = 10
-    return head + (4 if data[pos + 1] & 0x80 else 0) + size
+    return min(head + (4 if data[pos + 1] & 0x80 else 0) + size, (1 << 63) - 1)
 
 
 # MessagePack pieces
@@ -305,11 +308,14 @@ class Outbox:
     `transport_bytes` is what the transport still held after the last write. `hard_limit`
     bounds pieces plus transport bytes at every push: past it the outbox takes nothing more and
     is reported (the connection is closed as a slow consumer). The softer `limit` is judged
-    by the server over time."""
+    by the server over time.
+
+    An outbox with exactly one subscription is a solo member of that node (`solo_node`): this
+    tick's batches of the node are read from the node's list, from `offset` on."""
 
     __slots__ = (
         "owner", "pieces", "size", "transport_bytes", "limit", "hard_limit", "scheduled", "paused",
-        "closed", "over", "mark", "sig", "known", "over_since",
+        "closed", "over", "mark", "sig", "known", "over_since", "nsubs", "solo_node", "offset",
     )
 
     def __init__(self, owner: object, limit: int, hard_limit: int | None = None) -> None:
@@ -325,8 +331,11 @@ class Outbox:
         self.over = False  # passed its hard limit; reported once
         self.mark = 0  # the last emission that reached this outbox (one delivery per emission)
         self.sig = _SIG_SEED  # a hash of the pieces' identities, to share equal frames
-        self.known: set[int] = set()  # topic ids announced on this connection
+        self.known: set[int] = set()  # topic ids announced on this connection (see Node.known)
         self.over_since = 0.0  # when its backlog was first seen above `limit` (0: it is not)
+        self.nsubs = 0  # subscriptions held in the index
+        self.solo_node: Node | None = None  # the node of its only subscription
+        self.offset = 0  # where its share of solo_node.pieces starts in this tick
 
     def push(self, piece: bytes) -> bool:
         """Queue a piece; True when this push took the connection past its hard limit.
@@ -336,22 +345,39 @@ class Outbox:
             raise TypeError("piece must be bytes")
         if self.closed or self.over:
             return False
-        self.pieces.append(piece)
-        self.size += len(piece)
-        self.sig = ((self.sig ^ id(piece)) * _SIG_PRIME) & _SIG_MASK
+        self._add(piece)
         if self.size + self.transport_bytes > self.hard_limit:
             self.over = True
             return True
         return False
 
+    def _add(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+        self.size += len(piece)
+        self.sig = ((self.sig ^ id(piece)) * _SIG_PRIME) & _SIG_MASK
+
     def knows(self, topic_id: int) -> bool:
-        return topic_id in self.known
+        node = self.solo_node
+        return topic_id in self.known or (node is not None and node.known is not None and topic_id in node.known)
 
     def take(self, max_frame: int, shared: dict | None = None) -> bytes:
         """Everything queued, assembled into frames (b"" when nothing is queued).
 
         Outboxes holding the very same pieces in the same order get the same bytes object:
-        `shared` (one dict per loop iteration) remembers what was assembled."""
+        `shared` (one dict per loop iteration) remembers what was assembled, and the solo
+        members of a node that have nothing else get the node's frame."""
+        node = self.solo_node
+        if node is not None and len(node.pieces) > self.offset:
+            if not self.pieces and not self.offset:
+                self.offset = len(node.pieces)
+                if node.frame is None:
+                    node.frame = assemble(node.pieces, max_frame)
+                return node.frame
+            self.pieces.extend(node.pieces[self.offset :])
+            self.offset = len(node.pieces)
+            data = assemble(self.pieces, max_frame)
+            self.clear()
+            return data
         pieces = self.pieces
         if not pieces:
             return b""
@@ -370,6 +396,20 @@ class Outbox:
         self.sig = _SIG_SEED
         return data
 
+    def keep(self) -> bool:
+        """Move this tick's batches of its solo node into its own pieces (its transport is
+        paused: they wait for it); True when that took it past its hard limit."""
+        node = self.solo_node
+        if node is None or len(node.pieces) <= self.offset or self.closed or self.over:
+            return False
+        for piece in node.pieces[self.offset :]:
+            self._add(piece)
+        self.offset = len(node.pieces)
+        if self.size + self.transport_bytes > self.hard_limit:
+            self.over = True
+            return True
+        return False
+
     def clear(self) -> None:
         self.pieces = []
         self.size = 0
@@ -383,14 +423,16 @@ class Outbox:
 # Fan-out
 
 
-def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: list) -> int:
+def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list) -> int:
     """Encode the topic's pending batch once (in pieces of at most about `max_piece` bytes)
     and queue it on every outbox of every node that matches the topic, each outbox once.
 
     `emission` is a number used by no earlier call. An outbox not yet announced the topic gets
     the announcement first. Each outbox touched for the first time this tick is appended to
-    `touched`; each one that passes its hard limit to `slow`. Nothing is raised per subscriber.
-    Returns how many outboxes received the batch."""
+    `touched`; each one that passes its hard limit to `slow`. A node with solo members gets the
+    pieces once, in its own list, and is appended to `nodes_touched` the first time in this
+    tick (the caller writes its solo members and clears its list after the tick). Nothing is
+    raised per subscriber. Returns how many outboxes received the batch."""
     payloads = state.pending
     state.pending = []
     state.dirty = False
@@ -415,6 +457,14 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
         if node.dead:
             dead = True
             continue
+        if node.solo:
+            if not node.pieces:
+                nodes_touched.append(node)
+            if topic_id not in node.known:
+                node.known.add(topic_id)
+                node.pieces.append(state.announce)
+            node.pieces.extend(pieces)
+            receivers += len(node.solo)
         for box in node.members:
             if box.mark == emission or box.closed or box.over:
                 continue
@@ -457,14 +507,31 @@ def _add_node(state: TopicState, node: "Node") -> None:
 
 class Node:
     """One distinct subscription string (a topic or a pattern) and the outboxes holding it;
-    dead once the last one left (a new subscription to the string makes a new node)."""
+    dead once the last one left (a new subscription to the string makes a new node).
 
-    __slots__ = ("pattern", "members", "dead")
+    `solo` holds the outboxes whose only subscription this is; `members` the others. This
+    tick's pieces for the solo members are in `pieces` (and `frame`, once assembled). `known`
+    holds the topics announced to every solo member: a member joining is first announced those
+    it was not, so the node never announces a topic twice to anyone (a member that knew more
+    than the others may see a topic announced a second time)."""
+
+    __slots__ = ("pattern", "members", "solo", "pieces", "frame", "known", "dead")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
         self.members: dict = {}
+        self.solo: dict = {}
+        self.pieces: list[bytes] = []
+        self.frame: bytes | None = None
+        self.known: set[int] | None = None  # None while there is no solo member
         self.dead = False
+
+    def end_tick(self) -> None:
+        """Forget this tick's pieces (every solo member took or kept its share)."""
+        self.pieces = []
+        self.frame = None
+        for box in self.solo:
+            box.offset = 0
 
 
 class _PatternTrie:
@@ -598,27 +665,78 @@ class Index:
 
     # subscriptions
 
-    def subscribe(self, pattern: str, box) -> bool:
-        """Add `box` to the node of `pattern`; False when it is already there."""
+    def subscribe(self, pattern: str, box: Outbox) -> bool:
+        """Add `box` to the node of `pattern`; False when it is already there.
+
+        Its first subscription makes it a solo member of the node; a second one makes it a
+        plain member of both (what its old node gave it this tick becomes its own)."""
         node = self._node(pattern, create=True)
-        if box in node.members:
+        if box in node.members or box in node.solo:
             return False
-        node.members[box] = None
+        if box.nsubs == 0:
+            self._join_solo(node, box)
+        else:
+            if box.nsubs == 1:
+                old = box.solo_node
+                self._leave_solo(old, box)
+                old.members[box] = None
+            node.members[box] = None
+        box.nsubs += 1
         self.subscriptions += 1
         self.work += 1
         return True
 
-    def unsubscribe(self, pattern: str, box) -> bool:
+    def unsubscribe(self, pattern: str, box: Outbox) -> bool:
         """Remove `box` from the node of `pattern`; False when it was not there."""
         node = self._node(pattern, create=False)
-        if node is None or box not in node.members:
+        if node is None:
             return False
-        del node.members[box]
+        if box in node.solo:
+            self._leave_solo(node, box)
+        elif box in node.members:
+            del node.members[box]
+        else:
+            return False
+        box.nsubs -= 1
         self.subscriptions -= 1
         self.work += 1
-        if not node.members:
+        if not node.members and not node.solo:
             self._drop(node)
         return True
+
+    def settle(self, pattern: str, box: Outbox) -> None:
+        """`box` holds `pattern` as its only subscription now: make it a solo member."""
+        node = self._node(pattern, create=False)
+        if node is not None and box.nsubs == 1 and box in node.members:
+            del node.members[box]
+            self._join_solo(node, box)
+
+    def _join_solo(self, node: Node, box: Outbox) -> None:
+        if not node.solo:
+            node.known = set(box.known)
+        else:
+            # the node's deliveries name topics announced to its solo members: announce to the
+            # newcomer, first, those it was not
+            for topic_id in sorted(node.known - box.known):
+                box._add(self.states[topic_id].announce)
+                self.work += 1
+            box.known |= node.known
+        node.solo[box] = None
+        box.solo_node = node
+        box.offset = len(node.pieces)  # what the node got earlier in this tick is not for it
+
+    def _leave_solo(self, node: Node, box: Outbox) -> None:
+        del node.solo[box]
+        if not box.closed:
+            # what the node got in this tick since it joined becomes its own; so does what
+            # the node announced to it
+            for piece in node.pieces[box.offset :]:
+                box._add(piece)
+            box.known |= node.known
+        box.solo_node = None
+        box.offset = 0
+        if not node.solo:
+            node.known = None
 
     def node(self, pattern: str) -> Node | None:
         """The node of `pattern`, if anyone holds it."""
@@ -639,6 +757,8 @@ class Index:
         seen: dict = {}
         for node in nodes:
             if not node.dead:
+                for box in node.solo:
+                    seen[box] = None
                 for box in node.members:
                     seen[box] = None
         return list(seen)

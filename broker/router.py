@@ -75,6 +75,7 @@ class Router:
         self.dirty: list[TopicState] = []
         self._touched: list[Outbox] = []
         self._slow: list[Outbox] = []
+        self._nodes: list = []  # nodes whose solo members got pieces in this tick
         self._flush_requested = False
         self._emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
@@ -137,13 +138,23 @@ class Router:
         # Messages published earlier in this tick go out without the new subscriber, so it
         # receives exactly the messages after the sequence number its ack reports.
         self._emit_matching(pattern)
-        return self.index.subscribe(pattern, box)
+        added = self.index.subscribe(pattern, box)
+        if box.size:
+            self.schedule_write(box)  # what it got as a solo member in this tick is its own now
+        return added
 
-    def unsubscribe(self, pattern: str, box: Outbox) -> bool:
-        """Drop a subscription; messages published before it in this tick are still delivered."""
+    def unsubscribe(self, pattern: str, box: Outbox, remaining: str | None = None) -> bool:
+        """Drop a subscription; messages published before it in this tick are still delivered.
+
+        `remaining`: the connection's only subscription left, if exactly one is."""
         validate_pattern(pattern, self.max_topic_length)
         self._emit_matching(pattern)
-        return self.index.unsubscribe(pattern, box)
+        removed = self.index.unsubscribe(pattern, box)
+        if remaining is not None:
+            self.index.settle(remaining, box)
+        if box.size:
+            self.schedule_write(box)
+        return removed
 
     def _emit_matching(self, pattern: str) -> None:
         """Emit this tick's pending batches before a subscription change.
@@ -182,7 +193,8 @@ class Router:
         """Encode and fan out every dirty topic's batch.
 
         Returns (outboxes to write, each once; outboxes that passed their hard limit). The
-        caller resets `scheduled` on each outbox it writes."""
+        caller resets `scheduled` on each outbox it writes (`take`, or `keep` while its
+        transport is paused), then calls `end_tick`."""
         self._flush_requested = False
         dirty = self.dirty
         if dirty:
@@ -191,15 +203,28 @@ class Router:
                 if state.pending:
                     self._emit(state)
         touched, slow = self._touched, self._slow
+        for node in self._nodes:
+            for box in node.solo:
+                if not box.scheduled and not box.closed:
+                    box.scheduled = True
+                    touched.append(box)
         self._touched = []
         self._slow = []
         return touched, slow
+
+    def end_tick(self) -> None:
+        """After every outbox of the tick was written or kept: nodes forget this tick's pieces."""
+        nodes = self._nodes
+        if nodes:
+            self._nodes = []
+            for node in nodes:
+                node.end_tick()
 
     def _emit(self, state: TopicState) -> None:
         """Encode the topic's pending batch once and queue it on every connection that receives it."""
         count = len(state.pending)
         self._emission += 1
-        receivers = emit(state, self._emission, self._max_piece, self._touched, self._slow)
+        receivers = emit(state, self._emission, self._max_piece, self._touched, self._slow, self._nodes)
         stats = self.stats
         stats.published += count
         if receivers:

@@ -145,10 +145,12 @@ class Session:
     def _unsubscribe(self, message: Unsub) -> None:
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
-        if pattern not in self.subscriptions:
+        subscriptions = self.subscriptions
+        if pattern not in subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
-        self.router.unsubscribe(pattern, self.box)
-        self.subscriptions.discard(pattern)
+        subscriptions.discard(pattern)
+        remaining = next(iter(subscriptions)) if len(subscriptions) == 1 else None
+        self.router.unsubscribe(pattern, self.box, remaining)
         if message.id:
             self.router.send(self.box, encode(Ack(message.id)))
 
@@ -163,8 +165,8 @@ class Session:
             return
         self.closed = True
         self._backlog = None
+        self.box.closed = True
         if self.subscriptions:
             self.router.remove_all(self.box, self.subscriptions)
             self.subscriptions.clear()
-        self.box.closed = True
         self.box.clear()

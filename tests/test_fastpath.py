@@ -263,11 +263,31 @@ def test_wrong_types_raise_in_both_implementations(fastpath_impl):
 
 
 def emit_all(impl, index, dirty, emission, touched, slow, max_piece=MAX_FRAME):
+    """What the router's flush does: emit every dirty topic, then add the solo members of the
+    nodes that got pieces to `touched`. Returns the next emission number and those nodes (whose
+    `end_tick` the caller calls after taking every outbox)."""
+    nodes = []
     for state in dirty:
         emission += 1
-        impl.emit(state, emission, max_piece, touched, slow)
+        impl.emit(state, emission, max_piece, touched, slow, nodes)
     dirty.clear()
-    return emission
+    for node in nodes:
+        for box in node.solo:
+            if not box.scheduled:
+                box.scheduled = True
+                touched.append(box)
+    return emission, nodes
+
+
+def take_all(touched, nodes, max_frame=MAX_FRAME) -> dict:
+    shared: dict = {}
+    out = {}
+    for box in touched:
+        box.scheduled = False
+        out[box.owner] = box.take(max_frame, shared)
+    for node in nodes:
+        node.end_tick()
+    return out
 
 
 def test_emit_reaches_each_outbox_once_announcing_topics_first(fastpath_impl):
@@ -282,14 +302,19 @@ def test_emit_reaches_each_outbox_once_announcing_topics_first(fastpath_impl):
     dirty, touched, slow = [], [], []
     impl.stamp(state, b"1", dirty)
     impl.stamp(state, b"2", dirty)
-    emit_all(impl, index, dirty, 0, touched, slow)
-    assert touched == [a, b] or touched == [b, a]
+    _, nodes = emit_all(impl, index, dirty, 0, touched, slow)
+    assert sorted(box.owner for box in touched) == ["a", "b"]
+    assert b.solo_node is index.node("md.n.x") and a.solo_node is None  # b's only subscription
     expected = [Topic(0, "md.n.x", 5), Msg([Batch(0, 1, [b"1", b"2"])])]
-    assert messages_of(a.take(MAX_FRAME)) == expected == messages_of(b.take(MAX_FRAME))
+    written = take_all(touched, nodes)
+    assert messages_of(written["a"]) == expected == messages_of(written["b"])
     impl.stamp(state, b"3", dirty)
-    emit_all(impl, index, dirty, 10, [], slow)
-    assert messages_of(a.take(MAX_FRAME)) == [Msg([Batch(0, 3, [b"3"])])]  # announced once
-    assert a.knows(0) and not a.knows(1) and slow == []
+    touched = []
+    _, nodes = emit_all(impl, index, dirty, 10, touched, slow)
+    written = take_all(touched, nodes)
+    assert messages_of(written["a"]) == [Msg([Batch(0, 3, [b"3"])])]  # announced once
+    assert messages_of(written["b"]) == [Msg([Batch(0, 3, [b"3"])])]
+    assert a.knows(0) and b.knows(0) and not a.knows(1) and slow == []
 
 
 def test_emit_cuts_large_batches_into_pieces(fastpath_impl):
@@ -299,11 +324,11 @@ def test_emit_cuts_large_batches_into_pieces(fastpath_impl):
     index.subscribe("t", box)
     state = impl.TopicState(0, "t", 5)
     index.add_topic(state)
-    dirty = []
+    dirty, touched = [], []
     for i in range(100):
         impl.stamp(state, bytes([i]) * 100, dirty)
-    emit_all(impl, index, dirty, 0, [], [], max_piece=1000)
-    data = box.take(1024)
+    _, nodes = emit_all(impl, index, dirty, 0, touched, [], max_piece=1000)
+    data = take_all(touched, nodes, 1024)["a"]
     assert all(len(payload) <= 1024 for _, payload in split_frames(data))
     batches = [b for m in messages_of(data) if isinstance(m, Msg) for b in m.batches]
     assert len(batches) > 5
@@ -386,9 +411,8 @@ def test_index_and_emit_agree_with_a_model_and_between_twins(steps):
                 for state in dirty:
                     expected = {b.owner for b, h in zip(boxes, held) if any(matches(p, state.name) for p in h)}
                     assert {b.owner for b in index.receivers(state.name)} == expected
-                emission = emit_all(impl, index, dirty, emission, touched, [])
-                shared: dict = {}
-                out.append(sorted((b.owner, b.take(MAX_FRAME, shared)) for b in touched))
+                emission, nodes = emit_all(impl, index, dirty, emission, touched, [])
+                out.append(sorted(take_all(touched, nodes).items()))
         outputs.append((out, index.work))
     assert outputs[0] == outputs[1]
 

@@ -172,10 +172,16 @@ class Server:
                 if box.closed:
                     continue
                 conn = box.owner
-                if box.size and not box.paused:
+                if box.paused:
+                    if box.keep():  # this tick's share of its node waits with the rest
+                        self._slow_consumer(box)
+                        continue
+                else:
                     try:
-                        conn.write(box.take(max_frame, shared))
-                        box.transport_bytes = conn.buffer_size()
+                        data = box.take(max_frame, shared)
+                        if data:
+                            conn.write(data)
+                            box.transport_bytes = conn.buffer_size()
                     except Exception:  # never leave the other connections of this tick unwritten
                         logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
                         conn.abort()
@@ -185,6 +191,7 @@ class Server:
                 elif box.over_since:
                     box.over_since = 0.0
                     self._behind.discard(box)
+        router.end_tick()
         router.new_tick()
         waiting = self._waiting
         for _ in range(len(waiting)):
