@@ -15,9 +15,6 @@ receive every message of the publisher with exact, gap-free sequence numbers.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import time
 
 import msgspec
 import pytest
@@ -27,19 +24,11 @@ from broker.client import Client
 from broker.errors import CloseCode, ErrorCode
 from broker.messages import Ack, Delivery, Err
 
-from conftest import client_frame, recv_message, run, serving, url, ws_raw
+from conftest import client_frame, eventually, raw_upgrade, recv_message, run, serving, url, ws_raw
 
 pack = msgspec.msgpack.encode
 
 FEED = "feed.quotes"
-
-
-async def until(predicate, timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Traffic:
@@ -103,7 +92,7 @@ class Traffic:
     async def finish(self) -> None:
         """Stop the background publisher, publish once more and check every delivery."""
         # make sure some traffic really ran while the bad input was handled
-        await until(lambda: self.during >= 3, what="background publishes")
+        await eventually(lambda: self.during >= 3, 3.0, "background publishes")
         self._stop.set()
         await self._task
         for _ in range(self.n_after - 1):
@@ -304,7 +293,7 @@ def test_text_frame_closes_with_1003():
                 await expect_ack(ws, 1)
                 await ws.send('["pub", 2, "feed.quotes", "x"]')
                 await expect_close(ws, CloseCode.UNSUPPORTED_DATA)
-                await until(lambda: len(server.connections) == 2, what="the offender to go away")
+                await eventually(lambda: len(server.connections) == 2, 3.0, "the offender to go away")
                 assert server.router.stats.closes == {CloseCode.UNSUPPORTED_DATA: 1}
                 assert errors(server) == {}
                 await traffic.finish()
@@ -329,7 +318,7 @@ def test_fragmented_message_closes_with_1003():
                 except websockets.ConnectionClosed:
                     pass  # the broker may close before the last fragment leaves
                 await expect_close(ws, CloseCode.UNSUPPORTED_DATA)
-                await until(lambda: len(server.connections) == 2, what="the offender to go away")
+                await eventually(lambda: len(server.connections) == 2, 3.0, "the offender to go away")
                 assert server.router.stats.closes == {CloseCode.UNSUPPORTED_DATA: 1}
                 assert "probe.frag" not in server.router.topics  # nothing of it was applied
                 assert errors(server) == {}
@@ -369,13 +358,13 @@ def test_oversized_frame_closes_with_1009(kind):
                 assert len(oversized) > 4096
                 await ws.send(oversized)
                 await expect_close(ws, CloseCode.MESSAGE_TOO_BIG)
-                await until(lambda: len(server.connections) == 3, what="the offender to go away")
+                await eventually(lambda: len(server.connections) == 3, 3.0, "the offender to go away")
                 # nothing of the refused frame was applied: no topic, no delivery, no reply
                 assert "probe.big" not in server.router.topics
                 with pytest.raises(asyncio.TimeoutError):
                     await watched.next(0.1)
                 assert errors(server) == {ErrorCode.PAYLOAD_TOO_LARGE: 1}
-                await until(lambda: CloseCode.MESSAGE_TOO_BIG in server.router.stats.closes, 1.0, "the 1009 count")
+                await eventually(lambda: CloseCode.MESSAGE_TOO_BIG in server.router.stats.closes, 1.0, "the 1009 count")
                 assert server.router.stats.closes == {CloseCode.MESSAGE_TOO_BIG: 1}
                 await watcher.close()
                 await traffic.finish()
@@ -384,20 +373,6 @@ def test_oversized_frame_closes_with_1009(kind):
 
 
 # 6b. broken WebSocket framing (picows closes with 1002)
-
-
-async def _raw_upgrade(server):
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: broker.v1\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-    assert head.startswith(b"HTTP/1.1 101")
-    return reader, writer
 
 
 @pytest.mark.parametrize(
@@ -409,7 +384,7 @@ def test_broken_framing_closes_with_1002(bad_frame):
     async def main():
         async with serving() as server:
             async with Traffic(server) as traffic:
-                reader, writer = await _raw_upgrade(server)
+                reader, writer = await raw_upgrade(server.port)
                 try:
                     writer.write(bad_frame)
                     head = await asyncio.wait_for(reader.readexactly(2), 3)
@@ -421,8 +396,8 @@ def test_broken_framing_closes_with_1002(bad_frame):
                     assert rest == b""  # nothing after the close frame, not a second close
                 finally:
                     writer.close()
-                await until(lambda: len(server.connections) == 2, what="the offender to go away")
-                await until(lambda: CloseCode.PROTOCOL_ERROR in server.router.stats.closes, 1.0, "the 1002 count")
+                await eventually(lambda: len(server.connections) == 2, 3.0, "the offender to go away")
+                await eventually(lambda: CloseCode.PROTOCOL_ERROR in server.router.stats.closes, 1.0, "the 1002 count")
                 assert server.router.stats.closes == {CloseCode.PROTOCOL_ERROR: 1}
                 assert "probe.x" not in server.router.topics
                 await traffic.finish()

@@ -19,17 +19,7 @@ from broker.client import (
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Sub, encode
 
-from conftest import recv_message, run, serving, url, ws_raw
-from test_integration import eventually
-
-
-async def connect_tracked(server, **options) -> tuple[Client, object]:
-    """A connected Client and the server-side Connection it got."""
-    before = set(server.connections)
-    client = await Client.connect(url(server), **options)
-    await eventually(lambda: len(set(server.connections) - before) == 1, 5, "the server-side connection")
-    (conn_id,) = set(server.connections) - before
-    return client, server.connections[conn_id]
+from conftest import connect_tracked, eventually, recv_message, run, serving, url, ws_raw
 
 
 class FrameCountingSession:

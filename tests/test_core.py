@@ -3,70 +3,11 @@
 import subprocess
 import sys
 
-import pytest
-
 from broker.errors import ErrorCode
-from broker.messages import Ack, Delivery, Err, Pub, ServerReader, Sub, Unsub, encode
-from broker.router import Router
-from broker.session import HARD_LIMIT_FACTOR, Limits, Session
+from broker.messages import Ack, Delivery, Err, Pub, Sub, Unsub, encode
+from broker.session import HARD_LIMIT_FACTOR
 
-from conftest import split_frames
-
-MAX_FRAME = 1 << 20
-
-
-class HarnessSession(Session):
-    """A session whose `receive` applies the whole frame, starting new loop iterations when
-    the router's budget runs out, as the server does (the server interleaves other work)."""
-
-    __slots__ = ("harness", "iterations")
-
-    def __init__(self, harness, name) -> None:
-        super().__init__(harness.router, harness.limits, owner=name)
-        self.harness = harness
-        self.iterations = 0  # extra loop iterations the last frame needed
-
-    def receive(self, data) -> bool:
-        done = super().receive(data)
-        self.iterations = 0
-        while not done:
-            self.iterations += 1
-            self.router.new_tick()
-            done = self.resume()
-        return True
-
-
-class Harness:
-    def __init__(self, **limits):
-        self.flush_requests = 0
-        self.router = Router(self._request, epoch=42, max_topics=limits.pop("max_topics", 1000))
-        self.limits = Limits(**limits)
-        self.readers: dict = {}
-        self.frames: dict = {}  # owner -> frames written in the last tick
-
-    def _request(self):
-        self.flush_requests += 1
-
-    def session(self, name):
-        self.readers[name] = ServerReader()
-        return HarnessSession(self, name)
-
-    def read(self, box, data: bytes) -> list:
-        frames = split_frames(data)
-        self.frames[box.owner] = frames
-        return [m for _, payload in frames for m in self.readers[box.owner].read(payload)]
-
-    def tick(self):
-        """What the server does at the end of a tick: flush, then write each touched outbox."""
-        touched, slow = self.router.flush()
-        self.router.new_tick()
-        written = {}
-        self.frames = {}
-        shared: dict = {}
-        for box in touched:
-            box.scheduled = False
-            written[box.owner] = self.read(box, box.take(MAX_FRAME, shared))
-        return written, [box.owner for box in slow]
+from conftest import MAX_FRAME, Harness
 
 
 def test_one_flush_request_per_tick_and_one_frame_per_topic():

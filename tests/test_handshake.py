@@ -8,8 +8,6 @@ is disconnected after handshake_timeout_s, and one that sends garbage is disconn
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import time
 
 import msgspec
@@ -20,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from broker.client import Client
 from broker.messages import SUBPROTOCOL, Ack
 
-from conftest import recv_message, run, serving, url
+from conftest import eventually, recv_message, run, send_upgrade, serving, upgrade_request, url
 
 pack = msgspec.msgpack.encode
 
@@ -38,32 +36,6 @@ async def works(ws) -> None:
     """The connection speaks the protocol: a subscribe gets its ack."""
     await ws.send(pack(["sub", 1, "hs.check"]))
     assert await recv_message(ws, 3) == Ack(1, 0, 0)
-
-
-def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> bytes:
-    """A hand-made upgrade request; one Sec-WebSocket-Protocol header line per entry."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols or ()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def parse_head(head: bytes) -> tuple[int, dict[str, list[str]]]:
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split(" ")[1])
-    headers: dict[str, list[str]] = {}
-    for line in header_lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return status, headers
 
 
 async def read_to_eof(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, float]:
@@ -123,11 +95,9 @@ def test_several_subprotocols_including_broker_v1_selects_it():
 def test_subprotocol_offered_on_separate_header_lines_is_accepted():
     async def main():
         async with serving() as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            request = upgrade_request("/", ["chat", f"broker.v2, {SUBPROTOCOL}"])
+            status, headers, _, writer = await send_upgrade(server.port, request)
             try:
-                writer.write(upgrade_request("/", ["chat", f"broker.v2, {SUBPROTOCOL}"]))
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-                status, headers = parse_head(head)
                 assert status == 101
                 assert headers["sec-websocket-protocol"] == [SUBPROTOCOL]
             finally:
@@ -308,21 +278,9 @@ def test_malformed_upgrade_request_is_refused(request_bytes):
 
     async def main():
         async with serving() as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            try:
-                writer.write(request_bytes)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-            finally:
-                writer.close()
-            status, _ = parse_head(head)
-            assert status in (400, 426), head
-            await until_no_connections(server)
+            status, headers, _, writer = await send_upgrade(server.port, request_bytes)
+            writer.close()
+            assert status in (400, 426), (status, headers)
+            await eventually(lambda: not server.connections, 2.0, "connections to close")
 
     run(main())
-
-
-async def until_no_connections(server, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server.connections:
-        assert time.monotonic() < deadline, "connections left open"
-        await asyncio.sleep(0.01)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 
@@ -20,10 +19,24 @@ from broker.client import Client, ConnectionClosed, Message
 from broker.errors import CloseCode, ErrorCode
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Sub, Unsub, decode_server_frame, encode
 
-from conftest import RawSocketClient, client_frame, decode_frames, eventually, recv_message, run, server_conn_with, serving, split_frame, url, ws_raw
-from test_client import connect_tracked
-from test_core import Harness
-from test_handshake import parse_head, upgrade_request
+from conftest import (
+    MAX_FRAME,
+    Harness,
+    RawSocketClient,
+    client_frame,
+    connect_tracked,
+    decode_frames,
+    eventually,
+    recv_message,
+    run,
+    send_upgrade,
+    server_conn_with,
+    serving,
+    split_frame,
+    upgrade_request,
+    url,
+    ws_raw,
+)
 
 pack = msgspec.msgpack.encode
 
@@ -49,7 +62,6 @@ async def probe(ws, request_id: int, topic: str = "probe.ok") -> Ack:
 
 CLOSE_TIMEOUT = 0.3
 PENDING_LIMIT = 2 << 20
-MAX_FRAME = 1 << 20
 
 
 @pytest.mark.parametrize("traffic", ["busy", "idle"])
@@ -339,22 +351,13 @@ def test_deeply_nested_msgpack_gets_an_err_and_the_connection_stays_open(kind):
 # r10: handshake details
 
 
-async def handshake(port: int, request: bytes):
-    """Send a hand-made upgrade request: (status, headers, reader, writer)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-    status, headers = parse_head(head)
-    return status, headers, reader, writer
-
-
 @pytest.mark.parametrize("path", ["//evil/", "//evil/?x=1", "//127.0.0.1/"])
 def test_path_with_a_double_slash_is_refused_with_404(path):
     """r10. The request path must equal the configured path exactly: `//evil/` is not `/`."""
 
     async def main():
         async with serving() as server:
-            status, _, _, writer = await handshake(server.port, upgrade_request(path, [SUBPROTOCOL]))
+            status, _, _, writer = await send_upgrade(server.port, upgrade_request(path, [SUBPROTOCOL]))
             writer.close()
             assert status == 404
             assert server.handshakes_refused == 1
@@ -370,7 +373,7 @@ def test_browser_connection_header_with_several_tokens_is_accepted():
 
     async def main():
         async with serving() as server:
-            status, headers, reader, writer = await handshake(server.port, request)
+            status, headers, reader, writer = await send_upgrade(server.port, request)
             try:
                 assert status == 101
                 assert headers["sec-websocket-protocol"] == [SUBPROTOCOL]
@@ -395,7 +398,7 @@ def test_unsupported_websocket_version_gets_426_naming_13():
 
     async def main():
         async with serving() as server:
-            status, headers, _, writer = await handshake(server.port, request)
+            status, headers, _, writer = await send_upgrade(server.port, request)
             writer.close()
             assert status == 426
             assert headers["sec-websocket-version"] == ["13"]

@@ -14,8 +14,7 @@ from broker.fastpath import IMPLEMENTATION
 from broker.messages import Pub, Sub, Unsub, encode
 from broker.router import TICK_INDEX_WORK
 
-from conftest import RawSocketClient, client_frame, eventually, run, serving, url
-from test_core import Harness
+from conftest import Harness, RawSocketClient, client_frame, eventually, run, serving, url
 
 DEPTH = 13
 
