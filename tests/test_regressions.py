@@ -16,172 +16,21 @@ import msgspec
 import pytest
 
 from broker.client import Client, ConnectionClosed, Message
-from broker.errors import ErrorCode
-from broker.messages import SUBPROTOCOL, Ack, Err, Pub, decode_server_frame, encode
+from broker.messages import SUBPROTOCOL, Ack, decode_server_frame
 
 from conftest import (
-    MAX_FRAME,
-    Harness,
     client_frame,
     connect_tracked,
-    decode_frames,
     eventually,
-    recv_message,
     run,
     send_upgrade,
     serving,
     split_frame,
     upgrade_request,
     url,
-    ws_raw,
 )
 
 pack = msgspec.msgpack.encode
-
-
-# helpers
-
-
-async def replies(ws, n: int, timeout: float = 3.0) -> list:
-    """The next `n` server messages on a `websockets` connection."""
-    return [await recv_message(ws, timeout) for _ in range(n)]
-
-
-async def probe(ws, request_id: int, topic: str = "probe.ok") -> Ack:
-    """Publish with an ack: the next reply must be that ack (nothing else was queued before it)."""
-    await ws.send(pack(["pub", request_id, topic, b"ok"]))
-    reply = await recv_message(ws)
-    assert isinstance(reply, Ack) and reply.id == request_id, f"expected the probe's ack, got {reply}"
-    return reply
-
-
-# r16: error amplification and the batch limit
-
-
-def empty_array_batch(size: int) -> bytes:
-    """A batch frame of exactly `size` bytes: an array32 header and size - 5 empty arrays."""
-    count = size - 5
-    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
-
-
-def test_huge_batch_of_empty_arrays_gets_a_single_err():
-    """r16. A 1 MiB frame holding about a million empty arrays is a batch far over
-    max_batch_messages: it gets one err (code 1, id 0), not one per element."""
-    frame = empty_array_batch(MAX_FRAME)
-    assert len(frame) == MAX_FRAME
-
-    # in the core: exactly one frame is queued, however many elements the batch holds
-    h = Harness()
-    s = h.session("s")
-    s.receive(frame)
-    assert len(s.box.pieces) == 1 and not s.box.over
-    ((err,),) = decode_frames(s.box.take(MAX_FRAME))
-    assert isinstance(err, Err) and (err.id, err.code) == (0, ErrorCode.BAD_MESSAGE)
-    assert str(MAX_FRAME - 5) in err.text and "10000" in err.text
-    assert s.errors == 1
-
-    async def main():
-        async with serving(max_frame_bytes=MAX_FRAME) as server:
-            ws = await ws_raw(server)
-            try:
-                await ws.send(frame)
-                reply = await recv_message(ws)
-                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE)
-                await probe(ws, 5)
-                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 1}
-                assert server.router.stats.closes == {}
-            finally:
-                await ws.close()
-
-    run(main())
-
-
-def test_errors_per_frame_stop_after_one_hundred():
-    """r16. A batch within max_batch_messages whose 200 elements are all bad gets 100 errs (each
-    with its element's id) and one more err (code 1, id 0) saying the rest was ignored. Good
-    elements before the cut-off apply; those after it do not."""
-    bad = [["pub", i, 5] for i in range(2, 202)]  # data is not bin: code 1 with the element's id
-    batch = [["pub", 1, "cap.before", b"a"], *bad, ["pub", 999, "cap.after", b"b"]]
-
-    async def main():
-        async with serving() as server:
-            ws = await ws_raw(server)
-            try:
-                await ws.send(pack(batch))
-                got = await replies(ws, 102)
-                errs, last = got[:101], got[101]
-                assert all(isinstance(e, Err) and e.code == ErrorCode.BAD_MESSAGE for e in errs), errs
-                assert [e.id for e in errs[:100]] == list(range(2, 102))
-                assert errs[100].id == 0 and "ignored" in errs[100].text
-                assert last == Ack(1, server.router.epoch, 1)
-                await probe(ws, 7)  # nothing else was queued
-                assert "cap.after" not in server.router.topics
-                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 101}
-                assert server.router.stats.closes == {}
-            finally:
-                await ws.close()
-
-    run(main())
-
-
-def test_valid_batch_over_max_batch_messages_is_refused_whole():
-    """r16. With max_batch_messages=10, a well-formed batch of 11 acked publishes gets one err
-    (code 1, id 0) and nothing in it is applied; a batch of exactly 10 is accepted."""
-
-    async def main():
-        async with serving(max_batch_messages=10) as server:
-            ws = await ws_raw(server)
-            try:
-                await ws.send(encode([Pub(i, "mb.t", b"%d" % i) for i in range(1, 12)]))
-                reply = await recv_message(ws)
-                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE), reply
-                assert "11" in reply.text and "10" in reply.text
-                await probe(ws, 50)  # no acks followed the err
-                assert "mb.t" not in server.router.topics
-                assert server.router.stats.published == 1  # the probe only
-
-                await ws.send(encode([Pub(i, "mb.t", b"%d" % i) for i in range(1, 11)]))
-                epoch = server.router.epoch
-                assert await replies(ws, 10) == [Ack(i, epoch, i) for i in range(1, 11)]
-                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 1}
-            finally:
-                await ws.close()
-
-    run(main())
-
-
-# r19: deeply nested MessagePack
-
-
-NESTED = {
-    "batch": b"\x91" * 100_000,
-    "single": b"\x92\xa3pub" + b"\x91" * 100_000,
-    "in-batch-element": b"\x92" + pack(["pub", 1, "t", b""]) + b"\x91" * 100_000,
-    "payload": b"\x94\xa3pub\x01\xa1t" + b"\x91" * 100_000,
-    "maps": b"\x91" + b"\x81\xa1a" * 50_000 + b"\xc0",
-}
-
-
-@pytest.mark.parametrize("kind", sorted(NESTED))
-def test_deeply_nested_msgpack_gets_an_err_and_the_connection_stays_open(kind):
-    """r19. Nesting deeper than the decoder's recursion limit is an invalid message (err code 1,
-    id 0), not an internal error that closes the connection with 1011."""
-
-    async def main():
-        async with serving() as server:
-            ws = await ws_raw(server)
-            try:
-                await ws.send(NESTED[kind])
-                reply = await recv_message(ws)
-                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE), reply
-                await probe(ws, 3)
-                assert server.router.stats.closes == {}
-                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 1}
-                assert len(server.connections) == 1
-            finally:
-                await ws.close()
-
-    run(main())
 
 
 # r10: handshake details
