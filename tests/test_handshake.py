@@ -16,9 +16,9 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from broker.client import Client
-from broker.messages import SUBPROTOCOL, Ack
+from broker.messages import SUBPROTOCOL, Ack, decode_server_frame
 
-from conftest import eventually, recv_message, run, send_upgrade, serving, upgrade_request, url
+from conftest import client_frame, eventually, recv_message, run, send_upgrade, serving, split_frame, upgrade_request, url
 
 pack = msgspec.msgpack.encode
 
@@ -174,6 +174,21 @@ def test_wrong_path_is_checked_before_subprotocol():
     run(main())
 
 
+@pytest.mark.parametrize("path", ["//evil/", "//evil/?x=1", "//127.0.0.1/"])
+def test_path_with_a_double_slash_is_refused_with_404(path):
+    """The request path must equal the configured path exactly: `//evil/` is not `/`."""
+
+    async def main():
+        async with serving() as server:
+            status, _, _, writer = await send_upgrade(server.port, upgrade_request(path, [SUBPROTOCOL]))
+            writer.close()
+            assert status == 404
+            assert server.handshakes_refused == 1
+            assert server.connections == {}
+
+    run(main())
+
+
 # handshake timeout and garbage
 
 
@@ -282,5 +297,49 @@ def test_malformed_upgrade_request_is_refused(request_bytes):
             writer.close()
             assert status in (400, 426), (status, headers)
             await eventually(lambda: not server.connections, 2.0, "connections to close")
+
+    run(main())
+
+
+# upgrade request headers
+
+
+def test_browser_connection_header_with_several_tokens_is_accepted():
+    """Firefox sends `Connection: keep-alive, Upgrade`; that is an upgrade request."""
+    request = upgrade_request("/", [SUBPROTOCOL]).replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade")
+    assert b"Connection: keep-alive, Upgrade\r\n" in request
+
+    async def main():
+        async with serving() as server:
+            status, headers, reader, writer = await send_upgrade(server.port, request)
+            try:
+                assert status == 101
+                assert headers["sec-websocket-protocol"] == [SUBPROTOCOL]
+                # and the connection speaks the protocol
+                writer.write(client_frame(0x2, pack(["sub", 1, "ff.t"])))
+                data = b""
+                while (split := split_frame(data)) is None:
+                    data += await asyncio.wait_for(reader.read(4096), 3)
+                opcode, payload, _ = split
+                assert opcode == 0x2
+                assert decode_server_frame(payload) == [Ack(1, 0, 0)]
+                assert server.handshakes_refused == 0
+            finally:
+                writer.close()
+
+    run(main())
+
+
+def test_unsupported_websocket_version_gets_426_naming_13():
+    """RFC 6455 4.4: an unsupported version gets 426 with `Sec-WebSocket-Version: 13`."""
+    request = upgrade_request("/", [SUBPROTOCOL]).replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8")
+
+    async def main():
+        async with serving() as server:
+            status, headers, _, writer = await send_upgrade(server.port, request)
+            writer.close()
+            assert status == 426
+            assert headers["sec-websocket-version"] == ["13"]
+            assert server.connections == {}
 
     run(main())
