@@ -22,7 +22,7 @@ import uvloop
 
 from broker.client import Client
 from broker.config import load
-from broker.messages import SUBPROTOCOL, ServerReader, decode_server_frame
+from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
 from broker.router import Router
 from broker.server import Server
 from broker.session import Limits, Session
@@ -119,6 +119,13 @@ def client_frame(opcode: int, payload: bytes = b"", *, masked: bool = True, leng
 def decode_frames(data: bytes) -> list[list]:
     """Split a stream of server frames and decode each: one list of messages per frame."""
     return [decode_server_frame(payload) for _, payload in split_frames(data)]
+
+
+def wire(message) -> Any:
+    """A decoded server message as the MessagePack value the broker sends."""
+    if isinstance(message, Msg):
+        return ["msg", *([b.topic_id, b.seq, *b.data] for b in message.batches)]
+    return message
 
 
 _readers: dict[int, tuple[Any, ServerReader, list]] = {}
