@@ -20,12 +20,16 @@ import msgspec
 import pytest
 import uvloop
 
+from broker.client import Client
 from broker.config import load
-from broker.messages import SUBPROTOCOL, ServerReader, decode_server_frame
+from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
+from broker.router import Router
 from broker.server import Server
+from broker.session import Limits, Session
 
 ROOT = Path(__file__).resolve().parent.parent
 encode = msgspec.msgpack.encode
+MAX_FRAME = 1 << 20  # the default max_frame_bytes
 
 
 def run(coro, timeout: float = 60.0) -> Any:
@@ -117,6 +121,13 @@ def decode_frames(data: bytes) -> list[list]:
     return [decode_server_frame(payload) for _, payload in split_frames(data)]
 
 
+def wire(message) -> Any:
+    """A decoded server message as the MessagePack value the broker sends."""
+    if isinstance(message, Msg):
+        return ["msg", *([b.topic_id, b.seq, *b.data] for b in message.batches)]
+    return message
+
+
 _readers: dict[int, tuple[Any, ServerReader, list]] = {}
 
 
@@ -149,6 +160,15 @@ def server_conn_with(server, subscriptions: set[str]):
     return found[0]
 
 
+async def connect_tracked(server, **options) -> tuple[Client, object]:
+    """A connected Client and the server-side Connection it got."""
+    before = set(server.connections)
+    client = await Client.connect(url(server), **options)
+    await eventually(lambda: len(set(server.connections) - before) == 1, 5, "the server-side connection")
+    (conn_id,) = set(server.connections) - before
+    return client, server.connections[conn_id]
+
+
 class RecordingTransport:
     """Stands in for a connection's transport and records every write it passes on:
     `conn.transport = RecordingTransport(conn.transport)`."""
@@ -163,6 +183,53 @@ class RecordingTransport:
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
+
+
+def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> bytes:
+    """A hand-made upgrade request; one Sec-WebSocket-Protocol header line per entry."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols or ()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, list[str]]]:
+    """The status and headers (lower-case names, a list of values each) of an HTTP response head."""
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split(" ")[1])
+    headers: dict[str, list[str]] = {}
+    for line in header_lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return status, headers
+
+
+async def send_upgrade(port: int, request: bytes, timeout: float = 3.0):
+    """Send a hand-made upgrade request on a plain stream: (status, headers, reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except BaseException:
+        writer.close()
+        raise
+    status, headers = parse_head(head)
+    return status, headers, reader, writer
+
+
+async def raw_upgrade(port: int, timeout: float = 3.0):
+    """A completed broker.v1 handshake on a plain stream, for frames written by hand: (reader, writer)."""
+    status, _, reader, writer = await send_upgrade(port, upgrade_request("/", [SUBPROTOCOL]), timeout)
+    assert status == 101, status
+    return reader, writer
 
 
 class RawSocketClient:
@@ -187,13 +254,7 @@ class RawSocketClient:
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", port))
         self = cls(sock)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, request.encode())
+        await loop.sock_sendall(sock, upgrade_request("/", [SUBPROTOCOL]))
         while b"\r\n\r\n" not in self.buffer:
             await self._fill()
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
@@ -241,6 +302,63 @@ async def recv_message(ws, timeout: float = 5.0):
         assert isinstance(data, bytes)
         unread.extend(reader.read(data))
     return unread.pop(0)
+
+
+class HarnessSession(Session):
+    """A session whose `receive` applies the whole frame, starting new loop iterations when
+    the router's budget runs out, as the server does (the server interleaves other work)."""
+
+    __slots__ = ("harness", "iterations")
+
+    def __init__(self, harness, name) -> None:
+        super().__init__(harness.router, harness.limits, owner=name)
+        self.harness = harness
+        self.iterations = 0  # extra loop iterations the last frame needed
+
+    def receive(self, data) -> bool:
+        done = super().receive(data)
+        self.iterations = 0
+        while not done:
+            self.iterations += 1
+            self.router.new_tick()
+            done = self.resume()
+        return True
+
+
+class Harness:
+    """Drives the sans-I/O core (Router and Sessions) without sockets or a loop."""
+
+    def __init__(self, **limits):
+        self.flush_requests = 0
+        self.router = Router(self._request, epoch=42, max_topics=limits.pop("max_topics", 1000))
+        self.limits = Limits(**limits)
+        self.readers: dict = {}
+        self.frames: dict = {}  # owner -> frames written in the last tick
+
+    def _request(self):
+        self.flush_requests += 1
+
+    def session(self, name):
+        self.readers[name] = ServerReader()
+        return HarnessSession(self, name)
+
+    def read(self, box, data: bytes) -> list:
+        frames = split_frames(data)
+        self.frames[box.owner] = frames
+        return [m for _, payload in frames for m in self.readers[box.owner].read(payload)]
+
+    def tick(self):
+        """What the server does at the end of a tick: flush, then write each touched outbox."""
+        touched, slow = self.router.flush()
+        self.router.new_tick()
+        written = {}
+        self.frames = {}
+        shared: dict = {}
+        for box in touched:
+            box.scheduled = False
+            written[box.owner] = self.read(box, box.take(MAX_FRAME, shared))
+        self.router.end_tick()
+        return written, [box.owner for box in slow]
 
 
 def broker_cli(*args: str, env: dict | None = None, **popen: Any) -> subprocess.Popen:

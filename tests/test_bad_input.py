@@ -10,14 +10,14 @@ Every test runs a real server with three kinds of peers:
 The offending connection must get an `err` with the right id and ErrorCode (or be closed with
 the documented close code), the broker must count it in its stats, and the subscriber must
 receive every message of the publisher with exact, gap-free sequence numbers.
+
+The last sections (error amplification, batch limits, deeply nested MessagePack) check the
+offending connection alone: the number of errs its input earns and that it keeps working.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import time
 
 import msgspec
 import pytest
@@ -25,21 +25,13 @@ import websockets
 
 from broker.client import Client
 from broker.errors import CloseCode, ErrorCode
-from broker.messages import Ack, Delivery, Err
+from broker.messages import Ack, Delivery, Err, Pub, encode
 
-from conftest import client_frame, recv_message, run, serving, url, ws_raw
+from conftest import MAX_FRAME, Harness, client_frame, decode_frames, eventually, raw_upgrade, recv_message, run, serving, url, ws_raw
 
 pack = msgspec.msgpack.encode
 
 FEED = "feed.quotes"
-
-
-async def until(predicate, timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Traffic:
@@ -103,7 +95,7 @@ class Traffic:
     async def finish(self) -> None:
         """Stop the background publisher, publish once more and check every delivery."""
         # make sure some traffic really ran while the bad input was handled
-        await until(lambda: self.during >= 3, what="background publishes")
+        await eventually(lambda: self.during >= 3, 3.0, "background publishes")
         self._stop.set()
         await self._task
         for _ in range(self.n_after - 1):
@@ -172,6 +164,19 @@ async def still_works(ws, request_id: int, topic: str = "probe.ok", seq: int = 1
 
 def errors(server) -> dict[int, int]:
     return dict(server.router.stats.errors)
+
+
+async def replies(ws, n: int, timeout: float = 3.0) -> list:
+    """The next `n` server messages on a `websockets` connection."""
+    return [await recv_message(ws, timeout) for _ in range(n)]
+
+
+async def probe(ws, request_id: int, topic: str = "probe.ok") -> Ack:
+    """Publish with an ack: the next reply must be that ack (nothing else was queued before it)."""
+    await ws.send(pack(["pub", request_id, topic, b"ok"]))
+    message = await recv_message(ws)
+    assert isinstance(message, Ack) and message.id == request_id, f"expected the probe's ack, got {message}"
+    return message
 
 
 # 1. malformed MessagePack
@@ -304,7 +309,7 @@ def test_text_frame_closes_with_1003():
                 await expect_ack(ws, 1)
                 await ws.send('["pub", 2, "feed.quotes", "x"]')
                 await expect_close(ws, CloseCode.UNSUPPORTED_DATA)
-                await until(lambda: len(server.connections) == 2, what="the offender to go away")
+                await eventually(lambda: len(server.connections) == 2, 3.0, "the offender to go away")
                 assert server.router.stats.closes == {CloseCode.UNSUPPORTED_DATA: 1}
                 assert errors(server) == {}
                 await traffic.finish()
@@ -329,7 +334,7 @@ def test_fragmented_message_closes_with_1003():
                 except websockets.ConnectionClosed:
                     pass  # the broker may close before the last fragment leaves
                 await expect_close(ws, CloseCode.UNSUPPORTED_DATA)
-                await until(lambda: len(server.connections) == 2, what="the offender to go away")
+                await eventually(lambda: len(server.connections) == 2, 3.0, "the offender to go away")
                 assert server.router.stats.closes == {CloseCode.UNSUPPORTED_DATA: 1}
                 assert "probe.frag" not in server.router.topics  # nothing of it was applied
                 assert errors(server) == {}
@@ -369,13 +374,13 @@ def test_oversized_frame_closes_with_1009(kind):
                 assert len(oversized) > 4096
                 await ws.send(oversized)
                 await expect_close(ws, CloseCode.MESSAGE_TOO_BIG)
-                await until(lambda: len(server.connections) == 3, what="the offender to go away")
+                await eventually(lambda: len(server.connections) == 3, 3.0, "the offender to go away")
                 # nothing of the refused frame was applied: no topic, no delivery, no reply
                 assert "probe.big" not in server.router.topics
                 with pytest.raises(asyncio.TimeoutError):
                     await watched.next(0.1)
                 assert errors(server) == {ErrorCode.PAYLOAD_TOO_LARGE: 1}
-                await until(lambda: CloseCode.MESSAGE_TOO_BIG in server.router.stats.closes, 1.0, "the 1009 count")
+                await eventually(lambda: CloseCode.MESSAGE_TOO_BIG in server.router.stats.closes, 1.0, "the 1009 count")
                 assert server.router.stats.closes == {CloseCode.MESSAGE_TOO_BIG: 1}
                 await watcher.close()
                 await traffic.finish()
@@ -384,20 +389,6 @@ def test_oversized_frame_closes_with_1009(kind):
 
 
 # 6b. broken WebSocket framing (picows closes with 1002)
-
-
-async def _raw_upgrade(server):
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: broker.v1\r\n\r\n"
-        ).encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-    assert head.startswith(b"HTTP/1.1 101")
-    return reader, writer
 
 
 @pytest.mark.parametrize(
@@ -409,7 +400,7 @@ def test_broken_framing_closes_with_1002(bad_frame):
     async def main():
         async with serving() as server:
             async with Traffic(server) as traffic:
-                reader, writer = await _raw_upgrade(server)
+                reader, writer = await raw_upgrade(server.port)
                 try:
                     writer.write(bad_frame)
                     head = await asyncio.wait_for(reader.readexactly(2), 3)
@@ -421,8 +412,8 @@ def test_broken_framing_closes_with_1002(bad_frame):
                     assert rest == b""  # nothing after the close frame, not a second close
                 finally:
                     writer.close()
-                await until(lambda: len(server.connections) == 2, what="the offender to go away")
-                await until(lambda: CloseCode.PROTOCOL_ERROR in server.router.stats.closes, 1.0, "the 1002 count")
+                await eventually(lambda: len(server.connections) == 2, 3.0, "the offender to go away")
+                await eventually(lambda: CloseCode.PROTOCOL_ERROR in server.router.stats.closes, 1.0, "the 1002 count")
                 assert server.router.stats.closes == {CloseCode.PROTOCOL_ERROR: 1}
                 assert "probe.x" not in server.router.topics
                 await traffic.finish()
@@ -737,5 +728,134 @@ def test_too_many_topics():
                 assert errors(server) == {ErrorCode.TOO_MANY_TOPICS: 2}
                 await ws.close()
                 await traffic.finish()
+
+    run(main())
+
+
+# 13. error amplification and the batch limit
+
+
+def empty_array_batch(size: int) -> bytes:
+    """A batch frame of exactly `size` bytes: an array32 header and size - 5 empty arrays."""
+    count = size - 5
+    return b"\xdd" + count.to_bytes(4, "big") + b"\x90" * count
+
+
+def test_huge_batch_of_empty_arrays_gets_a_single_err():
+    """A 1 MiB frame holding about a million empty arrays is a batch far over
+    max_batch_messages: it gets one err (code 1, id 0), not one per element."""
+    frame = empty_array_batch(MAX_FRAME)
+    assert len(frame) == MAX_FRAME
+
+    # in the core: exactly one frame is queued, however many elements the batch holds
+    h = Harness()
+    s = h.session("s")
+    s.receive(frame)
+    assert len(s.box.pieces) == 1 and not s.box.over
+    ((err,),) = decode_frames(s.box.take(MAX_FRAME))
+    assert isinstance(err, Err) and (err.id, err.code) == (0, ErrorCode.BAD_MESSAGE)
+    assert str(MAX_FRAME - 5) in err.text and "10000" in err.text
+    assert s.errors == 1
+
+    async def main():
+        async with serving(max_frame_bytes=MAX_FRAME) as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(frame)
+                reply = await recv_message(ws)
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE)
+                await probe(ws, 5)
+                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 1}
+                assert server.router.stats.closes == {}
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_errors_per_frame_stop_after_one_hundred():
+    """A batch within max_batch_messages whose 200 elements are all bad gets 100 errs (each
+    with its element's id) and one more err (code 1, id 0) saying the rest was ignored. Good
+    elements before the cut-off apply; those after it do not."""
+    bad = [["pub", i, 5] for i in range(2, 202)]  # data is not bin: code 1 with the element's id
+    batch = [["pub", 1, "cap.before", b"a"], *bad, ["pub", 999, "cap.after", b"b"]]
+
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(pack(batch))
+                got = await replies(ws, 102)
+                errs, last = got[:101], got[101]
+                assert all(isinstance(e, Err) and e.code == ErrorCode.BAD_MESSAGE for e in errs), errs
+                assert [e.id for e in errs[:100]] == list(range(2, 102))
+                assert errs[100].id == 0 and "ignored" in errs[100].text
+                assert last == Ack(1, server.router.epoch, 1)
+                await probe(ws, 7)  # nothing else was queued
+                assert "cap.after" not in server.router.topics
+                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 101}
+                assert server.router.stats.closes == {}
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+def test_valid_batch_over_max_batch_messages_is_refused_whole():
+    """With max_batch_messages=10, a well-formed batch of 11 acked publishes gets one err
+    (code 1, id 0) and nothing in it is applied; a batch of exactly 10 is accepted."""
+
+    async def main():
+        async with serving(max_batch_messages=10) as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(encode([Pub(i, "mb.t", b"%d" % i) for i in range(1, 12)]))
+                reply = await recv_message(ws)
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE), reply
+                assert "11" in reply.text and "10" in reply.text
+                await probe(ws, 50)  # no acks followed the err
+                assert "mb.t" not in server.router.topics
+                assert server.router.stats.published == 1  # the probe only
+
+                await ws.send(encode([Pub(i, "mb.t", b"%d" % i) for i in range(1, 11)]))
+                epoch = server.router.epoch
+                assert await replies(ws, 10) == [Ack(i, epoch, i) for i in range(1, 11)]
+                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 1}
+            finally:
+                await ws.close()
+
+    run(main())
+
+
+# 14. deeply nested MessagePack
+
+
+NESTED = {
+    "batch": b"\x91" * 100_000,
+    "single": b"\x92\xa3pub" + b"\x91" * 100_000,
+    "in-batch-element": b"\x92" + pack(["pub", 1, "t", b""]) + b"\x91" * 100_000,
+    "payload": b"\x94\xa3pub\x01\xa1t" + b"\x91" * 100_000,
+    "maps": b"\x91" + b"\x81\xa1a" * 50_000 + b"\xc0",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NESTED))
+def test_deeply_nested_msgpack_gets_an_err_and_the_connection_stays_open(kind):
+    """Nesting deeper than the decoder's recursion limit is an invalid message (err code 1,
+    id 0), not an internal error that closes the connection with 1011."""
+
+    async def main():
+        async with serving() as server:
+            ws = await ws_raw(server)
+            try:
+                await ws.send(NESTED[kind])
+                reply = await recv_message(ws)
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE), reply
+                await probe(ws, 3)
+                assert server.router.stats.closes == {}
+                assert server.router.stats.errors == {ErrorCode.BAD_MESSAGE: 1}
+                assert len(server.connections) == 1
+            finally:
+                await ws.close()
 
     run(main())

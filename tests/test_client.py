@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
 
 import pytest
 
@@ -19,17 +21,7 @@ from broker.client import (
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Sub, encode
 
-from conftest import recv_message, run, serving, url, ws_raw
-from test_integration import eventually
-
-
-async def connect_tracked(server, **options) -> tuple[Client, object]:
-    """A connected Client and the server-side Connection it got."""
-    before = set(server.connections)
-    client = await Client.connect(url(server), **options)
-    await eventually(lambda: len(set(server.connections) - before) == 1, 5, "the server-side connection")
-    (conn_id,) = set(server.connections) - before
-    return client, server.connections[conn_id]
+from conftest import connect_tracked, eventually, recv_message, run, serving, url, ws_raw
 
 
 class FrameCountingSession:
@@ -102,6 +94,49 @@ def test_next_with_timeout():
                 assert (message.topic, message.seq, message.data) == ("nx.t", 1, b"late")
                 pub.publish("nx.t", b"later")
                 assert (await sub.next()).data == b"later"
+
+    run(main())
+
+
+def test_second_concurrent_consumer_of_a_subscription_gets_runtime_error():
+    """Only one coroutine may wait on a Subscription at a time; a second one is refused
+    with RuntimeError instead of silently stealing or losing messages."""
+
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client, Client(url(server)) as pub:
+                sub = await client.subscribe("two.t")
+                first = asyncio.ensure_future(sub.__anext__())
+                await asyncio.sleep(0)
+                second = asyncio.ensure_future(sub.__anext__())
+                await asyncio.sleep(0)
+                assert second.done()
+                with pytest.raises(RuntimeError):
+                    second.result()
+                with pytest.raises(RuntimeError):
+                    await sub.next(1)
+
+                async def iterate():
+                    async for message in sub:
+                        return message
+
+                with pytest.raises(RuntimeError):
+                    await iterate()
+
+                ack = await pub.publish_acked("two.t", b"1")
+                message = await asyncio.wait_for(first, 3)
+                assert (message.seq, message.data) == (ack.seq, b"1")
+                # once the first consumer got its message, the subscription can be read again
+                pub.publish("two.t", b"2")
+                assert (await sub.next(3)).data == b"2"
+                # a cancelled wait frees it as well
+                waiting = asyncio.ensure_future(sub.__anext__())
+                await asyncio.sleep(0)
+                waiting.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await waiting
+                pub.publish("two.t", b"3")
+                assert (await sub.next(3)).data == b"3"
 
     run(main())
 
@@ -181,6 +216,54 @@ def test_fire_and_forget_refusals_reach_on_error():
     run(main())
 
 
+def test_callback_exception_is_logged_and_does_not_close_the_connection(caplog):
+    """An exception in one subscription's callback is logged on `broker.client`; the
+    connection stays open and every other subscription keeps receiving, including the same
+    message when it matches several."""
+    caplog.set_level(logging.ERROR, logger="broker.client")
+    calls = []
+
+    def bad(message: Message) -> None:
+        calls.append(message.seq)
+        raise ValueError("user bug")
+
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as client, Client(url(server)) as pub:
+                other = await client.subscribe("cb.u")
+                good = []
+                await client.subscribe("cb.v", good.append)
+                await client.subscribe("cb.t", bad)
+                wide = await client.subscribe("cb.>")
+                for data in (b"t1", b"t2"):
+                    pub.publish("cb.t", data)
+                pub.publish("cb.u", b"u1")
+                pub.publish("cb.v", b"v1")
+                await pub.publish_acked("cb.t", b"t3")
+
+                assert (await other.next(3)).data == b"u1"
+                await eventually(lambda: len(calls) == 3 and len(good) == 1, 3, "the callbacks")
+                assert calls == [1, 2, 3]
+                assert [m.data for m in good] == [b"v1"]
+                # the same messages reached the overlapping subscription, in topic batches
+                seen = [(await wide.next(3)).data for _ in range(5)]
+                assert sorted(seen) == [b"t1", b"t2", b"t3", b"u1", b"v1"]
+
+                assert not client.closed
+                assert server.router.stats.closes == {}
+                assert len(server.connections) == 2
+                # and it keeps working afterwards
+                ack = await client.publish_acked("cb.u", b"u2")
+                assert (await other.next(3)).seq == ack.seq
+                assert len(calls) == 3
+
+    run(main())
+    records = [r for r in caplog.records if r.name == "broker.client" and r.levelno >= logging.ERROR]
+    assert len(records) == 3
+    assert all(r.exc_info is not None and isinstance(r.exc_info[1], ValueError) for r in records)
+    assert all("cb.t" in r.getMessage() for r in records)
+
+
 def test_client_side_validation():
     async def main():
         async with serving() as server:
@@ -215,6 +298,61 @@ def test_subscribing_twice_to_the_same_pattern_raises():
                 again = await client.subscribe("dup.>")
                 await client.publish_acked("dup.x", b"2")
                 assert (await again.next(5)).seq == 2
+
+    run(main())
+
+
+@pytest.mark.parametrize("ticks", [1, 2, 5])
+def test_cancelled_subscribe_leaves_no_subscription_at_the_broker(ticks):
+    """Cancelling Client.subscribe() after its Sub was queued, before the ack: the broker
+    ends up without the subscription, the client without a trace of it, and subscribing to the
+    same pattern again works. (When the ack was already read, asyncio may complete the request
+    despite the cancel; client and broker must then agree that the subscription exists.)"""
+
+    async def main():
+        async with serving() as server:
+            client, conn = await connect_tracked(server)
+            pub = await Client.connect(url(server))
+            try:
+                task = asyncio.ensure_future(client.subscribe("cs.t"))
+                for _ in range(ticks):
+                    await asyncio.sleep(0)
+                if task.done():  # the ack came back within these ticks: nothing to cancel
+                    assert ticks > 1
+                    held = task.result()
+                else:
+                    task.cancel()
+                    try:
+                        held = await task
+                    except asyncio.CancelledError:
+                        held = None
+                if ticks == 1:
+                    assert held is None  # the Sub had not even been written yet
+                if held is None:
+                    # the Sub did reach the broker, then the client took it back
+                    await eventually(
+                        lambda: conn.session.received == 2 and conn.session.subscriptions == set(),
+                        3,
+                        "the broker to drop the cancelled subscription",
+                    )
+                    assert server.router.index.receivers("cs.t") == []
+                else:
+                    assert conn.session.subscriptions == {"cs.t"}
+                    await held.unsubscribe()
+                    assert conn.session.subscriptions == set()
+                assert server.router.stats.errors == {}
+
+                sub = await client.subscribe("cs.t")
+                assert conn.session.subscriptions == {"cs.t"}
+                ack = await pub.publish_acked("cs.t", b"after")
+                message = await sub.next(3)
+                assert (message.seq, message.data) == (ack.seq, b"after")
+                with pytest.raises(asyncio.TimeoutError):
+                    await sub.next(0.05)  # delivered once, not twice
+                assert server.router.stats.errors == {}
+            finally:
+                await client.close()
+                await pub.close()
 
     run(main())
 
@@ -324,6 +462,50 @@ def test_connect_failures_raise_connection_closed():
                 await Client.connect(f"ws://127.0.0.1:{server.port}/nowhere", connect_timeout=2)
             assert info.value.code == 1006
             assert server.handshakes_refused == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("failure", ["refused", "http-error", "handshake-timeout"])
+def test_failed_open_leaves_the_client_closed(failure):
+    """When Client.open() (or Client.connect()) fails, the client is closed: publish raises
+    ConnectionClosed, requests fail at once and wait_closed() returns 1006 promptly."""
+
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        try:
+            if failure == "handshake-timeout":
+                listener.listen()  # accepts TCP connections, never answers the upgrade
+            if failure == "http-error":
+                async with serving() as server:
+                    await check(url(server) + "nope")
+            else:
+                await check(f"ws://127.0.0.1:{port}/")
+        finally:
+            listener.close()
+
+    async def check(target: str) -> None:
+        client = Client(target, connect_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as info:
+            await client.open()
+        assert info.value.code == 1006
+        assert time.monotonic() - started < 2.0
+        assert client.closed
+        with pytest.raises(ConnectionClosed):
+            client.publish("t", b"x")
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.publish_acked("t", b"x"), 1)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(client.subscribe("t"), 1)
+        code, reason = await asyncio.wait_for(client.wait_closed(), 1)
+        assert code == 1006 and reason
+        await asyncio.wait_for(client.close(), 1)
+        with pytest.raises(ConnectionClosed):
+            await Client.connect(target, connect_timeout=0.3)
+        await asyncio.sleep(0.05)  # anything left behind would reach the loop's exception handler
 
     run(main())
 

@@ -3,86 +3,27 @@
 import subprocess
 import sys
 
-import pytest
-
 from broker.errors import ErrorCode
-from broker.messages import Ack, Delivery, Err, Pub, ServerReader, Sub, Unsub, encode
-from broker.router import Router
-from broker.session import HARD_LIMIT_FACTOR, Limits, Session
+from broker.messages import Ack, Delivery, Err, Pub, Sub, Unsub, encode
+from broker.session import HARD_LIMIT_FACTOR
 
-from conftest import split_frames
-
-MAX_FRAME = 1 << 20
+from conftest import MAX_FRAME, Harness
 
 
-class HarnessSession(Session):
-    """A session whose `receive` applies the whole frame, starting new loop iterations when
-    the router's budget runs out, as the server does (the server interleaves other work)."""
-
-    __slots__ = ("harness", "iterations")
-
-    def __init__(self, harness, name) -> None:
-        super().__init__(harness.router, harness.limits, owner=name)
-        self.harness = harness
-        self.iterations = 0  # extra loop iterations the last frame needed
-
-    def receive(self, data) -> bool:
-        done = super().receive(data)
-        self.iterations = 0
-        while not done:
-            self.iterations += 1
-            self.router.new_tick()
-            done = self.resume()
-        return True
-
-
-class Harness:
-    def __init__(self, **limits):
-        self.flush_requests = 0
-        self.router = Router(self._request, epoch=42, max_topics=limits.pop("max_topics", 1000))
-        self.limits = Limits(**limits)
-        self.readers: dict = {}
-        self.frames: dict = {}  # owner -> frames written in the last tick
-
-    def _request(self):
-        self.flush_requests += 1
-
-    def session(self, name):
-        self.readers[name] = ServerReader()
-        return HarnessSession(self, name)
-
-    def read(self, box, data: bytes) -> list:
-        frames = split_frames(data)
-        self.frames[box.owner] = frames
-        return [m for _, payload in frames for m in self.readers[box.owner].read(payload)]
-
-    def tick(self):
-        """What the server does at the end of a tick: flush, then write each touched outbox."""
-        touched, slow = self.router.flush()
-        self.router.new_tick()
-        written = {}
-        self.frames = {}
-        shared: dict = {}
-        for box in touched:
-            box.scheduled = False
-            written[box.owner] = self.read(box, box.take(MAX_FRAME, shared))
-        self.router.end_tick()
-        return written, [box.owner for box in slow]
-
-
-def test_one_flush_request_per_tick_and_one_frame_per_topic():
+def test_one_flush_request_per_tick_and_one_frame_per_connection():
     h = Harness()
     a, b = h.session("a"), h.session("b")
-    a.receive(encode(Sub(0, "md.x")))
-    b.receive(encode([Pub(0, "md.x", b"1"), Pub(0, "md.x", b"2"), Pub(0, "md.y", b"3")]))
-    b.receive(encode(Pub(0, "md.x", b"4")))
+    a.receive(encode([Sub(0, "md.x"), Sub(1, "md.z")]))
+    b.receive(encode([Pub(0, "md.x", b"1"), Pub(0, "md.x", b"2"), Pub(0, "md.y", b"3"), Pub(0, "md.z", b"4")]))
+    b.receive(encode(Pub(0, "md.x", b"5")))
     assert h.flush_requests == 1
     written, slow = h.tick()
-    assert written == {"a": [Delivery("md.x", 42, 1, [b"1", b"2", b"4"])]}
+    assert written == {"a": [Ack(1, 0, 0), Delivery("md.x", 42, 1, [b"1", b"2", b"5"]), Delivery("md.z", 42, 1, [b"4"])]}
+    assert len(h.frames["a"]) == 1  # the ack and both topics' batches in one frame
     assert slow == []
-    b.receive(encode(Pub(0, "md.x", b"5")))
+    b.receive(encode(Pub(0, "md.x", b"6")))
     assert h.flush_requests == 2
-    assert h.tick()[0] == {"a": [Delivery("md.x", 42, 4, [b"5"])]}
+    assert h.tick()[0] == {"a": [Delivery("md.x", 42, 4, [b"6"])]}
 
 
 def test_connections_receiving_the_same_pieces_share_one_bytes_object():

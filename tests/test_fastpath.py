@@ -4,7 +4,6 @@ Every test runs on both implementations (the `fastpath_impl` fixture) or compare
 directly (the Hypothesis properties); the two share no code."""
 
 import os
-import random
 
 import msgspec
 import pytest
@@ -16,14 +15,12 @@ from broker import fastpath
 from broker.messages import Batch, Msg, Topic, decode_server_frame
 from broker.topics import matches
 
-from conftest import client_frame, split_frames
+from conftest import MAX_FRAME, client_frame, decode_frames, split_frames
 
 try:
     from broker import _fastpath as compiled
 except ImportError:  # the suite requires it; test_compiled_fast_path_is_active... says so
     compiled = None
-
-MAX_FRAME = 1 << 20
 
 
 def test_compiled_fast_path_is_active_in_a_normal_install():
@@ -148,7 +145,7 @@ def test_encode_batch_rejects_non_bytes(fastpath_impl):
 
 
 def messages_of(data: bytes) -> list:
-    return [m for _, payload in split_frames(data) for m in decode_server_frame(payload)]
+    return [m for frame in decode_frames(data) for m in frame]
 
 
 def test_assemble_groups_batches_and_keeps_order(fastpath_impl):

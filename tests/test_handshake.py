@@ -8,8 +8,6 @@ is disconnected after handshake_timeout_s, and one that sends garbage is disconn
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import time
 
 import msgspec
@@ -18,9 +16,9 @@ import websockets
 from websockets.exceptions import InvalidStatus
 
 from broker.client import Client
-from broker.messages import SUBPROTOCOL, Ack
+from broker.messages import SUBPROTOCOL, Ack, decode_server_frame
 
-from conftest import recv_message, run, serving, url
+from conftest import client_frame, eventually, recv_message, run, send_upgrade, serving, split_frame, upgrade_request, url
 
 pack = msgspec.msgpack.encode
 
@@ -38,32 +36,6 @@ async def works(ws) -> None:
     """The connection speaks the protocol: a subscribe gets its ack."""
     await ws.send(pack(["sub", 1, "hs.check"]))
     assert await recv_message(ws, 3) == Ack(1, 0, 0)
-
-
-def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> bytes:
-    """A hand-made upgrade request; one Sec-WebSocket-Protocol header line per entry."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-    ]
-    lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols or ()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def parse_head(head: bytes) -> tuple[int, dict[str, list[str]]]:
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    status = int(status_line.split(" ")[1])
-    headers: dict[str, list[str]] = {}
-    for line in header_lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return status, headers
 
 
 async def read_to_eof(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, float]:
@@ -123,11 +95,9 @@ def test_several_subprotocols_including_broker_v1_selects_it():
 def test_subprotocol_offered_on_separate_header_lines_is_accepted():
     async def main():
         async with serving() as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            request = upgrade_request("/", ["chat", f"broker.v2, {SUBPROTOCOL}"])
+            status, headers, _, writer = await send_upgrade(server.port, request)
             try:
-                writer.write(upgrade_request("/", ["chat", f"broker.v2, {SUBPROTOCOL}"]))
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-                status, headers = parse_head(head)
                 assert status == 101
                 assert headers["sec-websocket-protocol"] == [SUBPROTOCOL]
             finally:
@@ -200,6 +170,21 @@ def test_wrong_path_is_checked_before_subprotocol():
             status, _ = await refused(f"ws://127.0.0.1:{server.port}/nope")
             assert status == 404
             assert server.handshakes_refused == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("path", ["//evil/", "//evil/?x=1", "//127.0.0.1/"])
+def test_path_with_a_double_slash_is_refused_with_404(path):
+    """The request path must equal the configured path exactly: `//evil/` is not `/`."""
+
+    async def main():
+        async with serving() as server:
+            status, _, _, writer = await send_upgrade(server.port, upgrade_request(path, [SUBPROTOCOL]))
+            writer.close()
+            assert status == 404
+            assert server.handshakes_refused == 1
+            assert server.connections == {}
 
     run(main())
 
@@ -308,21 +293,53 @@ def test_malformed_upgrade_request_is_refused(request_bytes):
 
     async def main():
         async with serving() as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            try:
-                writer.write(request_bytes)
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-            finally:
-                writer.close()
-            status, _ = parse_head(head)
-            assert status in (400, 426), head
-            await until_no_connections(server)
+            status, headers, _, writer = await send_upgrade(server.port, request_bytes)
+            writer.close()
+            assert status in (400, 426), (status, headers)
+            await eventually(lambda: not server.connections, 2.0, "connections to close")
 
     run(main())
 
 
-async def until_no_connections(server, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server.connections:
-        assert time.monotonic() < deadline, "connections left open"
-        await asyncio.sleep(0.01)
+# upgrade request headers
+
+
+def test_browser_connection_header_with_several_tokens_is_accepted():
+    """Firefox sends `Connection: keep-alive, Upgrade`; that is an upgrade request."""
+    request = upgrade_request("/", [SUBPROTOCOL]).replace(b"Connection: Upgrade", b"Connection: keep-alive, Upgrade")
+    assert b"Connection: keep-alive, Upgrade\r\n" in request
+
+    async def main():
+        async with serving() as server:
+            status, headers, reader, writer = await send_upgrade(server.port, request)
+            try:
+                assert status == 101
+                assert headers["sec-websocket-protocol"] == [SUBPROTOCOL]
+                # and the connection speaks the protocol
+                writer.write(client_frame(0x2, pack(["sub", 1, "ff.t"])))
+                data = b""
+                while (split := split_frame(data)) is None:
+                    data += await asyncio.wait_for(reader.read(4096), 3)
+                opcode, payload, _ = split
+                assert opcode == 0x2
+                assert decode_server_frame(payload) == [Ack(1, 0, 0)]
+                assert server.handshakes_refused == 0
+            finally:
+                writer.close()
+
+    run(main())
+
+
+def test_unsupported_websocket_version_gets_426_naming_13():
+    """RFC 6455 4.4: an unsupported version gets 426 with `Sec-WebSocket-Version: 13`."""
+    request = upgrade_request("/", [SUBPROTOCOL]).replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8")
+
+    async def main():
+        async with serving() as server:
+            status, headers, _, writer = await send_upgrade(server.port, request)
+            writer.close()
+            assert status == 426
+            assert headers["sec-websocket-version"] == ["13"]
+            assert server.connections == {}
+
+    run(main())

@@ -22,6 +22,8 @@ from broker.messages import (
     is_batch,
 )
 
+from conftest import wire
+
 ids = st.integers(0, 2**63 - 1)
 texts = st.text(max_size=40)
 client_messages = st.one_of(
@@ -42,13 +44,6 @@ server_messages = st.one_of(
         ),
     ),
 )
-
-
-def wire(message):
-    """The MessagePack value of a server message as the broker sends it."""
-    if isinstance(message, Msg):
-        return ["msg", *([b.topic_id, b.seq, *b.data] for b in message.batches)]
-    return message
 
 
 @given(client_messages)

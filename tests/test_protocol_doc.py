@@ -41,7 +41,7 @@ from broker.messages import (
 )
 from broker.topics import DEFAULT_MAX_TOPIC_LENGTH, MAX_TOKENS
 
-from conftest import split_frames
+from conftest import split_frames, wire
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -114,13 +114,6 @@ def strict_equal(a: Any, b: Any) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(strict_equal(x, y) for x, y in zip(a, b))
     return a == b
-
-
-def wire(message) -> Any:
-    """A decoded server message as the MessagePack value the broker sends."""
-    if isinstance(message, Msg):
-        return ["msg", *([b.topic_id, b.seq, *b.data] for b in message.batches)]
-    return message
 
 
 def typed_decode(data: bytes):

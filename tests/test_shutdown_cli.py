@@ -82,11 +82,7 @@ async def connect_when_ready(proc: subprocess.Popen, port: int, timeout: float =
 
 
 async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"broker still running {timeout}s after the signal")
-        await asyncio.sleep(0.01)
+    await eventually(lambda: proc.poll() is not None, timeout, "the broker to exit after the signal")
     return proc.returncode
 
 
