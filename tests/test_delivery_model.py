@@ -15,10 +15,10 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.messages import SUBPROTOCOL
+from broker.messages import SUBPROTOCOL, Delivery, Err, Pub, Sub, Unsub, encode
 from broker.topics import matches
 
-from conftest import run, serving, url
+from conftest import Harness, run, serving, url
 
 TOPICS = ["md.a.x", "md.a.y", "md.b.x", "md.b", "fx.eur", "fx.usd", "x"]
 PATTERNS = TOPICS + ["md.>", "md.*.x", "md.a.*", "*.eur", ">", "fx.*", "md.*", "*"]
@@ -129,3 +129,55 @@ def test_every_connection_gets_exactly_what_its_subscriptions_matched(plan):
                     await reader.ws.close()
 
     run(main())
+
+
+# The same property in the sans-I/O core, with subscription changes and publishes of several
+# connections interleaved inside one loop iteration (where solo members join and leave nodes
+# that already hold pieces of the iteration).
+
+core_step = st.one_of(
+    st.tuples(st.just("sub"), st.integers(0, N_CONNECTIONS - 1), st.sampled_from(PATTERNS)),
+    st.tuples(st.just("unsub"), st.integers(0, N_CONNECTIONS - 1), st.sampled_from(PATTERNS)),
+    st.tuples(st.just("pub"), st.integers(0, N_CONNECTIONS), st.lists(st.sampled_from(TOPICS), min_size=1, max_size=6)),
+    st.tuples(st.just("tick")),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(core_step, max_size=60))
+def test_within_one_iteration_a_subscription_starts_and_stops_at_its_exact_point(plan):
+    h = Harness(max_topics=100)
+    sessions = [h.session(i) for i in range(N_CONNECTIONS + 1)]  # the last one only publishes
+    held: list[set[str]] = [set() for _ in sessions]
+    expected: list[list] = [[] for _ in sessions]
+    got: list[list] = [[] for _ in sessions]
+    seqs: dict[str, int] = {}
+
+    def tick():
+        written, slow = h.tick()
+        assert slow == []
+        for who, messages in written.items():
+            got[who] += [m for m in messages if isinstance(m, Delivery)]
+            assert not [m for m in messages if isinstance(m, Err) and m.id != 0]
+
+    for step in plan:
+        if step[0] == "tick":
+            tick()
+        elif step[0] in ("sub", "unsub"):
+            _, who, pattern = step
+            sessions[who].receive(encode((Sub if step[0] == "sub" else Unsub)(0, pattern)))
+            (held[who].add if step[0] == "sub" else held[who].discard)(pattern)
+        else:
+            _, who, topics = step
+            sessions[who].receive(encode([Pub(0, t, b"%s#%d" % (t.encode(), seqs.get(t, 0) + 1 + topics[:i].count(t))) for i, t in enumerate(topics)]))
+            for t in topics:
+                seqs[t] = seqs.get(t, 0) + 1
+                for other, patterns in enumerate(held):
+                    if any(matches(p, t) for p in patterns):
+                        expected[other].append((t, seqs[t], b"%s#%d" % (t.encode(), seqs[t])))
+    tick()
+    for who in range(len(sessions)):
+        flat = [(d.topic, d.seq + i, p) for d in got[who] for i, p in enumerate(d.data)]
+        for topic in TOPICS:
+            assert [x for x in flat if x[0] == topic] == [x for x in expected[who] if x[0] == topic], (who, topic)
+        assert len(flat) == len(expected[who])

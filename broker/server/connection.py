@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import CloseCode
-from ..fastpath import BINARY, CLOSE, CONTINUATION, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
+from ..fastpath import BINARY, CLOSE, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
 from ..messages import SUBPROTOCOL
 from ..session import Session
 from . import handshake, logs
