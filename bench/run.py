@@ -62,7 +62,7 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warmup: float, window_scale: float) -> dict:
+def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warmup: float, window: int) -> dict:
     system = SYSTEMS[system_name]
     ctx = mp.get_context("spawn")
     topic_sets = matching(sc.subscribers, sc.topics)  # per connection: the topics it receives
@@ -71,7 +71,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         for i in topics:
             deliveries[i] += 1
     connections = [expand(p, sc.topics, system.wildcards) for p in sc.subscribers]
-    window = max(1, int(sc.window * window_scale))
+    window = window or sc.window
     port = free_port()
     server = start(system_name, port)
     counters = Counters.create(procs)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default: per scenario, 5)")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--window-scale", type=float, default=1.0, help="multiply every closed-loop window (to check it is not the limit)")
+    parser.add_argument("--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON and Markdown results")
     parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables from the JSON lines of earlier runs")
     args = parser.parse_args(argv)
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
             results = []
             for _ in range(args.runs):
                 try:
-                    r = run_once(name, sc, args.clients, procs, args.warmup, args.window_scale)
+                    r = run_once(name, sc, args.clients, procs, args.warmup, args.window)
                 except Exception as exc:  # one failed run must not lose the others
                     print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -237,8 +237,8 @@ def main(argv=None) -> int:
         parts += [f"--runs {args.runs}", f"--warmup {args.warmup:g}"]
         if args.duration:
             parts.append(f"--duration {args.duration:g}")
-        if args.window_scale != 1:
-            parts.append(f"--window-scale {args.window_scale:g}")
+        if args.window:
+            parts.append(f"--window {args.window}")
         return " ".join(parts)
 
     out = Path(args.out)

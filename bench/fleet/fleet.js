@@ -92,6 +92,7 @@ class Conn {
     this.delivered = 0;
     this.ready = false;
     this.closedWith = 0;
+    this.failure = ""; // why the connection could not get ready, when it is the client that knows
   }
   open() {
     return new Promise((resolve, reject) => {
@@ -111,7 +112,7 @@ class Conn {
       ws.onerror = () => {}; // a close event follows
       ws.onclose = (event) => {
         if (!this.ready) {
-          reject(new Error(`connection ${this.index} closed before it was ready: ${event.code} ${event.reason}`));
+          reject(new Error(this.failure || `connection ${this.index} closed before it was ready: ${event.code} ${event.reason}`));
           return;
         }
         this.closedWith = event.code;
@@ -147,6 +148,10 @@ class BrokerConn extends Conn {
   }
   receive(data, now) {
     const frame = decoder.decode(data);
+    if (!Array.isArray(frame) || !Array.isArray(frame[0])) {
+      this.malformed(frame);
+      return;
+    }
     for (let i = 0; i < frame.length; i++) {
       const m = frame[i];
       const type = m[0];
@@ -161,6 +166,14 @@ class BrokerConn extends Conn {
         console.error(`connection ${this.index}: err ${JSON.stringify(m)}`);
       }
     }
+  }
+  // A frame that is not an array of messages: another wire format (the broker before coalesced frames).
+  malformed(frame) {
+    this.errors++;
+    const text = `connection ${this.index}: a frame is not an array of messages: ${JSON.stringify(frame).slice(0, 120)}`;
+    if (!this.ready) this.ws.close(1002, "not an array of messages");
+    this.failure = text;
+    console.error(text);
   }
   announce(id, name, epoch) {
     const known = this.topics.get(id);
