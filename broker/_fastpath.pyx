@@ -1,11 +1,44 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled fast path. `_fastpath_py.py` is its specification: same API, same bytes."""
+"""Compiled fast path. `_fastpath_py.py` is its specification: same API, same bytes.
+
+This module stands alone: it shares no code with its twin, so the parity tests compare two
+implementations."""
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport uint8_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from cpython.dict cimport PyDict_Next
+from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyObject
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcmp, memcpy, memset
+
+import msgspec
+
+cdef object _encode = msgspec.msgpack.Encoder().encode
+
+CONTINUATION = 0x0
+TEXT = 0x1
+BINARY = 0x2
+CLOSE = 0x8
+PING = 0x9
+PONG = 0xA
+
+INCOMPLETE = None
+ERR_PROTOCOL = 1002
+ERR_TOO_BIG = 1009
+
+cdef class Node
+
+
+cdef enum:
+    FRAME_ALLOWANCE = 5  # the outer array header (at most array 32)
+    RUN_ALLOWANCE = 9  # a "msg" message header: array 32 header + fixstr "msg"
+
+cdef uint64_t SIG_SEED = 0xCBF29CE484222325ULL
+cdef uint64_t SIG_PRIME = 0x100000001B3ULL
+
+
+# WebSocket frames
 
 
 cdef inline Py_ssize_t _header_size(Py_ssize_t size) noexcept:
@@ -24,8 +57,8 @@ cdef inline uint8_t* _put_be(uint8_t* out, uint64_t value, int width) noexcept:
     return out + width
 
 
-cdef inline uint8_t* _put_header(uint8_t* out, Py_ssize_t size) noexcept:
-    out[0] = 0x82
+cdef inline uint8_t* _put_header(uint8_t* out, Py_ssize_t size, uint8_t opcode) noexcept:
+    out[0] = 0x80 | opcode
     if size < 126:
         out[1] = <uint8_t>size
         return out + 2
@@ -36,22 +69,130 @@ cdef inline uint8_t* _put_header(uint8_t* out, Py_ssize_t size) noexcept:
     return _put_be(out + 2, <uint64_t>size, 8)
 
 
-cpdef bytes frame_header(Py_ssize_t size):
-    """Header of a final binary frame carrying `size` bytes, server side (no mask)."""
+def frame_header(Py_ssize_t size, int opcode=BINARY):
+    """Header of a final server frame (no mask) carrying `size` bytes."""
     if size < 0:
         raise ValueError("frame size must not be negative")
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _header_size(size))
-    _put_header(<uint8_t*>PyBytes_AS_STRING(out), size)
+    _put_header(<uint8_t*>PyBytes_AS_STRING(out), size, <uint8_t>opcode)
     return out
 
 
-def encode_frame(bytes payload not None):
-    """One complete binary WebSocket frame holding `payload`."""
+def encode_frame(bytes payload not None, int opcode=BINARY):
+    """One complete server frame holding `payload`."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _header_size(size) + size)
-    cdef uint8_t* p = _put_header(<uint8_t*>PyBytes_AS_STRING(out), size)
+    cdef uint8_t* p = _put_header(<uint8_t*>PyBytes_AS_STRING(out), size, <uint8_t>opcode)
     memcpy(p, PyBytes_AS_STRING(payload), size)
     return out
+
+
+cdef inline uint64_t _be(const uint8_t* p, int n) noexcept:
+    cdef uint64_t v = 0
+    cdef int i
+    for i in range(n):
+        v = (v << 8) | p[i]
+    return v
+
+
+cdef void _unmask_into(uint8_t* out, const uint8_t* src, Py_ssize_t n, const uint8_t* mask) noexcept:
+    cdef uint32_t m4
+    cdef uint64_t m8, chunk
+    cdef Py_ssize_t i = 0
+    memcpy(&m4, mask, 4)
+    m8 = (<uint64_t>m4 << 32) | m4
+    while i + 8 <= n:
+        memcpy(&chunk, src + i, 8)
+        chunk ^= m8
+        memcpy(out + i, &chunk, 8)
+        i += 8
+    while i < n:
+        out[i] = src[i] ^ mask[i & 3]
+        i += 1
+
+
+def read_frame(const uint8_t[::1] data, Py_ssize_t pos, Py_ssize_t max_size):
+    """Parse the client frame that starts at `data[pos]`.
+
+    Returns INCOMPLETE (None) when more bytes are needed; an int close code (ERR_PROTOCOL,
+    ERR_TOO_BIG) when the frame breaks the rules or a data frame is longer than `max_size`
+    (known from its header alone); otherwise (opcode, fin, payload, end): the unmasked payload
+    as bytes and the position after the frame."""
+    cdef Py_ssize_t n = data.shape[0]
+    if n - pos < 2:
+        return None
+    cdef const uint8_t* p = &data[0] + pos
+    cdef uint8_t b0 = p[0], b1 = p[1]
+    cdef int opcode = b0 & 0x0F
+    cdef int fin = b0 >> 7
+    cdef Py_ssize_t head = 2
+    cdef uint64_t size
+    if (b0 & 0x70) or not (b1 & 0x80):
+        return ERR_PROTOCOL
+    if not (opcode <= 2 or 8 <= opcode <= 10):
+        return ERR_PROTOCOL
+    size = b1 & 0x7F
+    if size == 126:
+        if n - pos < 4:
+            return None
+        size = _be(p + 2, 2)
+        head = 4
+        if size < 126:
+            return ERR_PROTOCOL
+    elif size == 127:
+        if n - pos < 10:
+            return None
+        size = _be(p + 2, 8)
+        head = 10
+        if size < 65536 or (size >> 63):
+            return ERR_PROTOCOL
+    if opcode >= 8:
+        if size > 125 or not fin:
+            return ERR_PROTOCOL
+    elif size > <uint64_t>max_size:
+        return ERR_TOO_BIG
+    cdef Py_ssize_t avail = n - pos - head - 4
+    if avail < 0 or <uint64_t>avail < size:
+        return None
+    cdef bytes payload = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>size)
+    _unmask_into(<uint8_t*>PyBytes_AS_STRING(payload), p + head + 4, <Py_ssize_t>size, p + head)
+    return opcode, fin, payload, pos + head + 4 + <Py_ssize_t>size
+
+
+def unmask(bytes payload not None, bytes mask not None):
+    """XOR `payload` with the 4-byte `mask` repeated (RFC 6455 5.3)."""
+    if PyBytes_GET_SIZE(mask) != 4:
+        raise ValueError("mask must be 4 bytes")
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    _unmask_into(<uint8_t*>PyBytes_AS_STRING(out), <const uint8_t*>PyBytes_AS_STRING(payload), n,
+                 <const uint8_t*>PyBytes_AS_STRING(mask))
+    return out
+
+
+def frame_needs(const uint8_t[::1] data, Py_ssize_t pos):
+    """How many bytes the frame starting at `data[pos]` occupies in all, from its header; 0 when
+    even the header is incomplete."""
+    cdef Py_ssize_t n = data.shape[0]
+    if n - pos < 2:
+        return 0
+    cdef const uint8_t* p = &data[0] + pos
+    cdef uint64_t size = p[1] & 0x7F
+    cdef Py_ssize_t head = 2
+    if size == 126:
+        if n - pos < 4:
+            return 0
+        size = _be(p + 2, 2)
+        head = 4
+    elif size == 127:
+        if n - pos < 10:
+            return 0
+        size = _be(p + 2, 8)
+        head = 10
+    return head + (4 if p[1] & 0x80 else 0) + <Py_ssize_t>size
+
+
+# MessagePack pieces
 
 
 cdef inline Py_ssize_t _uint_size(uint64_t v) noexcept:
@@ -104,37 +245,42 @@ cdef inline uint8_t* _put_bin_header(uint8_t* out, Py_ssize_t n) noexcept:
     return _put_be(out + 1, <uint64_t>n, 4)
 
 
-from ._fastpath_py import batch_prefix  # built once per topic, not on the hot path
+cdef inline Py_ssize_t _array_header_size(Py_ssize_t n) noexcept:
+    if n < 16:
+        return 1
+    if n < 65536:
+        return 3
+    return 5
 
 
-def encode_batch(bytes prefix not None, uint64_t first_seq, list payloads not None):
-    """A complete frame holding `["msg", topic, epoch, first_seq, [payload, ...]]`."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(payloads)
-    cdef Py_ssize_t i, size, body
+cdef inline uint8_t* _put_array_header(uint8_t* out, Py_ssize_t n) noexcept:
+    if n < 16:
+        out[0] = <uint8_t>(0x90 | n)
+        return out + 1
+    if n < 65536:
+        out[0] = 0xDC
+        return _put_be(out + 1, <uint64_t>n, 2)
+    out[0] = 0xDD
+    return _put_be(out + 1, <uint64_t>n, 4)
+
+
+cdef bytes _encode_batch(uint64_t topic_id, uint64_t first_seq, list payloads, Py_ssize_t start, Py_ssize_t stop):
+    cdef Py_ssize_t i, size
+    cdef Py_ssize_t count = stop - start
+    cdef Py_ssize_t body = _array_header_size(count + 2) + _uint_size(topic_id) + _uint_size(first_seq)
     cdef object item
-    body = PyBytes_GET_SIZE(prefix) + _uint_size(first_seq)
-    body += 1 if n < 16 else (3 if n < 65536 else 5)
-    for i in range(n):
+    for i in range(start, stop):
         item = <object>PyList_GET_ITEM(payloads, i)
         if type(item) is not bytes:
             raise TypeError("payloads must be bytes")
         size = PyBytes_GET_SIZE(item)
         body += _bin_header_size(size) + size
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, _header_size(body) + body)
-    cdef uint8_t* p = _put_header(<uint8_t*>PyBytes_AS_STRING(out), body)
-    size = PyBytes_GET_SIZE(prefix)
-    memcpy(p, PyBytes_AS_STRING(prefix), size)
-    p = _put_uint(p + size, first_seq)
-    if n < 16:
-        p[0] = <uint8_t>(0x90 | n)
-        p += 1
-    elif n < 65536:
-        p[0] = 0xDC
-        p = _put_be(p + 1, <uint64_t>n, 2)
-    else:
-        p[0] = 0xDD
-        p = _put_be(p + 1, <uint64_t>n, 4)
-    for i in range(n):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, body)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    p = _put_array_header(p, count + 2)
+    p = _put_uint(p, topic_id)
+    p = _put_uint(p, first_seq)
+    for i in range(start, stop):
         item = <object>PyList_GET_ITEM(payloads, i)
         size = PyBytes_GET_SIZE(item)
         p = _put_bin_header(p, size)
@@ -143,113 +289,180 @@ def encode_batch(bytes prefix not None, uint64_t first_seq, list payloads not No
     return out
 
 
-cdef class Outbox:
-    """One connection's outbound queue of complete frames, counted in bytes.
-
-    `transport_bytes` is what the transport still held after the last write; the bound applies
-    to the sum, so a connection cannot hide a backlog in its transport."""
-
-    cdef public object owner
-    cdef public list frames
-    cdef public Py_ssize_t size
-    cdef public Py_ssize_t transport_bytes
-    cdef public Py_ssize_t limit
-    cdef public bint scheduled
-    cdef public bint paused
-    cdef public bint closed
-    cdef public bint over
-
-    def __init__(self, object owner, Py_ssize_t limit):
-        self.owner = owner
-        self.frames = []
-        self.size = 0
-        self.transport_bytes = 0
-        self.limit = limit
-        self.scheduled = False
-        self.paused = False
-        self.closed = False
-        self.over = False
-
-    cpdef bint push(self, bytes frame):
-        """Queue a frame; True when this push took the connection past its limit.
-
-        Once past it (or closed) the outbox takes nothing more: the connection is being closed."""
-        if frame is None:
-            raise TypeError("frame must be bytes")
-        if self.closed or self.over:
-            return False
-        self.frames.append(frame)
-        self.size += PyBytes_GET_SIZE(frame)
-        if self.size + self.transport_bytes > self.limit:
-            self.over = True
-            return True
-        return False
-
-    cpdef bytes take(self):
-        """Everything queued as one bytes object (the single frame itself when there is one)."""
-        cdef list frames = self.frames
-        cdef bytes data
-        if PyList_GET_SIZE(frames) == 1:
-            data = <bytes>PyList_GET_ITEM(frames, 0)
-        else:
-            data = b"".join(frames)
-        self.frames = []
-        self.size = 0
-        return data
-
-    cpdef clear(self):
-        self.frames = []
-        self.size = 0
-
-    @property
-    def pending(self):
-        return self.size + self.transport_bytes
+def encode_batch(uint64_t topic_id, uint64_t first_seq, list payloads not None):
+    """A delivery batch: `[topic_id, first_seq, payload, payload, ...]`."""
+    return _encode_batch(topic_id, first_seq, payloads, 0, PyList_GET_SIZE(payloads))
 
 
-def fan_out(bytes frame not None, tuple targets not None, list touched not None, list slow not None):
-    """Queue `frame` on every outbox in `targets`.
+def encode_topic(uint64_t topic_id, str name not None, uint64_t epoch):
+    """A topic announcement: `["topic", topic_id, name, epoch]`."""
+    return _encode(("topic", topic_id, name, epoch))
 
-    Each outbox not yet in `touched` this tick is appended to it once; each one that passes its
-    limit with this frame is appended to `slow`, and takes no more frames from then on (it is
-    about to be closed). Nothing is raised per subscriber."""
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(frame)
-    cdef Py_ssize_t i, n = PyTuple_GET_SIZE(targets)
-    cdef Outbox box
-    for i in range(n):
-        box = targets[i]  # typed assignment: checked to be an Outbox
-        if box.closed or box.over:
-            continue
-        box.frames.append(frame)
-        box.size += size
-        if not box.scheduled:
-            box.scheduled = True
-            touched.append(box)
-        if box.size + box.transport_bytes > box.limit:
-            box.over = True
-            slow.append(box)
+
+cdef inline bint _is_batch(bytes piece) noexcept:
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(piece)
+    cdef uint8_t first = p[0]
+    cdef Py_ssize_t offset = 1 if first < 0xDC else (3 if first == 0xDC else 5)
+    cdef uint8_t head = p[offset]
+    return not (0xA0 <= head <= 0xBF or head == 0xD9 or head == 0xDA or head == 0xDB)
+
+
+def is_batch(bytes piece not None):
+    """True for a delivery batch, False for a whole message (its first element is a str)."""
+    if PyBytes_GET_SIZE(piece) < 2:
+        raise ValueError("not a piece")
+    return _is_batch(piece)
+
+
+cdef struct FrameInfo:
+    Py_ssize_t start
+    Py_ssize_t stop
+    Py_ssize_t messages
+    Py_ssize_t body
+
+
+cdef inline Py_ssize_t _run_header_size(Py_ssize_t count) noexcept:
+    return _array_header_size(count + 1) + 4
+
+
+cdef bytes _assemble(list pieces, Py_ssize_t max_frame):
+    cdef Py_ssize_t n = PyList_GET_SIZE(pieces)
+    if n == 0:
+        return b""
+    cdef FrameInfo* frames = <FrameInfo*>PyMem_Malloc(n * sizeof(FrameInfo))
+    if frames == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t nframes = 0, i, j, j2, plen, cost, used, messages, body, run_count, total, count, outer
+    cdef Py_ssize_t frame_start = 0
+    cdef bint batch, in_run
+    cdef bytes piece, out
+    cdef uint8_t* p
+    try:
+        used = FRAME_ALLOWANCE
+        in_run = False
+        messages = 0
+        body = 0
+        run_count = 0
+        for i in range(n):
+            piece = <bytes>PyList_GET_ITEM(pieces, i)
+            plen = PyBytes_GET_SIZE(piece)
+            batch = _is_batch(piece)
+            cost = plen + (RUN_ALLOWANCE if batch and not in_run else 0)
+            if i > frame_start and used + cost > max_frame:
+                if in_run:
+                    body += _run_header_size(run_count)
+                frames[nframes].start = frame_start
+                frames[nframes].stop = i
+                frames[nframes].messages = messages
+                frames[nframes].body = body
+                nframes += 1
+                frame_start = i
+                used = FRAME_ALLOWANCE
+                in_run = False
+                messages = 0
+                body = 0
+                run_count = 0
+                cost = plen + (RUN_ALLOWANCE if batch else 0)
+            if batch:
+                if not in_run:
+                    in_run = True
+                    messages += 1
+                    run_count = 0
+                run_count += 1
+            else:
+                if in_run:
+                    body += _run_header_size(run_count)
+                    in_run = False
+                messages += 1
+            body += plen
+            used += cost
+        if in_run:
+            body += _run_header_size(run_count)
+        frames[nframes].start = frame_start
+        frames[nframes].stop = n
+        frames[nframes].messages = messages
+        frames[nframes].body = body
+        nframes += 1
+        total = 0
+        for j in range(nframes):
+            outer = _array_header_size(frames[j].messages) + frames[j].body
+            total += _header_size(outer) + outer
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = <uint8_t*>PyBytes_AS_STRING(out)
+        for j in range(nframes):
+            outer = _array_header_size(frames[j].messages) + frames[j].body
+            p = _put_header(p, outer, 0x2)
+            p = _put_array_header(p, frames[j].messages)
+            i = frames[j].start
+            while i < frames[j].stop:
+                piece = <bytes>PyList_GET_ITEM(pieces, i)
+                if _is_batch(piece):
+                    count = 1
+                    while i + count < frames[j].stop and _is_batch(<bytes>PyList_GET_ITEM(pieces, i + count)):
+                        count += 1
+                    p = _put_array_header(p, count + 1)
+                    p[0] = 0xA3
+                    p[1] = 109  # m
+                    p[2] = 115  # s
+                    p[3] = 103  # g
+                    p += 4
+                    for j2 in range(i, i + count):
+                        piece = <bytes>PyList_GET_ITEM(pieces, j2)
+                        plen = PyBytes_GET_SIZE(piece)
+                        memcpy(p, PyBytes_AS_STRING(piece), plen)
+                        p += plen
+                    i += count
+                else:
+                    plen = PyBytes_GET_SIZE(piece)
+                    memcpy(p, PyBytes_AS_STRING(piece), plen)
+                    p += plen
+                    i += 1
+        return out
+    finally:
+        PyMem_Free(frames)
+
+
+def assemble(list pieces not None, Py_ssize_t max_frame):
+    """Pack a connection's pieces into complete frames, in order (see the twin)."""
+    cdef Py_ssize_t i
+    for i in range(PyList_GET_SIZE(pieces)):
+        item = <object>PyList_GET_ITEM(pieces, i)
+        if type(item) is not bytes or PyBytes_GET_SIZE(item) < 2:
+            raise TypeError("pieces must be encoded messages or batches")
+    return _assemble(pieces, max_frame)
+
+
+# Topics
 
 
 cdef class TopicState:
-    """One concrete topic: its epoch, its last sequence number and this tick's pending batch."""
+    """One concrete topic: its id, epoch, last sequence number, this tick's pending batch and
+    the subscription nodes that match it."""
 
+    cdef public Py_ssize_t id
     cdef public str name
     cdef public bytes key
     cdef public object epoch
     cdef public long long seq
-    cdef public bytes prefix
     cdef public list pending
     cdef public long long first
     cdef public bint dirty
+    cdef public list nodes
+    cdef public bytes announce
 
-    def __init__(self, str name, epoch):
+    def __init__(self, Py_ssize_t topic_id, str name not None, epoch):
+        if topic_id < 0:
+            raise ValueError("topic id must not be negative")
+        self.id = topic_id
         self.name = name
         self.key = name.encode()
         self.epoch = epoch
         self.seq = 0
-        self.prefix = batch_prefix(name, epoch)
         self.pending = []
         self.first = 0
         self.dirty = False
+        self.nodes = []
+        self.announce = encode_topic(topic_id, name, epoch)
 
 
 cdef inline void _stamp(TopicState state, bytes payload, list dirty) except *:
@@ -294,15 +507,13 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
     """Apply a client frame made only of fire-and-forget publishes to known topics (at most
     `max_count` of them, payloads of at most `max_payload` bytes).
 
-    Returns how many messages were published, or -1 when the frame holds anything else (a
-    request id, an unknown topic, a large payload, another message type, bad data): then
-    nothing was applied and the frame takes the general path. Only exact, canonical encodings
-    count as simple; anything unusual is left to the general path, which handles it the same."""
+    Returns how many messages were published, or -1 when the frame holds anything else: then
+    nothing was applied and the frame takes the general path (see the twin)."""
     cdef Py_ssize_t n = data.shape[0]
     if n < 2:
         return -1
     cdef const uint8_t* p = &data[0]
-    cdef Py_ssize_t pos = 0, count, i, tlen, plen, start
+    cdef Py_ssize_t pos = 0, count, i, tlen, plen
     cdef uint8_t b
     cdef bint batch
     count = _array_len(p, n, &pos)
@@ -381,3 +592,489 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
     for i in range(0, PyList_GET_SIZE(accepted), 2):
         _stamp(<TopicState>PyList_GET_ITEM(accepted, i), <bytes>PyList_GET_ITEM(accepted, i + 1), dirty)
     return count
+
+
+# Outbound queue of one connection
+
+
+cdef class Outbox:
+    """One connection's pieces of this loop iteration (or of every iteration while its
+    transport is paused), counted in bytes, and the topics announced on it (see the twin)."""
+
+    cdef public object owner
+    cdef public list pieces
+    cdef public Py_ssize_t size
+    cdef public Py_ssize_t transport_bytes
+    cdef public Py_ssize_t limit
+    cdef public Py_ssize_t hard_limit
+    cdef public bint scheduled
+    cdef public bint paused
+    cdef public bint closed
+    cdef public bint over
+    cdef public unsigned long long mark
+    cdef public unsigned long long sig
+    cdef public double over_since
+    cdef uint8_t* _known
+    cdef Py_ssize_t _known_size
+
+    def __init__(self, object owner, Py_ssize_t limit, hard_limit=None):
+        self.owner = owner
+        self.pieces = []
+        self.size = 0
+        self.transport_bytes = 0
+        self.limit = limit
+        self.hard_limit = limit if hard_limit is None else hard_limit
+        self.scheduled = False
+        self.paused = False
+        self.closed = False
+        self.over = False
+        self.mark = 0
+        self.sig = SIG_SEED
+        self.over_since = 0.0
+
+    def __dealloc__(self):
+        if self._known != NULL:
+            PyMem_Free(self._known)
+
+    cdef inline int _push(self, bytes piece) except -1:
+        PyList_Append(self.pieces, piece)
+        self.size += PyBytes_GET_SIZE(piece)
+        self.sig = (self.sig ^ <uint64_t><uintptr_t><PyObject*>piece) * SIG_PRIME
+        if self.size + self.transport_bytes > self.hard_limit:
+            self.over = True
+            return True
+        return False
+
+    cpdef bint push(self, bytes piece):
+        """Queue a piece; True when this push took the connection past its hard limit.
+
+        Once past it (or closed) the outbox takes nothing more: the connection is being closed."""
+        if piece is None:
+            raise TypeError("piece must be bytes")
+        if self.closed or self.over:
+            return False
+        return self._push(piece)
+
+    cdef inline bint _knows(self, Py_ssize_t topic_id) noexcept:
+        cdef Py_ssize_t byte = topic_id >> 3
+        return byte < self._known_size and (self._known[byte] >> (topic_id & 7)) & 1
+
+    cdef int _learn(self, Py_ssize_t topic_id) except -1:
+        cdef Py_ssize_t byte = topic_id >> 3, size
+        cdef uint8_t* grown
+        if byte >= self._known_size:
+            size = 16 if self._known_size == 0 else self._known_size
+            while size <= byte:
+                size *= 2
+            grown = <uint8_t*>PyMem_Realloc(self._known, size)
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self._known_size, 0, size - self._known_size)
+            self._known = grown
+            self._known_size = size
+        self._known[byte] |= <uint8_t>(1 << (topic_id & 7))
+        return 0
+
+    def knows(self, Py_ssize_t topic_id):
+        return topic_id >= 0 and self._knows(topic_id)
+
+    cpdef bytes take(self, Py_ssize_t max_frame, dict shared=None):
+        """Everything queued, assembled into frames (b"" when nothing is queued); outboxes
+        holding the very same pieces in the same order get the same bytes object."""
+        cdef list pieces = self.pieces
+        cdef Py_ssize_t n = PyList_GET_SIZE(pieces), i
+        if n == 0:
+            return b""
+        cdef object key = (self.sig, n)
+        cdef object hit
+        cdef list other
+        cdef bytes data = None
+        if shared is not None:
+            hit = shared.get(key)
+            if hit is not None:
+                other = <list>(<tuple>hit)[0]
+                for i in range(n):
+                    if PyList_GET_ITEM(other, i) != PyList_GET_ITEM(pieces, i):
+                        break
+                else:
+                    data = <bytes>(<tuple>hit)[1]
+        if data is None:
+            data = _assemble(pieces, max_frame)
+            if shared is not None:
+                shared[key] = (pieces, data)
+        self.pieces = []
+        self.size = 0
+        self.sig = SIG_SEED
+        return data
+
+    cpdef clear(self):
+        self.pieces = []
+        self.size = 0
+        self.sig = SIG_SEED
+
+    @property
+    def pending(self):
+        return self.size + self.transport_bytes
+
+
+# Fan-out
+
+
+def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None):
+    """Encode the topic's pending batch once and queue it on every outbox of every node that
+    matches the topic, each outbox once (see the twin). Returns how many outboxes received it."""
+    cdef list payloads = state.pending
+    state.pending = []
+    state.dirty = False
+    cdef list nodes = state.nodes
+    cdef Py_ssize_t npay = PyList_GET_SIZE(payloads)
+    cdef Py_ssize_t nnodes = PyList_GET_SIZE(nodes)
+    if nnodes == 0 or npay == 0:
+        return 0
+    cdef list pieces = []
+    cdef Py_ssize_t i, start = 0, size = 0, plen
+    cdef object item
+    for i in range(npay):
+        item = <object>PyList_GET_ITEM(payloads, i)
+        if type(item) is not bytes:
+            raise TypeError("payloads must be bytes")
+        plen = PyBytes_GET_SIZE(item) + 5
+        size += plen
+        if size > max_piece and i > start:
+            pieces.append(_encode_batch(state.id, state.first + start, payloads, start, i))
+            start = i
+            size = plen
+    pieces.append(_encode_batch(state.id, state.first + start, payloads, start, npay))
+    cdef Py_ssize_t npieces = PyList_GET_SIZE(pieces), k, receivers = 0, pos
+    cdef Py_ssize_t topic_id = state.id
+    cdef bytes announce = state.announce
+    cdef bytes piece0 = <bytes>PyList_GET_ITEM(pieces, 0)
+    cdef Node node
+    cdef Outbox box
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef dict members
+    for i in range(nnodes):
+        node = <Node>PyList_GET_ITEM(nodes, i)
+        members = node.members
+        pos = 0
+        while PyDict_Next(members, &pos, &key, &value):
+            box = <Outbox>key
+            if box.mark == emission or box.closed or box.over:
+                continue
+            box.mark = emission
+            receivers += 1
+            if not box.scheduled:
+                box.scheduled = True
+                touched.append(box)
+            if not box._knows(topic_id):
+                box._learn(topic_id)
+                if box._push(announce):
+                    slow.append(box)
+                    continue
+            if box._push(piece0):
+                slow.append(box)
+                continue
+            for k in range(1, npieces):
+                if box._push(<bytes>PyList_GET_ITEM(pieces, k)):
+                    slow.append(box)
+                    break
+    return receivers
+
+
+# Who receives which topic
+
+
+cdef class Node:
+    """One distinct subscription string (a topic or a pattern) and the outboxes holding it."""
+
+    cdef public str pattern
+    cdef public dict members
+
+    def __init__(self, str pattern not None):
+        self.pattern = pattern
+        self.members = {}
+
+
+cdef class _PatternTrie:
+    cdef dict children
+    cdef _PatternTrie star
+    cdef Node here
+    cdef Node rest
+
+    def __init__(self):
+        self.children = {}
+        self.star = None
+        self.here = None
+        self.rest = None
+
+    cdef bint empty(self):
+        return not self.children and self.star is None and self.here is None and self.rest is None
+
+
+cdef class _TopicTrie:
+    cdef dict children
+    cdef TopicState state
+    cdef Py_ssize_t height
+
+    def __init__(self):
+        self.children = {}
+        self.state = None
+        self.height = 0
+
+
+cdef inline bint _is_pattern(str name):
+    return "*" in name or ">" in name
+
+
+cdef class Index:
+    """Subscriptions and topics, kept so that every topic's `nodes` list is exact (see the
+    twin). `work` counts trie nodes visited and topic lists changed."""
+
+    cdef public dict exact
+    cdef _PatternTrie root
+    cdef public dict topics
+    cdef public dict by_key
+    cdef public list states
+    cdef _TopicTrie _topic_root
+    cdef public Py_ssize_t patterns
+    cdef public Py_ssize_t subscriptions
+    cdef public Py_ssize_t work
+
+    def __init__(self):
+        self.exact = {}
+        self.root = _PatternTrie()
+        self.topics = {}
+        self.by_key = {}
+        self.states = []
+        self._topic_root = _TopicTrie()
+        self.patterns = 0
+        self.subscriptions = 0
+        self.work = 0
+
+    def __len__(self):
+        return self.subscriptions
+
+    # topics
+
+    def add_topic(self, TopicState state not None):
+        """Register a new topic (`state.id` must be the number of topics so far) and find the
+        nodes that match it."""
+        if state.id != PyList_GET_SIZE(self.states) or state.name in self.topics:
+            raise ValueError(f"topic {state.name!r} with id {state.id} does not fit the index")
+        cdef list tokens = state.name.split(".")
+        cdef list nodes = []
+        node = self.exact.get(state.name)
+        if node is not None:
+            nodes.append(node)
+        if self.patterns:
+            self._collect(self.root, tokens, 0, nodes)
+        state.nodes = nodes
+        cdef _TopicTrie trie = self._topic_root, child
+        cdef Py_ssize_t depth = PyList_GET_SIZE(tokens)
+        for token in tokens:
+            if trie.height < depth:
+                trie.height = depth
+            depth -= 1
+            child = trie.children.get(token)
+            if child is None:
+                child = _TopicTrie()
+                trie.children[token] = child
+            trie = child
+        trie.state = state
+        self.work += PyList_GET_SIZE(tokens)
+        self.topics[state.name] = state
+        self.by_key[state.key] = state
+        self.states.append(state)
+
+    cdef void _collect(self, _PatternTrie trie, list tokens, Py_ssize_t i, list out) except *:
+        cdef Py_ssize_t n = PyList_GET_SIZE(tokens)
+        cdef object child
+        while True:
+            self.work += 1
+            if trie.rest is not None and i < n:
+                out.append(trie.rest)
+            if i == n:
+                if trie.here is not None:
+                    out.append(trie.here)
+                return
+            child = trie.children.get(<object>PyList_GET_ITEM(tokens, i))
+            if trie.star is not None:
+                if child is not None:
+                    self._collect(<_PatternTrie>child, tokens, i + 1, out)
+                trie = trie.star
+            elif child is not None:
+                trie = <_PatternTrie>child
+            else:
+                return
+            i += 1
+
+    cdef list _matching_topics(self, str pattern):
+        cdef list out = []
+        self._match_topics(self._topic_root, pattern.split("."), 0, out)
+        return out
+
+    cdef void _match_topics(self, _TopicTrie trie, list tokens, Py_ssize_t i, list out) except *:
+        self.work += 1
+        if trie.height < PyList_GET_SIZE(tokens) - i:
+            return
+        if i == PyList_GET_SIZE(tokens):
+            if trie.state is not None:
+                out.append(trie.state)
+            return
+        cdef str token = <str>PyList_GET_ITEM(tokens, i)
+        cdef object child
+        if token == ">":
+            for child in trie.children.values():
+                self._subtree(<_TopicTrie>child, out)
+        elif token == "*":
+            for child in trie.children.values():
+                self._match_topics(<_TopicTrie>child, tokens, i + 1, out)
+        else:
+            child = trie.children.get(token)
+            if child is not None:
+                self._match_topics(<_TopicTrie>child, tokens, i + 1, out)
+
+    cdef void _subtree(self, _TopicTrie trie, list out) except *:
+        self.work += 1
+        if trie.state is not None:
+            out.append(trie.state)
+        cdef object child
+        for child in trie.children.values():
+            self._subtree(<_TopicTrie>child, out)
+
+    # subscriptions
+
+    def subscribe(self, str pattern not None, box):
+        """Add `box` to the node of `pattern`; False when it is already there."""
+        cdef Node node = self._node(pattern, True)
+        if box in node.members:
+            return False
+        node.members[box] = None
+        self.subscriptions += 1
+        self.work += 1
+        return True
+
+    def unsubscribe(self, str pattern not None, box):
+        """Remove `box` from the node of `pattern`; False when it was not there."""
+        cdef Node node = self._node(pattern, False)
+        if node is None or box not in node.members:
+            return False
+        del node.members[box]
+        self.subscriptions -= 1
+        self.work += 1
+        if not node.members:
+            self._drop(node)
+        return True
+
+    def node(self, str pattern not None):
+        """The node of `pattern`, if anyone holds it."""
+        return self._node(pattern, False)
+
+    def receivers(self, str name not None):
+        """The outboxes a message of topic `name` reaches now, each once (for tests and
+        introspection; the hot path reads `state.nodes`)."""
+        cdef list nodes
+        state = self.topics.get(name)
+        if state is not None:
+            nodes = (<TopicState>state).nodes
+        else:
+            nodes = []
+            node = self.exact.get(name)
+            if node is not None:
+                nodes.append(node)
+            self._collect(self.root, name.split("."), 0, nodes)
+        seen = {}
+        for node in nodes:
+            for box in (<Node>node).members:
+                seen[box] = None
+        return list(seen)
+
+    cdef Node _node(self, str pattern, bint create):
+        cdef Node node
+        cdef _PatternTrie trie
+        cdef object child
+        if not _is_pattern(pattern):
+            found = self.exact.get(pattern)
+            if found is None:
+                if not create:
+                    return None
+                node = Node(pattern)
+                self.exact[pattern] = node
+                state = self.topics.get(pattern)
+                if state is not None:
+                    (<TopicState>state).nodes.append(node)
+                    self.work += 1
+                return node
+            return <Node>found
+        trie = self.root
+        for token in pattern.split("."):
+            self.work += 1
+            if token == ">":
+                if trie.rest is None and create:
+                    trie.rest = self._attach(Node(pattern))
+                return trie.rest
+            if token == "*":
+                if trie.star is None:
+                    if not create:
+                        return None
+                    trie.star = _PatternTrie()
+                trie = trie.star
+            else:
+                child = trie.children.get(token)
+                if child is None:
+                    if not create:
+                        return None
+                    child = _PatternTrie()
+                    trie.children[token] = child
+                trie = <_PatternTrie>child
+        if trie.here is None and create:
+            trie.here = self._attach(Node(pattern))
+        return trie.here
+
+    cdef Node _attach(self, Node node):
+        self.patterns += 1
+        for state in self._matching_topics(node.pattern):
+            (<TopicState>state).nodes.append(node)
+            self.work += 1
+        return node
+
+    cdef void _drop(self, Node node) except *:
+        cdef str pattern = node.pattern
+        cdef list nodes
+        if not _is_pattern(pattern):
+            del self.exact[pattern]
+            state = self.topics.get(pattern)
+            if state is not None:
+                (<TopicState>state).nodes.remove(node)
+                self.work += 1
+            return
+        self.patterns -= 1
+        for state in self._matching_topics(pattern):
+            nodes = (<TopicState>state).nodes
+            nodes.remove(node)
+            self.work += PyList_GET_SIZE(nodes) + 1
+        cdef list tokens = pattern.split(".")
+        cdef Py_ssize_t last = PyList_GET_SIZE(tokens) - 1
+        cdef bint rest = tokens[last] == ">"
+        cdef list path = tokens[:last] if rest else tokens
+        cdef list chain = [self.root]
+        cdef _PatternTrie trie = self.root, parent
+        for token in path:
+            trie = trie.star if token == "*" else <_PatternTrie>trie.children[token]
+            chain.append(trie)
+        if rest:
+            trie.rest = None
+        else:
+            trie.here = None
+        cdef Py_ssize_t depth
+        for depth in range(PyList_GET_SIZE(path), 0, -1):
+            trie = <_PatternTrie>chain[depth]
+            if not trie.empty():
+                return
+            parent = <_PatternTrie>chain[depth - 1]
+            token = path[depth - 1]
+            if token == "*":
+                parent.star = None
+            else:
+                del parent.children[token]

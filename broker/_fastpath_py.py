@@ -1,135 +1,239 @@
 """Pure-Python fast path: the specification `_fastpath.pyx` must match byte for byte.
 
-Frames are complete server-to-client WebSocket frames (FIN + binary opcode, unmasked, header
-included), so one bytes object can be written to any number of connections as it is.
+What lives here is everything the broker does per message or per subscriber:
+
+- WebSocket framing: server frames (FIN, unmasked, header included) and the parser of client
+  frames (`read_frame`), which unmasks payloads.
+- MessagePack pieces: a delivery batch of one topic (`encode_batch`), a topic announcement
+  (`encode_topic`), and `assemble`, which packs a connection's pieces of one loop iteration
+  into as few frames as a size cap allows.
+- `TopicState`, `stamp` and `fast_publish`: a topic's sequence numbers and this tick's batch.
+- `Index`: who receives which topic. Each distinct subscription string is one `Node`; each
+  topic keeps the list of nodes that match it, kept exact on every change, so finding the
+  receivers of a topic costs nothing per publish and a change touches only the topics it
+  affects.
+- `Outbox` and `emit`: one connection's pieces of this tick, and the fan-out of a topic's batch
+  to every node member, each connection once.
+
+This module imports nothing from `_fastpath.pyx` and that one nothing from here: the parity
+tests compare two independent implementations.
 """
 
 from __future__ import annotations
 
-import struct
-
 import msgspec
 
 _encode = msgspec.msgpack.Encoder().encode
-_H = struct.Struct("!H")
-_Q = struct.Struct("!Q")
+
+# WebSocket opcodes
+CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+# read_frame results other than a frame
+INCOMPLETE = None
+ERR_PROTOCOL = 1002  # broken framing
+ERR_TOO_BIG = 1009  # a data frame over the size limit
+
+# The bytes every `assemble` adds around pieces are counted with these fixed allowances, so a
+# frame never passes the cap whatever the array header sizes turn out to be.
+_FRAME_ALLOWANCE = 5  # the outer array header (at most array 32)
+_RUN_ALLOWANCE = 9  # a "msg" message header: array 32 header + fixstr "msg"
+
+_SIG_SEED = 0xCBF29CE484222325
+_SIG_PRIME = 0x100000001B3
+_SIG_MASK = (1 << 64) - 1
 
 
-def frame_header(size: int) -> bytes:
-    """Header of a final binary frame carrying `size` bytes, server side (no mask)."""
+# WebSocket frames
+
+
+def frame_header(size: int, opcode: int = BINARY) -> bytes:
+    """Header of a final server frame (no mask) carrying `size` bytes."""
     if size < 0:
         raise ValueError("frame size must not be negative")
+    first = 0x80 | opcode
     if size < 126:
-        return bytes((0x82, size))
+        return bytes((first, size))
     if size < 65536:
-        return b"\x82\x7e" + _H.pack(size)
-    return b"\x82\x7f" + _Q.pack(size)
+        return bytes((first, 126)) + size.to_bytes(2, "big")
+    return bytes((first, 127)) + size.to_bytes(8, "big")
 
 
-def encode_frame(payload: bytes) -> bytes:
-    """One complete binary WebSocket frame holding `payload`."""
+def encode_frame(payload: bytes, opcode: int = BINARY) -> bytes:
+    """One complete server frame holding `payload`."""
     if type(payload) is not bytes:
         raise TypeError("payload must be bytes")
-    return frame_header(len(payload)) + payload
+    return frame_header(len(payload), opcode) + payload
 
 
-def batch_prefix(topic: str, epoch: int) -> bytes:
-    """The constant start of every `msg` batch of a topic: `[` "msg", topic, epoch."""
-    return b"\x95" + _encode("msg") + _encode(topic) + _encode(epoch)
+def read_frame(data, pos: int, max_size: int):
+    """Parse the client frame that starts at `data[pos]`.
+
+    Returns INCOMPLETE (None) when more bytes are needed; an int close code (ERR_PROTOCOL,
+    ERR_TOO_BIG) when the frame breaks the rules or a data frame is longer than `max_size`
+    (known from its header alone); otherwise (opcode, fin, payload, end): the unmasked payload
+    as bytes and the position after the frame."""
+    n = len(data)
+    if n - pos < 2:
+        return INCOMPLETE
+    b0 = data[pos]
+    b1 = data[pos + 1]
+    opcode = b0 & 0x0F
+    fin = b0 >> 7
+    if b0 & 0x70 or not b1 & 0x80:
+        return ERR_PROTOCOL  # reserved bits (no extension is negotiated) or an unmasked frame
+    if opcode not in (CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG):
+        return ERR_PROTOCOL
+    size = b1 & 0x7F
+    head = 2
+    if size == 126:
+        if n - pos < 4:
+            return INCOMPLETE
+        size = (data[pos + 2] << 8) | data[pos + 3]
+        head = 4
+        if size < 126:
+            return ERR_PROTOCOL  # not the minimal length encoding
+    elif size == 127:
+        if n - pos < 10:
+            return INCOMPLETE
+        size = int.from_bytes(bytes(data[pos + 2 : pos + 10]), "big")
+        head = 10
+        if size < 65536 or size >> 63:
+            return ERR_PROTOCOL
+    if opcode >= CLOSE:
+        if size > 125 or not fin:
+            return ERR_PROTOCOL  # control frames are short and never fragmented
+    elif size > max_size:
+        return ERR_TOO_BIG
+    start = pos + head + 4
+    end = start + size
+    if n < end:
+        return INCOMPLETE
+    mask = bytes(data[pos + head : start])
+    return opcode, fin, unmask(bytes(data[start:end]), mask), end
 
 
-def encode_batch(prefix: bytes, first_seq: int, payloads: list) -> bytes:
-    """A complete frame holding `["msg", topic, epoch, first_seq, [payload, ...]]`."""
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """XOR `payload` with the 4-byte `mask` repeated (RFC 6455 5.3)."""
+    n = len(payload)
+    if not n:
+        return b""
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+    return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
+
+
+def frame_needs(data, pos: int) -> int:
+    """How many bytes the frame starting at `data[pos]` occupies in all, from its header; 0 when
+    even the header is incomplete. Lets a reader wait for a large frame without parsing it again
+    on every read."""
+    n = len(data)
+    if n - pos < 2:
+        return 0
+    size = data[pos + 1] & 0x7F
+    head = 2
+    if size == 126:
+        if n - pos < 4:
+            return 0
+        size = (data[pos + 2] << 8) | data[pos + 3]
+        head = 4
+    elif size == 127:
+        if n - pos < 10:
+            return 0
+        size = int.from_bytes(bytes(data[pos + 2 : pos + 10]), "big")
+        head = 10
+    return head + (4 if data[pos + 1] & 0x80 else 0) + size
+
+
+# MessagePack pieces
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def encode_batch(topic_id: int, first_seq: int, payloads: list) -> bytes:
+    """A delivery batch: `[topic_id, first_seq, payload, payload, ...]`."""
     for payload in payloads:
         if type(payload) is not bytes:
             raise TypeError("payloads must be bytes")
-    body = prefix + _encode(first_seq) + _encode(payloads)
+    return _array_header(len(payloads) + 2) + _encode(topic_id) + _encode(first_seq) + b"".join(map(_encode, payloads))
+
+
+def encode_topic(topic_id: int, name: str, epoch: int) -> bytes:
+    """A topic announcement: `["topic", topic_id, name, epoch]`."""
+    return _encode(("topic", topic_id, name, epoch))
+
+
+def is_batch(piece: bytes) -> bool:
+    """True for a delivery batch, False for a whole message (its first element is a str)."""
+    first = piece[0]
+    offset = 1 if first < 0xDC else (3 if first == 0xDC else 5)
+    head = piece[offset]
+    return not (0xA0 <= head <= 0xBF or head in (0xD9, 0xDA, 0xDB))
+
+
+def assemble(pieces: list, max_frame: int) -> bytes:
+    """Pack a connection's pieces into complete frames, in order.
+
+    Every frame holds one MessagePack array of messages. Whole messages (acks, errors, topic
+    announcements) go in as they are; consecutive delivery batches become one
+    `["msg", batch, ...]` message. A frame's payload stays within `max_frame` bytes unless a
+    single piece is larger on its own; then that piece gets a frame to itself."""
+    frames = []
+    messages: list[list] = []  # each: [batches] for a run, or [piece] for a whole message
+    kinds: list[bool] = []  # True for a run of batches
+    used = _FRAME_ALLOWANCE
+    for piece in pieces:
+        batch = is_batch(piece)
+        cost = len(piece) + (_RUN_ALLOWANCE if batch and not (kinds and kinds[-1]) else 0)
+        if messages and used + cost > max_frame:
+            frames.append(_frame_of(messages, kinds))
+            messages, kinds, used = [], [], _FRAME_ALLOWANCE
+            cost = len(piece) + (_RUN_ALLOWANCE if batch else 0)
+        if batch and kinds and kinds[-1]:
+            messages[-1].append(piece)
+        else:
+            messages.append([piece])
+            kinds.append(batch)
+        used += cost
+    if messages:
+        frames.append(_frame_of(messages, kinds))
+    return b"".join(frames)
+
+
+def _frame_of(messages: list[list], kinds: list[bool]) -> bytes:
+    parts = [_array_header(len(messages))]
+    for pieces, run in zip(messages, kinds):
+        if run:
+            parts.append(_array_header(len(pieces) + 1) + b"\xa3msg")
+        parts.extend(pieces)
+    body = b"".join(parts)
     return frame_header(len(body)) + body
 
 
-class Outbox:
-    """One connection's outbound queue of complete frames, counted in bytes.
-
-    `transport_bytes` is what the transport still held after the last write; the bound applies
-    to the sum, so a connection cannot hide a backlog in its transport."""
-
-    __slots__ = ("owner", "frames", "size", "transport_bytes", "limit", "scheduled", "paused", "closed", "over")
-
-    def __init__(self, owner: object, limit: int) -> None:
-        self.owner = owner
-        self.frames: list[bytes] = []
-        self.size = 0
-        self.transport_bytes = 0
-        self.limit = limit
-        self.scheduled = False  # already in this tick's list of connections to write
-        self.paused = False  # the transport asked us to stop writing
-        self.closed = False  # no more frames are accepted
-        self.over = False  # passed its limit; reported once
-
-    def push(self, frame: bytes) -> bool:
-        """Queue a frame; True when this push took the connection past its limit.
-
-    Once past it (or closed) the outbox takes nothing more: the connection is being closed."""
-        if self.closed or self.over:
-            return False
-        self.frames.append(frame)
-        self.size += len(frame)
-        if self.size + self.transport_bytes > self.limit:
-            self.over = True
-            return True
-        return False
-
-    def take(self) -> bytes:
-        """Everything queued as one bytes object (the single frame itself when there is one)."""
-        frames = self.frames
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        self.frames = []
-        self.size = 0
-        return data
-
-    def clear(self) -> None:
-        self.frames = []
-        self.size = 0
-
-    @property
-    def pending(self) -> int:
-        return self.size + self.transport_bytes
-
-
-def fan_out(frame: bytes, targets: tuple, touched: list, slow: list) -> None:
-    """Queue `frame` on every outbox in `targets`.
-
-    Each outbox not yet in `touched` this tick is appended to it once; each one that passes its
-    limit with this frame is appended to `slow`, and takes no more frames from then on (it is
-    about to be closed). Nothing is raised per subscriber."""
-    size = len(frame)
-    for box in targets:
-        if box.closed or box.over:
-            continue
-        box.frames.append(frame)
-        box.size += size
-        if not box.scheduled:
-            box.scheduled = True
-            touched.append(box)
-        if box.size + box.transport_bytes > box.limit:
-            box.over = True
-            slow.append(box)
+# Topics
 
 
 class TopicState:
-    """One concrete topic: its epoch, its last sequence number and this tick's pending batch."""
+    """One concrete topic: its id, epoch, last sequence number, this tick's pending batch and
+    the subscription nodes that match it."""
 
-    __slots__ = ("name", "key", "epoch", "seq", "prefix", "pending", "first", "dirty")
+    __slots__ = ("id", "name", "key", "epoch", "seq", "pending", "first", "dirty", "nodes", "announce")
 
-    def __init__(self, name: str, epoch: int) -> None:
+    def __init__(self, topic_id: int, name: str, epoch: int) -> None:
+        self.id = topic_id
         self.name = name
         self.key = name.encode()  # the topic as it appears on the wire, for fast_publish
         self.epoch = epoch
         self.seq = 0  # sequence number of the last message published
-        self.prefix = batch_prefix(name, epoch)
         self.pending: list[bytes] = []
         self.first = 0  # sequence number of pending[0]
         self.dirty = False
+        self.nodes: list[Node] = []  # subscription nodes matching this topic
+        self.announce = encode_topic(topic_id, name, epoch)
 
 
 def stamp(state: TopicState, payload: bytes, dirty: list) -> None:
@@ -143,6 +247,7 @@ def stamp(state: TopicState, payload: bytes, dirty: list) -> None:
 
 
 _decode_any = msgspec.msgpack.Decoder().decode
+_ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 
 def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, dirty: list) -> int:
@@ -181,11 +286,408 @@ def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, di
         if state is None:
             return -1
         accepted.append((state, message[3]))
-    if msgspec.msgpack.encode(value) != data:
+    if _encode(value) != data:
         return -1  # not the canonical encoding the compiled parser accepts
     for state, payload in accepted:
         stamp(state, payload, dirty)
     return len(accepted)
 
 
-_ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
+# Outbound queue of one connection
+
+
+class Outbox:
+    """One connection's pieces of this loop iteration (or of every iteration while its
+    transport is paused), counted in bytes, and the topics announced on it.
+
+    `transport_bytes` is what the transport still held after the last write. `hard_limit`
+    bounds pieces plus transport bytes at every push: past it the outbox takes nothing more and
+    is reported (the connection is closed as a slow consumer). The softer `limit` is judged
+    by the server over time."""
+
+    __slots__ = (
+        "owner", "pieces", "size", "transport_bytes", "limit", "hard_limit", "scheduled", "paused",
+        "closed", "over", "mark", "sig", "known", "over_since",
+    )
+
+    def __init__(self, owner: object, limit: int, hard_limit: int | None = None) -> None:
+        self.owner = owner
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.transport_bytes = 0
+        self.limit = limit
+        self.hard_limit = limit if hard_limit is None else hard_limit
+        self.scheduled = False  # already in this tick's list of connections to write
+        self.paused = False  # the transport asked us to stop writing
+        self.closed = False  # no more pieces are accepted
+        self.over = False  # passed its hard limit; reported once
+        self.mark = 0  # the last emission that reached this outbox (one delivery per emission)
+        self.sig = _SIG_SEED  # a hash of the pieces' identities, to share equal frames
+        self.known: set[int] = set()  # topic ids announced on this connection
+        self.over_since = 0.0  # when its backlog was first seen above `limit` (0: it is not)
+
+    def push(self, piece: bytes) -> bool:
+        """Queue a piece; True when this push took the connection past its hard limit.
+
+        Once past it (or closed) the outbox takes nothing more: the connection is being closed."""
+        if type(piece) is not bytes:
+            raise TypeError("piece must be bytes")
+        if self.closed or self.over:
+            return False
+        self.pieces.append(piece)
+        self.size += len(piece)
+        self.sig = ((self.sig ^ id(piece)) * _SIG_PRIME) & _SIG_MASK
+        if self.size + self.transport_bytes > self.hard_limit:
+            self.over = True
+            return True
+        return False
+
+    def knows(self, topic_id: int) -> bool:
+        return topic_id in self.known
+
+    def take(self, max_frame: int, shared: dict | None = None) -> bytes:
+        """Everything queued, assembled into frames (b"" when nothing is queued).
+
+        Outboxes holding the very same pieces in the same order get the same bytes object:
+        `shared` (one dict per loop iteration) remembers what was assembled."""
+        pieces = self.pieces
+        if not pieces:
+            return b""
+        key = (self.sig, len(pieces))
+        data = None
+        if shared is not None:
+            hit = shared.get(key)
+            if hit is not None and all(a is b for a, b in zip(hit[0], pieces)):
+                data = hit[1]
+        if data is None:
+            data = assemble(pieces, max_frame)
+            if shared is not None:
+                shared[key] = (pieces, data)
+        self.pieces = []
+        self.size = 0
+        self.sig = _SIG_SEED
+        return data
+
+    def clear(self) -> None:
+        self.pieces = []
+        self.size = 0
+        self.sig = _SIG_SEED
+
+    @property
+    def pending(self) -> int:
+        return self.size + self.transport_bytes
+
+
+# Fan-out
+
+
+def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: list) -> int:
+    """Encode the topic's pending batch once (in pieces of at most about `max_piece` bytes)
+    and queue it on every outbox of every node that matches the topic, each outbox once.
+
+    `emission` is a number used by no earlier call. An outbox not yet announced the topic gets
+    the announcement first. Each outbox touched for the first time this tick is appended to
+    `touched`; each one that passes its hard limit to `slow`. Nothing is raised per subscriber.
+    Returns how many outboxes received the batch."""
+    payloads = state.pending
+    state.pending = []
+    state.dirty = False
+    nodes = state.nodes
+    if not nodes or not payloads:
+        return 0
+    pieces = []
+    first = state.first
+    start = 0
+    size = 0
+    for i, payload in enumerate(payloads):
+        size += len(payload) + 5
+        if size > max_piece and i > start:
+            pieces.append(encode_batch(state.id, first + start, payloads[start:i]))
+            start = i
+            size = len(payload) + 5
+    pieces.append(encode_batch(state.id, first + start, payloads[start:]))
+    receivers = 0
+    topic_id = state.id
+    for node in nodes:
+        for box in node.members:
+            if box.mark == emission or box.closed or box.over:
+                continue
+            box.mark = emission
+            receivers += 1
+            if not box.scheduled:
+                box.scheduled = True
+                touched.append(box)
+            if topic_id not in box.known:
+                box.known.add(topic_id)
+                if box.push(state.announce):
+                    slow.append(box)
+                    continue
+            for piece in pieces:
+                if box.push(piece):
+                    slow.append(box)
+                    break
+    return receivers
+
+
+# Who receives which topic
+
+
+class Node:
+    """One distinct subscription string (a topic or a pattern) and the outboxes holding it."""
+
+    __slots__ = ("pattern", "members")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.members: dict = {}
+
+
+class _PatternTrie:
+    __slots__ = ("children", "star", "here", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _PatternTrie] = {}
+        self.star: _PatternTrie | None = None
+        self.here: Node | None = None  # a pattern ending exactly at this depth
+        self.rest: Node | None = None  # a pattern ending in '>' at this depth
+
+    def empty(self) -> bool:
+        return not (self.children or self.star is not None or self.here is not None or self.rest is not None)
+
+
+class _TopicTrie:
+    __slots__ = ("children", "state", "height")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _TopicTrie] = {}
+        self.state: TopicState | None = None
+        self.height = 0  # tokens on the longest path below: patterns longer than that skip it
+
+
+def _is_pattern(name: str) -> bool:
+    return "*" in name or ">" in name
+
+
+class Index:
+    """Subscriptions and topics, kept so that every topic's `nodes` list is exact.
+
+    - A new topic walks the pattern trie once (`add_topic`).
+    - The first subscription to a string creates its node and adds it to the topics it
+      matches (found through a trie of the existing topics); the last one to leave removes it
+      from them. Joining or leaving an existing node touches no topic at all.
+    `work` counts trie nodes visited and topic lists changed, so callers can bound the work
+    one client causes per loop iteration."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, Node] = {}
+        self.root = _PatternTrie()
+        self.topics: dict[str, TopicState] = {}
+        self.by_key: dict[bytes, TopicState] = {}
+        self.states: list[TopicState] = []  # by topic id
+        self._topic_root = _TopicTrie()
+        self.patterns = 0  # distinct pattern nodes
+        self.subscriptions = 0  # (outbox, string) pairs
+        self.work = 0
+
+    def __len__(self) -> int:
+        return self.subscriptions
+
+    # topics
+
+    def add_topic(self, state: TopicState) -> None:
+        """Register a new topic (ids are dense: `state.id` must be the number of topics so
+        far) and find the nodes that match it."""
+        if state.id != len(self.states) or state.name in self.topics:
+            raise ValueError(f"topic {state.name!r} with id {state.id} does not fit the index")
+        tokens = state.name.split(".")
+        nodes: list[Node] = []
+        node = self.exact.get(state.name)
+        if node is not None:
+            nodes.append(node)
+        if self.patterns:
+            self._collect(self.root, tokens, 0, nodes)
+        state.nodes = nodes
+        trie = self._topic_root
+        depth = len(tokens)
+        for token in tokens:
+            if trie.height < depth:
+                trie.height = depth
+            depth -= 1
+            child = trie.children.get(token)
+            if child is None:
+                child = trie.children[token] = _TopicTrie()
+            trie = child
+        trie.state = state
+        self.work += len(tokens)
+        self.topics[state.name] = state
+        self.by_key[state.key] = state
+        self.states.append(state)
+
+    def _collect(self, trie: _PatternTrie, tokens: list[str], i: int, out: list) -> None:
+        self.work += 1
+        if trie.rest is not None and i < len(tokens):
+            out.append(trie.rest)
+        if i == len(tokens):
+            if trie.here is not None:
+                out.append(trie.here)
+            return
+        child = trie.children.get(tokens[i])
+        if child is not None:
+            self._collect(child, tokens, i + 1, out)
+        if trie.star is not None:
+            self._collect(trie.star, tokens, i + 1, out)
+
+    def _matching_topics(self, pattern: str) -> list[TopicState]:
+        out: list[TopicState] = []
+        self._match_topics(self._topic_root, pattern.split("."), 0, out)
+        return out
+
+    def _match_topics(self, trie: _TopicTrie, tokens: list[str], i: int, out: list) -> None:
+        self.work += 1
+        if trie.height < len(tokens) - i:
+            return  # no topic below is long enough
+        if i == len(tokens):
+            if trie.state is not None:
+                out.append(trie.state)
+            return
+        token = tokens[i]
+        if token == ">":
+            for child in trie.children.values():
+                self._subtree(child, out)
+        elif token == "*":
+            for child in trie.children.values():
+                self._match_topics(child, tokens, i + 1, out)
+        else:
+            child = trie.children.get(token)
+            if child is not None:
+                self._match_topics(child, tokens, i + 1, out)
+
+    def _subtree(self, trie: _TopicTrie, out: list) -> None:
+        self.work += 1
+        if trie.state is not None:
+            out.append(trie.state)
+        for child in trie.children.values():
+            self._subtree(child, out)
+
+    # subscriptions
+
+    def subscribe(self, pattern: str, box) -> bool:
+        """Add `box` to the node of `pattern`; False when it is already there."""
+        node = self._node(pattern, create=True)
+        if box in node.members:
+            return False
+        node.members[box] = None
+        self.subscriptions += 1
+        self.work += 1
+        return True
+
+    def unsubscribe(self, pattern: str, box) -> bool:
+        """Remove `box` from the node of `pattern`; False when it was not there."""
+        node = self._node(pattern, create=False)
+        if node is None or box not in node.members:
+            return False
+        del node.members[box]
+        self.subscriptions -= 1
+        self.work += 1
+        if not node.members:
+            self._drop(node)
+        return True
+
+    def node(self, pattern: str) -> Node | None:
+        """The node of `pattern`, if anyone holds it."""
+        return self._node(pattern, create=False)
+
+    def receivers(self, name: str) -> list:
+        """The outboxes a message of topic `name` reaches now, each once (for tests and
+        introspection; the hot path reads `state.nodes`)."""
+        state = self.topics.get(name)
+        if state is not None:
+            nodes = state.nodes
+        else:
+            nodes = []
+            node = self.exact.get(name)
+            if node is not None:
+                nodes.append(node)
+            self._collect(self.root, name.split("."), 0, nodes)
+        seen: dict = {}
+        for node in nodes:
+            for box in node.members:
+                seen[box] = None
+        return list(seen)
+
+    def _node(self, pattern: str, create: bool) -> Node | None:
+        if not _is_pattern(pattern):
+            node = self.exact.get(pattern)
+            if node is None and create:
+                node = self.exact[pattern] = Node(pattern)
+                state = self.topics.get(pattern)
+                if state is not None:
+                    state.nodes.append(node)
+                    self.work += 1
+            return node
+        trie = self.root
+        tokens = pattern.split(".")
+        for token in tokens:
+            self.work += 1
+            if token == ">":
+                if trie.rest is None and create:
+                    trie.rest = self._attach(Node(pattern))
+                return trie.rest
+            if token == "*":
+                if trie.star is None:
+                    if not create:
+                        return None
+                    trie.star = _PatternTrie()
+                trie = trie.star
+            else:
+                child = trie.children.get(token)
+                if child is None:
+                    if not create:
+                        return None
+                    child = trie.children[token] = _PatternTrie()
+                trie = child
+        if trie.here is None and create:
+            trie.here = self._attach(Node(pattern))
+        return trie.here
+
+    def _attach(self, node: Node) -> Node:
+        """A new pattern node joins every existing topic it matches."""
+        self.patterns += 1
+        for state in self._matching_topics(node.pattern):
+            state.nodes.append(node)
+            self.work += 1
+        return node
+
+    def _drop(self, node: Node) -> None:
+        pattern = node.pattern
+        if not _is_pattern(pattern):
+            del self.exact[pattern]
+            state = self.topics.get(pattern)
+            if state is not None:
+                state.nodes.remove(node)
+                self.work += 1
+            return
+        self.patterns -= 1
+        for state in self._matching_topics(pattern):
+            state.nodes.remove(node)
+            self.work += len(state.nodes) + 1
+        tokens = pattern.split(".")
+        chain = [self.root]
+        for token in tokens[:-1] if tokens[-1] == ">" else tokens:
+            trie = chain[-1]
+            chain.append(trie.star if token == "*" else trie.children[token])
+        if tokens[-1] == ">":
+            chain[-1].rest = None
+            path = tokens[:-1]
+        else:
+            chain[-1].here = None
+            path = tokens
+        for depth in range(len(path), 0, -1):
+            trie = chain[depth]
+            if not trie.empty():
+                return
+            parent, token = chain[depth - 1], path[depth - 1]
+            if token == "*":
+                parent.star = None
+            else:
+                del parent.children[token]

@@ -30,6 +30,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_frame_bytes: Positive = 1 << 20
     max_payload_bytes: Positive = 512 << 10
     max_pending_bytes: Positive = 8 << 20
+    slow_consumer_timeout_s: Seconds = 2.0
+    max_outbound_frame_bytes: Positive = 1 << 20
     max_batch_messages: Positive = 10_000
     max_subscriptions: Positive = 10_000
     max_topics: Positive = 100_000
@@ -54,6 +56,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
+        if envelope > self.max_outbound_frame_bytes:
+            raise ValueError(
+                f"max_outbound_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
+            )
         if envelope > self.max_pending_bytes:
             raise ValueError(
                 f"max_pending_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
@@ -68,7 +74,9 @@ HELP = {
     "path": "URL path clients connect to",
     "max_frame_bytes": "largest WebSocket frame a client may send; larger ones close with 1009",
     "max_payload_bytes": "largest payload one publish may carry",
-    "max_pending_bytes": "bytes queued for one connection before it is closed as a slow consumer (1013)",
+    "max_pending_bytes": "bytes queued for one connection that it may stay behind by; longer than slow_consumer_timeout_s, or 4 times as many at once, closes it as a slow consumer (1013)",
+    "slow_consumer_timeout_s": "seconds a connection may stay more than max_pending_bytes behind before it is closed (1013)",
+    "max_outbound_frame_bytes": "largest WebSocket frame the broker sends; what a connection receives in one loop iteration is split into frames of at most this size",
     "max_batch_messages": "messages one client frame may carry",
     "max_subscriptions": "subscriptions one connection may hold",
     "max_topics": "concrete topics the broker keeps state for",

@@ -28,11 +28,11 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000  # the client closed, or asked to
     GOING_AWAY = 1001  # server shutting down, or a ping went unanswered
-    PROTOCOL_ERROR = 1002  # broken WebSocket framing (picows)
+    PROTOCOL_ERROR = 1002  # broken WebSocket framing
     UNSUPPORTED_DATA = 1003  # text frame or fragmented message
     MESSAGE_TOO_BIG = 1009  # frame larger than max_frame_bytes
     INTERNAL_ERROR = 1011  # a bug in the broker; logged with a traceback
-    SLOW_CONSUMER = 1013  # outbound queue passed max_pending_bytes
+    SLOW_CONSUMER = 1013  # stayed behind by more than max_pending_bytes
 
 
 class BrokerError(Exception):

@@ -21,25 +21,56 @@ else:
 
         IMPLEMENTATION = "python"
 
+CONTINUATION = _impl.CONTINUATION
+TEXT = _impl.TEXT
+BINARY = _impl.BINARY
+CLOSE = _impl.CLOSE
+PING = _impl.PING
+PONG = _impl.PONG
+ERR_PROTOCOL = _impl.ERR_PROTOCOL
+ERR_TOO_BIG = _impl.ERR_TOO_BIG
+
 frame_header = _impl.frame_header
 encode_frame = _impl.encode_frame
-batch_prefix = _impl.batch_prefix
+read_frame = _impl.read_frame
+frame_needs = _impl.frame_needs
+unmask = _impl.unmask
 encode_batch = _impl.encode_batch
-Outbox = _impl.Outbox
-fan_out = _impl.fan_out
+encode_topic = _impl.encode_topic
+is_batch = _impl.is_batch
+assemble = _impl.assemble
 TopicState = _impl.TopicState
 stamp = _impl.stamp
 fast_publish = _impl.fast_publish
+Outbox = _impl.Outbox
+emit = _impl.emit
+Node = _impl.Node
+Index = _impl.Index
 
 __all__ = [
+    "BINARY",
+    "CLOSE",
+    "CONTINUATION",
+    "ERR_PROTOCOL",
+    "ERR_TOO_BIG",
     "IMPLEMENTATION",
+    "Index",
+    "Node",
     "Outbox",
-    "batch_prefix",
+    "PING",
+    "PONG",
+    "TEXT",
+    "TopicState",
+    "assemble",
+    "emit",
     "encode_batch",
     "encode_frame",
-    "fan_out",
+    "encode_topic",
     "fast_publish",
     "frame_header",
+    "frame_needs",
+    "is_batch",
+    "read_frame",
     "stamp",
-    "TopicState",
+    "unmask",
 ]

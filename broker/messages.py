@@ -10,7 +10,7 @@ A client frame carries either one message (`["pub", ...]`) or an array of messag
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, NamedTuple, Union
 
 import msgspec
 
@@ -76,8 +76,32 @@ class Err(_Wire, tag="err"):
     text: str
 
 
-class Msg(_Wire, tag="msg"):
-    """A batch of messages of one topic from one loop tick; message i has sequence seq + i."""
+class Topic(_Wire, tag="topic"):
+    """Announces that `id` stands for `topic` (with its epoch) in this connection's deliveries.
+    Sent once per connection before the first delivery of the topic, again only if its epoch
+    changes."""
+
+    id: int
+    topic: str
+    epoch: int
+
+
+class Batch(NamedTuple):
+    """Consecutive messages of one topic: message i has sequence number seq + i."""
+
+    topic_id: int
+    seq: int
+    data: list[bytes]
+
+
+class Msg(NamedTuple):
+    """`["msg", batch, batch, ...]`: deliveries, each batch `[topic_id, seq, payload, ...]`."""
+
+    batches: list[Batch]
+
+
+class Delivery(NamedTuple):
+    """A batch with its topic resolved (what ServerReader returns for each batch)."""
 
     topic: str
     epoch: int
@@ -85,14 +109,15 @@ class Msg(_Wire, tag="msg"):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Msg]
+ServerMessage = Union[Ack, Err, Topic, Msg]
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic])
+_any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
 _str_decoder = msgspec.msgpack.Decoder(str)
@@ -209,3 +234,81 @@ def _explain(data, exc: Exception) -> BadMessage:
         shown = repr(kind) if kind is None or len(kind) <= 40 else repr(kind[:40]) + "..."
         return BadMessage(request_id, ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}")
     return BadMessage(request_id, ErrorCode.BAD_MESSAGE, f"invalid {kind}: {exc}")
+
+
+# Server frames
+
+
+class ProtocolViolation(ValueError):
+    """A server frame that does not follow the protocol."""
+
+
+def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Msg]:
+    """The messages of one server frame (an array of messages), in order."""
+    try:
+        parts = _raw_list_decoder.decode(data)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolViolation(f"a server frame is an array of messages: {exc}") from None
+    if not parts:
+        raise ProtocolViolation("a server frame holds at least one message")
+    out: list[Ack | Err | Topic | Msg] = []
+    for part in parts:
+        raw = bytes(part)
+        head = raw[0] if raw else 0
+        offset = 1 if 0x90 <= head <= 0x9F else (3 if head == 0xDC else 5)
+        if raw[offset : offset + 4] == b"\xa3msg":
+            out.append(_decode_msg(raw))
+            continue
+        try:
+            out.append(_named_decoder.decode(raw))
+        except _DECODE_ERRORS as exc:
+            raise ProtocolViolation(f"unreadable server message: {exc}") from None
+    return out
+
+
+def _decode_msg(raw: bytes) -> Msg:
+    try:
+        value = _any_decoder.decode(raw)
+    except _DECODE_ERRORS as exc:
+        raise ProtocolViolation(f"unreadable msg: {exc}") from None
+    batches = []
+    for batch in value[1:]:
+        if not (
+            type(batch) is list
+            and len(batch) >= 3
+            and type(batch[0]) is int
+            and type(batch[1]) is int
+            and batch[0] >= 0
+            and batch[1] >= 0
+            and all(type(p) is bytes for p in batch[2:])
+        ):
+            raise ProtocolViolation(f"a msg batch is [topic_id, seq, payload, ...], got {batch!r:.80}")
+        batches.append(Batch(batch[0], batch[1], batch[2:]))
+    if not batches:
+        raise ProtocolViolation("a msg holds at least one batch")
+    return Msg(batches)
+
+
+class ServerReader:
+    """Reads one connection's server frames: keeps its topic table (id -> name, epoch) from
+    `topic` messages and resolves every batch to a Delivery."""
+
+    def __init__(self) -> None:
+        self.topics: dict[int, tuple[str, int]] = {}
+
+    def read(self, data: bytes | memoryview) -> list[Ack | Err | Delivery]:
+        """Acks, errors and deliveries of one frame, in order; announcements update the table."""
+        out: list[Ack | Err | Delivery] = []
+        for message in decode_server_frame(data):
+            kind = type(message)
+            if kind is Msg:
+                for batch in message.batches:
+                    known = self.topics.get(batch.topic_id)
+                    if known is None:
+                        raise ProtocolViolation(f"delivery for topic id {batch.topic_id}, which was never announced")
+                    out.append(Delivery(known[0], known[1], batch.seq, batch.data))
+            elif kind is Topic:
+                self.topics[message.id] = (message.topic, message.epoch)
+            else:
+                out.append(message)
+        return out

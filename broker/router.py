@@ -3,8 +3,13 @@
 The router never touches a socket. The I/O shell gives it `request_flush`, a callable that
 arranges for `flush()` to run once at the end of the current loop iteration (`loop.call_soon`).
 The first piece of work in a tick calls it; everything else in the same tick joins the batch.
-`flush()` encodes one frame per dirty topic, queues that same bytes object on every subscriber's
-outbox, and returns the outboxes to write (each once) and those that passed their byte limit.
+`flush()` encodes each dirty topic's batch once and queues that same piece on every connection
+that receives the topic; the shell then writes each connection once, everything of the tick in
+as few frames as possible (`Outbox.take`).
+
+The router also keeps the budget of one loop iteration: how many client bytes were handled
+and how much subscription-index work was done. Past either, the shell stops reading (and a
+session stops applying) until the next iteration, so no client can make one iteration long.
 """
 
 from __future__ import annotations
@@ -13,21 +18,29 @@ import time
 from typing import Callable
 
 from .errors import ErrorCode, RequestError
-from .fastpath import Outbox, TopicState, encode_batch, fan_out, stamp
-from .topics import DEFAULT_MAX_TOPIC_LENGTH, SubscriptionIndex, is_pattern, validate_pattern, validate_topic
+from .fastpath import Index, Outbox, TopicState, emit, stamp
+from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
+
+# The work one loop iteration does before reading pauses until the next one: client frame
+# bytes, and subscription-index steps (trie nodes visited, topic lists changed).
+TICK_INPUT_BYTES = 1 << 20
+TICK_INDEX_WORK = 1 << 16
+
+# What a frame adds around its pieces at most (headers of the frame, the message array, a
+# `msg` message and a batch): pieces are cut so that a frame stays within its cap.
+_FRAME_OVERHEAD = 64
 
 
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "frames", "bytes_queued", "slow_consumers", "errors", "closes")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
         self.delivered = 0  # messages queued to subscribers (one per message per subscriber)
-        self.frames = 0  # batch frames encoded
-        self.bytes_queued = 0  # batch bytes queued to subscribers
-        self.slow_consumers = 0
+        self.batches = 0  # batch pieces encoded (one per topic per tick with subscribers)
+        self.slow_consumers = 0  # connections closed as slow consumers (counted by the shell)
         self.errors: dict[int, int] = {}  # err replies sent, by ErrorCode
         self.closes: dict[int, int] = {}  # connections closed by the broker, by close code
 
@@ -45,21 +58,39 @@ class Router:
         *,
         max_topics: int = 100_000,
         max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
+        max_outbound_frame_bytes: int = 1 << 20,
         epoch: int | None = None,
     ) -> None:
         self._request_flush = request_flush
         self.max_topics = max_topics
         self.max_topic_length = max_topic_length
+        self.max_outbound_frame_bytes = max_outbound_frame_bytes
+        self._max_piece = max(1, max_outbound_frame_bytes - _FRAME_OVERHEAD)
         # Epoch: milliseconds since 1970 at start, so a restarted broker never reuses one.
         self.epoch = int(time.time() * 1000) if epoch is None else epoch
-        self.index: SubscriptionIndex[Outbox] = SubscriptionIndex()
-        self.topics: dict[str, TopicState] = {}
-        self.topics_by_key: dict[bytes, TopicState] = {}  # the same, keyed by UTF-8 name
+        self.index = Index()
+        self.topics: dict[str, TopicState] = self.index.topics
+        self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
         self.stats = RouterStats()
         self.dirty: list[TopicState] = []
         self._touched: list[Outbox] = []
         self._slow: list[Outbox] = []
         self._flush_requested = False
+        self._emission = 0
+        self.input_bytes = 0  # client frame bytes handled in this loop iteration
+        self._work_mark = 0  # index.work when this iteration began
+
+    # the budget of one loop iteration
+
+    def new_tick(self) -> None:
+        """Start the budget of a new loop iteration."""
+        self.input_bytes = 0
+        self._work_mark = self.index.work
+
+    @property
+    def busy(self) -> bool:
+        """True once this iteration has handled its share of client bytes or index work."""
+        return self.input_bytes >= TICK_INPUT_BYTES or self.index.work - self._work_mark >= TICK_INDEX_WORK
 
     # publishing
 
@@ -73,8 +104,8 @@ class Router:
             validate_topic(name, self.max_topic_length)
             if len(self.topics) >= self.max_topics:
                 raise RequestError(ErrorCode.TOO_MANY_TOPICS, f"the broker holds {self.max_topics} topics, its limit")
-            state = self.topics[name] = TopicState(name, self.epoch)
-            self.topics_by_key[state.key] = state
+            state = TopicState(len(self.index.states), name, self.epoch)
+            self.index.add_topic(state)
         return state
 
     def publish(self, name: str, payload: bytes) -> TopicState:
@@ -106,13 +137,13 @@ class Router:
         # Messages published earlier in this tick go out without the new subscriber, so it
         # receives exactly the messages after the sequence number its ack reports.
         self._emit_matching(pattern)
-        return self.index.add(pattern, box)
+        return self.index.subscribe(pattern, box)
 
     def unsubscribe(self, pattern: str, box: Outbox) -> bool:
         """Drop a subscription; messages published before it in this tick are still delivered."""
         validate_pattern(pattern, self.max_topic_length)
         self._emit_matching(pattern)
-        return self.index.remove(pattern, box)
+        return self.index.unsubscribe(pattern, box)
 
     def _emit_matching(self, pattern: str) -> None:
         """Emit this tick's pending batches before a subscription change.
@@ -134,9 +165,9 @@ class Router:
 
     # outbound
 
-    def send(self, box: Outbox, frame: bytes) -> None:
-        """Queue one frame (a reply) on one connection; written with the rest of this tick."""
-        if box.push(frame):
+    def send(self, box: Outbox, piece: bytes) -> None:
+        """Queue one encoded message (a reply) on one connection; written with the rest of this tick."""
+        if box.push(piece):
             self._slow.append(box)
         self.schedule_write(box)
 
@@ -150,41 +181,32 @@ class Router:
     def flush(self) -> tuple[list[Outbox], list[Outbox]]:
         """Encode and fan out every dirty topic's batch.
 
-        Returns (outboxes to write, each once; outboxes that passed their limit). The caller
-        resets `scheduled` on each outbox it writes."""
+        Returns (outboxes to write, each once; outboxes that passed their hard limit). The
+        caller resets `scheduled` on each outbox it writes."""
         self._flush_requested = False
         dirty = self.dirty
-        touched = self._touched
-        slow = self._slow
         if dirty:
             self.dirty = []
-            emit = self._emit
             for state in dirty:
                 if state.pending:
-                    emit(state)
+                    self._emit(state)
+        touched, slow = self._touched, self._slow
         self._touched = []
         self._slow = []
-        if slow:
-            self.stats.slow_consumers += len(slow)
         return touched, slow
 
     def _emit(self, state: TopicState) -> None:
-        """Encode the topic's pending batch once and queue it on every subscriber."""
-        payloads = state.pending
-        state.pending = []
-        state.dirty = False
+        """Encode the topic's pending batch once and queue it on every connection that receives it."""
+        count = len(state.pending)
+        self._emission += 1
+        receivers = emit(state, self._emission, self._max_piece, self._touched, self._slow)
         stats = self.stats
-        stats.published += len(payloads)
-        targets = self.index.lookup(state.name)
-        if targets:
-            frame = encode_batch(state.prefix, state.first, payloads)
-            fan_out(frame, targets, self._touched, self._slow)
-            stats.frames += 1
-            stats.delivered += len(payloads) * len(targets)
-            stats.bytes_queued += len(frame) * len(targets)
+        stats.published += count
+        if receivers:
+            stats.batches += 1
+            stats.delivered += count * receivers
 
     def remove_all(self, box: Outbox, patterns: set[str] | list[str]) -> None:
         """Drop every subscription of a closing connection."""
         for pattern in patterns:
-            self.index.remove(pattern, box)
-
+            self.index.unsubscribe(pattern, box)

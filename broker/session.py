@@ -2,15 +2,25 @@
 
 The I/O shell hands every complete binary message to `receive()`; replies and deliveries leave
 through the router, which writes each connection once per tick.
+
+A frame may hold up to `max_batch_messages` subscription changes, each of which can touch many
+topics. When the router's budget for this loop iteration is spent, `receive()` stops between
+two messages and returns False; the shell stops reading from the connection and calls
+`resume()` in a later iteration, which carries on where it stopped. Order is kept: nothing
+else of this connection is handled in between.
 """
 
 from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
-from .fastpath import Outbox, encode_frame, fast_publish
+from .fastpath import Outbox, fast_publish
 from .messages import DEFAULT_MAX_BATCH, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import validate_pattern
+
+# A connection may queue up to this many times max_pending_bytes while it catches up with a
+# burst; past it, it is closed at once (the softer bound is judged over time by the server).
+HARD_LIMIT_FACTOR = 4
 
 
 class Limits:
@@ -26,21 +36,33 @@ class Limits:
 
 
 class Session:
-    __slots__ = ("router", "limits", "box", "subscriptions", "received", "errors", "closed")
+    __slots__ = ("router", "limits", "box", "subscriptions", "received", "errors", "closed", "_backlog", "_next")
 
     def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
         self.router = router
         self.limits = limits
-        self.box = Outbox(owner, limits.max_pending_bytes)
+        self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: set[str] = set()
         self.received = 0  # client messages handled
         self.errors = 0  # err replies sent
         self.closed = False
+        self._backlog: list | None = None  # decoded messages of a frame not yet applied
+        self._next = 0
 
-    def receive(self, data: bytes | memoryview) -> None:
-        """Handle one client frame: one message or a batch of them."""
+    @property
+    def suspended(self) -> bool:
+        """True while part of a frame waits for `resume()`."""
+        return self._backlog is not None
+
+    def receive(self, data: bytes | memoryview) -> bool:
+        """Handle one client frame: one message or a batch of them.
+
+        Returns False when the loop iteration's budget ran out before the whole frame was
+        applied: call `resume()` in a later iteration (and hand over no other frame before)."""
         if self.closed:
-            return
+            return True
+        if self._backlog is not None:
+            raise RuntimeError("receive() while an earlier frame waits for resume()")
         router = self.router
         limits = self.limits
         # Fast path: a frame of fire-and-forget publishes to known topics, parsed and stamped in
@@ -49,18 +71,38 @@ class Session:
         if count >= 0:
             self.received += count
             router.published_since_flush()
-            return
+            return True
         messages, bad = decode_client_frame(data, limits.max_batch_messages)
         box = self.box
         for problem in bad:
             if box.over:
                 break
             self.reply_error(problem.request_id, problem.code, problem.text)
-        max_payload = limits.max_payload_bytes
         self.received += len(messages)
-        for message in messages:
-            if box.over or box.closed:
-                return  # the connection is being closed: the rest of the frame is not applied
+        self._backlog = messages
+        self._next = 0
+        return self._apply()
+
+    def resume(self) -> bool:
+        """Carry on with a frame that `receive()` left unfinished; False if it stops again."""
+        if self._backlog is None:
+            return True
+        return self._apply()
+
+    def _apply(self) -> bool:
+        messages = self._backlog
+        start = i = self._next
+        router = self.router
+        box = self.box
+        max_payload = self.limits.max_payload_bytes
+        while i < len(messages):
+            if box.over or box.closed or self.closed:
+                break  # the connection is being closed: the rest of the frame is not applied
+            if i > start and router.busy:
+                self._next = i
+                return False
+            message = messages[i]
+            i += 1
             kind = type(message)
             try:
                 if kind is Pub:
@@ -71,30 +113,34 @@ class Session:
                         )
                     state = router.publish(message.topic, message.data)
                     if message.id:
-                        router.send(self.box, encode_frame(encode(Ack(message.id, state.epoch, state.seq))))
+                        router.send(box, encode(Ack(message.id, state.epoch, state.seq)))
                 elif kind is Sub:
                     self._subscribe(message)
                 elif kind is Unsub:
                     self._unsubscribe(message)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
+        self._backlog = None
+        self._next = 0
+        return True
 
     def _subscribe(self, message: Sub) -> None:
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
-        if pattern in self.subscriptions:
+        subscriptions = self.subscriptions
+        if pattern in subscriptions:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
-        if len(self.subscriptions) >= self.limits.max_subscriptions:
+        if len(subscriptions) >= self.limits.max_subscriptions:
             raise RequestError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
-                f"this connection holds {len(self.subscriptions)} subscriptions, the limit",
+                f"this connection holds {len(subscriptions)} subscriptions, the limit",
             )
         self.router.subscribe(pattern, self.box)
-        self.subscriptions.add(pattern)
+        subscriptions.add(pattern)
         state = self.router.topics.get(pattern)
         epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
         if message.id:
-            self.router.send(self.box, encode_frame(encode(Ack(message.id, epoch, seq))))
+            self.router.send(self.box, encode(Ack(message.id, epoch, seq)))
 
     def _unsubscribe(self, message: Unsub) -> None:
         pattern = message.topic
@@ -104,19 +150,21 @@ class Session:
         self.router.unsubscribe(pattern, self.box)
         self.subscriptions.discard(pattern)
         if message.id:
-            self.router.send(self.box, encode_frame(encode(Ack(message.id))))
+            self.router.send(self.box, encode(Ack(message.id)))
 
     def reply_error(self, request_id: int, code: int, text: str) -> None:
         self.errors += 1
         self.router.stats.count_error(code)
-        self.router.send(self.box, encode_frame(encode(Err(request_id, int(code), text))))
+        self.router.send(self.box, encode(Err(request_id, int(code), text)))
 
     def close(self) -> None:
         """Leave every subscription and stop accepting frames; idempotent."""
         if self.closed:
             return
         self.closed = True
-        self.router.remove_all(self.box, self.subscriptions)
-        self.subscriptions.clear()
+        self._backlog = None
+        if self.subscriptions:
+            self.router.remove_all(self.box, self.subscriptions)
+            self.subscriptions.clear()
         self.box.closed = True
         self.box.clear()

@@ -6,10 +6,13 @@ that escaped a callback is a bug even when the test's own assertions pass."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -18,10 +21,11 @@ import pytest
 import uvloop
 
 from broker.config import load
-from broker.messages import SUBPROTOCOL, server_decoder
+from broker.messages import SUBPROTOCOL, ServerReader, decode_server_frame
 from broker.server import Server
 
 ROOT = Path(__file__).resolve().parent.parent
+encode = msgspec.msgpack.encode
 
 
 def run(coro, timeout: float = 60.0) -> Any:
@@ -55,19 +59,168 @@ def url(server: Server) -> str:
     return f"ws://127.0.0.1:{server.port}/"
 
 
-def decode_frames(data: bytes) -> list:
-    """Split a stream of server frames (as the broker writes them) and decode each."""
+def split_frame(data) -> tuple[int, bytes, bytes] | None:
+    """(opcode, payload, rest) of the first server frame of a byte stream, or None while the
+    stream does not hold a whole frame yet. The one WebSocket frame splitter of the suite:
+    server frames are final (FIN) and unmasked."""
+    if len(data) < 2:
+        return None
+    first, size = data[0], data[1]
+    assert first & 0x80, "the broker never fragments"
+    assert not size & 0x80, "server frames are unmasked"
+    size &= 0x7F
+    head = 2
+    if size == 126:
+        if len(data) < 4:
+            return None
+        size, head = int.from_bytes(data[2:4], "big"), 4
+    elif size == 127:
+        if len(data) < 10:
+            return None
+        size, head = int.from_bytes(data[2:10], "big"), 10
+    if len(data) < head + size:
+        return None
+    return first & 0x0F, bytes(data[head : head + size]), data[head + size :]
+
+
+def split_frames(data) -> list[tuple[int, bytes]]:
+    """Every frame of a stream that holds whole frames only: (opcode, payload) pairs."""
     out = []
-    while data:
-        size = data[1] & 0x7F
-        head = 2
-        if size == 126:
-            size, head = int.from_bytes(data[2:4], "big"), 4
-        elif size == 127:
-            size, head = int.from_bytes(data[2:10], "big"), 10
-        out.append(server_decoder.decode(data[head : head + size]))
-        data = data[head + size :]
+    while len(data):
+        split = split_frame(data)
+        assert split is not None, "the stream ends inside a frame"
+        opcode, payload, data = split
+        out.append((opcode, payload))
     return out
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, masked: bool = True, length: int | None = None, fin: bool = True) -> bytes:
+    """A client frame made by hand, so that it can break the rules: unmasked, not final, or
+    with a header `length` other than the payload's (the payload is sent as given)."""
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((first, mask_bit | n))
+    elif n < 65536:
+        head = bytes((first, mask_bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, mask_bit | 127)) + n.to_bytes(8, "big")
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def decode_frames(data: bytes) -> list[list]:
+    """Split a stream of server frames and decode each: one list of messages per frame."""
+    return [decode_server_frame(payload) for _, payload in split_frames(data)]
+
+
+_readers: dict[int, tuple[Any, ServerReader, list]] = {}
+
+
+def reader_of(ws) -> tuple[ServerReader, list]:
+    """The ServerReader (topic table) and unread messages of a `websockets` connection."""
+    entry = _readers.get(id(ws))
+    if entry is None or entry[0] is not ws:
+        entry = _readers[id(ws)] = (ws, ServerReader(), [])
+    return entry[1], entry[2]
+
+
+async def eventually(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll `predicate` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def conns_with(server, subscriptions: set[str]) -> list:
+    """The server-side Connections whose sessions hold exactly `subscriptions`, oldest first."""
+    found = [c for c in server.connections.values() if c.session.subscriptions == subscriptions]
+    return sorted(found, key=lambda c: c.id)
+
+
+def server_conn_with(server, subscriptions: set[str]):
+    found = conns_with(server, subscriptions)
+    assert len(found) == 1, f"expected one connection holding {subscriptions}, found {len(found)}"
+    return found[0]
+
+
+class RecordingTransport:
+    """Stands in for a connection's transport and records every write it passes on:
+    `conn.transport = RecordingTransport(conn.transport)`."""
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
+class RawSocketClient:
+    """A WebSocket client written by hand on a plain non-blocking socket.
+
+    It reads only when asked to, so it can play a consumer that stops reading; a small
+    SO_RCVBUF keeps the kernel from hiding much of the backlog in its buffers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.loop = asyncio.get_running_loop()
+        self.reader = ServerReader()
+        self.unread: list = []
+
+    @classmethod
+    async def connect(cls, port: int, rcvbuf: int | None = None) -> "RawSocketClient":
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        self = cls(sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return self
+
+    async def _fill(self) -> None:
+        chunk = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), 5)
+        if not chunk:
+            raise ConnectionError("peer closed")
+        self.buffer += chunk
+
+    async def send(self, message) -> None:
+        await self.loop.sock_sendall(self.sock, client_frame(0x2, encode(message)))
+
+    async def recv(self):
+        """The next server message (Ack, Err or Delivery) from binary frames."""
+        while not self.unread:
+            while (split := split_frame(self.buffer)) is None:
+                await self._fill()
+            opcode, payload, self.buffer = split
+            assert opcode == 0x2, f"opcode {opcode:#x}"
+            self.unread.extend(self.reader.read(payload))
+        return self.unread.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 async def ws_raw(server: Server, **kwargs: Any):
@@ -78,10 +231,16 @@ async def ws_raw(server: Server, **kwargs: Any):
 
 
 async def recv_message(ws, timeout: float = 5.0):
-    """The next server message on a `websockets` connection, decoded."""
-    data = await asyncio.wait_for(ws.recv(), timeout)
-    assert isinstance(data, bytes)
-    return server_decoder.decode(data)
+    """The next server message on a `websockets` connection (an Ack, Err or Delivery; topic
+    announcements are read into the connection's topic table)."""
+    reader, unread = reader_of(ws)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not unread:
+        left = deadline - asyncio.get_running_loop().time()
+        data = await asyncio.wait_for(ws.recv(), max(left, 0.001))
+        assert isinstance(data, bytes)
+        unread.extend(reader.read(data))
+    return unread.pop(0)
 
 
 def broker_cli(*args: str, env: dict | None = None, **popen: Any) -> subprocess.Popen:
@@ -104,4 +263,3 @@ def fastpath_impl(request):
     return impl
 
 
-encode = msgspec.msgpack.encode

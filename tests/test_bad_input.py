@@ -25,9 +25,9 @@ import websockets
 
 from broker.client import Client
 from broker.errors import CloseCode, ErrorCode
-from broker.messages import Ack, Err, Msg, server_decoder
+from broker.messages import Ack, Delivery, Err
 
-from conftest import recv_message, run, serving, url, ws_raw
+from conftest import client_frame, recv_message, run, serving, url, ws_raw
 
 pack = msgspec.msgpack.encode
 
@@ -128,7 +128,7 @@ async def reply(ws, timeout: float = 3.0):
     """The next non-delivery message on a raw connection."""
     while True:
         message = await recv_message(ws, timeout)
-        if not isinstance(message, Msg):
+        if not isinstance(message, Delivery):
             return message
 
 
@@ -152,10 +152,8 @@ async def expect_close(ws, code: int, timeout: float = 3.0) -> None:
 
     async def drain():
         while True:
-            data = await ws.recv()
-            assert isinstance(data, bytes)
-            message = server_decoder.decode(data)
-            assert isinstance(message, Msg), f"unexpected reply before close: {message}"
+            message = await recv_message(ws, timeout)
+            assert isinstance(message, Delivery), f"unexpected reply before close: {message}"
 
     with pytest.raises(websockets.ConnectionClosed) as info:
         await asyncio.wait_for(drain(), timeout)
@@ -388,16 +386,6 @@ def test_oversized_frame_closes_with_1009(kind):
 # 6b. broken WebSocket framing (picows closes with 1002)
 
 
-def _frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
-    """One client frame made by hand, so that it can break the rules."""
-    n = len(payload)
-    assert n < 126
-    if not masked:
-        return bytes((0x80 | opcode, n)) + payload
-    key = os.urandom(4)
-    return bytes((0x80 | opcode, 0x80 | n)) + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 async def _raw_upgrade(server):
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -414,7 +402,7 @@ async def _raw_upgrade(server):
 
 @pytest.mark.parametrize(
     "bad_frame",
-    [_frame(0x2, pack(["pub", 1, "probe.x", b"x"]), masked=False), _frame(0x3, b"reserved opcode")],
+    [client_frame(0x2, pack(["pub", 1, "probe.x", b"x"]), masked=False), client_frame(0x3, b"reserved opcode")],
     ids=["unmasked", "reserved-opcode"],
 )
 def test_broken_framing_closes_with_1002(bad_frame):
@@ -428,7 +416,7 @@ def test_broken_framing_closes_with_1002(bad_frame):
                     assert head[0] == 0x88, head  # a close frame, unmasked
                     body = await asyncio.wait_for(reader.readexactly(head[1] & 0x7F), 3)
                     assert int.from_bytes(body[:2], "big") == CloseCode.PROTOCOL_ERROR
-                    writer.write(_frame(0x8, body[:2]))  # answer the close, as RFC 6455 asks
+                    writer.write(client_frame(0x8, body[:2]))  # answer the close, as RFC 6455 asks
                     rest = await asyncio.wait_for(reader.read(), 3)
                     assert rest == b""  # nothing after the close frame, not a second close
                 finally:
@@ -511,7 +499,7 @@ def test_invalid_topics_get_invalid_topic_for_pub_and_sub():
                 await ws.send(pack(["pub", 2, longest, b"x"]))
                 assert (await expect_ack(ws, 2)).seq == 1
                 delivery = await recv_message(ws)
-                assert isinstance(delivery, Msg) and (delivery.topic, delivery.seq, delivery.data) == (longest, 1, [b"x"])
+                assert isinstance(delivery, Delivery) and (delivery.topic, delivery.seq, delivery.data) == (longest, 1, [b"x"])
                 assert errors(server) == {ErrorCode.INVALID_TOPIC: n}
                 await ws.close()
                 await traffic.finish()
@@ -622,7 +610,7 @@ def test_batch_with_good_and_bad_messages():
                 deliveries = []
                 while len(replies) < 11:
                     message = await recv_message(ws)
-                    if isinstance(message, Msg):
+                    if isinstance(message, Delivery):
                         deliveries.append(message)
                         continue
                     assert message.id not in replies, f"two replies for id {message.id}"

@@ -17,7 +17,7 @@ from broker.client import (
     SubscriptionOverflow,
 )
 from broker.errors import ErrorCode
-from broker.messages import Ack, Msg, Sub, encode
+from broker.messages import Ack, Delivery, Sub, encode
 
 from conftest import recv_message, run, serving, url, ws_raw
 from test_integration import eventually
@@ -235,7 +235,7 @@ def test_publishes_of_one_tick_leave_in_one_frame():
                     for data in payloads:
                         pub.publish("cb.batch", data)
                     frame = await recv_message(ws)
-                    assert frame == Msg("cb.batch", server.router.epoch, 1, payloads)
+                    assert frame == Delivery("cb.batch", server.router.epoch, 1, payloads)
                     assert counting.frames == 1
                     assert counting.received == n
                     # a later tick is a new frame
@@ -286,7 +286,7 @@ def test_clean_close():
             assert client.closed
             assert (await client.wait_closed())[0] == 1000
             await eventually(lambda: not server.connections, 5, "the server to drop the connection")
-            assert server.router.index.lookup("close.t") == ()
+            assert server.router.index.receivers("close.t") == []
             assert server.router.stats.closes == {}  # the client closed, not the broker
             with pytest.raises(StopAsyncIteration):
                 await sub.next(1)

@@ -4,118 +4,20 @@ clients where the wire itself must be observed (frames, duplicates, a consumer t
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
-import time
 
 from broker.client import Client
-from broker.messages import SUBPROTOCOL, Ack, Msg, Sub, Unsub, encode, server_decoder
+from broker.messages import SUBPROTOCOL, Ack, Delivery, Sub, Unsub, encode
 
-from conftest import decode_frames, recv_message, run, serving, url, ws_raw
+from conftest import RawSocketClient, RecordingTransport, conns_with, decode_frames, eventually, recv_message, run, server_conn_with, serving, split_frames, url, ws_raw
 
 
 # helpers
-
-
-async def eventually(predicate, timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll `predicate` until it is true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def collector():
     """A subscription callback that records every Message, and the list it records into."""
     got = []
     return got, got.append
-
-
-def conns_with(server, subscriptions: set[str]) -> list:
-    """The server-side Connections whose sessions hold exactly `subscriptions`, oldest first."""
-    found = [c for c in server.connections.values() if c.session.subscriptions == subscriptions]
-    return sorted(found, key=lambda c: c.id)
-
-
-def server_conn_with(server, subscriptions: set[str]):
-    found = conns_with(server, subscriptions)
-    assert len(found) == 1, f"expected one connection holding {subscriptions}, found {len(found)}"
-    return found[0]
-
-
-def split_frame(data: bytes) -> tuple[int, bytes, bytes] | None:
-    """(opcode, payload, rest) of the first server frame in `data`; None while incomplete."""
-    if len(data) < 2:
-        return None
-    size, head = data[1] & 0x7F, 2
-    if size == 126:
-        size, head = int.from_bytes(data[2:4], "big"), 4
-    elif size == 127:
-        size, head = int.from_bytes(data[2:10], "big"), 10
-    if len(data) < head + size:
-        return None
-    return data[0] & 0x0F, data[head : head + size], data[head + size :]
-
-
-class RawSocketClient:
-    """A WebSocket client written by hand on a plain non-blocking socket.
-
-    It reads only when asked to, so it can play a consumer that stops reading; a small
-    SO_RCVBUF keeps the kernel from hiding much of the backlog in its buffers."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None) -> RawSocketClient:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        self = cls(sock)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
-        )
-        await loop.sock_sendall(sock, request.encode())
-        while b"\r\n\r\n" not in self.buffer:
-            await self._fill()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return self
-
-    async def _fill(self) -> None:
-        chunk = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), 5)
-        if not chunk:
-            raise ConnectionError("peer closed")
-        self.buffer += chunk
-
-    async def send(self, message) -> None:
-        payload = encode(message)
-        n = len(payload)
-        assert n < 126
-        mask = os.urandom(4)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        await self.loop.sock_sendall(self.sock, bytes((0x82, 0x80 | n)) + mask + masked)
-
-    async def recv(self):
-        """The next server frame, decoded (binary frames only)."""
-        while (split := split_frame(self.buffer)) is None:
-            await self._fill()
-        opcode, payload, self.buffer = split
-        assert opcode == 0x2, f"opcode {opcode:#x}"
-        return server_decoder.decode(payload)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_many_subscribers_get_every_message_in_order():
@@ -147,7 +49,7 @@ def test_many_subscribers_get_every_message_in_order():
                 assert stats.published == n_msgs
                 assert stats.delivered == n_msgs * n_subs
                 # each burst left the client in one frame and became at most one batch frame
-                assert stats.frames <= n_msgs // burst
+                assert stats.batches <= n_msgs // burst
                 assert not stats.closes and not stats.errors
             finally:
                 await asyncio.gather(publisher.close(), *(c.close() for c in subscribers))
@@ -238,9 +140,9 @@ def test_overlapping_subscriptions_receive_each_message_once():
                     ack = await pub.publish_acked("md.X", b"one")
                     await pub.publish_acked("md.Y", b"marker")
                     first = await recv_message(ws)
-                    assert first == Msg("md.X", ack.epoch, 1, [b"one"])
+                    assert first == Delivery("md.X", ack.epoch, 1, [b"one"])
                     # the next frame is the marker: md.X was not sent a second time
-                    assert await recv_message(ws) == Msg("md.Y", ack.epoch, 1, [b"marker"])
+                    assert await recv_message(ws) == Delivery("md.Y", ack.epoch, 1, [b"marker"])
                     # the Python client hands the one message to each matching subscription
                     assert (await wide.next(5)).data == b"one"
                     assert (await narrow.next(5)).data == b"one"
@@ -264,7 +166,7 @@ def test_many_topics_all_delivered():
                 assert all((s.epoch, s.seq) == (0, 0) for s in subs)
                 all_got, on_all = collector()
                 await wild.subscribe("many.>", on_all)
-                frames_before = server.router.stats.frames
+                frames_before = server.router.stats.batches
                 for name in names:  # one tick: one client frame, one batch frame per topic
                     pub.publish(name, name.encode())
                 await eventually(lambda: len(all_got) == n, 10, "the '>' subscriber")
@@ -274,7 +176,7 @@ def test_many_topics_all_delivered():
                     assert [tuple(m) for m in per_topic[name]] == [(name, epoch, 1, name.encode())]
                 assert sorted(m.topic for m in all_got) == sorted(names)
                 assert all(m.seq == 1 and m.data == m.topic.encode() for m in all_got)
-                assert server.router.stats.frames - frames_before == n
+                assert server.router.stats.batches - frames_before == n
                 assert len(server.router.topics) == n
 
     run(main())
@@ -334,7 +236,7 @@ def test_unsubscribe_stops_delivery():
                     assert (message.topic, message.data) == ("u.b", [b"marker"])
                     # a client-side subscription ends when unsubscribed
                     assert [m async for m in sub] == []
-                    assert server.router.index.lookup("u.a") == ()
+                    assert server.router.index.receivers("u.a") == []
                     for conn in server.connections.values():
                         assert "u.a" not in conn.session.subscriptions
             finally:
@@ -362,7 +264,7 @@ def test_publishes_of_one_tick_arrive_as_one_msg_frame():
                         frames.append(frame)
                         messages += len(frame.data)
                     assert len(frames) == 1
-                    assert frames[0] == Msg("batch.t", server.router.epoch, 1, payloads)
+                    assert frames[0] == Delivery("batch.t", server.router.epoch, 1, payloads)
             finally:
                 await ws.close()
 
@@ -381,24 +283,18 @@ def test_one_write_per_connection_per_tick():
                     await ws.send(encode(Sub(rid, topic)))
                     assert await recv_message(ws) == Ack(rid)
                 conn = server_conn_with(server, set(topics))
-                writes = []
-                real_write = conn.write
-
-                def counting_write(data):
-                    writes.append(bytes(data))
-                    real_write(data)
-
-                conn.write = counting_write
+                recording = conn.transport = RecordingTransport(conn.transport)
+                writes = recording.writes
                 async with Client(url(server)) as pub:
                     for k in range(per_topic):  # one tick, interleaved topics
                         for topic in topics:
                             pub.publish(topic, b"%s-%d" % (topic.encode(), k))
                     received = [await recv_message(ws) for _ in topics]
                 epoch = server.router.epoch
-                expected = [Msg(t, epoch, 1, [b"%s-%d" % (t.encode(), k) for k in range(per_topic)]) for t in topics]
+                expected = [Delivery(t, epoch, 1, [b"%s-%d" % (t.encode(), k) for k in range(per_topic)]) for t in topics]
                 assert received == expected
                 assert len(writes) == 1, f"{len(writes)} writes for one tick"
-                assert decode_frames(writes[0]) == expected
+                assert len(split_frames(writes[0])) == 1, "one frame for the three topics"
             finally:
                 await ws.close()
 

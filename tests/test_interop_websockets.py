@@ -47,12 +47,51 @@ async def connect(server, **kwargs):
     return ws
 
 
+class Peer:
+    """What a client written from the document keeps per connection (sections 2.2 and 3.2): its
+    topic table from `topic` messages, and the messages of the frames read but not yet
+    handled. Each delivery batch comes out as ["msg", topic, epoch, seq, [payload, ...]]."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.topics: dict[int, tuple[str, int]] = {}
+        self.unread: list[list] = []
+        self.frames = 0
+
+    async def frame(self, timeout: float = 5.0) -> list:
+        """The next frame, decoded: an array of one or more messages."""
+        data = await asyncio.wait_for(self.ws.recv(), timeout)
+        assert isinstance(data, bytes), "the server sends binary frames only"
+        frame = decode(data)
+        assert isinstance(frame, list) and frame, "a server frame is a non-empty array of messages"
+        for message in frame:
+            assert isinstance(message, list) and isinstance(message[0], str), message
+        self.frames += 1
+        return frame
+
+    async def next(self, timeout: float = 5.0) -> list:
+        while not self.unread:
+            for message in await self.frame(timeout):
+                if message[0] == "topic":
+                    _, topic_id, name, epoch = message
+                    self.topics[topic_id] = (name, epoch)
+                elif message[0] == "msg":
+                    for topic_id, seq, *payloads in message[1:]:
+                        name, epoch = self.topics[topic_id]  # announced before its first delivery
+                        self.unread.append(["msg", name, epoch, seq, payloads])
+                else:
+                    self.unread.append(message)
+        return self.unread.pop(0)
+
+
+PEERS: dict[int, Peer] = {}
+
+
 async def receive(ws, timeout: float = 5.0) -> list:
-    data = await asyncio.wait_for(ws.recv(), timeout)
-    assert isinstance(data, bytes), "the server sends binary frames only"
-    value = decode(data)
-    assert isinstance(value, list) and isinstance(value[0], str)
-    return value
+    peer = PEERS.get(id(ws))
+    if peer is None or peer.ws is not ws:
+        peer = PEERS[id(ws)] = Peer(ws)
+    return await peer.next(timeout)
 
 
 async def replies_by_id(ws, count: int) -> dict[int, list]:
@@ -173,26 +212,60 @@ def test_errors_from_plain_lists():
 def test_conversation_replayed_from_the_document_bytes():
     """The Examples section of docs/protocol.md, sent byte for byte."""
     doc = doc_examples()
-    assert {"sub", "ack_sub", "pub", "ack_pub", "batch", "msg", "unsub"} <= set(doc)
+    assert {"sub", "ack_sub", "pub", "ack_pub", "batch", "topic", "msg", "unsub"} <= set(doc)
 
     async def main():
         async with serving() as server:
             ws = await connect(server)
             await ws.send(doc["sub"][0])
-            assert await ws.recv() == doc["ack_sub"][0]
+            assert await ws.recv() == b"\x91" + doc["ack_sub"][0]  # a frame of one message
             await ws.send(doc["pub"][0])
-            ack = await receive(ws)
+            # one frame: the ack, the announcement of the topic, then the delivery
+            ack, announce, delivery = decode(await ws.recv())
             epoch = ack[2]
             assert ack == ["ack", 4, epoch, 1] and plausible_epoch(epoch)
             expected_ack = doc["ack_pub"][1]
             assert ack == [expected_ack[0], expected_ack[1], epoch, expected_ack[3]]
-            assert (await receive(ws))[3:] == [1, [doc["pub"][1][3]]]
+            expected_topic = doc["topic"][1]
+            assert announce == [*expected_topic[:3], epoch]
+            assert delivery == ["msg", [expected_topic[1], 1, doc["pub"][1][3]]]
             await ws.send(doc["batch"][0])
-            assert await replies_by_id(ws, 2) == {5: ["ack", 5, epoch, 2], 6: ["ack", 6, epoch, 3]}
-            expected_msg = doc["msg"][1]
-            assert await receive(ws) == [expected_msg[0], expected_msg[1], epoch, *expected_msg[3:]]
+            ack5, ack6, delivery = decode(await ws.recv())
+            assert (ack5, ack6) == (["ack", 5, epoch, 2], ["ack", 6, epoch, 3])
+            first_batch = doc["msg"][1][1]
+            assert delivery == ["msg", [first_batch[0], 2, *first_batch[2:]]]
             await ws.send(doc["unsub"][0])
-            assert await receive(ws) == ["ack", 3, 0, 0]
+            assert decode(await ws.recv()) == [["ack", 3, 0, 0]]
+            await ws.close()
+
+    run(main())
+
+
+def test_everything_of_one_server_iteration_arrives_in_one_frame():
+    """Section 2.2: the replies and the deliveries of every topic of one iteration share a frame,
+    each topic announced before its first delivery."""
+
+    async def main():
+        async with serving() as server:
+            ws = await connect(server)
+            await ws.send(encode([["sub", 1, "md.>"], ["pub", 2, "md.a", b"1"], ["pub", 3, "md.b", b"2"], ["pub", 0, "md.a", b"3"]]))
+            frame = decode(await ws.recv())
+            assert [m[0] for m in frame[:3]] == ["ack", "ack", "ack"], frame
+            announced: dict[int, str] = {}
+            delivered = []
+            for message in frame[3:]:
+                if message[0] == "topic":
+                    announced[message[1]] = message[2]
+                else:
+                    assert message[0] == "msg"
+                    delivered += [(announced[batch[0]], batch[1], batch[2:]) for batch in message[1:]]
+            assert sorted(delivered) == [("md.a", 1, [b"1", b"3"]), ("md.b", 1, [b"2"])]
+            await nothing_more(ws)
+            # later deliveries of known topics need no announcement
+            await ws.send(encode([["pub", 0, "md.b", b"4"], ["pub", 0, "md.a", b"5"]]))
+            frame = decode(await ws.recv())
+            ids = {name: topic_id for topic_id, name in announced.items()}
+            assert frame == [["msg", [ids["md.b"], 2, b"4"], [ids["md.a"], 3, b"5"]]]
             await ws.close()
 
     run(main())

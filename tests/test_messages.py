@@ -7,16 +7,19 @@ from hypothesis import strategies as st
 from broker.errors import ErrorCode
 from broker.messages import (
     Ack,
+    Batch,
     Err,
     Msg,
+    ProtocolViolation,
     Pub,
     Sub,
+    Topic,
     Unsub,
     client_decoder,
     decode_client_frame,
+    decode_server_frame,
     encode,
     is_batch,
-    server_decoder,
 )
 
 ids = st.integers(0, 2**63 - 1)
@@ -29,8 +32,23 @@ client_messages = st.one_of(
 server_messages = st.one_of(
     st.builds(Ack, ids, st.integers(0, 2**63), st.integers(0, 2**63)),
     st.builds(Err, ids, st.integers(0, 100), texts),
-    st.builds(Msg, texts, st.integers(0, 2**63), st.integers(0, 2**63), st.lists(st.binary(max_size=100), max_size=20)),
+    st.builds(Topic, ids, texts, st.integers(0, 2**64 - 1)),
+    st.builds(
+        Msg,
+        st.lists(
+            st.builds(Batch, st.integers(0, 2**32), st.integers(0, 2**64 - 1), st.lists(st.binary(max_size=100), min_size=1, max_size=20)),
+            min_size=1,
+            max_size=20,
+        ),
+    ),
 )
+
+
+def wire(message):
+    """The MessagePack value of a server message as the broker sends it."""
+    if isinstance(message, Msg):
+        return ["msg", *([b.topic_id, b.seq, *b.data] for b in message.batches)]
+    return message
 
 
 @given(client_messages)
@@ -48,9 +66,19 @@ def test_client_batch_round_trip(messages):
     assert decode_client_frame(data) == (messages, [])
 
 
-@given(server_messages)
-def test_server_message_round_trip(message):
-    assert server_decoder.decode(encode(message)) == message
+@given(st.lists(server_messages, min_size=1, max_size=10))
+def test_server_frame_round_trip(messages):
+    assert decode_server_frame(encode([wire(m) for m in messages])) == messages
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_any_bytes_are_a_server_frame_or_a_protocol_violation(data):
+    try:
+        messages = decode_server_frame(data)
+    except ProtocolViolation:
+        return
+    assert messages and all(type(m) in (Ack, Err, Topic, Msg) for m in messages)
 
 
 DOCUMENTED = {int(code) for code in ErrorCode}

@@ -27,17 +27,21 @@ from broker.errors import CloseCode, ErrorCode
 from broker.messages import (
     SUBPROTOCOL,
     Ack,
+    Batch,
     Err,
     Msg,
     Pub,
     Sub,
+    Topic,
     Unsub,
     client_batch_decoder,
     client_decoder,
+    decode_server_frame,
     is_batch,
-    server_decoder,
 )
 from broker.topics import DEFAULT_MAX_TOPIC_LENGTH, MAX_TOKENS
+
+from conftest import split_frames
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
@@ -50,7 +54,7 @@ _EXAMPLE = re.compile(
 )
 
 CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub}
-SERVER_TYPES = {"ack": Ack, "err": Err, "msg": Msg}
+SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "msg": Msg}
 
 
 class Example(NamedTuple):
@@ -112,6 +116,13 @@ def strict_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def wire(message) -> Any:
+    """A decoded server message as the MessagePack value the broker sends."""
+    if isinstance(message, Msg):
+        return ["msg", *([b.topic_id, b.seq, *b.data] for b in message.batches)]
+    return message
+
+
 def typed_decode(data: bytes):
     """Decode with the broker's own decoders: a client frame (one message or batch) or a server message."""
     value = msgspec.msgpack.decode(data)
@@ -119,20 +130,21 @@ def typed_decode(data: bytes):
         return client_batch_decoder.decode(data)
     if value[0] in CLIENT_TYPES:
         return client_decoder.decode(data)
-    return server_decoder.decode(data)
+    (message,) = decode_server_frame(b"\x91" + data)
+    return wire(message)
 
 
-def split_frame(frame: bytes) -> tuple[int, bytes]:
-    """(first header byte, payload) of one complete unmasked WebSocket frame."""
-    assert frame[1] & 0x80 == 0, "server frames are not masked"
-    size, head = frame[1] & 0x7F, 2
-    if size == 126:
-        size, head = int.from_bytes(frame[2:4], "big"), 4
-    elif size == 127:
-        size, head = int.from_bytes(frame[2:10], "big"), 10
-    payload = frame[head:]
-    assert len(payload) == size, f"frame header says {size} bytes, {len(payload)} follow"
-    return frame[0], payload
+def pieces_of(messages: list) -> list[bytes]:
+    """The pieces the broker queues for a list of decoded server messages."""
+    out = []
+    for message in messages:
+        if isinstance(message, Msg):
+            out += [_fastpath_py.encode_batch(b.topic_id, b.seq, list(b.data)) for b in message.batches]
+        elif isinstance(message, Topic):
+            out.append(_fastpath_py.encode_topic(message.id, message.topic, message.epoch))
+        else:
+            out.append(msgspec.msgpack.encode(message))
+    return out
 
 
 EXAMPLES = examples()
@@ -151,9 +163,9 @@ def test_examples_cover_every_message_type_a_batch_and_a_frame():
     assert kinds >= set(CLIENT_TYPES) | set(SERVER_TYPES)
     batches = [v for v in msgpack_values if isinstance(v[0], list)]
     assert any(len(b) == 2 and all(m[0] == "pub" for m in b) for b in batches), "no batch of two pubs"
-    assert any(v[0] == "msg" and len(v[4]) == 2 for v in msgpack_values), "no msg with two payloads"
+    assert any(v[0] == "msg" and any(len(b) == 4 for b in v[1:]) for v in msgpack_values), "no msg batch with two payloads"
     frames = [e for e in EXAMPLES.values() if e.encoding == "websocket-frame"]
-    assert any(e.value[0] == "msg" for e in frames), "no complete WebSocket frame of a msg"
+    assert any(any(m[0] == "msg" for m in e.value) for e in frames), "no complete WebSocket frame with a msg"
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.encoding == "msgpack"))
@@ -170,16 +182,16 @@ def test_msgpack_example(name):
 @pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.encoding == "websocket-frame"))
 def test_frame_example(name, fastpath_impl):
     example = EXAMPLES[name]
-    first, payload = split_frame(example.data)
-    assert first == 0x82, "FIN + binary opcode"
+    ((opcode, payload),) = split_frames(example.data)
+    assert example.data[0] == 0x82 and opcode == 0x2, "FIN + binary opcode"
     decoded = msgspec.msgpack.decode(payload)
     assert strict_equal(decoded, example.value)
     assert msgspec.msgpack.encode(example.value) == payload
-    message = server_decoder.decode(payload)
-    assert isinstance(message, Msg)
-    prefix = fastpath_impl.batch_prefix(message.topic, message.epoch)
-    assert fastpath_impl.encode_batch(prefix, message.seq, list(message.data)) == example.data
-    assert _fastpath_py.encode_frame(payload) == example.data
+    messages = decode_server_frame(payload)
+    assert msgspec.msgpack.encode([wire(m) for m in messages]) == payload
+    # The broker builds exactly these bytes from the pieces it queues.
+    assert fastpath_impl.assemble(pieces_of(messages), 1 << 20) == example.data
+    assert fastpath_impl.encode_frame(payload) == example.data
 
 
 def test_error_code_table_lists_exactly_error_code():
@@ -196,11 +208,12 @@ def test_close_code_table_lists_exactly_close_code():
     named = {row[1].strip("`"): int(row[0]) for row in rows if row[1] not in ("—", "-", "")}
     unnamed = {int(row[0]) for row in rows if row[1] in ("—", "-", "")}
     assert named == {member.name: member.value for member in CloseCode}
-    # Seen by clients without the broker choosing them: 1006 (no close frame) and 1007 (picows).
+    # Seen by clients without the broker choosing them: 1006 (no close frame) and 1007 (the
+    # answer to a client close frame with a reason that is not UTF-8).
     assert unnamed == {1006, 1007}
 
 
-@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Ack, Err, Msg])
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Ack, Err, Topic])
 def test_field_tables_match_the_structs(struct):
     tag = struct.__struct_config__.tag
     body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))
@@ -213,9 +226,16 @@ def test_field_tables_match_the_structs(struct):
     for row, field in zip(rows[1:], struct.__struct_fields__):
         assert ("default" in row[2]) == (field in with_default), f"{tag}.{field}: default marking"
     signature = "`[" + ", ".join([f'"{tag}"', *struct.__struct_fields__]) + "]`"
-    if struct is Msg:
-        signature = signature.replace("data]", "[data, ...]]")
     assert signature in body
+
+
+def test_msg_batch_table_matches_the_batch_fields():
+    body = subsection(doc_text(), next(h for h in _headings() if h.startswith("`msg`")))
+    rows = table_rows(body)
+    assert [row[1] for row in rows] == list(Batch._fields)
+    assert [int(row[0]) for row in rows] == list(range(len(rows)))
+    assert '`["msg", batch, batch, ...]`' in body
+    assert "`[" + ", ".join([*Batch._fields[:-1], "data", "data", "..."]) + "]`" in body
 
 
 def _headings() -> list[str]:

@@ -16,10 +16,9 @@ import pytest
 
 from broker import __version__
 from broker.client import Client, ConnectionClosed
-from broker.messages import Ack, Sub, server_decoder
+from broker.messages import Ack, ServerReader, Sub
 
-from conftest import ROOT, broker_cli, run, serving, url
-from test_integration import RawSocketClient, conns_with, eventually, split_frame
+from conftest import ROOT, RawSocketClient, broker_cli, conns_with, eventually, run, serving, split_frame, url
 
 
 # helpers
@@ -271,14 +270,15 @@ def test_stop_flushes_messages_queued_behind_a_paused_transport():
             finally:
                 lagging.close()
             seqs, close_code = [], None
+            reader = ServerReader()
             data = memoryview(bytes(data))
             while data:
                 split = split_frame(data)
                 assert split is not None, "the stream ended inside a frame"
                 opcode, body, data = split
                 if opcode == 0x2:
-                    message = server_decoder.decode(body)
-                    seqs.extend(range(message.seq, message.seq + len(message.data)))
+                    for message in reader.read(body):
+                        seqs.extend(range(message.seq, message.seq + len(message.data)))
                 elif opcode == 0x8:
                     close_code = int.from_bytes(body[:2], "big")
                     assert not data, "bytes after the close frame"

@@ -18,11 +18,10 @@ import logging
 from collections import deque
 from typing import Awaitable, Callable, NamedTuple
 
-import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
-from ..messages import SUBPROTOCOL, Ack, Err, Msg, Pub, Sub, Unsub, encode, server_decoder
+from ..messages import SUBPROTOCOL, Ack, Err, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
 from ..topics import SubscriptionIndex, validate_pattern, validate_topic
 
 __all__ = [
@@ -186,6 +185,7 @@ class Client:
         self._on_ack: dict[int, Callable[[Ack], None]] = {}  # run synchronously when an ack is read
         self._subs: dict[str, Subscription] = {}
         self._index: SubscriptionIndex[Subscription] = SubscriptionIndex()
+        self._topics: dict[int, tuple[str, int]] = {}  # topic id -> (name, epoch), from `topic` messages
         self._outgoing: list[bytes] = []
         self._outgoing_bytes = 0
         self._flush_scheduled = False
@@ -391,35 +391,47 @@ class Client:
 
     def _on_message(self, data: memoryview) -> None:
         try:
-            message = server_decoder.decode(data)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            self._transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"undecodable server message")
-            self._transport.disconnect()
+            messages = decode_server_frame(data)
+        except ProtocolViolation as exc:
+            self._protocol_violation(str(exc))
             return
-        kind = type(message)
-        if kind is Msg:
-            targets = self._index.lookup(message.topic)
-            if targets:
-                topic, epoch, seq = message.topic, message.epoch, message.seq
-                for i, payload in enumerate(message.data):
-                    item = Message(topic, epoch, seq + i, payload)
-                    for sub in targets:
-                        sub._deliver(item)
-        elif kind is Ack:
-            hook = self._on_ack.pop(message.id, None)
-            if hook is not None:
-                hook(message)
-            future = self._pending.get(message.id)
-            if future is not None and not future.done():
-                future.set_result(message)
-        elif kind is Err:
-            self._on_ack.pop(message.id, None)
-            error = RequestError(message.code, message.text, message.id)
-            future = self._pending.get(message.id)
-            if future is not None and not future.done():
-                future.set_exception(error)
-            else:
-                self.on_error(error)
+        for message in messages:
+            kind = type(message)
+            if kind is Msg:
+                for topic_id, seq, payloads in message.batches:
+                    known = self._topics.get(topic_id)
+                    if known is None:
+                        self._protocol_violation(f"delivery for topic id {topic_id}, which was never announced")
+                        return
+                    topic, epoch = known
+                    targets = self._index.lookup(topic)
+                    if targets:
+                        for i, payload in enumerate(payloads):
+                            item = Message(topic, epoch, seq + i, payload)
+                            for sub in targets:
+                                sub._deliver(item)
+            elif kind is Topic:
+                self._topics[message.id] = (message.topic, message.epoch)
+            elif kind is Ack:
+                hook = self._on_ack.pop(message.id, None)
+                if hook is not None:
+                    hook(message)
+                future = self._pending.get(message.id)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            elif kind is Err:
+                self._on_ack.pop(message.id, None)
+                error = RequestError(message.code, message.text, message.id)
+                future = self._pending.get(message.id)
+                if future is not None and not future.done():
+                    future.set_exception(error)
+                else:
+                    self.on_error(error)
+
+    def _protocol_violation(self, text: str) -> None:
+        logging.getLogger("broker.client").error("closing: the broker sent something unreadable: %s", text)
+        self._transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"undecodable server message")
+        self._transport.disconnect()
 
     def _on_disconnected(self) -> None:
         code, reason = self._close_info or (1006, "connection lost")

@@ -1,4 +1,4 @@
-"""The WebSocket server shell: picows + uvloop around the sans-I/O core."""
+"""The WebSocket server shell: the broker's own RFC 6455 server side on uvloop, around the sans-I/O core."""
 
 from .app import Server, run
 

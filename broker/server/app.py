@@ -1,8 +1,11 @@
-"""The broker server: picows on uvloop around the sans-I/O router.
+"""The broker server: WebSocket connections on uvloop around the sans-I/O router.
 
 Per loop tick: publishes accumulate in the router; the first one schedules `_tick` with
 `call_soon`; `_tick` encodes each topic's batch once, queues it on every subscriber's outbox
-and writes every touched connection with a single transport write.
+and writes every touched connection with a single transport write, everything of the tick
+coalesced into as few frames as possible (connections receiving the same pieces share the
+bytes). A connection that arrives when the tick's budget is spent waits in a queue and is
+resumed, in order, by the following ticks.
 """
 
 from __future__ import annotations
@@ -10,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-
-from picows import WSAutoPingStrategy, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+from collections import deque
 
 from .. import __version__
 from ..config import Config
@@ -20,8 +22,11 @@ from ..fastpath import IMPLEMENTATION
 from ..messages import SUBPROTOCOL
 from ..router import Router
 from ..session import Limits
-from . import logs
-from .connection import Connection
+from . import handshake, logs
+from .connection import OPEN, Connection
+
+# Listening backlog: connections the kernel holds before they are accepted.
+BACKLOG = 4096
 
 
 class Server:
@@ -29,9 +34,10 @@ class Server:
         self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None
         self.router = Router(
-            self._request_flush,
+            self._request_tick,
             max_topics=config.max_topics,
             max_topic_length=config.max_topic_length,
+            max_outbound_frame_bytes=config.max_outbound_frame_bytes,
         )
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
@@ -41,34 +47,25 @@ class Server:
         )
         self.connections: dict[int, Connection] = {}
         self.port: int | None = None
+        self.handshakes_refused = 0
         self._server: asyncio.Server | None = None
         self._next_id = 0
         self._closing = False
         self._all_gone: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_period = 1.0
-        self.handshakes_refused = 0
+        self._tick_scheduled = False
+        self._waiting: deque[Connection] = deque()  # connections to resume, in order
+        self._behind: set = set()  # outboxes seen above max_pending_bytes
 
     # lifecycle
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
-        self._server = await ws_create_server(
-            self._accept,
-            cfg.host,
-            cfg.port,
-            websocket_handshake_timeout=cfg.handshake_timeout_s,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=cfg.ping_interval_s,
-            auto_ping_reply_timeout=cfg.ping_timeout_s,
-            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            max_frame_size=cfg.max_frame_bytes,
-            disconnect_on_exception=True,
-            use_aiofastnet=False,
-        )
+        self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
-        self._sweep_period = min(1.0, cfg.close_timeout_s / 2)
+        self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2)
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
         logs.event(
             logging.INFO,
@@ -89,8 +86,7 @@ class Server:
         self._closing = True
         self._sweeper.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
-        if self._server is not None:
-            self._server.close()
+        self._server.close()
         self._tick()
         self._all_gone = asyncio.Event()
         for conn in list(self.connections.values()):
@@ -101,10 +97,9 @@ class Server:
             except asyncio.TimeoutError:
                 logs.event(logging.WARNING, "shutdown_timeout", aborted=len(self.connections))
                 for conn in list(self.connections.values()):
-                    conn._abort()
+                    conn.abort()
                 await asyncio.sleep(0)  # let the aborted connections report their disconnect
-        if self._server is not None:
-            await self._server.wait_closed()
+        await self._server.wait_closed()
         stats = self.router.stats
         logs.event(
             logging.INFO,
@@ -116,78 +111,138 @@ class Server:
         )
 
     def on_disconnected(self, conn: Connection) -> None:
+        self._behind.discard(conn.box)
         if self._all_gone is not None and not self.connections:
             self._all_gone.set()
 
     # handshake
 
-    def _accept(self, request: WSUpgradeRequest):
-        raw_path = request.path.decode("latin-1")
-        if raw_path.partition("?")[0] != self.config.path:
-            return self._refuse(404, f"no WebSocket endpoint at {raw_path}; connect to {self.config.path}")
+    def _new_connection(self) -> Connection:
+        self._next_id += 1
+        return Connection(self, self._next_id)
+
+    def check_request(self, request: handshake.Request) -> str:
+        """The server's checks of an upgrade request, in the documented order, then RFC 6455's;
+        returns the Sec-WebSocket-Accept value or raises HandshakeError."""
+        cfg = self.config
+        path = request.path.partition("?")[0]
+        if path != cfg.path:
+            raise handshake.HandshakeError(404, f"no WebSocket endpoint at {path}; connect to {cfg.path}")
         if self._closing:
-            return self._refuse(503, "server is shutting down")
-        version = request.headers.get("Sec-WebSocket-Version")
+            raise handshake.HandshakeError(503, "server is shutting down")
+        version = request.header("sec-websocket-version")
         if version is not None and version.strip() != "13":
-            return self._refuse(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
-        # Browsers may send "Connection: keep-alive, Upgrade"; picows expects the single token.
-        connection = request.headers.get("Connection", "")
-        if "upgrade" in (token.strip().lower() for token in connection.split(",")):
-            request.headers["Connection"] = "Upgrade"
-        offered = [p.strip() for h in request.headers.getall("Sec-WebSocket-Protocol", ()) for p in h.split(",")]
+            raise handshake.HandshakeError(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
+        offered = request.tokens("sec-websocket-protocol")
         if SUBPROTOCOL not in offered:
             why = f"offered {', '.join(offered)}" if offered else "no Sec-WebSocket-Protocol header"
-            return self._refuse(400, f"unsupported protocol version ({why}); this server speaks {SUBPROTOCOL}")
-        self._next_id += 1
-        conn = Connection(self, self._next_id)
-        response = WSUpgradeResponse.create_101_response(extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL})
-        return WSUpgradeResponseWithListener(response, conn)
+            raise handshake.HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {SUBPROTOCOL}")
+        return handshake.check_upgrade(request)
 
-    def _refuse(self, status: int, text: str, headers: dict[str, str] | None = None):
+    def refused(self, error: handshake.HandshakeError) -> None:
         self.handshakes_refused += 1
-        logs.event(logging.INFO, "handshake_refused", status=status, reason=text)
-        response = WSUpgradeResponse.create_error_response(
-            status, (text + "\n").encode(), extra_headers={"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
-        )
-        return WSUpgradeResponseWithListener(response, None)
-
-    def _sweep(self) -> None:
-        """Find connections picows closed by itself (an oversized frame gets 1009 without telling
-        the listener) and give them the same treatment as ours: no more deliveries, abort after
-        close_timeout_s. Runs a few times a second; O(connections)."""
-        for conn in list(self.connections.values()):
-            transport = conn.transport
-            if transport is not None and transport.is_close_frame_sent and not conn._abort_scheduled:
-                conn._closing()
-        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
+        logs.event(logging.INFO, "handshake_refused", status=error.status, reason=error.text)
 
     # per-tick flush
 
-    def _request_flush(self) -> None:
-        self.loop.call_soon(self._tick)
+    def _request_tick(self) -> None:
+        if not self._tick_scheduled:
+            self._tick_scheduled = True
+            self.loop.call_soon(self._tick)
+
+    def queue(self, conn: Connection) -> None:
+        """`conn` has more to handle than this tick's budget allows: stop reading it and resume
+        it, in order, in a following tick."""
+        conn.suspend_reading()
+        self._waiting.append(conn)
+        self._request_tick()
 
     def _tick(self) -> None:
-        touched, slow = self.router.flush()
+        self._tick_scheduled = False
+        router = self.router
+        touched, slow = router.flush()
         for box in slow:
-            conn = box.owner
-            logs.event(logging.WARNING, "slow_consumer", conn=conn.id, pending=box.pending, limit=box.limit)
-            conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {box.pending} bytes pending, limit {box.limit}")
-        for box in touched:
-            box.scheduled = False
-            if box.paused:
-                # A paused connection that picows already closed (1009) will not drain: stop it.
-                if box.owner.transport.is_close_frame_sent:
-                    box.owner._closing()
+            self._slow_consumer(box)
+        if touched:
+            now = self.loop.time()
+            shared: dict = {}
+            max_frame = self.config.max_outbound_frame_bytes
+            for box in touched:
+                box.scheduled = False
+                if box.closed:
+                    continue
+                conn = box.owner
+                if box.size and not box.paused:
+                    try:
+                        conn.write(box.take(max_frame, shared))
+                        box.transport_bytes = conn.buffer_size()
+                    except Exception:  # never leave the other connections of this tick unwritten
+                        logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
+                        conn.abort()
+                        continue
+                if box.size + box.transport_bytes > box.limit:
+                    self._falling_behind(box, now)
+                elif box.over_since:
+                    box.over_since = 0.0
+                    self._behind.discard(box)
+        router.new_tick()
+        waiting = self._waiting
+        for _ in range(len(waiting)):
+            waiting.popleft().resume()
+            if router.busy:
+                break
+        if waiting:
+            self._request_tick()
+
+    def _falling_behind(self, box, now: float) -> None:
+        """A connection's backlog is above max_pending_bytes: it may catch up from a burst, but
+        one that stays behind for slow_consumer_timeout_s is closed."""
+        if not box.over_since:
+            box.over_since = now
+            self._behind.add(box)
+        elif now - box.over_since >= self.config.slow_consumer_timeout_s:
+            self._slow_consumer(box)
+
+    def _slow_consumer(self, box) -> None:
+        self._behind.discard(box)
+        conn = box.owner
+        if conn.state != OPEN:
+            return
+        self.router.stats.slow_consumers += 1
+        pending = box.pending
+        logs.event(logging.WARNING, "slow_consumer", conn=conn.id, pending=pending, limit=box.limit)
+        conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {pending} bytes pending, limit {box.limit}")
+
+    # liveness
+
+    def _sweep(self) -> None:
+        """Ping idle clients, disconnect those that do not answer, and close connections that
+        stayed behind. Runs a few times a second; O(connections)."""
+        now = self.loop.time()
+        cfg = self.config
+        interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
+        for conn in list(self.connections.values()):
+            if conn.state != OPEN:
                 continue
-            if box.closed or not box.size:
-                continue
+            if conn.ping_sent:
+                if conn.last_seen > conn.ping_sent:
+                    conn.ping_sent = 0.0
+                elif now - conn.ping_sent >= timeout:
+                    conn.close(CloseCode.GOING_AWAY, f"peer has not replied to ping/heartbeat request within {timeout:g} second(s)")
+            elif now - conn.last_seen >= interval:
+                conn.ping(now)
+        for box in list(self._behind):
             conn = box.owner
-            try:
-                conn.write(box.take())
-                box.transport_bytes = conn.buffer_size()
-            except Exception:  # never leave the other connections of this tick unwritten
-                logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
-                conn._abort()
+            if box.closed or conn.state != OPEN:
+                self._behind.discard(box)
+                continue
+            box.transport_bytes = conn.buffer_size()
+            if box.size + box.transport_bytes <= box.limit:
+                box.over_since = 0.0
+                self._behind.discard(box)
+            elif now - box.over_since >= cfg.slow_consumer_timeout_s:
+                self._slow_consumer(box)
+        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
 
 
 async def run(config: Config) -> None:

@@ -1,82 +1,107 @@
-"""The picows listener of one client connection: the I/O shell around a Session."""
+"""One client connection: the WebSocket protocol (RFC 6455, server side) on a uvloop transport,
+around a sans-I/O Session.
+
+The broker speaks WebSocket itself rather than through a library so that an idle connection
+costs little more than its transport (no per-connection read buffer, task or logger: reads go
+through uvloop's shared buffer and only an incomplete frame is kept), and so that it can stop
+between any two frames when a loop iteration has done its share of work.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
-
 from ..errors import CloseCode
+from ..fastpath import BINARY, CLOSE, CONTINUATION, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
+from ..messages import SUBPROTOCOL
 from ..session import Session
-from . import logs
+from . import handshake, logs
 
 if TYPE_CHECKING:
     from .app import Server
 
-_BINARY = WSMsgType.BINARY
-_TEXT = WSMsgType.TEXT
-_CLOSE = WSMsgType.CLOSE
-_PING = WSMsgType.PING
+HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
+
+# Close codes a client may send (RFC 6455 7.4): 1000-1003, 1007-1014, and 3000-4999.
+_VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
+
+_EMPTY = b""
 
 
-class Connection(WSListener):
+class Connection(asyncio.Protocol):
+    """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
+    `session`, `box`, `state`, `close_reason`, `write()`, `buffer_size()`, `close()`,
+    `closing()`, `abort()`, `resume()`, `ping()` and the liveness fields `last_seen` and
+    `ping_sent`."""
+
+    __slots__ = (
+        "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
+        "ping_sent", "_buffer", "_needed", "_timer", "_reading", "_queued",
+    )
+
     def __init__(self, server: Server, conn_id: int) -> None:
-        super().__init__()
         self.server = server
         self.id = conn_id
         self.peer = ""
-        self.session = Session(server.router, server.limits, owner=self)
-        self.box = self.session.box
-        self.transport: WSTransport | None = None
-        self.write = None
-        self.buffer_size = None
-        self.close_reason: tuple[int, str] | None = None  # set when the broker closes
-        self._abort_scheduled = False
+        self.session: Session | None = None
+        self.box = None
+        self.transport: asyncio.Transport | None = None
+        self.state = HANDSHAKE
+        self.close_reason: tuple[int, str] | None = None  # set when either side starts the close
+        self.last_seen = 0.0  # loop time of the last data from the client
+        self.ping_sent = 0.0  # loop time of an unanswered ping (0: none)
+        self._buffer: bytearray | None = None  # bytes received and not yet handled
+        self._needed = 0  # bytes the frame at the start of _buffer needs in all
+        self._timer: asyncio.TimerHandle | None = None  # handshake timeout, then close timeout
+        self._reading = True
+        self._queued = False  # waiting in the server's queue of connections to resume
 
-    # picows callbacks
+    # asyncio protocol
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        raw = transport.underlying_transport
-        peer = raw.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-        self.write = raw.write
-        self.buffer_size = raw.get_write_buffer_size
-        self.server.connections[self.id] = self
-        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer)
+        server = self.server
+        self.last_seen = server.loop.time()
+        self._timer = server.loop.call_later(server.config.handshake_timeout_s, self._handshake_expired)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        kind = frame.msg_type
-        if transport.is_close_frame_sent and kind is not _CLOSE:
-            # Closing (picows may have refused this very frame as oversized): apply nothing more.
-            self._closing()
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.server.loop.time()
+        state = self.state
+        if state == OPEN or state == CLOSING:
+            buffer = self._buffer
+            if buffer is not None:
+                buffer += data
+                if len(buffer) < self._needed or self._queued:
+                    return
+                self._buffer = None
+                data = buffer
+            elif self._queued:
+                self._buffer = bytearray(data)
+                return
+            self._consume(data, 0, False)
+        elif state == HANDSHAKE:
+            self._handshake_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        previous = self.state
+        self.state = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buffer = None
+        server = self.server
+        if previous == HANDSHAKE or self.session is None:
             return
-        if kind is _BINARY and frame.fin:
-            try:
-                self.session.receive(frame.get_payload_as_memoryview())
-            except Exception:
-                logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
-                self.close(CloseCode.INTERNAL_ERROR, "internal error")
-        elif kind is _CLOSE:
-            if not transport.is_close_frame_sent:
-                # The client started the close: answer it. Otherwise this is the echo of ours.
-                code = frame.get_close_code()
-                self.close_reason = (int(code), "client closed")
-                transport.send_close(code if int(code) in (1000, 1001) else WSCloseCode.OK)
-            self._closing()
-            transport.disconnect()
-        elif kind is _PING:
-            transport.send_pong(frame.get_payload_as_bytes())
-        elif kind is _TEXT:
-            self.close(CloseCode.UNSUPPORTED_DATA, "text frames are not accepted; send binary MessagePack frames")
-        elif kind is not WSMsgType.PONG:
-            self.close(CloseCode.UNSUPPORTED_DATA, "fragmented messages are not accepted; send each message in one frame")
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.session.close()
-        self.server.connections.pop(self.id, None)
-        code, reason = self._disconnect_reason(transport)
+        server.connections.pop(self.id, None)
+        code, reason = self.close_reason or (1006, "connection lost")
         logs.event(
             logging.INFO,
             "disconnect",
@@ -87,58 +112,240 @@ class Connection(WSListener):
             received=self.session.received,
             errors=self.session.errors,
         )
-        self.server.on_disconnected(self)
+        server.on_disconnected(self)
 
     def pause_writing(self) -> None:
-        self.box.paused = True
+        if self.box is not None:
+            self.box.paused = True
 
     def resume_writing(self) -> None:
-        self.box.paused = False
-        self.box.transport_bytes = self.buffer_size()
-        if self.box.size:
-            self.server.router.schedule_write(self.box)
+        box = self.box
+        if box is None:
+            return
+        box.paused = False
+        box.transport_bytes = self.transport.get_write_buffer_size()
+        if box.size and not box.closed:
+            self.server.router.schedule_write(box)
+
+    # writing
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    # handshake
+
+    def _handshake_data(self, data: bytes) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = bytearray()
+        searched = max(0, len(buffer) - 3)
+        buffer += data
+        end = buffer.find(b"\r\n\r\n", searched)
+        if end < 0:
+            if len(buffer) > handshake.MAX_HEAD_BYTES:
+                self._refuse(handshake.HandshakeError(431, f"the request head is longer than {handshake.MAX_HEAD_BYTES} bytes"))
+            return
+        if end > handshake.MAX_HEAD_BYTES:
+            self._refuse(handshake.HandshakeError(431, f"the request head is longer than {handshake.MAX_HEAD_BYTES} bytes"))
+            return
+        rest = bytes(buffer[end + 4 :])
+        self._buffer = None
+        try:
+            request = handshake.parse_request(bytes(buffer[:end]))
+            accept = self.server.check_request(request)
+        except handshake.HandshakeError as error:
+            self._refuse(error)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        server = self.server
+        self.session = Session(server.router, server.limits, owner=self)
+        self.box = self.session.box
+        self.state = OPEN
+        self.transport.write(handshake.accept_response(accept, SUBPROTOCOL))
+        server.connections[self.id] = self
+        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer)
+        if rest:
+            self._consume(rest, 0, False)
+
+    def _refuse(self, error: handshake.HandshakeError) -> None:
+        self.state = CLOSED
+        self._buffer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.refused(error)
+        self.transport.write(handshake.error_response(error.status, error.text, error.headers))
+        self.transport.close()
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if self.state == HANDSHAKE:
+            self.state = CLOSED
+            self.transport.abort()
+
+    # frames
+
+    def _consume(self, data, pos: int, progress: bool) -> None:
+        """Handle the complete frames in data[pos:] and keep what is left. Once the server's
+        loop iteration has done its share, stop and wait in the server's queue; with
+        `progress` (the head of that queue) handle at least one frame first."""
+        server = self.server
+        router = server.router
+        max_frame = server.config.max_frame_bytes
+        n = len(data)
+        while pos < n:
+            if router.busy and not progress:
+                self._keep(data, pos)
+                server.queue(self)
+                return
+            result = read_frame(data, pos, max_frame)
+            if result is None:
+                self._keep(data, pos)
+                return
+            if type(result) is int:
+                self._protocol_error(result)
+                return
+            progress = False
+            opcode, fin, payload, pos = result
+            if opcode == BINARY and fin:
+                if self.state != OPEN:
+                    continue  # closing: apply nothing more
+                router.input_bytes += len(payload)
+                try:
+                    done = self.session.receive(payload)
+                except Exception:
+                    logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
+                    self.close(CloseCode.INTERNAL_ERROR, "internal error")
+                    return
+                if not done:
+                    self._keep(data, pos)
+                    server.queue(self)
+                    return
+            elif opcode == PING:
+                if self.state == OPEN:
+                    self.transport.write(encode_frame(payload, PONG))
+            elif opcode == PONG:
+                self.ping_sent = 0.0
+            elif opcode == CLOSE:
+                self._close_received(payload)
+                return
+            elif self.state == OPEN:
+                if opcode == TEXT and fin:
+                    self.close(CloseCode.UNSUPPORTED_DATA, "text frames are not accepted; send binary MessagePack frames")
+                else:
+                    self.close(CloseCode.UNSUPPORTED_DATA, "fragmented messages are not accepted; send each message in one frame")
+        self._keep(data, n)
+
+    def _keep(self, data, pos: int) -> None:
+        """Hold data[pos:] until more arrives or the server resumes this connection."""
+        if pos >= len(data):
+            self._buffer = None
+            self._needed = 0
+            return
+        self._buffer = bytearray(memoryview(data)[pos:])
+        self._needed = frame_needs(self._buffer, 0)
+
+    def resume(self) -> None:
+        """Called by the server in a later loop iteration: carry on with what was left (at
+        least one message or frame, whatever the budget)."""
+        self._queued = False
+        if self.state == CLOSED:
+            return
+        session = self.session
+        progress = True
+        if session.suspended:
+            if not session.resume():
+                self.server.queue(self)
+                return
+            progress = False
+        buffer = self._buffer
+        if buffer is not None:
+            self._buffer = None
+            self._consume(buffer, 0, progress)
+        if not self._queued and not self._reading and self.state == OPEN:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def suspend_reading(self) -> None:
+        """Stop reading from the socket until `resume()` (the server's queue calls this)."""
+        self._queued = True
+        if self._reading:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _protocol_error(self, code: int) -> None:
+        if code == ERR_PROTOCOL:
+            self.close(CloseCode.PROTOCOL_ERROR, "broken WebSocket framing")
+        else:
+            self.close(CloseCode.MESSAGE_TOO_BIG, f"frame larger than {self.server.config.max_frame_bytes} bytes")
+
+    def _close_received(self, payload: bytes) -> None:
+        """A close frame from the client (the server answers it and closes the connection)."""
+        self._buffer = None
+        if self.state == CLOSING:
+            return
+        code = 1005
+        reason = ""
+        reply = 1000
+        if len(payload) == 1:
+            code, reply = 1002, 1002
+        elif len(payload) >= 2:
+            code = int.from_bytes(payload[:2], "big")
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                reply = 1007
+            if code not in _VALID_CLOSE_CODES:
+                reply = 1002
+            elif reply == 1000 and code in (1000, 1001):
+                reply = code
+        self.close_reason = (code, reason or "client closed")
+        self.state = CLOSING
+        self.transport.write(encode_frame(reply.to_bytes(2, "big"), CLOSE))
+        self.transport.close()  # once what is buffered is sent, or aborted by closing()
+        self.closing()
 
     # broker-initiated close
 
     def close(self, code: int, reason: str, *, flush: bool = False) -> None:
-        """Send a close frame with `code`. With `flush`, what is still queued for this connection
-        goes first (even while the transport is paused); without, it is dropped.
-
-        The transport gets close_timeout_s to flush its buffer, then the connection is aborted."""
-        transport = self.transport
-        if transport is None or transport.is_disconnected:
+        """Send a close frame with `code` and close the TCP connection once it is sent (the
+        client's answering close frame is not waited for). With `flush`, what is still queued
+        for this connection goes first (even while the transport is paused); without, it is
+        dropped. A connection whose socket does not drain within close_timeout_s is aborted."""
+        if self.state == CLOSED:
             return
-        if self.close_reason is not None or transport.is_close_frame_sent:
-            self._closing()  # a close is already under way: make sure it ends
+        if self.state != OPEN:
+            self.closing()
             return
+        self.state = CLOSING
         self.close_reason = (int(code), reason)
         self.server.router.stats.count_close(int(code))
-        if flush and self.box.size:
-            self.write(self.box.take())
-        transport.send_close(WSCloseCode(int(code)), reason.encode()[:123])
-        self._closing()
-        transport.disconnect(graceful=True)
+        box = self.box
+        if flush and box.size:
+            self.transport.write(box.take(self.server.config.max_outbound_frame_bytes))
+        self.transport.write(encode_frame(int(code).to_bytes(2, "big") + reason.encode()[:123], CLOSE))
+        self.transport.close()  # once what is buffered is sent; nothing more is read
+        self.closing()
 
-    def _closing(self) -> None:
+    def closing(self) -> None:
         """Stop deliveries to this connection and abort it unless it is gone within
-        close_timeout_s (a peer that stops reading never completes a graceful close)."""
-        self.session.close()
-        if not self._abort_scheduled:
-            self._abort_scheduled = True
-            self.server.loop.call_later(self.server.config.close_timeout_s, self._abort)
+        close_timeout_s (a peer that stops reading never lets the close frame out)."""
+        if self.session is not None:
+            self.session.close()
+        if self._timer is None and self.state != CLOSED:
+            self._timer = self.server.loop.call_later(self.server.config.close_timeout_s, self.abort)
 
-    def _abort(self) -> None:
-        if self.transport is not None and not self.transport.is_disconnected:
-            self.transport.disconnect(graceful=False)
+    def abort(self) -> None:
+        self._timer = None
+        if self.state != CLOSED and self.transport is not None:
+            self.transport.abort()
 
-    def _disconnect_reason(self, transport: WSTransport) -> tuple[int, str]:
-        if self.close_reason is not None:
-            return self.close_reason
-        handshake = transport.close_handshake
-        if handshake is not None and handshake.sent is not None:
-            # picows closed it itself: an oversized frame (1009) or broken framing (1002).
-            self.server.router.stats.count_close(int(handshake.sent.code))
-            return int(handshake.sent.code), handshake.sent.reason or ""
-        if handshake is not None and handshake.recv is not None:
-            return int(handshake.recv.code), handshake.recv.reason or "client closed"
-        return 1006, "connection lost"
+    def ping(self, now: float) -> None:
+        """Send a ping (empty payload) and remember when."""
+        self.ping_sent = now
+        self.transport.write(encode_frame(_EMPTY, PING))

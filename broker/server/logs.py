@@ -51,8 +51,8 @@ class _Json(logging.Formatter):
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
-    """Send broker logs to stderr. picows' own per-connection logs are kept at warning and up:
-    the broker logs connections itself, once, with the reason."""
+    """Send broker logs to stderr. picows (used by the client in the same process, e.g. the
+    CLI) logs per connection: it is kept quiet unless the level is debug."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Json() if fmt == "json" else _Text())
     log.handlers[:] = [handler]

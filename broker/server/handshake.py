@@ -1,0 +1,122 @@
+"""The HTTP side of the WebSocket handshake (RFC 6455 section 4), without I/O.
+
+`parse_request` reads an upgrade request head; `accept_response` and `error_response` build the
+bytes the server answers with. Policy (which path, which subprotocol) is the server's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from http import HTTPStatus
+
+# Longest request head the server reads before it refuses the request.
+MAX_HEAD_BYTES = 16 << 10
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class HandshakeError(Exception):
+    """An upgrade request the server refuses: the HTTP status and a one-line explanation."""
+
+    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = headers or {}
+
+
+class Request:
+    """An upgrade request: its path (with the query string) and headers (names in lower case,
+    every value of a repeated header kept in order)."""
+
+    __slots__ = ("method", "path", "version", "headers")
+
+    def __init__(self, method: str, path: str, version: str, headers: dict[str, list[str]]) -> None:
+        self.method = method
+        self.path = path
+        self.version = version
+        self.headers = headers
+
+    def header(self, name: str) -> str | None:
+        """The value of a header that appears once or not at all (repeated ones are joined)."""
+        values = self.headers.get(name)
+        return None if values is None else ", ".join(values)
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated tokens of every value of a header, stripped."""
+        return [token.strip() for value in self.headers.get(name, ()) for token in value.split(",") if token.strip()]
+
+
+def parse_request(head: bytes) -> Request:
+    """Parse a request head (without its final blank line); raise HandshakeError(400) when it
+    is not an HTTP/1.1 request."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        raise HandshakeError(400, "the request is not an HTTP request") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].startswith("HTTP/"):
+        raise HandshakeError(400, "the request is not an HTTP request")
+    method, path, version = parts
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep or not name or not _TOKEN_CHARS.issuperset(name):
+            raise HandshakeError(400, f"malformed header line {line[:60]!r}")
+        headers.setdefault(name.lower(), []).append(value.strip(" \t"))
+    return Request(method, path, version, headers)
+
+
+def check_upgrade(request: Request) -> str:
+    """Check what RFC 6455 requires of an upgrade request; returns Sec-WebSocket-Accept."""
+    if request.method != "GET":
+        raise HandshakeError(405, f"method {request.method} is not allowed; a WebSocket upgrade is a GET", {"Allow": "GET"})
+    if request.version != "HTTP/1.1":
+        raise HandshakeError(400, f"{request.version} is not supported; use HTTP/1.1")
+    if "websocket" not in (t.lower() for t in request.tokens("upgrade")):
+        raise HandshakeError(400, "missing 'Upgrade: websocket' header")
+    if "upgrade" not in (t.lower() for t in request.tokens("connection")):
+        raise HandshakeError(400, "missing 'Connection: Upgrade' header")
+    version = request.header("sec-websocket-version")
+    if version is None:
+        raise HandshakeError(400, "missing Sec-WebSocket-Version header", {"Sec-WebSocket-Version": "13"})
+    key = request.header("sec-websocket-key")
+    if key is None:
+        raise HandshakeError(400, "missing Sec-WebSocket-Key header")
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+def accept_response(accept: str, subprotocol: str) -> bytes:
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\n"
+        f"Sec-WebSocket-Protocol: {subprotocol}\r\n\r\n"
+    ).encode("ascii")
+
+
+def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> bytes:
+    body = (text + "\n").encode()
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
