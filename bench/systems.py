@@ -133,7 +133,7 @@ def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
             cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
         cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]
         if not defaults:
-            cmd += ["--max-frame-bytes", str(16 << 20), "--max-payload-bytes", str(1 << 20), "--max-pending-bytes", str(64 << 20)]
+            cmd += ["--max-frame-bytes", str(16 << 20), "--max-pending-bytes", str(64 << 20)]
     elif name in ("ceiling", "naive"):
         cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]
     elif name == "nats":
