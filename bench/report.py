@@ -65,8 +65,10 @@ def commit() -> str:
         return "unknown"
 
 
-def notes(r: dict) -> str:
+def notes(r: dict, closed_loop: bool) -> str:
     out = []
+    if closed_loop and max(r["server_cpu"], r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
+        out.append("no process at a full core: bound by the loop's turns")
     if r["clients_cpu_max"] >= SATURATED:
         out.append(f"{r['clients']} clients at {r['clients_cpu_max']:.2f} core: the limit")
     if r["publisher_cpu"] >= SATURATED:
@@ -111,6 +113,6 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
             )
             if sc.latency:
                 line += f" {r.get('p50_us', 0):,.0f} | {r.get('p99_us', 0):,.0f} | {r.get('p999_us', 0):,.0f} |"
-            line += f" {ratio} | {notes(r)} |"
+            line += f" {ratio} | {notes(r, not sc.latency)} |"
             lines.append(line)
     return "\n".join(lines) + "\n"
