@@ -28,11 +28,15 @@ class Counters:
     def total(self) -> float:
         return sum(self.view)
 
+    def unlink(self) -> None:
+        """Remove the file; mappings made before stay valid (call it once every process has one)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
     def close(self, remove: bool = False) -> None:
         self.view.release()
         self._map.close()
         if remove:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            self.unlink()

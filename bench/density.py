@@ -68,6 +68,7 @@ def measure(system_name: str, connections: int, procs: int, timeout: float) -> d
             fleets.append(Fleet(SYSTEMS[system_name], port, [[TOPIC]] * share, counters.path, slot, ready_timeout=timeout))
         for fleet in fleets:
             fleet.wait_ready()
+        counters.unlink()  # every process has it mapped
         connect_s = time.monotonic() - began
         time.sleep(SETTLE)
         after = rss_bytes(server.pid)

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .systems import HERE, System, bun_binary, raise_fd_limit
+from .systems import HERE, System, bun_binary, child_setup
 
 FLEET = HERE / "fleet"
 
@@ -51,7 +51,7 @@ class Fleet:
         self.ready_timeout = ready_timeout
         self.proc = subprocess.Popen(
             [bun_binary(), str(FLEET / "fleet.js"), self.config_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=FLEET, preexec_fn=raise_fd_limit,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=FLEET, preexec_fn=child_setup,
         )
         self._buffer = b""
         self.ready: dict | None = None

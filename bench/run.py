@@ -90,6 +90,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         pub.start()
         if ask(ours, None, 120) != "ready":
             raise RuntimeError("the publisher did not get ready")
+        counters.unlink()  # every process has it mapped: nothing is left behind, however the run ends
         time.sleep(SETTLE)
 
         def cpu() -> dict:

@@ -5,9 +5,11 @@ many publishes into one frame, and how to count deliveries in what comes back.""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,10 +116,16 @@ def nats_binary() -> str:
     return found
 
 
-def raise_fd_limit() -> None:
-    """In a child before exec: open files up to the hard limit (density runs hold ~20,000 sockets)."""
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def child_setup() -> None:
+    """In a child before exec: open files up to the hard limit (density runs hold ~20,000
+    sockets), and end with SIGTERM when the process that started it dies, however it dies."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
@@ -148,4 +156,4 @@ def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
         cmd = [bun_binary(), str(HERE / "peers" / "bun_server.js"), str(port)]
     else:
         raise ValueError(f"unknown system {name}")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, preexec_fn=raise_fd_limit)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, preexec_fn=child_setup)
