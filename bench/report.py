@@ -11,6 +11,7 @@ from .scenarios import Scenario
 from .systems import ROOT
 
 SATURATED = 0.9  # a single-threaded process at this many cores is the limit, not the system
+OTHER = 0.2  # cores used by processes outside the run that are worth a note
 
 
 def percentiles(histogram: list[list[float]]) -> dict:
@@ -73,6 +74,8 @@ def notes(r: dict, closed_loop: bool) -> str:
         out.append(f"{r['clients']} clients at {r['clients_cpu_max']:.2f} core: the limit")
     if r["publisher_cpu"] >= SATURATED:
         out.append(f"publisher at {r['publisher_cpu']:.2f} core")
+    if r.get("other_cpu", 0) >= OTHER:
+        out.append(f"other processes used {r['other_cpu']:.2f} core")
     if r.get("stalls"):
         out.append(f"window reset {r['stalls']:.0f}×")
     if not r["alive"]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from .clients import CLIENTS, ask
 from .counters import Counters
 from .loadgen import publisher_main
-from .procstat import cpu_seconds
+from .procstat import cpu_seconds, machine_busy_seconds
 from .report import SATURATED, commit, machine, median_of, percentiles, table
 from .scenarios import Scenario, expand, matching, scenarios
 from .systems import ROOT, SYSTEMS, start
@@ -98,6 +98,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
                 "server": cpu_seconds(server.pid),
                 "clients": [cpu_seconds(p) for p in clients.pids],
                 "publisher": cpu_seconds(pub.pid),
+                "machine": machine_busy_seconds(),
             }
 
         ask(ours, "go")
@@ -151,6 +152,9 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             "clients_cpu": sum(clients_cpu),
             "clients_cpu_max": max(clients_cpu),
             "publisher_cpu": (c1["publisher"] - c0["publisher"]) / elapsed,
+            # everything else running on the machine meanwhile (other work shares the cores)
+            "other_cpu": max(0.0, (c1["machine"] - c0["machine"]) - server_cpu_s - sum(b - a for a, b in zip(c0["clients"], c1["clients"]))
+                             - (c1["publisher"] - c0["publisher"])) / elapsed,
             "window": window,
             "alive": server.poll() is None,
             "stalls": stopped["stalls"],
