@@ -1,8 +1,13 @@
-"""Load generator processes: subscribers that count cheaply, and a publisher with a pacer.
+"""Load generator processes in Python: the publisher, and the "cheap" subscribers.
 
-Subscribers run many WebSocket connections per process over plain asyncio protocols; each
-received chunk goes to a compiled scanner that counts frames and messages without decoding
-them. Only the pacer connection (in the publisher process) decodes payloads, for latency.
+Cheap subscribers run many WebSocket connections per process over plain asyncio protocols;
+each received chunk goes to a compiled scanner that counts frames and messages without
+decoding them (the real-client fleet, bench/fleet, is the other kind of subscriber). In latency
+scenarios one connection of the first process decodes every payload to time it.
+
+The publisher sends pre-built frames of many publishes, round-robin over the topics: in a
+closed loop (at most `window` deliveries in flight, summed over every subscriber through the
+shared counters) or at a fixed rate with fresh timestamps.
 
 Each process is driven by the orchestrator (bench/run.py) over a multiprocessing pipe."""
 
@@ -10,21 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import os
 import time
+from collections import Counter
 from multiprocessing.connection import Connection
 
 import uvloop
 
 from . import scan
+from .counters import Counters
 from .systems import SYSTEMS, System
 
-STAMP = 20  # payloads start with the publish time, monotonic ns, as 20 ASCII digits
-
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system
+STAMP = 20  # payloads start with the publish time, CLOCK_MONOTONIC ns, as 20 ASCII digits
 
 
 class WSClient(asyncio.Protocol):
@@ -40,6 +43,7 @@ class WSClient(asyncio.Protocol):
         self._head = b""
         self.paused = False
         self.counted = 0  # messages already reported to Progress
+        self.close_code = 0  # the server's close code; 1006 if the connection ended without one
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -75,6 +79,8 @@ class WSClient(asyncio.Protocol):
             for opcode, payload in scanner.control:
                 if opcode == 9:
                     self.send(payload, 0xA)
+                elif opcode == 8 and not self.close_code:
+                    self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
             scanner.control.clear()
         if self.on_data is not None:
             self.on_data(self)
@@ -82,6 +88,8 @@ class WSClient(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("connection lost during handshake"))
+        if not self.close_code:
+            self.close_code = 1006
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -138,159 +146,136 @@ async def _commands(pipe: Connection, handle) -> None:
 
 
 class Progress:
-    """Publishes this process's delivered-message count in a shared-memory slot, for the
+    """Keeps this process's delivered-message total in its shared counter slot, for the
     publisher's closed loop (updated once per received chunk, not per message)."""
 
-    def __init__(self, shared, slot: int) -> None:
-        self.shared = shared
+    def __init__(self, counters: Counters, slot: int) -> None:
+        self.counters = counters
         self.slot = slot
         self.total = 0
 
-    def __call__(self, client: "WSClient") -> None:
+    def __call__(self, client: WSClient) -> None:
         messages = client.scanner.messages
         self.total += messages - client.counted
         client.counted = messages
-        self.shared[self.slot] = self.total
+        self.counters.view[self.slot] = self.total
 
 
-def subscriber_main(pipe: Connection, system_name: str, host: str, port: int, assignments: list[list[str]], shared, slot: int) -> None:
-    """One process holding len(assignments) subscriber connections; assignments[i] = patterns."""
+def subscriber_main(pipe: Connection, system_name: str, host: str, port: int, assignments: list[list[str]],
+                    counters_path: str, slots: int, slot: int, sample_latency: bool) -> None:
+    """One process holding len(assignments) subscriber connections; assignments[i] = patterns.
+    With `sample_latency`, the first connection decodes every payload and times it."""
 
     async def main() -> None:
         system = SYSTEMS[system_name]
-        progress = Progress(shared, slot)
+        counters = Counters(counters_path, slots)
+        progress = Progress(counters, slot)
+        latencies: Counter[int] = Counter()  # µs -> count
+        carry = bytearray()
+
+        def on_sampled(client: WSClient) -> None:
+            if client.scanner.samples:
+                now = time.monotonic_ns()
+                for frame in client.scanner.samples:
+                    for payload in system.payloads(frame, carry):
+                        latencies[max(0, now - int(payload[:STAMP])) // 1000] += 1
+                client.scanner.samples = []
+            progress(client)
+
         clients = []
-        for patterns in assignments:
-            clients.append(await connect(system, host, port, patterns, on_data=progress))
+        for i, patterns in enumerate(assignments):
+            sampled = sample_latency and i == 0
+            clients.append(await connect(system, host, port, patterns, sample=sampled, on_data=on_sampled if sampled else progress))
         pipe.send("ready")
 
         def handle(command):
             if command == "mark":
                 return {
-                    "messages": [c.scanner.messages for c in clients],
+                    "per_conn": [c.scanner.messages for c in clients],
                     "frames": sum(c.scanner.frames for c in clients),
-                    "cpu": cpu_seconds(),
-                    "time": time.monotonic(),
+                    "closes": Counter(str(c.close_code) for c in clients if c.close_code),
                 }
+            if command == "latency":
+                out = sorted(latencies.items())
+                latencies.clear()
+                return out
             return None
 
         await _commands(pipe, handle)
         for c in clients:
             c.transport.abort()
+        counters.close()
 
     uvloop.run(main())
 
 
-def publisher_main(
-    pipe: Connection,
-    system_name: str,
-    host: str,
-    port: int,
-    topics: list[str],
-    pacer_patterns: list[str],
-    payload_size: int,
-    batch: int,
-    window: int,
-    rate: float,
-    deliveries: list[int],
-    shared,
-    slot: int,
-) -> None:
-    """Publishes round-robin over `topics`: closed loop (rate 0: at most `window` deliveries in
-    flight, summed over every subscriber through shared memory) or at a fixed `rate` per second.
-    `deliveries[i]` is how many subscribers receive a message of topics[i]. The pacer is one of
-    the scenario's subscribers (counted like the others) and also measures latency."""
+def build_frames(system: System, topics: list[str], batch: int, payload_size: int, stamp: bytes) -> list[tuple[int, bytes, list[int]]]:
+    """The frames of one round-robin cycle over `topics`, `batch` publishes each:
+    (opcode, frame, topic indexes). Every payload starts with `stamp` (20 digits)."""
+    payload = (stamp + b"x" * max(0, payload_size - STAMP))[:max(payload_size, STAMP)]
+    n = len(topics)
+    cycle = n // math.gcd(n, batch)  # frames until the start topic comes round again
+    frames = []
+    for k in range(cycle):
+        idx = [(k * batch + i) % n for i in range(batch)]
+        opcode, data = system.publish([(topics[i], payload) for i in idx])
+        frames.append((opcode, data, idx))
+    return frames
+
+
+def publisher_main(pipe: Connection, system_name: str, host: str, port: int, topics: list[str], payload_size: int,
+                   batch: int, deliveries: list[int], window: int, rate: float, counters_path: str, slots: int) -> None:
+    """Publishes round-robin over `topics`: closed loop (rate 0: frames of `batch` publishes
+    while fewer than `window` deliveries are in flight, summed over every subscriber through
+    the shared counters) or at a fixed `rate` per second (every 1 ms, each frame with a fresh
+    stamp). `deliveries[i]` is how many subscriber connections receive a message of topics[i]."""
 
     async def main() -> None:
         system = SYSTEMS[system_name]
         loop = asyncio.get_running_loop()
-        state = {"published": [0] * len(topics), "go": False, "stop": False, "stalls": 0}
-        latencies: list[int] = []
-        carry = bytearray()
-        wake = asyncio.Event()
-
-        def on_pacer_data(client: WSClient) -> None:
-            samples = client.scanner.samples
-            if samples:
-                now = time.monotonic_ns()
-                if state["go"] and rate:
-                    for frame in samples:
-                        for payload in system.payloads(frame, carry):
-                            latencies.append(now - int(payload[:STAMP]))
-                client.scanner.samples = []
-            progress(client)
-            wake.set()
-
-        progress = Progress(shared, slot)
-        pacer = await connect(system, host, port, pacer_patterns, sample=True, on_data=on_pacer_data)
+        counters = Counters(counters_path, slots)
         publisher = await connect(system, host, port, [])
-        filler = b"x" * max(0, payload_size - STAMP)
+        interval, per_tick = 0.001, batch
+        if rate:
+            per_tick = max(1, round(rate * interval))
+            interval = per_tick / rate
+        built_at = b"%020d" % time.monotonic_ns()  # unique in the frames: replaced by a fresh stamp at a fixed rate
+        frames = build_frames(system, topics, per_tick, payload_size, built_at)
+        frame_deliveries = [sum(deliveries[i] for i in idx) for _, _, idx in frames]
+        sends = [0] * len(frames)
+        state = {"stop": False, "stalls": 0}
 
-        def frame_for(start: int) -> tuple[int, bytes, list[int]]:
-            stamp = b"%020d" % time.monotonic_ns()
-            payload = (stamp + filler)[:payload_size] if payload_size >= STAMP else stamp[:payload_size]
-            idx = [(start + i) % len(topics) for i in range(batch)]
-            opcode, data = system.publish([(topics[i], payload) for i in idx])
-            return opcode, data, idx
-
-        # Closed loop: the same frame bytes are sent again and again (building them is not
-        # what is measured); latency runs build each frame with a fresh timestamp.
-        fixed = frame_for(0)
-        per_frame_counts = [0] * len(topics)
-        for i in fixed[2]:
-            per_frame_counts[i] += 1
-        per_frame_deliveries = sum(n * deliveries[i] for i, n in enumerate(per_frame_counts))
-        counted = [(i, n) for i, n in enumerate(per_frame_counts) if n]
-
-        async def run_closed() -> None:
-            opcode, data, _ = fixed
-            expected = 0
+        async def closed_loop() -> None:
+            expected, k = 0, 0
             stalled_since = None
             while not state["stop"]:
-                received = sum(shared)
+                received = counters.total()
                 if expected - received >= window or publisher.paused:
                     now = loop.time()
                     if stalled_since is None or received != stalled_since[1]:
                         stalled_since = (now, received)
                     elif now - stalled_since[0] > 1.0:
-                        expected = received  # a peer that drops messages must not stall the loop
+                        expected = received  # a system that drops messages must not stall the loop
                         state["stalls"] += 1
-                    wake.clear()
-                    try:
-                        async with asyncio.timeout(0.002):
-                            await wake.wait()
-                    except TimeoutError:
-                        pass
+                    await asyncio.sleep(0.001)  # libuv timers have 1 ms resolution: less is a busy loop
                     continue
+                opcode, data, _ = frames[k]
                 publisher.send(data, opcode)
-                expected += per_frame_deliveries
-                for i, n in counted:
-                    state["published"][i] += n
+                sends[k] += 1
+                expected += frame_deliveries[k]
+                k = (k + 1) % len(frames)
                 await asyncio.sleep(0)
 
-        async def run_rate() -> None:
-            interval = 0.001
-            per_tick = rate * interval
-            owed = 0.0
-            nxt = 0
+        async def fixed_rate() -> None:
             start = loop.time()
-            tick = 0
+            tick, k = 0, 0
             while not state["stop"]:
+                opcode, data, _ = frames[k]
+                publisher.send(data.replace(built_at, b"%020d" % time.monotonic_ns()), opcode)
+                sends[k] += 1
+                k = (k + 1) % len(frames)
                 tick += 1
-                owed += per_tick
-                count = int(owed)
-                owed -= count
-                if count:
-                    stamp = b"%020d" % time.monotonic_ns()
-                    payload = (stamp + filler)[:payload_size]
-                    idx = [(nxt + i) % len(topics) for i in range(count)]
-                    nxt += count
-                    opcode, data = system.publish([(topics[i], payload) for i in idx])
-                    publisher.send(data, opcode)
-                    for i in idx:
-                        state["published"][i] += 1
-                delay = start + tick * interval - loop.time()
-                await asyncio.sleep(max(0.0, delay))
+                await asyncio.sleep(max(0.0, start + tick * interval - loop.time()))
 
         task = None
         pipe.send("ready")
@@ -298,28 +283,21 @@ def publisher_main(
         def handle(command):
             nonlocal task
             if command == "go":
-                state["go"] = True
-                task = loop.create_task(run_rate() if rate else run_closed())
+                task = loop.create_task(fixed_rate() if rate else closed_loop())
                 return "going"
-            if command == "mark":
-                return {"messages": [pacer.scanner.messages], "frames": pacer.scanner.frames, "cpu": cpu_seconds(), "time": time.monotonic()}
             if command == "stop":
                 state["stop"] = True
-                wake.set()
-                return {"published": dict(zip(topics, state["published"])), "stalls": state["stalls"]}
-            if command == "latency":  # percentiles in microseconds, computed here (small reply)
-                ordered = sorted(latencies)
-                if not ordered:
-                    return {}
-                pick = lambda q: ordered[min(len(ordered) - 1, int(len(ordered) * q))] / 1000
-                return {"p50_us": pick(0.5), "p99_us": pick(0.99), "p999_us": pick(0.999), "latency_samples": len(ordered)}
+                published = [0] * len(topics)
+                for (_, _, idx), n in zip(frames, sends):
+                    for i in idx:
+                        published[i] += n
+                return {"published": published, "stalls": state["stalls"], "frames": sum(sends)}
             return None
 
         await _commands(pipe, handle)
         if task is not None:
             task.cancel()
-        pacer.transport.abort()
         publisher.transport.abort()
+        counters.close()
 
     uvloop.run(main())
-

@@ -1,72 +1,37 @@
 """Runs benchmark scenarios against the broker and its peers, in one run, on one machine.
 
-    python -m bench.run --scenarios a,b,c,d,e --systems broker,ceiling,nats,bun,naive --runs 3
+    python -m bench.run --scenarios a,b,w1k,w10k,mixed,ticker,d5,d20,e --systems broker,ceiling,nats,bun,naive --runs 3
 
-For every scenario and system: start the system, connect the subscribers (separate processes),
-publish (closed loop for throughput, fixed rate for latency), measure delivered messages/s over
-a window after a warm-up, stop publishing, wait for every subscriber to drain, and count what
-was published and never delivered. CPU of the system and of the load generator is recorded.
-Medians over the runs go to a Markdown table (and JSON) with the command, commit and machine."""
+For every scenario and system: start the system, connect the subscribers (the real-client Bun
+fleet, or with --clients cheap the compiled-scanner counters), publish from a separate Python
+process (closed loop for throughput, fixed rate for latency), measure delivered messages/s over
+a window after a warm-up, stop publishing, wait for every subscriber to drain, and count per
+connection what was published and never delivered. CPU of the system, of the subscriber
+processes and of the publisher comes from /proc. Medians over the runs go to a Markdown table
+(and JSON) with the command, commit and machine."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from broker.topics import matches
-
-from .loadgen import publisher_main, subscriber_main
+from .clients import CLIENTS, ask
+from .counters import Counters
+from .loadgen import publisher_main
+from .procstat import cpu_seconds, machine_busy_seconds
+from .report import SATURATED, commit, machine, median_of, percentiles, table
+from .scenarios import Scenario, expand, matching, scenarios
 from .systems import ROOT, SYSTEMS, start
 
-CLOCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Scenario:
-    key: str
-    title: str
-    topics: list[str]
-    subscribers: list[list[str]]  # patterns of each subscriber connection
-    payload: int = 100
-    batch: int = 200
-    window: int = 0  # deliveries in flight, summed over subscribers (0: 256 KiB of payload per subscriber)
-    rate: float = 0.0  # publishes/s; 0 = closed loop
-    duration: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.window:
-            self.window = max(2000, len(self.subscribers) * (256 << 10) // (self.payload + 32))
-
-
-def scenarios() -> dict[str, Scenario]:
-    many = [f"bench.t{i}" for i in range(100)]
-    md = [f"md.x{x}.s{n}" for x in range(10) for n in range(100)]
-    out = {
-        "a": Scenario("a", "fan-out: 1 topic, 100 subscribers", ["bench.t0"], [["bench.t0"]] * 100),
-        "b": Scenario("b", "many topics: 100 topics x 10 subscribers", many, [[t] for t in many for _ in range(10)], batch=400),
-        "c": Scenario("c", "wildcard: 1,000 topics md.X.N, 100 subscribers on md.>", md, [["md.>"]] * 100, batch=500),
-        "d5": Scenario("d5", "latency: 100 subscribers, 5,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=5000),
-        "d20": Scenario("d20", "latency: 100 subscribers, 20,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=20000),
-        "e": Scenario("e", "large payloads: 16 KiB, 10 subscribers", ["bench.t0"], [["bench.t0"]] * 10, payload=16384, batch=16),
-    }
-    return out
-
-
-def reply(pipe, timeout: float = 60.0):
-    """The answer of a load-generator process; fails the run instead of hanging if it died."""
-    if not pipe.poll(timeout):
-        raise RuntimeError("a load generator process did not answer")
-    return pipe.recv()
+SETTLE = 0.5  # s after the subscribers are ready: not every system acknowledges a subscription
+DRAIN_QUIET = 2.0  # s without progress that ends the drain
+DRAIN_MAX = 20.0
 
 
 def free_port() -> int:
@@ -88,209 +53,150 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process and its threads."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
-def expand(system_name: str, patterns: list[str], topics: list[str]) -> list[str]:
-    if SYSTEMS[system_name].wildcards:
-        return patterns
-    return [t for t in topics if any(matches(p, t) for p in patterns)]
-
-
-def run_once(system_name: str, sc: Scenario, sub_procs: int, warmup: float) -> dict:
+def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warmup: float, window: int) -> dict:
+    system = SYSTEMS[system_name]
     ctx = mp.get_context("spawn")
+    topic_sets = matching(sc.subscribers, sc.topics)  # per connection: the topics it receives
+    deliveries = [0] * len(sc.topics)
+    for topics in topic_sets:
+        for i in topics:
+            deliveries[i] += 1
+    connections = [expand(p, sc.topics, system.wildcards) for p in sc.subscribers]
+    window = window or sc.window
     port = free_port()
     server = start(system_name, port)
-    procs, pipes = [], []
+    counters = Counters.create(procs)
+    clients = pub = None
+    ours = None
     try:
         wait_port(port, server)
-        pacer_patterns = expand(system_name, sc.subscribers[0], sc.topics)
-        rest = [expand(system_name, p, sc.topics) for p in sc.subscribers[1:]]
-        groups = [g for g in (rest[i::sub_procs] for i in range(sub_procs)) if g]
-        shared = ctx.Array("q", len(groups) + 1, lock=False)
-        for slot, group in enumerate(groups):
-            ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=subscriber_main, args=(theirs, system_name, "127.0.0.1", port, group, shared, slot), daemon=True)
-            p.start()
-            procs.append(p)
-            pipes.append(ours)
-        for pipe in pipes:
-            if not pipe.poll(60):
-                raise RuntimeError("subscriber process did not get ready")
-            assert pipe.recv() == "ready"
+        clients = CLIENTS[clients_kind](system_name, port, connections, counters, procs, sc.latency)
         ours, theirs = ctx.Pipe()
         pub = ctx.Process(
             target=publisher_main,
-            args=(theirs, system_name, "127.0.0.1", port, sc.topics, pacer_patterns, sc.payload, sc.batch, sc.window, sc.rate,
-                  [sum(1 for s in sc.subscribers if any(matches(p, t) for p in s)) for t in sc.topics], shared, len(groups)),
+            args=(theirs, system_name, "127.0.0.1", port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
+                  counters.path, counters.slots),
             daemon=True,
         )
         pub.start()
-        procs.append(pub)
-        if not ours.poll(60):
-            raise RuntimeError("publisher did not get ready")
-        assert ours.recv() == "ready"
-        pipes.append(ours)
-        time.sleep(0.5)  # let every subscription settle (not every system acknowledges one)
+        if ask(ours, None, 120) != "ready":
+            raise RuntimeError("the publisher did not get ready")
+        counters.unlink()  # every process has it mapped: nothing is left behind, however the run ends
+        time.sleep(SETTLE)
 
-        def mark():
-            out = []
-            for pipe in pipes:
-                pipe.send("mark")
-            for pipe in pipes:
-                out.append(reply(pipe))
-            return out, proc_cpu(server.pid), time.monotonic()
+        def cpu() -> dict:
+            return {
+                "server": cpu_seconds(server.pid),
+                "clients": [cpu_seconds(p) for p in clients.pids],
+                "publisher": cpu_seconds(pub.pid),
+                "machine": machine_busy_seconds(),
+            }
 
-        ours.send("go")
-        reply(ours)
+        ask(ours, "go")
         time.sleep(warmup)
-        m0, s0, t0 = mark()
+        m0, c0, t0 = clients.mark(), cpu(), time.monotonic()
+        if sc.latency:
+            clients.latency()  # only what arrives in the measured window counts
         time.sleep(sc.duration)
-        m1, s1, t1 = mark()
-        ours.send("stop")
-        stopped = reply(ours)
+        m1, c1, t1 = clients.mark(), cpu(), time.monotonic()
+        latency = percentiles(clients.latency()) if sc.latency else {}
+        stopped = ask(ours, "stop")
         published = stopped["published"]
-        # drain: wait until nothing more arrives (or everything expected did)
-        expected = []
-        for patterns in [pacer_patterns] + rest:
-            expected.append(sum(n for t, n in published.items() if any(matches(p, t) for p in patterns)))
-        last, still = None, 0.0
-        deadline = time.monotonic() + 20
+        expected = [sum(published[i] for i in topics) for topics in topic_sets]
+        last, quiet = -1, 0.0
+        deadline = time.monotonic() + DRAIN_MAX
         while time.monotonic() < deadline:
-            m, _, _ = mark()
-            received = sum(sum(x["messages"]) for x in m)
-            if received >= sum(expected):
+            final = clients.mark()
+            received = sum(final["per_conn"])
+            if all(r >= e for r, e in zip(final["per_conn"], expected)):
                 break
-            if received == last:
-                still += 0.2
-                if still >= 2.0:
-                    break
-            else:
-                still = 0.0
+            quiet = quiet + 0.2 if received == last else 0.0
+            if quiet >= DRAIN_QUIET:
+                break
             last = received
             time.sleep(0.2)
-        final, _, _ = mark()
-        ours.send("latency")
-        lat = reply(ours)
+        final = clients.mark()
         elapsed = t1 - t0
-        delivered = sum(sum(x["messages"]) for x in m1) - sum(sum(x["messages"]) for x in m0)
-        frames = sum(x["frames"] for x in m1) - sum(x["frames"] for x in m0)
-        received_total = sum(sum(x["messages"]) for x in final)
-        gen_cpu = sum(b["cpu"] - a["cpu"] for a, b in zip(m0, m1))
+        delivered = sum(m1["per_conn"]) - sum(m0["per_conn"])
+        clients_cpu = [(b - a) / elapsed for a, b in zip(c0["clients"], c1["clients"])]
+        server_cpu_s = c1["server"] - c0["server"]
+        closes = final["closes"]
+        slow = closes.get("1013", 0) + final.get("slow", 0)
         result = {
             "system": system_name,
             "scenario": sc.key,
+            "clients": clients_kind,
+            "client_procs": len(clients.pids),
             "delivered_per_s": delivered / elapsed,
             "bytes_per_s": delivered * sc.payload / elapsed,
-            "frames_per_s": frames / elapsed,
-            "published": sum(published.values()),
+            "frames_per_s": (m1["frames"] - m0["frames"]) / elapsed,
+            "published": sum(published),
             "expected": sum(expected),
-            "received": received_total,
-            "lost": max(0, sum(expected) - received_total),
-            "server_cpu": (s1 - s0) / elapsed,
-            "loadgen_cpu": gen_cpu / elapsed,
+            "received": sum(final["per_conn"]),
+            "lost": sum(max(0, e - r) for e, r in zip(expected, final["per_conn"])),
+            "excess": sum(max(0, r - e) for e, r in zip(expected, final["per_conn"])),
+            "closes": closes,
+            "closes_slow": slow,
+            "closes_other": max(0, sum(closes.values()) - slow),
+            "server_cpu": server_cpu_s / elapsed,
+            "cpu_s_per_m": server_cpu_s / (delivered / 1e6) if delivered else 0.0,
+            "clients_cpu": sum(clients_cpu),
+            "clients_cpu_max": max(clients_cpu),
+            "publisher_cpu": (c1["publisher"] - c0["publisher"]) / elapsed,
+            # everything else running on the machine meanwhile (other work shares the cores)
+            "other_cpu": max(0.0, (c1["machine"] - c0["machine"]) - server_cpu_s - sum(b - a for a, b in zip(c0["clients"], c1["clients"]))
+                             - (c1["publisher"] - c0["publisher"])) / elapsed,
+            "window": window,
             "alive": server.poll() is None,
             "stalls": stopped["stalls"],
         }
-        if sc.rate:
-            result.update(lat)
+        if system.fleet_protocol == "broker" and clients_kind == "real":
+            result.update({k: final.get(k, 0) for k in ("gaps", "dups", "unknown", "errors")})
+        result["saturated"] = result["clients_cpu_max"] >= SATURATED or result["publisher_cpu"] >= SATURATED
+        result.update(latency)
         return result
     finally:
-        for pipe in pipes:
+        if ours is not None:
             try:
-                pipe.send("exit")
+                ours.send("exit")
             except OSError:
                 pass
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-
-
-def median_of(results: list[dict]) -> dict:
-    out = dict(results[0])
-    for key, value in results[0].items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = statistics.median(r[key] for r in results)
-    out["runs"] = len(results)
-    out["lost_max"] = max(r["lost"] for r in results)
-    return out
-
-
-def machine() -> str:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.release()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}"
-
-
-def commit() -> str:
-    try:
-        rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def table(rows: list[dict], scs: dict[str, Scenario]) -> str:
-    lines = []
-    for key in dict.fromkeys(r["scenario"] for r in rows):
-        sc = scs[key]
-        these = [r for r in rows if r["scenario"] == key]
-        ours = next((r for r in these if r["system"] == "broker"), None)
-        lines.append(f"\n#### ({key}) {sc.title}\n")
-        latency = sc.rate > 0
-        head = "| system | delivered msg/s | MB/s | lost | broker CPU | loadgen CPU |"
-        if latency:
-            head += " p50 µs | p99 µs | p99.9 µs |"
-        head += " ours ÷ this |"
-        lines.append(head)
-        lines.append("|" + "---|" * (head.count("|") - 1))
-        for r in these:
-            ratio = ""
-            if ours is not None:
-                if latency and r.get("p99_us"):
-                    ratio = f"p99 {ours['p99_us'] / r['p99_us']:.2f}"
-                elif r["delivered_per_s"]:
-                    ratio = f"{ours['delivered_per_s'] / r['delivered_per_s']:.2f}"
-            line = (
-                f"| {r['system']} | {r['delivered_per_s']:,.0f} | {r['bytes_per_s'] / 1e6:,.0f} | "
-                f"{r['lost']:,.0f} (max {r['lost_max']:,.0f}) | {r['server_cpu']:.2f} | {r['loadgen_cpu']:.2f} |"
-            )
-            if latency:
-                line += f" {r.get('p50_us', 0):,.0f} | {r.get('p99_us', 0):,.0f} | {r.get('p999_us', 0):,.0f} |"
-            line += f" {ratio} |"
-            lines.append(line)
-    return "\n".join(lines) + "\n"
+        if pub is not None:
+            pub.join(5)
+            if pub.is_alive():
+                pub.kill()
+                pub.join()
+        if clients is not None:
+            clients.close()
+        stop_server(server)
+        counters.close(remove=True)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenarios", default="a,b,c,d5,d20,e")
+    scs = scenarios()
+    parser.add_argument("--scenarios", default=",".join(scs))
     parser.add_argument("--systems", default="broker,ceiling,nats,bun,naive")
+    parser.add_argument("--clients", choices=["real", "cheap"], default="real",
+                        help="real: the Bun fleet, applications that decode every message; cheap: compiled scanners that only count")
+    parser.add_argument("--fleet-procs", type=int, default=1, help="Bun fleet processes the subscribers are split over (--clients real)")
+    parser.add_argument("--sub-procs", type=int, default=1, help="subscriber processes (--clients cheap)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default: per scenario, 5)")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--sub-procs", type=int, default=1, help="subscriber processes")
+    parser.add_argument("--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON and Markdown results")
-    parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the table from the JSON lines of earlier runs")
+    parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables from the JSON lines of earlier runs")
     args = parser.parse_args(argv)
-    scs = scenarios()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for key in chosen:
@@ -299,6 +205,7 @@ def main(argv=None) -> int:
     for name in systems:
         if name not in SYSTEMS:
             parser.error(f"unknown system {name}; choose from {', '.join(SYSTEMS)}")
+    procs = args.fleet_procs if args.clients == "real" else args.sub_procs
     rows = []
     if args.report:
         runs: dict[tuple[str, str], list[dict]] = {}
@@ -317,9 +224,9 @@ def main(argv=None) -> int:
             sc.duration = args.duration
         for name in systems:
             results = []
-            for i in range(args.runs):
+            for _ in range(args.runs):
                 try:
-                    r = run_once(name, sc, args.sub_procs, args.warmup)
+                    r = run_once(name, sc, args.clients, procs, args.warmup, args.window)
                 except Exception as exc:  # one failed run must not lose the others
                     print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -327,15 +234,27 @@ def main(argv=None) -> int:
                 print(json.dumps(r), flush=True)
             if results:
                 rows.append(median_of(results))
+
+    def command(key: str, names: list[str]) -> str:
+        parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {args.clients}"]
+        if procs != 1:
+            parts.append(f"--{'fleet' if args.clients == 'real' else 'sub'}-procs {procs}")
+        parts += [f"--runs {args.runs}", f"--warmup {args.warmup:g}"]
+        if args.duration:
+            parts.append(f"--duration {args.duration:g}")
+        if args.window:
+            parts.append(f"--window {args.window}")
+        return " ".join(parts)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     header = (
         f"Command: `{' '.join(['python -m bench.run'] + (argv if argv is not None else sys.argv[1:]))}`  \n"
         f"Commit: {commit()}, machine: {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-        f"Medians of {args.runs} runs, {args.warmup:g} s warm-up then the measured window per run.\n"
+        f"Clients: {args.clients}, medians of {args.runs} runs, {args.warmup:g} s warm-up then the measured window per run.\n"
     )
-    text = header + table(rows, scs)
+    text = header + table(rows, scs, command)
     (out / f"{stamp}.md").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps(rows, indent=1))
     print(text)

@@ -5,8 +5,11 @@ many publishes into one frame, and how to count deliveries in what comes back.""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +30,9 @@ class System:
     name: str
     scan_mode: int
     subprotocol: str | None
+    fleet_protocol: str  # how the real-client fleet speaks to it: "broker", "nats" or "raw"
     wildcards: bool = True  # False: a pattern is replaced by subscriptions to every topic it matches
+    acks: bool = False  # the system acknowledges subscriptions (the fleet waits for the acks)
 
     def hello(self) -> list[tuple[int, bytes]]:
         """Frames to send right after connecting: (opcode, payload)."""
@@ -58,10 +63,8 @@ class System:
         """The message payloads in one received data frame (sample connection only)."""
         if self.scan_mode == scan.FRAMES:
             return [frame_payload]
-        if self.scan_mode == scan.BROKER:
-            if frame_payload[:5] != b"\x95\xa3msg":
-                return []
-            return msgspec.msgpack.decode(frame_payload)[4]
+        if self.scan_mode == scan.BROKER:  # [message, ...]; ["msg", [topic_id, seq, payload, ...], ...]
+            return [p for m in msgspec.msgpack.decode(frame_payload) if m[0] == "msg" for batch in m[1:] for p in batch[2:]]
         # NATS: "MSG subject sid size\r\npayload\r\n" lines, split anywhere across frames
         carry += frame_payload
         out = []
@@ -82,15 +85,15 @@ class System:
 
 
 SYSTEMS = {
-    "broker": System("broker", scan.BROKER, "broker.v1"),
+    "broker": System("broker", scan.BROKER, "broker.v1", "broker", acks=True),
     # lever measurements: the broker on its pure-Python fast path, and the broker at another
     # commit (BENCH_BASELINE_TREE: a checkout with its extension built in place)
-    "broker-pure": System("broker-pure", scan.BROKER, "broker.v1"),
-    "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1"),
-    "ceiling": System("ceiling", scan.BROKER, "broker.v1"),
-    "naive": System("naive", scan.BROKER, "broker.v1"),
-    "nats": System("nats", scan.NATS, None),
-    "bun": System("bun", scan.FRAMES, None, wildcards=False),
+    "broker-pure": System("broker-pure", scan.BROKER, "broker.v1", "broker", acks=True),
+    "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", "broker", acks=True),
+    "ceiling": System("ceiling", scan.BROKER, "broker.v1", "broker"),
+    "naive": System("naive", scan.BROKER, "broker.v1", "broker"),
+    "nats": System("nats", scan.NATS, None, "nats", acks=True),  # PING/PONG after the SUBs
+    "bun": System("bun", scan.FRAMES, None, "raw", wildcards=False, acks=True),  # "P" barrier
 }
 
 
@@ -113,8 +116,21 @@ def nats_binary() -> str:
     return found
 
 
-def start(name: str, port: int) -> subprocess.Popen:
-    """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file)."""
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def child_setup() -> None:
+    """In a child before exec: open files up to the hard limit (density runs hold ~20,000
+    sockets), and end with SIGTERM when the process that started it dies, however it dies."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
+    """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file).
+    `defaults`: the broker and NATS on their default limits instead of the benchmark's larger ones."""
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     env = dict(os.environ)
     cwd = ROOT
@@ -123,15 +139,16 @@ def start(name: str, port: int) -> subprocess.Popen:
             env["BROKER_PURE_PYTHON"] = "1"
         if name == "broker-baseline":
             cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
-        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning",
-               "--max-frame-bytes", str(16 << 20), "--max-payload-bytes", str(1 << 20),
-               "--max-pending-bytes", str(64 << 20)]
+        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]
+        if not defaults:
+            cmd += ["--max-frame-bytes", str(16 << 20), "--max-pending-bytes", str(64 << 20)]
     elif name in ("ceiling", "naive"):
         cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]
     elif name == "nats":
         conf = Path(tempfile.mkdtemp(prefix="bench-nats-")) / "nats.conf"
+        limits = "" if defaults else "max_payload: 8MB\nmax_pending: 256MB\nwrite_deadline: \"30s\"\n"
         conf.write_text(
-            "host: 127.0.0.1\nport: -1\nmax_payload: 8MB\nmax_pending: 256MB\nwrite_deadline: \"30s\"\n"
+            f"host: 127.0.0.1\nport: -1\n{limits}"
             f"websocket {{\n  host: 127.0.0.1\n  port: {port}\n  no_tls: true\n  compression: false\n}}\n"
         )
         cmd = [nats_binary(), "-c", str(conf)]
@@ -139,4 +156,4 @@ def start(name: str, port: int) -> subprocess.Popen:
         cmd = [bun_binary(), str(HERE / "peers" / "bun_server.js"), str(port)]
     else:
         raise ValueError(f"unknown system {name}")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, preexec_fn=child_setup)

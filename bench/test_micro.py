@@ -29,28 +29,36 @@ def impl(request):
 
 
 def test_encode_batch_100_payloads(benchmark, impl):
-    prefix = impl.batch_prefix("md.NASDAQ.AAPL", 1_700_000_000_000)
     payloads = [PAYLOAD] * 100
-    benchmark(impl.encode_batch, prefix, 12345, payloads)
+    benchmark(impl.encode_batch, 7, 12345, payloads)
 
 
-def test_fan_out_to_100_outboxes(benchmark, impl):
-    boxes = tuple(impl.Outbox(i, 1 << 40) for i in range(100))
-    frame = b"f" * 1000
+def test_emit_to_100_outboxes(benchmark, impl):
+    """One topic's batch of 10 payloads encoded once and queued on 100 outboxes, then each
+    outbox's frame assembled (shared between outboxes holding the same pieces)."""
+    index = impl.Index()
+    state = impl.TopicState(0, "md.x.1", 1)  # ids are given in order from 0
+    index.add_topic(state)
+    boxes = [impl.Outbox(i, 1 << 40) for i in range(100)]
+    for box in boxes:
+        index.subscribe("md.>", box)
+    emission = iter(range(1, 1 << 62))
 
     def run():
         touched, slow = [], []
-        impl.fan_out(frame, boxes, touched, slow)
+        state.pending = [PAYLOAD] * 10
+        impl.emit(state, next(emission), 1 << 20, touched, slow)
+        shared = {}
         for box in touched:
             box.scheduled = False
-            box.take()
+            box.take(1 << 20, shared)
 
     benchmark(run)
 
 
 def test_fast_publish_batch_of_100(benchmark, impl):
     names = [f"md.t{i}" for i in range(10)]
-    states = {s.key: s for s in (impl.TopicState(n, 1) for n in names)}
+    states = {s.key: s for s in (impl.TopicState(i, n, 1) for i, n in enumerate(names))}
     data = msgspec.msgpack.encode([Pub(0, names[i % 10], PAYLOAD) for i in range(100)])
 
     def run():

@@ -1,0 +1,139 @@
+"""The two kinds of subscriber fleets the runner drives, behind one interface.
+
+RealClients: the Bun fleet (bench/fleet), applications that decode every message.
+CheapClients: Python processes that count messages with the compiled scanner (bench/_scan.pyx).
+
+Both take the connections of a scenario (`connections[i]` = the patterns of connection i), split
+them round-robin over `procs` processes, keep each process's delivered total in its slot of the
+shared counters, and answer `mark()` with per-connection counts in the scenario's order."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import Counter
+
+from .counters import Counters
+from .fleetproc import Fleet, FleetError
+from .loadgen import subscriber_main
+from .systems import SYSTEMS
+
+
+def split(connections: list[list[str]], procs: int) -> list[list[int]]:
+    """Connection indexes per process (round-robin; no empty process)."""
+    return [g for g in (list(range(i, len(connections), procs)) for i in range(procs)) if g]
+
+
+def merge(parts: list[dict], groups: list[list[int]], size: int) -> dict:
+    """One mark from the marks of every process: per-connection counts back in scenario order,
+    numbers summed, close codes merged."""
+    per_conn = [0] * size
+    out: dict = {"closes": Counter()}
+    for part, group in zip(parts, groups):
+        for index, count in zip(group, part["per_conn"]):
+            per_conn[index] = count
+        out["closes"].update({str(k): v for k, v in part.get("closes", {}).items()})
+        for key, value in part.items():
+            if key not in ("per_conn", "closes", "time_ns", "sink") and isinstance(value, (int, float)):
+                out[key] = out.get(key, 0) + value
+    out["per_conn"] = per_conn
+    out["closes"] = dict(out["closes"])
+    return out
+
+
+class RealClients:
+    kind = "real"
+
+    def __init__(self, system_name: str, port: int, connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+        self.groups = split(connections, procs)
+        self.size = len(connections)
+        self.fleets: list[Fleet] = []
+        try:
+            for slot, group in enumerate(self.groups):
+                self.fleets.append(Fleet(SYSTEMS[system_name], port, [connections[i] for i in group], counters.path, slot, latency))
+            before = time.monotonic_ns()
+            for fleet in self.fleets:
+                fleet.wait_ready()
+            after = time.monotonic_ns()
+            for fleet in self.fleets:  # the fleet's clock is the clock of time.monotonic_ns()
+                if not before - 1_000_000_000 <= fleet.ready["clock_ns"] <= after:
+                    raise FleetError(f"the fleet's clock ({fleet.ready['clock_ns']}) is not CLOCK_MONOTONIC ({before}..{after})")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [f.pid for f in self.fleets]
+
+    def mark(self) -> dict:
+        return merge([f.ask("mark") for f in self.fleets], self.groups, self.size)
+
+    def latency(self) -> list[list[float]]:
+        return [pair for f in self.fleets for pair in f.ask("latency")["histogram"]]
+
+    def close(self) -> None:
+        for fleet in self.fleets:
+            fleet.close()
+
+
+class CheapClients:
+    kind = "cheap"
+
+    def __init__(self, system_name: str, port: int, connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+        ctx = mp.get_context("spawn")
+        self.groups = split(connections, procs)
+        self.size = len(connections)
+        self.procs, self.pipes = [], []
+        try:
+            for slot, group in enumerate(self.groups):
+                ours, theirs = ctx.Pipe()
+                p = ctx.Process(
+                    target=subscriber_main,
+                    args=(theirs, system_name, "127.0.0.1", port, [connections[i] for i in group], counters.path,
+                          counters.slots, slot, latency and slot == 0),
+                    daemon=True,
+                )
+                p.start()
+                self.procs.append(p)
+                self.pipes.append(ours)
+            for pipe in self.pipes:
+                if ask(pipe, None, 120) != "ready":
+                    raise RuntimeError("a subscriber process did not get ready")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def mark(self) -> dict:
+        return merge([ask(pipe, "mark") for pipe in self.pipes], self.groups, self.size)
+
+    def latency(self) -> list[list[float]]:
+        return [list(pair) for pipe in self.pipes for pair in ask(pipe, "latency")]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send("exit")
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def ask(pipe, command, timeout: float = 60.0):
+    """Send a command (None: only wait) and return the answer; fails instead of hanging."""
+    if command is not None:
+        pipe.send(command)
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"a load generator process did not answer {command!r}")
+    return pipe.recv()
+
+
+CLIENTS = {"real": RealClients, "cheap": CheapClients}

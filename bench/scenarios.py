@@ -1,0 +1,90 @@
+"""The benchmark scenarios: topics, subscriber connections and how they are published to."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+SEED = 20260101  # random subscriptions are the same in every run
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    topics: list[str]
+    subscribers: list[list[str]]  # the patterns of each subscriber connection
+    payload: int = 100
+    batch: int = 256  # publishes per frame (closed loop)
+    window: int = 0  # deliveries in flight, summed over subscribers; 0: 256 KiB of payload per subscriber
+    rate: float = 0.0  # publishes/s; 0 = closed loop
+    duration: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.window:
+            self.window = max(2000, len(self.subscribers) * (256 << 10) // (self.payload + 32))
+
+    @property
+    def latency(self) -> bool:
+        return self.rate > 0
+
+
+def random_subscribers(topics: list[str], count: int, each: int, rng: random.Random) -> list[list[str]]:
+    return [[topics[i] for i in sorted(rng.sample(range(len(topics)), each))] for _ in range(count)]
+
+
+def scenarios() -> dict[str, Scenario]:
+    rng = random.Random(SEED)
+    md1k = [f"md.x.{i}" for i in range(1000)]
+    md5k = [f"md.x.{i}" for i in range(5000)]
+    md10k = [f"md.x.{i}" for i in range(10000)]
+    many = [f"bench.t{i}" for i in range(100)]
+    out = [
+        Scenario("a", "fan-out: 1 topic, 100 subscribers", ["bench.t0"], [["bench.t0"]] * 100, batch=200),
+        Scenario("b", "many topics: 100 topics x 10 subscribers (exact)", many, [[t] for t in many for _ in range(10)], batch=400),
+        Scenario("w1k", "wildcard: 1,000 topics md.x.N, 100 subscribers on md.>", md1k, [["md.>"]] * 100),
+        Scenario("w10k", "wildcard: 10,000 topics md.x.N, 100 subscribers on md.>", md10k, [["md.>"]] * 100),
+        Scenario("mixed", "mixed: 1,000 topics, 50 subscribers on md.>, 50 on 20 random topics each", md1k,
+                 [["md.>"]] * 50 + random_subscribers(md1k, 50, 20, rng)),
+        Scenario("ticker", "ticker: 5,000 topics, 200,000 publishes/s, 100 subscribers on 50 random topics each", md5k,
+                 random_subscribers(md5k, 100, 50, rng), rate=200_000),
+        Scenario("d5", "latency: 100 subscribers, 5,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=5000),
+        Scenario("d20", "latency: 100 subscribers, 20,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=20000),
+        Scenario("e", "large payloads: 16 KiB, 10 subscribers", ["bench.t0"], [["bench.t0"]] * 10, payload=16384, batch=16),
+    ]
+    return {sc.key: sc for sc in out}
+
+
+def matches(pattern: str, topic: str) -> bool:
+    """Subject matching of the broker, NATS and the peers: tokens split on ".", "*" matches one
+    token, a final ">" one or more."""
+    p = pattern.split(".")
+    t = topic.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(t) > i
+        if i >= len(t) or (token != "*" and token != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+def matching(patterns_of: list[list[str]], topics: list[str]) -> list[list[int]]:
+    """For each connection, the indexes of the topics its patterns match (computed once per
+    distinct pattern list)."""
+    cache: dict[tuple[str, ...], list[int]] = {}
+    out = []
+    for patterns in patterns_of:
+        key = tuple(patterns)
+        if key not in cache:
+            wanted = set(patterns)
+            cache[key] = [i for i, t in enumerate(topics) if t in wanted or any(matches(p, t) for p in patterns if ">" in p or "*" in p)]
+        out.append(cache[key])
+    return out
+
+
+def expand(patterns: list[str], topics: list[str], wildcards: bool) -> list[str]:
+    """The subscriptions a system gets for `patterns`: as they are, or (a system without
+    wildcards) every topic they match."""
+    if wildcards:
+        return patterns
+    return [topics[i] for i in matching([patterns], topics)[0]]
