@@ -130,7 +130,8 @@ def child_setup() -> None:
 
 def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
     """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file).
-    `defaults`: the broker and NATS on their default limits instead of the benchmark's larger ones."""
+    The broker always runs on its defaults, as users get it. `defaults`: NATS on its default
+    limits too, instead of the benchmark's larger ones."""
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     env = dict(os.environ)
     cwd = ROOT
@@ -139,9 +140,7 @@ def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
             env["BROKER_PURE_PYTHON"] = "1"
         if name == "broker-baseline":
             cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
-        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]
-        if not defaults:
-            cmd += ["--max-frame-bytes", str(16 << 20), "--max-pending-bytes", str(64 << 20)]
+        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]  # its defaults
     elif name in ("ceiling", "naive"):
         cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]
     elif name == "nats":

@@ -133,8 +133,8 @@ const encoder = new Encoder();
 class BrokerConn extends Conn {
   constructor(index, patterns) {
     super(index, patterns);
-    this.topics = new Map(); // topic_id -> {name, epoch, next}
-    this.byName = new Map(); // name -> deliveries, what a dispatch by topic name finds
+    this.topics = []; // topic_id -> {name, epoch, next, handler}: ids are dense, an array is their table
+    this.byName = new Map(); // name -> handler, what a dispatch by topic name finds
     this.acked = 0;
     this.gaps = 0;
     this.dups = 0;
@@ -176,7 +176,7 @@ class BrokerConn extends Conn {
     console.error(text);
   }
   announce(id, name, epoch) {
-    const known = this.topics.get(id);
+    const known = this.topics[id];
     if (known !== undefined && known.name === name) {
       if (known.epoch !== epoch) {
         known.epoch = epoch;
@@ -184,16 +184,21 @@ class BrokerConn extends Conn {
       }
       return;
     }
-    if (!this.byName.has(name)) this.byName.set(name, { deliveries: 0 });
-    this.topics.set(id, { name, epoch, next: -1 });
+    // the handler of the topic's name is looked up once, when the id is announced
+    let handler = this.byName.get(name);
+    if (handler === undefined) {
+      handler = { deliveries: 0 };
+      this.byName.set(name, handler);
+    }
+    this.topics[id] = { name, epoch, next: -1, handler };
   }
   batch(b, now) {
     const count = b.length - 2;
-    const topic = this.topics.get(b[0]);
+    const topic = this.topics[b[0]];
     if (topic === undefined) {
       this.unknown += count;
     } else {
-      this.byName.get(topic.name).deliveries += count; // dispatch by name, as an application would
+      topic.handler.deliveries += count; // dispatch to the topic's handler, as an application would
       const seq = b[1];
       if (topic.next >= 0 && seq !== topic.next) {
         if (seq > topic.next) this.gaps += seq - topic.next;
