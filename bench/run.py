@@ -222,18 +222,21 @@ def main(argv=None) -> int:
         sc = scs[key]
         if args.duration:
             sc.duration = args.duration
-        for name in systems:
-            results = []
-            for _ in range(args.runs):
+        # Runs alternate between the systems (A B C A B C ...), so a slow phase of the machine
+        # falls on every system alike rather than on one.
+        results: dict[str, list[dict]] = {name: [] for name in systems}
+        for _ in range(args.runs):
+            for name in systems:
                 try:
                     r = run_once(name, sc, args.clients, procs, args.warmup, args.window)
                 except Exception as exc:  # one failed run must not lose the others
                     print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
                     continue
-                results.append(r)
+                results[name].append(r)
                 print(json.dumps(r), flush=True)
-            if results:
-                rows.append(median_of(results))
+        for name in systems:
+            if results[name]:
+                rows.append(median_of(results[name]))
 
     def command(key: str, names: list[str]) -> str:
         parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {args.clients}"]

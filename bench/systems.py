@@ -89,7 +89,8 @@ SYSTEMS = {
     # lever measurements: the broker on its pure-Python fast path, and the broker at another
     # commit (BENCH_BASELINE_TREE: a checkout with its extension built in place)
     "broker-pure": System("broker-pure", scan.BROKER, "broker.v1", "broker", acks=True),
-    "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", "broker", acks=True),
+    # the baseline may predate coalesced frames: BENCH_BASELINE_PROTOCOL=broker-old for one frame per topic
+    "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", os.environ.get("BENCH_BASELINE_PROTOCOL", "broker"), acks=True),
     "ceiling": System("ceiling", scan.BROKER, "broker.v1", "broker"),
     "naive": System("naive", scan.BROKER, "broker.v1", "broker"),
     "nats": System("nats", scan.NATS, None, "nats", acks=True),  # PING/PONG after the SUBs

@@ -902,6 +902,39 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
     return receivers
 
 
+def schedule_solo(list nodes not None, list touched not None):
+    """Append the solo members of `nodes` to `touched`, each once, skipping closed ones."""
+    cdef Node node
+    cdef Outbox box
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef Py_ssize_t i, pos
+    for i in range(PyList_GET_SIZE(nodes)):
+        node = <Node>PyList_GET_ITEM(nodes, i)
+        pos = 0
+        while PyDict_Next(node.solo, &pos, &key, &value):
+            box = <Outbox>key
+            if not box.scheduled and not box.closed:
+                box.scheduled = True
+                touched.append(box)
+
+
+def end_tick(list nodes not None):
+    """After every outbox of the tick was taken or kept: the nodes forget the tick's pieces."""
+    cdef Node node
+    cdef Outbox box
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef Py_ssize_t i, pos
+    for i in range(PyList_GET_SIZE(nodes)):
+        node = <Node>PyList_GET_ITEM(nodes, i)
+        node.pieces = []
+        node.frame = None
+        pos = 0
+        while PyDict_Next(node.solo, &pos, &key, &value):
+            (<Outbox>key).offset = 0
+
+
 cdef void _compact(TopicState state) except *:
     cdef list live = []
     cdef Node node
@@ -946,14 +979,6 @@ cdef class Node:
 
     def __dealloc__(self):
         _bits_free(&self.known)
-
-    def end_tick(self):
-        """Forget this tick's pieces (every solo member took or kept its share)."""
-        self.pieces = []
-        self.frame = None
-        cdef Outbox box
-        for box in self.solo:
-            box.offset = 0
 
 
 cdef class _PatternTrie:

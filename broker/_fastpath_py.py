@@ -487,6 +487,25 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
     return receivers
 
 
+def schedule_solo(nodes: list, touched: list) -> None:
+    """Append the solo members of `nodes` (the nodes `emit` touched) to `touched`, each once,
+    skipping closed ones."""
+    for node in nodes:
+        for box in node.solo:
+            if not box.scheduled and not box.closed:
+                box.scheduled = True
+                touched.append(box)
+
+
+def end_tick(nodes: list) -> None:
+    """After every outbox of the tick was taken or kept: the nodes forget the tick's pieces."""
+    for node in nodes:
+        node.pieces = []
+        node.frame = None
+        for box in node.solo:
+            box.offset = 0
+
+
 def _compact(state: TopicState) -> None:
     """Drop the dead nodes from a topic's list."""
     state.nodes = [node for node in state.nodes if not node.dead]
@@ -526,12 +545,6 @@ class Node:
         self.known: set[int] | None = None  # None while there is no solo member
         self.dead = False
 
-    def end_tick(self) -> None:
-        """Forget this tick's pieces (every solo member took or kept its share)."""
-        self.pieces = []
-        self.frame = None
-        for box in self.solo:
-            box.offset = 0
 
 
 class _PatternTrie:

@@ -44,6 +44,8 @@ stamp = _impl.stamp
 fast_publish = _impl.fast_publish
 Outbox = _impl.Outbox
 emit = _impl.emit
+schedule_solo = _impl.schedule_solo
+end_tick = _impl.end_tick
 Node = _impl.Node
 Index = _impl.Index
 
@@ -66,11 +68,13 @@ __all__ = [
     "encode_batch",
     "encode_frame",
     "encode_topic",
+    "end_tick",
     "fast_publish",
     "frame_header",
     "frame_needs",
     "is_batch",
     "read_frame",
+    "schedule_solo",
     "stamp",
     "unmask",
 ]

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit, stamp
+from .fastpath import Index, Outbox, TopicState, emit, end_tick, schedule_solo, stamp
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
@@ -203,11 +203,8 @@ class Router:
                 if state.pending:
                     self._emit(state)
         touched, slow = self._touched, self._slow
-        for node in self._nodes:
-            for box in node.solo:
-                if not box.scheduled and not box.closed:
-                    box.scheduled = True
-                    touched.append(box)
+        if self._nodes:
+            schedule_solo(self._nodes, touched)
         self._touched = []
         self._slow = []
         return touched, slow
@@ -217,8 +214,7 @@ class Router:
         nodes = self._nodes
         if nodes:
             self._nodes = []
-            for node in nodes:
-                node.end_tick()
+            end_tick(nodes)
 
     def _emit(self, state: TopicState) -> None:
         """Encode the topic's pending batch once and queue it on every connection that receives it."""

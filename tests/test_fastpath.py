@@ -268,22 +268,18 @@ def emit_all(impl, index, dirty, emission, touched, slow, max_piece=MAX_FRAME):
         emission += 1
         impl.emit(state, emission, max_piece, touched, slow, nodes)
     dirty.clear()
-    for node in nodes:
-        for box in node.solo:
-            if not box.scheduled:
-                box.scheduled = True
-                touched.append(box)
-    return emission, nodes
+    impl.schedule_solo(nodes, touched)
+    return emission, (impl, nodes)
 
 
 def take_all(touched, nodes, max_frame=MAX_FRAME) -> dict:
+    impl, nodes = nodes
     shared: dict = {}
     out = {}
     for box in touched:
         box.scheduled = False
         out[box.owner] = box.take(max_frame, shared)
-    for node in nodes:
-        node.end_tick()
+    impl.end_tick(nodes)
     return out
 
 

@@ -4,7 +4,7 @@
 //
 //   bun fleet.js CONFIG.json
 //
-// CONFIG: {url, protocol: "broker" | "nats" | "raw", subprotocol, acks, connections: [[pattern...]...],
+// CONFIG: {url, protocol: "broker" | "broker-old" | "nats" | "raw", subprotocol, acks, connections: [[pattern...]...],
 //          counter: path of the shared counter file, slot, latency, concurrency, ready_timeout_s}
 // Protocols: "broker" is protocol v1 with coalesced frames (every frame is an array of
 // messages: ack, err, topic, msg); "nats" is the NATS text protocol; "raw" is the Bun peer,
@@ -213,6 +213,36 @@ class BrokerConn extends Conn {
   }
 }
 
+// The broker before coalesced frames (the baseline of before/after comparisons): each frame is
+// one message, ["msg", topic, epoch, seq, [payload, ...]], ["ack", id, epoch, seq] or ["err", ...].
+class BrokerOldConn extends BrokerConn {
+  receive(data, now) {
+    const m = decoder.decode(data);
+    const type = m[0];
+    if (type === "msg") {
+      let topic = this.byName.get(m[1]);
+      if (topic === undefined) {
+        topic = { next: -1, handler: { deliveries: 0 } };
+        this.byName.set(m[1], topic);
+      }
+      const payloads = m[4];
+      topic.handler.deliveries += payloads.length;
+      const seq = m[3];
+      if (topic.next >= 0 && seq !== topic.next) {
+        if (seq > topic.next) this.gaps += seq - topic.next;
+        else this.dups += Math.min(topic.next - seq, payloads.length);
+      }
+      topic.next = seq + payloads.length;
+      for (let k = 0; k < payloads.length; k++) deliver(this, payloads[k], now);
+    } else if (type === "ack") {
+      if (++this.acked === this.patterns.length && !this.ready) this.resolveReady();
+    } else if (type === "err") {
+      this.errors++;
+      console.error(`connection ${this.index}: err ${JSON.stringify(m)}`);
+    }
+  }
+}
+
 // NATS text protocol, parsed byte by byte like nats.js: op lines up to "\r\n", MSG payloads
 // of the announced size (a subarray when whole in one frame), anything split across frames.
 const LINE = 0;
@@ -366,7 +396,7 @@ class RawConn extends Conn {
   }
 }
 
-const kinds = { broker: BrokerConn, nats: NatsConn, raw: RawConn };
+const kinds = { broker: BrokerConn, "broker-old": BrokerOldConn, nats: NatsConn, raw: RawConn };
 const Kind = kinds[config.protocol];
 if (Kind === undefined) throw new Error(`unknown protocol ${config.protocol}`);
 const conns = config.connections.map((patterns, i) => new Kind(i, patterns));
