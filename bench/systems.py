@@ -64,7 +64,10 @@ class System:
         if self.scan_mode == scan.FRAMES:
             return [frame_payload]
         if self.scan_mode == scan.BROKER:  # [message, ...]; ["msg", [topic_id, seq, payload, ...], ...]
-            return [p for m in msgspec.msgpack.decode(frame_payload) if m[0] == "msg" for batch in m[1:] for p in batch[2:]]
+            frame = msgspec.msgpack.decode(frame_payload)
+            if frame and frame[0] == "msg":  # a broker before coalesced frames: ["msg", topic, epoch, seq, [payload, ...]]
+                return list(frame[4])
+            return [p for m in frame if m[0] == "msg" for batch in m[1:] for p in batch[2:]]
         # NATS: "MSG subject sid size\r\npayload\r\n" lines, split anywhere across frames
         carry += frame_payload
         out = []

@@ -1,9 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled fast path. `_fastpath_py.py` is its specification: same API, same bytes.
 
+The tries of the index are not tracked by the cyclic garbage collector (`no_gc`): they hold
+no cycles (a trie node refers only to its children, its subscription nodes and its topic), and
+one client's thousands of overlapping patterns made every full collection walk them.
+
 This module stands alone: it shares no code with its twin, so the parity tests compare two
 implementations."""
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
@@ -29,6 +34,18 @@ ERR_PROTOCOL = 1002
 ERR_TOO_BIG = 1009
 
 cdef class Node
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
+
+
+cdef inline list _untracked_list(list items):
+    """`items`, no longer visited by the cyclic garbage collector. A topic's list of matching
+    nodes can hold thousands of references (one client's overlapping patterns); it is part of
+    no cycle that could need collecting (topics live as long as the broker), and having the
+    collector walk it at every collection made pauses of tens of milliseconds."""
+    PyObject_GC_UnTrack(<void*>items)
+    return items
 
 
 cdef enum:
@@ -465,7 +482,7 @@ cdef class TopicState:
         self.pending = []
         self.first = 0
         self.dirty = False
-        self.nodes = []
+        self.nodes = _untracked_list([])
         self.compacted = 0
         self.announce = encode_topic(topic_id, name, epoch)
 
@@ -936,7 +953,7 @@ def end_tick(list nodes not None):
 
 
 cdef void _compact(TopicState state) except *:
-    cdef list live = []
+    cdef list live = _untracked_list([])
     cdef Node node
     for node in state.nodes:
         if not node.dead:
@@ -981,6 +998,7 @@ cdef class Node:
         _bits_free(&self.known)
 
 
+@cython.no_gc
 cdef class _PatternTrie:
     cdef dict children
     cdef _PatternTrie star
@@ -997,6 +1015,7 @@ cdef class _PatternTrie:
         return not self.children and self.star is None and self.here is None and self.rest is None
 
 
+@cython.no_gc
 cdef class _TopicTrie:
     cdef dict children
     cdef TopicState state
@@ -1048,7 +1067,7 @@ cdef class Index:
         if state.id != PyList_GET_SIZE(self.states) or state.name in self.topics:
             raise ValueError(f"topic {state.name!r} with id {state.id} does not fit the index")
         cdef list tokens = state.name.split(".")
-        cdef list nodes = []
+        cdef list nodes = _untracked_list([])
         node = self.exact.get(state.name)
         if node is not None:
             nodes.append(node)
