@@ -10,7 +10,6 @@ import pytest
 
 import broker._fastpath_py as pure
 from broker.messages import Pub, decode_client_frame
-from broker.topics import SubscriptionIndex
 
 try:
     import broker._fastpath as compiled
@@ -33,27 +32,38 @@ def test_encode_batch_100_payloads(benchmark, impl):
     benchmark(impl.encode_batch, 7, 12345, payloads)
 
 
-def test_emit_to_100_outboxes(benchmark, impl):
-    """One topic's batch of 10 payloads encoded once and queued on 100 outboxes, then each
-    outbox's frame assembled (shared between outboxes holding the same pieces)."""
-    index = impl.Index()
-    state = impl.TopicState(0, "md.x.1", 1)  # ids are given in order from 0
-    index.add_topic(state)
-    boxes = [impl.Outbox(i, 1 << 40) for i in range(100)]
-    for box in boxes:
-        index.subscribe("md.>", box)
+def emit_and_take(impl, state, boxes_touched_per_tick_check=None):
+    """One tick of one topic: its batch of 10 payloads encoded once, queued, every outbox's
+    frame assembled (shared where the pieces are the same), the tick ended."""
     emission = iter(range(1, 1 << 62))
 
     def run():
-        touched, slow = [], []
+        touched, slow, nodes = [], [], []
         state.pending = [PAYLOAD] * 10
-        impl.emit(state, next(emission), 1 << 20, touched, slow)
+        impl.emit(state, next(emission), 1 << 20, touched, slow, nodes)
+        impl.schedule_solo(nodes, touched)
         shared = {}
         for box in touched:
             box.scheduled = False
             box.take(1 << 20, shared)
+        impl.end_tick(nodes)
 
-    benchmark(run)
+    return run
+
+
+@pytest.mark.parametrize("members", ["solo", "plain"])
+def test_emit_to_100_outboxes(benchmark, impl, members):
+    """100 subscribers of `md.>`: solo members of its node (their only subscription), or plain
+    members (each also holds another pattern)."""
+    index = impl.Index()
+    state = impl.TopicState(0, "md.x.1", 1)  # ids are given in order from 0
+    index.add_topic(state)
+    for i in range(100):
+        box = impl.Outbox(i, 1 << 40)
+        index.subscribe("md.>", box)
+        if members == "plain":
+            index.subscribe(f"other.{i}.>", box)
+    benchmark(emit_and_take(impl, state))
 
 
 def test_fast_publish_batch_of_100(benchmark, impl):
@@ -76,23 +86,44 @@ def test_general_decode_batch_of_100(benchmark):
     benchmark(decode_client_frame, data)
 
 
-def test_index_lookup_cached(benchmark):
-    index = SubscriptionIndex()
-    for i in range(1000):
-        index.add("md.>", i)
-        index.add(f"md.x{i % 10}.*", -i)
-    index.lookup("md.x1.AAPL")
-    benchmark(index.lookup, "md.x1.AAPL")
+@pytest.mark.parametrize("patterns", ["1,000 subscribers", "8,192 overlapping"])
+def test_add_topic_walks_the_pattern_trie(benchmark, impl, patterns):
+    """A new topic finds the subscription nodes that match it: with 1,000 subscribers of md.>
+    and of md.xN.* (11 nodes), or with one client's 8,192 overlapping patterns of 13 tokens of
+    `a` or `*` then `>` (8,192 nodes, 16,383 trie nodes to visit)."""
+    index = impl.Index()
+    box = impl.Outbox(0, 1 << 40)
+    if patterns.startswith("1,000"):
+        boxes = [impl.Outbox(i, 1 << 40) for i in range(1000)]
+        for i, b in enumerate(boxes):
+            index.subscribe("md.>", b)
+            index.subscribe(f"md.x{i % 10}.*", b)
+        name = "md.x1.{}"
+    else:
+        import itertools
 
-
-def test_index_lookup_uncached_wildcards(benchmark):
-    index = SubscriptionIndex()
-    for i in range(1000):
-        index.add("md.>", i)
-        index.add(f"md.x{i % 10}.*", -i)
+        for bits in itertools.product("a*", repeat=13):
+            index.subscribe(".".join(bits) + ".>", box)
+        name = ".".join(["a"] * 13) + ".n{}"
+    counter = iter(range(1 << 62))
 
     def run():
-        index.forget("md.x1.AAPL")
-        index.lookup("md.x1.AAPL")
+        n = next(counter)
+        index.add_topic(impl.TopicState(n, name.format(n), 1))
 
     benchmark(run)
+
+
+def test_read_frame_of_32_kib(benchmark, impl):
+    """Parse and unmask one client frame of 32 KiB (256 publishes of 100 bytes)."""
+    payload = msgspec.msgpack.encode([Pub(0, "md.x.1", PAYLOAD)] * 256)
+    mask = b"\x11\x22\x33\x44"
+    n = len(payload)
+    frame = bytes((0x82, 0xFE)) + n.to_bytes(2, "big") + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    benchmark(impl.read_frame, frame, 0, 1 << 20)
+
+
+def test_assemble_256_batches(benchmark, impl):
+    """One connection's frame of a tick: 256 batches of one payload each (the wildcard case)."""
+    pieces = [impl.encode_batch(i, 1000 + i, [PAYLOAD]) for i in range(256)]
+    benchmark(impl.assemble, pieces, 1 << 20)
