@@ -50,7 +50,7 @@ class Fleet:
         self.log = tempfile.NamedTemporaryFile(prefix="bench-fleet-", suffix=".log", delete=False)
         self.ready_timeout = ready_timeout
         self.proc = subprocess.Popen(
-            [bun_binary(), str(FLEET / "fleet.js"), self.config_path],
+            [bun_binary(), *os.environ.get("BENCH_FLEET_BUN_ARGS", "").split(), str(FLEET / "fleet.js"), self.config_path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=FLEET, preexec_fn=child_setup,
         )
         self._buffer = b""

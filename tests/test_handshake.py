@@ -301,6 +301,35 @@ def test_malformed_upgrade_request_is_refused(request_bytes):
     run(main())
 
 
+@pytest.mark.parametrize(
+    "request_bytes, status, header",
+    [
+        (upgrade_request("/", [SUBPROTOCOL]).replace(b"GET / ", b"POST / "), 405, ("allow", ["GET"])),
+        (upgrade_request("/", [SUBPROTOCOL]).replace(b"HTTP/1.1", b"HTTP/1.0"), 400, None),
+        (upgrade_request("/", [SUBPROTOCOL]).replace(b"Upgrade: websocket", b"Upgrade: h2c"), 400, None),
+        (upgrade_request("/", [SUBPROTOCOL]).replace(b"Connection: Upgrade", b"Connection: keep-alive"), 400, None),
+        (_without(upgrade_request("/", [SUBPROTOCOL]), b"Sec-WebSocket-Key:").replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Key: c2hvcnQ=\r\n\r\n"), 400, None),
+        (upgrade_request("/", [SUBPROTOCOL]).replace(b"\r\n\r\n", b"\r\nX-Padding: " + b"p" * (20 << 10) + b"\r\n\r\n"), 431, None),
+    ],
+    ids=["post", "http-1.0", "upgrade-h2c", "no-upgrade-token", "short-key", "head-over-16-kib"],
+)
+def test_upgrade_request_that_breaks_rfc_6455_gets_the_documented_status(request_bytes, status, header):
+    """protocol.md 1.1: the checks of RFC 6455 4.2.1 after the broker's own, each with its status."""
+
+    async def main():
+        async with serving() as server:
+            got, headers, _, writer = await send_upgrade(server.port, request_bytes)
+            writer.close()
+            assert got == status, headers
+            if header is not None:
+                assert headers[header[0]] == header[1]
+            assert headers["connection"] == ["close"] and headers["content-type"][0].startswith("text/plain")
+            await eventually(lambda: not server.connections, 2.0, "connections to close")
+            assert server.handshakes_refused == 1
+
+    run(main())
+
+
 # upgrade request headers
 
 
