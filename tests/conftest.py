@@ -169,20 +169,17 @@ async def connect_tracked(server, **options) -> tuple[Client, object]:
     return client, server.connections[conn_id]
 
 
-class RecordingTransport:
-    """Stands in for a connection's transport and records every write it passes on:
-    `conn.transport = RecordingTransport(conn.transport)`."""
+def record_writes(conn) -> list[bytes]:
+    """Record every write the server makes to `conn` from now on (and still make it)."""
+    writes: list[bytes] = []
+    real_write = conn.write
 
-    def __init__(self, transport) -> None:
-        self._transport = transport
-        self.writes: list[bytes] = []
+    def write(data) -> None:
+        writes.append(bytes(data))
+        real_write(data)
 
-    def write(self, data) -> None:
-        self.writes.append(bytes(data))
-        self._transport.write(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self._transport, name)
+    conn.write = write
+    return writes
 
 
 def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> bytes:

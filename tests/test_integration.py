@@ -8,7 +8,7 @@ import asyncio
 from broker.client import Client
 from broker.messages import Ack, Delivery, Sub, Unsub, encode
 
-from conftest import RecordingTransport, eventually, recv_message, run, server_conn_with, serving, split_frames, url, ws_raw
+from conftest import eventually, record_writes, recv_message, run, server_conn_with, serving, split_frames, url, ws_raw
 
 
 # helpers
@@ -325,8 +325,7 @@ def test_one_write_per_connection_per_tick():
                     await ws.send(encode(Sub(rid, topic)))
                     assert await recv_message(ws) == Ack(rid)
                 conn = server_conn_with(server, set(topics))
-                recording = conn.transport = RecordingTransport(conn.transport)
-                writes = recording.writes
+                writes = record_writes(conn)
                 async with Client(url(server)) as pub:
                     for k in range(per_topic):  # one tick, interleaved topics
                         for topic in topics:

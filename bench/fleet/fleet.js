@@ -130,11 +130,26 @@ const encoder = new Encoder();
 
 // Broker protocol v1, coalesced frames: [message, ...], messages ["ack", id, epoch, seq],
 // ["err", id, code, text], ["topic", topic_id, name, epoch], ["msg", [topic_id, seq, payload...]...].
+// The application's handler of each topic name, shared by the connections of the process (one
+// application); a connection maps its topic ids to them.
+const handlers = new Map();
+function handlerOf(name) {
+  let handler = handlers.get(name);
+  if (handler === undefined) {
+    handler = { deliveries: 0 };
+    handlers.set(name, handler);
+  }
+  return handler;
+}
+
 class BrokerConn extends Conn {
   constructor(index, patterns) {
     super(index, patterns);
-    this.topics = []; // topic_id -> {name, epoch, next, handler}: ids are dense, an array is their table
-    this.byName = new Map(); // name -> handler, what a dispatch by topic name finds
+    // Topic ids are dense (0, 1, 2, ... as topics appear), so a connection's tables are arrays
+    // indexed by id: the handler of the topic, its epoch and the next expected sequence number.
+    this.handlers = [];
+    this.epochs = new Float64Array(64);
+    this.next = new Float64Array(64);
     this.acked = 0;
     this.gaps = 0;
     this.dups = 0;
@@ -176,35 +191,43 @@ class BrokerConn extends Conn {
     console.error(text);
   }
   announce(id, name, epoch) {
-    const known = this.topics[id];
-    if (known !== undefined && known.name === name) {
-      if (known.epoch !== epoch) {
-        known.epoch = epoch;
-        known.next = -1; // a new epoch starts a new sequence
+    // the handler of the topic's name is looked up once, when the id is announced
+    const handler = handlerOf(name);
+    if (this.handlers[id] === handler) {
+      if (this.epochs[id] !== epoch) {
+        this.epochs[id] = epoch;
+        this.next[id] = -1; // a new epoch starts a new sequence
       }
       return;
     }
-    // the handler of the topic's name is looked up once, when the id is announced
-    let handler = this.byName.get(name);
-    if (handler === undefined) {
-      handler = { deliveries: 0 };
-      this.byName.set(name, handler);
+    if (id >= this.next.length) {
+      const size = Math.max(id + 1, this.next.length * 2);
+      const epochs = new Float64Array(size);
+      epochs.set(this.epochs);
+      this.epochs = epochs;
+      const next = new Float64Array(size);
+      next.set(this.next);
+      this.next = next;
     }
-    this.topics[id] = { name, epoch, next: -1, handler };
+    this.handlers[id] = handler;
+    this.epochs[id] = epoch;
+    this.next[id] = -1;
   }
   batch(b, now) {
     const count = b.length - 2;
-    const topic = this.topics[b[0]];
-    if (topic === undefined) {
+    const id = b[0];
+    const handler = this.handlers[id];
+    if (handler === undefined) {
       this.unknown += count;
     } else {
-      topic.handler.deliveries += count; // dispatch to the topic's handler, as an application would
+      handler.deliveries += count; // dispatch to the topic's handler, as an application would
       const seq = b[1];
-      if (topic.next >= 0 && seq !== topic.next) {
-        if (seq > topic.next) this.gaps += seq - topic.next;
-        else this.dups += Math.min(topic.next - seq, count);
+      const next = this.next[id];
+      if (next >= 0 && seq !== next) {
+        if (seq > next) this.gaps += seq - next;
+        else this.dups += Math.min(next - seq, count);
       }
-      topic.next = seq + count;
+      this.next[id] = seq + count;
     }
     for (let k = 2; k < b.length; k++) deliver(this, b[k], now);
   }
@@ -216,13 +239,17 @@ class BrokerConn extends Conn {
 // The broker before coalesced frames (the baseline of before/after comparisons): each frame is
 // one message, ["msg", topic, epoch, seq, [payload, ...]], ["ack", id, epoch, seq] or ["err", ...].
 class BrokerOldConn extends BrokerConn {
+  constructor(index, patterns) {
+    super(index, patterns);
+    this.byName = new Map(); // topic name -> {next, handler}
+  }
   receive(data, now) {
     const m = decoder.decode(data);
     const type = m[0];
     if (type === "msg") {
       let topic = this.byName.get(m[1]);
       if (topic === undefined) {
-        topic = { next: -1, handler: { deliveries: 0 } };
+        topic = { next: -1, handler: handlerOf(m[1]) };
         this.byName.set(m[1], topic);
       }
       const payloads = m[4];

@@ -32,13 +32,14 @@ _EMPTY = b""
 
 class Connection(asyncio.Protocol):
     """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
-    `session`, `box`, `state`, `close_reason`, `write()`, `buffer_size()`, `close()`,
+    `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
+    own, bound once), `close()`,
     `closing()`, `abort()`, `resume()`, `ping()` and the liveness fields `last_seen` and
     `ping_sent`."""
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "_buffer", "_needed", "_timer", "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -62,6 +63,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        # the transport's own methods, called once per connection per tick
+        self.write = transport.write
+        self.buffer_size = transport.get_write_buffer_size
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
         server = self.server
@@ -126,14 +130,6 @@ class Connection(asyncio.Protocol):
         box.transport_bytes = self.transport.get_write_buffer_size()
         if box.size and not box.closed:
             self.server.router.schedule_write(box)
-
-    # writing
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size()
 
     # handshake
 
