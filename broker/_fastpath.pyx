@@ -845,6 +845,30 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
     """Encode the topic's pending batch once and queue it on every outbox of every node that
     matches the topic, each outbox once; a node's solo members get it once, through the node
     (see the twin). Returns how many outboxes received it."""
+    return _emit(state, emission, max_piece, touched, slow, nodes_touched)
+
+
+def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None):
+    """`emit` every topic of `dirty` that has pending messages, with emission numbers from
+    `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
+    encoded for at least one receiver, deliveries: messages times receivers)."""
+    cdef Py_ssize_t i, count, receivers, published = 0, batches = 0, delivered = 0
+    cdef TopicState state
+    for i in range(PyList_GET_SIZE(dirty)):
+        state = <TopicState>PyList_GET_ITEM(dirty, i)
+        count = PyList_GET_SIZE(state.pending)
+        if count == 0:
+            continue
+        emission += 1
+        receivers = _emit(state, emission, max_piece, touched, slow, nodes_touched)
+        published += count
+        if receivers:
+            batches += 1
+            delivered += count * receivers
+    return emission, published, batches, delivered
+
+
+cdef Py_ssize_t _emit(TopicState state, unsigned long long emission, Py_ssize_t max_piece, list touched, list slow, list nodes_touched) except -1:
     cdef list payloads = state.pending
     state.pending = []
     state.dirty = False

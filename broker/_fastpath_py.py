@@ -487,6 +487,24 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
     return receivers
 
 
+def emit_all(dirty: list, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list) -> tuple[int, int, int, int]:
+    """`emit` every topic of `dirty` that has pending messages, with emission numbers from
+    `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
+    encoded for at least one receiver, deliveries: messages times receivers)."""
+    published = batches = delivered = 0
+    for state in dirty:
+        count = len(state.pending)
+        if not count:
+            continue
+        emission += 1
+        receivers = emit(state, emission, max_piece, touched, slow, nodes_touched)
+        published += count
+        if receivers:
+            batches += 1
+            delivered += count * receivers
+    return emission, published, batches, delivered
+
+
 def schedule_solo(nodes: list, touched: list) -> None:
     """Append the solo members of `nodes` (the nodes `emit` touched) to `touched`, each once,
     skipping closed ones."""

@@ -44,6 +44,7 @@ stamp = _impl.stamp
 fast_publish = _impl.fast_publish
 Outbox = _impl.Outbox
 emit = _impl.emit
+emit_all = _impl.emit_all
 schedule_solo = _impl.schedule_solo
 end_tick = _impl.end_tick
 Node = _impl.Node
@@ -65,6 +66,7 @@ __all__ = [
     "TopicState",
     "assemble",
     "emit",
+    "emit_all",
     "encode_batch",
     "encode_frame",
     "encode_topic",

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit, end_tick, schedule_solo, stamp
+from .fastpath import Index, Outbox, TopicState, emit_all, end_tick, schedule_solo, stamp
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
@@ -166,13 +166,11 @@ class Router:
         if not is_pattern(pattern):
             state = self.topics.get(pattern)
             if state is not None and state.pending:
-                self._emit(state)
+                self._emit([state])
             return
         dirty = self.dirty
         self.dirty = []
-        for state in dirty:
-            if state.pending:
-                self._emit(state)
+        self._emit(dirty)
 
     # outbound
 
@@ -199,9 +197,7 @@ class Router:
         dirty = self.dirty
         if dirty:
             self.dirty = []
-            for state in dirty:
-                if state.pending:
-                    self._emit(state)
+            self._emit(dirty)
         touched, slow = self._touched, self._slow
         if self._nodes:
             schedule_solo(self._nodes, touched)
@@ -216,16 +212,15 @@ class Router:
             self._nodes = []
             end_tick(nodes)
 
-    def _emit(self, state: TopicState) -> None:
-        """Encode the topic's pending batch once and queue it on every connection that receives it."""
-        count = len(state.pending)
-        self._emission += 1
-        receivers = emit(state, self._emission, self._max_piece, self._touched, self._slow, self._nodes)
+    def _emit(self, states: list[TopicState]) -> None:
+        """Encode each topic's pending batch once and queue it on every connection that receives it."""
+        self._emission, published, batches, delivered = emit_all(
+            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes
+        )
         stats = self.stats
-        stats.published += count
-        if receivers:
-            stats.batches += 1
-            stats.delivered += count * receivers
+        stats.published += published
+        stats.batches += batches
+        stats.delivered += delivered
 
     def remove_all(self, box: Outbox, patterns: set[str] | list[str]) -> None:
         """Drop every subscription of a closing connection."""

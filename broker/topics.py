@@ -4,9 +4,10 @@ A topic is one or more dot-separated tokens (`md.NASDAQ.AAPL`). A pattern may al
 exactly one token and `>` for one or more trailing tokens (`md.*.AAPL`, `md.>`). Tokens are
 non-empty and made of printable ASCII other than `.`, `*`, `>` and space.
 
-`SubscriptionIndex.lookup(topic)` answers "who receives this topic" from a cache of the matched
-subscriber tuple per concrete topic. Wildcard matching runs on a cache miss only; subscribe and
-unsubscribe of an exact topic drop that topic's entry; a pattern change clears the cache.
+`SubscriptionIndex` is the client's: which of its own few subscriptions a delivered topic
+matches (`lookup`, cached per topic; a pattern change clears the cache). The broker's index,
+built for many connections and patterns no client can make expensive for the others, is the
+compiled `fastpath.Index`.
 """
 
 from __future__ import annotations

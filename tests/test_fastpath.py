@@ -264,9 +264,9 @@ def emit_all(impl, index, dirty, emission, touched, slow, max_piece=MAX_FRAME):
     nodes that got pieces to `touched`. Returns the next emission number and those nodes (whose
     `end_tick` the caller calls after taking every outbox)."""
     nodes = []
-    for state in dirty:
-        emission += 1
-        impl.emit(state, emission, max_piece, touched, slow, nodes)
+    before = [(state, len(state.pending)) for state in dirty]
+    emission, published, _, _ = impl.emit_all(dirty, emission, max_piece, touched, slow, nodes)
+    assert published == sum(count for _, count in before) and all(not state.pending for state, _ in before)
     dirty.clear()
     impl.schedule_solo(nodes, touched)
     return emission, (impl, nodes)
@@ -302,9 +302,10 @@ def test_emit_reaches_each_outbox_once_announcing_topics_first(fastpath_impl):
     written = take_all(touched, nodes)
     assert messages_of(written["a"]) == expected == messages_of(written["b"])
     impl.stamp(state, b"3", dirty)
-    touched = []
-    _, nodes = emit_all(impl, index, dirty, 10, touched, slow)
-    written = take_all(touched, nodes)
+    touched, nodes = [], []
+    assert impl.emit(state, 10, MAX_FRAME, touched, slow, nodes) == 2
+    impl.schedule_solo(nodes, touched)
+    written = take_all(touched, (impl, nodes))
     assert messages_of(written["a"]) == [Msg([Batch(0, 3, [b"3"])])]  # announced once
     assert messages_of(written["b"]) == [Msg([Batch(0, 3, [b"3"])])]
     assert a.knows(0) and b.knows(0) and not a.knows(1) and slow == []

@@ -72,9 +72,9 @@ def test_a_pattern_subscription_emits_every_pending_batch_in_one_pass():
     emitted = []
     real_emit = h.router._emit
 
-    def counting_emit(state):
-        emitted.append(state.name)
-        real_emit(state)
+    def counting_emit(states):
+        emitted.extend(state.name for state in states if state.pending)
+        real_emit(states)
 
     h.router._emit = counting_emit
     changes = []
