@@ -232,7 +232,7 @@ def main(argv=None) -> int:
         for _ in range(args.runs):
             for name in these:
                 try:
-                    r = run_once(name, sc, args.clients, procs, args.warmup, args.window)
+                    r = run_once(name, sc, args.clients, procs, max(args.warmup, sc.warmup), args.window)
                 except Exception as exc:  # one failed run must not lose the others
                     print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {args.clients}"]
         if procs != 1:
             parts.append(f"--{'fleet' if args.clients == 'real' else 'sub'}-procs {procs}")
-        parts += [f"--runs {args.runs}", f"--warmup {args.warmup:g}"]
+        parts += [f"--runs {args.runs}", f"--warmup {max(args.warmup, scs[key].warmup):g}"]
         if args.duration:
             parts.append(f"--duration {args.duration:g}")
         if args.window:
