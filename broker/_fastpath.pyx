@@ -764,6 +764,14 @@ cdef class Outbox:
         cdef Node node = self.solo_node
         return _bits_has(&self.known, topic_id) or (node is not None and node.has_known and _bits_has(&node.known, topic_id))
 
+    def introduce(self, TopicState state not None):
+        """Queue the topic's announcement unless this connection knows its id already; True
+        when that took it past its hard limit."""
+        if self.closed or self.over or self.knows(state.id):
+            return False
+        _bits_add(&self.known, state.id)
+        return self._push(state.announce)
+
     cpdef bytes take(self, Py_ssize_t max_frame, dict shared=None):
         """Everything queued, assembled into frames (b"" when nothing is queued); outboxes
         holding the very same pieces in the same order get the same bytes object, and the
@@ -848,10 +856,11 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
     return _emit(state, emission, max_piece, touched, slow, nodes_touched)
 
 
-def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None):
+def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None, list emitted=None):
     """`emit` every topic of `dirty` that has pending messages, with emission numbers from
     `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
-    encoded for at least one receiver, deliveries: messages times receivers)."""
+    encoded for at least one receiver, deliveries: messages times receivers). With `emitted`,
+    each emitted batch is appended to it as (state, first sequence number, payloads)."""
     cdef Py_ssize_t i, count, receivers, published = 0, batches = 0, delivered = 0
     cdef TopicState state
     for i in range(PyList_GET_SIZE(dirty)):
@@ -860,6 +869,8 @@ def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_pi
         if count == 0:
             continue
         emission += 1
+        if emitted is not None:
+            emitted.append((state, state.first, state.pending))
         receivers = _emit(state, emission, max_piece, touched, slow, nodes_touched)
         published += count
         if receivers:
@@ -1137,6 +1148,10 @@ cdef class Index:
             else:
                 return
             i += 1
+
+    def matching(self, str pattern not None):
+        """The topics that match `pattern` (a topic or a pattern), found through the topic trie."""
+        return self._matching_topics(pattern)
 
     cdef list _matching_topics(self, str pattern):
         cdef list out = []

@@ -360,6 +360,14 @@ class Outbox:
         node = self.solo_node
         return topic_id in self.known or (node is not None and node.known is not None and topic_id in node.known)
 
+    def introduce(self, state: TopicState) -> bool:
+        """Queue the topic's announcement unless this connection knows its id already; True
+        when that took it past its hard limit."""
+        if self.closed or self.over or self.knows(state.id):
+            return False
+        self.known.add(state.id)
+        return self.push(state.announce)
+
     def take(self, max_frame: int, shared: dict | None = None) -> bytes:
         """Everything queued, assembled into frames (b"" when nothing is queued).
 
@@ -487,16 +495,19 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
     return receivers
 
 
-def emit_all(dirty: list, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list) -> tuple[int, int, int, int]:
+def emit_all(dirty: list, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list, emitted: list | None = None) -> tuple[int, int, int, int]:
     """`emit` every topic of `dirty` that has pending messages, with emission numbers from
     `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
-    encoded for at least one receiver, deliveries: messages times receivers)."""
+    encoded for at least one receiver, deliveries: messages times receivers). With `emitted`,
+    each emitted batch is appended to it as (state, first sequence number, payloads)."""
     published = batches = delivered = 0
     for state in dirty:
         count = len(state.pending)
         if not count:
             continue
         emission += 1
+        if emitted is not None:
+            emitted.append((state, state.first, state.pending))
         receivers = emit(state, emission, max_piece, touched, slow, nodes_touched)
         published += count
         if receivers:
@@ -661,6 +672,10 @@ class Index:
             self._collect(child, tokens, i + 1, out)
         if trie.star is not None:
             self._collect(trie.star, tokens, i + 1, out)
+
+    def matching(self, pattern: str) -> list[TopicState]:
+        """The topics that match `pattern` (a topic or a pattern), found through the topic trie."""
+        return self._matching_topics(pattern)
 
     def _matching_topics(self, pattern: str) -> list[TopicState]:
         out: list[TopicState] = []

@@ -21,6 +21,7 @@ class ErrorCode(enum.IntEnum):
     PAYLOAD_TOO_LARGE = 7  # payload longer than max_payload_bytes
     TOO_MANY_SUBSCRIPTIONS = 8  # max_subscriptions reached on this connection
     TOO_MANY_TOPICS = 9  # the broker holds max_topics topics already
+    BAD_POSITION = 10  # a `since` position the topic never reached, or one that names another topic
 
 
 class CloseCode(enum.IntEnum):

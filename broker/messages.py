@@ -30,10 +30,16 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True, tag_field="type"):
 
 
 class Sub(_Wire, tag="sub"):
-    """Subscribe to an exact topic or a wildcard pattern."""
+    """Subscribe to an exact topic or a wildcard pattern.
+
+    `since`: recover from history what came after a position: `[epoch, seq]` for a topic,
+    `[time_ms, {topic: [epoch, seq], ...}]` for a pattern (checked by the session). `last`:
+    start with the latest retained message of each matching topic."""
 
     id: RequestId
     topic: str
+    since: Union[list, None] = None
+    last: bool = False
 
 
 class Unsub(_Wire, tag="unsub"):
@@ -86,6 +92,17 @@ class Topic(_Wire, tag="topic"):
     epoch: int
 
 
+class GapNotice(_Wire, tag="gap"):
+    """Messages `first` ... `last` of `topic` in `epoch` will not reach this connection
+    (`last` 0: up to the end of that epoch); `reason` says why."""
+
+    topic: str
+    epoch: int
+    first: int
+    last: int
+    reason: str
+
+
 class Batch(NamedTuple):
     """Consecutive messages of one topic: message i has sequence number seq + i."""
 
@@ -109,14 +126,15 @@ class Delivery(NamedTuple):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Topic, Msg]
+ServerMessage = Union[Ack, Err, Topic, GapNotice, Msg]
+SERVER_TYPES = ("ack", "err", "topic", "gap", "msg")
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic])
+_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice])
 _any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
@@ -243,15 +261,16 @@ class ProtocolViolation(ValueError):
     """A server frame that does not follow the protocol."""
 
 
-def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Msg]:
-    """The messages of one server frame (an array of messages), in order."""
+def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Msg]:
+    """The messages of one server frame (an array of messages), in order. Messages of a type
+    this version does not know are skipped (a newer server may send them)."""
     try:
         parts = _raw_list_decoder.decode(data)
     except _DECODE_ERRORS as exc:
         raise ProtocolViolation(f"a server frame is an array of messages: {exc}") from None
     if not parts:
         raise ProtocolViolation("a server frame holds at least one message")
-    out: list[Ack | Err | Topic | Msg] = []
+    out: list[Ack | Err | Topic | GapNotice | Msg] = []
     for part in parts:
         raw = bytes(part)
         head = raw[0] if raw else 0
@@ -262,8 +281,20 @@ def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Ms
         try:
             out.append(_named_decoder.decode(raw))
         except _DECODE_ERRORS as exc:
+            name = _type_name(raw)
+            if name is not None and name not in SERVER_TYPES:
+                continue  # a message type from a newer protocol revision
             raise ProtocolViolation(f"unreadable server message: {exc}") from None
     return out
+
+
+def _type_name(raw: bytes) -> str | None:
+    """The type name of a message (its first element, a str), or None when it has none."""
+    try:
+        parts = _raw_list_decoder.decode(raw)
+        return _str_decoder.decode(parts[0]) if parts else None
+    except (*_DECODE_ERRORS, msgspec.ValidationError):
+        return None
 
 
 def _decode_msg(raw: bytes) -> Msg:
@@ -296,9 +327,9 @@ class ServerReader:
     def __init__(self) -> None:
         self.topics: dict[int, tuple[str, int]] = {}
 
-    def read(self, data: bytes | memoryview) -> list[Ack | Err | Delivery]:
+    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Delivery]:
         """Acks, errors and deliveries of one frame, in order; announcements update the table."""
-        out: list[Ack | Err | Delivery] = []
+        out: list[Ack | Err | GapNotice | Delivery] = []
         for message in decode_server_frame(data):
             kind = type(message)
             if kind is Msg:

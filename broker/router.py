@@ -17,8 +17,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit_all, end_tick, schedule_solo, stamp
+from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo
+from .messages import GapNotice, encode
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
@@ -34,7 +36,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -43,6 +45,8 @@ class RouterStats:
         self.slow_consumers = 0  # connections closed as slow consumers (counted by the shell)
         self.errors: dict[int, int] = {}  # err replies sent, by ErrorCode
         self.closes: dict[int, int] = {}  # connections closed by the broker, by close code
+        self.replayed = 0  # messages sent from history (recovery and last values)
+        self.gaps = 0  # gap notices sent
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -60,6 +64,7 @@ class Router:
         max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
         max_outbound_frame_bytes: int = 1 << 20,
         epoch: int | None = None,
+        backplane: MemoryBackplane | None = None,
     ) -> None:
         self._request_flush = request_flush
         self.max_topics = max_topics
@@ -68,6 +73,8 @@ class Router:
         self._max_piece = max(1, max_outbound_frame_bytes - _FRAME_OVERHEAD)
         # Epoch: milliseconds since 1970 at start, so a restarted broker never reuses one.
         self.epoch = int(time.time() * 1000) if epoch is None else epoch
+        self.backplane = MemoryBackplane() if backplane is None else backplane
+        self._emitted: list | None = [] if self.backplane.enabled else None
         self.index = Index()
         self.topics: dict[str, TopicState] = self.index.topics
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
@@ -116,7 +123,7 @@ class Router:
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
-        stamp(state, payload, self.dirty)
+        self.backplane.publish(state, payload, self.dirty)
         self.published_since_flush()
         return state
 
@@ -214,9 +221,13 @@ class Router:
 
     def _emit(self, states: list[TopicState]) -> None:
         """Encode each topic's pending batch once and queue it on every connection that receives it."""
+        emitted = self._emitted
         self._emission, published, batches, delivered = emit_all(
-            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes
+            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes, emitted
         )
+        if emitted:
+            self.backplane.retain(emitted)
+            emitted.clear()
         stats = self.stats
         stats.published += published
         stats.batches += batches
@@ -226,3 +237,103 @@ class Router:
         """Drop every subscription of a closing connection."""
         for pattern in patterns:
             self.index.unsubscribe(pattern, box)
+
+    # recovery
+
+    def recover(self, pattern: str, box: Outbox, since: tuple | None, last: bool) -> None:
+        """Queue on `box` what a new subscription asked for from history, after its ack and
+        before anything live: the messages after `since`, or the latest message of each
+        matching topic (`last`), with a gap notice for every range that cannot be replayed.
+
+        `since` is (epoch, seq) for a topic, (time_ms, {topic: (epoch, seq)}) for a pattern.
+        A replay stops before the connection's queue passes max_pending_bytes; what it could
+        not send is reported as gaps."""
+        if since is None and not last:
+            return
+        backplane = self.backplane
+        if not is_pattern(pattern):
+            state = self.topics.get(pattern)
+            if since is not None:
+                self._recover_topic(box, pattern, state, since[0], since[1])
+            elif state is not None:
+                self._send_latest(box, state)
+            self.schedule_write(box)
+            return
+        states = self.index.matching(pattern)
+        self.index.work += len(states)
+        listed: dict = since[1] if since is not None else {}
+        for state in states:
+            position = listed.get(state.name)
+            if position is not None:
+                self._recover_topic(box, state.name, state, position[0], position[1])
+            elif since is not None:
+                trimmed, first, batches = backplane.since_time(state, since[0])
+                if trimmed:
+                    self._gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)"))
+                self._replay(box, state, batches)
+            elif last:
+                self._send_latest(box, state)
+        if listed:
+            known = {state.name for state in states}
+            for name, (epoch, seq) in listed.items():
+                if name not in known:
+                    self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended"))
+        self.schedule_write(box)
+
+    def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
+        if state is None:
+            if epoch:
+                self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended"))
+            return
+        if epoch and epoch != state.epoch:
+            self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}"))
+            seq = 0
+        elif not epoch:
+            seq = 0
+        first, batches = self.backplane.since(state, seq)
+        if seq + 1 < first:
+            self._gap(box, Gap(name, state.epoch, seq + 1, first - 1, "history no longer holds these messages"))
+        self._replay(box, state, batches)
+
+    def _send_latest(self, box: Outbox, state: TopicState) -> None:
+        latest = self.backplane.latest(state)
+        if latest is not None:
+            self._replay(box, state, [(latest[0], [latest[1]])])
+
+    def _replay(self, box: Outbox, state: TopicState, batches: list) -> None:
+        """Queue batches of one topic from history on `box`, oldest first, in pieces of at
+        most max_outbound_frame_bytes, while the connection's queue stays within
+        max_pending_bytes; what does not fit becomes a gap notice."""
+        if not batches:
+            return
+        if box.introduce(state):
+            self._slow.append(box)
+            return
+        limit = box.limit
+        max_piece = self._max_piece
+        replayed = 0
+        for first, payloads in batches:
+            start = size = 0
+            for i, payload in enumerate(payloads):
+                n = len(payload) + 5
+                if box.pending + size + n > limit:
+                    replayed += self._push_replay(box, state, first + start, payloads[start:i])
+                    self.stats.replayed += replayed
+                    end = batches[-1][0] + len(batches[-1][1]) - 1
+                    self._gap(box, Gap(state.name, state.epoch, first + i, end, "the replay stopped at max_pending_bytes; subscribe again with a later since for the rest"))
+                    return
+                if i > start and size + n > max_piece:
+                    replayed += self._push_replay(box, state, first + start, payloads[start:i])
+                    start, size = i, 0
+                size += n
+            replayed += self._push_replay(box, state, first + start, payloads[start:])
+        self.stats.replayed += replayed
+
+    def _push_replay(self, box: Outbox, state: TopicState, first: int, payloads: list) -> int:
+        if payloads and box.push(encode_batch(state.id, first, payloads)):
+            self._slow.append(box)
+        return len(payloads)
+
+    def _gap(self, box: Outbox, gap: Gap) -> None:
+        self.stats.gaps += 1
+        self.send(box, encode(GapNotice(*gap)))

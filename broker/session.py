@@ -16,7 +16,11 @@ from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
 from .messages import DEFAULT_MAX_BATCH, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
 from .router import Router
-from .topics import validate_pattern
+from .topics import is_pattern, matches, validate_pattern, validate_topic
+
+_MAX_ID = 2**63 - 1
+# Topics one pattern subscription's `since` may name.
+MAX_SINCE_TOPICS = 10_000
 
 # A connection may queue up to this many times max_pending_bytes while it catches up with a
 # burst; past it, it is closed at once (the softer bound is judged over time by the server).
@@ -135,12 +139,20 @@ class Session:
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"this connection holds {len(subscriptions)} subscriptions, the limit",
             )
-        self.router.subscribe(pattern, self.box)
+        router = self.router
+        since = None if message.since is None else _since(pattern, message.since, router)
+        router.subscribe(pattern, self.box)
         subscriptions.add(pattern)
-        state = self.router.topics.get(pattern)
-        epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
+        if is_pattern(pattern):
+            # a pattern's position is the time it took effect: `since` for a later
+            # subscription covers the topics this one never delivered from that time on
+            epoch, seq = router.backplane.now_ms(), 0
+        else:
+            state = router.topics.get(pattern)
+            epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
         if message.id:
-            self.router.send(self.box, encode(Ack(message.id, epoch, seq)))
+            router.send(self.box, encode(Ack(message.id, epoch, seq)))
+        router.recover(pattern, self.box, since, message.last)
 
     def _unsubscribe(self, message: Unsub) -> None:
         pattern = message.topic
@@ -170,3 +182,44 @@ class Session:
             self.router.remove_all(self.box, self.subscriptions)
             self.subscriptions.clear()
         self.box.clear()
+
+
+def _position(value: object, what: str) -> tuple[int, int]:
+    if not (
+        type(value) is list
+        and len(value) == 2
+        and all(type(x) is int and 0 <= x <= _MAX_ID for x in value)
+    ):
+        raise RequestError(ErrorCode.BAD_MESSAGE, f"{what} is [epoch, seq], two integers from 0 to 2^63-1")
+    return value[0], value[1]
+
+
+def _since(pattern: str, since: list, router: Router) -> tuple:
+    """Check a `sub`'s since and return it as (epoch, seq) for a topic or (time_ms,
+    {topic: (epoch, seq)}) for a pattern."""
+    if not is_pattern(pattern):
+        epoch, seq = _position(since, "since")
+        state = router.topics.get(pattern)
+        if state is not None and epoch == state.epoch and seq > state.seq:
+            raise RequestError(ErrorCode.BAD_POSITION, f"since [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+        if not epoch and seq:
+            raise RequestError(ErrorCode.BAD_POSITION, "since [0, seq] needs seq 0 (from the start of the current epoch)")
+        return epoch, seq
+    if not (type(since) is list and len(since) == 2 and type(since[0]) is int and 0 <= since[0] <= _MAX_ID and type(since[1]) is dict):
+        raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern is [time_ms, {topic: [epoch, seq], ...}]")
+    if len(since[1]) > MAX_SINCE_TOPICS:
+        raise RequestError(ErrorCode.BAD_MESSAGE, f"since names {len(since[1])} topics; the limit is {MAX_SINCE_TOPICS}")
+    router.index.work += len(since[1])
+    positions: dict[str, tuple[int, int]] = {}
+    for name, value in since[1].items():
+        if type(name) is not str:
+            raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern maps topic names to [epoch, seq]")
+        validate_topic(name, router.max_topic_length)
+        if not matches(pattern, name):
+            raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
+        epoch, seq = _position(value, f"since of {name!r}")
+        state = router.topics.get(name)
+        if state is not None and epoch == state.epoch and seq > state.seq:
+            raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+        positions[name] = (epoch, seq)
+    return since[0], positions

@@ -21,11 +21,12 @@ from typing import Callable, NamedTuple
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
-from ..messages import SUBPROTOCOL, Ack, Err, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
+from ..messages import DEFAULT_MAX_BATCH, SUBPROTOCOL, Ack, Err, GapNotice, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
 from ..topics import SubscriptionIndex, validate_pattern, validate_topic
 
 __all__ = [
     "Client",
+    "Gap",
     "Message",
     "PublishAck",
     "Subscription",
@@ -50,16 +51,31 @@ class Message(NamedTuple):
     data: bytes
 
 
+class Gap(NamedTuple):
+    """Messages `first` ... `last` of `topic` in `epoch` that this subscription will not get
+    (`last` 0: to the end of that epoch); `reason` comes from the broker."""
+
+    topic: str
+    epoch: int
+    first: int
+    last: int
+    reason: str
+
+
 class PublishAck(NamedTuple):
     epoch: int
     seq: int
 
 
-Callback = Callable[[Message], object]
+Callback = Callable[["Message | Gap"], object]
 
 
 class Subscription:
-    """A subscription: an async iterator of Messages, or a callback target."""
+    """A subscription: an async iterator of Messages (and Gaps), or a callback target.
+
+    Each message reaches it once and in order per topic: `positions` holds, per topic, the
+    (epoch, seq) of the last message delivered, and anything at or before it (a replay
+    overlapping what arrived live) is skipped. A Gap says which messages will not come."""
 
     def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int) -> None:
         self.client = client
@@ -68,13 +84,34 @@ class Subscription:
         self.max_queue = max_queue
         self.epoch = 0  # from the subscribe ack (exact topics): the topic's epoch
         self.seq = 0  # and the last sequence number published before the subscription
-        self._queue: deque[Message] = deque()
+        self.positions: dict[str, tuple[int, int]] = {}  # topic -> (epoch, last seq delivered)
+        self._queue: deque[Message | Gap] = deque()
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._done = False
         self._abandoned = False  # subscribe() was cancelled before its ack
 
-    def _deliver(self, message: Message) -> None:
+    def _receive(self, topic: str, epoch: int, seq: int, payloads: list[bytes]) -> None:
+        """A batch of the topic: deliver what lies after this subscription's position."""
+        position = self.positions.get(topic)
+        start = 0
+        if position is not None and position[0] == epoch:
+            start = position[1] + 1 - seq
+            if start >= len(payloads):
+                return
+            if start < 0:
+                start = 0
+        self.positions[topic] = (epoch, seq + len(payloads) - 1)
+        for i in range(start, len(payloads)):
+            self._deliver(Message(topic, epoch, seq + i, payloads[i]))
+
+    def _gap(self, gap: Gap) -> None:
+        position = self.positions.get(gap.topic)
+        if gap.last and (position is None or position[0] != gap.epoch or position[1] < gap.last):
+            self.positions[gap.topic] = (gap.epoch, gap.last)
+        self._deliver(gap)
+
+    def _deliver(self, message: Message | Gap) -> None:
         if self.callback is not None:
             try:
                 self.callback(message)
@@ -104,7 +141,7 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message | Gap:
         if self._waiter is not None:
             raise RuntimeError(f"another coroutine is already waiting on subscription {self.pattern!r}")
         while not self._queue:
@@ -119,8 +156,8 @@ class Subscription:
                 self._waiter = None
         return self._queue.popleft()
 
-    async def next(self, timeout: float | None = None) -> Message:
-        """The next message, waiting at most `timeout` seconds (asyncio.TimeoutError after)."""
+    async def next(self, timeout: float | None = None) -> Message | Gap:
+        """The next message (or gap), waiting at most `timeout` seconds (asyncio.TimeoutError after)."""
         return await asyncio.wait_for(self.__anext__(), timeout)
 
     async def unsubscribe(self) -> None:
@@ -169,6 +206,7 @@ class Client:
         max_frame_bytes: int = 64 << 20,
         max_queue: int = 100_000,
         max_batch_bytes: int = 256 << 10,
+        max_batch_messages: int = DEFAULT_MAX_BATCH,
         on_error: Callable[[RequestError], object] | None = None,
     ) -> None:
         self.url = url
@@ -177,6 +215,7 @@ class Client:
         self.max_frame_bytes = max_frame_bytes
         self.max_queue = max_queue
         self.max_batch_bytes = max_batch_bytes  # a tick's publishes are split into frames of about this size
+        self.max_batch_messages = max_batch_messages  # and of at most this many messages (the broker's limit)
         self.on_error = on_error or _log_error
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: WSTransport | None = None
@@ -242,13 +281,29 @@ class Client:
     # requests
 
     async def subscribe(
-        self, pattern: str, callback: Callback | None = None, *, max_queue: int | None = None
+        self,
+        pattern: str,
+        callback: Callback | None = None,
+        *,
+        max_queue: int | None = None,
+        since: tuple[int, int] | tuple[int, dict[str, tuple[int, int]]] | None = None,
+        last: bool = False,
     ) -> Subscription:
         """Subscribe to a topic or pattern; returns once the broker acknowledged it.
 
         Without a callback, iterate the returned Subscription for messages. With one, the
-        callback runs for every message (synchronously, in the loop: keep it short)."""
+        callback runs for every message (synchronously, in the loop: keep it short).
+
+        `since` recovers from the broker's history what came after a position: (epoch, seq)
+        for a topic; (time_ms, {topic: (epoch, seq)}) for a pattern, where time_ms is the
+        `epoch` of an earlier pattern subscription's ack. `last` starts with the latest
+        retained message of each matching topic. Ranges that cannot be replayed arrive as
+        Gap items (docs/guarantees.md)."""
         validate_pattern(pattern)
+        wire_since = None
+        if since is not None:
+            head, rest = since
+            wire_since = [head, {t: list(p) for t, p in rest.items()} if isinstance(rest, dict) else rest]
         if pattern in self._subs:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
         sub = Subscription(self, pattern, callback, max_queue or self.max_queue)
@@ -263,10 +318,15 @@ class Client:
                     self._queue_out(encode(Unsub(0, pattern)))
                 return
             sub.epoch, sub.seq = ack.epoch, ack.seq
+            if since is not None:
+                if isinstance(since[1], dict):
+                    sub.positions.update(since[1])
+                else:
+                    sub.positions[pattern] = since
             self._index.add(pattern, sub)
 
         try:
-            await self._request(lambda rid: Sub(rid, pattern), activate)
+            await self._request(lambda rid: Sub(rid, pattern, wire_since, last), activate)
         except RequestError:
             self._forget(sub)
             raise
@@ -334,8 +394,9 @@ class Client:
             raise ConnectionClosed(code, reason)
 
     def _queue_out(self, encoded: bytes) -> None:
-        if self._outgoing and self._outgoing_bytes + len(encoded) > self.max_batch_bytes:
-            self._send_batch()  # keep every frame well under the broker's max_frame_bytes
+        out = self._outgoing
+        if out and (self._outgoing_bytes + len(encoded) > self.max_batch_bytes or len(out) >= self.max_batch_messages):
+            self._send_batch()  # keep every frame within the broker's max_frame_bytes and max_batch_messages
         self._outgoing.append(encoded)
         self._outgoing_bytes += len(encoded)
         if not self._flush_scheduled:
@@ -404,12 +465,12 @@ class Client:
                         self._protocol_violation(f"delivery for topic id {topic_id}, which was never announced")
                         return
                     topic, epoch = known
-                    targets = self._index.lookup(topic)
-                    if targets:
-                        for i, payload in enumerate(payloads):
-                            item = Message(topic, epoch, seq + i, payload)
-                            for sub in targets:
-                                sub._deliver(item)
+                    for sub in self._index.lookup(topic):
+                        sub._receive(topic, epoch, seq, payloads)
+            elif kind is GapNotice:
+                gap = Gap(message.topic, message.epoch, message.first, message.last, message.reason)
+                for sub in self._index.lookup(message.topic):
+                    sub._gap(gap)
             elif kind is Topic:
                 self._topics[message.id] = (message.topic, message.epoch)
             elif kind is Ack:

@@ -16,6 +16,7 @@ import signal
 from collections import deque
 
 from .. import __version__
+from ..backplane import MemoryBackplane
 from ..config import Config
 from ..errors import CloseCode
 from ..fastpath import IMPLEMENTATION
@@ -33,11 +34,18 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.backplane = MemoryBackplane(
+            max_messages=config.history_max_messages,
+            max_bytes=config.history_max_bytes,
+            max_age_s=config.history_max_age_s,
+            max_total_bytes=config.history_max_total_bytes,
+        )
         self.router = Router(
             self._request_tick,
             max_topics=config.max_topics,
             max_topic_length=config.max_topic_length,
             max_outbound_frame_bytes=config.max_outbound_frame_bytes,
+            backplane=self.backplane,
         )
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
@@ -223,8 +231,10 @@ class Server:
     # liveness
 
     def _sweep(self) -> None:
-        """Ping idle clients, disconnect those that do not answer, and close connections that
-        stayed behind. Runs a few times a second; O(connections)."""
+        """Ping idle clients, disconnect those that do not answer, close connections that
+        stayed behind, and forget history past its age. Runs a few times a second;
+        O(connections) plus the history that expired."""
+        self.backplane.sweep()
         now = self.loop.time()
         cfg = self.config
         interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
