@@ -142,6 +142,8 @@ _str_decoder = msgspec.msgpack.Decoder(str)
 
 
 DEFAULT_MAX_BATCH = 10_000
+# Topics one pattern subscription's `since` may name.
+MAX_SINCE_TOPICS = 10_000
 MAX_ERRORS_PER_FRAME = 100
 
 

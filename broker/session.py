@@ -14,13 +14,11 @@ from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
-from .messages import DEFAULT_MAX_BATCH, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
+from .messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
 _MAX_ID = 2**63 - 1
-# Topics one pattern subscription's `since` may name.
-MAX_SINCE_TOPICS = 10_000
 
 # A connection may queue up to this many times max_pending_bytes while it catches up with a
 # burst; past it, it is closed at once (the softer bound is judged over time by the server).

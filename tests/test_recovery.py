@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
-from broker.client import Client, Gap, Message
+import pytest
+
+from broker.client import BrokerError, Client, Gap, Message
 from broker.messages import encode
 
 from conftest import eventually, run, serving, url
@@ -19,7 +21,7 @@ def test_a_killed_subscriber_recovers_100000_messages_on_many_topics_without_los
     async def main():
         async with serving(history_max_messages=2 * PER_TOPIC) as server:
             async with Client(url(server)) as pub:
-                first = await Client.connect(url(server))
+                first = await Client.connect(url(server), reconnect=False)
                 got_first: list[Message] = []
                 sub = await first.subscribe("rc.>", got_first.append)
                 killed = asyncio.Event()
@@ -139,3 +141,115 @@ def test_the_client_ignores_server_messages_of_unknown_types():
                 assert not sub_client.closed and got[0].data == b"after"
 
     run(main())
+
+
+def test_a_client_whose_socket_dies_reconnects_by_itself_and_delivers_every_message_once():
+    async def main():
+        async with serving(history_max_messages=2 * PER_TOPIC) as server:
+            async with Client(url(server)) as pub:
+                states: list[str] = []
+                client = await Client.connect(url(server), reconnect_delay=(0.01, 0.1), on_state=lambda s, _: states.append(s))
+                got: list = []
+                await client.subscribe("auto.>", got.append)
+                await client.subscribe("auto.0", (exact := []).append)
+
+                async def publish():
+                    for round_ in range(PER_TOPIC // 10):
+                        for t in range(TOPICS):
+                            for i in range(10):
+                                pub.publish(f"auto.{t}", b"%d" % (round_ * 10 + i + 1))
+                        await pub.drain()
+                        await asyncio.sleep(0.001)
+
+                publisher = asyncio.create_task(publish())
+                for kill in range(3):  # the socket dies three times mid-stream
+                    await eventually(lambda: len(got) > (kill + 1) * 20_000, 20, "part of the stream")
+                    client._transport.disconnect(graceful=False)
+                    await eventually(lambda: client.state == "connected", 10, "the reconnection")
+                await publisher
+                await eventually(lambda: len(got) >= TOPICS * PER_TOPIC and len(exact) >= PER_TOPIC, 30, "every message")
+                await asyncio.sleep(0.1)
+                assert client.reconnects == 3
+                assert not [g for g in got + exact if isinstance(g, Gap)]
+                assert sorted((m.topic, m.seq) for m in got) == sorted((f"auto.{t}", s) for t in range(TOPICS) for s in range(1, PER_TOPIC + 1))
+                assert [m.seq for m in exact] == list(range(1, PER_TOPIC + 1))
+                assert states[:2] == ["connecting", "connected"] and states.count("disconnected") == 3 and states[-1] == "connected"
+                await client.close()
+                assert states[-1] == "closed"
+
+    run(main(), timeout=120)
+
+
+def test_backoff_is_exponential_with_full_jitter_and_bounded():
+    client = Client(reconnect_delay=(0.05, 1.0), jitter=lambda: 1.0)
+    assert [client.backoff(i) for i in range(7)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    client.jitter = lambda: 0.25
+    assert client.backoff(3) == 0.1
+
+
+def test_after_a_broker_restart_the_client_reconnects_is_told_what_it_lost_and_sends_what_waited():
+    async def main():
+        async with serving() as first:
+            port = first.port
+            pub = await Client.connect(url(first), reconnect=False)
+            states: list[tuple[str, float]] = []
+            loop = asyncio.get_running_loop()
+            client = await Client.connect(
+                url(first),
+                reconnect_delay=(0.05, 0.4),
+                jitter=lambda: 1.0,
+                on_state=lambda state, _: states.append((state, loop.time())),
+            )
+            got: list = []
+            await client.subscribe("rs.t", got.append)
+            for i in range(1, 4):
+                ack = await pub.publish_acked("rs.t", b"%d" % i)
+            await eventually(lambda: len(got) == 3, 5, "the first epoch")
+            old_epoch = ack.epoch
+            await pub.close()
+        # the broker is gone: publishes wait in the offline queue
+        client.publish("rs.t", b"queued while down")
+        await asyncio.sleep(1.0)
+        assert client.state in ("disconnected", "connecting")
+        async with serving(port=port) as second:
+            await eventually(lambda: client.state == "connected", 10, "the reconnection")
+            await eventually(lambda: len(got) == 5, 5, "the gap and the queued publish")
+            assert got[3] == Gap("rs.t", old_epoch, 4, 0, "the topic has no messages in this broker any more: its epoch ended")
+            assert (got[4].data, got[4].epoch, got[4].seq) == (b"queued while down", second.router.epoch, 1)
+        # the attempts after the broker went away: waits of 0.05, 0.1, 0.2, 0.4, 0.4, ... s
+        lost = next(i for i, (state, _) in enumerate(states) if state == "disconnected")
+        attempts = [t for state, t in states[lost:] if state == "connecting"]
+        waits = [b - a for a, b in zip([states[lost][1], *attempts], attempts)]
+        expected = [client.backoff(i) for i in range(len(waits))]
+        assert len(waits) >= 4 and all(e * 0.9 <= w <= e + 0.3 for w, e in zip(waits, expected)), (waits, expected)
+        await client.close()
+
+    run(main(), timeout=60)
+
+
+def test_the_offline_queue_is_bounded_and_never_silent():
+    async def main():
+        async with serving() as server:
+            port = server.port
+            strict = await Client.connect(url(server), max_offline_messages=2, reconnect_delay=(0.05, 0.5))
+            lossy = await Client.connect(url(server), max_offline_messages=2, offline_overflow="drop_oldest", reconnect_delay=(0.05, 0.5))
+        await eventually(lambda: strict.state != "connected" and lossy.state != "connected", 5, "the disconnection")
+        strict.publish("o.t", b"1")
+        strict.publish("o.t", b"2")
+        with pytest.raises(BrokerError, match="max_offline_messages"):
+            strict.publish("o.t", b"3")
+        for i in range(5):
+            lossy.publish("o.t", b"%d" % i)
+        assert lossy.offline_dropped == 3
+        async with serving(port=port) as server:
+            async with Client(url(server)) as sub_client:
+                got: list = []
+                # from the start of the topic's history: whenever the queued publishes arrive
+                await sub_client.subscribe("o.t", got.append, since=(0, 0))
+                await eventually(lambda: strict.state == "connected" and lossy.state == "connected", 15, "the reconnections")
+                await eventually(lambda: len(got) == 4, 5, "the queued publishes")
+                assert sorted(m.data for m in got) == [b"1", b"2", b"3", b"4"]
+            await strict.close()
+            await lossy.close()
+
+    run(main(), timeout=60)

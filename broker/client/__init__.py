@@ -9,20 +9,26 @@
 
 Publishes made in the same loop tick leave in one WebSocket frame. Replies are matched to
 requests by id; a refused request raises RequestError with the broker's error code.
+
+When the connection drops, the client reconnects (exponential backoff with full jitter) and
+subscribes again with `since` set to what each subscription last delivered, so the
+application sees every message once and in order, or a Gap saying exactly what is missing.
+Fire-and-forget publishes made while it is disconnected wait in a bounded queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
-from ..messages import DEFAULT_MAX_BATCH, SUBPROTOCOL, Ack, Err, GapNotice, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
-from ..topics import SubscriptionIndex, validate_pattern, validate_topic
+from ..messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, SUBPROTOCOL, Ack, Err, GapNotice, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
+from ..topics import SubscriptionIndex, is_pattern, validate_pattern, validate_topic
 
 __all__ = [
     "Client",
@@ -37,6 +43,11 @@ __all__ = [
 ]
 
 DEFAULT_URL = "ws://127.0.0.1:7341/"
+
+# Close codes that say the client itself is at fault: reconnecting would not help.
+FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+
+log = logging.getLogger("broker.client")
 
 
 def _log_error(error: RequestError) -> None:
@@ -90,6 +101,7 @@ class Subscription:
         self._error: BaseException | None = None
         self._done = False
         self._abandoned = False  # subscribe() was cancelled before its ack
+        self._active = False  # acknowledged: held at the broker (re-made after a reconnect)
 
     def _receive(self, topic: str, epoch: int, seq: int, payloads: list[bytes]) -> None:
         """A batch of the topic: deliver what lies after this subscription's position."""
@@ -107,7 +119,12 @@ class Subscription:
 
     def _gap(self, gap: Gap) -> None:
         position = self.positions.get(gap.topic)
-        if gap.last and (position is None or position[0] != gap.epoch or position[1] < gap.last):
+        if position is not None and position[0] == gap.epoch:
+            if gap.last and gap.last <= position[1]:
+                return  # this subscription delivered all of it already
+            if gap.first <= position[1]:
+                gap = gap._replace(first=position[1] + 1)
+        if gap.last:
             self.positions[gap.topic] = (gap.epoch, gap.last)
         self._deliver(gap)
 
@@ -170,6 +187,8 @@ class _Listener(WSListener):
         self.client = client
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.client._listener is not self:
+            return  # a connection the client already left
         kind = frame.msg_type
         if kind is WSMsgType.BINARY:
             self.client._on_message(frame.get_payload_as_memoryview())
@@ -182,7 +201,8 @@ class _Listener(WSListener):
             transport.send_pong(frame.get_payload_as_bytes())
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.client._on_disconnected()
+        if self.client._listener is self:
+            self.client._on_disconnected()
 
     def pause_writing(self) -> None:
         self.client._paused = True
@@ -208,6 +228,13 @@ class Client:
         max_batch_bytes: int = 256 << 10,
         max_batch_messages: int = DEFAULT_MAX_BATCH,
         on_error: Callable[[RequestError], object] | None = None,
+        reconnect: bool = True,
+        reconnect_delay: tuple[float, float] = (0.1, 10.0),
+        max_reconnect_attempts: int | None = None,
+        jitter: Callable[[], float] = random.random,
+        max_offline_messages: int = 10_000,
+        offline_overflow: Literal["raise", "drop_oldest"] = "raise",
+        on_state: Callable[[str, str], object] | None = None,
     ) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
@@ -217,6 +244,25 @@ class Client:
         self.max_batch_bytes = max_batch_bytes  # a tick's publishes are split into frames of about this size
         self.max_batch_messages = max_batch_messages  # and of at most this many messages (the broker's limit)
         self.on_error = on_error or _log_error
+        self.reconnect = reconnect
+        if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
+            raise ValueError("reconnect_delay is (first, most), 0 < first <= most")
+        self.reconnect_delay = reconnect_delay  # the first backoff bound and its ceiling, in seconds
+        self.max_reconnect_attempts = max_reconnect_attempts  # None: for as long as it takes
+        self.jitter = jitter  # a number in [0, 1): the share of the backoff bound waited
+        if max_offline_messages < 0 or offline_overflow not in ("raise", "drop_oldest"):
+            raise ValueError("max_offline_messages >= 0 and offline_overflow 'raise' or 'drop_oldest'")
+        self.max_offline_messages = max_offline_messages
+        self.offline_overflow = offline_overflow
+        self.on_state = on_state  # called with (state, detail): connecting, connected, disconnected, closed
+        self.state = "new"
+        self.reconnects = 0  # successful reconnections
+        self.offline_dropped = 0  # publishes dropped from a full offline queue (drop_oldest)
+        self._offline: deque[bytes] = deque()
+        self._connected: asyncio.Event | None = None
+        self._reconnecting: asyncio.Task | None = None
+        self._closing = False  # close() was called
+        self._listener: _Listener | None = None  # the current connection's
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: WSTransport | None = None
         self._next_id = 0
@@ -240,12 +286,28 @@ class Client:
         return client
 
     async def open(self) -> None:
+        """Connect; raises ConnectionClosed when the first connection cannot be made."""
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
+        self._connected = asyncio.Event()
+        self._set_state("connecting", self.url)
+        try:
+            await self._connect()
+        except BaseException:
+            self._closed.set_result(None)
+            self._set_state("closed", self._close_info[1] if self._close_info else "")
+            raise
+        self._set_state("connected", self.url)
+
+    async def _connect(self) -> None:
+        """One connection attempt; on failure ConnectionClosed (1006) with the cause."""
+        self._close_info = None
+        self._topics = {}
+        self._paused = False
         try:
             self._transport, _ = await asyncio.wait_for(
                 ws_connect(
-                    lambda: _Listener(self),
+                    self._new_listener,
                     self.url,
                     extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
                     max_frame_size=self.max_frame_bytes,
@@ -262,10 +324,22 @@ class Client:
             else:
                 reason = f"could not connect to {self.url}: {exc}"
             self._close_info = (1006, reason)
-            self._closed.set_result(None)
             if isinstance(exc, (BrokerError, asyncio.CancelledError)) or not isinstance(exc, Exception):
                 raise
             raise ConnectionClosed(1006, reason) from exc
+        self._connected.set()
+
+    def _new_listener(self) -> _Listener:
+        self._listener = _Listener(self)
+        return self._listener
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state, detail)
+            except Exception:
+                log.exception("on_state callback raised")
 
     async def __aenter__(self) -> Client:
         await self.open()
@@ -318,6 +392,7 @@ class Client:
                     self._queue_out(encode(Unsub(0, pattern)))
                 return
             sub.epoch, sub.seq = ack.epoch, ack.seq
+            sub._active = True
             if since is not None:
                 if isinstance(since[1], dict):
                     sub.positions.update(since[1])
@@ -346,12 +421,29 @@ class Client:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
         self._forget(sub)
         sub._finish(None)
-        await self._request(lambda rid: Unsub(rid, pattern))
+        if self._connected.is_set():
+            await self._request(lambda rid: Unsub(rid, pattern))
+        # while reconnecting there is nothing to undo at the broker: it is not made again
 
     def publish(self, topic: str, data: bytes) -> None:
-        """Fire-and-forget publish. Publishes within one loop tick leave in one frame."""
+        """Fire-and-forget publish. Publishes within one loop tick leave in one frame.
+
+        While the client is reconnecting the publish waits in the offline queue (at most
+        max_offline_messages; when full it raises BrokerError, or with offline_overflow
+        'drop_oldest' drops the oldest waiting publish and counts it in offline_dropped)."""
         self._check_open()
-        self._queue_out(encode(Pub(0, topic, data)))
+        encoded = encode(Pub(0, topic, data))
+        if self._connected.is_set():
+            self._queue_out(encoded)
+            return
+        offline = self._offline
+        if len(offline) >= self.max_offline_messages:
+            if self.offline_overflow == "raise" or not offline:
+                raise BrokerError(f"not connected and {len(offline)} publishes already wait (max_offline_messages)")
+            offline.popleft()
+            self.offline_dropped += 1
+            log.warning("offline queue full: dropped the oldest waiting publish (%d so far)", self.offline_dropped)
+        offline.append(encoded)
 
     async def publish_acked(self, topic: str, data: bytes) -> PublishAck:
         """Publish and wait for the broker's ack: returns the epoch and sequence number given."""
@@ -370,8 +462,16 @@ class Client:
                 await asyncio.wait([self._drained, self._closed], return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker."""
-        if self._transport is None or self.closed:
+        """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker.
+        Stops reconnecting; publishes still waiting offline are dropped."""
+        if self._closed is None or self.closed:
+            return
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if not self._connected.is_set():
+            self._close_info = self._close_info or (1000, "closed by the application")
+            self._finish()
             return
         self._flush_out()
         self._transport.send_close(WSCloseCode.OK)
@@ -393,6 +493,20 @@ class Client:
             code, reason = self._close_info or (1006, "not connected")
             raise ConnectionClosed(code, reason)
 
+    async def _ready(self) -> None:
+        """Wait (at most request_timeout) while the client reconnects."""
+        self._check_open()
+        if self._connected.is_set():
+            return
+        waiter = asyncio.ensure_future(self._connected.wait())
+        try:
+            done, _ = await asyncio.wait([waiter, self._closed], timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        self._check_open()
+        if not self._connected.is_set():
+            raise ConnectionClosed(1006, f"not reconnected within {self.request_timeout}s")
+
     def _queue_out(self, encoded: bytes) -> None:
         out = self._outgoing
         if out and (self._outgoing_bytes + len(encoded) > self.max_batch_bytes or len(out) >= self.max_batch_messages):
@@ -409,7 +523,7 @@ class Client:
 
     def _send_batch(self) -> None:
         out = self._outgoing
-        if not out or self.closed:
+        if not out or self.closed or not self._connected.is_set():
             return
         self._outgoing = []
         self._outgoing_bytes = 0
@@ -422,7 +536,7 @@ class Client:
         self._transport.send(WSMsgType.BINARY, frame)
 
     async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None) -> Ack:
-        self._check_open()
+        await self._ready()
         self._next_id += 1
         rid = self._next_id
         future = self._loop.create_future()
@@ -501,14 +615,100 @@ class Client:
             if recv is not None and self._close_info is None:
                 code, reason = int(recv.code), recv.reason or ""
         self._close_info = (code, reason)
+        self._connected.clear()
+        self._outgoing = []  # never sent: requests among them fail below, publishes are lost with the connection
+        self._outgoing_bytes = 0
         error = ConnectionClosed(code, reason)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        for sub in list(self._subs.values()):
-            sub._finish(None if code == 1000 else error)
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+        self._on_ack.clear()
         drained = self._drained
         if drained is not None and not drained.done():
             drained.set_result(None)
+        if self._closing or not self.reconnect or code in FATAL_CLOSE_CODES or self.closed:
+            self._finish()
+            return
+        self._set_state("disconnected", f"{code}: {reason}" if reason else str(code))
+        self._reconnecting = self._loop.create_task(self._reconnect())
+
+    def _finish(self) -> None:
+        """The client is closed for good: subscriptions end, waiters wake."""
+        code, reason = self._close_info or (1006, "connection lost")
+        error = ConnectionClosed(code, reason)
+        for sub in list(self._subs.values()):
+            sub._finish(None if code == 1000 else error)
+        self._offline.clear()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        self._set_state("closed", f"{code}: {reason}" if reason else str(code))
+
+    def backoff(self, attempt: int) -> float:
+        """The delay before reconnection attempt `attempt` (0, 1, ...): full jitter over an
+        exponentially growing bound, min(most, first * 2^attempt)."""
+        first, most = self.reconnect_delay
+        return self.jitter() * min(most, first * 2**attempt)
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            if self.max_reconnect_attempts is not None and attempt >= self.max_reconnect_attempts:
+                self._close_info = (1006, f"gave up after {attempt} reconnection attempts: {self._close_info[1]}")
+                self._finish()
+                return
+            await asyncio.sleep(self.backoff(attempt))
+            attempt += 1
+            self._set_state("connecting", self.url)
+            try:
+                await self._connect()
+            except ConnectionClosed as exc:
+                self._set_state("disconnected", exc.reason)
+                continue
+            self.reconnects += 1
+            self._set_state("connected", self.url)
+            self._resubscribe()
+            while self._offline and self._connected.is_set():
+                self._queue_out(self._offline.popleft())
+            self._reconnecting = None
+            return
+
+    def _resubscribe(self) -> None:
+        """Make every subscription again, each from where it stopped delivering."""
+        for sub in list(self._subs.values()):
+            if not sub._active or sub._done:
+                continue
+            self._next_id += 1
+            rid = self._next_id
+            self._on_ack[rid] = lambda ack, sub=sub: self._resubscribed(sub, ack)
+            self._pending[rid] = future = self._loop.create_future()
+            future.add_done_callback(lambda f, rid=rid, sub=sub: self._resubscribe_done(rid, sub, f))
+            self._queue_out(encode(Sub(rid, sub.pattern, self._since(sub), False)))
+
+    @staticmethod
+    def _since(sub: Subscription) -> list:
+        if is_pattern(sub.pattern):
+            # The broker takes the positions of at most MAX_SINCE_TOPICS topics; topics left out
+            # are replayed from the subscription's time and the overlap is skipped here.
+            positions = {}
+            for topic, position in sub.positions.items():
+                if len(positions) == MAX_SINCE_TOPICS:
+                    break
+                positions[topic] = list(position)
+            return [sub.epoch, positions]
+        position = sub.positions.get(sub.pattern)
+        if position is not None:
+            return list(position)
+        return [sub.epoch, sub.seq] if sub.epoch else [0, 0]
+
+    def _resubscribed(self, sub: Subscription, ack: Ack) -> None:
+        sub.epoch, sub.seq = ack.epoch, ack.seq
+
+    def _resubscribe_done(self, rid: int, sub: Subscription, future: asyncio.Future) -> None:
+        self._pending.pop(rid, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, RequestError):
+            # the broker refused the subscription again: it ends with that error
+            self._forget(sub)
+            sub._finish(error)
