@@ -119,9 +119,14 @@ class MemoryBackplane:
 
     # sequencing
 
-    def publish(self, state: TopicState, payload: bytes, dirty: list) -> int:
-        """Sequence `payload` now and add it to the topic's pending batch; its number."""
+    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced=None) -> int | None:
+        """Sequence `payload` and add it to the topic's pending batch (`dirty` lists the topics
+        with pending messages). Returns its sequence number; a backplane that sequences later
+        returns None, calls `on_sequenced(epoch, seq)` when it has one and hands the batch
+        to `Router.deliver`."""
         stamp(state, payload, dirty)
+        if on_sequenced is not None:
+            on_sequenced(state.epoch, state.seq)
         return state.seq
 
     # history
@@ -256,14 +261,23 @@ class MemoryBackplane:
     @staticmethod
     def _collect(log: _Log, wanted, from_seq: int) -> list[tuple[int, list[bytes]]]:
         """The retained messages from the first chunk `wanted` accepts on, from `from_seq`
-        on, as one batch (consecutive sequence numbers)."""
+        on, as batches of consecutive sequence numbers (one, unless numbers were skipped)."""
+        batches: list[tuple[int, list[bytes]]] = []
         payloads: list[bytes] = []
-        first = 0
+        first = following = 0
         for i, chunk in enumerate(log.chunks):
-            if not payloads and not wanted(chunk):
+            if not batches and not payloads and not wanted(chunk):
                 continue
             start = max(log.skip if i == 0 else 0, from_seq - chunk.first)
+            if start >= len(chunk.payloads):
+                continue
+            if payloads and chunk.first + start != following:
+                batches.append((first, payloads))
+                payloads = []
             if not payloads:
                 first = chunk.first + start
             payloads.extend(chunk.payloads[start:] if start else chunk.payloads)
-        return [(first, payloads)] if payloads else []
+            following = chunk.first + len(chunk.payloads)
+        if payloads:
+            batches.append((first, payloads))
+        return batches

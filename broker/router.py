@@ -19,8 +19,8 @@ from typing import Callable
 
 from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo
-from .messages import GapNotice, encode
+from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo, stamp
+from .messages import Ack, GapNotice, encode
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
@@ -116,16 +116,43 @@ class Router:
             self.index.add_topic(state)
         return state
 
-    def publish(self, name: str, payload: bytes) -> TopicState:
-        """Stamp `payload` with the topic's next sequence number and add it to this tick's batch.
+    def publish(self, name: str, payload: bytes, box: Outbox | None = None, request_id: int = 0) -> TopicState:
+        """Hand `payload` to the backplane, which gives it the topic's next sequence number.
 
-        Returns the topic state: `.epoch` and `.seq` are what the message was given."""
+        With a request id, `box` gets the ack (`["ack", id, epoch, seq]`) once the message is
+        sequenced: at once with a backplane that sequences at once, otherwise when the batch
+        comes back through `deliver`. Returns the topic state."""
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
-        self.backplane.publish(state, payload, self.dirty)
-        self.published_since_flush()
+        backplane = self.backplane
+        if backplane.sequences_at_once:
+            backplane.publish(state, payload, self.dirty)
+            if request_id:
+                self.send(box, encode(Ack(request_id, state.epoch, state.seq)))
+            self.published_since_flush()
+        elif request_id:
+            backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq))
+        else:
+            backplane.publish(state, payload, self.dirty)
         return state
+
+    def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:
+        if not box.closed:
+            self.send(box, encode(Ack(request_id, epoch, seq)))
+
+    def deliver(self, state: TopicState, first: int, payloads: list[bytes]) -> None:
+        """A batch the backplane sequenced (published here or elsewhere): into the topic's
+        pending batch, delivered and retained at the end of the tick like every other.
+        Sequence numbers the batch skips were never given to a message this broker saw."""
+        if first != state.seq + 1:
+            if state.pending:
+                self._emit([state])
+            state.seq = first - 1
+        dirty = self.dirty
+        for payload in payloads:
+            stamp(state, payload, dirty)
+        self.published_since_flush()
 
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""

@@ -69,7 +69,9 @@ class Session:
         limits = self.limits
         # Fast path: a frame of fire-and-forget publishes to known topics, parsed and stamped in
         # one compiled call. Anything else (or anything unusual) returns -1, nothing applied.
-        count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+        count = -1
+        if router.backplane.sequences_at_once:
+            count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
             router.published_since_flush()
@@ -113,9 +115,7 @@ class Session:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"payload is {len(message.data)} bytes; the limit is {max_payload}",
                         )
-                    state = router.publish(message.topic, message.data)
-                    if message.id:
-                        router.send(box, encode(Ack(message.id, state.epoch, state.seq)))
+                    router.publish(message.topic, message.data, box, message.id)
                 elif kind is Sub:
                     self._subscribe(message)
                 elif kind is Unsub:

@@ -280,3 +280,43 @@ def test_stale_entries_of_the_age_queue_are_compacted():
         retain(store, st, [b"x"])
     assert len(store._order) < 2100
     assert store.since(st, 0) == (5000, [(5000, [b"x"])])
+
+
+class LaterBackplane(MemoryBackplane):
+    """Sequences publishes one step later, as a backplane shared through an external log does."""
+
+    sequences_at_once = False
+
+    def __init__(self, **bounds) -> None:
+        super().__init__(**bounds)
+        self.waiting = []
+
+    def publish(self, state, payload, dirty, on_sequenced=None):
+        self.waiting.append((state, payload, on_sequenced))
+        return None
+
+    def sequence(self, router) -> None:
+        waiting, self.waiting = self.waiting, []
+        for state, payload, on_sequenced in waiting:
+            router.deliver(state, state.seq + 1, [payload])
+            if on_sequenced is not None:
+                on_sequenced(state.epoch, state.seq)
+
+
+def test_a_backplane_that_sequences_later_delays_acks_and_delivers_through_the_same_path():
+    h = Harness()
+    h.router.backplane = backplane = LaterBackplane(clock=lambda: h.now)
+    s, p = h.session("s"), h.session("p")
+    s.receive(encode(Sub(0, "t")))
+    p.receive(encode([Pub(1, "t", b"a"), Pub(0, "t", b"b")]))
+    assert h.tick()[0] == {}  # nothing is sequenced yet: no ack, no delivery
+    backplane.sequence(h.router)
+    written, _ = h.tick()
+    assert written["p"] == [Ack(1, 42, 1)]
+    assert written["s"] == [Delivery("t", 42, 1, [b"a", b"b"])]
+    # a batch sequenced elsewhere, after numbers this broker never saw
+    h.router.deliver(h.router.topics["t"], 5, [b"remote"])
+    assert h.tick()[0] == {"s": [Delivery("t", 42, 5, [b"remote"])]}
+    late = h.session("late")
+    late.receive(encode(Sub(1, "t", [42, 0])))
+    assert messages(h.tick()[0]["late"]) == [("t", 1, b"a"), ("t", 2, b"b"), ("t", 5, b"remote")]

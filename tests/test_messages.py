@@ -1,6 +1,7 @@
 """Wire schema: round trips, and any bytes decode to messages or documented errors."""
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +127,10 @@ def test_trailing_fields_are_ignored_for_forward_compatibility():
 def test_payload_must_be_binary():
     good, bad = decode_client_frame(msgspec.msgpack.encode(["pub", 5, "t", "text"]))
     assert good == [] and bad[0].request_id == 5 and bad[0].code == ErrorCode.BAD_MESSAGE
+
+
+def test_unknown_server_message_types_are_skipped():
+    frame = encode([["ack", 1, 0, 0], ["later", 1, {"x": 2}], ["gap", "t", 5, 2, 3, "why"]])
+    assert decode_server_frame(frame) == [Ack(1, 0, 0), GapNotice("t", 5, 2, 3, "why")]
+    with pytest.raises(ProtocolViolation):
+        decode_server_frame(encode([["ack", "not an id"]]))  # a known type that cannot be read

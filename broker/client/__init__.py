@@ -49,6 +49,9 @@ FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 
 log = logging.getLogger("broker.client")
 
+# How every fire-and-forget publish the client encodes begins: ["pub", 0, ...]
+_PUB_NO_ACK = b"\x94\xa3pub\x00"
+
 
 def _log_error(error: RequestError) -> None:
     """Default handler for errors no request waits for (fire-and-forget publishes)."""
@@ -616,8 +619,13 @@ class Client:
                 code, reason = int(recv.code), recv.reason or ""
         self._close_info = (code, reason)
         self._connected.clear()
-        self._outgoing = []  # never sent: requests among them fail below, publishes are lost with the connection
+        # Not written yet: fire-and-forget publishes wait for the next connection (ahead of
+        # later ones); requests among them fail below with the others.
+        unsent = [m for m in self._outgoing if m.startswith(_PUB_NO_ACK)]
+        self._outgoing = []
         self._outgoing_bytes = 0
+        if not (self._closing or not self.reconnect or code in FATAL_CLOSE_CODES):
+            self._offline.extendleft(reversed(unsent))
         error = ConnectionClosed(code, reason)
         for future in self._pending.values():
             if not future.done():
