@@ -543,7 +543,7 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
         return -1
     batch = pos < n and (0x90 <= p[pos] <= 0x9F or p[pos] == 0xDC or p[pos] == 0xDD)
     if not batch:
-        if count != 4:
+        if count != 4 and count != 5:
             return -1
         count = 1
         pos = 0
@@ -553,11 +553,13 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
     cdef TopicState state = None
     cdef object found
     cdef bytes key, payload
+    cdef bint with_msg_id
     for i in range(count):
-        # ["pub", 0, topic, payload]: 94 a3 'p' 'u' 'b' 00
-        if pos + 6 > n or p[pos] != 0x94 or p[pos + 1] != 0xA3 or p[pos + 2] != 112 \
+        # ["pub", 0, topic, payload]: 94 a3 'p' 'u' 'b' 00, or ["pub", 0, topic, payload, ""]: 95 ...
+        if pos + 6 > n or (p[pos] != 0x94 and p[pos] != 0x95) or p[pos + 1] != 0xA3 or p[pos + 2] != 112 \
                 or p[pos + 3] != 117 or p[pos + 4] != 98 or p[pos + 5] != 0:
             return -1
+        with_msg_id = p[pos] == 0x95
         pos += 6
         if pos >= n:
             return -1
@@ -607,6 +609,10 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
             return -1
         payload = PyBytes_FromStringAndSize(<const char*>(p + pos), plen)
         pos += plen
+        if with_msg_id:  # only an empty msg_id (none): a real one needs the dedupe check
+            if pos >= n or p[pos] != 0xA0:
+                return -1
+            pos += 1
         accepted.append(state)
         accepted.append(payload)
     if pos != n:

@@ -260,7 +260,7 @@ def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, di
     `max_count` of them, payloads of at most `max_payload` bytes).
 
     Returns how many messages were published, or -1 when the frame holds anything else (a
-    request id, an unknown topic, a large payload, another message type, bad data): then
+    request id, a msg_id, an unknown topic, a large payload, another message type, bad data): then
     nothing was applied and the frame takes the general path. Only exact, canonical encodings
     count as simple; anything unusual is left to the general path, which handles it the same."""
     data = bytes(data)
@@ -278,7 +278,7 @@ def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, di
     for message in messages:
         if not (
             type(message) is list
-            and len(message) == 4
+            and (len(message) == 4 or len(message) == 5 and message[4] == "")  # no msg_id
             and message[0] == "pub"
             and type(message[1]) is int
             and message[1] == 0

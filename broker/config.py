@@ -40,6 +40,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     history_max_bytes: Positive = 1 << 20
     history_max_age_s: Seconds = 300.0
     history_max_total_bytes: Positive = 256 << 20
+    dedupe_window_s: Seconds = 120.0
+    dedupe_max_ids: Positive = 100_000
     handshake_timeout_s: Seconds = 5.0
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 10.0
@@ -89,6 +91,8 @@ HELP = {
     "history_max_bytes": "bytes of history kept per topic (payloads plus 48 bytes per message)",
     "history_max_age_s": "seconds a message is kept in history",
     "history_max_total_bytes": "bytes of history kept over all topics; past it the oldest messages go first",
+    "dedupe_window_s": "seconds a publish's msg_id is remembered: a repeat within them is acknowledged, not published again",
+    "dedupe_max_ids": "msg_ids remembered at most (the oldest are forgotten first)",
     "handshake_timeout_s": "seconds a client has to complete the WebSocket handshake",
     "ping_interval_s": "seconds of silence before the server pings a client",
     "ping_timeout_s": "seconds a client has to answer a ping before it is disconnected",

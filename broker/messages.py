@@ -49,12 +49,18 @@ class Unsub(_Wire, tag="unsub"):
     topic: str
 
 
+MAX_MSG_ID_LENGTH = 128
+
+
 class Pub(_Wire, tag="pub"):
-    """Publish one payload to an exact topic. id 0 asks for no ack (errors still come back)."""
+    """Publish one payload to an exact topic. id 0 asks for no ack (errors still come back).
+    `msg_id`: the publisher's own id for the message; a repeat within the broker's dedupe
+    window is acknowledged with the original sequence number and not delivered again."""
 
     id: RequestId
     topic: str
     data: bytes
+    msg_id: Annotated[str, msgspec.Meta(max_length=MAX_MSG_ID_LENGTH)] = ""
 
 
 ClientMessage = Union[Sub, Unsub, Pub]

@@ -15,6 +15,7 @@ session stops applying) until the next iteration, so no client can make one iter
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Callable
 
 from .backplane import Gap, MemoryBackplane
@@ -36,7 +37,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -47,12 +48,25 @@ class RouterStats:
         self.closes: dict[int, int] = {}  # connections closed by the broker, by close code
         self.replayed = 0  # messages sent from history (recovery and last values)
         self.gaps = 0  # gap notices sent
+        self.duplicates = 0  # publishes dropped as repeats of a msg_id in the dedupe window
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def count_close(self, code: int) -> None:
         self.closes[code] = self.closes.get(code, 0) + 1
+
+
+class _Seen:
+    """A msg_id in the dedupe window: the (epoch, seq) its message got, or, while the backplane
+    has not sequenced it yet, the requests waiting for that (box, request id)."""
+
+    __slots__ = ("epoch", "seq", "waiting")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.seq = 0
+        self.waiting: list | None = None
 
 
 class Router:
@@ -65,6 +79,8 @@ class Router:
         max_outbound_frame_bytes: int = 1 << 20,
         epoch: int | None = None,
         backplane: MemoryBackplane | None = None,
+        dedupe_window_s: float = 120.0,
+        dedupe_max_ids: int = 100_000,
     ) -> None:
         self._request_flush = request_flush
         self.max_topics = max_topics
@@ -74,6 +90,10 @@ class Router:
         # Epoch: milliseconds since 1970 at start, so a restarted broker never reuses one.
         self.epoch = int(time.time() * 1000) if epoch is None else epoch
         self.backplane = MemoryBackplane() if backplane is None else backplane
+        self.dedupe_window_ms = int(dedupe_window_s * 1000)
+        self.dedupe_max_ids = dedupe_max_ids
+        self._seen: dict[tuple[str, str], _Seen] = {}
+        self._seen_order: deque[tuple[int, tuple[str, str]]] = deque()
         self._emitted: list | None = [] if self.backplane.enabled else None
         self.index = Index()
         self.topics: dict[str, TopicState] = self.index.topics
@@ -116,21 +136,41 @@ class Router:
             self.index.add_topic(state)
         return state
 
-    def publish(self, name: str, payload: bytes, box: Outbox | None = None, request_id: int = 0) -> TopicState:
+    def publish(self, name: str, payload: bytes, box: Outbox | None = None, request_id: int = 0, msg_id: str = "") -> TopicState:
         """Hand `payload` to the backplane, which gives it the topic's next sequence number.
 
         With a request id, `box` gets the ack (`["ack", id, epoch, seq]`) once the message is
         sequenced: at once with a backplane that sequences at once, otherwise when the batch
-        comes back through `deliver`. Returns the topic state."""
+        comes back through `deliver`. A `msg_id` seen on the same topic within the dedupe
+        window makes this a duplicate: acknowledged with the original's sequence number (once
+        it has one), not published again. Returns the topic state."""
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
+        record = None
+        if msg_id:
+            record = self._dedupe(name, msg_id)
+            if record.seq:
+                self.stats.duplicates += 1
+                if request_id:
+                    self.send(box, encode(Ack(request_id, record.epoch, record.seq)))
+                return state
+            if record.waiting is not None:  # the original is not sequenced yet
+                self.stats.duplicates += 1
+                if request_id:
+                    record.waiting.append((box, request_id))
+                return state
+            record.waiting = [(box, request_id)] if request_id else []
         backplane = self.backplane
         if backplane.sequences_at_once:
             backplane.publish(state, payload, self.dirty)
+            if record is not None:
+                record.epoch, record.seq, record.waiting = state.epoch, state.seq, None
             if request_id:
                 self.send(box, encode(Ack(request_id, state.epoch, state.seq)))
             self.published_since_flush()
+        elif record is not None:
+            backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq))
         elif request_id:
             backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq))
         else:
@@ -140,6 +180,28 @@ class Router:
     def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:
         if not box.closed:
             self.send(box, encode(Ack(request_id, epoch, seq)))
+
+    def _sequenced(self, record: "_Seen", epoch: int, seq: int) -> None:
+        waiting = record.waiting or ()
+        record.epoch, record.seq, record.waiting = epoch, seq, None
+        for box, request_id in waiting:
+            self._ack_later(box, request_id, epoch, seq)
+
+    def _dedupe(self, topic: str, msg_id: str) -> "_Seen":
+        """The record of (topic, msg_id) in the dedupe window, made if there is none. Records
+        leave after dedupe_window_s, or oldest first past dedupe_max_ids."""
+        now = self.backplane.now_ms()
+        seen, order = self._seen, self._seen_order
+        horizon = now - self.dedupe_window_ms
+        while order and (order[0][0] < horizon or len(order) >= self.dedupe_max_ids):
+            _, old = order.popleft()
+            seen.pop(old, None)
+        key = (topic, msg_id)
+        record = seen.get(key)
+        if record is None:
+            record = seen[key] = _Seen()
+            order.append((now, key))
+        return record
 
     def deliver(self, state: TopicState, first: int, payloads: list[bytes]) -> None:
         """A batch the backplane sequenced (published here or elsewhere): into the topic's

@@ -115,7 +115,7 @@ class Session:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"payload is {len(message.data)} bytes; the limit is {max_payload}",
                         )
-                    router.publish(message.topic, message.data, box, message.id)
+                    router.publish(message.topic, message.data, box, message.id, message.msg_id)
                 elif kind is Sub:
                     self._subscribe(message)
                 elif kind is Unsub:

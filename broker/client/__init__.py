@@ -24,6 +24,7 @@ import random
 from collections import deque
 from typing import Callable, Literal, NamedTuple
 
+import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
@@ -51,6 +52,7 @@ log = logging.getLogger("broker.client")
 
 # How every fire-and-forget publish the client encodes begins: ["pub", 0, ...]
 _PUB_NO_ACK = b"\x94\xa3pub\x00"
+_pub_decoder = msgspec.msgpack.Decoder(Pub)
 
 
 def _log_error(error: RequestError) -> None:
@@ -261,7 +263,10 @@ class Client:
         self.state = "new"
         self.reconnects = 0  # successful reconnections
         self.offline_dropped = 0  # publishes dropped from a full offline queue (drop_oldest)
-        self._offline: deque[bytes] = deque()
+        self._offline: deque[tuple[str, bytes, str]] = deque()  # (topic, data, msg_id)
+        self._inflight: dict[int, tuple[str, bytes, str]] = {}  # offline publishes sent, not yet acked
+        self.publisher_id = random.getrandbits(64).to_bytes(8, "big").hex()  # prefix of its msg_ids
+        self._msg_ids = 0
         self._connected: asyncio.Event | None = None
         self._reconnecting: asyncio.Task | None = None
         self._closing = False  # close() was called
@@ -435,10 +440,15 @@ class Client:
         max_offline_messages; when full it raises BrokerError, or with offline_overflow
         'drop_oldest' drops the oldest waiting publish and counts it in offline_dropped)."""
         self._check_open()
-        encoded = encode(Pub(0, topic, data))
         if self._connected.is_set():
-            self._queue_out(encoded)
+            self._queue_out(encode(["pub", 0, topic, data]))  # the 4-element form: _PUB_NO_ACK
             return
+        validate_topic(topic)
+        self._hold(topic, data)
+
+    def _hold(self, topic: str, data: bytes) -> None:
+        """Queue a publish until the client is connected again, with a msg_id of its own, so
+        sending it again after another lost connection cannot publish it twice."""
         offline = self._offline
         if len(offline) >= self.max_offline_messages:
             if self.offline_overflow == "raise" or not offline:
@@ -446,13 +456,32 @@ class Client:
             offline.popleft()
             self.offline_dropped += 1
             log.warning("offline queue full: dropped the oldest waiting publish (%d so far)", self.offline_dropped)
-        offline.append(encoded)
+        offline.append((topic, data, self.new_msg_id()))
 
-    async def publish_acked(self, topic: str, data: bytes) -> PublishAck:
-        """Publish and wait for the broker's ack: returns the epoch and sequence number given."""
+    def new_msg_id(self) -> str:
+        """A msg_id no other publish of this client (or, with overwhelming likelihood, of any
+        other client) carries: its random publisher id and a counter."""
+        self._msg_ids += 1
+        return f"{self.publisher_id}-{self._msg_ids}"
+
+    async def publish_acked(self, topic: str, data: bytes, *, msg_id: str | None = None) -> PublishAck:
+        """Publish and wait for the broker's ack: returns the epoch and sequence number given.
+
+        The publish carries a msg_id (`msg_id`, or one of the client's own): if the connection
+        drops before the ack, it is sent again once the client has reconnected, and the broker
+        acknowledges a repeat within its dedupe window with the original sequence number
+        instead of publishing it twice. Gives up (ConnectionClosed) after request_timeout."""
         validate_topic(topic)
-        ack = await self._request(lambda rid: Pub(rid, topic, data))
-        return PublishAck(ack.epoch, ack.seq)
+        if msg_id is None:
+            msg_id = self.new_msg_id()
+        deadline = self._loop.time() + self.request_timeout
+        while True:
+            try:
+                ack = await self._request(lambda rid: Pub(rid, topic, data, msg_id))
+                return PublishAck(ack.epoch, ack.seq)
+            except ConnectionClosed:
+                if self.closed or self._loop.time() >= deadline:
+                    raise
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the connection's write buffer is below its high-water mark.
@@ -599,6 +628,7 @@ class Client:
                     future.set_result(message)
             elif kind is Err:
                 self._on_ack.pop(message.id, None)
+                self._inflight.pop(message.id, None)
                 error = RequestError(message.code, message.text, message.id)
                 future = self._pending.get(message.id)
                 if future is not None and not future.done():
@@ -621,11 +651,15 @@ class Client:
         self._connected.clear()
         # Not written yet: fire-and-forget publishes wait for the next connection (ahead of
         # later ones); requests among them fail below with the others.
-        unsent = [m for m in self._outgoing if m.startswith(_PUB_NO_ACK)]
+        unsent = [_pub_decoder.decode(m) for m in self._outgoing if m.startswith(_PUB_NO_ACK)]
         self._outgoing = []
         self._outgoing_bytes = 0
         if not (self._closing or not self.reconnect or code in FATAL_CLOSE_CODES):
-            self._offline.extendleft(reversed(unsent))
+            # offline publishes sent but not acknowledged go first (with their msg_ids), then
+            # those never written (given msg_ids now)
+            held = list(self._inflight.values()) + [(m.topic, m.data, self.new_msg_id()) for m in unsent]
+            self._offline.extendleft(reversed(held))
+        self._inflight.clear()
         error = ConnectionClosed(code, reason)
         for future in self._pending.values():
             if not future.done():
@@ -675,10 +709,20 @@ class Client:
             self.reconnects += 1
             self._set_state("connected", self.url)
             self._resubscribe()
-            while self._offline and self._connected.is_set():
-                self._queue_out(self._offline.popleft())
+            self._send_offline()
             self._reconnecting = None
             return
+
+    def _send_offline(self) -> None:
+        """Send the publishes that waited, each acknowledged (so that one lost with another
+        connection is known and sent again, under the same msg_id)."""
+        while self._offline and self._connected.is_set():
+            topic, data, msg_id = item = self._offline.popleft()
+            self._next_id += 1
+            rid = self._next_id
+            self._inflight[rid] = item
+            self._on_ack[rid] = lambda ack, rid=rid: self._inflight.pop(rid, None)
+            self._queue_out(encode(Pub(rid, topic, data, msg_id)))
 
     def _resubscribe(self) -> None:
         """Make every subscription again, each from where it stopped delivering."""

@@ -46,6 +46,8 @@ class Server:
             max_topic_length=config.max_topic_length,
             max_outbound_frame_bytes=config.max_outbound_frame_bytes,
             backplane=self.backplane,
+            dedupe_window_s=config.dedupe_window_s,
+            dedupe_max_ids=config.dedupe_max_ids,
         )
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
