@@ -42,6 +42,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     history_max_total_bytes: Positive = 256 << 20
     dedupe_window_s: Seconds = 120.0
     dedupe_max_ids: Positive = 100_000
+    max_open_requests: Positive = 1000
     handshake_timeout_s: Seconds = 5.0
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 10.0
@@ -93,6 +94,7 @@ HELP = {
     "history_max_total_bytes": "bytes of history kept over all topics; past it the oldest messages go first",
     "dedupe_window_s": "seconds a publish's msg_id is remembered: a repeat within them is acknowledged, not published again",
     "dedupe_max_ids": "msg_ids remembered at most (the oldest are forgotten first)",
+    "max_open_requests": "requests one connection may have waiting for replies",
     "handshake_timeout_s": "seconds a client has to complete the WebSocket handshake",
     "ping_interval_s": "seconds of silence before the server pings a client",
     "ping_timeout_s": "seconds a client has to answer a ping before it is disconnected",

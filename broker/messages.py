@@ -34,12 +34,14 @@ class Sub(_Wire, tag="sub"):
 
     `since`: recover from history what came after a position: `[epoch, seq]` for a topic,
     `[time_ms, {topic: [epoch, seq], ...}]` for a pattern (checked by the session). `last`:
-    start with the latest retained message of each matching topic."""
+    start with the latest retained message of each matching topic. `respond`: receive the
+    requests (`req`) to this concrete topic instead of its messages."""
 
     id: RequestId
     topic: str
     since: Union[list, None] = None
     last: bool = False
+    respond: bool = False
 
 
 class Unsub(_Wire, tag="unsub"):
@@ -63,8 +65,28 @@ class Pub(_Wire, tag="pub"):
     msg_id: Annotated[str, msgspec.Meta(max_length=MAX_MSG_ID_LENGTH)] = ""
 
 
-ClientMessage = Union[Sub, Unsub, Pub]
-CLIENT_TYPES = ("sub", "unsub", "pub")
+MAX_REQUEST_TIMEOUT_MS = 600_000
+
+
+class Req(_Wire, tag="req"):
+    """Ask one responder subscribed to `topic` for a reply, within `timeout_ms`."""
+
+    id: RequestId
+    topic: str
+    data: bytes
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEST_TIMEOUT_MS)] = 5000
+
+
+class Reply(_Wire, tag="reply"):
+    """A responder's answer to the `request` numbered `id` (client to server), or the answer
+    to the requester's `req` with id `id` (server to client)."""
+
+    id: int
+    data: bytes
+
+
+ClientMessage = Union[Sub, Unsub, Pub, Req, Reply]
+CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply")
 
 
 # Server to client
@@ -109,6 +131,14 @@ class GapNotice(_Wire, tag="gap"):
     reason: str
 
 
+class Request(_Wire, tag="request"):
+    """A `req` passed to this connection as its responder: answer with `["reply", id, data]`."""
+
+    id: int
+    topic: str
+    data: bytes
+
+
 class Batch(NamedTuple):
     """Consecutive messages of one topic: message i has sequence number seq + i."""
 
@@ -132,15 +162,15 @@ class Delivery(NamedTuple):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Topic, GapNotice, Msg]
-SERVER_TYPES = ("ack", "err", "topic", "gap", "msg")
+ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Msg]
+SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "msg")
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice])
+_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply])
 _any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
@@ -269,7 +299,7 @@ class ProtocolViolation(ValueError):
     """A server frame that does not follow the protocol."""
 
 
-def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Msg]:
+def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Request | Reply | Msg]:
     """The messages of one server frame (an array of messages), in order. Messages of a type
     this version does not know are skipped (a newer server may send them)."""
     try:
@@ -278,7 +308,7 @@ def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Ga
         raise ProtocolViolation(f"a server frame is an array of messages: {exc}") from None
     if not parts:
         raise ProtocolViolation("a server frame holds at least one message")
-    out: list[Ack | Err | Topic | GapNotice | Msg] = []
+    out: list[Ack | Err | Topic | GapNotice | Request | Reply | Msg] = []
     for part in parts:
         raw = bytes(part)
         head = raw[0] if raw else 0
@@ -335,9 +365,9 @@ class ServerReader:
     def __init__(self) -> None:
         self.topics: dict[int, tuple[str, int]] = {}
 
-    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Delivery]:
+    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Request | Reply | Delivery]:
         """Acks, errors and deliveries of one frame, in order; announcements update the table."""
-        out: list[Ack | Err | GapNotice | Delivery] = []
+        out: list[Ack | Err | GapNotice | Request | Reply | Delivery] = []
         for message in decode_server_frame(data):
             kind = type(message)
             if kind is Msg:

@@ -14,6 +14,8 @@ session stops applying) until the next iteration, so no client can make one iter
 
 from __future__ import annotations
 
+import heapq
+import random
 import time
 from collections import deque
 from typing import Callable
@@ -21,7 +23,7 @@ from typing import Callable
 from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo, stamp
-from .messages import Ack, GapNotice, encode
+from .messages import Ack, Err, GapNotice, Reply, Request, encode
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
@@ -37,7 +39,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -49,6 +51,9 @@ class RouterStats:
         self.replayed = 0  # messages sent from history (recovery and last values)
         self.gaps = 0  # gap notices sent
         self.duplicates = 0  # publishes dropped as repeats of a msg_id in the dedupe window
+        self.requests = 0  # requests passed to a responder
+        self.replies = 0  # replies passed back to a requester
+        self.timeouts = 0  # requests that got no reply in time
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -69,6 +74,18 @@ class _Seen:
         self.waiting: list | None = None
 
 
+class _Open:
+    """A request waiting for its reply."""
+
+    __slots__ = ("requester", "request_id", "responder", "deadline")
+
+    def __init__(self, requester: Outbox, request_id: int, responder: Outbox, deadline: float) -> None:
+        self.requester = requester
+        self.request_id = request_id
+        self.responder = responder
+        self.deadline = deadline
+
+
 class Router:
     def __init__(
         self,
@@ -81,6 +98,8 @@ class Router:
         backplane: MemoryBackplane | None = None,
         dedupe_window_s: float = 120.0,
         dedupe_max_ids: int = 100_000,
+        max_open_requests: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._request_flush = request_flush
         self.max_topics = max_topics
@@ -94,6 +113,15 @@ class Router:
         self.dedupe_max_ids = dedupe_max_ids
         self._seen: dict[tuple[str, str], _Seen] = {}
         self._seen_order: deque[tuple[int, tuple[str, str]]] = deque()
+        self.max_open_requests = max_open_requests
+        self.clock = clock
+        self._requests: dict[int, _Open] = {}  # by the number passed to the responder
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, number), a heap
+        self._open: dict[Outbox, int] = {}  # requests waiting, by requester
+        self._involved: dict[Outbox, set[int]] = {}  # the requests a connection made or answers
+        self._next_request = 0
+        self._pick = random.Random()
+        self.responders: dict[str, list[Outbox]] = {}  # concrete topic -> connections answering its requests
         self._emitted: list | None = [] if self.backplane.enabled else None
         self.index = Index()
         self.topics: dict[str, TopicState] = self.index.topics
@@ -426,3 +454,103 @@ class Router:
     def _gap(self, box: Outbox, gap: Gap) -> None:
         self.stats.gaps += 1
         self.send(box, encode(GapNotice(*gap)))
+
+    # request / response
+
+    def request(self, box: Outbox, request_id: int, topic: str, data: bytes, timeout_ms: int) -> None:
+        """Pass a request to one connection responding to `topic` (chosen at random), as
+        `["request", number, topic, data]`; its reply goes back to `box` with `request_id`.
+        No responder: NO_RESPONDERS at once; no reply within `timeout_ms`: REQUEST_TIMEOUT."""
+        validate_topic(topic, self.max_topic_length)
+        if self._open.get(box, 0) >= self.max_open_requests:
+            raise RequestError(ErrorCode.TOO_MANY_REQUESTS, f"this connection has {self.max_open_requests} requests waiting, the limit")
+        responders = [r for r in self.responders.get(topic, ()) if not r.closed and not r.over]
+        if not responders:
+            raise RequestError(ErrorCode.NO_RESPONDERS, f"no connection responds to {topic!r}")
+        responder = responders[self._pick.randrange(len(responders))] if len(responders) > 1 else responders[0]
+        self._next_request += 1
+        number = self._next_request
+        deadline = self.clock() + timeout_ms / 1000
+        self._requests[number] = _Open(box, request_id, responder, deadline)
+        heapq.heappush(self._deadlines, (deadline, number))
+        self._open[box] = self._open.get(box, 0) + 1
+        self._involved.setdefault(box, set()).add(number)
+        self._involved.setdefault(responder, set()).add(number)
+        self.stats.requests += 1
+        self.send(responder, encode(Request(number, topic, data)))
+
+    def add_responder(self, topic: str, box: Outbox) -> None:
+        self.responders.setdefault(topic, []).append(box)
+
+    def remove_responder(self, topic: str, box: Outbox) -> None:
+        boxes = self.responders.get(topic)
+        if boxes is not None and box in boxes:
+            boxes.remove(box)
+            if not boxes:
+                del self.responders[topic]
+
+    def reply(self, box: Outbox, number: int, data: bytes) -> None:
+        """A responder's reply: back to the requester, if the request still waits for it."""
+        pending = self._requests.get(number)
+        if pending is None or pending.responder is not box:
+            raise RequestError(ErrorCode.UNKNOWN_REQUEST, f"no request {number} waits for a reply from this connection (it timed out, or was never passed to it)")
+        self._close_request(number, pending)
+        self.stats.replies += 1
+        if not pending.requester.closed:
+            self.send(pending.requester, encode(Reply(pending.request_id, data)))
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When the earliest waiting request times out (on `clock`), or None."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._requests:
+            heapq.heappop(deadlines)  # answered already
+        return deadlines[0][0] if deadlines else None
+
+    def expire_requests(self) -> None:
+        """Answer every request past its deadline with REQUEST_TIMEOUT."""
+        now = self.clock()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, number = heapq.heappop(deadlines)
+            pending = self._requests.get(number)
+            if pending is None:
+                continue
+            self._close_request(number, pending)
+            self.stats.timeouts += 1
+            self._fail_request(pending, ErrorCode.REQUEST_TIMEOUT, "no reply within the request's timeout")
+
+    def forget_requests(self, box: Outbox) -> None:
+        """A connection closes: its own requests are dropped; those it was to answer fail at
+        once with NO_RESPONDERS."""
+        numbers = self._involved.pop(box, None)
+        if not numbers:
+            return
+        for number in numbers:
+            pending = self._requests.get(number)
+            if pending is None:
+                continue
+            if pending.requester is box:
+                self._close_request(number, pending)
+            elif pending.responder is box:
+                self._close_request(number, pending)
+                self._fail_request(pending, ErrorCode.NO_RESPONDERS, "the responder's connection closed before it replied")
+
+    def _close_request(self, number: int, pending: _Open) -> None:
+        del self._requests[number]
+        left = self._open[pending.requester] - 1
+        if left:
+            self._open[pending.requester] = left
+        else:
+            del self._open[pending.requester]
+        for box in (pending.requester, pending.responder):
+            numbers = self._involved.get(box)
+            if numbers is not None:
+                numbers.discard(number)
+                if not numbers:
+                    del self._involved[box]
+
+    def _fail_request(self, pending: _Open, code: ErrorCode, text: str) -> None:
+        if not pending.requester.closed:
+            self.stats.count_error(code)
+            self.send(pending.requester, encode(Err(pending.request_id, int(code), text)))

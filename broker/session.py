@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
-from .messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
+from .messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
@@ -38,13 +38,14 @@ class Limits:
 
 
 class Session:
-    __slots__ = ("router", "limits", "box", "subscriptions", "received", "errors", "closed", "_backlog", "_next")
+    __slots__ = ("router", "limits", "box", "subscriptions", "responding", "received", "errors", "closed", "_backlog", "_next")
 
     def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
         self.router = router
         self.limits = limits
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: set[str] = set()
+        self.responding: set[str] = set()  # topics whose requests this connection answers
         self.received = 0  # client messages handled
         self.errors = 0  # err replies sent
         self.closed = False
@@ -120,19 +121,33 @@ class Session:
                     self._subscribe(message)
                 elif kind is Unsub:
                     self._unsubscribe(message)
+                elif kind is Req:
+                    self._check_payload(message.data, max_payload)
+                    router.request(box, message.id, message.topic, message.data, message.timeout_ms)
+                elif kind is Reply:
+                    self._check_payload(message.data, max_payload)
+                    router.reply(box, message.id, message.data)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
         self._backlog = None
         self._next = 0
         return True
 
+    @staticmethod
+    def _check_payload(data: bytes, max_payload: int) -> None:
+        if len(data) > max_payload:
+            raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(data)} bytes; the limit is {max_payload}")
+
     def _subscribe(self, message: Sub) -> None:
+        if message.respond:
+            self._respond(message)
+            return
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
         subscriptions = self.subscriptions
         if pattern in subscriptions:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
-        if len(subscriptions) >= self.limits.max_subscriptions:
+        if len(subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
             raise RequestError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"this connection holds {len(subscriptions)} subscriptions, the limit",
@@ -152,9 +167,30 @@ class Session:
             router.send(self.box, encode(Ack(message.id, epoch, seq)))
         router.recover(pattern, self.box, since, message.last)
 
+    def _respond(self, message: Sub) -> None:
+        topic = message.topic
+        if is_pattern(topic):
+            validate_pattern(topic, self.router.max_topic_length)
+            raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"a responder answers one concrete topic, not {topic!r}")
+        validate_topic(topic, self.router.max_topic_length)
+        if topic in self.responding:
+            raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
+        if len(self.subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
+            raise RequestError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"this connection holds {self.limits.max_subscriptions} subscriptions, the limit")
+        self.router.add_responder(topic, self.box)
+        self.responding.add(topic)
+        if message.id:
+            self.router.send(self.box, encode(Ack(message.id)))
+
     def _unsubscribe(self, message: Unsub) -> None:
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
+        if pattern in self.responding:  # a responder's unsub (it is checked first)
+            self.responding.discard(pattern)
+            self.router.remove_responder(pattern, self.box)
+            if message.id:
+                self.router.send(self.box, encode(Ack(message.id)))
+            return
         subscriptions = self.subscriptions
         if pattern not in subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
@@ -176,6 +212,10 @@ class Session:
         self.closed = True
         self._backlog = None
         self.box.closed = True
+        self.router.forget_requests(self.box)
+        for topic in self.responding:
+            self.router.remove_responder(topic, self.box)
+        self.responding.clear()
         if self.subscriptions:
             self.router.remove_all(self.box, self.subscriptions)
             self.subscriptions.clear()

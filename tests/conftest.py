@@ -330,7 +330,14 @@ class Harness:
         self.flush_requests = 0
         self.now = 1_000_000.0  # the backplane's clock (seconds), moved by tests
         self.backplane = MemoryBackplane(clock=lambda: self.now, **(history or {}))
-        self.router = Router(self._request, epoch=42, max_topics=limits.pop("max_topics", 1000), backplane=self.backplane)
+        self.router = Router(
+            self._request,
+            epoch=42,
+            max_topics=limits.pop("max_topics", 1000),
+            backplane=self.backplane,
+            max_open_requests=limits.pop("max_open_requests", 1000),
+            clock=lambda: self.now,
+        )
         self.limits = Limits(**limits)
         self.readers: dict = {}
         self.frames: dict = {}  # owner -> frames written in the last tick

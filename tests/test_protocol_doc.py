@@ -32,6 +32,9 @@ from broker.messages import (
     GapNotice,
     Msg,
     Pub,
+    Reply,
+    Req,
+    Request,
     Sub,
     Topic,
     Unsub,
@@ -54,8 +57,8 @@ _EXAMPLE = re.compile(
     re.MULTILINE,
 )
 
-CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub}
-SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "msg": Msg}
+CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply}
+SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "msg": Msg}
 
 
 class Example(NamedTuple):
@@ -224,7 +227,7 @@ def test_close_code_table_lists_exactly_close_code():
     assert unnamed == {1006, 1007}
 
 
-@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Ack, Err, Topic, GapNotice])
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Ack, Err, Topic, GapNotice, Request])
 def test_field_tables_match_the_structs(struct):
     tag = struct.__struct_config__.tag
     body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))

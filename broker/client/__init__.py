@@ -22,13 +22,33 @@ import asyncio
 import logging
 import random
 from collections import deque
-from typing import Callable, Literal, NamedTuple
+import inspect
+from typing import Awaitable, Callable, Literal, NamedTuple
 
 import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
-from ..messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, SUBPROTOCOL, Ack, Err, GapNotice, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
+from ..messages import (
+    DEFAULT_MAX_BATCH,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_SINCE_TOPICS,
+    SUBPROTOCOL,
+    Ack,
+    Err,
+    GapNotice,
+    Msg,
+    ProtocolViolation,
+    Pub,
+    Reply,
+    Req,
+    Request,
+    Sub,
+    Topic,
+    Unsub,
+    decode_server_frame,
+    encode,
+)
 from ..topics import SubscriptionIndex, is_pattern, validate_pattern, validate_topic
 
 __all__ = [
@@ -36,6 +56,7 @@ __all__ = [
     "Gap",
     "Message",
     "PublishAck",
+    "Request",
     "Subscription",
     "RequestError",
     "ConnectionClosed",
@@ -270,6 +291,8 @@ class Client:
         self._connected: asyncio.Event | None = None
         self._reconnecting: asyncio.Task | None = None
         self._closing = False  # close() was called
+        self._responders: dict[str, Callable[[Request], bytes | Awaitable[bytes]]] = {}
+        self._answering: set[asyncio.Task] = set()
         self._listener: _Listener | None = None  # the current connection's
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: WSTransport | None = None
@@ -483,6 +506,68 @@ class Client:
                 if self.closed or self._loop.time() >= deadline:
                     raise
 
+    async def request(self, topic: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+        """Ask one responder of `topic` (see `respond`) and return its reply's data.
+
+        Raises RequestError with NO_RESPONDERS at once when nobody responds to the topic (or
+        the responder left before replying), REQUEST_TIMEOUT after `timeout` seconds."""
+        validate_topic(topic)
+        timeout_ms = min(max(1, round(timeout * 1000)), MAX_REQUEST_TIMEOUT_MS)
+        reply = await self._request(lambda rid: Req(rid, topic, data, timeout_ms), timeout=timeout + self.request_timeout)
+        return reply.data
+
+    async def respond(self, topic: str, handler: Callable[[Request], bytes | Awaitable[bytes]]) -> None:
+        """Answer the requests to the concrete `topic`: `handler(request)` returns (or, as a
+        coroutine function, resolves to) the reply's bytes. A handler that raises is logged
+        and its request gets no reply (the requester times out)."""
+        validate_topic(topic)
+        if topic in self._responders:
+            raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
+        self._responders[topic] = handler
+        try:
+            await self._request(lambda rid: Sub(rid, topic, None, False, True))
+        except BaseException:
+            self._responders.pop(topic, None)
+            raise
+
+    async def unrespond(self, topic: str) -> None:
+        """Stop answering the requests to `topic`."""
+        if self._responders.pop(topic, None) is None:
+            raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not responding to {topic!r}")
+        if self._connected.is_set():
+            await self._request(lambda rid: Unsub(rid, topic))
+
+    def _answer(self, request: Request) -> None:
+        handler = self._responders.get(request.topic)
+        if handler is None:
+            return  # no longer responding: the requester times out
+        try:
+            result = handler(request)
+        except Exception:
+            log.exception("request handler for %r raised", request.topic)
+            return
+        if inspect.isawaitable(result):
+            task = self._loop.create_task(self._answer_later(request, result))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+        else:
+            self._send_reply(request, result)
+
+    async def _answer_later(self, request: Request, result: Awaitable[bytes]) -> None:
+        try:
+            data = await result
+        except Exception:
+            log.exception("request handler for %r raised", request.topic)
+            return
+        self._send_reply(request, data)
+
+    def _send_reply(self, request: Request, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            log.error("request handler for %r returned %s, not bytes: no reply sent", request.topic, type(data).__name__)
+            return
+        if self._connected.is_set():
+            self._queue_out(encode(Reply(request.id, bytes(data))))
+
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the connection's write buffer is below its high-water mark.
 
@@ -567,8 +652,9 @@ class Client:
             frame = head + b"".join(out)
         self._transport.send(WSMsgType.BINARY, frame)
 
-    async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None) -> Ack:
+    async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None) -> Ack:
         await self._ready()
+        timeout = self.request_timeout if timeout is None else timeout
         self._next_id += 1
         rid = self._next_id
         future = self._loop.create_future()
@@ -577,10 +663,10 @@ class Client:
             self._on_ack[rid] = on_ack
         self._queue_out(encode(make(rid)))
         try:
-            async with asyncio.timeout(self.request_timeout):
+            async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError as exc:
-            raise BrokerError(f"no reply to request {rid} within {self.request_timeout}s") from exc
+            raise BrokerError(f"no reply to request {rid} within {timeout}s") from exc
         finally:
             self._pending.pop(rid, None)
 
@@ -619,6 +705,12 @@ class Client:
                     sub._gap(gap)
             elif kind is Topic:
                 self._topics[message.id] = (message.topic, message.epoch)
+            elif kind is Request:
+                self._answer(message)
+            elif kind is Reply:
+                future = self._pending.get(message.id)
+                if future is not None and not future.done():
+                    future.set_result(message)
             elif kind is Ack:
                 hook = self._on_ack.pop(message.id, None)
                 if hook is not None:
@@ -681,6 +773,8 @@ class Client:
         for sub in list(self._subs.values()):
             sub._finish(None if code == 1000 else error)
         self._offline.clear()
+        for task in list(self._answering):
+            task.cancel()
         if self._closed is not None and not self._closed.done():
             self._closed.set_result(None)
         self._set_state("closed", f"{code}: {reason}" if reason else str(code))
@@ -725,7 +819,10 @@ class Client:
             self._queue_out(encode(Pub(rid, topic, data, msg_id)))
 
     def _resubscribe(self) -> None:
-        """Make every subscription again, each from where it stopped delivering."""
+        """Make every subscription again, each from where it stopped delivering, and every
+        responder registration."""
+        for topic in self._responders:
+            self._queue_out(encode(Sub(0, topic, None, False, True)))
         for sub in list(self._subs.values()):
             if not sub._active or sub._done:
                 continue

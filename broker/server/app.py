@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections import deque
 
 from .. import __version__
@@ -48,7 +49,11 @@ class Server:
             backplane=self.backplane,
             dedupe_window_s=config.dedupe_window_s,
             dedupe_max_ids=config.dedupe_max_ids,
+            max_open_requests=config.max_open_requests,
+            clock=time.monotonic,
         )
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._request_timer_at = 0.0
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
             max_subscriptions=config.max_subscriptions,
@@ -95,6 +100,8 @@ class Server:
             return
         self._closing = True
         self._sweeper.cancel()
+        if self._request_timer is not None:
+            self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         self._server.close()
         self._tick()
@@ -203,6 +210,7 @@ class Server:
                     self._behind.discard(box)
         router.end_tick()
         router.new_tick()
+        self._arm_request_timer()
         waiting = self._waiting
         for _ in range(len(waiting)):
             waiting.popleft().resume()
@@ -210,6 +218,22 @@ class Server:
                 break
         if waiting:
             self._request_tick()
+
+    def _arm_request_timer(self) -> None:
+        """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
+        deadline = self.router.next_deadline
+        timer = self._request_timer
+        if deadline is None or (timer is not None and self._request_timer_at <= deadline):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._request_timer_at = deadline
+        self._request_timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_requests)
+
+    def _expire_requests(self) -> None:
+        self._request_timer = None
+        self.router.expire_requests()
+        self._arm_request_timer()
 
     def _falling_behind(self, box, now: float) -> None:
         """A connection's backlog is above max_pending_bytes: it may catch up from a burst, but
