@@ -12,10 +12,10 @@ history lives in this process. A backplane that sequences later (one shared thro
 external log) sets `sequences_at_once` to False: its `publish` returns None, the router then
 acknowledges the publish when the batch comes back through `Router.deliver`.
 
-History is kept per topic in chunks, one per topic per tick (the tick's batch, shared with
-the fan-out, not copied), bounded per topic by messages and bytes, in total by bytes and by
-age; one time-ordered queue of every chunk makes the total and age bounds cost O(1) per
-chunk.
+History is kept per topic in chunks, one per topic per second at most (the batches of the
+ticks within that second, the payload objects shared with the fan-out, not copied), bounded per
+topic by messages and bytes, in total by bytes and by age; one time-ordered queue of every
+chunk makes the total and age bounds cost O(1) per chunk.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from .fastpath import TopicState, stamp
 MESSAGE_OVERHEAD = 48
 # Bytes counted per retained chunk (its record and its place in the queues).
 CHUNK_OVERHEAD = 120
+# A topic's batches retained within this many milliseconds share one chunk.
+BUCKET_MS = 1000
 
 
 class Gap(NamedTuple):
@@ -53,15 +55,17 @@ class Replay(NamedTuple):
 
 
 class _Chunk:
-    """One tick's batch of one topic; `log` is None once it is no longer retained."""
+    """Consecutive messages of one topic retained within one time bucket (BUCKET_MS from its
+    first); `log` is None once it is no longer retained."""
 
-    __slots__ = ("first", "payloads", "sizes", "time", "log")
+    __slots__ = ("first", "payloads", "sizes", "time", "last", "log")
 
     def __init__(self, first: int, payloads: list[bytes], sizes: int, time_ms: int, log: "_Log") -> None:
         self.first = first
-        self.payloads = payloads
+        self.payloads = payloads  # its own list (the emitted batch's, extended by later ones)
         self.sizes = sizes  # bytes counted for what is still retained of it
-        self.time = time_ms
+        self.time = time_ms  # when its first message was retained
+        self.last = time_ms  # when its newest message was
         self.log: _Log | None = log
 
 
@@ -76,7 +80,7 @@ class _Log:
         self.skip = 0
         self.count = 0
         self.size = 0  # bytes counted (payloads and overheads)
-        self.trimmed_time = -1  # time (ms) of the newest chunk trimmed so far; -1: none
+        self.trimmed_time = -1  # when the newest message trimmed so far was retained (ms); -1: none
 
     def first_seq(self) -> int:
         """The sequence number of the oldest retained message (0 when none is)."""
@@ -132,34 +136,47 @@ class MemoryBackplane:
     # history
 
     def retain(self, emitted: list, now_ms: int | None = None) -> None:
-        """Keep the batches the router just emitted: (state, first seq, payloads) each."""
+        """Keep the batches the router just emitted: (state, first seq, payloads) each. A
+        batch joins its topic's newest chunk while that is younger than BUCKET_MS, so a topic
+        costs one chunk per second however many ticks it is published in."""
         if not self.enabled:
             return
         now = self.now_ms() if now_ms is None else now_ms
         logs = self.logs
-        order = self._order
+        max_messages, max_bytes = self.max_messages, self.max_bytes
         for state, first, payloads in emitted:
             log = logs.get(state.id)
             if log is None:
                 log = logs[state.id] = _Log()
-            size = CHUNK_OVERHEAD + MESSAGE_OVERHEAD * len(payloads) + sum(map(len, payloads))
-            chunk = _Chunk(first, payloads, size, now, log)
-            log.chunks.append(chunk)
-            log.count += len(payloads)
+            n = len(payloads)
+            size = MESSAGE_OVERHEAD * n + sum(map(len, payloads))
+            chunks = log.chunks
+            tail = chunks[-1] if chunks else None
+            if tail is not None and now - tail.time < BUCKET_MS and tail.first + len(tail.payloads) == first:
+                tail.payloads += payloads
+                tail.sizes += size
+                tail.last = now
+            else:
+                size += CHUNK_OVERHEAD
+                chunk = _Chunk(first, payloads, size, now, log)
+                chunks.append(chunk)
+                self._order.append(chunk)
+            log.count += n
             log.size += size
             self.total += size
-            order.append(chunk)
-            if log.count > self.max_messages or log.size > self.max_bytes:
+            if log.count > max_messages or log.size > max_bytes:
                 self._trim_log(log)
         if self.total > self.max_total_bytes:
             self._trim_order(lambda chunk: self.total > self.max_total_bytes)
         self._compact_order()
 
     def sweep(self, now_ms: int | None = None) -> None:
-        """Forget what passed the age bound (called periodically; reads check age as well)."""
+        """Forget what passed the age bound (called periodically; reads check age as well).
+        A chunk goes when its newest message is older than max_age_s: a message may outlive
+        the bound by up to BUCKET_MS."""
         now = self.now_ms() if now_ms is None else now_ms
         horizon = now - self.max_age_ms
-        self._trim_order(lambda chunk: chunk.time < horizon)
+        self._trim_order(lambda chunk: chunk.last < horizon)
         self._compact_order()
 
     def _trim_order(self, should_drop) -> None:
@@ -178,24 +195,46 @@ class MemoryBackplane:
 
     def _trim_log(self, log: _Log) -> None:
         """Drop the oldest messages until the topic is within its message and byte bounds:
-        whole chunks while the message bound asks for at least that many, else one by one."""
-        max_messages, max_bytes = self.max_messages, self.max_bytes
-        while log.count > max_messages or log.size > max_bytes:
-            chunk = log.chunks[0]
-            remaining = len(chunk.payloads) - log.skip
-            if remaining == 1 or log.count - max_messages >= remaining:
+        whole chunks, or the part of the first one that the message bound asks for, in one
+        step; one by one only while the byte bound still asks for more."""
+        chunks = log.chunks
+        excess = log.count - self.max_messages
+        while excess > 0:
+            head = chunks[0]
+            remaining = len(head.payloads) - log.skip
+            if remaining <= excess:
                 self._drop_head(log)
                 self._stale += 1
+                excess -= remaining
                 continue
-            freed = MESSAGE_OVERHEAD + len(chunk.payloads[log.skip])
-            log.skip += 1
-            log.count -= 1
-            log.size -= freed
-            chunk.sizes -= freed
-            self.total -= freed
-            self.trimmed += 1
-            if chunk.time > log.trimmed_time:
-                log.trimmed_time = chunk.time
+            self._cut(log, head, excess)
+            excess = 0
+        while log.size > self.max_bytes:
+            head = chunks[0]
+            if len(head.payloads) - log.skip == 1:
+                self._drop_head(log)
+                self._stale += 1
+            else:
+                self._cut(log, head, 1)
+
+    def _cut(self, log: _Log, head: _Chunk, count: int) -> None:
+        """Drop the `count` oldest messages of the first chunk (fewer than it holds)."""
+        skip = log.skip
+        freed = MESSAGE_OVERHEAD * count + sum(map(len, head.payloads[skip : skip + count]))
+        skip += count
+        log.count -= count
+        log.size -= freed
+        head.sizes -= freed
+        self.total -= freed
+        self.trimmed += count
+        if head.last > log.trimmed_time:
+            log.trimmed_time = head.last
+        if skip > 64 and 2 * skip > len(head.payloads):
+            # the dropped part of a long-lived chunk would otherwise stay referenced
+            head.payloads = head.payloads[skip:]
+            head.first += skip
+            skip = 0
+        log.skip = skip
 
     def _drop_head(self, log: _Log) -> None:
         chunk = log.chunks.popleft()
@@ -205,8 +244,8 @@ class MemoryBackplane:
         log.size -= chunk.sizes
         self.total -= chunk.sizes
         self.trimmed += dropped
-        if chunk.time > log.trimmed_time:
-            log.trimmed_time = chunk.time
+        if chunk.last > log.trimmed_time:
+            log.trimmed_time = chunk.last
         chunk.log = None
 
     def _compact_order(self) -> None:
@@ -218,7 +257,7 @@ class MemoryBackplane:
 
     def _expire(self, log: _Log, now: int) -> None:
         horizon = now - self.max_age_ms
-        while log.chunks and log.chunks[0].time < horizon:
+        while log.chunks and log.chunks[0].last < horizon:
             self._drop_head(log)
             self._stale += 1
 
@@ -248,7 +287,7 @@ class MemoryBackplane:
         if log is None:
             gone = self.logs.get(state.id)
             return gone is not None and gone.trimmed_time >= time_ms, state.seq + 1, []
-        return log.trimmed_time >= time_ms, log.first_seq(), self._collect(log, lambda chunk: chunk.time >= time_ms, 0)
+        return log.trimmed_time >= time_ms, log.first_seq(), self._collect(log, lambda chunk: chunk.last >= time_ms, 0)
 
     def _log(self, state: TopicState) -> _Log | None:
         """The topic's log with expired chunks dropped, or None when it retains nothing."""

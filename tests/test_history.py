@@ -237,7 +237,8 @@ def test_history_keeps_at_most_max_bytes():
     for _ in range(10):
         retain(store, st, [bytes(10)])
     first, batches = store.since(st, 0)
-    assert first == 9 and len(batches[0][1]) == 2
+    # one chunk (one second): its overhead once, then 58 bytes per message: 4 fit
+    assert first == 7 and len(batches[0][1]) == 4
     assert store.logs[st.id].size <= store.max_bytes
 
 
@@ -274,12 +275,25 @@ def test_history_off_keeps_nothing():
 
 
 def test_stale_entries_of_the_age_queue_are_compacted():
-    store = MemoryBackplane(max_messages=1, clock=lambda: 0)
+    store = MemoryBackplane(max_messages=1, clock=lambda: 5000)
     st = state()
     for i in range(5000):
-        retain(store, st, [b"x"])
+        retain(store, st, [b"x"], now_ms=i * 1000)  # a chunk each
     assert len(store._order) < 2100
     assert store.since(st, 0) == (5000, [(5000, [b"x"])])
+
+
+def test_one_chunk_per_topic_per_second_and_cut_chunks_are_compacted():
+    store = MemoryBackplane(max_messages=100, clock=lambda: 0)
+    st = state()
+    for i in range(1000):
+        retain(store, st, [b"m%d" % (i + 1)], now_ms=i)  # 1,000 ticks within one second
+    (chunk,) = store.logs[st.id].chunks
+    assert len(chunk.payloads) < 200 and store.logs[st.id].count == 100
+    first, batches = store.since(st, 950)
+    assert first == 901 and batches == [(951, [b"m%d" % i for i in range(951, 1001)])]
+    retain(store, st, [b"m1001"], now_ms=1000)
+    assert len(store.logs[st.id].chunks) == 2
 
 
 class LaterBackplane(MemoryBackplane):
