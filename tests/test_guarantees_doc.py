@@ -9,8 +9,11 @@ DOC = ROOT / "docs" / "guarantees.md"
 
 
 def functions_of(path: Path) -> set[str]:
+    """The tests a file defines: test functions, and test cases bound to a test_ name."""
     tree = ast.parse(path.read_text())
-    return {node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    names = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    names |= {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    return {name for name in names if name.startswith("test_")}
 
 
 def test_every_test_the_guarantees_name_exists():
