@@ -43,6 +43,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedupe_window_s: Seconds = 120.0
     dedupe_max_ids: Positive = 100_000
     max_open_requests: Positive = 1000
+    max_total_pending_bytes: Positive = 1 << 30
     handshake_timeout_s: Seconds = 5.0
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 10.0
@@ -67,6 +68,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_outbound_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
+        if self.max_total_pending_bytes < self.max_pending_bytes:
+            raise ValueError("max_total_pending_bytes must be at least max_pending_bytes")
         if envelope > self.max_pending_bytes:
             raise ValueError(
                 f"max_pending_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
@@ -95,6 +98,7 @@ HELP = {
     "dedupe_window_s": "seconds a publish's msg_id is remembered: a repeat within them is acknowledged, not published again",
     "dedupe_max_ids": "msg_ids remembered at most (the oldest are forgotten first)",
     "max_open_requests": "requests one connection may have waiting for replies",
+    "max_total_pending_bytes": "bytes queued for all connections together; past it the broker stops reading from publishers until the total is below three quarters of it",
     "handshake_timeout_s": "seconds a client has to complete the WebSocket handshake",
     "ping_interval_s": "seconds of silence before the server pings a client",
     "ping_timeout_s": "seconds a client has to answer a ping before it is disconnected",

@@ -38,7 +38,7 @@ class Limits:
 
 
 class Session:
-    __slots__ = ("router", "limits", "box", "subscriptions", "responding", "received", "errors", "closed", "_backlog", "_next")
+    __slots__ = ("router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed", "_backlog", "_next")
 
     def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
         self.router = router
@@ -47,6 +47,7 @@ class Session:
         self.subscriptions: set[str] = set()
         self.responding: set[str] = set()  # topics whose requests this connection answers
         self.received = 0  # client messages handled
+        self.published = 0  # of which publishes
         self.errors = 0  # err replies sent
         self.closed = False
         self._backlog: list | None = None  # decoded messages of a frame not yet applied
@@ -75,6 +76,7 @@ class Session:
             count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
+            self.published += count
             router.published_since_flush()
             return True
         messages, bad = decode_client_frame(data, limits.max_batch_messages)
@@ -116,6 +118,7 @@ class Session:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"payload is {len(message.data)} bytes; the limit is {max_payload}",
                         )
+                    self.published += 1
                     router.publish(message.topic, message.data, box, message.id, message.msg_id)
                 elif kind is Sub:
                     self._subscribe(message)
