@@ -543,7 +543,7 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
         return -1
     batch = pos < n and (0x90 <= p[pos] <= 0x9F or p[pos] == 0xDC or p[pos] == 0xDD)
     if not batch:
-        if count != 4:
+        if count != 4 and count != 5:
             return -1
         count = 1
         pos = 0
@@ -553,11 +553,13 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
     cdef TopicState state = None
     cdef object found
     cdef bytes key, payload
+    cdef bint with_msg_id
     for i in range(count):
-        # ["pub", 0, topic, payload]: 94 a3 'p' 'u' 'b' 00
-        if pos + 6 > n or p[pos] != 0x94 or p[pos + 1] != 0xA3 or p[pos + 2] != 112 \
+        # ["pub", 0, topic, payload]: 94 a3 'p' 'u' 'b' 00, or ["pub", 0, topic, payload, ""]: 95 ...
+        if pos + 6 > n or (p[pos] != 0x94 and p[pos] != 0x95) or p[pos + 1] != 0xA3 or p[pos + 2] != 112 \
                 or p[pos + 3] != 117 or p[pos + 4] != 98 or p[pos + 5] != 0:
             return -1
+        with_msg_id = p[pos] == 0x95
         pos += 6
         if pos >= n:
             return -1
@@ -607,6 +609,10 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
             return -1
         payload = PyBytes_FromStringAndSize(<const char*>(p + pos), plen)
         pos += plen
+        if with_msg_id:  # only an empty msg_id (none): a real one needs the dedupe check
+            if pos >= n or p[pos] != 0xA0:
+                return -1
+            pos += 1
         accepted.append(state)
         accepted.append(payload)
     if pos != n:
@@ -764,6 +770,14 @@ cdef class Outbox:
         cdef Node node = self.solo_node
         return _bits_has(&self.known, topic_id) or (node is not None and node.has_known and _bits_has(&node.known, topic_id))
 
+    def introduce(self, TopicState state not None):
+        """Queue the topic's announcement unless this connection knows its id already; True
+        when that took it past its hard limit."""
+        if self.closed or self.over or self.knows(state.id):
+            return False
+        _bits_add(&self.known, state.id)
+        return self._push(state.announce)
+
     cpdef bytes take(self, Py_ssize_t max_frame, dict shared=None):
         """Everything queued, assembled into frames (b"" when nothing is queued); outboxes
         holding the very same pieces in the same order get the same bytes object, and the
@@ -848,10 +862,11 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
     return _emit(state, emission, max_piece, touched, slow, nodes_touched)
 
 
-def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None):
+def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None, list emitted=None):
     """`emit` every topic of `dirty` that has pending messages, with emission numbers from
     `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
-    encoded for at least one receiver, deliveries: messages times receivers)."""
+    encoded for at least one receiver, deliveries: messages times receivers). With `emitted`,
+    each emitted batch is appended to it as (state, first sequence number, payloads)."""
     cdef Py_ssize_t i, count, receivers, published = 0, batches = 0, delivered = 0
     cdef TopicState state
     for i in range(PyList_GET_SIZE(dirty)):
@@ -860,6 +875,8 @@ def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_pi
         if count == 0:
             continue
         emission += 1
+        if emitted is not None:
+            emitted.append((state, state.first, state.pending))
         receivers = _emit(state, emission, max_piece, touched, slow, nodes_touched)
         published += count
         if receivers:
@@ -1137,6 +1154,10 @@ cdef class Index:
             else:
                 return
             i += 1
+
+    def matching(self, str pattern not None):
+        """The topics that match `pattern` (a topic or a pattern), found through the topic trie."""
+        return self._matching_topics(pattern)
 
     cdef list _matching_topics(self, str pattern):
         cdef list out = []

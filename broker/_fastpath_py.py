@@ -260,7 +260,7 @@ def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, di
     `max_count` of them, payloads of at most `max_payload` bytes).
 
     Returns how many messages were published, or -1 when the frame holds anything else (a
-    request id, an unknown topic, a large payload, another message type, bad data): then
+    request id, a msg_id, an unknown topic, a large payload, another message type, bad data): then
     nothing was applied and the frame takes the general path. Only exact, canonical encodings
     count as simple; anything unusual is left to the general path, which handles it the same."""
     data = bytes(data)
@@ -278,7 +278,7 @@ def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, di
     for message in messages:
         if not (
             type(message) is list
-            and len(message) == 4
+            and (len(message) == 4 or len(message) == 5 and message[4] == "")  # no msg_id
             and message[0] == "pub"
             and type(message[1]) is int
             and message[1] == 0
@@ -359,6 +359,14 @@ class Outbox:
     def knows(self, topic_id: int) -> bool:
         node = self.solo_node
         return topic_id in self.known or (node is not None and node.known is not None and topic_id in node.known)
+
+    def introduce(self, state: TopicState) -> bool:
+        """Queue the topic's announcement unless this connection knows its id already; True
+        when that took it past its hard limit."""
+        if self.closed or self.over or self.knows(state.id):
+            return False
+        self.known.add(state.id)
+        return self.push(state.announce)
 
     def take(self, max_frame: int, shared: dict | None = None) -> bytes:
         """Everything queued, assembled into frames (b"" when nothing is queued).
@@ -487,16 +495,19 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
     return receivers
 
 
-def emit_all(dirty: list, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list) -> tuple[int, int, int, int]:
+def emit_all(dirty: list, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list, emitted: list | None = None) -> tuple[int, int, int, int]:
     """`emit` every topic of `dirty` that has pending messages, with emission numbers from
     `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
-    encoded for at least one receiver, deliveries: messages times receivers)."""
+    encoded for at least one receiver, deliveries: messages times receivers). With `emitted`,
+    each emitted batch is appended to it as (state, first sequence number, payloads)."""
     published = batches = delivered = 0
     for state in dirty:
         count = len(state.pending)
         if not count:
             continue
         emission += 1
+        if emitted is not None:
+            emitted.append((state, state.first, state.pending))
         receivers = emit(state, emission, max_piece, touched, slow, nodes_touched)
         published += count
         if receivers:
@@ -661,6 +672,10 @@ class Index:
             self._collect(child, tokens, i + 1, out)
         if trie.star is not None:
             self._collect(trie.star, tokens, i + 1, out)
+
+    def matching(self, pattern: str) -> list[TopicState]:
+        """The topics that match `pattern` (a topic or a pattern), found through the topic trie."""
+        return self._matching_topics(pattern)
 
     def _matching_topics(self, pattern: str) -> list[TopicState]:
         out: list[TopicState] = []

@@ -36,6 +36,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_subscriptions: Positive = 10_000
     max_topics: Positive = 100_000
     max_topic_length: Annotated[int, msgspec.Meta(gt=0, le=4096)] = 255
+    history_max_messages: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    history_max_bytes: Positive = 1 << 20
+    history_max_age_s: Seconds = 300.0
+    history_max_total_bytes: Positive = 256 << 20
+    dedupe_window_s: Seconds = 120.0
+    dedupe_max_ids: Positive = 100_000
+    max_open_requests: Positive = 1000
+    max_total_pending_bytes: Positive = 1 << 30
     handshake_timeout_s: Seconds = 5.0
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 10.0
@@ -60,6 +68,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_outbound_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
+        if self.max_total_pending_bytes < self.max_pending_bytes:
+            raise ValueError("max_total_pending_bytes must be at least max_pending_bytes")
         if envelope > self.max_pending_bytes:
             raise ValueError(
                 f"max_pending_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
@@ -81,6 +91,14 @@ HELP = {
     "max_subscriptions": "subscriptions one connection may hold",
     "max_topics": "concrete topics the broker keeps state for",
     "max_topic_length": "longest topic name or pattern, in characters",
+    "history_max_messages": "messages kept per topic for recovery and last values (0: no history)",
+    "history_max_bytes": "bytes of history kept per topic (payloads plus 48 bytes per message)",
+    "history_max_age_s": "seconds a message is kept in history",
+    "history_max_total_bytes": "bytes of history kept over all topics; past it the oldest messages go first",
+    "dedupe_window_s": "seconds a publish's msg_id is remembered: a repeat within them is acknowledged, not published again",
+    "dedupe_max_ids": "msg_ids remembered at most (the oldest are forgotten first)",
+    "max_open_requests": "requests one connection may have waiting for replies",
+    "max_total_pending_bytes": "bytes queued for all connections together; past it the broker stops reading from publishers until the total is below three quarters of it",
     "handshake_timeout_s": "seconds a client has to complete the WebSocket handshake",
     "ping_interval_s": "seconds of silence before the server pings a client",
     "ping_timeout_s": "seconds a client has to answer a ping before it is disconnected",

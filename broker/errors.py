@@ -21,6 +21,11 @@ class ErrorCode(enum.IntEnum):
     PAYLOAD_TOO_LARGE = 7  # payload longer than max_payload_bytes
     TOO_MANY_SUBSCRIPTIONS = 8  # max_subscriptions reached on this connection
     TOO_MANY_TOPICS = 9  # the broker holds max_topics topics already
+    BAD_POSITION = 10  # a `since` position the topic never reached, or one that names another topic
+    NO_RESPONDERS = 11  # a `req` to a topic nobody subscribes to, or whose responder left
+    REQUEST_TIMEOUT = 12  # no `reply` to a `req` within its timeout
+    UNKNOWN_REQUEST = 13  # a `reply` to a request that is not (or no longer) waiting for this connection
+    TOO_MANY_REQUESTS = 14  # the connection has max_open_requests requests waiting
 
 
 class CloseCode(enum.IntEnum):

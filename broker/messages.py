@@ -30,10 +30,18 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True, tag_field="type"):
 
 
 class Sub(_Wire, tag="sub"):
-    """Subscribe to an exact topic or a wildcard pattern."""
+    """Subscribe to an exact topic or a wildcard pattern.
+
+    `since`: recover from history what came after a position: `[epoch, seq]` for a topic,
+    `[time_ms, {topic: [epoch, seq], ...}]` for a pattern (checked by the session). `last`:
+    start with the latest retained message of each matching topic. `respond`: receive the
+    requests (`req`) to this concrete topic instead of its messages."""
 
     id: RequestId
     topic: str
+    since: Union[list, None] = None
+    last: bool = False
+    respond: bool = False
 
 
 class Unsub(_Wire, tag="unsub"):
@@ -43,16 +51,42 @@ class Unsub(_Wire, tag="unsub"):
     topic: str
 
 
+MAX_MSG_ID_LENGTH = 128
+
+
 class Pub(_Wire, tag="pub"):
-    """Publish one payload to an exact topic. id 0 asks for no ack (errors still come back)."""
+    """Publish one payload to an exact topic. id 0 asks for no ack (errors still come back).
+    `msg_id`: the publisher's own id for the message; a repeat within the broker's dedupe
+    window is acknowledged with the original sequence number and not delivered again."""
 
     id: RequestId
     topic: str
     data: bytes
+    msg_id: Annotated[str, msgspec.Meta(max_length=MAX_MSG_ID_LENGTH)] = ""
 
 
-ClientMessage = Union[Sub, Unsub, Pub]
-CLIENT_TYPES = ("sub", "unsub", "pub")
+MAX_REQUEST_TIMEOUT_MS = 600_000
+
+
+class Req(_Wire, tag="req"):
+    """Ask one responder subscribed to `topic` for a reply, within `timeout_ms`."""
+
+    id: RequestId
+    topic: str
+    data: bytes
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEST_TIMEOUT_MS)] = 5000
+
+
+class Reply(_Wire, tag="reply"):
+    """A responder's answer to the `request` numbered `id` (client to server), or the answer
+    to the requester's `req` with id `id` (server to client)."""
+
+    id: int
+    data: bytes
+
+
+ClientMessage = Union[Sub, Unsub, Pub, Req, Reply]
+CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply")
 
 
 # Server to client
@@ -86,6 +120,25 @@ class Topic(_Wire, tag="topic"):
     epoch: int
 
 
+class GapNotice(_Wire, tag="gap"):
+    """Messages `first` ... `last` of `topic` in `epoch` will not reach this connection
+    (`last` 0: up to the end of that epoch); `reason` says why."""
+
+    topic: str
+    epoch: int
+    first: int
+    last: int
+    reason: str
+
+
+class Request(_Wire, tag="request"):
+    """A `req` passed to this connection as its responder: answer with `["reply", id, data]`."""
+
+    id: int
+    topic: str
+    data: bytes
+
+
 class Batch(NamedTuple):
     """Consecutive messages of one topic: message i has sequence number seq + i."""
 
@@ -109,14 +162,15 @@ class Delivery(NamedTuple):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Topic, Msg]
+ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Msg]
+SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "msg")
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic])
+_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply])
 _any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
@@ -124,6 +178,8 @@ _str_decoder = msgspec.msgpack.Decoder(str)
 
 
 DEFAULT_MAX_BATCH = 10_000
+# Topics one pattern subscription's `since` may name.
+MAX_SINCE_TOPICS = 10_000
 MAX_ERRORS_PER_FRAME = 100
 
 
@@ -243,15 +299,16 @@ class ProtocolViolation(ValueError):
     """A server frame that does not follow the protocol."""
 
 
-def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Msg]:
-    """The messages of one server frame (an array of messages), in order."""
+def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Request | Reply | Msg]:
+    """The messages of one server frame (an array of messages), in order. Messages of a type
+    this version does not know are skipped (a newer server may send them)."""
     try:
         parts = _raw_list_decoder.decode(data)
     except _DECODE_ERRORS as exc:
         raise ProtocolViolation(f"a server frame is an array of messages: {exc}") from None
     if not parts:
         raise ProtocolViolation("a server frame holds at least one message")
-    out: list[Ack | Err | Topic | Msg] = []
+    out: list[Ack | Err | Topic | GapNotice | Request | Reply | Msg] = []
     for part in parts:
         raw = bytes(part)
         head = raw[0] if raw else 0
@@ -262,8 +319,20 @@ def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Ms
         try:
             out.append(_named_decoder.decode(raw))
         except _DECODE_ERRORS as exc:
+            name = _type_name(raw)
+            if name is not None and name not in SERVER_TYPES:
+                continue  # a message type from a newer protocol revision
             raise ProtocolViolation(f"unreadable server message: {exc}") from None
     return out
+
+
+def _type_name(raw: bytes) -> str | None:
+    """The type name of a message (its first element, a str), or None when it has none."""
+    try:
+        parts = _raw_list_decoder.decode(raw)
+        return _str_decoder.decode(parts[0]) if parts else None
+    except (*_DECODE_ERRORS, msgspec.ValidationError):
+        return None
 
 
 def _decode_msg(raw: bytes) -> Msg:
@@ -296,9 +365,9 @@ class ServerReader:
     def __init__(self) -> None:
         self.topics: dict[int, tuple[str, int]] = {}
 
-    def read(self, data: bytes | memoryview) -> list[Ack | Err | Delivery]:
+    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Request | Reply | Delivery]:
         """Acks, errors and deliveries of one frame, in order; announcements update the table."""
-        out: list[Ack | Err | Delivery] = []
+        out: list[Ack | Err | GapNotice | Request | Reply | Delivery] = []
         for message in decode_server_frame(data):
             kind = type(message)
             if kind is Msg:

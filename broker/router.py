@@ -14,11 +14,16 @@ session stops applying) until the next iteration, so no client can make one iter
 
 from __future__ import annotations
 
+import heapq
+import random
 import time
+from collections import deque
 from typing import Callable
 
+from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit_all, end_tick, schedule_solo, stamp
+from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo, stamp
+from .messages import Ack, Err, GapNotice, Reply, Request, encode
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
@@ -34,7 +39,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -43,12 +48,42 @@ class RouterStats:
         self.slow_consumers = 0  # connections closed as slow consumers (counted by the shell)
         self.errors: dict[int, int] = {}  # err replies sent, by ErrorCode
         self.closes: dict[int, int] = {}  # connections closed by the broker, by close code
+        self.replayed = 0  # messages sent from history (recovery and last values)
+        self.gaps = 0  # gap notices sent
+        self.duplicates = 0  # publishes dropped as repeats of a msg_id in the dedupe window
+        self.requests = 0  # requests passed to a responder
+        self.replies = 0  # replies passed back to a requester
+        self.timeouts = 0  # requests that got no reply in time
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def count_close(self, code: int) -> None:
         self.closes[code] = self.closes.get(code, 0) + 1
+
+
+class _Seen:
+    """A msg_id in the dedupe window: the (epoch, seq) its message got, or, while the backplane
+    has not sequenced it yet, the requests waiting for that (box, request id)."""
+
+    __slots__ = ("epoch", "seq", "waiting")
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.seq = 0
+        self.waiting: list | None = None
+
+
+class _Open:
+    """A request waiting for its reply."""
+
+    __slots__ = ("requester", "request_id", "responder", "deadline")
+
+    def __init__(self, requester: Outbox, request_id: int, responder: Outbox, deadline: float) -> None:
+        self.requester = requester
+        self.request_id = request_id
+        self.responder = responder
+        self.deadline = deadline
 
 
 class Router:
@@ -60,6 +95,11 @@ class Router:
         max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
         max_outbound_frame_bytes: int = 1 << 20,
         epoch: int | None = None,
+        backplane: MemoryBackplane | None = None,
+        dedupe_window_s: float = 120.0,
+        dedupe_max_ids: int = 100_000,
+        max_open_requests: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._request_flush = request_flush
         self.max_topics = max_topics
@@ -68,6 +108,21 @@ class Router:
         self._max_piece = max(1, max_outbound_frame_bytes - _FRAME_OVERHEAD)
         # Epoch: milliseconds since 1970 at start, so a restarted broker never reuses one.
         self.epoch = int(time.time() * 1000) if epoch is None else epoch
+        self.backplane = MemoryBackplane() if backplane is None else backplane
+        self.dedupe_window_ms = int(dedupe_window_s * 1000)
+        self.dedupe_max_ids = dedupe_max_ids
+        self._seen: dict[tuple[str, str], _Seen] = {}
+        self._seen_order: deque[tuple[int, tuple[str, str]]] = deque()
+        self.max_open_requests = max_open_requests
+        self.clock = clock
+        self._requests: dict[int, _Open] = {}  # by the number passed to the responder
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, number), a heap
+        self._open: dict[Outbox, int] = {}  # requests waiting, by requester
+        self._involved: dict[Outbox, set[int]] = {}  # the requests a connection made or answers
+        self._next_request = 0
+        self._pick = random.Random()
+        self.responders: dict[str, list[Outbox]] = {}  # concrete topic -> connections answering its requests
+        self._emitted: list | None = [] if self.backplane.enabled else None
         self.index = Index()
         self.topics: dict[str, TopicState] = self.index.topics
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
@@ -109,16 +164,85 @@ class Router:
             self.index.add_topic(state)
         return state
 
-    def publish(self, name: str, payload: bytes) -> TopicState:
-        """Stamp `payload` with the topic's next sequence number and add it to this tick's batch.
+    def publish(self, name: str, payload: bytes, box: Outbox | None = None, request_id: int = 0, msg_id: str = "") -> TopicState:
+        """Hand `payload` to the backplane, which gives it the topic's next sequence number.
 
-        Returns the topic state: `.epoch` and `.seq` are what the message was given."""
+        With a request id, `box` gets the ack (`["ack", id, epoch, seq]`) once the message is
+        sequenced: at once with a backplane that sequences at once, otherwise when the batch
+        comes back through `deliver`. A `msg_id` seen on the same topic within the dedupe
+        window makes this a duplicate: acknowledged with the original's sequence number (once
+        it has one), not published again. Returns the topic state."""
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
-        stamp(state, payload, self.dirty)
-        self.published_since_flush()
+        record = None
+        if msg_id:
+            record = self._dedupe(name, msg_id)
+            if record.seq:
+                self.stats.duplicates += 1
+                if request_id:
+                    self.send(box, encode(Ack(request_id, record.epoch, record.seq)))
+                return state
+            if record.waiting is not None:  # the original is not sequenced yet
+                self.stats.duplicates += 1
+                if request_id:
+                    record.waiting.append((box, request_id))
+                return state
+            record.waiting = [(box, request_id)] if request_id else []
+        backplane = self.backplane
+        if backplane.sequences_at_once:
+            backplane.publish(state, payload, self.dirty)
+            if record is not None:
+                record.epoch, record.seq, record.waiting = state.epoch, state.seq, None
+            if request_id:
+                self.send(box, encode(Ack(request_id, state.epoch, state.seq)))
+            self.published_since_flush()
+        elif record is not None:
+            backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq))
+        elif request_id:
+            backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq))
+        else:
+            backplane.publish(state, payload, self.dirty)
         return state
+
+    def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:
+        if not box.closed:
+            self.send(box, encode(Ack(request_id, epoch, seq)))
+
+    def _sequenced(self, record: "_Seen", epoch: int, seq: int) -> None:
+        waiting = record.waiting or ()
+        record.epoch, record.seq, record.waiting = epoch, seq, None
+        for box, request_id in waiting:
+            self._ack_later(box, request_id, epoch, seq)
+
+    def _dedupe(self, topic: str, msg_id: str) -> "_Seen":
+        """The record of (topic, msg_id) in the dedupe window, made if there is none. Records
+        leave after dedupe_window_s, or oldest first past dedupe_max_ids."""
+        now = self.backplane.now_ms()
+        seen, order = self._seen, self._seen_order
+        horizon = now - self.dedupe_window_ms
+        while order and (order[0][0] < horizon or len(order) >= self.dedupe_max_ids):
+            _, old = order.popleft()
+            seen.pop(old, None)
+        key = (topic, msg_id)
+        record = seen.get(key)
+        if record is None:
+            record = seen[key] = _Seen()
+            order.append((now, key))
+        return record
+
+    def deliver(self, state: TopicState, first: int, payloads: list[bytes]) -> None:
+        """A batch the backplane sequenced (published here or elsewhere): into the topic's
+        pending batch, delivered and retained at the end of the tick like every other.
+        Sequence numbers the batch skips were never given to a message this broker saw."""
+        if first != state.seq + 1:
+            if state.pending:
+                self._emit([state])
+            state.seq = first - 1
+        dirty = self.dirty
+        for payload in payloads:
+            stamp(state, payload, dirty)
+        self.published_since_flush()
 
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""
@@ -214,9 +338,13 @@ class Router:
 
     def _emit(self, states: list[TopicState]) -> None:
         """Encode each topic's pending batch once and queue it on every connection that receives it."""
+        emitted = self._emitted
         self._emission, published, batches, delivered = emit_all(
-            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes
+            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes, emitted
         )
+        if emitted:
+            self.backplane.retain(emitted)
+            emitted.clear()
         stats = self.stats
         stats.published += published
         stats.batches += batches
@@ -226,3 +354,203 @@ class Router:
         """Drop every subscription of a closing connection."""
         for pattern in patterns:
             self.index.unsubscribe(pattern, box)
+
+    # recovery
+
+    def recover(self, pattern: str, box: Outbox, since: tuple | None, last: bool) -> None:
+        """Queue on `box` what a new subscription asked for from history, after its ack and
+        before anything live: the messages after `since`, or the latest message of each
+        matching topic (`last`), with a gap notice for every range that cannot be replayed.
+
+        `since` is (epoch, seq) for a topic, (time_ms, {topic: (epoch, seq)}) for a pattern.
+        A replay stops before the connection's queue passes max_pending_bytes; what it could
+        not send is reported as gaps."""
+        if since is None and not last:
+            return
+        backplane = self.backplane
+        if not is_pattern(pattern):
+            state = self.topics.get(pattern)
+            if since is not None:
+                self._recover_topic(box, pattern, state, since[0], since[1])
+            elif state is not None:
+                self._send_latest(box, state)
+            self.schedule_write(box)
+            return
+        states = self.index.matching(pattern)
+        self.index.work += len(states)
+        listed: dict = since[1] if since is not None else {}
+        for state in states:
+            position = listed.get(state.name)
+            if position is not None:
+                self._recover_topic(box, state.name, state, position[0], position[1])
+            elif since is not None:
+                trimmed, first, batches = backplane.since_time(state, since[0])
+                if trimmed:
+                    self._gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)"))
+                self._replay(box, state, batches)
+            elif last:
+                self._send_latest(box, state)
+        if listed:
+            known = {state.name for state in states}
+            for name, (epoch, seq) in listed.items():
+                if name not in known:
+                    self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended"))
+        self.schedule_write(box)
+
+    def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
+        if state is None:
+            if epoch:
+                self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended"))
+            return
+        if epoch and epoch != state.epoch:
+            self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}"))
+            seq = 0
+        elif not epoch:
+            seq = 0
+        first, batches = self.backplane.since(state, seq)
+        if seq + 1 < first:
+            self._gap(box, Gap(name, state.epoch, seq + 1, first - 1, "history no longer holds these messages"))
+        self._replay(box, state, batches)
+
+    def _send_latest(self, box: Outbox, state: TopicState) -> None:
+        latest = self.backplane.latest(state)
+        if latest is not None:
+            self._replay(box, state, [(latest[0], [latest[1]])])
+
+    def _replay(self, box: Outbox, state: TopicState, batches: list) -> None:
+        """Queue batches of one topic from history on `box`, oldest first, in pieces of at
+        most max_outbound_frame_bytes, while the connection's queue stays within
+        max_pending_bytes; what does not fit becomes a gap notice."""
+        if not batches:
+            return
+        if box.introduce(state):
+            self._slow.append(box)
+            return
+        limit = box.limit
+        max_piece = self._max_piece
+        replayed = 0
+        for first, payloads in batches:
+            start = size = 0
+            for i, payload in enumerate(payloads):
+                n = len(payload) + 5
+                if box.pending + size + n > limit:
+                    replayed += self._push_replay(box, state, first + start, payloads[start:i])
+                    self.stats.replayed += replayed
+                    end = batches[-1][0] + len(batches[-1][1]) - 1
+                    self._gap(box, Gap(state.name, state.epoch, first + i, end, "the replay stopped at max_pending_bytes; subscribe again with a later since for the rest"))
+                    return
+                if i > start and size + n > max_piece:
+                    replayed += self._push_replay(box, state, first + start, payloads[start:i])
+                    start, size = i, 0
+                size += n
+            replayed += self._push_replay(box, state, first + start, payloads[start:])
+        self.stats.replayed += replayed
+
+    def _push_replay(self, box: Outbox, state: TopicState, first: int, payloads: list) -> int:
+        if payloads and box.push(encode_batch(state.id, first, payloads)):
+            self._slow.append(box)
+        return len(payloads)
+
+    def _gap(self, box: Outbox, gap: Gap) -> None:
+        self.stats.gaps += 1
+        self.send(box, encode(GapNotice(*gap)))
+
+    # request / response
+
+    def request(self, box: Outbox, request_id: int, topic: str, data: bytes, timeout_ms: int) -> None:
+        """Pass a request to one connection responding to `topic` (chosen at random), as
+        `["request", number, topic, data]`; its reply goes back to `box` with `request_id`.
+        No responder: NO_RESPONDERS at once; no reply within `timeout_ms`: REQUEST_TIMEOUT."""
+        validate_topic(topic, self.max_topic_length)
+        if self._open.get(box, 0) >= self.max_open_requests:
+            raise RequestError(ErrorCode.TOO_MANY_REQUESTS, f"this connection has {self.max_open_requests} requests waiting, the limit")
+        responders = [r for r in self.responders.get(topic, ()) if not r.closed and not r.over]
+        if not responders:
+            raise RequestError(ErrorCode.NO_RESPONDERS, f"no connection responds to {topic!r}")
+        responder = responders[self._pick.randrange(len(responders))] if len(responders) > 1 else responders[0]
+        self._next_request += 1
+        number = self._next_request
+        deadline = self.clock() + timeout_ms / 1000
+        self._requests[number] = _Open(box, request_id, responder, deadline)
+        heapq.heappush(self._deadlines, (deadline, number))
+        self._open[box] = self._open.get(box, 0) + 1
+        self._involved.setdefault(box, set()).add(number)
+        self._involved.setdefault(responder, set()).add(number)
+        self.stats.requests += 1
+        self.send(responder, encode(Request(number, topic, data)))
+
+    def add_responder(self, topic: str, box: Outbox) -> None:
+        self.responders.setdefault(topic, []).append(box)
+
+    def remove_responder(self, topic: str, box: Outbox) -> None:
+        boxes = self.responders.get(topic)
+        if boxes is not None and box in boxes:
+            boxes.remove(box)
+            if not boxes:
+                del self.responders[topic]
+
+    def reply(self, box: Outbox, number: int, data: bytes) -> None:
+        """A responder's reply: back to the requester, if the request still waits for it."""
+        pending = self._requests.get(number)
+        if pending is None or pending.responder is not box:
+            raise RequestError(ErrorCode.UNKNOWN_REQUEST, f"no request {number} waits for a reply from this connection (it timed out, or was never passed to it)")
+        self._close_request(number, pending)
+        self.stats.replies += 1
+        if not pending.requester.closed:
+            self.send(pending.requester, encode(Reply(pending.request_id, data)))
+
+    @property
+    def next_deadline(self) -> float | None:
+        """When the earliest waiting request times out (on `clock`), or None."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._requests:
+            heapq.heappop(deadlines)  # answered already
+        return deadlines[0][0] if deadlines else None
+
+    def expire_requests(self) -> None:
+        """Answer every request past its deadline with REQUEST_TIMEOUT."""
+        now = self.clock()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, number = heapq.heappop(deadlines)
+            pending = self._requests.get(number)
+            if pending is None:
+                continue
+            self._close_request(number, pending)
+            self.stats.timeouts += 1
+            self._fail_request(pending, ErrorCode.REQUEST_TIMEOUT, "no reply within the request's timeout")
+
+    def forget_requests(self, box: Outbox) -> None:
+        """A connection closes: its own requests are dropped; those it was to answer fail at
+        once with NO_RESPONDERS."""
+        numbers = self._involved.pop(box, None)
+        if not numbers:
+            return
+        for number in numbers:
+            pending = self._requests.get(number)
+            if pending is None:
+                continue
+            if pending.requester is box:
+                self._close_request(number, pending)
+            elif pending.responder is box:
+                self._close_request(number, pending)
+                self._fail_request(pending, ErrorCode.NO_RESPONDERS, "the responder's connection closed before it replied")
+
+    def _close_request(self, number: int, pending: _Open) -> None:
+        del self._requests[number]
+        left = self._open[pending.requester] - 1
+        if left:
+            self._open[pending.requester] = left
+        else:
+            del self._open[pending.requester]
+        for box in (pending.requester, pending.responder):
+            numbers = self._involved.get(box)
+            if numbers is not None:
+                numbers.discard(number)
+                if not numbers:
+                    del self._involved[box]
+
+    def _fail_request(self, pending: _Open, code: ErrorCode, text: str) -> None:
+        if not pending.requester.closed:
+            self.stats.count_error(code)
+            self.send(pending.requester, encode(Err(pending.request_id, int(code), text)))

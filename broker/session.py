@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
-from .messages import DEFAULT_MAX_BATCH, Ack, Err, Pub, Sub, Unsub, decode_client_frame, encode
+from .messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
 from .router import Router
-from .topics import validate_pattern
+from .topics import is_pattern, matches, validate_pattern, validate_topic
+
+_MAX_ID = 2**63 - 1
 
 # A connection may queue up to this many times max_pending_bytes while it catches up with a
 # burst; past it, it is closed at once (the softer bound is judged over time by the server).
@@ -36,14 +38,16 @@ class Limits:
 
 
 class Session:
-    __slots__ = ("router", "limits", "box", "subscriptions", "received", "errors", "closed", "_backlog", "_next")
+    __slots__ = ("router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed", "_backlog", "_next")
 
     def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
         self.router = router
         self.limits = limits
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: set[str] = set()
+        self.responding: set[str] = set()  # topics whose requests this connection answers
         self.received = 0  # client messages handled
+        self.published = 0  # of which publishes
         self.errors = 0  # err replies sent
         self.closed = False
         self._backlog: list | None = None  # decoded messages of a frame not yet applied
@@ -67,9 +71,12 @@ class Session:
         limits = self.limits
         # Fast path: a frame of fire-and-forget publishes to known topics, parsed and stamped in
         # one compiled call. Anything else (or anything unusual) returns -1, nothing applied.
-        count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+        count = -1
+        if router.backplane.sequences_at_once:
+            count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
+            self.published += count
             router.published_since_flush()
             return True
         messages, bad = decode_client_frame(data, limits.max_batch_messages)
@@ -111,40 +118,82 @@ class Session:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"payload is {len(message.data)} bytes; the limit is {max_payload}",
                         )
-                    state = router.publish(message.topic, message.data)
-                    if message.id:
-                        router.send(box, encode(Ack(message.id, state.epoch, state.seq)))
+                    self.published += 1
+                    router.publish(message.topic, message.data, box, message.id, message.msg_id)
                 elif kind is Sub:
                     self._subscribe(message)
                 elif kind is Unsub:
                     self._unsubscribe(message)
+                elif kind is Req:
+                    self._check_payload(message.data, max_payload)
+                    router.request(box, message.id, message.topic, message.data, message.timeout_ms)
+                elif kind is Reply:
+                    self._check_payload(message.data, max_payload)
+                    router.reply(box, message.id, message.data)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
         self._backlog = None
         self._next = 0
         return True
 
+    @staticmethod
+    def _check_payload(data: bytes, max_payload: int) -> None:
+        if len(data) > max_payload:
+            raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(data)} bytes; the limit is {max_payload}")
+
     def _subscribe(self, message: Sub) -> None:
+        if message.respond:
+            self._respond(message)
+            return
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
         subscriptions = self.subscriptions
         if pattern in subscriptions:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
-        if len(subscriptions) >= self.limits.max_subscriptions:
+        if len(subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
             raise RequestError(
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"this connection holds {len(subscriptions)} subscriptions, the limit",
             )
-        self.router.subscribe(pattern, self.box)
+        router = self.router
+        since = None if message.since is None else _since(pattern, message.since, router)
+        router.subscribe(pattern, self.box)
         subscriptions.add(pattern)
-        state = self.router.topics.get(pattern)
-        epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
+        if is_pattern(pattern):
+            # a pattern's position is the time it took effect: `since` for a later
+            # subscription covers the topics this one never delivered from that time on
+            epoch, seq = router.backplane.now_ms(), 0
+        else:
+            state = router.topics.get(pattern)
+            epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
         if message.id:
-            self.router.send(self.box, encode(Ack(message.id, epoch, seq)))
+            router.send(self.box, encode(Ack(message.id, epoch, seq)))
+        router.recover(pattern, self.box, since, message.last)
+
+    def _respond(self, message: Sub) -> None:
+        topic = message.topic
+        if is_pattern(topic):
+            validate_pattern(topic, self.router.max_topic_length)
+            raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"a responder answers one concrete topic, not {topic!r}")
+        validate_topic(topic, self.router.max_topic_length)
+        if topic in self.responding:
+            raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
+        if len(self.subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
+            raise RequestError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"this connection holds {self.limits.max_subscriptions} subscriptions, the limit")
+        self.router.add_responder(topic, self.box)
+        self.responding.add(topic)
+        if message.id:
+            self.router.send(self.box, encode(Ack(message.id)))
 
     def _unsubscribe(self, message: Unsub) -> None:
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
+        if pattern in self.responding:  # a responder's unsub (it is checked first)
+            self.responding.discard(pattern)
+            self.router.remove_responder(pattern, self.box)
+            if message.id:
+                self.router.send(self.box, encode(Ack(message.id)))
+            return
         subscriptions = self.subscriptions
         if pattern not in subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
@@ -166,7 +215,52 @@ class Session:
         self.closed = True
         self._backlog = None
         self.box.closed = True
+        self.router.forget_requests(self.box)
+        for topic in self.responding:
+            self.router.remove_responder(topic, self.box)
+        self.responding.clear()
         if self.subscriptions:
             self.router.remove_all(self.box, self.subscriptions)
             self.subscriptions.clear()
         self.box.clear()
+
+
+def _position(value: object, what: str) -> tuple[int, int]:
+    if not (
+        type(value) is list
+        and len(value) == 2
+        and all(type(x) is int and 0 <= x <= _MAX_ID for x in value)
+    ):
+        raise RequestError(ErrorCode.BAD_MESSAGE, f"{what} is [epoch, seq], two integers from 0 to 2^63-1")
+    return value[0], value[1]
+
+
+def _since(pattern: str, since: list, router: Router) -> tuple:
+    """Check a `sub`'s since and return it as (epoch, seq) for a topic or (time_ms,
+    {topic: (epoch, seq)}) for a pattern."""
+    if not is_pattern(pattern):
+        epoch, seq = _position(since, "since")
+        state = router.topics.get(pattern)
+        if state is not None and epoch == state.epoch and seq > state.seq:
+            raise RequestError(ErrorCode.BAD_POSITION, f"since [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+        if not epoch and seq:
+            raise RequestError(ErrorCode.BAD_POSITION, "since [0, seq] needs seq 0 (from the start of the current epoch)")
+        return epoch, seq
+    if not (type(since) is list and len(since) == 2 and type(since[0]) is int and 0 <= since[0] <= _MAX_ID and type(since[1]) is dict):
+        raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern is [time_ms, {topic: [epoch, seq], ...}]")
+    if len(since[1]) > MAX_SINCE_TOPICS:
+        raise RequestError(ErrorCode.BAD_MESSAGE, f"since names {len(since[1])} topics; the limit is {MAX_SINCE_TOPICS}")
+    router.index.work += len(since[1])
+    positions: dict[str, tuple[int, int]] = {}
+    for name, value in since[1].items():
+        if type(name) is not str:
+            raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern maps topic names to [epoch, seq]")
+        validate_topic(name, router.max_topic_length)
+        if not matches(pattern, name):
+            raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
+        epoch, seq = _position(value, f"since of {name!r}")
+        state = router.topics.get(name)
+        if state is not None and epoch == state.epoch and seq > state.seq:
+            raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+        positions[name] = (epoch, seq)
+    return since[0], positions

@@ -20,6 +20,7 @@ import msgspec
 import pytest
 import uvloop
 
+from broker.backplane import MemoryBackplane
 from broker.client import Client
 from broker.config import load
 from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
@@ -325,9 +326,18 @@ class HarnessSession(Session):
 class Harness:
     """Drives the sans-I/O core (Router and Sessions) without sockets or a loop."""
 
-    def __init__(self, **limits):
+    def __init__(self, history: dict | None = None, **limits):
         self.flush_requests = 0
-        self.router = Router(self._request, epoch=42, max_topics=limits.pop("max_topics", 1000))
+        self.now = 1_000_000.0  # the backplane's clock (seconds), moved by tests
+        self.backplane = MemoryBackplane(clock=lambda: self.now, **(history or {}))
+        self.router = Router(
+            self._request,
+            epoch=42,
+            max_topics=limits.pop("max_topics", 1000),
+            backplane=self.backplane,
+            max_open_requests=limits.pop("max_open_requests", 1000),
+            clock=lambda: self.now,
+        )
         self.limits = Limits(**limits)
         self.readers: dict = {}
         self.frames: dict = {}  # owner -> frames written in the last tick

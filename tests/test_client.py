@@ -391,7 +391,7 @@ def test_publishes_of_one_tick_leave_in_one_frame():
 def test_requests_after_the_server_closed_raise_connection_closed():
     async def main():
         async with serving() as server:
-            client = await Client.connect(url(server))
+            client = await Client.connect(url(server), reconnect=False)
             sub = await client.subscribe("cc.t")
             pending = asyncio.ensure_future(client.publish_acked("cc.t", b"x"))
             await server.stop()

@@ -491,3 +491,10 @@ def test_fast_publish_limits(fastpath_impl):
     assert outcome(fastpath_impl, batch, max_payload=5, max_count=3)[0] == 3
     assert outcome(fastpath_impl, batch, max_payload=4, max_count=3)[0] == -1
     assert outcome(fastpath_impl, batch, max_payload=5, max_count=2)[0] == -1
+
+
+def test_fast_publish_takes_an_empty_msg_id_and_leaves_a_real_one_to_the_general_path(fastpath_impl):
+    empty = msgspec.msgpack.encode([["pub", 0, "md.a", b"x", ""], ["pub", 0, "md.a", b"y"]])
+    assert outcome(fastpath_impl, empty, max_payload=5, max_count=3)[0] == 2
+    real = msgspec.msgpack.encode([["pub", 0, "md.a", b"x", "id-1"]])
+    assert outcome(fastpath_impl, real, max_payload=5, max_count=3)[0] == -1

@@ -1,6 +1,7 @@
 """Wire schema: round trips, and any bytes decode to messages or documented errors."""
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -9,6 +10,7 @@ from broker.messages import (
     Ack,
     Batch,
     Err,
+    GapNotice,
     Msg,
     ProtocolViolation,
     Pub,
@@ -73,7 +75,7 @@ def test_any_bytes_are_a_server_frame_or_a_protocol_violation(data):
         messages = decode_server_frame(data)
     except ProtocolViolation:
         return
-    assert messages and all(type(m) in (Ack, Err, Topic, Msg) for m in messages)
+    assert all(type(m) in (Ack, Err, Topic, GapNotice, Msg) for m in messages)
 
 
 DOCUMENTED = {int(code) for code in ErrorCode}
@@ -119,9 +121,16 @@ def test_errors_keep_request_ids_and_good_batch_members():
 
 
 def test_trailing_fields_are_ignored_for_forward_compatibility():
-    assert client_decoder.decode(msgspec.msgpack.encode(["sub", 1, "a.b", {"future": True}])) == Sub(1, "a.b")
+    assert client_decoder.decode(msgspec.msgpack.encode(["sub", 1, "a.b", None, False, False, {"future": True}])) == Sub(1, "a.b")
 
 
 def test_payload_must_be_binary():
     good, bad = decode_client_frame(msgspec.msgpack.encode(["pub", 5, "t", "text"]))
     assert good == [] and bad[0].request_id == 5 and bad[0].code == ErrorCode.BAD_MESSAGE
+
+
+def test_unknown_server_message_types_are_skipped():
+    frame = encode([["ack", 1, 0, 0], ["later", 1, {"x": 2}], ["gap", "t", 5, 2, 3, "why"]])
+    assert decode_server_frame(frame) == [Ack(1, 0, 0), GapNotice("t", 5, 2, 3, "why")]
+    with pytest.raises(ProtocolViolation):
+        decode_server_frame(encode([["ack", "not an id"]]))  # a known type that cannot be read

@@ -29,8 +29,12 @@ from broker.messages import (
     Ack,
     Batch,
     Err,
+    GapNotice,
     Msg,
     Pub,
+    Reply,
+    Req,
+    Request,
     Sub,
     Topic,
     Unsub,
@@ -53,8 +57,8 @@ _EXAMPLE = re.compile(
     re.MULTILINE,
 )
 
-CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub}
-SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "msg": Msg}
+CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply}
+SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "msg": Msg}
 
 
 class Example(NamedTuple):
@@ -167,9 +171,26 @@ def test_msgpack_example(name):
     decoded = msgspec.msgpack.decode(example.data)
     assert strict_equal(decoded, example.value), f"{name}: doc says {example.value!r}, bytes decode to {decoded!r}"
     assert msgspec.msgpack.encode(example.value) == example.data, f"{name}: value does not re-encode to the bytes"
-    # The broker's own schema accepts it and writes the very same bytes.
+    # The broker's own schema accepts it and writes the very same bytes (a message that
+    # leaves out its optional trailing fields is written with their defaults).
     typed = typed_decode(example.data)
-    assert msgspec.msgpack.encode(typed) == example.data
+    if is_batch(example.data):
+        assert len(typed) == len(decoded) and all(written_with_defaults(v, m) for v, m in zip(decoded, typed))
+    elif isinstance(typed, msgspec.Struct):
+        assert written_with_defaults(decoded, typed)
+    else:  # a server message, as the broker writes it
+        assert msgspec.msgpack.encode(typed) == example.data
+
+
+def written_with_defaults(value: list, message) -> bool:
+    """`message` is written as `value` followed by the defaults of the fields `value` omits."""
+    written = msgspec.msgpack.decode(msgspec.msgpack.encode(message))
+    fields = type(message).__struct_fields__
+    defaults = dict(zip(fields[len(fields) - len(type(message).__struct_defaults__) :], type(message).__struct_defaults__))
+    omitted = fields[len(value) - 1 :]
+    return strict_equal(written[: len(value)], value) and all(
+        strict_equal(w, defaults[f]) for w, f in zip(written[len(value) :], omitted)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.encoding == "websocket-frame"))
@@ -206,7 +227,7 @@ def test_close_code_table_lists_exactly_close_code():
     assert unnamed == {1006, 1007}
 
 
-@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Ack, Err, Topic])
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Ack, Err, Topic, GapNotice, Request])
 def test_field_tables_match_the_structs(struct):
     tag = struct.__struct_config__.tag
     body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))

@@ -68,13 +68,14 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 async def connect_when_ready(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> Client:
-    """A Client connected to the broker process once it accepts WebSocket connections."""
+    """A Client connected to the broker process once it accepts WebSocket connections (one
+    that does not reconnect: these tests watch the broker close it)."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise AssertionError(f"broker exited with {proc.returncode}: {proc.stderr.read().decode()}")
         try:
-            return await Client.connect(f"ws://127.0.0.1:{port}/", connect_timeout=1)
+            return await Client.connect(f"ws://127.0.0.1:{port}/", connect_timeout=1, reconnect=False)
         except ConnectionClosed:
             if time.monotonic() > deadline:
                 raise

@@ -9,25 +9,54 @@
 
 Publishes made in the same loop tick leave in one WebSocket frame. Replies are matched to
 requests by id; a refused request raises RequestError with the broker's error code.
+
+When the connection drops, the client reconnects (exponential backoff with full jitter) and
+subscribes again with `since` set to what each subscription last delivered, so the
+application sees every message once and in order, or a Gap saying exactly what is missing.
+Fire-and-forget publishes made while it is disconnected wait in a bounded queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
-from typing import Callable, NamedTuple
+import inspect
+from typing import Awaitable, Callable, Literal, NamedTuple
 
+import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
-from ..messages import SUBPROTOCOL, Ack, Err, Msg, ProtocolViolation, Pub, Sub, Topic, Unsub, decode_server_frame, encode
-from ..topics import SubscriptionIndex, validate_pattern, validate_topic
+from ..messages import (
+    DEFAULT_MAX_BATCH,
+    MAX_REQUEST_TIMEOUT_MS,
+    MAX_SINCE_TOPICS,
+    SUBPROTOCOL,
+    Ack,
+    Err,
+    GapNotice,
+    Msg,
+    ProtocolViolation,
+    Pub,
+    Reply,
+    Req,
+    Request,
+    Sub,
+    Topic,
+    Unsub,
+    decode_server_frame,
+    encode,
+)
+from ..topics import SubscriptionIndex, is_pattern, validate_pattern, validate_topic
 
 __all__ = [
     "Client",
+    "Gap",
     "Message",
     "PublishAck",
+    "Request",
     "Subscription",
     "RequestError",
     "ConnectionClosed",
@@ -36,6 +65,15 @@ __all__ = [
 ]
 
 DEFAULT_URL = "ws://127.0.0.1:7341/"
+
+# Close codes that say the client itself is at fault: reconnecting would not help.
+FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+
+log = logging.getLogger("broker.client")
+
+# How every fire-and-forget publish the client encodes begins: ["pub", 0, ...]
+_PUB_NO_ACK = b"\x94\xa3pub\x00"
+_pub_decoder = msgspec.msgpack.Decoder(Pub)
 
 
 def _log_error(error: RequestError) -> None:
@@ -50,16 +88,31 @@ class Message(NamedTuple):
     data: bytes
 
 
+class Gap(NamedTuple):
+    """Messages `first` ... `last` of `topic` in `epoch` that this subscription will not get
+    (`last` 0: to the end of that epoch); `reason` comes from the broker."""
+
+    topic: str
+    epoch: int
+    first: int
+    last: int
+    reason: str
+
+
 class PublishAck(NamedTuple):
     epoch: int
     seq: int
 
 
-Callback = Callable[[Message], object]
+Callback = Callable[["Message | Gap"], object]
 
 
 class Subscription:
-    """A subscription: an async iterator of Messages, or a callback target."""
+    """A subscription: an async iterator of Messages (and Gaps), or a callback target.
+
+    Each message reaches it once and in order per topic: `positions` holds, per topic, the
+    (epoch, seq) of the last message delivered, and anything at or before it (a replay
+    overlapping what arrived live) is skipped. A Gap says which messages will not come."""
 
     def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int) -> None:
         self.client = client
@@ -68,13 +121,40 @@ class Subscription:
         self.max_queue = max_queue
         self.epoch = 0  # from the subscribe ack (exact topics): the topic's epoch
         self.seq = 0  # and the last sequence number published before the subscription
-        self._queue: deque[Message] = deque()
+        self.positions: dict[str, tuple[int, int]] = {}  # topic -> (epoch, last seq delivered)
+        self._queue: deque[Message | Gap] = deque()
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
         self._done = False
         self._abandoned = False  # subscribe() was cancelled before its ack
+        self._active = False  # acknowledged: held at the broker (re-made after a reconnect)
 
-    def _deliver(self, message: Message) -> None:
+    def _receive(self, topic: str, epoch: int, seq: int, payloads: list[bytes]) -> None:
+        """A batch of the topic: deliver what lies after this subscription's position."""
+        position = self.positions.get(topic)
+        start = 0
+        if position is not None and position[0] == epoch:
+            start = position[1] + 1 - seq
+            if start >= len(payloads):
+                return
+            if start < 0:
+                start = 0
+        self.positions[topic] = (epoch, seq + len(payloads) - 1)
+        for i in range(start, len(payloads)):
+            self._deliver(Message(topic, epoch, seq + i, payloads[i]))
+
+    def _gap(self, gap: Gap) -> None:
+        position = self.positions.get(gap.topic)
+        if position is not None and position[0] == gap.epoch:
+            if gap.last and gap.last <= position[1]:
+                return  # this subscription delivered all of it already
+            if gap.first <= position[1]:
+                gap = gap._replace(first=position[1] + 1)
+        if gap.last:
+            self.positions[gap.topic] = (gap.epoch, gap.last)
+        self._deliver(gap)
+
+    def _deliver(self, message: Message | Gap) -> None:
         if self.callback is not None:
             try:
                 self.callback(message)
@@ -104,7 +184,7 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Message | Gap:
         if self._waiter is not None:
             raise RuntimeError(f"another coroutine is already waiting on subscription {self.pattern!r}")
         while not self._queue:
@@ -119,8 +199,8 @@ class Subscription:
                 self._waiter = None
         return self._queue.popleft()
 
-    async def next(self, timeout: float | None = None) -> Message:
-        """The next message, waiting at most `timeout` seconds (asyncio.TimeoutError after)."""
+    async def next(self, timeout: float | None = None) -> Message | Gap:
+        """The next message (or gap), waiting at most `timeout` seconds (asyncio.TimeoutError after)."""
         return await asyncio.wait_for(self.__anext__(), timeout)
 
     async def unsubscribe(self) -> None:
@@ -133,6 +213,8 @@ class _Listener(WSListener):
         self.client = client
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if self.client._listener is not self:
+            return  # a connection the client already left
         kind = frame.msg_type
         if kind is WSMsgType.BINARY:
             self.client._on_message(frame.get_payload_as_memoryview())
@@ -145,7 +227,8 @@ class _Listener(WSListener):
             transport.send_pong(frame.get_payload_as_bytes())
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.client._on_disconnected()
+        if self.client._listener is self:
+            self.client._on_disconnected()
 
     def pause_writing(self) -> None:
         self.client._paused = True
@@ -169,7 +252,15 @@ class Client:
         max_frame_bytes: int = 64 << 20,
         max_queue: int = 100_000,
         max_batch_bytes: int = 256 << 10,
+        max_batch_messages: int = DEFAULT_MAX_BATCH,
         on_error: Callable[[RequestError], object] | None = None,
+        reconnect: bool = True,
+        reconnect_delay: tuple[float, float] = (0.1, 10.0),
+        max_reconnect_attempts: int | None = None,
+        jitter: Callable[[], float] = random.random,
+        max_offline_messages: int = 10_000,
+        offline_overflow: Literal["raise", "drop_oldest"] = "raise",
+        on_state: Callable[[str, str], object] | None = None,
     ) -> None:
         self.url = url
         self.connect_timeout = connect_timeout
@@ -177,7 +268,32 @@ class Client:
         self.max_frame_bytes = max_frame_bytes
         self.max_queue = max_queue
         self.max_batch_bytes = max_batch_bytes  # a tick's publishes are split into frames of about this size
+        self.max_batch_messages = max_batch_messages  # and of at most this many messages (the broker's limit)
         self.on_error = on_error or _log_error
+        self.reconnect = reconnect
+        if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
+            raise ValueError("reconnect_delay is (first, most), 0 < first <= most")
+        self.reconnect_delay = reconnect_delay  # the first backoff bound and its ceiling, in seconds
+        self.max_reconnect_attempts = max_reconnect_attempts  # None: for as long as it takes
+        self.jitter = jitter  # a number in [0, 1): the share of the backoff bound waited
+        if max_offline_messages < 0 or offline_overflow not in ("raise", "drop_oldest"):
+            raise ValueError("max_offline_messages >= 0 and offline_overflow 'raise' or 'drop_oldest'")
+        self.max_offline_messages = max_offline_messages
+        self.offline_overflow = offline_overflow
+        self.on_state = on_state  # called with (state, detail): connecting, connected, disconnected, closed
+        self.state = "new"
+        self.reconnects = 0  # successful reconnections
+        self.offline_dropped = 0  # publishes dropped from a full offline queue (drop_oldest)
+        self._offline: deque[tuple[str, bytes, str]] = deque()  # (topic, data, msg_id)
+        self._inflight: dict[int, tuple[str, bytes, str]] = {}  # offline publishes sent, not yet acked
+        self.publisher_id = random.getrandbits(64).to_bytes(8, "big").hex()  # prefix of its msg_ids
+        self._msg_ids = 0
+        self._connected: asyncio.Event | None = None
+        self._reconnecting: asyncio.Task | None = None
+        self._closing = False  # close() was called
+        self._responders: dict[str, Callable[[Request], bytes | Awaitable[bytes]]] = {}
+        self._answering: set[asyncio.Task] = set()
+        self._listener: _Listener | None = None  # the current connection's
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: WSTransport | None = None
         self._next_id = 0
@@ -201,12 +317,28 @@ class Client:
         return client
 
     async def open(self) -> None:
+        """Connect; raises ConnectionClosed when the first connection cannot be made."""
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
+        self._connected = asyncio.Event()
+        self._set_state("connecting", self.url)
+        try:
+            await self._connect()
+        except BaseException:
+            self._closed.set_result(None)
+            self._set_state("closed", self._close_info[1] if self._close_info else "")
+            raise
+        self._set_state("connected", self.url)
+
+    async def _connect(self) -> None:
+        """One connection attempt; on failure ConnectionClosed (1006) with the cause."""
+        self._close_info = None
+        self._topics = {}
+        self._paused = False
         try:
             self._transport, _ = await asyncio.wait_for(
                 ws_connect(
-                    lambda: _Listener(self),
+                    self._new_listener,
                     self.url,
                     extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
                     max_frame_size=self.max_frame_bytes,
@@ -223,10 +355,22 @@ class Client:
             else:
                 reason = f"could not connect to {self.url}: {exc}"
             self._close_info = (1006, reason)
-            self._closed.set_result(None)
             if isinstance(exc, (BrokerError, asyncio.CancelledError)) or not isinstance(exc, Exception):
                 raise
             raise ConnectionClosed(1006, reason) from exc
+        self._connected.set()
+
+    def _new_listener(self) -> _Listener:
+        self._listener = _Listener(self)
+        return self._listener
+
+    def _set_state(self, state: str, detail: str) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state, detail)
+            except Exception:
+                log.exception("on_state callback raised")
 
     async def __aenter__(self) -> Client:
         await self.open()
@@ -242,13 +386,29 @@ class Client:
     # requests
 
     async def subscribe(
-        self, pattern: str, callback: Callback | None = None, *, max_queue: int | None = None
+        self,
+        pattern: str,
+        callback: Callback | None = None,
+        *,
+        max_queue: int | None = None,
+        since: tuple[int, int] | tuple[int, dict[str, tuple[int, int]]] | None = None,
+        last: bool = False,
     ) -> Subscription:
         """Subscribe to a topic or pattern; returns once the broker acknowledged it.
 
         Without a callback, iterate the returned Subscription for messages. With one, the
-        callback runs for every message (synchronously, in the loop: keep it short)."""
+        callback runs for every message (synchronously, in the loop: keep it short).
+
+        `since` recovers from the broker's history what came after a position: (epoch, seq)
+        for a topic; (time_ms, {topic: (epoch, seq)}) for a pattern, where time_ms is the
+        `epoch` of an earlier pattern subscription's ack. `last` starts with the latest
+        retained message of each matching topic. Ranges that cannot be replayed arrive as
+        Gap items (docs/guarantees.md)."""
         validate_pattern(pattern)
+        wire_since = None
+        if since is not None:
+            head, rest = since
+            wire_since = [head, {t: list(p) for t, p in rest.items()} if isinstance(rest, dict) else rest]
         if pattern in self._subs:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
         sub = Subscription(self, pattern, callback, max_queue or self.max_queue)
@@ -263,10 +423,16 @@ class Client:
                     self._queue_out(encode(Unsub(0, pattern)))
                 return
             sub.epoch, sub.seq = ack.epoch, ack.seq
+            sub._active = True
+            if since is not None:
+                if isinstance(since[1], dict):
+                    sub.positions.update(since[1])
+                else:
+                    sub.positions[pattern] = since
             self._index.add(pattern, sub)
 
         try:
-            await self._request(lambda rid: Sub(rid, pattern), activate)
+            await self._request(lambda rid: Sub(rid, pattern, wire_since, last), activate)
         except RequestError:
             self._forget(sub)
             raise
@@ -286,18 +452,121 @@ class Client:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
         self._forget(sub)
         sub._finish(None)
-        await self._request(lambda rid: Unsub(rid, pattern))
+        if self._connected.is_set():
+            await self._request(lambda rid: Unsub(rid, pattern))
+        # while reconnecting there is nothing to undo at the broker: it is not made again
 
     def publish(self, topic: str, data: bytes) -> None:
-        """Fire-and-forget publish. Publishes within one loop tick leave in one frame."""
-        self._check_open()
-        self._queue_out(encode(Pub(0, topic, data)))
+        """Fire-and-forget publish. Publishes within one loop tick leave in one frame.
 
-    async def publish_acked(self, topic: str, data: bytes) -> PublishAck:
-        """Publish and wait for the broker's ack: returns the epoch and sequence number given."""
+        While the client is reconnecting the publish waits in the offline queue (at most
+        max_offline_messages; when full it raises BrokerError, or with offline_overflow
+        'drop_oldest' drops the oldest waiting publish and counts it in offline_dropped)."""
+        self._check_open()
+        if self._connected.is_set():
+            self._queue_out(encode(["pub", 0, topic, data]))  # the 4-element form: _PUB_NO_ACK
+            return
         validate_topic(topic)
-        ack = await self._request(lambda rid: Pub(rid, topic, data))
-        return PublishAck(ack.epoch, ack.seq)
+        self._hold(topic, data)
+
+    def _hold(self, topic: str, data: bytes) -> None:
+        """Queue a publish until the client is connected again, with a msg_id of its own, so
+        sending it again after another lost connection cannot publish it twice."""
+        offline = self._offline
+        if len(offline) >= self.max_offline_messages:
+            if self.offline_overflow == "raise" or not offline:
+                raise BrokerError(f"not connected and {len(offline)} publishes already wait (max_offline_messages)")
+            offline.popleft()
+            self.offline_dropped += 1
+            log.warning("offline queue full: dropped the oldest waiting publish (%d so far)", self.offline_dropped)
+        offline.append((topic, data, self.new_msg_id()))
+
+    def new_msg_id(self) -> str:
+        """A msg_id no other publish of this client (or, with overwhelming likelihood, of any
+        other client) carries: its random publisher id and a counter."""
+        self._msg_ids += 1
+        return f"{self.publisher_id}-{self._msg_ids}"
+
+    async def publish_acked(self, topic: str, data: bytes, *, msg_id: str | None = None) -> PublishAck:
+        """Publish and wait for the broker's ack: returns the epoch and sequence number given.
+
+        The publish carries a msg_id (`msg_id`, or one of the client's own): if the connection
+        drops before the ack, it is sent again once the client has reconnected, and the broker
+        acknowledges a repeat within its dedupe window with the original sequence number
+        instead of publishing it twice. Gives up (ConnectionClosed) after request_timeout."""
+        validate_topic(topic)
+        if msg_id is None:
+            msg_id = self.new_msg_id()
+        deadline = self._loop.time() + self.request_timeout
+        while True:
+            try:
+                ack = await self._request(lambda rid: Pub(rid, topic, data, msg_id))
+                return PublishAck(ack.epoch, ack.seq)
+            except ConnectionClosed:
+                if self.closed or self._loop.time() >= deadline:
+                    raise
+
+    async def request(self, topic: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+        """Ask one responder of `topic` (see `respond`) and return its reply's data.
+
+        Raises RequestError with NO_RESPONDERS at once when nobody responds to the topic (or
+        the responder left before replying), REQUEST_TIMEOUT after `timeout` seconds."""
+        validate_topic(topic)
+        timeout_ms = min(max(1, round(timeout * 1000)), MAX_REQUEST_TIMEOUT_MS)
+        reply = await self._request(lambda rid: Req(rid, topic, data, timeout_ms), timeout=timeout + self.request_timeout)
+        return reply.data
+
+    async def respond(self, topic: str, handler: Callable[[Request], bytes | Awaitable[bytes]]) -> None:
+        """Answer the requests to the concrete `topic`: `handler(request)` returns (or, as a
+        coroutine function, resolves to) the reply's bytes. A handler that raises is logged
+        and its request gets no reply (the requester times out)."""
+        validate_topic(topic)
+        if topic in self._responders:
+            raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
+        self._responders[topic] = handler
+        try:
+            await self._request(lambda rid: Sub(rid, topic, None, False, True))
+        except BaseException:
+            self._responders.pop(topic, None)
+            raise
+
+    async def unrespond(self, topic: str) -> None:
+        """Stop answering the requests to `topic`."""
+        if self._responders.pop(topic, None) is None:
+            raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not responding to {topic!r}")
+        if self._connected.is_set():
+            await self._request(lambda rid: Unsub(rid, topic))
+
+    def _answer(self, request: Request) -> None:
+        handler = self._responders.get(request.topic)
+        if handler is None:
+            return  # no longer responding: the requester times out
+        try:
+            result = handler(request)
+        except Exception:
+            log.exception("request handler for %r raised", request.topic)
+            return
+        if inspect.isawaitable(result):
+            task = self._loop.create_task(self._answer_later(request, result))
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+        else:
+            self._send_reply(request, result)
+
+    async def _answer_later(self, request: Request, result: Awaitable[bytes]) -> None:
+        try:
+            data = await result
+        except Exception:
+            log.exception("request handler for %r raised", request.topic)
+            return
+        self._send_reply(request, data)
+
+    def _send_reply(self, request: Request, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            log.error("request handler for %r returned %s, not bytes: no reply sent", request.topic, type(data).__name__)
+            return
+        if self._connected.is_set():
+            self._queue_out(encode(Reply(request.id, bytes(data))))
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the connection's write buffer is below its high-water mark.
@@ -310,8 +579,16 @@ class Client:
                 await asyncio.wait([self._drained, self._closed], return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker."""
-        if self._transport is None or self.closed:
+        """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker.
+        Stops reconnecting; publishes still waiting offline are dropped."""
+        if self._closed is None or self.closed:
+            return
+        self._closing = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if not self._connected.is_set():
+            self._close_info = self._close_info or (1000, "closed by the application")
+            self._finish()
             return
         self._flush_out()
         self._transport.send_close(WSCloseCode.OK)
@@ -333,9 +610,24 @@ class Client:
             code, reason = self._close_info or (1006, "not connected")
             raise ConnectionClosed(code, reason)
 
+    async def _ready(self) -> None:
+        """Wait (at most request_timeout) while the client reconnects."""
+        self._check_open()
+        if self._connected.is_set():
+            return
+        waiter = asyncio.ensure_future(self._connected.wait())
+        try:
+            done, _ = await asyncio.wait([waiter, self._closed], timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        self._check_open()
+        if not self._connected.is_set():
+            raise ConnectionClosed(1006, f"not reconnected within {self.request_timeout}s")
+
     def _queue_out(self, encoded: bytes) -> None:
-        if self._outgoing and self._outgoing_bytes + len(encoded) > self.max_batch_bytes:
-            self._send_batch()  # keep every frame well under the broker's max_frame_bytes
+        out = self._outgoing
+        if out and (self._outgoing_bytes + len(encoded) > self.max_batch_bytes or len(out) >= self.max_batch_messages):
+            self._send_batch()  # keep every frame within the broker's max_frame_bytes and max_batch_messages
         self._outgoing.append(encoded)
         self._outgoing_bytes += len(encoded)
         if not self._flush_scheduled:
@@ -348,7 +640,7 @@ class Client:
 
     def _send_batch(self) -> None:
         out = self._outgoing
-        if not out or self.closed:
+        if not out or self.closed or not self._connected.is_set():
             return
         self._outgoing = []
         self._outgoing_bytes = 0
@@ -360,8 +652,9 @@ class Client:
             frame = head + b"".join(out)
         self._transport.send(WSMsgType.BINARY, frame)
 
-    async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None) -> Ack:
-        self._check_open()
+    async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None) -> Ack:
+        await self._ready()
+        timeout = self.request_timeout if timeout is None else timeout
         self._next_id += 1
         rid = self._next_id
         future = self._loop.create_future()
@@ -370,10 +663,10 @@ class Client:
             self._on_ack[rid] = on_ack
         self._queue_out(encode(make(rid)))
         try:
-            async with asyncio.timeout(self.request_timeout):
+            async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError as exc:
-            raise BrokerError(f"no reply to request {rid} within {self.request_timeout}s") from exc
+            raise BrokerError(f"no reply to request {rid} within {timeout}s") from exc
         finally:
             self._pending.pop(rid, None)
 
@@ -404,14 +697,20 @@ class Client:
                         self._protocol_violation(f"delivery for topic id {topic_id}, which was never announced")
                         return
                     topic, epoch = known
-                    targets = self._index.lookup(topic)
-                    if targets:
-                        for i, payload in enumerate(payloads):
-                            item = Message(topic, epoch, seq + i, payload)
-                            for sub in targets:
-                                sub._deliver(item)
+                    for sub in self._index.lookup(topic):
+                        sub._receive(topic, epoch, seq, payloads)
+            elif kind is GapNotice:
+                gap = Gap(message.topic, message.epoch, message.first, message.last, message.reason)
+                for sub in self._index.lookup(message.topic):
+                    sub._gap(gap)
             elif kind is Topic:
                 self._topics[message.id] = (message.topic, message.epoch)
+            elif kind is Request:
+                self._answer(message)
+            elif kind is Reply:
+                future = self._pending.get(message.id)
+                if future is not None and not future.done():
+                    future.set_result(message)
             elif kind is Ack:
                 hook = self._on_ack.pop(message.id, None)
                 if hook is not None:
@@ -421,6 +720,7 @@ class Client:
                     future.set_result(message)
             elif kind is Err:
                 self._on_ack.pop(message.id, None)
+                self._inflight.pop(message.id, None)
                 error = RequestError(message.code, message.text, message.id)
                 future = self._pending.get(message.id)
                 if future is not None and not future.done():
@@ -440,14 +740,124 @@ class Client:
             if recv is not None and self._close_info is None:
                 code, reason = int(recv.code), recv.reason or ""
         self._close_info = (code, reason)
+        self._connected.clear()
+        # Not written yet: fire-and-forget publishes wait for the next connection (ahead of
+        # later ones); requests among them fail below with the others.
+        unsent = [_pub_decoder.decode(m) for m in self._outgoing if m.startswith(_PUB_NO_ACK)]
+        self._outgoing = []
+        self._outgoing_bytes = 0
+        if not (self._closing or not self.reconnect or code in FATAL_CLOSE_CODES):
+            # offline publishes sent but not acknowledged go first (with their msg_ids), then
+            # those never written (given msg_ids now)
+            held = list(self._inflight.values()) + [(m.topic, m.data, self.new_msg_id()) for m in unsent]
+            self._offline.extendleft(reversed(held))
+        self._inflight.clear()
         error = ConnectionClosed(code, reason)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
-        for sub in list(self._subs.values()):
-            sub._finish(None if code == 1000 else error)
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+        self._on_ack.clear()
         drained = self._drained
         if drained is not None and not drained.done():
             drained.set_result(None)
+        if self._closing or not self.reconnect or code in FATAL_CLOSE_CODES or self.closed:
+            self._finish()
+            return
+        self._set_state("disconnected", f"{code}: {reason}" if reason else str(code))
+        self._reconnecting = self._loop.create_task(self._reconnect())
+
+    def _finish(self) -> None:
+        """The client is closed for good: subscriptions end, waiters wake."""
+        code, reason = self._close_info or (1006, "connection lost")
+        error = ConnectionClosed(code, reason)
+        for sub in list(self._subs.values()):
+            sub._finish(None if code == 1000 else error)
+        self._offline.clear()
+        for task in list(self._answering):
+            task.cancel()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        self._set_state("closed", f"{code}: {reason}" if reason else str(code))
+
+    def backoff(self, attempt: int) -> float:
+        """The delay before reconnection attempt `attempt` (0, 1, ...): full jitter over an
+        exponentially growing bound, min(most, first * 2^attempt)."""
+        first, most = self.reconnect_delay
+        return self.jitter() * min(most, first * 2**attempt)
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            if self.max_reconnect_attempts is not None and attempt >= self.max_reconnect_attempts:
+                self._close_info = (1006, f"gave up after {attempt} reconnection attempts: {self._close_info[1]}")
+                self._finish()
+                return
+            await asyncio.sleep(self.backoff(attempt))
+            attempt += 1
+            self._set_state("connecting", self.url)
+            try:
+                await self._connect()
+            except ConnectionClosed as exc:
+                self._set_state("disconnected", exc.reason)
+                continue
+            self.reconnects += 1
+            self._set_state("connected", self.url)
+            self._resubscribe()
+            self._send_offline()
+            self._reconnecting = None
+            return
+
+    def _send_offline(self) -> None:
+        """Send the publishes that waited, each acknowledged (so that one lost with another
+        connection is known and sent again, under the same msg_id)."""
+        while self._offline and self._connected.is_set():
+            topic, data, msg_id = item = self._offline.popleft()
+            self._next_id += 1
+            rid = self._next_id
+            self._inflight[rid] = item
+            self._on_ack[rid] = lambda ack, rid=rid: self._inflight.pop(rid, None)
+            self._queue_out(encode(Pub(rid, topic, data, msg_id)))
+
+    def _resubscribe(self) -> None:
+        """Make every subscription again, each from where it stopped delivering, and every
+        responder registration."""
+        for topic in self._responders:
+            self._queue_out(encode(Sub(0, topic, None, False, True)))
+        for sub in list(self._subs.values()):
+            if not sub._active or sub._done:
+                continue
+            self._next_id += 1
+            rid = self._next_id
+            self._on_ack[rid] = lambda ack, sub=sub: self._resubscribed(sub, ack)
+            self._pending[rid] = future = self._loop.create_future()
+            future.add_done_callback(lambda f, rid=rid, sub=sub: self._resubscribe_done(rid, sub, f))
+            self._queue_out(encode(Sub(rid, sub.pattern, self._since(sub), False)))
+
+    @staticmethod
+    def _since(sub: Subscription) -> list:
+        if is_pattern(sub.pattern):
+            # The broker takes the positions of at most MAX_SINCE_TOPICS topics; topics left out
+            # are replayed from the subscription's time and the overlap is skipped here.
+            positions = {}
+            for topic, position in sub.positions.items():
+                if len(positions) == MAX_SINCE_TOPICS:
+                    break
+                positions[topic] = list(position)
+            return [sub.epoch, positions]
+        position = sub.positions.get(sub.pattern)
+        if position is not None:
+            return list(position)
+        return [sub.epoch, sub.seq] if sub.epoch else [0, 0]
+
+    def _resubscribed(self, sub: Subscription, ack: Ack) -> None:
+        sub.epoch, sub.seq = ack.epoch, ack.seq
+
+    def _resubscribe_done(self, rid: int, sub: Subscription, future: asyncio.Future) -> None:
+        self._pending.pop(rid, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, RequestError):
+            # the broker refused the subscription again: it ends with that error
+            self._forget(sub)
+            sub._finish(error)

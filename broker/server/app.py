@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections import deque
 
 from .. import __version__
+from ..backplane import MemoryBackplane
 from ..config import Config
 from ..errors import CloseCode
 from ..fastpath import IMPLEMENTATION
@@ -33,12 +35,31 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.backplane = MemoryBackplane(
+            max_messages=config.history_max_messages,
+            max_bytes=config.history_max_bytes,
+            max_age_s=config.history_max_age_s,
+            max_total_bytes=config.history_max_total_bytes,
+        )
         self.router = Router(
             self._request_tick,
             max_topics=config.max_topics,
             max_topic_length=config.max_topic_length,
             max_outbound_frame_bytes=config.max_outbound_frame_bytes,
+            backplane=self.backplane,
+            dedupe_window_s=config.dedupe_window_s,
+            dedupe_max_ids=config.dedupe_max_ids,
+            max_open_requests=config.max_open_requests,
+            clock=time.monotonic,
         )
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._request_timer_at = 0.0
+        # The global bound on queued bytes: each lagging outbox's backlog as last seen, their sum.
+        self._lagging: dict = {}
+        self.pending_total = 0
+        self.holding = False  # publishers are not read: pending_total passed max_total_pending_bytes
+        self.holding_since = 0.0
+        self.holds = 0  # times that happened
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
             max_subscriptions=config.max_subscriptions,
@@ -85,6 +106,8 @@ class Server:
             return
         self._closing = True
         self._sweeper.cancel()
+        if self._request_timer is not None:
+            self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         self._server.close()
         self._tick()
@@ -165,6 +188,7 @@ class Server:
             self._slow_consumer(box)
         if touched:
             now = self.loop.time()
+            lagging = self._lagging
             shared: dict = {}
             max_frame = self.config.max_outbound_frame_bytes
             for box in touched:
@@ -186,13 +210,19 @@ class Server:
                         logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
                         conn.abort()
                         continue
-                if box.size + box.transport_bytes > box.limit:
+                backlog = box.size + box.transport_bytes
+                if backlog or box in lagging:
+                    self._account(box, backlog)
+                if backlog > box.limit:
                     self._falling_behind(box, now)
                 elif box.over_since:
                     box.over_since = 0.0
                     self._behind.discard(box)
+            if self.holding or self.pending_total > self.config.max_total_pending_bytes:
+                self._check_memory()
         router.end_tick()
         router.new_tick()
+        self._arm_request_timer()
         waiting = self._waiting
         for _ in range(len(waiting)):
             waiting.popleft().resume()
@@ -200,6 +230,78 @@ class Server:
                 break
         if waiting:
             self._request_tick()
+
+    def _account(self, box, backlog: int) -> None:
+        """Record a connection's backlog in the total of queued bytes."""
+        lagging = self._lagging
+        self.pending_total += backlog - lagging.get(box, 0)
+        if backlog and not box.closed:
+            lagging[box] = backlog
+        else:
+            lagging.pop(box, None)
+            if box.closed:
+                self.pending_total -= backlog
+
+    def _check_memory(self) -> None:
+        """Past max_total_pending_bytes stop reading from every connection that publishes;
+        below three quarters of it, read from them again."""
+        bound = self.config.max_total_pending_bytes
+        if not self.holding and self.pending_total > bound:
+            self.holding = True
+            self.holding_since = self.loop.time()
+            self.holds += 1
+            logs.event(logging.WARNING, "holding publishers", pending_bytes=self.pending_total, limit=bound)
+            for conn in self.connections.values():
+                if conn.session is not None and conn.session.published:
+                    conn.hold()
+        elif self.holding and self.pending_total < bound * 3 // 4:
+            self.holding = False
+            logs.event(logging.INFO, "releasing publishers", pending_bytes=self.pending_total)
+            for conn in self.connections.values():
+                if conn.held:
+                    conn.release()
+
+    def _recount(self) -> None:
+        """Read every lagging connection's backlog again (transports drain between writes)."""
+        for box in list(self._lagging):
+            conn = box.owner
+            if box.closed or conn.state != OPEN:
+                self._account(box, 0)
+                continue
+            box.transport_bytes = conn.buffer_size()
+            self._account(box, box.size + box.transport_bytes)
+        if self.holding or self.pending_total > self.config.max_total_pending_bytes:
+            self._check_memory()
+        if self.holding and self.loop.time() - self.holding_since >= self.config.slow_consumer_timeout_s:
+            # Held that long, the connections the most behind are slow consumers, the largest
+            # backlog first, until the total is below the low-water mark.
+            low = self.config.max_total_pending_bytes * 3 // 4
+            for box in sorted(self._lagging, key=self._lagging.__getitem__, reverse=True):
+                if self.pending_total < low:
+                    break
+                self._slow_consumer(box)
+                self._account(box, 0)
+            self._check_memory()
+        if self.holding:  # publishers that started since are held too
+            for conn in self.connections.values():
+                if not conn.held and conn.session is not None and conn.session.published:
+                    conn.hold()
+
+    def _arm_request_timer(self) -> None:
+        """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
+        deadline = self.router.next_deadline
+        timer = self._request_timer
+        if deadline is None or (timer is not None and self._request_timer_at <= deadline):
+            return
+        if timer is not None:
+            timer.cancel()
+        self._request_timer_at = deadline
+        self._request_timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_requests)
+
+    def _expire_requests(self) -> None:
+        self._request_timer = None
+        self.router.expire_requests()
+        self._arm_request_timer()
 
     def _falling_behind(self, box, now: float) -> None:
         """A connection's backlog is above max_pending_bytes: it may catch up from a burst, but
@@ -219,18 +321,23 @@ class Server:
         pending = box.pending
         logs.event(logging.WARNING, "slow_consumer", conn=conn.id, pending=pending, limit=box.limit)
         conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {pending} bytes pending, limit {box.limit}")
+        if box in self._lagging:
+            self._account(box, 0)
 
     # liveness
 
     def _sweep(self) -> None:
-        """Ping idle clients, disconnect those that do not answer, and close connections that
-        stayed behind. Runs a few times a second; O(connections)."""
+        """Ping idle clients, disconnect those that do not answer, close connections that
+        stayed behind, and forget history past its age. Runs a few times a second;
+        O(connections) plus the history that expired."""
+        self.backplane.sweep()
+        self._recount()
         now = self.loop.time()
         cfg = self.config
         interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
         for conn in list(self.connections.values()):
-            if conn.state != OPEN:
-                continue
+            if conn.state != OPEN or conn.held:
+                continue  # a held connection is not read: its pongs wait with the rest
             if conn.ping_sent:
                 if conn.last_seen > conn.ping_sent:
                     conn.ping_sent = 0.0

@@ -34,12 +34,12 @@ class Connection(asyncio.Protocol):
     """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
     own, bound once), `close()`,
-    `closing()`, `abort()`, `resume()`, `ping()` and the liveness fields `last_seen` and
-    `ping_sent`."""
+    `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()` and the liveness fields
+    `last_seen` and `ping_sent`."""
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "held", "_buffer", "_needed", "_timer", "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -58,6 +58,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # handshake timeout, then close timeout
         self._reading = True
         self._queued = False  # waiting in the server's queue of connections to resume
+        self.held = False  # not read while the broker's queued bytes are past their global bound
 
     # asyncio protocol
 
@@ -263,6 +264,19 @@ class Connection(asyncio.Protocol):
         if buffer is not None:
             self._buffer = None
             self._consume(buffer, 0, progress)
+        if not self._queued and not self._reading and not self.held and self.state == OPEN:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def hold(self) -> None:
+        """Stop reading (the broker holds too many queued bytes) until `release()`."""
+        self.held = True
+        if self._reading:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def release(self) -> None:
+        self.held = False
         if not self._queued and not self._reading and self.state == OPEN:
             self._reading = True
             self.transport.resume_reading()

@@ -1,0 +1,96 @@
+"""The global bound on queued bytes: a publisher far faster than its subscribers read is held
+(the broker stops reading it) once max_total_pending_bytes are queued, RSS stays bounded, and
+every message has its documented outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from broker.client import Client
+
+from conftest import RawSocketClient, eventually, run
+from test_shutdown_cli import connect_when_ready, free_ports, serve, stop_process
+
+MIB = 1 << 20
+PAYLOAD = 32 * 1024
+NON_READERS = 8
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def ended(raw: RawSocketClient) -> bool:
+    """Read everything the broker sent a connection that never read: True when the broker
+    ended the connection (a close frame could not be sent to it in time: it was aborted)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(raw.sock, 1 << 20), 5)
+        except ConnectionError:
+            return True
+        except asyncio.TimeoutError:
+            return False
+        if not chunk:
+            return True
+
+
+def test_a_flooding_publisher_is_held_and_memory_stays_bounded():
+    (port,) = free_ports()
+    bound = 16 * MIB
+    proc = serve(
+        "--port", str(port), "--max-pending-bytes", str(4 * MIB), "--max-total-pending-bytes", str(bound),
+        "--slow-consumer-timeout-s", "1", "--log-level", "info",
+    )
+    try:
+
+        async def main():
+            pub = await connect_when_ready(proc, port)
+            fast = await Client.connect(f"ws://127.0.0.1:{port}/", reconnect=False, max_queue=10**7)
+            got: dict[str, list[int]] = {}
+            await fast.subscribe("flood.>", lambda m: got.setdefault(m.topic, []).append(m.seq))
+            raws = [await RawSocketClient.connect(port, rcvbuf=4096) for _ in range(NON_READERS)]
+            for i, raw in enumerate(raws):  # each its own topic: queues that share nothing
+                await raw.send(["sub", 1, f"flood.{i}"])
+                assert (await raw.recv()).id == 1
+            await asyncio.sleep(0.3)
+            before = rss(proc.pid)
+            peak = before
+            payload = bytes(PAYLOAD)
+            published = 0
+            began = time.monotonic()
+            while published * NON_READERS * PAYLOAD < 6 * bound and time.monotonic() - began < 60:
+                for i in range(NON_READERS):
+                    for _ in range(4):
+                        pub.publish(f"flood.{i}", payload)
+                published += 4
+                await pub.drain(30)  # waits while the broker does not read the publisher
+                peak = max(peak, rss(proc.pid))
+            for i in range(NON_READERS):
+                last = await pub.publish_acked(f"flood.{i}", b"end")
+                assert last.seq == published + 1  # every publish was taken, in order
+            expected = {f"flood.{i}": list(range(1, published + 2)) for i in range(NON_READERS)}
+            await eventually(lambda: sum(map(len, got.values())) == NON_READERS * (published + 1), 30, "the reader to get everything")
+            assert got == expected
+            # those that never read were closed as slow consumers (1013, or aborted when even
+            # the close frame could not reach them within close_timeout_s)
+            assert [await ended(raw) for raw in raws] == [True] * NON_READERS
+            growth = peak - before
+            # Without the bound the non-readers alone could hold 8 x 16 MiB (each connection's
+            # hard limit, nothing shared). With it: the bound, the topics' history (8 x 1 MiB),
+            # the reader's own backlog and the allocator's slack.
+            assert growth < 80 * MIB, f"RSS grew by {growth / MIB:.0f} MiB"
+            await pub.close()
+            await fast.close()
+
+        run(main(), timeout=90)
+    finally:
+        stop_process(proc)
+    log = proc.stderr.read().decode()
+    assert "holding publishers" in log and "releasing publishers" in log, log[-2000:]
+    assert log.count("event=slow_consumer") == NON_READERS, log[-2000:]

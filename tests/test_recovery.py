@@ -1,0 +1,255 @@
+"""Recovery through a real server and the Python client: a subscriber whose socket dies comes
+back with `since` and misses nothing, twice nothing; gaps and last values as the client sees
+them; the client's batching and its tolerance of unknown server messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.client import BrokerError, Client, Gap, Message
+from broker.messages import encode
+
+from conftest import eventually, run, serving, url
+
+TOPICS = 100
+PER_TOPIC = 1000
+
+
+def test_a_killed_subscriber_recovers_100000_messages_on_many_topics_without_loss_or_duplicate():
+    async def main():
+        async with serving(history_max_messages=2 * PER_TOPIC) as server:
+            async with Client(url(server)) as pub:
+                first = await Client.connect(url(server), reconnect=False)
+                got_first: list[Message] = []
+                sub = await first.subscribe("rc.>", got_first.append)
+                killed = asyncio.Event()
+
+                async def publish():
+                    for round_ in range(PER_TOPIC // 10):
+                        for t in range(TOPICS):
+                            for i in range(10):
+                                pub.publish(f"rc.{t}", b"%d" % (round_ * 10 + i + 1))
+                        await pub.drain()
+                        await asyncio.sleep(0.001)
+                        if round_ == 30:
+                            killed.set()
+
+                publisher = asyncio.create_task(publish())
+                await killed.wait()
+                await eventually(lambda: len(got_first) > 10_000, 10, "part of the stream")
+                first._transport.disconnect(graceful=False)  # the socket dies mid-stream
+                await first.wait_closed()
+                positions = dict(sub.positions)
+
+                second = await Client.connect(url(server))
+                got_second: list[Message | Gap] = []
+                await second.subscribe("rc.>", got_second.append, since=(sub.epoch, positions))
+                await publisher
+                total = TOPICS * PER_TOPIC
+                await eventually(lambda: len(got_first) + len(got_second) >= total, 30, "every message")
+                await asyncio.sleep(0.1)
+                assert not [g for g in got_second if isinstance(g, Gap)]
+                seen: dict[str, list[int]] = {}
+                for m in got_first + got_second:
+                    seen.setdefault(m.topic, []).append(m.seq)
+                    assert m.data == b"%d" % m.seq
+                assert len(got_first) + len(got_second) == total
+                assert {t: sorted(s) for t, s in seen.items()} == {f"rc.{t}": list(range(1, PER_TOPIC + 1)) for t in range(TOPICS)}
+                assert 0 < len(got_first) < total and server.router.stats.replayed > 0
+                await second.close()
+
+    run(main(), timeout=120)
+
+
+def test_recovery_past_history_arrives_as_a_gap_then_the_rest():
+    async def main():
+        async with serving(history_max_messages=5) as server:
+            async with Client(url(server)) as pub, Client(url(server)) as sub_client:
+                for i in range(1, 13):
+                    ack = await pub.publish_acked("short", b"%d" % i)
+                got: list = []
+                await sub_client.subscribe("short", got.append, since=(ack.epoch, 3))
+                await eventually(lambda: len(got) == 6, 5, "gap and replay")
+                assert got[0] == Gap("short", ack.epoch, 4, 7, "history no longer holds these messages")
+                assert [(m.seq, m.data) for m in got[1:]] == [(i, b"%d" % i) for i in range(8, 13)]
+
+    run(main())
+
+
+def test_last_value_on_subscribe_then_live():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as pub, Client(url(server)) as sub_client:
+                for symbol, price in (("AAPL", b"189.1"), ("AAPL", b"189.2"), ("MSFT", b"410.0")):
+                    await pub.publish_acked(f"px.{symbol}", price)
+                got: list = []
+                await sub_client.subscribe("px.*", got.append, last=True)
+                await eventually(lambda: len(got) == 2, 5, "the last values")
+                assert sorted((m.topic, m.seq, m.data) for m in got) == [("px.AAPL", 2, b"189.2"), ("px.MSFT", 1, b"410.0")]
+                await pub.publish_acked("px.AAPL", b"189.3")
+                await eventually(lambda: len(got) == 3, 5, "live")
+                assert (got[2].topic, got[2].seq) == ("px.AAPL", 3)
+
+    run(main())
+
+
+def test_a_replay_overlapping_a_live_subscription_reaches_each_subscription_once():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as pub, Client(url(server)) as sub_client:
+                live: list = []
+                await sub_client.subscribe("ov.a", live.append)
+                for i in range(1, 4):
+                    ack = await pub.publish_acked("ov.a", b"%d" % i)
+                await eventually(lambda: len(live) == 3, 5, "live messages")
+                replayed: list = []
+                await sub_client.subscribe("ov.*", replayed.append, since=(0, {"ov.a": (ack.epoch, 1)}))
+                await eventually(lambda: len(replayed) == 2, 5, "the replay")
+                await asyncio.sleep(0.05)
+                assert [m.seq for m in live] == [1, 2, 3]  # the other subscription gets no duplicate
+                assert [m.seq for m in replayed] == [2, 3]
+
+    run(main())
+
+
+def test_more_publishes_in_one_tick_than_a_batch_may_hold_all_arrive():
+    async def main():
+        async with serving(max_batch_messages=1000) as server:
+            async with Client(url(server), max_batch_messages=1000) as pub, Client(url(server)) as sub_client:
+                got: list = []
+                await sub_client.subscribe("many", got.append)
+                for i in range(25_000):
+                    pub.publish("many", b"x")
+                await eventually(lambda: len(got) == 25_000, 10, "every publish")
+                assert server.router.stats.errors == {}
+
+    run(main())
+
+
+def test_the_client_ignores_server_messages_of_unknown_types():
+    async def main():
+        async with serving() as server:
+            async with Client(url(server)) as pub, Client(url(server)) as sub_client:
+                got: list = []
+                await sub_client.subscribe("fc", got.append)
+                (conn,) = [c for c in server.connections.values() if c.session.subscriptions == {"fc"}]
+                server.router.send(conn.session.box, encode(["news", 1, {"from": "a later revision"}]))
+                await pub.publish_acked("fc", b"after")
+                await eventually(lambda: len(got) == 1, 5, "the delivery after the unknown message")
+                assert not sub_client.closed and got[0].data == b"after"
+
+    run(main())
+
+
+def test_a_client_whose_socket_dies_reconnects_by_itself_and_delivers_every_message_once():
+    async def main():
+        async with serving(history_max_messages=2 * PER_TOPIC) as server:
+            async with Client(url(server)) as pub:
+                states: list[str] = []
+                client = await Client.connect(url(server), reconnect_delay=(0.01, 0.1), on_state=lambda s, _: states.append(s))
+                got: list = []
+                await client.subscribe("auto.>", got.append)
+                await client.subscribe("auto.0", (exact := []).append)
+
+                async def publish():
+                    for round_ in range(PER_TOPIC // 10):
+                        for t in range(TOPICS):
+                            for i in range(10):
+                                pub.publish(f"auto.{t}", b"%d" % (round_ * 10 + i + 1))
+                        await pub.drain()
+                        await asyncio.sleep(0.001)
+
+                publisher = asyncio.create_task(publish())
+                for kill in range(3):  # the socket dies three times mid-stream
+                    await eventually(lambda: len(got) > (kill + 1) * 20_000, 20, "part of the stream")
+                    client._transport.disconnect(graceful=False)
+                    await eventually(lambda: client.state == "connected", 10, "the reconnection")
+                await publisher
+                await eventually(lambda: len(got) >= TOPICS * PER_TOPIC and len(exact) >= PER_TOPIC, 30, "every message")
+                await asyncio.sleep(0.1)
+                assert client.reconnects == 3
+                assert not [g for g in got + exact if isinstance(g, Gap)]
+                assert sorted((m.topic, m.seq) for m in got) == sorted((f"auto.{t}", s) for t in range(TOPICS) for s in range(1, PER_TOPIC + 1))
+                assert [m.seq for m in exact] == list(range(1, PER_TOPIC + 1))
+                assert states[:2] == ["connecting", "connected"] and states.count("disconnected") == 3 and states[-1] == "connected"
+                await client.close()
+                assert states[-1] == "closed"
+
+    run(main(), timeout=120)
+
+
+def test_backoff_is_exponential_with_full_jitter_and_bounded():
+    client = Client(reconnect_delay=(0.05, 1.0), jitter=lambda: 1.0)
+    assert [client.backoff(i) for i in range(7)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    client.jitter = lambda: 0.25
+    assert client.backoff(3) == 0.1
+
+
+def test_after_a_broker_restart_the_client_reconnects_is_told_what_it_lost_and_sends_what_waited():
+    async def main():
+        async with serving() as first:
+            port = first.port
+            pub = await Client.connect(url(first), reconnect=False)
+            states: list[tuple[str, float]] = []
+            loop = asyncio.get_running_loop()
+            client = await Client.connect(
+                url(first),
+                reconnect_delay=(0.05, 0.4),
+                jitter=lambda: 1.0,
+                on_state=lambda state, _: states.append((state, loop.time())),
+            )
+            got: list = []
+            await client.subscribe("rs.t", got.append)
+            for i in range(1, 4):
+                ack = await pub.publish_acked("rs.t", b"%d" % i)
+            await eventually(lambda: len(got) == 3, 5, "the first epoch")
+            old_epoch = ack.epoch
+            await pub.close()
+        # the broker is gone: publishes wait in the offline queue
+        client.publish("rs.t", b"queued while down")
+        await asyncio.sleep(1.0)
+        assert client.state in ("disconnected", "connecting")
+        async with serving(port=port) as second:
+            await eventually(lambda: client.state == "connected", 10, "the reconnection")
+            await eventually(lambda: len(got) == 5, 5, "the gap and the queued publish")
+            assert got[3] == Gap("rs.t", old_epoch, 4, 0, "the topic has no messages in this broker any more: its epoch ended")
+            assert (got[4].data, got[4].epoch, got[4].seq) == (b"queued while down", second.router.epoch, 1)
+        # the attempts after the broker went away: waits of 0.05, 0.1, 0.2, 0.4, 0.4, ... s
+        lost = next(i for i, (state, _) in enumerate(states) if state == "disconnected")
+        attempts = [t for state, t in states[lost:] if state == "connecting"]
+        waits = [b - a for a, b in zip([states[lost][1], *attempts], attempts)]
+        expected = [client.backoff(i) for i in range(len(waits))]
+        assert len(waits) >= 4 and all(e * 0.9 <= w <= e + 0.3 for w, e in zip(waits, expected)), (waits, expected)
+        await client.close()
+
+    run(main(), timeout=60)
+
+
+def test_the_offline_queue_is_bounded_and_never_silent():
+    async def main():
+        async with serving() as server:
+            port = server.port
+            strict = await Client.connect(url(server), max_offline_messages=2, reconnect_delay=(0.05, 0.5))
+            lossy = await Client.connect(url(server), max_offline_messages=2, offline_overflow="drop_oldest", reconnect_delay=(0.05, 0.5))
+        await eventually(lambda: strict.state != "connected" and lossy.state != "connected", 5, "the disconnection")
+        strict.publish("o.t", b"1")
+        strict.publish("o.t", b"2")
+        with pytest.raises(BrokerError, match="max_offline_messages"):
+            strict.publish("o.t", b"3")
+        for i in range(5):
+            lossy.publish("o.t", b"%d" % i)
+        assert lossy.offline_dropped == 3
+        async with serving(port=port) as server:
+            async with Client(url(server)) as sub_client:
+                got: list = []
+                # from the start of the topic's history: whenever the queued publishes arrive
+                await sub_client.subscribe("o.t", got.append, since=(0, 0))
+                await eventually(lambda: strict.state == "connected" and lossy.state == "connected", 15, "the reconnections")
+                await eventually(lambda: len(got) == 4, 5, "the queued publishes")
+                assert sorted(m.data for m in got) == [b"1", b"2", b"3", b"4"]
+            await strict.close()
+            await lossy.close()
+
+    run(main(), timeout=60)
