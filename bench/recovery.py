@@ -1,10 +1,10 @@
 """Recovery replay rate: how fast a subscriber that comes back with `since` gets what it missed.
 
-    python -m bench.recovery                          # 40 topics x 1,000 messages of 100 bytes
-    python -m bench.recovery --topics 10 --messages 1000 --runs 9
+    python -m bench.recovery                          # 400 topics x 100 messages of 100 bytes
+    python -m bench.recovery --topics 100 --messages 99 --runs 9
 
-The broker runs on its default settings (history: 1,000 messages per topic). A publisher fills
-the history of TOPICS topics `rec.N` with MESSAGES messages each; then, RUNS times, a new
+The broker runs on its default settings (history: 100 messages per topic). A publisher fills
+the history of TOPICS topics `rec.N` with MESSAGES + 1 messages each; then, RUNS times, a new
 Python client (`broker.client.Client`, what applications use: one callback per message)
 subscribes to `rec.>` with a `since` from before the first publish, so every retained message
 is replayed, and the time from the `sub` until the last replayed message reached the callback
@@ -80,8 +80,8 @@ async def measure_async(port: int, pid: int, topics: int, messages: int, runs: i
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.recovery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--topics", type=int, default=40)
-    parser.add_argument("--messages", type=int, default=999, help="messages per topic before the final acked one (history holds 1,000)")
+    parser.add_argument("--topics", type=int, default=400)
+    parser.add_argument("--messages", type=int, default=99, help="messages per topic before the final acked one (history holds 100)")
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
     port = free_port()

@@ -1,5 +1,6 @@
 """Types of the compiled fast path; `_fastpath_py.py` has the same API."""
 
+from collections import deque
 from typing import Any
 
 CONTINUATION: int
@@ -34,6 +35,7 @@ class TopicState:
     nodes: list[Node]
     compacted: int
     announce: bytes
+    history: HistoryLog | None
     def __init__(self, topic_id: int, name: str, epoch: int) -> None: ...
 
 def stamp(state: TopicState, payload: bytes, dirty: list[TopicState]) -> None: ...
@@ -67,7 +69,7 @@ class Outbox:
     def pending(self) -> int: ...
 
 def emit(state: TopicState, emission: int, max_piece: int, touched: list[Outbox], slow: list[Outbox], nodes_touched: list[Node]) -> int: ...
-def emit_all(dirty: list[TopicState], emission: int, max_piece: int, touched: list[Outbox], slow: list[Outbox], nodes_touched: list[Node], emitted: list[tuple[TopicState, int, list[bytes]]] | None = None) -> tuple[int, int, int, int]: ...
+def emit_all(dirty: list[TopicState], emission: int, max_piece: int, touched: list[Outbox], slow: list[Outbox], nodes_touched: list[Node], history: HistoryStore | None = None, now_ms: int = 0) -> tuple[int, int, int, int]: ...
 def schedule_solo(nodes: list[Node], touched: list[Outbox]) -> None: ...
 def end_tick(nodes: list[Node]) -> None: ...
 
@@ -97,3 +99,37 @@ class Index:
     def node(self, pattern: str) -> Node | None: ...
     def matching(self, pattern: str) -> list[TopicState]: ...
     def receivers(self, name: str) -> list[Any]: ...
+
+MESSAGE_OVERHEAD: int
+CHUNK_OVERHEAD: int
+BUCKET_MS: int
+
+class HistoryChunk:
+    first: int
+    payloads: list[bytes]
+    sizes: int
+    time: int
+    last: int
+    log: HistoryLog | None
+    def __init__(self, first: int, payloads: list[bytes], sizes: int, time_ms: int, log: HistoryLog | None) -> None: ...
+
+class HistoryLog:
+    chunks: deque[HistoryChunk]
+    tail: HistoryChunk | None
+    skip: int
+    count: int
+    size: int
+    trimmed_time: int
+    def __init__(self) -> None: ...
+    def first_seq(self) -> int: ...
+
+class HistoryStore:
+    order: deque[HistoryChunk]
+    total: int
+    stale: int
+    trimmed: int
+    max_messages: int
+    max_bytes: int
+    def __init__(self, max_messages: int, max_bytes: int) -> None: ...
+    def retain(self, state: TopicState, first: int, payloads: list[bytes], now_ms: int) -> None: ...
+    def drop_head(self, log: HistoryLog) -> None: ...

@@ -18,6 +18,8 @@ from libc.stdint cimport INT64_MAX
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcmp, memcpy, memset
 
+from collections import deque
+
 import msgspec
 
 cdef object _encode = msgspec.msgpack.Encoder().encode
@@ -34,6 +36,7 @@ ERR_PROTOCOL = 1002
 ERR_TOO_BIG = 1009
 
 cdef class Node
+cdef class HistoryStore
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void* op)
@@ -470,6 +473,7 @@ cdef class TopicState:
     cdef public list nodes
     cdef public Py_ssize_t compacted
     cdef public bytes announce
+    cdef public object history
 
     def __init__(self, Py_ssize_t topic_id, str name not None, epoch):
         if topic_id < 0:
@@ -485,6 +489,7 @@ cdef class TopicState:
         self.nodes = _untracked_list([])
         self.compacted = 0
         self.announce = encode_topic(topic_id, name, epoch)
+        self.history = None  # its HistoryLog, once a HistoryStore kept some of its messages
 
 
 cdef inline void _stamp(TopicState state, bytes payload, list dirty) except *:
@@ -862,11 +867,11 @@ def emit(TopicState state not None, unsigned long long emission, Py_ssize_t max_
     return _emit(state, emission, max_piece, touched, slow, nodes_touched)
 
 
-def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None, list emitted=None):
+def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_piece, list touched not None, list slow not None, list nodes_touched not None, HistoryStore history=None, long long now_ms=0):
     """`emit` every topic of `dirty` that has pending messages, with emission numbers from
     `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
-    encoded for at least one receiver, deliveries: messages times receivers). With `emitted`,
-    each emitted batch is appended to it as (state, first sequence number, payloads)."""
+    encoded for at least one receiver, deliveries: messages times receivers). With `history`,
+    each emitted batch is also retained there (at time `now_ms`)."""
     cdef Py_ssize_t i, count, receivers, published = 0, batches = 0, delivered = 0
     cdef TopicState state
     for i in range(PyList_GET_SIZE(dirty)):
@@ -875,8 +880,8 @@ def emit_all(list dirty not None, unsigned long long emission, Py_ssize_t max_pi
         if count == 0:
             continue
         emission += 1
-        if emitted is not None:
-            emitted.append((state, state.first, state.pending))
+        if history is not None:
+            history._retain(state, state.first, state.pending, now_ms)
         receivers = _emit(state, emission, max_piece, touched, slow, nodes_touched)
         published += count
         if receivers:
@@ -1007,6 +1012,177 @@ cdef void _add_node(TopicState state, Node node) except *:
     if PyList_GET_SIZE(state.nodes) >= 2 * state.compacted + 16:
         _compact(state)
     state.nodes.append(node)
+
+
+# History: each topic's recent messages, for recovery and last values
+
+
+cdef Py_ssize_t MESSAGE_OVERHEAD_ = 48
+cdef Py_ssize_t CHUNK_OVERHEAD_ = 120
+cdef long long BUCKET_MS_ = 1000
+MESSAGE_OVERHEAD = MESSAGE_OVERHEAD_
+CHUNK_OVERHEAD = CHUNK_OVERHEAD_
+BUCKET_MS = BUCKET_MS_
+
+
+@cython.final
+cdef class HistoryChunk:
+    """Consecutive messages of one topic retained within one time bucket (BUCKET_MS from its
+    first); `log` is None once it is no longer retained."""
+
+    cdef public long long first
+    cdef public list payloads
+    cdef public Py_ssize_t sizes
+    cdef public long long time
+    cdef public long long last
+    cdef public object log
+
+    def __init__(self, long long first, list payloads not None, Py_ssize_t sizes, long long time_ms, log):
+        self.first = first
+        self.payloads = payloads
+        self.sizes = sizes
+        self.time = time_ms
+        self.last = time_ms
+        self.log = log
+
+
+@cython.final
+cdef class HistoryLog:
+    """One topic's retained messages: chunks of consecutive sequence numbers, the first one
+    possibly cut (`skip` messages of it are gone)."""
+
+    cdef public object chunks
+    cdef public HistoryChunk tail
+    cdef public Py_ssize_t skip
+    cdef public Py_ssize_t count
+    cdef public Py_ssize_t size
+    cdef public long long trimmed_time
+
+    def __init__(self):
+        self.chunks = deque()
+        self.tail = None
+        self.skip = 0
+        self.count = 0
+        self.size = 0
+        self.trimmed_time = -1
+
+    def first_seq(self):
+        """The sequence number of the oldest retained message (0 when none is)."""
+        if not self.chunks:
+            return 0
+        return (<HistoryChunk>self.chunks[0]).first + self.skip
+
+
+cdef class HistoryStore:
+    """Every topic's HistoryLog (on `TopicState.history`), bounded per topic by messages and
+    bytes as batches are retained; `order` holds every chunk, oldest first, for the bounds by
+    age and in total that its owner applies (see the twin)."""
+
+    cdef public object order
+    cdef public Py_ssize_t total
+    cdef public Py_ssize_t stale
+    cdef public Py_ssize_t trimmed
+    cdef public Py_ssize_t max_messages
+    cdef public Py_ssize_t max_bytes
+
+    def __init__(self, Py_ssize_t max_messages, Py_ssize_t max_bytes):
+        self.order = deque()
+        self.total = 0
+        self.stale = 0
+        self.trimmed = 0
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+
+    def retain(self, TopicState state not None, long long first, list payloads not None, long long now_ms):
+        """Keep a batch of the topic (its list is kept, not copied: the caller lets go of it)."""
+        self._retain(state, first, payloads, now_ms)
+
+    cdef int _retain(self, TopicState state, long long first, list payloads, long long now_ms) except -1:
+        cdef HistoryLog log = <HistoryLog>state.history if state.history is not None else None
+        if log is None:
+            log = HistoryLog()
+            state.history = log
+        cdef Py_ssize_t n = PyList_GET_SIZE(payloads), i, size = MESSAGE_OVERHEAD_ * n
+        cdef object item
+        for i in range(n):
+            item = <object>PyList_GET_ITEM(payloads, i)
+            if type(item) is not bytes:
+                raise TypeError("payloads must be bytes")
+            size += PyBytes_GET_SIZE(item)
+        cdef HistoryChunk tail = log.tail
+        if tail is not None and tail.log is not None and now_ms - tail.time < BUCKET_MS_ \
+                and tail.first + PyList_GET_SIZE(tail.payloads) == first:
+            tail.payloads.extend(payloads)
+            tail.sizes += size
+            tail.last = now_ms
+        else:
+            size += CHUNK_OVERHEAD_
+            tail = HistoryChunk(first, payloads, size, now_ms, log)
+            log.chunks.append(tail)
+            log.tail = tail
+            self.order.append(tail)
+        log.count += n
+        log.size += size
+        self.total += size
+        if log.count > self.max_messages or log.size > self.max_bytes:
+            self._trim(log)
+        return 0
+
+    cdef int _trim(self, HistoryLog log) except -1:
+        cdef Py_ssize_t excess = log.count - self.max_messages, remaining
+        cdef HistoryChunk head
+        while excess > 0:
+            head = <HistoryChunk>log.chunks[0]
+            remaining = PyList_GET_SIZE(head.payloads) - log.skip
+            if remaining <= excess:
+                self.drop_head(log)
+                self.stale += 1
+                excess -= remaining
+                continue
+            self._cut(log, head, excess)
+            excess = 0
+        while log.size > self.max_bytes:
+            head = <HistoryChunk>log.chunks[0]
+            if PyList_GET_SIZE(head.payloads) - log.skip == 1:
+                self.drop_head(log)
+                self.stale += 1
+            else:
+                self._cut(log, head, 1)
+        return 0
+
+    cdef int _cut(self, HistoryLog log, HistoryChunk head, Py_ssize_t count) except -1:
+        cdef Py_ssize_t skip = log.skip, i, freed = MESSAGE_OVERHEAD_ * count
+        for i in range(skip, skip + count):
+            freed += PyBytes_GET_SIZE(<bytes>PyList_GET_ITEM(head.payloads, i))
+        skip += count
+        log.count -= count
+        log.size -= freed
+        head.sizes -= freed
+        self.total -= freed
+        self.trimmed += count
+        if head.last > log.trimmed_time:
+            log.trimmed_time = head.last
+        if skip > 64 and 2 * skip > PyList_GET_SIZE(head.payloads):
+            head.payloads = head.payloads[skip:]
+            head.first += skip
+            skip = 0
+        log.skip = skip
+        return 0
+
+    cpdef drop_head(self, HistoryLog log):
+        """Forget the topic's oldest chunk (what is left of it)."""
+        cdef HistoryChunk chunk = <HistoryChunk>log.chunks.popleft()
+        cdef Py_ssize_t dropped = PyList_GET_SIZE(chunk.payloads) - log.skip
+        log.skip = 0
+        log.count -= dropped
+        log.size -= chunk.sizes
+        self.total -= chunk.sizes
+        self.trimmed += dropped
+        if chunk.last > log.trimmed_time:
+            log.trimmed_time = chunk.last
+        chunk.log = None
+        if log.tail is chunk:
+            log.tail = None
 
 
 # Who receives which topic

@@ -36,7 +36,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_subscriptions: Positive = 10_000
     max_topics: Positive = 100_000
     max_topic_length: Annotated[int, msgspec.Meta(gt=0, le=4096)] = 255
-    history_max_messages: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    history_max_messages: Annotated[int, msgspec.Meta(ge=0)] = 100
     history_max_bytes: Positive = 1 << 20
     history_max_age_s: Seconds = 300.0
     history_max_total_bytes: Positive = 256 << 20

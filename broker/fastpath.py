@@ -49,9 +49,21 @@ schedule_solo = _impl.schedule_solo
 end_tick = _impl.end_tick
 Node = _impl.Node
 Index = _impl.Index
+HistoryChunk = _impl.HistoryChunk
+HistoryLog = _impl.HistoryLog
+HistoryStore = _impl.HistoryStore
+MESSAGE_OVERHEAD = _impl.MESSAGE_OVERHEAD
+CHUNK_OVERHEAD = _impl.CHUNK_OVERHEAD
+BUCKET_MS = _impl.BUCKET_MS
 
 __all__ = [
     "BINARY",
+    "BUCKET_MS",
+    "CHUNK_OVERHEAD",
+    "HistoryChunk",
+    "HistoryLog",
+    "HistoryStore",
+    "MESSAGE_OVERHEAD",
     "CLOSE",
     "CONTINUATION",
     "ERR_PROTOCOL",

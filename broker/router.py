@@ -122,7 +122,6 @@ class Router:
         self._next_request = 0
         self._pick = random.Random()
         self.responders: dict[str, list[Outbox]] = {}  # concrete topic -> connections answering its requests
-        self._emitted: list | None = [] if self.backplane.enabled else None
         self.index = Index()
         self.topics: dict[str, TopicState] = self.index.topics
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
@@ -338,13 +337,14 @@ class Router:
 
     def _emit(self, states: list[TopicState]) -> None:
         """Encode each topic's pending batch once and queue it on every connection that receives it."""
-        emitted = self._emitted
+        backplane = self.backplane
+        store = backplane.store
         self._emission, published, batches, delivered = emit_all(
-            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes, emitted
+            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes,
+            store, backplane.now_ms() if store is not None else 0,
         )
-        if emitted:
-            self.backplane.retain(emitted)
-            emitted.clear()
+        if store is not None:
+            backplane.retained()
         stats = self.stats
         stats.published += published
         stats.batches += batches

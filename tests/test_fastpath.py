@@ -498,3 +498,33 @@ def test_fast_publish_takes_an_empty_msg_id_and_leaves_a_real_one_to_the_general
     assert outcome(fastpath_impl, empty, max_payload=5, max_count=3)[0] == 2
     real = msgspec.msgpack.encode([["pub", 0, "md.a", b"x", "id-1"]])
     assert outcome(fastpath_impl, real, max_payload=5, max_count=3)[0] == -1
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 6), st.integers(0, 1500)), max_size=60), st.integers(1, 12), st.integers(200, 3000))
+def test_history_store_parity_and_bounds(steps, max_messages, max_bytes):
+    """Both history stores keep the same messages of every topic, within the bounds."""
+    from broker import _fastpath as compiled
+    from broker import _fastpath_py as twin
+
+    kept = []
+    for impl in (compiled, twin):
+        store = impl.HistoryStore(max_messages, max_bytes)
+        states = [impl.TopicState(i, f"t{i}", 1) for i in range(4)]
+        for topic, count, now in steps:
+            state = states[topic]
+            first = state.seq + 1
+            state.seq += count
+            store.retain(state, first, [b"%d" % (first + i) * 7 for i in range(count)], now)
+        snapshot = []
+        for state in states:
+            log = state.history
+            if log is None:
+                snapshot.append(None)
+                continue
+            messages = [p for i, c in enumerate(log.chunks) for p in (c.payloads[log.skip :] if i == 0 else c.payloads)]
+            assert log.count == len(messages) <= max_messages
+            assert log.size <= max_bytes or log.count == 0
+            assert messages == [b"%d" % s * 7 for s in range(log.first_seq(), state.seq + 1)]
+            snapshot.append((log.first_seq(), log.count, log.size, len(log.chunks), log.trimmed_time))
+        kept.append((snapshot, store.total, store.trimmed))
+    assert kept[0] == kept[1]

@@ -3,7 +3,8 @@ and the bounds history keeps."""
 
 import pytest
 
-from broker.backplane import MESSAGE_OVERHEAD, MemoryBackplane
+from broker.backplane import MemoryBackplane
+from broker.fastpath import MESSAGE_OVERHEAD
 from broker.errors import ErrorCode
 from broker.fastpath import TopicState
 from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, encode
@@ -219,7 +220,7 @@ def state(topic_id=0):
 def retain(store, st, payloads, now_ms=0):
     first = st.seq + 1
     st.seq += len(payloads)
-    store.retain([(st, first, list(payloads))], now_ms)
+    store.retain(st, first, list(payloads), now_ms)
 
 
 def test_history_keeps_at_most_max_messages_cutting_inside_a_chunk():
@@ -239,7 +240,7 @@ def test_history_keeps_at_most_max_bytes():
     first, batches = store.since(st, 0)
     # one chunk (one second): its overhead once, then 58 bytes per message: 4 fit
     assert first == 7 and len(batches[0][1]) == 4
-    assert store.logs[st.id].size <= store.max_bytes
+    assert st.history.size <= store.max_bytes
 
 
 def test_history_forgets_by_age_on_read_and_on_sweep():
@@ -252,7 +253,7 @@ def test_history_forgets_by_age_on_read_and_on_sweep():
     now[0] = 12.0
     assert store.since(a, 0) == (2, [(2, [b"new"])])
     store.sweep()
-    assert store.latest(b) is None and store.total == 0 + store.logs[a.id].size
+    assert store.latest(b) is None and store.total == 0 + a.history.size
 
 
 def test_history_total_bound_drops_the_oldest_messages_of_any_topic():
@@ -279,7 +280,7 @@ def test_stale_entries_of_the_age_queue_are_compacted():
     st = state()
     for i in range(5000):
         retain(store, st, [b"x"], now_ms=i * 1000)  # a chunk each
-    assert len(store._order) < 2100
+    assert len(store.store.order) < 2100
     assert store.since(st, 0) == (5000, [(5000, [b"x"])])
 
 
@@ -288,12 +289,12 @@ def test_one_chunk_per_topic_per_second_and_cut_chunks_are_compacted():
     st = state()
     for i in range(1000):
         retain(store, st, [b"m%d" % (i + 1)], now_ms=i)  # 1,000 ticks within one second
-    (chunk,) = store.logs[st.id].chunks
-    assert len(chunk.payloads) < 200 and store.logs[st.id].count == 100
+    (chunk,) = st.history.chunks
+    assert len(chunk.payloads) < 200 and st.history.count == 100
     first, batches = store.since(st, 950)
     assert first == 901 and batches == [(951, [b"m%d" % i for i in range(951, 1001)])]
     retain(store, st, [b"m1001"], now_ms=1000)
-    assert len(store.logs[st.id].chunks) == 2
+    assert len(st.history.chunks) == 2
 
 
 class LaterBackplane(MemoryBackplane):
