@@ -264,29 +264,32 @@ class Connection(asyncio.Protocol):
         if buffer is not None:
             self._buffer = None
             self._consume(buffer, 0, progress)
-        if not self._queued and not self._reading and not self.held and self.state == OPEN:
-            self._reading = True
-            self.transport.resume_reading()
+        self._read_again()
 
     def hold(self) -> None:
         """Stop reading (the broker holds too many queued bytes) until `release()`."""
         self.held = True
-        if self._reading:
-            self._reading = False
-            self.transport.pause_reading()
+        self._stop_reading()
 
     def release(self) -> None:
         self.held = False
-        if not self._queued and not self._reading and self.state == OPEN:
-            self._reading = True
-            self.transport.resume_reading()
+        self._read_again()
 
     def suspend_reading(self) -> None:
         """Stop reading from the socket until `resume()` (the server's queue calls this)."""
         self._queued = True
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
         if self._reading:
             self._reading = False
             self.transport.pause_reading()
+
+    def _read_again(self) -> None:
+        """Read from the socket again unless the server's queue or the memory bound holds it."""
+        if not self._queued and not self._reading and not self.held and self.state == OPEN:
+            self._reading = True
+            self.transport.resume_reading()
 
     def _protocol_error(self, code: int) -> None:
         if code == ERR_PROTOCOL:
