@@ -10,6 +10,7 @@ import time
 import pytest
 
 from broker.client import (
+    BrokerError,
     Client,
     ConnectionClosed,
     Message,
@@ -556,5 +557,49 @@ def test_client_default_max_queue_applies_to_subscriptions():
                 assert [(await sub.next(1)).seq for _ in range(2)] == [1, 2]
                 with pytest.raises(SubscriptionOverflow):
                     await sub.next(1)
+
+    run(main())
+
+
+def test_publish_respects_back_pressure_and_holds_a_bounded_amount():
+    """A peer that completes the handshake and then reads nothing: the client stops writing
+    when its transport pauses, holds at most max_buffered_bytes of publishes, then refuses more
+    until drain() succeeds."""
+    import base64
+    import hashlib
+    import re
+
+    async def main():
+        async def mute(reader, writer):
+            head = await reader.readuntil(b"\r\n\r\n")
+            key = re.search(rb"(?i)sec-websocket-key:\s*(\S+)", head).group(1)
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Accept: " + accept + b"\r\nSec-WebSocket-Protocol: broker.v1\r\n\r\n"
+            )
+            writer.transport.pause_reading()  # and never reads again
+            await asyncio.sleep(30)
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind(("127.0.0.1", 0))
+        server = await asyncio.start_server(mute, sock=sock)
+        port = sock.getsockname()[1]
+        client = await Client.connect(f"ws://127.0.0.1:{port}/", reconnect=False, max_buffered_bytes=1 << 20)
+        payload = bytes(16 * 1024)
+        sent = 0
+        with pytest.raises(BrokerError, match="max_buffered_bytes"):
+            for _ in range(100_000):
+                client.publish("bp.t", payload)
+                sent += 1
+                if sent % 16 == 0:
+                    await asyncio.sleep(0)  # let the loop write (and the transport pause)
+        assert client._paused and client._held_bytes <= (1 << 20) + 300 * 1024
+        with pytest.raises(asyncio.TimeoutError):
+            await client.drain(0.2)
+        client._transport.disconnect(graceful=False)
+        await client.wait_closed()
+        server.close()
 
     run(main())

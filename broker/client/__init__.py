@@ -235,8 +235,9 @@ class _Listener(WSListener):
 
     def resume_writing(self) -> None:
         self.client._paused = False
+        self.client._write_held()
         drained = self.client._drained
-        if drained is not None and not drained.done():
+        if drained is not None and not drained.done() and not self.client._paused:
             drained.set_result(None)
 
 
@@ -253,6 +254,7 @@ class Client:
         max_queue: int = 100_000,
         max_batch_bytes: int = 256 << 10,
         max_batch_messages: int = DEFAULT_MAX_BATCH,
+        max_buffered_bytes: int = 8 << 20,
         on_error: Callable[[RequestError], object] | None = None,
         reconnect: bool = True,
         reconnect_delay: tuple[float, float] = (0.1, 10.0),
@@ -269,6 +271,9 @@ class Client:
         self.max_queue = max_queue
         self.max_batch_bytes = max_batch_bytes  # a tick's publishes are split into frames of about this size
         self.max_batch_messages = max_batch_messages  # and of at most this many messages (the broker's limit)
+        self.max_buffered_bytes = max_buffered_bytes  # publishes held while the socket takes no more
+        self._held: deque[list[bytes]] = deque()  # batches not written while the transport is paused
+        self._held_bytes = 0
         self.on_error = on_error or _log_error
         self.reconnect = reconnect
         if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
@@ -459,11 +464,18 @@ class Client:
     def publish(self, topic: str, data: bytes) -> None:
         """Fire-and-forget publish. Publishes within one loop tick leave in one frame.
 
-        While the client is reconnecting the publish waits in the offline queue (at most
+        While the socket takes no more (the transport paused writing), publishes wait in the
+        client, up to max_buffered_bytes; past that `publish` raises BrokerError: await
+        `drain()` first. While the client is reconnecting the publish waits in the offline queue (at most
         max_offline_messages; when full it raises BrokerError, or with offline_overflow
         'drop_oldest' drops the oldest waiting publish and counts it in offline_dropped)."""
         self._check_open()
         if self._connected.is_set():
+            if self._paused and self._held_bytes + self._outgoing_bytes >= self.max_buffered_bytes:
+                raise BrokerError(
+                    f"the connection takes no more for now: {self._held_bytes + self._outgoing_bytes} bytes of"
+                    f" publishes wait (max_buffered_bytes); await drain() before publishing more"
+                )
             self._queue_out(encode(["pub", 0, topic, data]))  # the 4-element form: _PUB_NO_ACK
             return
         validate_topic(topic)
@@ -569,12 +581,13 @@ class Client:
             self._queue_out(encode(Reply(request.id, bytes(data))))
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until the connection's write buffer is below its high-water mark.
+        """Wait until the connection's write buffer is below its high-water mark and nothing
+        the client holds back waits for it.
 
         Raises asyncio.TimeoutError after `timeout` seconds (default: request_timeout)."""
         self._flush_out()
         async with asyncio.timeout(self.request_timeout if timeout is None else timeout):
-            while self._paused and not self.closed:
+            while (self._paused or self._held) and not self.closed:
                 self._drained = self._loop.create_future()
                 await asyncio.wait([self._drained, self._closed], return_when=asyncio.FIRST_COMPLETED)
 
@@ -591,6 +604,7 @@ class Client:
             self._finish()
             return
         self._flush_out()
+        self._write_held(force=True)
         self._transport.send_close(WSCloseCode.OK)
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), timeout)
@@ -642,8 +656,24 @@ class Client:
         out = self._outgoing
         if not out or self.closed or not self._connected.is_set():
             return
+        size = self._outgoing_bytes
         self._outgoing = []
         self._outgoing_bytes = 0
+        if self._paused or self._held:
+            self._held.append(out)  # written, in order, when the transport resumes
+            self._held_bytes += size
+            return
+        self._write(out)
+
+    def _write_held(self, force: bool = False) -> None:
+        held = self._held
+        while held and (force or not self._paused) and self._connected.is_set():
+            out = held.popleft()
+            self._held_bytes -= sum(map(len, out))
+            self._write(out)
+
+    def _write(self, out: list[bytes]) -> None:
+        """One frame: the message, or the batch of messages."""
         if len(out) == 1:
             frame = out[0]
         else:
@@ -743,9 +773,12 @@ class Client:
         self._connected.clear()
         # Not written yet: fire-and-forget publishes wait for the next connection (ahead of
         # later ones); requests among them fail below with the others.
-        unsent = [_pub_decoder.decode(m) for m in self._outgoing if m.startswith(_PUB_NO_ACK)]
+        waiting = [m for out in self._held for m in out] + self._outgoing
+        unsent = [_pub_decoder.decode(m) for m in waiting if m.startswith(_PUB_NO_ACK)]
         self._outgoing = []
         self._outgoing_bytes = 0
+        self._held.clear()
+        self._held_bytes = 0
         if not (self._closing or not self.reconnect or code in FATAL_CLOSE_CODES):
             # offline publishes sent but not acknowledged go first (with their msg_ids), then
             # those never written (given msg_ids now)
