@@ -49,6 +49,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ping_timeout_s: Seconds = 10.0
     close_timeout_s: Seconds = 2.0
     shutdown_timeout_s: Seconds = 10.0
+    shutdown_close_code: Literal[1001, 1012] = 1001
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
@@ -104,6 +105,7 @@ HELP = {
     "ping_timeout_s": "seconds a client has to answer a ping before it is disconnected",
     "close_timeout_s": "seconds a closing connection gets to flush before it is aborted",
     "shutdown_timeout_s": "seconds graceful shutdown waits for clients before aborting them",
+    "shutdown_close_code": "1001 (going away: 'server shutting down') or 1012 (service restart: 'server restarting'), the close code clients get at shutdown",
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value) or json",
 }

@@ -37,6 +37,7 @@ class CloseCode(enum.IntEnum):
     UNSUPPORTED_DATA = 1003  # text frame or fragmented message
     MESSAGE_TOO_BIG = 1009  # frame larger than max_frame_bytes
     INTERNAL_ERROR = 1011  # a bug in the broker; logged with a traceback
+    SERVICE_RESTART = 1012  # shutdown with shutdown_close_code 1012: the broker comes back
     SLOW_CONSUMER = 1013  # stayed behind by more than max_pending_bytes
 
 

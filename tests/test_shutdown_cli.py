@@ -206,9 +206,13 @@ def test_shutdown_is_bounded_when_a_client_never_answers():
         stop_process(proc)
 
 
-def test_messages_published_before_sigterm_are_delivered_before_1001():
+@pytest.mark.parametrize(
+    "flags, closed",
+    [((), (1001, "server shutting down")), (("--shutdown-close-code", "1012"), (1012, "server restarting"))],
+)
+def test_messages_published_before_sigterm_are_delivered_before_1001(flags, closed):
     (port,) = free_ports()
-    proc = serve("--port", str(port))
+    proc = serve("--port", str(port), *flags)
     n = 2000
     try:
 
@@ -226,10 +230,10 @@ def test_messages_published_before_sigterm_are_delivered_before_1001():
             with pytest.raises(ConnectionClosed) as info:
                 async for message in sub:
                     got.append(message)
-            assert info.value.code == 1001
+            assert info.value.code == closed[0]
             assert [m.seq for m in got] == list(range(1, n + 1))
             assert got[-1].data == b"last"
-            assert await subscriber.wait_closed() == (1001, "server shutting down")
+            assert await subscriber.wait_closed() == closed
             assert await wait_exit(proc, 10) == 0
 
         run(main())

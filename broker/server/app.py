@@ -112,8 +112,12 @@ class Server:
         self._server.close()
         self._tick()
         self._all_gone = asyncio.Event()
+        if self.config.shutdown_close_code == CloseCode.SERVICE_RESTART:
+            code, reason = CloseCode.SERVICE_RESTART, "server restarting"
+        else:
+            code, reason = CloseCode.GOING_AWAY, "server shutting down"
         for conn in list(self.connections.values()):
-            conn.close(CloseCode.GOING_AWAY, "server shutting down", flush=True)
+            conn.close(code, reason, flush=True)
         if self.connections:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), self.config.shutdown_timeout_s)
