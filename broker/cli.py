@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Sequence
 
 from . import __version__
@@ -49,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL})")
     sub.add_argument("--json", action="store_true", help="print JSON lines")
     sub.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until stopped)")
+
+    dead = commands.add_parser(
+        "dead-letters",
+        help="print the client messages a local broker could not process",
+        description="Print the dead letters a broker on this machine kept (the newest, written at most once a second): "
+        "when, from which connection, request id, error code and reason, and the first bytes of the message in hex.",
+    )
+    dead.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the broker's port, for its default file (default {DEFAULT_PORT})")
+    dead.add_argument("--file", help="the broker's dead_letter_file, when it set one")
+    dead.add_argument("--json", action="store_true", help="print the JSON lines as they are")
     return parser
 
 
@@ -59,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "pub":
             return _run(_pub(args))
+        if args.command == "dead-letters":
+            return _dead_letters(args)
         return _run(_sub(args))
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
@@ -135,13 +148,16 @@ def _show(data: bytes) -> str:
 
 
 async def _sub(args: argparse.Namespace) -> int:
-    from .client import Client
+    from .client import Client, Gap
 
     seen = 0
     async with Client(args.url) as client:
         sub = await client.subscribe(args.pattern)
         print(f"subscribed to {args.pattern}", file=sys.stderr, flush=True)
         async for message in sub:
+            if isinstance(message, Gap):
+                print(f"gap {message.topic} epoch={message.epoch} {message.first}-{message.last or 'end'}: {message.reason}", file=sys.stderr, flush=True)
+                continue
             if args.json:
                 try:
                     text = message.data.decode("utf-8")
@@ -155,4 +171,29 @@ async def _sub(args: argparse.Namespace) -> int:
             seen += 1
             if args.count and seen >= args.count:
                 break
+    return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from .server.app import dead_letter_path
+
+    path = args.file or dead_letter_path(args.port)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        print(f"no dead letters: {path} does not exist (none kept yet, or another port or file)", file=sys.stderr)
+        return 0
+    except OSError as exc:
+        raise BrokerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    for line in lines:
+        if args.json:
+            print(line)
+            continue
+        try:
+            letter = json.loads(line)
+            when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(letter["time"]))
+            print(f"{when}Z conn={letter['conn']} peer={letter['peer']} id={letter['request_id']} code={letter['code']} {letter['reason']!r} head={letter['head']}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BrokerError(f"{path} is not a dead-letter file: {exc}") from exc
     return 0

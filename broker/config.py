@@ -44,6 +44,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     dedupe_max_ids: Positive = 100_000
     max_open_requests: Positive = 1000
     max_total_pending_bytes: Positive = 1 << 30
+    dead_letters_max: Positive = 1000
+    dead_letter_file: str = ""
     handshake_timeout_s: Seconds = 5.0
     ping_interval_s: Seconds = 20.0
     ping_timeout_s: Seconds = 10.0
@@ -99,6 +101,8 @@ HELP = {
     "dedupe_window_s": "seconds a publish's msg_id is remembered: a repeat within them is acknowledged, not published again",
     "dedupe_max_ids": "msg_ids remembered at most (the oldest are forgotten first)",
     "max_open_requests": "requests one connection may have waiting for replies",
+    "dead_letters_max": "client messages the broker could not process that it keeps (the newest), for `broker dead-letters`",
+    "dead_letter_file": "where the kept dead letters are written, at most once a second, as JSON lines ('': broker-dead-letters-PORT.jsonl in the system's temporary directory)",
     "max_total_pending_bytes": "bytes queued for all connections together; past it the broker stops reading from publishers until the total is below three quarters of it",
     "handshake_timeout_s": "seconds a client has to complete the WebSocket handshake",
     "ping_interval_s": "seconds of silence before the server pings a client",

@@ -218,11 +218,15 @@ _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 class BadMessage(Exception):
     """One undecodable client message: what the `err` reply should say."""
 
-    def __init__(self, request_id: int, code: int, text: str) -> None:
+    def __init__(self, request_id: int, code: int, text: str, data: bytes = b"") -> None:
         super().__init__(text)
         self.request_id = request_id
         self.code = code
         self.text = text
+        self.data = data  # the start of the message (or frame) it is about, for dead letters
+
+
+DEAD_LETTER_HEAD = 32  # bytes of a message kept with its dead letter
 
 
 def decode_client_frame(
@@ -237,7 +241,7 @@ def decode_client_frame(
     one frame cannot make the broker do unbounded work or queue unbounded replies."""
     count = batch_size(data)
     if count > max_batch:
-        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"a batch holds {count} messages; the limit is {max_batch}")]
+        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"a batch holds {count} messages; the limit is {max_batch}", bytes(data[:DEAD_LETTER_HEAD]))]
     try:
         if count >= 0:
             return client_batch_decoder.decode(data), []
@@ -245,11 +249,11 @@ def decode_client_frame(
     except _DECODE_ERRORS as exc:
         first_error = exc
     if count < 0:
-        return [], [_explain(data, first_error)]
+        return [], [_with_data(_explain(data, first_error), data)]
     try:
         parts = _raw_list_decoder.decode(data)
     except _DECODE_ERRORS as exc:
-        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"malformed batch: {exc}")]
+        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"malformed batch: {exc}", bytes(data[:DEAD_LETTER_HEAD]))]
     good: list[ClientMessage] = []
     bad: list[BadMessage] = []
     for part in parts:
@@ -259,8 +263,13 @@ def decode_client_frame(
             if len(bad) == MAX_ERRORS_PER_FRAME:
                 bad.append(BadMessage(0, ErrorCode.BAD_MESSAGE, f"more than {MAX_ERRORS_PER_FRAME} bad messages in one frame; the rest of it was ignored"))
                 break
-            bad.append(_explain(part, exc))
+            bad.append(_with_data(_explain(part, exc), part))
     return good, bad
+
+
+def _with_data(bad: BadMessage, data) -> BadMessage:
+    bad.data = bytes(memoryview(data)[:DEAD_LETTER_HEAD])
+    return bad
 
 
 def _explain(data, exc: Exception) -> BadMessage:

@@ -18,7 +18,7 @@ import heapq
 import random
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
@@ -39,7 +39,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -54,12 +54,27 @@ class RouterStats:
         self.requests = 0  # requests passed to a responder
         self.replies = 0  # replies passed back to a requester
         self.timeouts = 0  # requests that got no reply in time
+        self.dead_letters = 0  # client messages that could not be processed (see Router.dead_letters)
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
 
     def count_close(self, code: int) -> None:
         self.closes[code] = self.closes.get(code, 0) + 1
+
+
+class DeadLetter(NamedTuple):
+    """A client message the broker could not process: when (s since 1970), from which
+    connection, its request id, the error code and reason it was answered with, and the hex of
+    its first bytes."""
+
+    time: float
+    conn: object
+    peer: str
+    request_id: int
+    code: int
+    reason: str
+    head: str
 
 
 class _Seen:
@@ -100,6 +115,7 @@ class Router:
         dedupe_max_ids: int = 100_000,
         max_open_requests: int = 1000,
         clock: Callable[[], float] = time.monotonic,
+        dead_letters_max: int = 1000,
     ) -> None:
         self._request_flush = request_flush
         self.max_topics = max_topics
@@ -122,6 +138,7 @@ class Router:
         self._next_request = 0
         self._pick = random.Random()
         self.responders: dict[str, list[Outbox]] = {}  # concrete topic -> connections answering its requests
+        self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letters_max)  # the newest, oldest first
         self.index = Index()
         self.topics: dict[str, TopicState] = self.index.topics
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
@@ -454,6 +471,17 @@ class Router:
     def _gap(self, box: Outbox, gap: Gap) -> None:
         self.stats.gaps += 1
         self.send(box, encode(GapNotice(*gap)))
+
+    # dead letters
+
+    def dead_letter(self, box: Outbox, request_id: int, code: int, reason: str, head: bytes) -> None:
+        """Keep a client message the broker could not process (undecodable, or a publish it
+        refused) among the newest `dead_letters_max`; counted in stats.dead_letters."""
+        self.stats.dead_letters += 1
+        owner = box.owner
+        self.dead_letters.append(
+            DeadLetter(time.time(), getattr(owner, "id", owner), getattr(owner, "peer", ""), request_id, int(code), reason, bytes(head).hex())
+        )
 
     # request / response
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
-from .messages import DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
+from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
@@ -85,6 +85,7 @@ class Session:
             if box.over:
                 break
             self.reply_error(problem.request_id, problem.code, problem.text)
+            router.dead_letter(box, problem.request_id, problem.code, problem.text, problem.data)
         self.received += len(messages)
         self._backlog = messages
         self._next = 0
@@ -132,6 +133,8 @@ class Session:
                     router.reply(box, message.id, message.data)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
+                if kind is Pub:  # a message that will reach nobody
+                    router.dead_letter(box, message.id, exc.code, exc.text, encode(message)[:DEAD_LETTER_HEAD])
         self._backlog = None
         self._next = 0
         return True

@@ -11,8 +11,12 @@ resumed, in order, by the following ticks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import signal
+import tempfile
 import time
 from collections import deque
 
@@ -29,6 +33,27 @@ from .connection import OPEN, Connection
 
 # Listening backlog: connections the kernel holds before they are accepted.
 BACKLOG = 4096
+# Dead letters logged one by one per sweep; the rest are counted in one line.
+DEAD_LETTERS_LOGGED = 10
+
+
+def dead_letter_path(port: int) -> str:
+    """The default dead-letter file of the broker listening on `port`."""
+    return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}.jsonl")
+
+
+def _write_file(path: str, text: str) -> None:
+    """Replace the file at `path` with `text` at once (readers see the old or the new one)."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".dead-letters-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        logs.log.exception("cannot write the dead-letter file", extra={"fields": {"path": path}})
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 class Server:
@@ -51,7 +76,9 @@ class Server:
             dedupe_max_ids=config.dedupe_max_ids,
             max_open_requests=config.max_open_requests,
             clock=time.monotonic,
+            dead_letters_max=config.dead_letters_max,
         )
+        self._dead_letters_seen = 0  # router.stats.dead_letters when they were last written
         self._request_timer: asyncio.TimerHandle | None = None
         self._request_timer_at = 0.0
         # The global bound on queued bytes: each lagging outbox's backlog as last seen, their sum.
@@ -106,6 +133,7 @@ class Server:
             return
         self._closing = True
         self._sweeper.cancel()
+        self._write_dead_letters()
         if self._request_timer is not None:
             self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
@@ -291,6 +319,31 @@ class Server:
                 if not conn.held and conn.session is not None and conn.session.published:
                     conn.hold()
 
+    # dead letters
+
+    def dead_letter_path(self) -> str:
+        """Where the kept dead letters are written (`broker dead-letters` reads them)."""
+        return self.config.dead_letter_file or dead_letter_path(self.port)
+
+    def _write_dead_letters(self) -> None:
+        """Log the dead letters that came since the last call (the newest ten of them, then
+        how many more) and write the kept ones to the dead-letter file, off the loop."""
+        count = self.router.stats.dead_letters
+        new = count - self._dead_letters_seen
+        if not new:
+            return
+        self._dead_letters_seen = count
+        letters = list(self.router.dead_letters)
+        for letter in letters[-min(new, DEAD_LETTERS_LOGGED) :]:
+            logs.event(
+                logging.WARNING, "dead_letter", conn=letter.conn, peer=letter.peer, id=letter.request_id,
+                code=letter.code, reason=letter.reason, head=letter.head,
+            )
+        if new > DEAD_LETTERS_LOGGED:
+            logs.event(logging.WARNING, "dead_letters_not_logged", count=new - DEAD_LETTERS_LOGGED)
+        text = "".join(json.dumps(letter._asdict()) + "\n" for letter in letters)
+        self.loop.run_in_executor(None, _write_file, self.dead_letter_path(), text)
+
     def _arm_request_timer(self) -> None:
         """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
         deadline = self.router.next_deadline
@@ -336,6 +389,7 @@ class Server:
         O(connections) plus the history that expired."""
         self.backplane.sweep()
         self._recount()
+        self._write_dead_letters()
         now = self.loop.time()
         cfg = self.config
         interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s

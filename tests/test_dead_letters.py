@@ -1,0 +1,88 @@
+"""Dead letters: client messages the broker cannot process are answered with an error,
+counted, kept (the newest dead_letters_max) with their context and first bytes, logged, and
+readable with `broker dead-letters`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections import deque
+
+import msgspec
+
+from broker.errors import ErrorCode
+from broker.messages import Err, Pub, encode
+
+from conftest import ROOT, Harness, RawSocketClient, eventually, run
+from test_shutdown_cli import free_ports, serve, stop_process
+
+
+def test_undecodable_messages_and_refused_publishes_are_kept_with_their_context():
+    h = Harness()
+    s = h.session("s")
+    s.receive(b"\xc1\x00garbage")
+    s.receive(msgspec.msgpack.encode([["pub", 7, "t", "text, not bin"], ["pub", 0, "ok", b"x"], ["nope", 8]]))
+    s.receive(encode(Pub(9, "md.*", b"x")))
+    written, _ = h.tick()
+    assert sorted(e.id for e in written["s"] if type(e) is Err) == [0, 7, 8, 9]
+    letters = list(h.router.dead_letters)
+    assert h.router.stats.dead_letters == 4 == len(letters)
+    assert [(d.conn, d.request_id, d.code) for d in letters] == [
+        ("s", 0, ErrorCode.BAD_MESSAGE), ("s", 7, ErrorCode.BAD_MESSAGE), ("s", 8, ErrorCode.UNKNOWN_TYPE), ("s", 9, ErrorCode.PATTERN_NOT_ALLOWED)
+    ]
+    assert letters[0].head == "c1006761726261676520"[: len(letters[0].head)] and letters[0].head.startswith("c100")
+    assert bytes.fromhex(letters[1].head) == msgspec.msgpack.encode(["pub", 7, "t", "text, not bin"])[:32]
+    assert "pattern" in letters[3].reason and letters[3].time <= time.time()
+
+
+def test_only_the_newest_dead_letters_are_kept():
+    h = Harness()
+    h.router.dead_letters = deque(maxlen=3)
+    s = h.session("s")
+    for i in range(1, 6):
+        s.receive(msgspec.msgpack.encode(["nope", i]))
+    assert [d.request_id for d in h.router.dead_letters] == [3, 4, 5] and h.router.stats.dead_letters == 5
+
+
+def test_an_operator_reads_them_with_the_cli(tmp_path):
+    (port,) = free_ports()
+    path = tmp_path / "dead.jsonl"
+    proc = serve("--port", str(port), "--dead-letter-file", str(path), "--log-level", "info")
+    try:
+
+        async def main():
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    raw = await RawSocketClient.connect(port)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the broker did not start"
+                    await asyncio.sleep(0.05)
+            await raw.send(["pub", 5, "a..b", b"x"])
+            assert (await raw.recv()).code == ErrorCode.INVALID_TOPIC
+            await raw.send(["subscribe", 6, "x"])
+            assert (await raw.recv()).code == ErrorCode.UNKNOWN_TYPE
+            await eventually(lambda: path.exists() and len(path.read_text().splitlines()) == 2, 5, "the dead-letter file")
+            raw.close()
+
+        run(main())
+        out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert len(lines) == 2 and "id=5 code=3" in lines[0] and "id=6 code=2" in lines[1]
+        assert "head=" + msgspec.msgpack.encode(["subscribe", 6, "x"]).hex() in lines[1]
+        as_json = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(path), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert [json.loads(line)["request_id"] for line in as_json.stdout.splitlines()] == [5, 6]
+    finally:
+        stop_process(proc)
+    log = proc.stderr.read().decode()
+    assert log.count("event=dead_letter ") == 2 and "head=" in log, log[-2000:]
+
+
+def test_the_cli_says_when_there_are_none(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout == "" and "no dead letters" in out.stderr
