@@ -1309,6 +1309,36 @@ cdef class Index:
         self.by_key[state.key] = state
         self.states.append(state)
 
+    def retire(self, TopicState state not None):
+        """Forget a topic that no live subscription matches: its name may come back as a new
+        topic with a new id (ids are never used again; a retired id's slot in `states` is None)."""
+        if self.topics.get(state.name) is not state:
+            raise ValueError(f"topic {state.name!r} is not in the index")
+        cdef Node node
+        for node in state.nodes:
+            if not node.dead:
+                raise ValueError(f"topic {state.name!r} has subscribers")
+        cdef list tokens = state.name.split(".")
+        cdef list path = []
+        cdef _TopicTrie trie = self._topic_root, child
+        for token in tokens:
+            path.append((trie, token))
+            trie = <_TopicTrie>trie.children[token]
+        trie.state = None
+        cdef Py_ssize_t i
+        for i in range(PyList_GET_SIZE(path) - 1, -1, -1):
+            parent, token = path[i]
+            child = <_TopicTrie>(<_TopicTrie>parent).children[token]
+            if child.state is not None or child.children:
+                break
+            del (<_TopicTrie>parent).children[token]
+        del self.topics[state.name]
+        del self.by_key[state.key]
+        self.states[state.id] = None
+        state.nodes = _untracked_list([])
+        state.compacted = 0
+        self.work += PyList_GET_SIZE(tokens)
+
     cdef void _collect(self, _PatternTrie trie, list tokens, Py_ssize_t i, list out) except *:
         cdef Py_ssize_t n = PyList_GET_SIZE(tokens)
         cdef object child
@@ -1425,7 +1455,7 @@ cdef class Index:
                 missing = node.known.data[i] & ~(box.known.data[i] if i < box.known.size else 0)
                 if missing:
                     for bit in range(8):
-                        if (missing >> bit) & 1:
+                        if (missing >> bit) & 1 and self.states[i * 8 + bit] is not None:
                             box._add((<TopicState>self.states[i * 8 + bit]).announce)
                             self.work += 1
             _bits_or(&box.known, &node.known)

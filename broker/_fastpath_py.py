@@ -621,7 +621,7 @@ class Index:
         self.root = _PatternTrie()
         self.topics: dict[str, TopicState] = {}
         self.by_key: dict[bytes, TopicState] = {}
-        self.states: list[TopicState] = []  # by topic id
+        self.states: list[TopicState | None] = []  # by topic id (None: retired)
         self._topic_root = _TopicTrie()
         self.patterns = 0  # distinct pattern nodes
         self.subscriptions = 0  # (outbox, string) pairs
@@ -661,6 +661,33 @@ class Index:
         self.topics[state.name] = state
         self.by_key[state.key] = state
         self.states.append(state)
+
+    def retire(self, state: TopicState) -> None:
+        """Forget a topic that no live subscription matches: its name may come back as a new
+        topic with a new id (ids are never used again; a retired id's slot in `states` is None).
+        Heights in the topic trie may stay higher than what is below: they only bound a walk."""
+        if self.topics.get(state.name) is not state:
+            raise ValueError(f"topic {state.name!r} is not in the index")
+        if any(not node.dead for node in state.nodes):
+            raise ValueError(f"topic {state.name!r} has subscribers")
+        tokens = state.name.split(".")
+        path = []
+        trie = self._topic_root
+        for token in tokens:
+            path.append((trie, token))
+            trie = trie.children[token]
+        trie.state = None
+        for parent, token in reversed(path):
+            child = parent.children[token]
+            if child.state is not None or child.children:
+                break
+            del parent.children[token]
+        del self.topics[state.name]
+        del self.by_key[state.key]
+        self.states[state.id] = None
+        state.nodes = []
+        state.compacted = 0
+        self.work += len(tokens)
 
     def _collect(self, trie: _PatternTrie, tokens: list[str], i: int, out: list) -> None:
         self.work += 1
@@ -767,8 +794,9 @@ class Index:
             # the node's deliveries name topics announced to its solo members: announce to the
             # newcomer, first, those it was not
             for topic_id in sorted(node.known - box.known):
-                box._add(self.states[topic_id].announce)
-                self.work += 1
+                if self.states[topic_id] is not None:  # not retired
+                    box._add(self.states[topic_id].announce)
+                    self.work += 1
             box.known |= node.known
         node.solo[box] = None
         box.solo_node = node

@@ -157,6 +157,19 @@ class MemoryBackplane:
             self.store.drop_head(log)
             self.store.stale += 1
 
+    def retains(self, state: TopicState) -> bool:
+        """True while history holds messages of the topic (expired ones are dropped first)."""
+        return self._log(state) is not None
+
+    def forget(self, state: TopicState) -> None:
+        """The topic retires: drop what history still counts for it."""
+        log = state.history
+        if log is not None and self.store is not None:
+            while log.chunks:
+                self.store.drop_head(log)
+                self.store.stale += 1
+        state.history = None
+
     # recovery
 
     def latest(self, state: TopicState) -> tuple[int, bytes] | None:

@@ -39,7 +39,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -55,6 +55,7 @@ class RouterStats:
         self.replies = 0  # replies passed back to a requester
         self.timeouts = 0  # requests that got no reply in time
         self.dead_letters = 0  # client messages that could not be processed (see Router.dead_letters)
+        self.retired = 0  # topics forgotten after staying quiet
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -75,6 +76,15 @@ class DeadLetter(NamedTuple):
     code: int
     reason: str
     head: str
+
+
+EPOCH_RANDOM_BITS = 20
+
+
+def unique_epoch(after: int = 0) -> int:
+    """A topic epoch: milliseconds since 1970 times 2^20 plus 20 random bits (so processes
+    started in the same millisecond differ), and greater than `after`."""
+    return max(after + 1, (int(time.time() * 1000) << EPOCH_RANDOM_BITS) | random.getrandbits(EPOCH_RANDOM_BITS))
 
 
 class _Seen:
@@ -122,8 +132,14 @@ class Router:
         self.max_topic_length = max_topic_length
         self.max_outbound_frame_bytes = max_outbound_frame_bytes
         self._max_piece = max(1, max_outbound_frame_bytes - _FRAME_OVERHEAD)
-        # Epoch: milliseconds since 1970 at start, so a restarted broker never reuses one.
-        self.epoch = int(time.time() * 1000) if epoch is None else epoch
+        # Epoch: unique per topic lifetime (see unique_epoch). Every topic created before the
+        # first retirement shares the broker's; later ones get their own.
+        self._fixed_epoch = epoch is not None
+        self.epoch = unique_epoch() if epoch is None else epoch
+        self._last_epoch = self.epoch
+        self._retired_any = False
+        self._scan = 0  # where the retirement scan goes on in index.states
+        self._quiet: dict[int, tuple[int, int]] = {}  # topic id -> (seq, ms) when it was seen quiet
         self.backplane = MemoryBackplane() if backplane is None else backplane
         self.dedupe_window_ms = int(dedupe_window_s * 1000)
         self.dedupe_max_ids = dedupe_max_ids
@@ -176,9 +192,51 @@ class Router:
             validate_topic(name, self.max_topic_length)
             if len(self.topics) >= self.max_topics:
                 raise RequestError(ErrorCode.TOO_MANY_TOPICS, f"the broker holds {self.max_topics} topics, its limit")
-            state = TopicState(len(self.index.states), name, self.epoch)
+            state = TopicState(len(self.index.states), name, self._topic_epoch())
             self.index.add_topic(state)
         return state
+
+    def _topic_epoch(self) -> int:
+        if not self._retired_any:
+            return self.epoch
+        self._last_epoch = self._last_epoch + 1 if self._fixed_epoch else unique_epoch(self._last_epoch)
+        return self._last_epoch
+
+    # topics retire
+
+    def retire_idle(self, idle_ms: int, budget: int = 10_000) -> int:
+        """Look at up to `budget` topics (going round all of them over successive calls) and
+        forget those that stayed quiet for `idle_ms`: no live subscription, nothing pending,
+        no retained history, no publish. A forgotten name comes back as a new topic, with a new
+        id and a new epoch, its sequence from 1. Returns how many were forgotten."""
+        states = self.index.states
+        count = len(states)
+        if not count:
+            return 0
+        now = self.backplane.now_ms()
+        quiet = self._quiet
+        retired = 0
+        for _ in range(min(budget, count)):
+            if self._scan >= count:
+                self._scan = 0
+            state = states[self._scan]
+            self._scan += 1
+            if state is None:
+                continue
+            if state.pending or self.backplane.retains(state) or any(not node.dead for node in state.nodes):
+                quiet.pop(state.id, None)
+                continue
+            mark = quiet.get(state.id)
+            if mark is None or mark[0] != state.seq:
+                quiet[state.id] = (state.seq, now)
+            elif now - mark[1] >= idle_ms:
+                del quiet[state.id]
+                self.backplane.forget(state)
+                self.index.retire(state)
+                self._retired_any = True
+                self.stats.retired += 1
+                retired += 1
+        return retired
 
     def publish(self, name: str, payload: bytes, box: Outbox | None = None, request_id: int = 0, msg_id: str = "") -> TopicState:
         """Hand `payload` to the backplane, which gives it the topic's next sequence number.

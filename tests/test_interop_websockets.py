@@ -111,9 +111,10 @@ async def nothing_more(ws, wait: float = 0.2) -> None:
 
 
 def plausible_epoch(epoch: int) -> bool:
-    """Milliseconds since 1970 at server start: in the recent past."""
+    """An epoch (protocol section 5.1): milliseconds since 1970 times 2^20 plus 20 random
+    bits, of a moment in the recent past."""
     now = int(time.time() * 1000)
-    return type(epoch) is int and now - 600_000 < epoch <= now
+    return type(epoch) is int and 0 <= epoch < 2**63 and now - 600_000 < epoch >> 20 <= now
 
 
 def test_pub_sub_round_trip_from_plain_lists():

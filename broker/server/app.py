@@ -388,6 +388,7 @@ class Server:
         stayed behind, and forget history past its age. Runs a few times a second;
         O(connections) plus the history that expired."""
         self.backplane.sweep()
+        self.router.retire_idle(int(self.config.topic_idle_s * 1000))
         self._recount()
         self._write_dead_letters()
         now = self.loop.time()
