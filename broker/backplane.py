@@ -157,9 +157,13 @@ class MemoryBackplane:
             self.store.drop_head(log)
             self.store.stale += 1
 
-    def retains(self, state: TopicState) -> bool:
+    def retains(self, state: TopicState, now_ms: int) -> bool:
         """True while history holds messages of the topic (expired ones are dropped first)."""
-        return self._log(state) is not None
+        log = state.history
+        if log is None or self.store is None:
+            return False
+        self._expire(log, now_ms)
+        return bool(log.chunks)
 
     def forget(self, state: TopicState) -> None:
         """The topic retires: drop what history still counts for it."""

@@ -204,8 +204,9 @@ class Router:
 
     # topics retire
 
-    def retire_idle(self, idle_ms: int, budget: int = 10_000) -> int:
-        """Look at up to `budget` topics (going round all of them over successive calls) and
+    def retire_idle(self, idle_ms: int, budget: int = 1000) -> int:
+        """Look at up to `budget` topics (going round all of them over successive calls; the
+        server's sweep calls it once a second, well under a millisecond each time) and
         forget those that stayed quiet for `idle_ms`: no live subscription, nothing pending,
         no retained history, no publish. A forgotten name comes back as a new topic, with a new
         id and a new epoch, its sequence from 1. Returns how many were forgotten."""
@@ -223,7 +224,7 @@ class Router:
             self._scan += 1
             if state is None:
                 continue
-            if state.pending or self.backplane.retains(state) or any(not node.dead for node in state.nodes):
+            if state.pending or any(not node.dead for node in state.nodes) or self.backplane.retains(state, now):
                 quiet.pop(state.id, None)
                 continue
             mark = quiet.get(state.id)
