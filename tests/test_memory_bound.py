@@ -15,7 +15,7 @@ from test_shutdown_cli import connect_when_ready, free_ports, serve, stop_proces
 MIB = 1 << 20
 PAYLOAD = 32 * 1024
 NON_READERS = 8
-WINDOW = 64
+WINDOW = 8  # per topic: 8 topics x 8 x 32 KiB = 2 MiB in flight to the reader, under max_pending_bytes
 
 
 def rss(pid: int) -> int:
