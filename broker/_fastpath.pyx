@@ -1026,9 +1026,16 @@ BUCKET_MS = BUCKET_MS_
 
 
 @cython.final
+@cython.no_gc
 cdef class HistoryChunk:
     """Consecutive messages of one topic retained within one time bucket (BUCKET_MS from its
-    first); `log` is None once it is no longer retained."""
+    first); `log` is None once it is no longer retained.
+
+    History is not visited by the cyclic garbage collector (no_gc here and on HistoryLog, the
+    payload lists and the deque untracked): thousands of chunks created each second made its
+    passes frequent and long, which showed as latency spikes. The one cycle, a chunk and its
+    log while the chunk is retained, is broken when the chunk is dropped (`drop_head`), and a
+    topic's log is emptied when the topic retires."""
 
     cdef public long long first
     cdef public list payloads
@@ -1047,6 +1054,7 @@ cdef class HistoryChunk:
 
 
 @cython.final
+@cython.no_gc
 cdef class HistoryLog:
     """One topic's retained messages: chunks of consecutive sequence numbers, the first one
     possibly cut (`skip` messages of it are gone)."""
@@ -1060,6 +1068,7 @@ cdef class HistoryLog:
 
     def __init__(self):
         self.chunks = deque()
+        PyObject_GC_UnTrack(<void*>self.chunks)
         self.tail = None
         self.skip = 0
         self.count = 0
@@ -1117,7 +1126,9 @@ cdef class HistoryStore:
             tail.last = now_ms
         else:
             size += CHUNK_OVERHEAD_
-            tail = HistoryChunk(first, payloads, size, now_ms, log)
+            # a list of bytes is part of no cycle: the collector need not walk it (thousands
+            # of retained lists made its full passes long: latency spikes)
+            tail = HistoryChunk(first, _untracked_list(payloads), size, now_ms, log)
             log.chunks.append(tail)
             log.tail = tail
             self.order.append(tail)
@@ -1163,7 +1174,7 @@ cdef class HistoryStore:
         if head.last > log.trimmed_time:
             log.trimmed_time = head.last
         if skip > 64 and 2 * skip > PyList_GET_SIZE(head.payloads):
-            head.payloads = head.payloads[skip:]
+            head.payloads = _untracked_list(head.payloads[skip:])
             head.first += skip
             skip = 0
         log.skip = skip

@@ -113,6 +113,10 @@ class MemoryBackplane:
         store = self.store
         if store is None:
             return
+        order = store.order
+        while order and order[0].log is None:  # chunks their topics dropped: mostly the oldest
+            order.popleft()
+            store.stale -= 1
         if store.total > self.max_total_bytes:
             self._trim_order(lambda chunk: store.total > self.max_total_bytes)
         self._compact_order()
