@@ -38,15 +38,6 @@ class Gap(NamedTuple):
     reason: str
 
 
-class Replay(NamedTuple):
-    """What recovery found for one topic: batches (first seq, payloads) of the current epoch,
-    oldest first, and the gaps before them."""
-
-    state: TopicState
-    batches: list[tuple[int, list[bytes]]]
-    gaps: list[Gap]
-
-
 class MemoryBackplane:
     """Sequencing in this process and history in its memory, within four bounds."""
 
@@ -69,10 +60,6 @@ class MemoryBackplane:
         # The per-topic bounds are applied by the compiled store as batches are emitted; the
         # bounds by age and in total here, from its queue of every chunk, oldest first.
         self.store = HistoryStore(max_messages, max_bytes) if max_messages > 0 else None
-
-    @property
-    def enabled(self) -> bool:
-        return self.store is not None
 
     @property
     def total(self) -> int:

@@ -265,14 +265,11 @@ class Server:
 
     def _account(self, box, backlog: int) -> None:
         """Record a connection's backlog in the total of queued bytes."""
-        lagging = self._lagging
-        self.pending_total += backlog - lagging.get(box, 0)
-        if backlog and not box.closed:
-            lagging[box] = backlog
-        else:
-            lagging.pop(box, None)
-            if box.closed:
-                self.pending_total -= backlog
+        if box.closed:
+            backlog = 0  # its queue is dropped
+        self.pending_total += backlog - self._lagging.pop(box, 0)
+        if backlog:
+            self._lagging[box] = backlog
 
     def _check_memory(self) -> None:
         """Past max_total_pending_bytes stop reading from every connection that publishes;
