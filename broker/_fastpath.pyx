@@ -852,6 +852,15 @@ cdef class Outbox:
         self.size = 0
         self.sig = SIG_SEED
 
+    def replace(self, list pieces not None):
+        """Queue `pieces` instead of what is queued (a slow-consumer policy shed some)."""
+        for piece in pieces:
+            if type(piece) is not bytes:
+                raise TypeError("pieces must be bytes")
+        self.clear()
+        for piece in pieces:
+            self._add(<bytes>piece)
+
     @property
     def pending(self):
         return self.size + self.transport_bytes

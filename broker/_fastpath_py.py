@@ -426,6 +426,15 @@ class Outbox:
         self.size = 0
         self.sig = _SIG_SEED
 
+    def replace(self, pieces: list) -> None:
+        """Queue `pieces` instead of what is queued (a slow-consumer policy shed some)."""
+        for piece in pieces:
+            if type(piece) is not bytes:
+                raise TypeError("pieces must be bytes")
+        self.clear()
+        for piece in pieces:
+            self._add(piece)
+
     @property
     def pending(self) -> int:
         return self.size + self.transport_bytes

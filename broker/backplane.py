@@ -36,6 +36,7 @@ class Gap(NamedTuple):
     first: int
     last: int
     reason: str
+    cause: str  # one of messages.GAP_CAUSES
 
 
 class MemoryBackplane:

@@ -31,6 +31,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_payload_bytes: Positive = 512 << 10
     max_pending_bytes: Positive = 8 << 20
     slow_consumer_timeout_s: Seconds = 2.0
+    slow_consumer_policy: Literal["disconnect", "drop", "conflate"] = "disconnect"
     max_outbound_frame_bytes: Positive = 1 << 20
     max_batch_messages: Positive = 10_000
     max_subscriptions: Positive = 10_000
@@ -90,6 +91,7 @@ HELP = {
     "max_payload_bytes": "largest payload one publish may carry",
     "max_pending_bytes": "bytes queued for one connection that it may stay behind by; longer than slow_consumer_timeout_s, or 4 times as many at once, closes it as a slow consumer (1013)",
     "slow_consumer_timeout_s": "seconds a connection may stay more than max_pending_bytes behind before it is closed (1013)",
+    "slow_consumer_policy": "what happens to a connection more than max_pending_bytes behind: disconnect (1013, after slow_consumer_timeout_s), drop (its oldest queued messages, with gap notices) or conflate (all but the newest message of each topic, marked); a subscription may choose its own",
     "max_outbound_frame_bytes": "largest WebSocket frame the broker sends; what a connection receives in one loop iteration is split into frames of at most this size",
     "max_batch_messages": "messages one client frame may carry",
     "max_subscriptions": "subscriptions one connection may hold",

@@ -10,7 +10,7 @@ A client frame carries either one message (`["pub", ...]`) or an array of messag
 
 from __future__ import annotations
 
-from typing import Annotated, NamedTuple, Union
+from typing import Annotated, Literal, NamedTuple, Union
 
 import msgspec
 
@@ -35,13 +35,16 @@ class Sub(_Wire, tag="sub"):
     `since`: recover from history what came after a position: `[epoch, seq]` for a topic,
     `[time_ms, {topic: [epoch, seq], ...}]` for a pattern (checked by the session). `last`:
     start with the latest retained message of each matching topic. `respond`: receive the
-    requests (`req`) to this concrete topic instead of its messages."""
+    requests (`req`) to this concrete topic instead of its messages. `policy`: what the
+    broker does with this subscription's messages when the connection falls behind
+    (`"disconnect"`, `"drop"` or `"conflate"`; `""`: the server's `slow_consumer_policy`)."""
 
     id: RequestId
     topic: str
     since: Union[list, None] = None
     last: bool = False
     respond: bool = False
+    policy: Literal["", "disconnect", "drop", "conflate"] = ""
 
 
 class Unsub(_Wire, tag="unsub"):
@@ -120,15 +123,21 @@ class Topic(_Wire, tag="topic"):
     epoch: int
 
 
+GAP_CAUSES = ("history", "ended", "replay", "dropped", "conflated")
+
+
 class GapNotice(_Wire, tag="gap"):
     """Messages `first` ... `last` of `topic` in `epoch` will not reach this connection
-    (`last` 0: up to the end of that epoch); `reason` says why."""
+    (`last` 0: up to the end of that epoch); `reason` says why, for people; `cause`, for
+    programs, is one of GAP_CAUSES (`conflated`: the topic's next delivery is the newest
+    message there was when the others were skipped)."""
 
     topic: str
     epoch: int
     first: int
     last: int
     reason: str
+    cause: str = ""
 
 
 class Request(_Wire, tag="request"):

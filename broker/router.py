@@ -18,7 +18,7 @@ import heapq
 import random
 import time
 from collections import deque
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
@@ -39,7 +39,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -56,6 +56,9 @@ class RouterStats:
         self.timeouts = 0  # requests that got no reply in time
         self.dead_letters = 0  # client messages that could not be processed (see Router.dead_letters)
         self.retired = 0  # topics forgotten after staying quiet
+        self.sheds = 0  # times a connection's queue was shed by its drop or conflate policy
+        self.dropped = 0  # messages dropped for connections behind (policy drop), each announced by a gap
+        self.conflated = 0  # messages skipped for connections behind (policy conflate), each announced by a gap
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -426,7 +429,7 @@ class Router:
         stats.batches += batches
         stats.delivered += delivered
 
-    def remove_all(self, box: Outbox, patterns: set[str] | list[str]) -> None:
+    def remove_all(self, box: Outbox, patterns: Iterable[str]) -> None:
         """Drop every subscription of a closing connection."""
         for pattern in patterns:
             self.index.unsubscribe(pattern, box)
@@ -462,7 +465,7 @@ class Router:
             elif since is not None:
                 trimmed, first, batches = backplane.since_time(state, since[0])
                 if trimmed:
-                    self._gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)"))
+                    self._gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)", "history"))
                 self._replay(box, state, batches)
             elif last:
                 self._send_latest(box, state)
@@ -470,22 +473,22 @@ class Router:
             known = {state.name for state in states}
             for name, (epoch, seq) in listed.items():
                 if name not in known:
-                    self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended"))
+                    self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
         self.schedule_write(box)
 
     def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
         if state is None:
             if epoch:
-                self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended"))
+                self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
             return
         if epoch and epoch != state.epoch:
-            self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}"))
+            self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
             seq = 0
         elif not epoch:
             seq = 0
         first, batches = self.backplane.since(state, seq)
         if seq + 1 < first:
-            self._gap(box, Gap(name, state.epoch, seq + 1, first - 1, "history no longer holds these messages"))
+            self._gap(box, Gap(name, state.epoch, seq + 1, first - 1, "history no longer holds these messages", "history"))
         self._replay(box, state, batches)
 
     def _send_latest(self, box: Outbox, state: TopicState) -> None:
@@ -513,7 +516,7 @@ class Router:
                     replayed += self._push_replay(box, state, first + start, payloads[start:i])
                     self.stats.replayed += replayed
                     end = batches[-1][0] + len(batches[-1][1]) - 1
-                    self._gap(box, Gap(state.name, state.epoch, first + i, end, "the replay stopped at max_pending_bytes; subscribe again with a later since for the rest"))
+                    self._gap(box, Gap(state.name, state.epoch, first + i, end, "the replay stopped at max_pending_bytes; subscribe again with a later since for the rest", "replay"))
                     return
                 if i > start and size + n > max_piece:
                     replayed += self._push_replay(box, state, first + start, payloads[start:i])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
+from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
 from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
@@ -23,28 +24,36 @@ _MAX_ID = 2**63 - 1
 # A connection may queue up to this many times max_pending_bytes while it catches up with a
 # burst; past it, it is closed at once (the softer bound is judged over time by the server).
 HARD_LIMIT_FACTOR = 4
+# A connection with a subscription that drops or conflates is never stopped at a push: the
+# server sheds its queue once per tick instead, and closes it only if what may not be shed
+# stays too large.
+NO_HARD_LIMIT = 2**62
 
 
 class Limits:
     """Per-connection limits, taken from the server config."""
 
-    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes", "max_batch_messages")
+    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes", "max_batch_messages", "policy")
 
-    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20, max_batch_messages: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20, max_batch_messages: int = DEFAULT_MAX_BATCH, policy: int = DISCONNECT) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_subscriptions = max_subscriptions
         self.max_pending_bytes = max_pending_bytes
         self.max_batch_messages = max_batch_messages
+        self.policy = policy  # the slow-consumer policy of subscriptions that do not choose one
 
 
 class Session:
-    __slots__ = ("router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed", "_backlog", "_next")
+    __slots__ = (
+        "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
+        "shedding", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
+    )
 
     def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
         self.router = router
         self.limits = limits
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
-        self.subscriptions: set[str] = set()
+        self.subscriptions: dict[str, int] = {}  # pattern -> its slow-consumer policy
         self.responding: set[str] = set()  # topics whose requests this connection answers
         self.received = 0  # client messages handled
         self.published = 0  # of which publishes
@@ -52,6 +61,56 @@ class Session:
         self.closed = False
         self._backlog: list | None = None  # decoded messages of a frame not yet applied
         self._next = 0
+        self._drops = 0  # subscriptions under the policy drop
+        self._conflates = 0  # and under conflate
+        self._policy_of: dict[int, int] | None = None  # topic id -> policy, while the subscriptions stay the same
+        self.shedding: Shed | None = None  # while a subscription drops or conflates
+
+    @property
+    def sheds(self) -> bool:
+        """True when some subscription of this connection drops or conflates."""
+        return self.shedding is not None
+
+    def policy_of(self, topic_id: int) -> int:
+        """The slow-consumer policy of a topic on this connection: the most careful policy of
+        the subscriptions that match it (disconnect, then drop, then conflate)."""
+        total = len(self.subscriptions)
+        if not self._drops and not self._conflates:
+            return DISCONNECT
+        if self._drops == total:
+            return DROP
+        if self._conflates == total:
+            return CONFLATE
+        cache = self._policy_of
+        if cache is None:
+            cache = self._policy_of = {}
+        policy = cache.get(topic_id)
+        if policy is None:
+            state = self.router.index.states[topic_id] if topic_id < len(self.router.index.states) else None
+            policy = CONFLATE + 1
+            if state is not None:
+                name = state.name
+                for pattern, chosen in self.subscriptions.items():
+                    if chosen < policy and (pattern == name or (is_pattern(pattern) and matches(pattern, name))):
+                        policy = chosen
+            if policy > CONFLATE:
+                policy = DROP  # no subscription of this connection matches it any more
+            cache[topic_id] = policy
+        return policy
+
+    def _policy_changed(self, policy: int, delta: int) -> None:
+        if policy == DROP:
+            self._drops += delta
+        elif policy == CONFLATE:
+            self._conflates += delta
+        self._policy_of = None
+        if self._drops or self._conflates:
+            if self.shedding is None:
+                self.shedding = Shed()
+                self.box.hard_limit = NO_HARD_LIMIT
+        elif self.shedding is not None:
+            self.shedding = None
+            self.box.hard_limit = self.limits.max_pending_bytes * HARD_LIMIT_FACTOR
 
     @property
     def suspended(self) -> bool:
@@ -160,8 +219,10 @@ class Session:
             )
         router = self.router
         since = None if message.since is None else _since(pattern, message.since, router)
+        policy = BY_NAME[message.policy] if message.policy else self.limits.policy
         router.subscribe(pattern, self.box)
-        subscriptions.add(pattern)
+        subscriptions[pattern] = policy
+        self._policy_changed(policy, 1)
         if is_pattern(pattern):
             # a pattern's position is the time it took effect: `since` for a later
             # subscription covers the topics this one never delivered from that time on
@@ -200,7 +261,7 @@ class Session:
         subscriptions = self.subscriptions
         if pattern not in subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
-        subscriptions.discard(pattern)
+        self._policy_changed(subscriptions.pop(pattern), -1)
         remaining = next(iter(subscriptions)) if len(subscriptions) == 1 else None
         self.router.unsubscribe(pattern, self.box, remaining)
         if message.id:
@@ -225,6 +286,7 @@ class Session:
         if self.subscriptions:
             self.router.remove_all(self.box, self.subscriptions)
             self.subscriptions.clear()
+        self.shedding = None
         self.box.clear()
 
 

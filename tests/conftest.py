@@ -151,7 +151,7 @@ async def eventually(predicate, timeout: float = 5.0, what: str = "condition") -
 
 def conns_with(server, subscriptions: set[str]) -> list:
     """The server-side Connections whose sessions hold exactly `subscriptions`, oldest first."""
-    found = [c for c in server.connections.values() if c.session.subscriptions == subscriptions]
+    found = [c for c in server.connections.values() if set(c.session.subscriptions) == subscriptions]
     return sorted(found, key=lambda c: c.id)
 
 

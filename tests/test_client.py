@@ -332,19 +332,19 @@ def test_cancelled_subscribe_leaves_no_subscription_at_the_broker(ticks):
                 if held is None:
                     # the Sub did reach the broker, then the client took it back
                     await eventually(
-                        lambda: conn.session.received == 2 and conn.session.subscriptions == set(),
+                        lambda: conn.session.received == 2 and not conn.session.subscriptions,
                         3,
                         "the broker to drop the cancelled subscription",
                     )
                     assert server.router.index.receivers("cs.t") == []
                 else:
-                    assert conn.session.subscriptions == {"cs.t"}
+                    assert set(conn.session.subscriptions) == {"cs.t"}
                     await held.unsubscribe()
-                    assert conn.session.subscriptions == set()
+                    assert not conn.session.subscriptions
                 assert server.router.stats.errors == {}
 
                 sub = await client.subscribe("cs.t")
-                assert conn.session.subscriptions == {"cs.t"}
+                assert set(conn.session.subscriptions) == {"cs.t"}
                 ack = await pub.publish_acked("cs.t", b"after")
                 message = await sub.next(3)
                 assert (message.seq, message.data) == (ack.seq, b"after")
@@ -531,7 +531,7 @@ def test_subscription_queue_overflow():
                             got.append(message.seq)
                     assert got == [1, 2, 3, 4, 5]
                     # the client dropped the subscription at the broker too
-                    await eventually(lambda: conn.session.subscriptions == {"ovf.marker"}, 5, "the broker-side unsub")
+                    await eventually(lambda: set(conn.session.subscriptions) == {"ovf.marker"}, 5, "the broker-side unsub")
                     # and the pattern can be subscribed again
                     again = await sub_client.subscribe("ovf.t")
                     assert again.seq == 10

@@ -218,7 +218,7 @@ def test_many_topics_all_delivered():
                 await eventually(lambda: all(per_topic.values()), 10, "every exact subscriber")
                 epoch = server.router.epoch
                 for name in names:
-                    assert [tuple(m) for m in per_topic[name]] == [(name, epoch, 1, name.encode())]
+                    assert [tuple(m)[:4] for m in per_topic[name]] == [(name, epoch, 1, name.encode())]
                 assert sorted(m.topic for m in all_got) == sorted(names)
                 assert all(m.seq == 1 and m.data == m.topic.encode() for m in all_got)
                 assert server.router.stats.batches - frames_before == n

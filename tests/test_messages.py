@@ -121,7 +121,7 @@ def test_errors_keep_request_ids_and_good_batch_members():
 
 
 def test_trailing_fields_are_ignored_for_forward_compatibility():
-    assert client_decoder.decode(msgspec.msgpack.encode(["sub", 1, "a.b", None, False, False, {"future": True}])) == Sub(1, "a.b")
+    assert client_decoder.decode(msgspec.msgpack.encode(["sub", 1, "a.b", None, False, False, "", {"future": True}])) == Sub(1, "a.b")
 
 
 def test_payload_must_be_binary():

@@ -86,7 +86,7 @@ def test_recovery_across_a_retirement_reports_the_ended_epoch():
     new_epoch = h.router.topics["r"].epoch
     assert out == [
         Ack(1, new_epoch, 1),
-        GapNotice("r", old_epoch, 3, 0, f"epoch {old_epoch} of the topic ended; it continues in epoch {new_epoch}"),
+        GapNotice("r", old_epoch, 3, 0, f"epoch {old_epoch} of the topic ended; it continues in epoch {new_epoch}", "ended"),
         Delivery("r", new_epoch, 1, [b"new 1"]),
     ]
 

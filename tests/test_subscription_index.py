@@ -86,7 +86,7 @@ def test_a_pattern_subscription_emits_every_pending_batch_in_one_pass():
     elapsed = time.monotonic() - started
     assert h.router.dirty == []
     assert sorted(emitted) == sorted(f"a.{i}" for i in range(n))
-    assert s.subscriptions == {"b.*"} and s.errors == 0
+    assert set(s.subscriptions) == {"b.*"} and s.errors == 0
     assert elapsed < 5.0, f"one frame of {len(frame)} bytes took {elapsed:.1f}s"
     written, _ = h.tick()
     assert written == {"watcher": [Delivery(f"a.{i}", 42, 2, [b"x"]) for i in range(n)]}
@@ -111,7 +111,7 @@ def test_pattern_changes_touch_only_the_topics_they_match():
     work = index.work
     s.receive(encode(changes))
     assert index.work - work < 20 * len(changes), "a pattern change visited topics it does not match"
-    assert s.errors == 0 and s.subscriptions == set()
+    assert s.errors == 0 and not s.subscriptions
 
     work = index.work
     s.receive(encode([Sub(0, "a.17"), Sub(0, "a.*.x")]))  # an exact topic; a pattern matching none

@@ -82,21 +82,29 @@ def _log_error(error: RequestError) -> None:
 
 
 class Message(NamedTuple):
+    """A delivered message. `conflated`: the broker skipped the messages before it (a Gap with
+    cause "conflated" came first) and this was the topic's newest at that moment."""
+
     topic: str
     epoch: int
     seq: int
     data: bytes
+    conflated: bool = False
 
 
 class Gap(NamedTuple):
     """Messages `first` ... `last` of `topic` in `epoch` that this subscription will not get
-    (`last` 0: to the end of that epoch); `reason` comes from the broker."""
+    (`last` 0: to the end of that epoch); `reason` comes from the broker, for people; `cause`
+    for programs: "history" (history no longer held them), "ended" (their epoch ended),
+    "replay" (a replay stopped at the broker's bound), "dropped" or "conflated" (the
+    connection fell behind and its slow-consumer policy dropped or conflated them)."""
 
     topic: str
     epoch: int
     first: int
     last: int
     reason: str
+    cause: str = ""
 
 
 class PublishAck(NamedTuple):
@@ -114,9 +122,10 @@ class Subscription:
     (epoch, seq) of the last message delivered, and anything at or before it (a replay
     overlapping what arrived live) is skipped. A Gap says which messages will not come."""
 
-    def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int) -> None:
+    def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int, policy: str = "") -> None:
         self.client = client
         self.pattern = pattern
+        self.policy = policy  # its slow-consumer policy at the broker ("": the server's)
         self.callback = callback
         self.max_queue = max_queue
         self.epoch = 0  # from the subscribe ack (exact topics): the topic's epoch
@@ -128,6 +137,7 @@ class Subscription:
         self._done = False
         self._abandoned = False  # subscribe() was cancelled before its ack
         self._active = False  # acknowledged: held at the broker (re-made after a reconnect)
+        self._conflated: set[str] = set()  # topics whose next message follows a conflated gap
 
     def _receive(self, topic: str, epoch: int, seq: int, payloads: list[bytes]) -> None:
         """A batch of the topic: deliver what lies after this subscription's position."""
@@ -140,6 +150,10 @@ class Subscription:
             if start < 0:
                 start = 0
         self.positions[topic] = (epoch, seq + len(payloads) - 1)
+        if self._conflated and topic in self._conflated:
+            self._conflated.discard(topic)
+            self._deliver(Message(topic, epoch, seq + start, payloads[start], True))
+            start += 1
         for i in range(start, len(payloads)):
             self._deliver(Message(topic, epoch, seq + i, payloads[i]))
 
@@ -152,6 +166,10 @@ class Subscription:
                 gap = gap._replace(first=position[1] + 1)
         if gap.last:
             self.positions[gap.topic] = (gap.epoch, gap.last)
+        if gap.cause == "conflated":
+            self._conflated.add(gap.topic)
+        else:
+            self._conflated.discard(gap.topic)
         self._deliver(gap)
 
     def _deliver(self, message: Message | Gap) -> None:
@@ -398,6 +416,7 @@ class Client:
         max_queue: int | None = None,
         since: tuple[int, int] | tuple[int, dict[str, tuple[int, int]]] | None = None,
         last: bool = False,
+        policy: str = "",
     ) -> Subscription:
         """Subscribe to a topic or pattern; returns once the broker acknowledged it.
 
@@ -408,15 +427,22 @@ class Client:
         for a topic; (time_ms, {topic: (epoch, seq)}) for a pattern, where time_ms is the
         `epoch` of an earlier pattern subscription's ack. `last` starts with the latest
         retained message of each matching topic. Ranges that cannot be replayed arrive as
-        Gap items (docs/guarantees.md)."""
+        Gap items (docs/guarantees.md).
+
+        `policy` is what the broker does with this subscription's messages while the
+        connection is behind: "disconnect", "drop" (the oldest, each range announced by a Gap)
+        or "conflate" (all but each topic's newest, announced by a Gap; the message after it
+        has `conflated` set); "" takes the server's setting."""
         validate_pattern(pattern)
+        if policy not in ("", "disconnect", "drop", "conflate"):
+            raise ValueError(f"policy is one of 'disconnect', 'drop', 'conflate' (or '' for the server's), not {policy!r}")
         wire_since = None
         if since is not None:
             head, rest = since
             wire_since = [head, {t: list(p) for t, p in rest.items()} if isinstance(rest, dict) else rest]
         if pattern in self._subs:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {pattern!r}")
-        sub = Subscription(self, pattern, callback, max_queue or self.max_queue)
+        sub = Subscription(self, pattern, callback, max_queue or self.max_queue, policy)
         self._subs[pattern] = sub
 
         def activate(ack: Ack) -> None:
@@ -437,7 +463,7 @@ class Client:
             self._index.add(pattern, sub)
 
         try:
-            await self._request(lambda rid: Sub(rid, pattern, wire_since, last), activate)
+            await self._request(lambda rid: Sub(rid, pattern, wire_since, last, False, policy), activate)
         except RequestError:
             self._forget(sub)
             raise
@@ -730,7 +756,7 @@ class Client:
                     for sub in self._index.lookup(topic):
                         sub._receive(topic, epoch, seq, payloads)
             elif kind is GapNotice:
-                gap = Gap(message.topic, message.epoch, message.first, message.last, message.reason)
+                gap = Gap(message.topic, message.epoch, message.first, message.last, message.reason, message.cause)
                 for sub in self._index.lookup(message.topic):
                     sub._gap(gap)
             elif kind is Topic:
@@ -864,7 +890,7 @@ class Client:
             self._on_ack[rid] = lambda ack, sub=sub: self._resubscribed(sub, ack)
             self._pending[rid] = future = self._loop.create_future()
             future.add_done_callback(lambda f, rid=rid, sub=sub: self._resubscribe_done(rid, sub, f))
-            self._queue_out(encode(Sub(rid, sub.pattern, self._since(sub), False)))
+            self._queue_out(encode(Sub(rid, sub.pattern, self._since(sub), False, False, sub.policy)))
 
     @staticmethod
     def _since(sub: Subscription) -> list:

@@ -20,14 +20,14 @@ import tempfile
 import time
 from collections import deque
 
-from .. import __version__
+from .. import __version__, policy
 from ..backplane import MemoryBackplane
 from ..config import Config
 from ..errors import CloseCode
 from ..fastpath import IMPLEMENTATION
 from ..messages import SUBPROTOCOL
 from ..router import Router
-from ..session import Limits
+from ..session import HARD_LIMIT_FACTOR, Limits
 from . import handshake, logs
 from .connection import OPEN, Connection
 
@@ -92,6 +92,7 @@ class Server:
             max_subscriptions=config.max_subscriptions,
             max_pending_bytes=config.max_pending_bytes,
             max_batch_messages=config.max_batch_messages,
+            policy=policy.BY_NAME[config.slow_consumer_policy],
         )
         self.connections: dict[int, Connection] = {}
         self.port: int | None = None
@@ -243,6 +244,8 @@ class Server:
                         conn.abort()
                         continue
                 backlog = box.size + box.transport_bytes
+                if backlog > box.limit and box.size and conn.session.shedding is not None:
+                    backlog = self._shed(box, conn.session)
                 if backlog or box in lagging:
                     self._account(box, backlog)
                 if backlog > box.limit:
@@ -357,10 +360,24 @@ class Server:
         self.router.expire_requests()
         self._arm_request_timer()
 
+    def _shed(self, box, session) -> int:
+        """Drop or conflate what the connection's policies allow of its queue in the broker,
+        down to half of max_pending_bytes; returns its backlog after that."""
+        dropped, conflated = session.shedding.shed(box, session.policy_of, self.router.index.states, box.limit // 2)
+        if dropped or conflated:
+            stats = self.router.stats
+            stats.sheds += 1
+            stats.dropped += dropped
+            stats.conflated += conflated
+        return box.size + box.transport_bytes
+
     def _falling_behind(self, box, now: float) -> None:
         """A connection's backlog is above max_pending_bytes: it may catch up from a burst, but
-        one that stays behind for slow_consumer_timeout_s is closed."""
-        if not box.over_since:
+        one that stays behind for slow_consumer_timeout_s is closed, and one four times over
+        at once (what its policies may not drop) at once."""
+        if box.size + box.transport_bytes > box.limit * HARD_LIMIT_FACTOR:
+            self._slow_consumer(box)
+        elif not box.over_since:
             box.over_since = now
             self._behind.add(box)
         elif now - box.over_since >= self.config.slow_consumer_timeout_s:
@@ -407,7 +424,10 @@ class Server:
                 self._behind.discard(box)
                 continue
             box.transport_bytes = conn.buffer_size()
-            if box.size + box.transport_bytes <= box.limit:
+            backlog = box.size + box.transport_bytes
+            if backlog > box.limit and box.size and conn.session.shedding is not None:
+                backlog = self._shed(box, conn.session)
+            if backlog <= box.limit:
                 box.over_since = 0.0
                 self._behind.discard(box)
             elif now - box.over_since >= cfg.slow_consumer_timeout_s:

@@ -1,0 +1,303 @@
+"""Slow-consumer policies (protocol.md section 7): `drop` drops the oldest queued batches and
+names every lost range in a gap; `conflate` keeps the newest message of each topic and marks
+what it skipped; a subscription may choose its own policy and the most careful one wins."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker import policy
+from broker.client import Client, Gap, Message, Subscription
+from broker.fastpath import Outbox, assemble, encode_batch, encode_topic
+from broker.messages import Ack, Delivery, Err, GapNotice, Sub, decode_server_frame, encode
+from broker.router import Router
+
+from conftest import RawSocketClient, conns_with, run, serving, split_frames, url
+
+SIZE = 4 << 10
+LIMIT = 256 << 10
+
+
+def payload(topic: str, seq: int) -> bytes:
+    head = f"{topic}:{seq}:".encode()
+    return head + bytes(SIZE - len(head))
+
+
+async def flood(pub: Client, topics: list[str], conn, samples: list[int], until) -> dict[str, int]:
+    """Publish to each topic, round robin, until `until()` holds (what the kernel's socket
+    buffers take first varies), recording the slow connection's queue in the broker as it
+    goes; returns the last sequence number of each topic."""
+    rounds = 0
+    while not until():
+        for _ in range(8):
+            rounds += 1
+            for topic in topics:
+                pub.publish(topic, payload(topic, rounds))
+        await pub.publish_acked(topics[0] + ".sync", b"")  # wait until the broker took them
+        samples.append(conn.box.size)
+        assert rounds < 20_000, "the broker never fell behind"
+    return {topic: rounds for topic in topics}
+
+
+async def read_until(client: RawSocketClient, last: dict[str, int], extra: int = 0) -> list:
+    """Read until every topic's last sequence number was delivered or covered by a gap (and
+    `extra` more non-delivery messages arrived); returns what came, in order."""
+    seen = {topic: 0 for topic in last}
+    got: list = []
+    others = 0
+    while any(seen[t] < last[t] for t in last) or others < extra:
+        message = await asyncio.wait_for(client.recv(), 10)
+        got.append(message)
+        if isinstance(message, Delivery) and message.topic in seen:
+            seen[message.topic] = max(seen[message.topic], message.seq + len(message.data) - 1)
+        elif isinstance(message, GapNotice) and message.topic in seen:
+            seen[message.topic] = max(seen[message.topic], message.last)
+        else:
+            others += 1
+    return got
+
+
+def per_topic(got: list, topic: str) -> list:
+    """(kind, first, last, item) for the deliveries and gaps of one topic, in arrival order."""
+    out = []
+    for m in got:
+        if isinstance(m, Delivery) and m.topic == topic:
+            out.append(("msg", m.seq, m.seq + len(m.data) - 1, m))
+        elif isinstance(m, GapNotice) and m.topic == topic:
+            out.append(("gap", m.first, m.last, m))
+    return out
+
+
+def assert_exact_cover(items: list, last: int) -> tuple[int, int]:
+    """Deliveries and gaps of one topic follow each other without overlap or hole from 1 to
+    `last`, and every delivered payload is the one published with its sequence number.
+    Returns (messages delivered, messages in gaps)."""
+    expected = 1
+    delivered = lost = 0
+    for kind, first, end, item in items:
+        assert first == expected, f"{kind} starts at {first}, expected {expected}: {items[:8]}"
+        if kind == "msg":
+            for i, data in enumerate(item.data):
+                assert data == payload(item.topic, first + i)
+            delivered += end - first + 1
+        else:
+            lost += end - first + 1
+        expected = end + 1
+    assert expected == last + 1
+    return delivered, lost
+
+
+def test_drop_tells_the_exact_ranges_it_dropped_and_keeps_the_connection():
+    topics = ["d.a", "d.b", "d.c"]
+
+    async def main():
+        async with serving(max_pending_bytes=LIMIT, max_payload_bytes=64 << 10, slow_consumer_timeout_s=0.3) as server:
+            async with Client(url(server)) as pub:
+                slow = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await slow.send(Sub(1, "d.*", None, False, False, "drop"))
+                    assert isinstance(await slow.recv(), Ack)
+                    (conn,) = conns_with(server, {"d.*"})
+                    samples: list[int] = []
+                    last = await flood(pub, topics, conn, samples, lambda: server.router.stats.sheds >= 3)
+                    await slow.send(Sub(7, "other"))  # a reply queued behind the deliveries
+                    await asyncio.sleep(0.6)  # twice slow_consumer_timeout_s: still open
+                    assert conn.close_reason is None
+                    got = await read_until(slow, last, extra=1)
+                    assert Ack(7, 0, 0) in got, "the ack of a request made while behind was dropped"
+                    lost_total = 0
+                    for topic in topics:
+                        items = per_topic(got, topic)
+                        delivered, lost = assert_exact_cover(items, last[topic])
+                        assert lost and delivered, f"{topic}: nothing dropped or nothing delivered"
+                        assert items[-1][0] == "msg", "the newest messages are the ones kept"
+                        gaps = [item for kind, _, _, item in items if kind == "gap"]
+                        assert all(g.cause == "dropped" and g.reason.startswith("dropped") for g in gaps)
+                        lost_total += lost
+                    stats = server.router.stats
+                    assert stats.dropped == lost_total and stats.conflated == 0 and stats.sheds > 0
+                    assert stats.slow_consumers == 0 and conn.close_reason is None
+                    assert max(samples) <= LIMIT, f"queued {max(samples)} bytes, bound {LIMIT}"
+                finally:
+                    slow.close()
+
+    run(main())
+
+
+def test_conflate_keeps_the_newest_message_of_each_topic_and_marks_what_it_skipped():
+    topics = [f"c.{i}" for i in range(5)]
+
+    async def main():
+        async with serving(max_pending_bytes=LIMIT, max_payload_bytes=64 << 10, slow_consumer_timeout_s=0.3) as server:
+            async with Client(url(server)) as pub:
+                slow = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await slow.send(Sub(1, "c.*", None, False, False, "conflate"))
+                    assert isinstance(await slow.recv(), Ack)
+                    (conn,) = conns_with(server, {"c.*"})
+                    samples: list[int] = []
+                    last = await flood(pub, topics, conn, samples, lambda: server.router.stats.sheds >= 3)
+                    await asyncio.sleep(0.6)
+                    got = await read_until(slow, last)
+                    for topic in topics:
+                        items = per_topic(got, topic)
+                        delivered, lost = assert_exact_cover(items, last[topic])
+                        assert lost and delivered, f"{topic}: {delivered} delivered, {lost} conflated"
+                        assert items[-1][0] == "msg" and items[-1][2] == last[topic], "the newest message arrives"
+                        for i, (kind, first, end, item) in enumerate(items):
+                            if kind == "gap":
+                                assert item.cause == "conflated"
+                                # right after it: one message, the topic's newest at that moment
+                                assert items[i + 1][0] == "msg" and items[i + 1][1] == end + 1
+                    assert server.router.stats.conflated > 0 and server.router.stats.dropped == 0
+                    assert conn.close_reason is None and max(samples) <= LIMIT
+                finally:
+                    slow.close()
+
+    run(main())
+
+
+def test_a_subscription_chooses_its_policy_and_the_most_careful_one_wins():
+    """Server default conflate. Connection A holds `p.>` (the default); connection B holds
+    `p.>` too and `p.a` with policy disconnect. A flood on p.a conflates for A and closes B."""
+
+    async def main():
+        async with serving(max_pending_bytes=LIMIT, max_payload_bytes=64 << 10, slow_consumer_timeout_s=0.3, close_timeout_s=0.2, slow_consumer_policy="conflate") as server:
+            async with Client(url(server)) as pub:
+                a = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                b = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await a.send(Sub(1, "p.>"))
+                    assert isinstance(await a.recv(), Ack)
+                    await b.send(Sub(1, "p.>"))
+                    assert isinstance(await b.recv(), Ack)
+                    await b.send(Sub(2, "p.a", None, False, False, "disconnect"))
+                    assert isinstance(await b.recv(), Ack)
+                    (conn_a,) = conns_with(server, {"p.>"})
+                    (conn_b,) = conns_with(server, {"p.>", "p.a"})
+                    assert conn_a.session.policy_of(server.router.topic("p.a").id) == policy.CONFLATE
+                    assert conn_b.session.policy_of(server.router.topic("p.a").id) == policy.DISCONNECT
+                    assert conn_b.session.policy_of(server.router.topic("p.b").id) == policy.CONFLATE
+                    samples: list[int] = []
+                    last = await flood(pub, ["p.a"], conn_a, samples, lambda: conn_b.close_reason is not None and server.router.stats.sheds >= 2)
+                    assert conn_b.close_reason[0] == 1013
+                    assert conn_a.close_reason is None
+                    got = await read_until(a, last)
+                    assert_exact_cover(per_topic(got, "p.a"), last["p.a"])
+                    assert server.router.stats.slow_consumers == 1
+                finally:
+                    a.close()
+                    b.close()
+
+    run(main())
+
+
+def test_an_unknown_policy_is_refused_with_the_request_id():
+    async def main():
+        async with serving() as server:
+            client = await RawSocketClient.connect(server.port)
+            try:
+                await client.send(["sub", 5, "t", None, False, False, "sometimes"])
+                reply = await client.recv()
+                assert isinstance(reply, Err) and reply.id == 5 and reply.code == 1
+                assert "policy" in reply.text or "sometimes" in reply.text or "one of" in reply.text
+                await client.send(Sub(6, "t"))
+                assert await client.recv() == Ack(6, 0, 0)
+            finally:
+                client.close()
+            with pytest.raises(ValueError):
+                async with Client(url(server)) as c:
+                    await c.subscribe("t", policy="sometimes")
+
+    run(main())
+
+
+# the shedding pass on a queue, without sockets
+
+
+def _router_with(*names: str) -> Router:
+    router = Router(lambda: None)
+    for name in names:
+        router.topic(name)
+    return router
+
+
+def _read(pieces: list[bytes], router: Router) -> list:
+    """The server messages of a queue, as a client reads them."""
+    out = []
+    for _, payload in split_frames(assemble(pieces, 1 << 20)):
+        out.extend(decode_server_frame(payload))
+    return out
+
+
+def test_shedding_merges_into_its_own_earlier_gap_and_keeps_everything_else_in_order():
+    router = _router_with("s.a", "s.b")
+    a, b = router.topics["s.a"], router.topics["s.b"]
+    box = Outbox(None, 1000)
+    shed = policy.Shed()
+    drop_all = lambda topic_id: policy.DROP  # noqa: E731
+    box.push(encode_topic(a.id, a.name, a.epoch))
+    box.push(encode_batch(a.id, 1, [b"a1", b"a2"]))
+    box.push(encode(Ack(3, 0, 0)))
+    box.push(encode_batch(a.id, 3, [b"a3"]))
+    box.push(encode_topic(b.id, b.name, b.epoch))
+    box.push(encode_batch(b.id, 1, [b"b1"]))
+    dropped, conflated = shed.shed(box, drop_all, router.index.states, 0)
+    assert (dropped, conflated) == (4, 0)
+    out = _read(box.pieces, router)
+    kinds = [type(m).__name__ for m in out]
+    assert kinds == ["Topic", "GapNotice", "Ack", "Topic", "GapNotice"]
+    assert (out[1].topic, out[1].first, out[1].last, out[1].cause) == ("s.a", 1, 3, "dropped")
+    assert (out[4].topic, out[4].first, out[4].last) == ("s.b", 1, 1)
+    # more arrives before any of it was written: the second pass extends the same gaps
+    box.push(encode_batch(a.id, 4, [b"a4", b"a5"]))
+    box.push(encode_batch(b.id, 2, [b"b2"]))
+    assert shed.shed(box, drop_all, router.index.states, 0) == (3, 0)
+    out = _read(box.pieces, router)
+    assert [type(m).__name__ for m in out] == ["Topic", "GapNotice", "Ack", "Topic", "GapNotice"]
+    assert (out[1].first, out[1].last, out[4].first, out[4].last) == (1, 5, 1, 2)
+    assert box.size == sum(map(len, box.pieces))
+
+
+def test_conflating_a_queue_keeps_each_topics_newest_message_after_its_gap():
+    router = _router_with("k.a", "k.b")
+    a, b = router.topics["k.a"], router.topics["k.b"]
+    box = Outbox(None, 1 << 20)
+    shed = policy.Shed()
+    conflate = lambda topic_id: policy.CONFLATE if topic_id == a.id else policy.DISCONNECT  # noqa: E731
+    box.push(encode_topic(a.id, a.name, a.epoch))
+    box.push(encode_batch(a.id, 1, [b"a1", b"a2"]))
+    box.push(encode_topic(b.id, b.name, b.epoch))
+    box.push(encode_batch(b.id, 1, [b"b1", b"b2"]))
+    box.push(encode_batch(a.id, 3, [b"a3", b"a4", b"a5"]))
+    box.push(encode_batch(b.id, 3, [b"b3"]))
+    assert shed.shed(box, conflate, router.index.states, 1 << 20) == (0, 4)
+    out = _read(box.pieces, router)
+    gap = next(m for m in out if isinstance(m, GapNotice))
+    assert (gap.topic, gap.first, gap.last, gap.cause) == ("k.a", 1, 4, "conflated")
+    batches = [(bt.topic_id, bt.seq, bt.data) for m in out if type(m).__name__ == "Msg" for bt in m.batches]
+    # k.b (disconnect) untouched; k.a only its newest, after the gap
+    assert batches == [(b.id, 1, [b"b1", b"b2"]), (a.id, 5, [b"a5"]), (b.id, 3, [b"b3"])]
+    names = [type(m).__name__ for m in out]
+    assert names.index("GapNotice") < max(i for i, m in enumerate(out) if type(m).__name__ == "Msg")
+
+
+def test_the_python_client_marks_the_message_after_a_conflated_gap():
+    sub = Subscription.__new__(Subscription)
+    Subscription.__init__(sub, None, "q.*", None, 100)  # type: ignore[arg-type]
+    sub._receive("q.a", 9, 1, [b"1"])
+    sub._gap(Gap("q.a", 9, 2, 6, "conflated", "conflated"))
+    sub._receive("q.a", 9, 7, [b"7", b"8"])
+    sub._gap(Gap("q.a", 9, 9, 9, "dropped", "dropped"))
+    sub._receive("q.a", 9, 10, [b"10"])
+    items = list(sub._queue)
+    assert items == [
+        Message("q.a", 9, 1, b"1"),
+        Gap("q.a", 9, 2, 6, "conflated", "conflated"),
+        Message("q.a", 9, 7, b"7", True),
+        Message("q.a", 9, 8, b"8"),
+        Gap("q.a", 9, 9, 9, "dropped", "dropped"),
+        Message("q.a", 9, 10, b"10"),
+    ]
