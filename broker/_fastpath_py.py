@@ -761,8 +761,8 @@ class Index:
         if box.nsubs == 0:
             self._join_solo(node, box)
         else:
-            if box.nsubs == 1:
-                old = box.solo_node
+            old = box.solo_node
+            if old is not None:  # its only subscription so far (a box left with one plain membership has none)
                 self._leave_solo(old, box)
                 old.members[box] = None
             node.members[box] = None

@@ -367,6 +367,21 @@ def test_index_nodes_follow_subscriptions(fastpath_impl):
         index.add_topic(impl.TopicState(7, "md.q", 1))  # ids are dense
 
 
+def test_a_box_left_with_one_plain_membership_can_subscribe_again(fastpath_impl):
+    """Two subscriptions, one dropped without `settle`: the box is a plain member of the other
+    node, not a solo member of any; a new subscription must not take it for one (the compiled
+    index once dereferenced the missing solo node here)."""
+    impl = fastpath_impl
+    index = impl.Index()
+    box = impl.Outbox("a", 1 << 30)
+    state = impl.TopicState(0, "x", 1)
+    index.add_topic(state)
+    assert index.subscribe("*", box) and index.subscribe("*.*", box) and index.unsubscribe("*", box)
+    assert box.solo_node is None and box.nsubs == 1
+    assert index.subscribe("*", box)
+    assert box.nsubs == 2 and index.receivers("x") == [box] and index.receivers("x.y") == [box]
+
+
 PATTERNS = ["a", "a.b", "a.b.c", "a.*", "a.>", "*.b", "*.*", ">", "a.*.c", "*.b.>", "x.>", "a.b.*", "*", "b.*.c"]
 TOPICS = ["a", "b", "a.b", "a.c", "b.b", "a.b.c", "a.x.c", "b.b.c", "a.b.c.d", "x.y", "x"]
 
