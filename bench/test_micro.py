@@ -127,3 +127,27 @@ def test_assemble_256_batches(benchmark, impl):
     """One connection's frame of a tick: 256 batches of one payload each (the wildcard case)."""
     pieces = [impl.encode_batch(i, 1000 + i, [PAYLOAD]) for i in range(256)]
     benchmark(impl.assemble, pieces, 1 << 20)
+
+
+@pytest.mark.parametrize("how", ["drop", "conflate"])
+def test_shed_a_queue_of_1000_batches(benchmark, impl, how):
+    """A connection behind: 1,000 queued batches of 10 payloads on 100 topics, shed by one
+    policy pass (the slow path; it runs about once per half max_pending_bytes of new data)."""
+    from broker import policy
+    from broker.router import Router
+
+    router = Router(lambda: None)
+    states = [router.topic(f"t.{i}") for i in range(100)]
+    pieces = [impl.encode_batch(states[i % 100].id, 1 + 10 * (i // 100), [PAYLOAD] * 10) for i in range(1000)]
+    chosen = policy.DROP if how == "drop" else policy.CONFLATE
+
+    def setup():
+        box = impl.Outbox(None, 1 << 30)
+        for piece in pieces:
+            box.push(piece)
+        return (box,), {}
+
+    def shed(box):
+        policy.Shed().shed(box, lambda topic_id: chosen, router.index.states, box.size // 2)
+
+    benchmark.pedantic(shed, setup=setup, rounds=50)
