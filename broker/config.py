@@ -56,6 +56,41 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     shutdown_close_code: Literal[1001, 1012] = 1001
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+    # [tls]
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # [auth]
+    auth_jwt_secret: str = ""
+    auth_jwt_public_key_file: str = ""
+    auth_jwks_file: str = ""
+    auth_audience: str = ""
+    auth_issuer: str = ""
+    auth_leeway_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    auth_token_sources: str = "header,subprotocol"
+    auth_query_param: str = "token"
+    auth_anonymous: bool = False
+    auth_anonymous_subscribe: str = ""
+    auth_anonymous_publish: str = ""
+    auth_denylist_file: str = ""
+    auth_user_claim: str = "sub"
+    auth_subscribe_claim: str = "subscribe"
+    auth_publish_claim: str = "publish"
+    auth_max_token_bytes: Positive = 8192
+    # [limits] (with the limits above)
+    max_connections: Positive = 10_000
+    max_connections_per_ip: Positive = 1000
+    max_connections_per_user: Positive = 100
+    allowed_origins: str = ""
+    frame_timeout_s: Seconds = 10.0
+    publish_rate: Annotated[float, msgspec.Meta(ge=0)] = 1_000_000.0
+    publish_burst: Annotated[float, msgspec.Meta(ge=0)] = 1_000_000.0
+    user_publish_rate: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    user_publish_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
+    new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 10_000.0
+    user_new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    user_new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    rate_limit_close_after: Positive = 10_000
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -73,6 +108,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_outbound_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
+        sources = [t.strip() for t in self.auth_token_sources.split(",") if t.strip()]
+        if not sources or not set(sources) <= {"header", "subprotocol", "query"}:
+            raise ValueError("auth_token_sources lists one or more of header, subprotocol, query")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file needs tls_cert_file")
         if self.max_total_pending_bytes < self.max_pending_bytes:
             raise ValueError("max_total_pending_bytes must be at least max_pending_bytes")
         if envelope > self.max_pending_bytes:
@@ -82,6 +122,22 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 FIELDS: tuple[str, ...] = Config.__struct_fields__
+
+# Tables of a config file, each mapping its keys to settings: `[tls] cert_file` is
+# `tls_cert_file` (env BROKER_TLS_CERT_FILE, flag --tls-cert-file). Every setting may also
+# stand at the top level under its full name.
+LIMITS = (
+    "max_frame_bytes", "max_payload_bytes", "max_pending_bytes", "max_batch_messages", "max_subscriptions",
+    "max_topics", "max_topic_length", "max_open_requests", "handshake_timeout_s", "max_connections",
+    "max_connections_per_ip", "max_connections_per_user", "allowed_origins", "frame_timeout_s", "publish_rate",
+    "publish_burst", "user_publish_rate", "user_publish_burst", "new_topic_rate", "new_topic_burst",
+    "user_new_topic_rate", "user_new_topic_burst", "rate_limit_close_after",
+)
+SECTIONS: dict[str, dict[str, str]] = {
+    "tls": {name[4:]: name for name in FIELDS if name.startswith("tls_")},
+    "auth": {name[5:]: name for name in FIELDS if name.startswith("auth_")},
+    "limits": {name: name for name in LIMITS},
+}
 
 HELP = {
     "host": "interface to listen on",
@@ -116,6 +172,38 @@ HELP = {
     "shutdown_close_code": "1001 (going away: 'server shutting down') or 1012 (service restart: 'server restarting'), the close code clients get at shutdown",
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value) or json",
+    "tls_cert_file": "[tls] PEM file with the server certificate (and its chain): with it the broker serves wss:// only; reloaded on SIGHUP",
+    "tls_key_file": "[tls] PEM file with the certificate's private key (default: in tls_cert_file)",
+    "auth_jwt_secret": "[auth] HS256 secret of the JWTs clients present; setting any key turns authentication on",
+    "auth_jwt_public_key_file": "[auth] PEM public key (RSA for RS256, EC P-256 for ES256) of the JWTs clients present",
+    "auth_jwks_file": "[auth] JWKS file of the keys JWTs may be signed with (picked by kid), read again when it changes",
+    "auth_audience": "[auth] the aud a token must name ('': aud not checked)",
+    "auth_issuer": "[auth] the iss a token must carry ('': iss not checked)",
+    "auth_leeway_s": "[auth] seconds of clock skew allowed for exp, nbf and iat",
+    "auth_token_sources": "[auth] where a token is taken from, in order: any of header (Authorization: Bearer), subprotocol (a Sec-WebSocket-Protocol entry bearer.TOKEN), query (the URL's query parameter auth_query_param)",
+    "auth_query_param": "[auth] the query parameter holding a token when auth_token_sources has query",
+    "auth_anonymous": "[auth] with authentication on, let clients without a token in with the anonymous grants",
+    "auth_anonymous_subscribe": "[auth] comma-separated patterns a client without a token may subscribe to",
+    "auth_anonymous_publish": "[auth] comma-separated patterns a client without a token may publish to",
+    "auth_denylist_file": "[auth] file of revoked token ids (jti), one per line; read again when it changes and on SIGHUP, and applied to open connections",
+    "auth_user_claim": "[auth] the claim naming the user (per-user limits, logs)",
+    "auth_subscribe_claim": "[auth] the claim listing the patterns a token may subscribe to",
+    "auth_publish_claim": "[auth] the claim listing the patterns a token may publish and send requests to",
+    "auth_max_token_bytes": "[auth] longest token accepted",
+    "max_connections": "[limits] connections the broker holds at once; more are refused with 503",
+    "max_connections_per_ip": "[limits] connections from one IP address at once; more are refused with 429",
+    "max_connections_per_user": "[limits] connections of one user (auth_user_claim) at once; more are refused with 429",
+    "allowed_origins": "[limits] comma-separated Origin values a browser may connect from ('': any; requests without Origin are not browsers and are let in)",
+    "frame_timeout_s": "[limits] seconds a client has to complete a frame it started; slower ones are closed (1008)",
+    "publish_rate": "[limits] messages per second one connection may publish (0: no limit); past its burst they are refused with err 15",
+    "publish_burst": "[limits] messages one connection may publish at once above publish_rate",
+    "user_publish_rate": "[limits] messages per second all connections of one user may publish together (0: no limit)",
+    "user_publish_burst": "[limits] messages one user may publish at once above user_publish_rate",
+    "new_topic_rate": "[limits] new topics per second one connection may create by publishing (0: no limit); past its burst refused with err 15",
+    "new_topic_burst": "[limits] new topics one connection may create at once above new_topic_rate",
+    "user_new_topic_rate": "[limits] new topics per second one user may create (0: no limit)",
+    "user_new_topic_burst": "[limits] new topics one user may create at once above user_new_topic_rate",
+    "rate_limit_close_after": "[limits] messages refused for a rate limit, in a row within 10 s, after which the connection is closed (1008)",
 }
 
 
@@ -153,10 +241,23 @@ def _read_file(path: str) -> dict[str, Any]:
     section = data.get("broker", data)
     if not isinstance(section, dict):
         raise ConfigError(f"config file {path}: [broker] must be a table")
-    unknown = sorted(set(section) - set(FIELDS))
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in section.items():
+        table = SECTIONS.get(key)
+        if table is not None and isinstance(value, dict):
+            for name, item in value.items():
+                if name in table:
+                    out[table[name]] = item
+                else:
+                    unknown.append(f"{key}.{name}")
+        elif key in FIELDS:
+            out[key] = value
+        else:
+            unknown.append(key)
     if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return dict(section)
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return out
 
 
 def _describe(exc: msgspec.ValidationError) -> str:

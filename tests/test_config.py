@@ -56,3 +56,17 @@ def test_bad_files(tmp_path):
         load({}, environ={}, config_file=write(tmp_path, "port = \n"))
     with pytest.raises(ConfigError, match="cannot read"):
         load({}, environ={}, config_file=str(tmp_path / "missing.toml"))
+
+
+def test_sections_of_a_config_file_name_their_settings(tmp_path):
+    path = tmp_path / "broker.toml"
+    path.write_text('port = 9000\n[tls]\ncert_file = "c.pem"\n[auth]\njwt_secret = "s"\nleeway_s = 5\n[limits]\nmax_connections = 7\nmax_frame_bytes = 2000000\n')
+    config = load({}, environ={}, config_file=str(path))
+    assert (config.port, config.tls_cert_file, config.auth_jwt_secret, config.auth_leeway_s) == (9000, "c.pem", "s", 5.0)
+    assert (config.max_connections, config.max_frame_bytes) == (7, 2000000)
+    # the environment and flags win over the file, under the settings' full names
+    config = load({"max_connections": "9"}, environ={"BROKER_TLS_CERT_FILE": "e.pem", "BROKER_MAX_CONNECTIONS": "8"}, config_file=str(path))
+    assert (config.tls_cert_file, config.max_connections) == ("e.pem", 9)
+    path.write_text("[auth]\nnot_a_setting = 1\n[limits]\ntls_cert_file = 'x'\n")
+    with pytest.raises(ConfigError, match="auth.not_a_setting, limits.tls_cert_file"):
+        load({}, environ={}, config_file=str(path))

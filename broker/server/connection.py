@@ -39,7 +39,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "held", "user", "_buffer", "_needed", "_timer", "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self._queued = False  # waiting in the server's queue of connections to resume
         self.held = False  # not read while the broker's queued bytes are past their global bound
+        self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
 
     # asyncio protocol
 
