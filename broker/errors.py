@@ -26,6 +26,9 @@ class ErrorCode(enum.IntEnum):
     REQUEST_TIMEOUT = 12  # no `reply` to a `req` within its timeout
     UNKNOWN_REQUEST = 13  # a `reply` to a request that is not (or no longer) waiting for this connection
     TOO_MANY_REQUESTS = 14  # the connection has max_open_requests requests waiting
+    RATE_LIMITED = 15  # past a publish or topic-creation rate limit of the connection or its user
+    FORBIDDEN = 16  # the token's grants do not allow this subscribe, publish or request
+    BAD_TOKEN = 17  # an `auth` message's token is invalid, expired, revoked or names another user
 
 
 class CloseCode(enum.IntEnum):
@@ -38,7 +41,10 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009  # frame larger than max_frame_bytes
     INTERNAL_ERROR = 1011  # a bug in the broker; logged with a traceback
     SERVICE_RESTART = 1012  # shutdown with shutdown_close_code 1012: the broker comes back
+    POLICY_VIOLATION = 1008  # persistent rate-limit abuse, or a frame not completed within frame_timeout_s
     SLOW_CONSUMER = 1013  # stayed behind by more than max_pending_bytes
+    TOKEN_EXPIRED = 4001  # the token expired and no fresh one came in an `auth` message
+    TOKEN_REVOKED = 4003  # the token's jti was put on the denylist
 
 
 class BrokerError(Exception):
