@@ -88,8 +88,16 @@ class Reply(_Wire, tag="reply"):
     data: bytes
 
 
-ClientMessage = Union[Sub, Unsub, Pub, Req, Reply]
-CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply")
+class Auth(_Wire, tag="auth"):
+    """A fresh token for this connection (before the current one expires): the same user,
+    its grants replace the old ones."""
+
+    id: RequestId
+    token: str
+
+
+ClientMessage = Union[Sub, Unsub, Pub, Req, Reply, Auth]
+CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply", "auth")
 
 
 # Server to client

@@ -24,7 +24,7 @@ from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo, stamp
 from .messages import Ack, Err, GapNotice, Reply, Request, encode
-from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, validate_pattern, validate_topic
+from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, matches, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
 # bytes, and subscription-index steps (trie nodes visited, topic lists changed).
@@ -39,7 +39,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -56,6 +56,7 @@ class RouterStats:
         self.timeouts = 0  # requests that got no reply in time
         self.dead_letters = 0  # client messages that could not be processed (see Router.dead_letters)
         self.retired = 0  # topics forgotten after staying quiet
+        self.denied = 0  # subscribes, publishes and requests refused for want of a grant
         self.sheds = 0  # times a connection's queue was shed by its drop or conflate policy
         self.dropped = 0  # messages dropped for connections behind (policy drop), each announced by a gap
         self.conflated = 0  # messages skipped for connections behind (policy conflate), each announced by a gap
@@ -436,12 +437,14 @@ class Router:
 
     # recovery
 
-    def recover(self, pattern: str, box: Outbox, since: tuple | None, last: bool) -> None:
+    def recover(self, pattern: str, box: Outbox, since: tuple | None, last: bool, within: list[str] | None = None) -> None:
         """Queue on `box` what a new subscription asked for from history, after its ack and
         before anything live: the messages after `since`, or the latest message of each
         matching topic (`last`), with a gap notice for every range that cannot be replayed.
 
         `since` is (epoch, seq) for a topic, (time_ms, {topic: (epoch, seq)}) for a pattern.
+        `within`: the patterns the subscription holds when the connection's grants narrowed
+        it; only their topics are recovered (a listed topic outside them is passed over).
         A replay stops before the connection's queue passes max_pending_bytes; what it could
         not send is reported as gaps."""
         if since is None and not last:
@@ -455,9 +458,15 @@ class Router:
                 self._send_latest(box, state)
             self.schedule_write(box)
             return
-        states = self.index.matching(pattern)
+        if within is None:
+            states = self.index.matching(pattern)
+        else:
+            found = {state.id: state for held in within for state in self.index.matching(held)}
+            states = list(found.values())
         self.index.work += len(states)
         listed: dict = since[1] if since is not None else {}
+        if within is not None and listed:
+            listed = {name: position for name, position in listed.items() if any(matches(held, name) for held in within)}
         for state in states:
             position = listed.get(state.name)
             if position is not None:

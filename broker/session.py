@@ -12,10 +12,11 @@ else of this connection is handled in between.
 
 from __future__ import annotations
 
+from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
+from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Auth, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
@@ -46,12 +47,23 @@ class Limits:
 class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
-        "shedding", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
+        "shedding", "identity", "authenticator", "denied", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
+        "_held", "_effective", "_allowed", "_allowed_mark",
     )
 
-    def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
+    def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None) -> None:
         self.router = router
         self.limits = limits
+        self.identity = identity  # who the token names and what it grants (grants None: anything)
+        self.authenticator = authenticator  # checks the tokens of `auth` messages
+        self.denied = 0  # requests refused for want of a grant
+        # With grants, each subscription holds its intersections with them in the index
+        # (`_effective`), counted in `_held` since two subscriptions may share one; publishes
+        # on the compiled path look topics up in `_allowed`, those this connection may publish to.
+        self._held: dict[str, int] = {}
+        self._effective: dict[str, list[str]] = {}
+        self._allowed: dict[bytes, object] = {}
+        self._allowed_mark = 0
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: dict[str, int] = {}  # pattern -> its slow-consumer policy
         self.responding: set[str] = set()  # topics whose requests this connection answers
@@ -132,7 +144,13 @@ class Session:
         # one compiled call. Anything else (or anything unusual) returns -1, nothing applied.
         count = -1
         if router.backplane.sequences_at_once:
-            count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+            table = router.topics_by_key
+            if self.identity.grants is not None:
+                table = self._allowed
+                if self._allowed_mark != router.stats.retired:  # a topic retired: its state is gone
+                    table.clear()
+                    self._allowed_mark = router.stats.retired
+            count = fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
             self.published += count
@@ -178,18 +196,30 @@ class Session:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"payload is {len(message.data)} bytes; the limit is {max_payload}",
                         )
+                    grants = self.identity.grants
+                    if grants is not None and not grants.may_publish(message.topic):
+                        self._forbid(f"not allowed to publish to {message.topic[:256]!r}")
                     self.published += 1
                     router.publish(message.topic, message.data, box, message.id, message.msg_id)
+                    if grants is not None:
+                        state = router.topics.get(message.topic)
+                        if state is not None:
+                            self._allowed[state.key] = state
                 elif kind is Sub:
                     self._subscribe(message)
                 elif kind is Unsub:
                     self._unsubscribe(message)
                 elif kind is Req:
                     self._check_payload(message.data, max_payload)
+                    grants = self.identity.grants
+                    if grants is not None and not grants.may_publish(message.topic):
+                        self._forbid(f"not allowed to send requests to {message.topic[:256]!r}")
                     router.request(box, message.id, message.topic, message.data, message.timeout_ms)
                 elif kind is Reply:
                     self._check_payload(message.data, max_payload)
                     router.reply(box, message.id, message.data)
+                elif kind is Auth:
+                    self._authenticate(message)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
                 if kind is Pub:  # a message that will reach nobody
@@ -218,9 +248,20 @@ class Session:
                 f"this connection holds {len(subscriptions)} subscriptions, the limit",
             )
         router = self.router
+        grants = self.identity.grants
+        effective = None
+        if grants is not None:
+            effective = grants.subscriptions_for(pattern)
+            if not effective:
+                self._forbid(f"not allowed to subscribe to {pattern!r}")
         since = None if message.since is None else _since(pattern, message.since, router)
         policy = BY_NAME[message.policy] if message.policy else self.limits.policy
-        router.subscribe(pattern, self.box)
+        if effective is None:
+            router.subscribe(pattern, self.box)
+        else:
+            self._effective[pattern] = effective
+            for held in effective:
+                self._hold(held)
         subscriptions[pattern] = policy
         self._policy_changed(policy, 1)
         if is_pattern(pattern):
@@ -232,7 +273,7 @@ class Session:
             epoch, seq = (state.epoch, state.seq) if state is not None else (0, 0)
         if message.id:
             router.send(self.box, encode(Ack(message.id, epoch, seq)))
-        router.recover(pattern, self.box, since, message.last)
+        router.recover(pattern, self.box, since, message.last, effective)
 
     def _respond(self, message: Sub) -> None:
         topic = message.topic
@@ -240,6 +281,9 @@ class Session:
             validate_pattern(topic, self.router.max_topic_length)
             raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"a responder answers one concrete topic, not {topic!r}")
         validate_topic(topic, self.router.max_topic_length)
+        grants = self.identity.grants
+        if grants is not None and not grants.may_receive(topic):
+            self._forbid(f"not allowed to respond to {topic!r}")
         if topic in self.responding:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
         if len(self.subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
@@ -262,8 +306,63 @@ class Session:
         if pattern not in subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
         self._policy_changed(subscriptions.pop(pattern), -1)
-        remaining = next(iter(subscriptions)) if len(subscriptions) == 1 else None
+        effective = self._effective.pop(pattern, None)
+        if effective is None:
+            remaining = next(iter(subscriptions)) if len(subscriptions) == 1 else None
+            self.router.unsubscribe(pattern, self.box, remaining)
+        else:
+            for held in effective:
+                self._release(held)
+        if message.id:
+            self.router.send(self.box, encode(Ack(message.id)))
+
+    # grants
+
+    def _forbid(self, text: str) -> None:
+        self.denied += 1
+        self.router.stats.denied += 1
+        raise RequestError(ErrorCode.FORBIDDEN, text)
+
+    def _hold(self, pattern: str) -> None:
+        """Hold `pattern` in the index for one more subscription."""
+        count = self._held.get(pattern, 0)
+        if not count:
+            self.router.subscribe(pattern, self.box)
+        self._held[pattern] = count + 1
+
+    def _release(self, pattern: str) -> None:
+        count = self._held[pattern] - 1
+        if count:
+            self._held[pattern] = count
+            return
+        del self._held[pattern]
+        remaining = next(iter(self._held)) if len(self._held) == 1 else None
         self.router.unsubscribe(pattern, self.box, remaining)
+
+    def _authenticate(self, message: Auth) -> None:
+        """A fresh token: the same user; its expiry and grants replace the old ones, and every
+        subscription is narrowed (or widened) to the new grants."""
+        if self.authenticator is None or not self.authenticator.enabled:
+            raise RequestError(ErrorCode.BAD_TOKEN, "this server does not authenticate; auth is not needed")
+        try:
+            identity = self.authenticator.verify(message.token)
+        except AuthError as error:
+            raise RequestError(ErrorCode.BAD_TOKEN, error.text) from None
+        if identity.user != self.identity.user:
+            raise RequestError(ErrorCode.BAD_TOKEN, "the token names another user than this connection's")
+        old = self.identity.grants
+        self.identity = identity
+        grants = identity.grants
+        if grants != old:
+            self._allowed.clear()
+            for pattern in self.subscriptions:
+                new = grants.subscriptions_for(pattern)
+                previous = self._effective.get(pattern, [])
+                for held in new:
+                    self._hold(held)
+                for held in previous:
+                    self._release(held)
+                self._effective[pattern] = new
         if message.id:
             self.router.send(self.box, encode(Ack(message.id)))
 
@@ -283,9 +382,13 @@ class Session:
         for topic in self.responding:
             self.router.remove_responder(topic, self.box)
         self.responding.clear()
-        if self.subscriptions:
+        if self._held:
+            self.router.remove_all(self.box, self._held)
+            self._held.clear()
+            self._effective.clear()
+        elif self.subscriptions:
             self.router.remove_all(self.box, self.subscriptions)
-            self.subscriptions.clear()
+        self.subscriptions.clear()
         self.shedding = None
         self.box.clear()
 

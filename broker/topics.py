@@ -78,6 +78,31 @@ def matches(pattern: str, topic: str) -> bool:
     return len(p) == len(t)
 
 
+def intersect(a: str, b: str) -> str | None:
+    """The pattern matching exactly the topics both `a` and `b` match (either may be a plain
+    topic), or None when no topic matches both. Patterns are products of per-token sets (`*`
+    one token, `>` one or more), so their intersection is one pattern or nothing."""
+    x = a.split(".")
+    y = b.split(".")
+    out = []
+    for i in range(max(len(x), len(y))):
+        p = x[i] if i < len(x) else None
+        q = y[i] if i < len(y) else None
+        if p == ">":
+            return ".".join(out + y[i:]) if q is not None else None
+        if q == ">":
+            return ".".join(out + x[i:]) if p is not None else None
+        if p is None or q is None:
+            return None
+        if p == "*":
+            out.append(q)
+        elif q == "*" or p == q:
+            out.append(p)
+        else:
+            return None
+    return ".".join(out)
+
+
 S = TypeVar("S", bound=Hashable)
 
 

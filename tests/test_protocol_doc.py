@@ -27,6 +27,7 @@ from broker.errors import CloseCode, ErrorCode
 from broker.messages import (
     SUBPROTOCOL,
     Ack,
+    Auth,
     Batch,
     Err,
     GapNotice,
@@ -57,7 +58,7 @@ _EXAMPLE = re.compile(
     re.MULTILINE,
 )
 
-CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply}
+CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply, "auth": Auth}
 SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "msg": Msg}
 
 
@@ -227,7 +228,7 @@ def test_close_code_table_lists_exactly_close_code():
     assert unnamed == {1006, 1007}
 
 
-@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Ack, Err, Topic, GapNotice, Request])
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Auth, Ack, Err, Topic, GapNotice, Request])
 def test_field_tables_match_the_structs(struct):
     tag = struct.__struct_config__.tag
     body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))

@@ -125,3 +125,21 @@ def test_index_matches_naive_model(operations):
         assert len(got) == len(set(got))
         assert set(got) == {s for p, s in model if matches(p, topic)}
     assert len(index) == len(model)
+
+
+def test_intersect_is_exactly_the_topics_both_patterns_match():
+    from broker.topics import intersect
+
+    assert intersect("md.>", "md.NASDAQ.*") == "md.NASDAQ.*"
+    assert intersect("md.NASDAQ.*", "md.>") == "md.NASDAQ.*"
+    assert intersect(">", "a.*") == "a.*" and intersect("*.x", "md.>") == "md.x"
+    assert intersect("a.*", "*.b") == "a.b" and intersect("a.b", "a.b") == "a.b"
+    assert intersect("md.>", "md") is None and intersect("a.*", "b.*") is None and intersect("a.*", "a.b.c") is None
+    assert intersect("*.>", "a.>") == "a.>"
+    topics = ["a", "b", "a.b", "a.c", "b.b", "a.b.c", "a.x.c", "b.b.c", "a.b.c.d", "x.y", "x"]
+    patterns = ["a", "a.b", "a.*", "a.>", "*.b", "*.*", ">", "a.*.c", "*.b.>", "x.>", "a.b.*", "*", "b.*.c"] + topics
+    for p in patterns:
+        for q in patterns:
+            both = intersect(p, q)
+            for t in topics:
+                assert (matches(p, t) and matches(q, t)) == (both is not None and matches(both, t)), (p, q, t, both)

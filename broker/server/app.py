@@ -21,6 +21,7 @@ import time
 from collections import deque
 
 from .. import __version__, policy
+from ..auth import Authenticator
 from ..backplane import MemoryBackplane
 from ..config import Config
 from ..errors import CloseCode
@@ -60,6 +61,9 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.auth = Authenticator(config)  # raises ConfigError for unusable keys or files
+        origins = tuple(o.strip() for o in config.allowed_origins.split(",") if o.strip())
+        self.rules = handshake.Rules(config.path, SUBPROTOCOL, self.auth, origins)
         self.backplane = MemoryBackplane(
             max_messages=config.history_max_messages,
             max_bytes=config.history_max_bytes,
@@ -177,27 +181,40 @@ class Server:
         self._next_id += 1
         return Connection(self, self._next_id)
 
-    def check_request(self, request: handshake.Request) -> str:
-        """The server's checks of an upgrade request, in the documented order, then RFC 6455's;
-        returns the Sec-WebSocket-Accept value or raises HandshakeError."""
-        cfg = self.config
-        path = request.path.partition("?")[0]
-        if path != cfg.path:
-            raise handshake.HandshakeError(404, f"no WebSocket endpoint at {path}; connect to {cfg.path}")
-        if self._closing:
-            raise handshake.HandshakeError(503, "server is shutting down")
-        version = request.header("sec-websocket-version")
-        if version is not None and version.strip() != "13":
-            raise handshake.HandshakeError(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
-        offered = request.tokens("sec-websocket-protocol")
-        if SUBPROTOCOL not in offered:
-            why = f"offered {', '.join(offered)}" if offered else "no Sec-WebSocket-Protocol header"
-            raise handshake.HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {SUBPROTOCOL}")
-        return handshake.check_upgrade(request)
+    def check_request(self, request: handshake.Request) -> handshake.Accepted:
+        """The server's rules for an upgrade request (handshake.Rules, in the documented
+        order); returns what it accepts or raises HandshakeError."""
+        return self.rules.check(request, self._closing)
 
-    def refused(self, error: handshake.HandshakeError) -> None:
+    def refused(self, error: handshake.HandshakeError, peer: str = "") -> None:
         self.handshakes_refused += 1
-        logs.event(logging.INFO, "handshake_refused", status=error.status, reason=error.text)
+        level = logging.WARNING if error.status in (401, 403) else logging.INFO
+        logs.event(level, "handshake_refused", peer=peer, status=error.status, reason=error.text)
+
+    # authentication
+
+    def _check_tokens(self) -> None:
+        """Read the JWKS and denylist files again if they changed; close the connections whose
+        token was revoked or expired (within a sweep period of the moment)."""
+        auth = self.auth
+        if not auth.enabled:
+            return
+        try:
+            auth.refresh()
+        except Exception as exc:  # a broken file keeps what was read before
+            logs.event(logging.ERROR, "auth_files_unreadable", reason=str(exc))
+        now = time.time()
+        for conn in list(self.connections.values()):
+            session = conn.session
+            if conn.state != OPEN or session is None:
+                continue
+            identity = session.identity
+            if auth.revoked(identity):
+                logs.event(logging.WARNING, "token_revoked", conn=conn.id, user=identity.user, peer=conn.peer)
+                conn.close(CloseCode.TOKEN_REVOKED, "token revoked")
+            elif identity.expires is not None and now >= identity.expires:
+                logs.event(logging.INFO, "token_expired", conn=conn.id, user=identity.user, peer=conn.peer)
+                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
 
     # per-tick flush
 
@@ -402,6 +419,7 @@ class Server:
         stayed behind, and forget history past its age. Runs a few times a second;
         O(connections) plus the history that expired."""
         self.backplane.sweep()
+        self._check_tokens()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))
         self._recount()
         self._write_dead_letters()

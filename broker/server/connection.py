@@ -153,7 +153,7 @@ class Connection(asyncio.Protocol):
         self._buffer = None
         try:
             request = handshake.parse_request(bytes(buffer[:end]))
-            accept = self.server.check_request(request)
+            accepted = self.server.check_request(request)
         except handshake.HandshakeError as error:
             self._refuse(error)
             return
@@ -161,12 +161,14 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         server = self.server
-        self.session = Session(server.router, server.limits, owner=self)
+        identity = accepted.identity
+        self.user = identity.user
+        self.session = Session(server.router, server.limits, owner=self, identity=identity, authenticator=server.auth)
         self.box = self.session.box
         self.state = OPEN
-        self.transport.write(handshake.accept_response(accept, SUBPROTOCOL))
+        self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))
         server.connections[self.id] = self
-        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer)
+        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user)
         if rest:
             self._consume(rest, 0, False)
 
@@ -176,7 +178,7 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.server.refused(error)
+        self.server.refused(error, self.peer)
         self.transport.write(handshake.error_response(error.status, error.text, error.headers))
         self.transport.close()
 

@@ -1,7 +1,8 @@
 """The HTTP side of the WebSocket handshake (RFC 6455 section 4), without I/O.
 
-`parse_request` reads an upgrade request head; `accept_response` and `error_response` build the
-bytes the server answers with. Policy (which path, which subprotocol) is the server's.
+`parse_request` reads an upgrade request head; `Rules.check` applies every rule the server has
+(path, shutdown, version, subprotocol, Origin, the upgrade itself, the token) in the documented
+order; `accept_response` and `error_response` build the bytes the server answers with.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import base64
 import binascii
 import hashlib
 from http import HTTPStatus
+from typing import NamedTuple
+
+from ..auth import AuthError, Authenticator, Identity
 
 # Longest request head the server reads before it refuses the request.
 MAX_HEAD_BYTES = 16 << 10
@@ -94,6 +98,51 @@ def check_upgrade(request: Request) -> str:
     if len(raw) != 16:
         raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
     return base64.b64encode(hashlib.sha1(key.encode("ascii") + _GUID).digest()).decode("ascii")
+
+
+class Accepted(NamedTuple):
+    """An upgrade request the server accepts: the Sec-WebSocket-Accept value and who it is."""
+
+    accept: str
+    identity: Identity
+
+
+class Rules:
+    """The server's rules for upgrade requests. `origins`: the Origin values a browser may
+    connect from (empty: any; a request without Origin is not from a browser and passes)."""
+
+    def __init__(self, path: str, subprotocol: str, authenticator: Authenticator, origins: tuple[str, ...] = ()) -> None:
+        self.path = path
+        self.subprotocol = subprotocol
+        self.authenticator = authenticator
+        self.origins = frozenset(o.rstrip("/").lower() for o in origins)
+
+    def check(self, request: Request, closing: bool = False) -> Accepted:
+        """Accept `request` or raise HandshakeError with the status and reason of the first
+        rule it breaks."""
+        path = request.path.partition("?")[0]
+        if path != self.path:
+            raise HandshakeError(404, f"no WebSocket endpoint at {path}; connect to {self.path}")
+        if closing:
+            raise HandshakeError(503, "server is shutting down")
+        version = request.header("sec-websocket-version")
+        if version is not None and version.strip() != "13":
+            raise HandshakeError(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
+        offered = request.tokens("sec-websocket-protocol")
+        if self.subprotocol not in offered:
+            shown = [p for p in offered if not p.startswith("bearer.")]
+            why = f"offered {', '.join(shown)}" if shown else "no Sec-WebSocket-Protocol header"
+            raise HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {self.subprotocol}")
+        origin = request.header("origin")
+        if self.origins and origin is not None and origin.strip().rstrip("/").lower() not in self.origins:
+            raise HandshakeError(403, f"origin {origin.strip()[:100]} is not allowed")
+        accept = check_upgrade(request)
+        try:
+            identity = self.authenticator.identify(request.path, request.header("authorization"), offered)
+        except AuthError as error:
+            headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if error.status == 401 else {}
+            raise HandshakeError(error.status, error.text, headers) from None
+        return Accepted(accept, identity)
 
 
 def accept_response(accept: str, subprotocol: str) -> bytes:

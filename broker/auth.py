@@ -1,0 +1,332 @@
+"""Who a client is and what it may do: JWTs checked at the handshake and in `auth` messages,
+a denylist of revoked token ids, and the topic grants a token carries.
+
+Authentication is on when a key is configured (`auth_jwt_secret`, `auth_jwt_public_key_file`
+or `auth_jwks_file`). Each algorithm is bound to its kind of key: HS256 only ever uses the
+secret, RS256 and ES256 only public keys of their type, so a token cannot choose how it is
+checked (no `none`, no HS256 signed with a public key). Without a key every client is let in
+with no restriction (the embedded default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import parse_qs
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .config import Config
+from .errors import ConfigError
+from .topics import intersect, matches, validate_pattern
+
+ALGORITHMS = ("HS256", "RS256", "ES256")
+SUBPROTOCOL_PREFIX = "bearer."
+_CACHE_LIMIT = 4096  # topics whose publish permission a connection remembers
+
+
+class AuthError(Exception):
+    """A token (or its absence) refused: the HTTP status at the handshake and a reason that
+    names the rule, never the token."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+
+
+def _patterns(value: Any, claim: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise AuthError(401, f"the {claim} claim must be a list of topic patterns")
+    for pattern in value:
+        try:
+            validate_pattern(pattern)
+        except Exception:
+            raise AuthError(401, f"the {claim} claim holds an invalid pattern {pattern[:64]!r}") from None
+    return tuple(dict.fromkeys(value))
+
+
+def split_patterns(text: str) -> tuple[str, ...]:
+    """A comma-separated list of patterns from a setting, each validated."""
+    out = tuple(p.strip() for p in text.split(",") if p.strip())
+    for pattern in out:
+        validate_pattern(pattern)
+    return out
+
+
+class Grants:
+    """The patterns a connection may subscribe to and publish to (`req` counts as publishing).
+
+    A subscription wider than the grants is narrowed to their intersection: a client allowed
+    `md.NASDAQ.*` that subscribes to `md.>` holds `md.NASDAQ.*` in the broker, so it receives
+    md.NASDAQ.X and never md.NYSE.X."""
+
+    __slots__ = ("subscribe", "publish", "_published")
+
+    def __init__(self, subscribe: tuple[str, ...], publish: tuple[str, ...]) -> None:
+        self.subscribe = subscribe
+        self.publish = publish
+        self._published: dict[str, bool] = {}
+
+    def subscriptions_for(self, pattern: str) -> list[str]:
+        """What a subscription to `pattern` holds in the broker: its intersections with the
+        grants, without repeats (empty: nothing it may receive)."""
+        out: dict[str, None] = {}
+        for grant in self.subscribe:
+            both = intersect(pattern, grant)
+            if both is not None:
+                out[both] = None
+        return list(out)
+
+    def may_receive(self, topic: str) -> bool:
+        return any(matches(grant, topic) for grant in self.subscribe)
+
+    def may_publish(self, topic: str) -> bool:
+        known = self._published.get(topic)
+        if known is None:
+            if len(self._published) >= _CACHE_LIMIT:
+                self._published.clear()
+            known = self._published[topic] = any(matches(grant, topic) for grant in self.publish)
+        return known
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Grants) and (self.subscribe, self.publish) == (other.subscribe, other.publish)
+
+    def __repr__(self) -> str:
+        return f"Grants(subscribe={list(self.subscribe)}, publish={list(self.publish)})"
+
+
+class Identity:
+    """A connection's user (None: anonymous or no authentication), its token's id and expiry
+    (unix time, leeway included; None: never), and its grants (None: no restriction)."""
+
+    __slots__ = ("user", "jti", "expires", "grants")
+
+    def __init__(self, user: str | None = None, jti: str | None = None, expires: float | None = None, grants: Grants | None = None) -> None:
+        self.user = user
+        self.jti = jti
+        self.expires = expires
+        self.grants = grants
+
+
+UNRESTRICTED = Identity()
+
+
+class _Watched:
+    """A file read again when its modification time or size changes."""
+
+    __slots__ = ("path", "stamp")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.stamp: tuple[int, int] | None = None
+
+    def changed(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self.stamp:
+            return False
+        self.stamp = stamp
+        return True
+
+
+class Authenticator:
+    """Checks tokens with the configured keys; reads the JWKS and denylist files again when
+    they change (`refresh`, called by the server about once a second and on SIGHUP)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.secret = config.auth_jwt_secret.encode() if config.auth_jwt_secret else None
+        self.public_key = None
+        self.public_algorithm = ""
+        if config.auth_jwt_public_key_file:
+            self.public_key, self.public_algorithm = _read_public_key(config.auth_jwt_public_key_file)
+        self._jwks = _Watched(config.auth_jwks_file) if config.auth_jwks_file else None
+        self.jwks: dict[str | None, list[jwt.PyJWK]] = {}
+        if self._jwks is not None:
+            self._jwks.changed()
+            self.jwks = _read_jwks(config.auth_jwks_file)
+        self.enabled = bool(self.secret or self.public_key or self._jwks)
+        self.sources = tuple(t.strip() for t in config.auth_token_sources.split(",") if t.strip())
+        try:
+            anonymous = Grants(split_patterns(config.auth_anonymous_subscribe), split_patterns(config.auth_anonymous_publish))
+        except Exception as exc:
+            raise ConfigError(f"invalid setting: auth_anonymous_subscribe/auth_anonymous_publish: {exc}") from None
+        self.anonymous = Identity(grants=anonymous) if config.auth_anonymous else None
+        self._denylist = _Watched(config.auth_denylist_file) if config.auth_denylist_file else None
+        self.denied: frozenset[str] = frozenset()
+        if self._denylist is not None:
+            if not os.path.exists(config.auth_denylist_file):
+                raise ConfigError(f"invalid setting: auth_denylist_file: {config.auth_denylist_file} does not exist")
+            self.refresh()
+        if (config.auth_anonymous or config.auth_denylist_file) and not self.enabled:
+            raise ConfigError("invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_public_key_file or auth_jwks_file)")
+
+    # files
+
+    def refresh(self) -> bool:
+        """Read the JWKS and the denylist again if they changed; True when the denylist did.
+        A file that cannot be read keeps what was read before (and is logged by the caller)."""
+        if self._jwks is not None and self._jwks.changed():
+            self.jwks = _read_jwks(self.config.auth_jwks_file)
+        if self._denylist is not None and self._denylist.changed():
+            with open(self._denylist.path, encoding="utf-8") as fh:
+                self.denied = frozenset(line.strip() for line in fh if line.strip() and not line.lstrip().startswith("#"))
+            return True
+        return False
+
+    def revoked(self, identity: Identity) -> bool:
+        return identity.jti is not None and identity.jti in self.denied
+
+    # tokens
+
+    def token_of(self, path: str, authorization: str | None, protocols: list[str]) -> str | None:
+        """The token of an upgrade request, from the configured sources in their order."""
+        for source in self.sources:
+            if source == "header" and authorization is not None:
+                scheme, _, token = authorization.strip().partition(" ")
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise AuthError(401, "the Authorization header must be 'Bearer <token>'")
+                return token.strip()
+            if source == "subprotocol":
+                for entry in protocols:
+                    if entry.startswith(SUBPROTOCOL_PREFIX):
+                        return entry[len(SUBPROTOCOL_PREFIX) :]
+            if source == "query":
+                query = path.partition("?")[2]
+                values = parse_qs(query, keep_blank_values=True).get(self.config.auth_query_param)
+                if values:
+                    return values[0]
+        return None
+
+    def identify(self, path: str, authorization: str | None, protocols: list[str]) -> Identity:
+        """The identity of an upgrade request (raises AuthError: 401 no or bad token, 403
+        revoked)."""
+        if not self.enabled:
+            return UNRESTRICTED
+        token = self.token_of(path, authorization, protocols)
+        if token is None:
+            if self.anonymous is not None:
+                return self.anonymous
+            where = {"header": "an Authorization: Bearer header", "subprotocol": f"a Sec-WebSocket-Protocol entry {SUBPROTOCOL_PREFIX}<token>", "query": f"the query parameter {self.config.auth_query_param}"}
+            raise AuthError(401, "a token is required: send it in " + " or ".join(where[s] for s in self.sources))
+        return self.verify(token)
+
+    def verify(self, token: str) -> Identity:
+        """Check a token: signature, algorithm, exp (required), nbf, iat, aud, iss, the
+        denylist and the grant claims."""
+        cfg = self.config
+        if len(token) > cfg.auth_max_token_bytes:
+            raise AuthError(401, f"token longer than {cfg.auth_max_token_bytes} bytes")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise AuthError(401, "malformed token") from None
+        algorithm = header.get("alg")
+        if algorithm not in ALGORITHMS:
+            raise AuthError(401, f"token algorithm {str(algorithm)[:16]!r} is not accepted")
+        key = self._key(algorithm, header.get("kid"))
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                audience=cfg.auth_audience or None,
+                issuer=cfg.auth_issuer or None,
+                leeway=cfg.auth_leeway_s,
+                options={"require": ["exp"], "verify_aud": bool(cfg.auth_audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError(401, "token not yet valid (nbf)") from None
+        except jwt.InvalidIssuedAtError:
+            raise AuthError(401, "token issued in the future (iat)") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError(401, "token audience does not match") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError(401, "token issuer does not match") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(401, f"token lacks the {exc.claim} claim") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError(401, "bad token signature") from None
+        except jwt.InvalidTokenError:
+            raise AuthError(401, "invalid token") from None
+        jti = claims.get("jti")
+        jti = str(jti) if jti is not None else None
+        if jti is not None and jti in self.denied:
+            raise AuthError(403, "token revoked")
+        user = claims.get(cfg.auth_user_claim)
+        grants = Grants(
+            _patterns(claims.get(cfg.auth_subscribe_claim), cfg.auth_subscribe_claim),
+            _patterns(claims.get(cfg.auth_publish_claim), cfg.auth_publish_claim),
+        )
+        return Identity(str(user)[:256] if user is not None else None, jti, float(claims["exp"]) + cfg.auth_leeway_s, grants)
+
+    def _key(self, algorithm: str, kid: object) -> Any:
+        if self.jwks:
+            found = self.jwks.get(kid if isinstance(kid, str) else None) or (self.jwks.get(None) if kid is None else None)
+            if found:
+                for candidate in found:
+                    if candidate.algorithm_name == algorithm:
+                        return candidate.key
+        if algorithm == "HS256":
+            if self.secret is not None:
+                return self.secret
+        elif self.public_key is not None and algorithm == self.public_algorithm:
+            return self.public_key
+        raise AuthError(401, f"no key accepts {algorithm} tokens" + (f" with kid {str(kid)[:64]!r}" if kid is not None else ""))
+
+
+def _read_public_key(path: str) -> tuple[Any, str]:
+    try:
+        with open(path, "rb") as fh:
+            key = load_pem_public_key(fh.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"invalid setting: auth_jwt_public_key_file: cannot read a PEM public key from {path}: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ConfigError("invalid setting: auth_jwt_public_key_file: the key must be RSA (RS256) or EC P-256 (ES256)")
+
+
+def _read_jwks(path: str) -> dict[str | None, list[jwt.PyJWK]]:
+    """The keys of a JWKS file by kid (keys without a kid under None); only keys whose
+    algorithm is one of ALGORITHMS."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        keys = data["keys"]
+        if not isinstance(keys, list):
+            raise ValueError("keys is not a list")
+        out: dict[str | None, list[jwt.PyJWK]] = {}
+        for entry in keys:
+            key = jwt.PyJWK(entry, entry.get("alg") or _default_algorithm(entry))
+            if key.algorithm_name in ALGORITHMS:
+                out.setdefault(entry.get("kid"), []).append(key)
+    except (OSError, ValueError, KeyError, TypeError, jwt.PyJWKError, jwt.InvalidKeyError) as exc:
+        raise ConfigError(f"invalid setting: auth_jwks_file: cannot read a JWKS from {path}: {exc}") from None
+    return out
+
+
+def _default_algorithm(entry: dict) -> str | None:
+    kty = entry.get("kty")
+    if kty == "RSA":
+        return "RS256"
+    if kty == "EC" and entry.get("crv") == "P-256":
+        return "ES256"
+    if kty == "oct":
+        return "HS256"
+    return None
+
