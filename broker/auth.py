@@ -248,10 +248,9 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError(401, "token not yet valid (nbf)") from None
-        except jwt.InvalidIssuedAtError:
-            raise AuthError(401, "token issued in the future (iat)") from None
+        except (jwt.ImmatureSignatureError, jwt.InvalidIssuedAtError) as exc:
+            iat = "iat" in str(exc) or isinstance(exc, jwt.InvalidIssuedAtError)
+            raise AuthError(401, "token issued in the future (iat)" if iat else "token not yet valid (nbf)") from None
         except jwt.InvalidAudienceError:
             raise AuthError(401, "token audience does not match") from None
         except jwt.InvalidIssuerError:

@@ -321,6 +321,9 @@ class Session:
     def _forbid(self, text: str) -> None:
         self.denied += 1
         self.router.stats.denied += 1
+        audit = getattr(self.box.owner, "audit", None)
+        if audit is not None:
+            audit("permission_denied", text)
         raise RequestError(ErrorCode.FORBIDDEN, text)
 
     def _hold(self, pattern: str) -> None:

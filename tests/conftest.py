@@ -183,8 +183,9 @@ def record_writes(conn) -> list[bytes]:
     return writes
 
 
-def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> bytes:
-    """A hand-made upgrade request; one Sec-WebSocket-Protocol header line per entry."""
+def upgrade_request(path: str = "/", protocols: list[str] | None = None, headers: dict[str, str] | None = None) -> bytes:
+    """A hand-made upgrade request; one Sec-WebSocket-Protocol header line per entry, then
+    `headers`."""
     key = base64.b64encode(os.urandom(16)).decode()
     lines = [
         f"GET {path} HTTP/1.1",
@@ -195,6 +196,7 @@ def upgrade_request(path: str = "/", protocols: list[str] | None = None) -> byte
         "Sec-WebSocket-Version: 13",
     ]
     lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols or ()]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -244,7 +246,7 @@ class RawSocketClient:
         self.unread: list = []
 
     @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None) -> "RawSocketClient":
+    async def connect(cls, port: int, rcvbuf: int | None = None, headers: dict[str, str] | None = None, path: str = "/") -> "RawSocketClient":
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
@@ -252,7 +254,7 @@ class RawSocketClient:
         sock.setblocking(False)
         await loop.sock_connect(sock, ("127.0.0.1", port))
         self = cls(sock)
-        await loop.sock_sendall(sock, upgrade_request("/", [SUBPROTOCOL]))
+        await loop.sock_sendall(sock, upgrade_request(path, [SUBPROTOCOL], headers))
         while b"\r\n\r\n" not in self.buffer:
             await self._fill()
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")

@@ -19,10 +19,13 @@ Fire-and-forget publishes made while it is disconnected wait in a bounded queue.
 from __future__ import annotations
 
 import asyncio
+import base64
+import inspect
+import json
 import logging
 import random
+import time
 from collections import deque
-import inspect
 from typing import Awaitable, Callable, Literal, NamedTuple
 
 import msgspec
@@ -35,6 +38,7 @@ from ..messages import (
     MAX_SINCE_TOPICS,
     SUBPROTOCOL,
     Ack,
+    Auth,
     Err,
     GapNotice,
     Msg,
@@ -74,6 +78,17 @@ log = logging.getLogger("broker.client")
 # How every fire-and-forget publish the client encodes begins: ["pub", 0, ...]
 _PUB_NO_ACK = b"\x94\xa3pub\x00"
 _pub_decoder = msgspec.msgpack.Decoder(Pub)
+
+
+def _token_expiry(token: str) -> float | None:
+    """The exp claim of a JWT, read without checking it (the broker checks), or None."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp")
+        return float(exp) if isinstance(exp, (int, float)) else None
+    except (IndexError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _log_error(error: RequestError) -> None:
@@ -281,8 +296,17 @@ class Client:
         max_offline_messages: int = 10_000,
         offline_overflow: Literal["raise", "drop_oldest"] = "raise",
         on_state: Callable[[str, str], object] | None = None,
+        token: str | Callable[[], str | Awaitable[str]] | None = None,
+        refresh_before_s: float = 30.0,
     ) -> None:
+        """`token`: a JWT, or a callable returning one (awaitable or not), sent in the
+        Authorization header of every connection; a callable is also asked for a fresh token
+        `refresh_before_s` before the current one expires (or at 80% of its life, if sooner),
+        which goes to the broker in an `auth` message, and before each reconnection."""
         self.url = url
+        self.token = token
+        self.refresh_before_s = refresh_before_s
+        self._refresher: asyncio.TimerHandle | None = None
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -358,12 +382,17 @@ class Client:
         self._close_info = None
         self._topics = {}
         self._paused = False
+        headers = {"Sec-WebSocket-Protocol": SUBPROTOCOL}
+        token = None
         try:
+            if self.token is not None:
+                token = await self._fresh_token()
+                headers["Authorization"] = f"Bearer {token}"
             self._transport, _ = await asyncio.wait_for(
                 ws_connect(
                     self._new_listener,
                     self.url,
-                    extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
+                    extra_headers=headers,
                     max_frame_size=self.max_frame_bytes,
                     websocket_handshake_timeout=self.connect_timeout,
                     enable_auto_pong=True,
@@ -382,6 +411,59 @@ class Client:
                 raise
             raise ConnectionClosed(1006, reason) from exc
         self._connected.set()
+        if token is not None:
+            self._schedule_refresh(token)
+
+    # tokens
+
+    async def _fresh_token(self) -> str:
+        token = self.token
+        if callable(token):
+            token = token()
+            if inspect.isawaitable(token):
+                token = await token
+        if not isinstance(token, str) or not token:
+            raise BrokerError("the token callback must return a non-empty str")
+        return token
+
+    def _schedule_refresh(self, token: str) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        expires = _token_expiry(token)
+        if expires is None or not callable(self.token):
+            return
+        left = expires - time.time()
+        delay = max(0.0, min(left - self.refresh_before_s, left * 0.8))
+        self._refresher = self._loop.call_later(delay, self._start_refresh)
+
+    def _start_refresh(self) -> None:
+        self._refresher = None
+        if not self.closed and self._connected.is_set():
+            task = self._loop.create_task(self._refresh())
+            self._answering.add(task)
+            task.add_done_callback(self._answering.discard)
+
+    async def _refresh(self) -> None:
+        """Send a fresh token in an `auth` message; a refusal is reported to on_error (the
+        broker closes the connection with 4001 when the old token expires)."""
+        try:
+            token = await self._fresh_token()
+            await self._request(lambda rid: Auth(rid, token))
+        except RequestError as error:
+            self.on_error(error)
+            return
+        except (ConnectionClosed, asyncio.TimeoutError):
+            return
+        except Exception:
+            log.exception("token refresh failed")
+            return
+        self._schedule_refresh(token)
+
+    async def authenticate(self, token: str) -> None:
+        """Send a fresh token now (the broker answers with an ack, or RequestError code 17)."""
+        await self._request(lambda rid: Auth(rid, token))
+        self._schedule_refresh(token)
 
     def _new_listener(self) -> _Listener:
         self._listener = _Listener(self)
@@ -790,6 +872,9 @@ class Client:
         self._transport.disconnect()
 
     def _on_disconnected(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
         code, reason = self._close_info or (1006, "connection lost")
         if self._transport is not None and self._transport.close_handshake is not None:
             recv = self._transport.close_handshake.recv

@@ -1,0 +1,404 @@
+"""Authentication and topic grants (docs/security.md): every handshake rule without sockets,
+every kind of bad token, each token source and key kind, then on a real server the grant that
+must not leak, token expiry and refresh, revocation of open connections, and `auth`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from broker.auth import Authenticator, Grants
+from broker.client import Client
+from broker.config import load
+from broker.errors import ConnectionClosed, ErrorCode
+from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Pub, Sub, encode
+from broker.server.handshake import HandshakeError, Rules, parse_request
+
+from conftest import RawSocketClient, client_frame, eventually, run, send_upgrade, serving, upgrade_request, url
+
+SECRET = "s3cret-for-tests-only-32-bytes!!"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def pem(key) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def token(key=SECRET, alg="HS256", headers=None, **claims) -> str:
+    claims.setdefault("sub", "alice")
+    claims.setdefault("exp", int(time.time()) + 60)
+    claims.setdefault("subscribe", [">"])
+    claims.setdefault("publish", [">"])
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
+def authenticator(**settings) -> Authenticator:
+    settings.setdefault("auth_jwt_secret", SECRET)
+    return Authenticator(load(settings, environ={}))
+
+
+def request(path="/", protocols=(SUBPROTOCOL,), headers=None):
+    head = upgrade_request(path, list(protocols), headers)
+    return parse_request(head[: head.index(b"\r\n\r\n")])
+
+
+def refused(rules: Rules, req, closing=False) -> tuple[int, str]:
+    with pytest.raises(HandshakeError) as info:
+        rules.check(req, closing)
+    return info.value.status, info.value.text
+
+
+# the handshake's rules, without sockets
+
+
+def test_every_handshake_rule_in_its_order():
+    rules = Rules("/", SUBPROTOCOL, authenticator(), ("https://app.example",))
+    good = {"Authorization": f"Bearer {token()}"}
+    assert refused(rules, request("/x", headers=good)) == (404, "no WebSocket endpoint at /x; connect to /")
+    assert refused(rules, request(headers=good), closing=True)[0] == 503
+    bad_version = request(headers=good)
+    bad_version.headers["sec-websocket-version"] = ["8"]
+    assert refused(rules, bad_version)[0] == 426
+    assert refused(rules, request(protocols=(), headers=good))[0] == 400
+    assert refused(rules, request(protocols=("broker.v2", f"bearer.{token()}"), headers=good))[1] == "unsupported protocol version (offered broker.v2); this server speaks broker.v1"
+    assert refused(rules, request(headers={**good, "Origin": "https://evil.example"})) == (403, "origin https://evil.example is not allowed")
+    no_upgrade = request(headers=good)
+    del no_upgrade.headers["upgrade"]
+    assert refused(rules, no_upgrade)[0] == 400
+    with pytest.raises(HandshakeError) as info:
+        rules.check(request())
+    assert info.value.status == 401 and info.value.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "a token is required" in info.value.text
+    accepted = rules.check(request(headers={**good, "Origin": "https://app.example"}))
+    assert accepted.identity.user == "alice" and accepted.identity.grants == Grants((">",), (">",))
+    assert rules.check(request(headers=good)).identity.user == "alice"  # no Origin: not a browser
+
+
+def test_without_a_key_everyone_is_let_in_unrestricted():
+    rules = Rules("/", SUBPROTOCOL, Authenticator(load({}, environ={})))
+    identity = rules.check(request()).identity
+    assert identity.user is None and identity.grants is None and identity.expires is None
+
+
+def scoped(**claims) -> str:
+    """A token for a server that checks aud "broker" and iss "issuer"."""
+    claims.setdefault("aud", "broker")
+    claims.setdefault("iss", "issuer")
+    key = claims.pop("key", SECRET)
+    alg = claims.pop("alg", "HS256")
+    return token(key, alg, **claims)
+
+
+BAD_TOKENS = {
+    "expired": (lambda: scoped(exp=int(time.time()) - 3600), "token expired"),
+    "not yet valid": (lambda: scoped(nbf=int(time.time()) + 3600), "token not yet valid (nbf)"),
+    "issued in the future": (lambda: scoped(iat=int(time.time()) + 3600), "token issued in the future (iat)"),
+    "wrong audience": (lambda: scoped(aud="other"), "token audience does not match"),
+    "wrong issuer": (lambda: scoped(iss="someone-else"), "token issuer does not match"),
+    "no exp": (lambda: scoped(exp=None), "token lacks the exp claim"),
+    "alg none": (lambda: jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "aud": "broker", "iss": "issuer"}, None, algorithm="none"), "token algorithm 'none' is not accepted"),
+    "bad signature": (lambda: scoped(key="another-secret-of-32-bytes-long!"), "bad token signature"),
+    "malformed": (lambda: "not.a.jwt", "malformed token"),
+    "garbage": (lambda: "%%%", "malformed token"),
+    "oversized": (lambda: scoped(pad="x" * 9000), "token longer than 8192 bytes"),
+    "RS256 unknown here": (lambda: scoped(key=RSA_KEY, alg="RS256"), "no key accepts RS256 tokens"),
+    "bad grant": (lambda: scoped(subscribe=["md..x"]), "the subscribe claim holds an invalid pattern 'md..x'"),
+    "grant not a list": (lambda: scoped(publish={"a": 1}), "the publish claim must be a list of topic patterns"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKENS))
+def test_a_bad_token_is_refused_at_the_handshake_with_its_reason(case):
+    make, reason = BAD_TOKENS[case]
+    rules = Rules("/", SUBPROTOCOL, authenticator(auth_audience="broker", auth_issuer="issuer", auth_leeway_s=5))
+    assert rules.check(request(headers={"Authorization": f"Bearer {scoped()}"})).identity.user == "alice"
+    bad = make()
+    status, text = refused(rules, request(headers={"Authorization": f"Bearer {bad}"}))
+    assert (status, text) == (401, reason)
+    assert bad not in text
+
+
+def test_algorithm_confusion_hs256_signed_with_the_public_key_is_refused():
+    """With an RSA public key configured (and no secret), a token that claims HS256 and is
+    signed with the PEM of that public key must not pass."""
+    import hmac
+    import hashlib
+
+    path = _write(pem(RSA_KEY))
+    rules = Rules("/", SUBPROTOCOL, Authenticator(load({"auth_jwt_public_key_file": path}, environ={})))
+    assert rules.check(request(headers={"Authorization": f"Bearer {token(RSA_KEY, 'RS256')}"})).identity.user == "alice"
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = _b64(json.dumps({"sub": "mallory", "exp": int(time.time()) + 60, "subscribe": [">"]}).encode())
+    signature = _b64(hmac.new(pem(RSA_KEY), f"{header}.{body}".encode(), hashlib.sha256).digest())
+    forged = f"{header}.{body}.{signature}"
+    assert refused(rules, request(headers={"Authorization": f"Bearer {forged}"})) == (401, "no key accepts HS256 tokens")
+
+
+def test_es256_keys_and_a_jwks_file_read_again_when_it_changes(tmp_path):
+    ec_path = _write(pem(EC_KEY))
+    rules = Rules("/", SUBPROTOCOL, Authenticator(load({"auth_jwt_public_key_file": ec_path}, environ={})))
+    assert rules.check(request(headers={"Authorization": f"Bearer {token(EC_KEY, 'ES256')}"})).identity.user == "alice"
+    assert refused(rules, request(headers={"Authorization": f"Bearer {token(RSA_KEY, 'RS256')}"}))[0] == 401
+    jwks = tmp_path / "keys.json"
+    jwks.write_text(json.dumps({"keys": [_jwk(RSA_KEY, "k1", "RS256")]}))
+    auth = Authenticator(load({"auth_jwks_file": str(jwks)}, environ={}))
+    rules = Rules("/", SUBPROTOCOL, auth)
+    assert rules.check(request(headers={"Authorization": f"Bearer {token(RSA_KEY, 'RS256', headers={'kid': 'k1'})}"})).identity.user == "alice"
+    newer = token(EC_KEY, "ES256", headers={"kid": "k2"})
+    assert refused(rules, request(headers={"Authorization": f"Bearer {newer}"})) == (401, "no key accepts ES256 tokens with kid 'k2'")
+    jwks.write_text(json.dumps({"keys": [_jwk(RSA_KEY, "k1", "RS256"), _jwk(EC_KEY, "k2", "ES256")]}))
+    auth.refresh()
+    assert rules.check(request(headers={"Authorization": f"Bearer {newer}"})).identity.user == "alice"
+
+
+def test_each_token_source_and_only_the_configured_ones():
+    good = token()
+    rules = Rules("/", SUBPROTOCOL, authenticator())  # default: header, subprotocol
+    assert rules.check(request(headers={"Authorization": f"Bearer {good}"})).identity.user == "alice"
+    assert rules.check(request(protocols=(SUBPROTOCOL, f"bearer.{good}"))).identity.user == "alice"
+    assert refused(rules, request(path=f"/?token={good}"))[0] == 401
+    assert refused(rules, request(headers={"Authorization": f"Basic {good}"})) == (401, "the Authorization header must be 'Bearer <token>'")
+    rules = Rules("/", SUBPROTOCOL, authenticator(auth_token_sources="query", auth_query_param="jwt"))
+    assert rules.check(request(path=f"/?a=1&jwt={good}")).identity.user == "alice"
+    assert refused(rules, request(headers={"Authorization": f"Bearer {good}"}))[0] == 401
+
+
+def test_anonymous_access_is_explicit_and_has_its_own_grants():
+    rules = Rules("/", SUBPROTOCOL, authenticator(auth_anonymous=True, auth_anonymous_subscribe="public.>"))
+    identity = rules.check(request()).identity
+    assert identity.user is None and identity.grants == Grants(("public.>",), ())
+    assert refused(Rules("/", SUBPROTOCOL, authenticator()), request())[0] == 401
+
+
+def test_grants_narrow_a_wider_subscription_to_their_intersection():
+    grants = Grants(("md.NASDAQ.*", "news.>"), ("orders.alice.>",))
+    assert grants.subscriptions_for("md.>") == ["md.NASDAQ.*"]
+    assert grants.subscriptions_for(">") == ["md.NASDAQ.*", "news.>"]
+    assert grants.subscriptions_for("md.NYSE.*") == []
+    assert grants.may_publish("orders.alice.1") and not grants.may_publish("orders.bob.1")
+
+
+# on a real server
+
+
+def auth_headers(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def test_a_grant_narrower_than_the_subscription_never_leaks_and_publishes_are_checked_on_every_path():
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            feed = await Client.connect(url(server), token=token(sub="feed"))
+            narrow = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="bob", subscribe=["md.NASDAQ.*"], publish=["orders.bob.>"])))
+            try:
+                await narrow.send(Sub(1, "md.>"))
+                assert isinstance(await narrow.recv(), Ack)
+                for i in range(3):
+                    await feed.publish_acked("md.NYSE.X", b"nyse%d" % i)
+                    await feed.publish_acked("md.NASDAQ.X", b"nasdaq%d" % i)
+                got = [await narrow.recv() for _ in range(3)]
+                assert [(m.topic, m.data) for m in got] == [("md.NASDAQ.X", [b"nasdaq%d" % i]) for i in range(3)]
+                # a subscription the grants do not touch at all: refused with its id
+                await narrow.send(Sub(2, "md.NYSE.X"))
+                reply = await narrow.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (2, ErrorCode.FORBIDDEN)
+                # publishing outside the grant: the general path and the compiled one (a batch
+                # of fire-and-forget publishes to a topic the broker knows) are both refused
+                await narrow.send(Pub(3, "md.NYSE.X", b"forged"))
+                reply = await narrow.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (3, ErrorCode.FORBIDDEN)
+                await narrow.loop.sock_sendall(narrow.sock, client_frame(0x2, encode([Pub(0, "md.NYSE.X", b"forged")] * 5)))
+                refusals = [await narrow.recv() for _ in range(5)]
+                assert all(isinstance(r, Err) and r.code == ErrorCode.FORBIDDEN for r in refusals)
+                await narrow.send(Pub(4, "orders.bob.1", b"ok"))
+                assert isinstance(await narrow.recv(), Ack)
+                await narrow.loop.sock_sendall(narrow.sock, client_frame(0x2, encode([Pub(0, "orders.bob.1", b"fast")] * 3)))
+                await narrow.send(Pub(5, "orders.bob.1", b"sync"))
+                assert await narrow.recv() == Ack(5, server.router.topics["orders.bob.1"].epoch, 5)
+                nyse = server.router.topics["md.NYSE.X"]
+                assert nyse.seq == 3, "a forged publish reached the topic"
+                assert server.router.stats.denied == 7
+                # recovery through a narrowed pattern replays only granted topics
+                await narrow.send(Sub(6, "md.*.X", [0, {"md.NYSE.X": [nyse.epoch, 0]}]))
+                assert isinstance(await narrow.recv(), Ack)
+                await feed.publish_acked("md.NASDAQ.X", b"after")
+                seen = []
+                while not seen or seen[-1] != b"after":
+                    message = await narrow.recv()
+                    assert not (isinstance(message, Delivery) and message.topic == "md.NYSE.X")
+                    if isinstance(message, Delivery):
+                        seen.extend(message.data)
+            finally:
+                narrow.close()
+                await feed.close()
+
+    run(main())
+
+
+def test_an_expired_token_closes_the_connection_unless_refreshed_in_time():
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, auth_leeway_s=0, ping_interval_s=0.4, ping_timeout_s=0.2) as server:
+            issued = []
+
+            def fresh() -> str:
+                issued.append(time.time())
+                return token(sub="carol", exp=int(time.time()) + 2)
+
+            refreshed = await Client.connect(url(server), token=fresh, refresh_before_s=1.0, reconnect=False)
+            static = await Client.connect(url(server), token=token(sub="dave", exp=int(time.time()) + 2), reconnect=False)
+            try:
+                got = []
+                await refreshed.subscribe("tick", lambda m: got.append(m))
+                await eventually(lambda: static.closed, 6, "the static token's connection to be closed")
+                assert static._close_info[0] == 4001 and static._close_info[1] == "token expired"
+                await asyncio.sleep(1.0)
+                assert not refreshed.closed and len(issued) >= 3, issued
+                await static_publisher(server, "tick")
+                await eventually(lambda: len(got) == 1, 3, "the refreshed connection to still receive")
+            finally:
+                await refreshed.close()
+                await static.close()
+
+    run(main(), timeout=30)
+
+
+async def static_publisher(server, topic: str) -> None:
+    async with Client(url(server), token=token(sub="pub")) as pub:
+        await pub.publish_acked(topic, b"x")
+
+
+def test_revoking_a_token_id_closes_its_open_connections_and_refuses_it_at_the_handshake(tmp_path):
+    denylist = tmp_path / "denied.txt"
+    denylist.write_text("# revoked token ids\n")
+
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, auth_denylist_file=str(denylist)) as server:
+            revoked = token(sub="eve", jti="t-123")
+            kept = token(sub="frank", jti="t-456")
+            a = await Client.connect(url(server), token=revoked, reconnect=False)
+            b = await Client.connect(url(server), token=kept, reconnect=False)
+            try:
+                denylist.write_text("# revoked token ids\nt-123\n")
+                await eventually(lambda: a.closed, 3, "the revoked connection to be closed")
+                assert a._close_info == (4003, "token revoked")
+                assert not b.closed
+                status, headers, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], auth_headers(revoked)))
+                writer.close()
+                assert status == 403
+                with pytest.raises(ConnectionClosed):
+                    await Client.connect(url(server), token=revoked, reconnect=False)
+            finally:
+                await a.close()
+                await b.close()
+
+    run(main())
+
+
+def test_auth_replaces_the_grants_of_the_same_user_only(caplog):
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            first = token(sub="gina", subscribe=["a.>"])
+            client = await RawSocketClient.connect(server.port, headers=auth_headers(first))
+            feed = await Client.connect(url(server), token=token(sub="feed"))
+            try:
+                await client.send(Sub(1, ">"))
+                assert isinstance(await client.recv(), Ack)
+                await client.send(Auth(2, token(sub="someone-else")))
+                reply = await client.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (2, ErrorCode.BAD_TOKEN)
+                assert reply.text == "the token names another user than this connection's"
+                await client.send(Auth(3, token(sub="gina", exp=int(time.time()) - 100)))
+                reply = await client.recv()
+                assert isinstance(reply, Err) and reply.code == ErrorCode.BAD_TOKEN and reply.text == "token expired"
+                await client.send(Auth(4, token(sub="gina", subscribe=["b.>"])))
+                assert await client.recv() == Ack(4)
+                await feed.publish_acked("a.1", b"old grant")
+                await feed.publish_acked("b.1", b"new grant")
+                message = await client.recv()
+                assert (message.topic, message.data) == ("b.1", [b"new grant"])
+            finally:
+                client.close()
+                await feed.close()
+
+    with caplog.at_level(logging.INFO, logger="broker"):
+        run(main())
+
+
+def test_refusals_are_logged_without_the_token(caplog):
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, log_level="info") as server:
+            bad = token(key="another-secret-of-32-bytes-long!")
+            status, _, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], auth_headers(bad)))
+            writer.close()
+            assert status == 401
+            return bad
+
+    with caplog.at_level(logging.INFO):
+        bad = run(main())
+    lines = [r.getMessage() + json.dumps(getattr(r, "fields", {}), default=str) for r in caplog.records]
+    refusal = [line for line in lines if "handshake_refused" in line]
+    assert refusal and "bad token signature" in refusal[0] and "127.0.0.1" in refusal[0]
+    assert not any(bad in line or bad.split(".")[2] in line for line in lines)
+
+
+def test_the_client_refuses_a_callback_that_gives_no_token():
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            with pytest.raises(Exception):
+                await Client.connect(url(server), token=lambda: "", reconnect=False)
+
+    run(main())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwk(key, kid: str, alg: str) -> dict:
+    algorithm = jwt.algorithms.RSAAlgorithm if alg == "RS256" else jwt.algorithms.ECAlgorithm
+    entry = json.loads(algorithm.to_jwk(key.public_key()))
+    entry.update(kid=kid, alg=alg, use="sig")
+    return entry
+
+
+_files: list[str] = []
+
+
+def _write(data: bytes) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(delete=False, suffix=".pem") as fh:
+        fh.write(data)
+    _files.append(fh.name)
+    return fh.name
+
+
+
+def test_denials_are_counted_and_audited_within_a_bound(caplog):
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, log_level="info") as server:
+            client = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="henry", subscribe=["a"], publish=[])))
+            try:
+                await client.loop.sock_sendall(client.sock, client_frame(0x2, encode([Sub(i + 1, f"x.{i}") for i in range(20)])))
+                replies = [await client.recv() for _ in range(20)]
+                assert [(r.id, r.code) for r in replies] == [(i + 1, ErrorCode.FORBIDDEN) for i in range(20)]
+                assert server.router.stats.denied == 20
+            finally:
+                client.close()
+
+    with caplog.at_level(logging.INFO, logger="broker"):
+        run(main())
+    denied = [r for r in caplog.records if r.getMessage() == "permission_denied"]
+    assert 1 <= len(denied) <= 10
+    fields = denied[0].fields
+    assert fields["user"] == "henry" and fields["reason"] == "not allowed to subscribe to 'x.0'" and fields["peer"].startswith("127.0.0.1:")
