@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import jwt
 import msgspec
 
 from . import scan
@@ -23,6 +24,11 @@ from . import scan
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 encode = msgspec.msgpack.encode
+
+# broker-auth: the broker with authentication and grants on; every client (fleet, publisher)
+# presents this token in a `bearer.` subprotocol entry, as a browser would.
+AUTH_SECRET = "bench-secret-of-at-least-32-bytes"
+AUTH_TOKEN = jwt.encode({"sub": "bench", "exp": 4102444800, "subscribe": [">"], "publish": [">"]}, AUTH_SECRET, algorithm="HS256")
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,9 @@ SYSTEMS = {
     # lever measurements: the broker on its pure-Python fast path, and the broker at another
     # commit (BENCH_BASELINE_TREE: a checkout with its extension built in place)
     "broker-pure": System("broker-pure", scan.BROKER, "broker.v1", "broker", acks=True),
+    # the broker with authentication on and every client holding grants (checked on every
+    # subscribe and publish; the grants > make no topic unreachable, so the rows compare)
+    "broker-auth": System("broker-auth", scan.BROKER, f"broker.v1, bearer.{AUTH_TOKEN}", "broker", acks=True),
     # the baseline may predate coalesced frames: BENCH_BASELINE_PROTOCOL=broker-old for one frame per topic
     "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", os.environ.get("BENCH_BASELINE_PROTOCOL", "broker"), acks=True),
     "ceiling": System("ceiling", scan.BROKER, "broker.v1", "broker"),
@@ -144,6 +153,8 @@ def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
             env["BROKER_PURE_PYTHON"] = "1"
         if name == "broker-baseline":
             cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
+        if name == "broker-auth":
+            env["BROKER_AUTH_JWT_SECRET"] = AUTH_SECRET
         cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]  # its defaults
     elif name in ("ceiling", "naive"):
         cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]

@@ -100,7 +100,8 @@ class Conn {
         this.ready = true;
         resolve();
       };
-      const ws = config.subprotocol ? new WebSocket(config.url, [config.subprotocol]) : new WebSocket(config.url);
+      // subprotocol: one entry, or several separated by ", " (a bearer.TOKEN entry beside broker.v1)
+      const ws = config.subprotocol ? new WebSocket(config.url, config.subprotocol.split(",").map((p) => p.trim())) : new WebSocket(config.url);
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       ws.onopen = () => this.subscribe();
