@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl as ssl_module
 from collections import deque
 import inspect
 from typing import Awaitable, Callable, Literal, NamedTuple
@@ -260,7 +261,18 @@ class _Listener(WSListener):
 
 
 class Client:
-    """One connection to a broker. Use `await Client.connect(url)` or `async with Client(url)`."""
+    """One connection to a broker. Use `await Client.connect(url)` or `async with Client(url)`.
+
+    `url` is `ws://HOST:PORT/PATH`, or `wss://...` for a broker that serves TLS. `ssl` is the
+    ssl.SSLContext of wss:// connections; without it a wss:// URL uses the system's default
+    context (`ssl.create_default_context()`: the system's trusted CAs, the host name checked
+    against the certificate), made once, at the first connection. For a broker whose
+    certificate comes from a private CA:
+
+        context = ssl.create_default_context(cafile="ca.pem")
+        client = await Client.connect("wss://broker.internal:7341/", ssl=context)
+
+    Reconnections use the same context. `ssl` with a ws:// URL is a ValueError."""
 
     def __init__(
         self,
@@ -281,8 +293,15 @@ class Client:
         max_offline_messages: int = 10_000,
         offline_overflow: Literal["raise", "drop_oldest"] = "raise",
         on_state: Callable[[str, str], object] | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.secure = url[:6].lower() == "wss://"
+        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+            raise TypeError(f"ssl must be an ssl.SSLContext or None, not {type(ssl).__name__}")
+        if ssl is not None and not self.secure:
+            raise ValueError(f"ssl is for wss:// URLs, not {url}")
+        self.ssl = ssl  # the context of wss:// connections (None: the system's default, made when first needed)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -358,11 +377,14 @@ class Client:
         self._close_info = None
         self._topics = {}
         self._paused = False
+        if self.secure and self.ssl is None:
+            self.ssl = ssl_module.create_default_context()
         try:
-            self._transport, _ = await asyncio.wait_for(
+            self._transport, listener = await asyncio.wait_for(
                 ws_connect(
                     self._new_listener,
                     self.url,
+                    ssl_context=self.ssl,
                     extra_headers={"Sec-WebSocket-Protocol": SUBPROTOCOL},
                     max_frame_size=self.max_frame_bytes,
                     websocket_handshake_timeout=self.connect_timeout,
@@ -372,6 +394,9 @@ class Client:
                 ),
                 self.connect_timeout,
             )
+            if listener is None:  # picows returns, without a listener, when the connection ends before the upgrade's answer
+                hint = "" if self.secure else " (a broker that serves TLS takes wss:// URLs)"
+                raise ConnectionError(f"the connection closed before the WebSocket handshake completed{hint}")
         except BaseException as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"could not connect to {self.url} within {self.connect_timeout}s"
