@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,10 @@ class System:
     fleet_protocol: str  # how the real-client fleet speaks to it: "broker", "nats" or "raw"
     wildcards: bool = True  # False: a pattern is replaced by subscriptions to every topic it matches
     acks: bool = False  # the system acknowledges subscriptions (the fleet waits for the acks)
+    tls: bool = False  # served over TLS (wss://) with the certificate of tls_files(); clients trust its CA
+
+    def url(self, port: int) -> str:
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}/"
 
     def hello(self) -> list[tuple[int, bytes]]:
         """Frames to send right after connecting: (opcode, payload)."""
@@ -92,6 +97,8 @@ SYSTEMS = {
     # lever measurements: the broker on its pure-Python fast path, and the broker at another
     # commit (BENCH_BASELINE_TREE: a checkout with its extension built in place)
     "broker-pure": System("broker-pure", scan.BROKER, "broker.v1", "broker", acks=True),
+    # the broker serving TLS (wss://) on its defaults otherwise
+    "broker-tls": System("broker-tls", scan.BROKER, "broker.v1", "broker", acks=True, tls=True),
     # the baseline may predate coalesced frames: BENCH_BASELINE_PROTOCOL=broker-old for one frame per topic
     "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", os.environ.get("BENCH_BASELINE_PROTOCOL", "broker"), acks=True),
     "ceiling": System("ceiling", scan.BROKER, "broker.v1", "broker"),
@@ -99,6 +106,38 @@ SYSTEMS = {
     "nats": System("nats", scan.NATS, None, "nats", acks=True),  # PING/PONG after the SUBs
     "bun": System("bun", scan.FRAMES, None, "raw", wildcards=False, acks=True),  # "P" barrier
 }
+
+
+TLS_DIR = HERE / "results" / "tls"
+
+
+def tls_files() -> dict[str, Path]:
+    """A throwaway CA and a certificate of it for 127.0.0.1 (trustme, from the test extra), made
+    the first time they are needed under bench/results/tls: {"ca", "cert", "key"} -> path."""
+    paths = {name: TLS_DIR / f"{name}.pem" for name in ("ca", "cert", "key")}
+    if not all(path.exists() for path in paths.values()):
+        import trustme
+
+        TLS_DIR.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        blobs = {
+            "key": cert.private_key_pem.bytes(),
+            "cert": b"".join(blob.bytes() for blob in cert.cert_chain_pems),
+            "ca": ca.cert_pem.bytes(),
+        }
+        for name in ("key", "cert", "ca"):  # readers look for the CA: it comes last
+            tmp = paths[name].with_suffix(".tmp")
+            tmp.write_bytes(blobs[name])
+            tmp.replace(paths[name])
+    return paths
+
+
+def client_ssl(system: System) -> ssl.SSLContext | None:
+    """The SSL context of a Python client of `system` (None: plain TCP)."""
+    if not system.tls:
+        return None
+    return ssl.create_default_context(cafile=str(tls_files()["ca"]))
 
 
 def bun_binary() -> str:
@@ -145,6 +184,9 @@ def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
         if name == "broker-baseline":
             cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
         cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]  # its defaults
+        if SYSTEMS[name].tls:
+            files = tls_files()
+            cmd += ["--tls-cert-file", str(files["cert"]), "--tls-key-file", str(files["key"])]
     elif name in ("ceiling", "naive"):
         cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]
     elif name == "nats":

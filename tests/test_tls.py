@@ -5,19 +5,21 @@ What is checked: publish/subscribe over wss:// with the Python client, including
 fast path's coalesced frames and the flow control of TLS transports; a plaintext client
 against the TLS port; bad certificate files at startup; reloading the certificate (in process
 and with SIGHUP to `broker serve`) while connections stay open, and a broken reload keeping the
-old certificate; and, through a TCP relay that records every byte, that no payload or topic
-name crosses the wire in clear."""
+old certificate; through a TCP relay that records every byte, that no payload or topic name
+crosses the wire in clear; and that the benchmark harness runs the broker over TLS."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import signal
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +35,7 @@ from broker.messages import SUBPROTOCOL, Ack, Delivery, ServerReader, Sub
 from broker.server import Server, logs
 from broker.server.connection import OPEN, TLS_WRITE_HIGH_WATER
 
-from conftest import broker_cli, client_frame, encode, eventually, record_writes, run, serving, split_frame, upgrade_request
+from conftest import ROOT, broker_cli, client_frame, encode, eventually, record_writes, run, serving, split_frame, upgrade_request
 from test_shutdown_cli import free_ports, read_until, run_cli, stop_process
 
 
@@ -653,3 +655,24 @@ def test_no_payload_or_topic_crosses_the_wire_in_clear(pki, tmp_path, tls):
         sent = b"".join(payload for up, _ in streams for payload in client_payloads(up))
         assert sent.count(marker) == len(expected) and feed.encode() in sent
         assert sum(down.count(marker) for _, down in streams) == 4 * len(expected)
+
+
+# the benchmark harness over TLS
+
+
+@pytest.mark.timeout(240)
+def test_bench_runs_the_broker_over_tls(tmp_path):
+    """`bench.run --systems broker-tls`: the broker with a throwaway certificate, the Bun fleet
+    and the Python publisher over wss:// trusting its CA; everything delivered."""
+    subprocess.run([sys.executable, "-c", "from bench import fleetproc, systems; systems.bun_binary(); fleetproc.install()"],
+                   cwd=ROOT, check=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--scenarios", "a", "--systems", "broker-tls", "--clients", "real",
+         "--runs", "1", "--duration", "0.5", "--warmup", "0.3", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert row["system"] == "broker-tls" and row["delivered_per_s"] > 0 and row["alive"]
+    assert row["lost"] == 0 and row["closes_slow"] == 0 and row["closes_other"] == 0
+    assert row["gaps"] == 0 and row["dups"] == 0 and row["unknown"] == 0
