@@ -208,7 +208,7 @@ def test_pubsub_over_wss_with_the_python_client(pki, tmp_path, events):
     run(main())
 
 
-def test_tls_1_2_clients_are_served(pki, tmp_path):
+def test_tls_1_2_clients_are_served_with_forward_secrecy_and_aead_only(pki, tmp_path):
     async def main():
         async with serving(**install(tmp_path, pki.first)) as server:
             context = ssl.create_default_context(cafile=pki.ca_file)
@@ -218,6 +218,13 @@ def test_tls_1_2_clients_are_served(pki, tmp_path):
                 await client.publish_acked("t", b"over TLS 1.2")
                 assert (await sub.next(5)).data == b"over TLS 1.2"
                 assert client._transport.underlying_transport.get_extra_info("ssl_object").version() == "TLSv1.2"
+                cipher = client._transport.underlying_transport.get_extra_info("cipher")[0]
+                assert cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher), cipher
+            # TLS 1.2 without forward secrecy or AEAD is refused
+            context.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256:AES128-GCM-SHA256")
+            with pytest.raises(ConnectionClosed) as info:
+                await Client.connect(wss(server), ssl=context, reconnect=False, connect_timeout=3)
+            assert info.value.reason.endswith(": ConnectionResetError"), info.value.reason  # the broker drops the handshake
 
     run(main())
 

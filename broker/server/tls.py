@@ -31,11 +31,13 @@ class Certificate(NamedTuple):
 
 
 def new_context() -> ssl.SSLContext:
-    """A server context without a certificate: TLS 1.2 or 1.3, the ssl module's secure cipher
-    defaults (forward secrecy and AEAD ciphers only), no compression, no renegotiation, ALPN
-    http/1.1 (a WebSocket upgrade is an HTTP/1.1 request)."""
+    """A server context without a certificate: TLS 1.2 or 1.3, forward secrecy and AEAD ciphers
+    only (TLS 1.3's suites; for TLS 1.2, ECDHE with AES-GCM or ChaCha20-Poly1305: no CBC suites),
+    the client choosing among them, no compression, no renegotiation, ALPN http/1.1 (a
+    WebSocket upgrade is an HTTP/1.1 request)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL")
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(["http/1.1"])
     return context
