@@ -401,7 +401,7 @@ class Client:
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"could not connect to {self.url} within {self.connect_timeout}s"
             else:
-                reason = f"could not connect to {self.url}: {exc}"
+                reason = f"could not connect to {self.url}: {str(exc) or type(exc).__name__}"
             self._close_info = (1006, reason)
             if isinstance(exc, (BrokerError, asyncio.CancelledError)) or not isinstance(exc, Exception):
                 raise
