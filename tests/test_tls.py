@@ -2,7 +2,8 @@
 from a throwaway CA (trustme).
 
 What is checked: publish/subscribe over wss:// with the Python client, including the fan-out
-fast path's coalesced frames and the flow control of TLS transports; a plaintext client
+fast path's coalesced frames and the flow control of TLS transports (writes paused and
+resumed, reads paused and resumed for the iteration budget, slow consumers); a plaintext client
 against the TLS port; bad certificate files at startup; reloading the certificate (in process
 and with SIGHUP to `broker serve`) while connections stay open, and a broken reload keeping the
 old certificate; through a TCP relay that records every byte, that no payload or topic name
@@ -330,6 +331,32 @@ def test_a_tls_consumer_that_stops_reading_is_paused_then_catches_up(pki, tmp_pa
     run(main())
 
 
+def test_a_tls_publisher_past_the_iteration_budget_is_paused_and_resumed(pki, tmp_path):
+    """A publisher that sends more than one loop iteration's budget (1 MiB) at once stops
+    being read (pause_reading on its TLS transport), waits in the server's queue and is read
+    again (resume_reading) in the following iterations; every message arrives, in order."""
+
+    async def main():
+        async with serving(**install(tmp_path, pki.first)) as server:
+            subscriber = await Client.connect(wss(server), ssl=pki.client, reconnect=False)
+            sub = await subscriber.subscribe("big.t")
+            publisher = await Client.connect(wss(server), ssl=pki.client, reconnect=False)
+            queued = []
+            queue = server.queue
+            server.queue = lambda conn: (queued.append(conn.id), queue(conn))
+            payloads = [b"%02d" % i + bytes([i]) * 500_000 for i in range(10)]
+            for payload in payloads:
+                publisher.publish("big.t", payload)
+            await publisher.publish_acked("big.done", b"")
+            assert queued, "the publisher never had to wait for a following iteration"
+            assert [(await sub.next(10)).data for _ in payloads] == payloads
+            assert all(conn._reading for conn in server.connections.values())
+            await subscriber.close()
+            await publisher.close()
+
+    run(main())
+
+
 def test_a_tls_consumer_that_stays_behind_is_closed_as_a_slow_consumer(pki, tmp_path):
     async def main():
         limits = {"max_payload_bytes": 8192, "max_pending_bytes": 65536, "slow_consumer_timeout_s": 0.3}
@@ -519,6 +546,30 @@ def test_sighup_reloads_the_certificate_of_broker_serve(pki, tmp_path):
             assert proc.returncode == 0
 
         run(main())
+    finally:
+        stop_process(proc)
+
+
+def test_sighup_does_not_stop_a_broker_without_tls():
+    """SIGHUP used to end the process (its default action); now it is a reload, and without
+    TLS there is nothing to load."""
+    (port,) = free_ports()
+    proc = broker_cli("serve", "--port", str(port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        read_until(proc, "event=start")
+        proc.send_signal(signal.SIGHUP)
+        read_until(proc, "event=reload")
+
+        async def main():
+            async with Client(f"ws://127.0.0.1:{port}/", reconnect=False) as client:
+                sub = await client.subscribe("t")
+                await client.publish_acked("t", b"after SIGHUP")
+                assert (await sub.next(5)).data == b"after SIGHUP"
+
+        run(main())
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
     finally:
         stop_process(proc)
 
