@@ -27,7 +27,6 @@ class Certificate(NamedTuple):
     cert_file: str
     key_file: str
     sha256: str
-    chain: int  # certificates in tls_cert_file
 
 
 def new_context() -> ssl.SSLContext:
@@ -91,7 +90,7 @@ def _load(context: ssl.SSLContext, config: Config) -> Certificate:
     except OSError as exc:  # replaced or removed since it was read
         raise ConfigError(f"tls_cert_file: cannot read {cert_file} or {key_file}: {exc.strerror or exc}") from None
     der = ssl.PEM_cert_to_DER_cert(blocks[0].join((b"-----BEGIN CERTIFICATE-----\n", b"-----END CERTIFICATE-----\n")).decode("ascii"))
-    return Certificate(cert_file, key_file, hashlib.sha256(der).hexdigest(), len(blocks))
+    return Certificate(cert_file, key_file, hashlib.sha256(der).hexdigest())
 
 
 def _read(setting: str, path: str) -> bytes:
