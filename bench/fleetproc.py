@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .systems import HERE, System, bun_binary, child_setup
+from .systems import HERE, System, bun_binary, child_setup, tls_files
 
 FLEET = HERE / "fleet"
 
@@ -33,7 +33,8 @@ class Fleet:
                  latency: bool = False, concurrency: int = 100, ready_timeout: float = 120.0) -> None:
         install()
         config = {
-            "url": f"ws://127.0.0.1:{port}/",
+            "url": system.url(port),
+            "ca": str(tls_files()["ca"]) if system.tls else None,
             "protocol": system.fleet_protocol,
             "subprotocol": system.subprotocol,
             "acks": system.acks,

@@ -25,7 +25,7 @@ import uvloop
 
 from . import scan
 from .counters import Counters
-from .systems import SYSTEMS, System
+from .systems import SYSTEMS, System, client_ssl
 
 STAMP = 20  # payloads start with the publish time, CLOCK_MONOTONIC ns, as 20 ASCII digits
 
@@ -110,8 +110,10 @@ class WSClient(asyncio.Protocol):
 
 async def connect(system: System, host: str, port: int, patterns: list[str], sample: bool = False, on_data=None) -> WSClient:
     loop = asyncio.get_running_loop()
+    context = client_ssl(system)
     _, client = await loop.create_connection(
-        lambda: WSClient(system, host, port, scan.Scanner(system.scan_mode, sample), on_data), host, port
+        lambda: WSClient(system, host, port, scan.Scanner(system.scan_mode, sample), on_data), host, port,
+        ssl=context, server_hostname=host if context else None,
     )
     await asyncio.wait_for(client.ready, 10)
     for opcode, frame in system.hello() + (system.subscribe(patterns) if patterns else []):

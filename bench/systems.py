@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,10 @@ class System:
     fleet_protocol: str  # how the real-client fleet speaks to it: "broker", "nats" or "raw"
     wildcards: bool = True  # False: a pattern is replaced by subscriptions to every topic it matches
     acks: bool = False  # the system acknowledges subscriptions (the fleet waits for the acks)
+    tls: bool = False  # served over TLS (wss://) with the certificate of tls_files(); clients trust its CA
+
+    def url(self, port: int) -> str:
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}/"
 
     def hello(self) -> list[tuple[int, bytes]]:
         """Frames to send right after connecting: (opcode, payload)."""
@@ -101,6 +106,8 @@ SYSTEMS = {
     # the broker with authentication on and every client holding grants (checked on every
     # subscribe and publish; the grants > make no topic unreachable, so the rows compare)
     "broker-auth": System("broker-auth", scan.BROKER, f"broker.v1, bearer.{AUTH_TOKEN}", "broker", acks=True),
+    # the broker serving TLS (wss://) on its defaults otherwise
+    "broker-tls": System("broker-tls", scan.BROKER, "broker.v1", "broker", acks=True, tls=True),
     # the baseline may predate coalesced frames: BENCH_BASELINE_PROTOCOL=broker-old for one frame per topic
     "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", os.environ.get("BENCH_BASELINE_PROTOCOL", "broker"), acks=True),
     "ceiling": System("ceiling", scan.BROKER, "broker.v1", "broker"),
@@ -108,6 +115,38 @@ SYSTEMS = {
     "nats": System("nats", scan.NATS, None, "nats", acks=True),  # PING/PONG after the SUBs
     "bun": System("bun", scan.FRAMES, None, "raw", wildcards=False, acks=True),  # "P" barrier
 }
+
+
+TLS_DIR = HERE / "results" / "tls"
+
+
+def tls_files() -> dict[str, Path]:
+    """A throwaway CA and a certificate of it for 127.0.0.1 (trustme, from the test extra), made
+    the first time they are needed under bench/results/tls: {"ca", "cert", "key"} -> path."""
+    paths = {name: TLS_DIR / f"{name}.pem" for name in ("ca", "cert", "key")}
+    if not all(path.exists() for path in paths.values()):
+        import trustme
+
+        TLS_DIR.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        blobs = {
+            "key": cert.private_key_pem.bytes(),
+            "cert": b"".join(blob.bytes() for blob in cert.cert_chain_pems),
+            "ca": ca.cert_pem.bytes(),
+        }
+        for name in ("key", "cert", "ca"):  # readers look for the CA: it comes last
+            tmp = paths[name].with_suffix(".tmp")
+            tmp.write_bytes(blobs[name])
+            tmp.replace(paths[name])
+    return paths
+
+
+def client_ssl(system: System) -> ssl.SSLContext | None:
+    """The SSL context of a Python client of `system` (None: plain TCP)."""
+    if not system.tls:
+        return None
+    return ssl.create_default_context(cafile=str(tls_files()["ca"]))
 
 
 def bun_binary() -> str:
@@ -156,6 +195,9 @@ def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
         if name == "broker-auth":
             env["BROKER_AUTH_JWT_SECRET"] = AUTH_SECRET
         cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]  # its defaults
+        if SYSTEMS[name].tls:
+            files = tls_files()
+            cmd += ["--tls-cert-file", str(files["cert"]), "--tls-key-file", str(files["key"])]
     elif name in ("ceiling", "naive"):
         cmd = [sys.executable, str(HERE / "peers" / f"{name}.py"), str(port)]
     elif name == "nats":

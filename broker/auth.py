@@ -174,9 +174,14 @@ class Authenticator:
 
     # files
 
-    def refresh(self) -> bool:
-        """Read the JWKS and the denylist again if they changed; True when the denylist did.
-        A file that cannot be read keeps what was read before (and is logged by the caller)."""
+    def refresh(self, force: bool = False) -> bool:
+        """Read the JWKS and the denylist again if they changed (`force`: in any case); True
+        when the denylist was read. A file that cannot be read keeps what was read before
+        (the caller logs why)."""
+        if force:
+            for watched in (self._jwks, self._denylist):
+                if watched is not None:
+                    watched.stamp = None
         if self._jwks is not None and self._jwks.changed():
             self.jwks = _read_jwks(self.config.auth_jwks_file)
         if self._denylist is not None and self._denylist.changed():

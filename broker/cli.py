@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 from typing import Sequence
@@ -44,12 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("data", nargs="?", help="payload as text; without it, each stdin line is a message")
     pub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL})")
     pub.add_argument("--hex", action="store_true", help="DATA (or each line) is hex, not text")
+    pub.add_argument("--cafile", metavar="FILE", help="PEM file of the CA(s) to trust for a wss:// URL (default: the system's)")
 
     sub = commands.add_parser("sub", help="print messages of a topic or pattern, one per line")
     sub.add_argument("pattern")
     sub.add_argument("--url", default=DEFAULT_URL, help=f"broker URL (default {DEFAULT_URL})")
     sub.add_argument("--json", action="store_true", help="print JSON lines")
     sub.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until stopped)")
+    sub.add_argument("--cafile", metavar="FILE", help="PEM file of the CA(s) to trust for a wss:// URL (default: the system's)")
 
     dead = commands.add_parser(
         "dead-letters",
@@ -111,6 +114,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_options(args: argparse.Namespace) -> dict:
+    """The Client options of `pub` and `sub`: with --cafile, the SSL context that trusts it."""
+    if args.cafile is None:
+        return {}
+    if args.url[:6].lower() != "wss://":
+        raise ConfigError(f"--cafile is for wss:// URLs, not {args.url}")
+    try:
+        return {"ssl": ssl.create_default_context(cafile=args.cafile)}
+    except ssl.SSLError:
+        raise ConfigError(f"--cafile: {args.cafile} holds no PEM CA certificate (-----BEGIN CERTIFICATE-----)") from None
+    except OSError as exc:
+        raise ConfigError(f"--cafile: cannot read {args.cafile}: {exc.strerror or exc}") from None
+
+
 async def _pub(args: argparse.Namespace) -> int:
     from .client import Client
 
@@ -122,7 +139,7 @@ async def _pub(args: argparse.Namespace) -> int:
                 raise BrokerError(f"not hex: {text!r}") from exc
         return text.encode()
 
-    async with Client(args.url) as client:
+    async with Client(args.url, **_client_options(args)) as client:
         if args.data is not None:
             ack = await client.publish_acked(args.topic, payload(args.data))
             print(f"{args.topic} seq={ack.seq}")
@@ -151,7 +168,7 @@ async def _sub(args: argparse.Namespace) -> int:
     from .client import Client, Gap
 
     seen = 0
-    async with Client(args.url) as client:
+    async with Client(args.url, **_client_options(args)) as client:
         sub = await client.subscribe(args.pattern)
         print(f"subscribed to {args.pattern}", file=sys.stderr, flush=True)
         async for message in sub:

@@ -5,7 +5,8 @@
 //   bun fleet.js CONFIG.json
 //
 // CONFIG: {url, protocol: "broker" | "broker-old" | "nats" | "raw", subprotocol, acks, connections: [[pattern...]...],
-//          counter: path of the shared counter file, slot, latency, concurrency, ready_timeout_s}
+//          counter: path of the shared counter file, slot, latency, concurrency, ready_timeout_s,
+//          ca: for a wss:// url, the PEM file of the CA to trust (or null)}
 // Protocols: "broker" is protocol v1 with coalesced frames (every frame is an array of
 // messages: ack, err, topic, msg); "nats" is the NATS text protocol; "raw" is the Bun peer,
 // one payload per binary frame. Payloads start with their publish time: 20 ASCII digits of
@@ -20,6 +21,7 @@ import { Decoder, Encoder } from "@msgpack/msgpack";
 import { dlopen, FFIType } from "bun:ffi";
 
 const config = JSON.parse(await Bun.file(process.argv[2]).text());
+const tls = config.ca ? { ca: await Bun.file(config.ca).text() } : null; // wss://: trust the benchmark's CA
 const STAMP = 20;
 
 // CLOCK_MONOTONIC, the clock of Python's time.monotonic_ns(): Bun's own hrtime and
@@ -101,7 +103,8 @@ class Conn {
         resolve();
       };
       // subprotocol: one entry, or several separated by ", " (a bearer.TOKEN entry beside broker.v1)
-      const ws = config.subprotocol ? new WebSocket(config.url, config.subprotocol.split(",").map((p) => p.trim())) : new WebSocket(config.url);
+      const protocols = config.subprotocol ? config.subprotocol.split(",").map((p) => p.trim()) : [];
+      const ws = tls ? new WebSocket(config.url, { protocols, tls }) : new WebSocket(config.url, protocols);
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       ws.onopen = () => this.subscribe();

@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import random
+import ssl as ssl_module
 import time
 from collections import deque
 from typing import Awaitable, Callable, Literal, NamedTuple
@@ -275,7 +276,18 @@ class _Listener(WSListener):
 
 
 class Client:
-    """One connection to a broker. Use `await Client.connect(url)` or `async with Client(url)`."""
+    """One connection to a broker. Use `await Client.connect(url)` or `async with Client(url)`.
+
+    `url` is `ws://HOST:PORT/PATH`, or `wss://...` for a broker that serves TLS. `ssl` is the
+    ssl.SSLContext of wss:// connections; without it a wss:// URL uses the system's default
+    context (`ssl.create_default_context()`: the system's trusted CAs, the host name checked
+    against the certificate), made once, at the first connection. For a broker whose
+    certificate comes from a private CA:
+
+        context = ssl.create_default_context(cafile="ca.pem")
+        client = await Client.connect("wss://broker.internal:7341/", ssl=context)
+
+    Reconnections use the same context. `ssl` with a ws:// URL is a ValueError."""
 
     def __init__(
         self,
@@ -298,6 +310,7 @@ class Client:
         on_state: Callable[[str, str], object] | None = None,
         token: str | Callable[[], str | Awaitable[str]] | None = None,
         refresh_before_s: float = 30.0,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         """`token`: a JWT, or a callable returning one (awaitable or not), sent in the
         Authorization header of every connection; a callable is also asked for a fresh token
@@ -307,6 +320,12 @@ class Client:
         self.token = token
         self.refresh_before_s = refresh_before_s
         self._refresher: asyncio.TimerHandle | None = None
+        self.secure = url[:6].lower() == "wss://"
+        if ssl is not None and not isinstance(ssl, ssl_module.SSLContext):
+            raise TypeError(f"ssl must be an ssl.SSLContext or None, not {type(ssl).__name__}")
+        if ssl is not None and not self.secure:
+            raise ValueError(f"ssl is for wss:// URLs, not {url}")
+        self.ssl = ssl  # the context of wss:// connections (None: the system's default, made when first needed)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -382,16 +401,19 @@ class Client:
         self._close_info = None
         self._topics = {}
         self._paused = False
+        if self.secure and self.ssl is None:
+            self.ssl = ssl_module.create_default_context()
         headers = {"Sec-WebSocket-Protocol": SUBPROTOCOL}
         token = None
         try:
             if self.token is not None:
                 token = await self._fresh_token()
                 headers["Authorization"] = f"Bearer {token}"
-            self._transport, _ = await asyncio.wait_for(
+            self._transport, listener = await asyncio.wait_for(
                 ws_connect(
                     self._new_listener,
                     self.url,
+                    ssl_context=self.ssl,
                     extra_headers=headers,
                     max_frame_size=self.max_frame_bytes,
                     websocket_handshake_timeout=self.connect_timeout,
@@ -401,11 +423,14 @@ class Client:
                 ),
                 self.connect_timeout,
             )
+            if listener is None:  # picows returns, without a listener, when the connection ends before the upgrade's answer
+                hint = "" if self.secure else " (a broker that serves TLS takes wss:// URLs)"
+                raise ConnectionError(f"the connection closed before the WebSocket handshake completed{hint}")
         except BaseException as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"could not connect to {self.url} within {self.connect_timeout}s"
             else:
-                reason = f"could not connect to {self.url}: {exc}"
+                reason = f"could not connect to {self.url}: {str(exc) or type(exc).__name__}"
             self._close_info = (1006, reason)
             if isinstance(exc, (BrokerError, asyncio.CancelledError)) or not isinstance(exc, Exception):
                 raise

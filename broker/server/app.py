@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import tempfile
 import time
 from collections import deque
@@ -24,12 +25,12 @@ from .. import __version__, policy
 from ..auth import Authenticator
 from ..backplane import MemoryBackplane
 from ..config import Config
-from ..errors import CloseCode
+from ..errors import CloseCode, ConfigError
 from ..fastpath import IMPLEMENTATION
 from ..messages import SUBPROTOCOL
 from ..router import Router
 from ..session import HARD_LIMIT_FACTOR, Limits
-from . import handshake, logs
+from . import handshake, logs, tls
 from .connection import OPEN, Connection
 
 # Listening backlog: connections the kernel holds before they are accepted.
@@ -102,6 +103,8 @@ class Server:
         self.port: int | None = None
         self.handshakes_refused = 0
         self._server: asyncio.Server | None = None
+        self.tls: ssl.SSLContext | None = None  # with tls_cert_file: the context every handshake uses
+        self.certificate: tls.Certificate | None = None  # what it was last loaded with
         self._next_id = 0
         self._closing = False
         self._all_gone: asyncio.Event | None = None
@@ -116,7 +119,11 @@ class Server:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
-        self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG)
+        listen = {}
+        if cfg.tls_cert_file:  # TLS only: every connection starts with a TLS handshake
+            self.tls, self.certificate = tls.server_context(cfg)
+            listen = {"ssl": self.tls, "ssl_handshake_timeout": cfg.handshake_timeout_s, "ssl_shutdown_timeout": cfg.close_timeout_s}
+        self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2)
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
@@ -129,6 +136,8 @@ class Server:
             version=__version__,
             fastpath=IMPLEMENTATION,
             subprotocol=SUBPROTOCOL,
+            tls=self.tls is not None,
+            **({"cert_sha256": self.certificate.sha256} if self.certificate else {}),
         )
 
     async def stop(self) -> None:
@@ -170,6 +179,32 @@ class Server:
             errors=sum(stats.errors.values()),
         )
 
+    def reload(self) -> None:
+        """Read again what may change while the broker runs (SIGHUP): the TLS certificate and
+        key (open connections keep theirs), the JWKS and the token denylist (open connections
+        holding a revoked token are closed). Never raises: what cannot be loaded is logged
+        and the broker goes on with what it had."""
+        logs.event(logging.INFO, "reload")
+        self._reload_tls()
+        if self.loop is not None:
+            self._check_tokens(force=True)
+
+    def _reload_tls(self) -> None:
+        """Load tls_cert_file and tls_key_file again into the context the listener uses: new
+        handshakes get the new certificate, open connections keep the one they negotiated."""
+        if self.tls is None:
+            return
+        old = self.certificate
+        try:
+            self.certificate = tls.reload(self.tls, self.config)
+        except ConfigError as exc:  # names the setting and the file; the old certificate stays
+            logs.event(logging.ERROR, "tls_reload_failed", error=str(exc), kept=old.sha256)
+            return
+        except Exception:  # a reload never takes the broker down
+            logs.log.exception("tls_reload_failed", extra={"fields": {"kept": old.sha256}})
+            return
+        logs.event(logging.INFO, "tls_reloaded", cert=self.certificate.cert_file, sha256=self.certificate.sha256, previous=old.sha256)
+
     def on_disconnected(self, conn: Connection) -> None:
         self._behind.discard(conn.box)
         if self._all_gone is not None and not self.connections:
@@ -193,14 +228,14 @@ class Server:
 
     # authentication
 
-    def _check_tokens(self) -> None:
+    def _check_tokens(self, force: bool = False) -> None:
         """Read the JWKS and denylist files again if they changed; close the connections whose
         token was revoked or expired (within a sweep period of the moment)."""
         auth = self.auth
         if not auth.enabled:
             return
         try:
-            auth.refresh()
+            auth.refresh(force)
         except Exception as exc:  # a broken file keeps what was read before
             logs.event(logging.ERROR, "auth_files_unreadable", reason=str(exc))
         now = time.time()
@@ -454,16 +489,17 @@ class Server:
 
 
 async def run(config: Config) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
     server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.start()
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
