@@ -46,12 +46,15 @@ class Limits:
 class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
-        "shedding", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
+        "shedding", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
     )
 
-    def __init__(self, router: Router, limits: Limits, owner: object = None) -> None:
+    def __init__(self, router: Router, limits: Limits, owner: object = None, limiter=None) -> None:
         self.router = router
         self.limits = limits
+        # the connection's rate limits (broker.limits.ConnectionLimits), or None: every `pub`
+        # and `req` is charged to it or refused with RATE_LIMITED
+        self.limiter = limiter
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: dict[str, int] = {}  # pattern -> its slow-consumer policy
         self.responding: set[str] = set()  # topics whose requests this connection answers
@@ -130,9 +133,17 @@ class Session:
         limits = self.limits
         # Fast path: a frame of fire-and-forget publishes to known topics, parsed and stamped in
         # one compiled call. Anything else (or anything unusual) returns -1, nothing applied.
+        # With rate limits, a frame with more messages than the connection may publish now
+        # takes the general path, which refuses the excess message by message.
         count = -1
         if router.backplane.sequences_at_once:
-            count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+            limiter = self.limiter
+            if limiter is None:
+                count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+            else:
+                count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limiter.allowance(limits.max_batch_messages), router.dirty)
+                if count > 0:
+                    limiter.charge(count)
         if count >= 0:
             self.received += count
             self.published += count
@@ -162,6 +173,7 @@ class Session:
         router = self.router
         box = self.box
         max_payload = self.limits.max_payload_bytes
+        limiter = self.limiter
         while i < len(messages):
             if box.over or box.closed or self.closed:
                 break  # the connection is being closed: the rest of the frame is not applied
@@ -178,6 +190,8 @@ class Session:
                             ErrorCode.PAYLOAD_TOO_LARGE,
                             f"payload is {len(message.data)} bytes; the limit is {max_payload}",
                         )
+                    if limiter is not None:
+                        limiter.check(message.id, message.topic, router.topics)
                     self.published += 1
                     router.publish(message.topic, message.data, box, message.id, message.msg_id)
                 elif kind is Sub:
@@ -186,13 +200,15 @@ class Session:
                     self._unsubscribe(message)
                 elif kind is Req:
                     self._check_payload(message.data, max_payload)
+                    if limiter is not None:
+                        limiter.check(message.id)
                     router.request(box, message.id, message.topic, message.data, message.timeout_ms)
                 elif kind is Reply:
                     self._check_payload(message.data, max_payload)
                     router.reply(box, message.id, message.data)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
-                if kind is Pub:  # a message that will reach nobody
+                if kind is Pub and exc.code != ErrorCode.RATE_LIMITED:  # a message that will reach nobody (a rate-limited one is in the audit log)
                     router.dead_letter(box, message.id, exc.code, exc.text, encode(message)[:DEAD_LETTER_HEAD])
         self._backlog = None
         self._next = 0

@@ -29,6 +29,7 @@ from ..messages import SUBPROTOCOL
 from ..router import Router
 from ..session import HARD_LIMIT_FACTOR, Limits
 from . import handshake, logs
+from .. import limits  # after logs: broker.limits imports it (and this package)
 from .connection import OPEN, Connection
 
 # Listening backlog: connections the kernel holds before they are accepted.
@@ -95,6 +96,7 @@ class Server:
             policy=policy.BY_NAME[config.slow_consumer_policy],
         )
         self.connections: dict[int, Connection] = {}
+        self.guard = limits.Guard(config, log=logs.event)  # connections admitted, rate limits, audit log
         self.port: int | None = None
         self.handshakes_refused = 0
         self._server: asyncio.Server | None = None
@@ -197,7 +199,8 @@ class Server:
 
     def refused(self, error: handshake.HandshakeError) -> None:
         self.handshakes_refused += 1
-        logs.event(logging.INFO, "handshake_refused", status=error.status, reason=error.text)
+        if not isinstance(error, limits.LimitRefused):  # those are in the (bounded) audit log
+            logs.event(logging.INFO, "handshake_refused", status=error.status, reason=error.text)
 
     # per-tick flush
 
@@ -403,6 +406,7 @@ class Server:
         O(connections) plus the history that expired."""
         self.backplane.sweep()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))
+        self.guard.sweep()
         self._recount()
         self._write_dead_letters()
         now = self.loop.time()

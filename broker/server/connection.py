@@ -103,6 +103,7 @@ class Connection(asyncio.Protocol):
             self._timer = None
         self._buffer = None
         server = self.server
+        server.guard.connection_lost(self)  # counted from its admission at the handshake, if it got that far
         if previous == HANDSHAKE or self.session is None:
             return
         self.session.close()
@@ -153,7 +154,9 @@ class Connection(asyncio.Protocol):
         self._buffer = None
         try:
             request = handshake.parse_request(bytes(buffer[:end]))
+            self.server.guard.admit_connection(self, request)  # Origin, max_connections, per IP
             accept = self.server.check_request(request)
+            self.server.guard.admit_user(self, self.user)  # per user, once the request is authenticated
         except handshake.HandshakeError as error:
             self._refuse(error)
             return
@@ -161,7 +164,7 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         server = self.server
-        self.session = Session(server.router, server.limits, owner=self)
+        self.session = Session(server.router, server.limits, owner=self, limiter=server.guard.limiter(self))
         self.box = self.session.box
         self.state = OPEN
         self.transport.write(handshake.accept_response(accept, SUBPROTOCOL))
