@@ -67,11 +67,13 @@ class TokenBucket:
         """The tokens there are now (the bucket is refilled for the time since it was read)."""
         if now is None:
             now = self.clock()
-        tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        self.tokens = tokens
-        self.stamp = now
+        tokens = self.tokens
+        if now > self.stamp:  # (a bucket made after `now` was read is not refilled for it)
+            tokens += (now - self.stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self.tokens = tokens
+            self.stamp = now
         return tokens
 
     def take(self, n: float = 1.0, now: float | None = None) -> bool:
@@ -174,56 +176,70 @@ class ConnectionLimits:
     user's other connections."""
 
     __slots__ = (
-        "guard", "ip", "owner", "conn_id", "peer", "user", "own_publish", "user_publish", "own_new", "user_new",
-        "released", "streak", "streak_start",
+        "guard", "owner", "ip", "user", "own_publish", "user_publish", "own_new", "user_new", "streak", "streak_start",
     )
 
-    def __init__(self, guard: Guard, ip: str, owner: Any = None, conn_id: object = None, peer: str = "") -> None:
+    def __init__(self, guard: Guard, ip: str, owner: Any = None) -> None:
         self.guard = guard
-        self.ip = ip
-        self.owner = owner  # the connection, closed (code, reason) when it abuses a limit
-        self.conn_id = conn_id
-        self.peer = peer
+        self.owner = owner  # the connection (its id and peer are logged; closed with 1008 for abuse)
+        self.ip: str | None = ip  # None once released
         self.user: str | None = None
         self.own_publish: TokenBucket | None = None
         self.user_publish: TokenBucket | None = None
         self.own_new: TokenBucket | None = None
         self.user_new: TokenBucket | None = None
-        self.released = False
         self.streak = 0  # messages refused in a row
         self.streak_start = 0.0
+
+    @property
+    def released(self) -> bool:
+        return self.ip is None
+
+    @property
+    def conn_id(self) -> object:
+        return None if self.owner is None else self.owner.id
+
+    @property
+    def peer(self) -> str:
+        return (self.ip or "") if self.owner is None else self.owner.peer
 
     def allowance(self, most: int) -> int:
         """How many messages the connection may publish now, at most `most`: the compiled
         fire-and-forget path is given this as its largest frame, so a frame with more falls
-        back to `check`, message by message. Follow with `charge`."""
-        guard = self.guard
+        back to `check`, message by message. Follow with `charge`. (On the path of every
+        frame: written for speed.)"""
         bucket = self.own_publish
-        if bucket is None and guard.publish_rate:
-            bucket = self.own_publish = guard.bucket("publish_rate")
-        now = 0.0
         if bucket is not None:
-            now = guard.clock()
-            tokens = bucket.tokens + (now - bucket.stamp) * bucket.rate
-            if tokens > bucket.burst:
-                tokens = bucket.burst
-            bucket.tokens = tokens
-            bucket.stamp = now
+            now = bucket.clock()
+            tokens = bucket.tokens
+            if now > bucket.stamp:
+                tokens += (now - bucket.stamp) * bucket.rate
+                if tokens > bucket.burst:
+                    tokens = bucket.burst
+                bucket.tokens = tokens
+                bucket.stamp = now
             if tokens < most:
                 most = int(tokens)
+        elif self.guard.publish_burst < most and self.guard.publish_rate:
+            most = int(self.guard.publish_burst)  # its bucket is full until it is made, at its first publish
         bucket = self.user_publish
         if bucket is not None:
-            tokens = bucket.level(now or guard.clock())
+            tokens = bucket.level()
             if tokens < most:
                 most = int(tokens)
         return most
 
     def charge(self, count: int) -> None:
         """`count` messages (at most the last `allowance`) were published."""
-        if self.own_publish is not None:
-            self.own_publish.tokens -= count
-        if self.user_publish is not None:
-            self.user_publish.tokens -= count
+        bucket = self.own_publish
+        if bucket is not None:
+            bucket.tokens -= count
+        elif self.guard.publish_rate:
+            bucket = self.own_publish = self.guard.bucket("publish_rate")
+            bucket.tokens -= count
+        bucket = self.user_publish
+        if bucket is not None:
+            bucket.tokens -= count
         self.streak = 0
 
     def check(self, request_id: int, topic: str | None = None, topics: Any = ()) -> None:
@@ -263,23 +279,23 @@ class ConnectionLimits:
         stats = guard.stats.rate_limited
         stats[bucket.name] = stats.get(bucket.name, 0) + 1
         user = self.user or ""
+        conn_id, peer = self.conn_id, self.peer
         guard.audit.record(
-            self.conn_id, "rate_limited", {"conn": self.conn_id, "peer": self.peer, "user": user},
-            conn=self.conn_id, peer=self.peer, user=user, limit=bucket.name, id=request_id, reason=bucket.text,
+            conn_id, "rate_limited", {"conn": conn_id, "peer": peer, "user": user},
+            conn=conn_id, peer=peer, user=user, limit=bucket.name, id=request_id, reason=bucket.text,
         )
         if not self.streak or now - self.streak_start > ABUSE_WINDOW_S:
             self.streak = 0
             self.streak_start = now
         self.streak += 1
-        if self.streak >= guard.close_after and self.owner is not None:
-            owner, self.owner = self.owner, None
+        if self.streak == guard.close_after and self.owner is not None:
             reason = f"rate limit abuse: {self.streak} messages refused in a row ({bucket.name})"
             guard.stats.abuse_closes += 1
             guard.audit.record(
-                ("close", self.conn_id), "rate_limit_close", {"conn": self.conn_id, "peer": self.peer, "user": user},
-                conn=self.conn_id, peer=self.peer, user=user, code=int(CloseCode.POLICY_VIOLATION), reason=reason,
+                ("close", conn_id), "rate_limit_close", {"conn": conn_id, "peer": peer, "user": user},
+                conn=conn_id, peer=peer, user=user, code=int(CloseCode.POLICY_VIOLATION), reason=reason,
             )
-            owner.close(CloseCode.POLICY_VIOLATION, reason)
+            self.owner.close(CloseCode.POLICY_VIOLATION, reason)
         raise RequestError(ErrorCode.RATE_LIMITED, bucket.text, request_id)
 
 
@@ -342,6 +358,7 @@ class Guard:
         self.origins = parse_origins(config.allowed_origins)
         self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.user_new_topic_rate)
         self.publish_rate = config.publish_rate
+        self.publish_burst = config.publish_burst
         self.new_topic_rate = config.new_topic_rate
         # a connection's own buckets: (rate, burst, what a refused client is told), by setting
         self._buckets = {
@@ -367,20 +384,20 @@ class Guard:
 
     # the registry
 
-    def admit(self, ip: str, user: str | None = None, *, owner: Any = None, conn_id: object = None, peer: str = "") -> ConnectionLimits:
+    def admit(self, ip: str, user: str | None = None, *, owner: Any = None) -> ConnectionLimits:
         """Count a new connection from `ip` (and of `user`, if known) or raise LimitRefused:
         503 at max_connections, 429 at max_connections_per_ip or max_connections_per_user.
-        `owner` is closed with 1008 if the connection abuses a rate limit."""
+        `owner` is the connection (with `id`, `peer` and `close(code, reason)`), if any."""
         cfg = self.config
         if self.total >= cfg.max_connections:
             self._refuse(503, "max_connections", f"the broker holds {self.total} connections, its limit (max_connections); try again later",
-                         ip, conn_id, peer or ip, user)
+                         ip, owner, user)
         count = self.per_ip.get(ip, 0)
         if count >= cfg.max_connections_per_ip:
             self._refuse(429, "max_connections_per_ip", f"{count} connections from {ip}, the limit (max_connections_per_ip)",
-                         ip, conn_id, peer or ip, user)
+                         ip, owner, user)
         ip = sys.intern(ip)  # one string per address, however many connections it has
-        limits = ConnectionLimits(self, ip, owner, conn_id, peer or ip)
+        limits = ConnectionLimits(self, ip, owner)
         self.total += 1
         self.per_ip[ip] = count + 1
         if user is not None:
@@ -402,7 +419,7 @@ class Guard:
         count = entry.connections if entry is not None else 0
         if count >= self.config.max_connections_per_user:
             self._refuse(429, "max_connections_per_user", f"user {user!r} has {count} connections, the limit (max_connections_per_user)",
-                         limits.ip, limits.conn_id, limits.peer, user)
+                         limits.ip, limits.owner, user)
         if entry is None:
             entry = self.users[user] = _User(user, self.config, self.clock)
         entry.connections += 1
@@ -413,16 +430,16 @@ class Guard:
 
     def release(self, limits: ConnectionLimits) -> None:
         """The connection is gone (or was refused after admission); idempotent."""
-        if limits.released:
+        ip = limits.ip
+        if ip is None:
             return
-        limits.released = True
-        limits.owner = None
+        limits.ip = None
         self.total -= 1
-        left = self.per_ip[limits.ip] - 1
+        left = self.per_ip[ip] - 1
         if left:
-            self.per_ip[limits.ip] = left
+            self.per_ip[ip] = left
         else:
-            del self.per_ip[limits.ip]
+            del self.per_ip[ip]
         if limits.user is not None:
             self._drop_user(limits)
 
@@ -439,7 +456,8 @@ class Guard:
             else:
                 self._idle_users.add(user)
 
-    def _refuse(self, status: int, limit: str, text: str, ip: str, conn_id: object, peer: str, user: str | None) -> None:
+    def _refuse(self, status: int, limit: str, text: str, ip: str, owner: Any, user: str | None) -> None:
+        conn_id, peer = (None, ip) if owner is None else (owner.id, owner.peer)
         refused = self.stats.refused
         refused[limit] = refused.get(limit, 0) + 1
         self.audit.record(
@@ -458,8 +476,8 @@ class Guard:
             origin = request.header("origin")
             if origin is not None and _origin(origin) not in self.origins:
                 self._refuse(403, "allowed_origins", f"origin {origin[:_ORIGIN_SHOWN]} is not allowed (allowed_origins)",
-                             ip, conn.id, conn.peer, None)
-        self.connections[conn.id] = self.admit(ip, owner=conn, conn_id=conn.id, peer=conn.peer)
+                             ip, conn, None)
+        self.connections[conn.id] = self.admit(ip, owner=conn)
 
     def admit_user(self, conn: Any, user: str | None) -> None:
         """The connection belongs to `user` (None: anonymous): sets `conn.user`, counts it

@@ -296,6 +296,8 @@ def test_the_streak_is_refusals_in_a_row_within_10_s():
     guard = Guard(load({"publish_rate": 1, "publish_burst": 1, "rate_limit_close_after": 5}, environ={}), clock=clock, log=lambda *a, **k: None)
 
     class Owner:
+        id = 1
+        peer = "10.0.0.1:4000"
         closed: tuple | None = None
 
         def close(self, code, reason):
@@ -307,7 +309,7 @@ def test_the_streak_is_refusals_in_a_row_within_10_s():
                 limits.check(7)
 
     owner = Owner()
-    limits = guard.admit("10.0.0.1", owner=owner, conn_id=1)
+    limits = guard.admit("10.0.0.1", owner=owner)
     limits.check(1)  # the burst
     refuse(limits, 4)
     clock.now += 1.0
