@@ -45,6 +45,11 @@ def _num(value: float) -> str:
     return f"{value:,.0f}" if value == int(value) else f"{value:g}"
 
 
+def _many(value: float, noun: str) -> str:
+    """`value` `noun`s: 1 message, 1,000 messages."""
+    return f"{_num(value)} {noun}" if value == 1 else f"{_num(value)} {noun}s"
+
+
 class TokenBucket:
     """`rate` tokens a second, at most `burst` of them; full when made. Reading the level
     refills it from `clock`; nothing runs in between. `name` is the setting it enforces and
@@ -114,8 +119,9 @@ class LimitStats:
 class AuditLog:
     """Structured log lines of limit violations, bounded: in each window of `window` seconds at
     most `per_key` lines per key (a connection, an address) and `per_event` lines per event
-    name. When the window is over, one `<event>_suppressed` line per key says how many of its
-    lines were left out, and one more line per event counts the keys that got no line at all."""
+    name. When the window is over, one `audit_lines_skipped` line per key (with `kind`, the
+    event) says how many of its lines were left out, and one more line per event counts the
+    keys that got no line at all (`sources`)."""
 
     def __init__(self, emit: Callable[..., None], clock: Callable[[], float] = time.monotonic, *, per_key: int = AUDIT_PER_KEY,
                  per_event: int = AUDIT_PER_EVENT, window: float = AUDIT_WINDOW_S, stats: LimitStats | None = None) -> None:
@@ -161,13 +167,13 @@ class AuditLog:
             if not left_out:
                 continue
             if logged:
-                self.emit(logging.WARNING, event + "_suppressed", **summary, count=left_out)
+                self.emit(logging.WARNING, "audit_lines_skipped", kind=event, **summary, count=left_out)
             else:
                 total = unnamed.setdefault(event, [0, 0])
                 total[0] += left_out
                 total[1] += 1
         for event, (left_out, count) in unnamed.items():
-            self.emit(logging.WARNING, event + "_suppressed", count=left_out, sources=count)
+            self.emit(logging.WARNING, "audit_lines_skipped", kind=event, count=left_out, sources=count)
 
 
 class ConnectionLimits:
@@ -278,7 +284,7 @@ class ConnectionLimits:
         guard = self.guard
         stats = guard.stats.rate_limited
         stats[bucket.name] = stats.get(bucket.name, 0) + 1
-        user = self.user or ""
+        user = self.user
         conn_id, peer = self.conn_id, self.peer
         guard.audit.record(
             conn_id, "rate_limited", {"conn": conn_id, "peer": peer, "user": user},
@@ -310,13 +316,13 @@ class _User:
         if cfg.user_publish_rate:
             self.publish = TokenBucket(
                 cfg.user_publish_rate, cfg.user_publish_burst, clock, "user_publish_rate",
-                f"rate limited: user {name!r} may publish {_num(cfg.user_publish_rate)} messages a second over all "
+                f"rate limited: user {name!r} may publish {_many(cfg.user_publish_rate, 'message')} a second over all "
                 f"its connections (user_publish_rate, burst {_num(cfg.user_publish_burst)})",
             )
         if cfg.user_new_topic_rate:
             self.new_topic = TokenBucket(
                 cfg.user_new_topic_rate, cfg.user_new_topic_burst, clock, "user_new_topic_rate",
-                f"rate limited: user {name!r} may create {_num(cfg.user_new_topic_rate)} new topics a second over all "
+                f"rate limited: user {name!r} may create {_many(cfg.user_new_topic_rate, 'new topic')} a second over all "
                 f"its connections (user_new_topic_rate, burst {_num(cfg.user_new_topic_burst)})",
             )
 
@@ -363,10 +369,10 @@ class Guard:
         # a connection's own buckets: (rate, burst, what a refused client is told), by setting
         self._buckets = {
             "publish_rate": (config.publish_rate, config.publish_burst,
-                             f"rate limited: a connection may publish {_num(config.publish_rate)} messages a second "
+                             f"rate limited: a connection may publish {_many(config.publish_rate, 'message')} a second "
                              f"(publish_rate, burst {_num(config.publish_burst)})"),
             "new_topic_rate": (config.new_topic_rate, config.new_topic_burst,
-                               f"rate limited: a connection may create {_num(config.new_topic_rate)} new topics a second "
+                               f"rate limited: a connection may create {_many(config.new_topic_rate, 'new topic')} a second "
                                f"(new_topic_rate, burst {_num(config.new_topic_burst)})"),
         }
         self.total = 0  # connections admitted and not yet gone
@@ -390,11 +396,11 @@ class Guard:
         `owner` is the connection (with `id`, `peer` and `close(code, reason)`), if any."""
         cfg = self.config
         if self.total >= cfg.max_connections:
-            self._refuse(503, "max_connections", f"the broker holds {self.total} connections, its limit (max_connections); try again later",
+            self._refuse(503, "max_connections", f"the broker holds {_many(self.total, 'connection')}, its limit (max_connections); try again later",
                          ip, owner, user)
         count = self.per_ip.get(ip, 0)
         if count >= cfg.max_connections_per_ip:
-            self._refuse(429, "max_connections_per_ip", f"{count} connections from {ip}, the limit (max_connections_per_ip)",
+            self._refuse(429, "max_connections_per_ip", f"{_many(count, 'connection')} from {ip}, the limit (max_connections_per_ip)",
                          ip, owner, user)
         ip = sys.intern(ip)  # one string per address, however many connections it has
         limits = ConnectionLimits(self, ip, owner)
@@ -418,7 +424,7 @@ class Guard:
         entry = self.users.get(user)
         count = entry.connections if entry is not None else 0
         if count >= self.config.max_connections_per_user:
-            self._refuse(429, "max_connections_per_user", f"user {user!r} has {count} connections, the limit (max_connections_per_user)",
+            self._refuse(429, "max_connections_per_user", f"user {user!r} has {_many(count, 'connection')}, the limit (max_connections_per_user)",
                          limits.ip, limits.owner, user)
         if entry is None:
             entry = self.users[user] = _User(user, self.config, self.clock)
@@ -461,8 +467,8 @@ class Guard:
         refused = self.stats.refused
         refused[limit] = refused.get(limit, 0) + 1
         self.audit.record(
-            ("ip", ip), "connection_refused", {"peer": ip},
-            conn=conn_id, peer=peer, user=user or "", status=status, limit=limit, reason=text,
+            ("ip", ip), "handshake_refused", {"peer": ip},
+            conn=conn_id, peer=peer, user=user, status=status, limit=limit, reason=text,
         )
         raise LimitRefused(status, text, limit)
 

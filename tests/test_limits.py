@@ -135,13 +135,12 @@ def test_connection_flood_from_one_ip_gets_429_and_other_addresses_still_connect
                 clients += [await RawSocketClient.connect(server.port) for _ in range(2)]
                 assert (await upgrade(server.port))[0] == 429
                 # the audit log: the first lines of the address, then one line with the rest
-                refusals = [f for e, f in lines if e == "connection_refused"]
+                refusals = [f for e, f in lines if e == "handshake_refused"]
                 assert len(refusals) == 5
                 assert refusals[0]["status"] == 429 and refusals[0]["limit"] == "max_connections_per_ip"
-                assert refusals[0]["peer"].startswith("127.0.0.1:") and refusals[0]["user"] == ""
-                assert not [e for e, _ in lines if e == "handshake_refused"]
+                assert refusals[0]["peer"].startswith("127.0.0.1:") and refusals[0]["user"] is None
                 server.guard.audit.flush()
-                assert ("connection_refused_suppressed", {"peer": "127.0.0.1", "count": 16}) in lines
+                assert ("audit_lines_skipped", {"kind": "handshake_refused", "peer": "127.0.0.1", "count": 16}) in lines
             other.close()
             for client in clients:
                 client.close()
@@ -196,7 +195,7 @@ def test_origin_allow_list():
             with audit_lines() as lines:
                 status, body, bad = await upgrade(server.port, header="Origin: https://evil.example")
             assert status == 403 and body == "origin https://evil.example is not allowed (allowed_origins)\n"
-            assert lines[0][0] == "connection_refused" and lines[0][1]["limit"] == "allowed_origins"
+            assert lines[0][0] == "handshake_refused" and lines[0][1]["limit"] == "allowed_origins"
             assert server.guard.stats.refused == {"allowed_origins": 1}
             for writer in (ok, ok2, plain, bad):
                 writer.close()
@@ -279,12 +278,12 @@ def test_persistent_abuse_closes_with_1008():
             limited = [f for e, f in lines if e == "rate_limited"]
             assert len(limited) == 5  # the first few of this connection in this second
             assert limited[0] == {
-                "conn": conn.id, "peer": conn.peer, "user": "", "limit": "publish_rate", "id": 2,
-                "reason": "rate limited: a connection may publish 1 messages a second (publish_rate, burst 1)",
+                "conn": conn.id, "peer": conn.peer, "user": None, "limit": "publish_rate", "id": 2,
+                "reason": "rate limited: a connection may publish 1 message a second (publish_rate, burst 1)",
             }
-            assert ("rate_limited_suppressed", {"conn": conn.id, "peer": conn.peer, "user": "", "count": 15}) in lines
+            assert ("audit_lines_skipped", {"kind": "rate_limited", "conn": conn.id, "peer": conn.peer, "user": None, "count": 15}) in lines
             closes = [f for e, f in lines if e == "rate_limit_close"]
-            assert closes == [{"conn": conn.id, "peer": conn.peer, "user": "", "code": 1008, "reason": reason}]
+            assert closes == [{"conn": conn.id, "peer": conn.peer, "user": None, "code": 1008, "reason": reason}]
             assert not any("secret" in str(f) for _, f in lines)  # never payloads
             client.close()
 
@@ -333,7 +332,7 @@ def test_new_topic_rate_refuses_creation_past_the_limit():
             await client.send([Pub(i, f"new.t{i}", b"x") for i in range(1, 11)])
             got = await replies(client, 10)
             assert [type(m) for m in got] == [Ack] * 5 + [Err] * 5
-            text = "rate limited: a connection may create 1 new topics a second (new_topic_rate, burst 5)"
+            text = "rate limited: a connection may create 1 new topic a second (new_topic_rate, burst 5)"
             assert got[5:] == [Err(i, ErrorCode.RATE_LIMITED, text) for i in range(6, 11)]
             assert sorted(t for t in server.router.topics if t.startswith("new.")) == [f"new.t{i}" for i in range(1, 6)]
             # publishing to topics that exist is not creating them; fire-and-forget to a new one is
@@ -379,7 +378,7 @@ def test_per_user_connections_and_shared_buckets_through_the_admission_hook():
             await c2.send([Pub(i, "user.a", b"x") for i in range(1, 21)])
             got = await replies(c2, 20)
             assert [type(m) for m in got] == [Ack] * 10 + [Err] * 10
-            assert got[10].text == "rate limited: user 'alice' may publish 1 messages a second over all its connections (user_publish_rate, burst 30)"
+            assert got[10].text == "rate limited: user 'alice' may publish 1 message a second over all its connections (user_publish_rate, burst 30)"
             await c3.send([Pub(i, "user.b", b"x") for i in range(1, 21)])
             assert [type(m) for m in await replies(c3, 20)] == [Ack] * 20
             assert guard.stats.rate_limited == {"user_publish_rate": 10}
@@ -418,12 +417,12 @@ def test_audit_log_is_bounded_per_key_and_per_event():
         audit.record(7, "rate_limited", {"conn": 7}, conn=7, id=i)
     assert len(lines) == 5
     for key in range(200):
-        audit.record(("ip", key), "connection_refused", {"peer": key}, peer=key)
+        audit.record(("ip", key), "handshake_refused", {"peer": key}, peer=key)
     assert len(lines) == 55
     clock.now += 1.0
     audit.record(7, "rate_limited", {"conn": 7}, conn=7, id=1000)  # a new second: the summary first
     assert lines[55:] == [
-        ("rate_limited_suppressed", {"conn": 7, "count": 995}),
-        ("connection_refused_suppressed", {"count": 150, "sources": 150}),
+        ("audit_lines_skipped", {"kind": "rate_limited", "conn": 7, "count": 995}),
+        ("audit_lines_skipped", {"kind": "handshake_refused", "count": 150, "sources": 150}),
         ("rate_limited", {"conn": 7, "id": 1000}),
     ]
