@@ -8,8 +8,8 @@
   Origin not allowed 403, `max_connections` 503, `max_connections_per_ip` and
   `max_connections_per_user` 429 (a `LimitRefused`, which is a `HandshakeError`).
 - `ConnectionLimits`: one connection's admission and its share of the publish and new-topic
-  rates. A session asks it before every `pub` and `req` (`check`) and before the compiled
-  fire-and-forget path (`allowance` / `charge`); a refusal is `err` 15 (RATE_LIMITED), and
+  rates. A session asks it before every `pub` and `req` (`check`), and calls the compiled
+  fire-and-forget path through it (`fast_publish`); a refusal is `err` 15 (RATE_LIMITED), and
   `rate_limit_close_after` refusals in a row within 10 s close the connection with 1008.
 
 The audit log (`AuditLog`) writes at most a few lines per connection (or address) and per kind
@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .errors import CloseCode, ErrorCode, RequestError
+from .fastpath import fast_publish as _fast_publish
 from .server import logs
 from .server.handshake import HandshakeError, Request
 
@@ -209,11 +210,12 @@ class ConnectionLimits:
     def peer(self) -> str:
         return (self.ip or "") if self.owner is None else self.owner.peer
 
-    def allowance(self, most: int) -> int:
-        """How many messages the connection may publish now, at most `most`: the compiled
-        fire-and-forget path is given this as its largest frame, so a frame with more falls
-        back to `check`, message by message. Follow with `charge`. (On the path of every
-        frame: written for speed.)"""
+    def fast_publish(self, data: Any, topics_by_key: dict, max_payload: int, most: int, dirty: list) -> int:
+        """`fastpath.fast_publish` (same arguments and result) held to the connection's publish
+        rates: it is given as its largest frame the messages the connection may publish now, so
+        a frame with more falls back to the general path (-1), where `check` takes its
+        messages one by one; what it publishes is charged. On the path of every frame:
+        written for speed."""
         bucket = self.own_publish
         if bucket is not None:
             now = bucket.clock()
@@ -228,25 +230,22 @@ class ConnectionLimits:
                 most = int(tokens)
         elif self.guard.publish_burst < most and self.guard.publish_rate:
             most = int(self.guard.publish_burst)  # its bucket is full until it is made, at its first publish
-        bucket = self.user_publish
-        if bucket is not None:
-            tokens = bucket.level()
+        user = self.user_publish
+        if user is not None:
+            tokens = user.level()
             if tokens < most:
                 most = int(tokens)
-        return most
-
-    def charge(self, count: int) -> None:
-        """`count` messages (at most the last `allowance`) were published."""
-        bucket = self.own_publish
-        if bucket is not None:
-            bucket.tokens -= count
-        elif self.guard.publish_rate:
-            bucket = self.own_publish = self.guard.bucket("publish_rate")
-            bucket.tokens -= count
-        bucket = self.user_publish
-        if bucket is not None:
-            bucket.tokens -= count
-        self.streak = 0
+        count = _fast_publish(data, topics_by_key, max_payload, most, dirty)
+        if count > 0:
+            if bucket is not None:
+                bucket.tokens -= count
+            elif self.guard.publish_rate:
+                bucket = self.own_publish = self.guard.bucket("publish_rate")
+                bucket.tokens -= count
+            if user is not None:
+                user.tokens -= count
+            self.streak = 0
+        return count
 
     def check(self, request_id: int, topic: str | None = None, topics: Any = ()) -> None:
         """Charge one `pub` or `req` (a `pub` to a topic not in `topics` also creates one) or

@@ -141,9 +141,7 @@ class Session:
             if limiter is None:
                 count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
             else:
-                count = fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limiter.allowance(limits.max_batch_messages), router.dirty)
-                if count > 0:
-                    limiter.charge(count)
+                count = limiter.fast_publish(data, router.topics_by_key, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
             self.published += count
