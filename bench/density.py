@@ -3,13 +3,15 @@
     python -m bench.density                                   # broker, nats, bun at 10,000; broker at 19,000
     python -m bench.density --rows broker:19000 --fleet-procs 2
 
-For each row SYSTEM:N: start the system on its default settings and measure its resident memory
-(RSS, from /proc, with its child processes); open N WebSocket connections from the Bun fleet,
-split over at least two processes (one process may hold about 20,000 descriptors here), each
-subscribed to the same topic, and wait until every subscription is confirmed (broker: ack,
-NATS: PONG, Bun: its barrier); measure RSS again: (after - before) / N is the cost of one idle
-subscribed connection. Then publish one 100-byte message to the topic and time how long until
-every connection has it (counted by each connection)."""
+For each row SYSTEM:N: start the system on its default settings (the broker's
+max_connections and max_connections_per_ip raised to N + 100: every connection comes from
+127.0.0.1) and measure its resident memory (RSS, from /proc, with its child processes); open
+N WebSocket connections from the Bun fleet, split over at least two processes (one process may
+hold about 20,000 descriptors here), each subscribed to the same topic, and wait until every
+subscription is confirmed (broker: ack, NATS: PONG, Bun: its barrier); measure RSS again:
+(after - before) / N is the cost of one idle subscribed connection. Then publish one 100-byte
+message to the topic and time how long until every connection has it (counted by each
+connection)."""
 
 from __future__ import annotations
 
@@ -55,7 +57,9 @@ async def publish_once(system_name: str, port: int, counters: Counters, expected
 def measure(system_name: str, connections: int, procs: int, timeout: float) -> dict:
     procs = max(procs, 2, math.ceil(connections / PER_PROCESS))
     port = free_port()
-    server = start(system_name, port, defaults=True)
+    # every connection comes from 127.0.0.1: past max_connections_per_ip (1,000) and, at 19,000,
+    # max_connections (10,000); the publisher's connection and a margin on top
+    server = start(system_name, port, defaults=True, broker={"max_connections": connections + 100, "max_connections_per_ip": connections + 100})
     counters = Counters.create(procs)
     fleets: list[Fleet] = []
     try:
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
     text = (
         f"Command: `{' '.join(['python -m bench.density'] + (argv if argv is not None else sys.argv[1:]))}`  \n"
         f"Commit: {commit()}, machine: {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-        "Systems on their default settings; RSS from /proc (with child processes).\n\n" + table(rows)
+        "Systems on their default settings (the broker's max_connections and max_connections_per_ip raised to N + 100: "
+        "every connection comes from 127.0.0.1); RSS from /proc (with child processes).\n\n" + table(rows)
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

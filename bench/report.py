@@ -94,6 +94,9 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
         ours = next((r for r in these if r["system"] == "broker"), None)
         lines.append(f"\n#### ({key}) {sc.title}\n")
         lines.append(f"`{command(key, [r['system'] for r in these])}`\n")
+        if sc.broker:
+            settings = ", ".join(f"`{name}` {value:,}" if isinstance(value, int) else f"`{name}` {value}" for name, value in sc.broker.items())
+            lines.append(f"The broker with {settings} (past its defaults: see bench/scenarios.py).\n")
         head = ("| system | delivered msg/s | MB/s | lost | closes slow/other | seq gaps/dups | system CPU | "
                 "CPU s per M msg | clients CPU | publisher CPU |")
         if sc.latency:

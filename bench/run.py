@@ -73,7 +73,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
     connections = [expand(p, sc.topics, system.wildcards) for p in sc.subscribers]
     window = window or sc.window
     port = free_port()
-    server = start(system_name, port)
+    server = start(system_name, port, broker=sc.broker)
     counters = Counters.create(procs)
     clients = pub = None
     ours = None

@@ -180,14 +180,18 @@ def child_setup() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start(name: str, port: int, defaults: bool = False) -> subprocess.Popen:
+def start(name: str, port: int, defaults: bool = False, broker: dict | None = None) -> subprocess.Popen:
     """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file).
-    The broker always runs on its defaults, as users get it. `defaults`: NATS on its default
-    limits too, instead of the benchmark's larger ones."""
+    The broker runs on its defaults, as users get it, except the settings in `broker` (what a
+    scenario needs past a default limit, e.g. more connections from 127.0.0.1 than
+    max_connections_per_ip), given as BROKER_<NAME> variables, which a broker of an older commit
+    without the setting ignores. `defaults`: NATS on its default limits too, instead of the
+    benchmark's larger ones."""
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
     env = dict(os.environ)
     cwd = ROOT
     if name.startswith("broker"):
+        env.update({f"BROKER_{key.upper()}": str(value) for key, value in (broker or {}).items()})
         if name == "broker-pure":
             env["BROKER_PURE_PYTHON"] = "1"
         if name == "broker-baseline":

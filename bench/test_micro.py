@@ -151,3 +151,38 @@ def test_shed_a_queue_of_1000_batches(benchmark, impl, how):
         policy.Shed().shed(box, lambda topic_id: chosen, router.index.states, box.size // 2)
 
     benchmark.pedantic(shed, setup=setup, rounds=50)
+
+
+@pytest.mark.parametrize("frame", [1, 100])
+@pytest.mark.parametrize("limits", ["none", "connection", "connection+user"])
+def test_session_receive_fire_and_forget(benchmark, limits, frame):
+    """Session.receive of one frame of fire-and-forget publishes to known topics (the compiled
+    path of broker.fastpath): without rate limits, with a connection's publish bucket, and with
+    its user's too (buckets so large that they stay full: the cost of the check alone)."""
+    from broker.config import load
+    from broker.limits import Guard
+    from broker.router import Router
+    from broker.session import Limits, Session
+
+    router = Router(lambda: None)
+    names = [f"md.t{i}" for i in range(10)]
+    for name in names:
+        router.topic(name)
+    limiter = None
+    if limits != "none":
+        settings = {"publish_rate": 1e12, "publish_burst": 1e12}
+        if limits == "connection+user":
+            settings.update(user_publish_rate=1e12, user_publish_burst=1e12)
+        guard = Guard(load(settings, environ={}), log=lambda *a, **k: None)
+        limiter = guard.admit("127.0.0.1", "alice" if limits == "connection+user" else None)
+    session = Session(router, Limits(), owner="bench", limiter=limiter)
+    data = msgspec.msgpack.encode([Pub(0, names[i % 10], PAYLOAD) for i in range(frame)])
+
+    def run():
+        assert session.receive(data)
+        for state in router.dirty:
+            state.pending = []
+            state.dirty = False
+        router.dirty.clear()
+
+    benchmark(run)

@@ -119,6 +119,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_pending_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
+        for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "user_new_topic_rate"):
+            burst = rate[: -len("rate")] + "burst"
+            if getattr(self, rate) and getattr(self, burst) < 1:
+                raise ValueError(f"{burst} must be at least 1 when {rate} is set (it is {getattr(self, rate):g})")
 
 
 FIELDS: tuple[str, ...] = Config.__struct_fields__

@@ -47,16 +47,19 @@ class Limits:
 class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
-        "shedding", "identity", "authenticator", "denied", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
+        "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
         "_held", "_effective", "_allowed", "_allowed_mark",
     )
 
-    def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
         self.router = router
         self.limits = limits
         self.identity = identity  # who the token names and what it grants (grants None: anything)
         self.authenticator = authenticator  # checks the tokens of `auth` messages
         self.denied = 0  # requests refused for want of a grant
+        # the connection's rate limits (broker.limits.ConnectionLimits), or None: every `pub`
+        # and `req` is charged to it or refused with RATE_LIMITED
+        self.limiter = limiter
         # With grants, each subscription holds its intersections with them in the index
         # (`_effective`), counted in `_held` since two subscriptions may share one; publishes
         # on the compiled path look topics up in `_allowed`, those this connection may publish to.
@@ -142,6 +145,8 @@ class Session:
         limits = self.limits
         # Fast path: a frame of fire-and-forget publishes to known topics, parsed and stamped in
         # one compiled call. Anything else (or anything unusual) returns -1, nothing applied.
+        # With rate limits, a frame with more messages than the connection may publish now
+        # takes the general path, which refuses the excess message by message.
         count = -1
         if router.backplane.sequences_at_once:
             table = router.topics_by_key
@@ -150,7 +155,11 @@ class Session:
                 if self._allowed_mark != router.stats.retired:  # a topic retired: its state is gone
                     table.clear()
                     self._allowed_mark = router.stats.retired
-            count = fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+            limiter = self.limiter
+            if limiter is None:
+                count = fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+            else:
+                count = limiter.fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
         if count >= 0:
             self.received += count
             self.published += count
@@ -180,6 +189,7 @@ class Session:
         router = self.router
         box = self.box
         max_payload = self.limits.max_payload_bytes
+        limiter = self.limiter
         while i < len(messages):
             if box.over or box.closed or self.closed:
                 break  # the connection is being closed: the rest of the frame is not applied
@@ -199,6 +209,8 @@ class Session:
                     grants = self.identity.grants
                     if grants is not None and not grants.may_publish(message.topic):
                         self._forbid(f"not allowed to publish to {message.topic[:256]!r}")
+                    if limiter is not None:
+                        limiter.check(message.id, message.topic, router.topics)
                     self.published += 1
                     router.publish(message.topic, message.data, box, message.id, message.msg_id)
                     if grants is not None:
@@ -214,6 +226,8 @@ class Session:
                     grants = self.identity.grants
                     if grants is not None and not grants.may_publish(message.topic):
                         self._forbid(f"not allowed to send requests to {message.topic[:256]!r}")
+                    if limiter is not None:
+                        limiter.check(message.id)
                     router.request(box, message.id, message.topic, message.data, message.timeout_ms)
                 elif kind is Reply:
                     self._check_payload(message.data, max_payload)
@@ -222,7 +236,7 @@ class Session:
                     self._authenticate(message)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
-                if kind is Pub:  # a message that will reach nobody
+                if kind is Pub and exc.code != ErrorCode.RATE_LIMITED:  # a message that will reach nobody (a rate-limited one is in the audit log)
                     router.dead_letter(box, message.id, exc.code, exc.text, encode(message)[:DEAD_LETTER_HEAD])
         self._backlog = None
         self._next = 0

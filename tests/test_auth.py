@@ -71,7 +71,7 @@ def test_every_handshake_rule_in_its_order():
     assert refused(rules, bad_version)[0] == 426
     assert refused(rules, request(protocols=(), headers=good))[0] == 400
     assert refused(rules, request(protocols=("broker.v2", f"bearer.{token()}"), headers=good))[1] == "unsupported protocol version (offered broker.v2); this server speaks broker.v1"
-    assert refused(rules, request(headers={**good, "Origin": "https://evil.example"})) == (403, "origin https://evil.example is not allowed")
+    assert refused(rules, request(headers={**good, "Origin": "https://evil.example"})) == (403, "origin https://evil.example is not allowed (allowed_origins)")
     no_upgrade = request(headers=good)
     del no_upgrade.headers["upgrade"]
     assert refused(rules, no_upgrade)[0] == 400
@@ -402,3 +402,28 @@ def test_denials_are_counted_and_audited_within_a_bound(caplog):
     assert 1 <= len(denied) <= 10
     fields = denied[0].fields
     assert fields["user"] == "henry" and fields["reason"] == "not allowed to subscribe to 'x.0'" and fields["peer"].startswith("127.0.0.1:")
+
+
+def test_the_per_user_limits_count_the_user_the_token_names():
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, max_connections_per_user=2, user_publish_rate=1, user_publish_burst=3) as server:
+            first = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="ivy")))
+            second = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="ivy")))
+            other = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="jack")))
+            try:
+                status, _, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], auth_headers(token(sub="ivy"))))
+                writer.close()
+                assert status == 429
+                # the user's publish bucket is shared by both of ivy's connections
+                for i, client in enumerate((first, second, first, second)):
+                    await client.send(Pub(i + 1, "t", b"x"))
+                replies = [await first.recv(), await second.recv(), await first.recv(), await second.recv()]
+                codes = sorted(getattr(r, "code", 0) for r in replies)
+                assert codes == [0, 0, 0, ErrorCode.RATE_LIMITED]
+                await other.send(Pub(9, "t", b"y"))
+                assert isinstance(await other.recv(), Ack)
+            finally:
+                for client in (first, second, other):
+                    client.close()
+
+    run(main())

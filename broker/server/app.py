@@ -31,6 +31,7 @@ from ..messages import SUBPROTOCOL
 from ..router import Router
 from ..session import HARD_LIMIT_FACTOR, Limits
 from . import handshake, logs, tls
+from .. import limits  # after logs: broker.limits imports it (and this package)
 from .connection import OPEN, Connection
 
 # Listening backlog: connections the kernel holds before they are accepted.
@@ -100,6 +101,7 @@ class Server:
             policy=policy.BY_NAME[config.slow_consumer_policy],
         )
         self.connections: dict[int, Connection] = {}
+        self.guard = limits.Guard(config, log=logs.event)  # connections admitted, rate limits, audit log
         self.port: int | None = None
         self.handshakes_refused = 0
         self._server: asyncio.Server | None = None
@@ -223,8 +225,9 @@ class Server:
 
     def refused(self, error: handshake.HandshakeError, peer: str = "") -> None:
         self.handshakes_refused += 1
-        level = logging.WARNING if error.status in (401, 403) else logging.INFO
-        logs.event(level, "handshake_refused", peer=peer, status=error.status, reason=error.text)
+        if not isinstance(error, limits.LimitRefused):  # those are in the (bounded) audit log
+            level = logging.WARNING if error.status in (401, 403) else logging.INFO
+            logs.event(level, "handshake_refused", peer=peer, status=error.status, reason=error.text)
 
     # authentication
 
@@ -456,6 +459,7 @@ class Server:
         self.backplane.sweep()
         self._check_tokens()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))
+        self.guard.sweep()
         self._recount()
         self._write_dead_letters()
         now = self.loop.time()

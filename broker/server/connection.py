@@ -118,6 +118,7 @@ class Connection(asyncio.Protocol):
             self._timer = None
         self._buffer = None
         server = self.server
+        server.guard.connection_lost(self)  # counted from its admission at the handshake, if it got that far
         if previous == HANDSHAKE or self.session is None:
             return
         self.session.close()
@@ -168,7 +169,9 @@ class Connection(asyncio.Protocol):
         self._buffer = None
         try:
             request = handshake.parse_request(bytes(buffer[:end]))
+            self.server.guard.admit_connection(self, request)  # max_connections, per IP
             accepted = self.server.check_request(request)
+            self.server.guard.admit_user(self, accepted.identity.user)  # per user, once the request is authenticated
         except handshake.HandshakeError as error:
             self._refuse(error)
             return
@@ -178,7 +181,9 @@ class Connection(asyncio.Protocol):
         server = self.server
         identity = accepted.identity
         self.user = identity.user
-        self.session = Session(server.router, server.limits, owner=self, identity=identity, authenticator=server.auth)
+        self.session = Session(
+            server.router, server.limits, owner=self, identity=identity, authenticator=server.auth, limiter=server.guard.limiter(self)
+        )
         self.box = self.session.box
         self.state = OPEN
         self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))

@@ -109,7 +109,9 @@ class Accepted(NamedTuple):
 
 class Rules:
     """The server's rules for upgrade requests. `origins`: the Origin values a browser may
-    connect from (empty: any; a request without Origin is not from a browser and passes)."""
+    connect from (empty: any; a request without Origin is not from a browser and passes).
+    The server's limits (broker.limits.Guard) apply the same Origin rule first, with their
+    counters and bounded audit log; here it stands with the other rules, testable alone."""
 
     def __init__(self, path: str, subprotocol: str, authenticator: Authenticator, origins: tuple[str, ...] = ()) -> None:
         self.path = path
@@ -135,7 +137,7 @@ class Rules:
             raise HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {self.subprotocol}")
         origin = request.header("origin")
         if self.origins and origin is not None and origin.strip().rstrip("/").lower() not in self.origins:
-            raise HandshakeError(403, f"origin {origin.strip()[:100]} is not allowed")
+            raise HandshakeError(403, f"origin {origin.strip()[:100]} is not allowed (allowed_origins)")
         accept = check_upgrade(request)
         try:
             identity = self.authenticator.identify(request.path, request.header("authorization"), offered)

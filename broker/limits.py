@@ -1,0 +1,518 @@
+"""Limits on what one client, one address or one user may take, and the audit log of violations.
+
+- `TokenBucket`: `rate` tokens a second, at most `burst` of them, refilled from a monotonic
+  clock whenever it is read: O(1), no timers.
+- `Guard`: the server's registry of admitted connections (how many in all, per IP address and
+  per user), the Origin allow-list, the per-user rate buckets shared by all of a user's
+  connections, and the bounded audit log. Admission happens at the WebSocket handshake:
+  Origin not allowed 403, `max_connections` 503, `max_connections_per_ip` and
+  `max_connections_per_user` 429 (a `LimitRefused`, which is a `HandshakeError`).
+- `ConnectionLimits`: one connection's admission and its share of the publish and new-topic
+  rates. A session asks it before every `pub` and `req` (`check`), and calls the compiled
+  fire-and-forget path through it (`fast_publish`); a refusal is `err` 15 (RATE_LIMITED), and
+  `rate_limit_close_after` refusals in a row within 10 s close the connection with 1008.
+
+The audit log (`AuditLog`) writes at most a few lines per connection (or address) and per kind
+of event each second; what it leaves out is counted and reported in one line per connection
+when the second is over. It never logs tokens or payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+from .config import Config
+from .errors import CloseCode, ErrorCode, RequestError
+from .fastpath import fast_publish as _fast_publish
+from .server import logs
+from .server.handshake import HandshakeError, Request
+
+# Refusals in a row that close a connection (rate_limit_close_after) must fall within this
+# many seconds of the first one; a longer streak starts counting again.
+ABUSE_WINDOW_S = 10.0
+# The audit log's bounds: per second, lines per connection (or address) and per kind of event.
+AUDIT_WINDOW_S = 1.0
+AUDIT_PER_KEY = 5
+AUDIT_PER_EVENT = 50
+# Longest Origin value quoted back in a 403 body.
+_ORIGIN_SHOWN = 100
+
+
+def _num(value: float) -> str:
+    """A rate or burst as people write it: 1,000 or 2.5."""
+    return f"{value:,.0f}" if value == int(value) else f"{value:g}"
+
+
+def _many(value: float, noun: str) -> str:
+    """`value` `noun`s: 1 message, 1,000 messages."""
+    return f"{_num(value)} {noun}" if value == 1 else f"{_num(value)} {noun}s"
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` of them; full when made. Reading the level
+    refills it from `clock`; nothing runs in between. `name` is the setting it enforces and
+    `text` what a client whose message it refuses is told."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp", "clock", "name", "text")
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic, name: str = "", text: str = "") -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1 (got {rate}, {burst})")
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.clock = clock
+        self.stamp = clock()
+        self.name = name
+        self.text = text
+
+    def level(self, now: float | None = None) -> float:
+        """The tokens there are now (the bucket is refilled for the time since it was read)."""
+        if now is None:
+            now = self.clock()
+        tokens = self.tokens
+        if now > self.stamp:  # (a bucket made after `now` was read is not refilled for it)
+            tokens += (now - self.stamp) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            self.tokens = tokens
+            self.stamp = now
+        return tokens
+
+    def take(self, n: float = 1.0, now: float | None = None) -> bool:
+        """Take `n` tokens if there are that many; False (and nothing taken) otherwise."""
+        if self.level(now) >= n:
+            self.tokens -= n
+            return True
+        return False
+
+    def full(self, now: float) -> bool:
+        """True when the bucket is full at `now` (without reading it)."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class LimitRefused(HandshakeError):
+    """A handshake refused by a limit: 403 (Origin), 503 (max_connections) or 429 (per IP, per
+    user). `limit` names the setting."""
+
+    def __init__(self, status: int, text: str, limit: str) -> None:
+        super().__init__(status, text)
+        self.limit = limit
+
+
+class LimitStats:
+    """Counters of the limits, by setting name; read by tests and logs."""
+
+    __slots__ = ("refused", "rate_limited", "abuse_closes", "audit_suppressed")
+
+    def __init__(self) -> None:
+        # handshakes refused: allowed_origins, max_connections, max_connections_per_ip, max_connections_per_user
+        self.refused: dict[str, int] = {}
+        # messages refused with err 15: publish_rate, user_publish_rate, new_topic_rate, user_new_topic_rate
+        self.rate_limited: dict[str, int] = {}
+        self.abuse_closes = 0  # connections closed with 1008 for refusals in a row
+        self.audit_suppressed = 0  # audit lines left out (counted in their summary lines)
+
+
+class AuditLog:
+    """Structured log lines of limit violations, bounded: in each window of `window` seconds at
+    most `per_key` lines per key (a connection, an address) and `per_event` lines per event
+    name. When the window is over, one `audit_lines_skipped` line per key (with `kind`, the
+    event) says how many of its lines were left out, and one more line per event counts the
+    keys that got no line at all (`sources`)."""
+
+    def __init__(self, emit: Callable[..., None], clock: Callable[[], float] = time.monotonic, *, per_key: int = AUDIT_PER_KEY,
+                 per_event: int = AUDIT_PER_EVENT, window: float = AUDIT_WINDOW_S, stats: LimitStats | None = None) -> None:
+        self.emit = emit
+        self.clock = clock
+        self.per_key = per_key
+        self.per_event = per_event
+        self.window = window
+        self.stats = stats
+        self.start = clock()
+        self._keys: dict[Any, list] = {}  # key -> [event, summary fields, lines logged, lines left out]
+        self._lines: dict[str, int] = {}  # event -> lines logged in this window
+
+    def record(self, key: Any, event: str, summary: dict[str, Any], **fields: Any) -> bool:
+        """Log `event` with `fields` unless `key` or `event` has had its lines in this window;
+        `summary` holds the fields that identify the key in a summary line. True if logged."""
+        now = self.clock()
+        if now - self.start >= self.window:
+            self.flush(now)
+        entry = self._keys.get(key)
+        if entry is None:
+            entry = self._keys[key] = [event, summary, 0, 0]
+        lines = self._lines.get(event, 0)
+        if entry[2] < self.per_key and lines < self.per_event:
+            entry[2] += 1
+            self._lines[event] = lines + 1
+            self.emit(logging.WARNING, event, **fields)
+            return True
+        entry[3] += 1
+        if self.stats is not None:
+            self.stats.audit_suppressed += 1
+        return False
+
+    def flush(self, now: float | None = None) -> None:
+        """End the window: the summary lines of what was left out, then a new window."""
+        now = self.clock() if now is None else now
+        keys = self._keys
+        self._keys = {}
+        self._lines = {}
+        self.start = now
+        unnamed: dict[str, list[int]] = {}  # event -> [lines left out, keys] of keys that logged nothing
+        for event, summary, logged, left_out in keys.values():
+            if not left_out:
+                continue
+            if logged:
+                self.emit(logging.WARNING, "audit_lines_skipped", kind=event, **summary, count=left_out)
+            else:
+                total = unnamed.setdefault(event, [0, 0])
+                total[0] += left_out
+                total[1] += 1
+        for event, (left_out, count) in unnamed.items():
+            self.emit(logging.WARNING, "audit_lines_skipped", kind=event, count=left_out, sources=count)
+
+
+class ConnectionLimits:
+    """One admitted connection: where from, whose, and the token buckets its publishes are
+    charged to: its own (made at its first publish, full), and its user's, shared with the
+    user's other connections."""
+
+    __slots__ = (
+        "guard", "owner", "ip", "user", "own_publish", "user_publish", "own_new", "user_new", "streak", "streak_start",
+    )
+
+    def __init__(self, guard: Guard, ip: str, owner: Any = None) -> None:
+        self.guard = guard
+        self.owner = owner  # the connection (its id and peer are logged; closed with 1008 for abuse)
+        self.ip: str | None = ip  # None once released
+        self.user: str | None = None
+        self.own_publish: TokenBucket | None = None
+        self.user_publish: TokenBucket | None = None
+        self.own_new: TokenBucket | None = None
+        self.user_new: TokenBucket | None = None
+        self.streak = 0  # messages refused in a row
+        self.streak_start = 0.0
+
+    @property
+    def released(self) -> bool:
+        return self.ip is None
+
+    @property
+    def conn_id(self) -> object:
+        return None if self.owner is None else self.owner.id
+
+    @property
+    def peer(self) -> str:
+        return (self.ip or "") if self.owner is None else self.owner.peer
+
+    def fast_publish(self, data: Any, topics_by_key: dict, max_payload: int, most: int, dirty: list) -> int:
+        """`fastpath.fast_publish` (same arguments and result) held to the connection's publish
+        rates: it is given as its largest frame the messages the connection may publish now, so
+        a frame with more falls back to the general path (-1), where `check` takes its
+        messages one by one; what it publishes is charged. On the path of every frame:
+        written for speed."""
+        bucket = self.own_publish
+        if bucket is not None:
+            now = bucket.clock()
+            tokens = bucket.tokens
+            if now > bucket.stamp:
+                tokens += (now - bucket.stamp) * bucket.rate
+                if tokens > bucket.burst:
+                    tokens = bucket.burst
+                bucket.tokens = tokens
+                bucket.stamp = now
+            if tokens < most:
+                most = int(tokens)
+        elif self.guard.publish_burst < most and self.guard.publish_rate:
+            most = int(self.guard.publish_burst)  # its bucket is full until it is made, at its first publish
+        user = self.user_publish
+        if user is not None:
+            tokens = user.level()
+            if tokens < most:
+                most = int(tokens)
+        count = _fast_publish(data, topics_by_key, max_payload, most, dirty)
+        if count > 0:
+            if bucket is not None:
+                bucket.tokens -= count
+            elif self.guard.publish_rate:
+                bucket = self.own_publish = self.guard.bucket("publish_rate")
+                bucket.tokens -= count
+            if user is not None:
+                user.tokens -= count
+            self.streak = 0
+        return count
+
+    def check(self, request_id: int, topic: str | None = None, topics: Any = ()) -> None:
+        """Charge one `pub` or `req` (a `pub` to a topic not in `topics` also creates one) or
+        raise RequestError(RATE_LIMITED) and charge nothing."""
+        guard = self.guard
+        now = guard.clock()
+        own = self.own_publish
+        if own is None and guard.publish_rate:
+            own = self.own_publish = guard.bucket("publish_rate")
+        user = self.user_publish
+        if own is not None and own.level(now) < 1.0:
+            self._refused(own, request_id, now)
+        if user is not None and user.level(now) < 1.0:
+            self._refused(user, request_id, now)
+        if topic is not None and (guard.new_topic_rate or self.user_new is not None) and topic not in topics:
+            own_new = self.own_new
+            if own_new is None and guard.new_topic_rate:
+                own_new = self.own_new = guard.bucket("new_topic_rate")
+            user_new = self.user_new
+            if own_new is not None and own_new.level(now) < 1.0:
+                self._refused(own_new, request_id, now)
+            if user_new is not None and user_new.level(now) < 1.0:
+                self._refused(user_new, request_id, now)
+            if own_new is not None:
+                own_new.tokens -= 1.0
+            if user_new is not None:
+                user_new.tokens -= 1.0
+        if own is not None:
+            own.tokens -= 1.0
+        if user is not None:
+            user.tokens -= 1.0
+        self.streak = 0
+
+    def _refused(self, bucket: TokenBucket, request_id: int, now: float) -> None:
+        guard = self.guard
+        stats = guard.stats.rate_limited
+        stats[bucket.name] = stats.get(bucket.name, 0) + 1
+        user = self.user
+        conn_id, peer = self.conn_id, self.peer
+        guard.audit.record(
+            conn_id, "rate_limited", {"conn": conn_id, "peer": peer, "user": user},
+            conn=conn_id, peer=peer, user=user, limit=bucket.name, id=request_id, reason=bucket.text,
+        )
+        if not self.streak or now - self.streak_start > ABUSE_WINDOW_S:
+            self.streak = 0
+            self.streak_start = now
+        self.streak += 1
+        if self.streak == guard.close_after and self.owner is not None:
+            reason = f"rate limit abuse: {self.streak} messages refused in a row ({bucket.name})"
+            guard.stats.abuse_closes += 1
+            guard.audit.record(
+                ("close", conn_id), "rate_limit_close", {"conn": conn_id, "peer": peer, "user": user},
+                conn=conn_id, peer=peer, user=user, code=int(CloseCode.POLICY_VIOLATION), reason=reason,
+            )
+            self.owner.close(CloseCode.POLICY_VIOLATION, reason)
+        raise RequestError(ErrorCode.RATE_LIMITED, bucket.text, request_id)
+
+
+class _User:
+    """A user's connections and the buckets all of them share."""
+
+    __slots__ = ("connections", "publish", "new_topic")
+
+    def __init__(self, name: str, cfg: Config, clock: Callable[[], float]) -> None:
+        self.connections = 0
+        self.publish = self.new_topic = None
+        if cfg.user_publish_rate:
+            self.publish = TokenBucket(
+                cfg.user_publish_rate, cfg.user_publish_burst, clock, "user_publish_rate",
+                f"rate limited: user {name!r} may publish {_many(cfg.user_publish_rate, 'message')} a second over all "
+                f"its connections (user_publish_rate, burst {_num(cfg.user_publish_burst)})",
+            )
+        if cfg.user_new_topic_rate:
+            self.new_topic = TokenBucket(
+                cfg.user_new_topic_rate, cfg.user_new_topic_burst, clock, "user_new_topic_rate",
+                f"rate limited: user {name!r} may create {_many(cfg.user_new_topic_rate, 'new topic')} a second over all "
+                f"its connections (user_new_topic_rate, burst {_num(cfg.user_new_topic_burst)})",
+            )
+
+    def full(self, now: float) -> bool:
+        """True when forgetting the user loses nothing: its buckets are full again."""
+        return all(bucket is None or bucket.full(now) for bucket in (self.publish, self.new_topic))
+
+
+def parse_origins(text: str) -> frozenset[str]:
+    """The allowed_origins setting as a set of normalized Origin values."""
+    return frozenset(_origin(part) for part in text.split(",") if part.strip())
+
+
+def _origin(value: str) -> str:
+    return value.strip().lower().rstrip("/")
+
+
+def _ip_of(conn: Any) -> str:
+    transport = getattr(conn, "transport", None)
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer) if peer else conn.peer.rpartition(":")[0]
+
+
+class Guard:
+    """The server's limits on connections and rates (see the module's docstring).
+
+    The registry, for any caller: `admit(ip, user)` -> ConnectionLimits, `add_user(limits,
+    user)`, `release(limits)`. The server's hooks, with its Connection objects:
+    `admit_connection(conn, request)` (Origin, total, per IP: before the request's token is
+    looked at), `admit_user(conn, user)` (per user, once the user is known), `limiter(conn)`
+    (what the connection's session checks), `connection_lost(conn)` and `sweep()`."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic, log: Callable[..., None] = logs.event) -> None:
+        self.config = config
+        self.clock = clock
+        self.close_after = config.rate_limit_close_after
+        self.origins = parse_origins(config.allowed_origins)
+        self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.user_new_topic_rate)
+        self.publish_rate = config.publish_rate
+        self.publish_burst = config.publish_burst
+        self.new_topic_rate = config.new_topic_rate
+        # a connection's own buckets: (rate, burst, what a refused client is told), by setting
+        self._buckets = {
+            "publish_rate": (config.publish_rate, config.publish_burst,
+                             f"rate limited: a connection may publish {_many(config.publish_rate, 'message')} a second "
+                             f"(publish_rate, burst {_num(config.publish_burst)})"),
+            "new_topic_rate": (config.new_topic_rate, config.new_topic_burst,
+                               f"rate limited: a connection may create {_many(config.new_topic_rate, 'new topic')} a second "
+                               f"(new_topic_rate, burst {_num(config.new_topic_burst)})"),
+        }
+        self.total = 0  # connections admitted and not yet gone
+        self.per_ip: dict[str, int] = {}
+        self.users: dict[str, _User] = {}
+        self._idle_users: set[str] = set()  # users without connections whose buckets are not full yet
+        self.connections: dict[object, ConnectionLimits] = {}  # by connection id
+        self.stats = LimitStats()
+        self.audit = AuditLog(log, clock, stats=self.stats)
+
+    def bucket(self, name: str) -> TokenBucket:
+        """A new, full bucket of one connection for the setting `name` (publish_rate, new_topic_rate)."""
+        rate, burst, text = self._buckets[name]
+        return TokenBucket(rate, burst, self.clock, name, text)
+
+    # the registry
+
+    def admit(self, ip: str, user: str | None = None, *, owner: Any = None) -> ConnectionLimits:
+        """Count a new connection from `ip` (and of `user`, if known) or raise LimitRefused:
+        503 at max_connections, 429 at max_connections_per_ip or max_connections_per_user.
+        `owner` is the connection (with `id`, `peer` and `close(code, reason)`), if any."""
+        cfg = self.config
+        if self.total >= cfg.max_connections:
+            self._refuse(503, "max_connections", f"the broker holds {_many(self.total, 'connection')}, its limit (max_connections); try again later",
+                         ip, owner, user)
+        count = self.per_ip.get(ip, 0)
+        if count >= cfg.max_connections_per_ip:
+            self._refuse(429, "max_connections_per_ip", f"{_many(count, 'connection')} from {ip}, the limit (max_connections_per_ip)",
+                         ip, owner, user)
+        ip = sys.intern(ip)  # one string per address, however many connections it has
+        limits = ConnectionLimits(self, ip, owner)
+        self.total += 1
+        self.per_ip[ip] = count + 1
+        if user is not None:
+            try:
+                self.add_user(limits, user)
+            except LimitRefused:
+                self.release(limits)
+                raise
+        return limits
+
+    def add_user(self, limits: ConnectionLimits, user: str) -> None:
+        """Count an admitted connection as `user`'s (429 past max_connections_per_user) and
+        charge its publishes to the user's buckets too. Idempotent for the same user."""
+        if limits.user == user or limits.released:
+            return
+        if limits.user is not None:
+            self._drop_user(limits)
+        entry = self.users.get(user)
+        count = entry.connections if entry is not None else 0
+        if count >= self.config.max_connections_per_user:
+            self._refuse(429, "max_connections_per_user", f"user {user!r} has {_many(count, 'connection')}, the limit (max_connections_per_user)",
+                         limits.ip, limits.owner, user)
+        if entry is None:
+            entry = self.users[user] = _User(user, self.config, self.clock)
+        entry.connections += 1
+        self._idle_users.discard(user)
+        limits.user = user
+        limits.user_publish = entry.publish
+        limits.user_new = entry.new_topic
+
+    def release(self, limits: ConnectionLimits) -> None:
+        """The connection is gone (or was refused after admission); idempotent."""
+        ip = limits.ip
+        if ip is None:
+            return
+        limits.ip = None
+        self.total -= 1
+        left = self.per_ip[ip] - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+        if limits.user is not None:
+            self._drop_user(limits)
+
+    def _drop_user(self, limits: ConnectionLimits) -> None:
+        user = limits.user
+        entry = self.users[user]
+        entry.connections -= 1
+        limits.user = None
+        limits.user_publish = limits.user_new = None
+        if not entry.connections:
+            # kept until its buckets are full again: reconnecting must not refill them
+            if entry.full(self.clock()):
+                del self.users[user]
+            else:
+                self._idle_users.add(user)
+
+    def _refuse(self, status: int, limit: str, text: str, ip: str, owner: Any, user: str | None) -> None:
+        conn_id, peer = (None, ip) if owner is None else (owner.id, owner.peer)
+        refused = self.stats.refused
+        refused[limit] = refused.get(limit, 0) + 1
+        self.audit.record(
+            ("ip", ip), "handshake_refused", {"peer": ip},
+            conn=conn_id, peer=peer, user=user, status=status, limit=limit, reason=text,
+        )
+        raise LimitRefused(status, text, limit)
+
+    # the server's hooks
+
+    def admit_connection(self, conn: Any, request: Request) -> None:
+        """At the handshake, before the request's token is looked at: the Origin allow-list
+        (403), max_connections (503) and max_connections_per_ip (429)."""
+        ip = _ip_of(conn)
+        if self.origins:
+            origin = request.header("origin")
+            if origin is not None and _origin(origin) not in self.origins:
+                self._refuse(403, "allowed_origins", f"origin {origin[:_ORIGIN_SHOWN]} is not allowed (allowed_origins)",
+                             ip, conn, None)
+        self.connections[conn.id] = self.admit(ip, owner=conn)
+
+    def admit_user(self, conn: Any, user: str | None) -> None:
+        """The connection belongs to `user` (None: anonymous): sets `conn.user`, counts it
+        under max_connections_per_user (LimitRefused 429 past it, `conn.user` unchanged) and
+        charges its publishes to the user's buckets too. Call it at the handshake once the
+        request is authenticated; calling it again with the same user does nothing."""
+        limits = self.connections.get(conn.id)
+        if limits is not None:
+            if user is None:
+                if limits.user is not None:
+                    self._drop_user(limits)
+            else:
+                self.add_user(limits, user)
+        conn.user = user
+
+    def limiter(self, conn: Any) -> ConnectionLimits | None:
+        """What the connection's session checks publishes against (None: no rate is limited)."""
+        return self.connections.get(conn.id) if self.rated else None
+
+    def connection_lost(self, conn: Any) -> None:
+        limits = self.connections.pop(conn.id, None)
+        if limits is not None:
+            self.release(limits)
+
+    def sweep(self) -> None:
+        """A few times a second: end the audit log's window, forget users whose buckets refilled."""
+        now = self.clock()
+        if now - self.audit.start >= self.audit.window:
+            self.audit.flush(now)
+        if self._idle_users:
+            for user in [u for u in self._idle_users if self.users[u].full(now)]:
+                self._idle_users.discard(user)
+                del self.users[user]

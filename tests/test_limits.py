@@ -1,0 +1,428 @@
+"""Limits (broker/limits.py): connection admission at the handshake (per IP, in all, per user,
+Origin), publish and new-topic rates (err 15), closes for persistent abuse (1008) and the
+bounded audit log. Real servers on free ports and real sockets; the token bucket, the streak
+rule and the audit log's bounds also with a clock of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import pytest
+
+from broker.config import load
+from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
+from broker.limits import AuditLog, Guard, LimitRefused, TokenBucket
+from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
+from conftest import RawSocketClient, eventually, run, send_upgrade, serving, split_frame, upgrade_request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextlib.contextmanager
+def audit_lines():
+    """The broker's log records (WARNING and up) while the block runs, as (event, fields)."""
+    records: list[tuple[str, dict]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.getMessage(), dict(getattr(record, "fields", {}))))
+
+    log = logging.getLogger("broker")
+    handler = Collect(logging.WARNING)
+    level = log.level
+    if not log.isEnabledFor(logging.WARNING):
+        log.setLevel(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def with_header(request: bytes, line: str) -> bytes:
+    return request[:-2] + line.encode() + b"\r\n\r\n"
+
+
+async def upgrade(port: int, *, source: str = "127.0.0.1", header: str | None = None):
+    """A broker.v1 upgrade from `source`: (status, body, writer). The writer stays open."""
+    request = upgrade_request("/", [SUBPROTOCOL])
+    if header:
+        request = with_header(request, header)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    status = int(head.split(b" ")[1])
+    body = b""
+    if status != 101:
+        body = await asyncio.wait_for(reader.read(), 3)
+    return status, body.decode(), writer
+
+
+async def replies(client: RawSocketClient, n: int) -> list:
+    return [await client.recv() for _ in range(n)]
+
+
+async def read_close(client: RawSocketClient) -> tuple[list, int, str]:
+    """Every message until the close frame, and the close frame's code and reason."""
+    messages: list = list(client.unread)
+    client.unread.clear()
+    while True:
+        while (split := split_frame(client.buffer)) is None:
+            await client._fill()
+        opcode, payload, client.buffer = split
+        if opcode == 0x8:
+            return messages, int.from_bytes(payload[:2], "big"), payload[2:].decode()
+        messages.extend(client.reader.read(payload))
+
+
+def server_conns(server, before: set) -> list:
+    return [server.connections[i] for i in sorted(set(server.connections) - before)]
+
+
+# the token bucket
+
+
+def test_token_bucket_burst_refill_and_cap():
+    clock = Clock()
+    bucket = TokenBucket(10, 50, clock)
+    assert bucket.take(50) and not bucket.take(1)
+    clock.now += 0.25
+    assert bucket.level() == pytest.approx(2.5)
+    assert bucket.take(2) and not bucket.take(1)
+    clock.now += 3600
+    assert bucket.level() == 50 and bucket.full(clock.now)
+    with pytest.raises(ValueError):
+        TokenBucket(10, 0)
+
+
+def test_a_rate_without_a_burst_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="user_publish_burst must be at least 1 when user_publish_rate is set"):
+        load({"user_publish_rate": 100}, environ={})
+    load({"user_publish_rate": 100, "user_publish_burst": 100}, environ={})
+
+
+# admission
+
+
+def test_connection_flood_from_one_ip_gets_429_and_other_addresses_still_connect():
+    async def main():
+        async with serving(max_connections_per_ip=5) as server:
+            with audit_lines() as lines:
+                clients = [await RawSocketClient.connect(server.port) for _ in range(5)]
+                refused = [await upgrade(server.port) for _ in range(20)]
+                assert {status for status, _, _ in refused} == {429}
+                body = refused[0][1]
+                assert body == "5 connections from 127.0.0.1, the limit (max_connections_per_ip)\n"
+                status, _, other = await upgrade(server.port, source="127.0.0.2")  # another address's count
+                assert status == 101
+                assert server.guard.per_ip == {"127.0.0.1": 5, "127.0.0.2": 1}
+                assert server.guard.stats.refused == {"max_connections_per_ip": 20}
+                for _, _, writer in refused:
+                    writer.close()
+                # closing two lets exactly two more in
+                clients.pop().close()
+                clients.pop().close()
+                await eventually(lambda: server.guard.per_ip["127.0.0.1"] == 3, 3, "the closed connections released")
+                clients += [await RawSocketClient.connect(server.port) for _ in range(2)]
+                assert (await upgrade(server.port))[0] == 429
+                # the audit log: the first lines of the address, then one line with the rest
+                refusals = [f for e, f in lines if e == "handshake_refused"]
+                assert len(refusals) == 5
+                assert refusals[0]["status"] == 429 and refusals[0]["limit"] == "max_connections_per_ip"
+                assert refusals[0]["peer"].startswith("127.0.0.1:") and refusals[0]["user"] is None
+                server.guard.audit.flush()
+                assert ("audit_lines_skipped", {"kind": "handshake_refused", "peer": "127.0.0.1", "count": 16}) in lines
+            other.close()
+            for client in clients:
+                client.close()
+            await eventually(lambda: server.guard.total == 0, 3, "every connection released")
+
+    run(main())
+
+
+def test_max_connections_gets_503_whatever_the_address():
+    async def main():
+        async with serving(max_connections=3) as server:
+            clients = [await RawSocketClient.connect(server.port) for _ in range(3)]
+            status, body, writer = await upgrade(server.port, source="127.0.0.3")
+            assert status == 503
+            assert body == "the broker holds 3 connections, its limit (max_connections); try again later\n"
+            writer.close()
+            clients[0].close()
+            await eventually(lambda: server.guard.total == 2, 3, "the closed connection released")
+            status, _, writer = await upgrade(server.port, source="127.0.0.3")
+            assert status == 101
+            writer.close()
+            for client in clients[1:]:
+                client.close()
+
+    run(main())
+
+
+def test_connections_refused_during_the_handshake_are_released():
+    async def main():
+        async with serving(max_connections_per_ip=2) as server:
+            for _ in range(6):  # admitted, then refused by a later check (the path): 404
+                status, _, reader, writer = await send_upgrade(server.port, upgrade_request("/elsewhere", [SUBPROTOCOL]))
+                assert status == 404
+                writer.close()
+            await eventually(lambda: server.guard.total == 0, 3, "the refused handshakes released")
+            clients = [await RawSocketClient.connect(server.port) for _ in range(2)]
+            for client in clients:
+                client.close()
+
+    run(main())
+
+
+def test_origin_allow_list():
+    async def main():
+        async with serving(allowed_origins="https://app.example, https://ops.example:8443") as server:
+            status, _, ok = await upgrade(server.port, header="Origin: https://app.example")
+            assert status == 101
+            status, _, ok2 = await upgrade(server.port, header="Origin: HTTPS://OPS.example:8443")  # case does not matter
+            assert status == 101
+            status, _, plain = await upgrade(server.port)  # no Origin: not a browser
+            assert status == 101
+            with audit_lines() as lines:
+                status, body, bad = await upgrade(server.port, header="Origin: https://evil.example")
+            assert status == 403 and body == "origin https://evil.example is not allowed (allowed_origins)\n"
+            assert lines[0][0] == "handshake_refused" and lines[0][1]["limit"] == "allowed_origins"
+            assert server.guard.stats.refused == {"allowed_origins": 1}
+            for writer in (ok, ok2, plain, bad):
+                writer.close()
+
+    run(main())
+
+
+# publish rates
+
+
+def test_publish_rate_accepts_exactly_the_burst_then_refuses_with_ids_and_refills():
+    async def main():
+        async with serving(publish_rate=10, publish_burst=50) as server:
+            client = await RawSocketClient.connect(server.port)
+            await client.send([Pub(i, "rate.t", b"x") for i in range(1, 81)])
+            got = await replies(client, 80)
+            assert got[:50] == [Ack(i, got[0].epoch, i) for i in range(1, 51)]
+            text = "rate limited: a connection may publish 10 messages a second (publish_rate, burst 50)"
+            assert got[50:] == [Err(i, ErrorCode.RATE_LIMITED, text) for i in range(51, 81)]
+            await client.send(Req(81, "svc.none", b"?"))  # a request is charged too
+            assert await client.recv() == Err(81, ErrorCode.RATE_LIMITED, text)
+            await asyncio.sleep(0.25)  # two tokens come back
+            await client.send([Pub(82, "rate.t", b"x"), Pub(83, "rate.t", b"x"), Pub(84, "rate.t", b"x")])
+            assert [type(m) for m in await replies(client, 3)] == [Ack, Ack, Err]
+            assert server.guard.stats.rate_limited == {"publish_rate": 32}
+            assert server.router.stats.errors[ErrorCode.RATE_LIMITED] == 32
+            assert server.router.stats.dead_letters == 0  # refused by policy: in the audit log, not dead letters
+            client.close()
+
+    run(main())
+
+
+def test_the_fire_and_forget_fast_path_cannot_exceed_the_limit():
+    async def main():
+        async with serving(publish_rate=5, publish_burst=40) as server:
+            reader = await RawSocketClient.connect(server.port)
+            await reader.send(Sub(1, "fast.t"))
+            assert type(await reader.recv()) is Ack
+            client = await RawSocketClient.connect(server.port)
+            await client.send(Pub(1, "fast.t", b"first"))  # the topic exists: the fast path takes it
+            assert type(await client.recv()) is Ack
+            await client.send([Pub(0, "fast.t", b"%d" % i) for i in range(100)])  # one frame of 100
+            errors = await replies(client, 61)
+            assert {(e.id, e.code) for e in errors} == {(0, ErrorCode.RATE_LIMITED)}
+            delivered: list[bytes] = []
+            while len(delivered) < 40:
+                message = await reader.recv()
+                assert type(message) is Delivery
+                delivered += message.data
+            assert delivered == [b"first"] + [b"%d" % i for i in range(39)]
+            # a small frame within the allowance later passes whole
+            await asyncio.sleep(0.5)  # 2.5 tokens
+            await client.send([Pub(0, "fast.t", b"a"), Pub(0, "fast.t", b"b")])
+            got = []
+            while len(got) < 2:
+                got += (await reader.recv()).data
+            assert got == [b"a", b"b"]
+            assert server.guard.stats.rate_limited == {"publish_rate": 61}
+            assert server.router.topics["fast.t"].seq == 42
+            reader.close()
+            client.close()
+
+    run(main())
+
+
+def test_persistent_abuse_closes_with_1008():
+    async def main():
+        async with serving(publish_rate=1, publish_burst=1, rate_limit_close_after=20) as server:
+            with audit_lines() as lines:
+                client = await RawSocketClient.connect(server.port)
+                (conn,) = server.connections.values()
+                await client.send([Pub(i, "abuse.t", b"secret-payload") for i in range(1, 31)])
+                _, code, reason = await read_close(client)
+                assert code == CloseCode.POLICY_VIOLATION
+                assert reason == "rate limit abuse: 20 messages refused in a row (publish_rate)"
+                await eventually(lambda: not server.connections, 3, "the connection gone")
+                assert server.guard.stats.abuse_closes == 1
+                assert server.router.stats.closes == {1008: 1}
+                server.guard.audit.flush()
+            limited = [f for e, f in lines if e == "rate_limited"]
+            assert len(limited) == 5  # the first few of this connection in this second
+            assert limited[0] == {
+                "conn": conn.id, "peer": conn.peer, "user": None, "limit": "publish_rate", "id": 2,
+                "reason": "rate limited: a connection may publish 1 message a second (publish_rate, burst 1)",
+            }
+            assert ("audit_lines_skipped", {"kind": "rate_limited", "conn": conn.id, "peer": conn.peer, "user": None, "count": 15}) in lines
+            closes = [f for e, f in lines if e == "rate_limit_close"]
+            assert closes == [{"conn": conn.id, "peer": conn.peer, "user": None, "code": 1008, "reason": reason}]
+            assert not any("secret" in str(f) for _, f in lines)  # never payloads
+            client.close()
+
+    run(main())
+
+
+def test_the_streak_is_refusals_in_a_row_within_10_s():
+    clock = Clock()
+    guard = Guard(load({"publish_rate": 1, "publish_burst": 1, "rate_limit_close_after": 5}, environ={}), clock=clock, log=lambda *a, **k: None)
+
+    class Owner:
+        id = 1
+        peer = "10.0.0.1:4000"
+        closed: tuple | None = None
+
+        def close(self, code, reason):
+            self.closed = (code, reason)
+
+    def refuse(limits, n):
+        for _ in range(n):
+            with pytest.raises(RequestError):
+                limits.check(7)
+
+    owner = Owner()
+    limits = guard.admit("10.0.0.1", owner=owner)
+    limits.check(1)  # the burst
+    refuse(limits, 4)
+    clock.now += 1.0
+    limits.check(2)  # accepted: the streak starts again
+    refuse(limits, 4)
+    clock.now += 11.0
+    limits.check(3)
+    refuse(limits, 3)
+    clock.now += 10.5  # the streak is older than 10 s: it starts again at the next refusal
+    limits.check(4)
+    refuse(limits, 4)
+    assert owner.closed is None
+    refuse(limits, 1)
+    assert owner.closed == (CloseCode.POLICY_VIOLATION, "rate limit abuse: 5 messages refused in a row (publish_rate)")
+
+
+def test_new_topic_rate_refuses_creation_past_the_limit():
+    async def main():
+        async with serving(new_topic_rate=1, new_topic_burst=5, max_topics=1000) as server:
+            client = await RawSocketClient.connect(server.port)
+            await client.send([Pub(i, f"new.t{i}", b"x") for i in range(1, 11)])
+            got = await replies(client, 10)
+            assert [type(m) for m in got] == [Ack] * 5 + [Err] * 5
+            text = "rate limited: a connection may create 1 new topic a second (new_topic_rate, burst 5)"
+            assert got[5:] == [Err(i, ErrorCode.RATE_LIMITED, text) for i in range(6, 11)]
+            assert sorted(t for t in server.router.topics if t.startswith("new.")) == [f"new.t{i}" for i in range(1, 6)]
+            # publishing to topics that exist is not creating them; fire-and-forget to a new one is
+            await client.send([Pub(20 + i, f"new.t{i}", b"y") for i in range(1, 6)] + [Pub(0, "new.t99", b"z")])
+            got = await replies(client, 6)
+            assert [type(m) for m in got] == [Ack] * 5 + [Err] and got[5] == Err(0, ErrorCode.RATE_LIMITED, text)
+            assert "new.t99" not in server.router.topics
+            assert server.guard.stats.rate_limited == {"new_topic_rate": 6}
+            client.close()
+
+    run(main())
+
+
+# per user
+
+
+def test_per_user_connections_and_shared_buckets_through_the_admission_hook():
+    """`Guard.admit_user(conn, user)` is what authentication calls once it knows the user (at
+    the handshake, where a refusal is a 429 response); here it is called on open connections."""
+
+    async def main():
+        settings = dict(max_connections_per_user=2, publish_rate=0, user_publish_rate=1, user_publish_burst=30,
+                        user_new_topic_rate=1, user_new_topic_burst=3)
+        async with serving(**settings) as server:
+            guard = server.guard
+            before = set(server.connections)
+            c1, c2, c3 = [await RawSocketClient.connect(server.port) for _ in range(3)]
+            s1, s2, s3 = server_conns(server, before)
+            guard.admit_user(s1, "alice")
+            guard.admit_user(s2, "alice")
+            guard.admit_user(s2, "alice")  # again: nothing changes
+            with audit_lines() as lines, pytest.raises(LimitRefused) as refused:
+                guard.admit_user(s3, "alice")
+            assert refused.value.status == 429
+            assert refused.value.text == "user 'alice' has 2 connections, the limit (max_connections_per_user)"
+            assert s3.user is None and lines[0][1]["user"] == "alice" and lines[0][1]["conn"] == s3.id
+            guard.admit_user(s3, "bob")
+            assert (s1.user, s2.user, s3.user) == ("alice", "alice", "bob")
+
+            # alice's 30 messages are shared by her two connections; bob has his own
+            await c1.send([Pub(i, "user.a", b"x") for i in range(1, 21)])
+            assert [type(m) for m in await replies(c1, 20)] == [Ack] * 20
+            await c2.send([Pub(i, "user.a", b"x") for i in range(1, 21)])
+            got = await replies(c2, 20)
+            assert [type(m) for m in got] == [Ack] * 10 + [Err] * 10
+            assert got[10].text == "rate limited: user 'alice' may publish 1 message a second over all its connections (user_publish_rate, burst 30)"
+            await c3.send([Pub(i, "user.b", b"x") for i in range(1, 21)])
+            assert [type(m) for m in await replies(c3, 20)] == [Ack] * 20
+            assert guard.stats.rate_limited == {"user_publish_rate": 10}
+
+            # new topics: bob created user.b; two more, then the third is refused
+            await c3.send([Pub(30 + i, f"user.b{i}", b"x") for i in range(3)])
+            got = await replies(c3, 3)
+            assert [type(m) for m in got] == [Ack, Ack, Err] and "user_new_topic_rate" in got[2].text
+
+            # a user's connection that leaves makes room for another; its buckets stay drained
+            c1.close()
+            c2.close()
+            await eventually(lambda: guard.users["alice"].connections == 0, 3, "alice's connections released")
+            before = set(server.connections)
+            c4 = await RawSocketClient.connect(server.port)
+            (s4,) = server_conns(server, before)
+            guard.admit_user(s4, "alice")
+            await c4.send(Pub(1, "user.a", b"x"))
+            assert (await c4.recv()).code == ErrorCode.RATE_LIMITED  # reconnecting does not refill
+            c3.close()
+            c4.close()
+            await eventually(lambda: guard.total == 0, 3, "every connection released")
+            assert guard.users["alice"].connections == 0  # kept until its buckets are full again
+
+    run(main())
+
+
+# the audit log's bounds
+
+
+def test_audit_log_is_bounded_per_key_and_per_event():
+    clock = Clock()
+    lines: list[tuple[str, dict]] = []
+    audit = AuditLog(lambda level, event, **fields: lines.append((event, fields)), clock, per_key=5, per_event=50)
+    for i in range(1000):
+        audit.record(7, "rate_limited", {"conn": 7}, conn=7, id=i)
+    assert len(lines) == 5
+    for key in range(200):
+        audit.record(("ip", key), "handshake_refused", {"peer": key}, peer=key)
+    assert len(lines) == 55
+    clock.now += 1.0
+    audit.record(7, "rate_limited", {"conn": 7}, conn=7, id=1000)  # a new second: the summary first
+    assert lines[55:] == [
+        ("audit_lines_skipped", {"kind": "rate_limited", "conn": 7, "count": 995}),
+        ("audit_lines_skipped", {"kind": "handshake_refused", "count": 150, "sources": 150}),
+        ("rate_limited", {"conn": 7, "id": 1000}),
+    ]
