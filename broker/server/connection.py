@@ -29,8 +29,6 @@ _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 
 _EMPTY = b""
 
-AUDIT_LINES_PER_S = 5
-
 # Where a TLS transport pauses the writer: where a plain uvloop transport does (64 KiB, and
 # resumes at a quarter of it). uvloop's TLS transport would first hold up to 512 KiB of the
 # connection's own ciphertext, and what it has passed on to the TCP transport below it is not
@@ -49,7 +47,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "_audit_at", "_audit_lines", "_audit_skipped", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "held", "user", "_buffer", "_needed", "_timer", "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -70,9 +68,6 @@ class Connection(asyncio.Protocol):
         self._queued = False  # waiting in the server's queue of connections to resume
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
-        self._audit_at = 0  # the second of the last audit line, and the lines logged and skipped in it
-        self._audit_lines = 0
-        self._audit_skipped = 0
 
     # asyncio protocol
 
@@ -382,19 +377,13 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def audit(self, event: str, reason: str) -> None:
-        """An audit log line (a refusal of this client's request) with the connection, user and
-        address, never a token or payload; at most AUDIT_LINES_PER_S a second per connection,
-        the rest counted in one line."""
-        second = int(self.server.loop.time())
-        if second != self._audit_at:
-            if self._audit_skipped:
-                logs.event(logging.WARNING, "audit_lines_skipped", conn=self.id, user=self.user, peer=self.peer, count=self._audit_skipped)
-            self._audit_at, self._audit_lines, self._audit_skipped = second, 0, 0
-        if self._audit_lines < AUDIT_LINES_PER_S:
-            self._audit_lines += 1
-            logs.event(logging.WARNING, event, conn=self.id, user=self.user, peer=self.peer, reason=reason)
-        else:
-            self._audit_skipped += 1
+        """An audit log line about this client's request (a permission denial), with the
+        connection, user and address, never a token or payload; bounded per connection and
+        per kind by the server's audit log (broker.limits.AuditLog)."""
+        self.server.guard.audit.record(
+            self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
+            conn=self.id, peer=self.peer, user=self.user, reason=reason,
+        )
 
     def ping(self, now: float) -> None:
         """Send a ping (empty payload) and remember when."""
