@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import CloseCode
 from ..fastpath import BINARY, CLOSE, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
 from ..messages import SUBPROTOCOL
+from ..router import TICK_INPUT_BYTES
 from ..session import Session
 from . import handshake, logs
 
@@ -39,7 +40,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "held", "user", "debt", "_buffer", "_needed", "_timer", "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -60,6 +61,9 @@ class Connection(asyncio.Protocol):
         self._queued = False  # waiting in the server's queue of connections to resume
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
+        # iteration budget (bytes, router.TICK_INPUT_BYTES a turn) this connection's frames used
+        # beyond one iteration's share: it sits out that many turns in the server's queue
+        self.debt = 0
 
     # asyncio protocol
 
@@ -197,7 +201,7 @@ class Connection(asyncio.Protocol):
         max_frame = server.config.max_frame_bytes
         n = len(data)
         while pos < n:
-            if router.busy and not progress:
+            if (router.busy or self.debt) and not progress:
                 self._keep(data, pos)
                 server.queue(self)
                 return
@@ -213,6 +217,7 @@ class Connection(asyncio.Protocol):
             if opcode == BINARY and fin:
                 if self.state != OPEN:
                     continue  # closing: apply nothing more
+                before = router.input_bytes
                 router.input_bytes += len(payload)
                 try:
                     done = self.session.receive(payload)
@@ -220,6 +225,9 @@ class Connection(asyncio.Protocol):
                     logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
                     self.close(CloseCode.INTERNAL_ERROR, "internal error")
                     return
+                used = router.input_bytes - before  # its bytes and its decoding (router.decoded)
+                if used > TICK_INPUT_BYTES:
+                    self.debt += used - TICK_INPUT_BYTES
                 if not done:
                     self._keep(data, pos)
                     server.queue(self)
@@ -253,6 +261,11 @@ class Connection(asyncio.Protocol):
         least one message or frame, whatever the budget)."""
         self._queued = False
         if self.state == CLOSED:
+            return
+        if self.debt:
+            # a frame that cost more than an iteration's share: wait that many turns
+            self.debt = max(0, self.debt - TICK_INPUT_BYTES)
+            self.server.queue(self)
             return
         session = self.session
         progress = True
