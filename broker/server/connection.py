@@ -35,12 +35,13 @@ class Connection(asyncio.Protocol):
     """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
     own, bound once), `close()`,
-    `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()` and the liveness fields
-    `last_seen` and `ping_sent`."""
+    `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()`, `frame_expired()`, the
+    liveness fields `last_seen` and `ping_sent`, and `partial_since`."""
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "debt", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "_buffer", "_needed", "_timer",
+        "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -61,6 +62,10 @@ class Connection(asyncio.Protocol):
         self._queued = False  # waiting in the server's queue of connections to resume
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
+        # loop time since when an incomplete frame waits at the start of _buffer for the client
+        # to send the rest (0: none, or the broker is not reading); the server's sweep closes
+        # the connection once it waited frame_timeout_s
+        self.partial_since = 0.0
         # iteration budget (bytes, router.TICK_INPUT_BYTES a turn) this connection's frames used
         # beyond one iteration's share: it sits out that many turns in the server's queue
         self.debt = 0
@@ -106,6 +111,7 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._buffer = None
+        self.partial_since = 0.0
         server = self.server
         if previous == HANDSHAKE or self.session is None:
             return
@@ -207,7 +213,11 @@ class Connection(asyncio.Protocol):
                 return
             result = read_frame(data, pos, max_frame)
             if result is None:
+                # an incomplete frame: the client has frame_timeout_s to send the rest (the
+                # same frame, still incomplete at the start of the buffer, keeps its time)
+                started = self.partial_since if pos == 0 else 0.0
                 self._keep(data, pos)
+                self.partial_since = started or server.loop.time()
                 return
             if type(result) is int:
                 self._protocol_error(result)
@@ -248,7 +258,9 @@ class Connection(asyncio.Protocol):
         self._keep(data, n)
 
     def _keep(self, data, pos: int) -> None:
-        """Hold data[pos:] until more arrives or the server resumes this connection."""
+        """Hold data[pos:] until more arrives or the server resumes this connection (the
+        caller says when it is an incomplete frame the client has to finish)."""
+        self.partial_since = 0.0
         if pos >= len(data):
             self._buffer = None
             self._needed = 0
@@ -287,6 +299,8 @@ class Connection(asyncio.Protocol):
 
     def release(self) -> None:
         self.held = False
+        if self.partial_since:  # its client could not send the rest while it was not read
+            self.partial_since = self.server.loop.time()
         self._read_again()
 
     def suspend_reading(self) -> None:
@@ -314,6 +328,7 @@ class Connection(asyncio.Protocol):
     def _close_received(self, payload: bytes) -> None:
         """A close frame from the client (the server answers it and closes the connection)."""
         self._buffer = None
+        self.partial_since = 0.0
         if self.state == CLOSING:
             return
         code = 1005
@@ -371,6 +386,13 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self.state != CLOSED and self.transport is not None:
             self.transport.abort()
+
+    def frame_expired(self, timeout: float) -> None:
+        """The incomplete frame waited frame_timeout_s: drop its bytes and close (1008)."""
+        self._buffer = None
+        self._needed = 0
+        self.partial_since = 0.0
+        self.close(CloseCode.POLICY_VIOLATION, f"frame not completed within {timeout:g} s")
 
     def ping(self, now: float) -> None:
         """Send a ping (empty payload) and remember when."""
