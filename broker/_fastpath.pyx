@@ -658,18 +658,30 @@ cdef inline Py_ssize_t _head_body(const uint8_t* p, Py_ssize_t n, Py_ssize_t pos
         return 1
     if b <= 0xBF:
         return 1 + (b & 0x1F)
-    if b == 0xC4 or b == 0xD9 or b == 0xC7:
+    if b == 0xC4 or b == 0xD9:
         if left < 2:
             return -1
-        return (3 if b == 0xC7 else 2) + p[pos + 1]
-    if b == 0xC5 or b == 0xDA or b == 0xC8:
+        return 2 + p[pos + 1]
+    if b == 0xC5 or b == 0xDA:
         if left < 3:
             return -1
-        return (4 if b == 0xC8 else 3) + <Py_ssize_t>_be(p + pos + 1, 2)
-    if b == 0xC6 or b == 0xDB or b == 0xC9:
+        return 3 + <Py_ssize_t>_be(p + pos + 1, 2)
+    if b == 0xC6 or b == 0xDB:
         if left < 5:
             return -1
-        return (6 if b == 0xC9 else 5) + <Py_ssize_t>_be(p + pos + 1, 4)
+        return 5 + <Py_ssize_t>_be(p + pos + 1, 4)
+    if b == 0xC7:  # ext: the length, then a type byte
+        if left < 3:
+            return -1
+        return 3 + p[pos + 1]
+    if b == 0xC8:
+        if left < 4:
+            return -1
+        return 4 + <Py_ssize_t>_be(p + pos + 1, 2)
+    if b == 0xC9:
+        if left < 6:
+            return -1
+        return 6 + <Py_ssize_t>_be(p + pos + 1, 4)
     if b == 0xCC or b == 0xD0:
         return 2
     if b == 0xCD or b == 0xD1:
