@@ -3,7 +3,7 @@ decode does to an honest publisher and subscriber of another topic.
 
     python -m bench.hostile                                   # every kind, the broker here
     python -m bench.hostile --kinds trailing,bad-trailing --duration 4
-    BENCH_BASELINE_TREE=/path python -m bench.hostile --systems broker-baseline
+    BENCH_BASELINE_TREE=/path python -m bench.hostile --systems broker,broker-baseline --runs 3
 
 For each kind of frame a fresh broker (default settings) serves an honest subscriber of
 `honest.t` and an honest publisher (bench/attack.py's), measured first quietly and then while
@@ -11,6 +11,7 @@ an attacker sends frames of that kind back to back, as fast as the broker reads 
 - throughput: closed loop, delivered messages per second;
 - latency: 1,000 timestamped messages per second, p50 and p99 from publish to delivery;
 - the attacker's frames written per second, the replies it got, and the broker's CPU.
+With --runs N each row is the median of N runs (the systems take turns within a run).
 
 Kinds (each frame is about max_frame_bytes, 1 MiB):
 - `payloads`, for comparison: an honest frame of two fire-and-forget publishes of 512 KiB
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 
 import msgspec
@@ -147,6 +149,22 @@ def measure(system_name: str, kind: str, seconds: float) -> list[dict]:
     return rows
 
 
+def medians(rows: list[dict]) -> list[dict]:
+    """One row per (system, kind, phase), each number the median over the runs."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["system"], row["kind"], row["phase"]), []).append(row)
+    out = []
+    for group in groups.values():
+        row = dict(group[0])
+        for key, value in group[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = statistics.median(r[key] for r in group)
+        row["runs"] = len(group)
+        out.append(row)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| system | frames | phase | honest msg/s | p50 ms | p99 ms | hostile frames/s | system CPU |",
@@ -165,20 +183,26 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", default="broker")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of each measurement")
+    parser.add_argument("--runs", type=int, default=1, help="runs of everything; the table shows medians")
     args = parser.parse_args(argv)
-    rows = []
-    for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for name in systems:
         if not name.startswith("broker") or name not in SYSTEMS:
             parser.error(f"not a broker system: {name}")
-        for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
-            if kind not in KINDS:
-                parser.error(f"unknown kind {kind}")
-            for row in measure(name, kind, args.duration):
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+    for kind in kinds:
+        if kind not in KINDS:
+            parser.error(f"unknown kind {kind}")
+    rows = []
+    for _ in range(args.runs):
+        for kind in kinds:
+            for name in systems:
+                for row in measure(name, kind, args.duration):
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     command = " ".join(["python -m bench.hostile"] + (argv if argv is not None else __import__("sys").argv[1:]))
     print(f"Command: `{command}`  \nCommit: {commit()}, machine: {machine()}\n")
-    print(table(rows))
+    print(table(sorted(medians(rows), key=lambda r: (kinds.index(r["kind"]), systems.index(r["system"]), r["phase"] != "quiet"))))
     return 0
 
 
