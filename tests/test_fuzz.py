@@ -232,7 +232,8 @@ def test_decoders_never_raise_and_the_twins_agree(data, max_batch, max_payload):
     # the general decoder: lists of messages and errors, never an exception
     messages, bad, counted = read_client_frame(data, max_batch)
     again, bad_again = decode_client_frame(data, max_batch)
-    assert again == messages and [(b.request_id, b.code, b.text) for b in bad_again] == [(b.request_id, b.code, b.text) for b in bad]
+    assert pack(again) == pack(messages)  # (compared encoded: a `since` may hold a NaN)
+    assert [(b.request_id, b.code, b.text) for b in bad_again] == [(b.request_id, b.code, b.text) for b in bad]
     assert counted >= 0 and (messages or bad)
     assert all(type(m) in CLIENT_MESSAGES for m in messages)
     for problem in bad:
