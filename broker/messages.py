@@ -83,9 +83,11 @@ class Req(_Wire, tag="req"):
 
 class Reply(_Wire, tag="reply"):
     """A responder's answer to the `request` numbered `id` (client to server), or the answer
-    to the requester's `req` with id `id` (server to client)."""
+    to the requester's `req` with id `id` (server to client). Either way an id in the range of
+    request ids (a request number the server gave is one too), so a client's reply with an
+    id out of it is refused like any other bad id."""
 
-    id: int
+    id: RequestId
     data: bytes
 
 

@@ -385,6 +385,28 @@ def test_smaller_max_batch_messages_lowers_the_bound_on_values():
     run(main())
 
 
+@pytest.mark.parametrize("request_number", [-1, -(2**63), 2**63, 2**64 - 1])
+def test_reply_with_an_id_out_of_range_is_refused_and_never_echoed(request_number):
+    """A `reply` names a request number the server gave, always in the id range: one out of
+    it is a bad message (code 1, id 0), not an UNKNOWN_REQUEST echoing an id no `err` may
+    carry (found by the fuzz test)."""
+
+    async def main():
+        async with serving() as server:
+            raw = await RawSocketClient.connect(server.port)
+            try:
+                await raw.send(["reply", request_number, b"r"])
+                reply = await raw.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (0, ErrorCode.BAD_MESSAGE), reply
+                await raw.send(["reply", 5, b"r"])  # in range: not waiting, so UNKNOWN_REQUEST
+                reply = await raw.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (5, ErrorCode.UNKNOWN_REQUEST), reply
+            finally:
+                raw.close()
+
+    run(main())
+
+
 # 5. decoding counts in the iteration's budget
 
 
