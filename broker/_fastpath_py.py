@@ -389,51 +389,59 @@ def measure_frame(data, max_messages: int, max_fields: int, max_entries: int, ma
         offset = head_of[first]
         batch = offset < n and (0x90 <= data[offset] <= 0x9F or data[offset] in (0xDC, 0xDD))
     limit_depth = max_depth + 1 if batch else max_depth
-    remaining: list[int] = []
+    remaining: list[int] = []  # elements still to come in each open container, outermost first
     pos = values = 0
     while True:
         if pos >= n:
-            return values
+            return values  # cut off: the decoder explains
         b = data[pos]
         kind = kind_of[b]
-        if kind < 0:
-            return values
         size = head_of[b]
-        width = length_of[b]
-        if width:
-            if n - pos < size:
-                return values  # the head is cut off
-            count = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
-        elif kind:
-            count = b & 0x0F
-        values += 1
-        if values > max_values:
-            return FRAME_TOO_MANY_VALUES
-        if kind:
-            if len(remaining) + 1 > limit_depth:
-                return FRAME_TOO_DEEP
-            if not remaining and batch:
-                if count > max_messages:
-                    return FRAME_LONG_BATCH
-            elif kind == 2:
-                if count > max_entries:
-                    return FRAME_LONG_MAP
-            elif count > max_fields:
-                return FRAME_LONG_ARRAY
-            pos += size
-            if count:
-                remaining.append(count * 2 if kind == 2 else count)
-                continue
-        else:
-            if width:
-                size += count
+        if not kind and not length_of[b]:  # a scalar of fixed size, the common case
+            values += 1
+            if values > max_values:
+                return FRAME_TOO_MANY_VALUES
             if size > n - pos:
                 return values  # cut off
             pos += size
+        else:
+            if kind < 0:
+                return values  # 0xC1, never used
+            width = length_of[b]
+            if width:
+                if n - pos < size:
+                    return values  # the head is cut off
+                count = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+            else:
+                count = b & 0x0F
+            values += 1
+            if values > max_values:
+                return FRAME_TOO_MANY_VALUES
+            if kind:
+                if len(remaining) >= limit_depth:
+                    return FRAME_TOO_DEEP
+                if not remaining and batch:
+                    if count > max_messages:
+                        return FRAME_LONG_BATCH
+                elif kind == 2:
+                    if count > max_entries:
+                        return FRAME_LONG_MAP
+                elif count > max_fields:
+                    return FRAME_LONG_ARRAY
+                pos += size
+                if count:
+                    remaining.append(count * 2 if kind == 2 else count)
+                    continue
+            else:
+                size += count
+                if size > n - pos:
+                    return values  # cut off
+                pos += size
         # a value is complete: close every container it completes
         while remaining:
-            remaining[-1] -= 1
-            if remaining[-1]:
+            left = remaining[-1] - 1
+            if left:
+                remaining[-1] = left
                 break
             remaining.pop()
         if not remaining:
