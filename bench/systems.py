@@ -198,6 +198,8 @@ def start(name: str, port: int, defaults: bool = False, broker: dict | None = No
             cwd = Path(os.environ["BENCH_BASELINE_TREE"])  # `python -m broker` imports from here
         if name == "broker-auth":
             env["BROKER_AUTH_JWT_SECRET"] = AUTH_SECRET
+            # every client of the benchmark is the one user `bench`: above the default 100 a user
+            env["BROKER_MAX_CONNECTIONS_PER_USER"] = "100000"
         cmd = [sys.executable, "-m", "broker", "serve", "--port", str(port), "--log-level", "warning"]  # its defaults
         if SYSTEMS[name].tls:
             files = tls_files()

@@ -41,6 +41,14 @@ class TopicState:
 def stamp(state: TopicState, payload: bytes, dirty: list[TopicState]) -> None: ...
 def fast_publish(data: bytes | bytearray | memoryview, topics_by_key: dict[bytes, TopicState], max_payload: int, max_count: int, dirty: list[TopicState]) -> int: ...
 
+FRAME_TOO_DEEP: int
+FRAME_LONG_ARRAY: int
+FRAME_LONG_MAP: int
+FRAME_TOO_MANY_VALUES: int
+FRAME_LONG_BATCH: int
+
+def measure_frame(data: bytes | bytearray | memoryview, max_messages: int, max_fields: int, max_entries: int, max_depth: int, max_values: int) -> int: ...
+
 class Outbox:
     owner: Any
     pieces: list[bytes]

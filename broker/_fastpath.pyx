@@ -627,6 +627,168 @@ def fast_publish(const uint8_t[::1] data, dict topics_by_key not None, Py_ssize_
     return count
 
 
+# The shape of a client frame, before it is decoded
+
+FRAME_TOO_DEEP = -1
+FRAME_LONG_ARRAY = -2
+FRAME_LONG_MAP = -3
+FRAME_TOO_MANY_VALUES = -4
+FRAME_LONG_BATCH = -5
+
+cdef enum:
+    MAX_MEASURE_DEPTH = 64  # the most a caller may allow (the stack of open containers below)
+
+
+cdef inline Py_ssize_t _head_body(const uint8_t* p, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t* count, bint* is_map) noexcept:
+    """Size of the MessagePack head at p[pos] plus the bytes of its body (0 for a container,
+    whose elements follow); sets `count` (elements or entries) for a container, else -1.
+    Returns -1 when the head is cut off or is the unused byte 0xC1."""
+    cdef uint8_t b = p[pos]
+    cdef Py_ssize_t left = n - pos
+    count[0] = -1
+    is_map[0] = False
+    if b <= 0x7F or b >= 0xE0 or b == 0xC0 or b == 0xC2 or b == 0xC3:
+        return 1
+    if b <= 0x8F:
+        count[0] = b & 0x0F
+        is_map[0] = True
+        return 1
+    if b <= 0x9F:
+        count[0] = b & 0x0F
+        return 1
+    if b <= 0xBF:
+        return 1 + (b & 0x1F)
+    if b == 0xC4 or b == 0xD9:
+        if left < 2:
+            return -1
+        return 2 + p[pos + 1]
+    if b == 0xC5 or b == 0xDA:
+        if left < 3:
+            return -1
+        return 3 + <Py_ssize_t>_be(p + pos + 1, 2)
+    if b == 0xC6 or b == 0xDB:
+        if left < 5:
+            return -1
+        return 5 + <Py_ssize_t>_be(p + pos + 1, 4)
+    if b == 0xC7:  # ext: the length, then a type byte
+        if left < 3:
+            return -1
+        return 3 + p[pos + 1]
+    if b == 0xC8:
+        if left < 4:
+            return -1
+        return 4 + <Py_ssize_t>_be(p + pos + 1, 2)
+    if b == 0xC9:
+        if left < 6:
+            return -1
+        return 6 + <Py_ssize_t>_be(p + pos + 1, 4)
+    if b == 0xCC or b == 0xD0:
+        return 2
+    if b == 0xCD or b == 0xD1:
+        return 3
+    if b == 0xCA or b == 0xCE or b == 0xD2:
+        return 5
+    if b == 0xCB or b == 0xCF or b == 0xD3:
+        return 9
+    if b == 0xD4:
+        return 3
+    if b == 0xD5:
+        return 4
+    if b == 0xD6:
+        return 6
+    if b == 0xD7:
+        return 10
+    if b == 0xD8:
+        return 18
+    if b == 0xDC or b == 0xDE:
+        if left < 3:
+            return -1
+        count[0] = <Py_ssize_t>_be(p + pos + 1, 2)
+        is_map[0] = b == 0xDE
+        return 3
+    if b == 0xDD or b == 0xDF:
+        if left < 5:
+            return -1
+        count[0] = <Py_ssize_t>_be(p + pos + 1, 4)
+        is_map[0] = b == 0xDF
+        return 5
+    return -1  # 0xC1, never used
+
+
+def measure_frame(const uint8_t[::1] data, Py_ssize_t max_messages, Py_ssize_t max_fields, Py_ssize_t max_entries, int max_depth, Py_ssize_t max_values):
+    """Walk the MessagePack value at the start of a client frame without decoding it: how many
+    values it holds (containers, their elements, map keys and values), or a FRAME_* code (< 0)
+    as soon as it passes a bound:
+
+    - a frame that is a batch (an array whose first element is an array) holds at most
+      `max_messages` elements (FRAME_LONG_BATCH);
+    - every other array holds at most `max_fields` elements (FRAME_LONG_ARRAY), a map at most
+      `max_entries` entries (FRAME_LONG_MAP);
+    - containers nest at most `max_depth` deep counting the message, one more in a batch
+      (FRAME_TOO_DEEP);
+    - at most `max_values` values in all (FRAME_TOO_MANY_VALUES).
+
+    Bytes that are not MessagePack, a value cut off and bytes after the value are not refused
+    here: the count so far is returned and the decoder says what is wrong. The walk stops at
+    the first bound passed, so its cost is bounded by the bounds as well as by the bytes."""
+    if max_depth < 1 or max_depth >= MAX_MEASURE_DEPTH:
+        raise ValueError(f"max_depth must be from 1 to {MAX_MEASURE_DEPTH - 1}")
+    cdef Py_ssize_t n = data.shape[0]
+    if n == 0:
+        return 0
+    cdef const uint8_t* p = &data[0]
+    cdef Py_ssize_t remaining[MAX_MEASURE_DEPTH]
+    cdef Py_ssize_t pos = 0, values = 0, size, count
+    cdef int depth = 0, limit_depth = max_depth
+    cdef bint is_map, batch = False
+    cdef uint8_t b
+    # a batch: an array whose first element is an array, told by the bytes of the two heads
+    # alone, as messages.batch_size does
+    size = _head_body(p, n, 0, &count, &is_map)
+    if size > 0 and count >= 0 and not is_map and size < n:
+        b = p[size]
+        if 0x90 <= b <= 0x9F or b == 0xDC or b == 0xDD:
+            batch = True
+            limit_depth = max_depth + 1
+    while True:
+        if pos >= n:
+            return values  # cut off: the decoder explains
+        size = _head_body(p, n, pos, &count, &is_map)
+        if size < 0:
+            return values
+        values += 1
+        if values > max_values:
+            return FRAME_TOO_MANY_VALUES
+        if count >= 0:
+            if depth + 1 > limit_depth:
+                return FRAME_TOO_DEEP
+            if depth == 0 and batch:
+                if count > max_messages:
+                    return FRAME_LONG_BATCH
+            elif is_map:
+                if count > max_entries:
+                    return FRAME_LONG_MAP
+            elif count > max_fields:
+                return FRAME_LONG_ARRAY
+            pos += size
+            if count:
+                remaining[depth] = count * 2 if is_map else count
+                depth += 1
+                continue
+        else:
+            if size > n - pos:
+                return values  # cut off
+            pos += size
+        # a value is complete: close every container it completes
+        while depth:
+            remaining[depth - 1] -= 1
+            if remaining[depth - 1]:
+                break
+            depth -= 1
+        if not depth:
+            return values
+
+
 # Topic-id bitmaps: which topics were announced to a connection, or to every solo member of a node
 
 

@@ -42,6 +42,12 @@ assemble = _impl.assemble
 TopicState = _impl.TopicState
 stamp = _impl.stamp
 fast_publish = _impl.fast_publish
+measure_frame = _impl.measure_frame
+FRAME_TOO_DEEP = _impl.FRAME_TOO_DEEP
+FRAME_LONG_ARRAY = _impl.FRAME_LONG_ARRAY
+FRAME_LONG_MAP = _impl.FRAME_LONG_MAP
+FRAME_TOO_MANY_VALUES = _impl.FRAME_TOO_MANY_VALUES
+FRAME_LONG_BATCH = _impl.FRAME_LONG_BATCH
 Outbox = _impl.Outbox
 emit = _impl.emit
 emit_all = _impl.emit_all
@@ -68,6 +74,11 @@ __all__ = [
     "CONTINUATION",
     "ERR_PROTOCOL",
     "ERR_TOO_BIG",
+    "FRAME_LONG_ARRAY",
+    "FRAME_LONG_BATCH",
+    "FRAME_LONG_MAP",
+    "FRAME_TOO_DEEP",
+    "FRAME_TOO_MANY_VALUES",
     "IMPLEMENTATION",
     "Index",
     "Node",
@@ -87,6 +98,7 @@ __all__ = [
     "frame_header",
     "frame_needs",
     "is_batch",
+    "measure_frame",
     "read_frame",
     "schedule_solo",
     "stamp",

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, NamedTuple, Union
 import msgspec
 
 from .errors import ErrorCode
+from .fastpath import FRAME_LONG_ARRAY, FRAME_LONG_BATCH, FRAME_LONG_MAP, FRAME_TOO_DEEP, FRAME_TOO_MANY_VALUES, measure_frame
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "broker.v1"
@@ -82,9 +83,11 @@ class Req(_Wire, tag="req"):
 
 class Reply(_Wire, tag="reply"):
     """A responder's answer to the `request` numbered `id` (client to server), or the answer
-    to the requester's `req` with id `id` (server to client)."""
+    to the requester's `req` with id `id` (server to client). Either way an id in the range of
+    request ids (a request number the server gave is one too), so a client's reply with an
+    id out of it is refused like any other bad id."""
 
-    id: int
+    id: RequestId
     data: bytes
 
 
@@ -199,6 +202,20 @@ DEFAULT_MAX_BATCH = 10_000
 MAX_SINCE_TOPICS = 10_000
 MAX_ERRORS_PER_FRAME = 100
 
+# The shape of a client frame, checked before it is decoded (protocol.md 2.2). A message has a
+# handful of fields (a `sub`, the longest, has 7; later revisions may append a few), and the
+# only nested values are a `sub`'s `since`: `[epoch, seq]`, or `[time, {topic: [epoch, seq]}]`
+# whose map names at most MAX_SINCE_TOPICS topics. So:
+MAX_MESSAGE_FIELDS = 16  # elements of a message, and of any array inside one
+MAX_NESTING = 4  # containers one inside the other, the message included: message, since, map, position
+MESSAGE_VALUES = 16  # MessagePack values a frame may hold per message it may hold,
+SINCE_MAP_VALUES = 4 * MAX_SINCE_TOPICS  # and for a full pattern `since` map (a key, an array, two integers per topic)
+
+
+def max_frame_values(max_batch: int = DEFAULT_MAX_BATCH) -> int:
+    """The MessagePack values a client frame may hold: 200,000 for max_batch_messages 10,000."""
+    return MESSAGE_VALUES * max_batch + SINCE_MAP_VALUES
+
 
 def batch_size(data: bytes | memoryview) -> int:
     """How many messages a client batch frame holds, or -1 when the frame is one message.
@@ -249,16 +266,54 @@ DEAD_LETTER_HEAD = 32  # bytes of a message kept with its dead letter
 def decode_client_frame(
     data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH
 ) -> tuple[list[ClientMessage], list[BadMessage]]:
-    """Decode one client frame into the messages it holds and the errors for those it could not.
+    """Decode one client frame into the messages it holds and the errors for those it could not
+    (`read_client_frame` without the count of values)."""
+    messages, bad, _ = read_client_frame(data, max_batch)
+    return messages, bad
 
-    The common case (well-formed) costs one msgspec decode. Only when it fails is the frame taken
-    apart element by element, so that each bad message gets its own error with its own id and
-    the good ones in the same batch still apply. A batch of more than `max_batch` messages is
-    refused whole, and after MAX_ERRORS_PER_FRAME bad elements the rest of a frame is ignored:
-    one frame cannot make the broker do unbounded work or queue unbounded replies."""
+
+def _refused(data, text: str) -> tuple[list[ClientMessage], list[BadMessage], int]:
+    return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, text, bytes(data[:DEAD_LETTER_HEAD]))], 0
+
+
+def read_client_frame(
+    data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH
+) -> tuple[list[ClientMessage], list[BadMessage], int]:
+    """Decode one client frame into the messages it holds, the errors for those it could not,
+    and the number of MessagePack values it holds (the work its decoding took).
+
+    Before anything is decoded the frame's shape is walked (`measure_frame`, compiled): a
+    batch of more than `max_batch` messages, a message or an array in one of more than
+    MAX_MESSAGE_FIELDS elements, a map of more than MAX_SINCE_TOPICS entries, containers
+    nested deeper than MAX_NESTING (one more in a batch) or more than max_frame_values(max_batch)
+    values in all make the whole frame refused with one error (id 0), undecoded. Within those
+    bounds the common case (well-formed) costs one msgspec decode. Only when it fails is the
+    frame taken apart element by element, so that each bad message gets its own error with its
+    own id and the good ones in the same batch still apply; after MAX_ERRORS_PER_FRAME bad
+    elements the rest of a frame is ignored: one frame cannot make the broker do unbounded work
+    or queue unbounded replies."""
     count = batch_size(data)
     if count > max_batch:
-        return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"a batch holds {count} messages; the limit is {max_batch}", bytes(data[:DEAD_LETTER_HEAD]))]
+        return _refused(data, f"a batch holds {count} messages; the limit is {max_batch}")
+    limit = max_frame_values(max_batch)
+    values = measure_frame(data, max_batch, MAX_MESSAGE_FIELDS, MAX_SINCE_TOPICS, MAX_NESTING, limit)
+    if values < 0:
+        return _refused(data, _SHAPE_ERRORS[values].format(limit=limit) + "; the frame was not decoded")
+    messages, bad = _decode(data, count)
+    return messages, bad, values
+
+
+_SHAPE_ERRORS = {
+    FRAME_LONG_BATCH: "a batch holds too many messages",
+    FRAME_LONG_ARRAY: f"an array of more than {MAX_MESSAGE_FIELDS} elements (a message, or an array inside one)",
+    FRAME_LONG_MAP: f"a map of more than {MAX_SINCE_TOPICS} entries",
+    FRAME_TOO_DEEP: f"values nested more than {MAX_NESTING} deep in a message (a message, its since, a map, a position)",
+    FRAME_TOO_MANY_VALUES: "more than {limit} MessagePack values in one frame",
+}
+
+
+def _decode(data, count: int) -> tuple[list[ClientMessage], list[BadMessage]]:
+    """Decode a frame whose shape is within the bounds (`count`: its batch size, -1 for one message)."""
     try:
         if count >= 0:
             return client_batch_decoder.decode(data), []

@@ -16,7 +16,7 @@ from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Auth, Err, Pub, Reply, Req, Sub, Unsub, decode_client_frame, encode
+from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Auth, Err, Pub, Reply, Req, Sub, Unsub, encode, read_client_frame
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
@@ -165,7 +165,8 @@ class Session:
             self.published += count
             router.published_since_flush()
             return True
-        messages, bad = decode_client_frame(data, limits.max_batch_messages)
+        messages, bad, values = read_client_frame(data, limits.max_batch_messages)
+        router.decoded(values)
         box = self.box
         for problem in bad:
             if box.over:

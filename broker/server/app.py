@@ -454,7 +454,8 @@ class Server:
 
     def _sweep(self) -> None:
         """Ping idle clients, disconnect those that do not answer, close connections that
-        stayed behind, and forget history past its age. Runs a few times a second;
+        stayed behind or left a frame incomplete for frame_timeout_s, and forget history past
+        its age. Runs a few times a second;
         O(connections) plus the history that expired."""
         self.backplane.sweep()
         self._check_tokens()
@@ -465,9 +466,13 @@ class Server:
         now = self.loop.time()
         cfg = self.config
         interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
+        frame_timeout = cfg.frame_timeout_s
         for conn in list(self.connections.values()):
             if conn.state != OPEN or conn.held:
                 continue  # a held connection is not read: its pongs wait with the rest
+            if conn.partial_since and now - conn.partial_since >= frame_timeout:
+                conn.frame_expired(frame_timeout)  # a frame started and not finished (slowloris)
+                continue
             if conn.ping_sent:
                 if conn.last_seen > conn.ping_sent:
                     conn.ping_sent = 0.0

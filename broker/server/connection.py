@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import CloseCode
 from ..fastpath import BINARY, CLOSE, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
 from ..messages import SUBPROTOCOL
+from ..router import TICK_INPUT_BYTES
 from ..session import Session
 from . import handshake, logs
 
@@ -42,12 +43,13 @@ class Connection(asyncio.Protocol):
     """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
     own, bound once), `close()`,
-    `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()` and the liveness fields
-    `last_seen` and `ping_sent`."""
+    `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()`, `frame_expired()`, the
+    liveness fields `last_seen` and `ping_sent`, and `partial_since`."""
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "_buffer", "_needed", "_timer", "_reading", "_queued",
+        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "_buffer", "_needed", "_timer",
+        "_reading", "_queued",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -68,6 +70,13 @@ class Connection(asyncio.Protocol):
         self._queued = False  # waiting in the server's queue of connections to resume
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
+        # loop time since when an incomplete frame waits at the start of _buffer for the client
+        # to send the rest (0: none, or the broker is not reading); the server's sweep closes
+        # the connection once it waited frame_timeout_s
+        self.partial_since = 0.0
+        # iteration budget (bytes, router.TICK_INPUT_BYTES a turn) this connection's frames used
+        # beyond one iteration's share: it sits out that many turns in the server's queue
+        self.debt = 0
 
     # asyncio protocol
 
@@ -112,6 +121,7 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._buffer = None
+        self.partial_since = 0.0
         server = self.server
         server.guard.connection_lost(self)  # counted from its admission at the handshake, if it got that far
         if previous == HANDSHAKE or self.session is None:
@@ -214,13 +224,17 @@ class Connection(asyncio.Protocol):
         max_frame = server.config.max_frame_bytes
         n = len(data)
         while pos < n:
-            if router.busy and not progress:
+            if (router.busy or self.debt) and not progress:
                 self._keep(data, pos)
                 server.queue(self)
                 return
             result = read_frame(data, pos, max_frame)
             if result is None:
+                # an incomplete frame: the client has frame_timeout_s to send the rest (the
+                # same frame, still incomplete at the start of the buffer, keeps its time)
+                started = self.partial_since if pos == 0 else 0.0
                 self._keep(data, pos)
+                self.partial_since = started or server.loop.time()
                 return
             if type(result) is int:
                 self._protocol_error(result)
@@ -230,6 +244,7 @@ class Connection(asyncio.Protocol):
             if opcode == BINARY and fin:
                 if self.state != OPEN:
                     continue  # closing: apply nothing more
+                before = router.input_bytes
                 router.input_bytes += len(payload)
                 try:
                     done = self.session.receive(payload)
@@ -237,6 +252,9 @@ class Connection(asyncio.Protocol):
                     logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
                     self.close(CloseCode.INTERNAL_ERROR, "internal error")
                     return
+                used = router.input_bytes - before  # its bytes and its decoding (router.decoded)
+                if used > TICK_INPUT_BYTES:
+                    self.debt += used - TICK_INPUT_BYTES
                 if not done:
                     self._keep(data, pos)
                     server.queue(self)
@@ -257,7 +275,9 @@ class Connection(asyncio.Protocol):
         self._keep(data, n)
 
     def _keep(self, data, pos: int) -> None:
-        """Hold data[pos:] until more arrives or the server resumes this connection."""
+        """Hold data[pos:] until more arrives or the server resumes this connection (the
+        caller says when it is an incomplete frame the client has to finish)."""
+        self.partial_since = 0.0
         if pos >= len(data):
             self._buffer = None
             self._needed = 0
@@ -270,6 +290,11 @@ class Connection(asyncio.Protocol):
         least one message or frame, whatever the budget)."""
         self._queued = False
         if self.state == CLOSED:
+            return
+        if self.debt:
+            # a frame that cost more than an iteration's share: wait that many turns
+            self.debt = max(0, self.debt - TICK_INPUT_BYTES)
+            self.server.queue(self)
             return
         session = self.session
         progress = True
@@ -291,6 +316,8 @@ class Connection(asyncio.Protocol):
 
     def release(self) -> None:
         self.held = False
+        if self.partial_since:  # its client could not send the rest while it was not read
+            self.partial_since = self.server.loop.time()
         self._read_again()
 
     def suspend_reading(self) -> None:
@@ -318,6 +345,7 @@ class Connection(asyncio.Protocol):
     def _close_received(self, payload: bytes) -> None:
         """A close frame from the client (the server answers it and closes the connection)."""
         self._buffer = None
+        self.partial_since = 0.0
         if self.state == CLOSING:
             return
         code = 1005
@@ -384,6 +412,13 @@ class Connection(asyncio.Protocol):
             self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
             conn=self.id, peer=self.peer, user=self.user, reason=reason,
         )
+
+    def frame_expired(self, timeout: float) -> None:
+        """The incomplete frame waited frame_timeout_s: drop its bytes and close (1008)."""
+        self._buffer = None
+        self._needed = 0
+        self.partial_since = 0.0
+        self.close(CloseCode.POLICY_VIOLATION, f"frame not completed within {timeout:g} s")
 
     def ping(self, now: float) -> None:
         """Send a ping (empty payload) and remember when."""
