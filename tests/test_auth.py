@@ -427,3 +427,19 @@ def test_the_per_user_limits_count_the_user_the_token_names():
                     client.close()
 
     run(main())
+
+
+def test_unusable_auth_settings_stop_the_start_with_the_setting_named(tmp_path):
+    from broker.errors import ConfigError
+
+    bad_pem = tmp_path / "key.pem"
+    bad_pem.write_text("not a key")
+    cases = {
+        "auth_jwks_file": {"auth_jwks_file": str(tmp_path / "missing.json")},
+        "auth_jwt_public_key_file": {"auth_jwt_public_key_file": str(bad_pem)},
+        "auth_denylist_file": {"auth_jwt_secret": SECRET, "auth_denylist_file": str(tmp_path / "missing.txt")},
+        "need a key": {"auth_anonymous": True},
+    }
+    for expected, settings in cases.items():
+        with pytest.raises(ConfigError, match=expected):
+            Authenticator(load(settings, environ={}))
