@@ -443,3 +443,19 @@ def test_unusable_auth_settings_stop_the_start_with_the_setting_named(tmp_path):
     for expected, settings in cases.items():
         with pytest.raises(ConfigError, match=expected):
             Authenticator(load(settings, environ={}))
+
+
+def test_a_flood_of_bad_tokens_cannot_flood_the_log(caplog):
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, log_level="info") as server:
+            for _ in range(30):
+                status, _, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], auth_headers("bad.token.here")))
+                writer.close()
+                assert status == 401
+            assert server.handshakes_refused == 30
+
+    with caplog.at_level(logging.INFO, logger="broker"):
+        run(main())
+    refused = [r for r in caplog.records if r.getMessage() == "handshake_refused"]
+    assert 1 <= len(refused) <= 5, len(refused)
+    assert refused[0].fields["reason"] == "malformed token" and refused[0].fields["status"] == 401

@@ -224,10 +224,12 @@ class Server:
         return self.rules.check(request, self._closing)
 
     def refused(self, error: handshake.HandshakeError, peer: str = "") -> None:
+        """Count a refused handshake and write it to the audit log, bounded per address like
+        the refusals of the limits (a client cannot flood the log with bad requests or tokens)."""
         self.handshakes_refused += 1
-        if not isinstance(error, limits.LimitRefused):  # those are in the (bounded) audit log
-            level = logging.WARNING if error.status in (401, 403) else logging.INFO
-            logs.event(level, "handshake_refused", peer=peer, status=error.status, reason=error.text)
+        if not isinstance(error, limits.LimitRefused):  # the guard wrote those already
+            ip = peer.rpartition(":")[0] or peer
+            self.guard.audit.record(("ip", ip), "handshake_refused", {"peer": ip}, peer=peer, status=error.status, reason=error.text)
 
     # authentication
 
