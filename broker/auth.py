@@ -235,7 +235,7 @@ class Authenticator:
             raise AuthError(401, f"token longer than {cfg.auth_max_token_bytes} bytes")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
+        except (jwt.PyJWTError, TypeError, ValueError):
             raise AuthError(401, "malformed token") from None
         algorithm = header.get("alg")
         if algorithm not in ALGORITHMS:
@@ -264,7 +264,7 @@ class Authenticator:
             raise AuthError(401, f"token lacks the {exc.claim} claim") from None
         except jwt.InvalidSignatureError:
             raise AuthError(401, "bad token signature") from None
-        except jwt.InvalidTokenError:
+        except (jwt.PyJWTError, TypeError, ValueError):  # anything else a token can provoke
             raise AuthError(401, "invalid token") from None
         jti = claims.get("jti")
         jti = str(jti) if jti is not None else None

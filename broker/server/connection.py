@@ -180,6 +180,10 @@ class Connection(asyncio.Protocol):
         except handshake.HandshakeError as error:
             self._refuse(error)
             return
+        except Exception:  # a bug in a rule: refuse this request, keep the server going
+            logs.log.exception("internal error checking an upgrade request", extra={"fields": {"peer": self.peer}})
+            self._refuse(handshake.HandshakeError(500, "internal error"))
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
