@@ -91,6 +91,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user_new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     user_new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     rate_limit_close_after: Positive = 10_000
+    # [redis] (the cluster backplane; none: the embedded single process)
+    redis_url: str = ""
+    redis_shards: Annotated[int, msgspec.Meta(gt=0, le=1024)] = 16
+    redis_prefix: str = "broker"
+    redis_stream_maxlen: Positive = 10_000
+    redis_stream_max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    redis_timeout_s: Seconds = 5.0
+    redis_max_buffer_bytes: Positive = 64 << 20
+    # processes
+    workers: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -119,6 +130,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_pending_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
+        if self.workers > 1 and not self.redis_url:
+            raise ValueError("workers > 1 needs redis_url: worker processes are joined through Redis (the embedded default is one process)")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        if not self.redis_prefix or "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ValueError("redis_prefix must be non-empty and without braces (it goes inside the keys' hash tags)")
         for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "user_new_topic_rate"):
             burst = rate[: -len("rate")] + "burst"
             if getattr(self, rate) and getattr(self, burst) < 1:
@@ -141,6 +158,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "tls": {name[4:]: name for name in FIELDS if name.startswith("tls_")},
     "auth": {name[5:]: name for name in FIELDS if name.startswith("auth_")},
     "limits": {name: name for name in LIMITS},
+    "redis": {name[6:]: name for name in FIELDS if name.startswith("redis_")},
 }
 
 HELP = {
@@ -207,6 +225,15 @@ HELP = {
     "new_topic_burst": "[limits] new topics one connection may create at once above new_topic_rate",
     "user_new_topic_rate": "[limits] new topics per second one user may create (0: no limit)",
     "user_new_topic_burst": "[limits] new topics one user may create at once above user_new_topic_rate",
+    "redis_url": "[redis] Redis (or Redis Cluster, detected) joining broker nodes and worker processes: redis://[user:password@]host:port[/db], rediss:// for TLS ('': one embedded process, no Redis)",
+    "redis_shards": "[redis] streams topics are hashed over; the same on every node of a cluster",
+    "redis_prefix": "[redis] prefix of every Redis key; nodes with the same prefix form one cluster",
+    "redis_stream_maxlen": "[redis] entries (one per shard per publishing tick) each shard stream keeps, approximately (MAXLEN ~)",
+    "redis_stream_max_age_s": "[redis] with a value above 0: trim the shard streams by age (MINID ~) instead of by length",
+    "redis_timeout_s": "[redis] seconds a Redis command may take, and publishes may wait for Redis, before they fail with err 18",
+    "redis_max_buffer_bytes": "[redis] bytes of publishes held while Redis is slow or away; past it publishes are refused with err 18",
+    "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies",
+    "reuse_port": "listen with SO_REUSEPORT (set for worker processes; lets several processes share the port)",
     "rate_limit_close_after": "[limits] messages refused for a rate limit, in a row within 10 s, after which the connection is closed (1008)",
 }
 

@@ -29,6 +29,7 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 15  # past a publish or topic-creation rate limit of the connection or its user
     FORBIDDEN = 16  # the token's grants do not allow this subscribe, publish or request
     BAD_TOKEN = 17  # an `auth` message's token is invalid, expired, revoked or names another user
+    UNAVAILABLE = 18  # the cluster backplane (Redis) could not take the publish in time: it was not published
 
 
 class CloseCode(enum.IntEnum):

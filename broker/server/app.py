@@ -125,6 +125,8 @@ class Server:
         if cfg.tls_cert_file:  # TLS only: every connection starts with a TLS handshake
             self.tls, self.certificate = tls.server_context(cfg)
             listen = {"ssl": self.tls, "ssl_handshake_timeout": cfg.handshake_timeout_s, "ssl_shutdown_timeout": cfg.close_timeout_s}
+        if cfg.reuse_port:
+            listen["reuse_port"] = True
         self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)

@@ -1,0 +1,1 @@
+"""Running as more than one process: the Redis Streams backplane and the worker supervisor."""
