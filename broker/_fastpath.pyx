@@ -1521,6 +1521,28 @@ cdef class Index:
         state.compacted = 0
         self.work += PyList_GET_SIZE(tokens)
 
+    def renew(self, TopicState state not None, epoch):
+        """Start a new epoch of a topic: a new state with a new id takes the old one's place
+        and its subscription nodes; the old id is retired (see the twin)."""
+        if self.topics.get(state.name) is not state:
+            raise ValueError(f"topic {state.name!r} is not in the index")
+        cdef TopicState fresh = TopicState(PyList_GET_SIZE(self.states), state.name, epoch)
+        fresh.nodes = state.nodes
+        fresh.compacted = state.compacted
+        cdef list tokens = state.name.split(".")
+        cdef _TopicTrie trie = self._topic_root
+        for token in tokens:
+            trie = <_TopicTrie>trie.children[token]
+        trie.state = fresh
+        self.topics[state.name] = fresh
+        self.by_key[state.key] = fresh
+        self.states[state.id] = None
+        self.states.append(fresh)
+        state.nodes = _untracked_list([])
+        state.compacted = 0
+        self.work += PyList_GET_SIZE(tokens)
+        return fresh
+
     cdef void _collect(self, _PatternTrie trie, list tokens, Py_ssize_t i, list out) except *:
         cdef Py_ssize_t n = PyList_GET_SIZE(tokens)
         cdef object child

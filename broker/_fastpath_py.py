@@ -845,6 +845,29 @@ class Index:
         state.compacted = 0
         self.work += len(tokens)
 
+    def renew(self, state: TopicState, epoch: int) -> TopicState:
+        """Start a new epoch of a topic: a new state with a new id (announced anew on every
+        connection) takes the old one's place and its subscription nodes; the old id is
+        retired. Returns the new state."""
+        if self.topics.get(state.name) is not state:
+            raise ValueError(f"topic {state.name!r} is not in the index")
+        fresh = TopicState(len(self.states), state.name, epoch)
+        fresh.nodes = state.nodes
+        fresh.compacted = state.compacted
+        tokens = state.name.split(".")
+        trie = self._topic_root
+        for token in tokens:
+            trie = trie.children[token]
+        trie.state = fresh
+        self.topics[state.name] = fresh
+        self.by_key[state.key] = fresh
+        self.states[state.id] = None
+        self.states.append(fresh)
+        state.nodes = []
+        state.compacted = 0
+        self.work += len(tokens)
+        return fresh
+
     def _collect(self, trie: _PatternTrie, tokens: list[str], i: int, out: list) -> None:
         self.work += 1
         if trie.rest is not None and i < len(tokens):

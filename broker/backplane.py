@@ -43,6 +43,7 @@ class MemoryBackplane:
     """Sequencing in this process and history in its memory, within four bounds."""
 
     sequences_at_once = True
+    accepting = True  # publishes may take the compiled path (a backplane that cannot take them says False)
 
     def __init__(
         self,
@@ -86,6 +87,14 @@ class MemoryBackplane:
         if on_sequenced is not None:
             on_sequenced(state.epoch, state.seq)
         return state.seq
+
+    def refusal(self) -> str:
+        """Why publishes are refused while `accepting` is False (never, here)."""
+        return "the backplane does not take publishes now"
+
+    def topic_epoch(self, name: str) -> int | None:
+        """The epoch every node gives a new topic of this name, or None: this process picks."""
+        return None
 
     # history
 

@@ -134,7 +134,7 @@ class Topic(_Wire, tag="topic"):
     epoch: int
 
 
-GAP_CAUSES = ("history", "ended", "replay", "dropped", "conflated")
+GAP_CAUSES = ("history", "ended", "replay", "dropped", "conflated", "backplane")
 
 
 class GapNotice(_Wire, tag="gap"):

@@ -43,7 +43,7 @@ _FRAME_OVERHEAD = 64
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied", "unknown_topics")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -64,6 +64,7 @@ class RouterStats:
         self.sheds = 0  # times a connection's queue was shed by its drop or conflate policy
         self.dropped = 0  # messages dropped for connections behind (policy drop), each announced by a gap
         self.conflated = 0  # messages skipped for connections behind (policy conflate), each announced by a gap
+        self.unknown_topics = 0  # batches from the backplane for topics this node could not take (past max_topics)
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -205,11 +206,14 @@ class Router:
             validate_topic(name, self.max_topic_length)
             if len(self.topics) >= self.max_topics:
                 raise RequestError(ErrorCode.TOO_MANY_TOPICS, f"the broker holds {self.max_topics} topics, its limit")
-            state = TopicState(len(self.index.states), name, self._topic_epoch())
+            state = TopicState(len(self.index.states), name, self._topic_epoch(name))
             self.index.add_topic(state)
         return state
 
-    def _topic_epoch(self) -> int:
+    def _topic_epoch(self, name: str) -> int:
+        epoch = self.backplane.topic_epoch(name)
+        if epoch is not None:
+            return epoch  # the backplane's, the same on every node
         if not self._retired_any:
             return self.epoch
         self._last_epoch = self._last_epoch + 1 if self._fixed_epoch else unique_epoch(self._last_epoch)
@@ -263,6 +267,9 @@ class Router:
         state = self.topics.get(name)
         if state is None:
             state = self.topic(name)
+        backplane = self.backplane
+        if not backplane.accepting:
+            raise RequestError(ErrorCode.UNAVAILABLE, backplane.refusal())
         record = None
         if msg_id:
             record = self._dedupe(name, msg_id)
@@ -277,7 +284,6 @@ class Router:
                     record.waiting.append((box, request_id))
                 return state
             record.waiting = [(box, request_id)] if request_id else []
-        backplane = self.backplane
         if backplane.sequences_at_once:
             backplane.publish(state, payload, self.dirty)
             if record is not None:
@@ -285,13 +291,32 @@ class Router:
             if request_id:
                 self.send(box, encode(Ack(request_id, state.epoch, state.seq)))
             self.published_since_flush()
-        elif record is not None:
-            backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq))
-        elif request_id:
-            backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq))
         else:
-            backplane.publish(state, payload, self.dirty)
+            if record is not None:
+                backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq), lambda code, text: self._refused(record, code, text))
+            elif request_id:
+                backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq), lambda code, text: self._fail_later(box, request_id, code, text))
+            else:
+                backplane.publish(state, payload, self.dirty)
+            self.published_since_flush()
         return state
+
+    def _fail_later(self, box: Outbox, request_id: int, code: int, text: str) -> None:
+        if not box.closed:
+            self.stats.count_error(code)
+            self.send(box, encode(Err(request_id, int(code), text)))
+
+    def _refused(self, record: "_Seen", code: int, text: str) -> None:
+        """The backplane could not publish a message with a msg_id: those waiting get the
+        error, and a retry with the same msg_id publishes it anew."""
+        waiting = record.waiting or ()
+        record.waiting = None
+        for key, seen in list(self._seen.items()):
+            if seen is record:
+                del self._seen[key]
+                break
+        for box, request_id in waiting:
+            self._fail_later(box, request_id, code, text)
 
     def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:
         if not box.closed:
@@ -319,18 +344,70 @@ class Router:
             order.append((now, key))
         return record
 
-    def deliver(self, state: TopicState, first: int, payloads: list[bytes]) -> None:
-        """A batch the backplane sequenced (published here or elsewhere): into the topic's
-        pending batch, delivered and retained at the end of the tick like every other.
-        Sequence numbers the batch skips were never given to a message this broker saw."""
-        if first != state.seq + 1:
-            if state.pending:
-                self._emit([state])
-            state.seq = first - 1
-        dirty = self.dirty
-        for payload in payloads:
-            stamp(state, payload, dirty)
-        self.published_since_flush()
+    def deliver_remote(self, batches: list[tuple[str, int, int, list[bytes]]]) -> int:
+        """Batches a backplane sequenced (published on this node or another), each
+        (topic, epoch, first seq, payloads), in the order of its log: delivered and retained at
+        once, one encoded piece per topic, written with the rest of this tick.
+
+        What this node published in this tick and has not handed over yet goes to the
+        backplane first, so a pending batch never mixes numbered and unnumbered messages. A
+        batch at or before a topic's last sequence number is a repeat and skipped (the part
+        after it is kept). Numbers a batch skips after ones this node delivered are announced
+        to the topic's receivers as a gap (cause `backplane`); a new epoch ends the old one with
+        a gap (cause `ended`) and the topic continues under a new id. Returns the messages
+        taken."""
+        if self.dirty:
+            dirty = self.dirty
+            self.dirty = []
+            self._emit(dirty)
+        arrived: list[TopicState] = []
+        taken = 0
+        for name, epoch, first, payloads in batches:
+            state = self.topics.get(name)
+            if state is None:
+                try:
+                    state = self.topic(name)
+                except RequestError:
+                    self.stats.unknown_topics += 1  # past max_topics (or a name this node refuses)
+                    continue
+            if state.epoch != epoch:
+                if state.pending:
+                    self._emit_now([state])
+                state = self._new_epoch(state, epoch)
+            last = first + len(payloads) - 1
+            if last <= state.seq:
+                continue  # delivered already
+            if first <= state.seq:
+                payloads = payloads[state.seq + 1 - first :]
+                first = state.seq + 1
+            elif first > state.seq + 1:
+                if state.pending:
+                    self._emit_now([state])
+                if state.seq:
+                    self._gap_all(state, Gap(name, epoch, state.seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
+                state.seq = first - 1
+            for payload in payloads:
+                stamp(state, payload, arrived)
+            taken += len(payloads)
+        if arrived:
+            self._emit_now(arrived)
+            self._want_flush()
+        return taken
+
+    def _new_epoch(self, state: TopicState, epoch: int) -> TopicState:
+        """The backplane numbers a topic in a new epoch (it lost its counters): the old epoch
+        ends for every receiver; a new state with a new id carries the topic on."""
+        if state.seq:
+            self._gap_all(state, Gap(state.name, state.epoch, state.seq + 1, 0, f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers); it continues in epoch {epoch}", "ended"))
+        self.backplane.forget(state)
+        self.stats.retired += 1  # connections drop what they cached about the old state
+        return self.index.renew(state, epoch)
+
+    def _gap_all(self, state: TopicState, gap: Gap) -> None:
+        """A gap notice to every connection receiving the topic now."""
+        for box in self.index.receivers(state.name):
+            if not box.closed:
+                self._gap(box, gap)
 
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""
@@ -425,7 +502,16 @@ class Router:
             end_tick(nodes)
 
     def _emit(self, states: list[TopicState]) -> None:
-        """Encode each topic's pending batch once and queue it on every connection that receives it."""
+        """Encode each topic's pending batch once and queue it on every connection that
+        receives it; with a backplane that sequences later, hand the batches to it instead
+        (they come back numbered through `deliver_remote`)."""
+        backplane = self.backplane
+        if not backplane.sequences_at_once:
+            self.stats.published += backplane.stage(states)
+            return
+        self._emit_now(states)
+
+    def _emit_now(self, states: list[TopicState]) -> None:
         backplane = self.backplane
         store = backplane.store
         self._emission, published, batches, delivered = emit_all(
@@ -495,9 +581,16 @@ class Router:
         self.schedule_write(box)
 
     def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
-        if state is None:
-            if epoch:
+        if state is None or (not state.seq and seq and epoch == state.epoch and not self.backplane.sequences_at_once):
+            if not epoch:
+                return
+            if epoch == self.backplane.topic_epoch(name):
+                # a cluster node that never delivered the topic: its epoch goes on elsewhere
+                self._gap(box, Gap(name, epoch, seq + 1, 0, "this node's history holds none of the topic's messages after this one", "history"))
+            elif state is None:
                 self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
+            else:
+                self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
             return
         if epoch and epoch != state.epoch:
             self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))

@@ -148,7 +148,7 @@ class Session:
         # With rate limits, a frame with more messages than the connection may publish now
         # takes the general path, which refuses the excess message by message.
         count = -1
-        if router.backplane.sequences_at_once:
+        if router.backplane.accepting:
             table = router.topics_by_key
             if self.identity.grants is not None:
                 table = self._allowed
@@ -427,7 +427,7 @@ def _since(pattern: str, since: list, router: Router) -> tuple:
     if not is_pattern(pattern):
         epoch, seq = _position(since, "since")
         state = router.topics.get(pattern)
-        if state is not None and epoch == state.epoch and seq > state.seq:
+        if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
             raise RequestError(ErrorCode.BAD_POSITION, f"since [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
         if not epoch and seq:
             raise RequestError(ErrorCode.BAD_POSITION, "since [0, seq] needs seq 0 (from the start of the current epoch)")
@@ -446,7 +446,7 @@ def _since(pattern: str, since: list, router: Router) -> tuple:
             raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
         epoch, seq = _position(value, f"since of {name!r}")
         state = router.topics.get(name)
-        if state is not None and epoch == state.epoch and seq > state.seq:
+        if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
             raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
         positions[name] = (epoch, seq)
     return since[0], positions

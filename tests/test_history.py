@@ -4,7 +4,7 @@ and the bounds history keeps."""
 import pytest
 
 from broker.backplane import MemoryBackplane
-from broker.fastpath import MESSAGE_OVERHEAD
+from broker.fastpath import MESSAGE_OVERHEAD, stamp
 from broker.errors import ErrorCode
 from broker.fastpath import TopicState
 from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, encode
@@ -298,24 +298,49 @@ def test_one_chunk_per_topic_per_second_and_cut_chunks_are_compacted():
 
 
 class LaterBackplane(MemoryBackplane):
-    """Sequences publishes one step later, as a backplane shared through an external log does."""
+    """Numbers publishes one step later, as a backplane shared through an external log does
+    (the Redis one's seam, without Redis): `stage` takes the tick's batches, `sequence` numbers
+    them per topic and hands them back through `Router.deliver_remote`."""
 
     sequences_at_once = False
 
     def __init__(self, **bounds) -> None:
         super().__init__(**bounds)
-        self.waiting = []
+        self.staged = []
+        self.waiting = {}
+        self.counters = {}
 
-    def publish(self, state, payload, dirty, on_sequenced=None):
-        self.waiting.append((state, payload, on_sequenced))
-        return None
+    def topic_epoch(self, name):
+        return 42
+
+    def publish(self, state, payload, dirty, on_sequenced=None, on_failed=None):
+        stamp(state, payload, dirty)
+        if on_sequenced is not None:
+            self.waiting.setdefault(state, []).append((state.seq, on_sequenced))
+
+    def stage(self, states):
+        taken = 0
+        for state in states:
+            state.dirty = False
+            if not state.pending:
+                continue
+            acks = [(seq - state.first, ok) for seq, ok in self.waiting.pop(state, [])]
+            self.staged.append((state.name, list(state.pending), acks))
+            taken += len(state.pending)
+            state.seq -= len(state.pending)
+            state.pending = []
+        return taken
 
     def sequence(self, router) -> None:
-        waiting, self.waiting = self.waiting, []
-        for state, payload, on_sequenced in waiting:
-            router.deliver(state, state.seq + 1, [payload])
-            if on_sequenced is not None:
-                on_sequenced(state.epoch, state.seq)
+        staged, self.staged = self.staged, []
+        batches = []
+        for name, payloads, acks in staged:
+            first = self.counters.get(name, 0) + 1
+            self.counters[name] = first + len(payloads) - 1
+            batches.append((name, 42, first, payloads))
+            for index, ok in acks:
+                ok(42, first + index)
+        router.deliver_remote(batches)
 
 
 def test_a_backplane_that_sequences_later_delays_acks_and_delivers_through_the_same_path():
@@ -329,9 +354,14 @@ def test_a_backplane_that_sequences_later_delays_acks_and_delivers_through_the_s
     written, _ = h.tick()
     assert written["p"] == [Ack(1, 42, 1)]
     assert written["s"] == [Delivery("t", 42, 1, [b"a", b"b"])]
-    # a batch sequenced elsewhere, after numbers this broker never saw
-    h.router.deliver(h.router.topics["t"], 5, [b"remote"])
-    assert h.tick()[0] == {"s": [Delivery("t", 42, 5, [b"remote"])]}
+    # a batch numbered elsewhere, after numbers this node never got: a gap, then the batch
+    h.router.deliver_remote([("t", 42, 5, [b"remote"])])
+    written = h.tick()[0]
+    gap, delivery = written["s"]
+    assert (gap.topic, gap.epoch, gap.first, gap.last, gap.cause) == ("t", 42, 3, 4, "backplane")
+    assert delivery == Delivery("t", 42, 5, [b"remote"])
+    h.router.deliver_remote([("t", 42, 4, [b"old", b"remote"]), ("t", 42, 6, [b"next"])])  # repeats are skipped
+    assert h.tick()[0] == {"s": [Delivery("t", 42, 6, [b"next"])]}
     late = h.session("late")
     late.receive(encode(Sub(1, "t", [42, 0])))
-    assert messages(h.tick()[0]["late"]) == [("t", 1, b"a"), ("t", 2, b"b"), ("t", 5, b"remote")]
+    assert messages(h.tick()[0]["late"]) == [("t", 1, b"a"), ("t", 2, b"b"), ("t", 5, b"remote"), ("t", 6, b"next")]

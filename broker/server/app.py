@@ -66,12 +66,18 @@ class Server:
         self.auth = Authenticator(config)  # raises ConfigError for unusable keys or files
         origins = tuple(o.strip() for o in config.allowed_origins.split(",") if o.strip())
         self.rules = handshake.Rules(config.path, SUBPROTOCOL, self.auth, origins)
-        self.backplane = MemoryBackplane(
-            max_messages=config.history_max_messages,
-            max_bytes=config.history_max_bytes,
-            max_age_s=config.history_max_age_s,
-            max_total_bytes=config.history_max_total_bytes,
-        )
+        self.cluster = None  # with redis_url: the Redis Streams backplane joining the nodes
+        if config.redis_url:
+            from ..cluster.streams import RedisBackplane
+
+            self.backplane = self.cluster = RedisBackplane(config)
+        else:
+            self.backplane = MemoryBackplane(
+                max_messages=config.history_max_messages,
+                max_bytes=config.history_max_bytes,
+                max_age_s=config.history_max_age_s,
+                max_total_bytes=config.history_max_total_bytes,
+            )
         self.router = Router(
             self._request_tick,
             max_topics=config.max_topics,
@@ -127,7 +133,14 @@ class Server:
             listen = {"ssl": self.tls, "ssl_handshake_timeout": cfg.handshake_timeout_s, "ssl_shutdown_timeout": cfg.close_timeout_s}
         if cfg.reuse_port:
             listen["reuse_port"] = True
-        self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
+        if self.cluster is not None:
+            await self.cluster.start(self.router)  # the history the streams retain, before any client
+        try:
+            self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
+        except BaseException:
+            if self.cluster is not None:
+                await self.cluster.stop()
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
@@ -142,6 +155,7 @@ class Server:
             subprotocol=SUBPROTOCOL,
             tls=self.tls is not None,
             **({"cert_sha256": self.certificate.sha256} if self.certificate else {}),
+            backplane="memory" if self.cluster is None else ("redis-cluster" if self.cluster.cluster else "redis"),
         )
 
     async def stop(self) -> None:
@@ -157,6 +171,9 @@ class Server:
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         self._server.close()
         self._tick()
+        if self.cluster is not None:
+            await self.cluster.stop()  # what was published goes to Redis (its acks with it) first
+            self._tick()
         self._all_gone = asyncio.Event()
         if self.config.shutdown_close_code == CloseCode.SERVICE_RESTART:
             code, reason = CloseCode.SERVICE_RESTART, "server restarting"

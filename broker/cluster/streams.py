@@ -1,0 +1,628 @@
+"""The Redis Streams backplane: broker nodes (processes, machines) joined through Redis.
+
+Topics hash (CRC-32 of the name) to `redis_shards` shards. Each shard is two Redis keys under
+one hash tag, `{PREFIX:N}`, so that Redis Cluster keeps them in one slot and spreads the shards
+over its slots:
+
+- `{PREFIX:N}:s`, the shard's stream: one entry per publishing node per tick that published
+  to the shard, `n` (node), `w` (the node's write number), `e` (epoch), `s` (the first sequence
+  number of each topic's batch, comma-separated) and `d` (MessagePack `[[topic, [payload,
+  ...]], ...]`, the batches in the order of `s`);
+- `{PREFIX:N}:h`, the shard's counters: field `""` the shard's epoch, one field per topic
+  the topic's last sequence number.
+
+A node sequences nothing itself. What its clients publish in a tick is handed over at the end
+of the tick (`stage`), one block per shard; the writer sends every block in one pipeline, each
+block one EVALSHA of `SCRIPT`, which numbers the block's batches (HINCRBY per topic) and
+appends the entry (XADD, trimmed with MAXLEN ~ or MINID ~) atomically. So per topic the order
+of the stream is the order of the numbers, and every node delivers in it. While a pipeline is
+out, the next ticks' publishes wait and go in the next one: the busier the node, the more
+messages per Redis command.
+
+Every node reads every shard (blocking XREAD from the last entry it read, one command for all
+shards on a single Redis, one per shard on a cluster) and hands each entry's batches to the
+router (`Router.deliver_remote`), its own entries included: local and remote messages reach
+subscribers by one path, in one order. At start a node reads what the streams retain from the
+last `history_max_age_s` into its history, so recovery (`since`, `last`) works on a node that
+just started or that a client just moved to.
+
+Acks: a publish with a request id is acknowledged when the script's reply gives its number.
+A write whose reply was lost (timeout, broken connection) is in doubt: before it is sent again
+the stream is searched after the last entry read before it was sent, for the entry with the
+node's id and the write number; found, it counts as written. Publishes that cannot be written
+within `redis_timeout_s` fail: acks become err 18 (UNAVAILABLE), fire-and-forget messages are
+counted (`failed`) and logged. While more than `redis_max_buffer_bytes` wait, or after a write
+failed until Redis answers again, publishes are refused at once with err 18.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import zlib
+from typing import Callable
+
+import msgspec
+
+from ..backplane import MemoryBackplane
+from ..errors import ConfigError, ErrorCode, RequestError
+from ..fastpath import TopicState, stamp
+from ..router import unique_epoch
+
+log = logging.getLogger("broker.cluster")
+
+# The script run once per shard per write: numbers the batches and appends the entry.
+# KEYS: counters, stream. ARGV: epoch if the shard has none, MAXLEN|MINID, its value, node,
+# write number, data, then (topic, count) pairs in the order of the data.
+SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], '')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], '', epoch)
+end
+local firsts = {}
+for i = 7, #ARGV, 2 do
+  local n = tonumber(ARGV[i + 1])
+  firsts[#firsts + 1] = redis.call('HINCRBY', KEYS[1], ARGV[i], n) - n + 1
+end
+local s = table.concat(firsts, ',')
+local id = redis.call('XADD', KEYS[2], ARGV[2], '~', ARGV[3], '*', 'n', ARGV[4], 'w', ARGV[5], 'e', epoch, 's', s, 'd', ARGV[6])
+return {epoch, s, id}
+"""
+
+BLOCK_MS = 2000  # how long one XREAD waits for entries
+READ_COUNT = 1000  # entries one XREAD takes per stream at most
+LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
+BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
+RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
+
+_data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
+_encode = msgspec.msgpack.Encoder().encode
+
+Ok = Callable[[int, int], None]
+Fail = Callable[[int, str], None]
+
+
+class BackplaneStats:
+    """Counters of the Redis backplane (exported as metrics)."""
+
+    __slots__ = (
+        "writes", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
+        "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "refused",
+        "lag_ms", "epoch_changes",
+    )
+
+    def __init__(self, shards: int) -> None:
+        self.writes = 0  # pipelines sent (each one round trip)
+        self.entries_written = 0  # stream entries appended (one per shard per write)
+        self.messages_written = 0
+        self.bytes_written = 0  # payload bytes
+        self.reads = 0  # XREAD and XRANGE commands
+        self.entries_read = 0
+        self.messages_read = 0
+        self.bytes_read = 0
+        self.commands = 0  # every command this node sent to Redis
+        self.reconnects = 0  # commands that failed for the connection (then retried)
+        self.in_doubt = 0  # writes whose reply was lost and that were looked up in the stream
+        self.failed = 0  # messages that could not be written within redis_timeout_s
+        self.refused = 0  # publishes refused at once (buffer full, or Redis away)
+        self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read
+        self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters)
+
+
+class _Block:
+    """What one shard gets in one write: per topic the payloads in order, and the acks
+    waiting for their numbers: (topic, index in its payloads, ok, fail)."""
+
+    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "after")
+
+    def __init__(self, shard: int, staged: float) -> None:
+        self.shard = shard
+        self.topics: dict[str, list[bytes]] = {}
+        self.size = 0
+        self.count = 0
+        self.waiters: list[tuple[str, int, Ok, Fail | None]] = []
+        self.staged = staged  # monotonic time of the first message: it fails redis_timeout_s later
+        self.write = 0  # the node's write number, once sent
+        self.after = b"0-0"  # the last entry of the shard read before it was sent
+
+
+class RedisBackplane(MemoryBackplane):
+    """Sequencing in Redis, history here (filled from the streams), delivery from the streams."""
+
+    sequences_at_once = False
+
+    def __init__(self, config, *, clock=time.time) -> None:
+        super().__init__(
+            max_messages=config.history_max_messages,
+            max_bytes=config.history_max_bytes,
+            max_age_s=config.history_max_age_s,
+            max_total_bytes=config.history_max_total_bytes,
+            clock=clock,
+        )
+        self.url = config.redis_url
+        self.shards = config.redis_shards
+        self.prefix = config.redis_prefix
+        self.timeout = config.redis_timeout_s
+        self.max_buffer = config.redis_max_buffer_bytes
+        self.maxlen = config.redis_stream_maxlen
+        self.max_age_ms = int(config.history_max_age_s * 1000)
+        self.stream_age_ms = int(config.redis_stream_max_age_s * 1000)
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}".encode()
+        self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
+        self.streams = [f"{{{self.prefix}:{i}}}:s" for i in range(self.shards)]
+        self.stream_shard = {name.encode(): i for i, name in enumerate(self.streams)}
+        self.epochs: list[int] = [0] * self.shards
+        self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
+        self.stats = BackplaneStats(self.shards)
+        self.accepting = False  # until start() connected
+        self.buffered = 0  # payload bytes staged or being written
+        self.cluster = False
+        self.router = None
+        self._blocks: dict[int, _Block] = {}  # the block each shard is filling
+        self._full: list[_Block] = []  # blocks that reached BLOCK_BYTES
+        self._waiting: dict[TopicState, list] = {}  # provisional seq, ok, fail per staged-to-be publish
+        self._writes = 0
+        self._writing: list[_Block] = []  # blocks sent (or to be sent again) whose entries are not known yet
+        self._down = False  # a write failed for redis_timeout_s: refuse until Redis answers
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+        self._redis = None  # commands and writes
+        self._readers: list = []  # blocking XREAD clients
+        self._sha = ""
+
+    # the seam
+
+    def topic_epoch(self, name: str) -> int:
+        return self.epochs[self.shard_of(name)]
+
+    def shard_of(self, name: str) -> int:
+        return zlib.crc32(name.encode()) % self.shards
+
+    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Ok | None = None, on_failed: Fail | None = None) -> None:
+        """Add `payload` to the topic's pending batch, numbered for now in this node's count
+        (the compiled publish path does the same); `stage` hands it over at the end of the
+        tick, and `on_sequenced(epoch, seq)` (or `on_failed(code, text)`) follows."""
+        if not self.accepting:
+            raise RequestError(ErrorCode.UNAVAILABLE, self.refusal())
+        stamp(state, payload, dirty)
+        if on_sequenced is not None:
+            waiting = self._waiting.get(state)
+            if waiting is None:
+                waiting = self._waiting[state] = []
+            waiting.append((state.seq, on_sequenced, on_failed))
+        return None
+
+    def refusal(self) -> str:
+        """Why publishes are refused now (err 18)."""
+        self.stats.refused += 1
+        return self._unavailable()
+
+    def _unavailable(self) -> str:
+        if self._down:
+            return "the cluster backplane (Redis) does not answer; not published (retry later)"
+        return f"the cluster backplane (Redis) holds {self.buffered} bytes of publishes not yet written, its limit; not published (retry later)"
+
+    def stage(self, states: list[TopicState]) -> int:
+        """Take the topics' pending batches for the next write and give each topic back the
+        sequence number it had (numbers come from Redis). Returns the messages taken."""
+        taken = 0
+        now = time.monotonic()
+        blocks = self._blocks
+        waiting = self._waiting
+        for state in states:
+            pending = state.pending
+            state.dirty = False
+            if not pending:
+                continue
+            count = len(pending)
+            shard = zlib.crc32(state.key) % self.shards
+            block = blocks.get(shard)
+            if block is None:
+                block = blocks[shard] = _Block(shard, now)
+            payloads = block.topics.get(state.name)
+            if payloads is None:
+                payloads = block.topics[state.name] = []
+            base = len(payloads) - state.first
+            payloads.extend(pending)
+            size = sum(map(len, pending))
+            block.size += size
+            block.count += count
+            self.buffered += size
+            if waiting:
+                mine = waiting.pop(state, None)
+                if mine is not None:
+                    name = state.name
+                    block.waiters.extend((name, base + seq, ok, fail) for seq, ok, fail in mine)
+            state.seq -= count
+            state.pending = []
+            taken += count
+            if block.size >= BLOCK_BYTES:
+                self._full.append(block)
+                del blocks[shard]
+        if taken:
+            if self.buffered > self.max_buffer:
+                self.accepting = False
+            if self._wake is not None:
+                self._wake.set()
+        return taken
+
+    # start and stop
+
+    async def start(self, router) -> None:
+        """Connect, learn every shard's epoch, load the retained history, start reading and
+        writing. Raises ConfigError when Redis cannot be used within redis_timeout_s."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.router = router
+        self._wake = asyncio.Event()
+        options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False)
+        deadline = time.monotonic() + self.timeout
+        probe = aioredis.Redis.from_url(self.url, **options)
+        try:
+            while True:
+                try:
+                    info = await probe.info("cluster")
+                    break
+                except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise ConfigError(f"redis_url: cannot reach Redis at {_safe(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}") from None
+                    await asyncio.sleep(0.2)
+                except aioredis.ResponseError as exc:
+                    raise ConfigError(f"redis_url: Redis at {_safe(self.url)} refused: {exc}") from None
+        finally:
+            await probe.aclose()
+        self.cluster = bool(info.get("cluster_enabled"))
+        if self.cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            cluster_options = dict(options)
+            cluster_options.pop("retry")
+            self._redis = RedisCluster.from_url(self.url, **cluster_options)
+            reader_options = dict(cluster_options, socket_timeout=self.timeout + BLOCK_MS / 1000)
+            self._readers = [RedisCluster.from_url(self.url, **reader_options) for _ in range(self.shards)]
+        else:
+            self._redis = aioredis.Redis.from_url(self.url, **options)
+            self._readers = [aioredis.Redis.from_url(self.url, **dict(options, socket_timeout=self.timeout + BLOCK_MS / 1000))]
+        try:
+            await self._load_script()
+            await self._learn_epochs()
+            await self._load_history()
+        except (OSError, aioredis.RedisError) as exc:
+            await self._close_clients()
+            raise ConfigError(f"redis_url: Redis at {_safe(self.url)} could not be used: {exc}") from None
+        self.accepting = True
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._write_loop()))
+        if self.cluster:
+            self._tasks.extend(loop.create_task(self._read_loop([i], self._readers[i])) for i in range(self.shards))
+        else:
+            self._tasks.append(loop.create_task(self._read_loop(list(range(self.shards)), self._readers[0])))
+
+    async def stop(self) -> None:
+        """Write what is staged (waiting at most redis_timeout_s), then stop reading."""
+        self._closing = True
+        self.accepting = False
+        if self._tasks:
+            writer = self._tasks[0]
+            self._wake.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained()), self.timeout)
+            except asyncio.TimeoutError:
+                pass
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
+            del writer
+        self._fail_all("the broker node stopped before Redis took the publish")
+        await self._close_clients()
+
+    async def _drained(self) -> None:
+        while self._blocks or self._full or self._writing:
+            await asyncio.sleep(0.01)
+
+    async def _close_clients(self) -> None:
+        for client in [self._redis, *self._readers]:
+            if client is not None:
+                try:
+                    await client.aclose()
+                except Exception:  # closing a broken connection: nothing more to do
+                    pass
+        self._redis = None
+        self._readers = []
+
+    async def _load_script(self) -> None:
+        sha = await self._script_load_cluster() if self.cluster else await self._redis.script_load(SCRIPT)
+        self._sha = sha.decode() if isinstance(sha, bytes) else sha
+        self.stats.commands += 1
+
+    async def _script_load_cluster(self) -> str:
+        sha = ""
+        for node in self._redis.get_primaries():
+            sha = await self._redis.execute_command("SCRIPT", "LOAD", SCRIPT, target_nodes=node)
+        return sha
+
+    async def _learn_epochs(self) -> None:
+        """Every shard's epoch: the one Redis holds, or a new one set now."""
+        for shard in range(self.shards):
+            key = self.counters[shard]
+            await self._redis.hsetnx(key, "", unique_epoch())
+            self.epochs[shard] = int(await self._redis.hget(key, ""))
+            self.stats.commands += 2
+
+    async def _load_history(self) -> None:
+        """Deliver (into history; nobody subscribes yet) what every stream holds from the last
+        history_max_age_s, and read on from there."""
+        start = max(0, int(self.clock() * 1000) - self.max_age_ms)
+        for shard in range(self.shards):
+            position = f"{start}-0".encode()
+            lower = position
+            while True:
+                entries = await self._redis.xrange(self.streams[shard], min=lower, max="+", count=LOAD_COUNT)
+                self.stats.commands += 1
+                self.stats.reads += 1
+                if not entries:
+                    break
+                self._take(shard, entries)
+                position = entries[-1][0]
+                lower = b"(" + position
+                if len(entries) < LOAD_COUNT:
+                    break
+            self.positions[shard] = max(position, self.positions[shard], key=_id_key)
+
+    # reading
+
+    async def _read_loop(self, shards: list[int], client) -> None:
+        import redis.asyncio as aioredis
+
+        failures = 0
+        while True:
+            streams = {self.streams[i]: self.positions[i] for i in shards}
+            try:
+                reply = await client.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except (OSError, aioredis.RedisError) as exc:
+                self.stats.reconnects += 1
+                if failures == 0:
+                    log.warning("cluster backplane: reading the shard streams failed (%s); retrying", exc)
+                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+                failures += 1
+                continue
+            self.stats.commands += 1
+            self.stats.reads += 1
+            if not reply:
+                continue
+            for stream, entries in reply:
+                shard = self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()]
+                self._take(shard, entries)
+
+    def _take(self, shard: int, entries: list) -> None:
+        """Hand the batches of a shard's entries to the router, in stream order."""
+        batches = []
+        stats = self.stats
+        size = 0
+        for entry_id, fields in entries:
+            try:
+                epoch = int(fields[b"e"])
+                firsts = [int(x) for x in fields[b"s"].split(b",")]
+                data = _data.decode(fields[b"d"])
+            except (KeyError, ValueError, msgspec.DecodeError):
+                log.error("cluster backplane: entry %s of %s is not one of this broker's; skipped", entry_id, self.streams[shard])
+                continue
+            if epoch != self.epochs[shard]:
+                if self.epochs[shard]:
+                    stats.epoch_changes += 1
+                    log.warning("cluster backplane: shard %d continues in a new epoch %d (Redis lost its counters)", shard, epoch)
+                self.epochs[shard] = epoch
+            for (name, payloads), first in zip(data, firsts):
+                batches.append((name, epoch, first, payloads))
+                stats.messages_read += len(payloads)
+            size += len(fields[b"d"])
+        last = entries[-1][0]
+        self.positions[shard] = last
+        stats.entries_read += len(entries)
+        stats.bytes_read += size
+        stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
+        if batches and self.router is not None:
+            self.router.deliver_remote(batches)
+
+    # writing
+
+    async def _write_loop(self) -> None:
+        import redis.asyncio as aioredis
+
+        failures = 0
+        while True:
+            if not self._writing:
+                if not (self._blocks or self._full):
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    if self._down:
+                        try:
+                            await asyncio.wait_for(self._wake.wait(), 0.5)
+                        except asyncio.TimeoutError:
+                            pass
+                        await self._probe()
+                        continue
+                    await self._wake.wait()
+                    continue
+                self._writing = self._full + list(self._blocks.values())
+                self._full = []
+                self._blocks = {}
+                for block in self._writing:
+                    self._writes += 1
+                    block.write = self._writes
+                    block.after = self.positions[block.shard]
+            try:
+                await self._send(self._writing)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except (OSError, aioredis.RedisError) as exc:
+                self.stats.reconnects += 1
+                if failures == 0:
+                    log.warning("cluster backplane: writing to Redis failed (%s); retrying until redis_timeout_s", exc)
+                self._expire_writes(time.monotonic())
+                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+                failures += 1
+
+    async def _send(self, blocks: list[_Block]) -> None:
+        """Write the blocks (looking up first those a lost reply left in doubt); a block
+        whose write failed stays in `_writing` for the next attempt."""
+        import redis.asyncio as aioredis
+
+        now_ms = int(self.clock() * 1000)
+        trim = ("MINID", f"{now_ms - self.stream_age_ms}-0") if self.stream_age_ms else ("MAXLEN", str(self.maxlen))
+        doubtful = [block for block in blocks if block.write < 0]
+        for block in doubtful:
+            found = await self._look_up(block)
+            if found is not None:
+                self._written(block, *found)
+            else:
+                block.write = -block.write
+        blocks = [block for block in blocks if block in self._writing and block.write > 0]
+        if not blocks:
+            return
+        commands = []
+        for block in blocks:
+            args = [unique_epoch(), trim[0], trim[1], self.node, block.write, _encode([[name, payloads] for name, payloads in block.topics.items()])]
+            for name, payloads in block.topics.items():
+                args.append(name)
+                args.append(len(payloads))
+            commands.append((self.counters[block.shard], self.streams[block.shard], args))
+        for block in blocks:
+            block.write = -block.write  # in doubt until its reply arrives
+        self.stats.writes += 1
+        self.stats.commands += len(commands)
+        if self.cluster:
+            replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 2, h, s, *args) for h, s, args in commands), return_exceptions=True)
+        else:
+            pipe = self._redis.pipeline(transaction=False)
+            for h, s, args in commands:
+                pipe.evalsha(self._sha, 2, h, s, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        broken = None
+        for block, reply in zip(blocks, replies):
+            if isinstance(reply, BaseException):
+                if isinstance(reply, aioredis.ResponseError):
+                    block.write = -block.write  # Redis refused it: not written
+                    if "NOSCRIPT" in str(reply):
+                        await self._load_script()
+                    else:
+                        broken = broken or reply
+                else:
+                    broken = broken or reply  # in doubt
+                continue
+            epoch, firsts, _ = reply
+            self._written(block, int(epoch), [int(x) for x in firsts.split(b",")])
+        if broken is not None:
+            raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
+        if self._down:
+            self._back()
+
+    async def _look_up(self, block: _Block):
+        """The (epoch, firsts) of the entry a write in doubt made, or None if it made none."""
+        self.stats.in_doubt += 1
+        lower = b"(" + block.after
+        node = self.node
+        write = str(-block.write).encode()
+        while True:
+            entries = await self._redis.xrange(self.streams[block.shard], min=lower, max="+", count=LOAD_COUNT)
+            self.stats.commands += 1
+            for _, fields in entries:
+                if fields.get(b"n") == node and fields.get(b"w") == write:
+                    return int(fields[b"e"]), [int(x) for x in fields[b"s"].split(b",")]
+            if len(entries) < LOAD_COUNT:
+                return None
+            lower = b"(" + entries[-1][0]
+
+    def _written(self, block: _Block, epoch: int, firsts: list[int]) -> None:
+        self._writing.remove(block)
+        self.buffered -= block.size
+        stats = self.stats
+        stats.entries_written += 1
+        stats.messages_written += block.count
+        stats.bytes_written += block.size
+        if block.waiters:
+            first_of = dict(zip(block.topics, firsts))
+            for name, index, ok, _ in block.waiters:
+                ok(epoch, first_of[name] + index)
+        if not self.accepting and not self._down and not self._closing and self.buffered <= self.max_buffer // 2:
+            self.accepting = True
+
+    def _expire_writes(self, now: float) -> None:
+        """Fail the publishes that waited redis_timeout_s; refuse new ones until Redis answers."""
+        late = [block for block in self._writing if now - block.staged >= self.timeout and block.write > 0]
+        if not late:
+            return
+        for block in late:
+            self._writing.remove(block)
+            self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
+        self._down = True
+        self.accepting = False
+        for block in [*self._full, *self._blocks.values()]:
+            if now - block.staged >= self.timeout:
+                self._fail(block, "the cluster backplane (Redis) does not answer; not published")
+        self._full = [b for b in self._full if now - b.staged < self.timeout]
+        self._blocks = {k: b for k, b in self._blocks.items() if now - b.staged < self.timeout}
+
+    def _fail(self, block: _Block, text: str) -> None:
+        self.buffered -= block.size
+        self.stats.failed += block.count
+        log.error("cluster backplane: %d message(s) on shard %d not published: %s", block.count, block.shard, text)
+        for _, _, _, fail in block.waiters:
+            if fail is not None:
+                fail(ErrorCode.UNAVAILABLE, text)
+
+    def _fail_all(self, text: str) -> None:
+        for block in [*self._writing, *self._full, *self._blocks.values()]:
+            self._fail(block, text)
+        self._writing = []
+        self._full = []
+        self._blocks = {}
+        for state, waiting in self._waiting.items():
+            for _, _, fail in waiting:
+                if fail is not None:
+                    fail(ErrorCode.UNAVAILABLE, text)
+        self._waiting = {}
+
+    async def _probe(self) -> None:
+        import redis.asyncio as aioredis
+
+        try:
+            await self._redis.ping() if not self.cluster else await self._redis.execute_command("PING")
+            self.stats.commands += 1
+        except (OSError, aioredis.RedisError):
+            return
+        self._back()
+
+    def _back(self) -> None:
+        log.warning("cluster backplane: Redis answers again; publishing")
+        self._down = False
+        if not self._closing and self.buffered <= self.max_buffer:
+            self.accepting = True
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def _safe(url: str) -> str:
+    """The URL without its password."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, _, _ = head.partition("://")
+    return f"{scheme}://***@{tail}"
