@@ -27,9 +27,9 @@ last `history_max_age_s` into its history, so recovery (`since`, `last`) works o
 just started or that a client just moved to.
 
 Acks: a publish with a request id is acknowledged when the script's reply gives its number.
-A write whose reply was lost (timeout, broken connection) is in doubt: before it is sent again
-the stream is searched after the last entry read before it was sent, for the entry with the
-node's id and the write number; found, it counts as written. Publishes that cannot be written
+A write whose reply was lost (timeout, broken connection) is in doubt: it is sent again as it
+was, and the script, which keeps per node and shard the last write made (`{PREFIX:N}:w:NODE`,
+for a day), answers a repeat with the numbers the first one got instead of appending twice. Publishes that cannot be written
 within `redis_timeout_s` fail: acks become err 18 (UNAVAILABLE), fire-and-forget messages are
 counted (`failed`) and logged. While more than `redis_max_buffer_bytes` wait, or after a write
 failed until Redis answers again, publishes are refused at once with err 18.
@@ -55,10 +55,19 @@ from ..router import unique_epoch
 
 log = logging.getLogger("broker.cluster")
 
-# The script run once per shard per write: numbers the batches and appends the entry.
-# KEYS: counters, stream. ARGV: epoch if the shard has none, MAXLEN|MINID, its value, node,
-# write number, data, then (topic, count) pairs in the order of the data.
+# The script run once per shard per write: numbers the batches and appends the entry, unless
+# the node's mark on the shard says this write (numbered per node) was made already: a write
+# sent again after its reply was lost gets the first one's numbers instead of a second entry.
+# KEYS: counters, stream, the node's mark. ARGV: epoch if the shard has none, MAXLEN|MINID,
+# its value, node, write number, data, then (topic, count) pairs in the order of the data.
 SCRIPT = """
+local mark = redis.call('GET', KEYS[3])
+if mark then
+  local w, e, s = string.match(mark, '^(%d+)|(%d+)|(.*)$')
+  if w == ARGV[5] then
+    return {e, s, 'again'}
+  end
+end
 local epoch = redis.call('HGET', KEYS[1], '')
 if not epoch then
   epoch = ARGV[1]
@@ -70,6 +79,7 @@ for i = 7, #ARGV, 2 do
   firsts[#firsts + 1] = redis.call('HINCRBY', KEYS[1], ARGV[i], n) - n + 1
 end
 local s = table.concat(firsts, ',')
+redis.call('SET', KEYS[3], ARGV[5] .. '|' .. epoch .. '|' .. s, 'PX', 86400000)
 local id = redis.call('XADD', KEYS[2], ARGV[2], '~', ARGV[3], '*', 'n', ARGV[4], 'w', ARGV[5], 'e', epoch, 's', s, 'd', ARGV[6])
 return {epoch, s, id}
 """
@@ -107,7 +117,7 @@ class BackplaneStats:
         self.bytes_read = 0
         self.commands = 0  # every command this node sent to Redis
         self.reconnects = 0  # commands that failed for the connection (then retried)
-        self.in_doubt = 0  # writes whose reply was lost and that were looked up in the stream
+        self.in_doubt = 0  # blocks sent again after their reply was lost
         self.failed = 0  # messages that could not be written within redis_timeout_s
         self.refused = 0  # publishes refused at once (buffer full, or Redis away)
         self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read
@@ -118,7 +128,7 @@ class _Block:
     """What one shard gets in one write: per topic the payloads in order, and the acks
     waiting for their numbers: (topic, index in its payloads, ok, fail)."""
 
-    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "after")
+    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "sent")
 
     def __init__(self, shard: int, staged: float) -> None:
         self.shard = shard
@@ -127,8 +137,8 @@ class _Block:
         self.count = 0
         self.waiters: list[tuple[str, int, Ok, Fail | None]] = []
         self.staged = staged  # monotonic time of the first message: it fails redis_timeout_s later
-        self.write = 0  # the node's write number, once sent
-        self.after = b"0-0"  # the last entry of the shard read before it was sent
+        self.write = 0  # the node's write number, once taken for writing
+        self.sent = False  # sent at least once: if its reply was lost, it may have been made
 
 
 class RedisBackplane(MemoryBackplane):
@@ -156,6 +166,7 @@ class RedisBackplane(MemoryBackplane):
         self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
         self.streams = [f"{{{self.prefix}:{i}}}:s" for i in range(self.shards)]
         self.stream_shard = {name.encode(): i for i, name in enumerate(self.streams)}
+        self._marks = [f"{{{self.prefix}:{i}}}:w:{self.node.decode()}" for i in range(self.shards)]
         self.epochs: list[int] = [0] * self.shards
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
         self.stats = BackplaneStats(self.shards)
@@ -463,7 +474,6 @@ class RedisBackplane(MemoryBackplane):
                 for block in self._writing:
                     self._writes += 1
                     block.write = self._writes
-                    block.after = self.positions[block.shard]
             try:
                 await self._send(self._writing)
                 failures = 0
@@ -478,45 +488,37 @@ class RedisBackplane(MemoryBackplane):
                 failures += 1
 
     async def _send(self, blocks: list[_Block]) -> None:
-        """Write the blocks (looking up first those a lost reply left in doubt); a block
-        whose write failed stays in `_writing` for the next attempt."""
+        """Write the blocks, each one EVALSHA, in one pipeline; a block whose write failed
+        or whose reply was lost stays in `_writing` and is sent again as it is."""
         import redis.asyncio as aioredis
 
         now_ms = int(self.clock() * 1000)
         trim = ("MINID", f"{now_ms - self.stream_age_ms}-0") if self.stream_age_ms else ("MAXLEN", str(self.maxlen))
-        doubtful = [block for block in blocks if block.write < 0]
-        for block in doubtful:
-            found = await self._look_up(block)
-            if found is not None:
-                self._written(block, *found)
-            else:
-                block.write = -block.write
-        blocks = [block for block in blocks if block in self._writing and block.write > 0]
-        if not blocks:
-            return
+        for block in blocks:
+            if block.sent:
+                self.stats.in_doubt += 1  # sent before without a reply: the script knows whether it was made
+            block.sent = True
         commands = []
         for block in blocks:
             args = [unique_epoch(), trim[0], trim[1], self.node, block.write, _encode([[name, payloads] for name, payloads in block.topics.items()])]
             for name, payloads in block.topics.items():
                 args.append(name)
                 args.append(len(payloads))
-            commands.append((self.counters[block.shard], self.streams[block.shard], args))
-        for block in blocks:
-            block.write = -block.write  # in doubt until its reply arrives
+            commands.append((self.counters[block.shard], self.streams[block.shard], self._marks[block.shard], args))
         self.stats.writes += 1
         self.stats.commands += len(commands)
         if self.cluster:
-            replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 2, h, s, *args) for h, s, args in commands), return_exceptions=True)
+            replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 3, h, s, m, *args) for h, s, m, args in commands), return_exceptions=True)
         else:
             pipe = self._redis.pipeline(transaction=False)
-            for h, s, args in commands:
-                pipe.evalsha(self._sha, 2, h, s, *args)
+            for h, s, m, args in commands:
+                pipe.evalsha(self._sha, 3, h, s, m, *args)
             replies = await pipe.execute(raise_on_error=False)
         broken = None
         for block, reply in zip(blocks, replies):
             if isinstance(reply, BaseException):
                 if isinstance(reply, aioredis.ResponseError):
-                    block.write = -block.write  # Redis refused it: not written
+                    block.sent = False  # Redis refused it: not written
                     if "NOSCRIPT" in str(reply):
                         await self._load_script()
                     else:
@@ -530,22 +532,6 @@ class RedisBackplane(MemoryBackplane):
             raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
         if self._down:
             self._back()
-
-    async def _look_up(self, block: _Block):
-        """The (epoch, firsts) of the entry a write in doubt made, or None if it made none."""
-        self.stats.in_doubt += 1
-        lower = b"(" + block.after
-        node = self.node
-        write = str(-block.write).encode()
-        while True:
-            entries = await self._redis.xrange(self.streams[block.shard], min=lower, max="+", count=LOAD_COUNT)
-            self.stats.commands += 1
-            for _, fields in entries:
-                if fields.get(b"n") == node and fields.get(b"w") == write:
-                    return int(fields[b"e"]), [int(x) for x in fields[b"s"].split(b",")]
-            if len(entries) < LOAD_COUNT:
-                return None
-            lower = b"(" + entries[-1][0]
 
     def _written(self, block: _Block, epoch: int, firsts: list[int]) -> None:
         self._writing.remove(block)
@@ -563,7 +549,8 @@ class RedisBackplane(MemoryBackplane):
 
     def _expire_writes(self, now: float) -> None:
         """Fail the publishes that waited redis_timeout_s; refuse new ones until Redis answers."""
-        late = [block for block in self._writing if now - block.staged >= self.timeout and block.write > 0]
+        # a block sent without a reply may have been written: it stays until Redis says
+        late = [block for block in self._writing if now - block.staged >= self.timeout and not block.sent]
         if not late:
             return
         for block in late:

@@ -198,6 +198,10 @@ class Server:
             delivered=stats.delivered,
             slow_consumers=stats.slow_consumers,
             errors=sum(stats.errors.values()),
+            **({} if self.cluster is None else {
+                "redis_" + name: getattr(self.cluster.stats, name)
+                for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "refused")
+            }),
         )
 
     def reload(self) -> None:
