@@ -27,7 +27,7 @@ import random
 import ssl as ssl_module
 import time
 from collections import deque
-from typing import Awaitable, Callable, Literal, NamedTuple
+from typing import Awaitable, Callable, Literal, NamedTuple, Sequence
 
 import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -278,7 +278,9 @@ class _Listener(WSListener):
 class Client:
     """One connection to a broker. Use `await Client.connect(url)` or `async with Client(url)`.
 
-    `url` is `ws://HOST:PORT/PATH`, or `wss://...` for a broker that serves TLS. `ssl` is the
+    `url` is `ws://HOST:PORT/PATH`, or `wss://...` for a broker that serves TLS; or a list of
+    them, the nodes of one cluster: each reconnection attempt takes the next one, so a client
+    whose node went away moves to another and recovers there. `ssl` is the
     ssl.SSLContext of wss:// connections; without it a wss:// URL uses the system's default
     context (`ssl.create_default_context()`: the system's trusted CAs, the host name checked
     against the certificate), made once, at the first connection. For a broker whose
@@ -291,7 +293,7 @@ class Client:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         connect_timeout: float = 5.0,
         request_timeout: float = 10.0,
@@ -316,7 +318,12 @@ class Client:
         Authorization header of every connection; a callable is also asked for a fresh token
         `refresh_before_s` before the current one expires (or at 80% of its life, if sooner),
         which goes to the broker in an `auth` message, and before each reconnection."""
-        self.url = url
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("url: at least one URL")
+        if len({u[:6].lower() == "wss://" for u in self.urls}) > 1:
+            raise ValueError("url: the URLs of one client are all ws:// or all wss://")
+        url = self.url = self.urls[0]
         self.token = token
         self.refresh_before_s = refresh_before_s
         self._refresher: asyncio.TimerHandle | None = None
@@ -377,7 +384,7 @@ class Client:
         self._closed: asyncio.Future | None = None
 
     @classmethod
-    async def connect(cls, url: str = DEFAULT_URL, **options) -> Client:
+    async def connect(cls, url: str | Sequence[str] = DEFAULT_URL, **options) -> Client:
         client = cls(url, **options)
         await client.open()
         return client
@@ -963,6 +970,8 @@ class Client:
                 return
             await asyncio.sleep(self.backoff(attempt))
             attempt += 1
+            if len(self.urls) > 1:
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
             self._set_state("connecting", self.url)
             try:
                 await self._connect()
