@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import sys
 import time
@@ -100,11 +101,20 @@ def _run(coro) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .cluster import supervisor
     from .server import logs, run
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
-    config = load(flags, config_file=getattr(args, "config", None))
+    config_file = getattr(args, "config", None)
+    config = load(flags, config_file=config_file)
+    if config.workers > 1:  # a supervisor of worker processes, each a server of its own
+        supervisor.check(config)
+        logs.setup(config.log_level, config.log_format)
+        return supervisor.serve(config, flags, config_file)
     logs.setup(config.log_level, config.log_format)
+    index = os.environ.get(supervisor.WORKER_INDEX_ENV)
+    if index:  # a worker started by a supervisor
+        supervisor.label_logs(index)
     _new_loop_policy()
     try:
         asyncio.run(run(config))
