@@ -3,7 +3,8 @@
 RealClients: the Bun fleet (bench/fleet), applications that decode every message.
 CheapClients: Python processes that count messages with the compiled scanner (bench/_scan.pyx).
 
-Both take the connections of a scenario (`connections[i]` = the patterns of connection i), split
+Both take the connections of a scenario (`connections[i]` = the patterns of connection i) and
+the port each connects to (`ports[i]`: a cluster's subscribers are spread over its nodes), split
 them round-robin over `procs` processes, keep each process's delivered total in its slot of the
 shared counters, and answer `mark()` with per-connection counts in the scenario's order."""
 
@@ -44,13 +45,14 @@ def merge(parts: list[dict], groups: list[list[int]], size: int) -> dict:
 class RealClients:
     kind = "real"
 
-    def __init__(self, system_name: str, port: int, connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+    def __init__(self, system_name: str, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
         self.groups = split(connections, procs)
         self.size = len(connections)
         self.fleets: list[Fleet] = []
         try:
             for slot, group in enumerate(self.groups):
-                self.fleets.append(Fleet(SYSTEMS[system_name], port, [connections[i] for i in group], counters.path, slot, latency))
+                self.fleets.append(Fleet(SYSTEMS[system_name], [ports[i] for i in group], [connections[i] for i in group],
+                                         counters.path, slot, latency))
             before = time.monotonic_ns()
             for fleet in self.fleets:
                 fleet.wait_ready()
@@ -80,7 +82,7 @@ class RealClients:
 class CheapClients:
     kind = "cheap"
 
-    def __init__(self, system_name: str, port: int, connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+    def __init__(self, system_name: str, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
         ctx = mp.get_context("spawn")
         self.groups = split(connections, procs)
         self.size = len(connections)
@@ -90,7 +92,7 @@ class CheapClients:
                 ours, theirs = ctx.Pipe()
                 p = ctx.Process(
                     target=subscriber_main,
-                    args=(theirs, system_name, "127.0.0.1", port, [connections[i] for i in group], counters.path,
+                    args=(theirs, system_name, "127.0.0.1", [ports[i] for i in group], [connections[i] for i in group], counters.path,
                           counters.slots, slot, latency and slot == 0),
                     daemon=True,
                 )

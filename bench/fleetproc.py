@@ -27,13 +27,16 @@ class FleetError(RuntimeError):
 
 
 class Fleet:
-    """One fleet process: `connections[i]` is the list of patterns connection i subscribes to."""
+    """One fleet process: `connections[i]` is the list of patterns connection i subscribes to;
+    `port` the port of every connection, or a list: connection i connects to port[i]."""
 
-    def __init__(self, system: System, port: int, connections: list[list[str]], counters_path: str, slot: int,
+    def __init__(self, system: System, port: int | list[int], connections: list[list[str]], counters_path: str, slot: int,
                  latency: bool = False, concurrency: int = 100, ready_timeout: float = 120.0) -> None:
         install()
+        ports = port if isinstance(port, list) else [port] * len(connections)
         config = {
-            "url": system.url(port),
+            "url": system.url(ports[0]),
+            "urls": [system.url(p) for p in ports] if len(set(ports)) > 1 else None,
             "ca": str(tls_files()["ca"]) if system.tls else None,
             "protocol": system.fleet_protocol,
             "subprotocol": system.subprotocol,

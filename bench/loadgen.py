@@ -163,10 +163,11 @@ class Progress:
         self.counters.view[self.slot] = self.total
 
 
-def subscriber_main(pipe: Connection, system_name: str, host: str, port: int, assignments: list[list[str]],
+def subscriber_main(pipe: Connection, system_name: str, host: str, ports: list[int], assignments: list[list[str]],
                     counters_path: str, slots: int, slot: int, sample_latency: bool) -> None:
-    """One process holding len(assignments) subscriber connections; assignments[i] = patterns.
-    With `sample_latency`, the first connection decodes every payload and times it."""
+    """One process holding len(assignments) subscriber connections; assignments[i] = patterns,
+    connected to ports[i]. With `sample_latency`, the first connection decodes every payload and
+    times it."""
 
     async def main() -> None:
         system = SYSTEMS[system_name]
@@ -187,7 +188,7 @@ def subscriber_main(pipe: Connection, system_name: str, host: str, port: int, as
         clients = []
         for i, patterns in enumerate(assignments):
             sampled = sample_latency and i == 0
-            clients.append(await connect(system, host, port, patterns, sample=sampled, on_data=on_sampled if sampled else progress))
+            clients.append(await connect(system, host, ports[i], patterns, sample=sampled, on_data=on_sampled if sampled else progress))
         pipe.send("ready")
 
         def handle(command):
@@ -294,6 +295,8 @@ def publisher_main(pipe: Connection, system_name: str, host: str, port: int, top
                     for i in idx:
                         published[i] += n
                 return {"published": published, "stalls": state["stalls"], "frames": sum(sends)}
+            if command == "count":  # messages sent so far
+                return sum(n * len(idx) for (_, _, idx), n in zip(frames, sends))
             return None
 
         await _commands(pipe, handle)

@@ -34,11 +34,17 @@ def percentiles(histogram: list[list[float]]) -> dict:
     return out
 
 
+NESTED = ("system_cpu", "redis_calls_per_msg")  # {name: number} values whose median is taken per name
+
+
 def median_of(results: list[dict]) -> dict:
     out = dict(results[0])
     for key, value in results[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out[key] = statistics.median(r.get(key, 0) for r in results)
+        elif key in NESTED:
+            names = dict.fromkeys(name for r in results for name in r.get(key, {}))
+            out[key] = {name: statistics.median(r.get(key, {}).get(name, 0) for r in results) for name in names}
     out["runs"] = len(results)
     out["lost_max"] = max(r["lost"] for r in results)
     out["alive"] = all(r["alive"] for r in results)
@@ -68,7 +74,8 @@ def commit() -> str:
 
 def notes(r: dict, closed_loop: bool) -> str:
     out = []
-    if closed_loop and max(r["server_cpu"], r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
+    system_max = max(r["system_cpu"].values()) if r.get("system_cpu") else r["server_cpu"]  # its busiest process
+    if closed_loop and max(system_max, r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
         out.append("no process at a full core: bound by the loop's turns")
     if r["clients_cpu_max"] >= SATURATED:
         out.append(f"{r['clients']} clients at {r['clients_cpu_max']:.2f} core: the limit")
@@ -121,4 +128,31 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
                 line += f" {r.get('p50_us', 0):,.0f} | {r.get('p99_us', 0):,.0f} | {r.get('p999_us', 0):,.0f} |"
             line += f" {ratio} | {notes(r, not sc.latency)} |"
             lines.append(line)
+        lines += processes(these)
     return "\n".join(lines) + "\n"
+
+
+def processes(rows: list[dict]) -> list[str]:
+    """For the systems of several processes (cluster nodes, Redis): each process's CPU and what
+    Redis did per published message (a table under the scenario's table; none if no row has it)."""
+    rows = [r for r in rows if r.get("system_cpu")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "| system | published msg/s | CPU per process (cores) | Redis CPU | Redis commands per published msg: sent / with scripts | "
+        "Redis calls per published msg, by command |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        procs = ", ".join(f"{label} {cores:.2f}" for label, cores in r["system_cpu"].items())
+        if "redis_cpu" in r:
+            redis = f"{r['redis_cpu']:.2f}"
+            per_msg = f"{r['redis_sent_per_msg']:.4f} / {r['redis_total_per_msg']:.4f}"
+            inside = set(r.get("redis_in_scripts", ()))
+            calls = ", ".join(f"{name}{' (in script)' if name in inside else ''} {n:.4f}"
+                              for name, n in r["redis_calls_per_msg"].items() if n >= 0.00005)
+        else:
+            redis = per_msg = calls = "–"
+        lines.append(f"| {r['system']} | {r.get('published_per_s', 0):,.0f} | {procs} | {redis} | {per_msg} | {calls} |")
+    return lines

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,39 +25,11 @@ from .loadgen import publisher_main
 from .procstat import cpu_seconds, machine_busy_seconds
 from .report import SATURATED, commit, machine, median_of, percentiles, table
 from .scenarios import Scenario, expand, matching, scenarios
-from .systems import ROOT, SYSTEMS, start
+from .systems import ROOT, SYSTEMS, free_port, launch, redis_script_commands, start, stop_server, wait_port  # noqa: F401 (re-exported)
 
 SETTLE = 0.5  # s after the subscribers are ready: not every system acknowledges a subscription
 DRAIN_QUIET = 2.0  # s without progress that ends the drain
 DRAIN_MAX = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warmup: float, window: int) -> dict:
@@ -72,18 +42,21 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             deliveries[i] += 1
     connections = [expand(p, sc.topics, system.wildcards) for p in sc.subscribers]
     window = window or sc.window
-    port = free_port()
-    server = start(system_name, port, broker=sc.broker)
+    dep = launch(system_name, broker=sc.broker)
     counters = Counters.create(procs)
     clients = pub = None
     ours = None
     try:
-        wait_port(port, server)
-        clients = CLIENTS[clients_kind](system_name, port, connections, counters, procs, sc.latency)
+        # every node up (a cluster's routes too), a probe published on the publisher's node
+        # received on every subscriber node
+        dep.wait_ready(sc.topics[0])
+        ports = [dep.sub_ports[i % len(dep.sub_ports)] for i in range(len(connections))]
+        clients = CLIENTS[clients_kind](system_name, ports, connections, counters, procs, sc.latency)
+        dep.wait_interest(connections, ports)
         ours, theirs = ctx.Pipe()
         pub = ctx.Process(
             target=publisher_main,
-            args=(theirs, system_name, "127.0.0.1", port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
+            args=(theirs, system_name, "127.0.0.1", dep.pub_port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
                   counters.path, counters.slots),
             daemon=True,
         )
@@ -92,10 +65,11 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             raise RuntimeError("the publisher did not get ready")
         counters.unlink()  # every process has it mapped: nothing is left behind, however the run ends
         time.sleep(SETTLE)
+        pids = dep.pids()
 
         def cpu() -> dict:
             return {
-                "server": cpu_seconds(server.pid),
+                "system": {label: cpu_seconds(pid) for label, pid in pids.items()},
                 "clients": [cpu_seconds(p) for p in clients.pids],
                 "publisher": cpu_seconds(pub.pid),
                 "machine": machine_busy_seconds(),
@@ -104,10 +78,12 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         ask(ours, "go")
         time.sleep(warmup)
         m0, c0, t0 = clients.mark(), cpu(), time.monotonic()
+        n0, r0 = ask(ours, "count"), dep.redis_calls()
         if sc.latency:
             clients.latency()  # only what arrives in the measured window counts
         time.sleep(sc.duration)
         m1, c1, t1 = clients.mark(), cpu(), time.monotonic()
+        n1, r1 = ask(ours, "count"), dep.redis_calls()
         latency = percentiles(clients.latency()) if sc.latency else {}
         stopped = ask(ours, "stop")
         published = stopped["published"]
@@ -128,7 +104,8 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         elapsed = t1 - t0
         delivered = sum(m1["per_conn"]) - sum(m0["per_conn"])
         clients_cpu = [(b - a) / elapsed for a, b in zip(c0["clients"], c1["clients"])]
-        server_cpu_s = c1["server"] - c0["server"]
+        system_cpu = {label: c1["system"][label] - c0["system"][label] for label in pids}  # CPU seconds per process
+        server_cpu_s = sum(system_cpu.values())
         closes = final["closes"]
         slow = closes.get("1013", 0) + final.get("slow", 0)
         result = {
@@ -156,9 +133,14 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             "other_cpu": max(0.0, (c1["machine"] - c0["machine"]) - server_cpu_s - sum(b - a for a, b in zip(c0["clients"], c1["clients"]))
                              - (c1["publisher"] - c0["publisher"])) / elapsed,
             "window": window,
-            "alive": server.poll() is None,
+            "alive": dep.alive(),
             "stalls": stopped["stalls"],
+            "published_per_s": (n1 - n0) / elapsed,
         }
+        if len(pids) > 1:  # each process of the system: cluster nodes A, B, C and Redis
+            result["system_cpu"] = {label: seconds / elapsed for label, seconds in system_cpu.items()}
+        if dep.redis_port:
+            result.update(redis_usage(r0, r1, n1 - n0, elapsed, system_cpu["redis"]))
         if system.fleet_protocol == "broker" and clients_kind == "real":
             result.update({k: final.get(k, 0) for k in ("gaps", "dups", "unknown", "errors")})
         result["saturated"] = result["clients_cpu_max"] >= SATURATED or result["publisher_cpu"] >= SATURATED
@@ -177,8 +159,32 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
                 pub.join()
         if clients is not None:
             clients.close()
-        stop_server(server)
+        dep.stop()
         counters.close(remove=True)
+
+
+def redis_usage(before: dict[str, int], after: dict[str, int], published: int, elapsed: float, cpu_s: float) -> dict:
+    """Redis over the measured window, from INFO commandstats before and after it: per command the
+    calls per published message, the commands Redis clients sent (the backplane's EVALSHA, XREAD,
+    ...) and with those run inside its scripts (HINCRBY, XADD, ...: Redis 6 counts both alike,
+    they are told apart by the names in the backplane's scripts, redis_script_commands()) per
+    published message, and Redis's CPU in cores."""
+    calls = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    calls["info"] = calls.get("info", 0) - 1  # the harness's INFO that read `before`
+    calls = {name: n for name, n in calls.items() if n > 0}
+    inside = redis_script_commands()
+    sent = sum(n for name, n in calls.items() if name not in inside)
+    total = sum(calls.values())
+    per = max(published, 1)
+    return {
+        "redis_cpu": cpu_s / elapsed,
+        "redis_calls_per_msg": {name: n / per for name, n in sorted(calls.items(), key=lambda kv: -kv[1])},
+        "redis_sent_per_msg": sent / per,
+        "redis_total_per_msg": total / per,
+        "redis_sent_per_s": sent / elapsed,
+        "redis_total_per_s": total / elapsed,
+        "redis_in_scripts": sorted(inside & set(calls)),
+    }
 
 
 def main(argv=None) -> int:

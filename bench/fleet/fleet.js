@@ -4,7 +4,7 @@
 //
 //   bun fleet.js CONFIG.json
 //
-// CONFIG: {url, protocol: "broker" | "broker-old" | "nats" | "raw", subprotocol, acks, connections: [[pattern...]...],
+// CONFIG: {url, urls: null or the url of each connection (a cluster's nodes), protocol: "broker" | "broker-old" | "nats" | "raw", subprotocol, acks, connections: [[pattern...]...],
 //          counter: path of the shared counter file, slot, latency, concurrency, ready_timeout_s,
 //          ca: for a wss:// url, the PEM file of the CA to trust (or null)}
 // Protocols: "broker" is protocol v1 with coalesced frames (every frame is an array of
@@ -104,7 +104,8 @@ class Conn {
       };
       // subprotocol: one entry, or several separated by ", " (a bearer.TOKEN entry beside broker.v1)
       const protocols = config.subprotocol ? config.subprotocol.split(",").map((p) => p.trim()) : [];
-      const ws = tls ? new WebSocket(config.url, { protocols, tls }) : new WebSocket(config.url, protocols);
+      const url = config.urls ? config.urls[this.index] : config.url;
+      const ws = tls ? new WebSocket(url, { protocols, tls }) : new WebSocket(url, protocols);
       ws.binaryType = "arraybuffer";
       this.ws = ws;
       ws.onopen = () => this.subscribe();
