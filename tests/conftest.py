@@ -390,3 +390,44 @@ def fastpath_impl(request):
     return impl
 
 
+# Redis (tests/redis_support.py, imported only by tests that ask for one of these)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """REDIS_URL when set, else a throwaway redis-server shared by the module's tests (keep
+    their keys apart with redis_prefix)."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    from redis_support import RedisProcess
+
+    with RedisProcess() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own, so that tests sharing one Redis never meet."""
+    import uuid
+
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server of this test's own (whatever REDIS_URL says), for tests that stop,
+    restart, pause or kill it; ended (resumed first if paused) when the test ends."""
+    from redis_support import RedisProcess
+
+    with RedisProcess() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster():
+    """A three-master Redis Cluster shared by the module's tests."""
+    from redis_support import RedisCluster
+
+    with RedisCluster() as cluster:
+        yield cluster
