@@ -85,6 +85,7 @@ return {epoch, s, id}
 """
 
 BLOCK_MS = 2000  # how long one XREAD waits for entries
+CLUSTER_BLOCK_MS = 500  # on a cluster (one XREAD per shard; also how long a reader takes to stop)
 READ_COUNT = 1000  # entries one XREAD takes per stream at most
 LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
 BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
@@ -102,7 +103,7 @@ class BackplaneStats:
 
     __slots__ = (
         "writes", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
-        "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "refused",
+        "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
         "lag_ms", "epoch_changes",
     )
 
@@ -119,6 +120,7 @@ class BackplaneStats:
         self.reconnects = 0  # commands that failed for the connection (then retried)
         self.in_doubt = 0  # blocks sent again after their reply was lost
         self.failed = 0  # messages that could not be written within redis_timeout_s
+        self.unknown = 0  # messages sent whose outcome Redis did not confirm within redis_timeout_s
         self.refused = 0  # publishes refused at once (buffer full, or Redis away)
         self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters)
@@ -173,6 +175,7 @@ class RedisBackplane(MemoryBackplane):
         self.accepting = False  # until start() connected
         self.buffered = 0  # payload bytes staged or being written
         self.cluster = False
+        self.block_ms = BLOCK_MS
         self.router = None
         self._blocks: dict[int, _Block] = {}  # the block each shard is filling
         self._full: list[_Block] = []  # blocks that reached BLOCK_BYTES
@@ -291,13 +294,14 @@ class RedisBackplane(MemoryBackplane):
         finally:
             await probe.aclose()
         self.cluster = bool(info.get("cluster_enabled"))
+        self.block_ms = CLUSTER_BLOCK_MS if self.cluster else BLOCK_MS
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
 
             cluster_options = dict(options)
             cluster_options.pop("retry")
             self._redis = RedisCluster.from_url(self.url, **cluster_options)
-            reader_options = dict(cluster_options, socket_timeout=self.timeout + BLOCK_MS / 1000)
+            reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
             self._readers = [RedisCluster.from_url(self.url, **reader_options) for _ in range(self.shards)]
         else:
             self._redis = aioredis.Redis.from_url(self.url, **options)
@@ -322,17 +326,22 @@ class RedisBackplane(MemoryBackplane):
         self._closing = True
         self.accepting = False
         if self._tasks:
-            writer = self._tasks[0]
+            writer, readers = self._tasks[0], self._tasks[1:]
             self._wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained()), self.timeout)
             except asyncio.TimeoutError:
                 pass
-            for task in self._tasks:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            if self.cluster:
+                # redis-py's cluster client does not come back from a cancelled blocking read:
+                # its readers stop by themselves when their XREAD returns (within BLOCK_MS)
+                await asyncio.wait(readers, timeout=self.block_ms / 1000 + self.timeout)
+            for task in readers:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*readers, return_exceptions=True)
             self._tasks = []
-            del writer
         self._fail_all("the broker node stopped before Redis took the publish")
         await self._close_clients()
 
@@ -395,10 +404,10 @@ class RedisBackplane(MemoryBackplane):
         import redis.asyncio as aioredis
 
         failures = 0
-        while True:
+        while not self._closing:
             streams = {self.streams[i]: self.positions[i] for i in shards}
             try:
-                reply = await client.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+                reply = await client.xread(streams, count=READ_COUNT, block=self.block_ms)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -411,7 +420,7 @@ class RedisBackplane(MemoryBackplane):
                 continue
             self.stats.commands += 1
             self.stats.reads += 1
-            if not reply:
+            if not reply or self._closing:
                 continue
             for stream, entries in reply:
                 shard = self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()]
@@ -491,9 +500,11 @@ class RedisBackplane(MemoryBackplane):
         """Write the blocks, each one EVALSHA, in one pipeline; a block whose write failed
         or whose reply was lost stays in `_writing` and is sent again as it is."""
         import redis.asyncio as aioredis
+        from redis.exceptions import NoScriptError
 
         now_ms = int(self.clock() * 1000)
         trim = ("MINID", f"{now_ms - self.stream_age_ms}-0") if self.stream_age_ms else ("MAXLEN", str(self.maxlen))
+        was_sent = [block.sent for block in blocks]
         for block in blocks:
             if block.sent:
                 self.stats.in_doubt += 1  # sent before without a reply: the script knows whether it was made
@@ -513,13 +524,20 @@ class RedisBackplane(MemoryBackplane):
             pipe = self._redis.pipeline(transaction=False)
             for h, s, m, args in commands:
                 pipe.evalsha(self._sha, 3, h, s, m, *args)
-            replies = await pipe.execute(raise_on_error=False)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except NoScriptError:
+                # Redis lost its scripts (it restarted): nothing of this pipeline ran
+                for block, sent in zip(blocks, was_sent):
+                    block.sent = sent
+                await self._load_script()
+                return
         broken = None
-        for block, reply in zip(blocks, replies):
+        for block, reply, sent in zip(blocks, replies, was_sent):
             if isinstance(reply, BaseException):
                 if isinstance(reply, aioredis.ResponseError):
-                    block.sent = False  # Redis refused it: not written
-                    if "NOSCRIPT" in str(reply):
+                    block.sent = sent  # Redis refused it: not written now
+                    if isinstance(reply, NoScriptError):
                         await self._load_script()
                     else:
                         broken = broken or reply
@@ -548,14 +566,19 @@ class RedisBackplane(MemoryBackplane):
             self.accepting = True
 
     def _expire_writes(self, now: float) -> None:
-        """Fail the publishes that waited redis_timeout_s; refuse new ones until Redis answers."""
-        # a block sent without a reply may have been written: it stays until Redis says
-        late = [block for block in self._writing if now - block.staged >= self.timeout and not block.sent]
+        """Answer the publishes that waited redis_timeout_s, and refuse new ones until Redis
+        answers. A block never sent was not published. A block sent without a reply may have
+        been: it is not sent again, so it is published once or never, and its acks say so."""
+        late = [block for block in self._writing if now - block.staged >= self.timeout]
         if not late:
             return
         for block in late:
             self._writing.remove(block)
-            self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
+            if block.sent:
+                self.stats.unknown += block.count
+                self._fail(block, f"Redis did not confirm the publish within redis_timeout_s ({self.timeout:g} s): it may have been published (then it is delivered once) or not", "may not have been published")
+            else:
+                self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
         self._down = True
         self.accepting = False
         for block in [*self._full, *self._blocks.values()]:
@@ -564,10 +587,11 @@ class RedisBackplane(MemoryBackplane):
         self._full = [b for b in self._full if now - b.staged < self.timeout]
         self._blocks = {k: b for k, b in self._blocks.items() if now - b.staged < self.timeout}
 
-    def _fail(self, block: _Block, text: str) -> None:
+    def _fail(self, block: _Block, text: str, outcome: str = "not published") -> None:
         self.buffered -= block.size
-        self.stats.failed += block.count
-        log.error("cluster backplane: %d message(s) on shard %d not published: %s", block.count, block.shard, text)
+        if outcome == "not published":
+            self.stats.failed += block.count
+        log.error("cluster backplane: %d message(s) on shard %d %s: %s", block.count, block.shard, outcome, text)
         for _, _, _, fail in block.waiters:
             if fail is not None:
                 fail(ErrorCode.UNAVAILABLE, text)
