@@ -1,0 +1,204 @@
+"""Broker nodes joined through Redis Streams: real servers, real Redis, real clients.
+
+One Redis (REDIS_URL, or a throwaway redis-server) serves every test here, each under its own
+key prefix; the fault tests (test_cluster_faults.py) start their own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from broker.client import Client, Gap
+
+from conftest import run, serving, url
+
+
+def node(redis_url: str, prefix: str, **settings):
+    return serving(redis_url=redis_url, redis_prefix=prefix, **settings)
+
+
+async def take(sub, count: int, timeout: float = 10.0) -> list:
+    """The next `count` items (messages and gaps) of a subscription."""
+    got = []
+
+    async def collect():
+        async for item in sub:
+            got.append(item)
+            if len(got) == count:
+                return
+
+    await asyncio.wait_for(collect(), timeout)
+    return got
+
+
+def test_a_message_published_on_one_node_reaches_every_node_with_the_same_numbers(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:
+            async with Client(url(a)) as pa, Client(url(a)) as sa, Client(url(b)) as sb:
+                on_a = await sa.subscribe("md.x")
+                on_b = await sb.subscribe("md.>")
+                acks = [await pa.publish_acked("md.x", b"first")]
+                for i in range(200):
+                    pa.publish("md.x", b"m%d" % i)
+                acks.append(await pa.publish_acked("md.x", b"last"))
+                got_a = await take(on_a, 202)
+                got_b = await take(on_b, 202)
+                expected = [(1, b"first")] + [(i + 2, b"m%d" % i) for i in range(200)] + [(202, b"last")]
+                assert [(m.seq, m.data) for m in got_a] == expected
+                assert [(m.seq, m.data) for m in got_b] == expected
+                assert {m.epoch for m in got_a} == {m.epoch for m in got_b} == {acks[0].epoch}
+                assert [a.seq for a in acks] == [1, 202]
+            # each node wrote what its clients published, and read everything
+            assert a.cluster.stats.messages_written == 202 and b.cluster.stats.messages_written == 0
+            assert a.cluster.stats.messages_read == b.cluster.stats.messages_read == 202
+
+    run(main())
+
+
+def test_publishers_on_two_nodes_share_one_sequence_per_topic(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:
+            async with Client(url(a)) as pa, Client(url(b)) as pb, Client(url(a)) as sa, Client(url(b)) as sb:
+                subs = [await sa.subscribe("t"), await sb.subscribe("t")]
+                for i in range(100):
+                    pa.publish("t", b"a%d" % i)
+                    pb.publish("t", b"b%d" % i)
+                got = [await take(sub, 200) for sub in subs]
+                # both nodes deliver the one order the stream holds, numbered 1..200
+                assert [m.seq for m in got[0]] == list(range(1, 201))
+                assert [(m.seq, m.data) for m in got[0]] == [(m.seq, m.data) for m in got[1]]
+                datas = [m.data for m in got[0]]
+                assert [d for d in datas if d[:1] == b"a"] == [b"a%d" % i for i in range(100)]
+                assert [d for d in datas if d[:1] == b"b"] == [b"b%d" % i for i in range(100)]
+
+    run(main())
+
+
+def test_a_client_moves_to_another_node_and_recovers_without_gap_or_repeat(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as c:
+            async with Client(url(a)) as publisher:
+                b_server = node(redis_url, redis_prefix)
+                b = await b_server.__aenter__()
+                # the subscriber knows every node; it starts on B
+                client = Client([url(b), url(c)], reconnect_delay=(0.05, 0.2))
+                await client.open()
+                try:
+                    sub = await client.subscribe("md.y")
+                    for i in range(50):
+                        publisher.publish("md.y", b"%d" % (i + 1))
+                    first = await take(sub, 50)
+                    await b_server.__aexit__(None, None, None)  # node B goes away (its clients get 1001)
+                    for i in range(50, 120):
+                        publisher.publish("md.y", b"%d" % (i + 1))
+                    rest = await take(sub, 70)
+                finally:
+                    await client.close()
+                assert client.url == url(c) and client.reconnects == 1
+                got = first + rest
+                assert not [g for g in got if isinstance(g, Gap)]
+                assert [m.seq for m in got] == list(range(1, 121))
+                assert [m.data for m in got] == [b"%d" % i for i in range(1, 121)]
+
+    run(main())
+
+
+def test_a_node_started_later_recovers_from_the_streams(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix) as a:
+            async with Client(url(a)) as publisher:
+                for i in range(30):
+                    ack = await publisher.publish_acked("h.t", b"%d" % (i + 1)) if i == 29 else publisher.publish("h.t", b"%d" % (i + 1))
+                async with node(redis_url, redis_prefix) as late:
+                    async with Client(url(late)) as client:
+                        sub = await client.subscribe("h.t", since=(ack.epoch, 10))
+                        got = await take(sub, 20)
+                        assert [(m.seq, m.data) for m in got] == [(i, b"%d" % i) for i in range(11, 31)]
+                        last = await client.subscribe("h.*", last=True)
+                        (latest,) = await take(last, 1)
+                        assert (latest.topic, latest.seq, latest.data) == ("h.t", 30, b"30")
+
+    run(main())
+
+
+def test_a_position_ahead_of_a_lagging_node_is_not_refused(redis_url, redis_prefix):
+    """A client may have seen messages on its old node that its new node has not read yet:
+    the new node takes the position and delivers what follows it."""
+
+    async def main():
+        async with node(redis_url, redis_prefix) as a:
+            async with Client(url(a)) as client:
+                ack = await client.publish_acked("lag", b"1")
+                sub = await client.subscribe("lag", since=(ack.epoch, 5))  # 5: ahead of everything
+                client.publish("lag", b"2")
+                for i in range(3, 8):
+                    client.publish("lag", b"%d" % i)
+                got = await take(sub, 2)
+                assert [(m.seq, m.data) for m in got] == [(6, b"6"), (7, b"7")]
+
+    run(main())
+
+
+def test_many_topics_over_every_shard_with_patterns(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix, redis_shards=8) as a, node(redis_url, redis_prefix, redis_shards=8) as b:
+            async with Client(url(a)) as publisher, Client(url(b)) as client:
+                sub = await client.subscribe("px.*.q")
+                names = [f"px.{i}.q" for i in range(64)]
+                for round_ in range(3):
+                    for name in names:
+                        publisher.publish(name, b"%d" % round_)
+                got = await take(sub, 192)
+                per_topic: dict[str, list] = {}
+                for m in got:
+                    per_topic.setdefault(m.topic, []).append((m.seq, m.data))
+                assert per_topic == {name: [(1, b"0"), (2, b"1"), (3, b"2")] for name in names}
+                assert len({a.cluster.shard_of(name) for name in names}) == 8
+        client = redis.Redis.from_url(redis_url)
+        try:
+            streams = sorted(k.decode() for k in client.scan_iter(f"{{{redis_prefix}:*}}:s"))
+            assert streams == sorted(f"{{{redis_prefix}:{i}}}:s" for i in range(8))
+            for key in streams:  # one entry per shard per write, not one per message
+                assert client.xlen(key) < 3 * 8
+        finally:
+            client.close()
+
+    run(main())
+
+
+def test_few_redis_commands_per_message_when_publishing_fast(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:
+            async with Client(url(a)) as publisher, Client(url(b)) as client:
+                sub = await client.subscribe("fast")
+                for i in range(20_000):
+                    publisher.publish("fast", b"x" * 16)
+                got = await take(sub, 20_000, timeout=30)
+                assert got[-1].seq == 20_000
+            stats = a.cluster.stats
+            assert stats.messages_written == 20_000
+            assert stats.entries_written < 2_000  # batches of tens to hundreds of messages each
+
+    run(main())
+
+
+def test_settings_that_cannot_work_are_refused_with_their_names(redis_prefix):
+    from broker.config import load
+    from broker.errors import ConfigError
+    from broker.server import Server
+
+    with pytest.raises(ConfigError, match="redis_url"):
+        load({"workers": 2}, environ={})
+    with pytest.raises(ConfigError, match="redis_url"):
+        load({"redis_url": "http://127.0.0.1:1"}, environ={})
+    with pytest.raises(ConfigError, match="redis_prefix"):
+        load({"redis_url": "redis://127.0.0.1:1", "redis_prefix": "a{b"}, environ={})
+
+    async def main():
+        server = Server(load({"port": 0, "redis_url": "redis://127.0.0.1:1", "redis_timeout_s": 0.5, "log_level": "error"}, environ={}))
+        with pytest.raises(ConfigError, match="redis_url: cannot reach Redis at redis://127.0.0.1:1"):
+            await server.start()
+
+    run(main())

