@@ -39,6 +39,10 @@ TICK_VALUE_BYTES = 16
 # `msg` message and a batch): pieces are cut so that a frame stays within its cap.
 _FRAME_OVERHEAD = 64
 
+# Positions (since) beyond what a cluster node delivered that it keeps waiting for their topic's
+# next batch; past it, the oldest topic's are given up (those connections get no gap).
+MAX_AWAITED = 100_000
+
 
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
@@ -172,6 +176,10 @@ class Router:
         self._touched: list[Outbox] = []
         self._slow: list[Outbox] = []
         self._nodes: list = []  # nodes whose solo members got pieces in this tick
+        # With a backplane that sequences later: positions asked for beyond what this node
+        # delivered, per topic (connection, epoch, seq), settled by the topic's next batch.
+        self._awaiting: dict[str, list[tuple[Outbox, int, int]]] = {}
+        self._awaited = 0
         self._flush_requested = False
         self._emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
@@ -344,10 +352,11 @@ class Router:
             order.append((now, key))
         return record
 
-    def deliver_remote(self, batches: list[tuple[str, int, int, list[bytes]]]) -> int:
-        """Batches a backplane sequenced (published on this node or another), each
-        (topic, epoch, first seq, payloads), in the order of its log: delivered and retained at
-        once, one encoded piece per topic, written with the rest of this tick.
+    def deliver_remote(self, entries: list[tuple[int, list[tuple[str, list[bytes]]], list[int]]]) -> int:
+        """Entries of a backplane's log, in its order, each (epoch, [(topic, payloads), ...],
+        [first seq of each batch, ...]): the batches of messages it numbered (published on
+        this node or another), delivered and retained at once, one encoded piece per topic,
+        written with the rest of this tick.
 
         What this node published in this tick and has not handed over yet goes to the
         backplane first, so a pending batch never mixes numbered and unnumbered messages. A
@@ -361,38 +370,80 @@ class Router:
             self.dirty = []
             self._emit(dirty)
         arrived: list[TopicState] = []
+        topics = self.topics
+        awaiting = self._awaiting
         taken = 0
-        for name, epoch, first, payloads in batches:
-            state = self.topics.get(name)
-            if state is None:
-                try:
-                    state = self.topic(name)
-                except RequestError:
-                    self.stats.unknown_topics += 1  # past max_topics (or a name this node refuses)
-                    continue
-            if state.epoch != epoch:
-                if state.pending:
-                    self._emit_now([state])
-                state = self._new_epoch(state, epoch)
-            last = first + len(payloads) - 1
-            if last <= state.seq:
-                continue  # delivered already
-            if first <= state.seq:
-                payloads = payloads[state.seq + 1 - first :]
-                first = state.seq + 1
-            elif first > state.seq + 1:
-                if state.pending:
-                    self._emit_now([state])
-                if state.seq:
-                    self._gap_all(state, Gap(name, epoch, state.seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
-                state.seq = first - 1
-            for payload in payloads:
-                stamp(state, payload, arrived)
-            taken += len(payloads)
+        for epoch, batches, firsts in entries:
+            for (name, payloads), first in zip(batches, firsts):
+                state = topics.get(name)
+                if state is None or state.epoch != epoch:
+                    state = self._arriving(name, epoch)
+                    if state is None:
+                        continue
+                count = len(payloads)
+                seq = state.seq
+                if first != seq + 1:
+                    if first + count - 1 <= seq:
+                        continue  # delivered already
+                    if first <= seq:
+                        payloads = payloads[seq + 1 - first :]
+                        first = seq + 1
+                        count = len(payloads)
+                    else:
+                        if state.pending:
+                            self._emit_now([state])
+                        if seq:
+                            self._gap_all(state, Gap(name, epoch, seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
+                if state.dirty:
+                    state.pending.extend(payloads)
+                else:
+                    if awaiting and name in awaiting:
+                        self._positions_met(name, epoch, first)
+                    state.dirty = True
+                    state.first = first
+                    state.pending = payloads
+                    arrived.append(state)
+                state.seq = first + count - 1
+                taken += count
         if arrived:
             self._emit_now(arrived)
             self._want_flush()
         return taken
+
+    def _await_position(self, name: str, box: Outbox, epoch: int, seq: int) -> None:
+        awaiting = self._awaiting
+        if self._awaited >= MAX_AWAITED:  # the oldest topic's positions are given up
+            oldest = next(iter(awaiting))
+            self._awaited -= len(awaiting.pop(oldest))
+        awaiting.setdefault(name, []).append((box, epoch, seq))
+        self._awaited += 1
+
+    def _positions_met(self, name: str, epoch: int, first: int) -> None:
+        """The topic's first batch since connections asked for positions this node had not
+        reached: a gap for each position the batch does not follow."""
+        waiting = self._awaiting.pop(name)
+        self._awaited -= len(waiting)
+        for box, position_epoch, seq in waiting:
+            if box.closed:
+                continue
+            if position_epoch != epoch:
+                self._gap(box, Gap(name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+            elif first > seq + 1:
+                self._gap(box, Gap(name, epoch, seq + 1, first - 1, "this node's history does not hold these messages", "history"))
+
+    def _arriving(self, name: str, epoch: int) -> TopicState | None:
+        """The state a batch from the backplane goes to: made for a topic new to this node
+        (None past max_topics), or renewed for a new epoch."""
+        state = self.topics.get(name)
+        if state is None:
+            try:
+                return self.topic(name)
+            except RequestError:
+                self.stats.unknown_topics += 1  # past max_topics (or a name this node refuses)
+                return None
+        if state.pending:
+            self._emit_now([state])
+        return self._new_epoch(state, epoch)
 
     def _new_epoch(self, state: TopicState, epoch: int) -> TopicState:
         """The backplane numbers a topic in a new epoch (it lost its counters): the old epoch
@@ -581,12 +632,15 @@ class Router:
         self.schedule_write(box)
 
     def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
-        if state is None or (not state.seq and seq and epoch == state.epoch and not self.backplane.sequences_at_once):
+        cluster = not self.backplane.sequences_at_once
+        if state is None or (cluster and epoch == state.epoch and seq > state.seq):
             if not epoch:
                 return
-            if epoch == self.backplane.topic_epoch(name):
-                # a cluster node that never delivered the topic: its epoch goes on elsewhere
-                self._gap(box, Gap(name, epoch, seq + 1, 0, "this node's history holds none of the topic's messages after this one", "history"))
+            if cluster and epoch == self.backplane.topic_epoch(name):
+                # A cluster node that has not delivered the topic up to the position (it started
+                # later, or it lags behind the node the client came from): the first batch it
+                # delivers tells whether messages after the position are missing.
+                self._await_position(name, box, epoch, seq)
             elif state is None:
                 self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
             else:

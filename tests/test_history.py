@@ -333,14 +333,15 @@ class LaterBackplane(MemoryBackplane):
 
     def sequence(self, router) -> None:
         staged, self.staged = self.staged, []
-        batches = []
+        batches, firsts = [], []
         for name, payloads, acks in staged:
             first = self.counters.get(name, 0) + 1
             self.counters[name] = first + len(payloads) - 1
-            batches.append((name, 42, first, payloads))
+            batches.append((name, payloads))
+            firsts.append(first)
             for index, ok in acks:
                 ok(42, first + index)
-        router.deliver_remote(batches)
+        router.deliver_remote([(42, batches, firsts)])
 
 
 def test_a_backplane_that_sequences_later_delays_acks_and_delivers_through_the_same_path():
@@ -355,13 +356,32 @@ def test_a_backplane_that_sequences_later_delays_acks_and_delivers_through_the_s
     assert written["p"] == [Ack(1, 42, 1)]
     assert written["s"] == [Delivery("t", 42, 1, [b"a", b"b"])]
     # a batch numbered elsewhere, after numbers this node never got: a gap, then the batch
-    h.router.deliver_remote([("t", 42, 5, [b"remote"])])
+    h.router.deliver_remote([(42, [("t", [b"remote"])], [5])])
     written = h.tick()[0]
     gap, delivery = written["s"]
     assert (gap.topic, gap.epoch, gap.first, gap.last, gap.cause) == ("t", 42, 3, 4, "backplane")
     assert delivery == Delivery("t", 42, 5, [b"remote"])
-    h.router.deliver_remote([("t", 42, 4, [b"old", b"remote"]), ("t", 42, 6, [b"next"])])  # repeats are skipped
+    h.router.deliver_remote([(42, [("t", [b"old", b"remote"]), ("t", [b"next"])], [4, 6])])  # repeats are skipped
     assert h.tick()[0] == {"s": [Delivery("t", 42, 6, [b"next"])]}
     late = h.session("late")
     late.receive(encode(Sub(1, "t", [42, 0])))
     assert messages(h.tick()[0]["late"]) == [("t", 1, b"a"), ("t", 2, b"b"), ("t", 5, b"remote"), ("t", 6, b"next")]
+
+
+def test_a_position_beyond_what_a_cluster_node_delivered_is_settled_by_the_next_batch():
+    """A node that has not delivered a topic up to a client's position (it started later, or
+    lags) cannot tell at once whether messages after it are missing; the next batch does."""
+    h = Harness()
+    h.router.backplane = LaterBackplane(clock=lambda: h.now)
+    behind, level = h.session("behind"), h.session("level")
+    behind.receive(encode(Sub(1, "t", [42, 3])))
+    level.receive(encode(Sub(1, "t", [42, 6])))
+    written = h.tick()[0]
+    assert [type(m) for m in written["behind"]] == [Ack] and [type(m) for m in written["level"]] == [Ack]
+    h.router.deliver_remote([(42, [("t", [b"7", b"8"])], [7])])
+    written = h.tick()[0]
+    gap, delivery = written["behind"]
+    assert (gap.first, gap.last, gap.cause) == (4, 6, "history") and delivery == Delivery("t", 42, 7, [b"7", b"8"])
+    assert written["level"] == [Delivery("t", 42, 7, [b"7", b"8"])]
+    h.router.deliver_remote([(42, [("t", [b"9"])], [9])])
+    assert h.tick()[0] == {"behind": [Delivery("t", 42, 9, [b"9"])], "level": [Delivery("t", 42, 9, [b"9"])]}

@@ -59,13 +59,16 @@ log = logging.getLogger("broker.cluster")
 # the node's mark on the shard says this write (numbered per node) was made already: a write
 # sent again after its reply was lost gets the first one's numbers instead of a second entry.
 # KEYS: counters, stream, the node's mark. ARGV: epoch if the shard has none, MAXLEN|MINID,
-# its value, node, write number, data, then (topic, count) pairs in the order of the data.
+# its value, node, write number, data, and MessagePack [topic, count, topic, count, ...] in the
+# order of the data (one argument: packing thousands of arguments costs the client more than
+# the script's unpacking costs Redis). The first numbers go out as MessagePack [first, ...].
 SCRIPT = """
 local mark = redis.call('GET', KEYS[3])
 if mark then
-  local w, e, s = string.match(mark, '^(%d+)|(%d+)|(.*)$')
-  if w == ARGV[5] then
-    return {e, s, 'again'}
+  local a = string.find(mark, '|', 1, true)
+  local b = string.find(mark, '|', a + 1, true)
+  if string.sub(mark, 1, a - 1) == ARGV[5] then
+    return {string.sub(mark, a + 1, b - 1), string.sub(mark, b + 1), 'again'}
   end
 end
 local epoch = redis.call('HGET', KEYS[1], '')
@@ -73,12 +76,13 @@ if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], '', epoch)
 end
+local counts = cmsgpack.unpack(ARGV[7])
 local firsts = {}
-for i = 7, #ARGV, 2 do
-  local n = tonumber(ARGV[i + 1])
-  firsts[#firsts + 1] = redis.call('HINCRBY', KEYS[1], ARGV[i], n) - n + 1
+for i = 1, #counts, 2 do
+  local n = counts[i + 1]
+  firsts[#firsts + 1] = redis.call('HINCRBY', KEYS[1], counts[i], n) - n + 1
 end
-local s = table.concat(firsts, ',')
+local s = cmsgpack.pack(firsts)
 redis.call('SET', KEYS[3], ARGV[5] .. '|' .. epoch .. '|' .. s, 'PX', 86400000)
 local id = redis.call('XADD', KEYS[2], ARGV[2], '~', ARGV[3], '*', 'n', ARGV[4], 'w', ARGV[5], 'e', epoch, 's', s, 'd', ARGV[6])
 return {epoch, s, id}
@@ -92,6 +96,7 @@ BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this man
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
+_firsts = msgspec.msgpack.Decoder(list[int])
 _encode = msgspec.msgpack.Encoder().encode
 
 Ok = Callable[[int, int], None]
@@ -428,14 +433,15 @@ class RedisBackplane(MemoryBackplane):
 
     def _take(self, shard: int, entries: list) -> None:
         """Hand the batches of a shard's entries to the router, in stream order."""
-        batches = []
+        taken = []
         stats = self.stats
         size = 0
         for entry_id, fields in entries:
             try:
                 epoch = int(fields[b"e"])
-                firsts = [int(x) for x in fields[b"s"].split(b",")]
-                data = _data.decode(fields[b"d"])
+                data = fields[b"d"]
+                batches = _data.decode(data)
+                firsts = _firsts.decode(fields[b"s"])
             except (KeyError, ValueError, msgspec.DecodeError):
                 log.error("cluster backplane: entry %s of %s is not one of this broker's; skipped", entry_id, self.streams[shard])
                 continue
@@ -444,17 +450,15 @@ class RedisBackplane(MemoryBackplane):
                     stats.epoch_changes += 1
                     log.warning("cluster backplane: shard %d continues in a new epoch %d (Redis lost its counters)", shard, epoch)
                 self.epochs[shard] = epoch
-            for (name, payloads), first in zip(data, firsts):
-                batches.append((name, epoch, first, payloads))
-                stats.messages_read += len(payloads)
-            size += len(fields[b"d"])
+            taken.append((epoch, batches, firsts))
+            size += len(data)
         last = entries[-1][0]
         self.positions[shard] = last
         stats.entries_read += len(entries)
         stats.bytes_read += size
         stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
-        if batches and self.router is not None:
-            self.router.deliver_remote(batches)
+        if taken and self.router is not None:
+            stats.messages_read += self.router.deliver_remote(taken)
 
     # writing
 
@@ -511,10 +515,12 @@ class RedisBackplane(MemoryBackplane):
             block.sent = True
         commands = []
         for block in blocks:
-            args = [unique_epoch(), trim[0], trim[1], self.node, block.write, _encode([[name, payloads] for name, payloads in block.topics.items()])]
-            for name, payloads in block.topics.items():
-                args.append(name)
-                args.append(len(payloads))
+            topics = block.topics
+            counts = []
+            for name, payloads in topics.items():
+                counts.append(name)
+                counts.append(len(payloads))
+            args = [unique_epoch(), trim[0], trim[1], self.node, block.write, _encode(list(topics.items())), _encode(counts)]
             commands.append((self.counters[block.shard], self.streams[block.shard], self._marks[block.shard], args))
         self.stats.writes += 1
         self.stats.commands += len(commands)
@@ -545,7 +551,7 @@ class RedisBackplane(MemoryBackplane):
                     broken = broken or reply  # in doubt
                 continue
             epoch, firsts, _ = reply
-            self._written(block, int(epoch), [int(x) for x in firsts.split(b",")])
+            self._written(block, int(epoch), _firsts.decode(firsts))
         if broken is not None:
             raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
         if self._down:
