@@ -4,13 +4,15 @@ The router hands every publish to its backplane and every emitted batch back to 
 backplane decides when a message is sequenced and what history of each topic is retained,
 and answers recovery questions ("what came after [epoch, seq]?"). Local and remote batches
 reach subscribers the same way: stamped into a topic's pending batch, then emitted by the
-router once per tick (`Router.deliver` is the entry for batches sequenced elsewhere).
+router (`Router.deliver_remote` is the entry for batches sequenced elsewhere).
 
 `MemoryBackplane` is the embedded one: a message is sequenced the moment it is published (the
 compiled publish path stamps it directly, which is why `sequences_at_once` is True), and
 history lives in this process. A backplane that sequences later (one shared through an
-external log) sets `sequences_at_once` to False: its `publish` returns None, the router then
-acknowledges the publish when the batch comes back through `Router.deliver`.
+external log, broker.cluster.streams) sets `sequences_at_once` to False: its `publish` stamps
+with this process's count for now and returns None, the router hands the tick's batches to its
+`stage` instead of emitting them, and acknowledges through `on_sequenced` once the log numbered
+them; the numbered batches come back through `Router.deliver_remote`.
 
 History is kept per topic in chunks, one per topic per second at most (the batches of the
 ticks within that second, the payload objects shared with the fan-out, not copied), bounded per
@@ -81,8 +83,8 @@ class MemoryBackplane:
     def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced=None) -> int | None:
         """Sequence `payload` and add it to the topic's pending batch (`dirty` lists the topics
         with pending messages). Returns its sequence number; a backplane that sequences later
-        returns None, calls `on_sequenced(epoch, seq)` when it has one and hands the batch
-        to `Router.deliver`."""
+        returns None and calls `on_sequenced(epoch, seq)` when it has one (or
+        `on_failed(code, text)`)."""
         stamp(state, payload, dirty)
         if on_sequenced is not None:
             on_sequenced(state.epoch, state.seq)
