@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import os
 import ssl
@@ -205,15 +206,21 @@ def _dead_letters(args: argparse.Namespace) -> int:
     from .server.app import dead_letter_path
 
     path = args.file or dead_letter_path(args.port)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
-    except FileNotFoundError:
-        print(f"no dead letters: {path} does not exist (none kept yet, or another port or file)", file=sys.stderr)
-        return 0
-    except OSError as exc:
-        raise BrokerError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    for line in lines:
+    paths = [path]
+    if not os.path.exists(path):  # with --workers, each worker process keeps its own file
+        stem, ext = os.path.splitext(path)
+        paths = sorted(glob.glob(f"{glob.escape(stem)}-w*{ext}")) or paths
+    lines = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines += [(path, line) for line in fh.read().splitlines()]
+        except FileNotFoundError:
+            print(f"no dead letters: {path} does not exist (none kept yet, or another port or file)", file=sys.stderr)
+            return 0
+        except OSError as exc:
+            raise BrokerError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    for path, line in lines:
         if args.json:
             print(line)
             continue

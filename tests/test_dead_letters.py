@@ -13,6 +13,7 @@ from collections import deque
 
 import msgspec
 
+from broker.config import load
 from broker.errors import ErrorCode
 from broker.messages import Err, Pub, encode
 
@@ -86,3 +87,22 @@ def test_an_operator_reads_them_with_the_cli(tmp_path):
 def test_the_cli_says_when_there_are_none(tmp_path):
     out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout == "" and "no dead letters" in out.stderr
+
+
+def test_each_worker_process_keeps_its_own_file_and_the_cli_reads_them_all(tmp_path, monkeypatch):
+    from broker.server import Server
+
+    server = Server(load({"port": 0, "dead_letter_file": str(tmp_path / "dead.jsonl")}, environ={}))
+    server.port = 7399
+    assert server.dead_letter_path() == str(tmp_path / "dead.jsonl")
+    monkeypatch.setenv("BROKER_WORKER_INDEX", "1")
+    assert server.dead_letter_path() == str(tmp_path / "dead-w1.jsonl")
+    default = Server(load({"port": 0}, environ={}))
+    default.port = 7399
+    assert default.dead_letter_path().endswith("broker-dead-letters-7399-w1.jsonl")
+    for worker, request_id in (("0", 3), ("1", 4)):
+        letter = {"time": 0, "conn": 1, "peer": "p", "request_id": request_id, "code": 1, "reason": "r", "head": "00"}
+        (tmp_path / f"dead-w{worker}.jsonl").write_text(json.dumps(letter) + "\n")
+    out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "dead.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert ["id=3" in out.stdout.splitlines()[0], "id=4" in out.stdout.splitlines()[1]] == [True, True]

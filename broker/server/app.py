@@ -40,9 +40,11 @@ BACKLOG = 4096
 DEAD_LETTERS_LOGGED = 10
 
 
-def dead_letter_path(port: int) -> str:
-    """The default dead-letter file of the broker listening on `port`."""
-    return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}.jsonl")
+def dead_letter_path(port: int, worker: str | None = None) -> str:
+    """The default dead-letter file of the broker listening on `port` (of its worker process
+    `worker`, with `broker serve --workers`)."""
+    suffix = f"-w{worker}" if worker is not None else ""
+    return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}{suffix}.jsonl")
 
 
 def _write_file(path: str, text: str) -> None:
@@ -403,7 +405,14 @@ class Server:
 
     def dead_letter_path(self) -> str:
         """Where the kept dead letters are written (`broker dead-letters` reads them)."""
-        return self.config.dead_letter_file or dead_letter_path(self.port)
+        worker = os.environ.get("BROKER_WORKER_INDEX")  # set by the worker supervisor
+        path = self.config.dead_letter_file
+        if not path:
+            return dead_letter_path(self.port, worker)
+        if worker is None:
+            return path
+        stem, ext = os.path.splitext(path)  # each worker keeps its own file
+        return f"{stem}-w{worker}{ext}"
 
     def _write_dead_letters(self) -> None:
         """Log the dead letters that came since the last call (the newest ten of them, then
