@@ -417,10 +417,7 @@ class RedisBackplane(MemoryBackplane):
             except asyncio.CancelledError:
                 raise
             except (OSError, aioredis.RedisError) as exc:
-                self.stats.reconnects += 1
-                if failures == 0:
-                    log.warning("cluster backplane: reading the shard streams failed (%s); retrying", exc)
-                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+                await self._after_failure("reading the shard streams", failures, exc)
                 failures += 1
                 continue
             self.stats.commands += 1
@@ -430,6 +427,13 @@ class RedisBackplane(MemoryBackplane):
             for stream, entries in reply:
                 shard = self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()]
                 self._take(shard, entries)
+
+    async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
+        """Count a failed command, log the first of a series, and pause before the next try."""
+        self.stats.reconnects += 1
+        if failures == 0:
+            log.warning("cluster backplane: %s failed (%s); retrying", what, exc)
+        await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
 
     def _take(self, shard: int, entries: list) -> None:
         """Hand the batches of a shard's entries to the router, in stream order."""
@@ -493,11 +497,8 @@ class RedisBackplane(MemoryBackplane):
             except asyncio.CancelledError:
                 raise
             except (OSError, aioredis.RedisError) as exc:
-                self.stats.reconnects += 1
-                if failures == 0:
-                    log.warning("cluster backplane: writing to Redis failed (%s); retrying until redis_timeout_s", exc)
                 self._expire_writes(time.monotonic())
-                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+                await self._after_failure("writing to Redis", failures, exc)
                 failures += 1
 
     async def _send(self, blocks: list[_Block]) -> None:
