@@ -107,13 +107,14 @@ class BackplaneStats:
     """Counters of the Redis backplane (exported as metrics)."""
 
     __slots__ = (
-        "writes", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
+        "writes", "scripts", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
         "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
         "lag_ms", "epoch_changes",
     )
 
     def __init__(self, shards: int) -> None:
         self.writes = 0  # pipelines sent (each one round trip)
+        self.scripts = 0  # EVALSHA calls (one per shard in a write; again for a block sent again)
         self.entries_written = 0  # stream entries appended (one per shard per write)
         self.messages_written = 0
         self.bytes_written = 0  # payload bytes
@@ -507,6 +508,7 @@ class RedisBackplane(MemoryBackplane):
         import redis.asyncio as aioredis
         from redis.exceptions import NoScriptError
 
+        blocks = list(blocks)  # `_written` takes each block out of `_writing` as its reply arrives
         now_ms = int(self.clock() * 1000)
         trim = ("MINID", f"{now_ms - self.stream_age_ms}-0") if self.stream_age_ms else ("MAXLEN", str(self.maxlen))
         was_sent = [block.sent for block in blocks]
@@ -524,6 +526,7 @@ class RedisBackplane(MemoryBackplane):
             args = [unique_epoch(), trim[0], trim[1], self.node, block.write, _encode(list(topics.items())), _encode(counts)]
             commands.append((self.counters[block.shard], self.streams[block.shard], self._marks[block.shard], args))
         self.stats.writes += 1
+        self.stats.scripts += len(commands)
         self.stats.commands += len(commands)
         if self.cluster:
             replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 3, h, s, m, *args) for h, s, m, args in commands), return_exceptions=True)
