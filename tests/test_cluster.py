@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import msgspec
 import redis
 
 from broker.client import Client, Gap
@@ -202,5 +203,29 @@ def test_settings_that_cannot_work_are_refused_with_their_names(redis_prefix):
         server = Server(load({"port": 0, "redis_url": "redis://127.0.0.1:1", "redis_timeout_s": 0.5, "log_level": "error"}, environ={}))
         with pytest.raises(ConfigError, match="redis_url: cannot reach Redis at redis://127.0.0.1:1"):
             await server.start()
+
+    run(main())
+
+
+def test_entries_no_broker_wrote_are_skipped_and_the_node_reads_on(redis_url, redis_prefix):
+    async def main():
+        async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:
+            async with Client(url(a)) as publisher, Client(url(b)) as client:
+                sub = await client.subscribe("z.t")
+                shard = b.cluster.shard_of("z.t")
+                key = f"{{{redis_prefix}:{shard}}}:s"
+                epoch = b.cluster.epochs[shard]
+                r = redis.Redis.from_url(redis_url)
+                try:
+                    r.xadd(key, {"junk": b"\x00"})
+                    r.xadd(key, {"e": str(epoch), "s": b"\xc1", "d": b"\x90"})
+                    huge = msgspec.msgpack.encode([1 << 63])
+                    r.xadd(key, {"e": str(epoch), "s": huge, "d": msgspec.msgpack.encode([["z.t", [b"x"]]])})
+                    r.xadd(key, {"e": str(epoch), "s": msgspec.msgpack.encode([1]), "d": msgspec.msgpack.encode([["a..b", [b"x"]]])})
+                finally:
+                    r.close()
+                ack = await publisher.publish_acked("z.t", b"real")
+                (message,) = await take(sub, 1)
+                assert (message.seq, message.data) == (ack.seq, b"real")
 
     run(main())

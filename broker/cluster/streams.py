@@ -44,7 +44,7 @@ import random
 import socket
 import time
 import zlib
-from typing import Callable
+from typing import Annotated, Callable
 
 import msgspec
 
@@ -96,7 +96,7 @@ BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this man
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
-_firsts = msgspec.msgpack.Decoder(list[int])
+_firsts = msgspec.msgpack.Decoder(list[Annotated[int, msgspec.Meta(ge=1, le=1 << 62)]])
 _encode = msgspec.msgpack.Encoder().encode
 
 Ok = Callable[[int, int], None]
@@ -427,7 +427,10 @@ class RedisBackplane(MemoryBackplane):
                 continue
             for stream, entries in reply:
                 shard = self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()]
-                self._take(shard, entries)
+                try:
+                    self._take(shard, entries)
+                except Exception:  # a bug or an entry no broker wrote: reading goes on after it
+                    log.exception("cluster backplane: entries of %s up to %s could not be delivered", self.streams[shard], entries[-1][0])
 
     async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
         """Count a failed command, log the first of a series, and pause before the next try."""
@@ -498,6 +501,11 @@ class RedisBackplane(MemoryBackplane):
             except asyncio.CancelledError:
                 raise
             except (OSError, aioredis.RedisError) as exc:
+                self._expire_writes(time.monotonic())
+                await self._after_failure("writing to Redis", failures, exc)
+                failures += 1
+            except Exception as exc:  # a bug: logged, and the writer goes on (its blocks time out)
+                log.exception("cluster backplane: the writer failed")
                 self._expire_writes(time.monotonic())
                 await self._after_failure("writing to Redis", failures, exc)
                 failures += 1
