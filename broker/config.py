@@ -99,6 +99,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redis_stream_max_age_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     redis_timeout_s: Seconds = 5.0
     redis_max_buffer_bytes: Positive = 64 << 20
+    # [admin] (metrics and health over HTTP; off unless admin_port is set)
+    admin_host: str = "127.0.0.1"
+    admin_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     # processes
     workers: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
     reuse_port: bool = False
@@ -159,6 +162,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "auth": {name[5:]: name for name in FIELDS if name.startswith("auth_")},
     "limits": {name: name for name in LIMITS},
     "redis": {name[6:]: name for name in FIELDS if name.startswith("redis_")},
+    "admin": {name[6:]: name for name in FIELDS if name.startswith("admin_")},
 }
 
 HELP = {
@@ -232,6 +236,8 @@ HELP = {
     "redis_stream_max_age_s": "[redis] with a value above 0: trim the shard streams by age (MINID ~) instead of by length",
     "redis_timeout_s": "[redis] seconds a Redis command may take, and publishes may wait for Redis, before they fail with err 18",
     "redis_max_buffer_bytes": "[redis] bytes of publishes held while Redis is slow or away; past it publishes are refused with err 18",
+    "admin_host": "[admin] interface the admin HTTP server (metrics, health) listens on",
+    "admin_port": "[admin] port of the admin HTTP server: /metrics (Prometheus), /healthz, /readyz (0: no admin server)",
     "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies",
     "reuse_port": "listen with SO_REUSEPORT (set for worker processes; lets several processes share the port)",
     "rate_limit_close_after": "[limits] messages refused for a rate limit, in a row within 10 s, after which the connection is closed (1008)",

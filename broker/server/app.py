@@ -112,6 +112,17 @@ class Server:
         self.guard = limits.Guard(config, log=logs.event)  # connections admitted, rate limits, audit log
         self.port: int | None = None
         self.handshakes_refused = 0
+        self.refused_by_status: dict[int, int] = {}
+        # counters for metrics: one addition per connection, read, write or tick, never per message
+        self.opened = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.writes = 0
+        self.ticks = 0
+        self.fastpath = IMPLEMENTATION
+        self._loop_lag = 0.0  # the most the sweep ran late since the last scrape (s)
+        self._sweep_due = 0.0
+        self.admin = None  # with admin_port: the admin HTTP server (metrics, health)
         self._server: asyncio.Server | None = None
         self.tls: ssl.SSLContext | None = None  # with tls_cert_file: the context every handshake uses
         self.certificate: tls.Certificate | None = None  # what it was last loaded with
@@ -144,7 +155,13 @@ class Server:
                 await self.cluster.stop()
             raise
         self.port = self._server.sockets[0].getsockname()[1]
+        if cfg.admin_port:
+            from .admin import Admin
+
+            self.admin = Admin(self)
+            await self.admin.start(cfg.admin_host, cfg.admin_port)
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
+        self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
         logs.event(
             logging.INFO,
@@ -192,6 +209,8 @@ class Server:
                     conn.abort()
                 await asyncio.sleep(0)  # let the aborted connections report their disconnect
         await self._server.wait_closed()
+        if self.admin is not None:
+            await self.admin.stop()
         stats = self.router.stats
         logs.event(
             logging.INFO,
@@ -205,6 +224,11 @@ class Server:
                 for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused")
             }),
         )
+
+    def take_loop_lag(self) -> float:
+        """How late the sweep ran at most since this was last asked (s): the event loop's lag."""
+        lag, self._loop_lag = self._loop_lag, 0.0
+        return lag
 
     def reload(self) -> None:
         """Read again what may change while the broker runs (SIGHUP): the TLS certificate and
@@ -252,6 +276,7 @@ class Server:
         """Count a refused handshake and write it to the audit log, bounded per address like
         the refusals of the limits (a client cannot flood the log with bad requests or tokens)."""
         self.handshakes_refused += 1
+        self.refused_by_status[error.status] = self.refused_by_status.get(error.status, 0) + 1
         if not isinstance(error, limits.LimitRefused):  # the guard wrote those already
             ip = peer.rpartition(":")[0] or peer
             self.guard.audit.record(("ip", ip), "handshake_refused", {"peer": ip}, peer=peer, status=error.status, reason=error.text)
@@ -297,6 +322,7 @@ class Server:
 
     def _tick(self) -> None:
         self._tick_scheduled = False
+        self.ticks += 1
         router = self.router
         touched, slow = router.flush()
         for box in slow:
@@ -320,6 +346,8 @@ class Server:
                         data = box.take(max_frame, shared)
                         if data:
                             conn.write(data)
+                            self.writes += 1
+                            self.bytes_out += len(data)
                             box.transport_bytes = conn.buffer_size()
                     except Exception:  # never leave the other connections of this tick unwritten
                         logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
@@ -491,6 +519,9 @@ class Server:
         stayed behind or left a frame incomplete for frame_timeout_s, and forget history past
         its age. Runs a few times a second;
         O(connections) plus the history that expired."""
+        late = self.loop.time() - self._sweep_due
+        if late > self._loop_lag:
+            self._loop_lag = late
         self.backplane.sweep()
         self._check_tokens()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))
@@ -528,6 +559,7 @@ class Server:
                 self._behind.discard(box)
             elif now - box.over_since >= cfg.slow_consumer_timeout_s:
                 self._slow_consumer(box)
+        self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
 
 

@@ -94,9 +94,11 @@ class Connection(asyncio.Protocol):
         self._timer = server.loop.call_later(server.config.handshake_timeout_s, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
-        self.last_seen = self.server.loop.time()
+        server = self.server
+        self.last_seen = server.loop.time()
         state = self.state
         if state == OPEN or state == CLOSING:
+            server.bytes_in += len(data)
             buffer = self._buffer
             if buffer is not None:
                 buffer += data
@@ -197,6 +199,7 @@ class Connection(asyncio.Protocol):
         self.state = OPEN
         self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))
         server.connections[self.id] = self
+        server.opened += 1
         logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user)
         if rest:
             self._consume(rest, 0, False)

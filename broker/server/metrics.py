@@ -1,0 +1,122 @@
+"""Prometheus metrics, read from the broker's own counters when scraped.
+
+Nothing here runs on the delivery path: the router, the server and the backplane keep plain
+integer counters they need anyway (or one addition per read or write of a connection, never
+per message), and `Collector.collect` turns them into metric families at scrape time. Every
+metric is listed with its meaning in docs/operations.md; a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector as _Collector
+
+from .. import __version__
+
+# Upper bounds of the queue-bytes histogram: what a connection has waiting (in the broker and
+# in its transport) when scraped.
+QUEUE_BUCKETS = (0, 1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
+class Collector(_Collector):
+    """Metric families of one Server, computed when Prometheus scrapes."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        stats = server.router.stats
+        yield _gauge("broker_info", "the broker's version and fast path", 1, labels={"version": __version__, "fastpath": server.fastpath})
+        yield _gauge("broker_connections", "WebSocket connections open now", len(server.connections))
+        yield _counter("broker_connections_opened", "WebSocket connections that completed the handshake", server.opened)
+        yield _by("broker_connections_closed_by_broker", "connections the broker closed, by close code", "code", stats.closes, counter=True)
+        yield _by("broker_handshakes_refused", "upgrade requests refused, by HTTP status", "status", server.refused_by_status, counter=True)
+        yield _counter("broker_bytes_in", "bytes read from client connections (WebSocket frames, after the handshake)", server.bytes_in)
+        yield _counter("broker_bytes_out", "bytes written to client connections", server.bytes_out)
+        yield _counter("broker_writes", "writes to client connections (each one or more WebSocket frames: everything a connection gets in one loop iteration)", server.writes)
+        yield _counter("broker_ticks", "loop iterations that delivered or wrote something", server.ticks)
+        yield _counter("broker_messages_published", "messages accepted from publishers", stats.published)
+        yield _counter("broker_messages_delivered", "messages queued to subscribers (one per message per subscriber)", stats.delivered)
+        yield _counter("broker_batches", "topic batches encoded (one per topic per tick with subscribers)", stats.batches)
+        yield _counter("broker_messages_replayed", "messages sent from history (recovery and last values)", stats.replayed)
+        yield _counter("broker_gaps", "gap notices sent", stats.gaps)
+        yield _counter("broker_duplicates", "publishes dropped as repeats of a msg_id", stats.duplicates)
+        yield _by("broker_errors", "err replies sent, by error code", "code", stats.errors, counter=True)
+        yield _counter("broker_denied", "subscribes, publishes and requests refused for want of a grant", stats.denied)
+        yield _counter("broker_rate_limited", "publishes and requests refused by a rate limit (err 15)", stats.errors.get(15, 0))
+        yield _by(
+            "broker_slow_consumer_events", "connections behind max_pending_bytes, by outcome: disconnect (closed as slow consumers, policy disconnect), shed (their queue shed, policy drop or conflate)", "outcome",
+            {"disconnect": stats.slow_consumers, "shed": stats.sheds}, counter=True,
+        )
+        yield _counter("broker_messages_dropped", "messages dropped for connections behind (policy drop), each announced by a gap", stats.dropped)
+        yield _counter("broker_messages_conflated", "messages skipped for connections behind (policy conflate), each announced by a gap", stats.conflated)
+        yield _counter("broker_dead_letters", "client messages that could not be processed", stats.dead_letters)
+        yield _counter("broker_requests", "requests passed to a responder", stats.requests)
+        yield _counter("broker_request_timeouts", "requests that got no reply in time", stats.timeouts)
+        yield _gauge("broker_topics", "concrete topics the broker keeps state for", len(server.router.topics))
+        yield _counter("broker_topics_retired", "topics forgotten after staying quiet", stats.retired)
+        yield _gauge("broker_history_bytes", "bytes counted over every topic's history", server.backplane.total)
+        yield _gauge("broker_pending_bytes", "bytes queued for connections that are behind, in all", server.pending_total)
+        yield _gauge("broker_holding", "1 while publishers are not read (max_total_pending_bytes passed)", int(server.holding))
+        yield _queue_histogram(server)
+        yield _gauge("broker_event_loop_lag_seconds", "how late the periodic sweep ran, at most, over the last scrape interval", server.take_loop_lag())
+        cluster = server.cluster
+        if cluster is not None:
+            b = cluster.stats
+            yield _gauge("broker_backplane_connected", "1 while Redis takes publishes", int(cluster.accepting))
+            yield _counter("broker_backplane_writes", "pipelines sent to Redis (one round trip each)", b.writes)
+            yield _counter("broker_backplane_scripts", "numbering script calls (one per shard in a write)", b.scripts)
+            yield _counter("broker_backplane_entries_written", "stream entries appended", b.entries_written)
+            yield _counter("broker_backplane_messages_written", "messages appended", b.messages_written)
+            yield _counter("broker_backplane_bytes_written", "payload bytes appended", b.bytes_written)
+            yield _counter("broker_backplane_reads", "XREAD and XRANGE commands", b.reads)
+            yield _counter("broker_backplane_entries_read", "stream entries read", b.entries_read)
+            yield _counter("broker_backplane_messages_read", "messages delivered from the streams", b.messages_read)
+            yield _counter("broker_backplane_bytes_read", "bytes of entries read", b.bytes_read)
+            yield _counter("broker_backplane_commands", "commands sent to Redis", b.commands)
+            yield _counter("broker_backplane_reconnects", "Redis commands that failed for the connection (then retried)", b.reconnects)
+            yield _counter("broker_backplane_resent", "blocks sent again after their reply was lost", b.in_doubt)
+            yield _counter("broker_backplane_failed", "messages not published: Redis did not take them within redis_timeout_s", b.failed)
+            yield _counter("broker_backplane_unknown", "messages Redis did not confirm within redis_timeout_s (published once or never)", b.unknown)
+            yield _counter("broker_backplane_refused", "publishes refused at once (buffer full, or Redis away)", b.refused)
+            yield _gauge("broker_backplane_buffered_bytes", "payload bytes staged or being written", cluster.buffered)
+            yield _by("broker_backplane_lag_seconds", "per shard: how old the newest entry read was when it was read", "shard", {str(i): lag / 1000 for i, lag in enumerate(b.lag_ms)})
+
+
+def _gauge(name: str, text: str, value: float, labels: dict | None = None) -> GaugeMetricFamily:
+    if labels is None:
+        return GaugeMetricFamily(name, text, value=value)
+    family = GaugeMetricFamily(name, text, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)
+
+
+def _by(name: str, text: str, label: str, values: dict, counter: bool = False) -> Metric:
+    family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, text, labels=[label])
+    for key, value in sorted(values.items(), key=lambda item: str(item[0])):
+        family.add_metric([str(key)], value)
+    return family
+
+
+def _queue_histogram(server) -> HistogramMetricFamily:
+    counts = [0] * len(QUEUE_BUCKETS)
+    total = 0
+    for conn in list(server.connections.values()):
+        box = conn.box
+        if box is None:
+            continue
+        size = box.size + box.transport_bytes
+        total += size
+        for i, bound in enumerate(QUEUE_BUCKETS):
+            if size <= bound:
+                counts[i] += 1
+    buckets = [(str(bound), count) for bound, count in zip(QUEUE_BUCKETS, counts)]
+    buckets.append(("+Inf", len(server.connections)))
+    return HistogramMetricFamily("broker_queue_bytes", "bytes each connection has waiting, in the broker and its transport, over connections", buckets=buckets, sum_value=total)

@@ -1,0 +1,105 @@
+"""The admin HTTP server: Prometheus metrics read from the broker's counters, and health."""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.client import Client
+from broker.errors import ErrorCode, RequestError
+
+from conftest import ROOT, RawSocketClient, run, serving, url
+from redis_support import free_port
+
+
+def samples(text: str) -> dict:
+    """{(sample name, labels as a sorted tuple): value} of a Prometheus text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+            return response.status, await response.text()
+
+
+def test_metrics_count_connections_messages_bytes_and_errors():
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port) as server:
+            assert (await get(port, "/healthz"))[0] == 200
+            status, body = await get(port, "/readyz")
+            assert status == 200 and '"ready": true' in body
+            async with Client(url(server)) as publisher, Client(url(server)) as subscriber:
+                sub = await subscriber.subscribe("m.t")
+                for i in range(50):
+                    publisher.publish("m.t", b"%d" % i)
+                got = 0
+                async for _ in sub:
+                    got += 1
+                    if got == 50:
+                        break
+                raw = await RawSocketClient.connect(server.port)
+                await raw.send(["pub", 5, "a..b", b"x"])
+                assert (await raw.recv()).code == ErrorCode.INVALID_TOPIC
+                raw.close()
+                status, text = await get(port, "/metrics")
+                assert status == 200
+                m = samples(text)
+                assert m[("broker_connections_opened_total", ())] == 3
+                assert m[("broker_messages_published_total", ())] == 50
+                assert m[("broker_messages_delivered_total", ())] == 50
+                assert m[("broker_errors_total", (("code", str(int(ErrorCode.INVALID_TOPIC))),))] == 1
+                assert m[("broker_bytes_in_total", ())] > 50 and m[("broker_bytes_out_total", ())] > 50
+                assert m[("broker_writes_total", ())] >= 3 and m[("broker_ticks_total", ())] >= 1
+                assert m[("broker_topics", ())] == 1
+                connections = m[("broker_connections", ())]
+                assert connections in (2, 3)  # the raw one may be gone already
+                assert m[("broker_queue_bytes_count", ())] == connections
+                assert m[("broker_queue_bytes_bucket", (("le", "+Inf"),))] == connections
+                assert ("broker_event_loop_lag_seconds", ()) in m
+                assert not any(name.startswith("broker_backplane") for name, _ in m)
+        async with serving() as plain:
+            assert plain.admin is None  # off unless admin_port is set
+
+    run(main())
+
+
+def test_readyz_says_when_the_backplane_does_not_take_publishes(own_redis):
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, redis_url=own_redis.url, redis_prefix="r", redis_timeout_s=0.5) as server:
+            assert (await get(port, "/readyz"))[0] == 200
+            async with Client(url(server)) as client:
+                assert (await client.publish_acked("r.t", b"x")).seq == 1
+                m = samples((await get(port, "/metrics"))[1])
+                assert m[("broker_backplane_connected", ())] == 1 and m[("broker_backplane_messages_written_total", ())] == 1
+                own_redis.stop()
+                try:
+                    await client.publish_acked("r.t", b"y")
+                except RequestError as exc:
+                    assert exc.code == ErrorCode.UNAVAILABLE
+                status, body = await get(port, "/readyz")
+                assert status == 503 and '"backplane": false' in body
+                assert (await get(port, "/healthz"))[0] == 200  # alive all the same
+
+    run(main())
+
+
+def test_every_metric_is_documented_and_every_documented_metric_exists(own_redis):
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, redis_url=own_redis.url, redis_prefix="d") as server:
+            names = {family.name for family in text_string_to_metric_families((await get(port, "/metrics"))[1])}
+            assert server.admin is not None
+            return names
+
+    names = run(main())
+    documented = set(re.findall(r"^\| `(broker_[a-z_]+)`", (ROOT / "docs" / "operations.md").read_text(), re.M))
+    assert names == documented, (sorted(names - documented), sorted(documented - names))
