@@ -116,6 +116,8 @@ SYSTEMS = {
     "broker-auth": System("broker-auth", scan.BROKER, f"broker.v1, bearer.{AUTH_TOKEN}", "broker", acks=True),
     # the broker serving TLS (wss://) on its defaults otherwise
     "broker-tls": System("broker-tls", scan.BROKER, "broker.v1", "broker", acks=True, tls=True),
+    # the broker with its admin server on (admin_port) and /metrics scraped once a second
+    "broker-metrics": System("broker-metrics", scan.BROKER, "broker.v1", "broker", acks=True),
     # the baseline may predate coalesced frames: BENCH_BASELINE_PROTOCOL=broker-old for one frame per topic
     "broker-baseline": System("broker-baseline", scan.BROKER, "broker.v1", os.environ.get("BENCH_BASELINE_PROTOCOL", "broker"), acks=True),
     "ceiling": System("ceiling", scan.BROKER, "broker.v1", "broker"),
@@ -433,6 +435,20 @@ async def _probe(system: System, pub_port: int, sub_ports: list[int], topic: str
             client.transport.abort()
 
 
+# A Prometheus stand-in for broker-metrics: GET /metrics once a second (faster than the usual
+# 15 s scrape interval, so the row shows scraping's cost plainly).
+SCRAPER = """
+import sys, time, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/metrics"
+while True:
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+    except OSError:
+        pass
+    time.sleep(1)
+"""
+
+
 def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Deployment:
     """Start system `name` whole: one process on a free port, or (System.redis) a redis-server on
     a free port with nothing written to disk and broker nodes with its --redis-url and a fresh
@@ -440,6 +456,11 @@ def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Dep
     nats-server joined by routes (each with a `cluster` block listing the others, and a
     monitoring port for /routez). Call wait_ready() before use, stop() after."""
     system = SYSTEMS[name]
+    if name == "broker-metrics":
+        port, admin = free_port(), free_port()
+        procs = {"server": start(name, port, defaults, broker, ["--admin-port", str(admin)])}
+        procs["scraper"] = subprocess.Popen([sys.executable, "-c", SCRAPER, str(admin)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_setup)
+        return Deployment(name, procs, {"server": port}, port, [port])
     if system.nodes == 1 and not system.redis:
         port = free_port()
         return Deployment(name, {"server": start(name, port, defaults, broker)}, {"server": port}, port, [port])
