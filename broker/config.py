@@ -102,6 +102,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # [admin] (metrics and health over HTTP; off unless admin_port is set)
     admin_host: str = "127.0.0.1"
     admin_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    admin_api_key: str = ""
     # processes
     workers: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
     reuse_port: bool = False
@@ -238,6 +239,7 @@ HELP = {
     "redis_max_buffer_bytes": "[redis] bytes of publishes held while Redis is slow or away; past it publishes are refused with err 18",
     "admin_host": "[admin] interface the admin HTTP server (metrics, health) listens on",
     "admin_port": "[admin] port of the admin HTTP server: /metrics (Prometheus), /healthz, /readyz (0: no admin server)",
+    "admin_api_key": "[admin] key the admin JSON API (/api/...) wants as Authorization: Bearer KEY ('': the API is off; metrics and health need none)",
     "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies",
     "reuse_port": "listen with SO_REUSEPORT (set for worker processes; lets several processes share the port)",
     "rate_limit_close_after": "[limits] messages refused for a rate limit, in a row within 10 s, after which the connection is closed (1008)",

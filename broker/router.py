@@ -326,6 +326,24 @@ class Router:
         for box, request_id in waiting:
             self._fail_later(box, request_id, code, text)
 
+    def publish_for(self, name: str, payload: bytes, done: Callable[[int, int], object], failed: Callable[[int, str], object]) -> None:
+        """A publish that comes from no connection (the admin API): the same topic checks and
+        sequence numbers as any other; `done(epoch, seq)` once it is sequenced (at once with
+        the memory backplane), or `failed(code, text)` when the backplane could not take it.
+        Raises RequestError for a topic the broker refuses."""
+        backplane = self.backplane
+        if not backplane.accepting:
+            raise RequestError(ErrorCode.UNAVAILABLE, backplane.refusal())
+        state = self.topics.get(name)
+        if state is None:
+            state = self.topic(name)
+        if backplane.sequences_at_once:
+            backplane.publish(state, payload, self.dirty)
+            done(state.epoch, state.seq)
+        else:
+            backplane.publish(state, payload, self.dirty, done, failed)
+        self.published_since_flush()
+
     def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:
         if not box.closed:
             self.send(box, encode(Ack(request_id, epoch, seq)))

@@ -1,0 +1,101 @@
+"""The admin JSON API: stats, topics, connections, closing one, and server-side publish."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import aiohttp
+
+from broker.client import Client
+from broker.errors import ErrorCode
+
+from conftest import run, serving, url
+from redis_support import free_port
+
+KEY = "admin-key-of-this-test"
+
+
+async def call(port: int, method: str, path: str, key: str | None = KEY, **kwargs) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, f"http://127.0.0.1:{port}{path}", headers=headers, **kwargs) as response:
+            return response.status, await response.json()
+
+
+def test_the_api_wants_its_key_and_is_off_without_one():
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY):
+            assert (await call(port, "GET", "/api/stats", key=None))[0] == 401
+            assert (await call(port, "GET", "/api/stats", key="wrong"))[0] == 401
+            status, body = await call(port, "GET", "/api/stats")
+            assert status == 200 and body["connections"] == 0 and body["backplane"] == "memory"
+            status, body = await call(port, "GET", "/api/topics?limit=0")
+            assert status == 400 and "limit" in body["error"]
+        port = free_port()
+        async with serving(admin_port=port):
+            status, body = await call(port, "GET", "/api/stats")
+            assert status == 404 and "admin_api_key" in body["error"]
+
+    run(main())
+
+
+def test_server_side_publish_topics_connections_and_closing_one():
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, max_payload_bytes=1024) as server:
+            async with Client(url(server), reconnect=False) as client:
+                sub = await client.subscribe("md.>")
+                status, body = await call(port, "POST", "/api/publish", json={"topic": "md.a", "text": "hello"})
+                assert status == 200 and body["results"][0]["seq"] == 1
+                messages = [
+                    {"topic": "md.a", "data": base64.b64encode(b"\x00\x01").decode()},
+                    {"topic": "md.*", "text": "a pattern"},
+                    {"topic": "md.b", "text": "x" * 2000},
+                    {"topic": "md.b", "data": "not base64!"},
+                    {"topic": "md.b", "text": "b"},
+                ]
+                status, body = await call(port, "POST", "/api/publish", json={"messages": messages})
+                ok, pattern, big, bad, last = body["results"]
+                assert ok["seq"] == 2 and last["seq"] == 1 and ok["epoch"] == last["epoch"]
+                assert pattern["error"]["code"] in (ErrorCode.PATTERN_NOT_ALLOWED, ErrorCode.INVALID_TOPIC)
+                assert big["error"]["code"] == ErrorCode.PAYLOAD_TOO_LARGE and bad["error"]["code"] == ErrorCode.BAD_MESSAGE
+                got = []
+                async for message in sub:
+                    got.append((message.topic, message.seq, message.data))
+                    if len(got) == 3:
+                        break
+                assert got == [("md.a", 1, b"hello"), ("md.a", 2, b"\x00\x01"), ("md.b", 1, b"b")]
+                status, body = await call(port, "GET", "/api/topics")
+                assert body["topics"][0] == {"topic": "md.a", "epoch": ok["epoch"], "seq": 2, "subscribers": 1}
+                status, body = await call(port, "GET", "/api/connections")
+                (row,) = body["connections"]
+                assert row["subscriptions"] == ["md.>"] and row["queue_bytes"] == 0
+                assert (await call(port, "POST", "/api/connections/999999/close"))[0] == 404
+                status, body = await call(port, "POST", f"/api/connections/{row['id']}/close")
+                assert status == 200
+                code, reason = await asyncio.wait_for(client.wait_closed(), 5)
+                assert (code, reason) == (1008, "closed by an operator")
+            assert (await call(port, "POST", "/api/publish", data=b"{not json"))[0] == 400
+
+    run(main())
+
+
+def test_server_side_publish_through_the_redis_backplane_reaches_other_nodes(redis_url, redis_prefix):
+    async def main():
+        port = free_port()
+        settings = dict(redis_url=redis_url, redis_prefix=redis_prefix)
+        async with serving(admin_port=port, admin_api_key=KEY, **settings), serving(**settings) as other:
+            async with Client(url(other)) as client:
+                sub = await client.subscribe("rp.t")
+                status, body = await call(port, "POST", "/api/publish", json={"messages": [{"topic": "rp.t", "text": "1"}, {"topic": "rp.t", "text": "2"}]})
+                assert status == 200 and [r["seq"] for r in body["results"]] == [1, 2]
+                got = []
+                async for message in sub:
+                    got.append((message.seq, message.data))
+                    if len(got) == 2:
+                        break
+                assert got == [(1, b"1"), (2, b"2")]
+
+    run(main())
