@@ -10,6 +10,9 @@ import asyncio
 import base64
 import binascii
 import hmac
+import json
+import time
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,6 +21,9 @@ from ..errors import CloseCode, ErrorCode, RequestError
 from .metrics import Collector
 
 MAX_BODY_BYTES = 16 << 20  # a publish request's body at most
+MAX_WATCHERS = 16  # dashboards open at once (each costs a scan of the topics a second)
+HOT_TOPICS = 10
+STATIC = Path(__file__).resolve().parent / "static"
 MAX_PUBLISH_MESSAGES = 10_000  # messages one publish request may carry
 
 
@@ -38,7 +44,13 @@ class Admin:
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
         app.router.add_post("/api/publish", self.publish)
+        app.router.add_get("/dashboard", self.to_dashboard)
+        app.router.add_get("/dashboard/", self.dashboard)
+        app.router.add_get("/dashboard/dashboard.js", self.dashboard_js)
+        app.router.add_get("/dashboard/events", self.events)
         self.app = app
+        self.watchers = 0
+        self._closing: asyncio.Event | None = None
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
@@ -57,6 +69,7 @@ class Admin:
             return _error(exc.status, exc.reason)
 
     async def start(self, host: str, port: int) -> None:
+        self._closing = asyncio.Event()
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -64,6 +77,8 @@ class Admin:
         self.port = site._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        if self._closing is not None:
+            self._closing.set()  # open dashboards' event streams end
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -83,6 +98,64 @@ class Admin:
         }
         ready = all(checks.values())
         return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+    # the dashboard: static files and one server-sent event a second
+
+    async def to_dashboard(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/dashboard/")
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.FileResponse(STATIC / "dashboard.html")
+
+    async def dashboard_js(self, request: web.Request) -> web.Response:
+        return web.FileResponse(STATIC / "dashboard.js")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """The dashboard's feed: a JSON snapshot a second (what /metrics shows, and the
+        topics that got the most messages in the last second)."""
+        if self.watchers >= MAX_WATCHERS:
+            return _error(503, f"{MAX_WATCHERS} dashboards are open already")
+        self.watchers += 1
+        try:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            seqs: dict[str, int] = {}
+            while not self._closing.is_set():
+                snapshot = self._snapshot(seqs)
+                await response.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+                try:
+                    await asyncio.wait_for(self._closing.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+            return response
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        finally:
+            self.watchers -= 1
+
+    def _snapshot(self, seqs: dict[str, int]) -> dict:
+        server = self.server
+        stats = server.router.stats
+        hot = []
+        for state in list(server.router.topics.values()):
+            before = seqs.get(state.name)
+            seqs[state.name] = state.seq
+            if before is not None and state.seq > before:
+                hot.append((state.seq - before, state.name, state.seq))
+        hot.sort(reverse=True)
+        cluster = server.cluster
+        return {
+            "time": time.time(),
+            "connections": len(server.connections),
+            "published": stats.published,
+            "delivered": stats.delivered,
+            "topics": len(server.router.topics),
+            "slow_consumers": stats.slow_consumers + stats.sheds,
+            "pending_bytes": server.pending_total,
+            "backplane_lag_ms": None if cluster is None else max(cluster.stats.lag_ms),
+            "loop_lag_s": server.peek_loop_lag(),
+            "hot": [{"topic": name, "rate": rate, "seq": seq} for rate, name, seq in hot[:HOT_TOPICS]],
+        }
 
     # the JSON API
 

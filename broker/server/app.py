@@ -225,6 +225,10 @@ class Server:
             }),
         )
 
+    def peek_loop_lag(self) -> float:
+        """How late the sweep ran at most since the last scrape (s), without resetting it."""
+        return self._loop_lag
+
     def take_loop_lag(self) -> float:
         """How late the sweep ran at most since this was last asked (s): the event loop's lag."""
         lag, self._loop_lag = self._loop_lag, 0.0

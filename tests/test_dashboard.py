@@ -1,0 +1,86 @@
+"""The dashboard in a real headless Chromium: it loads, shows live numbers that change while a
+publisher runs, and logs no console errors. Needs Playwright (test extras) and a Chromium
+(`apt-get install chromium`, or `playwright install chromium`); skipped, saying which is
+missing, where there is none."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from redis_support import BrokerNode, free_port
+
+PUBLISHER = """
+import asyncio, sys
+from broker.client import Client
+async def main():
+    async with Client(sys.argv[1]) as client:
+        sub = await client.subscribe("md.>")
+        i = 0
+        while True:
+            for _ in range(50):
+                i += 1
+                client.publish("md.live", b"%d" % i)
+            await asyncio.sleep(0.01)
+asyncio.run(main())
+"""
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_the_dashboard_shows_live_numbers_in_chromium():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')")
+    executable = chromium()
+    with sync_api.sync_playwright() as playwright:
+        if executable is None:
+            try:
+                browser = playwright.chromium.launch()
+            except Exception as exc:  # no Playwright-downloaded browser either
+                pytest.skip(f"no Chromium here (apt-get install chromium, or playwright install chromium): {exc}")
+        else:
+            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        admin = free_port()
+        with BrokerNode("--admin-port", str(admin)) as node:
+            deadline = time.monotonic() + 10
+            while True:  # the admin server starts right after the WebSocket listener
+                try:
+                    socket.create_connection(("127.0.0.1", admin), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the admin server did not start"
+                    time.sleep(0.05)
+            publisher = subprocess.Popen([sys.executable, "-c", PUBLISHER, node.url], cwd=ROOT)
+            try:
+                page = browser.new_page()
+                problems: list[str] = []
+                page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+                page.on("pageerror", lambda error: problems.append(str(error)))
+                page.goto(f"http://127.0.0.1:{admin}/dashboard")
+                page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
+                page.wait_for_function("document.getElementById('delivered-rate').textContent !== '0' && document.getElementById('delivered-rate').textContent !== '–'", timeout=10_000)
+                first = page.text_content("#delivered-rate")
+                seen = {first}
+                deadline = time.monotonic() + 10
+                while len(seen) < 3 and time.monotonic() < deadline:
+                    page.wait_for_timeout(500)
+                    seen.add(page.text_content("#delivered-rate"))
+                assert len(seen) >= 3, f"the delivered rate did not change: {seen}"
+                assert page.text_content("#connections") == "1"
+                page.wait_for_function("document.querySelector('#hot td') && document.querySelector('#hot td').textContent === 'md.live'", timeout=10_000)
+                assert not problems, problems
+            finally:
+                publisher.kill()
+                publisher.wait()
+                browser.close()
