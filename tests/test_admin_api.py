@@ -37,6 +37,10 @@ def test_the_api_wants_its_key_and_is_off_without_one():
         async with serving(admin_port=port):
             status, body = await call(port, "GET", "/api/stats")
             assert status == 404 and "admin_api_key" in body["error"]
+            async with aiohttp.ClientSession() as session:  # the dashboard needs no key
+                for path, kind in (("/dashboard", "text/html"), ("/dashboard/dashboard.js", "text/javascript")):
+                    async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                        assert response.status == 200 and response.content_type == kind
 
     run(main())
 

@@ -105,10 +105,10 @@ class Admin:
         raise web.HTTPFound("/dashboard/")
 
     async def dashboard(self, request: web.Request) -> web.Response:
-        return web.FileResponse(STATIC / "dashboard.html")
+        return web.Response(body=(STATIC / "dashboard.html").read_bytes(), content_type="text/html", charset="utf-8")
 
     async def dashboard_js(self, request: web.Request) -> web.Response:
-        return web.FileResponse(STATIC / "dashboard.js")
+        return web.Response(body=(STATIC / "dashboard.js").read_bytes(), content_type="text/javascript", charset="utf-8")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The dashboard's feed: a JSON snapshot a second (what /metrics shows, and the
