@@ -388,6 +388,14 @@ class Router:
             self.dirty = []
             self._emit(dirty)
         arrived: list[TopicState] = []
+        try:
+            return self._arrive(entries, arrived)
+        finally:  # what was stamped goes out even if an entry broke the loop
+            if arrived:
+                self._emit_now(arrived)
+                self._want_flush()
+
+    def _arrive(self, entries: list, arrived: list[TopicState]) -> int:
         topics = self.topics
         awaiting = self._awaiting
         taken = 0
@@ -423,9 +431,6 @@ class Router:
                     arrived.append(state)
                 state.seq = first + count - 1
                 taken += count
-        if arrived:
-            self._emit_now(arrived)
-            self._want_flush()
         return taken
 
     def _await_position(self, name: str, box: Outbox, epoch: int, seq: int) -> None:

@@ -83,8 +83,8 @@ for i = 1, #counts, 2 do
   firsts[#firsts + 1] = redis.call('HINCRBY', KEYS[1], counts[i], n) - n + 1
 end
 local s = cmsgpack.pack(firsts)
-redis.call('SET', KEYS[3], ARGV[5] .. '|' .. epoch .. '|' .. s, 'PX', 86400000)
 local id = redis.call('XADD', KEYS[2], ARGV[2], '~', ARGV[3], '*', 'n', ARGV[4], 'w', ARGV[5], 'e', epoch, 's', s, 'd', ARGV[6])
+redis.call('SET', KEYS[3], ARGV[5] .. '|' .. epoch .. '|' .. s, 'PX', 86400000)
 return {epoch, s, id}
 """
 
@@ -304,8 +304,7 @@ class RedisBackplane(MemoryBackplane):
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
 
-            cluster_options = dict(options)
-            cluster_options.pop("retry")
+            cluster_options = dict(options)  # retry: none (redis-py would retry each command 10 times)
             self._redis = RedisCluster.from_url(self.url, **cluster_options)
             reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
             self._readers = [RedisCluster.from_url(self.url, **reader_options) for _ in range(self.shards)]
@@ -397,7 +396,10 @@ class RedisBackplane(MemoryBackplane):
                 self.stats.reads += 1
                 if not entries:
                     break
-                self._take(shard, entries)
+                try:
+                    self._take(shard, entries)
+                except Exception:  # a bug or an entry no broker wrote: the node starts all the same
+                    log.exception("cluster backplane: entries of %s up to %s could not be loaded", self.streams[shard], entries[-1][0])
                 position = entries[-1][0]
                 lower = b"(" + position
                 if len(entries) < LOAD_COUNT:
@@ -417,7 +419,7 @@ class RedisBackplane(MemoryBackplane):
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except (OSError, aioredis.RedisError) as exc:
+            except Exception as exc:  # connection errors; on a cluster also RedisClusterException
                 await self._after_failure("reading the shard streams", failures, exc)
                 failures += 1
                 continue
@@ -447,6 +449,8 @@ class RedisBackplane(MemoryBackplane):
         for entry_id, fields in entries:
             try:
                 epoch = int(fields[b"e"])
+                if not 0 < epoch < 1 << 63:
+                    raise ValueError("epoch out of range")
                 data = fields[b"d"]
                 batches = _data.decode(data)
                 firsts = _firsts.decode(fields[b"s"])
@@ -489,9 +493,16 @@ class RedisBackplane(MemoryBackplane):
                         continue
                     await self._wake.wait()
                     continue
-                self._writing = self._full + list(self._blocks.values())
-                self._full = []
-                self._blocks = {}
+                # at most one block per shard in a write: the script's repeat check knows the
+                # last write per shard, so a write sent again must hold one block per shard
+                shards: set[int] = set()
+                for block in [*self._full, *self._blocks.values()]:
+                    if block.shard not in shards:
+                        shards.add(block.shard)
+                        self._writing.append(block)
+                taken = set(map(id, self._writing))
+                self._full = [block for block in self._full if id(block) not in taken]
+                self._blocks = {shard: block for shard, block in self._blocks.items() if id(block) not in taken}
                 for block in self._writing:
                     self._writes += 1
                     block.write = self._writes
@@ -632,7 +643,7 @@ class RedisBackplane(MemoryBackplane):
         try:
             await self._redis.ping() if not self.cluster else await self._redis.execute_command("PING")
             self.stats.commands += 1
-        except (OSError, aioredis.RedisError):
+        except Exception:  # connection errors; on a cluster also RedisClusterException
             return
         self._back()
 
