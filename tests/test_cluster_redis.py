@@ -48,3 +48,46 @@ def test_nodes_on_a_redis_cluster_share_topics_spread_over_every_master(redis_cl
         assert len(owners) == 3
     finally:
         cluster.close()
+
+
+def test_a_paused_master_fails_its_publishes_within_the_timeout_and_not_later(redis_cluster, redis_prefix):
+    """One command per try on a cluster too: a publish to a shard on a master that stopped
+    answering fails with err 18 after about redis_timeout_s, not after redis-py's retries."""
+    import asyncio
+    import time
+
+    from broker.errors import ErrorCode, RequestError
+
+    async def main():
+        settings = dict(redis_url=redis_cluster.url, redis_prefix=redis_prefix, redis_shards=12, redis_timeout_s=1.0)
+        async with serving(**settings) as a:
+            async with Client(url(a), request_timeout=60) as publisher:
+                await publisher.publish_acked("ct.warm", b"w")
+                cluster = RedisCluster.from_url(redis_cluster.url)
+                try:
+                    first = redis_cluster.nodes[0]
+
+                    def owner(topic: str) -> int:
+                        return cluster.get_node_from_key(f"{{{redis_prefix}:{a.cluster.shard_of(topic)}}}:s").port
+
+                    paused_topic = next(f"ct.{i}" for i in range(500) if owner(f"ct.{i}") == first.port)
+                    healthy_topic = next(f"ct.{i}" for i in range(500) if owner(f"ct.{i}") != first.port)
+                finally:
+                    cluster.close()
+                first.pause()
+                try:
+                    started = time.monotonic()
+
+                    async def one(topic):
+                        try:
+                            return await publisher.publish_acked(topic, b"x"), time.monotonic() - started
+                        except RequestError as exc:
+                            return exc, time.monotonic() - started
+
+                    (paused, paused_s), (healthy, healthy_s) = await asyncio.gather(one(paused_topic), one(healthy_topic))
+                finally:
+                    first.resume()
+                assert isinstance(paused, RequestError) and paused.code == ErrorCode.UNAVAILABLE and paused_s < 3.5
+                assert not isinstance(healthy, BaseException) and healthy.seq == 1 and healthy_s < 3.5
+
+    run(main(), timeout=60)
