@@ -111,8 +111,7 @@ class Server:
         self.connections: dict[int, Connection] = {}
         self.guard = limits.Guard(config, log=logs.event)  # connections admitted, rate limits, audit log
         self.port: int | None = None
-        self.handshakes_refused = 0
-        self.refused_by_status: dict[int, int] = {}
+        self.refused_by_status: dict[int, int] = {}  # upgrade requests refused, by HTTP status
         # counters for metrics: one addition per connection, read, write or tick, never per message
         self.opened = 0
         self.bytes_in = 0
@@ -229,6 +228,10 @@ class Server:
         """How late the sweep ran at most since the last scrape (s), without resetting it."""
         return self._loop_lag
 
+    @property
+    def handshakes_refused(self) -> int:
+        return sum(self.refused_by_status.values())
+
     def take_loop_lag(self) -> float:
         """How late the sweep ran at most since this was last asked (s): the event loop's lag."""
         lag, self._loop_lag = self._loop_lag, 0.0
@@ -279,7 +282,6 @@ class Server:
     def refused(self, error: handshake.HandshakeError, peer: str = "") -> None:
         """Count a refused handshake and write it to the audit log, bounded per address like
         the refusals of the limits (a client cannot flood the log with bad requests or tokens)."""
-        self.handshakes_refused += 1
         self.refused_by_status[error.status] = self.refused_by_status.get(error.status, 0) + 1
         if not isinstance(error, limits.LimitRefused):  # the guard wrote those already
             ip = peer.rpartition(":")[0] or peer
