@@ -651,7 +651,7 @@ class Router:
             known = {state.name for state in states}
             for name, (epoch, seq) in listed.items():
                 if name not in known:
-                    self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
+                    self._recover_topic(box, name, None, epoch, seq)
         self.schedule_write(box)
 
     def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
