@@ -356,11 +356,21 @@ class RedisBackplane(MemoryBackplane):
 
     async def _close_clients(self) -> None:
         for client in [self._redis, *self._readers]:
-            if client is not None:
-                try:
-                    await client.aclose()
-                except Exception:  # closing a broken connection: nothing more to do
-                    pass
+            if client is None:
+                continue
+            try:
+                await client.aclose()
+            except Exception:  # closing a broken connection: nothing more to do
+                pass
+            if self.cluster:
+                # after a connection error redis-py marks a cluster client for rediscovery, and
+                # its aclose() then closes nothing: disconnect every node it knows of
+                nodes = {id(node): node for node in [*client.get_nodes(), *client.nodes_manager.startup_nodes.values()]}
+                for node in nodes.values():
+                    try:
+                        await node.disconnect()
+                    except Exception:  # closing a broken connection: nothing more to do
+                        pass
         self._redis = None
         self._readers = []
 
