@@ -222,10 +222,22 @@ def test_entries_no_broker_wrote_are_skipped_and_the_node_reads_on(redis_url, re
                     huge = msgspec.msgpack.encode([1 << 63])
                     r.xadd(key, {"e": str(epoch), "s": huge, "d": msgspec.msgpack.encode([["z.t", [b"x"]]])})
                     r.xadd(key, {"e": str(epoch), "s": msgspec.msgpack.encode([1]), "d": msgspec.msgpack.encode([["a..b", [b"x"]]])})
+                    one = msgspec.msgpack.encode([1])
+                    data = msgspec.msgpack.encode([["z.t", [b"x"]]])
+                    for bad_epoch in ("0", "-5", str(1 << 63), "x"):  # an epoch out of range must not hold the topic
+                        r.xadd(key, {"e": bad_epoch, "s": one, "d": data})
                 finally:
                     r.close()
                 ack = await publisher.publish_acked("z.t", b"real")
                 (message,) = await take(sub, 1)
                 assert (message.seq, message.data) == (ack.seq, b"real")
+                again = await publisher.publish_acked("z.t", b"next")
+                (message,) = await take(sub, 1)
+                assert (message.seq, message.data) == (again.seq, b"next")
+            # a node started later loads history past the same entries and recovers from it
+            async with node(redis_url, redis_prefix) as c, Client(url(c)) as late:
+                sub = await late.subscribe("z.t", since=(ack.epoch, ack.seq - 1))
+                got = await take(sub, 2)
+                assert [(m.seq, m.data) for m in got] == [(ack.seq, b"real"), (again.seq, b"next")]
 
     run(main())

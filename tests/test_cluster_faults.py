@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+import msgspec
 import redis
 
 from broker.client import Client, Gap, Message
@@ -240,3 +241,101 @@ def test_a_stopped_node_does_not_hold_the_others_back_and_catches_up_or_reports_
                 assert len(before) + len(after) == len(messages) and gap.last > gap.first
 
         run(main(), timeout=90)
+
+
+class CuttingProxy:
+    """A TCP proxy in front of Redis that can hold Redis's replies back, pass on what it held,
+    and cut every connection, dropping what it still holds: replies lost after Redis ran the
+    commands, as when a connection breaks at the wrong moment."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.holding = False
+        self.links: list[dict] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _link(self, client_reader, client_writer) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        link = {"client": client_writer, "redis": redis_writer, "held": bytearray()}
+        self.links.append(link)
+
+        async def pump(reader, writer, replies: bool):
+            try:
+                while (data := await reader.read(65536)) and not writer.is_closing():
+                    if replies and self.holding:
+                        link["held"] += data
+                    else:
+                        writer.write(data)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.transport.abort()
+
+        await asyncio.gather(pump(client_reader, redis_writer, False), pump(redis_reader, client_writer, True))
+
+    def pass_held(self) -> None:
+        for link in self.links:
+            if not link["client"].is_closing():
+                link["client"].write(bytes(link["held"]))
+            link["held"].clear()
+
+    def cut(self) -> None:
+        self.holding = False
+        for link in self.links:
+            link["held"].clear()
+            link["client"].transport.abort()
+            link["redis"].transport.abort()
+        self.links = []
+
+    async def close(self) -> None:
+        self.cut()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def test_a_write_sent_again_after_its_reply_was_lost_appends_each_block_once(own_redis):
+    """Publishes staged while a write is out fill several blocks of one shard; the next write
+    takes one of them, its reply is lost, and it is sent again: the script's repeat check
+    answers it, so nothing is appended twice and every message has one number."""
+
+    async def main():
+        proxy = CuttingProxy(own_redis.port)
+        proxied = await proxy.start()
+        try:
+            async with serving(redis_url=proxied, redis_prefix="cut", redis_timeout_s=10.0) as a:
+                async with Client(url(a), request_timeout=60) as publisher, Client(url(a)) as client:
+                    sub = await client.subscribe("big")
+                    await publisher.publish_acked("big", b"warm")
+                    proxy.holding = True
+                    small = asyncio.ensure_future(publisher.publish_acked("big", b"small"))
+                    await asyncio.sleep(0.3)  # that write is out, its reply held
+                    payloads = [b"%d" % i + b"x" * (400 << 10) for i in range(6)]  # about 3 blocks of 1 MiB
+                    big = asyncio.ensure_future(publish_all(publisher, "big", payloads))
+                    await asyncio.sleep(0.5)  # staged behind the write that is out
+                    scripts = a.cluster.stats.scripts
+                    proxy.pass_held()  # the first write is answered; the next goes out, its reply held
+                    await until(lambda: asyncio.sleep(0, a.cluster.stats.scripts > scripts))
+                    await asyncio.sleep(0.3)  # Redis ran it
+                    proxy.cut()  # and its reply is lost: the writer sends it again
+                    acks = [await small, *(await big).values()]
+                    assert not [ack for ack in acks if isinstance(ack, BaseException)]
+                    assert a.cluster.stats.in_doubt >= 1
+                    got = await take(sub, 1 + 1 + len(payloads), timeout=20)
+                    assert [m.data for m in got if isinstance(m, Message)][0] == b"warm"
+                    assert sorted(m.seq for m in got) == list(range(1, 9))  # one number each, none twice
+                    assert {ack.seq for ack in acks} == set(range(2, 9))
+            r = redis.Redis(port=own_redis.port)
+            try:
+                shard_stream = [key for key in r.scan_iter("{cut:*}:s") if r.xlen(key)][0]
+                published = sum(len(batch[1]) for _, fields in r.xrange(shard_stream) for batch in msgspec.msgpack.decode(fields[b"d"]))
+            finally:
+                r.close()
+            assert published == 8  # in the stream once each
+        finally:
+            await proxy.close()
+
+    run(main(), timeout=60)

@@ -96,3 +96,43 @@ def test_a_paused_master_fails_its_publishes_within_the_timeout_and_not_later(re
         assert nodes and not [node.name for node in nodes if any(c.is_connected for c in node._connections)]
 
     run(main(), timeout=60)
+
+
+def test_the_readers_survive_a_whole_cluster_outage(redis_cluster, redis_prefix):
+    """Every master goes away (redis-py then raises its own cluster errors, not connection
+    errors) and comes back empty: messages flow between the nodes again, in a new epoch."""
+    import asyncio
+    import time
+
+    from broker.client import Gap
+
+    async def main():
+        settings = dict(redis_url=redis_cluster.url, redis_prefix=redis_prefix, redis_shards=6, redis_timeout_s=0.5)
+        async with serving(**settings) as a, serving(**settings) as b:
+            async with Client(url(a), request_timeout=60) as publisher, Client(url(b)) as client:
+                sub = await client.subscribe("out.1")
+                first = await publisher.publish_acked("out.1", b"before")
+                assert [m.data for m in await take(sub, 1)] == [b"before"]
+                for master in redis_cluster.nodes:
+                    master.stop()
+                try:
+                    await asyncio.sleep(3.0)  # every reader fails many times, rediscovery too
+                finally:
+                    for master in redis_cluster.nodes:
+                        master.start()
+                    await asyncio.to_thread(redis_cluster.wait_ready)
+                deadline = time.monotonic() + 30
+                while True:  # publishes are refused until the writer's probe gets an answer
+                    try:
+                        ack = await publisher.publish_acked("out.1", b"after")
+                        break
+                    except Exception:
+                        assert time.monotonic() < deadline, "publishes still refused 30 s after the outage"
+                        await asyncio.sleep(0.2)
+                assert ack.epoch != first.epoch  # Redis came back empty: a new epoch
+                got = await take(sub, 2, timeout=20)
+                assert isinstance(got[0], Gap) and got[0].cause == "ended", got
+                assert (got[1].epoch, got[1].seq, got[1].data) == (ack.epoch, ack.seq, b"after")
+                assert all(not task.done() for task in b.cluster._tasks[1:]), "a reader ended"
+
+    run(main(), timeout=90)
