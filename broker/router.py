@@ -40,8 +40,11 @@ TICK_VALUE_BYTES = 16
 _FRAME_OVERHEAD = 64
 
 # Positions (since) beyond what a cluster node delivered that it keeps waiting for their topic's
-# next batch; past it, the oldest topic's are given up (those connections get no gap).
+# next batches: at most this many in all (past it, the oldest topic's are given up) and per
+# connection (past it, its further positions are not waited for). A position given up is
+# treated as this node's own: the connection may get again messages it had.
 MAX_AWAITED = 100_000
+MAX_AWAITED_PER_CONNECTION = 10_000
 
 
 class RouterStats:
@@ -180,6 +183,7 @@ class Router:
         # delivered, per topic (connection, epoch, seq), settled by the topic's next batch.
         self._awaiting: dict[str, list[tuple[Outbox, int, int]]] = {}
         self._awaited = 0
+        self._awaits_of: dict[Outbox, int] = {}  # positions awaited per connection
         self._flush_requested = False
         self._emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
@@ -397,7 +401,6 @@ class Router:
 
     def _arrive(self, entries: list, arrived: list[TopicState]) -> int:
         topics = self.topics
-        awaiting = self._awaiting
         taken = 0
         for epoch, batches, firsts in entries:
             for (name, payloads), first in zip(batches, firsts):
@@ -423,8 +426,6 @@ class Router:
                 if state.dirty:
                     state.pending.extend(payloads)
                 else:
-                    if awaiting and name in awaiting:
-                        self._positions_met(name, epoch, first)
                     state.dirty = True
                     state.first = first
                     state.pending = payloads
@@ -434,25 +435,95 @@ class Router:
         return taken
 
     def _await_position(self, name: str, box: Outbox, epoch: int, seq: int) -> None:
+        """Hold a position this node has not reached: the topic's batches up to it pass the
+        connection by, the first one past it is cut for it (see _pass_positions)."""
+        held = self._awaits_of.get(box, 0)
+        if held >= MAX_AWAITED_PER_CONNECTION:
+            return
         awaiting = self._awaiting
         if self._awaited >= MAX_AWAITED:  # the oldest topic's positions are given up
-            oldest = next(iter(awaiting))
-            self._awaited -= len(awaiting.pop(oldest))
+            for other, _, _ in awaiting.pop(next(iter(awaiting))):
+                self._release_position(other)
+            held = self._awaits_of.get(box, 0)
+        if not held:
+            # A connection waiting for positions is a plain member of its nodes (one extra
+            # count in nsubs keeps it so), so that one emission can pass it by.
+            node = box.solo_node
+            if node is None:
+                box.nsubs += 1
+            else:
+                self.index.unsubscribe(node.pattern, box)  # what the node gave it this tick becomes its own
+                box.nsubs += 1
+                self.index.subscribe(node.pattern, box)
+        self._awaits_of[box] = held + 1
         awaiting.setdefault(name, []).append((box, epoch, seq))
         self._awaited += 1
 
-    def _positions_met(self, name: str, epoch: int, first: int) -> None:
-        """The topic's first batch since connections asked for positions this node had not
-        reached: a gap for each position the batch does not follow."""
-        waiting = self._awaiting.pop(name)
-        self._awaited -= len(waiting)
-        for box, position_epoch, seq in waiting:
-            if box.closed:
+    def _forget_positions(self, box: Outbox, pattern: str | None) -> None:
+        """Drop the positions `box` awaits on topics of `pattern` (None: on every topic)."""
+        awaiting = self._awaiting
+        for name in [name for name in awaiting if pattern is None or matches(pattern, name)]:
+            waiting = awaiting[name]
+            still = [entry for entry in waiting if entry[0] is not box]
+            for _ in range(len(waiting) - len(still)):
+                self._release_position(box)
+            if still:
+                awaiting[name] = still
+            else:
+                del awaiting[name]
+
+    def _release_position(self, box: Outbox) -> None:
+        self._awaited -= 1
+        held = self._awaits_of[box] - 1
+        if held:
+            self._awaits_of[box] = held
+        else:
+            del self._awaits_of[box]
+            box.nsubs -= 1  # it stays a plain member until its subscriptions change
+
+    def _pass_positions(self, states: list[TopicState]) -> list:
+        """Before `states` are emitted: settle the positions awaited on them. A connection
+        whose position the batch does not reach is passed by (its `mark` is set to the
+        batch's emission number) and keeps waiting; one whose position falls inside the batch
+        is passed by and gets the part after it (returned, to queue after the emission); one
+        whose position the batch follows gets it as everyone does, with a gap notice for the
+        numbers in between if any, or `ended` if the topic is in another epoch now."""
+        awaiting = self._awaiting
+        emission = self._emission
+        cut = []
+        for state in states:
+            count = len(state.pending)
+            if not count:
                 continue
-            if position_epoch != epoch:
-                self._gap(box, Gap(name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
-            elif first > seq + 1:
-                self._gap(box, Gap(name, epoch, seq + 1, first - 1, "this node's history does not hold these messages", "history"))
+            emission += 1  # the number emit_all gives this batch
+            waiting = awaiting.get(state.name)
+            if waiting is None:
+                continue
+            name = state.name
+            epoch = state.epoch
+            first = state.first
+            last = first + count - 1
+            still = []
+            for entry in waiting:
+                box, position_epoch, seq = entry
+                if box.closed or not any(box in node.members for node in state.nodes if not node.dead):
+                    pass  # gone, or no longer subscribed to the topic
+                elif position_epoch != epoch:
+                    self._gap(box, Gap(name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+                elif first > seq + 1:
+                    self._gap(box, Gap(name, epoch, seq + 1, first - 1, "this node's history does not hold these messages", "history"))
+                elif first <= seq:
+                    box.mark = emission  # it has these
+                    if last <= seq:
+                        still.append(entry)
+                        continue
+                    cut.append((box, state, seq + 1, state.pending[seq + 1 - first :]))
+                self._release_position(box)
+            if still:
+                awaiting[name] = still
+            else:
+                del awaiting[name]
+        return cut
 
     def _arriving(self, name: str, epoch: int) -> TopicState | None:
         """The state a batch from the backplane goes to: made for a topic new to this node
@@ -513,6 +584,8 @@ class Router:
         validate_pattern(pattern, self.max_topic_length)
         self._emit_matching(pattern)
         removed = self.index.unsubscribe(pattern, box)
+        if box in self._awaits_of:
+            self._forget_positions(box, pattern)
         if remaining is not None:
             self.index.settle(remaining, box)
         if box.size:
@@ -588,10 +661,15 @@ class Router:
     def _emit_now(self, states: list[TopicState]) -> None:
         backplane = self.backplane
         store = backplane.store
+        cut = self._pass_positions(states) if self._awaiting else None
         self._emission, published, batches, delivered = emit_all(
             states, self._emission, self._max_piece, self._touched, self._slow, self._nodes,
             store, backplane.now_ms() if store is not None else 0,
         )
+        if cut:
+            for box, state, first, payloads in cut:
+                self._replay(box, state, [(first, payloads)])
+                self.schedule_write(box)
         if store is not None:
             backplane.retained()
         stats = self.stats
@@ -603,6 +681,8 @@ class Router:
         """Drop every subscription of a closing connection."""
         for pattern in patterns:
             self.index.unsubscribe(pattern, box)
+        if box in self._awaits_of:
+            self._forget_positions(box, None)
 
     # recovery
 

@@ -241,3 +241,80 @@ def test_entries_no_broker_wrote_are_skipped_and_the_node_reads_on(redis_url, re
                 assert [(m.seq, m.data) for m in got] == [(ack.seq, b"real"), (again.seq, b"next")]
 
     run(main())
+
+
+def test_a_lagging_node_gives_a_raw_client_only_what_follows_its_position(redis_url, redis_prefix):
+    """protocol.md promises no repeats: a node behind a client's `since` lets the topic's
+    batches up to the position pass the connection by and cuts the batch that passes it,
+    for a topic and for a pattern's listed topic, while the pattern's other topics flow."""
+    import time
+
+    from broker.messages import Ack, Delivery, GapNotice
+
+    from conftest import recv_message, ws_raw
+
+    async def deliveries(ws, until_seq: dict[str, int]) -> list[tuple[str, int, bytes]]:
+        got = []
+        while any(until_seq.values()):
+            message = await recv_message(ws)
+            assert not isinstance(message, GapNotice), message
+            if isinstance(message, Delivery):
+                for i, data in enumerate(message.data):
+                    got.append((message.topic, message.seq + i, data))
+                    if until_seq.get(message.topic) == message.seq + i:
+                        until_seq[message.topic] = 0
+        return got
+
+    def pubs(topic: str, seqs: range, request: int) -> bytes:
+        frame = [["pub", 0, topic, b"%d" % n] for n in seqs]
+        frame[-1][1] = request
+        return msgspec.msgpack.encode(frame)
+
+    async def main():
+        async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:
+            async with Client(url(a)) as publisher:
+                first = {t: await publisher.publish_acked(t, b"1") for t in ("lag", "pat.a", "pat.b")}
+            pub = await ws_raw(a)
+            raw = await ws_raw(b)
+            try:
+                await raw.send(msgspec.msgpack.encode(["sub", 1, "lag", [first["lag"].epoch, 5]]))
+                assert await recv_message(raw) == Ack(1, first["lag"].epoch, 1)
+                positions = {"pat.a": [first["pat.a"].epoch, 5]}
+                await raw.send(msgspec.msgpack.encode(["sub", 2, "pat.>", [int(time.time() * 1000), positions]]))
+                assert isinstance(await recv_message(raw), Ack)
+                # a batch wholly before the position, then one across it
+                await pub.send(pubs("lag", range(2, 4), 10))
+                await pub.send(pubs("pat.a", range(2, 4), 11))
+                for _ in range(2):
+                    assert isinstance(await recv_message(pub), Ack)
+                await pub.send(pubs("pat.b", range(2, 3), 12))  # flows while pat.a waits
+                assert isinstance(await recv_message(pub), Ack)
+                got = await deliveries(raw, {"pat.b": 2})
+                assert got == [("pat.b", 2, b"2")]
+                await pub.send(pubs("lag", range(4, 9), 13))
+                await pub.send(pubs("pat.a", range(4, 9), 14))
+                for _ in range(2):
+                    assert isinstance(await recv_message(pub), Ack)
+                got = await deliveries(raw, {"lag": 8, "pat.a": 8})
+                assert sorted(got) == sorted([(t, n, b"%d" % n) for t in ("lag", "pat.a") for n in (6, 7, 8)])
+                # then live as usual
+                await pub.send(pubs("lag", range(9, 10), 15))
+                assert isinstance(await recv_message(pub), Ack)
+                assert await deliveries(raw, {"lag": 9}) == [("lag", 9, b"9")]
+                assert not b.router._awaiting and not b.router._awaits_of
+                # a position dropped with its subscription: a new one gets what follows its ack
+                await raw.send(msgspec.msgpack.encode(["unsub", 3, "lag"]))
+                await raw.send(msgspec.msgpack.encode(["sub", 4, "lag", [first["lag"].epoch, 50]]))
+                await raw.send(msgspec.msgpack.encode(["unsub", 5, "lag"]))
+                await raw.send(msgspec.msgpack.encode(["sub", 6, "lag"]))
+                for _ in range(4):
+                    assert isinstance(await recv_message(raw), Ack)
+                assert not b.router._awaiting and not b.router._awaits_of
+                await pub.send(pubs("lag", range(10, 12), 16))
+                assert isinstance(await recv_message(pub), Ack)
+                assert await deliveries(raw, {"lag": 11}) == [("lag", 10, b"10"), ("lag", 11, b"11")]
+            finally:
+                await pub.close()
+                await raw.close()
+
+    run(main())
