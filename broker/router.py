@@ -50,7 +50,7 @@ MAX_AWAITED_PER_CONNECTION = 10_000
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied", "unknown_topics")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied", "unknown_topics", "recoveries")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -72,6 +72,10 @@ class RouterStats:
         self.dropped = 0  # messages dropped for connections behind (policy drop), each announced by a gap
         self.conflated = 0  # messages skipped for connections behind (policy conflate), each announced by a gap
         self.unknown_topics = 0  # batches from the backplane for topics this node could not take (past max_topics)
+        # subscriptions with since or last, by outcome: complete (everything asked for was
+        # replayed), awaited (a cluster node waits for a position it has not reached), or the
+        # cause of the first gap notice it got (history, ended, replay)
+        self.recoveries: dict[str, int] = {}
 
     def count_error(self, code: int) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
@@ -184,6 +188,7 @@ class Router:
         self._awaiting: dict[str, list[tuple[Outbox, int, int]]] = {}
         self._awaited = 0
         self._awaits_of: dict[Outbox, int] = {}  # positions awaited per connection
+        self._recovery: list[str] | None = None  # while a recovery runs: the causes of its gaps
         self._flush_requested = False
         self._emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
@@ -456,6 +461,8 @@ class Router:
                 box.nsubs += 1
                 self.index.subscribe(node.pattern, box)
         self._awaits_of[box] = held + 1
+        if self._recovery is not None and not self._recovery:
+            self._recovery.append("awaited")
         awaiting.setdefault(name, []).append((box, epoch, seq))
         self._awaited += 1
 
@@ -698,6 +705,16 @@ class Router:
         not send is reported as gaps."""
         if since is None and not last:
             return
+        self._recovery = []
+        try:
+            self._recover(pattern, box, since, last, within)
+        finally:
+            causes, self._recovery = self._recovery, None
+            outcome = causes[0] if causes else "complete"
+            recoveries = self.stats.recoveries
+            recoveries[outcome] = recoveries.get(outcome, 0) + 1
+
+    def _recover(self, pattern: str, box: Outbox, since: tuple | None, last: bool, within: list[str] | None) -> None:
         backplane = self.backplane
         if not is_pattern(pattern):
             state = self.topics.get(pattern)
@@ -800,6 +817,8 @@ class Router:
 
     def _gap(self, box: Outbox, gap: Gap) -> None:
         self.stats.gaps += 1
+        if self._recovery is not None:
+            self._recovery.append(gap.cause)
         self.send(box, encode(GapNotice(*gap)))
 
     # dead letters

@@ -302,6 +302,7 @@ def test_a_lagging_node_gives_a_raw_client_only_what_follows_its_position(redis_
                 assert isinstance(await recv_message(pub), Ack)
                 assert await deliveries(raw, {"lag": 9}) == [("lag", 9, b"9")]
                 assert not b.router._awaiting and not b.router._awaits_of
+                assert b.router.stats.recoveries == {"awaited": 2}
                 # a position dropped with its subscription: a new one gets what follows its ack
                 await raw.send(msgspec.msgpack.encode(["unsub", 3, "lag"]))
                 await raw.send(msgspec.msgpack.encode(["sub", 4, "lag", [first["lag"].epoch, 50]]))

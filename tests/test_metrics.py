@@ -32,7 +32,7 @@ async def get(port: int, path: str) -> tuple[int, str]:
 def test_metrics_count_connections_messages_bytes_and_errors():
     async def main():
         port = free_port()
-        async with serving(admin_port=port) as server:
+        async with serving(admin_port=port, history_max_messages=10) as server:
             assert (await get(port, "/healthz"))[0] == 200
             status, body = await get(port, "/readyz")
             assert status == 200 and '"ready": true' in body
@@ -45,6 +45,10 @@ def test_metrics_count_connections_messages_bytes_and_errors():
                     got += 1
                     if got == 50:
                         break
+                epoch = server.router.topics["m.t"].epoch
+                for since in [(epoch, 45), (epoch, 5), (epoch + 1, 3)]:  # complete, history gap, ended
+                    async with Client(url(server)) as recovering:
+                        await recovering.subscribe("m.t", since=since)
                 raw = await RawSocketClient.connect(server.port)
                 await raw.send(["pub", 5, "a..b", b"x"])
                 assert (await raw.recv()).code == ErrorCode.INVALID_TOPIC
@@ -52,7 +56,9 @@ def test_metrics_count_connections_messages_bytes_and_errors():
                 status, text = await get(port, "/metrics")
                 assert status == 200
                 m = samples(text)
-                assert m[("broker_connections_opened_total", ())] == 3
+                assert m[("broker_connections_opened_total", ())] == 6
+                for outcome, count in {"complete": 1, "history": 1, "ended": 1, "awaited": 0, "replay": 0}.items():
+                    assert m[("broker_recoveries_total", (("outcome", outcome),))] == count, outcome
                 assert m[("broker_messages_published_total", ())] == 50
                 assert m[("broker_messages_delivered_total", ())] == 50
                 assert m[("broker_errors_total", (("code", str(int(ErrorCode.INVALID_TOPIC))),))] == 1
