@@ -1,4 +1,4 @@
-"""Command line: `broker serve`, `broker pub`, `broker sub` (also `python -m broker`)."""
+"""Command line: `broker serve`, `pub`, `sub`, `health`, `dead-letters` (also `python -m broker`)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=int, default=0, help="exit after this many messages (default: run until stopped)")
     sub.add_argument("--cafile", metavar="FILE", help="PEM file of the CA(s) to trust for a wss:// URL (default: the system's)")
 
+    health = commands.add_parser(
+        "health",
+        help="check that a broker answers on its admin port (exit 0 when it does)",
+        description="GET the admin server's /healthz (or /readyz with --ready) and exit 0 on 200, 1 otherwise; "
+        "for container health checks and scripts. Without --url the admin port comes from the same settings "
+        "as `broker serve` (BROKER_ADMIN_PORT, --config).",
+    )
+    health.add_argument("--url", help="the admin server's base URL, e.g. http://127.0.0.1:7342 (default: from the settings)")
+    health.add_argument("--ready", action="store_true", help="check /readyz (listening, and the backplane takes publishes) instead of /healthz")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    health.add_argument("--config", metavar="FILE", help="TOML file with settings, as for `broker serve`")
+
     dead = commands.add_parser(
         "dead-letters",
         help="print the client messages a local broker could not process",
@@ -77,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_pub(args))
         if args.command == "dead-letters":
             return _dead_letters(args)
+        if args.command == "health":
+            return _health(args)
         return _run(_sub(args))
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
@@ -123,6 +137,36 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        config = load({}, config_file=args.config)
+        if not config.admin_port:
+            raise ConfigError("admin_port is 0: the admin server is off (set BROKER_ADMIN_PORT, or pass --url)")
+        host = config.admin_host if config.admin_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{config.admin_port}"
+    if not url.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"--url must start with http:// or https://, not {url!r}")
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be more than 0")
+    target = url.rstrip("/") + ("/readyz" if args.ready else "/healthz")
+    try:
+        with urllib.request.urlopen(target, timeout=args.timeout) as response:
+            status, body = response.status, response.read(4096)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(4096)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        print(f"broker: {target}: no answer ({reason})", file=sys.stderr)
+        return 1
+    text = body.decode("utf-8", "replace").strip()
+    print(f"{target}: {status} {text}")
+    return 0 if status == 200 else 1
 
 
 def _client_options(args: argparse.Namespace) -> dict:

@@ -680,7 +680,8 @@ class Router:
         if store is not None:
             backplane.retained()
         stats = self.stats
-        stats.published += published
+        if backplane.sequences_at_once:  # else counted when staged, on the node they were published on
+            stats.published += published
         stats.batches += batches
         stats.delivered += delivered
 

@@ -54,6 +54,9 @@ def test_a_message_published_on_one_node_reaches_every_node_with_the_same_number
             # each node wrote what its clients published, and read everything
             assert a.cluster.stats.messages_written == 202 and b.cluster.stats.messages_written == 0
             assert a.cluster.stats.messages_read == b.cluster.stats.messages_read == 202
+            # published counts what a node's own clients published; delivered, what each queued
+            assert a.router.stats.published == 202 and b.router.stats.published == 0
+            assert a.router.stats.delivered == b.router.stats.delivered == 202
 
     run(main())
 

