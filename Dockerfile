@@ -1,11 +1,13 @@
-# syntax=docker/dockerfile:1
 # The broker as a container image. The build stage compiles the fast path into a wheel and
-# installs it with its dependencies into a virtual environment; the runtime stage copies that
-# environment and has no compiler. BASE_IMAGE must be a Debian-based image with python3 (3.11 or
-# newer) and its venv module; both stages use it, so the environment's interpreter is the same.
+# installs it with its dependencies into a virtual environment, then removes pip and setuptools
+# from it; the runtime stage copies that environment and has no compiler. BASE_IMAGE must be a
+# Debian-based image with python3 (3.11 or newer) and its venv module; both stages use it, so the
+# environment's interpreter is the same.
+# Docker builds it with BuildKit (the default since Docker 23; RUN --mount below), podman as it is.
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
+# The compiler and headers are whatever the base's Debian release ships, and only build the wheel.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -22,7 +24,9 @@ RUN --mount=type=secret,id=ca-bundle \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
     && python3 -m venv /opt/broker \
     && /opt/broker/bin/pip install --no-cache-dir --disable-pip-version-check . \
-    && /opt/broker/bin/python -I -c "import broker.fastpath as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION"
+    && /opt/broker/bin/python -I -c "import broker.fastpath as f; assert f.IMPLEMENTATION == 'cython', f.IMPLEMENTATION" \
+    && /opt/broker/bin/python -m pip uninstall --yes --quiet pip setuptools \
+    && /opt/broker/bin/python -I -c "import broker.cli, broker.server, broker.cluster, broker.client"
 
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/broker /opt/broker
