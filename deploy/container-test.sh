@@ -12,6 +12,7 @@
 #   BUILD_CA_BUNDLE   a PEM file pip trusts during the build (a TLS-intercepting proxy's CA)
 #   IMAGE             the tag to build (default localhost/broker:test)
 #   PYTHON            a Python with the broker installed, for the client (default: .venv/bin/python, else python3)
+#   PODMAN_RUNTIME    an OCI runtime for podman (e.g. runc) instead of the one containers.conf names
 #
 # Exit codes: 0 passed, 1 failed, 3 no working container engine (nothing was built).
 set -euo pipefail
@@ -44,9 +45,11 @@ name="broker-container-test-$$"
 run_flags=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
 build_flags=(--build-arg "BASE_IMAGE=$base")
 if [ "$engine" = podman ]; then
-    # podman's default OCI image format has no HEALTHCHECK; its default runtime may be crun
-    build_flags+=(--format docker --runtime runc)
-    run_flags+=(--runtime runc)
+    # podman's default OCI image format has no HEALTHCHECK
+    build_flags+=(--format docker)
+    if [ -n "${PODMAN_RUNTIME:-}" ]; then
+        build_flags+=(--runtime "$PODMAN_RUNTIME"); run_flags+=(--runtime "$PODMAN_RUNTIME")
+    fi
 fi
 if [ -n "${BUILD_CA_BUNDLE:-}" ]; then
     build_flags+=(--secret "id=ca-bundle,src=$BUILD_CA_BUNDLE")
@@ -59,6 +62,7 @@ trap cleanup EXIT
 echo "container-test: $("$engine" --version)"
 echo "container-test: building $image on $base"
 "$engine" build "${build_flags[@]}" -t "$image" . >/tmp/"$name"-build.log 2>&1 || { tail -30 /tmp/"$name"-build.log >&2; fail "the build failed (log: /tmp/$name-build.log)"; }
+rm -f /tmp/"$name"-build.log
 echo "container-test: image size $("$engine" image inspect "$image" --format '{{.Size}}') bytes"
 
 port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
