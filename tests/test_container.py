@@ -1,7 +1,7 @@
 """The container files: the Dockerfile passes hadolint, compose.yaml and deploy/prometheus.yml
-agree with each other and with the image, and deploy/container-test.sh builds and runs the image
-where a container engine works (opt in with BROKER_CONTAINER_TEST=1: it takes minutes) and says
-so clearly where none does."""
+agree with each other and with the image, and deploy/container-test.sh (the image) and
+deploy/compose-test.sh (the three nodes, Redis and Prometheus) run with a real engine where one
+works (opt in with BROKER_CONTAINER_TEST=1: they take minutes) and say clearly where none does."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "compose.yaml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 SCRIPT = ROOT / "deploy" / "container-test.sh"
+COMPOSE_SCRIPT = ROOT / "deploy" / "compose-test.sh"
+ENGINES = ("docker", "podman", "podman-compose")
 
 
 def hadolint() -> str:
@@ -87,17 +89,64 @@ def test_promtool_accepts_the_prometheus_config(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_script_says_clearly_when_there_is_no_container_engine(tmp_path):
-    result = subprocess.run(["/bin/bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env={"PATH": str(tmp_path)})
+def test_the_compose_test_uses_the_ports_compose_publishes():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    published = {mapping.split(":")[0] for service in services.values() for mapping in service.get("ports", [])}
+    assert published == {"7341", "7441", "7541", "9090"}
+    checked = re.search(r"for port in \(([\d, ]+)\)", COMPOSE_SCRIPT.read_text()).group(1)
+    assert {port.strip() for port in checked.split(",")} == published
+
+
+def machine_without_engines(bin_dir: Path, broken: str = "") -> dict:
+    """An environment whose PATH has every command of this machine but docker and podman (and,
+    with `broken`, a command of that name whose every call fails, as docker does without its
+    daemon)."""
+    bin_dir.mkdir()
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for entry in Path(folder).iterdir() if Path(folder).is_dir() else ():
+            if entry.name not in ENGINES and not (bin_dir / entry.name).exists():
+                (bin_dir / entry.name).symlink_to(entry)
+    if broken:
+        (bin_dir / broken).write_text("#!/bin/sh\necho 'Cannot connect to the daemon' >&2\nexit 1\n")
+        (bin_dir / broken).chmod(0o755)
+    return {"PATH": str(bin_dir), "HOME": str(bin_dir.parent)}
+
+
+@pytest.mark.parametrize("script", [SCRIPT, COMPOSE_SCRIPT], ids=lambda path: path.name)
+def test_the_scripts_say_clearly_when_there_is_no_container_engine(tmp_path, script):
+    result = subprocess.run([str(script)], capture_output=True, text=True, timeout=60, env=machine_without_engines(tmp_path / "bin"))
     assert result.returncode == 3, result.stdout + result.stderr
-    assert "no container engine (docker or podman) found; nothing was built" in result.stderr
+    if script == SCRIPT:
+        assert "no container engine (docker or podman) found; nothing was built" in result.stderr
+    else:
+        assert "no container engine with a compose command (docker compose, podman compose or podman-compose) found; nothing was run" in result.stderr
+    assert not result.stdout
 
 
-def test_the_image_builds_and_runs_with_a_real_engine():
+def test_an_engine_that_does_not_answer_is_no_engine(tmp_path):
+    result = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=60, env=machine_without_engines(tmp_path / "bin", broken="docker"))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "found but not working: docker" in result.stderr and "nothing was built" in result.stderr
+
+
+def run_opted_in(script: Path) -> subprocess.CompletedProcess:
     if os.environ.get("BROKER_CONTAINER_TEST") != "1":
-        pytest.skip("set BROKER_CONTAINER_TEST=1 to build and run the image (minutes; needs docker or podman)")
-    result = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+        pytest.skip(f"set BROKER_CONTAINER_TEST=1 to run deploy/{script.name} (minutes; needs docker or podman)")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([str(script)], capture_output=True, text=True, timeout=1500, env=env)
     if result.returncode == 3:
         pytest.skip(result.stderr.strip())
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_the_image_builds_and_runs_with_a_real_engine():
+    result = run_opted_in(SCRIPT)
+    assert "health check passed" in result.stdout and "stopped gracefully (exit 0)" in result.stdout
+    assert "passed with" in result.stdout
+
+
+def test_compose_runs_three_nodes_redis_and_prometheus_with_a_real_engine():
+    result = run_opted_in(COMPOSE_SCRIPT)
+    assert "received on all three nodes" in result.stdout and "with 7 alert rules" in result.stdout
     assert "passed with" in result.stdout
