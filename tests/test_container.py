@@ -59,6 +59,7 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
         assert node["depends_on"]["redis"]["condition"] == "service_healthy"
         assert node["healthcheck"]["test"][:3] == ["CMD", "broker", "health"]
         assert node["ulimits"]["nofile"] == {"soft": 20000, "hard": 20000}
+        assert node["read_only"] is True and node["tmpfs"] == ["/tmp"] and node["cap_drop"] == ["ALL"]
         (mapping,) = node["ports"]
         host, container = mapping.split(":")
         assert container == "7341"
