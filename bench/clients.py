@@ -92,7 +92,7 @@ class CheapClients:
                 ours, theirs = ctx.Pipe()
                 p = ctx.Process(
                     target=subscriber_main,
-                    args=(theirs, system_name, SYSTEMS[system_name].host, [ports[i] for i in group], [connections[i] for i in group], counters.path,
+                    args=(theirs, system_name, "127.0.0.1", [ports[i] for i in group], [connections[i] for i in group], counters.path,
                           counters.slots, slot, latency and slot == 0),
                     daemon=True,
                 )

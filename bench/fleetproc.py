@@ -37,7 +37,7 @@ class Fleet:
         config = {
             "url": system.url(ports[0]),
             "urls": [system.url(p) for p in ports] if len(set(ports)) > 1 else None,
-            "ca": (system.cafile if system.external else str(tls_files()["ca"])) if system.tls else None,
+            "ca": str(tls_files()["ca"]) if system.tls else None,
             "protocol": system.fleet_protocol,
             "subprotocol": system.subprotocol,
             "acks": system.acks,

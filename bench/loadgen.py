@@ -49,7 +49,7 @@ class WSClient(asyncio.Protocol):
         self.transport = transport
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [
-            f"GET {self.system.path} HTTP/1.1",
+            "GET / HTTP/1.1",
             f"Host: {self.host}:{self.port}",
             "Upgrade: websocket",
             "Connection: Upgrade",
@@ -115,11 +115,7 @@ async def connect(system: System, host: str, port: int, patterns: list[str], sam
         lambda: WSClient(system, host, port, scan.Scanner(system.scan_mode, sample), on_data), host, port,
         ssl=context, server_hostname=host if context else None,
     )
-    try:
-        await asyncio.wait_for(client.ready, 10)
-    except BaseException:
-        client.transport.abort()
-        raise
+    await asyncio.wait_for(client.ready, 10)
     for opcode, frame in system.hello() + (system.subscribe(patterns) if patterns else []):
         client.send(frame, opcode)
     return client

@@ -74,17 +74,14 @@ def commit() -> str:
 
 def notes(r: dict, closed_loop: bool) -> str:
     out = []
-    known = r.get("system_cpu_known", True)
     system_max = max(r["system_cpu"].values()) if r.get("system_cpu") else r["server_cpu"]  # its busiest process
-    if not known:
-        out.append("the broker at --url: its CPU is not measured" + (f" (this machine's other processes used {r['other_cpu']:.2f} core, the broker included if it runs here)" if r.get("other_cpu", 0) >= OTHER else ""))
-    elif closed_loop and max(system_max, r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
+    if closed_loop and max(system_max, r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
         out.append("no process at a full core: bound by the loop's turns")
     if r["clients_cpu_max"] >= SATURATED:
         out.append(f"{r['clients']} clients at {r['clients_cpu_max']:.2f} core: the limit")
     if r["publisher_cpu"] >= SATURATED:
         out.append(f"publisher at {r['publisher_cpu']:.2f} core")
-    if known and r.get("other_cpu", 0) >= OTHER:
+    if r.get("other_cpu", 0) >= OTHER:
         out.append(f"other processes used {r['other_cpu']:.2f} core")
     if r.get("stalls"):
         out.append(f"window reset {r['stalls']:.0f}×")
@@ -122,11 +119,10 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
                 elif r["delivered_per_s"]:
                     ratio = f"{ours['delivered_per_s'] / r['delivered_per_s']:.2f}"
             seq = f"{r['gaps']:,.0f}/{r['dups']:,.0f}" if "gaps" in r else "–"
-            cpu = f"{r['server_cpu']:.2f} | {r['cpu_s_per_m']:.3f}" if r.get("system_cpu_known", True) else "– | –"
             line = (
                 f"| {r['system']} | {r['delivered_per_s']:,.0f} | {r['bytes_per_s'] / 1e6:,.0f} | "
                 f"{r['lost']:,.0f} (max {r['lost_max']:,.0f}) | {r['closes_slow']:,.0f}/{r['closes_other']:,.0f} | {seq} | "
-                f"{cpu} | {r['clients_cpu']:.2f} | {r['publisher_cpu']:.2f} |"
+                f"{r['server_cpu']:.2f} | {r['cpu_s_per_m']:.3f} | {r['clients_cpu']:.2f} | {r['publisher_cpu']:.2f} |"
             )
             if sc.latency:
                 line += f" {r.get('p50_us', 0):,.0f} | {r.get('p99_us', 0):,.0f} | {r.get('p999_us', 0):,.0f} |"

@@ -13,17 +13,11 @@ processes and of the publisher comes from /proc. Medians over the runs go to a M
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
-import os
-import socket
 import sys
 import time
 from pathlib import Path
-
-from . import plots
-from . import systems as systems_module
 
 from .clients import CLIENTS, ask
 from .counters import Counters
@@ -31,7 +25,7 @@ from .loadgen import publisher_main
 from .procstat import cpu_seconds, machine_busy_seconds
 from .report import SATURATED, commit, machine, median_of, percentiles, table
 from .scenarios import Scenario, expand, matching, scenarios
-from .systems import ROOT, SYSTEMS, TARGET_CAFILE_ENV, TARGET_TOKEN_ENV, TARGET_URL_ENV, free_port, launch, redis_script_commands, start, stop_server, target, wait_port  # noqa: F401 (re-exported)
+from .systems import ROOT, SYSTEMS, free_port, launch, redis_script_commands, start, stop_server, wait_port  # noqa: F401 (re-exported)
 
 SETTLE = 0.5  # s after the subscribers are ready: not every system acknowledges a subscription
 DRAIN_QUIET = 2.0  # s without progress that ends the drain
@@ -62,7 +56,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         ours, theirs = ctx.Pipe()
         pub = ctx.Process(
             target=publisher_main,
-            args=(theirs, system_name, system.host, dep.pub_port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
+            args=(theirs, system_name, "127.0.0.1", dep.pub_port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
                   counters.path, counters.slots),
             daemon=True,
         )
@@ -90,13 +84,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         time.sleep(sc.duration)
         m1, c1, t1 = clients.mark(), cpu(), time.monotonic()
         n1, r1 = ask(ours, "count"), dep.redis_calls()
-        histogram = clients.latency() if sc.latency else []
-        latency = percentiles(histogram) if sc.latency else {}
-        if latency:  # the distribution itself, for the plots: [value µs, count], by value
-            merged: dict[float, float] = {}
-            for value, count in histogram:
-                merged[value] = merged.get(value, 0) + count
-            latency["latency_hist"] = _compact(merged)
+        latency = percentiles(clients.latency()) if sc.latency else {}
         stopped = ask(ours, "stop")
         published = stopped["published"]
         expected = [sum(published[i] for i in topics) for topics in topic_sets]
@@ -148,7 +136,6 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             "alive": dep.alive(),
             "stalls": stopped["stalls"],
             "published_per_s": (n1 - n0) / elapsed,
-            "system_cpu_known": bool(pids),  # an external broker's (--url) is not read
         }
         if len(pids) > 1:  # each process of the system: cluster nodes A, B, C and Redis
             result["system_cpu"] = {label: seconds / elapsed for label, seconds in system_cpu.items()}
@@ -174,16 +161,6 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             clients.close()
         dep.stop()
         counters.close(remove=True)
-
-
-def _compact(histogram: dict[float, float]) -> list[list[float]]:
-    """A latency histogram {µs: count} in at most about 200 buckets (two significant digits),
-    sorted: small enough for the JSON lines, fine enough for the plots."""
-    buckets: dict[float, float] = {}
-    for value, count in histogram.items():
-        key = float(f"{value:.2g}")
-        buckets[key] = buckets.get(key, 0) + count
-    return sorted([value, count] for value, count in buckets.items())
 
 
 def redis_usage(before: dict[str, int], after: dict[str, int], published: int, elapsed: float, cpu_s: float) -> dict:
@@ -225,38 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON and Markdown results")
     parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables from the JSON lines of earlier runs")
-    parser.add_argument("--url", help="measure the broker already running at this ws:// or wss:// URL (the system `url`; "
-                                      "its CPU is not measured): --systems defaults to `url` alone")
-    parser.add_argument("--token", default="", help="with --url: the JWT the clients present (subprotocol bearer.TOKEN); it must let them subscribe and publish to the scenarios' topics")
-    parser.add_argument("--cafile", help="with a wss:// --url: PEM file of the CA to trust (default: the system's)")
-    parser.add_argument("--no-plots", action="store_true", help="write no plot images")
     args = parser.parse_args(argv)
-    if (args.token or args.cafile) and not args.url:
-        parser.error("--token and --cafile go with --url")
-    if args.url:
-        try:
-            SYSTEMS["url"], port = target(args.url, args.token, args.cafile)
-        except ValueError as exc:
-            parser.error(f"--url: {exc}")
-        if args.cafile and not Path(args.cafile).is_file():
-            parser.error(f"--cafile: no file {args.cafile}")
-        os.environ.update({TARGET_URL_ENV: args.url, TARGET_TOKEN_ENV: args.token, TARGET_CAFILE_ENV: args.cafile or ""})
-        systems_module.TARGET_PORT = port
-        if "--systems" not in " ".join(argv if argv is not None else sys.argv[1:]):
-            args.systems = "url"
-        try:
-            socket.create_connection((SYSTEMS["url"].host, port), 5).close()
-        except OSError as exc:
-            print(f"python -m bench.run: --url: cannot reach {SYSTEMS['url'].host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
-        try:
-            launch("url").wait_ready("bench.probe", timeout=10)
-        except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
-            text = str(exc).splitlines()[0] if str(exc) else "no answer within 10 s"
-            if text.startswith("HTTP/"):  # the server's answer to the upgrade request
-                text = f"{args.url} did not accept a WebSocket connection for broker.v1: it answered {text!r}"
-            print(f"python -m bench.run: --url: {text}", file=sys.stderr)
-            return 2
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for key in chosen:
@@ -264,8 +210,6 @@ def main(argv=None) -> int:
             parser.error(f"unknown scenario {key}; choose from {', '.join(scs)}")
     for name in systems:
         if name not in SYSTEMS:
-            if name == "url":
-                parser.error("the system url needs --url")
             parser.error(f"unknown system {name}; choose from {', '.join(SYSTEMS)}")
     procs = args.fleet_procs if args.clients == "real" else args.sub_procs
     rows = []
@@ -287,8 +231,6 @@ def main(argv=None) -> int:
         # Runs alternate between the systems (A B C A B C ...), so a slow phase of the machine
         # falls on every system alike rather than on one.
         these = [name for name in systems if name not in sc.skip]
-        if "url" in these and sc.broker:
-            print(f"note: scenario {key} runs the broker with {sc.broker}; the broker at --url runs with its own settings", file=sys.stderr, flush=True)
         for name in systems:
             if name in sc.skip:
                 print(f"skipped: {name} {key} (not run against this scenario, see bench/scenarios.py)", file=sys.stderr, flush=True)
@@ -307,8 +249,7 @@ def main(argv=None) -> int:
                 rows.append(median_of(results[name]))
 
     def command(key: str, names: list[str]) -> str:
-        parts = ["python -m bench.run"] + ([f"--url {args.url}"] if args.url and "url" in names else [])
-        parts += [f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {args.clients}"]
+        parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {args.clients}"]
         if procs != 1:
             parts.append(f"--{'fleet' if args.clients == 'real' else 'sub'}-procs {procs}")
         parts += [f"--runs {args.runs}", f"--warmup {max(args.warmup, scs[key].warmup):g}"]
@@ -330,14 +271,6 @@ def main(argv=None) -> int:
     (out / f"{stamp}.md").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps(rows, indent=1))
     print(text)
-    if rows and not args.no_plots:
-        try:
-            images = plots.write(rows, scs, out, stamp, f"{commit()}, {machine()}")
-        except ImportError:
-            print("no plots: matplotlib is not installed (pip install -e '.[bench]')", file=sys.stderr)
-        else:
-            for image in images:
-                print(f"plot: {image}")
     return 0
 
 

@@ -49,14 +49,9 @@ class System:
     tls: bool = False  # served over TLS (wss://) with the certificate of tls_files(); clients trust its CA
     nodes: int = 1  # processes serving clients; with 3 the publisher is on node A, the subscribers on B and C
     redis: bool = False  # the broker's Redis backplane, with a redis-server started for the run
-    host: str = "127.0.0.1"  # where it listens (another host only for the system "url")
-    path: str = "/"  # the WebSocket upgrade's path
-    external: bool = False  # already running (`--url`): not started, not stopped, its CPU not read
-    cafile: str | None = None  # wss:// of an external broker: the CA file to trust (None: the system's)
 
     def url(self, port: int) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.tls else 'ws'}://{host}:{port}{self.path}"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}/"
 
     def hello(self) -> list[tuple[int, bytes]]:
         """Frames to send right after connecting: (opcode, payload)."""
@@ -139,45 +134,6 @@ SYSTEMS = {
 }
 
 
-# `python -m bench.run --url URL` measures a broker that is already running: the system "url".
-# The orchestrator puts the URL in the environment, so that every process it spawns (publisher,
-# subscribers) knows the system by the same name.
-TARGET_URL_ENV = "BENCH_TARGET_URL"
-TARGET_TOKEN_ENV = "BENCH_TARGET_TOKEN"
-TARGET_CAFILE_ENV = "BENCH_TARGET_CAFILE"
-
-
-def target(url: str, token: str = "", cafile: str | None = None) -> tuple[System, int]:
-    """The system "url" for a broker (protocol broker.v1) at `url`, and its port; ValueError
-    with what is wrong with the URL."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"{url!r} is not a URL: {exc}") from None
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"{url!r}: the scheme must be ws:// or wss://")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} names no host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"{url!r}: give the host, port and path only (a token goes in --token)")
-    if cafile and parts.scheme != "wss":
-        raise ValueError("--cafile is for wss:// URLs")
-    if token and not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", token):
-        raise ValueError("--token: not a token (base64url characters only)")
-    subprotocol = f"broker.v1, bearer.{token}" if token else "broker.v1"
-    system = System("url", scan.BROKER, subprotocol, "broker", acks=True, tls=parts.scheme == "wss", host=parts.hostname,
-                    path=parts.path or "/", external=True, cafile=cafile or None)
-    return system, port or (443 if parts.scheme == "wss" else 80)
-
-
-TARGET_PORT = 0
-if os.environ.get(TARGET_URL_ENV):
-    SYSTEMS["url"], TARGET_PORT = target(os.environ[TARGET_URL_ENV], os.environ.get(TARGET_TOKEN_ENV, ""), os.environ.get(TARGET_CAFILE_ENV))
-
-
 TLS_DIR = HERE / "results" / "tls"
 
 
@@ -207,8 +163,6 @@ def client_ssl(system: System) -> ssl.SSLContext | None:
     """The SSL context of a Python client of `system` (None: plain TCP)."""
     if not system.tls:
         return None
-    if system.external:
-        return ssl.create_default_context(cafile=system.cafile)
     return ssl.create_default_context(cafile=str(tls_files()["ca"]))
 
 
@@ -398,9 +352,6 @@ class Deployment:
         on `topic` published on the publisher's node reaches a subscriber on each subscriber node
         (published again every 50 ms until it does)."""
         deadline = time.monotonic() + timeout
-        if self.system.external:  # a broker already running: it answers a probe, or the run fails
-            asyncio.run(_probe(self.system, self.pub_port, [self.pub_port], topic, deadline))
-            return
         for label, port in self.ports.items():
             wait_port(port, self.procs[label], max(0.1, deadline - time.monotonic()))
         if self.http_ports:
@@ -468,17 +419,14 @@ async def _probe(system: System, pub_port: int, sub_ports: list[int], topic: str
 
     clients = []
     try:
-        subscribers = [await connect(system, system.host, port, [topic]) for port in sub_ports]
+        subscribers = [await connect(system, "127.0.0.1", port, [topic]) for port in sub_ports]
         clients += subscribers
-        publisher = await connect(system, system.host, pub_port, [])
+        publisher = await connect(system, "127.0.0.1", pub_port, [])
         clients.append(publisher)
         opcode, frame = system.publish([(topic, b"0" * 20 + b"probe")])
         while not all(s.scanner.messages for s in subscribers):
             if time.monotonic() > deadline:
                 got = [bool(s.scanner.messages) for s in subscribers]
-                if system.external:
-                    raise RuntimeError(f"a message published to {system.url(pub_port)} did not come back to a subscriber there: "
-                                       "is it this broker (protocol broker.v1), and does it need --token?")
                 raise RuntimeError(f"{system.name}: a probe published on port {pub_port} did not reach ports {sub_ports} ({got})")
             publisher.send(frame, opcode)
             await asyncio.sleep(0.05)
@@ -508,8 +456,6 @@ def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Dep
     nats-server joined by routes (each with a `cluster` block listing the others, and a
     monitoring port for /routez). Call wait_ready() before use, stop() after."""
     system = SYSTEMS[name]
-    if system.external:
-        return Deployment(name, {}, {"server": TARGET_PORT}, TARGET_PORT, [TARGET_PORT])
     if name == "broker-metrics":
         port, admin = free_port(), free_port()
         procs = {"server": start(name, port, defaults, broker, ["--admin-port", str(admin)])}
