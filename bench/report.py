@@ -14,27 +14,38 @@ SATURATED = 0.9  # a single-threaded process at this many cores is the limit, no
 OTHER = 0.2  # cores used by processes outside the run that are worth a note
 
 
+# The percentiles kept of every latency run ("latency_pct": {percentile: µs}), for the
+# percentile curves of the plots: evenly spaced up to p90, then ever closer to the maximum.
+CURVE = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 97, 98, 99, 99.5, 99.7, 99.8, 99.9, 99.95, 99.97, 99.98, 99.99, 100)
+
+
 def percentiles(histogram: list[list[float]]) -> dict:
-    """p50/p99/p99.9 in µs from [value_us, count] pairs (any order, repeats summed)."""
+    """p50/p99/p99.9 in µs from [value_us, count] pairs (any order, repeats summed), and
+    "latency_pct": the value at each percentile of CURVE (0: the least, 100: the largest)."""
     merged: dict[float, float] = {}
     for value, count in histogram:
         merged[value] = merged.get(value, 0) + count
     total = sum(merged.values())
     if not total:
         return {}
-    out = {"latency_samples": int(total)}
-    ordered = sorted(merged.items())
+    out: dict = {"latency_samples": int(total)}
+    wanted = sorted({p / 100 for p in CURVE} | {0.5, 0.99, 0.999})
+    at: dict[float, float] = {}
+    seen, i = 0.0, 0
+    for value, count in sorted(merged.items()):
+        seen += count
+        while i < len(wanted) and seen >= wanted[i] * total:
+            at[wanted[i]] = value
+            i += 1
+    for q in wanted[i:]:  # rounding in the sums: the largest value
+        at[q] = value
     for key, q in (("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)):
-        rank, seen = q * total, 0.0
-        for value, count in ordered:
-            seen += count
-            if seen >= rank:
-                out[key] = value
-                break
+        out[key] = at[q]
+    out["latency_pct"] = {f"{p:g}": at[p / 100] for p in CURVE}
     return out
 
 
-NESTED = ("system_cpu", "redis_calls_per_msg")  # {name: number} values whose median is taken per name
+NESTED = ("system_cpu", "redis_calls_per_msg", "latency_pct")  # {name: number} values whose median is taken per name
 
 
 def median_of(results: list[dict]) -> dict:
@@ -46,6 +57,7 @@ def median_of(results: list[dict]) -> dict:
             names = dict.fromkeys(name for r in results for name in r.get(key, {}))
             out[key] = {name: statistics.median(r.get(key, {}).get(name, 0) for r in results) for name in names}
     out["runs"] = len(results)
+    out["delivered_per_s_range"] = [min(r["delivered_per_s"] for r in results), max(r["delivered_per_s"] for r in results)]
     out["lost_max"] = max(r["lost"] for r in results)
     out["alive"] = all(r["alive"] for r in results)
     return out

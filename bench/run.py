@@ -8,7 +8,9 @@ process (closed loop for throughput, fixed rate for latency), measure delivered 
 a window after a warm-up, stop publishing, wait for every subscriber to drain, and count per
 connection what was published and never delivered. CPU of the system, of the subscriber
 processes and of the publisher comes from /proc. Medians over the runs go to a Markdown table
-(and JSON) with the command, commit and machine."""
+(and JSON) with the command, commit and machine, and plots (PNG) beside them: delivered
+messages per second per scenario and system, and latency percentile curves. --report LOG...
+builds the tables and plots again from the JSON lines of earlier runs."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import plots
 from .clients import CLIENTS, ask
 from .counters import Counters
 from .loadgen import publisher_main
@@ -200,8 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default: per scenario, 5)")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON and Markdown results")
-    parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables from the JSON lines of earlier runs")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and Markdown results and the plots (PNG)")
+    parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables and plots from the JSON lines of earlier runs")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -214,16 +217,35 @@ def main(argv=None) -> int:
     procs = args.fleet_procs if args.clients == "real" else args.sub_procs
     rows = []
     if args.report:
+        # the JSON lines a run prints (one per run: medians are taken here), or the .json file
+        # it writes (the medians already)
         runs: dict[tuple[str, str], list[dict]] = {}
+        medians: dict[tuple[str, str], dict] = {}
         for path in args.report:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith("{"):
-                    r = json.loads(line)
-                    runs.setdefault((r["scenario"], r["system"]), []).append(r)
+            try:
+                text = Path(path).read_text()
+                if text.lstrip().startswith("["):
+                    for r in json.loads(text):
+                        medians[(r["scenario"], r["system"])] = r
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("{"):
+                        r = json.loads(line)
+                        runs.setdefault((r["scenario"], r["system"]), []).append(r)
+            except OSError as exc:
+                print(f"python -m bench.run: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            except (ValueError, KeyError, TypeError) as exc:
+                print(f"python -m bench.run: error: {path} holds no results of bench.run: {exc!r}", file=sys.stderr)
+                return 1
+        medians.update({key: median_of(results) for key, results in runs.items()})
+        if not medians:
+            print(f"python -m bench.run: error: no results (JSON lines, or a results .json) in {' '.join(args.report)}", file=sys.stderr)
+            return 1
         order = {k: i for i, k in enumerate(scs)}
-        for key in sorted(runs, key=lambda k: (order.get(k[0], 99), systems.index(k[1]) if k[1] in systems else 99)):
-            rows.append(median_of(runs[key]))
-        args.runs = max(len(v) for v in runs.values())
+        for key in sorted(medians, key=lambda k: (order.get(k[0], 99), systems.index(k[1]) if k[1] in systems else 99)):
+            rows.append(medians[key])
+        args.runs = max(r["runs"] for r in medians.values())
     for key in chosen if not args.report else []:
         sc = scs[key]
         if args.duration:
@@ -247,11 +269,17 @@ def main(argv=None) -> int:
         for name in these:
             if results[name]:
                 rows.append(median_of(results[name]))
+    if not rows:
+        print("python -m bench.run: error: no run succeeded (see the messages above)", file=sys.stderr)
+        return 1
+
+    kinds = list(dict.fromkeys(r.get("clients", args.clients) for r in rows))  # --report: what the runs used
+    clients = kinds[0] if len(kinds) == 1 else args.clients
 
     def command(key: str, names: list[str]) -> str:
-        parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {args.clients}"]
+        parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {clients}"]
         if procs != 1:
-            parts.append(f"--{'fleet' if args.clients == 'real' else 'sub'}-procs {procs}")
+            parts.append(f"--{'fleet' if clients == 'real' else 'sub'}-procs {procs}")
         parts += [f"--runs {args.runs}", f"--warmup {max(args.warmup, scs[key].warmup):g}"]
         if args.duration:
             parts.append(f"--duration {args.duration:g}")
@@ -265,12 +293,17 @@ def main(argv=None) -> int:
     header = (
         f"Command: `{' '.join(['python -m bench.run'] + (argv if argv is not None else sys.argv[1:]))}`  \n"
         f"Commit: {commit()}, machine: {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
-        f"Clients: {args.clients}, medians of {args.runs} runs, {args.warmup:g} s warm-up then the measured window per run.\n"
+        f"Clients: {', '.join(kinds)}, medians of {args.runs} runs, {args.warmup:g} s warm-up then the measured window per run.\n"
     )
     text = header + table(rows, scs, command)
+    images = plots.write(rows, scs, out, stamp, clients=", ".join(kinds), runs=args.runs)
+    if images:
+        text += "\n" + "\n".join(f"![{path.stem.split('-', 2)[-1]}]({path.name})" for path in images) + "\n"
     (out / f"{stamp}.md").write_text(text)
     (out / f"{stamp}.json").write_text(json.dumps(rows, indent=1))
     print(text)
+    for path in images:
+        print(f"plot: {path}", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The benchmark harness still works end to end: one short run of scenario (a), broker and the
 ceiling probe, through the same code path as a full benchmark (bench/run.py), once with the
 compiled-scanner clients and once with the real-client Bun fleet (Bun and the fleet's npm
-packages are installed from the npm registry on first use)."""
+packages are installed from the npm registry on first use), writing its tables and plot."""
 
 import json
 import subprocess
@@ -33,3 +33,7 @@ def test_bench_runner_smoke(tmp_path, clients):
             assert r["gaps"] == 0 and r["dups"] == 0 and r["unknown"] == 0
     assert "#### (a) fan-out" in out.stdout
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.json"))
+    # the plot beside them: a closed-loop scenario only, so throughput and no latency plot
+    (image,) = tmp_path.glob("*.png")
+    assert image.name.endswith("-throughput.png") and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"({image.name})" in next(tmp_path.glob("*.md")).read_text()
