@@ -17,7 +17,7 @@ from collections import Counter
 from .counters import Counters
 from .fleetproc import Fleet, FleetError
 from .loadgen import subscriber_main
-from .systems import SYSTEMS
+from .systems import System
 
 
 def split(connections: list[list[str]], procs: int) -> list[list[int]]:
@@ -45,13 +45,13 @@ def merge(parts: list[dict], groups: list[list[int]], size: int) -> dict:
 class RealClients:
     kind = "real"
 
-    def __init__(self, system_name: str, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+    def __init__(self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
         self.groups = split(connections, procs)
         self.size = len(connections)
         self.fleets: list[Fleet] = []
         try:
             for slot, group in enumerate(self.groups):
-                self.fleets.append(Fleet(SYSTEMS[system_name], [ports[i] for i in group], [connections[i] for i in group],
+                self.fleets.append(Fleet(system, [ports[i] for i in group], [connections[i] for i in group],
                                          counters.path, slot, latency))
             before = time.monotonic_ns()
             for fleet in self.fleets:
@@ -82,7 +82,7 @@ class RealClients:
 class CheapClients:
     kind = "cheap"
 
-    def __init__(self, system_name: str, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+    def __init__(self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
         ctx = mp.get_context("spawn")
         self.groups = split(connections, procs)
         self.size = len(connections)
@@ -92,7 +92,7 @@ class CheapClients:
                 ours, theirs = ctx.Pipe()
                 p = ctx.Process(
                     target=subscriber_main,
-                    args=(theirs, system_name, "127.0.0.1", [ports[i] for i in group], [connections[i] for i in group], counters.path,
+                    args=(theirs, system, system.host, [ports[i] for i in group], [connections[i] for i in group], counters.path,
                           counters.slots, slot, latency and slot == 0),
                     daemon=True,
                 )
@@ -100,8 +100,9 @@ class CheapClients:
                 self.procs.append(p)
                 self.pipes.append(ours)
             for pipe in self.pipes:
-                if ask(pipe, None, 120) != "ready":
-                    raise RuntimeError("a subscriber process did not get ready")
+                answer = ask(pipe, None, 120)
+                if answer != "ready":
+                    raise RuntimeError(answer["error"] if isinstance(answer, dict) else "a subscriber process did not get ready")
         except BaseException:
             self.close()
             raise

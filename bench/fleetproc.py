@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .systems import HERE, System, bun_binary, child_setup, tls_files
+from .systems import HERE, System, bun_binary, child_setup
 
 FLEET = HERE / "fleet"
 
@@ -37,7 +37,7 @@ class Fleet:
         config = {
             "url": system.url(ports[0]),
             "urls": [system.url(p) for p in ports] if len(set(ports)) > 1 else None,
-            "ca": str(tls_files()["ca"]) if system.tls else None,
+            "ca": system.ca_file(),
             "protocol": system.fleet_protocol,
             "subprotocol": system.subprotocol,
             "acks": system.acks,

@@ -17,6 +17,8 @@ import asyncio
 import base64
 import math
 import os
+import socket
+import ssl
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -25,9 +27,13 @@ import uvloop
 
 from . import scan
 from .counters import Counters
-from .systems import SYSTEMS, System, client_ssl
+from .systems import System, client_ssl
 
 STAMP = 20  # payloads start with the publish time, CLOCK_MONOTONIC ns, as 20 ASCII digits
+
+
+class HandshakeRefused(RuntimeError):
+    """The server answered the upgrade request with something other than 101 (the answer's start)."""
 
 
 class WSClient(asyncio.Protocol):
@@ -44,13 +50,15 @@ class WSClient(asyncio.Protocol):
         self.paused = False
         self.counted = 0  # messages already reported to Progress
         self.close_code = 0  # the server's close code; 1006 if the connection ended without one
+        self.response = ""  # the server's answer to the upgrade request (status line and headers)
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         key = base64.b64encode(os.urandom(16)).decode()
+        host = f"[{self.host}]" if ":" in self.host else self.host
         lines = [
-            "GET / HTTP/1.1",
-            f"Host: {self.host}:{self.port}",
+            f"GET {self.system.path} HTTP/1.1",
+            f"Host: {host}:{self.port}",
             "Upgrade: websocket",
             "Connection: Upgrade",
             f"Sec-WebSocket-Key: {key}",
@@ -66,8 +74,9 @@ class WSClient(asyncio.Protocol):
             end = self._head.find(b"\r\n\r\n")
             if end < 0:
                 return
+            self.response = self._head[:end].decode(errors="replace")
             if not self._head.startswith(b"HTTP/1.1 101"):
-                self.ready.set_exception(RuntimeError(self._head[:200].decode(errors="replace")))
+                self.ready.set_exception(HandshakeRefused(self._head[:300].decode(errors="replace")))
                 return
             data = self._head[end + 4 :]
             self.ready.set_result(None)
@@ -121,6 +130,36 @@ async def connect(system: System, host: str, port: int, patterns: list[str], sam
     return client
 
 
+def connect_failure(system: System, port: int, exc: BaseException, timeout: float = 10.0) -> str:
+    """Why a connection to `system` on `port` failed (connect()'s exception), in words a user can act on."""
+    where = f"{system.host}:{port}"
+    url = system.name if system.external else system.url(port)  # a --url target's without its query (a token?)
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {system.host!r}: {exc.strerror or exc}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = " (--cafile FILE trusts a private CA)" if system.external and not system.ca else ""
+        return f"TLS: the certificate of {where} is not trusted: {exc.verify_message or exc}{hint}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {where} failed: {exc.reason or exc} (does it serve wss://, not ws://?)"
+    if isinstance(exc, HandshakeRefused):
+        text = str(exc)
+        if not text.startswith("HTTP/"):
+            hint = " (a wss:// server spoken to with ws://?)" if not system.tls else ""
+            return f"{where} answered the WebSocket upgrade with something other than HTTP{hint}: {text[:40]!r}"
+        body = text.split("\r\n\r\n", 1)[1].strip() if "\r\n\r\n" in text else ""
+        return f"{url} refused the WebSocket upgrade: {text.split(chr(13))[0]}" + (f": {body[:200]}" if body else "")
+    if isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect to {where}: connection refused (is it running, on this port?)"
+    if isinstance(exc, TimeoutError):
+        return f"no answer from {where} within {timeout:g} s"
+    if isinstance(exc, ConnectionError):
+        hint = " (does it serve wss://, not ws://?)" if system.tls else " (a wss:// server spoken to with ws://?)"
+        return f"{where} closed the connection during the {'TLS or ' if system.tls else ''}WebSocket handshake{hint}"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"{url}: {exc}"
+
+
 async def _commands(pipe: Connection, handle) -> None:
     """Serve orchestrator commands until 'exit'."""
     loop = asyncio.get_running_loop()
@@ -163,14 +202,13 @@ class Progress:
         self.counters.view[self.slot] = self.total
 
 
-def subscriber_main(pipe: Connection, system_name: str, host: str, ports: list[int], assignments: list[list[str]],
+def subscriber_main(pipe: Connection, system: System, host: str, ports: list[int], assignments: list[list[str]],
                     counters_path: str, slots: int, slot: int, sample_latency: bool) -> None:
     """One process holding len(assignments) subscriber connections; assignments[i] = patterns,
     connected to ports[i]. With `sample_latency`, the first connection decodes every payload and
     times it."""
 
     async def main() -> None:
-        system = SYSTEMS[system_name]
         counters = Counters(counters_path, slots)
         progress = Progress(counters, slot)
         latencies: Counter[int] = Counter()  # µs -> count
@@ -188,7 +226,13 @@ def subscriber_main(pipe: Connection, system_name: str, host: str, ports: list[i
         clients = []
         for i, patterns in enumerate(assignments):
             sampled = sample_latency and i == 0
-            clients.append(await connect(system, host, ports[i], patterns, sample=sampled, on_data=on_sampled if sampled else progress))
+            try:
+                clients.append(await connect(system, host, ports[i], patterns, sample=sampled, on_data=on_sampled if sampled else progress))
+            except (OSError, RuntimeError, TimeoutError) as exc:  # the orchestrator says why, once
+                pipe.send({"error": f"subscriber connection {i + 1} of {len(assignments)}: {connect_failure(system, ports[i], exc)}"})
+                for c in clients:
+                    c.transport.abort()
+                return
         pipe.send("ready")
 
         def handle(command):
@@ -226,7 +270,7 @@ def build_frames(system: System, topics: list[str], batch: int, payload_size: in
     return frames
 
 
-def publisher_main(pipe: Connection, system_name: str, host: str, port: int, topics: list[str], payload_size: int,
+def publisher_main(pipe: Connection, system: System, host: str, port: int, topics: list[str], payload_size: int,
                    batch: int, deliveries: list[int], window: int, rate: float, counters_path: str, slots: int) -> None:
     """Publishes round-robin over `topics`: closed loop (rate 0: frames of `batch` publishes
     while fewer than `window` deliveries are in flight, summed over every subscriber through
@@ -234,10 +278,13 @@ def publisher_main(pipe: Connection, system_name: str, host: str, port: int, top
     stamp). `deliveries[i]` is how many subscriber connections receive a message of topics[i]."""
 
     async def main() -> None:
-        system = SYSTEMS[system_name]
         loop = asyncio.get_running_loop()
         counters = Counters(counters_path, slots)
-        publisher = await connect(system, host, port, [])
+        try:
+            publisher = await connect(system, host, port, [])
+        except (OSError, RuntimeError, TimeoutError) as exc:  # the orchestrator says why
+            pipe.send({"error": f"the publisher's connection: {connect_failure(system, port, exc)}"})
+            return
         interval, per_tick = 0.001, batch
         if rate:
             per_tick = max(1, round(rate * interval))

@@ -86,9 +86,12 @@ def commit() -> str:
 
 def notes(r: dict, closed_loop: bool) -> str:
     out = []
-    system_max = max(r["system_cpu"].values()) if r.get("system_cpu") else r["server_cpu"]  # its busiest process
-    if closed_loop and max(system_max, r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
-        out.append("no process at a full core: bound by the loop's turns")
+    if r["server_cpu"] is None:
+        out.append("system CPU not measured (a --url target without --pid)")
+    else:
+        system_max = max(r["system_cpu"].values()) if r.get("system_cpu") else r["server_cpu"]  # its busiest process
+        if closed_loop and max(system_max, r["clients_cpu_max"], r["publisher_cpu"]) < SATURATED:
+            out.append("no process at a full core: bound by the loop's turns")
     if r["clients_cpu_max"] >= SATURATED:
         out.append(f"{r['clients']} clients at {r['clients_cpu_max']:.2f} core: the limit")
     if r["publisher_cpu"] >= SATURATED:
@@ -115,7 +118,11 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
         lines.append(f"`{command(key, [r['system'] for r in these])}`\n")
         if sc.broker:
             settings = ", ".join(f"`{name}` {value:,}" if isinstance(value, int) else f"`{name}` {value}" for name, value in sc.broker.items())
-            lines.append(f"The broker with {settings} (past its defaults: see bench/scenarios.py).\n")
+            if any(r.get("target") for r in these):
+                lines.append(f"A broker the runner starts gets {settings} (past its defaults: see bench/scenarios.py); "
+                             "a --url target runs on its own settings.\n")
+            else:
+                lines.append(f"The broker with {settings} (past its defaults: see bench/scenarios.py).\n")
         head = ("| system | delivered msg/s | MB/s | lost | closes slow/other | seq gaps/dups | system CPU | "
                 "CPU s per M msg | clients CPU | publisher CPU |")
         if sc.latency:
@@ -131,10 +138,11 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
                 elif r["delivered_per_s"]:
                     ratio = f"{ours['delivered_per_s'] / r['delivered_per_s']:.2f}"
             seq = f"{r['gaps']:,.0f}/{r['dups']:,.0f}" if "gaps" in r else "–"
+            cpu = "– | –" if r["server_cpu"] is None else f"{r['server_cpu']:.2f} | {r['cpu_s_per_m']:.3f}"
             line = (
                 f"| {r['system']} | {r['delivered_per_s']:,.0f} | {r['bytes_per_s'] / 1e6:,.0f} | "
                 f"{r['lost']:,.0f} (max {r['lost_max']:,.0f}) | {r['closes_slow']:,.0f}/{r['closes_other']:,.0f} | {seq} | "
-                f"{r['server_cpu']:.2f} | {r['cpu_s_per_m']:.3f} | {r['clients_cpu']:.2f} | {r['publisher_cpu']:.2f} |"
+                f"{cpu} | {r['clients_cpu']:.2f} | {r['publisher_cpu']:.2f} |"
             )
             if sc.latency:
                 line += f" {r.get('p50_us', 0):,.0f} | {r.get('p99_us', 0):,.0f} | {r.get('p999_us', 0):,.0f} |"

@@ -9,14 +9,21 @@ a window after a warm-up, stop publishing, wait for every subscriber to drain, a
 connection what was published and never delivered. CPU of the system, of the subscriber
 processes and of the publisher comes from /proc. Medians over the runs go to a Markdown table
 (and JSON) with the command, commit and machine, and plots (PNG) beside them: delivered
-messages per second per scenario and system, and latency percentile curves. --report LOG...
-builds the tables and plots again from the JSON lines of earlier runs."""
+messages per second per scenario and system, and latency percentile curves.
+
+    python -m bench.run --url ws://HOST:7341/ --scenarios a,d5 --runs 3
+
+--url benchmarks a broker that is already running (this project's, anywhere the machine can
+reach) instead of, or with --systems beside, the systems the runner starts: the publisher and
+the subscribers run here and connect to the URL. Its CPU is measured only with --pid (a local
+process). --report LOG... builds the tables and plots again from the JSON lines of earlier runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,16 +34,23 @@ from .counters import Counters
 from .loadgen import publisher_main
 from .procstat import cpu_seconds, machine_busy_seconds
 from .report import SATURATED, commit, machine, median_of, percentiles, table
-from .scenarios import Scenario, expand, matching, scenarios
-from .systems import ROOT, SYSTEMS, free_port, launch, redis_script_commands, start, stop_server, wait_port  # noqa: F401 (re-exported)
+from .scenarios import Scenario, bad_prefix, expand, matching, prefixed, scenarios
+from .systems import ROOT, SYSTEMS, System, free_port, launch, redis_script_commands, start, stop_server, wait_port  # noqa: F401 (re-exported)
+from .target import External, TargetError, check_pid
+from .target import check as check_target
+from .target import parse as parse_target
 
 SETTLE = 0.5  # s after the subscribers are ready: not every system acknowledges a subscription
 DRAIN_QUIET = 2.0  # s without progress that ends the drain
 DRAIN_MAX = 20.0
 
 
-def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warmup: float, window: int) -> dict:
-    system = SYSTEMS[system_name]
+def run_once(system: str | System, sc: Scenario, clients_kind: str, procs: int, warmup: float, window: int, pid: int = 0) -> dict:
+    """One run of scenario `sc` against `system`: a name in SYSTEMS (started for the run and
+    stopped after it) or a --url target (target.parse; `pid`: its local process, for its CPU)."""
+    if isinstance(system, str):
+        system = SYSTEMS[system]
+    system_name = system.name
     ctx = mp.get_context("spawn")
     topic_sets = matching(sc.subscribers, sc.topics)  # per connection: the topics it receives
     deliveries = [0] * len(sc.topics)
@@ -45,7 +59,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             deliveries[i] += 1
     connections = [expand(p, sc.topics, system.wildcards) for p in sc.subscribers]
     window = window or sc.window
-    dep = launch(system_name, broker=sc.broker)
+    dep = External.of(system, pid) if system.external else launch(system_name, broker=sc.broker)
     counters = Counters.create(procs)
     clients = pub = None
     ours = None
@@ -54,18 +68,19 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         # received on every subscriber node
         dep.wait_ready(sc.topics[0])
         ports = [dep.sub_ports[i % len(dep.sub_ports)] for i in range(len(connections))]
-        clients = CLIENTS[clients_kind](system_name, ports, connections, counters, procs, sc.latency)
+        clients = CLIENTS[clients_kind](system, ports, connections, counters, procs, sc.latency)
         dep.wait_interest(connections, ports)
         ours, theirs = ctx.Pipe()
         pub = ctx.Process(
             target=publisher_main,
-            args=(theirs, system_name, "127.0.0.1", dep.pub_port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
+            args=(theirs, system, system.host, dep.pub_port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
                   counters.path, counters.slots),
             daemon=True,
         )
         pub.start()
-        if ask(ours, None, 120) != "ready":
-            raise RuntimeError("the publisher did not get ready")
+        answer = ask(ours, None, 120)
+        if answer != "ready":
+            raise RuntimeError(answer["error"] if isinstance(answer, dict) else "the publisher did not get ready")
         counters.unlink()  # every process has it mapped: nothing is left behind, however the run ends
         time.sleep(SETTLE)
         pids = dep.pids()
@@ -109,6 +124,7 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
         clients_cpu = [(b - a) / elapsed for a, b in zip(c0["clients"], c1["clients"])]
         system_cpu = {label: c1["system"][label] - c0["system"][label] for label in pids}  # CPU seconds per process
         server_cpu_s = sum(system_cpu.values())
+        known = bool(pids)  # a --url target without --pid: its CPU is not known
         closes = final["closes"]
         slow = closes.get("1013", 0) + final.get("slow", 0)
         result = {
@@ -127,8 +143,8 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             "closes": closes,
             "closes_slow": slow,
             "closes_other": max(0, sum(closes.values()) - slow),
-            "server_cpu": server_cpu_s / elapsed,
-            "cpu_s_per_m": server_cpu_s / (delivered / 1e6) if delivered else 0.0,
+            "server_cpu": server_cpu_s / elapsed if known else None,
+            "cpu_s_per_m": (server_cpu_s / (delivered / 1e6) if delivered else 0.0) if known else None,
             "clients_cpu": sum(clients_cpu),
             "clients_cpu_max": max(clients_cpu),
             "publisher_cpu": (c1["publisher"] - c0["publisher"]) / elapsed,
@@ -140,6 +156,9 @@ def run_once(system_name: str, sc: Scenario, clients_kind: str, procs: int, warm
             "stalls": stopped["stalls"],
             "published_per_s": (n1 - n0) / elapsed,
         }
+        if system.external:
+            result["target"] = system.name
+            result["target_pid"] = pid
         if len(pids) > 1:  # each process of the system: cluster nodes A, B, C and Redis
             result["system_cpu"] = {label: seconds / elapsed for label, seconds in system_cpu.items()}
         if dep.redis_port:
@@ -190,11 +209,31 @@ def redis_usage(before: dict[str, int], after: dict[str, int], published: int, e
     }
 
 
+DEFAULT_SYSTEMS = "broker,ceiling,nats,bun,naive"
+
+
+def shown_argv(argv: list[str]) -> list[str]:
+    """The command line as the results show it: no token (--token's value, a URL's query)."""
+    out, secret = [], False
+    for arg in argv:
+        if secret:
+            out.append("***")
+        elif arg.startswith("--token="):
+            out.append("--token=***")
+        elif arg.startswith(("ws://", "wss://", "--url=")) and "?" in arg:
+            out.append(arg.split("?", 1)[0] + "?***")
+        else:
+            out.append(arg)
+        secret = arg == "--token"
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scs = scenarios()
-    parser.add_argument("--scenarios", default=",".join(scs))
-    parser.add_argument("--systems", default="broker,ceiling,nats,bun,naive")
+    parser.add_argument("--scenarios", default=",".join(scs), help=f"comma-separated (default all): {', '.join(scs)}")
+    parser.add_argument("--systems", default=None,
+                        help=f"systems the runner starts, comma-separated (default {DEFAULT_SYSTEMS}; with --url none): {', '.join(SYSTEMS)}")
     parser.add_argument("--clients", choices=["real", "cheap"], default="real",
                         help="real: the Bun fleet, applications that decode every message; cheap: compiled scanners that only count")
     parser.add_argument("--fleet-procs", type=int, default=1, help="Bun fleet processes the subscribers are split over (--clients real)")
@@ -203,18 +242,65 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default: per scenario, 5)")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)")
+    parser.add_argument("--topic-prefix", default="", metavar="PREFIX",
+                        help="every topic and pattern under PREFIX. (PREFIX.bench.t0, PREFIX.md.>): apart from other traffic, within a token's grants")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and Markdown results and the plots (PNG)")
     parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables and plots from the JSON lines of earlier runs")
+    running = parser.add_argument_group("a broker that is already running")
+    running.add_argument("--url", help="benchmark the broker at this ws:// or wss:// URL (the runner neither starts nor configures it; "
+                                       "with --systems, beside the systems it starts)")
+    running.add_argument("--token", help="a token for the broker's authentication, sent in a bearer.TOKEN subprotocol entry "
+                                         "(default: $BENCH_TOKEN; never written to the results)")
+    running.add_argument("--cafile", metavar="FILE", help="PEM file of the CA(s) to trust for a wss:// URL, instead of the default, publicly trusted ones")
+    running.add_argument("--pid", type=int, default=0,
+                         help="the broker's process, when it runs on this machine: its CPU (with its children) from /proc (default: not measured)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for key in chosen:
         if key not in scs:
             parser.error(f"unknown scenario {key}; choose from {', '.join(scs)}")
+    if args.systems is None:
+        systems = [] if args.url else DEFAULT_SYSTEMS.split(",")
+    else:
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     for name in systems:
         if name not in SYSTEMS:
             parser.error(f"unknown system {name}; choose from {', '.join(SYSTEMS)}")
+    token = args.token if args.token is not None else os.environ.get("BENCH_TOKEN") or None
+    if not args.url:
+        for flag, value in (("--token", args.token), ("--cafile", args.cafile), ("--pid", args.pid)):
+            if value:
+                parser.error(f"{flag} is for a broker named by --url")
+    elif args.report:
+        parser.error("--report builds tables from earlier results: it runs nothing against --url")
+    why = bad_prefix(args.topic_prefix) if args.topic_prefix else ""
+    if why:
+        parser.error(f"--topic-prefix {args.topic_prefix!r}: {why}")
+    if not systems and not args.url and not args.report:
+        parser.error("nothing to run: name --systems, or a running broker with --url")
+    target = None
+    if args.url:
+        try:
+            target = parse_target(args.url, token, args.cafile)
+            if args.pid:
+                check_pid(args.pid)
+        except TargetError as exc:
+            parser.error(str(exc))
     procs = args.fleet_procs if args.clients == "real" else args.sub_procs
+    chosen_scs = {key: prefixed(scs[key], args.topic_prefix) for key in chosen}
+    if target is not None:  # before any run: the URL, TLS, the token and its grants for each scenario's topics
+        print(f"checking {target.name} ...", file=sys.stderr, flush=True)
+        try:
+            for sc in chosen_scs.values():
+                check_target(target, sc.topics[0], sc.subscribers[0][0])
+        except TargetError as exc:
+            print(f"python -m bench.run: error: {exc}", file=sys.stderr)
+            return 1
+        for key, sc in chosen_scs.items():
+            if sc.broker:  # what the runner sets on a broker it starts
+                wanted = ", ".join(f"{name} {value:,}" for name, value in sc.broker.items())
+                print(f"note: {key} needs the broker settings {wanted} (past their defaults); {target.name} runs on its own",
+                      file=sys.stderr, flush=True)
     rows = []
     if args.report:
         # the JSON lines a run prints (one per run: medians are taken here), or the .json file
@@ -247,37 +333,47 @@ def main(argv=None) -> int:
             rows.append(medians[key])
         args.runs = max(r["runs"] for r in medians.values())
     for key in chosen if not args.report else []:
-        sc = scs[key]
+        sc = chosen_scs[key]
         if args.duration:
             sc.duration = args.duration
         # Runs alternate between the systems (A B C A B C ...), so a slow phase of the machine
         # falls on every system alike rather than on one.
-        these = [name for name in systems if name not in sc.skip]
+        these: list[tuple[str, str | System]] = [(name, name) for name in systems if name not in sc.skip]
+        if target is not None:
+            these.insert(0, (target.name, target))
         for name in systems:
             if name in sc.skip:
                 print(f"skipped: {name} {key} (not run against this scenario, see bench/scenarios.py)", file=sys.stderr, flush=True)
-        results: dict[str, list[dict]] = {name: [] for name in these}
+        results: dict[str, list[dict]] = {name: [] for name, _ in these}
         for _ in range(args.runs):
-            for name in these:
+            for name, system in these:
                 try:
-                    r = run_once(name, sc, args.clients, procs, max(args.warmup, sc.warmup), args.window)
+                    r = run_once(system, sc, args.clients, procs, max(args.warmup, sc.warmup), args.window, args.pid if system is target else 0)
                 except Exception as exc:  # one failed run must not lose the others
                     print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
                     continue
+                if args.topic_prefix:
+                    r["topic_prefix"] = args.topic_prefix
                 results[name].append(r)
                 print(json.dumps(r), flush=True)
-        for name in these:
-            if results[name]:
-                rows.append(median_of(results[name]))
+        for done in results.values():
+            if done:
+                rows.append(median_of(done))
     if not rows:
         print("python -m bench.run: error: no run succeeded (see the messages above)", file=sys.stderr)
         return 1
 
+    prefixes = {r["scenario"]: r["topic_prefix"] for r in rows if r.get("topic_prefix")}
     kinds = list(dict.fromkeys(r.get("clients", args.clients) for r in rows))  # --report: what the runs used
     clients = kinds[0] if len(kinds) == 1 else args.clients
 
     def command(key: str, names: list[str]) -> str:
-        parts = ["python -m bench.run", f"--scenarios {key}", f"--systems {','.join(names)}", f"--clients {clients}"]
+        parts = ["python -m bench.run", f"--scenarios {key}"]
+        parts += [f"--url {name}" for name in names if name not in SYSTEMS]  # a --url target, by its URL without a query
+        launched = [name for name in names if name in SYSTEMS]
+        if launched:
+            parts.append(f"--systems {','.join(launched)}")
+        parts.append(f"--clients {clients}")
         if procs != 1:
             parts.append(f"--{'fleet' if clients == 'real' else 'sub'}-procs {procs}")
         parts += [f"--runs {args.runs}", f"--warmup {max(args.warmup, scs[key].warmup):g}"]
@@ -285,16 +381,22 @@ def main(argv=None) -> int:
             parts.append(f"--duration {args.duration:g}")
         if args.window:
             parts.append(f"--window {args.window}")
+        if key in prefixes:
+            parts.append(f"--topic-prefix {prefixes[key]}")
         return " ".join(parts)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     header = (
-        f"Command: `{' '.join(['python -m bench.run'] + (argv if argv is not None else sys.argv[1:]))}`  \n"
+        f"Command: `{' '.join(['python -m bench.run'] + shown_argv(argv if argv is not None else sys.argv[1:]))}`  \n"
         f"Commit: {commit()}, machine: {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  \n"
         f"Clients: {', '.join(kinds)}, medians of {args.runs} runs, {args.warmup:g} s warm-up then the measured window per run.\n"
     )
+    for url, pid in {r["target"]: r.get("target_pid", 0) for r in rows if r.get("target")}.items():
+        cpu = f"its CPU from /proc of process {pid:.0f} (with its children)" if pid else "its CPU not measured (no --pid)"
+        header += (f"\nTarget {url}: a broker that was already running, on its own settings; {cpu}. "
+                   "The publisher and the subscribers run on this machine (latency: publish to delivery on its clock).\n")
     text = header + table(rows, scs, command)
     images = plots.write(rows, scs, out, stamp, clients=", ".join(kinds), runs=args.runs)
     if images:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -65,6 +66,27 @@ def scenarios() -> dict[str, Scenario]:
         Scenario("e", "large payloads: 16 KiB, 10 subscribers", ["bench.t0"], [["bench.t0"]] * 10, payload=16384, batch=16),
     ]
     return {sc.key: sc for sc in out}
+
+
+def prefixed(sc: Scenario, prefix: str) -> Scenario:
+    """The scenario with every topic and pattern under `prefix` (`PREFIX.bench.t0`, `PREFIX.md.>`):
+    a run on a shared broker stays apart from other traffic, and within a token's grants."""
+    if not prefix:
+        return sc
+    return dataclasses.replace(sc, topics=[f"{prefix}.{t}" for t in sc.topics],
+                               subscribers=[[f"{prefix}.{p}" for p in patterns] for patterns in sc.subscribers])
+
+
+def bad_prefix(prefix: str) -> str:
+    """Why `prefix` cannot go before the scenarios' topics ("" when it can)."""
+    tokens = prefix.split(".")
+    if any(not token for token in tokens):
+        return "empty token (two dots, or a dot at either end)"
+    if any(token in ("*", ">") for token in tokens):
+        return "a wildcard token (* or >)"
+    if any(c.isspace() for c in prefix):
+        return "white space"
+    return ""
 
 
 def matches(pattern: str, topic: str) -> bool:

@@ -49,9 +49,26 @@ class System:
     tls: bool = False  # served over TLS (wss://) with the certificate of tls_files(); clients trust its CA
     nodes: int = 1  # processes serving clients; with 3 the publisher is on node A, the subscribers on B and C
     redis: bool = False  # the broker's Redis backplane, with a redis-server started for the run
+    # A broker already running at a URL (`python -m bench.run --url`): not started or stopped by
+    # the runner; every client connects to host:port and asks for `path` (path and query).
+    external: bool = False
+    host: str = "127.0.0.1"
+    port: int = 0  # external: the URL's port (a started system gets a free port per run)
+    path: str = "/"
+    ca: str | None = None  # external wss://: the PEM file of the CA(s) to trust (None: the default, publicly trusted CAs)
 
     def url(self, port: int) -> str:
-        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{port}/"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self.tls else 'ws'}://{host}:{port}{self.path}"
+
+    def ca_file(self) -> str | None:
+        """The CA file clients trust for wss:// (None: plain TCP, or the default CAs: Python's
+        from the system's store, Bun's its own bundled list)."""
+        if not self.tls:
+            return None
+        if self.external:
+            return self.ca
+        return str(tls_files()["ca"])
 
     def hello(self) -> list[tuple[int, bytes]]:
         """Frames to send right after connecting: (opcode, payload)."""
@@ -163,7 +180,7 @@ def client_ssl(system: System) -> ssl.SSLContext | None:
     """The SSL context of a Python client of `system` (None: plain TCP)."""
     if not system.tls:
         return None
-    return ssl.create_default_context(cafile=str(tls_files()["ca"]))
+    return ssl.create_default_context(cafile=system.ca_file())
 
 
 def bun_binary() -> str:
