@@ -45,7 +45,10 @@ def scenarios() -> dict[str, Scenario]:
     many = [f"bench.t{i}" for i in range(100)]
     out = [
         Scenario("a", "fan-out: 1 topic, 100 subscribers", ["bench.t0"], [["bench.t0"]] * 100, batch=200),
-        Scenario("b", "many topics: 100 topics x 10 subscribers (exact)", many, [[t] for t in many for _ in range(10)], batch=400),
+        # 1,000 subscriber connections and the publisher, all from 127.0.0.1: past the broker's
+        # default max_connections_per_ip (1,000)
+        Scenario("b", "many topics: 100 topics x 10 subscribers (exact)", many, [[t] for t in many for _ in range(10)], batch=400,
+                 broker={"max_connections_per_ip": 1100}),
         Scenario("w1k", "wildcard: 1,000 topics md.x.N, 100 subscribers on md.>", md1k, [["md.>"]] * 100),
         Scenario("w10k", "wildcard: 10,000 topics md.x.N, 100 subscribers on md.>", md10k, [["md.>"]] * 100),
         # the broker's default max_topics; each topic gets one message in 390 frames: a tick
