@@ -18,22 +18,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# an engine that answers: a docker command whose daemon is not running does not count
-engine=""
-unusable=""
-for candidate in ${CONTAINER_ENGINE:-docker podman}; do
-    if ! command -v "$candidate" >/dev/null 2>&1; then continue; fi
-    if "$candidate" info >/dev/null 2>&1; then engine="$candidate"; break; fi
-    unusable="$unusable $candidate"
-done
-if [ -z "$engine" ]; then
-    if [ -n "$unusable" ]; then
-        echo "container-test: no container engine answers (found but not working:$unusable); nothing was built" >&2
-    else
-        echo "container-test: no container engine (docker or podman) found; nothing was built" >&2
-    fi
-    exit 3
-fi
+# shellcheck source=deploy/engine.sh
+. deploy/engine.sh
+find_engine container-test
 
 image="${IMAGE:-localhost/broker:test}"
 base="${BASE_IMAGE:-python:3.12-slim}"

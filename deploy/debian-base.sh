@@ -12,14 +12,9 @@ set -euo pipefail
 tag="${1:-localhost/debian-python:bookworm}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 suite="${SUITE:-bookworm}"
-engine=""
-for candidate in ${CONTAINER_ENGINE:-docker podman}; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" info >/dev/null 2>&1; then engine="$candidate"; break; fi
-done
-if [ -z "$engine" ]; then
-    echo "debian-base: no container engine (docker or podman) answers" >&2
-    exit 3
-fi
+# shellcheck source=deploy/engine.sh
+. "${BASH_SOURCE[0]%/*}/engine.sh"
+find_engine debian-base
 command -v debootstrap >/dev/null 2>&1 || { echo "debian-base: debootstrap is not installed (apt-get install debootstrap)" >&2; exit 1; }
 root=$(mktemp -d /var/tmp/debian-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT

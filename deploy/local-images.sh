@@ -16,14 +16,9 @@ set -euo pipefail
 base="${BASE_IMAGE:-localhost/debian-python:bookworm}"
 redis="${REDIS_IMAGE:-localhost/redis:local}"
 prometheus="${PROMETHEUS_IMAGE:-localhost/prometheus:local}"
-engine=""
-for candidate in ${CONTAINER_ENGINE:-docker podman}; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" info >/dev/null 2>&1; then engine="$candidate"; break; fi
-done
-if [ -z "$engine" ]; then
-    echo "local-images: no container engine (docker or podman) answers" >&2
-    exit 3
-fi
+# shellcheck source=deploy/engine.sh
+. "${BASH_SOURCE[0]%/*}/engine.sh"
+find_engine local-images
 flags=(--build-arg "BASE_IMAGE=$base")
 if [ "$engine" = podman ]; then flags+=(--format docker); fi
 dir=$(mktemp -d)
