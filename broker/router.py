@@ -281,12 +281,8 @@ class Router:
         comes back through `deliver`. A `msg_id` seen on the same topic within the dedupe
         window makes this a duplicate: acknowledged with the original's sequence number (once
         it has one), not published again. Returns the topic state."""
-        state = self.topics.get(name)
-        if state is None:
-            state = self.topic(name)
+        state = self._publishing(name)
         backplane = self.backplane
-        if not backplane.accepting:
-            raise RequestError(ErrorCode.UNAVAILABLE, backplane.refusal())
         record = None
         if msg_id:
             record = self._dedupe(name, msg_id)
@@ -340,18 +336,24 @@ class Router:
         sequence numbers as any other; `done(epoch, seq)` once it is sequenced (at once with
         the memory backplane), or `failed(code, text)` when the backplane could not take it.
         Raises RequestError for a topic the broker refuses."""
+        state = self._publishing(name)
         backplane = self.backplane
-        if not backplane.accepting:
-            raise RequestError(ErrorCode.UNAVAILABLE, backplane.refusal())
-        state = self.topics.get(name)
-        if state is None:
-            state = self.topic(name)
         if backplane.sequences_at_once:
             backplane.publish(state, payload, self.dirty)
             done(state.epoch, state.seq)
         else:
             backplane.publish(state, payload, self.dirty, done, failed)
         self.published_since_flush()
+
+    def _publishing(self, name: str) -> TopicState:
+        """The state of the topic a publish goes to, after the checks every publish passes: a
+        topic the broker takes, and a backplane that takes publishes now."""
+        state = self.topics.get(name)
+        if state is None:
+            state = self.topic(name)
+        if not self.backplane.accepting:
+            raise RequestError(ErrorCode.UNAVAILABLE, self.backplane.refusal())
+        return state
 
     def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:
         if not box.closed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import heapq
 import hmac
 import json
 import time
@@ -183,7 +184,7 @@ class Admin:
         """Topics, busiest first (by last sequence number), at most `limit` (default 100)."""
         limit = _int(request.query.get("limit", "100"), "limit", 1, 100_000)
         router = self.server.router
-        states = sorted(router.topics.values(), key=lambda state: state.seq, reverse=True)[:limit]
+        states = heapq.nlargest(limit, router.topics.values(), key=lambda state: state.seq)
         rows = [
             {"topic": state.name, "epoch": state.epoch, "seq": state.seq, "subscribers": len(router.index.receivers(state.name))}
             for state in states
