@@ -122,13 +122,14 @@ class _Seen:
 class _Open:
     """A request waiting for its reply."""
 
-    __slots__ = ("requester", "request_id", "responder", "deadline")
+    __slots__ = ("requester", "request_id", "responder", "deadline", "topic")
 
-    def __init__(self, requester: Outbox, request_id: int, responder: Outbox, deadline: float) -> None:
+    def __init__(self, requester: Outbox, request_id: int, responder: Outbox, deadline: float, topic: str) -> None:
         self.requester = requester
         self.request_id = request_id
         self.responder = responder
         self.deadline = deadline
+        self.topic = topic
 
 
 class Router:
@@ -851,7 +852,7 @@ class Router:
         self._next_request += 1
         number = self._next_request
         deadline = self.clock() + timeout_ms / 1000
-        self._requests[number] = _Open(box, request_id, responder, deadline)
+        self._requests[number] = _Open(box, request_id, responder, deadline, topic)
         heapq.heappush(self._deadlines, (deadline, number))
         self._open[box] = self._open.get(box, 0) + 1
         self._involved.setdefault(box, set()).add(number)
@@ -868,6 +869,20 @@ class Router:
             boxes.remove(box)
             if not boxes:
                 del self.responders[topic]
+
+    def withdraw_responder(self, topic: str, box: Outbox) -> None:
+        """`box` no longer answers `topic` (its grants stopped covering it): it gets no more
+        requests to it, and those passed to it and not yet answered fail at once with
+        NO_RESPONDERS (its reply to one of them is refused as unknown)."""
+        self.remove_responder(topic, box)
+        numbers = self._involved.get(box)
+        if not numbers:
+            return
+        for number in list(numbers):
+            pending = self._requests.get(number)
+            if pending is not None and pending.responder is box and pending.topic == topic:
+                self._close_request(number, pending)
+                self._fail_request(pending, ErrorCode.NO_RESPONDERS, "the responder is no longer allowed to answer this topic")
 
     def reply(self, box: Outbox, number: int, data: bytes) -> None:
         """A responder's reply: back to the requester, if the request still waits for it."""

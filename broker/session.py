@@ -48,7 +48,7 @@ class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
         "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
-        "_held", "_effective", "_allowed", "_allowed_mark",
+        "_held", "_effective", "_allowed", "_allowed_mark", "_muted",
     )
 
     def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
@@ -70,6 +70,8 @@ class Session:
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: dict[str, int] = {}  # pattern -> its slow-consumer policy
         self.responding: set[str] = set()  # topics whose requests this connection answers
+        # of those, the ones its grants stopped covering (after `auth`): held, not registered
+        self._muted: set[str] = set()
         self.received = 0  # client messages handled
         self.published = 0  # of which publishes
         self.errors = 0  # err replies sent
@@ -313,7 +315,10 @@ class Session:
         validate_pattern(pattern, self.router.max_topic_length)
         if pattern in self.responding:  # a responder's unsub (it is checked first)
             self.responding.discard(pattern)
-            self.router.remove_responder(pattern, self.box)
+            if pattern in self._muted:
+                self._muted.discard(pattern)
+            else:
+                self.router.remove_responder(pattern, self.box)
             if message.id:
                 self.router.send(self.box, encode(Ack(message.id)))
             return
@@ -381,8 +386,23 @@ class Session:
                 for held in previous:
                     self._release(held)
                 self._effective[pattern] = new
+            self._regrant_responders(grants)
         if message.id:
             self.router.send(self.box, encode(Ack(message.id)))
+
+    def _regrant_responders(self, grants) -> None:
+        """Mute each responder registration the new grants do not cover (no more requests
+        reach it; those passed to it and not answered fail), and unmute those they cover again."""
+        router = self.router
+        for topic in self.responding:
+            allowed = grants is None or grants.may_receive(topic)
+            if topic in self._muted:
+                if allowed:
+                    self._muted.discard(topic)
+                    router.add_responder(topic, self.box)
+            elif not allowed:
+                self._muted.add(topic)
+                router.withdraw_responder(topic, self.box)
 
     def reply_error(self, request_id: int, code: int, text: str) -> None:
         self.errors += 1
@@ -398,8 +418,10 @@ class Session:
         self.box.closed = True
         self.router.forget_requests(self.box)
         for topic in self.responding:
-            self.router.remove_responder(topic, self.box)
+            if topic not in self._muted:
+                self.router.remove_responder(topic, self.box)
         self.responding.clear()
+        self._muted.clear()
         if self._held:
             self.router.remove_all(self.box, self._held)
             self._held.clear()

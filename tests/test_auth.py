@@ -19,7 +19,7 @@ from broker.auth import Authenticator, Grants
 from broker.client import Client
 from broker.config import load
 from broker.errors import ConnectionClosed, ErrorCode
-from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Pub, Sub, encode
+from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Pub, Reply, Req, Request, Sub, Unsub, encode
 from broker.server.handshake import HandshakeError, Rules, parse_request
 
 from conftest import RawSocketClient, client_frame, eventually, run, send_upgrade, serving, upgrade_request, url
@@ -332,6 +332,52 @@ def test_auth_replaces_the_grants_of_the_same_user_only(caplog):
 
     with caplog.at_level(logging.INFO, logger="broker"):
         run(main())
+
+
+def test_auth_that_narrows_the_grants_mutes_responders_it_no_longer_covers():
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            service = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="svc", subscribe=["svc.>"])))
+            asker = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="asker")))
+            try:
+                await service.send(Sub(1, "svc.bob", respond=True))
+                assert await service.recv() == Ack(1)
+                await asker.send(Req(1, "svc.bob", b"before"))
+                passed = await service.recv()
+                assert isinstance(passed, Request) and passed.data == b"before"
+                await service.send(Auth(2, token(sub="svc", subscribe=["svc.alice"])))
+                assert await service.recv() == Ack(2)
+                # the request passed before fails for its requester; its reply is refused
+                failed = await asker.recv()
+                assert isinstance(failed, Err) and (failed.id, failed.code) == (1, ErrorCode.NO_RESPONDERS)
+                await service.send(Reply(passed.id, b"late"))
+                refused = await service.recv()
+                assert isinstance(refused, Err) and refused.code == ErrorCode.UNKNOWN_REQUEST
+                await asker.send(Req(2, "svc.bob", b"after"))
+                reply = await asker.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (2, ErrorCode.NO_RESPONDERS)
+                # widened again, it answers again; an unsub while muted is acknowledged
+                await service.send(Auth(3, token(sub="svc", subscribe=["svc.>"])))
+                assert await service.recv() == Ack(3)
+                await asker.send(Req(3, "svc.bob", b"again"))
+                passed = await service.recv()
+                assert isinstance(passed, Request) and passed.data == b"again"
+                await service.send(Reply(passed.id, b"ok"))
+                assert await asker.recv() == Reply(3, b"ok")
+                await service.send(Auth(4, token(sub="svc", subscribe=["svc.alice"])))
+                assert await service.recv() == Ack(4)
+                await service.send(Unsub(5, "svc.bob"))
+                assert await service.recv() == Ack(5)
+                await service.send(Auth(6, token(sub="svc", subscribe=["svc.>"])))
+                assert await service.recv() == Ack(6)
+                await asker.send(Req(4, "svc.bob", b"gone"))
+                reply = await asker.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (4, ErrorCode.NO_RESPONDERS)
+            finally:
+                service.close()
+                asker.close()
+
+    run(main())
 
 
 def test_refusals_are_logged_without_the_token(caplog):
