@@ -9,7 +9,7 @@ import time
 
 from broker.client import Client
 
-from conftest import RawSocketClient, eventually, run
+from conftest import RawSocketClient, client_frame, eventually, run, serving, split_frame
 from test_shutdown_cli import connect_when_ready, free_ports, serve, stop_process
 
 MIB = 1 << 20
@@ -100,3 +100,43 @@ def test_a_flooding_publisher_is_held_and_memory_stays_bounded():
     log = proc.stderr.read().decode()
     assert "holding publishers" in log and "releasing publishers" in log, log[-2000:]
     assert log.count("event=slow_consumer") == NON_READERS, log[-2000:]
+
+
+def test_pings_from_a_client_that_never_reads_are_owed_one_pong_and_counted():
+    """Every byte the broker owes a connection counts against its bounds: a client that sends
+    pings and never reads gets one pong for the latest ping, not a growing buffer of pongs."""
+
+    async def main():
+        async with serving() as server:
+            raw = await RawSocketClient.connect(server.port, rcvbuf=4096)
+            loop = asyncio.get_running_loop()
+            try:
+                (conn,) = server.connections.values()
+                sent = 0
+                chunk = b"".join(client_frame(0x9, i.to_bytes(4, "big") + bytes(121)) for i in range(1000))
+                for _ in range(64):  # 64,000 pings, 8 MiB of pongs if each were answered
+                    await loop.sock_sendall(raw.sock, chunk)
+                    sent += 1000
+                last = (sent - 1) % 1000
+                await eventually(lambda: server.bytes_in >= 64 * len(chunk), 10, "the broker to read every ping")
+                await asyncio.sleep(0.2)
+                buffered = conn.transport.get_write_buffer_size()
+                assert buffered < 128 << 10, f"{buffered} bytes of pongs wait for a client that does not read"
+                # what waits is counted in the broker's total of queued bytes
+                assert server.pending_total >= conn.transport.get_write_buffer_size()
+                # once the client reads, the pong of the latest ping arrives
+                received = b""
+                pongs = []
+                deadline = loop.time() + 10
+                while not pongs or pongs[-1][:4] != last.to_bytes(4, "big"):
+                    assert loop.time() < deadline, "the latest ping was not answered"
+                    received += await asyncio.wait_for(loop.sock_recv(raw.sock, 1 << 16), 5)
+                    while (split := split_frame(received)) is not None:
+                        opcode, payload, received = split
+                        assert opcode == 0xA
+                        pongs.append(payload)
+                assert len(pongs) < 2000, f"{len(pongs)} pongs for pings that were not read"
+            finally:
+                raw.close()
+
+    run(main())

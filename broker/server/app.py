@@ -350,6 +350,8 @@ class Server:
                 else:
                     try:
                         data = box.take(max_frame, shared)
+                        if conn.pong is not None:  # a pong owed leaves with the tick's one write
+                            data = conn.take_pong() + data
                         if data:
                             conn.write(data)
                             self.writes += 1

@@ -30,6 +30,10 @@ _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 
 _EMPTY = b""
 
+# What a control frame costs of an iteration's input budget beyond its payload (its header and
+# handling): a flood of empty pings is paid for like data.
+CONTROL_FRAME_COST = 64
+
 # Where a TLS transport pauses the writer: where a plain uvloop transport does (64 KiB, and
 # resumes at a quarter of it). uvloop's TLS transport would first hold up to 512 KiB of the
 # connection's own ciphertext, and what it has passed on to the TCP transport below it is not
@@ -48,7 +52,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "_buffer", "_needed", "_timer",
+        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "_buffer", "_needed", "_timer",
         "_reading", "_queued",
     )
 
@@ -77,6 +81,11 @@ class Connection(asyncio.Protocol):
         # iteration budget (bytes, router.TICK_INPUT_BYTES a turn) this connection's frames used
         # beyond one iteration's share: it sits out that many turns in the server's queue
         self.debt = 0
+        # the payload of the latest ping not answered yet (None: none). Its pong leaves with the
+        # connection's next write of a tick, never on its own, and while the transport is paused
+        # a newer ping replaces it (RFC 6455 5.5.3): a client that sends pings and never reads
+        # is owed one pong, not a pong per ping.
+        self.pong: bytes | None = None
 
     # asyncio protocol
 
@@ -153,7 +162,7 @@ class Connection(asyncio.Protocol):
             return
         box.paused = False
         box.transport_bytes = self.transport.get_write_buffer_size()
-        if box.size and not box.closed:
+        if (box.size or self.pong is not None) and not box.closed:
             self.server.router.schedule_write(box)
 
     # handshake
@@ -267,8 +276,10 @@ class Connection(asyncio.Protocol):
                     server.queue(self)
                     return
             elif opcode == PING:
+                router.input_bytes += len(payload) + CONTROL_FRAME_COST  # pings use the iteration's budget too
                 if self.state == OPEN:
-                    self.transport.write(encode_frame(payload, PONG))
+                    self.pong = payload
+                    router.schedule_write(self.box)
             elif opcode == PONG:
                 self.ping_sent = 0.0
             elif opcode == CLOSE:
@@ -315,6 +326,15 @@ class Connection(asyncio.Protocol):
             self._buffer = None
             self._consume(buffer, 0, progress)
         self._read_again()
+
+    def take_pong(self) -> bytes:
+        """The pong owed to the client as a frame (b"" when none is owed), to write before
+        this tick's data."""
+        payload = self.pong
+        if payload is None:
+            return _EMPTY
+        self.pong = None
+        return encode_frame(payload, PONG)
 
     def hold(self) -> None:
         """Stop reading (the broker holds too many queued bytes) until `release()`."""
