@@ -99,8 +99,21 @@ class Auth(_Wire, tag="auth"):
     token: str
 
 
-ClientMessage = Union[Sub, Unsub, Pub, Req, Reply, Auth]
-CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply", "auth")
+# The heartbeat interval a client may ask for: 0 (none), or 1 s to 1 hour.
+MIN_HEARTBEAT_MS = 1000
+MAX_HEARTBEAT_MS = 3_600_000
+
+
+class Hb(_Wire, tag="hb"):
+    """Ask the server to send this connection a `beat` whenever it has sent it nothing else for
+    `interval_ms` (0: stop), so that the client can tell a quiet connection from a dead one."""
+
+    id: RequestId
+    interval_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_HEARTBEAT_MS)]
+
+
+ClientMessage = Union[Sub, Unsub, Pub, Req, Reply, Auth, Hb]
+CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply", "auth", "hb")
 
 
 # Server to client
@@ -159,6 +172,13 @@ class Request(_Wire, tag="request"):
     data: bytes
 
 
+class Heartbeat(_Wire, tag="beat"):
+    """The server is there: sent to a connection that asked for heartbeats (`hb`) and was sent
+    nothing else for its interval. `time_ms`: the server's clock (Unix time, milliseconds)."""
+
+    time_ms: int
+
+
 class Batch(NamedTuple):
     """Consecutive messages of one topic: message i has sequence number seq + i."""
 
@@ -182,15 +202,15 @@ class Delivery(NamedTuple):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Msg]
-SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "msg")
+ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Msg]
+SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "beat", "msg")
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply])
+_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat])
 _any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
@@ -380,7 +400,7 @@ class ProtocolViolation(ValueError):
     """A server frame that does not follow the protocol."""
 
 
-def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Request | Reply | Msg]:
+def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Request | Reply | Heartbeat | Msg]:
     """The messages of one server frame (an array of messages), in order. Messages of a type
     this version does not know are skipped (a newer server may send them)."""
     try:
@@ -389,7 +409,7 @@ def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Ga
         raise ProtocolViolation(f"a server frame is an array of messages: {exc}") from None
     if not parts:
         raise ProtocolViolation("a server frame holds at least one message")
-    out: list[Ack | Err | Topic | GapNotice | Request | Reply | Msg] = []
+    out: list[Ack | Err | Topic | GapNotice | Request | Reply | Heartbeat | Msg] = []
     for part in parts:
         raw = bytes(part)
         head = raw[0] if raw else 0
@@ -446,9 +466,10 @@ class ServerReader:
     def __init__(self) -> None:
         self.topics: dict[int, tuple[str, int]] = {}
 
-    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Request | Reply | Delivery]:
-        """Acks, errors and deliveries of one frame, in order; announcements update the table."""
-        out: list[Ack | Err | GapNotice | Request | Reply | Delivery] = []
+    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Request | Reply | Heartbeat | Delivery]:
+        """Acks, errors, heartbeats and deliveries of one frame, in order; announcements update
+        the table."""
+        out: list[Ack | Err | GapNotice | Request | Reply | Heartbeat | Delivery] = []
         for message in decode_server_frame(data):
             kind = type(message)
             if kind is Msg:

@@ -16,7 +16,7 @@ from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MAX_SINCE_TOPICS, Ack, Auth, Err, Pub, Reply, Req, Sub, Unsub, encode, read_client_frame
+from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, encode, read_client_frame
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
@@ -48,7 +48,7 @@ class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
         "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
-        "_held", "_effective", "_allowed", "_allowed_mark", "_muted",
+        "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms",
     )
 
     def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
@@ -73,6 +73,7 @@ class Session:
         # of those, the ones its grants stopped covering (after `auth`): held, not registered
         self._muted: set[str] = set()
         self.received = 0  # client messages handled
+        self.heartbeat_ms = 0  # the heartbeat interval the client asked for (`hb`; 0: none)
         self.published = 0  # of which publishes
         self.errors = 0  # err replies sent
         self.closed = False
@@ -237,6 +238,8 @@ class Session:
                     router.reply(box, message.id, message.data)
                 elif kind is Auth:
                     self._authenticate(message)
+                elif kind is Hb:
+                    self._heartbeat(message)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
                 if kind is Pub and exc.code != ErrorCode.RATE_LIMITED:  # a message that will reach nobody (a rate-limited one is in the audit log)
@@ -387,6 +390,14 @@ class Session:
                     self._release(held)
                 self._effective[pattern] = new
             self._regrant_responders(grants)
+        if message.id:
+            self.router.send(self.box, encode(Ack(message.id)))
+
+    def _heartbeat(self, message: Hb) -> None:
+        interval = message.interval_ms
+        if 0 < interval < MIN_HEARTBEAT_MS:
+            raise RequestError(ErrorCode.BAD_MESSAGE, f"interval_ms is 0 (no heartbeats) or {MIN_HEARTBEAT_MS} to 3600000, not {interval}")
+        self.heartbeat_ms = interval
         if message.id:
             self.router.send(self.box, encode(Ack(message.id)))
 

@@ -304,6 +304,50 @@ async def recv_message(ws, timeout: float = 5.0):
     return unread.pop(0)
 
 
+class BlackHoleProxy:
+    """A TCP proxy in front of the broker whose path can go silent: `black_hole()` makes every
+    open link drop what either side sends, and closes nothing (not even when one side closes),
+    as a network that loses every packet does. Links made afterwards pass traffic again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.links: list[dict] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", 0)
+        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/"
+
+    def black_hole(self) -> None:
+        for link in self.links:
+            link["silent"] = True
+
+    async def _link(self, client_reader, client_writer) -> None:
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        link = {"silent": False, "writers": (client_writer, broker_writer)}
+        self.links.append(link)
+
+        async def pump(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    if not link["silent"]:
+                        writer.write(data)
+            except (ConnectionError, OSError):
+                pass
+            if not link["silent"]:
+                writer.transport.abort()
+
+        await asyncio.gather(pump(client_reader, broker_writer), pump(broker_reader, client_writer))
+
+    async def close(self) -> None:
+        for link in self.links:
+            for writer in link["writers"]:
+                writer.transport.abort()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
 class HarnessSession(Session):
     """A session whose `receive` applies the whole frame, starting new loop iterations when
     the router's budget runs out, as the server does (the server interleaves other work)."""

@@ -312,7 +312,7 @@ def test_cancelled_subscribe_leaves_no_subscription_at_the_broker(ticks):
 
     async def main():
         async with serving() as server:
-            client, conn = await connect_tracked(server)
+            client, conn = await connect_tracked(server, heartbeat_s=None)  # counts the messages the broker receives
             pub = await Client.connect(url(server))
             try:
                 task = asyncio.ensure_future(client.subscribe("cs.t"))
@@ -367,7 +367,7 @@ def test_publishes_of_one_tick_leave_in_one_frame():
             try:
                 await ws.send(encode(Sub(1, "cb.batch")))
                 assert await recv_message(ws) == Ack(1)
-                pub, conn = await connect_tracked(server)
+                pub, conn = await connect_tracked(server, heartbeat_s=None)  # counts the messages the broker receives
                 counting = conn.session = FrameCountingSession(conn.session)
                 try:
                     payloads = [b"p%d" % i for i in range(n)]

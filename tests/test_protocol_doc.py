@@ -31,6 +31,8 @@ from broker.messages import (
     Batch,
     Err,
     GapNotice,
+    Hb,
+    Heartbeat,
     Msg,
     Pub,
     Reply,
@@ -58,8 +60,8 @@ _EXAMPLE = re.compile(
     re.MULTILINE,
 )
 
-CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply, "auth": Auth}
-SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "msg": Msg}
+CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply, "auth": Auth, "hb": Hb}
+SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "beat": Heartbeat, "msg": Msg}
 
 
 class Example(NamedTuple):
@@ -228,7 +230,7 @@ def test_close_code_table_lists_exactly_close_code():
     assert unnamed == {1006, 1007}
 
 
-@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Auth, Ack, Err, Topic, GapNotice, Request])
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Auth, Hb, Ack, Err, Topic, GapNotice, Request, Heartbeat])
 def test_field_tables_match_the_structs(struct):
     tag = struct.__struct_config__.tag
     body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))

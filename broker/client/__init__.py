@@ -42,6 +42,7 @@ from ..messages import (
     Auth,
     Err,
     GapNotice,
+    Hb,
     Msg,
     ProtocolViolation,
     Pub,
@@ -249,6 +250,7 @@ class _Listener(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if self.client._listener is not self:
             return  # a connection the client already left
+        self.client._frames += 1  # the connection is alive (the heartbeat watchdog reads this)
         kind = frame.msg_type
         if kind is WSMsgType.BINARY:
             self.client._on_message(frame.get_payload_as_memoryview())
@@ -313,11 +315,19 @@ class Client:
         token: str | Callable[[], str | Awaitable[str]] | None = None,
         refresh_before_s: float = 30.0,
         ssl: ssl_module.SSLContext | None = None,
+        heartbeat_s: float | None = 5.0,
+        heartbeat_timeout_s: float = 15.0,
     ) -> None:
         """`token`: a JWT, or a callable returning one (awaitable or not), sent in the
         Authorization header of every connection; a callable is also asked for a fresh token
         `refresh_before_s` before the current one expires (or at 80% of its life, if sooner),
-        which goes to the broker in an `auth` message, and before each reconnection."""
+        which goes to the broker in an `auth` message, and before each reconnection.
+
+        `heartbeat_s`: on every connection the client asks the broker for a heartbeat (`hb`)
+        whenever it has sent nothing else for that long (1 to 3600 s; None: not asked). When
+        nothing at all arrived for `heartbeat_timeout_s` (more than heartbeat_s + 1), the
+        connection is taken for dead (a path that drops every packet closes nothing): it is
+        aborted, and the client reconnects and recovers as after any other loss."""
         self.urls = [url] if isinstance(url, str) else list(url)
         if not self.urls:
             raise ValueError("url: at least one URL")
@@ -333,6 +343,14 @@ class Client:
         if ssl is not None and not self.secure:
             raise ValueError(f"ssl is for wss:// URLs, not {url}")
         self.ssl = ssl  # the context of wss:// connections (None: the system's default, made when first needed)
+        if heartbeat_s is not None and not 1.0 <= heartbeat_s <= 3600.0:
+            raise ValueError("heartbeat_s is None or 1 to 3600 seconds")
+        if heartbeat_s is not None and not heartbeat_timeout_s > heartbeat_s + 1.0:
+            raise ValueError("heartbeat_timeout_s must exceed heartbeat_s + 1")
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._frames = 0  # frames received on any connection (counted per frame, read by the watchdog)
+        self._watchdog: asyncio.TimerHandle | None = None
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_frame_bytes = max_frame_bytes
@@ -443,8 +461,34 @@ class Client:
                 raise
             raise ConnectionClosed(1006, reason) from exc
         self._connected.set()
+        if self.heartbeat_s is not None:
+            self._queue_out(encode(Hb(0, int(self.heartbeat_s * 1000))))
+            self._watch(self._listener, self._frames, self._loop.time())
         if token is not None:
             self._schedule_refresh(token)
+
+    # liveness
+
+    def _watch(self, listener: _Listener, frames: int, heard: float) -> None:
+        """Check, a few times per heartbeat_timeout_s, that something arrived on the connection
+        of `listener` since the last check (`frames`, at loop time `heard`)."""
+        self._watchdog = self._loop.call_later(self.heartbeat_timeout_s / 4, self._check_alive, listener, frames, heard)
+
+    def _check_alive(self, listener: _Listener, frames: int, heard: float) -> None:
+        self._watchdog = None
+        if self._listener is not listener or not self._connected.is_set():
+            return  # that connection ended
+        now = self._loop.time()
+        if self._frames != frames:
+            self._watch(listener, self._frames, now)
+            return
+        if now - heard < self.heartbeat_timeout_s:
+            self._watch(listener, frames, heard)
+            return
+        reason = f"nothing from the broker for {self.heartbeat_timeout_s:g} s (no heartbeat)"
+        log.warning("connection to %s taken for dead: %s", self.url, reason)
+        self._close_info = (1006, reason)
+        self._transport.disconnect(graceful=False)
 
     # tokens
 
@@ -907,6 +951,9 @@ class Client:
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         code, reason = self._close_info or (1006, "connection lost")
         if self._transport is not None and self._transport.close_handshake is not None:
             recv = self._transport.close_handshake.recv

@@ -27,7 +27,7 @@ from ..backplane import MemoryBackplane
 from ..config import Config
 from ..errors import CloseCode, ConfigError
 from ..fastpath import IMPLEMENTATION
-from ..messages import SUBPROTOCOL
+from ..messages import SUBPROTOCOL, Heartbeat, encode
 from ..router import Router
 from ..session import HARD_LIMIT_FACTOR, Limits
 from . import handshake, logs, tls
@@ -354,6 +354,7 @@ class Server:
                             data = conn.take_pong() + data
                         if data:
                             conn.write(data)
+                            conn.last_sent = now
                             self.writes += 1
                             self.bytes_out += len(data)
                             box.transport_bytes = conn.buffer_size()
@@ -540,8 +541,15 @@ class Server:
         cfg = self.config
         interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
         frame_timeout = cfg.frame_timeout_s
+        wall_ms = int(time.time() * 1000)
         for conn in list(self.connections.values()):
-            if conn.state != OPEN or conn.held:
+            if conn.state != OPEN:
+                continue
+            heartbeat = conn.session.heartbeat_ms
+            if heartbeat and (now - conn.last_sent) * 1000 >= heartbeat and not conn.box.scheduled:
+                self.router.send(conn.box, encode(Heartbeat(wall_ms)))
+                conn.last_sent = now  # written at the end of this iteration
+            if conn.held:
                 continue  # a held connection is not read: its pongs wait with the rest
             if conn.partial_since and now - conn.partial_since >= frame_timeout:
                 conn.frame_expired(frame_timeout)  # a frame started and not finished (slowloris)

@@ -52,7 +52,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "_buffer", "_needed", "_timer",
+        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "_buffer", "_needed", "_timer",
         "_reading", "_queued",
     )
 
@@ -66,6 +66,7 @@ class Connection(asyncio.Protocol):
         self.state = HANDSHAKE
         self.close_reason: tuple[int, str] | None = None  # set when either side starts the close
         self.last_seen = 0.0  # loop time of the last data from the client
+        self.last_sent = 0.0  # loop time of the last write to the client (for its heartbeats)
         self.ping_sent = 0.0  # loop time of an unanswered ping (0: none)
         self._buffer: bytearray | None = None  # bytes received and not yet handled
         self._needed = 0  # bytes the frame at the start of _buffer needs in all
@@ -207,6 +208,7 @@ class Connection(asyncio.Protocol):
         self.box = self.session.box
         self.state = OPEN
         self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))
+        self.last_sent = server.loop.time()
         server.connections[self.id] = self
         server.opened += 1
         logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user)
