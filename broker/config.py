@@ -187,7 +187,7 @@ HELP = {
     "dedupe_window_s": "seconds a publish's msg_id is remembered: a repeat within them is acknowledged, not published again",
     "dedupe_max_ids": "msg_ids remembered at most (the oldest are forgotten first)",
     "max_open_requests": "requests one connection may have waiting for replies",
-    "topic_idle_s": "seconds a topic with no subscribers, no history and no publishes is kept before it is forgotten (its name then starts a new epoch)",
+    "topic_idle_s": "seconds a topic with no subscribers and no publishes is kept before it is forgotten, once its history expired too (its name then starts a new epoch)",
     "dead_letters_max": "client messages the broker could not process that it keeps (the newest), for `broker dead-letters`",
     "dead_letter_file": "where the kept dead letters are written, at most once a second, as JSON lines ('': broker-dead-letters-PORT.jsonl in the system's temporary directory)",
     "max_total_pending_bytes": "bytes queued for all connections together; past it the broker stops reading from publishers until the total is below three quarters of it",

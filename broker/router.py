@@ -29,6 +29,9 @@ from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, matches, validate_patt
 # The work one loop iteration does before reading pauses until the next one: client frame
 # bytes, and subscription-index steps (trie nodes visited, topic lists changed).
 TICK_INPUT_BYTES = 1 << 20
+# Topics the retirement scan looks at per call (once a second): with N topics, each is seen
+# every N / RETIRE_SCAN_BUDGET seconds.
+RETIRE_SCAN_BUDGET = 1000
 TICK_INDEX_WORK = 1 << 16
 # A MessagePack value decoded on the general path counts as this many bytes of input: decoding
 # costs per value (10 to 40 ns with msgspec), not per byte, so a frame of many small values
@@ -239,12 +242,15 @@ class Router:
 
     # topics retire
 
-    def retire_idle(self, idle_ms: int, budget: int = 1000) -> int:
+    def retire_idle(self, idle_ms: int, budget: int = RETIRE_SCAN_BUDGET) -> int:
         """Look at up to `budget` topics (going round all of them over successive calls; the
         server's sweep calls it once a second, well under a millisecond each time) and
-        forget those that stayed quiet for `idle_ms`: no live subscription, nothing pending,
-        no retained history, no publish. A forgotten name comes back as a new topic, with a new
-        id and a new epoch, its sequence from 1. Returns how many were forgotten."""
+        forget those that had no live subscription and no publish for `idle_ms` and hold
+        nothing pending and no retained history. The idle time runs from the first scan that
+        saw the topic's last publish (history does not hold it back: a topic goes once both
+        its history expired and it was idle for `idle_ms`, whichever comes later). A forgotten
+        name comes back as a new topic, with a new id and a new epoch, its sequence from 1.
+        Returns how many were forgotten."""
         states = self.index.states
         count = len(states)
         if not count:
@@ -259,13 +265,13 @@ class Router:
             self._scan += 1
             if state is None:
                 continue
-            if state.pending or any(not node.dead for node in state.nodes) or self.backplane.retains(state, now):
+            if state.pending or any(not node.dead for node in state.nodes):
                 quiet.pop(state.id, None)
                 continue
             mark = quiet.get(state.id)
             if mark is None or mark[0] != state.seq:
                 quiet[state.id] = (state.seq, now)
-            elif now - mark[1] >= idle_ms:
+            elif now - mark[1] >= idle_ms and not self.backplane.retains(state, now):
                 del quiet[state.id]
                 self.backplane.forget(state)
                 self.index.retire(state)
@@ -842,6 +848,9 @@ class Router:
         """Pass a request to one connection responding to `topic` (chosen at random), as
         `["request", number, topic, data]`; its reply goes back to `box` with `request_id`.
         No responder: NO_RESPONDERS at once; no reply within `timeout_ms`: REQUEST_TIMEOUT."""
+        if is_pattern(topic):
+            validate_pattern(topic, self.max_topic_length)
+            raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"cannot send a request to pattern {topic!r}; name a concrete topic")
         validate_topic(topic, self.max_topic_length)
         if self._open.get(box, 0) >= self.max_open_requests:
             raise RequestError(ErrorCode.TOO_MANY_REQUESTS, f"this connection has {self.max_open_requests} requests waiting, the limit")

@@ -474,7 +474,7 @@ def _since(pattern: str, since: list, router: Router) -> tuple:
     for name, value in since[1].items():
         if type(name) is not str:
             raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern maps topic names to [epoch, seq]")
-        validate_topic(name, router.max_topic_length)
+        validate_topic(name, router.max_topic_length, need="a since map key")
         if not matches(pattern, name):
             raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
         epoch, seq = _position(value, f"since of {name!r}")

@@ -23,21 +23,22 @@ MAX_TOKENS = 32
 _TOKEN = re.compile(r"[!-)+-\-/-=?-~]+")  # 0x21-0x7e without '*' (0x2a), '.' (0x2e), '>' (0x3e)
 
 
-def validate_topic(topic: str, max_length: int = DEFAULT_MAX_TOPIC_LENGTH) -> None:
-    """Raise TopicError unless `topic` is a concrete topic name (no wildcards)."""
-    _check(topic, max_length, wildcards=False)
+def validate_topic(topic: str, max_length: int = DEFAULT_MAX_TOPIC_LENGTH, need: str = "publish") -> None:
+    """Raise TopicError unless `topic` is a concrete topic name (no wildcards); `need` says
+    what needs one, for the error's text ("publish", "a request", ...)."""
+    _check(topic, max_length, wildcards=False, need=need)
 
 
 def validate_pattern(pattern: str, max_length: int = DEFAULT_MAX_TOPIC_LENGTH) -> None:
     """Raise TopicError unless `pattern` is a topic or a valid wildcard pattern."""
-    _check(pattern, max_length, wildcards=True)
+    _check(pattern, max_length, wildcards=True, need="")
 
 
 def is_pattern(name: str) -> bool:
     return "*" in name or ">" in name
 
 
-def _check(name: str, max_length: int, wildcards: bool) -> None:
+def _check(name: str, max_length: int, wildcards: bool, need: str) -> None:
     if not isinstance(name, str):
         raise TopicError("topic must be a string")
     if not name:
@@ -53,7 +54,7 @@ def _check(name: str, max_length: int, wildcards: bool) -> None:
             raise TopicError(f"topic {name!r} has an empty token at position {i}")
         if token == "*" or token == ">":
             if not wildcards:
-                raise TopicError(f"{name!r} is a pattern; publish needs a concrete topic")
+                raise TopicError(f"{name!r} is a pattern; {need} needs a concrete topic")
             if token == ">" and i != last:
                 raise TopicError(f"pattern {name!r}: '>' must be the last token")
             continue

@@ -682,7 +682,7 @@ def test_too_many_subscriptions():
 
 
 def test_sub_refusals_are_checked_in_the_documented_order():
-    """protocol.md 3.1: sub refusals are checked in the order 3, 5, 8."""
+    """protocol.md 3.1: sub refusals are checked in the order 1 (does not decode), 3, 5, 8."""
 
     async def main():
         async with serving(max_subscriptions=1) as server:
@@ -696,7 +696,10 @@ def test_sub_refusals_are_checked_in_the_documented_order():
                 await expect_err(ws, 3, ErrorCode.INVALID_TOPIC)
                 await ws.send(pack(["sub", 4, "lim.b"]))  # valid, over the limit: 8
                 await expect_err(ws, 4, ErrorCode.TOO_MANY_SUBSCRIPTIONS)
+                await ws.send(pack(["sub", 5, "a..b", "not a since"]))  # since of the wrong type and invalid: 1
+                await expect_err(ws, 5, ErrorCode.BAD_MESSAGE)
                 assert errors(server) == {
+                    ErrorCode.BAD_MESSAGE: 1,
                     ErrorCode.ALREADY_SUBSCRIBED: 1,
                     ErrorCode.INVALID_TOPIC: 1,
                     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 1,

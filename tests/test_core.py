@@ -157,3 +157,22 @@ def test_unsubscribe_delivers_what_was_published_before_it():
     s.receive(encode([Pub(0, "t", b"1"), Unsub(2, "t"), Pub(0, "t", b"2")]))
     written, _ = h.tick()
     assert written["s"] == [Delivery("t", 42, 1, [b"1"]), Ack(2, 0, 0)]
+
+
+def test_within_a_frame_replies_come_before_the_live_deliveries():
+    """protocol.md 2.2: what the server produced handling the client's frames first, then the
+    iteration's live deliveries, so a pub's ack precedes that message's own delivery."""
+    h = Harness()
+    a, b = h.session("a"), h.session("b")
+    a.receive(encode(Sub(1, "t")))
+    h.tick()
+    b.receive(encode(Pub(0, "t", b"first")))  # published first in the iteration
+    a.receive(encode([Pub(2, "t", b"mine"), Unsub(3, "other")]))
+    written, _ = h.tick()
+    epoch = h.router.topics["t"].epoch
+    assert written["a"] == [
+        Ack(2, epoch, 2),
+        Err(3, ErrorCode.NOT_SUBSCRIBED, "not subscribed to 'other'"),
+        Delivery("t", epoch, 1, [b"first", b"mine"]),
+    ]
+    assert len(h.frames["a"]) == 1

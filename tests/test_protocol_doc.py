@@ -282,3 +282,15 @@ def test_transport_facts():
     assert f"`{SUBPROTOCOL}`" in text
     assert f"port **{DEFAULT_PORT}**" in text
     assert f"path **`{Config().path}`**" in text
+
+
+def test_the_trailing_element_examples_of_2_1_hold():
+    body = section(doc_text(), "Encoding")
+    valid = re.search(r"`(\[\"unsub\".*?)` is a valid\s+`unsub`, and `(\[\"sub\".*?)` a valid `sub`", body)
+    refused = re.search(r"in\s+`(\[\"sub\".*?)` the fourth element is `since`, so that one is refused", body)
+    assert valid and refused, "the examples of 2.1 moved"
+    literal = lambda text: ast.literal_eval(text.replace("null", "None").replace("false", "False"))
+    assert type(client_decoder.decode(msgspec.msgpack.encode(literal(valid[1])))) is Unsub
+    assert type(client_decoder.decode(msgspec.msgpack.encode(literal(valid[2])))) is Sub
+    with pytest.raises(msgspec.ValidationError):
+        client_decoder.decode(msgspec.msgpack.encode(literal(refused[1])))

@@ -148,3 +148,12 @@ def test_request_and_respond_with_the_python_client():
                 assert not server.router._requests and not server.router._involved
 
     run(main())
+
+
+def test_a_request_to_a_pattern_is_refused_as_a_request():
+    h = Harness()
+    c = h.session("c")
+    c.receive(encode(Req(1, "svc.*", b"?")))
+    (err,) = h.tick()[0]["c"]
+    assert type(err) is Err and err.id == 1 and err.code == ErrorCode.PATTERN_NOT_ALLOWED
+    assert err.text == "cannot send a request to pattern 'svc.*'; name a concrete topic"

@@ -58,6 +58,22 @@ def test_subscribers_history_and_publishes_keep_a_topic():
     assert "kept.a" not in h.router.topics
 
 
+def test_history_and_idle_time_run_together_not_one_after_the_other():
+    """A topic goes once its history expired and it was idle for topic_idle_s, whichever is
+    later, not history_max_age_s + topic_idle_s after its last publish."""
+    h = Harness(history={"max_messages": 10, "max_age_s": 2})
+    p = h.session("p")
+    p.receive(encode(Pub(0, "hist", b"1")))
+    h.tick()
+    h.router.retire_idle(IDLE_MS)  # the scan sees its last publish (history still holds it)
+    h.now += 1.5
+    h.router.retire_idle(IDLE_MS)
+    assert "hist" in h.router.topics  # idle long enough, but its history holds it
+    h.now += 0.6  # the history expired (2 s), and it was idle 2.1 s > 1 s
+    h.router.retire_idle(IDLE_MS)
+    assert "hist" not in h.router.topics
+
+
 def test_max_topics_is_not_exhausted_for_ever():
     h = Harness(max_topics=2, history={"max_messages": 0})
     p = h.session("p")

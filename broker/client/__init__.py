@@ -707,7 +707,7 @@ class Client:
 
         Raises RequestError with NO_RESPONDERS at once when nobody responds to the topic (or
         the responder left before replying), REQUEST_TIMEOUT after `timeout` seconds."""
-        validate_topic(topic)
+        validate_topic(topic, need="a request")
         timeout_ms = min(max(1, round(timeout * 1000)), MAX_REQUEST_TIMEOUT_MS)
         reply = await self._request(lambda rid: Req(rid, topic, data, timeout_ms), timeout=timeout + self.request_timeout)
         return reply.data
@@ -716,7 +716,7 @@ class Client:
         """Answer the requests to the concrete `topic`: `handler(request)` returns (or, as a
         coroutine function, resolves to) the reply's bytes. A handler that raises is logged
         and its request gets no reply (the requester times out)."""
-        validate_topic(topic)
+        validate_topic(topic, need="a responder")
         if topic in self._responders:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
         self._responders[topic] = handler
