@@ -205,7 +205,7 @@ class Authenticator:
                 return token.strip()
             if source == "subprotocol":
                 for entry in protocols:
-                    if entry.startswith(SUBPROTOCOL_PREFIX):
+                    if entry[: len(SUBPROTOCOL_PREFIX)].lower() == SUBPROTOCOL_PREFIX:  # any case, as HTTP's Bearer
                         return entry[len(SUBPROTOCOL_PREFIX) :]
             if source == "query":
                 query = path.partition("?")[2]

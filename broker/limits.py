@@ -28,7 +28,7 @@ from .config import Config
 from .errors import CloseCode, ErrorCode, RequestError
 from .fastpath import fast_publish as _fast_publish
 from .server import logs
-from .server.handshake import HandshakeError, Request
+from .server.handshake import HandshakeError, Request, shown
 
 # Refusals in a row that close a connection (rate_limit_close_after) must fall within this
 # many seconds of the first one; a longer streak starts counting again.
@@ -37,8 +37,6 @@ ABUSE_WINDOW_S = 10.0
 AUDIT_WINDOW_S = 1.0
 AUDIT_PER_KEY = 5
 AUDIT_PER_EVENT = 50
-# Longest Origin value quoted back in a 403 body.
-_ORIGIN_SHOWN = 100
 
 
 def _num(value: float) -> str:
@@ -480,7 +478,7 @@ class Guard:
         if self.origins:
             origin = request.header("origin")
             if origin is not None and _origin(origin) not in self.origins:
-                self._refuse(403, "allowed_origins", f"origin {origin[:_ORIGIN_SHOWN]} is not allowed (allowed_origins)",
+                self._refuse(403, "allowed_origins", f"origin {shown(origin.strip())} is not allowed (allowed_origins)",
                              ip, conn, None)
         self.connections[conn.id] = self.admit(ip, owner=conn)
 

@@ -16,11 +16,14 @@ from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEAD_LETTER_HEAD, DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, encode, read_client_frame
+from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, dead_letter_head, encode, read_client_frame
 from .router import Router
 from .topics import is_pattern, matches, validate_pattern, validate_topic
 
 _MAX_ID = 2**63 - 1
+# Refusals that are in the audit log (without the topic) rather than among the dead letters,
+# whose reasons name it.
+_AUDITED = (ErrorCode.RATE_LIMITED, ErrorCode.FORBIDDEN)
 
 # A connection may queue up to this many times max_pending_bytes while it catches up with a
 # burst; past it, it is closed at once (the softer bound is judged over time by the server).
@@ -212,7 +215,7 @@ class Session:
                         )
                     grants = self.identity.grants
                     if grants is not None and not grants.may_publish(message.topic):
-                        self._forbid(f"not allowed to publish to {message.topic[:256]!r}")
+                        self._forbid(message.id, "publish", f"not allowed to publish to {message.topic[:256]!r}")
                     if limiter is not None:
                         limiter.check(message.id, message.topic, router.topics)
                     self.published += 1
@@ -229,7 +232,7 @@ class Session:
                     self._check_payload(message.data, max_payload)
                     grants = self.identity.grants
                     if grants is not None and not grants.may_publish(message.topic):
-                        self._forbid(f"not allowed to send requests to {message.topic[:256]!r}")
+                        self._forbid(message.id, "request", f"not allowed to send requests to {message.topic[:256]!r}")
                     if limiter is not None:
                         limiter.check(message.id)
                     router.request(box, message.id, message.topic, message.data, message.timeout_ms)
@@ -242,8 +245,8 @@ class Session:
                     self._heartbeat(message)
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
-                if kind is Pub and exc.code != ErrorCode.RATE_LIMITED:  # a message that will reach nobody (a rate-limited one is in the audit log)
-                    router.dead_letter(box, message.id, exc.code, exc.text, encode(message)[:DEAD_LETTER_HEAD])
+                if kind is Pub and exc.code not in _AUDITED:  # a message that will reach nobody
+                    router.dead_letter(box, message.id, exc.code, exc.text, dead_letter_head(encode(message)))
         self._backlog = None
         self._next = 0
         return True
@@ -273,7 +276,7 @@ class Session:
         if grants is not None:
             effective = grants.subscriptions_for(pattern)
             if not effective:
-                self._forbid(f"not allowed to subscribe to {pattern!r}")
+                self._forbid(message.id, "subscribe", f"not allowed to subscribe to {pattern!r}")
         since = None if message.since is None else _since(pattern, message.since, router)
         policy = BY_NAME[message.policy] if message.policy else self.limits.policy
         if effective is None:
@@ -303,7 +306,7 @@ class Session:
         validate_topic(topic, self.router.max_topic_length)
         grants = self.identity.grants
         if grants is not None and not grants.may_receive(topic):
-            self._forbid(f"not allowed to respond to {topic!r}")
+            self._forbid(message.id, "respond", f"not allowed to respond to {topic!r}")
         if topic in self.responding:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
         if len(self.subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
@@ -341,12 +344,14 @@ class Session:
 
     # grants
 
-    def _forbid(self, text: str) -> None:
+    def _forbid(self, request_id: int, action: str, text: str) -> None:
+        """Refuse a request the grants do not allow: `text` (naming the topic) goes to the
+        client only; the audit log gets the action and the request id, never the topic."""
         self.denied += 1
         self.router.stats.denied += 1
         audit = getattr(self.box.owner, "audit", None)
         if audit is not None:
-            audit("permission_denied", text)
+            audit("permission_denied", action=action, id=request_id)
         raise RequestError(ErrorCode.FORBIDDEN, text)
 
     def _hold(self, pattern: str) -> None:

@@ -433,13 +433,13 @@ class Connection(asyncio.Protocol):
         if self.state != CLOSED and self.transport is not None:
             self.transport.abort()
 
-    def audit(self, event: str, reason: str) -> None:
-        """An audit log line about this client's request (a permission denial), with the
-        connection, user and address, never a token or payload; bounded per connection and
-        per kind by the server's audit log (broker.limits.AuditLog)."""
+    def audit(self, event: str, **fields: object) -> None:
+        """An audit log line about this client's request (a permission denial): the
+        connection, user and address, then `fields` (never a token, payload or topic);
+        bounded per connection and per kind by the server's audit log (broker.limits.AuditLog)."""
         self.server.guard.audit.record(
             self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
-            conn=self.id, peer=self.peer, user=self.user, reason=reason,
+            conn=self.id, peer=self.peer, user=self.user, **fields,
         )
 
     def frame_expired(self, timeout: float) -> None:

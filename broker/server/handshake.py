@@ -17,9 +17,34 @@ from ..auth import AuthError, Authenticator, Identity
 
 # Longest request head the server reads before it refuses the request.
 MAX_HEAD_BYTES = 16 << 10
+# What a refusal quotes back of the request (its body is also the audit log's reason): never a
+# header that may carry a secret (Authorization, a bearer subprotocol entry, the query string),
+# and of the rest only short values, made printable.
+SHOWN_CHARS = 100
+SHOWN_PROTOCOL_CHARS = 20
+SHOWN_PATH_CHARS = 32
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` as a refusal may quote it: at most `limit` characters, each one printable ASCII
+    (others become `?`), cut with `...`."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in value[:limit])
+    return text + "..." if len(value) > limit else text
+
+
+def shown_protocols(offered: list[str]) -> str:
+    """What a 400 says of the subprotocols a client offered: the short names, never an entry
+    that may hold a token (`bearer.`, in any case, which is left out, or anything longer than
+    a version name, which is counted)."""
+    others = [p for p in offered if not p.lower().startswith("bearer.")]
+    parts = [shown(p) for p in others if len(p) <= SHOWN_PROTOCOL_CHARS]
+    hidden = len(others) - len(parts)
+    if hidden:
+        parts.append(f"{hidden} other entr{'y' if hidden == 1 else 'ies'} not shown")
+    return ", ".join(parts) if parts else "a bearer token entry only"
 
 
 class HandshakeError(Exception):
@@ -70,7 +95,8 @@ def parse_request(head: bytes) -> Request:
     for line in lines[1:]:
         name, sep, value = line.partition(":")
         if not sep or not name or not _TOKEN_CHARS.issuperset(name):
-            raise HandshakeError(400, f"malformed header line {line[:60]!r}")
+            # the line is not quoted: it may be a header holding a secret, typed wrongly
+            raise HandshakeError(400, f"malformed header line {len(headers) + 1}: a header is NAME: VALUE, with a token for its name")
         headers.setdefault(name.lower(), []).append(value.strip(" \t"))
     return Request(method, path, version, headers)
 
@@ -78,9 +104,9 @@ def parse_request(head: bytes) -> Request:
 def check_upgrade(request: Request) -> str:
     """Check what RFC 6455 requires of an upgrade request; returns Sec-WebSocket-Accept."""
     if request.method != "GET":
-        raise HandshakeError(405, f"method {request.method} is not allowed; a WebSocket upgrade is a GET", {"Allow": "GET"})
+        raise HandshakeError(405, f"method {shown(request.method, 16)} is not allowed; a WebSocket upgrade is a GET", {"Allow": "GET"})
     if request.version != "HTTP/1.1":
-        raise HandshakeError(400, f"{request.version} is not supported; use HTTP/1.1")
+        raise HandshakeError(400, f"{shown(request.version, 16)} is not supported; use HTTP/1.1")
     if "websocket" not in (t.lower() for t in request.tokens("upgrade")):
         raise HandshakeError(400, "missing 'Upgrade: websocket' header")
     if "upgrade" not in (t.lower() for t in request.tokens("connection")):
@@ -124,20 +150,21 @@ class Rules:
         rule it breaks."""
         path = request.path.partition("?")[0]
         if path != self.path:
-            raise HandshakeError(404, f"no WebSocket endpoint at {path}; connect to {self.path}")
+            # a long path is not quoted: some clients put a key there
+            at = shown(path) if len(path) <= SHOWN_PATH_CHARS else f"the path given ({len(path)} characters)"
+            raise HandshakeError(404, f"no WebSocket endpoint at {at}; connect to {self.path}")
         if closing:
             raise HandshakeError(503, "server is shutting down")
         version = request.header("sec-websocket-version")
         if version is not None and version.strip() != "13":
-            raise HandshakeError(426, f"unsupported WebSocket version {version}; use 13", {"Sec-WebSocket-Version": "13"})
+            raise HandshakeError(426, f"unsupported WebSocket version {shown(version, 16)}; use 13", {"Sec-WebSocket-Version": "13"})
         offered = request.tokens("sec-websocket-protocol")
         if self.subprotocol not in offered:
-            shown = [p for p in offered if not p.startswith("bearer.")]
-            why = f"offered {', '.join(shown)}" if shown else "no Sec-WebSocket-Protocol header"
+            why = f"offered {shown_protocols(offered)}" if offered else "no Sec-WebSocket-Protocol header"
             raise HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {self.subprotocol}")
         origin = request.header("origin")
         if self.origins and origin is not None and origin.strip().rstrip("/").lower() not in self.origins:
-            raise HandshakeError(403, f"origin {origin.strip()[:100]} is not allowed (allowed_origins)")
+            raise HandshakeError(403, f"origin {shown(origin.strip())} is not allowed (allowed_origins)")
         accept = check_upgrade(request)
         try:
             identity = self.authenticator.identify(request.path, request.header("authorization"), offered)

@@ -19,7 +19,19 @@ def event(level: int, name: str, **fields: object) -> None:
         log.log(level, name, extra={"fields": fields})
 
 
-class _Text(logging.Formatter):
+def quoted(text: str) -> str:
+    """A field's value as it stands in a text record: as it is when it is plain, else as a JSON
+    string. Plain means printable ASCII without space, `"`, `=` or `\\`: a newline, any other
+    control character or a line separator a client put in a field (a close reason, a path)
+    is escaped, so that one record stays one line and no field can pose as another."""
+    if text and text.isascii() and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text)
+
+
+class TextFormatter(logging.Formatter):
+    """key=value records, one line each (a traceback, when there is one, follows it)."""
+
     def format(self, record: logging.LogRecord) -> str:
         parts = [
             f"ts={time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created))}.{int(record.msecs):03d}Z",
@@ -27,17 +39,16 @@ class _Text(logging.Formatter):
             f"event={record.getMessage()}",
         ]
         for key, value in getattr(record, "fields", {}).items():
-            text = str(value)
-            if not text or any(c in text for c in ' "='):
-                text = json.dumps(text)
-            parts.append(f"{key}={text}")
+            parts.append(f"{key}={quoted(str(value))}")
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-class _Json(logging.Formatter):
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record."""
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": record.created,
@@ -54,7 +65,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     """Send broker logs to stderr. picows (used by the client in the same process, e.g. the
     CLI) logs per connection: it is kept quiet unless the level is debug."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Json() if fmt == "json" else _Text())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False
