@@ -277,7 +277,7 @@ class Session:
             effective = grants.subscriptions_for(pattern)
             if not effective:
                 self._forbid(message.id, "subscribe", f"not allowed to subscribe to {pattern!r}")
-        since = None if message.since is None else _since(pattern, message.since, router)
+        since = None if message.since is None else _since(pattern, message.since, router, effective)
         policy = BY_NAME[message.policy] if message.policy else self.limits.policy
         if effective is None:
             router.subscribe(pattern, self.box)
@@ -459,9 +459,14 @@ def _position(value: object, what: str) -> tuple[int, int]:
     return value[0], value[1]
 
 
-def _since(pattern: str, since: list, router: Router) -> tuple:
+def _since(pattern: str, since: list, router: Router, within: list[str] | None = None) -> tuple:
     """Check a `sub`'s since and return it as (epoch, seq) for a topic or (time_ms,
-    {topic: (epoch, seq)}) for a pattern."""
+    {topic: (epoch, seq)}) for a pattern.
+
+    `within`: the patterns the subscription holds when grants narrowed it. A topic of the map
+    outside them is checked for its form only and left out: nothing about it (whether it
+    exists, its sequence) is looked at, so the answer is the same for a topic the connection
+    may not see and for one that does not exist."""
     if not is_pattern(pattern):
         epoch, seq = _position(since, "since")
         state = router.topics.get(pattern)
@@ -483,6 +488,8 @@ def _since(pattern: str, since: list, router: Router) -> tuple:
         if not matches(pattern, name):
             raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
         epoch, seq = _position(value, f"since of {name!r}")
+        if within is not None and not any(matches(held, name) for held in within):
+            continue
         state = router.topics.get(name)
         if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
             raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")

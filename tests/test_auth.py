@@ -19,7 +19,7 @@ from broker.auth import Authenticator, Grants
 from broker.client import Client
 from broker.config import load
 from broker.errors import ConnectionClosed, ErrorCode
-from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Pub, Reply, Req, Request, Sub, Unsub, encode
+from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Hb, Pub, Reply, Req, Request, Sub, Unsub, encode
 from broker.server.handshake import HandshakeError, Rules, parse_request
 
 from conftest import RawSocketClient, client_frame, eventually, run, send_upgrade, serving, upgrade_request, url
@@ -238,6 +238,54 @@ def test_a_grant_narrower_than_the_subscription_never_leaks_and_publishes_are_ch
                     assert not (isinstance(message, Delivery) and message.topic == "md.NYSE.X")
                     if isinstance(message, Delivery):
                         seen.extend(message.data)
+            finally:
+                narrow.close()
+                await feed.close()
+
+    run(main())
+
+
+def test_a_since_map_tells_nothing_of_topics_outside_the_grants():
+    """A topic the connection may not see is answered as one that does not exist: a position
+    far ahead of it is no error, it gets no gap and no replay, and the replies to a `sub`
+    naming it and to one naming a topic that does not exist are the same, on every path
+    (pattern map, exact topic, last)."""
+
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            feed = await Client.connect(url(server), token=token(sub="feed"))
+            narrow = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="bob", subscribe=["md.NASDAQ.*"])))
+            try:
+                for i in range(8):
+                    await feed.publish_acked("md.NYSE.SECRET", b"s%d" % i)
+                await feed.publish_acked("md.NASDAQ.X", b"n")
+                epoch = server.router.topics["md.NYSE.SECRET"].epoch
+
+                async def answers(*messages) -> list:
+                    for message in messages:
+                        await narrow.send(message)
+                    await narrow.send(Unsub(98, "md.>"))
+                    await narrow.send(Hb(99, 0))  # a marker: everything before it came
+                    out = []
+                    while True:
+                        reply = await narrow.recv()
+                        if reply == Ack(99):
+                            return out
+                        if getattr(reply, "id", None) != 98:
+                            out.append(reply)
+
+                existing = await answers(Sub(1, "md.>", [0, {"md.NYSE.SECRET": [epoch, 1_000_000], "md.NASDAQ.X": [epoch, 0]}]))
+                missing = await answers(Sub(1, "md.>", [0, {"md.NYSE.NOPE": [epoch, 1_000_000], "md.NASDAQ.X": [epoch, 0]}]))
+                assert [type(m) for m in existing] == [Ack, Delivery] == [type(m) for m in missing], (existing, missing)
+                assert existing[1] == missing[1] and existing[1].topic == "md.NASDAQ.X"
+                behind = await answers(Sub(1, "md.>", [0, {"md.NYSE.SECRET": [epoch, 2]}]))
+                assert [type(m) for m in behind] == [Ack, Delivery] and behind[1].topic == "md.NASDAQ.X"
+                # an exact topic, with since or last: refused alike, whether it exists or not
+                for since, last in (([epoch, 1_000_000], False), (None, True), ([epoch, 0], False)):
+                    secret = await answers(Sub(2, "md.NYSE.SECRET", since, last))
+                    nope = await answers(Sub(2, "md.NYSE.NOPE", since, last))
+                    assert [(m.id, m.code) for m in secret] == [(2, ErrorCode.FORBIDDEN)] == [(m.id, m.code) for m in nope]
+                    assert secret[0].text.replace("SECRET", "NOPE") == nope[0].text
             finally:
                 narrow.close()
                 await feed.close()
