@@ -157,6 +157,7 @@ class Authenticator:
             self._jwks.changed()
             self.jwks = _read_jwks(config.auth_jwks_file)
         self.enabled = bool(self.secret or self.public_key or self._jwks)
+        self.checks = 0  # tokens checked (at handshakes and in `auth` messages)
         self.sources = tuple(t.strip() for t in config.auth_token_sources.split(",") if t.strip())
         try:
             anonymous = Grants(split_patterns(config.auth_anonymous_subscribe), split_patterns(config.auth_anonymous_publish))
@@ -231,6 +232,7 @@ class Authenticator:
         """Check a token: signature, algorithm, exp (required), nbf, iat, aud, iss, the
         denylist and the grant claims."""
         cfg = self.config
+        self.checks += 1
         if len(token) > cfg.auth_max_token_bytes:
             raise AuthError(401, f"token longer than {cfg.auth_max_token_bytes} bytes")
         try:

@@ -76,6 +76,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth_subscribe_claim: str = "subscribe"
     auth_publish_claim: str = "publish"
     auth_max_token_bytes: Positive = 8192
+    auth_message_rate: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    auth_message_burst: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     # [limits] (with the limits above)
     max_connections: Positive = 10_000
     max_connections_per_ip: Positive = 1000
@@ -140,7 +142,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         if not self.redis_prefix or "{" in self.redis_prefix or "}" in self.redis_prefix:
             raise ValueError("redis_prefix must be non-empty and without braces (it goes inside the keys' hash tags)")
-        for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "user_new_topic_rate"):
+        for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "user_new_topic_rate", "auth_message_rate"):
             burst = rate[: -len("rate")] + "burst"
             if getattr(self, rate) and getattr(self, burst) < 1:
                 raise ValueError(f"{burst} must be at least 1 when {rate} is set (it is {getattr(self, rate):g})")
@@ -217,6 +219,8 @@ HELP = {
     "auth_subscribe_claim": "[auth] the claim listing the patterns a token may subscribe to",
     "auth_publish_claim": "[auth] the claim listing the patterns a token may publish and send requests to",
     "auth_max_token_bytes": "[auth] longest token accepted",
+    "auth_message_rate": "[auth] auth messages per second one connection may send, authenticated or not (0: no limit); past its burst they are refused with err 15, their token unchecked",
+    "auth_message_burst": "[auth] auth messages one connection may send at once above auth_message_rate",
     "max_connections": "[limits] connections the broker holds at once; more are refused with 503",
     "max_connections_per_ip": "[limits] connections from one IP address at once; more are refused with 429",
     "max_connections_per_user": "[limits] connections of one user (auth_user_claim) at once; more are refused with 429",

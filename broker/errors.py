@@ -26,7 +26,7 @@ class ErrorCode(enum.IntEnum):
     REQUEST_TIMEOUT = 12  # no `reply` to a `req` within its timeout
     UNKNOWN_REQUEST = 13  # a `reply` to a request that is not (or no longer) waiting for this connection
     TOO_MANY_REQUESTS = 14  # the connection has max_open_requests requests waiting
-    RATE_LIMITED = 15  # past a publish or topic-creation rate limit of the connection or its user
+    RATE_LIMITED = 15  # past a publish or topic-creation rate limit of the connection or its user, or its auth_message_rate
     FORBIDDEN = 16  # the token's grants do not allow this subscribe, publish or request
     BAD_TOKEN = 17  # an `auth` message's token is invalid, expired, revoked or names another user
     UNAVAILABLE = 18  # the cluster backplane (Redis) could not take the publish in time: it was not published

@@ -8,7 +8,8 @@
   Origin not allowed 403, `max_connections` 503, `max_connections_per_ip` and
   `max_connections_per_user` 429 (a `LimitRefused`, which is a `HandshakeError`).
 - `ConnectionLimits`: one connection's admission and its share of the publish and new-topic
-  rates. A session asks it before every `pub` and `req` (`check`), and calls the compiled
+  rates, and its rate of `auth` messages. A session asks it before every `pub` and `req`
+  (`check`) and every `auth` (`check_auth`), and calls the compiled
   fire-and-forget path through it (`fast_publish`); a refusal is `err` 15 (RATE_LIMITED), and
   `rate_limit_close_after` refusals in a row within 10 s close the connection with 1008.
 
@@ -181,7 +182,7 @@ class ConnectionLimits:
     user's other connections."""
 
     __slots__ = (
-        "guard", "owner", "ip", "user", "own_publish", "user_publish", "own_new", "user_new", "streak", "streak_start",
+        "guard", "owner", "ip", "user", "own_publish", "user_publish", "own_new", "user_new", "own_auth", "streak", "streak_start",
     )
 
     def __init__(self, guard: Guard, ip: str, owner: Any = None) -> None:
@@ -193,6 +194,7 @@ class ConnectionLimits:
         self.user_publish: TokenBucket | None = None
         self.own_new: TokenBucket | None = None
         self.user_new: TokenBucket | None = None
+        self.own_auth: TokenBucket | None = None
         self.streak = 0  # messages refused in a row
         self.streak_start = 0.0
 
@@ -277,6 +279,21 @@ class ConnectionLimits:
             user.tokens -= 1.0
         self.streak = 0
 
+    def check_auth(self, request_id: int) -> None:
+        """Charge one `auth` message (a token to check) or raise RequestError(RATE_LIMITED),
+        before the token is looked at. Anonymous connections are charged alike."""
+        guard = self.guard
+        if not guard.auth_message_rate:
+            return
+        now = guard.clock()
+        bucket = self.own_auth
+        if bucket is None:
+            bucket = self.own_auth = guard.bucket("auth_message_rate")
+        if bucket.level(now) < 1.0:
+            self._refused(bucket, request_id, now)
+        bucket.tokens -= 1.0
+        self.streak = 0
+
     def _refused(self, bucket: TokenBucket, request_id: int, now: float) -> None:
         guard = self.guard
         stats = guard.stats.rate_limited
@@ -359,10 +376,12 @@ class Guard:
         self.clock = clock
         self.close_after = config.rate_limit_close_after
         self.origins = parse_origins(config.allowed_origins)
-        self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.user_new_topic_rate)
+        self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.user_new_topic_rate
+                          or config.auth_message_rate)
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
         self.new_topic_rate = config.new_topic_rate
+        self.auth_message_rate = config.auth_message_rate
         # a connection's own buckets: (rate, burst, what a refused client is told), by setting
         self._buckets = {
             "publish_rate": (config.publish_rate, config.publish_burst,
@@ -371,6 +390,9 @@ class Guard:
             "new_topic_rate": (config.new_topic_rate, config.new_topic_burst,
                                f"rate limited: a connection may create {_many(config.new_topic_rate, 'new topic')} a second "
                                f"(new_topic_rate, burst {_num(config.new_topic_burst)})"),
+            "auth_message_rate": (config.auth_message_rate, config.auth_message_burst,
+                                  f"rate limited: a connection may send {_many(config.auth_message_rate, 'auth message')} a second "
+                                  f"(auth_message_rate, burst {_num(config.auth_message_burst)}); the token was not checked"),
         }
         self.total = 0  # connections admitted and not yet gone
         self.per_ip: dict[str, int] = {}

@@ -37,6 +37,10 @@ TICK_INDEX_WORK = 1 << 16
 # costs per value (10 to 40 ns with msgspec), not per byte, so a frame of many small values
 # costs far more than the same bytes of payloads. 65,536 values fill an iteration.
 TICK_VALUE_BYTES = 16
+# A token's signature check (an `auth` message) counts as this many bytes of input: an ES256
+# check takes 70 to 170 us, about what decoding an eighth of an iteration's bytes does, so at
+# most eight tokens are checked per iteration whoever sends them.
+TICK_TOKEN_CHECK_BYTES = TICK_INPUT_BYTES // 8
 
 # What a frame adds around its pieces at most (headers of the frame, the message array, a
 # `msg` message and a batch): pieces are cut so that a frame stays within its cap.
@@ -209,6 +213,10 @@ class Router:
         """Count the decoding of a client frame of `values` MessagePack values in this
         iteration's budget (its bytes are counted as they are read)."""
         self.input_bytes += values * TICK_VALUE_BYTES
+
+    def token_checked(self) -> None:
+        """Count a token's signature check in this iteration's budget."""
+        self.input_bytes += TICK_TOKEN_CHECK_BYTES
 
     @property
     def busy(self) -> bool:

@@ -240,6 +240,8 @@ class Session:
                     self._check_payload(message.data, max_payload)
                     router.reply(box, message.id, message.data)
                 elif kind is Auth:
+                    if limiter is not None:
+                        limiter.check_auth(message.id)
                     self._authenticate(message)
                 elif kind is Hb:
                     self._heartbeat(message)
@@ -375,6 +377,7 @@ class Session:
         subscription is narrowed (or widened) to the new grants."""
         if self.authenticator is None or not self.authenticator.enabled:
             raise RequestError(ErrorCode.BAD_TOKEN, "this server does not authenticate; auth is not needed")
+        self.router.token_checked()  # the signature check is the dearest thing a client can ask for
         try:
             identity = self.authenticator.verify(message.token)
         except AuthError as error:

@@ -426,3 +426,132 @@ def test_audit_log_is_bounded_per_key_and_per_event():
         ("audit_lines_skipped", {"kind": "handshake_refused", "count": 150, "sources": 150}),
         ("rate_limited", {"conn": 7, "id": 1000}),
     ]
+
+
+# `auth` messages: a signature check each, counted in the iteration's budget and rate limited
+
+
+def _es256_key_file(tmp_path):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "es256.pem"
+    path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def token(**claims) -> str:
+        import time
+
+        claims = {"sub": "flood", "exp": int(time.time()) + 120, "subscribe": [">"], "publish": [">"], **claims}
+        return jwt.encode(claims, key, algorithm="ES256")
+
+    return str(path), token
+
+
+async def _round_trips(port: int, headers: dict, seconds: float) -> tuple[int, float]:
+    """An honest client's publish-and-ack round trips in `seconds`, and the longest wait."""
+    import time
+
+    client = await RawSocketClient.connect(port, headers=headers)
+    try:
+        count, longest = 0, 0.0
+        start = last = time.monotonic()
+        while last - start < seconds:
+            await client.send(Pub(count + 1, "honest", b"x"))
+            reply = await client.recv()
+            assert isinstance(reply, Ack), reply
+            now = time.monotonic()
+            longest = max(longest, now - last)
+            last = now
+            count += 1
+        return count, longest
+    finally:
+        client.close()
+
+
+def test_an_auth_flood_does_not_stall_an_honest_round_trip(tmp_path):
+    """Frames of 3,000 `auth` messages with a valid ES256 token (a signature check of about
+    0.1 ms each), sent back to back by one connection with the rate limit off: the checks
+    count in the iteration's budget, so an honest client's publish-and-ack loop goes on
+    (before: 2 or 3 round trips in 1.5 s, pauses of seconds) while the flood is served too."""
+    from broker.messages import Auth, encode
+
+    from conftest import client_frame
+
+    key_file, token = _es256_key_file(tmp_path)
+
+    async def main():
+        async with serving(auth_jwt_public_key_file=key_file, auth_message_rate=0) as server:
+            honest = {"Authorization": f"Bearer {token(sub='honest')}"}
+            baseline, _ = await _round_trips(server.port, honest, 0.5)
+            flood_token = token()
+            flooder = await RawSocketClient.connect(server.port, headers={"Authorization": f"Bearer {flood_token}"})
+            frame = client_frame(0x2, encode([Auth(0, flood_token)] * 3000))
+            stop = asyncio.Event()
+
+            async def flood() -> int:
+                sent = 0
+                while not stop.is_set():
+                    await flooder.loop.sock_sendall(flooder.sock, frame)
+                    sent += 1
+                return sent
+
+            checks = server.auth.checks
+            task = asyncio.create_task(flood())
+            await asyncio.sleep(0.2)  # the flood is under way
+            count, longest = await _round_trips(server.port, honest, 1.5)
+            stop.set()
+            flooder.close()
+            await asyncio.wait_for(task, 5)
+            return baseline, count, longest, server.auth.checks - checks
+
+    baseline, count, longest, checks = run(main(), timeout=60)
+    assert checks >= 1000, f"the flood was not served ({checks} tokens checked)"
+    assert count >= 30 and longest < 0.75, f"{count} round trips in 1.5 s during the flood (baseline {baseline} in 0.5 s), longest wait {longest:.3f} s"
+
+
+def test_auth_messages_are_rate_limited_per_connection_anonymous_or_not(tmp_path):
+    """Past auth_message_burst an `auth` gets err 15 naming auth_message_rate and its token is
+    not checked; anonymous connections are held to it alike, and one that ignores the
+    refusals is closed with 1008 like any other rate-limit abuser."""
+    from broker.messages import Auth
+
+    key_file, token = _es256_key_file(tmp_path)
+
+    async def main():
+        settings = dict(auth_jwt_public_key_file=key_file, auth_anonymous=True, auth_message_rate=1, auth_message_burst=3, rate_limit_close_after=20)
+        async with serving(**settings) as server:
+            named = await RawSocketClient.connect(server.port, headers={"Authorization": f"Bearer {token()}"})
+            anonymous = await RawSocketClient.connect(server.port)
+            try:
+                for client in (named, anonymous):
+                    checks = server.auth.checks
+                    for i in range(1, 6):
+                        await client.send(Auth(i, token()))
+                    replies = [await client.recv() for _ in range(5)]
+                    assert [getattr(r, "code", 0) for r in replies[3:]] == [ErrorCode.RATE_LIMITED] * 2
+                    assert replies[3].text == "rate limited: a connection may send 1 auth message a second (auth_message_rate, burst 3); the token was not checked"
+                    assert server.auth.checks - checks == 3
+                assert [type(r) for r in replies[:3]] == [Err] * 3  # anonymous: another user, refused after the check
+                assert server.guard.stats.rate_limited["auth_message_rate"] == 4
+                await anonymous.send([Auth(100 + i, "x") for i in range(30)])
+                _, code, reason = await read_close(anonymous)
+                assert (code, reason) == (CloseCode.POLICY_VIOLATION, "rate limit abuse: 20 messages refused in a row (auth_message_rate)")
+            finally:
+                named.close()
+                anonymous.close()
+
+    run(main())
+
+
+def test_a_token_check_counts_in_the_iteration_budget():
+    from broker.router import TICK_TOKEN_CHECK_BYTES, TICK_INPUT_BYTES
+
+    from conftest import Harness
+
+    h = Harness()
+    assert not h.router.busy
+    for _ in range(TICK_INPUT_BYTES // TICK_TOKEN_CHECK_BYTES):
+        h.router.token_checked()
+    assert h.router.busy
