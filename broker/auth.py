@@ -1,8 +1,8 @@
 """Who a client is and what it may do: JWTs checked at the handshake and in `auth` messages,
 a denylist of revoked token ids, and the topic grants a token carries.
 
-Authentication is on when a key is configured (`auth_jwt_secret`, `auth_jwt_public_key_file`
-or `auth_jwks_file`). Each algorithm is bound to its kind of key: HS256 only ever uses the
+Authentication is on when a key is configured (`auth_jwt_secret` or `auth_jwt_secret_file`,
+`auth_jwt_public_key_file` or `auth_jwks_file`). Each algorithm is bound to its kind of key: HS256 only ever uses the
 secret, RS256 and ES256 only public keys of their type, so a token cannot choose how it is
 checked (no `none`, no HS256 signed with a public key). Without a key every client is let in
 with no restriction (the embedded default).
@@ -19,12 +19,13 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import Config
+from .config import Config, read_secret
 from .errors import ConfigError
 from .topics import intersect, matches, validate_pattern
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 SUBPROTOCOL_PREFIX = "bearer."
+MIN_SECRET_BYTES = 32  # an HS256 key at least as long as the hash (RFC 7518 3.2)
 _CACHE_LIMIT = 4096  # topics whose publish permission a connection remembers
 
 
@@ -146,7 +147,14 @@ class Authenticator:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.secret = config.auth_jwt_secret.encode() if config.auth_jwt_secret else None
+        secret = read_secret(config, "auth_jwt_secret").encode()
+        if secret and len(secret) < MIN_SECRET_BYTES:
+            setting = "auth_jwt_secret_file" if config.auth_jwt_secret_file else "auth_jwt_secret"
+            raise ConfigError(
+                f"invalid setting: {setting}: an HS256 secret must be at least {MIN_SECRET_BYTES} bytes (RFC 7518 3.2: "
+                f"as long as the SHA-256 output), not {len(secret)}; make one with `openssl rand -base64 48`"
+            )
+        self.secret = secret or None
         self.public_key = None
         self.public_algorithm = ""
         if config.auth_jwt_public_key_file:
@@ -171,7 +179,7 @@ class Authenticator:
                 raise ConfigError(f"invalid setting: auth_denylist_file: {config.auth_denylist_file} does not exist")
             self.refresh()
         if (config.auth_anonymous or config.auth_denylist_file) and not self.enabled:
-            raise ConfigError("invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_public_key_file or auth_jwks_file)")
+            raise ConfigError("invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_secret_file, auth_jwt_public_key_file or auth_jwks_file)")
 
     # files
 
@@ -319,6 +327,8 @@ def _read_jwks(path: str) -> dict[str | None, list[jwt.PyJWK]]:
         out: dict[str | None, list[jwt.PyJWK]] = {}
         for entry in keys:
             key = jwt.PyJWK(entry, entry.get("alg") or _default_algorithm(entry))
+            if key.algorithm_name == "HS256" and len(key.key) < MIN_SECRET_BYTES:
+                raise ValueError(f"the HS256 key {entry.get('kid')!r} has {len(key.key)} bytes; it must have at least {MIN_SECRET_BYTES} (RFC 7518 3.2)")
             if key.algorithm_name in ALGORITHMS:
                 out.setdefault(entry.get("kid"), []).append(key)
     except (OSError, ValueError, KeyError, TypeError, jwt.PyJWKError, jwt.InvalidKeyError) as exc:

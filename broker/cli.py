@@ -13,7 +13,7 @@ import time
 from typing import Sequence
 
 from . import __version__
-from .config import DEFAULT_PORT, FIELDS, HELP, Config, load
+from .config import DEFAULT_PORT, FIELDS, HELP, SECRET_FLAGS, Config, load, url_password
 from .errors import BrokerError, ConfigError
 
 DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
@@ -125,8 +125,10 @@ def _serve(args: argparse.Namespace) -> int:
     if config.workers > 1:  # a supervisor of worker processes, each a server of its own
         supervisor.check(config)
         logs.setup(config.log_level, config.log_format)
+        _warn_secret_flags(flags)
         return supervisor.serve(config, flags, config_file)
     logs.setup(config.log_level, config.log_format)
+    _warn_secret_flags(flags)
     index = os.environ.get(supervisor.WORKER_INDEX_ENV)
     if index:  # a worker started by a supervisor
         supervisor.label_logs(index)
@@ -137,6 +139,22 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _warn_secret_flags(flags: dict) -> None:
+    """A secret given as a flag is in /proc/PID/cmdline, which every user of the machine can
+    read: say so, once, at the start (the value is not logged)."""
+    import logging
+
+    from .server import logs
+
+    for name in SECRET_FLAGS:
+        value = flags.get(name)
+        if value and (name != "redis_url" or url_password(str(value))):
+            logs.event(
+                logging.WARNING, "secret_on_command_line", setting=name,
+                advice=f"every user of this machine can read command lines (ps, /proc/PID/cmdline); use {name.replace('redis_url', 'redis_password')}_file",
+            )
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -247,17 +265,24 @@ async def _sub(args: argparse.Namespace) -> int:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from .server.app import dead_letter_path
+    from .server.app import dead_letter_path, foreign_file
 
     path = args.file or dead_letter_path(args.port)
     paths = [path]
-    if not os.path.exists(path):  # with --workers, each worker process keeps its own file
+    if not os.path.lexists(path):  # with --workers, each worker process keeps its own file
         stem, ext = os.path.splitext(path)
         paths = sorted(glob.glob(f"{glob.escape(stem)}-w*{ext}")) or paths
     lines = []
     for path in paths:
+        if not args.file:
+            # the default path is in the shared temporary directory: read only a file of
+            # this user's, never one another user put there (or a link to somewhere else)
+            refusal = foreign_file(path)
+            if refusal is not None:
+                raise BrokerError(f"not reading {refusal}; the broker writes its own file there (run this as its user, or name the file with --file)")
         try:
-            with open(path, encoding="utf-8") as fh:
+            fd = os.open(path, os.O_RDONLY | (0 if args.file else os.O_NOFOLLOW))
+            with open(fd, encoding="utf-8") as fh:
                 lines += [(path, line) for line in fh.read().splitlines()]
         except FileNotFoundError:
             print(f"no dead letters: {path} does not exist (none kept yet, or another port or file)", file=sys.stderr)

@@ -61,6 +61,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tls_key_file: str = ""
     # [auth]
     auth_jwt_secret: str = ""
+    auth_jwt_secret_file: str = ""
     auth_jwt_public_key_file: str = ""
     auth_jwks_file: str = ""
     auth_audience: str = ""
@@ -95,6 +96,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rate_limit_close_after: Positive = 10_000
     # [redis] (the cluster backplane; none: the embedded single process)
     redis_url: str = ""
+    redis_password_file: str = ""
     redis_shards: Annotated[int, msgspec.Meta(gt=0, le=1024)] = 16
     redis_prefix: str = "broker"
     redis_stream_maxlen: Positive = 10_000
@@ -105,6 +107,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_host: str = "127.0.0.1"
     admin_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     admin_api_key: str = ""
+    admin_api_key_file: str = ""
     # processes
     workers: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
     reuse_port: bool = False
@@ -142,6 +145,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
         if not self.redis_prefix or "{" in self.redis_prefix or "}" in self.redis_prefix:
             raise ValueError("redis_prefix must be non-empty and without braces (it goes inside the keys' hash tags)")
+        for name in SECRETS:
+            if getattr(self, name) and getattr(self, name + "_file"):
+                raise ValueError(f"set {name} or {name}_file, not both")
+        if self.redis_password_file and url_password(self.redis_url):
+            raise ValueError("redis_password_file is set and redis_url holds a password too: keep it in the file only")
         for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "user_new_topic_rate", "auth_message_rate"):
             burst = rate[: -len("rate")] + "burst"
             if getattr(self, rate) and getattr(self, burst) < 1:
@@ -149,6 +157,38 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 FIELDS: tuple[str, ...] = Config.__struct_fields__
+
+# Settings that are secrets. Each may be given as `NAME_FILE`, a file holding it, instead:
+# command-line flags are visible to every user of the machine (/proc/PID/cmdline, `ps`), and
+# the environment to the broker's user and root (/proc/PID/environ). The Redis password has
+# `redis_password_file` (redis_url may then name the user, not the password).
+SECRETS = ("auth_jwt_secret", "admin_api_key")
+SECRET_FLAGS = (*SECRETS, "redis_url")  # settings whose value may hold a secret
+
+
+def read_secret(config: Config, name: str) -> str:
+    """The value of the secret setting `name` (or of redis_password): the setting, or the
+    content of its `_file` setting (without a final line break). Raises ConfigError naming the
+    setting when the file cannot be read or is empty."""
+    path = config.redis_password_file if name == "redis_password" else getattr(config, name + "_file")
+    if not path:
+        return "" if name == "redis_password" else getattr(config, name)
+    setting = name + "_file"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"invalid setting: {setting}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    value = value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+    if not value:
+        raise ConfigError(f"invalid setting: {setting}: {path} is empty")
+    return value
+
+
+def url_password(url: str) -> str:
+    """The password a redis:// URL holds ('' when none)."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
 
 # Tables of a config file, each mapping its keys to settings: `[tls] cert_file` is
 # `tls_cert_file` (env BROKER_TLS_CERT_FILE, flag --tls-cert-file). Every setting may also
@@ -203,7 +243,8 @@ HELP = {
     "log_format": "text (key=value) or json",
     "tls_cert_file": "[tls] PEM file with the server certificate (and its chain): with it the broker serves wss:// only; reloaded on SIGHUP",
     "tls_key_file": "[tls] PEM file with the certificate's private key (default: in tls_cert_file)",
-    "auth_jwt_secret": "[auth] HS256 secret of the JWTs clients present; setting any key turns authentication on",
+    "auth_jwt_secret": "[auth] HS256 secret of the JWTs clients present, at least 32 bytes; setting any key turns authentication on (a secret: prefer auth_jwt_secret_file, flags are visible to every user)",
+    "auth_jwt_secret_file": "[auth] file holding auth_jwt_secret (its content, without a final line break), instead of the setting",
     "auth_jwt_public_key_file": "[auth] PEM public key (RSA for RS256, EC P-256 for ES256) of the JWTs clients present",
     "auth_jwks_file": "[auth] JWKS file of the keys JWTs may be signed with (picked by kid), read again when it changes",
     "auth_audience": "[auth] the aud a token must name ('': aud not checked)",
@@ -235,6 +276,7 @@ HELP = {
     "user_new_topic_rate": "[limits] new topics per second one user may create (0: no limit)",
     "user_new_topic_burst": "[limits] new topics one user may create at once above user_new_topic_rate",
     "redis_url": "[redis] Redis (or Redis Cluster, detected) joining broker nodes and worker processes: redis://[user:password@]host:port[/db], rediss:// for TLS ('': one embedded process, no Redis)",
+    "redis_password_file": "[redis] file holding the Redis password (its content, without a final line break), so that redis_url need not hold it",
     "redis_shards": "[redis] streams topics are hashed over; the same on every node of a cluster",
     "redis_prefix": "[redis] prefix of every Redis key; nodes with the same prefix form one cluster",
     "redis_stream_maxlen": "[redis] entries (one per shard per publishing tick) each shard stream keeps, approximately (MAXLEN ~)",
@@ -243,7 +285,8 @@ HELP = {
     "redis_max_buffer_bytes": "[redis] bytes of publishes held while Redis is slow or away; past it publishes are refused with err 18",
     "admin_host": "[admin] interface the admin HTTP server (metrics, health) listens on",
     "admin_port": "[admin] port of the admin HTTP server: /metrics (Prometheus), /healthz, /readyz (0: no admin server)",
-    "admin_api_key": "[admin] key the admin JSON API (/api/...) wants as Authorization: Bearer KEY ('': the API is off; metrics and health need none)",
+    "admin_api_key": "[admin] key the admin JSON API (/api/...) wants as Authorization: Bearer KEY ('': the API is off; metrics and health need none) (a secret: prefer admin_api_key_file)",
+    "admin_api_key_file": "[admin] file holding admin_api_key (its content, without a final line break), instead of the setting",
     "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies",
     "reuse_port": "listen with SO_REUSEPORT (set for worker processes; lets several processes share the port)",
     "rate_limit_close_after": "[limits] messages refused for a rate limit, in a row within 10 s, after which the connection is closed (1008)",

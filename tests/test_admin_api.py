@@ -45,6 +45,19 @@ def test_the_api_wants_its_key_and_is_off_without_one():
     run(main())
 
 
+def test_the_api_key_may_come_from_a_file(tmp_path):
+    path = tmp_path / "admin-key"
+    path.write_text(KEY + "\n")
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key_file=str(path)):
+            assert (await call(port, "GET", "/api/stats", key=None))[0] == 401
+            assert (await call(port, "GET", "/api/stats"))[0] == 200
+
+    run(main())
+
+
 def test_server_side_publish_topics_connections_and_closing_one():
     async def main():
         port = free_port()

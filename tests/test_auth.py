@@ -540,6 +540,32 @@ def test_unusable_auth_settings_stop_the_start_with_the_setting_named(tmp_path):
             Authenticator(load(settings, environ={}))
 
 
+def test_an_hs256_secret_shorter_than_32_bytes_stops_the_start_and_a_file_may_hold_it(tmp_path):
+    from broker.errors import ConfigError
+
+    for short in ("s", "x" * 31):
+        with pytest.raises(ConfigError, match=f"invalid setting: auth_jwt_secret: an HS256 secret must be at least 32 bytes .*not {len(short)}"):
+            Authenticator(load({"auth_jwt_secret": short}, environ={}))
+    path = tmp_path / "secret"
+    path.write_text("short\n")
+    with pytest.raises(ConfigError, match="invalid setting: auth_jwt_secret_file: an HS256 secret must be at least 32 bytes"):
+        Authenticator(load({"auth_jwt_secret_file": str(path)}, environ={}))
+    jwks = tmp_path / "keys.json"
+    jwks.write_text(json.dumps({"keys": [{"kty": "oct", "kid": "h1", "alg": "HS256", "k": _b64(b"k" * 16)}]}))
+    with pytest.raises(ConfigError, match="auth_jwks_file: .*the HS256 key 'h1' has 16 bytes; it must have at least 32"):
+        Authenticator(load({"auth_jwks_file": str(jwks)}, environ={}))
+    path.write_text(SECRET + "\n")
+    rules = Rules("/", SUBPROTOCOL, Authenticator(load({"auth_jwt_secret_file": str(path)}, environ={})))
+    assert rules.check(request(headers={"Authorization": f"Bearer {token()}"})).identity.user == "alice"
+
+    async def main():
+        async with serving(auth_jwt_secret_file=str(path)) as server:
+            async with Client(url(server), token=token(sub="from-file")) as client:
+                await client.publish_acked("t", b"x")
+
+    run(main())
+
+
 def test_a_flood_of_bad_tokens_cannot_flood_the_log(caplog):
     async def main():
         async with serving(auth_jwt_secret=SECRET, log_level="info") as server:

@@ -210,6 +210,38 @@ def test_settings_that_cannot_work_are_refused_with_their_names(redis_prefix):
     run(main())
 
 
+def test_the_redis_password_may_come_from_a_file_and_stay_out_of_the_url(tmp_path, redis_prefix):
+    """A Redis that wants a password: a node given it in redis_password_file works (and the URL
+    it logs or refuses with holds no password); without it, the start stops naming redis_url."""
+    from broker.config import load
+    from broker.errors import ConfigError
+    from broker.server import Server
+
+    from redis_support import RedisProcess
+
+    password = "a-redis-password-kept-in-a-file"
+    path = tmp_path / "redis-password"
+    path.write_text(password + "\n")
+    with RedisProcess() as server:
+        redis.Redis.from_url(server.url).config_set("requirepass", password)
+
+        async def main():
+            async with node(server.url, redis_prefix, redis_password_file=str(path)) as broker:
+                async with Client(url(broker)) as client:
+                    sub = await client.subscribe("pw.t")
+                    await client.publish_acked("pw.t", b"x")
+                    assert [m.data for m in await take(sub, 1)] == [b"x"]
+            refused = Server(load({"port": 0, "redis_url": server.url, "redis_prefix": redis_prefix, "redis_timeout_s": 1, "log_level": "error"}, environ={}))
+            with pytest.raises(ConfigError, match=r"redis_url: Redis at redis://127.0.0.1:[0-9]+ refused the credentials \(the password in redis_url, or redis_password_file\)"):
+                await refused.start()
+            path.write_text("wrong\n")
+            wrong = Server(load({"port": 0, "redis_url": server.url, "redis_prefix": redis_prefix, "redis_password_file": str(path), "log_level": "error"}, environ={}))
+            with pytest.raises(ConfigError, match=r"refused the credentials \(redis_password_file\)"):
+                await wrong.start()
+
+        run(main())
+
+
 def test_entries_no_broker_wrote_are_skipped_and_the_node_reads_on(redis_url, redis_prefix):
     async def main():
         async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:

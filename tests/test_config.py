@@ -70,3 +70,51 @@ def test_sections_of_a_config_file_name_their_settings(tmp_path):
     path.write_text("[auth]\nnot_a_setting = 1\n[limits]\ntls_cert_file = 'x'\n")
     with pytest.raises(ConfigError, match="auth.not_a_setting, limits.tls_cert_file"):
         load({}, environ={}, config_file=str(path))
+
+
+# secrets: each may come from a file, so that none needs a flag or an environment variable
+
+
+def test_every_secret_has_a_file_variant_read_once_with_its_line_break_dropped(tmp_path):
+    from broker.config import SECRETS, read_secret
+
+    for name in SECRETS:
+        path = tmp_path / name
+        path.write_text("a-secret-value-of-some-length-0123456789\n")
+        config = load({f"{name}_file": str(path)}, environ={})
+        assert read_secret(config, name) == "a-secret-value-of-some-length-0123456789"
+        assert read_secret(load({name: "given"}, environ={}), name) == "given"
+        with pytest.raises(ConfigError, match=f"set {name} or {name}_file, not both"):
+            load({name: "x", f"{name}_file": str(path)}, environ={})
+        path.write_text("\n")
+        with pytest.raises(ConfigError, match=f"{name}_file: .* is empty"):
+            read_secret(config, name)
+        with pytest.raises(ConfigError, match=f"{name}_file: cannot read .*missing"):
+            read_secret(load({f"{name}_file": str(tmp_path / "missing")}, environ={}), name)
+    path = tmp_path / "redis-password"
+    path.write_text("pw\r\n")
+    config = load({"redis_url": "redis://broker@127.0.0.1:6379", "redis_password_file": str(path)}, environ={})
+    assert read_secret(config, "redis_password") == "pw"
+    assert read_secret(load({}, environ={}), "redis_password") == ""
+    with pytest.raises(ConfigError, match="redis_password_file is set and redis_url holds a password too"):
+        load({"redis_url": "redis://broker:other@127.0.0.1:6379", "redis_password_file": str(path)}, environ={})
+
+
+def test_a_secret_given_as_a_flag_is_warned_about_without_its_value(tmp_path):
+    import signal
+
+    from test_shutdown_cli import read_until, serve, stop_process
+
+    secret = "a-secret-value-of-32-bytes-or-more!"
+    key_file = tmp_path / "admin-key"
+    key_file.write_text("an-admin-key-kept-in-a-file\n")
+    proc = serve("--port", "0", "--auth-jwt-secret", secret, "--admin-api-key-file", str(key_file), "--log-level", "info")
+    try:
+        text = read_until(proc, "event=start ")
+        proc.send_signal(signal.SIGTERM)
+        text += proc.communicate(timeout=15)[1].decode()
+    finally:
+        stop_process(proc)
+    warnings = [line for line in text.splitlines() if "event=secret_on_command_line" in line]
+    assert len(warnings) == 1 and "setting=auth_jwt_secret " in warnings[0] and "use auth_jwt_secret_file" in warnings[0], text
+    assert secret not in text and "an-admin-key" not in text

@@ -17,7 +17,7 @@ from broker.config import load
 from broker.errors import ErrorCode
 from broker.messages import Err, Pub, encode
 
-from conftest import ROOT, Harness, RawSocketClient, eventually, run
+from conftest import ROOT, Harness, RawSocketClient, eventually, run, serving
 from test_shutdown_cli import free_ports, serve, stop_process
 
 
@@ -106,3 +106,64 @@ def test_each_worker_process_keeps_its_own_file_and_the_cli_reads_them_all(tmp_p
     out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "dead.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert ["id=3" in out.stdout.splitlines()[0], "id=4" in out.stdout.splitlines()[1]] == [True, True]
+
+
+def test_the_default_file_in_the_shared_temporary_directory_is_made_safely(tmp_path, caplog):
+    """The default path (/tmp/broker-dead-letters-PORT.jsonl) is predictable: the broker
+    writes it as a new 0600 file renamed into place, and will not use a file another user put
+    there first, or a symbolic link; `broker dead-letters` will not read those either."""
+    import logging
+    import os
+    import stat
+    import tempfile
+
+    from broker.server.app import dead_letter_path
+
+    async def main():
+        async with serving(log_level="info") as server:
+            path = dead_letter_path(server.port)
+            assert server.dead_letter_path() == path == os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{server.port}.jsonl")
+            try:
+                victim = tmp_path / "victim"
+                victim.write_text("keep me")
+                outcomes = {}
+                for case in ("foreign", "link", "own"):
+                    if os.path.lexists(path):
+                        os.unlink(path)
+                    if case == "foreign":
+                        with open(path, "w") as fh:
+                            fh.write("planted\n")
+                        os.chown(path, 12345, 12345)
+                    elif case == "link":
+                        os.symlink(victim, path)
+                    raw = await RawSocketClient.connect(server.port)
+                    await raw.send(["nope", 1])
+                    assert (await raw.recv()).code == ErrorCode.UNKNOWN_TYPE
+                    raw.close()
+                    server._write_dead_letters()
+                    if case == "own":
+                        await eventually(lambda: os.path.exists(path) and os.path.getsize(path) > 0, 5, "the dead-letter file")
+                        st = os.lstat(path)
+                        outcomes[case] = (stat.S_ISREG(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid == os.geteuid())
+                    else:
+                        await asyncio.sleep(0.2)
+                        outcomes[case] = (open(path).read(), os.path.islink(path))
+                    outcomes[case + "-cli"] = subprocess.run(
+                        [sys.executable, "-m", "broker", "dead-letters", "--port", str(server.port)], cwd=ROOT, capture_output=True, text=True, timeout=30
+                    )
+                return path, outcomes
+            finally:
+                if os.path.lexists(path):
+                    os.unlink(path)
+
+    with caplog.at_level(logging.INFO, logger="broker"):
+        path, outcomes = run(main())
+    assert outcomes["foreign"] == ("planted\n", False)
+    assert outcomes["link"] == ("keep me", True) and (tmp_path / "victim").read_text() == "keep me"
+    assert outcomes["own"] == (True, 0o600, True)
+    refusals = [r.fields for r in caplog.records if r.getMessage() == "dead_letter_file_refused"]
+    assert [f["reason"] for f in refusals] == [f"{path} belongs to uid 12345, not to this process's user (uid {os.geteuid()})", f"{path} is a symbolic link"]
+    assert outcomes["foreign-cli"].returncode == 1 and f"not reading {path} belongs to uid 12345" in outcomes["foreign-cli"].stderr
+    assert outcomes["link-cli"].returncode == 1 and f"not reading {path} is a symbolic link" in outcomes["link-cli"].stderr
+    assert "keep me" not in outcomes["link-cli"].stdout and "planted" not in outcomes["foreign-cli"].stdout
+    assert outcomes["own-cli"].returncode == 0 and "code=2" in outcomes["own-cli"].stdout

@@ -49,6 +49,7 @@ from typing import Annotated, Callable
 import msgspec
 
 from ..backplane import MemoryBackplane
+from ..config import read_secret
 from ..errors import ConfigError, ErrorCode, RequestError
 from ..fastpath import TopicState, stamp
 from ..router import unique_epoch
@@ -163,6 +164,7 @@ class RedisBackplane(MemoryBackplane):
             clock=clock,
         )
         self.url = config.redis_url
+        self.password = read_secret(config, "redis_password")  # redis_password_file: kept out of the URL
         self.shards = config.redis_shards
         self.prefix = config.redis_prefix
         self.timeout = config.redis_timeout_s
@@ -284,6 +286,8 @@ class RedisBackplane(MemoryBackplane):
         self.router = router
         self._wake = asyncio.Event()
         options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False)
+        if self.password:
+            options["password"] = self.password
         deadline = time.monotonic() + self.timeout
         probe = aioredis.Redis.from_url(self.url, **options)
         try:
@@ -291,6 +295,9 @@ class RedisBackplane(MemoryBackplane):
                 try:
                     info = await probe.info("cluster")
                     break
+                except aioredis.AuthenticationError as exc:  # no use retrying
+                    where = "redis_password_file" if self.password else "the password in redis_url, or redis_password_file"
+                    raise ConfigError(f"redis_url: Redis at {_safe(self.url)} refused the credentials ({where}): {exc}") from None
                 except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                     if time.monotonic() >= deadline:
                         raise ConfigError(f"redis_url: cannot reach Redis at {_safe(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}") from None

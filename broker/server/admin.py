@@ -35,7 +35,7 @@ class Admin:
         self.registry.register(Collector(server))
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
-        self.key = server.config.admin_api_key.encode()
+        self.key = server.admin_api_key.encode()
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)

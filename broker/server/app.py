@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import ssl
+import stat
 import tempfile
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from collections import deque
 from .. import __version__, policy
 from ..auth import Authenticator
 from ..backplane import MemoryBackplane
-from ..config import Config
+from ..config import Config, read_secret
 from ..errors import CloseCode, ConfigError
 from ..fastpath import IMPLEMENTATION
 from ..messages import SUBPROTOCOL, Heartbeat, encode
@@ -47,8 +48,31 @@ def dead_letter_path(port: int, worker: str | None = None) -> str:
     return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}{suffix}.jsonl")
 
 
+def foreign_file(path: str) -> str | None:
+    """Why the broker must not use the file at `path` as its own, or None when it may: it
+    does not exist, or it is a regular file (not a symbolic link) of the broker's user. The
+    default path is in the shared temporary directory, where anyone could have put a file or
+    a link there first."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot look at {path}: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {os.geteuid()})"
+    return None
+
+
 def _write_file(path: str, text: str) -> None:
-    """Replace the file at `path` with `text` at once (readers see the old or the new one)."""
+    """Replace the file at `path` with `text` at once (readers see the old or the new one).
+    The new file is made with O_EXCL and mode 0600 under a random name beside it, then renamed
+    over `path`: a rename replaces a link rather than following it, and in a sticky directory
+    such as /tmp it fails on another user's file (the caller checks `foreign_file` first)."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".dead-letters-", dir=directory)
     try:
@@ -66,6 +90,7 @@ class Server:
         self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None
         self.auth = Authenticator(config)  # raises ConfigError for unusable keys or files
+        self.admin_api_key = read_secret(config, "admin_api_key")  # read before anything listens
         origins = tuple(o.strip() for o in config.allowed_origins.split(",") if o.strip())
         self.rules = handshake.Rules(config.path, SUBPROTOCOL, self.auth, origins)
         self.cluster = None  # with redis_url: the Redis Streams backplane joining the nodes
@@ -93,6 +118,7 @@ class Server:
             dead_letters_max=config.dead_letters_max,
         )
         self._dead_letters_seen = 0  # router.stats.dead_letters when they were last written
+        self._dead_letter_refusal: str | None = None  # why the dead-letter file was last not written
         self._request_timer: asyncio.TimerHandle | None = None
         self._request_timer_at = 0.0
         # The global bound on queued bytes: each lagging outbox's backlog as last seen, their sum.
@@ -467,8 +493,16 @@ class Server:
             )
         if new > DEAD_LETTERS_LOGGED:
             logs.event(logging.WARNING, "dead_letters_not_logged", count=new - DEAD_LETTERS_LOGGED)
+        path = self.dead_letter_path()
+        refusal = foreign_file(path)
+        if refusal is not None:
+            if refusal != self._dead_letter_refusal:  # once, not at every sweep
+                logs.event(logging.ERROR, "dead_letter_file_refused", path=path, reason=refusal, setting="dead_letter_file")
+            self._dead_letter_refusal = refusal
+            return
+        self._dead_letter_refusal = None
         text = "".join(json.dumps(letter._asdict()) + "\n" for letter in letters)
-        self.loop.run_in_executor(None, _write_file, self.dead_letter_path(), text)
+        self.loop.run_in_executor(None, _write_file, path, text)
 
     def _arm_request_timer(self) -> None:
         """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
