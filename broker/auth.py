@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import Config, read_secret
 from .errors import ConfigError
+from .revocation import Denylist, RuleError
 from .topics import intersect, matches, validate_pattern
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
@@ -105,16 +106,19 @@ class Grants:
 
 
 class Identity:
-    """A connection's user (None: anonymous or no authentication), its token's id and expiry
-    (unix time, leeway included; None: never), and its grants (None: no restriction)."""
+    """A connection's user (None: anonymous or no authentication), its token's id, expiry
+    (unix time, leeway included; None: no token) and issue time (`iat`; None: none given),
+    and its grants (None: no restriction)."""
 
-    __slots__ = ("user", "jti", "expires", "grants")
+    __slots__ = ("user", "jti", "expires", "grants", "issued")
 
-    def __init__(self, user: str | None = None, jti: str | None = None, expires: float | None = None, grants: Grants | None = None) -> None:
+    def __init__(self, user: str | None = None, jti: str | None = None, expires: float | None = None, grants: Grants | None = None,
+                 issued: float | None = None) -> None:
         self.user = user
         self.jti = jti
         self.expires = expires
         self.grants = grants
+        self.issued = issued
 
 
 UNRESTRICTED = Identity()
@@ -173,11 +177,16 @@ class Authenticator:
             raise ConfigError(f"invalid setting: auth_anonymous_subscribe/auth_anonymous_publish: {exc}") from None
         self.anonymous = Identity(grants=anonymous) if config.auth_anonymous else None
         self._denylist = _Watched(config.auth_denylist_file) if config.auth_denylist_file else None
-        self.denied: frozenset[str] = frozenset()
+        self.listed = Denylist()  # the rules of the denylist file
+        self.added = Denylist()  # rules added by the admin API and not written to a file
+        self.rules = Denylist()  # both: the rules in force
         if self._denylist is not None:
             if not os.path.exists(config.auth_denylist_file):
                 raise ConfigError(f"invalid setting: auth_denylist_file: {config.auth_denylist_file} does not exist")
-            self.refresh()
+            try:
+                self.refresh()
+            except RuleError as exc:
+                raise ConfigError(f"invalid setting: auth_denylist_file: {exc}") from None
         if (config.auth_anonymous or config.auth_denylist_file) and not self.enabled:
             raise ConfigError("invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_secret_file, auth_jwt_public_key_file or auth_jwks_file)")
 
@@ -185,8 +194,8 @@ class Authenticator:
 
     def refresh(self, force: bool = False) -> bool:
         """Read the JWKS and the denylist again if they changed (`force`: in any case); True
-        when the denylist was read. A file that cannot be read keeps what was read before
-        (the caller logs why)."""
+        when the denylist was read. A file that cannot be read, or holds a line that is no
+        rule, keeps what was read before (the caller logs why)."""
         if force:
             for watched in (self._jwks, self._denylist):
                 if watched is not None:
@@ -195,12 +204,44 @@ class Authenticator:
             self.jwks = _read_jwks(self.config.auth_jwks_file)
         if self._denylist is not None and self._denylist.changed():
             with open(self._denylist.path, encoding="utf-8") as fh:
-                self.denied = frozenset(line.strip() for line in fh if line.strip() and not line.lstrip().startswith("#"))
+                self.listed = Denylist.parse(fh)
+            self.rules = self.listed.merge(self.added)
             return True
         return False
 
+    def revoke(self, line: str) -> str | None:
+        """Put a rule (a denylist line, see broker.revocation) in force at once. With a denylist
+        file it is appended there (so it lasts and reaches every process reading the file),
+        and the path is returned; without one it is held in memory, by this process, until it
+        stops (None). Raises OSError when the file cannot be written: the rule is then held in
+        memory all the same."""
+        path = self._denylist.path if self._denylist is not None else None
+        if path is not None:
+            try:
+                with open(path, "a+b") as fh:
+                    fh.seek(0, os.SEEK_END)
+                    if fh.tell():
+                        fh.seek(-1, os.SEEK_END)
+                        last = fh.read(1)
+                    else:
+                        last = b"\n"
+                    fh.write((b"" if last == b"\n" else b"\n") + line.encode() + b"\n")
+                self.listed.add(line)
+                self.rules = self.listed.merge(self.added)
+                return path
+            except OSError:
+                self.added.add(line)
+                self.rules = self.listed.merge(self.added)
+                raise
+        self.added.add(line)
+        self.rules = self.listed.merge(self.added)
+        return None
+
     def revoked(self, identity: Identity) -> bool:
-        return identity.jti is not None and identity.jti in self.denied
+        """Whether a rule revokes the connection's token (never an anonymous one: no token)."""
+        if identity.expires is None:
+            return False
+        return self.rules.revoked(identity.jti, identity.user, identity.issued)
 
     # tokens
 
@@ -278,14 +319,17 @@ class Authenticator:
             raise AuthError(401, "invalid token") from None
         jti = claims.get("jti")
         jti = str(jti) if jti is not None else None
-        if jti is not None and jti in self.denied:
-            raise AuthError(403, "token revoked")
         user = claims.get(cfg.auth_user_claim)
+        user = str(user)[:256] if user is not None else None
+        iat = claims.get("iat")
+        issued = float(iat) if type(iat) in (int, float) else None
+        if self.rules and self.rules.revoked(jti, user, issued):
+            raise AuthError(403, "token revoked")
         grants = Grants(
             _patterns(claims.get(cfg.auth_subscribe_claim), cfg.auth_subscribe_claim),
             _patterns(claims.get(cfg.auth_publish_claim), cfg.auth_publish_claim),
         )
-        return Identity(str(user)[:256] if user is not None else None, jti, float(claims["exp"]) + cfg.auth_leeway_s, grants)
+        return Identity(user, jti, float(claims["exp"]) + cfg.auth_leeway_s, grants, issued)
 
     def _key(self, algorithm: str, kid: object) -> Any:
         if self.jwks:

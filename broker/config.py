@@ -255,7 +255,7 @@ HELP = {
     "auth_anonymous": "[auth] with authentication on, let clients without a token in with the anonymous grants",
     "auth_anonymous_subscribe": "[auth] comma-separated patterns a client without a token may subscribe to",
     "auth_anonymous_publish": "[auth] comma-separated patterns a client without a token may publish to",
-    "auth_denylist_file": "[auth] file of revoked token ids (jti), one per line; read again when it changes and on SIGHUP, and applied to open connections",
+    "auth_denylist_file": "[auth] file of revocation rules, one per line: a token id (jti), user:NAME, user:NAME before:UNIX_TIME or before:UNIX_TIME; read again when it changes and on SIGHUP, applied to open connections; the admin API appends to it",
     "auth_user_claim": "[auth] the claim naming the user (per-user limits, logs)",
     "auth_subscribe_claim": "[auth] the claim listing the patterns a token may subscribe to",
     "auth_publish_claim": "[auth] the claim listing the patterns a token may publish and send requests to",

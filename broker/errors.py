@@ -45,7 +45,7 @@ class CloseCode(enum.IntEnum):
     POLICY_VIOLATION = 1008  # persistent rate-limit abuse, or a frame not completed within frame_timeout_s
     SLOW_CONSUMER = 1013  # stayed behind by more than max_pending_bytes
     TOKEN_EXPIRED = 4001  # the token expired and no fresh one came in an `auth` message
-    TOKEN_REVOKED = 4003  # the token's jti was put on the denylist
+    TOKEN_REVOKED = 4003  # the token was revoked: by its jti, its user, or its issue time
 
 
 class BrokerError(Exception):

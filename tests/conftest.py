@@ -280,6 +280,18 @@ class RawSocketClient:
             self.unread.extend(self.reader.read(payload))
         return self.unread.pop(0)
 
+    async def read_close(self) -> tuple[list, int, str]:
+        """Every message until the server's close frame, and the close frame's code and reason."""
+        messages: list = list(self.unread)
+        self.unread.clear()
+        while True:
+            while (split := split_frame(self.buffer)) is None:
+                await self._fill()
+            opcode, payload, self.buffer = split
+            if opcode == 0x8:
+                return messages, int.from_bytes(payload[:2], "big"), payload[2:].decode()
+            messages.extend(self.reader.read(payload))
+
     def close(self) -> None:
         self.sock.close()
 

@@ -116,3 +116,64 @@ def test_server_side_publish_through_the_redis_backplane_reaches_other_nodes(red
                 assert got == [(1, b"1"), (2, b"2")]
 
     run(main())
+
+
+def test_an_operator_revokes_tokens_by_id_user_or_time_and_open_connections_close_at_once(tmp_path):
+    """POST /api/revocations: the rule is in force when the answer comes (the connections it
+    revokes are closed with 4003 already, not at the next sweep), written to the denylist
+    file when there is one (so it lasts), held in memory otherwise."""
+    import time
+
+    import jwt
+
+    from broker.messages import Ack, Sub
+
+    from conftest import RawSocketClient
+
+    secret = "s3cret-for-tests-only-32-bytes!!"
+    now = int(time.time())
+
+    def bearer(**claims) -> dict:
+        claims = {"exp": now + 60, "subscribe": [">"], "publish": [">"], **claims}
+        return {"Authorization": f"Bearer {jwt.encode(claims, secret, algorithm='HS256')}"}
+
+    denylist = tmp_path / "denied.txt"
+    denylist.write_text("# revoked tokens\nt-0")  # no final line break: the rule goes on a line of its own
+
+    async def main():
+        for settings in ({"auth_denylist_file": str(denylist)}, {}):
+            port = free_port()
+            async with serving(admin_port=port, admin_api_key=KEY, auth_jwt_secret=secret, **settings) as server:
+                clients = [
+                    await RawSocketClient.connect(server.port, headers=bearer(sub="mallory", jti="m-1")),
+                    await RawSocketClient.connect(server.port, headers=bearer(sub="mallory", jti="m-2")),
+                    await RawSocketClient.connect(server.port, headers=bearer(sub="alice", iat=now - 100)),
+                    await RawSocketClient.connect(server.port, headers=bearer(sub="alice", iat=now)),
+                    await RawSocketClient.connect(server.port, headers=bearer(sub="bob", jti="b-1", iat=now)),
+                ]
+                try:
+                    assert (await call(port, "POST", "/api/revocations", key=None, json={"user": "x"}))[0] == 401
+                    status, body = await call(port, "POST", "/api/revocations", json={"user": "mallory"})
+                    saved = str(denylist) if settings else None
+                    assert (status, body) == (200, {"rule": "user:mallory", "closed": 2, "saved": saved})
+                    status, body = await call(port, "POST", "/api/revocations", json={"user": "alice", "issued_before": now - 10})
+                    assert (status, body) == (200, {"rule": f"user:alice before:{now - 10}", "closed": 1, "saved": saved})
+                    status, body = await call(port, "POST", "/api/revocations", json={"jti": "b-1"})
+                    assert (status, body) == (200, {"rule": "jti:b-1", "closed": 1, "saved": saved})
+                    for client in clients[:3] + clients[4:]:
+                        assert (await client.read_close())[1:] == (4003, "token revoked")
+                    await clients[3].send(Sub(1, "alive"))
+                    assert await clients[3].recv() == Ack(1)
+                    for bad in ({}, {"jti": "a", "user": "b"}, {"user": ""}, {"issued_before": "yesterday"}, {"who": "x"}, ["user"]):
+                        status, body = await call(port, "POST", "/api/revocations", json=bad)
+                        assert status == 400 and body["error"], (bad, body)
+                finally:
+                    for client in clients:
+                        client.close()
+        assert denylist.read_text() == f"# revoked tokens\nt-0\nuser:mallory\nuser:alice before:{now - 10}\njti:b-1\n"
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY):
+            status, body = await call(port, "POST", "/api/revocations", json={"user": "mallory"})
+            assert status == 409 and "authentication is off" in body["error"]
+
+    run(main())

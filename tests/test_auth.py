@@ -352,6 +352,76 @@ def test_revoking_a_token_id_closes_its_open_connections_and_refuses_it_at_the_h
     run(main())
 
 
+def test_denylist_rules_by_id_user_and_time():
+    from broker.revocation import Denylist, RuleError, rule_line
+
+    rules = Denylist.parse(["# revoked", "t-1", "jti:user:odd", "user:bob", "user:Jane Doe before:100", "before:50", ""])
+    assert rules.revoked("t-1", "x", 1e9) and rules.revoked("user:odd", "x", 1e9) and not rules.revoked("t-2", "x", 1e9)
+    assert rules.revoked(None, "bob", 1e9)  # every token of bob's
+    assert rules.revoked(None, "Jane Doe", 99) and not rules.revoked(None, "Jane Doe", 100)
+    assert rules.revoked(None, "carol", 49) and not rules.revoked(None, "carol", 50)
+    assert rules.revoked(None, "carol", None)  # no iat: nothing shows it was issued after the time
+    assert not Denylist().revoked("t-1", "bob", None)
+    for bad in ("before:soon", "user: before:5", "before:-1", "user:x before:nan"):
+        with pytest.raises(RuleError, match="line 2"):
+            Denylist.parse(["ok", bad])
+    assert rule_line(user="alice", before=1767225600) == "user:alice before:1767225600"
+    assert rule_line(before=1.5) == "before:1.5" and rule_line(jti="t-9") == "jti:t-9"
+    for args in ({}, {"jti": "a", "user": "b"}, {"user": "a\nbefore:1"}):
+        with pytest.raises(ValueError):
+            rule_line(**args)
+
+
+def test_revoking_a_user_or_everything_issued_before_a_time_reaches_open_connections(tmp_path):
+    """A denylist line `user:NAME` revokes every token of that user, `before:T` (alone or after
+    a user) those issued before T (and those without iat): open connections holding one are
+    closed with 4003, handshakes and `auth` messages with one refused; later tokens work."""
+    denylist = tmp_path / "denied.txt"
+    denylist.write_text("# revoked\n")
+    now = int(time.time())
+
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, auth_denylist_file=str(denylist), auth_anonymous=True, auth_anonymous_subscribe=">") as server:
+            old = now - 100
+            clients = {
+                "mallory": await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="mallory", iat=now))),
+                "alice-old": await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="alice", iat=old))),
+                "alice-new": await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="alice", iat=now))),
+                "bob-old": await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="bob", iat=old))),
+                "bob-no-iat": await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="bob"))),
+                "anonymous": await RawSocketClient.connect(server.port),
+            }
+            try:
+                denylist.write_text(f"# revoked\nuser:mallory\nuser:alice before:{now - 10}\n")
+                for name in ("mallory", "alice-old"):
+                    assert (await clients[name].read_close())[1:] == (4003, "token revoked")
+                for name in ("alice-new", "bob-old", "bob-no-iat", "anonymous"):
+                    await clients[name].send(Sub(1, "still.here"))
+                    assert await clients[name].recv() == Ack(1)
+                # refused at the handshake and in auth; a fresh token of alice's passes both
+                for bad in (token(sub="mallory", iat=now + 5), token(sub="alice", iat=old)):
+                    status, _, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], auth_headers(bad)))
+                    writer.close()
+                    assert status == 403
+                await clients["alice-new"].send(Auth(2, token(sub="alice", iat=old)))
+                reply = await clients["alice-new"].recv()
+                assert isinstance(reply, Err) and (reply.code, reply.text) == (ErrorCode.BAD_TOKEN, "token revoked")
+                await clients["alice-new"].send(Auth(3, token(sub="alice", iat=now)))
+                assert await clients["alice-new"].recv() == Ack(3)
+                # everything issued before a time, whoever's; anonymous connections hold no token
+                denylist.write_text(f"before:{now - 10}\n")
+                for name in ("bob-old", "bob-no-iat"):
+                    assert (await clients[name].read_close())[1:] == (4003, "token revoked")
+                for name in ("alice-new", "anonymous"):
+                    await clients[name].send(Sub(4, "still.here.too"))
+                    assert await clients[name].recv() == Ack(4)
+            finally:
+                for client in clients.values():
+                    client.close()
+
+    run(main())
+
+
 def test_auth_replaces_the_grants_of_the_same_user_only(caplog):
     async def main():
         async with serving(auth_jwt_secret=SECRET) as server:

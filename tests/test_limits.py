@@ -15,7 +15,7 @@ from broker.config import load
 from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
 from broker.limits import AuditLog, Guard, LimitRefused, TokenBucket
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
-from conftest import RawSocketClient, eventually, run, send_upgrade, serving, split_frame, upgrade_request
+from conftest import RawSocketClient, eventually, run, send_upgrade, serving, upgrade_request
 
 
 class Clock:
@@ -69,19 +69,6 @@ async def upgrade(port: int, *, source: str = "127.0.0.1", header: str | None = 
 
 async def replies(client: RawSocketClient, n: int) -> list:
     return [await client.recv() for _ in range(n)]
-
-
-async def read_close(client: RawSocketClient) -> tuple[list, int, str]:
-    """Every message until the close frame, and the close frame's code and reason."""
-    messages: list = list(client.unread)
-    client.unread.clear()
-    while True:
-        while (split := split_frame(client.buffer)) is None:
-            await client._fill()
-        opcode, payload, client.buffer = split
-        if opcode == 0x8:
-            return messages, int.from_bytes(payload[:2], "big"), payload[2:].decode()
-        messages.extend(client.reader.read(payload))
 
 
 def server_conns(server, before: set) -> list:
@@ -268,7 +255,7 @@ def test_persistent_abuse_closes_with_1008():
                 client = await RawSocketClient.connect(server.port)
                 (conn,) = server.connections.values()
                 await client.send([Pub(i, "abuse.t", b"secret-payload") for i in range(1, 31)])
-                _, code, reason = await read_close(client)
+                _, code, reason = await client.read_close()
                 assert code == CloseCode.POLICY_VIOLATION
                 assert reason == "rate limit abuse: 20 messages refused in a row (publish_rate)"
                 await eventually(lambda: not server.connections, 3, "the connection gone")
@@ -536,7 +523,7 @@ def test_auth_messages_are_rate_limited_per_connection_anonymous_or_not(tmp_path
                 assert [type(r) for r in replies[:3]] == [Err] * 3  # anonymous: another user, refused after the check
                 assert server.guard.stats.rate_limited["auth_message_rate"] == 4
                 await anonymous.send([Auth(100 + i, "x") for i in range(30)])
-                _, code, reason = await read_close(anonymous)
+                _, code, reason = await anonymous.read_close()
                 assert (code, reason) == (CloseCode.POLICY_VIOLATION, "rate limit abuse: 20 messages refused in a row (auth_message_rate)")
             finally:
                 named.close()

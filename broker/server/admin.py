@@ -2,7 +2,7 @@
 `/metrics` for Prometheus, `/healthz` (the process answers) and `/readyz` (it listens, is not
 shutting down, and with Redis the backplane takes publishes) for orchestrators, and with
 `admin_api_key` the JSON API under `/api/` (stats, topics, connections, closing a connection,
-server-side publish), each request carrying the key as `Authorization: Bearer KEY`."""
+server-side publish, revoking tokens), each request carrying the key as `Authorization: Bearer KEY`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..errors import CloseCode, ErrorCode, RequestError
+from ..revocation import rule_line
 from .metrics import Collector
 
 MAX_BODY_BYTES = 16 << 20  # a publish request's body at most
@@ -45,6 +46,7 @@ class Admin:
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
         app.router.add_post("/api/publish", self.publish)
+        app.router.add_post("/api/revocations", self.revoke)
         app.router.add_get("/dashboard", self.to_dashboard)
         app.router.add_get("/dashboard/", self.dashboard)
         app.router.add_get("/dashboard/dashboard.js", self.dashboard_js)
@@ -248,6 +250,36 @@ class Admin:
         except asyncio.TimeoutError:
             results = [f.result() if f.done() else {"error": {"code": int(ErrorCode.UNAVAILABLE), "text": "not confirmed in time; it may have been published"}} for f in waits]
         return web.json_response({"results": results})
+
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """`{"jti": ID}`, `{"user": NAME}`, `{"user": NAME, "issued_before": UNIX_TIME}` or
+        `{"issued_before": UNIX_TIME}`: revoke those tokens at once (open connections holding
+        one are closed with 4003, handshakes and `auth` with one refused); appended to
+        auth_denylist_file when there is one, else held by this process until it stops."""
+        if not self.server.auth.enabled:
+            return _error(409, "authentication is off: there are no tokens to revoke")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        if not isinstance(body, dict) or set(body) - {"jti", "user", "issued_before"}:
+            return _error(400, 'a revocation is {"jti": str}, {"user": str}, {"user": str, "issued_before": unix_time} or {"issued_before": unix_time}')
+        jti, user, before = body.get("jti"), body.get("user"), body.get("issued_before")
+        if not all(v is None or isinstance(v, str) and v for v in (jti, user)) or not (
+            before is None or type(before) in (int, float) and 0 < before < 1e11
+        ):
+            return _error(400, "jti and user are non-empty strings; issued_before is a Unix time in seconds")
+        try:
+            line = rule_line(jti, user, before)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        try:
+            closed, saved = self.server.revoke(line)
+        except OSError as exc:
+            path = self.server.config.auth_denylist_file
+            return _error(500, f"in force in this process, but not written to auth_denylist_file {path}: {exc.strerror or exc}")
+        return web.json_response({"rule": line, "closed": closed, "saved": saved})
 
 
 def _message(item, max_payload: int) -> tuple[str, bytes]:

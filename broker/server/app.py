@@ -315,17 +315,31 @@ class Server:
 
     # authentication
 
-    def _check_tokens(self, force: bool = False) -> None:
+    def revoke(self, line: str) -> tuple[int, str | None]:
+        """Put a revocation rule in force at once (broker.revocation; the admin API): every
+        open connection whose token it revokes is closed with 4003 now. Returns how many were
+        closed and the denylist file it was appended to (None: held in memory). Raises
+        OSError when the file cannot be written (the rule is in force all the same)."""
+        try:
+            saved = self.auth.revoke(line)
+        finally:
+            closed = self._check_tokens()
+        logs.event(logging.WARNING, "tokens_revoked", rule=line, closed=closed, saved=saved or "memory")
+        return closed, saved
+
+    def _check_tokens(self, force: bool = False) -> int:
         """Read the JWKS and denylist files again if they changed; close the connections whose
-        token was revoked or expired (within a sweep period of the moment)."""
+        token was revoked or expired (within a sweep period of the moment). Returns how many
+        were closed as revoked."""
         auth = self.auth
         if not auth.enabled:
-            return
+            return 0
         try:
             auth.refresh(force)
         except Exception as exc:  # a broken file keeps what was read before
             logs.event(logging.ERROR, "auth_files_unreadable", reason=str(exc))
         now = time.time()
+        revoked = 0
         for conn in list(self.connections.values()):
             session = conn.session
             if conn.state != OPEN or session is None:
@@ -334,9 +348,11 @@ class Server:
             if auth.revoked(identity):
                 logs.event(logging.WARNING, "token_revoked", conn=conn.id, user=identity.user, peer=conn.peer)
                 conn.close(CloseCode.TOKEN_REVOKED, "token revoked")
+                revoked += 1
             elif identity.expires is not None and now >= identity.expires:
                 logs.event(logging.INFO, "token_expired", conn=conn.id, user=identity.user, peer=conn.peer)
                 conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
+        return revoked
 
     # per-tick flush
 
