@@ -97,6 +97,7 @@ class Index:
     by_key: dict[bytes, TopicState]
     states: list[TopicState]
     patterns: int
+    excluding: dict[str, Any]
     subscriptions: int
     work: int
     def __init__(self) -> None: ...

@@ -1430,6 +1430,40 @@ cdef inline bint _is_pattern(str name):
     return "*" in name or ">" in name
 
 
+cdef bint _matches(list pattern, list tokens):
+    cdef Py_ssize_t n = PyList_GET_SIZE(tokens), i
+    cdef str token
+    for i in range(PyList_GET_SIZE(pattern)):
+        token = <str>PyList_GET_ITEM(pattern, i)
+        if token == ">":
+            return n > i
+        if i >= n or (token != "*" and token != <str>PyList_GET_ITEM(tokens, i)):
+            return False
+    return PyList_GET_SIZE(pattern) == n
+
+
+cdef class _Excluding:
+    """A subscription string with exclusions, `PATTERN !DENIED ...` (see the twin)."""
+
+    cdef Node node
+    cdef list base
+    cdef list excluded
+
+    def __init__(self, str pattern, Node node=None):
+        cdef list parts = pattern.split(" !")
+        self.node = node
+        self.base = (<str>parts[0]).split(".")
+        self.excluded = [(<str>part).split(".") for part in parts[1:]]
+
+    cdef bint matches(self, list tokens):
+        if not _matches(self.base, tokens):
+            return False
+        for excluded in self.excluded:
+            if _matches(<list>excluded, tokens):
+                return False
+        return True
+
+
 cdef class Index:
     """Subscriptions and topics, kept so that every topic's `nodes` list holds the live nodes
     that match it (see the twin). `work` counts trie nodes visited and topic lists changed."""
@@ -1441,6 +1475,7 @@ cdef class Index:
     cdef public list states
     cdef _TopicTrie _topic_root
     cdef public Py_ssize_t patterns
+    cdef public dict excluding
     cdef public Py_ssize_t subscriptions
     cdef public Py_ssize_t work
 
@@ -1452,6 +1487,7 @@ cdef class Index:
         self.states = []
         self._topic_root = _TopicTrie()
         self.patterns = 0
+        self.excluding = {}
         self.subscriptions = 0
         self.work = 0
 
@@ -1472,6 +1508,13 @@ cdef class Index:
             nodes.append(node)
         if self.patterns:
             self._collect(self.root, tokens, 0, nodes)
+        cdef _Excluding entry
+        if self.excluding:
+            for value in self.excluding.values():
+                entry = <_Excluding>value
+                self.work += 1
+                if entry.matches(tokens):
+                    nodes.append(entry.node)
         state.nodes = nodes
         state.compacted = PyList_GET_SIZE(nodes)
         cdef _TopicTrie trie = self._topic_root, child
@@ -1566,7 +1609,12 @@ cdef class Index:
             i += 1
 
     def matching(self, str pattern not None):
-        """The topics that match `pattern` (a topic or a pattern), found through the topic trie."""
+        """The topics that match `pattern` (a topic, a pattern, or a pattern with exclusions),
+        found through the topic trie."""
+        cdef _Excluding entry
+        if " " in pattern:
+            entry = _Excluding(pattern)
+            return [state for state in self._matching_topics(pattern.partition(" ")[0]) if entry.matches((<TopicState>state).name.split("."))]
         return self._matching_topics(pattern)
 
     cdef list _matching_topics(self, str pattern):
@@ -1697,6 +1745,7 @@ cdef class Index:
             if node is not None:
                 nodes.append(node)
             self._collect(self.root, name.split("."), 0, nodes)
+            nodes += [(<_Excluding>entry).node for entry in self.excluding.values() if (<_Excluding>entry).matches(name.split("."))]
         seen = {}
         for node in nodes:
             if not (<Node>node).dead:
@@ -1710,6 +1759,20 @@ cdef class Index:
         cdef Node node
         cdef _PatternTrie trie
         cdef object child
+        cdef _Excluding entry
+        if " " in pattern:
+            found = self.excluding.get(pattern)
+            if found is None:
+                if not create:
+                    return None
+                entry = _Excluding(pattern, Node(pattern))
+                self.excluding[pattern] = entry
+                for state in self._matching_topics(pattern.partition(" ")[0]):
+                    self.work += 1
+                    if entry.matches((<TopicState>state).name.split(".")):
+                        _add_node(<TopicState>state, entry.node)
+                return entry.node
+            return (<_Excluding>found).node
         if not _is_pattern(pattern):
             found = self.exact.get(pattern)
             if found is None:
@@ -1758,6 +1821,9 @@ cdef class Index:
     cdef void _drop(self, Node node) except *:
         node.dead = True
         cdef str pattern = node.pattern
+        if " " in pattern:
+            del self.excluding[pattern]
+            return
         if not _is_pattern(pattern):
             del self.exact[pattern]
             return

@@ -761,11 +761,45 @@ def _is_pattern(name: str) -> bool:
     return "*" in name or ">" in name
 
 
+def _matches(pattern: list[str], tokens: list[str]) -> bool:
+    """Whether the topic of `tokens` matches the pattern of `pattern` (both split at dots)."""
+    n = len(tokens)
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return n > i
+        if i >= n or (token != "*" and token != tokens[i]):
+            return False
+    return len(pattern) == n
+
+
+class _Excluding:
+    """A subscription string with exclusions, `PATTERN !DENIED !DENIED...` (a grant's deny
+    entries cut out of a subscription): its node and its parts, split at dots."""
+
+    __slots__ = ("node", "base", "excluded")
+
+    def __init__(self, pattern: str, node: "Node | None" = None) -> None:
+        parts = pattern.split(" !")
+        self.node = node
+        self.base = parts[0].split(".")
+        self.excluded = [part.split(".") for part in parts[1:]]
+
+    def matches(self, tokens: list[str]) -> bool:
+        if not _matches(self.base, tokens):
+            return False
+        for excluded in self.excluded:
+            if _matches(excluded, tokens):
+                return False
+        return True
+
+
 class Index:
     """Subscriptions and topics, kept so that every topic's `nodes` list holds exactly the live
     nodes that match it (and perhaps some dead ones, which readers skip).
 
-    - A new topic walks the pattern trie once (`add_topic`).
+    - A new topic walks the pattern trie once (`add_topic`), and is matched against each
+      subscription string with exclusions (`PATTERN !DENIED ...`, made from grants with deny
+      entries; there are few distinct ones, kept apart from the trie in `excluding`).
     - The first subscription to a string creates its node and adds it to the topics it
       matches (found through a trie of the existing topics); when the last one leaves, the
       node dies and touches no topic. Joining or leaving a live node touches no topic either.
@@ -780,6 +814,7 @@ class Index:
         self.states: list[TopicState | None] = []  # by topic id (None: retired)
         self._topic_root = _TopicTrie()
         self.patterns = 0  # distinct pattern nodes
+        self.excluding: dict[str, _Excluding] = {}  # subscription strings with exclusions
         self.subscriptions = 0  # (outbox, string) pairs
         self.work = 0
 
@@ -800,6 +835,11 @@ class Index:
             nodes.append(node)
         if self.patterns:
             self._collect(self.root, tokens, 0, nodes)
+        if self.excluding:
+            for entry in self.excluding.values():
+                self.work += 1
+                if entry.matches(tokens):
+                    nodes.append(entry.node)
         state.nodes = nodes
         state.compacted = len(nodes)
         trie = self._topic_root
@@ -883,7 +923,11 @@ class Index:
             self._collect(trie.star, tokens, i + 1, out)
 
     def matching(self, pattern: str) -> list[TopicState]:
-        """The topics that match `pattern` (a topic or a pattern), found through the topic trie."""
+        """The topics that match `pattern` (a topic, a pattern, or a pattern with exclusions),
+        found through the topic trie."""
+        if " " in pattern:
+            entry = _Excluding(pattern)
+            return [state for state in self._matching_topics(pattern.partition(" ")[0]) if entry.matches(state.name.split("."))]
         return self._matching_topics(pattern)
 
     def _matching_topics(self, pattern: str) -> list[TopicState]:
@@ -1010,6 +1054,7 @@ class Index:
             if node is not None:
                 nodes.append(node)
             self._collect(self.root, name.split("."), 0, nodes)
+            nodes += [entry.node for entry in self.excluding.values() if entry.matches(name.split("."))]
         seen: dict = {}
         for node in nodes:
             if not node.dead:
@@ -1020,6 +1065,17 @@ class Index:
         return list(seen)
 
     def _node(self, pattern: str, create: bool) -> Node | None:
+        if " " in pattern:
+            entry = self.excluding.get(pattern)
+            if entry is None:
+                if not create:
+                    return None
+                entry = self.excluding[pattern] = _Excluding(pattern, Node(pattern))
+                for state in self._matching_topics(pattern.partition(" ")[0]):
+                    self.work += 1
+                    if entry.matches(state.name.split(".")):
+                        _add_node(state, entry.node)
+            return entry.node
         if not _is_pattern(pattern):
             node = self.exact.get(pattern)
             if node is None and create:
@@ -1065,6 +1121,9 @@ class Index:
     def _drop(self, node: Node) -> None:
         node.dead = True
         pattern = node.pattern
+        if " " in pattern:
+            del self.excluding[pattern]
+            return
         if not _is_pattern(pattern):
             del self.exact[pattern]
             return

@@ -21,13 +21,12 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import Config, read_secret
 from .errors import ConfigError
+from .grants import NOTHING, ClaimError, Grants, rights_of, split_patterns
 from .revocation import Denylist, RuleError
-from .topics import intersect, matches, validate_pattern
 
 ALGORITHMS = ("HS256", "RS256", "ES256")
 SUBPROTOCOL_PREFIX = "bearer."
 MIN_SECRET_BYTES = 32  # an HS256 key at least as long as the hash (RFC 7518 3.2)
-_CACHE_LIMIT = 4096  # topics whose publish permission a connection remembers
 
 
 class AuthError(Exception):
@@ -38,71 +37,6 @@ class AuthError(Exception):
         super().__init__(text)
         self.status = status
         self.text = text
-
-
-def _patterns(value: Any, claim: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise AuthError(401, f"the {claim} claim must be a list of topic patterns")
-    for pattern in value:
-        try:
-            validate_pattern(pattern)
-        except Exception:
-            raise AuthError(401, f"the {claim} claim holds an invalid pattern {pattern[:64]!r}") from None
-    return tuple(dict.fromkeys(value))
-
-
-def split_patterns(text: str) -> tuple[str, ...]:
-    """A comma-separated list of patterns from a setting, each validated."""
-    out = tuple(p.strip() for p in text.split(",") if p.strip())
-    for pattern in out:
-        validate_pattern(pattern)
-    return out
-
-
-class Grants:
-    """The patterns a connection may subscribe to and publish to (`req` counts as publishing).
-
-    A subscription wider than the grants is narrowed to their intersection: a client allowed
-    `md.NASDAQ.*` that subscribes to `md.>` holds `md.NASDAQ.*` in the broker, so it receives
-    md.NASDAQ.X and never md.NYSE.X."""
-
-    __slots__ = ("subscribe", "publish", "_published")
-
-    def __init__(self, subscribe: tuple[str, ...], publish: tuple[str, ...]) -> None:
-        self.subscribe = subscribe
-        self.publish = publish
-        self._published: dict[str, bool] = {}
-
-    def subscriptions_for(self, pattern: str) -> list[str]:
-        """What a subscription to `pattern` holds in the broker: its intersections with the
-        grants, without repeats (empty: nothing it may receive)."""
-        out: dict[str, None] = {}
-        for grant in self.subscribe:
-            both = intersect(pattern, grant)
-            if both is not None:
-                out[both] = None
-        return list(out)
-
-    def may_receive(self, topic: str) -> bool:
-        return any(matches(grant, topic) for grant in self.subscribe)
-
-    def may_publish(self, topic: str) -> bool:
-        known = self._published.get(topic)
-        if known is None:
-            if len(self._published) >= _CACHE_LIMIT:
-                self._published.clear()
-            known = self._published[topic] = any(matches(grant, topic) for grant in self.publish)
-        return known
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Grants) and (self.subscribe, self.publish) == (other.subscribe, other.publish)
-
-    def __repr__(self) -> str:
-        return f"Grants(subscribe={list(self.subscribe)}, publish={list(self.publish)})"
 
 
 class Identity:
@@ -172,7 +106,10 @@ class Authenticator:
         self.checks = 0  # tokens checked (at handshakes and in `auth` messages)
         self.sources = tuple(t.strip() for t in config.auth_token_sources.split(",") if t.strip())
         try:
-            anonymous = Grants(split_patterns(config.auth_anonymous_subscribe), split_patterns(config.auth_anonymous_publish))
+            anonymous = Grants(
+                split_patterns(config.auth_anonymous_subscribe), split_patterns(config.auth_anonymous_publish),
+                respond=None if config.auth_respond_follows_subscribe else NOTHING,
+            )
         except Exception as exc:
             raise ConfigError(f"invalid setting: auth_anonymous_subscribe/auth_anonymous_publish: {exc}") from None
         self.anonymous = Identity(grants=anonymous) if config.auth_anonymous else None
@@ -325,10 +262,16 @@ class Authenticator:
         issued = float(iat) if type(iat) in (int, float) else None
         if self.rules and self.rules.revoked(jti, user, issued):
             raise AuthError(403, "token revoked")
-        grants = Grants(
-            _patterns(claims.get(cfg.auth_subscribe_claim), cfg.auth_subscribe_claim),
-            _patterns(claims.get(cfg.auth_publish_claim), cfg.auth_publish_claim),
-        )
+        try:
+            respond = rights_of(claims.get(cfg.auth_respond_claim), cfg.auth_respond_claim)
+            grants = Grants(
+                rights_of(claims.get(cfg.auth_subscribe_claim), cfg.auth_subscribe_claim) or NOTHING,
+                rights_of(claims.get(cfg.auth_publish_claim), cfg.auth_publish_claim) or NOTHING,
+                rights_of(claims.get(cfg.auth_history_claim), cfg.auth_history_claim),  # absent: as subscribe
+                respond if respond is not None or cfg.auth_respond_follows_subscribe else NOTHING,
+            )
+        except ClaimError as exc:
+            raise AuthError(401, str(exc)) from None
         return Identity(user, jti, float(claims["exp"]) + cfg.auth_leeway_s, grants, issued)
 
     def _key(self, algorithm: str, kid: object) -> Any:

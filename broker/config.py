@@ -76,6 +76,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     auth_user_claim: str = "sub"
     auth_subscribe_claim: str = "subscribe"
     auth_publish_claim: str = "publish"
+    auth_history_claim: str = "history"
+    auth_respond_claim: str = "respond"
+    auth_respond_follows_subscribe: bool = True
     auth_max_token_bytes: Positive = 8192
     auth_message_rate: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     auth_message_burst: Annotated[float, msgspec.Meta(ge=0)] = 10.0
@@ -259,6 +262,9 @@ HELP = {
     "auth_user_claim": "[auth] the claim naming the user (per-user limits, logs)",
     "auth_subscribe_claim": "[auth] the claim listing the patterns a token may subscribe to",
     "auth_publish_claim": "[auth] the claim listing the patterns a token may publish and send requests to",
+    "auth_history_claim": "[auth] the claim listing the patterns whose history (since, last) a token may recover; without it, those it may subscribe to",
+    "auth_respond_claim": "[auth] the claim listing the patterns whose requests a token may answer (sub with respond); without it, see auth_respond_follows_subscribe",
+    "auth_respond_follows_subscribe": "[auth] a token without the respond claim (and an anonymous client) may answer the requests of the topics it may subscribe to; false: of none",
     "auth_max_token_bytes": "[auth] longest token accepted",
     "auth_message_rate": "[auth] auth messages per second one connection may send, authenticated or not (0: no limit); past its burst they are refused with err 15, their token unchecked",
     "auth_message_burst": "[auth] auth messages one connection may send at once above auth_message_rate",

@@ -165,11 +165,14 @@ class GapNotice(_Wire, tag="gap"):
 
 
 class Request(_Wire, tag="request"):
-    """A `req` passed to this connection as its responder: answer with `["reply", id, data]`."""
+    """A `req` passed to this connection as its responder: answer with `["reply", id, data]`.
+    `user`: the requester's (its token's `auth_user_claim`); None without authentication or
+    for an anonymous requester (and from servers before the field was added)."""
 
     id: int
     topic: str
     data: bytes
+    user: Union[str, None] = None
 
 
 class Heartbeat(_Wire, tag="beat"):

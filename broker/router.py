@@ -24,7 +24,7 @@ from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo, stamp
 from .messages import Ack, Err, GapNotice, Reply, Request, encode
-from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, matches, validate_pattern, validate_topic
+from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, key_matches, parts_of, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one: client frame
 # bytes, and subscription-index steps (trie nodes visited, topic lists changed).
@@ -486,7 +486,7 @@ class Router:
     def _forget_positions(self, box: Outbox, pattern: str | None) -> None:
         """Drop the positions `box` awaits on topics of `pattern` (None: on every topic)."""
         awaiting = self._awaiting
-        for name in [name for name in awaiting if pattern is None or matches(pattern, name)]:
+        for name in [name for name in awaiting if pattern is None or key_matches(pattern, name)]:
             waiting = awaiting[name]
             still = [entry for entry in waiting if entry[0] is not box]
             for _ in range(len(waiting) - len(still)):
@@ -591,8 +591,9 @@ class Router:
     # subscriptions
 
     def subscribe(self, pattern: str, box: Outbox) -> bool:
-        """Validate and add a subscription; False when `box` already holds it."""
-        validate_pattern(pattern, self.max_topic_length)
+        """Validate and add a subscription (a pattern, or one with exclusions: broker.topics);
+        False when `box` already holds it."""
+        validate_pattern(parts_of(pattern)[0], self.max_topic_length)
         # Messages published earlier in this tick go out without the new subscriber, so it
         # receives exactly the messages after the sequence number its ack reports.
         self._emit_matching(pattern)
@@ -605,7 +606,7 @@ class Router:
         """Drop a subscription; messages published before it in this tick are still delivered.
 
         `remaining`: the connection's only subscription left, if exactly one is."""
-        validate_pattern(pattern, self.max_topic_length)
+        validate_pattern(parts_of(pattern)[0], self.max_topic_length)
         self._emit_matching(pattern)
         removed = self.index.unsubscribe(pattern, box)
         if box in self._awaits_of:
@@ -750,7 +751,7 @@ class Router:
         self.index.work += len(states)
         listed: dict = since[1] if since is not None else {}
         if within is not None and listed:
-            listed = {name: position for name, position in listed.items() if any(matches(held, name) for held in within)}
+            listed = {name: position for name, position in listed.items() if any(key_matches(held, name) for held in within)}
         for state in states:
             position = listed.get(state.name)
             if position is not None:
@@ -852,9 +853,10 @@ class Router:
 
     # request / response
 
-    def request(self, box: Outbox, request_id: int, topic: str, data: bytes, timeout_ms: int) -> None:
+    def request(self, box: Outbox, request_id: int, topic: str, data: bytes, timeout_ms: int, user: str | None = None) -> None:
         """Pass a request to one connection responding to `topic` (chosen at random), as
-        `["request", number, topic, data]`; its reply goes back to `box` with `request_id`.
+        `["request", number, topic, data, user]` (`user`: the requester's, None without one);
+        its reply goes back to `box` with `request_id`.
         No responder: NO_RESPONDERS at once; no reply within `timeout_ms`: REQUEST_TIMEOUT."""
         if is_pattern(topic):
             validate_pattern(topic, self.max_topic_length)
@@ -875,7 +877,7 @@ class Router:
         self._involved.setdefault(box, set()).add(number)
         self._involved.setdefault(responder, set()).add(number)
         self.stats.requests += 1
-        self.send(responder, encode(Request(number, topic, data)))
+        self.send(responder, encode(Request(number, topic, data, user)))
 
     def add_responder(self, topic: str, box: Outbox) -> None:
         self.responders.setdefault(topic, []).append(box)

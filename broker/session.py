@@ -18,7 +18,7 @@ from .fastpath import Outbox, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
 from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, dead_letter_head, encode, read_client_frame
 from .router import Router
-from .topics import is_pattern, matches, validate_pattern, validate_topic
+from .topics import is_pattern, key_matches, matches, validate_pattern, validate_topic
 
 _MAX_ID = 2**63 - 1
 # Refusals that are in the audit log (without the topic) rather than among the dead letters,
@@ -235,7 +235,7 @@ class Session:
                         self._forbid(message.id, "request", f"not allowed to send requests to {message.topic[:256]!r}")
                     if limiter is not None:
                         limiter.check(message.id)
-                    router.request(box, message.id, message.topic, message.data, message.timeout_ms)
+                    router.request(box, message.id, message.topic, message.data, message.timeout_ms, self.identity.user)
                 elif kind is Reply:
                     self._check_payload(message.data, max_payload)
                     router.reply(box, message.id, message.data)
@@ -279,6 +279,8 @@ class Session:
             effective = grants.subscriptions_for(pattern)
             if not effective:
                 self._forbid(message.id, "subscribe", f"not allowed to subscribe to {pattern!r}")
+            if (message.since is not None or message.last) and not grants.may_recover(effective):
+                self._forbid(message.id, "history", f"not allowed to recover the history of {pattern!r} (since, last); subscribe without them")
         since = None if message.since is None else _since(pattern, message.since, router, effective)
         policy = BY_NAME[message.policy] if message.policy else self.limits.policy
         if effective is None:
@@ -307,7 +309,7 @@ class Session:
             raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"a responder answers one concrete topic, not {topic!r}")
         validate_topic(topic, self.router.max_topic_length)
         grants = self.identity.grants
-        if grants is not None and not grants.may_receive(topic):
+        if grants is not None and not grants.may_respond(topic):
             self._forbid(message.id, "respond", f"not allowed to respond to {topic!r}")
         if topic in self.responding:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
@@ -414,7 +416,7 @@ class Session:
         reach it; those passed to it and not answered fail), and unmute those they cover again."""
         router = self.router
         for topic in self.responding:
-            allowed = grants is None or grants.may_receive(topic)
+            allowed = grants is None or grants.may_respond(topic)
             if topic in self._muted:
                 if allowed:
                     self._muted.discard(topic)
@@ -491,7 +493,7 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
         if not matches(pattern, name):
             raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
         epoch, seq = _position(value, f"since of {name!r}")
-        if within is not None and not any(matches(held, name) for held in within):
+        if within is not None and not any(key_matches(held, name) for held in within):
             continue
         state = router.topics.get(name)
         if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:

@@ -104,6 +104,46 @@ def intersect(a: str, b: str) -> str | None:
     return ".".join(out)
 
 
+def covers(outer: str, inner: str) -> bool:
+    """True when `outer` matches every topic `inner` matches (either may be a plain topic)."""
+    x = outer.split(".")
+    y = inner.split(".")
+    for i, p in enumerate(x):
+        if p == ">":
+            return i < len(y)  # one or more tokens left in inner, whatever they are
+        if i >= len(y):
+            return False
+        q = y[i]
+        if q == ">" or (p != "*" and (q == "*" or p != q)):
+            return False
+    return len(x) == len(y)
+
+
+# A subscription string with exclusions: a pattern, then ` !` and a pattern for each part cut
+# out of it (`md.> !md.INTERNAL.>`), what a grant with deny entries narrows a subscription to.
+# Patterns hold no space, so the string is read back without doubt.
+EXCLUDED = " !"
+
+
+def excluding(pattern: str, excluded: list[str]) -> str:
+    """The subscription string of `pattern` less the topics of `excluded` (in a fixed order)."""
+    return pattern + "".join(EXCLUDED + part for part in sorted(set(excluded))) if excluded else pattern
+
+
+def parts_of(key: str) -> tuple[str, list[str]]:
+    """A subscription string's pattern and the patterns cut out of it."""
+    pattern, *excluded = key.split(EXCLUDED)
+    return pattern, excluded
+
+
+def key_matches(key: str, topic: str) -> bool:
+    """True when the concrete `topic` is among those of the subscription string `key`."""
+    if EXCLUDED not in key:
+        return matches(key, topic)
+    pattern, excluded = parts_of(key)
+    return matches(pattern, topic) and not any(matches(part, topic) for part in excluded)
+
+
 S = TypeVar("S", bound=Hashable)
 
 

@@ -113,7 +113,8 @@ BAD_TOKENS = {
     "oversized": (lambda: scoped(pad="x" * 9000), "token longer than 8192 bytes"),
     "RS256 unknown here": (lambda: scoped(key=RSA_KEY, alg="RS256"), "no key accepts RS256 tokens"),
     "bad grant": (lambda: scoped(subscribe=["md..x"]), "the subscribe claim holds an invalid pattern 'md..x'"),
-    "grant not a list": (lambda: scoped(publish={"a": 1}), "the publish claim must be a list of topic patterns"),
+    "grant not a list": (lambda: scoped(publish={"a": 1}), 'the publish claim must be a list of topic patterns, or {"allow": [...], "deny": [...]}'),
+    "bad deny": (lambda: scoped(subscribe={"allow": [">"], "deny": ["a..b"]}), "the subscribe claim holds an invalid pattern 'a..b'"),
 }
 
 
@@ -188,6 +189,29 @@ def test_grants_narrow_a_wider_subscription_to_their_intersection():
     assert grants.may_publish("orders.alice.1") and not grants.may_publish("orders.bob.1")
 
 
+def test_rights_allow_less_deny_and_narrow_subscriptions_to_what_they_grant():
+    from broker.grants import NOTHING, Rights, rights_of
+
+    rights = rights_of({"allow": ["md.>", "news.>"], "deny": ["md.INTERNAL.>", "md.*.SECRET"]}, "subscribe")
+    assert rights.allows("md.NYSE.X") and not rights.allows("md.INTERNAL.X") and not rights.allows("md.NYSE.SECRET")
+    assert rights.narrow("md.>") == ["md.> !md.*.SECRET !md.INTERNAL.>"]
+    assert rights.narrow("md.NYSE.*") == ["md.NYSE.* !md.NYSE.SECRET"]
+    assert rights.narrow("md.INTERNAL.>") == [] and rights.narrow("md.INTERNAL.X") == [] and rights.narrow("md.NYSE.SECRET") == []
+    assert rights.narrow("md.NYSE.X") == ["md.NYSE.X"] and rights.narrow(">") == ["md.> !md.*.SECRET !md.INTERNAL.>", "news.>"]
+    assert rights_of(["a.>"], "publish") == Rights(("a.>",)) and rights_of(None, "respond") is None
+    assert rights_of({"deny": ["a"]}, "publish").narrow(">") == []  # deny alone grants nothing
+    history = Rights(("md.>",), ("md.INTERNAL.>",))
+    assert history.covers("md.> !md.INTERNAL.>") and history.covers("md.NYSE.X") and history.covers("md.NYSE.*")
+    assert not history.covers("md.>") and not history.covers("news.>") and not history.covers("md.> !md.INTERNAL.X")
+    # the history and respond rights follow subscribe unless given
+    grants = Grants(rights, NOTHING)
+    assert grants.may_recover(rights.narrow("md.>")) and grants.may_respond("md.NYSE.X") and not grants.may_respond("md.INTERNAL.X")
+    grants = Grants(rights, NOTHING, Rights(("md.NASDAQ.*",)), NOTHING)
+    assert grants.may_recover(["md.NASDAQ.*"]) and not grants.may_recover(["md.NASDAQ.*", "news.>"])
+    assert not grants.may_respond("md.NYSE.X")
+
+
+# on a real server
 # on a real server
 
 
@@ -289,6 +313,118 @@ def test_a_since_map_tells_nothing_of_topics_outside_the_grants():
             finally:
                 narrow.close()
                 await feed.close()
+
+    run(main())
+
+
+def test_deny_entries_cut_topics_out_of_a_grant_on_every_path():
+    """subscribe {"allow": ["md.>"], "deny": ["md.INTERNAL.>"]}: a `sub` of md.> gets every md
+    topic but those under md.INTERNAL (existing then or created later, live or recovered), a
+    `sub` of md.INTERNAL.> is refused; publish denies hold on the general and compiled paths."""
+
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            feed = await Client.connect(url(server), token=token(sub="feed"))
+            reader = await RawSocketClient.connect(server.port, headers=auth_headers(token(
+                sub="reader",
+                subscribe={"allow": ["md.>"], "deny": ["md.INTERNAL.>"]},
+                publish={"allow": ["md.>"], "deny": ["md.INTERNAL.>"]},
+            )))
+            try:
+                await feed.publish_acked("md.INTERNAL.X", b"secret-before")
+                await feed.publish_acked("md.NYSE.X", b"before")
+                await reader.send(Sub(1, "md.>", None, True))  # with the latest value of each
+                reply = await reader.recv()
+                assert isinstance(reply, Ack) and reply.id == 1
+                assert (await reader.recv()).data == [b"before"]
+                await reader.send(Sub(2, "md.INTERNAL.>"))
+                await reader.send(Sub(3, "md.INTERNAL.X"))
+                assert [(r.id, r.code) for r in (await reader.recv(), await reader.recv())] == [(2, ErrorCode.FORBIDDEN), (3, ErrorCode.FORBIDDEN)]
+                for topic in ("md.INTERNAL.X", "md.INTERNAL.NEW", "md.NEW"):
+                    await feed.publish_acked(topic, topic.encode())
+                message = await reader.recv()
+                assert (message.topic, message.data) == ("md.NEW", [b"md.NEW"])
+                await reader.send(Pub(4, "md.INTERNAL.X", b"forged"))
+                reply = await reader.recv()
+                assert isinstance(reply, Err) and (reply.id, reply.code) == (4, ErrorCode.FORBIDDEN)
+                await reader.loop.sock_sendall(reader.sock, client_frame(0x2, encode([Pub(0, "md.INTERNAL.X", b"forged")] * 3)))
+                assert [r.code for r in [await reader.recv() for _ in range(3)]] == [ErrorCode.FORBIDDEN] * 3
+                await reader.send(Pub(5, "md.NYSE.X", b"mine"))
+                assert isinstance(await reader.recv(), Ack)
+                assert (await reader.recv()).data == [b"mine"]  # it subscribes md.> too
+                assert server.router.topics["md.INTERNAL.X"].seq == 2
+            finally:
+                reader.close()
+                await feed.close()
+
+    run(main())
+
+
+def test_history_and_respond_are_rights_of_their_own():
+    """A token whose history claim is narrower than its subscribe claim recovers only within
+    it (a `sub` with since or last outside it is refused and subscribes nothing; without them
+    it is accepted); one with "respond": [] answers no requests though it may subscribe; a
+    responder is told the requester's user."""
+
+    async def main():
+        async with serving(auth_jwt_secret=SECRET) as server:
+            narrow = await RawSocketClient.connect(server.port, headers=auth_headers(token(
+                sub="carol", subscribe=["md.>", "svc.>"], history=["md.NASDAQ.*"], respond=[],
+            )))
+            service = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="svc", subscribe=["svc.>"])))
+            asker = await Client.connect(url(server), token=token(sub="dave"))
+            try:
+                await asker.publish_acked("md.NASDAQ.X", b"n")
+                await narrow.send(Sub(1, "md.>", None, True))
+                reply = await narrow.recv()
+                assert (reply.id, reply.code) == (1, ErrorCode.FORBIDDEN) and "history" in reply.text
+                await narrow.send(Sub(2, "md.NASDAQ.*", [0, {}]))  # within the history right
+                reply = await narrow.recv()
+                assert isinstance(reply, Ack) and reply.id == 2
+                replayed = await narrow.recv()
+                assert (replayed.topic, replayed.data) == ("md.NASDAQ.X", [b"n"])
+                await narrow.send(Sub(3, "md.>"))  # no since, no last: subscribe alone
+                reply = await narrow.recv()
+                assert isinstance(reply, Ack) and reply.id == 3
+                await narrow.send(Sub(4, "svc.x", respond=True))
+                reply = await narrow.recv()
+                assert (reply.id, reply.code) == (4, ErrorCode.FORBIDDEN) and reply.text == "not allowed to respond to 'svc.x'"
+                # a token without the claim responds as before (respond follows subscribe)
+                await service.send(Sub(1, "svc.x", respond=True))
+                assert await service.recv() == Ack(1)
+                answer = asyncio.ensure_future(asker.request("svc.x", b"q", timeout=5))
+                request = await service.recv()
+                assert isinstance(request, Request) and (request.topic, request.data, request.user) == ("svc.x", b"q", "dave")
+                await service.send(Reply(request.id, b"a"))
+                assert await answer == b"a"
+            finally:
+                narrow.close()
+                service.close()
+                await asker.close()
+
+    run(main())
+
+
+def test_a_server_may_make_responding_need_the_respond_claim():
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, auth_respond_follows_subscribe=False, auth_anonymous=True, auth_anonymous_subscribe=">") as server:
+            reader = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="reader", subscribe=["svc.>"])))
+            service = await Client.connect(url(server), token=token(sub="svc", subscribe=[], respond=["svc.>"]))
+            anonymous = await RawSocketClient.connect(server.port)
+            try:
+                for client in (reader, anonymous):
+                    await client.send(Sub(1, "svc.x", respond=True))
+                    reply = await client.recv()
+                    assert (reply.id, reply.code) == (1, ErrorCode.FORBIDDEN)
+                users = []
+                await service.respond("svc.x", lambda request: users.append(request.user) or b"ok")
+                async with Client(url(server), token=token(sub="erin")) as asker:
+                    assert await asker.request("svc.x", b"q") == b"ok"
+                assert users == ["erin"]
+            finally:
+                reader.close()
+                anonymous.close()
+                await service.close()
 
     run(main())
 

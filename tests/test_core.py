@@ -127,7 +127,7 @@ def test_closing_a_session_drops_its_subscriptions():
 def test_core_modules_do_not_import_io_libraries():
     code = (
         "import sys\n"
-        "import broker.messages, broker.topics, broker.router, broker.session, broker.fastpath, broker.config\n"
+        "import broker.messages, broker.topics, broker.router, broker.session, broker.fastpath, broker.config, broker.grants, broker.revocation\n"
         "bad = [m for m in ('asyncio', 'picows', 'uvloop') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -220,3 +220,36 @@ def test_an_honest_subscriber_keeps_its_latency_while_a_client_churns_overlappin
             attacker.close()
 
     run(main(), timeout=120)
+
+
+def test_a_subscription_with_exclusions_matches_its_pattern_less_the_excluded_on_both_twins(fastpath_impl):
+    """`md.> !md.INTERNAL.>` (what a grant with a deny entry narrows `md.>` to) is one node,
+    on the topics of md.> but not those of md.INTERNAL.>, whether they exist when it is made
+    or are made later; it leaves no trace when its last member goes."""
+    index = fastpath_impl.Index()
+    box = fastpath_impl.Outbox("a", 1 << 20)
+    other = fastpath_impl.Outbox("b", 1 << 20)
+    names = ["md.NYSE.X", "md.INTERNAL.X", "md.INTERNAL.deep.Y", "md.Z", "news.A"]
+
+    def add(name):
+        state = fastpath_impl.TopicState(len(index.states), name, 1)
+        index.add_topic(state)
+        return state
+
+    states = {name: add(name) for name in names[:2]}
+    key = "md.> !md.INTERNAL.>"
+    assert index.subscribe(key, box) and not index.subscribe(key, box)
+    assert index.subscribe(key, other)
+    states.update({name: add(name) for name in names[2:]})
+    receiving = {name for name, state in states.items() if any(not n.dead and n.pattern == key for n in state.nodes)}
+    assert receiving == {"md.NYSE.X", "md.Z"}
+    assert set(index.receivers("md.NYSE.X")) == {box, other} and index.receivers("md.INTERNAL.X") == []
+    assert set(index.receivers("md.unknown")) == {box, other}
+    assert index.receivers("md.INTERNAL.unknown") == []
+    assert sorted(s.name for s in index.matching(key)) == ["md.NYSE.X", "md.Z"]
+    assert sorted(s.name for s in index.matching("md.> !md.INTERNAL.> !md.Z")) == ["md.NYSE.X"]
+    assert index.node(key) is not None and index.excluding and index.patterns == 0
+    assert index.unsubscribe(key, box) and index.unsubscribe(key, other)
+    assert index.node(key) is None and not index.excluding and index.subscriptions == 0
+    add("md.later")
+    assert index.receivers("md.later") == []

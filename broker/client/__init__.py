@@ -714,7 +714,9 @@ class Client:
 
     async def respond(self, topic: str, handler: Callable[[Request], bytes | Awaitable[bytes]]) -> None:
         """Answer the requests to the concrete `topic`: `handler(request)` returns (or, as a
-        coroutine function, resolves to) the reply's bytes. A handler that raises is logged
+        coroutine function, resolves to) the reply's bytes. The Request has `id`, `topic`,
+        `data` and `user`, the requester's user as its token names it (None without
+        authentication, or for an anonymous requester). A handler that raises is logged
         and its request gets no reply (the requester times out)."""
         validate_topic(topic, need="a responder")
         if topic in self._responders:
