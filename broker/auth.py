@@ -127,6 +127,11 @@ class Authenticator:
         if (config.auth_anonymous or config.auth_denylist_file) and not self.enabled:
             raise ConfigError("invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_secret_file, auth_jwt_public_key_file or auth_jwks_file)")
 
+    def key_settings(self) -> list[str]:
+        """The settings that gave the keys tokens are checked with (none: authentication is off)."""
+        given = [("auth_jwt_secret", self.secret), ("auth_jwt_public_key_file", self.public_key), ("auth_jwks_file", self._jwks)]
+        return [name for name, value in given if value is not None]
+
     # files
 
     def refresh(self, force: bool = False) -> bool:

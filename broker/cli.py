@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         "or from a TOML file (--config); flags win over the environment, which wins over the file.",
         argument_default=argparse.SUPPRESS,
     )
-    serve.add_argument("--config", metavar="FILE", help="TOML file with settings (top level or a [broker] table)")
+    serve.add_argument("--config", metavar="FILE", help="TOML file with settings: full names at the top level or in [broker], short names in [tls], [auth], [limits], [redis], [admin] (docs/operations.md)")
     defaults = Config()
     for name in FIELDS:
         default = getattr(defaults, name)

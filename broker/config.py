@@ -6,6 +6,7 @@ any problem comes back as a ConfigError that names the setting.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from typing import Annotated, Any, Literal, Mapping
@@ -307,22 +308,33 @@ def load(
     """Merge every source and validate once. `flags` holds only the flags actually given."""
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # setting -> where its value came from, for error messages
     path = config_file or environ.get(ENV_PREFIX + "CONFIG")
     if path:
-        merged.update(_read_file(path))
+        settings, places = read_file(path)
+        merged.update(settings)
+        origin.update({name: f"{place} in {path}" for name, place in places.items()})
     for name in FIELDS:
         value = environ.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":
             merged[name] = value
+            origin[name] = ENV_PREFIX + name.upper()
     if flags:
-        merged.update({k: v for k, v in flags.items() if k in FIELDS})
+        for name, value in flags.items():
+            if name in FIELDS:
+                merged[name] = value
+                origin[name] = "--" + name.replace("_", "-")
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid setting: {_describe(exc)}") from exc
+        raise ConfigError(f"invalid setting: {_describe(exc, origin)}") from exc
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def read_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings of a TOML config file, and where in the file each was given (its dotted
+    key, e.g. `auth.jwt_secret`). Every key is applied or refused: an unknown key or table, a
+    key in a table it does not belong to, or one setting given twice raises a ConfigError
+    naming each of them."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -330,32 +342,83 @@ def _read_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    section = data.get("broker", data)
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {path}: [broker] must be a table")
-    out: dict[str, Any] = {}
-    unknown = []
-    for key, value in section.items():
-        table = SECTIONS.get(key)
-        if table is not None and isinstance(value, dict):
-            for name, item in value.items():
-                if name in table:
-                    out[table[name]] = item
+    reader = _FileReader()
+    reader.level("", data, broker_table=True)
+    if reader.problems:
+        raise ConfigError(f"config file {path}: " + "; ".join(reader.problems))
+    return reader.settings, reader.places
+
+
+class _FileReader:
+    """The layouts of a config file, read at once. At the top level and in a `[broker]` table:
+    settings under their full names, and the tables of SECTIONS under their short names
+    (`[auth]`, or `[broker.auth]`)."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, Any] = {}
+        self.places: dict[str, str] = {}
+        self.problems: list[str] = []
+
+    def level(self, prefix: str, items: dict[str, Any], broker_table: bool) -> None:
+        for key, value in items.items():
+            place = prefix + key
+            if key in SECTIONS:
+                if isinstance(value, dict):
+                    self.table(place, SECTIONS[key], value)
                 else:
-                    unknown.append(f"{key}.{name}")
-        elif key in FIELDS:
-            out[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    return out
+                    self.problems.append(f"{place} must be a table ([{place}]) of {key} settings, not a value")
+            elif key == "broker" and broker_table:
+                if isinstance(value, dict):
+                    self.level("broker.", value, broker_table=False)
+                else:
+                    self.problems.append("broker must be a table ([broker]) of settings, not a value")
+            elif key in FIELDS:
+                self.put(key, value, place)
+            elif isinstance(value, dict):
+                self.problems.append(f"unknown table [{place}] (the tables are {', '.join(_TABLE_NAMES)})")
+            else:
+                self.problems.append(f"unknown setting {place}{_hint(key)}")
+
+    def table(self, place: str, names: dict[str, str], items: dict[str, Any]) -> None:
+        for key, value in items.items():
+            if key in names:
+                self.put(names[key], value, f"{place}.{key}")
+            else:
+                self.problems.append(f"unknown setting {place}.{key}: [{place}] has no {key}{_hint(key)}")
+
+    def put(self, name: str, value: Any, place: str) -> None:
+        if name in self.places:
+            self.problems.append(f"{name} is given twice, as {self.places[name]} and as {place}: give it once")
+            return
+        self.settings[name] = value
+        self.places[name] = place
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
+_TABLE_NAMES = tuple(f"[{name}]" for name in ("broker", *SECTIONS))
+
+
+def _places_of(name: str) -> str:
+    """Where setting `name` may stand in a config file."""
+    tables = [f"in [{table}] as {key}" for table, names in SECTIONS.items() for key, full in names.items() if full == name]
+    return ", or ".join([f"{name} goes at the top level (or in [broker])", *tables])
+
+
+def _hint(key: str) -> str:
+    """What a key that is not a setting where it stands may have meant."""
+    meant = [key] if key in FIELDS else []
+    meant += sorted({full for names in SECTIONS.values() for short, full in names.items() if short == key} - {key})
+    if meant:
+        return f" ({'; '.join(_places_of(name) for name in meant)})"
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
     text = str(exc)
     # msgspec says "Expected `int`, got `str` - at `$.port`": lead with the setting's name.
     if " - at `$." in text:
         message, _, where = text.rpartition(" - at `$.")
-        return f"{where.rstrip('`')}: {message}"
+        name = where.rstrip("`")
+        given = f" (given as {origin[name]})" if name in origin else ""
+        return f"{name}: {message}{given}"
     return text

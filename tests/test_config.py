@@ -1,8 +1,11 @@
 """Settings: defaults < file < environment < flags, validated once with named errors."""
 
-import pytest
+import re
 
-from broker.config import DEFAULT_PORT, Config, load
+import pytest
+from conftest import ROOT
+
+from broker.config import DEFAULT_PORT, SECTIONS, Config, load
 from broker.errors import ConfigError
 
 
@@ -68,8 +71,10 @@ def test_sections_of_a_config_file_name_their_settings(tmp_path):
     config = load({"max_connections": "9"}, environ={"BROKER_TLS_CERT_FILE": "e.pem", "BROKER_MAX_CONNECTIONS": "8"}, config_file=str(path))
     assert (config.tls_cert_file, config.max_connections) == ("e.pem", 9)
     path.write_text("[auth]\nnot_a_setting = 1\n[limits]\ntls_cert_file = 'x'\n")
-    with pytest.raises(ConfigError, match="auth.not_a_setting, limits.tls_cert_file"):
+    with pytest.raises(ConfigError) as caught:
         load({}, environ={}, config_file=str(path))
+    assert "unknown setting auth.not_a_setting: [auth] has no not_a_setting" in str(caught.value)
+    assert "unknown setting limits.tls_cert_file: [limits] has no tls_cert_file (tls_cert_file goes at the top level (or in [broker]), or in [tls] as cert_file)" in str(caught.value)
 
 
 # secrets: each may come from a file, so that none needs a flag or an environment variable
@@ -118,3 +123,92 @@ def test_a_secret_given_as_a_flag_is_warned_about_without_its_value(tmp_path):
     warnings = [line for line in text.splitlines() if "event=secret_on_command_line" in line]
     assert len(warnings) == 1 and "setting=auth_jwt_secret " in warnings[0] and "use auth_jwt_secret_file" in warnings[0], text
     assert secret not in text and "an-admin-key" not in text
+
+
+# Every layout of a config file gives the same settings: full names at the top level or in a
+# [broker] table, short names in the tables, or any mix of them.
+EVERY_TABLE = {
+    "port": 9001,
+    "tls_cert_file": "c.pem",
+    "auth_jwt_secret": "s3cret",
+    "max_connections": 7,
+    "redis_url": "redis://127.0.0.1:6390",
+    "admin_port": 9002,
+}
+LAYOUTS = {
+    "flat": 'port = 9001\ntls_cert_file = "c.pem"\nauth_jwt_secret = "s3cret"\nmax_connections = 7\n'
+    'redis_url = "redis://127.0.0.1:6390"\nadmin_port = 9002\n',
+    "tables": 'port = 9001\n[tls]\ncert_file = "c.pem"\n[auth]\njwt_secret = "s3cret"\n[limits]\nmax_connections = 7\n'
+    '[redis]\nurl = "redis://127.0.0.1:6390"\n[admin]\nport = 9002\n',
+    "[broker] beside the tables": '[broker]\nport = 9001\n[tls]\ncert_file = "c.pem"\n[auth]\njwt_secret = "s3cret"\n'
+    '[limits]\nmax_connections = 7\n[redis]\nurl = "redis://127.0.0.1:6390"\n[admin]\nport = 9002\n',
+    "[broker] with full names": '[broker]\nport = 9001\ntls_cert_file = "c.pem"\nauth_jwt_secret = "s3cret"\n'
+    'max_connections = 7\nredis_url = "redis://127.0.0.1:6390"\nadmin_port = 9002\n',
+    "tables inside [broker]": '[broker]\nport = 9001\n[broker.tls]\ncert_file = "c.pem"\n[broker.auth]\njwt_secret = "s3cret"\n'
+    '[broker.limits]\nmax_connections = 7\n[broker.redis]\nurl = "redis://127.0.0.1:6390"\n[broker.admin]\nport = 9002\n',
+    "dotted keys": 'port = 9001\ntls.cert_file = "c.pem"\nauth.jwt_secret = "s3cret"\nlimits.max_connections = 7\n'
+    'redis.url = "redis://127.0.0.1:6390"\nbroker.admin.port = 9002\n',
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_of_a_file_applies_every_key(tmp_path, layout):
+    config = load({}, environ={}, config_file=write(tmp_path, LAYOUTS[layout]))
+    assert {name: getattr(config, name) for name in EVERY_TABLE} == EVERY_TABLE
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("[oops]\nport = 1\n", "unknown table [oops] (the tables are [broker], [tls], [auth], [limits], [redis], [admin])"),
+        ("[broker.oops]\nport = 1\n", "unknown table [broker.oops]"),
+        ("[broker.broker]\nport = 1\n", "unknown table [broker.broker]"),
+        ("[tls.auth]\njwt_secret = 'x'\n", "unknown setting tls.auth: [tls] has no auth"),
+        ("prot = 1\n", "unknown setting prot (did you mean port?)"),
+        ("[broker]\nprot = 1\n", "unknown setting broker.prot (did you mean port?)"),
+        ("jwt_secret = 'x'\n", "unknown setting jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)"),
+        ("[auth]\nauth_jwt_secret = 'x'\n", "unknown setting auth.auth_jwt_secret: [auth] has no auth_jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)"),
+        ("[redis]\nport = 1\n", "unknown setting redis.port: [redis] has no port (port goes at the top level (or in [broker]); admin_port goes at the top level (or in [broker]), or in [admin] as port)"),
+        ("[limits]\nslow_consumer_timeout_s = 1\n", "unknown setting limits.slow_consumer_timeout_s: [limits] has no slow_consumer_timeout_s (slow_consumer_timeout_s goes at the top level (or in [broker]))"),
+        ("[broker.auth]\nport = 1\n", "unknown setting broker.auth.port: [broker.auth] has no port"),
+        ("broker = 1\n", "broker must be a table ([broker]) of settings, not a value"),
+        ("auth = 'on'\n", "auth must be a table ([auth]) of auth settings, not a value"),
+        ("[[auth]]\njwt_secret = 'x'\n", "auth must be a table ([auth]) of auth settings, not a value"),
+        ("port = 1\n[broker]\nport = 2\n", "port is given twice, as port and as broker.port: give it once"),
+        ("auth_jwt_secret = 'a'\n[auth]\njwt_secret = 'b'\n", "auth_jwt_secret is given twice, as auth_jwt_secret and as auth.jwt_secret: give it once"),
+        ("[auth]\njwt_secret = 'a'\n[broker.auth]\njwt_secret = 'b'\n", "auth_jwt_secret is given twice, as auth.jwt_secret and as broker.auth.jwt_secret: give it once"),
+        ("[broker]\nadmin_port = 1\n[admin]\nport = 2\n", "admin_port is given twice, as broker.admin_port and as admin.port: give it once"),
+    ],
+)
+def test_a_key_a_file_cannot_apply_is_refused_naming_its_table_and_key(tmp_path, text, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load({}, environ={}, config_file=path)
+    assert str(caught.value).startswith(f"config file {path}: "), caught.value
+    assert problem in str(caught.value)
+
+
+def test_every_problem_of_a_file_is_named_at_once(tmp_path):
+    path = write(tmp_path, "prot = 1\n[broker]\nport = 2\n[auth]\nsecret = 'x'\n[extra]\na = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load({}, environ={}, config_file=path)
+    text = str(caught.value)
+    for name in ("unknown setting prot", "unknown setting auth.secret", "unknown table [extra]"):
+        assert name in text, text
+
+
+def test_a_bad_value_from_a_file_names_where_it_was_given(tmp_path):
+    path = write(tmp_path, "[broker]\nport = 1\n[auth]\nleeway_s = 'soon'\n")
+    with pytest.raises(ConfigError, match=rf"auth_leeway_s: Expected `float`, got `str` \(given as auth.leeway_s in {path}\)"):
+        load({}, environ={}, config_file=path)
+    with pytest.raises(ConfigError, match=r"port: .* \(given as BROKER_PORT\)"):
+        load({}, environ={"BROKER_PORT": "x"}, config_file=path)
+    with pytest.raises(ConfigError, match=r"port: .* \(given as --port\)"):
+        load({"port": "x"}, environ={}, config_file=path)
+
+
+def test_the_tables_of_a_config_file_are_documented_as_they_are():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    rows = dict(re.findall(r"^\| `\[([a-z]+)\]` \| (.+?) \|", text, re.M))
+    documented = {table: re.findall(r"`([a-z_]+)`", keys) for table, keys in rows.items()}
+    assert documented == {table: list(names) for table, names in SECTIONS.items()}

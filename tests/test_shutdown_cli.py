@@ -16,9 +16,10 @@ import pytest
 
 from broker import __version__
 from broker.client import Client, ConnectionClosed
-from broker.messages import Ack, ServerReader, Sub
+from broker.messages import SUBPROTOCOL, Ack, ServerReader, Sub
+from broker.server.app import without_password
 
-from conftest import ROOT, RawSocketClient, broker_cli, conns_with, eventually, run, serving, split_frame, url
+from conftest import ROOT, RawSocketClient, broker_cli, conns_with, eventually, run, send_upgrade, serving, split_frame, upgrade_request, url
 
 
 # helpers
@@ -462,3 +463,60 @@ def test_flags_beat_env_beat_file(tmp_path):
     assert bound_port(["--config", str(path)], {}) == file_port
     # the file can also come from the environment
     assert bound_port([], {"BROKER_CONFIG": str(path)}) == file_port
+
+
+def test_a_broker_table_beside_other_tables_applies_them_all_and_the_start_line_says_so(tmp_path, redis_url, redis_prefix):
+    """[broker] next to [auth], [redis] and [admin]: every table is applied (a client without a
+    token is refused, the node joins Redis, the admin port answers) and the start line says
+    what is on and where."""
+    port, admin = free_ports(2)
+    path = tmp_path / "broker.toml"
+    path.write_text(
+        f'[broker]\nport = {port}\nlog_format = "json"\n'
+        f'[auth]\njwt_secret = "the-secret"\n'
+        f'[redis]\nurl = "{redis_url}"\nprefix = "{redis_prefix}"\n'
+        f'[admin]\nport = {admin}\napi_key = "k"\n'
+    )
+    proc = serve("--config", str(path))
+    try:
+        log = read_until(proc, '"event": "start"')
+        start = next(json.loads(line) for line in log.splitlines() if '"event": "start"' in line)
+        assert start["port"] == port and start["tls"] is False
+        assert (start["auth"], start["auth_keys"], start["auth_anonymous"]) == ("on", "auth_jwt_secret", False)
+        assert (start["backplane"], start["redis"], start["redis_prefix"]) == ("redis", redis_url, redis_prefix)
+        assert (start["admin"], start["admin_api"]) == (f"127.0.0.1:{admin}", "on")
+
+        async def main():
+            status, _, _, writer = await send_upgrade(port, upgrade_request("/", [SUBPROTOCOL]))
+            writer.close()
+            assert status == 401  # no token
+            reader, writer = await asyncio.open_connection("127.0.0.1", admin)
+            writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 5)).split(b" ", 2)[1] == b"200"
+            writer.close()
+
+        run(main())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+
+
+def test_the_start_line_says_what_is_off():
+    proc = serve("--port", "0", "--log-format", "json")
+    try:
+        log = read_until(proc, '"event": "start"')
+        start = next(json.loads(line) for line in log.splitlines() if '"event": "start"' in line)
+        assert (start["auth"], start["tls"], start["backplane"], start["admin"]) == ("off", False, "memory", "off")
+        assert "auth_keys" not in start and "redis" not in start and "admin_api" not in start
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        stop_process(proc)
+
+
+def test_a_redis_password_is_not_logged():
+    assert without_password("redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert without_password("rediss://user:pw@redis.example:6380") == "rediss://user:***@redis.example:6380"
+    assert without_password("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+    assert without_password("unix:///run/redis.sock") == "unix:///run/redis.sock"

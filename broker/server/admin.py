@@ -35,6 +35,7 @@ class Admin:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Collector(server))
         self.port: int | None = None
+        self.where = ""  # host:port it listens on, for the start line
         self._runner: web.AppRunner | None = None
         self.key = server.admin_api_key.encode()
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
@@ -77,7 +78,8 @@ class Admin:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = self._runner.addresses[0][1]
+        self.where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def stop(self) -> None:
         if self._closing is not None:

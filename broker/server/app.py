@@ -20,6 +20,7 @@ import ssl
 import stat
 import tempfile
 import time
+import urllib.parse
 from collections import deque
 
 from .. import __version__, policy
@@ -66,6 +67,16 @@ def foreign_file(path: str) -> str | None:
     if st.st_uid != os.geteuid():
         return f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {os.geteuid()})"
     return None
+
+
+def without_password(url: str) -> str:
+    """`url` with its password, if it has one, replaced by ***: for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _write_file(path: str, text: str) -> None:
@@ -188,19 +199,34 @@ class Server:
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
         self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
-        logs.event(
-            logging.INFO,
-            "start",
-            host=cfg.host,
-            port=self.port,
-            path=cfg.path,
-            version=__version__,
-            fastpath=IMPLEMENTATION,
-            subprotocol=SUBPROTOCOL,
-            tls=self.tls is not None,
-            **({"cert_sha256": self.certificate.sha256} if self.certificate else {}),
-            backplane="memory" if self.cluster is None else ("redis-cluster" if self.cluster.cluster else "redis"),
-        )
+        logs.event(logging.INFO, "start", **self._start_fields())
+
+    def _start_fields(self) -> dict[str, object]:
+        """What the start line says: where clients connect, and whether authentication, TLS,
+        the backplane and the admin server are on, and where."""
+        cfg = self.config
+        fields: dict[str, object] = {
+            "host": cfg.host, "port": self.port, "path": cfg.path, "version": __version__,
+            "fastpath": IMPLEMENTATION, "subprotocol": SUBPROTOCOL,
+            "tls": self.tls is not None,
+        }
+        if self.certificate:
+            fields["cert_sha256"] = self.certificate.sha256
+        keys = self.auth.key_settings()
+        fields["auth"] = "on" if keys else "off"
+        if keys:
+            fields["auth_keys"] = ",".join(keys)
+            fields["auth_anonymous"] = cfg.auth_anonymous
+        if self.cluster is None:
+            fields["backplane"] = "memory"
+        else:
+            fields["backplane"] = "redis-cluster" if self.cluster.cluster else "redis"
+            fields["redis"] = without_password(cfg.redis_url)
+            fields["redis_prefix"] = cfg.redis_prefix
+        fields["admin"] = "off" if self.admin is None else self.admin.where
+        if self.admin is not None:
+            fields["admin_api"] = "on" if cfg.admin_api_key else "off"
+        return fields
 
     async def stop(self) -> None:
         """Graceful shutdown: stop accepting, flush what is queued, close every client with 1001
