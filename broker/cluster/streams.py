@@ -300,10 +300,10 @@ class RedisBackplane(MemoryBackplane):
                     raise ConfigError(f"redis_url: Redis at {_safe(self.url)} refused the credentials ({where}): {exc}") from None
                 except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                     if time.monotonic() >= deadline:
-                        raise ConfigError(f"redis_url: cannot reach Redis at {_safe(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}") from None
+                        raise ConfigError(f"redis_url: cannot reach Redis at {without_password(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}") from None
                     await asyncio.sleep(0.2)
                 except aioredis.ResponseError as exc:
-                    raise ConfigError(f"redis_url: Redis at {_safe(self.url)} refused: {exc}") from None
+                    raise ConfigError(f"redis_url: Redis at {without_password(self.url)} refused: {exc}") from None
         finally:
             await probe.aclose()
         self.cluster = bool(info.get("cluster_enabled"))
@@ -324,7 +324,7 @@ class RedisBackplane(MemoryBackplane):
             await self._load_history()
         except (OSError, aioredis.RedisError) as exc:
             await self._close_clients()
-            raise ConfigError(f"redis_url: Redis at {_safe(self.url)} could not be used: {exc}") from None
+            raise ConfigError(f"redis_url: Redis at {without_password(self.url)} could not be used: {exc}") from None
         self.accepting = True
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._write_loop()))
@@ -676,8 +676,8 @@ def _id_key(entry_id: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _safe(url: str) -> str:
-    """The URL without its password."""
+def without_password(url: str) -> str:
+    """The URL without its user and password (for logs and errors)."""
     head, at, tail = url.rpartition("@")
     if not at:
         return url

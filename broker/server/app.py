@@ -20,7 +20,6 @@ import ssl
 import stat
 import tempfile
 import time
-import urllib.parse
 from collections import deque
 
 from .. import __version__, policy
@@ -67,16 +66,6 @@ def foreign_file(path: str) -> str | None:
     if st.st_uid != os.geteuid():
         return f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {os.geteuid()})"
     return None
-
-
-def without_password(url: str) -> str:
-    """`url` with its password, if it has one, replaced by ***: for logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _write_file(path: str, text: str) -> None:
@@ -220,6 +209,8 @@ class Server:
         if self.cluster is None:
             fields["backplane"] = "memory"
         else:
+            from ..cluster.streams import without_password
+
             fields["backplane"] = "redis-cluster" if self.cluster.cluster else "redis"
             fields["redis"] = without_password(cfg.redis_url)
             fields["redis_prefix"] = cfg.redis_prefix
