@@ -133,11 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
     if index:  # a worker started by a supervisor
         supervisor.label_logs(index)
     _new_loop_policy()
-    try:
-        asyncio.run(run(config))
-    except OSError as exc:
-        print(f"broker: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    asyncio.run(run(config))  # a port it cannot listen on raises ListenError (exit 1)
     return 0
 
 

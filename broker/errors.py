@@ -7,6 +7,7 @@ Both tables are part of the protocol contract (docs/protocol.md).
 from __future__ import annotations
 
 import enum
+import os
 
 
 class ErrorCode(enum.IntEnum):
@@ -54,6 +55,16 @@ class BrokerError(Exception):
 
 class ConfigError(BrokerError):
     """A setting is missing, malformed or out of range; the message names it."""
+
+
+class ListenError(BrokerError):
+    """A port (or socket) the broker is to serve on cannot be listened on; the message names it."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """The system's text for an OSError's errno ("Address already in use"), without the
+    wrapping some event loops add around it."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 class RequestError(BrokerError):

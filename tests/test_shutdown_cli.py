@@ -18,6 +18,9 @@ from broker import __version__
 from broker.client import Client, ConnectionClosed
 from broker.messages import SUBPROTOCOL, Ack, ServerReader, Sub
 from broker.cluster.streams import without_password
+from broker.config import load
+from broker.errors import ListenError
+from broker.server import Server
 
 from conftest import ROOT, RawSocketClient, broker_cli, conns_with, eventually, run, send_upgrade, serving, split_frame, upgrade_request, url
 
@@ -519,3 +522,46 @@ def test_a_redis_password_is_not_logged():
     assert without_password("redis://:pw@127.0.0.1:6379/0") == "redis://***@127.0.0.1:6379/0"
     assert without_password("rediss://user:pw@redis.example:6380") == "rediss://***@redis.example:6380"
     assert without_password("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+
+
+@pytest.mark.parametrize("backplane", ["memory", "redis"])
+def test_a_start_that_fails_half_way_closes_what_it_opened_and_stop_does_not_fail(backplane, request):
+    """The admin port is taken: start() raises an error naming it after the WebSocket port
+    was opened; that port is closed again (no client is let in to a broker that does not
+    run) and stop() afterwards is a no-op, not a crash."""
+    settings = {}
+    if backplane == "redis":
+        settings = {"redis_url": request.getfixturevalue("redis_url"), "redis_prefix": request.getfixturevalue("redis_prefix")}
+
+    async def main():
+        ws_port = free_ports()[0]
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            admin = taken.getsockname()[1]
+            server = Server(load({"port": ws_port, "admin_port": admin, "log_level": "error", **settings}, environ={}))
+            with pytest.raises(ListenError, match=f"cannot listen on the admin port 127.0.0.1:{admin}: Address already in use"):
+                await server.start()
+            await server.stop()
+            await server.stop()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", ws_port)
+        if server.cluster is not None:
+            assert not server.cluster.accepting
+
+    run(main())
+
+
+def test_admin_port_in_use_exits_1_naming_it(redis_url, redis_prefix):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin = taken.getsockname()[1]
+        proc = serve("--port", "0", "--admin-port", str(admin), "--redis-url", redis_url, "--redis-prefix", redis_prefix)
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            stop_process(proc)
+    assert proc.returncode == 1, err.decode()
+    assert f"broker: cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" in err.decode()
+    assert "Traceback" not in err.decode()

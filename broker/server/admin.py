@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ..errors import CloseCode, ErrorCode, RequestError
+from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_os_error
 from ..revocation import rule_line
 from .metrics import Collector
 
@@ -73,11 +73,15 @@ class Admin:
             return _error(exc.status, exc.reason)
 
     async def start(self, host: str, port: int) -> None:
+        """Listen on host:port; raises ListenError naming them when that cannot be done."""
         self._closing = asyncio.Event()
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on the admin port {host}:{port}: {describe_os_error(exc)}") from exc
         self.port = self._runner.addresses[0][1]
         self.where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 

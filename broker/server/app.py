@@ -26,7 +26,7 @@ from .. import __version__, policy
 from ..auth import Authenticator
 from ..backplane import MemoryBackplane
 from ..config import Config, read_secret
-from ..errors import CloseCode, ConfigError
+from ..errors import CloseCode, ConfigError, ListenError, describe_os_error
 from ..fastpath import IMPLEMENTATION
 from ..messages import SUBPROTOCOL, Heartbeat, encode
 from ..router import Router
@@ -174,17 +174,19 @@ class Server:
         if self.cluster is not None:
             await self.cluster.start(self.router)  # the history the streams retain, before any client
         try:
-            self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
-        except BaseException:
-            if self.cluster is not None:
-                await self.cluster.stop()
-            raise
-        self.port = self._server.sockets[0].getsockname()[1]
-        if cfg.admin_port:
-            from .admin import Admin
+            try:
+                self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {cfg.host}:{cfg.port}: {describe_os_error(exc)}") from exc
+            self.port = self._server.sockets[0].getsockname()[1]
+            if cfg.admin_port:
+                from .admin import Admin
 
-            self.admin = Admin(self)
-            await self.admin.start(cfg.admin_host, cfg.admin_port)
+                self.admin = Admin(self)
+                await self.admin.start(cfg.admin_host, cfg.admin_port)
+        except BaseException:
+            await self._undo_start()
+            raise
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
         self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
@@ -219,10 +221,26 @@ class Server:
             fields["admin_api"] = "on" if cfg.admin_api_key else "off"
         return fields
 
+    async def _undo_start(self) -> None:
+        """Close what a start that failed half way opened, the listener first (no client is let
+        in to a broker that will not run); stop() then has nothing to do."""
+        self._closing = True
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            for conn in list(self.connections.values()):
+                conn.abort()
+            await server.wait_closed()
+        if self.admin is not None:
+            await self.admin.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
+
     async def stop(self) -> None:
         """Graceful shutdown: stop accepting, flush what is queued, close every client with 1001
-        and wait for them (at most shutdown_timeout_s), then abort the rest."""
-        if self._closing or self._server is None:
+        and wait for them (at most shutdown_timeout_s), then abort the rest. Does nothing
+        unless start() completed (a failed start closed what it opened)."""
+        if self._closing or self._server is None or self._sweeper is None:
             return
         self._closing = True
         self._sweeper.cancel()
