@@ -132,8 +132,9 @@ def _serve(args: argparse.Namespace) -> int:
     index = os.environ.get(supervisor.WORKER_INDEX_ENV)
     if index:  # a worker started by a supervisor
         supervisor.label_logs(index)
+    role = supervisor.role_from_environ(os.environ)
     _new_loop_policy()
-    asyncio.run(run(config))  # a port it cannot listen on raises ListenError (exit 1)
+    asyncio.run(run(config, role))  # a port it cannot listen on raises ListenError (exit 1)
     return 0
 
 

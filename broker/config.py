@@ -114,6 +114,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_api_key_file: str = ""
     # processes
     workers: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
+    hang_timeout_s: Seconds = 10.0
     reuse_port: bool = False
 
     def __post_init__(self) -> None:
@@ -294,7 +295,8 @@ HELP = {
     "admin_port": "[admin] port of the admin HTTP server: /metrics (Prometheus), /healthz, /readyz (0: no admin server)",
     "admin_api_key": "[admin] key the admin JSON API (/api/...) wants as Authorization: Bearer KEY ('': the API is off; metrics and health need none) (a secret: prefer admin_api_key_file)",
     "admin_api_key_file": "[admin] file holding admin_api_key (its content, without a final line break), instead of the setting",
-    "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies",
+    "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies or hangs; the supervisor serves admin_port for them all",
+    "hang_timeout_s": "with workers > 1: seconds a worker may leave the supervisor's health probe (one a second) unanswered before it is killed and started again; a starting worker gets redis_timeout_s more to answer the first time",
     "reuse_port": "listen with SO_REUSEPORT (set for worker processes; lets several processes share the port)",
     "rate_limit_close_after": "[limits] messages refused for a rate limit, in a row within 10 s, after which the connection is closed (1008)",
 }

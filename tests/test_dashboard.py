@@ -40,7 +40,13 @@ def chromium() -> str | None:
     return None
 
 
-def test_the_dashboard_shows_live_numbers_in_chromium():
+@pytest.mark.parametrize("processes", ["one process", "workers"])
+def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
+    """On one broker, and on the supervisor of `--workers 2` (its events combine the workers')."""
+    extra: list[str] = []
+    if processes == "workers":
+        redis_url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+        extra = ["--workers", "2", "--redis-url", redis_url, "--redis-prefix", prefix]
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install -e '.[test]')")
     executable = chromium()
     with sync_api.sync_playwright() as playwright:
@@ -52,7 +58,7 @@ def test_the_dashboard_shows_live_numbers_in_chromium():
         else:
             browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         admin = free_port()
-        with BrokerNode("--admin-port", str(admin)) as node:
+        with BrokerNode("--admin-port", str(admin), *extra) as node:
             deadline = time.monotonic() + 10
             while True:  # the admin server starts right after the WebSocket listener
                 try:

@@ -8,20 +8,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
 
+import aiohttp
 import pytest
-from conftest import broker_cli, run
+from conftest import ROOT, broker_cli, run
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker import cli
 from broker.client import Client, ConnectionClosed
-from broker.cluster import supervisor
+from broker.cluster import group_admin, supervisor
 from broker.config import load
 from broker.errors import ConfigError
+from broker.server.app import WorkerRole, worker_of_connection
 
 SHUTDOWN_TIMEOUT_S = 3.0
 
@@ -132,6 +136,48 @@ async def round_trip(port: int, topic: str) -> None:
         await client.close()
 
 
+def worker_of(log: Log, client: Client) -> int:
+    """The worker holding `client`'s connection (from its connect log line)."""
+    (connect_,) = log.wait("connect", peer=f"127.0.0.1:{local_port(client)}")
+    return connect_["worker"]
+
+
+async def admin_get(port: int, path: str, key: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as response:
+            return response.status, await response.text()
+
+
+async def admin_post(port: int, path: str, key: str, body: dict | None = None) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{port}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=10)) as response:
+            return response.status, await response.json()
+
+
+def samples(text: str) -> dict:
+    """{(sample name, labels as a sorted tuple): value} of a Prometheus text exposition."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def wait_healthy(admin: int, proc: subprocess.Popen, timeout: float = 15.0) -> dict:
+    """Poll the group's /healthz until it answers 200; returns its body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the supervisor exited with {proc.returncode}"
+        try:
+            status, body = run(admin_get(admin, "/healthz"))
+            if status == 200:
+                return json.loads(body)
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "the group did not become healthy"
+        time.sleep(0.1)
+
+
 def serve_args(port: int, redis_url: str, prefix: str, *more: str) -> list[str]:
     return [
         "--workers", "2", "--port", str(port), "--redis-url", redis_url, "--redis-prefix", prefix,
@@ -178,7 +224,7 @@ def test_a_worker_is_one_process_listening_with_reuse_port(source, tmp_path):
     path = tmp_path / "broker.toml"
     workers = "workers = 3\n" if source == "file" else ""
     path.write_text(f'port = 7400\nreuse_port = false\n{workers}[redis]\nurl = "redis://file:6379"\n')
-    argv = ["serve", "--config", str(path), "--port=7401", "--reuse-port", "false", "--max-topics", "50"]
+    argv = ["serve", "--config", str(path), "--port=7401", "--reuse-port", "false", "--max-topics", "50", "--admin-port", "7402"]
     environ = {"BROKER_LOG_LEVEL": "warning"}
     if source == "flag":
         argv += ["--workers", "3"]
@@ -193,13 +239,15 @@ def test_a_worker_is_one_process_listening_with_reuse_port(source, tmp_path):
 
     command = supervisor.worker_command(flags, args.config)
     assert command[1:4] == ["-m", "broker", "serve"]
-    assert not any(a.startswith(("--workers", "--work=", "--reuse-port")) for a in command)
+    assert not any(a.startswith(("--workers", "--work=", "--reuse-port", "--admin-port")) for a in command)
     worker_args = cli._parser().parse_args(command[3:])
     worker_flags = {k: v for k, v in vars(worker_args).items() if k in cli.FIELDS}
-    env = supervisor.worker_environ(1, environ)
+    env = supervisor.worker_environ(1, "/tmp/w1.sock", environ)
     assert env[supervisor.WORKER_INDEX_ENV] == "1"
+    assert supervisor.role_from_environ(env) == WorkerRole(1, "/tmp/w1.sock")
     worker = load(worker_flags, environ=env, config_file=worker_args.config)
     assert worker.workers == 1 and worker.reuse_port is True
+    assert worker.admin_port == 0  # the supervisor serves it
     assert (worker.port, worker.redis_url, worker.max_topics, worker.log_level) == (7401, "redis://file:6379", 50, "warning")
 
 
@@ -292,10 +340,6 @@ def test_a_message_reaches_subscribers_on_every_worker(redis_url, redis_prefix):
         log.wait("start", worker=0)
         log.wait("start", worker=1)
 
-        def worker_of(client: Client) -> int:
-            (connect_,) = log.wait("connect", peer=f"127.0.0.1:{local_port(client)}")
-            return connect_["worker"]
-
         async def main():
             subscribers: list[tuple[Client, object]] = []
             on: dict[int, int] = {0: 0, 1: 0}
@@ -305,7 +349,7 @@ def test_a_message_reaches_subscribers_on_every_worker(redis_url, redis_prefix):
                 while len(subscribers) < 8 or min(on.values()) < 2:
                     assert len(subscribers) < 40, f"connections landed on {on}"
                     client = await connect(port)
-                    on[worker_of(client)] += 1
+                    on[worker_of(log, client)] += 1
                     subscribers.append((client, await client.subscribe("md.>")))
                 publisher = await connect(port)
                 try:
@@ -319,7 +363,7 @@ def test_a_message_reaches_subscribers_on_every_worker(redis_url, redis_prefix):
                     for _ in range(20):  # in order per topic (topics are not ordered among themselves)
                         message = await sub.next(10)
                         got[message.topic].append((message.seq, message.data))
-                    assert got == sent, f"subscriber {n} (worker {worker_of(client)})"
+                    assert got == sent, f"subscriber {n} (worker {worker_of(log, client)})"
             finally:
                 for client, _ in subscribers:
                     await client.close()
@@ -360,3 +404,281 @@ def test_a_worker_that_does_not_stop_is_killed_and_the_exit_code_is_1(redis_url,
         log.wait("supervisor_stopped", exit_code=1)
     finally:
         cleanup(proc, log)
+
+
+# one admin port for the group
+
+
+KEY = "group-admin-key"
+
+
+def documented_worker_metrics() -> set[str]:
+    """The metrics docs/operations.md lists for the supervisor's admin port."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("## Worker processes", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(broker_[a-z_]+)`", section, re.M))
+
+
+def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
+    """--workers 2 with --admin-port: the supervisor serves it, with every worker's metrics
+    labelled by worker, health and readiness of both, and an API over the whole group."""
+    port, admin = free_port(), free_port()
+    proc, log = start_supervisor(*serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin), "--admin-api-key", KEY))
+    try:
+        (start,) = log.wait("supervisor_start")
+        assert start["admin"] == f"127.0.0.1:{admin}"
+        assert wait_healthy(admin, proc) == {"status": "ok", "workers": {"0": "ok", "1": "ok"}}
+        for index in (0, 1):  # each worker's own admin server is its Unix socket
+            assert log.wait("start", worker=index)[0]["admin"].startswith("unix:")
+        assert not log.find("stopped")  # no worker lost a fight over the admin port
+
+        async def main():
+            clients: list[tuple[Client, object]] = []
+            on: dict[int, list[Client]] = {0: [], 1: []}
+            try:
+                while min(len(c) for c in on.values()) < 1 or len(clients) < 4:
+                    assert len(clients) < 40, f"connections landed on {on}"
+                    client = await connect(port)
+                    on[worker_of(log, client)].append(client)
+                    clients.append((client, await client.subscribe("ga.>")))
+                count = len(clients)
+
+                status, text = await admin_get(admin, "/metrics")
+                assert status == 200
+                m = samples(text)
+                for index in (0, 1):
+                    assert m[("broker_connections", (("worker", str(index)),))] == len(on[index])
+                    assert m[("broker_worker_up", (("worker", str(index)),))] == 1
+                    assert m[("broker_worker_starts_total", (("worker", str(index)),))] == 1
+                    assert ("broker_backplane_connected", (("worker", str(index)),)) in m
+                assert not any(("worker", "2") in labels for _, labels in m)
+                families = {family.name for family in text_string_to_metric_families(text)}
+                assert {"broker_worker_up", "broker_worker_starts"} == documented_worker_metrics()
+                assert documented_worker_metrics() <= families
+
+                status, text = await admin_get(admin, "/readyz")
+                body = json.loads(text)
+                assert status == 200 and body["ready"] is True and set(body["workers"]) == {"0", "1"}
+                assert all(worker["ready"] and worker["backplane"] for worker in body["workers"].values())
+
+                status, text = await admin_get(admin, "/api/connections", KEY)
+                body = json.loads(text)
+                assert status == 200 and body["total"] == count and body["missing_workers"] == []
+                rows = body["connections"]
+                assert len({row["id"] for row in rows}) == count  # one id names one connection in the group
+                assert {row["worker"] for row in rows} == {0, 1}
+                assert all(worker_of_connection(row["id"]) == row["worker"] for row in rows)
+                assert all(row["subscriptions"] == ["ga.>"] for row in rows)
+                status, text = await admin_get(admin, "/api/stats", KEY)
+                stats = json.loads(text)
+                assert stats["connections"] == count and stats["backplane"] == "redis"
+                assert (await admin_get(admin, "/api/stats"))[0] == 401  # the key is wanted, as on one process
+
+                status, body = await admin_post(admin, "/api/publish", KEY, {"messages": [{"topic": "ga.t", "text": "to all"}]})
+                assert status == 200 and body["results"][0]["seq"] == 1
+                for n, (client, sub) in enumerate(clients):  # every subscriber, on either worker
+                    message = await sub.next(10)
+                    assert (message.topic, message.seq, message.data) == ("ga.t", 1, b"to all"), n
+                status, text = await admin_get(admin, "/api/topics", KEY)
+                (topic,) = json.loads(text)["topics"]
+                assert (topic["topic"], topic["seq"], topic["subscribers"]) == ("ga.t", 1, count)
+
+                victim = on[1][0]  # closed by the worker that holds it
+                victim_id = next(row["id"] for row in rows if row["worker"] == 1 and row["peer"].endswith(f":{local_port(victim)}"))
+                status, body = await admin_post(admin, f"/api/connections/{victim_id}/close", KEY)
+                assert status == 200 and body == {"closed": victim_id}
+                assert await asyncio.wait_for(victim.wait_closed(), 5) == (1008, "closed by an operator")
+                status, body = await admin_post(admin, f"/api/connections/{(5 << 40) + 1}/close", KEY)
+                assert status == 404
+
+                # the dashboard: its page, and its events summed over both workers
+                assert (await admin_get(admin, "/dashboard/"))[0] == 200
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"http://127.0.0.1:{admin}/dashboard/events") as response:
+                        deadline = time.monotonic() + 10
+                        async for line in response.content:
+                            if line.startswith(b"data: ") and json.loads(line[6:])["connections"] == count - 1:
+                                break
+                            assert time.monotonic() < deadline, "no dashboard event with every connection"
+            finally:
+                for client, _ in clients:
+                    await client.close()
+
+        run(main())
+        with open(f"/proc/{proc.pid}/status") as fh:  # the preexec function of its forks needs one thread
+            assert "Threads:\t1\n" in fh.read()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(SHUTDOWN_TIMEOUT_S + supervisor.KILL_GRACE_S + 5) == 0, log.text()
+    finally:
+        cleanup(proc, log)
+
+
+def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
+    hang_timeout_s = 2.0
+    port, admin = free_port(), free_port()
+    args = serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin), "--hang-timeout-s", str(hang_timeout_s))
+    proc, log = start_supervisor(*args)
+    try:
+        wait_healthy(admin, proc)
+        log.wait("worker_up", index=0)  # the supervisor's own probes got an answer (not only /healthz)
+        log.wait("worker_up", index=1)
+        hung = live_workers(log)[0]
+        os.kill(hung, signal.SIGSTOP)  # alive, holding its share of the port, answering nothing
+        stopped = time.time()
+        status, text = run(admin_get(admin, "/healthz"))
+        assert status == 503 and json.loads(text)["workers"] == {"0": "no answer", "1": "ok"}
+        (event,) = log.wait("worker_hung", index=0, timeout=hang_timeout_s + 5)
+        # killed hang_timeout_s after the probe that followed its last answer (at most a
+        # probe interval before the SIGSTOP), seen within a check interval (and 1 s of slack
+        # for a loaded machine)
+        took = event["ts"] - stopped
+        bound = hang_timeout_s + supervisor.PROBE_INTERVAL_S + supervisor.CHECK_INTERVAL_S
+        assert hang_timeout_s - 0.2 <= took <= bound + 1, f"detected after {took:.2f}s"
+        assert event["pid"] == hung and event["reason"] == f"a health probe unanswered for {hang_timeout_s:g} s (hang_timeout_s)"
+        (exit_,) = log.wait("worker_exit", pid=hung)
+        assert exit_["signal"] == "SIGKILL" and exit_["reason"].startswith("hung: ") and exit_["restart_in_s"] == 0.5
+        log.wait("worker_up", index=0, count=2)
+        assert not alive(hung)
+        assert wait_healthy(admin, proc)["workers"] == {"0": "ok", "1": "ok"}
+        m = samples(run(admin_get(admin, "/metrics"))[1])
+        assert m[("broker_worker_starts_total", (("worker", "0"),))] == 2
+
+        async def serves():  # every new connection is answered again, whichever worker gets it
+            for i in range(8):
+                await round_trip(port, f"h.{i}")
+
+        run(serves())
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(SHUTDOWN_TIMEOUT_S + supervisor.KILL_GRACE_S + 5) == 0, log.text()
+    finally:
+        cleanup(proc, log)
+
+
+def test_a_worker_that_cannot_start_says_why_and_is_started_again(redis_url, redis_prefix):
+    """The port is held by another program: each worker exits 1 saying so, the group's health
+    says they are not running, and they are started again (with backoff) until they can."""
+    port, admin = free_port(), free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    proc, log = start_supervisor(*serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin)))
+    try:
+        for index in (0, 1):
+            (exit_,) = log.wait("worker_exit", index=index)
+            assert exit_["code"] == 1 and exit_["started"] is False and exit_["restart_in_s"] == 0.5
+        assert f"broker: cannot listen on 127.0.0.1:{port}: Address already in use" in log.text()
+        status, text = run(admin_get(admin, "/healthz"))
+        assert status == 503 and set(json.loads(text)["workers"].values()) <= {"not running", "no answer"}
+        log.wait("worker_exit", index=0, count=2)  # started again
+        blocker.close()
+        assert wait_healthy(admin, proc)["workers"] == {"0": "ok", "1": "ok"}
+        run(round_trip(port, "s.t"))
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(SHUTDOWN_TIMEOUT_S + supervisor.KILL_GRACE_S + 5) == 0, log.text()
+    finally:
+        blocker.close()
+        cleanup(proc, log)
+
+
+def test_the_admin_port_in_use_stops_the_supervisor_before_any_worker_starts(redis_url, redis_prefix):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin = taken.getsockname()[1]
+        proc, log = start_supervisor(*serve_args(free_port(), redis_url, redis_prefix, "--admin-port", str(admin)))
+        try:
+            assert proc.wait(15) == 1
+            log._thread.join(5)
+            assert f"broker: cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" in log.text()
+            assert "Traceback" not in log.text() and not log.find("worker_start")
+        finally:
+            cleanup(proc, log)
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_hang_bounds_at_start_and_after_the_first_answer():
+    """A worker that never answered is hung redis_timeout_s + hang_timeout_s after its start;
+    one that answered, when the probe sent a second after its last answer is hang_timeout_s
+    late."""
+    now = [100.0]
+    config = load({"workers": 2, "redis_url": "redis://127.0.0.1:1", "port": 7403, "redis_timeout_s": 3, "hang_timeout_s": 2}, environ={})
+    sup = supervisor.Supervisor(config, ["true"], environ={}, clock=lambda: now[0])
+    starting, running = sup.workers
+    starting.proc, starting.started = FakeProcess(11), 100.0
+    running.proc, running.started, running.answered = FakeProcess(12), 100.0, 101.0
+    now[0] = 104.0  # the probe after its last answer went out at 102.0
+    sup._kill_hung()
+    assert not starting.proc.killed and not running.proc.killed
+    now[0] = 104.1
+    sup._kill_hung()
+    assert running.proc.killed and running.hung == "a health probe unanswered for 2 s (hang_timeout_s)"
+    now[0] = 105.0
+    sup._kill_hung()
+    assert not starting.proc.killed
+    now[0] = 105.1
+    sup._kill_hung()
+    assert starting.proc.killed and starting.hung == "no answer within 5 s of its start (redis_timeout_s + hang_timeout_s)"
+
+
+# combining the workers' answers
+
+
+def test_metrics_of_the_workers_are_labelled_and_kept_in_one_family_each():
+    text = {
+        0: '# HELP broker_connections open\n# TYPE broker_connections gauge\nbroker_connections 3.0\n'
+        '# HELP broker_errors_total errs\n# TYPE broker_errors_total counter\nbroker_errors_total{code="3"} 1.0\n'
+        '# HELP broker_queue_bytes q\n# TYPE broker_queue_bytes histogram\nbroker_queue_bytes_bucket{le="0.0"} 1.0\n'
+        'broker_queue_bytes_bucket{le="+Inf"} 3.0\nbroker_queue_bytes_count 3.0\nbroker_queue_bytes_sum 10.0\n',
+        1: '# HELP broker_connections open\n# TYPE broker_connections gauge\nbroker_connections 4.0\n',
+    }
+    families = group_admin.relabel(text)
+    assert [f.name for f in families] == ["broker_connections", "broker_errors", "broker_queue_bytes"]
+    got = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value for family in families for sample in family.samples}
+    assert got[("broker_connections", (("worker", "0"),))] == 3 and got[("broker_connections", (("worker", "1"),))] == 4
+    assert got[("broker_errors_total", (("code", "3"), ("worker", "0")))] == 1
+    assert got[("broker_queue_bytes_bucket", (("le", "+Inf"), ("worker", "0")))] == 3
+
+
+def test_stats_topics_connections_and_dashboard_events_of_the_group():
+    stats = [
+        {"connections": 2, "topics": 5, "published": 10, "errors": {"3": 1}, "backplane": "redis"},
+        {"connections": 3, "topics": 4, "published": 1, "errors": {"3": 2, "7": 1}, "backplane": "redis"},
+    ]
+    assert group_admin.merge_stats(stats) == {"connections": 5, "topics": 5, "published": 11, "errors": {"3": 3, "7": 1}, "backplane": "redis"}
+    topics = [
+        {"topics": [{"topic": "a", "epoch": 1, "seq": 9, "subscribers": 1}, {"topic": "b", "epoch": 1, "seq": 2, "subscribers": 0}], "total": 2},
+        {"topics": [{"topic": "a", "epoch": 1, "seq": 10, "subscribers": 2}, {"topic": "c", "epoch": 1, "seq": 5, "subscribers": 1}], "total": 3},
+    ]
+    assert group_admin.merge_topics(topics, 2) == {
+        "topics": [{"topic": "a", "epoch": 1, "seq": 10, "subscribers": 3}, {"topic": "c", "epoch": 1, "seq": 5, "subscribers": 1}],
+        "total": 3,
+    }
+    connections = {0: {"connections": [{"id": 1}], "total": 1}, 1: {"connections": [{"id": (1 << 40) + 1}, {"id": (1 << 40) + 2}], "total": 2}}
+    assert group_admin.merge_connections(connections, 2) == {"connections": [{"id": 1, "worker": 0}, {"id": (1 << 40) + 1, "worker": 1}], "total": 3}
+    snapshot = {"connections": 1, "published": 5, "delivered": 7, "topics": 3, "slow_consumers": 0, "pending_bytes": 10, "backplane_lag_ms": 2, "loop_lag_s": 0.01}
+    merged = group_admin.merge_snapshots([
+        {**snapshot, "hot": [{"topic": "a", "rate": 5, "seq": 50}]},
+        {**snapshot, "backplane_lag_ms": 9, "hot": [{"topic": "a", "rate": 6, "seq": 51}, {"topic": "b", "rate": 1, "seq": 1}]},
+    ])
+    assert (merged["connections"], merged["published"], merged["delivered"], merged["topics"], merged["pending_bytes"], merged["backplane_lag_ms"]) == (2, 10, 14, 3, 20, 9)
+    assert merged["hot"] == [{"topic": "a", "rate": 6, "seq": 51}, {"topic": "b", "rate": 1, "seq": 1}]
+    assert group_admin.merge_snapshots([])["backplane_lag_ms"] is None
+
+
+def test_a_temporary_directory_too_long_for_the_workers_sockets_is_refused_naming_it(tmp_path):
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    proc = broker_cli("serve", "--workers", "2", "--port", str(free_port()), "--redis-url", "redis://127.0.0.1:1",
+                      env={"TMPDIR": str(deep)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 2, err
+    assert err.decode().startswith("broker: the workers' admin sockets (") and "set TMPDIR to a shorter directory" in err.decode()
+    assert b"worker_start" not in err and list(deep.iterdir()) == []

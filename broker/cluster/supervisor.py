@@ -1,17 +1,29 @@
 """`broker serve --workers N`: a supervisor process and N worker processes sharing the port.
 
-The supervisor serves nothing itself. It starts each worker as
+The supervisor starts each worker as
 
-    python -m broker serve <the flags it was given, without --workers and --reuse-port>
+    python -m broker serve <the flags it was given, without --workers, --reuse-port,
+                            --admin-host and --admin-port>
 
 with these in the worker's environment:
 
     BROKER_WORKERS=1        the worker is a plain single server (env wins over the file)
     BROKER_REUSE_PORT=true  it listens with SO_REUSEPORT, so the N workers share the port
+    BROKER_ADMIN_PORT=0     it does not listen on admin_port: the supervisor does
     BROKER_WORKER_INDEX=i   0 ... N-1: its place; every log line of the worker carries worker=i
+    BROKER_WORKER_ADMIN_SOCKET=DIR/wi.sock
+                            its own admin server listens on this Unix socket, in a directory
+                            the supervisor made for them (mode 0700, removed when it ends)
 
 `--config FILE` (or BROKER_CONFIG) reaches the workers as it is. The workers are joined
 through redis_url, which is why workers > 1 needs it.
+
+With admin_port set, the supervisor serves it for the whole group (group_admin.py), asking
+each worker's socket. Whether or not it is set, the supervisor asks each worker's /healthz a
+second after each answer: a worker that leaves a probe unanswered for hang_timeout_s (or
+that has not answered within redis_timeout_s + hang_timeout_s of its start) is hung; it is
+killed (SIGKILL: a stopped process cannot handle SIGTERM) and started again like a worker
+that died.
 
 The supervisor restarts a worker that exits while the supervisor is not shutting down, after
 a backoff: 0.5 s, doubled for each exit in a row up to 10 s, back to 0.5 s once the worker
@@ -22,18 +34,23 @@ shutdown_timeout_s + 5 s, SIGKILLs the ones still running and exits 0, or 1 if a
 to be killed or exited with an error. On Linux a worker gets SIGTERM when its supervisor dies,
 so workers never outlive it.
 
-A plain blocking loop: it sleeps in select() on the signals' wakeup pipe (SIGCHLD wakes it
-when a worker exits) until the next restart is due.
+One thread, on an asyncio loop: signals (SIGCHLD when a worker exits) wake the main loop,
+which reaps, checks the probes' answers and starts the workers whose restart is due. Worker
+processes are forked with a preexec function, which is only safe while no other thread runs:
+nothing here may start one (group_admin resolves admin_host itself for that reason).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
-import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,8 +58,14 @@ from typing import Any
 from ..config import Config
 from ..errors import ConfigError
 from ..server import logs
+from ..server.app import WorkerRole
+from .group_admin import GroupAdmin, WorkerLink, WorkerState
 
 WORKER_INDEX_ENV = "BROKER_WORKER_INDEX"
+WORKER_ADMIN_SOCKET_ENV = "BROKER_WORKER_ADMIN_SOCKET"
+PROBE_INTERVAL_S = 1.0  # between the answer to one health probe of a worker and the next
+CHECK_INTERVAL_S = 0.5  # between two looks at the probes' answers (and at restarts due)
+MAX_SOCKET_PATH = 103  # bytes of a Unix socket's path (sun_path: 108 on Linux, 104 elsewhere, with its NUL)
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 STABLE_S = 30.0  # a worker that ran this long is restarted after FIRST_BACKOFF_S again
@@ -54,7 +77,7 @@ EXIT_CONFIG = 2
 # from a terminal, which the command line turns into 130).
 STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT, 130})
 # Flags not passed on: the environment sets them for the workers (a flag would win over it).
-NOT_PASSED_ON = ("workers", "reuse_port")
+NOT_PASSED_ON = ("workers", "reuse_port", "admin_host", "admin_port")
 
 
 def check(config: Config) -> None:
@@ -67,8 +90,8 @@ def check(config: Config) -> None:
 
 
 def worker_command(flags: Mapping[str, Any], config_file: str | None) -> list[str]:
-    """The command line of a worker: the supervisor's `serve` flags without --workers and
-    --reuse-port, each as --name=value (values starting with '-' stay values)."""
+    """The command line of a worker: the supervisor's `serve` flags but those of NOT_PASSED_ON,
+    each as --name=value (values starting with '-' stay values)."""
     command = [sys.executable, "-m", "broker", "serve"]
     if config_file:
         command.append(f"--config={config_file}")
@@ -78,10 +101,24 @@ def worker_command(flags: Mapping[str, Any], config_file: str | None) -> list[st
     return command
 
 
-def worker_environ(index: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def worker_environ(index: int, admin_socket: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if environ is None else environ)
-    env.update({"BROKER_WORKERS": "1", "BROKER_REUSE_PORT": "true", WORKER_INDEX_ENV: str(index)})
+    env.update({
+        "BROKER_WORKERS": "1", "BROKER_REUSE_PORT": "true", "BROKER_ADMIN_PORT": "0",
+        WORKER_INDEX_ENV: str(index), WORKER_ADMIN_SOCKET_ENV: admin_socket,
+    })
     return env
+
+
+def role_from_environ(environ: Mapping[str, str]) -> WorkerRole | None:
+    """What the supervisor told this process in its environment (None: no supervisor started it)."""
+    index = environ.get(WORKER_INDEX_ENV)
+    admin_socket = environ.get(WORKER_ADMIN_SOCKET_ENV)
+    if not index or not admin_socket:
+        return None
+    if not index.isdigit():
+        raise ConfigError(f"{WORKER_INDEX_ENV} must be a worker index (0, 1, ...), not {index!r}")
+    return WorkerRole(int(index), admin_socket)
 
 
 def label_logs(index: str) -> None:
@@ -125,15 +162,25 @@ def _describe(code: int) -> dict[str, object]:
 
 
 class Worker:
-    """One of the N places: the process in it now, and its restart backoff."""
+    """One of the N places: the process in it now, its health and its restart backoff."""
 
     def __init__(self, index: int) -> None:
         self.index = index
+        self.admin_socket = ""  # its admin server's Unix socket, and the link to it (place())
+        self.link: WorkerLink | None = None
         self.proc: Any = None  # subprocess.Popen while running
         self.started = 0.0
         self.starts = 0
         self.backoff = FIRST_BACKOFF_S
         self.restart_at: float | None = None  # when it is to be started again
+        self.answered: float | None = None  # when the process now in it last answered a probe
+        self.prober: asyncio.Task | None = None
+        self.hung = ""  # why the supervisor killed the process now in it, if it did
+
+    def place(self, directory: str) -> None:
+        """Give it its admin socket in `directory`."""
+        self.admin_socket = os.path.join(directory, f"w{self.index}.sock")
+        self.link = WorkerLink(self.index, self.admin_socket)
 
 
 class Supervisor:
@@ -149,43 +196,82 @@ class Supervisor:
         self.command = command
         self.environ = os.environ if environ is None else environ
         self.clock = clock
+        self.directory = ""  # of the workers' admin sockets, while it runs
         self.workers = [Worker(i) for i in range(config.workers)]
+        self.admin: GroupAdmin | None = None
         self.stopping = False
         self.kill_now = False  # a second SIGTERM/SIGINT: do not wait for the workers
         self.exit_code = 0
         self._signals: list[int] = []
-        self._wakeup: tuple[int, int] | None = None
-        self._previous: dict[int, Any] = {}
-        self._previous_wakeup = -1
+        self._wake: asyncio.Event | None = None
         self._preexec = _parent_death_signal()
+
+    def states(self) -> list[WorkerState]:
+        return [WorkerState(w.index, w.proc is not None, w.starts) for w in self.workers]
 
     # running
 
-    def run(self) -> int:
-        self._install()
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        # The workers' admin sockets, in a directory only this user may open (mkdtemp: 0700).
         try:
+            self.directory = tempfile.mkdtemp(prefix="broker-workers-")
+        except OSError as exc:
+            raise ConfigError(f"cannot make the workers' admin socket directory in {tempfile.gettempdir()}: {exc.strerror or exc} (set TMPDIR)") from exc
+        for worker in self.workers:
+            worker.place(self.directory)
+        try:
+            longest = self.workers[-1].admin_socket
+            if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+                raise ConfigError(
+                    f"the workers' admin sockets ({longest}) would be longer than a Unix socket's path may be "
+                    f"({MAX_SOCKET_PATH} bytes): set TMPDIR to a shorter directory"
+                )
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                loop.add_signal_handler(signum, self._on_signal, signum)
             cfg = self.config
-            logs.event(logging.INFO, "supervisor_start", pid=os.getpid(), workers=cfg.workers, host=cfg.host, port=cfg.port)
+            if cfg.admin_port:
+                self.admin = GroupAdmin(cfg, [w.link for w in self.workers], self.states)
+                await self.admin.start(cfg.admin_host, cfg.admin_port)  # ListenError: exit 1
+            logs.event(
+                logging.INFO, "supervisor_start", pid=os.getpid(), workers=cfg.workers, host=cfg.host, port=cfg.port,
+                admin="off" if self.admin is None else self.admin.where, hang_timeout_s=cfg.hang_timeout_s,
+            )
             for worker in self.workers:
                 self._spawn(worker)
             while not self.stopping:
-                self._wait(self._next_timeout())
+                await self._wait(self._next_timeout())
                 self._handle_signals()
                 self._reap()
                 if not self.stopping:
+                    self._kill_hung()
                     self._restart_due()
-            return self._shut_down()
+            return await self._shut_down()
         finally:
-            self._uninstall()
+            for worker in self.workers:
+                self._stop_probing(worker)
+            if self.admin is not None:
+                await self.admin.stop()
+            for worker in self.workers:
+                await worker.link.close()
+                worker.link = None
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                loop.remove_signal_handler(signum)
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def _spawn(self, worker: Worker) -> None:
         worker.restart_at = None
         worker.starts += 1
         worker.started = self.clock()
+        worker.answered = None
+        worker.hung = ""
+        with contextlib.suppress(FileNotFoundError):  # its predecessor's socket
+            os.unlink(worker.admin_socket)
         try:
             worker.proc = subprocess.Popen(
                 self.command,
-                env=worker_environ(worker.index, self.environ),
+                env=worker_environ(worker.index, worker.admin_socket, self.environ),
                 preexec_fn=self._spawn_child_setup,  # noqa: PLW1509 (the supervisor runs no threads)
                 close_fds=True,
             )
@@ -195,6 +281,7 @@ class Supervisor:
             logs.event(logging.ERROR, "worker_start_failed", index=worker.index, error=str(exc), restart_in_s=delay)
             return
         logs.event(logging.INFO, "worker_start", index=worker.index, pid=worker.proc.pid, start=worker.starts)
+        worker.prober = asyncio.ensure_future(self._probe(worker))
 
     def _spawn_child_setup(self) -> None:
         """In the worker, between fork and exec: SIGHUP ignored until the server installs its
@@ -203,6 +290,48 @@ class Supervisor:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if self._preexec is not None:
             self._preexec()
+
+    # health
+
+    async def _probe(self, worker: Worker) -> None:
+        """Ask the worker's /healthz, one probe at a time: PROBE_INTERVAL_S after each answer
+        (every 0.1 s until the first, to know soon that it started)."""
+        while True:
+            answer = await worker.link.request("GET", "/healthz", self.config.hang_timeout_s)
+            if answer is not None and answer[0] == 200:
+                if worker.answered is None:
+                    logs.event(logging.INFO, "worker_up", index=worker.index, pid=worker.proc.pid, took_s=round(self.clock() - worker.started, 3))
+                worker.answered = self.clock()
+            await asyncio.sleep(PROBE_INTERVAL_S if worker.answered is not None else 0.1)
+
+    def _stop_probing(self, worker: Worker) -> None:
+        if worker.prober is not None:
+            worker.prober.cancel()
+            worker.prober = None
+
+    def _kill_hung(self) -> None:
+        """Kill the workers that stopped answering their probes (a probe goes out
+        PROBE_INTERVAL_S after each answer, and has hang_timeout_s to be answered), or never started to."""
+        now = self.clock()
+        cfg = self.config
+        for worker in self.workers:
+            if worker.proc is None or worker.hung:
+                continue
+            if worker.answered is None:
+                bound = cfg.redis_timeout_s + cfg.hang_timeout_s
+                if now - worker.started <= bound:
+                    continue
+                worker.hung = f"no answer within {bound:g} s of its start (redis_timeout_s + hang_timeout_s)"
+            elif now - worker.answered > PROBE_INTERVAL_S + cfg.hang_timeout_s:  # the next probe went out PROBE_INTERVAL_S after it
+                worker.hung = f"a health probe unanswered for {cfg.hang_timeout_s:g} s (hang_timeout_s)"
+            else:
+                continue
+            logs.event(logging.ERROR, "worker_hung", index=worker.index, pid=worker.proc.pid, reason=worker.hung, action="SIGKILL, then started again")
+            self._stop_probing(worker)
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+
+    # restarts
 
     def _schedule_restart(self, worker: Worker, ran: float) -> float:
         """Have `worker`, which ran for `ran` seconds, started again after its backoff; returns
@@ -215,11 +344,11 @@ class Supervisor:
         return delay
 
     def _next_timeout(self) -> float:
-        """Seconds until the next restart is due (1 s at most: SIGCHLD is what wakes the loop,
-        the bound only guards against a wakeup lost)."""
+        """Seconds until the next restart is due (CHECK_INTERVAL_S at most: the hang checks
+        run that often; SIGCHLD is what wakes the loop for an exit)."""
         now = self.clock()
         due = [w.restart_at - now for w in self.workers if w.restart_at is not None]
-        return max(0.0, min(due + [1.0]))
+        return max(0.0, min(due + [CHECK_INTERVAL_S]))
 
     def _restart_due(self) -> None:
         now = self.clock()
@@ -236,28 +365,33 @@ class Supervisor:
             if proc is None or proc.poll() is None:
                 continue
             worker.proc = None
+            self._stop_probing(worker)
             code = proc.returncode
             ran = now - worker.started
-            fields = {"index": worker.index, "pid": proc.pid, **_describe(code), "ran_s": round(ran, 3)}
+            fields = {"index": worker.index, "pid": proc.pid, **_describe(code), "ran_s": round(ran, 3), "started": worker.answered is not None}
+            if worker.hung:
+                fields["reason"] = "hung: " + worker.hung
             if self.stopping:
                 clean = code in STOPPED
                 if not clean:
                     self.exit_code = max(self.exit_code, 1)
                 logs.event(logging.INFO if clean else logging.WARNING, "worker_exit", **fields)
             elif code == EXIT_CONFIG and ran < START_WINDOW_S:
-                logs.event(logging.ERROR, "worker_exit", **fields, reason="configuration error at start: stopping")
+                fields["reason"] = "configuration error at start: stopping"
+                logs.event(logging.ERROR, "worker_exit", **fields)
                 self.exit_code = EXIT_CONFIG
                 self.stopping = True
             else:
-                delay = self._schedule_restart(worker, ran)
-                logs.event(logging.WARNING, "worker_exit", **fields, restart_in_s=delay)
+                fields["restart_in_s"] = self._schedule_restart(worker, ran)
+                logs.event(logging.WARNING, "worker_exit", **fields)
 
     # shutting down
 
-    def _shut_down(self) -> int:
+    async def _shut_down(self) -> int:
         live = [w for w in self.workers if w.proc is not None]
         for worker in self.workers:
             worker.restart_at = None
+            self._stop_probing(worker)
         logs.event(logging.INFO, "supervisor_stopping", workers=len(live), exit_code=self.exit_code)
         for worker in live:
             self._signal(worker, signal.SIGTERM)
@@ -266,7 +400,7 @@ class Supervisor:
             left = deadline - self.clock()
             if left <= 0:
                 break
-            self._wait(min(left, 1.0))
+            await self._wait(min(left, 1.0))
             self._handle_signals()
             self._reap()
         for worker in self.workers:
@@ -289,39 +423,18 @@ class Supervisor:
 
     # signals
 
-    def _install(self) -> None:
-        read, write = os.pipe()
-        os.set_blocking(read, False)
-        os.set_blocking(write, False)
-        self._wakeup = (read, write)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-        self._previous_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-
-    def _uninstall(self) -> None:
-        signal.set_wakeup_fd(self._previous_wakeup)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-        if self._wakeup is not None:
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
-
-    def _on_signal(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int) -> None:
         if signum != signal.SIGCHLD:
             self._signals.append(signum)
+        self._wake.set()
 
-    def _wait(self, timeout: float) -> None:
+    async def _wait(self, timeout: float) -> None:
         """Sleep until a signal comes or `timeout` seconds pass."""
-        read = self._wakeup[0]
-        ready, _, _ = select.select([read], [], [], timeout)
-        if ready:
-            try:
-                while os.read(read, 4096):
-                    pass
-            except BlockingIOError:
-                pass
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
 
     def _handle_signals(self) -> None:
         signals, self._signals = self._signals, []
@@ -339,5 +452,6 @@ class Supervisor:
 
 
 def serve(config: Config, flags: Mapping[str, Any], config_file: str | None) -> int:
-    """Run the supervisor of `broker serve` with workers > 1; returns the exit code."""
-    return Supervisor(config, worker_command(flags, config_file)).run()
+    """Run the supervisor of `broker serve` with workers > 1; returns the exit code. A plain
+    asyncio loop (no uvloop: its resolver and file operations use threads of libuv)."""
+    return asyncio.run(Supervisor(config, worker_command(flags, config_file)).run())

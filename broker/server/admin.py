@@ -58,19 +58,7 @@ class Admin:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        """The API wants the key; every error is JSON with a reason."""
-        if request.path.startswith("/api/"):
-            if not self.key:
-                return _error(404, "the admin API is off: set admin_api_key")
-            given = request.headers.get("Authorization", "")
-            if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), self.key):
-                return _error(401, "the admin API wants Authorization: Bearer <admin_api_key>")
-        try:
-            return await handler(request)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error(exc.status, exc.reason)
+        return await guard(request, handler, self.key)
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port; raises ListenError naming them when that cannot be done."""
@@ -84,6 +72,18 @@ class Admin:
             raise ListenError(f"cannot listen on the admin port {host}:{port}: {describe_os_error(exc)}") from exc
         self.port = self._runner.addresses[0][1]
         self.where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start_unix(self, path: str) -> None:
+        """Listen on the Unix socket `path` (a worker's, asked by its supervisor); raises
+        ListenError naming it when that cannot be done."""
+        self._closing = asyncio.Event()
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        try:
+            await web.UnixSite(self._runner, path).start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on the worker's admin socket {path}: {describe_os_error(exc)}") from exc
+        self.where = f"unix:{path}"
 
     async def stop(self) -> None:
         if self._closing is not None:
@@ -123,7 +123,7 @@ class Admin:
         """The dashboard's feed: a JSON snapshot a second (what /metrics shows, and the
         topics that got the most messages in the last second)."""
         if self.watchers >= MAX_WATCHERS:
-            return _error(503, f"{MAX_WATCHERS} dashboards are open already")
+            return json_error(503, f"{MAX_WATCHERS} dashboards are open already")
         self.watchers += 1
         try:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -190,7 +190,7 @@ class Admin:
 
     async def topics(self, request: web.Request) -> web.Response:
         """Topics, busiest first (by last sequence number), at most `limit` (default 100)."""
-        limit = _int(request.query.get("limit", "100"), "limit", 1, 100_000)
+        limit = topics_limit(request)
         router = self.server.router
         states = heapq.nlargest(limit, router.topics.values(), key=lambda state: state.seq)
         rows = [
@@ -200,7 +200,7 @@ class Admin:
         return web.json_response({"topics": rows, "total": len(router.topics)})
 
     async def connections(self, request: web.Request) -> web.Response:
-        limit = _int(request.query.get("limit", "1000"), "limit", 1, 1_000_000)
+        limit = connections_limit(request)
         rows = []
         for conn in list(self.server.connections.values())[:limit]:
             box, session = conn.box, conn.session
@@ -215,10 +215,10 @@ class Admin:
         return web.json_response({"connections": rows, "total": len(self.server.connections)})
 
     async def close_connection(self, request: web.Request) -> web.Response:
-        conn_id = _int(request.match_info["id"], "id", 0, 1 << 62)
+        conn_id = int_param(request.match_info["id"], "id", 0, 1 << 62)
         conn = self.server.connections.get(conn_id)
         if conn is None:
-            return _error(404, f"no open connection {conn_id}")
+            return json_error(404, f"no open connection {conn_id}")
         conn.close(CloseCode.POLICY_VIOLATION, "closed by an operator")
         return web.json_response({"closed": conn_id})
 
@@ -230,10 +230,10 @@ class Admin:
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "the body is not JSON")
+            return json_error(400, "the body is not JSON")
         items = body.get("messages") if isinstance(body, dict) and "messages" in body else [body]
         if not isinstance(items, list) or not items or len(items) > MAX_PUBLISH_MESSAGES:
-            return _error(400, f"messages: a list of 1 to {MAX_PUBLISH_MESSAGES} messages")
+            return json_error(400, f"messages: a list of 1 to {MAX_PUBLISH_MESSAGES} messages")
         loop = asyncio.get_running_loop()
         router = self.server.router
         max_payload = self.server.config.max_payload_bytes
@@ -264,28 +264,45 @@ class Admin:
         one are closed with 4003, handshakes and `auth` with one refused); appended to
         auth_denylist_file when there is one, else held by this process until it stops."""
         if not self.server.auth.enabled:
-            return _error(409, "authentication is off: there are no tokens to revoke")
+            return json_error(409, "authentication is off: there are no tokens to revoke")
         try:
             body = await request.json()
         except ValueError:
-            return _error(400, "the body is not JSON")
+            return json_error(400, "the body is not JSON")
         if not isinstance(body, dict) or set(body) - {"jti", "user", "issued_before"}:
-            return _error(400, 'a revocation is {"jti": str}, {"user": str}, {"user": str, "issued_before": unix_time} or {"issued_before": unix_time}')
+            return json_error(400, 'a revocation is {"jti": str}, {"user": str}, {"user": str, "issued_before": unix_time} or {"issued_before": unix_time}')
         jti, user, before = body.get("jti"), body.get("user"), body.get("issued_before")
         if not all(v is None or isinstance(v, str) and v for v in (jti, user)) or not (
             before is None or type(before) in (int, float) and 0 < before < 1e11
         ):
-            return _error(400, "jti and user are non-empty strings; issued_before is a Unix time in seconds")
+            return json_error(400, "jti and user are non-empty strings; issued_before is a Unix time in seconds")
         try:
             line = rule_line(jti, user, before)
         except ValueError as exc:
-            return _error(400, str(exc))
+            return json_error(400, str(exc))
         try:
             closed, saved = self.server.revoke(line)
         except OSError as exc:
             path = self.server.config.auth_denylist_file
-            return _error(500, f"in force in this process, but not written to auth_denylist_file {path}: {exc.strerror or exc}")
+            return json_error(500, f"in force in this process, but not written to auth_denylist_file {path}: {exc.strerror or exc}")
         return web.json_response({"rule": line, "closed": closed, "saved": saved})
+
+
+async def guard(request: web.Request, handler, key: bytes) -> web.StreamResponse:
+    """The rule of every admin server: the API (/api/...) wants the key; every error is JSON
+    with a reason."""
+    if request.path.startswith("/api/"):
+        if not key:
+            return json_error(404, "the admin API is off: set admin_api_key")
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), key):
+            return json_error(401, "the admin API wants Authorization: Bearer <admin_api_key>")
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
 
 
 def _message(item, max_payload: int) -> tuple[str, bytes]:
@@ -305,7 +322,18 @@ def _message(item, max_payload: int) -> tuple[str, bytes]:
     return item["topic"], payload
 
 
-def _int(text: str, name: str, low: int, high: int) -> int:
+def topics_limit(request: web.Request) -> int:
+    """The `limit` of /api/topics: 1 to 100,000, default 100."""
+    return int_param(request.query.get("limit", "100"), "limit", 1, 100_000)
+
+
+def connections_limit(request: web.Request) -> int:
+    """The `limit` of /api/connections: 1 to 1,000,000, default 1,000."""
+    return int_param(request.query.get("limit", "1000"), "limit", 1, 1_000_000)
+
+
+def int_param(text: str, name: str, low: int, high: int) -> int:
+    """A query or path parameter as an integer within [low, high], or a 400 naming it."""
     try:
         value = int(text)
     except ValueError:
@@ -315,5 +343,5 @@ def _int(text: str, name: str, low: int, high: int) -> int:
     return value
 
 
-def _error(status: int, text: str) -> web.Response:
+def json_error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status)

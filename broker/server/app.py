@@ -21,6 +21,7 @@ import stat
 import tempfile
 import time
 from collections import deque
+from dataclasses import dataclass
 
 from .. import __version__, policy
 from ..auth import Authenticator
@@ -85,9 +86,28 @@ def _write_file(path: str, text: str) -> None:
             os.unlink(tmp)
 
 
+# With `broker serve --workers`, worker i numbers its connections from i << CONNECTION_ID_BITS,
+# so a connection id names one connection in the whole group (and the worker holding it).
+CONNECTION_ID_BITS = 40
+
+
+def worker_of_connection(conn_id: int) -> int:
+    """The worker index of the process group whose connection this id is."""
+    return conn_id >> CONNECTION_ID_BITS
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What a worker process of `broker serve --workers` is told by its supervisor."""
+
+    index: int
+    admin_socket: str  # the Unix socket of its own admin server, which the supervisor asks
+
+
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
+        self.worker = worker
         self.loop: asyncio.AbstractEventLoop | None = None
         self.auth = Authenticator(config)  # raises ConfigError for unusable keys or files
         self.admin_api_key = read_secret(config, "admin_api_key")  # read before anything listens
@@ -151,7 +171,7 @@ class Server:
         self._server: asyncio.Server | None = None
         self.tls: ssl.SSLContext | None = None  # with tls_cert_file: the context every handshake uses
         self.certificate: tls.Certificate | None = None  # what it was last loaded with
-        self._next_id = 0
+        self._next_id = 0 if worker is None else worker.index << CONNECTION_ID_BITS
         self._closing = False
         self._all_gone: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -179,7 +199,12 @@ class Server:
             except OSError as exc:
                 raise ListenError(f"cannot listen on {cfg.host}:{cfg.port}: {describe_os_error(exc)}") from exc
             self.port = self._server.sockets[0].getsockname()[1]
-            if cfg.admin_port:
+            if self.worker is not None:  # its supervisor serves admin_port and asks this socket
+                from .admin import Admin
+
+                self.admin = Admin(self)
+                await self.admin.start_unix(self.worker.admin_socket)
+            elif cfg.admin_port:
                 from .admin import Admin
 
                 self.admin = Admin(self)
@@ -664,9 +689,9 @@ class Server:
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, worker: WorkerRole | None = None) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
-    server = Server(config)
+    server = Server(config, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,418 @@
+"""The admin port of `broker serve --workers N`, served by the supervisor for the whole group.
+
+Each worker serves its own admin server (the one a single broker serves on admin_port) on a
+Unix socket in a directory only the broker's user may open; the supervisor listens on
+admin_host:admin_port and answers every request by asking the workers:
+
+- /metrics: every worker's metrics, each series with a `worker` label (Prometheus sums them
+  with `sum without (worker)`), and the supervisor's own broker_worker_up and
+  broker_worker_starts;
+- /healthz and /readyz: 200 when every worker answers (is ready), else 503 naming each;
+- /api/...: stats summed, topics and connections combined, a connection closed by the worker
+  holding it, a publish handed to one worker (the backplane takes it to all of them);
+- /dashboard/: the same page, fed by the workers' event streams combined.
+
+Nothing here is on the delivery path: a request costs one request per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..config import Config
+from ..errors import ListenError, describe_os_error
+from ..server import admin
+from ..server.app import worker_of_connection
+
+ANSWER_TIMEOUT_S = 3.0  # a worker's answer to /metrics, health and the API (not publish)
+STREAM_READ_TIMEOUT_S = 5.0  # silence on a worker's dashboard stream (it sends one a second)
+
+
+class WorkerState(NamedTuple):
+    index: int
+    running: bool  # its process runs (it may still be starting, or hung)
+    starts: int  # times the supervisor started it
+
+
+class WorkerLink:
+    """HTTP to one worker's admin server, on its Unix socket."""
+
+    def __init__(self, index: int, path: str) -> None:
+        self.index = index
+        self.path = path
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(self.path))
+        return self._session
+
+    async def request(
+        self, method: str, path: str, timeout: float, headers: dict[str, str] | None = None, data: bytes | None = None,
+    ) -> tuple[int, bytes] | None:
+        """(status, body), or None when the worker does not answer within `timeout` s."""
+        try:
+            async with self.session().request(
+                method, "http://worker" + path, headers=headers, data=data, timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class GroupAdmin:
+    """The admin HTTP server of the supervisor: one endpoint for every worker."""
+
+    def __init__(self, config: Config, links: Sequence[WorkerLink], states: Callable[[], list[WorkerState]]) -> None:
+        self.config = config
+        self.links = links
+        self.states = states
+        self.key = config.admin_api_key.encode()
+        self.where = ""
+        self.watchers = 0
+        self._closing = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._next_publisher = 0
+        app = web.Application(client_max_size=admin.MAX_BODY_BYTES, middlewares=[self._guard])
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/api/stats", self.stats)
+        app.router.add_get("/api/topics", self.topics)
+        app.router.add_get("/api/connections", self.connections)
+        app.router.add_post("/api/connections/{id}/close", self.close_connection)
+        app.router.add_post("/api/publish", self.publish)
+        app.router.add_get("/dashboard", self.to_dashboard)
+        app.router.add_get("/dashboard/", self.dashboard)
+        app.router.add_get("/dashboard/dashboard.js", self.dashboard_js)
+        app.router.add_get("/dashboard/events", self.events)
+        self.app = app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler):
+        return await admin.guard(request, handler, self.key)
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen on host:port. The address is resolved here, in this thread: the supervisor
+        forks its workers with a preexec function, which must not meet other threads (the
+        event loop would resolve a name in a thread of its executor)."""
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.socket(family, kind, proto)
+        except (OSError, UnicodeError) as exc:
+            raise ListenError(f"cannot listen on the admin port {host}:{port}: {exc}") from exc
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ListenError(f"cannot listen on the admin port {host}:{port}: {describe_os_error(exc)}") from exc
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        bound = sock.getsockname()
+        self.where = f"[{bound[0]}]:{bound[1]}" if family == socket.AF_INET6 else f"{bound[0]}:{bound[1]}"
+
+    async def stop(self) -> None:
+        self._closing.set()  # open dashboards' event streams end
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _ask_all(self, method: str, path: str, timeout: float = ANSWER_TIMEOUT_S, headers: dict[str, str] | None = None) -> dict[int, tuple[int, bytes] | None]:
+        """Every running worker's answer (None: no answer in time); workers not running are left out."""
+        running = [state.index for state in self.states() if state.running]
+        answers = await asyncio.gather(*(self.links[i].request(method, path, timeout, headers) for i in running))
+        return dict(zip(running, answers))
+
+    # metrics and health
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        answers = await self._ask_all("GET", "/metrics")
+        texts = {i: answer[1].decode() for i, answer in answers.items() if answer is not None and answer[0] == 200}
+        families = relabel(texts)
+        up = GaugeMetricFamily("broker_worker_up", "1 when the worker answered this scrape", labels=["worker"])
+        starts = CounterMetricFamily("broker_worker_starts", "times the supervisor started the worker (1 + its restarts)", labels=["worker"])
+        for state in self.states():
+            up.add_metric([str(state.index)], 1 if state.index in texts else 0)
+            starts.add_metric([str(state.index)], state.starts)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed([*families, up, starts]))
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        answers = await self._ask_all("GET", "/healthz")
+        workers = {}
+        for state in self.states():
+            answer = answers.get(state.index)
+            if not state.running:
+                workers[str(state.index)] = "not running"
+            elif answer is None:
+                workers[str(state.index)] = "no answer"
+            else:
+                workers[str(state.index)] = "ok" if answer[0] == 200 else f"status {answer[0]}"
+        ok = all(value == "ok" for value in workers.values())
+        return web.json_response({"status": "ok" if ok else "failing", "workers": workers}, status=200 if ok else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        answers = await self._ask_all("GET", "/readyz")
+        workers: dict[str, Any] = {}
+        for state in self.states():
+            answer = answers.get(state.index)
+            if not state.running:
+                workers[str(state.index)] = {"ready": False, "answer": "not running"}
+            elif answer is None:
+                workers[str(state.index)] = {"ready": False, "answer": "none"}
+            else:
+                workers[str(state.index)] = _json(answer[1]) or {"ready": False, "answer": f"status {answer[0]}"}
+        ready = all(body.get("ready") is True for body in workers.values())
+        return web.json_response({"ready": ready, "workers": workers}, status=200 if ready else 503)
+
+    # the JSON API
+
+    async def _api_bodies(self, request: web.Request) -> dict[int, Any] | web.Response:
+        """The JSON bodies of every worker's answer to this request (with its key), or the
+        response to give instead: a worker's error as it is, or 503 when none answered."""
+        answers = await self._ask_all("GET", request.path_qs, headers=_key_header(request))
+        bodies = {}
+        for index, answer in answers.items():
+            if answer is None:
+                continue
+            if answer[0] != 200:  # e.g. 400 for a bad parameter: each worker says the same
+                return web.Response(status=answer[0], body=answer[1], content_type="application/json")
+            body = _json(answer[1])
+            if not isinstance(body, dict):
+                return admin.json_error(502, f"worker {index} did not answer with JSON")
+            bodies[index] = body
+        if not bodies:
+            return admin.json_error(503, "no worker answered")
+        return bodies
+
+    def _missing(self, bodies: dict[int, Any]) -> list[int]:
+        return [state.index for state in self.states() if state.index not in bodies]
+
+    async def stats(self, request: web.Request) -> web.Response:
+        bodies = await self._api_bodies(request)
+        if isinstance(bodies, web.Response):
+            return bodies
+        return web.json_response({**merge_stats(list(bodies.values())), "missing_workers": self._missing(bodies)})
+
+    async def topics(self, request: web.Request) -> web.Response:
+        limit = admin.topics_limit(request)
+        bodies = await self._api_bodies(request)
+        if isinstance(bodies, web.Response):
+            return bodies
+        return web.json_response({**merge_topics(list(bodies.values()), limit), "missing_workers": self._missing(bodies)})
+
+    async def connections(self, request: web.Request) -> web.Response:
+        limit = admin.connections_limit(request)
+        bodies = await self._api_bodies(request)
+        if isinstance(bodies, web.Response):
+            return bodies
+        return web.json_response({**merge_connections(bodies, limit), "missing_workers": self._missing(bodies)})
+
+    async def close_connection(self, request: web.Request) -> web.Response:
+        conn_id = admin.int_param(request.match_info["id"], "id", 0, 1 << 62)
+        index = worker_of_connection(conn_id)
+        states = self.states()
+        if index >= len(states) or not states[index].running:
+            return admin.json_error(404, f"no open connection {conn_id}")
+        answer = await self.links[index].request("POST", request.path, ANSWER_TIMEOUT_S, _key_header(request))
+        if answer is None:
+            return admin.json_error(503, f"worker {index}, which holds connection {conn_id}, does not answer")
+        return web.Response(status=answer[0], body=answer[1], content_type="application/json")
+
+    async def publish(self, request: web.Request) -> web.Response:
+        """Handed to one worker (the next in turn that answers): the backplane takes what it
+        publishes to the subscribers of every worker."""
+        body = await request.read()
+        running = [state.index for state in self.states() if state.running]
+        timeout = self.config.redis_timeout_s + 1 + ANSWER_TIMEOUT_S  # the worker's own bound, and a margin
+        for _ in range(len(running)):
+            index = running[self._next_publisher % len(running)]
+            self._next_publisher += 1
+            answer = await self.links[index].request(
+                "POST", request.path, timeout, {**_key_header(request), "Content-Type": "application/json"}, body,
+            )
+            if answer is not None:
+                return web.Response(status=answer[0], body=answer[1], content_type="application/json")
+        return admin.json_error(503, "no worker answered")
+
+    # the dashboard: the workers' event streams combined, one event a second
+
+    async def to_dashboard(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/dashboard/")
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(body=(admin.STATIC / "dashboard.html").read_bytes(), content_type="text/html", charset="utf-8")
+
+    async def dashboard_js(self, request: web.Request) -> web.Response:
+        return web.Response(body=(admin.STATIC / "dashboard.js").read_bytes(), content_type="text/javascript", charset="utf-8")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        if self.watchers >= admin.MAX_WATCHERS:
+            return admin.json_error(503, f"{admin.MAX_WATCHERS} dashboards are open already")
+        self.watchers += 1
+        latest: dict[int, dict] = {}  # worker -> its newest snapshot
+        followers: dict[int, asyncio.Task] = {}
+        try:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            while not self._closing.is_set():
+                for state in self.states():
+                    task = followers.get(state.index)
+                    if state.running and (task is None or task.done()):
+                        followers[state.index] = asyncio.ensure_future(self._follow(state.index, latest))
+                await response.write(b"data: " + json.dumps(merge_snapshots(list(latest.values()))).encode() + b"\n\n")
+                try:
+                    await asyncio.wait_for(self._closing.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    pass
+            return response
+        finally:
+            self.watchers -= 1
+            for task in followers.values():
+                task.cancel()
+            await asyncio.gather(*followers.values(), return_exceptions=True)
+
+    async def _follow(self, index: int, latest: dict[int, dict]) -> None:
+        """Keep latest[index] the newest snapshot of worker `index`'s event stream, until it ends."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=ANSWER_TIMEOUT_S, sock_read=STREAM_READ_TIMEOUT_S)
+        try:
+            async with self.links[index].session().get("http://worker/dashboard/events", timeout=timeout) as response:
+                if response.status != 200:
+                    return
+                async for line in response.content:
+                    if line.startswith(b"data: "):
+                        snapshot = _json(line[6:])
+                        if snapshot is not None:
+                            latest[index] = snapshot
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            pass
+        latest.pop(index, None)
+        await asyncio.sleep(1.0)  # a worker that is not there is asked again after a second
+
+
+# combining the workers' answers (plain functions of their bodies)
+
+
+class _Fixed:
+    """A collector of metric families made already."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def relabel(texts: dict[int, str]) -> list[Metric]:
+    """The metric families of every worker's /metrics text, each sample labelled with its
+    worker, one family per name."""
+    families: dict[str, Metric] = {}
+    for index, text in sorted(texts.items()):
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                merged.add_sample(sample.name, {**sample.labels, "worker": str(index)}, sample.value, sample.timestamp)
+    return list(families.values())
+
+
+def merge_stats(bodies: list[dict]) -> dict:
+    """/api/stats of the group: numbers and the by-code tables summed over the workers; topics
+    is the most any worker keeps (with the Redis backplane each keeps the topics it has seen
+    published anywhere)."""
+    merged: dict[str, Any] = {}
+    for body in bodies:
+        for key, value in body.items():
+            if isinstance(value, (bool, str)):
+                merged.setdefault(key, value)
+            elif isinstance(value, (int, float)):
+                merged[key] = max(merged.get(key, 0), value) if key == "topics" else merged.get(key, 0) + value
+            elif isinstance(value, dict):
+                table = merged.setdefault(key, {})
+                for code, count in value.items():
+                    table[code] = table.get(code, 0) + count
+    return merged
+
+
+def merge_topics(bodies: list[dict], limit: int) -> dict:
+    """/api/topics of the group: each topic once, with its subscribers on every worker and the
+    newest position any worker saw, the highest sequence numbers first; total is the most
+    topics any worker keeps."""
+    rows: dict[str, dict] = {}
+    for body in bodies:
+        for row in body["topics"]:
+            seen = rows.get(row["topic"])
+            if seen is None:
+                rows[row["topic"]] = dict(row)
+                continue
+            subscribers = seen["subscribers"] + row["subscribers"]
+            if (row["epoch"], row["seq"]) > (seen["epoch"], seen["seq"]):
+                seen.update(row)
+            seen["subscribers"] = subscribers
+    ordered = sorted(rows.values(), key=lambda row: row["seq"], reverse=True)[:limit]
+    return {"topics": ordered, "total": max(body["total"] for body in bodies)}
+
+
+def merge_connections(bodies: dict[int, dict], limit: int) -> dict:
+    """/api/connections of the group: every worker's rows with a `worker` field, at most `limit`."""
+    rows = [{**row, "worker": index} for index, body in sorted(bodies.items()) for row in body["connections"]]
+    return {"connections": rows[:limit], "total": sum(body["total"] for body in bodies.values())}
+
+
+def merge_snapshots(snapshots: list[dict]) -> dict:
+    """One dashboard event of the group from the workers' newest: counts summed, lags the
+    worst, topics the most any worker keeps, the hottest topics over all of them."""
+    hot: dict[str, dict] = {}
+    for snapshot in snapshots:
+        for row in snapshot["hot"]:
+            seen = hot.get(row["topic"])
+            if seen is None or row["rate"] > seen["rate"]:
+                hot[row["topic"]] = row
+    lags = [s["backplane_lag_ms"] for s in snapshots if s["backplane_lag_ms"] is not None]
+    return {
+        "time": time.time(),
+        "connections": sum(s["connections"] for s in snapshots),
+        "published": sum(s["published"] for s in snapshots),
+        "delivered": sum(s["delivered"] for s in snapshots),
+        "topics": max((s["topics"] for s in snapshots), default=0),
+        "slow_consumers": sum(s["slow_consumers"] for s in snapshots),
+        "pending_bytes": sum(s["pending_bytes"] for s in snapshots),
+        "backplane_lag_ms": max(lags) if lags else None,
+        "loop_lag_s": max((s["loop_lag_s"] for s in snapshots), default=0.0),
+        "hot": sorted(hot.values(), key=lambda row: row["rate"], reverse=True)[: admin.HOT_TOPICS],
+    }
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def _key_header(request: web.Request) -> dict[str, str]:
+    """The request's API key, passed on to the worker (which checks it too)."""
+    given = request.headers.get("Authorization")
+    return {"Authorization": given} if given is not None else {}
