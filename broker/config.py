@@ -385,6 +385,8 @@ class _FileReader:
         for key, value in items.items():
             if key in names:
                 self.put(names[key], value, f"{place}.{key}")
+            elif isinstance(value, dict):
+                self.problems.append(f"unknown table [{place}.{key}]: [{place}] holds settings, not tables")
             else:
                 self.problems.append(f"unknown setting {place}.{key}: [{place}] has no {key}{_hint(key)}")
 

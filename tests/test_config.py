@@ -163,7 +163,7 @@ def test_every_layout_of_a_file_applies_every_key(tmp_path, layout):
         ("[oops]\nport = 1\n", "unknown table [oops] (the tables are [broker], [tls], [auth], [limits], [redis], [admin])"),
         ("[broker.oops]\nport = 1\n", "unknown table [broker.oops]"),
         ("[broker.broker]\nport = 1\n", "unknown table [broker.broker]"),
-        ("[tls.auth]\njwt_secret = 'x'\n", "unknown setting tls.auth: [tls] has no auth"),
+        ("[tls.auth]\njwt_secret = 'x'\n", "unknown table [tls.auth]: [tls] holds settings, not tables"),
         ("prot = 1\n", "unknown setting prot (did you mean port?)"),
         ("[broker]\nprot = 1\n", "unknown setting broker.prot (did you mean port?)"),
         ("jwt_secret = 'x'\n", "unknown setting jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)"),
