@@ -564,7 +564,7 @@ def test_a_worker_that_cannot_start_says_why_and_is_started_again(redis_url, red
     proc, log = start_supervisor(*serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin)))
     try:
         for index in (0, 1):
-            (exit_,) = log.wait("worker_exit", index=index)
+            exit_ = log.wait("worker_exit", index=index)[0]
             assert exit_["code"] == 1 and exit_["started"] is False and exit_["restart_in_s"] == 0.5
         assert f"broker: cannot listen on 127.0.0.1:{port}: Address already in use" in log.text()
         status, text = run(admin_get(admin, "/healthz"))
