@@ -161,13 +161,11 @@ class Authenticator:
         if path is not None:
             try:
                 with open(path, "a+b") as fh:
-                    fh.seek(0, os.SEEK_END)
-                    if fh.tell():
-                        fh.seek(-1, os.SEEK_END)
-                        last = fh.read(1)
-                    else:
-                        last = b"\n"
-                    fh.write((b"" if last == b"\n" else b"\n") + line.encode() + b"\n")
+                    fh.seek(0)
+                    text = fh.read()
+                    # another process of the group (a worker) may have written it already
+                    if line.encode() not in (part.strip() for part in text.split(b"\n")):
+                        fh.write((b"" if not text or text.endswith(b"\n") else b"\n") + line.encode() + b"\n")
                 self.listed.add(line)
                 self.rules = self.listed.merge(self.added)
                 return path

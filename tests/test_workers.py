@@ -513,6 +513,46 @@ def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
         cleanup(proc, log)
 
 
+def test_a_revocation_through_the_group_admin_port_reaches_every_worker_once(redis_url, redis_prefix, tmp_path):
+    """POST /api/revocations on the supervisor's admin port: every worker closes the covered
+    connections (4003), the answer sums them, and the denylist file holds the rule once."""
+    import jwt
+
+    secret = "a-secret-of-32-bytes-or-more-for-tests"
+    denylist = tmp_path / "denylist"
+    denylist.write_text("")
+    port, admin = free_port(), free_port()
+    proc, log = start_supervisor(*serve_args(
+        port, redis_url, redis_prefix, "--admin-port", str(admin), "--admin-api-key", KEY,
+        "--auth-jwt-secret", secret, "--auth-denylist-file", str(denylist),
+    ))
+    try:
+        wait_healthy(admin, proc)
+
+        async def main():
+            token = jwt.encode({"sub": "mallory", "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, secret, algorithm="HS256")
+            clients: list[Client] = []
+            on: dict[int, int] = {0: 0, 1: 0}
+            try:
+                while min(on.values()) < 1:
+                    assert len(clients) < 40, f"connections landed on {on}"
+                    client = await Client.connect(f"ws://127.0.0.1:{port}/", token=token, reconnect=False)
+                    clients.append(client)
+                    on[worker_of(log, client)] += 1
+                status, body = await admin_post(admin, "/api/revocations", KEY, {"user": "mallory"})
+                assert status == 200 and body["closed"] == len(clients) and body["rule"] == "user:mallory", body
+                for client in clients:
+                    assert (await asyncio.wait_for(client.wait_closed(), 5))[0] == 4003
+                assert [line for line in denylist.read_text().splitlines() if line.strip()] == ["user:mallory"]
+            finally:
+                for client in clients:
+                    await client.close()
+
+        run(main())
+    finally:
+        cleanup(proc, log)
+
+
 def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
     hang_timeout_s = 2.0
     port, admin = free_port(), free_port()

@@ -98,6 +98,7 @@ class GroupAdmin:
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
         app.router.add_post("/api/publish", self.publish)
+        app.router.add_post("/api/revocations", self.revoke)
         app.router.add_get("/dashboard", self.to_dashboard)
         app.router.add_get("/dashboard/", self.dashboard)
         app.router.add_get("/dashboard/dashboard.js", self.dashboard_js)
@@ -255,6 +256,34 @@ class GroupAdmin:
             if answer is not None:
                 return web.Response(status=answer[0], body=answer[1], content_type="application/json")
         return admin.json_error(503, "no worker answered")
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """Put the rule in force on every worker: the first running one first (it appends the
+        rule to auth_denylist_file, if there is one), then the others (which find it there and
+        do not append it again). The answer sums the connections closed, and fails (503) when a
+        worker did not answer: the rule may then hold on some workers only."""
+        body = await request.read()
+        running = [state.index for state in self.states() if state.running]
+        if not running:
+            return admin.json_error(503, "no worker answered")
+        headers = {**_key_header(request), "Content-Type": "application/json"}
+        first = await self.links[running[0]].request("POST", request.path, ANSWER_TIMEOUT_S, headers, body)
+        if first is None or first[0] != 200:
+            if first is None:
+                return admin.json_error(503, f"worker {running[0]} does not answer; nothing was revoked")
+            return web.Response(status=first[0], body=first[1], content_type="application/json")
+        rest = await asyncio.gather(*(self.links[i].request("POST", request.path, ANSWER_TIMEOUT_S, headers, body) for i in running[1:]))
+        result = _json(first[1]) or {}
+        closed = result.get("closed", 0)
+        failed = []
+        for index, answer in zip(running[1:], rest):
+            if answer is None or answer[0] != 200:
+                failed.append(index)
+            else:
+                closed += (_json(answer[1]) or {}).get("closed", 0)
+        if failed:
+            return admin.json_error(503, f"worker(s) {', '.join(map(str, failed))} did not take the rule; it holds on the others (retry: a repeat is harmless)")
+        return web.json_response({**result, "closed": closed})
 
     # the dashboard: the workers' event streams combined, one event a second
 
