@@ -476,7 +476,7 @@ def test_a_broker_table_beside_other_tables_applies_them_all_and_the_start_line_
     path = tmp_path / "broker.toml"
     path.write_text(
         f'[broker]\nport = {port}\nlog_format = "json"\n'
-        f'[auth]\njwt_secret = "the-secret"\n'
+        f'[auth]\njwt_secret = "the-secret-of-32-bytes-or-more-here"\n'
         f'[redis]\nurl = "{redis_url}"\nprefix = "{redis_prefix}"\n'
         f'[admin]\nport = {admin}\napi_key = "k"\n'
     )

@@ -297,7 +297,7 @@ class RedisBackplane(MemoryBackplane):
                     break
                 except aioredis.AuthenticationError as exc:  # no use retrying
                     where = "redis_password_file" if self.password else "the password in redis_url, or redis_password_file"
-                    raise ConfigError(f"redis_url: Redis at {_safe(self.url)} refused the credentials ({where}): {exc}") from None
+                    raise ConfigError(f"redis_url: Redis at {without_password(self.url)} refused the credentials ({where}): {exc}") from None
                 except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                     if time.monotonic() >= deadline:
                         raise ConfigError(f"redis_url: cannot reach Redis at {without_password(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}") from None
