@@ -281,6 +281,7 @@ class BadMessage(Exception):
         self.code = code
         self.text = text
         self.data = data  # the start of the message (or frame) it is about, for dead letters
+        self.index = -1  # its place in a batch frame (-1: it is about the whole frame)
 
 
 DEAD_LETTER_HEAD = 32  # bytes of a message kept with its dead letter, at most
@@ -411,15 +412,29 @@ def _decode(data, count: int) -> tuple[list[ClientMessage], list[BadMessage]]:
         return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, f"malformed batch: {exc}", dead_letter_head(data))]
     good: list[ClientMessage] = []
     bad: list[BadMessage] = []
-    for part in parts:
+    for index, part in enumerate(parts):
         try:
             good.append(client_decoder.decode(part))
         except _DECODE_ERRORS as exc:
             if len(bad) == MAX_ERRORS_PER_FRAME:
                 bad.append(BadMessage(0, ErrorCode.BAD_MESSAGE, f"more than {MAX_ERRORS_PER_FRAME} bad messages in one frame; the rest of it was ignored"))
                 break
-            bad.append(_with_data(_explain(part, exc), part))
+            problem = _with_data(_explain(part, exc), part)
+            problem.index = index
+            bad.append(problem)
     return good, bad
+
+
+def message_heads(data: bytes, bad: list[BadMessage]) -> list[bytes]:
+    """The dead-letter head (`dead_letter_head`), cut from the bytes the client sent, of each
+    message that `read_client_frame` decoded from `data` (`bad`: the errors it returned with
+    them), in the order it returned them: a dead letter keeps what was received, not a
+    re-encoding of it."""
+    if batch_size(data) < 0:
+        return [dead_letter_head(data)]
+    skipped = {problem.index for problem in bad}
+    parts = _raw_list_decoder.decode(data)
+    return [dead_letter_head(part) for i, part in enumerate(parts) if i not in skipped]
 
 
 def _with_data(bad: BadMessage, data) -> BadMessage:

@@ -16,7 +16,7 @@ from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, dead_letter_head, encode, read_client_frame
+from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, encode, message_heads, read_client_frame
 from .router import Router
 from .topics import is_pattern, key_matches, matches, validate_pattern, validate_topic
 
@@ -51,7 +51,7 @@ class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
         "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
-        "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms",
+        "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms", "_frame", "_bad", "_heads",
     )
 
     def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
@@ -82,6 +82,12 @@ class Session:
         self.closed = False
         self._backlog: list | None = None  # decoded messages of a frame not yet applied
         self._next = 0
+        # While its messages are applied: the frame, the errors its decoding returned, and
+        # (once a publish of it is refused) the first bytes of each message as sent, which a
+        # dead letter keeps.
+        self._frame: bytes = b""
+        self._bad: list = []
+        self._heads: list[bytes] | None = None
         self._drops = 0  # subscriptions under the policy drop
         self._conflates = 0  # and under conflate
         self._policy_of: dict[int, int] | None = None  # topic id -> policy, while the subscriptions stay the same
@@ -182,6 +188,8 @@ class Session:
         self.received += len(messages)
         self._backlog = messages
         self._next = 0
+        self._frame = data if type(data) is bytes else bytes(data)
+        self._bad = bad
         return self._apply()
 
     def resume(self) -> bool:
@@ -248,10 +256,21 @@ class Session:
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
                 if kind is Pub and exc.code not in _AUDITED:  # a message that will reach nobody
-                    router.dead_letter(box, message.id, exc.code, exc.text, dead_letter_head(encode(message)))
+                    router.dead_letter(box, message.id, exc.code, exc.text, self._head(i - 1))
         self._backlog = None
         self._next = 0
+        self._frame = b""
+        self._bad = []
+        self._heads = None
         return True
+
+    def _head(self, index: int) -> bytes:
+        """The first bytes of the frame's message `index` as the client sent them (the frame
+        is split once, at its first refused publish)."""
+        heads = self._heads
+        if heads is None:
+            heads = self._heads = message_heads(self._frame, self._bad)
+        return heads[index]
 
     @staticmethod
     def _check_payload(data: bytes, max_payload: int) -> None:
@@ -436,6 +455,9 @@ class Session:
             return
         self.closed = True
         self._backlog = None
+        self._frame = b""
+        self._bad = []
+        self._heads = None
         self.box.closed = True
         self.router.forget_requests(self.box)
         for topic in self.responding:

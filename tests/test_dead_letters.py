@@ -39,6 +39,34 @@ def test_undecodable_messages_and_refused_publishes_are_kept_with_their_context(
     assert "pattern" in letters[3].reason and letters[3].time <= time.time()
 
 
+def test_a_refused_publish_is_kept_as_the_client_sent_it():
+    """The head of a dead letter is cut from the message as received, up to its payload: not
+    a re-encoding (which would add the default msg_id, or write integers in their shortest
+    form), and the right message of a batch whose earlier elements were undecodable."""
+
+    def up_to_payload(data: bytes) -> bytes:
+        return data[: data.index(b"\xc4")]  # the payload's bin header
+
+    h = Harness()
+    s = h.session("s")
+    sent = msgspec.msgpack.encode(["pub", 9, "md.*", b"x"])
+    s.receive(sent)
+    # id 10 written as uint 16, payload longer than the head
+    wide = b"\x94\xa3pub\xcd\x00\x0a\xa4a..b\xc4\x28" + bytes(40)
+    s.receive(wide)
+    batch = [["nope", 1], ["pub", 2, "a..b", b"y"], ["pub", 0, "ok", b"z"], ["pub", 3, "md.>", b"w" * 40]]
+    s.receive(msgspec.msgpack.encode(batch))
+    h.tick()
+    letters = [(d.request_id, bytes.fromhex(d.head)) for d in h.router.dead_letters]
+    assert letters == [
+        (9, up_to_payload(sent)),
+        (10, up_to_payload(wide)),
+        (1, msgspec.msgpack.encode(batch[0])),
+        (2, up_to_payload(msgspec.msgpack.encode(batch[1]))),
+        (3, up_to_payload(msgspec.msgpack.encode(batch[3]))),
+    ]
+
+
 def test_only_the_newest_dead_letters_are_kept():
     h = Harness()
     h.router.dead_letters = deque(maxlen=3)
@@ -75,6 +103,8 @@ def test_an_operator_reads_them_with_the_cli(tmp_path):
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert len(lines) == 2 and "id=5 code=3" in lines[0] and "id=6 code=2" in lines[1]
+        sent = msgspec.msgpack.encode(["pub", 5, "a..b", b"x"])
+        assert "head=" + sent[: sent.index(b"\xc4")].hex() in lines[0]  # as sent, up to the payload
         assert "head=" + msgspec.msgpack.encode(["subscribe", 6]).hex().replace("92", "93", 1) in lines[1]
         as_json = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(path), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert [json.loads(line)["request_id"] for line in as_json.stdout.splitlines()] == [5, 6]
