@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from broker.client import BrokerError, Client, Gap, Message
-from broker.messages import encode
+from broker.client import BrokerError, Client, Gap, Message, Subscription
+from broker.messages import Ack, Delivery, GapNotice, Sub, encode
 
-from conftest import eventually, run, serving, url
+from conftest import RawSocketClient, eventually, run, serving, url
 
 TOPICS = 100
 PER_TOPIC = 1000
@@ -253,3 +253,59 @@ def test_the_offline_queue_is_bounded_and_never_silent():
             await lossy.close()
 
     run(main(), timeout=60)
+
+
+def test_overlapping_subscriptions_recover_across_a_restart_with_one_ended_gap_each():
+    """`r.a` and `r.>` on one connection both recover `r.a` after a broker restart. The wire
+    carries each `sub`'s own gap (and replay); each subscription hands the application the
+    end of the old epoch once, then the new epoch once."""
+
+    async def main():
+        async with serving() as first:
+            port = first.port
+            async with Client(url(first)) as pub:
+                client = await Client.connect(url(first), reconnect_delay=(0.05, 0.2), jitter=lambda: 1.0)
+                exact: list = []
+                pattern: list = []
+                await client.subscribe("r.a", exact.append)
+                await client.subscribe("r.>", pattern.append)
+                for i in range(1, 4):
+                    ack = await pub.publish_acked("r.a", b"%d" % i)
+                await eventually(lambda: len(exact) == 3 and len(pattern) == 3, 5, "the first epoch")
+                old_epoch = ack.epoch
+        async with serving(port=port) as second:
+            async with Client(url(second)) as pub:
+                new = await pub.publish_acked("r.a", b"new 1")
+                raw = await RawSocketClient.connect(port)
+                try:
+                    await raw.send(Sub(1, "r.a", [old_epoch, 3]))
+                    await raw.send(Sub(2, "r.>", [0, {"r.a": [old_epoch, 3]}]))
+                    got = [await raw.recv() for _ in range(6)]
+                finally:
+                    raw.close()
+                ended = GapNotice("r.a", old_epoch, 4, 0, f"epoch {old_epoch} of the topic ended; it continues in epoch {new.epoch}", "ended")
+                replay = Delivery("r.a", new.epoch, 1, [b"new 1"])
+                assert got[0] == Ack(1, new.epoch, 1) and got[1:3] == [ended, replay]
+                assert isinstance(got[3], Ack) and got[3].id == 2 and got[4:] == [ended, replay]
+                await eventually(lambda: client.state == "connected", 10, "the reconnection")
+                await pub.publish_acked("r.a", b"new 2")
+                await eventually(lambda: len(exact) >= 6 and len(pattern) >= 6, 5, "the new epoch")
+                await asyncio.sleep(0.1)  # nothing more comes
+                gap = Gap("r.a", old_epoch, 4, 0, ended.reason, "ended")
+                for items in (exact, pattern):
+                    assert items[3:] == [gap, Message("r.a", new.epoch, 1, b"new 1"), Message("r.a", new.epoch, 2, b"new 2")], "\n".join(map(repr, items))
+                await client.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_subscription_hands_on_the_end_of_an_epoch_once():
+    sub = Subscription(None, "r.>", None, 100)  # type: ignore[arg-type]
+    sub._receive("r.a", 7, 1, [b"1", b"2"])
+    ended = Gap("r.a", 7, 3, 0, "ended", "ended")
+    sub._gap(ended)
+    sub._receive("r.a", 9, 1, [b"new"])
+    sub._gap(ended)  # another subscription's recovery told the connection again
+    sub._gap(Gap("r.a", 7, 5, 0, "ended", "ended"))
+    sub._receive("r.a", 9, 1, [b"new"])
+    assert list(sub._queue) == [Message("r.a", 7, 1, b"1"), Message("r.a", 7, 2, b"2"), ended, Message("r.a", 9, 1, b"new")]

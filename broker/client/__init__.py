@@ -155,6 +155,10 @@ class Subscription:
         self._abandoned = False  # subscribe() was cancelled before its ack
         self._active = False  # acknowledged: held at the broker (re-made after a reconnect)
         self._conflated: set[str] = set()  # topics whose next message follows a conflated gap
+        # topic -> the epoch this subscription was told ended (a gap with last 0): nothing more
+        # of that epoch can come, and the connection may be told again (each `sub` recovering
+        # the topic reports it, and every subscription matching the topic hears each report)
+        self._ended: dict[str, int] = {}
 
     def _receive(self, topic: str, epoch: int, seq: int, payloads: list[bytes]) -> None:
         """A batch of the topic: deliver what lies after this subscription's position."""
@@ -175,6 +179,8 @@ class Subscription:
             self._deliver(Message(topic, epoch, seq + i, payloads[i]))
 
     def _gap(self, gap: Gap) -> None:
+        if self._ended and self._ended.get(gap.topic) == gap.epoch:
+            return  # handed on already: the rest of this epoch will not come
         position = self.positions.get(gap.topic)
         if position is not None and position[0] == gap.epoch:
             if gap.last and gap.last <= position[1]:
@@ -183,6 +189,8 @@ class Subscription:
                 gap = gap._replace(first=position[1] + 1)
         if gap.last:
             self.positions[gap.topic] = (gap.epoch, gap.last)
+        else:
+            self._ended[gap.topic] = gap.epoch
         if gap.cause == "conflated":
             self._conflated.add(gap.topic)
         else:
