@@ -14,17 +14,20 @@ match gets the most careful of their policies (disconnect before drop before con
 Shedding works on the pieces a connection has queued in the broker and not yet written (what
 its transport holds is out of reach), and brings its backlog down to half max_pending_bytes,
 so a connection that stays behind is shed about once per half-bound of new data: each piece
-is looked at a bounded number of times. This is the slow path; nothing here runs for a
-connection that keeps up.
+is looked at a bounded number of times. So that what it cannot take stays within reach, such
+a connection is handed at most half its bound at a time (`take_within`) and its transport
+pauses as soon as it holds anything: what the socket did not take waits in the broker.
+Shedding is the slow path; nothing of it runs for a connection that keeps up.
 """
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Callable
 
 import msgspec
 
-from .fastpath import encode_batch, is_batch
+from .fastpath import assemble, encode_batch, is_batch
 from .messages import GapNotice, encode
 
 DISCONNECT, DROP, CONFLATE = 0, 1, 2
@@ -61,6 +64,70 @@ def batch_head(piece: bytes) -> tuple[int, int, int]:
 def _last_payload(piece: bytes) -> bytes:
     """The last payload of a batch piece."""
     return msgspec.msgpack.decode(piece)[-1]
+
+
+# What a batch piece holds besides its payloads at most (array header, topic id, first seq),
+# and each payload besides its bytes (its bin header): a split part is counted with these.
+_BATCH_HEAD = 23
+_PAYLOAD_HEAD = 5
+
+
+def split_batch(piece: bytes, room: int) -> tuple[bytes, bytes] | None:
+    """A batch piece cut in two at a message boundary, the first part within `room` bytes and
+    at least one message: (first part, the rest), or None when it holds one message only."""
+    topic_id, first, *payloads = msgspec.msgpack.decode(piece)
+    if len(payloads) < 2:
+        return None
+    used = _BATCH_HEAD
+    count = 0
+    for payload in payloads[:-1]:
+        used += len(payload) + _PAYLOAD_HEAD
+        if count and used > room:
+            break
+        count += 1
+    return encode_batch(topic_id, first, payloads[:count]), encode_batch(topic_id, first + count, payloads[count:])
+
+
+def take_within(box, budget: int, max_frame: int, shared: dict, sizes: dict) -> bytes:
+    """What to write now to a connection whose policy sheds, as frames (b"" when nothing is
+    queued): all it has queued when that is at most `budget` bytes (assembled once for the
+    connections that get the same, as `Outbox.take` does), else its oldest pieces within
+    `budget` (at least one message; a batch that does not fit is cut at a message), the rest
+    staying queued, where shedding reaches it. `sizes` (one dict per loop iteration) keeps the
+    bytes of each subscription node's pieces of the iteration, added up once."""
+    queued = box.size
+    node = box.solo_node
+    if node is not None:
+        key = (id(node), box.offset)
+        extra = sizes.get(key)
+        if extra is None:
+            extra = sizes[key] = sum(map(len, islice(node.pieces, box.offset, None)))
+        queued += extra
+    if queued <= budget:
+        return box.take(max_frame, shared)
+    box.keep()  # the node's pieces of this iteration become its own, to split
+    pieces = box.pieces
+    taken: list[bytes] = []
+    used = 0
+    rest: list[bytes] = []
+    for i, piece in enumerate(pieces):
+        room = budget - used
+        if len(piece) <= room:
+            taken.append(piece)
+            used += len(piece)
+            continue
+        parts = split_batch(piece, room) if is_batch(piece) else None
+        if parts is not None and (not taken or len(parts[0]) <= room):
+            taken.append(parts[0])
+            rest = [parts[1], *pieces[i + 1 :]]
+        elif not taken:
+            taken.append(piece)  # one message (or reply) larger than the budget goes alone
+            rest = pieces[i + 1 :]
+        else:
+            rest = pieces[i:]
+        break
+    box.replace(rest)
+    return assemble(taken, max_frame)
 
 
 class _Loss:

@@ -135,9 +135,18 @@ class Session:
             if self.shedding is None:
                 self.shedding = Shed()
                 self.box.hard_limit = NO_HARD_LIMIT
+                self._bound_writes(True)
         elif self.shedding is not None:
             self.shedding = None
             self.box.hard_limit = self.limits.max_pending_bytes * HARD_LIMIT_FACTOR
+            self._bound_writes(False)
+
+    def _bound_writes(self, shedding: bool) -> None:
+        """Tell the connection (the I/O shell, when it has the ability) whether its policies
+        shed: then it keeps what its socket does not take in the broker, within reach of them."""
+        bound = getattr(self.box.owner, "bound_writes", None)
+        if bound is not None:
+            bound(shedding)
 
     @property
     def suspended(self) -> bool:

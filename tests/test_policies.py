@@ -226,8 +226,13 @@ def _router_with(*names: str) -> Router:
 
 def _read(pieces: list[bytes], router: Router) -> list:
     """The server messages of a queue, as a client reads them."""
+    return _read_frames(assemble(pieces, 1 << 20))
+
+
+def _read_frames(data: bytes) -> list:
+    """The server messages of a stream of frames."""
     out = []
-    for _, payload in split_frames(assemble(pieces, 1 << 20)):
+    for _, payload in split_frames(data):
         out.extend(decode_server_frame(payload))
     return out
 
@@ -301,3 +306,80 @@ def test_the_python_client_marks_the_message_after_a_conflated_gap():
         Gap("q.a", 9, 9, 9, "dropped", "dropped"),
         Message("q.a", 9, 10, b"10"),
     ]
+
+
+@pytest.mark.parametrize("chosen, size", [("drop", 4 << 10), ("conflate", 512)])
+def test_a_shedding_connection_is_written_within_its_bound_and_never_closed_at_a_small_one(chosen, size):
+    """max_pending_bytes 64 KiB, 50 topics, publishes of far more than that per loop iteration
+    to a subscriber that reads slowly: what the broker hands its socket at once stays within
+    the bound, the rest waits where the policy sheds it; the connection is never closed, and
+    every topic's messages arrive or are named by gaps, to the last one."""
+    limit = 64 << 10
+    topics = [f"b.{i}" for i in range(50)]
+
+    def data(topic: str, seq: int) -> bytes:
+        head = f"{topic}:{seq}:".encode()
+        return head + bytes(size - len(head))
+
+    async def main():
+        async with serving(max_pending_bytes=limit, max_payload_bytes=16 << 10, slow_consumer_timeout_s=0.3) as server:
+            async with Client(url(server)) as pub:
+                slow = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await slow.send(Sub(1, "b.*", None, False, False, chosen))
+                    assert isinstance(await slow.recv(), Ack)
+                    (conn,) = conns_with(server, {"b.*"})
+                    backlog: list[int] = []
+                    rounds = 0
+                    while server.router.stats.sheds < 5:
+                        for _ in range(4):
+                            rounds += 1
+                            for topic in topics:
+                                pub.publish(topic, data(topic, rounds))
+                        await pub.publish_acked("b.sync.x", b"")
+                        backlog.append(conn.box.size + conn.buffer_size())
+                        assert conn.close_reason is None, conn.close_reason
+                        assert rounds < 4000, "the broker never fell behind"
+                    await asyncio.sleep(0.6)  # twice slow_consumer_timeout_s
+                    assert conn.close_reason is None and server.router.stats.slow_consumers == 0
+                    assert max(backlog) <= limit, f"{max(backlog)} bytes queued, bound {limit}"
+                    got = await read_until(slow, {topic: rounds for topic in topics})
+                    for topic in topics:
+                        items = per_topic(got, topic)
+                        expected = 1
+                        for kind, first, end, item in items:
+                            assert first == expected, f"{topic}: {kind} starts at {first}, expected {expected}"
+                            if kind == "msg":
+                                assert item.data == [data(topic, seq) for seq in range(first, end + 1)]
+                            else:
+                                assert item.cause in ("dropped", "conflated")
+                            expected = end + 1
+                        assert items[-1][0] == "msg" or chosen == "drop"
+                finally:
+                    slow.close()
+
+    run(main())
+
+
+def test_a_shedding_connection_is_handed_at_most_its_budget_cutting_a_batch_between_messages():
+    router = _router_with("w.a", "w.b")
+    a, b = router.topics["w.a"], router.topics["w.b"]
+    box = Outbox(None, 1 << 20)
+    payloads = [bytes([i]) * 1000 for i in range(10)]
+    box.push(a.announce)
+    box.push(encode_batch(a.id, 1, payloads))
+    box.push(encode_batch(b.id, 1, [b"b1"]))
+    written = _read_frames(policy.take_within(box, 3000, 1 << 20, {}, {}))
+    assert [type(m).__name__ for m in written] == ["Topic", "Msg"]
+    (batch,) = written[1].batches
+    assert (batch.topic_id, batch.seq, batch.data) == (a.id, 1, payloads[:2])
+    assert box.size == sum(map(len, box.pieces)) and len(box.pieces) == 2
+    rest = _read(box.pieces, router)
+    assert [(bt.topic_id, bt.seq, len(bt.data)) for bt in rest[0].batches] == [(a.id, 3, 8), (b.id, 1, 1)]
+    # one message larger than the budget goes alone; what fits is all taken, as one frame
+    assert len(_read_frames(policy.take_within(box, 500, 1 << 20, {}, {}))[0].batches[0].data) == 1
+    small = Outbox(None, 1 << 20)
+    small.push(encode_batch(b.id, 2, [b"b2"]))
+    assert _read_frames(policy.take_within(small, 500, 1 << 20, {}, {}))[0].batches[0].data == [b"b2"]
+    assert not small.pieces and small.size == 0
+

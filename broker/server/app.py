@@ -439,6 +439,7 @@ class Server:
             now = self.loop.time()
             lagging = self._lagging
             shared: dict = {}
+            sizes: dict = {}
             max_frame = self.config.max_outbound_frame_bytes
             for box in touched:
                 box.scheduled = False
@@ -451,15 +452,18 @@ class Server:
                         continue
                 else:
                     try:
-                        data = box.take(max_frame, shared)
-                        if conn.pong is not None:  # a pong owed leaves with the tick's one write
-                            data = conn.take_pong() + data
-                        if data:
-                            conn.write(data)
-                            conn.last_sent = now
-                            self.writes += 1
-                            self.bytes_out += len(data)
-                            box.transport_bytes = conn.buffer_size()
+                        if conn.session.shedding is not None:
+                            self._write_within(box, conn, max_frame, shared, sizes, now)
+                        else:
+                            data = box.take(max_frame, shared)
+                            if conn.pong is not None:  # a pong owed leaves with the tick's one write
+                                data = conn.take_pong() + data
+                            if data:
+                                conn.write(data)
+                                conn.last_sent = now
+                                self.writes += 1
+                                self.bytes_out += len(data)
+                                box.transport_bytes = conn.buffer_size()
                     except Exception:  # never leave the other connections of this tick unwritten
                         logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
                         conn.abort()
@@ -596,10 +600,32 @@ class Server:
         self.router.expire_requests()
         self._arm_request_timer()
 
+    def _write_within(self, box, conn, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
+        """Write a connection whose policies shed at most half of max_pending_bytes at a time,
+        again while its socket takes everything at once (its transport pauses as soon as it
+        holds anything, see Connection.bound_writes): what the socket does not take waits in
+        the broker, where shedding reaches it. Only such a connection with more than that
+        queued in one iteration is written more than once in it."""
+        budget = box.limit // 2
+        data = policy.take_within(box, budget, max_frame, shared, sizes)
+        if conn.pong is not None:
+            data = conn.take_pong() + data
+        while data:
+            conn.write(data)
+            conn.last_sent = now
+            self.writes += 1
+            self.bytes_out += len(data)
+            if box.paused or not box.size:
+                break
+            data = policy.take_within(box, budget, max_frame, shared, sizes)
+        box.transport_bytes = conn.buffer_size()
+
     def _shed(self, box, session) -> int:
         """Drop or conflate what the connection's policies allow of its queue in the broker,
-        down to half of max_pending_bytes; returns its backlog after that."""
-        dropped, conflated = session.shedding.shed(box, session.policy_of, self.router.index.states, box.limit // 2)
+        down to half of max_pending_bytes (less when its transport holds more than the other
+        half); returns its backlog after that."""
+        target = max(0, min(box.limit // 2, box.limit - box.transport_bytes))
+        dropped, conflated = session.shedding.shed(box, session.policy_of, self.router.index.states, target)
         if dropped or conflated:
             stats = self.router.stats
             stats.sheds += 1

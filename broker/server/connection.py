@@ -46,7 +46,7 @@ TLS_WRITE_HIGH_WATER = 64 << 10
 class Connection(asyncio.Protocol):
     """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
-    own, bound once), `close()`,
+    own, bound once), `bound_writes()`, `close()`,
     `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()`, `frame_expired()`, the
     liveness fields `last_seen` and `ping_sent`, and `partial_since`."""
 
@@ -328,6 +328,20 @@ class Connection(asyncio.Protocol):
             self._buffer = None
             self._consume(buffer, 0, progress)
         self._read_again()
+
+    def bound_writes(self, shedding: bool) -> None:
+        """While some subscription of this connection drops or conflates, its transport pauses
+        writing as soon as it holds a byte the socket did not take (and resumes once it holds
+        none): the rest of its queue waits in the broker, where the policy can shed it, and the
+        server hands it at most half of max_pending_bytes at a time. Otherwise the usual marks."""
+        if self.state != OPEN:
+            return
+        if shedding:
+            self.transport.set_write_buffer_limits(high=0, low=0)
+        elif self.server.tls is not None:
+            self.transport.set_write_buffer_limits(TLS_WRITE_HIGH_WATER)
+        else:
+            self.transport.set_write_buffer_limits()
 
     def take_pong(self) -> bytes:
         """The pong owed to the client as a frame (b"" when none is owed), to write before
