@@ -148,7 +148,7 @@ def test_shed_a_queue_of_1000_batches(benchmark, impl, how):
         return (box,), {}
 
     def shed(box):
-        policy.Shed().shed(box, lambda topic_id: chosen, router.index.states, box.size // 2)
+        policy.Shed(lambda topic_id: chosen, router.index.states).shed(box, box.size // 2)
 
     benchmark.pedantic(shed, setup=setup, rounds=50)
 

@@ -133,10 +133,13 @@ class Session:
         self._policy_of = None
         if self._drops or self._conflates:
             if self.shedding is None:
-                self.shedding = Shed()
+                self.shedding = Shed(self.policy_of, self.router.index.states, self.router.stats)
                 self.box.hard_limit = NO_HARD_LIMIT
                 self._bound_writes(True)
+            else:
+                self.shedding.policies_changed()
         elif self.shedding is not None:
+            self.shedding.release(self.box)  # what it held waits in the queue like the rest
             self.shedding = None
             self.box.hard_limit = self.limits.max_pending_bytes * HARD_LIMIT_FACTOR
             self._bound_writes(False)

@@ -241,15 +241,14 @@ def test_shedding_merges_into_its_own_earlier_gap_and_keeps_everything_else_in_o
     router = _router_with("s.a", "s.b")
     a, b = router.topics["s.a"], router.topics["s.b"]
     box = Outbox(None, 1000)
-    shed = policy.Shed()
-    drop_all = lambda topic_id: policy.DROP  # noqa: E731
+    shed = policy.Shed(lambda topic_id: policy.DROP, router.index.states)
     box.push(encode_topic(a.id, a.name, a.epoch))
     box.push(encode_batch(a.id, 1, [b"a1", b"a2"]))
     box.push(encode(Ack(3, 0, 0)))
     box.push(encode_batch(a.id, 3, [b"a3"]))
     box.push(encode_topic(b.id, b.name, b.epoch))
     box.push(encode_batch(b.id, 1, [b"b1"]))
-    dropped, conflated = shed.shed(box, drop_all, router.index.states, 0)
+    dropped, conflated = shed.shed(box, 0)
     assert (dropped, conflated) == (4, 0)
     out = _read(box.pieces, router)
     kinds = [type(m).__name__ for m in out]
@@ -259,34 +258,56 @@ def test_shedding_merges_into_its_own_earlier_gap_and_keeps_everything_else_in_o
     # more arrives before any of it was written: the second pass extends the same gaps
     box.push(encode_batch(a.id, 4, [b"a4", b"a5"]))
     box.push(encode_batch(b.id, 2, [b"b2"]))
-    assert shed.shed(box, drop_all, router.index.states, 0) == (3, 0)
+    assert shed.shed(box, 0) == (3, 0)
     out = _read(box.pieces, router)
     assert [type(m).__name__ for m in out] == ["Topic", "GapNotice", "Ack", "Topic", "GapNotice"]
     assert (out[1].first, out[1].last, out[4].first, out[4].last) == (1, 5, 1, 2)
     assert box.size == sum(map(len, box.pieces))
 
 
-def test_conflating_a_queue_keeps_each_topics_newest_message_after_its_gap():
-    router = _router_with("k.a", "k.b")
-    a, b = router.topics["k.a"], router.topics["k.b"]
+def test_conflating_holds_each_topics_newest_message_and_writes_it_after_its_gap():
+    router = _router_with("k.a", "k.b", "k.c")
+    a, b, c = router.topics["k.a"], router.topics["k.b"], router.topics["k.c"]
     box = Outbox(None, 1 << 20)
-    shed = policy.Shed()
-    conflate = lambda topic_id: policy.CONFLATE if topic_id == a.id else policy.DISCONNECT  # noqa: E731
-    box.push(encode_topic(a.id, a.name, a.epoch))
-    box.push(encode_batch(a.id, 1, [b"a1", b"a2"]))
-    box.push(encode_topic(b.id, b.name, b.epoch))
-    box.push(encode_batch(b.id, 1, [b"b1", b"b2"]))
-    box.push(encode_batch(a.id, 3, [b"a3", b"a4", b"a5"]))
-    box.push(encode_batch(b.id, 3, [b"b3"]))
-    assert shed.shed(box, conflate, router.index.states, 1 << 20) == (0, 4)
-    out = _read(box.pieces, router)
-    gap = next(m for m in out if isinstance(m, GapNotice))
-    assert (gap.topic, gap.first, gap.last, gap.cause) == ("k.a", 1, 4, "conflated")
-    batches = [(bt.topic_id, bt.seq, bt.data) for m in out if type(m).__name__ == "Msg" for bt in m.batches]
-    # k.b (disconnect) untouched; k.a only its newest, after the gap
-    assert batches == [(b.id, 1, [b"b1", b"b2"]), (a.id, 5, [b"a5"]), (b.id, 3, [b"b3"])]
+    conflating = {a.id, c.id}
+    shed = policy.Shed(lambda topic_id: policy.CONFLATE if topic_id in conflating else policy.DISCONNECT, router.index.states)
+    alone = encode_batch(c.id, 1, [b"c1"])
+    for piece in (
+        a.announce, encode_batch(a.id, 1, [b"a1", b"a2"]), b.announce, encode_batch(b.id, 1, [b"b1", b"b2"]),
+        encode_batch(a.id, 3, [b"a3", b"a4", b"a5"]), c.announce, alone, encode_batch(b.id, 3, [b"b3"]),
+    ):
+        box.push(piece)
+    assert shed.shed(box, 0) == (0, 4)
+    # k.b (disconnect) stays queued; k.a and k.c wait out of the queue, one message each
+    assert [(bt.topic_id, bt.seq) for m in _read(box.pieces, router) if type(m).__name__ == "Msg" for bt in m.batches] == [(b.id, 1), (b.id, 3)]
+    assert set(shed.held) == {a.id, c.id} and shed.held[c.id].piece is alone  # a batch of one is kept as it is, shared
+    box.push(encode_batch(a.id, 6, [b"a6"]))  # a later one replaces it; the gap grows
+    out = _read_frames(shed.take(box, 1 << 20, 1 << 20, {}, {}))
+    assert not shed.held and not box.pieces and shed.held_bytes == 0
     names = [type(m).__name__ for m in out]
-    assert names.index("GapNotice") < max(i for i, m in enumerate(out) if type(m).__name__ == "Msg")
+    assert names == ["Topic", "Topic", "Msg", "Topic", "Msg", "GapNotice", "Msg"]
+    assert [(bt.topic_id, bt.seq, bt.data) for bt in out[2].batches + out[4].batches] == [(b.id, 1, [b"b1", b"b2"]), (b.id, 3, [b"b3"])]
+    assert (out[5].topic, out[5].first, out[5].last, out[5].cause) == ("k.a", 1, 5, "conflated")
+    assert [(bt.topic_id, bt.seq, bt.data) for bt in out[6].batches] == [(a.id, 6, [b"a6"]), (c.id, 1, [b"c1"])]
+
+
+def test_a_held_message_goes_back_in_line_when_its_topic_stops_conflating():
+    router = _router_with("h.a")
+    a = router.topics["h.a"]
+    box = Outbox(None, 1 << 20)
+    policies = {a.id: policy.CONFLATE}
+    shed = policy.Shed(policies.__getitem__, router.index.states)
+    box.push(a.announce)
+    box.push(encode_batch(a.id, 1, [b"1", b"2"]))
+    shed.shed(box, None)
+    box.push(encode_batch(a.id, 3, [b"3"]))
+    policies[a.id] = policy.DISCONNECT
+    shed.policies_changed()
+    shed.shed(box, None)
+    out = _read(box.pieces, router)
+    assert not shed.held and [type(m).__name__ for m in out] == ["Topic", "GapNotice", "Msg"]
+    assert (out[1].first, out[1].last) == (1, 1)
+    assert [(bt.seq, bt.data) for bt in out[2].batches] == [(2, [b"2"]), (3, [b"3"])]
 
 
 def test_the_python_client_marks_the_message_after_a_conflated_gap():
@@ -369,7 +390,8 @@ def test_a_shedding_connection_is_handed_at_most_its_budget_cutting_a_batch_betw
     box.push(a.announce)
     box.push(encode_batch(a.id, 1, payloads))
     box.push(encode_batch(b.id, 1, [b"b1"]))
-    written = _read_frames(policy.take_within(box, 3000, 1 << 20, {}, {}))
+    shed = policy.Shed(lambda topic_id: policy.DROP, router.index.states)
+    written = _read_frames(shed.take(box, 3000, 1 << 20, {}, {}))
     assert [type(m).__name__ for m in written] == ["Topic", "Msg"]
     (batch,) = written[1].batches
     assert (batch.topic_id, batch.seq, batch.data) == (a.id, 1, payloads[:2])
@@ -377,9 +399,109 @@ def test_a_shedding_connection_is_handed_at_most_its_budget_cutting_a_batch_betw
     rest = _read(box.pieces, router)
     assert [(bt.topic_id, bt.seq, len(bt.data)) for bt in rest[0].batches] == [(a.id, 3, 8), (b.id, 1, 1)]
     # one message larger than the budget goes alone; what fits is all taken, as one frame
-    assert len(_read_frames(policy.take_within(box, 500, 1 << 20, {}, {}))[0].batches[0].data) == 1
+    assert len(_read_frames(shed.take(box, 500, 1 << 20, {}, {}))[0].batches[0].data) == 1
     small = Outbox(None, 1 << 20)
     small.push(encode_batch(b.id, 2, [b"b2"]))
-    assert _read_frames(policy.take_within(small, 500, 1 << 20, {}, {}))[0].batches[0].data == [b"b2"]
+    assert _read_frames(shed.take(small, 500, 1 << 20, {}, {}))[0].batches[0].data == [b"b2"]
     assert not small.pieces and small.size == 0
 
+
+
+def test_conflate_delivers_the_newest_message_of_every_topic_however_many_bytes_that_is():
+    """400 topics of 1.9 KB messages behind a 512 KiB bound: their newest messages alone are
+    more than the bound, and every one of them still arrives, after a `conflated` gap for what
+    was skipped; nothing is dropped and the connection stays open."""
+    limit = 512 << 10
+    topics = [f"n.{i}" for i in range(400)]
+    size = 1900
+
+    def data(topic: str, seq: int) -> bytes:
+        head = f"{topic}:{seq}:".encode()
+        return head + bytes(size - len(head))
+
+    async def main():
+        async with serving(max_pending_bytes=limit, max_payload_bytes=64 << 10, slow_consumer_timeout_s=0.3) as server:
+            async with Client(url(server)) as pub:
+                slow = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await slow.send(Sub(1, "n.*", None, False, False, "conflate"))
+                    assert isinstance(await slow.recv(), Ack)
+                    (conn,) = conns_with(server, {"n.*"})
+                    rounds = 0
+                    while server.router.stats.sheds < 4:
+                        rounds += 1
+                        for topic in topics:
+                            pub.publish(topic, data(topic, rounds))
+                        await pub.publish_acked("n.sync.x", b"")
+                        assert rounds < 2000, "the broker never fell behind"
+                    await asyncio.sleep(0.6)  # twice slow_consumer_timeout_s
+                    assert conn.close_reason is None and server.router.stats.slow_consumers == 0
+                    got = await read_until(slow, {topic: rounds for topic in topics})
+                    for topic in topics:
+                        items = per_topic(got, topic)
+                        expected = 1
+                        for kind, first, end, item in items:
+                            assert first == expected, f"{topic}: {kind} starts at {first}, expected {expected}"
+                            if kind == "msg":
+                                assert item.data == [data(topic, seq) for seq in range(first, end + 1)]
+                            else:
+                                assert item.cause == "conflated", item
+                            expected = end + 1
+                        assert items[-1][0] == "msg" and items[-1][2] == rounds, f"{topic}: the newest message did not arrive"
+                    stats = server.router.stats
+                    assert stats.conflated > 0 and stats.dropped == 0
+                finally:
+                    slow.close()
+
+    run(main())
+
+
+def test_a_conflating_screen_over_100000_topics_gets_every_newest_message_with_the_defaults():
+    """A `md.>` screen with policy conflate, every setting at its default (except the rate at
+    which the publisher may create topics), stops reading while each of ~100,000 topics is
+    published three times: it stays open, and once it reads it gets each topic's newest
+    message (after a `conflated` gap where it missed some)."""
+    count = 99_000  # max_topics is 100,000; the publisher's sync topic is one more
+    topics = [f"md.{i // 1000}.{i % 1000}" for i in range(count)]
+    rounds = 3
+
+    def data(i: int, seq: int) -> bytes:
+        return b"%d:%d:" % (i, seq) + bytes(80)
+
+    async def main():
+        async with serving(new_topic_burst=200_000) as server:
+            async with Client(url(server)) as pub:
+                screen = await RawSocketClient.connect(server.port, rcvbuf=4096)
+                try:
+                    await screen.send(Sub(1, "md.>", None, False, False, "conflate"))
+                    assert isinstance(await screen.recv(), Ack)
+                    (conn,) = conns_with(server, {"md.>"})
+                    for seq in range(1, rounds + 1):
+                        for i, topic in enumerate(topics):
+                            pub.publish(topic, data(i, seq))
+                            if i % 5000 == 4999:
+                                await pub.drain()
+                        await pub.publish_acked("sync", b"")
+                    stats = server.router.stats
+                    assert stats.sheds > 0, "the screen never fell behind"
+                    assert stats.dropped == 0, f"{stats.dropped} messages dropped"
+                    assert conn.close_reason is None and server.router.stats.slow_consumers == 0
+                    newest: dict[str, int] = {}
+                    done = 0  # topics whose newest message arrived
+                    while done < count:
+                        message = await asyncio.wait_for(screen.recv(), 10)
+                        if isinstance(message, Delivery):
+                            last = message.seq + len(message.data) - 1
+                            assert last > newest.get(message.topic, 0)
+                            i = int(message.data[-1].split(b":")[0])
+                            assert message.data[-1] == data(i, last) and topics[i] == message.topic
+                            done += last == rounds
+                        else:
+                            assert isinstance(message, GapNotice) and message.cause == "conflated", message
+                            assert message.first == newest.get(message.topic, 0) + 1 and message.last < rounds
+                        newest[message.topic] = last if isinstance(message, Delivery) else message.last
+                    assert conn.close_reason is None
+                finally:
+                    screen.close()
+
+    run(main(), timeout=110)

@@ -446,14 +446,15 @@ class Server:
                 if box.closed:
                     continue
                 conn = box.owner
+                shedding = conn.session.shedding
                 if box.paused:
                     if box.keep():  # this tick's share of its node waits with the rest
                         self._slow_consumer(box)
                         continue
                 else:
                     try:
-                        if conn.session.shedding is not None:
-                            self._write_within(box, conn, max_frame, shared, sizes, now)
+                        if shedding is not None:
+                            self._write_within(box, conn, shedding, max_frame, shared, sizes, now)
                         else:
                             data = box.take(max_frame, shared)
                             if conn.pong is not None:  # a pong owed leaves with the tick's one write
@@ -469,9 +470,12 @@ class Server:
                         conn.abort()
                         continue
                 backlog = box.size + box.transport_bytes
-                if backlog > box.limit and box.size and conn.session.shedding is not None:
-                    backlog = self._shed(box, conn.session)
-                if backlog or box in lagging:
+                if shedding is not None:
+                    if backlog > box.limit and box.size:
+                        backlog = self._shed(box, shedding)
+                    if backlog or shedding.held or box in lagging:
+                        self._account(box, backlog + shedding.held_bytes)
+                elif backlog or box in lagging:
                     self._account(box, backlog)
                 if backlog > box.limit:
                     self._falling_behind(box, now)
@@ -526,7 +530,8 @@ class Server:
                 self._account(box, 0)
                 continue
             box.transport_bytes = conn.buffer_size()
-            self._account(box, box.size + box.transport_bytes)
+            shedding = conn.session.shedding
+            self._account(box, box.size + box.transport_bytes + (shedding.held_bytes if shedding is not None else 0))
         if self.holding or self.pending_total > self.config.max_total_pending_bytes:
             self._check_memory()
         if self.holding and self.loop.time() - self.holding_since >= self.config.slow_consumer_timeout_s:
@@ -600,14 +605,14 @@ class Server:
         self.router.expire_requests()
         self._arm_request_timer()
 
-    def _write_within(self, box, conn, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
+    def _write_within(self, box, conn, shedding, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
         """Write a connection whose policies shed at most half of max_pending_bytes at a time,
         again while its socket takes everything at once (its transport pauses as soon as it
         holds anything, see Connection.bound_writes): what the socket does not take waits in
         the broker, where shedding reaches it. Only such a connection with more than that
-        queued in one iteration is written more than once in it."""
+        waiting in one iteration is written more than once in it."""
         budget = box.limit // 2
-        data = policy.take_within(box, budget, max_frame, shared, sizes)
+        data = shedding.take(box, budget, max_frame, shared, sizes)
         if conn.pong is not None:
             data = conn.take_pong() + data
         while data:
@@ -615,22 +620,18 @@ class Server:
             conn.last_sent = now
             self.writes += 1
             self.bytes_out += len(data)
-            if box.paused or not box.size:
+            if box.paused or not (box.size or shedding.held):
                 break
-            data = policy.take_within(box, budget, max_frame, shared, sizes)
+            data = shedding.take(box, budget, max_frame, shared, sizes)
         box.transport_bytes = conn.buffer_size()
 
-    def _shed(self, box, session) -> int:
+    def _shed(self, box, shedding) -> int:
         """Drop or conflate what the connection's policies allow of its queue in the broker,
         down to half of max_pending_bytes (less when its transport holds more than the other
-        half); returns its backlog after that."""
-        target = max(0, min(box.limit // 2, box.limit - box.transport_bytes))
-        dropped, conflated = session.shedding.shed(box, session.policy_of, self.router.index.states, target)
-        if dropped or conflated:
-            stats = self.router.stats
-            stats.sheds += 1
-            stats.dropped += dropped
-            stats.conflated += conflated
+        half); returns its backlog after that (what conflation holds, one message per topic,
+        is not part of it)."""
+        box.keep()
+        shedding.shed(box, max(0, min(box.limit // 2, box.limit - box.transport_bytes)))
         return box.size + box.transport_bytes
 
     def _falling_behind(self, box, now: float) -> None:
@@ -704,8 +705,9 @@ class Server:
                 continue
             box.transport_bytes = conn.buffer_size()
             backlog = box.size + box.transport_bytes
-            if backlog > box.limit and box.size and conn.session.shedding is not None:
-                backlog = self._shed(box, conn.session)
+            shedding = conn.session.shedding
+            if backlog > box.limit and box.size and shedding is not None:
+                backlog = self._shed(box, shedding)
             if backlog <= box.limit:
                 box.over_since = 0.0
                 self._behind.discard(box)

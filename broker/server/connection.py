@@ -163,7 +163,8 @@ class Connection(asyncio.Protocol):
             return
         box.paused = False
         box.transport_bytes = self.transport.get_write_buffer_size()
-        if (box.size or self.pong is not None) and not box.closed:
+        shedding = self.session.shedding
+        if (box.size or self.pong is not None or (shedding is not None and shedding.held)) and not box.closed:
             self.server.router.schedule_write(box)
 
     # handshake
@@ -428,6 +429,9 @@ class Connection(asyncio.Protocol):
         self.close_reason = (int(code), reason)
         self.server.router.stats.count_close(int(code))
         box = self.box
+        shedding = self.session.shedding
+        if flush and shedding is not None and shedding.held:
+            shedding.release(box)  # the newest messages its policy conflate holds go too
         if flush and box.size:
             self.transport.write(box.take(self.server.config.max_outbound_frame_bytes))
         self.transport.write(encode_frame(int(code).to_bytes(2, "big") + reason.encode()[:123], CLOSE))
