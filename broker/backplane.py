@@ -187,14 +187,15 @@ class MemoryBackplane:
         chunk = log.chunks[-1]
         return chunk.first + len(chunk.payloads) - 1, chunk.payloads[-1]
 
-    def since(self, state: TopicState, seq: int) -> tuple[int, list[tuple[int, list[bytes]]]]:
+    def since(self, state: TopicState, seq: int, max_bytes: int | None = None) -> tuple[int, list[tuple[int, list[bytes]]]]:
         """Retained messages after `seq` (of the current epoch): (the first sequence number
         history still holds, or the next one when it holds nothing; the messages as one batch
-        (first seq, payloads), or none)."""
+        (first seq, payloads), or none). With `max_bytes`, only the oldest of them whose
+        payloads pass that many bytes by at most one message."""
         log = self._log(state)
         if log is None:
             return state.seq + 1, []
-        return log.first_seq(), self._collect(log, lambda chunk: chunk.first + len(chunk.payloads) - 1 > seq, seq + 1)
+        return log.first_seq(), self._collect(log, lambda chunk: chunk.first + len(chunk.payloads) - 1 > seq, seq + 1, max_bytes)
 
     def since_time(self, state: TopicState, time_ms: int) -> tuple[bool, int, list[tuple[int, list[bytes]]]]:
         """Retained messages published at or after `time_ms`: (whether history dropped some
@@ -214,9 +215,10 @@ class MemoryBackplane:
         return log if log.chunks else None
 
     @staticmethod
-    def _collect(log: HistoryLog, wanted, from_seq: int) -> list[tuple[int, list[bytes]]]:
+    def _collect(log: HistoryLog, wanted, from_seq: int, max_bytes: int | None = None) -> list[tuple[int, list[bytes]]]:
         """The retained messages from the first chunk `wanted` accepts on, from `from_seq`
-        on, as batches of consecutive sequence numbers (one, unless numbers were skipped)."""
+        on, as batches of consecutive sequence numbers (one, unless numbers were skipped);
+        with `max_bytes`, up to the first message that takes their payloads past it."""
         batches: list[tuple[int, list[bytes]]] = []
         payloads: list[bytes] = []
         first = following = 0
@@ -231,6 +233,13 @@ class MemoryBackplane:
                 payloads = []
             if not payloads:
                 first = chunk.first + start
+            if max_bytes is not None:
+                for end in range(start, len(chunk.payloads)):
+                    max_bytes -= len(chunk.payloads[end])
+                    if max_bytes < 0:
+                        payloads.extend(chunk.payloads[start : end + 1])
+                        batches.append((first, payloads))
+                        return batches
             payloads.extend(chunk.payloads[start:] if start else chunk.payloads)
             following = chunk.first + len(chunk.payloads)
         if payloads:

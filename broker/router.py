@@ -80,8 +80,9 @@ class RouterStats:
         self.conflated = 0  # messages skipped for connections behind (policy conflate), each announced by a gap
         self.unknown_topics = 0  # batches from the backplane for topics this node could not take (past max_topics)
         # subscriptions with since or last, by outcome: complete (everything asked for was
-        # replayed), awaited (a cluster node waits for a position it has not reached), or the
-        # cause of the first gap notice it got (history, ended, replay)
+        # replayed, or is as the connection drains), awaited (a cluster node waits for a
+        # position it has not reached), or the cause of the first gap notice it got (history,
+        # ended)
         self.recoveries: dict[str, int] = {}
 
     def count_error(self, code: int) -> None:
@@ -137,6 +138,17 @@ class _Open:
         self.responder = responder
         self.deadline = deadline
         self.topic = topic
+
+
+class _Resume:
+    """A replay waiting for room on its connection: of topic `state`, from sequence number
+    `next` on."""
+
+    __slots__ = ("state", "next")
+
+    def __init__(self, state: TopicState, next_seq: int) -> None:
+        self.state = state
+        self.next = next_seq
 
 
 class Router:
@@ -197,6 +209,12 @@ class Router:
         self._awaited = 0
         self._awaits_of: dict[Outbox, int] = {}  # positions awaited per connection
         self._recovery: list[str] | None = None  # while a recovery runs: the causes of its gaps
+        # Replays that did not fit in their connection's queue, oldest first: they continue
+        # from history as it drains (continue_replays). Meanwhile the topic's live batches
+        # pass the connection by (by topic id), and history gives them to it in order.
+        self.replaying: dict[Outbox, deque[_Resume]] = {}
+        self._replay_of: dict[int, list[Outbox]] = {}
+        self._solo_before: dict[Outbox, str] = {}  # the node a replaying connection was a solo member of
         self._flush_requested = False
         self._emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
@@ -468,20 +486,25 @@ class Router:
                 self._release_position(other)
             held = self._awaits_of.get(box, 0)
         if not held:
-            # A connection waiting for positions is a plain member of its nodes (one extra
-            # count in nsubs keeps it so), so that one emission can pass it by.
-            node = box.solo_node
-            if node is None:
-                box.nsubs += 1
-            else:
-                self.index.unsubscribe(node.pattern, box)  # what the node gave it this tick becomes its own
-                box.nsubs += 1
-                self.index.subscribe(node.pattern, box)
+            self._make_plain(box)
         self._awaits_of[box] = held + 1
         if self._recovery is not None and not self._recovery:
             self._recovery.append("awaited")
         awaiting.setdefault(name, []).append((box, epoch, seq))
         self._awaited += 1
+
+    def _make_plain(self, box: Outbox) -> str | None:
+        """Make `box` a plain member of its nodes for as long as it holds one extra count in
+        nsubs (the caller takes it back), so that an emission can pass it by (`mark`).
+        Returns the pattern of the node it was a solo member of (None: none)."""
+        node = box.solo_node
+        if node is None:
+            box.nsubs += 1
+            return None
+        self.index.unsubscribe(node.pattern, box)  # what the node gave it this tick becomes its own
+        box.nsubs += 1
+        self.index.subscribe(node.pattern, box)
+        return node.pattern
 
     def _forget_positions(self, box: Outbox, pattern: str | None) -> None:
         """Drop the positions `box` awaits on topics of `pattern` (None: on every topic)."""
@@ -687,10 +710,13 @@ class Router:
         backplane = self.backplane
         store = backplane.store
         cut = self._pass_positions(states) if self._awaiting else None
-        self._emission, published, batches, delivered = emit_all(
-            states, self._emission, self._max_piece, self._touched, self._slow, self._nodes,
-            store, backplane.now_ms() if store is not None else 0,
-        )
+        now_ms = backplane.now_ms() if store is not None else 0
+        if self._replay_of:
+            published, batches, delivered = self._emit_passing(states, store, now_ms)
+        else:
+            self._emission, published, batches, delivered = emit_all(
+                states, self._emission, self._max_piece, self._touched, self._slow, self._nodes, store, now_ms,
+            )
         if cut:
             for box, state, first, payloads in cut:
                 self._replay(box, state, [(first, payloads)])
@@ -709,6 +735,8 @@ class Router:
             self.index.unsubscribe(pattern, box)
         if box in self._awaits_of:
             self._forget_positions(box, None)
+        if box in self.replaying:
+            self._end_replays(box)
 
     # recovery
 
@@ -720,8 +748,8 @@ class Router:
         `since` is (epoch, seq) for a topic, (time_ms, {topic: (epoch, seq)}) for a pattern.
         `within`: the patterns the subscription holds when the connection's grants narrowed
         it; only their topics are recovered (a listed topic outside them is passed over).
-        A replay stops before the connection's queue passes max_pending_bytes; what it could
-        not send is reported as gaps."""
+        A replay stops before the connection's queue passes max_pending_bytes and continues
+        as it drains (`continue_replays`)."""
         if since is None and not last:
             return
         self._recovery = []
@@ -803,36 +831,153 @@ class Router:
     def _replay(self, box: Outbox, state: TopicState, batches: list) -> None:
         """Queue batches of one topic from history on `box`, oldest first, in pieces of at
         most max_outbound_frame_bytes, while the connection's queue stays within
-        max_pending_bytes; what does not fit becomes a gap notice."""
+        max_pending_bytes; the rest waits for room (behind any replay waiting already)."""
         if not batches:
             return
         if box.introduce(state):
             self._slow.append(box)
             return
+        if box in self.replaying:
+            self._wait(box, state, batches[0][0])
+            return
+        rest = self._push_within(box, state, batches, False)
+        if rest:
+            self._wait(box, state, rest)
+
+    def _push_within(self, box: Outbox, state: TopicState, batches: list, progress: bool) -> int:
+        """Queue what fits of `batches` within max_pending_bytes (with `progress`, at least one
+        message); returns the sequence number of the first message left (0: none left)."""
         limit = box.limit
         max_piece = self._max_piece
         replayed = 0
+        rest = 0
         for first, payloads in batches:
             start = size = 0
             for i, payload in enumerate(payloads):
                 n = len(payload) + 5
-                if box.pending + size + n > limit:
+                if box.pending + size + n > limit and not (progress and not replayed and i == start):
                     replayed += self._push_replay(box, state, first + start, payloads[start:i])
-                    self.stats.replayed += replayed
-                    end = batches[-1][0] + len(batches[-1][1]) - 1
-                    self._gap(box, Gap(state.name, state.epoch, first + i, end, "the replay stopped at max_pending_bytes; subscribe again with a later since for the rest", "replay"))
-                    return
+                    rest = first + i
+                    break
                 if i > start and size + n > max_piece:
                     replayed += self._push_replay(box, state, first + start, payloads[start:i])
                     start, size = i, 0
                 size += n
+            if rest:
+                break
             replayed += self._push_replay(box, state, first + start, payloads[start:])
         self.stats.replayed += replayed
+        return rest
 
     def _push_replay(self, box: Outbox, state: TopicState, first: int, payloads: list) -> int:
         if payloads and box.push(encode_batch(state.id, first, payloads)):
             self._slow.append(box)
         return len(payloads)
+
+    def _wait(self, box: Outbox, state: TopicState, next_seq: int) -> None:
+        """Let the replay of `state` from `next_seq` wait for room on `box`; the topic's live
+        batches pass the connection by until it caught up."""
+        waiting = self.replaying.get(box)
+        if waiting is None:
+            waiting = self.replaying[box] = deque()
+            pattern = self._make_plain(box)
+            if pattern is not None:
+                self._solo_before[box] = pattern
+        waiting.append(_Resume(state, next_seq))
+        self._replay_of.setdefault(state.id, []).append(box)
+
+    def _emit_passing(self, states: list[TopicState], store, now_ms: int) -> tuple[int, int, int]:
+        """emit_all, passing by the connections whose replay of a topic waits (history gives
+        them its batches, in order, after what they wait for): such a topic is emitted on its
+        own, right after its connections were marked as reached by that emission (a mark
+        holds for one emission). Returns (messages emitted, batches, deliveries)."""
+        replay_of = self._replay_of
+        totals = [0, 0, 0]
+        run: list[TopicState] = []
+
+        def emit(group: list[TopicState]) -> None:
+            self._emission, published, batches, delivered = emit_all(
+                group, self._emission, self._max_piece, self._touched, self._slow, self._nodes, store, now_ms,
+            )
+            totals[0] += published
+            totals[1] += batches
+            totals[2] += delivered
+
+        for state in states:
+            boxes = replay_of.get(state.id)
+            if boxes is None or not state.pending:
+                run.append(state)
+                continue
+            if run:
+                emit(run)
+                run = []
+            for box in boxes:
+                box.mark = self._emission + 1  # the number emit_all gives this batch
+            emit([state])
+        if run:
+            emit(run)
+        return totals[0], totals[1], totals[2]
+
+    def continue_replays(self) -> None:
+        """Continue the waiting replays of the connections whose transport takes data (it did
+        not pause writing) and whose backlog is below max_pending_bytes, each up to
+        max_pending_bytes (at least a message), from what history holds now: a range it no
+        longer holds is a gap (cause `history`), an epoch that ended meanwhile ends the replay
+        with a gap (`ended`). A replay that reached the topic's last emitted message is done:
+        its live batches reach the connection again. The shell calls this once per loop
+        iteration that wrote, and from its sweep."""
+        for box in list(self.replaying):
+            if box.closed:
+                self._end_replays(box)
+            elif not box.paused and box.pending < box.limit:
+                self._continue(box)
+                self.schedule_write(box)
+
+    def _continue(self, box: Outbox) -> None:
+        waiting = self.replaying[box]
+        progress = True
+        while waiting:
+            resume = waiting[0]
+            state = resume.state
+            if self.topics.get(state.name) is not state:
+                self._gap(box, Gap(state.name, state.epoch, resume.next, 0, f"epoch {state.epoch} of the topic ended while its replay waited", "ended"))
+            else:
+                first, batches = self.backplane.since(state, resume.next - 1, box.limit)  # what one turn may send, at most
+                if first > resume.next:
+                    self._gap(box, Gap(state.name, state.epoch, resume.next, first - 1, "history no longer holds these messages (they left it while the replay waited for room)", "history"))
+                    resume.next = first
+                if batches:
+                    if box.introduce(state):
+                        self._slow.append(box)
+                        return
+                    rest = self._push_within(box, state, batches, progress)
+                    progress = False
+                    if rest:
+                        resume.next = rest
+                        return
+                    resume.next = batches[-1][0] + len(batches[-1][1])
+                    continue  # history may hold more than one turn reads
+            self._replayed(box, waiting)
+
+    def _replayed(self, box: Outbox, waiting: deque) -> None:
+        """The oldest waiting replay of `box` is done."""
+        state = waiting.popleft().state
+        boxes = self._replay_of[state.id]
+        boxes.remove(box)
+        if not boxes:
+            del self._replay_of[state.id]
+        if not waiting:
+            del self.replaying[box]
+            box.nsubs -= 1
+            pattern = self._solo_before.pop(box, None)
+            if pattern is not None and not box.closed:
+                self.index.settle(pattern, box)  # a solo member again, if that is still its only subscription
+
+    def _end_replays(self, box: Outbox) -> None:
+        """`box` closed: its waiting replays are dropped."""
+        waiting = self.replaying[box]
+        while waiting:
+            self._replayed(box, waiting)
 
     def _gap(self, box: Outbox, gap: Gap) -> None:
         self.stats.gaps += 1

@@ -422,6 +422,8 @@ class Harness:
         for box in touched:
             box.scheduled = False
             written[box.owner] = self.read(box, box.take(MAX_FRAME, shared))
+        if self.router.replaying:
+            self.router.continue_replays()
         self.router.end_tick()
         return written, [box.owner for box in slow]
 

@@ -186,16 +186,74 @@ def test_last_on_a_topic_without_history_sends_nothing_old():
     assert h.tick()[0]["s"] == [Ack(1, 0, 0)]
 
 
-def test_a_replay_larger_than_max_pending_bytes_stops_there_with_a_gap():
+def test_a_replay_larger_than_max_pending_bytes_continues_as_the_connection_drains():
+    """A replay that does not fit in the connection's queue sends what fits and continues from
+    history as the connection drains; the topic's live messages wait behind it: the subscriber
+    gets every message once and in order, and never more than max_pending_bytes at once."""
     h = Harness(max_pending_bytes=4096)
-    publish(h, "t", [bytes(100) for _ in range(100)], ticks=10)
+    publish(h, "t", [b"%d" % i + bytes(99) for i in range(1, 101)], ticks=10)
+    s = h.session("s")
+    p = h.session("live")
+    s.receive(encode(Sub(1, "t", [42, 0])))
+    got = []
+    for tick in range(20):
+        if tick < 5:
+            p.receive(encode(Pub(0, "t", b"%d" % (101 + tick) + bytes(99))))
+        written, slow = h.tick()
+        assert not slow
+        out = written.get("s", [])
+        assert not [m for m in out if type(m) is GapNotice]
+        assert sum(len(payload) for _, payload in h.frames.get("s", [])) <= 4096 + 64
+        got += messages(out)
+        if not h.router.replaying and len(got) >= 105:
+            break
+    assert [seq for _, seq, _ in got] == list(range(1, 106))
+    assert all(data.startswith(b"%d" % seq) for _, seq, data in got)
+    assert tick >= 3  # it took several loop iterations
+    assert s.box.solo_node is not None  # it shares its subscription's frames again
+    # live again: the next message is delivered at once
+    p.receive(encode(Pub(0, "t", b"106")))
+    assert messages(h.tick()[0]["s"]) == [("t", 106, b"106")]
+
+
+def test_a_pattern_replay_waits_topic_after_topic_and_live_messages_of_each_follow_their_own():
+    h = Harness(max_pending_bytes=4096)
+    p = h.session("live")
+    for seq in range(1, 41):
+        p.receive(encode([Pub(0, f"pt.{t}", b"%d" % seq + bytes(99)) for t in range(4)]))
+        h.tick()
+    s = h.session("s")
+    s.receive(encode(Sub(1, "pt.*", [0, {}])))
+    got = []
+    for tick in range(40):
+        if tick < 6:  # live messages of every topic while the replay waits
+            p.receive(encode([Pub(0, f"pt.{t}", b"%d" % (41 + tick) + bytes(99)) for t in range(4)]))
+        written, slow = h.tick()
+        assert not slow and not [m for m in written.get("s", []) if type(m) is GapNotice]
+        got += messages(written.get("s", []))
+        if not h.router.replaying and len(got) == 4 * 46:
+            break
+    for t in range(4):
+        assert [seq for topic, seq, _ in got if topic == f"pt.{t}"] == list(range(1, 47))
+    assert tick > 3
+
+
+def test_a_replay_waiting_for_room_reports_what_history_dropped_meanwhile():
+    h = Harness(history={"max_messages": 50}, max_pending_bytes=2048)
+    publish(h, "t", [bytes(100) for _ in range(50)], ticks=5)
     s = h.session("s")
     s.receive(encode(Sub(1, "t", [42, 0])))
     out = h.tick()[0]["s"]
-    got = messages(out)
-    gap = out[-1]
-    assert type(gap) is GapNotice and gap.last == 100 and gap.first == len(got) + 1
-    assert 30 <= len(got) < 41 and [seq for _, seq, _ in got] == list(range(1, len(got) + 1))
+    assert h.router.replaying  # it did not fit
+    h.session("publisher").receive(encode([Pub(0, "t", bytes(100)) for _ in range(50)]))  # history keeps 51 ... 100 only
+    while h.router.replaying:
+        out += h.tick()[0].get("s", [])
+    out += h.tick()[0].get("s", [])
+    items = [("gap", m.first, m.last, m.cause) if type(m) is GapNotice else ("msg", m.seq, m.seq + len(m.data) - 1) for m in out[1:]]
+    (at,) = [i for i, item in enumerate(items) if item[0] == "gap"]
+    sent = items[at - 1][2]
+    assert 10 <= sent < 50 and items[at] == ("gap", sent + 1, 50, "history")
+    assert [seq for _, seq, _ in messages(out)] == list(range(1, sent + 1)) + list(range(51, 101))
 
 
 def test_messages_published_in_the_same_tick_before_the_subscription_are_replayed_once():

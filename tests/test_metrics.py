@@ -57,7 +57,7 @@ def test_metrics_count_connections_messages_bytes_and_errors():
                 assert status == 200
                 m = samples(text)
                 assert m[("broker_connections_opened_total", ())] == 6
-                for outcome, count in {"complete": 1, "history": 1, "ended": 1, "awaited": 0, "replay": 0}.items():
+                for outcome, count in {"complete": 1, "history": 1, "ended": 1, "awaited": 0}.items():
                     assert m[("broker_recoveries_total", (("outcome", outcome),))] == count, outcome
                 assert m[("broker_messages_published_total", ())] == 50
                 assert m[("broker_messages_delivered_total", ())] == 50

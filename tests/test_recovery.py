@@ -309,3 +309,76 @@ def test_a_subscription_hands_on_the_end_of_an_epoch_once():
     sub._gap(Gap("r.a", 7, 5, 0, "ended", "ended"))
     sub._receive("r.a", 9, 1, [b"new"])
     assert list(sub._queue) == [Message("r.a", 7, 1, b"1"), Message("r.a", 7, 2, b"2"), ended, Message("r.a", 9, 1, b"new")]
+    # an end reported from further on than the subscription got covers what it did not get
+    other = Subscription(None, "r.b", None, 100)  # type: ignore[arg-type]
+    other._receive("r.b", 7, 1, [b"1"])
+    other._gap(Gap("r.b", 7, 5, 0, "ended", "ended"))
+    assert list(other._queue)[-1] == Gap("r.b", 7, 2, 0, "ended", "ended")
+
+
+def test_a_client_closed_as_a_slow_consumer_comes_back_and_recovers_all_that_history_holds():
+    """The subscriber stops reading and is closed (1013) while a publisher goes on; when it
+    reconnects it asks for everything after what it delivered, many times max_pending_bytes:
+    the broker replays it as the connection drains, the live messages after it, and the
+    application gets every message once, in order, without a gap."""
+    topics = [f"sc.{i}" for i in range(10)]
+    per_topic = 1500
+    payload = bytes(1000)
+
+    async def main():
+        async with serving(max_pending_bytes=256 << 10, max_payload_bytes=16 << 10, slow_consumer_timeout_s=0.3,
+                           history_max_messages=10_000, history_max_bytes=16 << 20) as server:
+            async with Client(url(server)) as pub:
+                got: list = []
+                sub_client = await Client.connect(url(server), reconnect_delay=(0.05, 0.2))
+                await sub_client.subscribe("sc.*", got.append)
+                for i, topic in enumerate(topics):
+                    pub.publish(topic, b"1:" + payload)
+                await pub.publish_acked("sc.sync.x", b"")
+                await eventually(lambda: len(got) == len(topics), 5, "the first messages")
+                raw = sub_client._transport.underlying_transport
+                raw.pause_reading()  # stops reading
+                for seq in range(2, per_topic + 1):
+                    for topic in topics:
+                        pub.publish(topic, b"%d:" % seq + payload)
+                    if seq % 50 == 0:
+                        await pub.drain()
+                        await asyncio.sleep(0)
+                await eventually(lambda: server.router.stats.slow_consumers == 1, 10, "the slow-consumer close")
+                raw.resume_reading()  # it reads what reached it, then the close
+                await eventually(lambda: sub_client.reconnects == 1, 10, "the reconnection")
+                for topic in topics:  # live, while the replay runs
+                    pub.publish(topic, b"%d:" % (per_topic + 1) + payload)
+                await eventually(lambda: len(got) >= len(topics) * (per_topic + 1), 20, "the replay")
+                await asyncio.sleep(0.1)
+                assert not [m for m in got if isinstance(m, Gap)], [m for m in got if isinstance(m, Gap)][:3]
+                for topic in topics:
+                    seqs = [m.seq for m in got if m.topic == topic]
+                    assert seqs == list(range(1, per_topic + 2)), topic
+                    assert all(m.data.startswith(b"%d:" % m.seq) for m in got if m.topic == topic)
+                # far more than max_pending_bytes came from history (the rest had reached the client)
+                assert server.router.stats.replayed * len(payload) > 8 * (256 << 10) and not server.router.replaying
+                await sub_client.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_subscription_made_while_another_ones_replay_waits_gets_only_what_follows_its_ack():
+    async def main():
+        async with serving(max_pending_bytes=64 << 10, max_payload_bytes=8 << 10, history_max_messages=1000) as server:
+            async with Client(url(server)) as pub:
+                for seq in range(1, 301):
+                    pub.publish("pq.a", b"%d:" % seq + bytes(1000))
+                await pub.publish_acked("pq.a", b"301")
+                async with Client(url(server)) as client:
+                    everything: list = []
+                    exact: list = []
+                    await client.subscribe("pq.*", everything.append, since=(0, {}))
+                    assert server.router.replaying, "the replay fits at once"
+                    sub = await client.subscribe("pq.a", exact.append)
+                    await pub.publish_acked("pq.a", b"302")
+                    await eventually(lambda: len(everything) == 302 and exact and exact[-1].seq == 302, 10, "the replay and the live message")
+                    assert [m.seq for m in everything] == list(range(1, 303))
+                    assert [m.seq for m in exact] == list(range(sub.seq + 1, 303)) and sub.seq == 301
+
+    run(main())

@@ -113,7 +113,7 @@ class Gap(NamedTuple):
     """Messages `first` ... `last` of `topic` in `epoch` that this subscription will not get
     (`last` 0: to the end of that epoch); `reason` comes from the broker, for people; `cause`
     for programs: "history" (history no longer held them), "ended" (their epoch ended),
-    "replay" (a replay stopped at the broker's bound), "dropped" or "conflated" (the
+    "replay" (from earlier broker versions: a replay stopped at their bound), "dropped" or "conflated" (the
     connection fell behind and its slow-consumer policy dropped or conflated them)."""
 
     topic: str
@@ -185,7 +185,8 @@ class Subscription:
         if position is not None and position[0] == gap.epoch:
             if gap.last and gap.last <= position[1]:
                 return  # this subscription delivered all of it already
-            if gap.first <= position[1]:
+            if gap.first <= position[1] or (not gap.last and gap.first > position[1] + 1):
+                # (an epoch that ended: nothing of it after the position can come any more)
                 gap = gap._replace(first=position[1] + 1)
         if gap.last:
             self.positions[gap.topic] = (gap.epoch, gap.last)
@@ -626,6 +627,10 @@ class Client:
                     sub.positions.update(since[1])
                 else:
                     sub.positions[pattern] = since
+            elif ack.epoch and not is_pattern(pattern):
+                # what the connection gets of the topic at or before the ack (a replay another
+                # subscription asked for) is not this one's
+                sub.positions[pattern] = (ack.epoch, ack.seq)
             self._index.add(pattern, sub)
 
         try:

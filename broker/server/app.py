@@ -484,6 +484,8 @@ class Server:
                     self._behind.discard(box)
             if self.holding or self.pending_total > self.config.max_total_pending_bytes:
                 self._check_memory()
+        if router.replaying:  # replays waiting for room go on as their connections drain
+            router.continue_replays()
         router.end_tick()
         router.new_tick()
         self._arm_request_timer()
@@ -671,6 +673,8 @@ class Server:
         self.backplane.sweep()
         self._check_tokens()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))
+        if self.router.replaying:
+            self.router.continue_replays()
         self.guard.sweep()
         self._recount()
         self._write_dead_letters()

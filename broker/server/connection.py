@@ -164,8 +164,9 @@ class Connection(asyncio.Protocol):
         box.paused = False
         box.transport_bytes = self.transport.get_write_buffer_size()
         shedding = self.session.shedding
-        if (box.size or self.pong is not None or (shedding is not None and shedding.held)) and not box.closed:
-            self.server.router.schedule_write(box)
+        router = self.server.router
+        if (box.size or self.pong is not None or (shedding is not None and shedding.held) or box in router.replaying) and not box.closed:
+            router.schedule_write(box)
 
     # handshake
 

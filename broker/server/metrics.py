@@ -44,8 +44,8 @@ class Collector(_Collector):
         yield _counter("broker_messages_replayed", "messages sent from history (recovery and last values)", stats.replayed)
         yield _counter("broker_gaps", "gap notices sent", stats.gaps)
         yield _by(
-            "broker_recoveries", "subscriptions with since or last, by outcome: complete, awaited (a cluster node waits for a position it has not reached), or the cause of the first gap they got (history, ended, replay)", "outcome",
-            {"complete": 0, "awaited": 0, "history": 0, "ended": 0, "replay": 0, **stats.recoveries}, counter=True,
+            "broker_recoveries", "subscriptions with since or last, by outcome: complete, awaited (a cluster node waits for a position it has not reached), or the cause of the first gap they got (history, ended)", "outcome",
+            {"complete": 0, "awaited": 0, "history": 0, "ended": 0, **stats.recoveries}, counter=True,
         )
         yield _counter("broker_duplicates", "publishes dropped as repeats of a msg_id", stats.duplicates)
         yield _by("broker_errors", "err replies sent, by error code", "code", stats.errors, counter=True)
