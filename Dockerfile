@@ -33,8 +33,9 @@ COPY --from=build /opt/broker /opt/broker
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin broker
 USER 10001
 WORKDIR /tmp
-# The WebSocket port, and the admin port (metrics, /healthz, /readyz; the JSON API stays off
-# unless BROKER_ADMIN_API_KEY is set). Every setting can be given as BROKER_<NAME>.
+# The WebSocket port, and the admin port (/healthz, /readyz; /metrics, the dashboard and the
+# JSON API stay off unless BROKER_ADMIN_API_KEY is set). Every setting can be given as
+# BROKER_<NAME>.
 ENV PATH=/opt/broker/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     BROKER_HOST=0.0.0.0 \

@@ -453,13 +453,15 @@ async def _probe(system: System, pub_port: int, sub_ports: list[int], topic: str
 
 
 # A Prometheus stand-in for broker-metrics: GET /metrics once a second (faster than the usual
-# 15 s scrape interval, so the row shows scraping's cost plainly).
+# 15 s scrape interval, so the row shows scraping's cost plainly), with the admin key as
+# Prometheus sends it.
+METRICS_KEY = "bench-metrics-key"
 SCRAPER = """
 import sys, time, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/metrics"
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/metrics", headers={"Authorization": "Bearer " + sys.argv[2]})
 while True:
     try:
-        urllib.request.urlopen(url, timeout=5).read()
+        urllib.request.urlopen(request, timeout=5).read()
     except OSError:
         pass
     time.sleep(1)
@@ -475,8 +477,8 @@ def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Dep
     system = SYSTEMS[name]
     if name == "broker-metrics":
         port, admin = free_port(), free_port()
-        procs = {"server": start(name, port, defaults, broker, ["--admin-port", str(admin)])}
-        procs["scraper"] = subprocess.Popen([sys.executable, "-c", SCRAPER, str(admin)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_setup)
+        procs = {"server": start(name, port, defaults, broker, ["--admin-port", str(admin), "--admin-api-key", METRICS_KEY])}
+        procs["scraper"] = subprocess.Popen([sys.executable, "-c", SCRAPER, str(admin), METRICS_KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_setup)
         return Deployment(name, procs, {"server": port}, port, [port])
     if system.nodes == 1 and not system.redis:
         port = free_port()

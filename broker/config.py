@@ -112,6 +112,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     admin_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     admin_api_key: str = ""
     admin_api_key_file: str = ""
+    admin_allowed_hosts: str = ""
     # processes
     workers: Annotated[int, msgspec.Meta(gt=0, le=256)] = 1
     hang_timeout_s: Seconds = 10.0
@@ -292,9 +293,10 @@ HELP = {
     "redis_timeout_s": "[redis] seconds a Redis command may take, and publishes may wait for Redis, before they fail with err 18",
     "redis_max_buffer_bytes": "[redis] bytes of publishes held while Redis is slow or away; past it publishes are refused with err 18",
     "admin_host": "[admin] interface the admin HTTP server (metrics, health) listens on",
-    "admin_port": "[admin] port of the admin HTTP server: /metrics (Prometheus), /healthz, /readyz (0: no admin server)",
-    "admin_api_key": "[admin] key the admin JSON API (/api/...) wants as Authorization: Bearer KEY ('': the API is off; metrics and health need none) (a secret: prefer admin_api_key_file)",
+    "admin_port": "[admin] port of the admin HTTP server: /healthz, /readyz, and with admin_api_key /metrics (Prometheus), the dashboard and the JSON API (0: no admin server)",
+    "admin_api_key": "[admin] key everything on the admin port but /healthz and /readyz wants as Authorization: Bearer KEY: /metrics, the dashboard's data, the JSON API ('': only health answers) (a secret: prefer admin_api_key_file)",
     "admin_api_key_file": "[admin] file holding admin_api_key (its content, without a final line break), instead of the setting",
+    "admin_allowed_hosts": "[admin] comma-separated host names the admin server answers to in the Host header, besides IP addresses, localhost and admin_host ('*': any name); others get 403 (health excepted)",
     "workers": "processes serving the port together (SO_REUSEPORT), joined through redis_url, restarted when one dies or hangs; the supervisor serves admin_port for them all",
     "hang_timeout_s": "with workers > 1: seconds a worker may leave the supervisor's health probe (one a second) unanswered before it is killed and started again; a starting worker gets redis_timeout_s more to answer the first time",
     "reuse_port": "listen with SO_REUSEPORT (set for worker processes; lets several processes share the port)",

@@ -1,14 +1,19 @@
-"""The admin JSON API: stats, topics, connections, closing one, and server-side publish."""
+"""The admin port: what wants the key and which Host names it answers to, its log of
+malformed requests, and the JSON API (stats, topics, connections, closing one, server-side
+publish)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 
 import aiohttp
 
 from broker.client import Client
 from broker.errors import ErrorCode
+from broker.limits import AUDIT_PER_KEY
+from broker.server import admin
 
 from conftest import run, serving, url
 from redis_support import free_port
@@ -23,24 +28,59 @@ async def call(port: int, method: str, path: str, key: str | None = KEY, **kwarg
             return response.status, await response.json()
 
 
-def test_the_api_wants_its_key_and_is_off_without_one():
+async def fetch(port: int, path: str, key: str | None = None, host: str | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, the first bytes of the body) of a GET; the event stream is read
+    up to its first event only."""
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    if host is not None:
+        headers["Host"] = host
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}{path}", headers=headers, allow_redirects=False) as response:
+            if response.content_type == "text/event-stream":
+                body = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+            else:
+                body = await response.read()
+            return response.status, response.content_type, body
+
+
+# Everything of the admin port that tells what flows through the broker, and what it answers
+# when given the key.
+GUARDED = {
+    "/metrics": "text/plain",
+    "/dashboard/events": "text/event-stream",
+    "/api/stats": "application/json",
+    "/api/topics": "application/json",
+    "/api/connections": "application/json",
+}
+
+
+def test_everything_but_health_wants_the_key():
     async def main():
         port = free_port()
         async with serving(admin_port=port, admin_api_key=KEY):
-            assert (await call(port, "GET", "/api/stats", key=None))[0] == 401
-            assert (await call(port, "GET", "/api/stats", key="wrong"))[0] == 401
-            status, body = await call(port, "GET", "/api/stats")
-            assert status == 200 and body["connections"] == 0 and body["backplane"] == "memory"
+            for path in ("/healthz", "/readyz"):
+                assert (await fetch(port, path))[0] == 200
+            for path, kind in GUARDED.items():
+                for key in (None, "wrong", KEY[:-1]):
+                    status, _, body = await fetch(port, path, key)
+                    assert status == 401 and b"admin_api_key" in body, (path, key, status)
+                status, content_type, body = await fetch(port, path, KEY)
+                assert status == 200 and content_type == kind, (path, status)
+            assert (await fetch(port, "/dashboard/events", KEY))[2].startswith(b"data: {")
+            # the dashboard's page and script hold no data: a browser loads them, then the key
+            for path, kind in (("/dashboard/", "text/html"), ("/dashboard/dashboard.js", "text/javascript")):
+                status, content_type, _ = await fetch(port, path)
+                assert status == 200 and content_type == kind
+            assert (await fetch(port, "/dashboard"))[0] == 302
             status, body = await call(port, "GET", "/api/topics?limit=0")
             assert status == 400 and "limit" in body["error"]
         port = free_port()
-        async with serving(admin_port=port):
-            status, body = await call(port, "GET", "/api/stats")
-            assert status == 404 and "admin_api_key" in body["error"]
-            async with aiohttp.ClientSession() as session:  # the dashboard needs no key
-                for path, kind in (("/dashboard", "text/html"), ("/dashboard/dashboard.js", "text/javascript")):
-                    async with session.get(f"http://127.0.0.1:{port}{path}") as response:
-                        assert response.status == 200 and response.content_type == kind
+        async with serving(admin_port=port):  # no key: health only
+            for path in ("/healthz", "/readyz"):
+                assert (await fetch(port, path))[0] == 200
+            for path in (*GUARDED, "/dashboard/", "/dashboard/dashboard.js"):
+                status, _, body = await fetch(port, path)
+                assert status == 404 and b"admin_api_key" in body, (path, status)
 
     run(main())
 
@@ -56,6 +96,66 @@ def test_the_api_key_may_come_from_a_file(tmp_path):
             assert (await call(port, "GET", "/api/stats"))[0] == 200
 
     run(main())
+
+
+def test_the_admin_port_answers_only_to_its_own_names():
+    """A page of another site whose name was made to resolve to the admin server (DNS
+    rebinding) sends its own name in Host: refused, key or not. Health answers any Host."""
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, admin_allowed_hosts="ops.example.com, Broker-1"):
+            own = [f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "10.1.2.3",
+                   f"ops.example.com:{port}", "ops.example.com.", f"broker-1:{port}"]
+            for host in own:
+                assert (await fetch(port, "/metrics", KEY, host))[0] == 200, host
+            for host in (f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example", "ops.example.com:x", "[::1"):
+                for path in ("/metrics", "/dashboard/events", "/api/stats", "/dashboard/"):
+                    status, _, body = await fetch(port, path, KEY, host)
+                    assert status == 403 and b"admin_allowed_hosts" in body, (host, path, status)
+                for path in ("/healthz", "/readyz"):
+                    assert (await fetch(port, path, None, host))[0] == 200
+
+    run(main())
+
+
+def test_the_hosts_an_admin_server_answers_to():
+    allowed_hosts, host_allowed = admin.allowed_hosts, admin.host_allowed
+    names = allowed_hosts("127.0.0.1", "")
+    assert names == {"localhost", "127.0.0.1"}
+    assert host_allowed("localhost:9341", names) and host_allowed("127.0.0.1", names) and host_allowed("[::1]:1", names)
+    assert host_allowed("192.0.2.7:9341", names)  # an address cannot be a rebound name
+    assert not host_allowed("example.com", names) and not host_allowed(None, names) and not host_allowed("", names)
+    assert not host_allowed("[::1]x", names) and not host_allowed("[example.com]", names)
+    named = allowed_hosts("admin.internal", "a.example, B.EXAMPLE.")
+    assert all(host_allowed(h, named) for h in ("admin.internal:1", "a.example", "b.example", "B.Example:80"))
+    assert host_allowed("anything.example", allowed_hosts("0.0.0.0", "*"))
+
+
+def test_malformed_requests_are_logged_in_one_bounded_line_each(caplog):
+    """40 requests aiohttp cannot parse: no traceback, at most one line each, and at most a
+    few per address a second (the rest counted in one line)."""
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY):
+            for i in range(40):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nthis line has no colon %d\r\n\r\n" % i)
+                head = await asyncio.wait_for(reader.readline(), 5)
+                assert b" 400 " in head, head
+                writer.close()
+            await asyncio.sleep(1.2)  # the audit log's window ends: the count of what it left out
+            assert (await fetch(port, "/healthz"))[0] == 200  # and the server answers on
+
+    with caplog.at_level(logging.INFO):
+        run(main())
+    assert not [r for r in caplog.records if r.exc_info or "\n" in r.getMessage()], "a traceback was logged"
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    lines = [r for r in records if r.getMessage() == "admin_request_failed"]
+    assert 1 <= len(lines) <= AUDIT_PER_KEY
+    assert lines[0].fields["status"] == 400 and lines[0].fields["peer"] == "127.0.0.1"
+    (skipped,) = [r for r in records if r.getMessage() == "audit_lines_skipped"]
+    assert skipped.fields["kind"] == "admin_request_failed" and skipped.fields["count"] == 40 - len(lines)
+    assert len(records) == len(lines) + 1
 
 
 def test_server_side_publish_topics_connections_and_closing_one():

@@ -75,6 +75,10 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
     (static,) = job["static_configs"]
     admin_port = dict(re.findall(r"\b(BROKER_[A-Z_]+)=(\S+)", DOCKERFILE.read_text()))["BROKER_ADMIN_PORT"]
     assert sorted(static["targets"]) == [f"{name}:{admin_port}" for name in nodes]
+    # /metrics wants the nodes' admin key, and answers only to the names it is scraped by
+    environment = services["broker-1"]["environment"]
+    assert job["authorization"] == {"type": "Bearer", "credentials": environment["BROKER_ADMIN_API_KEY"]}
+    assert set(environment["BROKER_ADMIN_ALLOWED_HOSTS"].split(",")) == set(nodes)
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
 
 

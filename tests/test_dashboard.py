@@ -1,5 +1,6 @@
-"""The dashboard in a real headless Chromium: it loads, shows live numbers that change while a
-publisher runs, and logs no console errors. Needs Playwright (test extras) and a Chromium
+"""The dashboard in a real headless Chromium: it loads, asks for the admin key (and asks again
+when the key is refused), shows live numbers that change while a publisher runs, and logs no
+console errors other than the refused key's 401. Needs Playwright (test extras) and a Chromium
 (`apt-get install chromium`, or `playwright install chromium`); skipped, saying which is
 missing, where there is none."""
 
@@ -32,6 +33,9 @@ asyncio.run(main())
 """
 
 
+KEY = "dashboard-key-of-this-test"
+
+
 def chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
@@ -58,7 +62,7 @@ def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
         else:
             browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         admin = free_port()
-        with BrokerNode("--admin-port", str(admin), *extra) as node:
+        with BrokerNode("--admin-port", str(admin), "--admin-api-key", KEY, *extra) as node:
             deadline = time.monotonic() + 10
             while True:  # the admin server starts right after the WebSocket listener
                 try:
@@ -74,7 +78,17 @@ def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
                 page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
                 page.on("pageerror", lambda error: problems.append(str(error)))
                 page.goto(f"http://127.0.0.1:{admin}/dashboard")
-                page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
+                status = "document.getElementById('status').textContent"
+                page.wait_for_function(f"{status} === 'needs the admin key'", timeout=10_000)
+                page.fill("#key", "not-the-key")
+                page.click("#key-form button")
+                page.wait_for_function(f"{status} === 'the key was refused'", timeout=10_000)
+                assert all("401" in problem for problem in problems), problems  # the browser logs the refused fetch
+                problems.clear()
+                page.fill("#key", KEY)
+                page.click("#key-form button")
+                page.wait_for_function(f"{status} === 'live'", timeout=10_000)
+                assert page.is_hidden("#key-form")
                 # the first snapshot has no rate yet and shows "0"; the next ones show the
                 # publisher's, so the number changes while the page is open
                 page.wait_for_function(
@@ -85,6 +99,12 @@ def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
                 assert page.text_content("#connections") == "1"
                 page.wait_for_function("document.querySelector('#hot td') && document.querySelector('#hot td').textContent === 'md.live'", timeout=10_000)
                 assert not problems, problems
+                # a bookmark may carry the key in its fragment, which no request sends
+                fresh = browser.new_page()
+                fresh.on("pageerror", lambda error: problems.append(str(error)))
+                fresh.goto(f"http://127.0.0.1:{admin}/dashboard/#key={KEY}")
+                fresh.wait_for_function(f"{status} === 'live'", timeout=10_000)
+                assert "#" not in fresh.url and not problems  # taken out of the address bar
             finally:
                 publisher.kill()
                 publisher.wait()

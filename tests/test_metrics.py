@@ -23,16 +23,20 @@ def samples(text: str) -> dict:
     return out
 
 
+# /metrics wants the admin key, as Prometheus sends it (authorization: credentials)
+KEY = "metrics-key-of-this-test"
+
+
 async def get(port: int, path: str) -> tuple[int, str]:
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+        async with session.get(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {KEY}"}) as response:
             return response.status, await response.text()
 
 
 def test_metrics_count_connections_messages_bytes_and_errors():
     async def main():
         port = free_port()
-        async with serving(admin_port=port, history_max_messages=10) as server:
+        async with serving(admin_port=port, admin_api_key=KEY, history_max_messages=10) as server:
             assert (await get(port, "/healthz"))[0] == 200
             status, body = await get(port, "/readyz")
             assert status == 200 and '"ready": true' in body
@@ -80,7 +84,7 @@ def test_metrics_count_connections_messages_bytes_and_errors():
 def test_readyz_says_when_the_backplane_does_not_take_publishes(own_redis):
     async def main():
         port = free_port()
-        async with serving(admin_port=port, redis_url=own_redis.url, redis_prefix="r", redis_timeout_s=0.5) as server:
+        async with serving(admin_port=port, admin_api_key=KEY, redis_url=own_redis.url, redis_prefix="r", redis_timeout_s=0.5) as server:
             assert (await get(port, "/readyz"))[0] == 200
             async with Client(url(server)) as client:
                 assert (await client.publish_acked("r.t", b"x")).seq == 1
@@ -101,7 +105,7 @@ def test_readyz_says_when_the_backplane_does_not_take_publishes(own_redis):
 def test_every_metric_is_documented_and_every_documented_metric_exists(own_redis):
     async def main():
         port = free_port()
-        async with serving(admin_port=port, redis_url=own_redis.url, redis_prefix="d") as server:
+        async with serving(admin_port=port, admin_api_key=KEY, redis_url=own_redis.url, redis_prefix="d") as server:
             names = {family.name for family in text_string_to_metric_families((await get(port, "/metrics"))[1])}
             assert server.admin is not None
             return names

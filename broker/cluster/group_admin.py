@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..config import Config
+from ..config import Config, read_secret
 from ..errors import ListenError, describe_os_error
 from ..server import admin
 from ..server.app import worker_of_connection
@@ -83,7 +83,10 @@ class GroupAdmin:
         self.config = config
         self.links = links
         self.states = states
-        self.key = config.admin_api_key.encode()
+        self.key = read_secret(config, "admin_api_key").encode()
+        self.hosts = admin.allowed_hosts(config.admin_host, config.admin_allowed_hosts)
+        # what the supervisor's own requests to a worker carry (the workers want the key too)
+        self.worker_headers = {"Authorization": f"Bearer {self.key.decode()}"} if self.key else {}
         self.where = ""
         self.watchers = 0
         self._closing = asyncio.Event()
@@ -107,7 +110,7 @@ class GroupAdmin:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        return await admin.guard(request, handler, self.key)
+        return await admin.guard(request, handler, self.key, self.hosts)
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port. The address is resolved here, in this thread: the supervisor
@@ -141,6 +144,7 @@ class GroupAdmin:
     async def _ask_all(self, method: str, path: str, timeout: float = ANSWER_TIMEOUT_S, headers: dict[str, str] | None = None) -> dict[int, tuple[int, bytes] | None]:
         """Every running worker's answer (None: no answer in time); workers not running are left out."""
         running = [state.index for state in self.states() if state.running]
+        headers = {**self.worker_headers, **(headers or {})}
         answers = await asyncio.gather(*(self.links[i].request(method, path, timeout, headers) for i in running))
         return dict(zip(running, answers))
 
@@ -326,7 +330,7 @@ class GroupAdmin:
         """Keep latest[index] the newest snapshot of worker `index`'s event stream, until it ends."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=ANSWER_TIMEOUT_S, sock_read=STREAM_READ_TIMEOUT_S)
         try:
-            async with self.links[index].session().get("http://worker/dashboard/events", timeout=timeout) as response:
+            async with self.links[index].session().get("http://worker/dashboard/events", timeout=timeout, headers=self.worker_headers) as response:
                 if response.status != 200:
                     return
                 async for line in response.content:

@@ -1,8 +1,15 @@
 """The admin HTTP server (aiohttp), on its own port and off unless `admin_port` is set:
-`/metrics` for Prometheus, `/healthz` (the process answers) and `/readyz` (it listens, is not
-shutting down, and with Redis the backplane takes publishes) for orchestrators, and with
-`admin_api_key` the JSON API under `/api/` (stats, topics, connections, closing a connection,
-server-side publish, revoking tokens), each request carrying the key as `Authorization: Bearer KEY`."""
+`/healthz` (the process answers) and `/readyz` (it listens, is not shutting down, and with
+Redis the backplane takes publishes) for orchestrators, to anyone; and with `admin_api_key`,
+`/metrics` for Prometheus, the dashboard and the JSON API under `/api/` (stats, topics,
+connections, closing a connection, server-side publish, revoking tokens), each request carrying the key as
+`Authorization: Bearer KEY`.
+
+Everything but health tells what flows through the broker (topic names, rates, users), so it
+is guarded twice: the key, and the `Host` header, checked against the server's own names (a
+page of another site whose name was made to resolve to this server, DNS rebinding, sends its
+own name). What aiohttp would log about a malformed request, with a traceback, is one line of
+the audit log instead, bounded per address and per second."""
 
 from __future__ import annotations
 
@@ -11,11 +18,14 @@ import base64
 import binascii
 import heapq
 import hmac
+import ipaddress
 import json
+import sys
 import time
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_os_error
@@ -27,6 +37,16 @@ MAX_WATCHERS = 16  # dashboards open at once (each costs a scan of the topics a 
 HOT_TOPICS = 10
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_PUBLISH_MESSAGES = 10_000  # messages one publish request may carry
+# Answered to anyone: they tell whether the process lives and is ready, nothing about traffic.
+HEALTH = frozenset({"/healthz", "/readyz"})
+# The dashboard's page and script: static, no data in them; a browser loads them without the
+# key, which the operator then gives the page (it sends it with its requests for data).
+PAGE = frozenset({"/dashboard", "/dashboard/", "/dashboard/dashboard.js"})
+# Host names every admin server answers to besides its own: IP addresses are always accepted
+# (a page cannot have one as its name and make it resolve elsewhere).
+LOOPBACK_NAMES = frozenset({"localhost"})
+# Longest part of a refused Host header, or of a malformed request's error, quoted back or logged.
+SHOWN = 100
 
 
 class Admin:
@@ -37,7 +57,12 @@ class Admin:
         self.port: int | None = None
         self.where = ""  # host:port it listens on, for the start line
         self._runner: web.AppRunner | None = None
+        config = server.config
         self.key = server.admin_api_key.encode()
+        # the Host names it answers to (None: any; a worker's Unix socket, which only its
+        # supervisor reaches, has no name to check)
+        self.hosts: frozenset[str] | None = allowed_hosts(config.admin_host, config.admin_allowed_hosts)
+        self.request_log = RequestLog(server.guard.audit)
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
@@ -58,12 +83,12 @@ class Admin:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        return await guard(request, handler, self.key)
+        return await guard(request, handler, self.key, self.hosts)
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port; raises ListenError naming them when that cannot be done."""
         self._closing = asyncio.Event()
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, logger=self.request_log)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         try:
@@ -74,10 +99,12 @@ class Admin:
         self.where = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def start_unix(self, path: str) -> None:
-        """Listen on the Unix socket `path` (a worker's, asked by its supervisor); raises
-        ListenError naming it when that cannot be done."""
+        """Listen on the Unix socket `path` (a worker's, asked by its supervisor, which checks
+        the Host of the requests it passes on); raises ListenError naming it when that cannot
+        be done."""
         self._closing = asyncio.Event()
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self.hosts = None
+        self._runner = web.AppRunner(self.app, access_log=None, logger=self.request_log)
         await self._runner.setup()
         try:
             await web.UnixSite(self._runner, path).start()
@@ -288,15 +315,24 @@ class Admin:
         return web.json_response({"rule": line, "closed": closed, "saved": saved})
 
 
-async def guard(request: web.Request, handler, key: bytes) -> web.StreamResponse:
-    """The rule of every admin server: the API (/api/...) wants the key; every error is JSON
-    with a reason."""
-    if request.path.startswith("/api/"):
+async def guard(request: web.Request, handler, key: bytes, hosts: frozenset[str] | None) -> web.StreamResponse:
+    """The rule of every admin server (one process's, a worker's, the supervisor's): health
+    answers anyone; everything else wants a Host of this server (`hosts`; None: any) and the
+    key (the dashboard's static page and script only the Host). Every error is JSON with a
+    reason."""
+    path = request.path
+    if path not in HEALTH:
+        if hosts is not None:
+            host = request.headers.get("Host")
+            if not host_allowed(host, hosts):
+                shown = "no Host header" if host is None else f"Host {host[:SHOWN]!r}"
+                return json_error(403, f"{shown} is not a name of this admin server (admin_allowed_hosts)")
         if not key:
-            return json_error(404, "the admin API is off: set admin_api_key")
-        given = request.headers.get("Authorization", "")
-        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), key):
-            return json_error(401, "the admin API wants Authorization: Bearer <admin_api_key>")
+            return json_error(404, "only /healthz and /readyz answer without admin_api_key: set it to turn on /metrics, the dashboard and the API")
+        if path not in PAGE:
+            given = request.headers.get("Authorization", "")
+            if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), key):
+                return json_error(401, "this endpoint wants Authorization: Bearer <admin_api_key>", {"WWW-Authenticate": "Bearer"})
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -343,5 +379,88 @@ def int_param(text: str, name: str, low: int, high: int) -> int:
     return value
 
 
-def json_error(status: int, text: str) -> web.Response:
-    return web.json_response({"error": text}, status=status)
+def json_error(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": text}, status=status, headers=headers)
+
+
+def allowed_hosts(admin_host: str, setting: str) -> frozenset[str]:
+    """The host names (lower case, no port) the admin server answers to, besides IP addresses:
+    localhost, `admin_host` when it is a name, and the comma-separated `admin_allowed_hosts`
+    (`*` in it: any name)."""
+    names = set(LOOPBACK_NAMES)
+    names.update(_name(part) for part in setting.split(",") if part.strip())
+    if admin_host:
+        names.add(_name(admin_host))
+    return frozenset(names)
+
+
+def host_allowed(host: str | None, names: frozenset[str]) -> bool:
+    """True when a Host header names this server: an IP address (v4, or v6 in brackets), or one
+    of `names` (with or without a port, in any case, with or without a final dot)."""
+    if host is None:
+        return False
+    value = host.strip()
+    if value.startswith("["):  # [v6]:port
+        literal, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return False
+        return _is_address(literal)
+    name, sep, port = value.rpartition(":")
+    if not sep:
+        name = value
+    elif not port.isdigit():
+        return False
+    name = _name(name)
+    return bool(name) and (_is_address(name) or name in names or "*" in names)
+
+
+def _name(text: str) -> str:
+    return text.strip().lower().rstrip(".")
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class RequestLog:
+    """The logger aiohttp is given for the admin server. aiohttp logs every request it cannot
+    parse or answer with a traceback (a dozen lines); here each is one `admin_request_failed`
+    line of the audit log (broker.limits.AuditLog: at most a few lines per address and per
+    second, the rest counted), with the address, the status and the first line of the reason.
+    aiohttp's debug lines (bytes that are not HTTP at all) are left out."""
+
+    def __init__(self, audit) -> None:
+        self.audit = audit
+
+    def exception(self, message: str, *args, exc_info=None, **kwargs) -> None:
+        self._line(message, args, exc_info)
+
+    def error(self, message: str, *args, exc_info=None, **kwargs) -> None:
+        self._line(message, args, exc_info)
+
+    def warning(self, message: str, *args, exc_info=None, **kwargs) -> None:
+        self._line(message, args, exc_info)
+
+    def info(self, message: str, *args, **kwargs) -> None:
+        return None
+
+    def debug(self, message: str, *args, **kwargs) -> None:
+        return None
+
+    def _line(self, message: str, args: tuple, exc_info) -> None:
+        # "Error handling request from %s" names the peer; other messages name none
+        peer = str(args[0]) if args and "%s" in message else ""
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info else None
+        if isinstance(exc, HttpProcessingError):  # the request could not be parsed: 400, 413, ...
+            status, text = exc.code, exc.message or str(exc)
+        elif exc is not None:  # a handler failed: 500
+            status, text = 500, f"{type(exc).__name__}: {exc}"
+        else:
+            status, text = 500, message.replace("%s", "").strip()
+        lines = str(text).splitlines()
+        reason = (lines[0] if lines else "")[:SHOWN]
+        self.audit.record(("admin", peer), "admin_request_failed", {"peer": peer}, peer=peer, status=status, reason=reason)

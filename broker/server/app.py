@@ -243,7 +243,7 @@ class Server:
             fields["redis_prefix"] = cfg.redis_prefix
         fields["admin"] = "off" if self.admin is None else self.admin.where
         if self.admin is not None:
-            fields["admin_api"] = "on" if cfg.admin_api_key else "off"
+            fields["admin_api"] = "on" if self.admin_api_key else "off"
         return fields
 
     async def _undo_start(self) -> None:
