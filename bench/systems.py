@@ -285,6 +285,10 @@ def start(name: str, port: int, defaults: bool = False, broker: dict | None = No
     env = dict(os.environ)
     cwd = ROOT
     if name.startswith("broker"):
+        # every client of the benchmark comes from 127.0.0.1 and each fleet process opens 100
+        # connections at once: past the default max_handshakes_per_ip (100), and with many fleet
+        # processes past max_handshakes (1,000), though each handshake takes a millisecond
+        env.update({"BROKER_MAX_HANDSHAKES": "100000", "BROKER_MAX_HANDSHAKES_PER_IP": "100000"})
         env.update({f"BROKER_{key.upper()}": str(value) for key, value in (broker or {}).items()})
         if name == "broker-pure":
             env["BROKER_PURE_PYTHON"] = "1"

@@ -87,6 +87,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Positive = 10_000
     max_connections_per_ip: Positive = 1000
     max_connections_per_user: Positive = 100
+    max_handshakes: Positive = 1000
+    max_handshakes_per_ip: Positive = 100
     allowed_origins: str = ""
     frame_timeout_s: Seconds = 10.0
     publish_rate: Annotated[float, msgspec.Meta(ge=0)] = 1_000_000.0
@@ -202,7 +204,7 @@ def url_password(url: str) -> str:
 LIMITS = (
     "max_frame_bytes", "max_payload_bytes", "max_pending_bytes", "max_batch_messages", "max_subscriptions",
     "max_topics", "max_topic_length", "max_open_requests", "handshake_timeout_s", "max_connections",
-    "max_connections_per_ip", "max_connections_per_user", "allowed_origins", "frame_timeout_s", "publish_rate",
+    "max_connections_per_ip", "max_connections_per_user", "max_handshakes", "max_handshakes_per_ip", "allowed_origins", "frame_timeout_s", "publish_rate",
     "publish_burst", "user_publish_rate", "user_publish_burst", "new_topic_rate", "new_topic_burst",
     "user_new_topic_rate", "user_new_topic_burst", "rate_limit_close_after",
 )
@@ -271,8 +273,10 @@ HELP = {
     "auth_max_token_bytes": "[auth] longest token accepted",
     "auth_message_rate": "[auth] auth messages per second one connection may send, authenticated or not (0: no limit); past its burst they are refused with err 15, their token unchecked",
     "auth_message_burst": "[auth] auth messages one connection may send at once above auth_message_rate",
-    "max_connections": "[limits] connections the broker holds at once; more are refused with 503",
-    "max_connections_per_ip": "[limits] connections from one IP address at once; more are refused with 429",
+    "max_connections": "[limits] connections the broker holds at once, counted from their TCP accept; more are refused with 503",
+    "max_connections_per_ip": "[limits] connections from one IP address at once, counted from their TCP accept; more are refused with 429",
+    "max_handshakes": "[limits] connections in their handshake (accepted, upgrade not yet done, TLS included) at once; more are refused with 503",
+    "max_handshakes_per_ip": "[limits] connections from one IP address in their handshake at once; more are refused with 429",
     "max_connections_per_user": "[limits] connections of one user (auth_user_claim) at once; more are refused with 429",
     "allowed_origins": "[limits] comma-separated Origin values a browser may connect from ('': any; requests without Origin are not browsers and are let in)",
     "frame_timeout_s": "[limits] seconds a client has to complete a frame it started; slower ones are closed (1008)",

@@ -2,10 +2,12 @@
 
 - `TokenBucket`: `rate` tokens a second, at most `burst` of them, refilled from a monotonic
   clock whenever it is read: O(1), no timers.
-- `Guard`: the server's registry of admitted connections (how many in all, per IP address and
-  per user), the Origin allow-list, the per-user rate buckets shared by all of a user's
-  connections, and the bounded audit log. Admission happens at the WebSocket handshake:
-  Origin not allowed 403, `max_connections` 503, `max_connections_per_ip` and
+- `Guard`: the server's registry of admitted connections (how many in all, per IP address, in
+  the handshake phase, and per user), the Origin allow-list, the per-user rate buckets shared by
+  all of a user's connections, and the bounded audit log. A connection is counted from its TCP
+  accept, before a byte of it is read: `max_connections` and `max_handshakes` 503,
+  `max_connections_per_ip` and `max_handshakes_per_ip` 429; it leaves the handshake phase when
+  its upgrade is accepted. At the request: Origin not allowed 403; once the token is checked,
   `max_connections_per_user` 429 (a `LimitRefused`, which is a `HandshakeError`).
 - `ConnectionLimits`: one connection's admission and its share of the publish and new-topic
   rates, and its rate of `auth` messages. A session asks it before every `pub` and `req`
@@ -182,7 +184,8 @@ class ConnectionLimits:
     user's other connections."""
 
     __slots__ = (
-        "guard", "owner", "ip", "user", "own_publish", "user_publish", "own_new", "user_new", "own_auth", "streak", "streak_start",
+        "guard", "owner", "ip", "user", "handshaking", "own_publish", "user_publish", "own_new", "user_new", "own_auth", "streak",
+        "streak_start",
     )
 
     def __init__(self, guard: Guard, ip: str, owner: Any = None) -> None:
@@ -190,6 +193,7 @@ class ConnectionLimits:
         self.owner = owner  # the connection (its id and peer are logged; closed with 1008 for abuse)
         self.ip: str | None = ip  # None once released
         self.user: str | None = None
+        self.handshaking = False  # counted in the handshake phase (max_handshakes, max_handshakes_per_ip)
         self.own_publish: TokenBucket | None = None
         self.user_publish: TokenBucket | None = None
         self.own_new: TokenBucket | None = None
@@ -366,10 +370,11 @@ class Guard:
     """The server's limits on connections and rates (see the module's docstring).
 
     The registry, for any caller: `admit(ip, user)` -> ConnectionLimits, `add_user(limits,
-    user)`, `release(limits)`. The server's hooks, with its Connection objects:
-    `admit_connection(conn, request)` (Origin, total, per IP: before the request's token is
-    looked at), `admit_user(conn, user)` (per user, once the user is known), `limiter(conn)`
-    (what the connection's session checks), `connection_lost(conn)` and `sweep()`."""
+    user)`, `release(limits)`. The server's hooks, with its Connection objects: `accept(conn)`
+    (in all, per IP, in the handshake phase: at TCP accept), `admit_request(conn, request)`
+    (Origin), `admit_user(conn, user)` (per user, once the user is known), `opened(conn)` (the
+    handshake phase is over), `limiter(conn)` (what the connection's session checks),
+    `connection_lost(conn)` and `sweep()`."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic, log: Callable[..., None] = logs.event) -> None:
         self.config = config
@@ -396,6 +401,8 @@ class Guard:
         }
         self.total = 0  # connections admitted and not yet gone
         self.per_ip: dict[str, int] = {}
+        self.handshakes = 0  # of them, connections in the handshake phase (TLS and the upgrade request)
+        self.handshakes_per_ip: dict[str, int] = {}
         self.users: dict[str, _User] = {}
         self._idle_users: set[str] = set()  # users without connections whose buckets are not full yet
         self.connections: dict[object, ConnectionLimits] = {}  # by connection id
@@ -458,6 +465,7 @@ class Guard:
         ip = limits.ip
         if ip is None:
             return
+        self._end_handshake(limits)
         limits.ip = None
         self.total -= 1
         left = self.per_ip[ip] - 1
@@ -491,18 +499,57 @@ class Guard:
         )
         raise LimitRefused(status, text, limit)
 
+    def _end_handshake(self, limits: ConnectionLimits) -> None:
+        if not limits.handshaking:
+            return
+        limits.handshaking = False
+        ip = limits.ip
+        self.handshakes -= 1
+        left = self.handshakes_per_ip[ip] - 1
+        if left:
+            self.handshakes_per_ip[ip] = left
+        else:
+            del self.handshakes_per_ip[ip]
+
     # the server's hooks
 
-    def admit_connection(self, conn: Any, request: Request) -> None:
-        """At the handshake, before the request's token is looked at: the Origin allow-list
-        (403), max_connections (503) and max_connections_per_ip (429)."""
+    def accept(self, conn: Any) -> None:
+        """At TCP accept, before a byte of the connection is read (with TLS, before its TLS
+        handshake): count it in all, from its address and in the handshake phase, or raise
+        LimitRefused, in this order: max_connections (503), max_connections_per_ip (429),
+        max_handshakes (503), max_handshakes_per_ip (429). A client that connects and stays
+        silent holds a counted connection until handshake_timeout_s closes it."""
         ip = _ip_of(conn)
+        limits = self.admit(ip, owner=conn)
+        cfg = self.config
+        ip = limits.ip
+        if self.handshakes >= cfg.max_handshakes:
+            self.release(limits)
+            self._refuse(503, "max_handshakes", f"{_many(self.handshakes, 'connection')} are in their handshake, the limit (max_handshakes); try again later",
+                         ip, conn, None)
+        count = self.handshakes_per_ip.get(ip, 0)
+        if count >= cfg.max_handshakes_per_ip:
+            self.release(limits)
+            self._refuse(429, "max_handshakes_per_ip", f"{_many(count, 'connection')} from {ip} are in their handshake, the limit (max_handshakes_per_ip)",
+                         ip, conn, None)
+        limits.handshaking = True
+        self.handshakes += 1
+        self.handshakes_per_ip[ip] = count + 1
+        self.connections[conn.id] = limits
+
+    def admit_request(self, conn: Any, request: Request) -> None:
+        """At the upgrade request: the Origin allow-list (403)."""
         if self.origins:
             origin = request.header("origin")
             if origin is not None and _origin(origin) not in self.origins:
                 self._refuse(403, "allowed_origins", f"origin {shown(origin.strip())} is not allowed (allowed_origins)",
-                             ip, conn, None)
-        self.connections[conn.id] = self.admit(ip, owner=conn)
+                             _ip_of(conn), conn, None)
+
+    def opened(self, conn: Any) -> None:
+        """The connection's upgrade was accepted: it leaves the handshake phase."""
+        limits = self.connections.get(conn.id)
+        if limits is not None:
+            self._end_handshake(limits)
 
     def admit_user(self, conn: Any, user: str | None) -> None:
         """The connection belongs to `user` (None: anonymous): sets `conn.user`, counts it

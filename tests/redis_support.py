@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -382,18 +383,21 @@ class RedisCluster:
 class BrokerNode:
     """The broker as a real process, `python -m broker serve --port PORT --log-level warning
     *EXTRA_ARGS` (BROKER_* variables of this environment left out, `env` added), ready when its
-    port accepts TCP connections. Its stderr goes to a temp file: stderr() reads it.
+    port accepts TCP connections. Its stderr goes to a temp file: stderr() reads it. With
+    `max_files` its open-file limit (RLIMIT_NOFILE, soft and hard) is that many descriptors.
 
         with BrokerNode("--redis-url", redis_url) as node:
             ... Client(node.url) ...
             assert node.terminate() == 0"""
 
-    def __init__(self, *extra_args: str, env: dict[str, str] | None = None, port: int | None = None, timeout: float = BROKER_START_TIMEOUT_S) -> None:
+    def __init__(self, *extra_args: str, env: dict[str, str] | None = None, port: int | None = None, timeout: float = BROKER_START_TIMEOUT_S,
+                 max_files: int | None = None) -> None:
         self.port = port if port is not None else free_port()
         self.args = ["serve", "--port", str(self.port), "--log-level", "warning", *extra_args]
         self.closed = False
         self._stderr = tempfile.NamedTemporaryFile(prefix=f"broker-{self.port}-", suffix=".stderr")
-        self.proc = broker_cli(*self.args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        limit = {} if max_files is None else {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))}
+        self.proc = broker_cli(*self.args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr, **limit)
         _open[id(self)] = self
         try:
             self._wait_listening(timeout)

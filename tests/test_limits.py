@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import time
 
 import pytest
 
@@ -15,7 +17,8 @@ from broker.config import load
 from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
 from broker.limits import AuditLog, Guard, LimitRefused, TokenBucket
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
-from conftest import RawSocketClient, eventually, run, send_upgrade, serving, upgrade_request
+from conftest import RawSocketClient, eventually, run, send_upgrade, serving, split_frame, upgrade_request
+from redis_support import BrokerNode
 
 
 class Clock:
@@ -132,6 +135,92 @@ def test_connection_flood_from_one_ip_gets_429_and_other_addresses_still_connect
             for client in clients:
                 client.close()
             await eventually(lambda: server.guard.total == 0, 3, "every connection released")
+
+    run(main())
+
+
+def silent(port: int, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """`n` TCP connections to `port` from `source` that never send a byte (non-blocking)."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) for _ in range(n)]
+    for sock in socks:
+        sock.setblocking(False)
+    return socks
+
+
+def still_open(socks: list[socket.socket]) -> int:
+    """How many of `socks` the server neither answered nor closed."""
+    held = 0
+    for sock in socks:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            held += 1
+        except OSError:  # reset
+            pass
+    return held
+
+
+def test_silent_connections_from_one_address_do_not_lock_out_another():
+    """300 connections from one address that never send a request, to a broker with 256
+    descriptors on its default settings: counted from their accept, no more than
+    max_handshakes_per_ip (100) of them are held, the rest are answered 429 and closed, and a
+    client from another address connects at once."""
+    with BrokerNode("--handshake-timeout-s", "10", max_files=256) as node:
+        socks = silent(node.port, 300)
+        try:
+            started = time.monotonic()
+
+            async def honest():
+                status, body, writer = await upgrade(node.port, source="127.0.0.2")
+                writer.close()
+                return status, body
+
+            assert run(honest(), timeout=3)[0] == 101
+            assert time.monotonic() - started < 3  # long before the silent ones time out (10 s)
+            time.sleep(0.3)
+            assert still_open(socks) == 100
+            status, body, _ = run(asyncio.wait_for(upgrade(node.port), 3))  # the address itself: at its bound
+            assert (status, body) == (429, "100 connections from 127.0.0.1 are in their handshake, the limit (max_handshakes_per_ip)\n")
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_connections_count_from_their_accept_in_all_per_address_and_in_the_handshake():
+    async def main():
+        settings = dict(max_connections=6, max_connections_per_ip=3, max_handshakes=4, max_handshakes_per_ip=2, handshake_timeout_s=1)
+        async with serving(**settings) as server:
+            guard = server.guard
+            with audit_lines() as lines:
+                quiet = silent(server.port, 2)
+                await eventually(lambda: guard.handshakes_per_ip == {"127.0.0.1": 2}, 3, "the silent connections counted")
+                status, body, writer = await upgrade(server.port)
+                assert (status, body) == (429, "2 connections from 127.0.0.1 are in their handshake, the limit (max_handshakes_per_ip)\n")
+                writer.close()
+                quiet += silent(server.port, 2, "127.0.0.2")
+                await eventually(lambda: guard.handshakes == 4, 3, "four in their handshake")
+                status, body, writer = await upgrade(server.port, source="127.0.0.3")
+                assert (status, body) == (503, "4 connections are in their handshake, the limit (max_handshakes); try again later\n")
+                writer.close()
+                assert guard.per_ip == {"127.0.0.1": 2, "127.0.0.2": 2} and guard.total == 4
+                # handshake_timeout_s drops them and releases every count
+                await eventually(lambda: guard.total == 0 and guard.handshakes == 0, 3, "the silent connections dropped")
+                assert guard.handshakes_per_ip == {} and still_open(quiet) == 0
+                # open connections count per address too; silent ones on top of them are refused at accept
+                clients = [await RawSocketClient.connect(server.port) for _ in range(2)]
+                assert guard.handshakes == 0 and guard.per_ip == {"127.0.0.1": 2}
+                quiet = silent(server.port, 2)
+                await asyncio.sleep(0.2)
+                assert still_open(quiet) == 1 and guard.per_ip == {"127.0.0.1": 3}
+                refusals = [f["limit"] for e, f in lines if e == "handshake_refused"]
+                assert refusals == ["max_handshakes_per_ip", "max_handshakes", "max_connections_per_ip"]
+            assert guard.stats.refused == {"max_handshakes_per_ip": 1, "max_handshakes": 1, "max_connections_per_ip": 1}
+            assert server.refused_by_status == {429: 2, 503: 1}
+            for sock in quiet:
+                sock.close()
+            for client in clients:
+                client.close()
+            await eventually(lambda: guard.total == 0, 3, "every connection released")
 
     run(main())
 

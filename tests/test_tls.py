@@ -288,6 +288,39 @@ def test_a_plaintext_client_on_the_tls_port_fails_and_the_server_stays_healthy(p
     run(main())
 
 
+def test_connections_on_the_tls_port_count_from_their_accept(pki, tmp_path):
+    """A TCP connection that never starts its TLS handshake holds a descriptor as much as a
+    plaintext one: it is counted from its accept, and past max_handshakes_per_ip the excess is
+    closed at once (without an answer: the client expects TLS). Failed and abandoned TLS
+    handshakes release their counts."""
+
+    async def main():
+        async with serving(max_handshakes_per_ip=2, handshake_timeout_s=1, **install(tmp_path, pki.first)) as server:
+            guard = server.guard
+            quiet = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+            await eventually(lambda: guard.handshakes_per_ip == {"127.0.0.1": 2}, 3, "the silent connections counted")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(reader.read(), 1) == b""  # closed at once, no answer
+            writer.close()
+            assert guard.stats.refused == {"max_handshakes_per_ip": 1} and server.refused_by_status == {429: 1}
+            for _, quiet_writer in quiet:
+                quiet_writer.close()
+            await eventually(lambda: guard.total == 0 and guard.handshakes == 0, 3, "the silent connections released")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")  # not TLS: its handshake fails
+            with contextlib.suppress(ConnectionError):
+                await asyncio.wait_for(reader.read(), 3)
+            writer.close()
+            await eventually(lambda: guard.total == 0 and not server.handshaking, 3, "the failed handshake released")
+            async with Client(wss(server), ssl=pki.client, reconnect=False) as client:
+                assert guard.total == 1 and guard.handshakes == 0
+                await client.publish_acked("t", b"served")
+            await eventually(lambda: guard.total == 0, 3, "the client released")
+
+    run(main())
+
+
 # flow control on TLS transports
 
 

@@ -154,7 +154,9 @@ class Server:
             max_batch_messages=config.max_batch_messages,
             policy=policy.BY_NAME[config.slow_consumer_policy],
         )
-        self.connections: dict[int, Connection] = {}
+        self.connections: dict[int, Connection] = {}  # open (upgraded) connections
+        self.handshaking: dict[int, Connection] = {}  # accepted, upgrade not yet done (TLS included)
+        self.refusing = 0  # connections refused at accept whose TCP connection is not gone yet
         self.guard = limits.Guard(config, log=logs.event)  # connections admitted, rate limits, audit log
         self.port: int | None = None
         self.refused_by_status: dict[int, int] = {}  # upgrade requests refused, by HTTP status
@@ -186,9 +188,8 @@ class Server:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
         listen = {}
-        if cfg.tls_cert_file:  # TLS only: every connection starts with a TLS handshake
+        if cfg.tls_cert_file:  # TLS only: every connection starts with a TLS handshake (Connection starts it, once counted)
             self.tls, self.certificate = tls.server_context(cfg)
-            listen = {"ssl": self.tls, "ssl_handshake_timeout": cfg.handshake_timeout_s, "ssl_shutdown_timeout": cfg.close_timeout_s}
         if cfg.reuse_port:
             listen["reuse_port"] = True
         if self.cluster is not None:
@@ -274,6 +275,8 @@ class Server:
             self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         self._server.close()
+        for conn in list(self.handshaking.values()):  # no upgrade is accepted any more
+            conn.abort()
         self._tick()
         if self.cluster is not None:
             await self.cluster.stop()  # what was published goes to Redis (its acks with it) first
@@ -359,6 +362,29 @@ class Server:
     def _new_connection(self) -> Connection:
         self._next_id += 1
         return Connection(self, self._next_id)
+
+    def accept(self, conn: Connection) -> handshake.HandshakeError | None:
+        """A TCP connection was accepted: count it (broker.limits.Guard.accept) and hold it as
+        in its handshake phase; or the refusal (counted and audited) to answer it with."""
+        try:
+            self.guard.accept(conn)
+        except limits.LimitRefused as error:
+            self.refused(error, conn.peer)
+            return error
+        self.handshaking[conn.id] = conn
+        return None
+
+    def opened_connection(self, conn: Connection) -> None:
+        """`conn`'s upgrade was accepted: it is open and out of its handshake phase."""
+        self.handshaking.pop(conn.id, None)
+        self.guard.opened(conn)
+        self.connections[conn.id] = conn
+
+    def connection_gone(self, conn: Connection) -> None:
+        """`conn`'s TCP connection is gone (or its TLS handshake failed): release its counts.
+        Idempotent."""
+        self.handshaking.pop(conn.id, None)
+        self.guard.connection_lost(conn)
 
     def check_request(self, request: handshake.Request) -> handshake.Accepted:
         """The server's rules for an upgrade request (handshake.Rules, in the documented

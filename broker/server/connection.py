@@ -23,7 +23,15 @@ from . import handshake, logs
 if TYPE_CHECKING:
     from .app import Server
 
-HANDSHAKE, OPEN, CLOSING, CLOSED = range(4)
+# REFUSED: refused at accept, its answer written; closed once the client's first bytes are
+# read (closing with unread bytes would reset the connection, and the answer with it) or after
+# REFUSAL_LINGER_S.
+HANDSHAKE, OPEN, CLOSING, CLOSED, REFUSED = range(5)
+
+# How long a connection refused at accept waits for its client's request before it is closed,
+# and how many may wait at once (more are closed at once: the answer may then be lost to a reset).
+REFUSAL_LINGER_S = 1.0
+MAX_LINGERING = 64
 
 # Close codes a client may send (RFC 6455 7.4): 1000-1003, 1007-1014, and 3000-4999.
 _VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
@@ -91,17 +99,60 @@ class Connection(asyncio.Protocol):
     # asyncio protocol
 
     def connection_made(self, transport: asyncio.Transport) -> None:
+        """At TCP accept: counted (in all, from its address, in the handshake phase) or refused
+        at once; with TLS, its TLS handshake starts here, within those counts."""
+        self._use(transport)
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        self.last_seen = server.loop.time()
+        error = server.accept(self)
+        if error is not None:
+            self._refuse_at_accept(error)
+            return
+        if server.tls is not None:
+            self._start_tls(transport)
+        else:
+            self._timer = server.loop.call_later(server.config.handshake_timeout_s, self._handshake_expired)
+
+    def _use(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         # the transport's own methods, called once per connection per tick
         self.write = transport.write
         self.buffer_size = transport.get_write_buffer_size
-        server = self.server
-        if server.tls is not None:
-            transport.set_write_buffer_limits(TLS_WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
-        self.last_seen = server.loop.time()
-        self._timer = server.loop.call_later(server.config.handshake_timeout_s, self._handshake_expired)
+
+    def _start_tls(self, raw: asyncio.Transport) -> None:
+        """Hand the connection to TLS (its handshake within handshake_timeout_s), then give
+        the upgrade request its handshake_timeout_s. uvloop reads a new connection as soon as
+        connection_made returns, so the client's first bytes (its ClientHello) reach whatever
+        protocol the transport has then: start_tls's first step, which gives the transport its
+        TLS protocol, runs here at once (a Task would take it one loop iteration later, after
+        those bytes came to this protocol), and the rest when the handshake's outcome is known."""
+        cfg = self.server.config
+        steps = self.server.loop.start_tls(
+            raw, self, self.server.tls, server_side=True,
+            ssl_handshake_timeout=cfg.handshake_timeout_s, ssl_shutdown_timeout=cfg.close_timeout_s,
+        )
+        self._tls_step(steps)
+
+    def _tls_step(self, steps) -> None:
+        """Run start_tls on to its next wait (a future: this runs again once it is done), or to
+        its end: the TLS transport, or a failed or timed-out handshake (its transport closed)."""
+        try:
+            waiting = steps.send(None)
+        except StopIteration as done:
+            transport = done.value
+        except Exception:
+            transport = None
+        else:
+            waiting.add_done_callback(lambda _: self._tls_step(steps))
+            return
+        if transport is None or transport.is_closing() or self.state != HANDSHAKE:
+            self._gone()
+            return
+        self._use(transport)
+        transport.set_write_buffer_limits(TLS_WRITE_HIGH_WATER)
+        self._timer = self.server.loop.call_later(self.server.config.handshake_timeout_s, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -122,11 +173,18 @@ class Connection(asyncio.Protocol):
             self._consume(data, 0, False)
         elif state == HANDSHAKE:
             self._handshake_data(data)
+        elif state == REFUSED:
+            self.transport.close()  # its request was read: the answer is not lost to a reset
 
     def eof_received(self) -> bool:
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def _gone(self) -> None:
+        """The TCP connection is gone (or its TLS handshake failed): release what it held.
+        Called again for a connection gone in its handshake phase, it changes nothing."""
         previous = self.state
         self.state = CLOSED
         if self._timer is not None:
@@ -135,7 +193,10 @@ class Connection(asyncio.Protocol):
         self._buffer = None
         self.partial_since = 0.0
         server = self.server
-        server.guard.connection_lost(self)  # counted from its admission at the handshake, if it got that far
+        if previous == REFUSED:
+            server.refusing -= 1
+            return
+        server.connection_gone(self)  # counted from its accept
         if previous == HANDSHAKE or self.session is None:
             return
         self.session.close()
@@ -188,7 +249,7 @@ class Connection(asyncio.Protocol):
         self._buffer = None
         try:
             request = handshake.parse_request(bytes(buffer[:end]))
-            self.server.guard.admit_connection(self, request)  # max_connections, per IP
+            self.server.guard.admit_request(self, request)  # Origin
             accepted = self.server.check_request(request)
             self.server.guard.admit_user(self, accepted.identity.user)  # per user, once the request is authenticated
         except handshake.HandshakeError as error:
@@ -211,7 +272,7 @@ class Connection(asyncio.Protocol):
         self.state = OPEN
         self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))
         self.last_sent = server.loop.time()
-        server.connections[self.id] = self
+        server.opened_connection(self)
         server.opened += 1
         logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user)
         if rest:
@@ -226,6 +287,21 @@ class Connection(asyncio.Protocol):
         self.server.refused(error, self.peer)
         self.transport.write(handshake.error_response(error.status, error.text, error.headers))
         self.transport.close()
+
+    def _refuse_at_accept(self, error: handshake.HandshakeError) -> None:
+        """Refused by a limit at accept: answer (on a plain port; on a TLS port the client
+        expects TLS, so it is closed without an answer) and close once its request is read."""
+        server = self.server
+        self.state = REFUSED
+        server.refusing += 1
+        if server.tls is not None:
+            self.transport.abort()
+            return
+        self.transport.write(handshake.error_response(error.status, error.text, error.headers))
+        if server.refusing > MAX_LINGERING:
+            self.transport.close()
+        else:
+            self._timer = server.loop.call_later(REFUSAL_LINGER_S, self.abort)
 
     def _handshake_expired(self) -> None:
         self._timer = None
