@@ -3,12 +3,12 @@
 - `TokenBucket`: `rate` tokens a second, at most `burst` of them, refilled from a monotonic
   clock whenever it is read: O(1), no timers.
 - `Guard`: the server's registry of admitted connections (how many in all, per IP address, in
-  the handshake phase, and per user), the Origin allow-list, the per-user rate buckets shared by
-  all of a user's connections, and the bounded audit log. A connection is counted from its TCP
-  accept, before a byte of it is read: `max_connections` and `max_handshakes` 503,
-  `max_connections_per_ip` and `max_handshakes_per_ip` 429; it leaves the handshake phase when
-  its upgrade is accepted. At the request: Origin not allowed 403; once the token is checked,
-  `max_connections_per_user` 429 (a `LimitRefused`, which is a `HandshakeError`).
+  the handshake phase, and per user), the per-user rate buckets shared by all of a user's
+  connections, and the bounded audit log. A connection is counted from its TCP accept, before a
+  byte of it is read: `max_connections` and `max_handshakes` 503, `max_connections_per_ip` and
+  `max_handshakes_per_ip` 429; it leaves the handshake phase when its upgrade is accepted. Once
+  the request passed the handshake's rules (broker.server.handshake.Rules) and its token is
+  checked: `max_connections_per_user` 429 (a `LimitRefused`, which is a `HandshakeError`).
 - `ConnectionLimits`: one connection's admission and its share of the publish and new-topic
   rates, and its rate of `auth` messages. A session asks it before every `pub` and `req`
   (`check`) and every `auth` (`check_auth`), and calls the compiled
@@ -31,7 +31,7 @@ from .config import Config
 from .errors import CloseCode, ErrorCode, RequestError
 from .fastpath import fast_publish as _fast_publish
 from .server import logs
-from .server.handshake import HandshakeError, Request, shown
+from .server.handshake import HandshakeError
 
 # Refusals in a row that close a connection (rate_limit_close_after) must fall within this
 # many seconds of the first one; a longer streak starts counting again.
@@ -96,11 +96,11 @@ class TokenBucket:
 
 
 class LimitRefused(HandshakeError):
-    """A handshake refused by a limit: 403 (Origin), 503 (max_connections) or 429 (per IP, per
-    user). `limit` names the setting."""
+    """A connection refused by a limit: 503 (max_connections, max_handshakes) or 429 (per IP,
+    per user). `limit` names the setting."""
 
     def __init__(self, status: int, text: str, limit: str) -> None:
-        super().__init__(status, text)
+        super().__init__(status, text, setting=limit)
         self.limit = limit
 
 
@@ -110,7 +110,8 @@ class LimitStats:
     __slots__ = ("refused", "rate_limited", "abuse_closes", "audit_suppressed")
 
     def __init__(self) -> None:
-        # handshakes refused: allowed_origins, max_connections, max_connections_per_ip, max_connections_per_user
+        # connections refused, by the setting that refused them: max_connections, max_connections_per_ip,
+        # max_handshakes, max_handshakes_per_ip, allowed_origins, max_connections_per_user
         self.refused: dict[str, int] = {}
         # messages refused with err 15: publish_rate, user_publish_rate, new_topic_rate, user_new_topic_rate
         self.rate_limited: dict[str, int] = {}
@@ -349,15 +350,6 @@ class _User:
         return all(bucket is None or bucket.full(now) for bucket in (self.publish, self.new_topic))
 
 
-def parse_origins(text: str) -> frozenset[str]:
-    """The allowed_origins setting as a set of normalized Origin values."""
-    return frozenset(_origin(part) for part in text.split(",") if part.strip())
-
-
-def _origin(value: str) -> str:
-    return value.strip().lower().rstrip("/")
-
-
 def _ip_of(conn: Any) -> str:
     transport = getattr(conn, "transport", None)
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -371,16 +363,16 @@ class Guard:
 
     The registry, for any caller: `admit(ip, user)` -> ConnectionLimits, `add_user(limits,
     user)`, `release(limits)`. The server's hooks, with its Connection objects: `accept(conn)`
-    (in all, per IP, in the handshake phase: at TCP accept), `admit_request(conn, request)`
-    (Origin), `admit_user(conn, user)` (per user, once the user is known), `opened(conn)` (the
-    handshake phase is over), `limiter(conn)` (what the connection's session checks),
-    `connection_lost(conn)` and `sweep()`."""
+    (in all, per IP, in the handshake phase: at TCP accept), `admit_user(conn, user)` (per
+    user, once the user is known), `opened(conn)` (the handshake phase is over),
+    `refused(error, peer)` (a refusal by another rule, counted and audited like the limits'),
+    `limiter(conn)` (what the connection's session checks), `connection_lost(conn)` and
+    `sweep()`."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic, log: Callable[..., None] = logs.event) -> None:
         self.config = config
         self.clock = clock
         self.close_after = config.rate_limit_close_after
-        self.origins = parse_origins(config.allowed_origins)
         self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.user_new_topic_rate
                           or config.auth_message_rate)
         self.publish_rate = config.publish_rate
@@ -537,13 +529,17 @@ class Guard:
         self.handshakes_per_ip[ip] = count + 1
         self.connections[conn.id] = limits
 
-    def admit_request(self, conn: Any, request: Request) -> None:
-        """At the upgrade request: the Origin allow-list (403)."""
-        if self.origins:
-            origin = request.header("origin")
-            if origin is not None and _origin(origin) not in self.origins:
-                self._refuse(403, "allowed_origins", f"origin {shown(origin.strip())} is not allowed (allowed_origins)",
-                             _ip_of(conn), conn, None)
+    def refused(self, error: HandshakeError, peer: str) -> None:
+        """A request refused by a rule of the handshake (not a limit: those count and audit
+        their own refusals): counted under its setting, if one refused it (allowed_origins), and
+        written to the audit log, bounded per address."""
+        ip = peer.rpartition(":")[0] or peer
+        fields: dict[str, Any] = {"peer": peer, "status": error.status}
+        if error.setting:
+            refused = self.stats.refused
+            refused[error.setting] = refused.get(error.setting, 0) + 1
+            fields["limit"] = error.setting
+        self.audit.record(("ip", ip), "handshake_refused", {"peer": ip}, **fields, reason=error.text)
 
     def opened(self, conn: Any) -> None:
         """The connection's upgrade was accepted: it leaves the handshake phase."""

@@ -8,8 +8,11 @@ is disconnected after handshake_timeout_s, and one that sends garbage is disconn
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import time
 
+import jwt
 import msgspec
 import pytest
 import websockets
@@ -185,6 +188,81 @@ def test_path_with_a_double_slash_is_refused_with_404(path):
             assert status == 404
             assert server.handshakes_refused == 1
             assert server.connections == {}
+
+    run(main())
+
+
+# the order of the checks (docs/protocol.md 1.1)
+
+SECRET = "order-test-secret-of-32-bytes-min"
+
+
+def breaking(*, path="/x", method="POST", version="8", protocols=(), origin="https://evil.example", user=None,
+             upgrade=False, head_bytes=0) -> bytes:
+    """An upgrade request that breaks, by default, every rule a request can break: path,
+    WebSocket version, subprotocol, Origin, method, the Upgrade header, the token."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}", f"Sec-WebSocket-Version: {version}"]
+    if upgrade:
+        lines.append("Upgrade: websocket")
+    lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols]
+    lines.append(f"Origin: {origin}")
+    if user is not None:
+        claims = {"sub": user, "exp": int(time.time()) + 60, "subscribe": [">"], "publish": [">"]}
+        lines.append(f"Authorization: Bearer {jwt.encode(claims, SECRET, algorithm='HS256')}")
+    if head_bytes:
+        lines.append("X-Padding: " + "p" * head_bytes)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def answer(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[int, str, asyncio.StreamWriter]:
+    """The status and body the server answers `request` with, sent from `source`, and the
+    connection's writer (still open after a 101)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    status = int(head.split(b" ")[1])
+    body = b"" if status == 101 else await asyncio.wait_for(reader.read(), 3)
+    return status, body.decode(), writer
+
+
+def test_with_several_rules_broken_the_first_in_the_documented_order_answers():
+    """Requests that break several rules at once, through the real server: each is answered
+    for the first rule it breaks in the order of protocol.md 1.1. Mending the rules one at a
+    time walks the whole order: the limits at accept, the head, path, version, subprotocol,
+    Origin, method, upgrade, token, the limit per user."""
+
+    async def main():
+        async with serving(auth_jwt_secret=SECRET, allowed_origins="https://app.example", max_connections_per_user=1) as server:
+            ladder = [
+                ({"head_bytes": 17_000}, 431, "the request head is longer than 16384 bytes"),
+                ({"head_bytes": 0}, 404, "no WebSocket endpoint at /x; connect to /"),
+                ({"path": "/"}, 426, "unsupported WebSocket version 8; use 13"),
+                ({"version": "13"}, 400, "unsupported protocol version (no Sec-WebSocket-Protocol header); this server speaks broker.v1"),
+                ({"protocols": [SUBPROTOCOL]}, 403, "origin https://evil.example is not allowed (allowed_origins)"),
+                ({"origin": "https://app.example"}, 405, "method POST is not allowed; a WebSocket upgrade is a GET"),
+                ({"method": "GET"}, 400, "missing 'Upgrade: websocket' header"),
+                ({"upgrade": True}, 401, "a token is required"),
+                ({"user": "alice"}, 101, ""),
+                ({}, 429, "user 'alice' has 1 connection, the limit (max_connections_per_user)"),  # alice's first stays open
+            ]
+            mended: dict = {}
+            writers = []
+            for fix, status, text in ladder:
+                mended.update(fix)
+                got_status, body, writer = await answer(server.port, breaking(**mended), "127.0.0.2")
+                writers.append(writer)
+                assert (got_status, body[: len(text)]) == (status, text), fix
+            for writer in writers:
+                writer.close()
+        # the limits on connections come first of all, at accept: before the head is read
+        async with serving(auth_jwt_secret=SECRET, max_connections_per_ip=1, handshake_timeout_s=1) as server:
+            _, quiet = await asyncio.open_connection("127.0.0.1", server.port)
+            await eventually(lambda: server.guard.per_ip.get("127.0.0.1") == 1, 3, "the first connection counted")
+            status, body, writer = await answer(server.port, breaking())
+            assert (status, body) == (429, "1 connection from 127.0.0.1, the limit (max_connections_per_ip)\n")
+            writer.close()
+            quiet.close()
 
     run(main())
 

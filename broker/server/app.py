@@ -275,8 +275,9 @@ class Server:
             self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         self._server.close()
-        for conn in list(self.handshaking.values()):  # no upgrade is accepted any more
-            conn.abort()
+        for conn in list(self.handshaking.values()):
+            if conn.in_tls_handshake:  # it could not be told 503 (shutting down) before its TLS is up
+                conn.abort()
         self._tick()
         if self.cluster is not None:
             await self.cluster.stop()  # what was published goes to Redis (its acks with it) first
@@ -387,8 +388,8 @@ class Server:
         self.guard.connection_lost(conn)
 
     def check_request(self, request: handshake.Request) -> handshake.Accepted:
-        """The server's rules for an upgrade request (handshake.Rules, in the documented
-        order); returns what it accepts or raises HandshakeError."""
+        """The server's rules for an upgrade request (handshake.Rules, in the order of
+        docs/protocol.md 1.1); returns what it accepts or raises HandshakeError."""
         return self.rules.check(request, self._closing)
 
     def refused(self, error: handshake.HandshakeError, peer: str = "") -> None:
@@ -396,8 +397,7 @@ class Server:
         the refusals of the limits (a client cannot flood the log with bad requests or tokens)."""
         self.refused_by_status[error.status] = self.refused_by_status.get(error.status, 0) + 1
         if not isinstance(error, limits.LimitRefused):  # the guard wrote those already
-            ip = peer.rpartition(":")[0] or peer
-            self.guard.audit.record(("ip", ip), "handshake_refused", {"peer": ip}, peer=peer, status=error.status, reason=error.text)
+            self.guard.refused(error, peer)
 
     # authentication
 

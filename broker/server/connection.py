@@ -56,12 +56,12 @@ class Connection(asyncio.Protocol):
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
     own, bound once), `bound_writes()`, `close()`,
     `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()`, `frame_expired()`, the
-    liveness fields `last_seen` and `ping_sent`, and `partial_since`."""
+    liveness fields `last_seen` and `ping_sent`, `partial_since`, and `in_tls_handshake`."""
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
         "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "_buffer", "_needed", "_timer",
-        "_reading", "_queued",
+        "_reading", "_queued", "_tls",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -81,6 +81,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # handshake timeout, then close timeout
         self._reading = True
         self._queued = False  # waiting in the server's queue of connections to resume
+        self._tls = None  # start_tls, run step by step, while the TLS handshake is in progress
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
         # loop time since when an incomplete frame waits at the start of _buffer for the client
@@ -129,11 +130,11 @@ class Connection(asyncio.Protocol):
         TLS protocol, runs here at once (a Task would take it one loop iteration later, after
         those bytes came to this protocol), and the rest when the handshake's outcome is known."""
         cfg = self.server.config
-        steps = self.server.loop.start_tls(
+        self._tls = self.server.loop.start_tls(
             raw, self, self.server.tls, server_side=True,
             ssl_handshake_timeout=cfg.handshake_timeout_s, ssl_shutdown_timeout=cfg.close_timeout_s,
         )
-        self._tls_step(steps)
+        self._tls_step(self._tls)
 
     def _tls_step(self, steps) -> None:
         """Run start_tls on to its next wait (a future: this runs again once it is done), or to
@@ -147,6 +148,7 @@ class Connection(asyncio.Protocol):
         else:
             waiting.add_done_callback(lambda _: self._tls_step(steps))
             return
+        self._tls = None
         if transport is None or transport.is_closing() or self.state != HANDSHAKE:
             self._gone()
             return
@@ -248,10 +250,11 @@ class Connection(asyncio.Protocol):
         rest = bytes(buffer[end + 4 :])
         self._buffer = None
         try:
+            # the order of docs/protocol.md 1.1: the limits on connections were applied at
+            # accept; now the request's rules (path ... token), then the limit per user
             request = handshake.parse_request(bytes(buffer[:end]))
-            self.server.guard.admit_request(self, request)  # Origin
             accepted = self.server.check_request(request)
-            self.server.guard.admit_user(self, accepted.identity.user)  # per user, once the request is authenticated
+            self.server.guard.admit_user(self, accepted.identity.user)
         except handshake.HandshakeError as error:
             self._refuse(error)
             return
@@ -522,6 +525,10 @@ class Connection(asyncio.Protocol):
             self.session.close()
         if self._timer is None and self.state != CLOSED:
             self._timer = self.server.loop.call_later(self.server.config.close_timeout_s, self.abort)
+
+    @property
+    def in_tls_handshake(self) -> bool:
+        return self._tls is not None
 
     def abort(self) -> None:
         self._timer = None

@@ -1,8 +1,10 @@
 """The HTTP side of the WebSocket handshake (RFC 6455 section 4), without I/O.
 
 `parse_request` reads an upgrade request head; `Rules.check` applies every rule the server has
-(path, shutdown, version, subprotocol, Origin, the upgrade itself, the token) in the documented
-order; `accept_response` and `error_response` build the bytes the server answers with.
+for a request (path, shutdown, version, subprotocol, Origin, the upgrade itself, the token) in
+the order docs/protocol.md 1.1 states (the limits on connections apply before, at accept, and
+the limit per user after, in broker.limits); `accept_response` and `error_response` build the
+bytes the server answers with.
 """
 
 from __future__ import annotations
@@ -48,13 +50,15 @@ def shown_protocols(offered: list[str]) -> str:
 
 
 class HandshakeError(Exception):
-    """An upgrade request the server refuses: the HTTP status and a one-line explanation."""
+    """An upgrade request the server refuses: the HTTP status and a one-line explanation, and
+    the setting that refused it, if one did (for counters and the audit log)."""
 
-    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None, setting: str = "") -> None:
         super().__init__(text)
         self.status = status
         self.text = text
         self.headers = headers or {}
+        self.setting = setting
 
 
 class Request:
@@ -135,9 +139,8 @@ class Accepted(NamedTuple):
 
 class Rules:
     """The server's rules for upgrade requests. `origins`: the Origin values a browser may
-    connect from (empty: any; a request without Origin is not from a browser and passes).
-    The server's limits (broker.limits.Guard) apply the same Origin rule first, with their
-    counters and bounded audit log; here it stands with the other rules, testable alone."""
+    connect from (`allowed_origins`; empty: any; a request without Origin is not from a
+    browser and passes)."""
 
     def __init__(self, path: str, subprotocol: str, authenticator: Authenticator, origins: tuple[str, ...] = ()) -> None:
         self.path = path
@@ -164,7 +167,7 @@ class Rules:
             raise HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {self.subprotocol}")
         origin = request.header("origin")
         if self.origins and origin is not None and origin.strip().rstrip("/").lower() not in self.origins:
-            raise HandshakeError(403, f"origin {shown(origin.strip())} is not allowed (allowed_origins)")
+            raise HandshakeError(403, f"origin {shown(origin.strip())} is not allowed (allowed_origins)", setting="allowed_origins")
         accept = check_upgrade(request)
         try:
             identity = self.authenticator.identify(request.path, request.header("authorization"), offered)
