@@ -506,6 +506,14 @@ def stamp(TopicState state not None, bytes payload not None, list dirty not None
     _stamp(state, payload, dirty)
 
 
+def fanout_steps(list dirty not None, Py_ssize_t start):
+    """The subscription nodes of the topics dirty[start:]: what their fan-out will visit."""
+    cdef Py_ssize_t i, steps = 0
+    for i in range(max(start, 0), len(dirty)):
+        steps += len((<TopicState>dirty[i]).nodes)
+    return steps
+
+
 cdef inline Py_ssize_t _array_len(const uint8_t* p, Py_ssize_t n, Py_ssize_t* pos) noexcept:
     """Length of the canonical MessagePack array header at p[pos], advancing pos; -1 if none."""
     cdef Py_ssize_t i = pos[0], count

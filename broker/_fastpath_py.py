@@ -255,6 +255,11 @@ def stamp(state: TopicState, payload: bytes, dirty: list) -> None:
     state.pending.append(payload)
 
 
+def fanout_steps(dirty: list, start: int) -> int:
+    """The subscription nodes of the topics dirty[start:]: what their fan-out will visit."""
+    return sum(len(state.nodes) for state in dirty[max(start, 0):])
+
+
 _ARRAY_HEADS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 

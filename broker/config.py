@@ -36,6 +36,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_outbound_frame_bytes: Positive = 1 << 20
     max_batch_messages: Positive = 10_000
     max_subscriptions: Positive = 10_000
+    max_patterns: Positive = 100
     max_topics: Positive = 100_000
     max_topic_length: Annotated[int, msgspec.Meta(gt=0, le=4096)] = 255
     history_max_messages: Annotated[int, msgspec.Meta(ge=0)] = 100
@@ -202,7 +203,7 @@ def url_password(url: str) -> str:
 # `tls_cert_file` (env BROKER_TLS_CERT_FILE, flag --tls-cert-file). Every setting may also
 # stand at the top level under its full name.
 LIMITS = (
-    "max_frame_bytes", "max_payload_bytes", "max_pending_bytes", "max_batch_messages", "max_subscriptions",
+    "max_frame_bytes", "max_payload_bytes", "max_pending_bytes", "max_batch_messages", "max_subscriptions", "max_patterns",
     "max_topics", "max_topic_length", "max_open_requests", "handshake_timeout_s", "max_connections",
     "max_connections_per_ip", "max_connections_per_user", "max_handshakes", "max_handshakes_per_ip", "allowed_origins", "frame_timeout_s", "publish_rate",
     "publish_burst", "user_publish_rate", "user_publish_burst", "new_topic_rate", "new_topic_burst",
@@ -228,6 +229,7 @@ HELP = {
     "max_outbound_frame_bytes": "largest WebSocket frame the broker sends; what a connection receives in one loop iteration is split into frames of at most this size",
     "max_batch_messages": "messages one client frame may carry",
     "max_subscriptions": "subscriptions one connection may hold",
+    "max_patterns": "of them, subscriptions to patterns (with * or >); more are refused with err 8 (one topic may match every pattern of a connection, and each costs work when the topic is made and at every delivery)",
     "max_topics": "concrete topics the broker keeps state for",
     "max_topic_length": "longest topic name or pattern, in characters",
     "history_max_messages": "messages kept per topic for recovery and last values (0: no history)",

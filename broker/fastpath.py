@@ -41,6 +41,7 @@ is_batch = _impl.is_batch
 assemble = _impl.assemble
 TopicState = _impl.TopicState
 stamp = _impl.stamp
+fanout_steps = _impl.fanout_steps
 fast_publish = _impl.fast_publish
 measure_frame = _impl.measure_frame
 FRAME_TOO_DEEP = _impl.FRAME_TOO_DEEP
@@ -94,6 +95,7 @@ __all__ = [
     "encode_frame",
     "encode_topic",
     "end_tick",
+    "fanout_steps",
     "fast_publish",
     "frame_header",
     "frame_needs",

@@ -7,9 +7,13 @@ The first piece of work in a tick calls it; everything else in the same tick joi
 that receives the topic; the shell then writes each connection once, everything of the tick in
 as few frames as possible (`Outbox.take`).
 
-The router also keeps the budget of one loop iteration: how many client bytes were handled
-and how much subscription-index work was done. Past either, the shell stops reading (and a
-session stops applying) until the next iteration, so no client can make one iteration long.
+The router also keeps the budget of one loop iteration, in bytes: the client bytes handled,
+their decoding, and the subscription-index work done (each step counted as TICK_WORK_BYTES):
+trie nodes visited and topic lists changed, positions of `since` maps, and the fan-out a
+publish starts (the subscription nodes of each topic it makes dirty). Past the budget, the
+shell stops reading (and a session stops applying) until the next iteration, and a connection
+whose frame cost more sits out, unread, for the time that work is worth (TICK_BUDGET_S per
+budget), so no client can keep the iterations long.
 """
 
 from __future__ import annotations
@@ -22,17 +26,28 @@ from typing import Callable, Iterable, NamedTuple
 
 from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, schedule_solo, stamp
+from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, fanout_steps, schedule_solo, stamp
 from .messages import Ack, Err, GapNotice, Reply, Request, encode
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, key_matches, parts_of, validate_pattern, validate_topic
 
-# The work one loop iteration does before reading pauses until the next one: client frame
-# bytes, and subscription-index steps (trie nodes visited, topic lists changed).
+# The work one loop iteration does before reading pauses until the next one, in bytes of
+# client frames; subscription-index steps (trie nodes visited, topic lists changed, nodes a
+# publish fans out to) count TICK_WORK_BYTES each: 65,536 of them fill an iteration (a step
+# costs 50 to 90 ns compiled, so about as much time as a MiB of frames).
 TICK_INPUT_BYTES = 1 << 20
 # Topics the retirement scan looks at per call (once a second): with N topics, each is seen
 # every N / RETIRE_SCAN_BUDGET seconds.
 RETIRE_SCAN_BUDGET = 1000
 TICK_INDEX_WORK = 1 << 16
+TICK_WORK_BYTES = TICK_INPUT_BYTES // TICK_INDEX_WORK
+# A connection whose frame cost more than one iteration's budget sits out, unread, this long
+# per budget it owes: about twice what that work takes compiled (3 to 5 ms), so a client that
+# sends nothing but expensive frames gets at most about a third of the loop's time.
+TICK_BUDGET_S = 0.01
+# Index steps one topic of a recovery counts for: a position of a `since` map checked (its
+# name, the pattern, the position), and a topic whose history is looked up and replayed, or
+# reported as a gap. Measured at 40 to 100 steps' time for the two together, compiled.
+RECOVERY_WORK = 48
 # A MessagePack value decoded on the general path counts as this many bytes of input: decoding
 # costs per value (10 to 40 ns with msgspec), not per byte, so a frame of many small values
 # costs far more than the same bytes of payloads. 65,536 values fill an iteration.
@@ -236,10 +251,26 @@ class Router:
         """Count a token's signature check in this iteration's budget."""
         self.input_bytes += TICK_TOKEN_CHECK_BYTES
 
+    def spent(self) -> int:
+        """This iteration's budget used so far, in bytes: client bytes, decoding, index work."""
+        return self.input_bytes + (self.index.work - self._work_mark) * TICK_WORK_BYTES
+
     @property
     def busy(self) -> bool:
-        """True once this iteration has handled its share of client bytes or index work."""
-        return self.input_bytes >= TICK_INPUT_BYTES or self.index.work - self._work_mark >= TICK_INDEX_WORK
+        """True once this iteration has used its budget (client bytes, decoding, index work)."""
+        return self.input_bytes + (self.index.work - self._work_mark) * TICK_WORK_BYTES >= TICK_INPUT_BYTES
+
+    def recovering(self, topics: int) -> None:
+        """Count in the budget `topics` topics of a recovery (positions of a since map checked,
+        topics whose history a recovery looks up): RECOVERY_WORK steps each."""
+        self.index.work += topics * RECOVERY_WORK
+
+    def fanned_out(self, start: int) -> None:
+        """Count in the budget the fan-out of the topics that became dirty since `dirty` held
+        `start` of them: one step per subscription node of each. What a publish costs at the
+        end of the tick grows with the distinct subscriptions matching its topic (one client
+        may hold many overlapping patterns), not only with its receivers."""
+        self.index.work += fanout_steps(self.dirty, start)
 
     # publishing
 
@@ -330,8 +361,11 @@ class Router:
                     record.waiting.append((box, request_id))
                 return state
             record.waiting = [(box, request_id)] if request_id else []
+        dirty = len(self.dirty)
         if backplane.sequences_at_once:
             backplane.publish(state, payload, self.dirty)
+            if len(self.dirty) > dirty:
+                self.fanned_out(dirty)
             if record is not None:
                 record.epoch, record.seq, record.waiting = state.epoch, state.seq, None
             if request_id:
@@ -372,7 +406,10 @@ class Router:
         state = self._publishing(name)
         backplane = self.backplane
         if backplane.sequences_at_once:
+            dirty = len(self.dirty)
             backplane.publish(state, payload, self.dirty)
+            if len(self.dirty) > dirty:
+                self.fanned_out(dirty)
             done(state.epoch, state.seq)
         else:
             backplane.publish(state, payload, self.dirty, done, failed)
@@ -776,7 +813,7 @@ class Router:
         else:
             found = {state.id: state for held in within for state in self.index.matching(held)}
             states = list(found.values())
-        self.index.work += len(states)
+        self.recovering(len(states))
         listed: dict = since[1] if since is not None else {}
         if within is not None and listed:
             listed = {name: position for name, position in listed.items() if any(key_matches(held, name) for held in within)}
@@ -793,9 +830,10 @@ class Router:
                 self._send_latest(box, state)
         if listed:
             known = {state.name for state in states}
-            for name, (epoch, seq) in listed.items():
-                if name not in known:
-                    self._recover_topic(box, name, None, epoch, seq)
+            unknown = [(name, position) for name, position in listed.items() if name not in known]
+            self.recovering(len(unknown))
+            for name, (epoch, seq) in unknown:
+                self._recover_topic(box, name, None, epoch, seq)
         self.schedule_write(box)
 
     def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:

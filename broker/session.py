@@ -37,11 +37,14 @@ NO_HARD_LIMIT = 2**62
 class Limits:
     """Per-connection limits, taken from the server config."""
 
-    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_pending_bytes", "max_batch_messages", "policy")
+    __slots__ = ("max_payload_bytes", "max_subscriptions", "max_patterns", "max_pending_bytes", "max_batch_messages", "policy")
 
-    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20, max_batch_messages: int = DEFAULT_MAX_BATCH, policy: int = DISCONNECT) -> None:
+    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20, max_batch_messages: int = DEFAULT_MAX_BATCH, policy: int = DISCONNECT, max_patterns: int = 100) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_subscriptions = max_subscriptions
+        # of them, patterns: a topic may match every pattern of a connection, and each distinct
+        # pattern is one more node to find when the topic is made and to visit at each fan-out
+        self.max_patterns = max_patterns
         self.max_pending_bytes = max_pending_bytes
         self.max_batch_messages = max_batch_messages
         self.policy = policy  # the slow-consumer policy of subscriptions that do not choose one
@@ -51,7 +54,7 @@ class Session:
     __slots__ = (
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
         "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
-        "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms", "_frame", "_bad", "_heads",
+        "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms", "_frame", "_bad", "_heads", "patterns",
     )
 
     def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
@@ -77,6 +80,7 @@ class Session:
         self._muted: set[str] = set()
         self.received = 0  # client messages handled
         self.heartbeat_ms = 0  # the heartbeat interval the client asked for (`hb`; 0: none)
+        self.patterns = 0  # subscriptions that are patterns (at most limits.max_patterns)
         self.published = 0  # of which publishes
         self.errors = 0  # err replies sent
         self.closed = False
@@ -172,6 +176,8 @@ class Session:
         # With rate limits, a frame with more messages than the connection may publish now
         # takes the general path, which refuses the excess message by message.
         count = -1
+        dirty = router.dirty
+        before = len(dirty)
         if router.backplane.accepting:
             table = router.topics_by_key
             if self.identity.grants is not None:
@@ -181,12 +187,14 @@ class Session:
                     self._allowed_mark = router.stats.retired
             limiter = self.limiter
             if limiter is None:
-                count = fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+                count = fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, dirty)
             else:
-                count = limiter.fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, router.dirty)
+                count = limiter.fast_publish(data, table, limits.max_payload_bytes, limits.max_batch_messages, dirty)
         if count >= 0:
             self.received += count
             self.published += count
+            if len(dirty) > before:
+                router.fanned_out(before)
             router.published_since_flush()
             return True
         messages, bad, values = read_client_frame(data, limits.max_batch_messages)
@@ -303,6 +311,12 @@ class Session:
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"this connection holds {len(subscriptions)} subscriptions, the limit",
             )
+        wildcard = is_pattern(pattern)
+        if wildcard and self.patterns >= self.limits.max_patterns:
+            raise RequestError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"this connection holds {self.patterns} pattern subscriptions, the limit (max_patterns)",
+            )
         router = self.router
         grants = self.identity.grants
         effective = None
@@ -322,7 +336,8 @@ class Session:
                 self._hold(held)
         subscriptions[pattern] = policy
         self._policy_changed(policy, 1)
-        if is_pattern(pattern):
+        if wildcard:
+            self.patterns += 1
             # a pattern's position is the time it took effect: `since` for a later
             # subscription covers the topics this one never delivered from that time on
             epoch, seq = router.backplane.now_ms(), 0
@@ -367,6 +382,8 @@ class Session:
         if pattern not in subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
         self._policy_changed(subscriptions.pop(pattern), -1)
+        if is_pattern(pattern):
+            self.patterns -= 1
         effective = self._effective.pop(pattern, None)
         if effective is None:
             remaining = next(iter(subscriptions)) if len(subscriptions) == 1 else None
@@ -484,6 +501,7 @@ class Session:
         elif self.subscriptions:
             self.router.remove_all(self.box, self.subscriptions)
         self.subscriptions.clear()
+        self.patterns = 0
         self.shedding = None
         self.box.clear()
 
@@ -518,19 +536,22 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
         raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern is [time_ms, {topic: [epoch, seq], ...}]")
     if len(since[1]) > MAX_SINCE_TOPICS:
         raise RequestError(ErrorCode.BAD_MESSAGE, f"since names {len(since[1])} topics; the limit is {MAX_SINCE_TOPICS}")
-    router.index.work += len(since[1])
     positions: dict[str, tuple[int, int]] = {}
-    for name, value in since[1].items():
-        if type(name) is not str:
-            raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern maps topic names to [epoch, seq]")
-        validate_topic(name, router.max_topic_length, need="a since map key")
-        if not matches(pattern, name):
-            raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
-        epoch, seq = _position(value, f"since of {name!r}")
-        if within is not None and not any(key_matches(held, name) for held in within):
-            continue
-        state = router.topics.get(name)
-        if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
-            raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
-        positions[name] = (epoch, seq)
+    try:
+        for name, value in since[1].items():
+            if type(name) is not str:
+                raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern maps topic names to [epoch, seq]")
+            validate_topic(name, router.max_topic_length, need="a since map key")
+            if not matches(pattern, name):
+                raise RequestError(ErrorCode.BAD_POSITION, f"since names topic {name!r}, which {pattern!r} does not match")
+            epoch, seq = _position(value, f"since of {name!r}")
+            if within is not None and not any(key_matches(held, name) for held in within):
+                continue
+            state = router.topics.get(name)
+            if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
+                raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+            positions[name] = (epoch, seq)
+    finally:
+        # the positions checked, refused or not (the recovery counts their topics again)
+        router.recovering(len(positions) + (len(positions) < len(since[1])))
     return since[0], positions

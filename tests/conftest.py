@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -147,6 +148,30 @@ async def eventually(predicate, timeout: float = 5.0, what: str = "condition") -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.005)
+
+
+async def round_trips(server_url: str, seconds: float, pause: float = 0.002) -> list[float]:
+    """An honest publisher and subscriber of one topic, on connections of their own, for
+    `seconds`: how long each message took from its publish to its delivery (s), once all
+    arrived; fails unless every one arrived, in order."""
+    latencies: list[float] = []
+    received: list[int] = []
+
+    def on_message(message) -> None:
+        received.append(message.seq)
+        latencies.append(time.monotonic() - float(message.data))
+
+    async with Client(server_url) as sub_client, Client(server_url) as pub_client:
+        await sub_client.subscribe("honest.rt", on_message)
+        sent = 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            pub_client.publish("honest.rt", b"%.9f" % time.monotonic())
+            sent += 1
+            await asyncio.sleep(pause)
+        await eventually(lambda: len(received) == sent, 30, "every honest message")
+    assert received == list(range(1, sent + 1))
+    return latencies
 
 
 def conns_with(server, subscriptions: set[str]) -> list:
@@ -294,6 +319,70 @@ class RawSocketClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# The attacker process of `Attacker`: argv is the port, the file of its frames, the tests folder.
+_ATTACKER = """
+import pickle, socket, sys, threading
+sys.path.insert(0, sys.argv[3])
+from conftest import client_frame, split_frame, upgrade_request
+from broker.messages import SUBPROTOCOL, Ack, ServerReader, encode
+setup, flood = pickle.load(open(sys.argv[2], "rb"))
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sock.sendall(upgrade_request("/", [SUBPROTOCOL]))
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    data += sock.recv(65536)
+head, _, data = data.partition(b"\\r\\n\\r\\n")
+assert b" 101 " in head.split(b"\\r\\n")[0], head
+for frame in setup + [encode(["sub", 2**62, "attacker.ready"])]:
+    sock.sendall(client_frame(0x2, frame))
+reader, ready = ServerReader(), False
+while not ready:
+    while (split := split_frame(data)) is None:
+        data += sock.recv(1 << 20)
+    _, payload, data = split
+    ready = any(type(m) is Ack and m.id == 2**62 for m in reader.read(payload))
+print("ready", flush=True)
+threading.Thread(target=lambda: [None for _ in iter(lambda: sock.recv(1 << 20), b"")], daemon=True).start()
+frames = [client_frame(0x2, frame) for frame in flood]
+while True:
+    for frame in frames:
+        sock.sendall(frame)
+"""
+
+
+class Attacker:
+    """A client in a process of its own: it sends the `setup` frames (payloads) and waits until
+    the broker applied them all, then sends the `flood` frames round and round, as fast as the
+    broker reads them, and reads and drops what it is sent. For tests of how much one client's
+    legal but costly input can take from the others."""
+
+    def __init__(self, port: int, setup: list[bytes], flood: list[bytes], ready_timeout: float = 60.0) -> None:
+        import pickle
+        import tempfile
+
+        self._file = tempfile.NamedTemporaryFile(prefix="attacker-", suffix=".pickle")
+        pickle.dump((setup, flood), self._file)
+        self._file.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ATTACKER, str(port), self._file.name, str(ROOT / "tests")],
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )
+        # the broker may take seconds over the setup (its budget at work), not minutes
+        if not select.select([self.proc.stdout], [], [], ready_timeout)[0]:
+            self.__exit__()
+            pytest.fail(f"the attacker's setup was not applied within {ready_timeout} s")
+        line = self.proc.stdout.readline()
+        assert line == "ready\n", f"the attacker did not get ready ({line!r})"
+
+    def __enter__(self) -> "Attacker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._file.close()
 
 
 async def ws_raw(server: Server, **kwargs: Any):

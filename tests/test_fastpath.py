@@ -283,6 +283,24 @@ def take_all(touched, nodes, max_frame=MAX_FRAME) -> dict:
     return out
 
 
+def test_fanout_steps_counts_the_nodes_of_the_topics_made_dirty(fastpath_impl):
+    """What a publish's fan-out will cost, counted in the iteration's budget: the subscription
+    nodes of each topic that became dirty since a point in the tick's list."""
+    impl = fastpath_impl
+    index = impl.Index()
+    box = impl.Outbox("a", 1 << 20)
+    for pattern in ("md.>", "md.*.x", "md.n.x", "other.>"):
+        index.subscribe(pattern, box)
+    states = [impl.TopicState(i, name, 1) for i, name in enumerate(("md.n.x", "md.m.y", "nobody"))]
+    for state in states:
+        index.add_topic(state)
+    dirty: list = []
+    for state in states:
+        impl.stamp(state, b"x", dirty)
+    impl.stamp(states[0], b"again", dirty)  # dirty already: not listed twice
+    assert [impl.fanout_steps(dirty, start) for start in (0, 1, 2, 3, -1)] == [4, 1, 0, 0, 4]
+
+
 def test_emit_reaches_each_outbox_once_announcing_topics_first(fastpath_impl):
     impl = fastpath_impl
     index = impl.Index()

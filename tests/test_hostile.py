@@ -34,15 +34,17 @@ from broker.messages import (
     max_frame_values,
     read_client_frame,
 )
-from broker.router import TICK_INPUT_BYTES, TICK_VALUE_BYTES
+from broker.router import RECOVERY_WORK, TICK_BUDGET_S, TICK_INPUT_BYTES, TICK_VALUE_BYTES, TICK_WORK_BYTES
 from broker.session import Session
 
 from conftest import (
+    Attacker,
     Harness,
     RawSocketClient,
     client_frame,
     eventually,
     raw_upgrade,
+    round_trips,
     run,
     send_upgrade,
     serving,
@@ -50,6 +52,7 @@ from conftest import (
     upgrade_request,
     url,
 )
+from redis_support import BrokerNode
 
 pack = msgspec.msgpack.encode
 FEED = "honest.feed"
@@ -430,15 +433,16 @@ def test_decoding_counts_in_the_budget_of_the_iteration():
     assert h.router.input_bytes == 0
 
 
-def test_a_frame_dearer_than_an_iteration_makes_its_connection_sit_out_turns():
-    """A connection whose frame cost more than an iteration's budget (its bytes and its
-    decoding) owes the difference: its next frame waits that many turns in the server's queue
-    (each turn pays one iteration's budget), while the honest clients go on."""
+def test_a_frame_dearer_than_an_iteration_makes_its_connection_sit_out():
+    """A connection whose frame cost more than an iteration's budget (its bytes, its decoding,
+    the positions it had checked) owes the difference: before its next frame is read it sits
+    out TICK_BUDGET_S per budget owed, unread, while the honest clients go on."""
     names = {f"other.{i:0200d}": [1, 1] for i in range(MAX_SINCE_TOPICS)}  # long names: a 2 MiB message
     heavy = pack(["sub", 7, "bound.>", [1, names]])
     values = read_client_frame(heavy)[2]
-    cost = len(heavy) + values * TICK_VALUE_BYTES
+    cost = len(heavy) + values * TICK_VALUE_BYTES + RECOVERY_WORK * TICK_WORK_BYTES  # one position checked: refused
     assert cost > 2 * TICK_INPUT_BYTES
+    sits_out = (cost - TICK_INPUT_BYTES) / TICK_INPUT_BYTES * TICK_BUDGET_S
 
     async def main():
         async with serving(max_frame_bytes=4 << 20) as server:
@@ -451,15 +455,52 @@ def test_a_frame_dearer_than_an_iteration_makes_its_connection_sit_out_turns():
                     reply = await raw.recv()
                     assert (reply.id, reply.code) == (7, ErrorCode.BAD_POSITION)
                     assert conn.debt == cost - TICK_INPUT_BYTES
-                    await stream.flowing("while the heavy connection owes turns")
+                    await stream.flowing("while the heavy connection owes its debt")
+                    started = time.monotonic()
                     await raw.send(["pub", 8, "bound.ok", b"ok"])
                     assert await raw.recv() == Ack(8, server.router.epoch, 1)
-                    assert conn.debt == 0
+                    assert time.monotonic() - started >= sits_out * 0.9 and conn.debt == 0
                 finally:
                     raw.close()
                 await stream.finish()
 
     run(main())
+
+
+def test_since_positions_and_recovered_topics_count_in_the_budget():
+    """Each position of a since map costs RECOVERY_WORK index steps to check, and each topic a
+    recovery looks up (a named one, or one a pattern's since time or `last` walks) as many
+    again: a sub with 10,000 positions costs some 15 iterations' budgets, so its connection
+    yields; a refused map costs the positions checked up to the refusal."""
+    h = Harness(max_topics=20_000)
+    publisher = h.session("publisher")
+    publisher.receive(pack([["pub", 0, f"bound.t{i}", b"x"] for i in range(1000)]))
+    h.tick()
+    client = h.session("client")
+    for frame, steps in [
+        (["sub", 1, "bound.>", [1, {f"bound.n{i}": [1, 1] for i in range(MAX_SINCE_TOPICS)}]], 2 * MAX_SINCE_TOPICS + 1000),
+        (["sub", 2, "bound.t1.>", [1, {f"bound.t1.{i}": [1, 1] for i in range(5)} | {"other.x": [1, 1]}]], 6),
+        (["sub", 3, "bound.*", None, True], 1000),
+    ]:
+        work = h.router.index.work
+        client.receive(pack(frame))
+        assert h.router.index.work - work >= steps * RECOVERY_WORK, frame[:3]
+        h.tick()
+    assert (2 * MAX_SINCE_TOPICS + 1000) * RECOVERY_WORK * TICK_WORK_BYTES > 15 * TICK_INPUT_BYTES
+
+
+def test_since_maps_cannot_slow_an_honest_pair():
+    """One client sends, without pause, frames of four subscriptions with since maps of 10,000
+    positions each (the most a map may hold), and unsubscribes them: an honest pair's round
+    trips on the same broker keep a p50 of a few milliseconds (before the positions counted in
+    the budget, its p50 was 100 to 200 ms)."""
+    patterns = [f"a{i}.x.>" for i in range(4)]
+    subs = pack([["sub", 0, p, [1, {f"{p[:-1]}t{k}": [1, 1] for k in range(MAX_SINCE_TOPICS)}]] for p in patterns])
+    unsubs = pack([["unsub", 0, p] for p in patterns])
+    with BrokerNode() as node, Attacker(node.port, [], [subs, unsubs]):
+        latencies = run(round_trips(node.url, 2.0))
+    p50 = sorted(latencies)[len(latencies) // 2]
+    assert p50 < 0.02, f"honest p50 {p50 * 1000:.1f} ms"
 
 
 # 6. slowloris: incomplete frames and dribbled handshakes

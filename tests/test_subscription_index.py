@@ -10,11 +10,13 @@ import itertools
 import time
 
 from broker.client import Client
+from broker.errors import ErrorCode
 from broker.fastpath import IMPLEMENTATION
-from broker.messages import Delivery, Pub, Sub, Unsub, encode
+from broker.messages import Ack, Delivery, Err, Pub, Sub, Unsub, encode
 from broker.router import TICK_INDEX_WORK
 
-from conftest import Harness, RawSocketClient, client_frame, eventually, run, serving, url
+from conftest import Attacker, Harness, RawSocketClient, client_frame, eventually, round_trips, run, serving, url
+from redis_support import BrokerNode
 
 DEPTH = 13
 
@@ -135,8 +137,9 @@ def test_pattern_changes_touch_only_the_topics_they_match():
 def test_overlapping_patterns_of_one_client_cost_it_iterations_not_the_others():
     """8,192 overlapping patterns of one connection, then subscription changes and publishes to
     new topics that match all of them: the frames that carry them are spread over several loop
-    iterations (none does much more than its budget), and everything is applied in order."""
-    h = Harness(max_topics=10_000)
+    iterations (none does much more than its budget), and everything is applied in order.
+    (max_patterns, 100 by default, is raised to let the client hold them.)"""
+    h = Harness(max_topics=10_000, max_patterns=10_000)
     attacker = h.session("attacker")
     patterns = overlapping_patterns(8192)
     work = h.router.index.work
@@ -160,14 +163,15 @@ def test_overlapping_patterns_of_one_client_cost_it_iterations_not_the_others():
 def test_an_honest_subscriber_keeps_its_latency_while_a_client_churns_overlapping_patterns():
     """The attack of the test above against a real server, at 250 frames a second, while an
     honest publisher and subscriber exchange timestamped messages: the honest messages all
-    arrive, in order, without waiting long, and new connections are accepted at once."""
+    arrive, in order, without waiting long, and new connections are accepted at once.
+    (max_patterns, 100 by default, is raised to let the client hold them.)"""
     n_patterns = 8192
     # 250 attack frames a second; the pure-Python fast path walks the 16,384 trie nodes of each
     # new topic some twenty times slower, so it gets a tenth of that
     pause = 0.004 if IMPLEMENTATION == "cython" else 0.04
 
     async def main():
-        async with serving(max_subscriptions=10_000) as server:
+        async with serving(max_subscriptions=10_000, max_patterns=10_000) as server:
             attacker = await RawSocketClient.connect(server.port)
             patterns = overlapping_patterns(n_patterns)
             await attacker.loop.sock_sendall(attacker.sock, client_frame(0x2, encode([Sub(0, p) for p in patterns])))
@@ -253,3 +257,63 @@ def test_a_subscription_with_exclusions_matches_its_pattern_less_the_excluded_on
     assert index.node(key) is None and not index.excluding and index.subscriptions == 0
     add("md.later")
     assert index.receivers("md.later") == []
+
+
+# the work one client's patterns add to each topic
+
+
+def test_a_connection_holds_at_most_max_patterns_pattern_subscriptions():
+    """Every pattern of a connection may match one topic, and each is one more node to find when
+    the topic is made and to visit at each of its deliveries: past max_patterns (100 by
+    default) a pattern subscription is refused with err 8; exact topics are not counted."""
+    h = Harness()
+    client = h.session("client")
+    patterns = overlapping_patterns(101)
+    client.receive(encode([Sub(i + 1, p) for i, p in enumerate(patterns)]))
+    client.receive(encode([Sub(200, "exact.topic"), Unsub(201, patterns[0]), Sub(202, patterns[100])]))
+    replies = h.tick()[0]["client"]
+    assert replies[100] == Err(101, ErrorCode.TOO_MANY_SUBSCRIPTIONS, "this connection holds 100 pattern subscriptions, the limit (max_patterns)")
+    assert all(isinstance(r, Ack) for r in replies[:100]) and [type(r) for r in replies[101:]] == [Ack, Ack, Ack]
+    assert client.patterns == 100 and len(client.subscriptions) == 101
+    assert len(h.router.index.topics) == 0 and h.router.index.patterns == 100
+
+
+def test_the_fan_out_a_publish_starts_counts_in_the_budget():
+    """A topic's delivery visits each subscription node that matches it: the publish that makes
+    it dirty in a tick counts one index step per node (general and compiled paths alike),
+    later publishes to it in the same tick nothing more; a new topic also counts its walk of
+    the pattern trie."""
+    h = Harness(max_patterns=10_000)
+    h.session("attacker").receive(encode([Sub(0, p) for p in overlapping_patterns(1000)]))
+    h.tick()
+    publisher = h.session("publisher")
+    work = h.router.index.work
+    publisher.receive(encode(Pub(1, attack_topic(0), b"new")))  # general path: a new topic
+    made = h.router.index.work - work
+    assert made >= 2 * 1000  # the trie walk, then the fan-out to its 1,000 nodes
+    h.tick()
+    for frame in (encode(Pub(0, attack_topic(0), b"x")), encode(Pub(5, attack_topic(0), b"acked"))):  # compiled, general
+        work = h.router.index.work
+        publisher.receive(frame)
+        assert h.router.index.work - work == 1000
+        h.tick()
+    publisher.receive(encode(Pub(0, attack_topic(0), b"x")))
+    work = h.router.index.work
+    publisher.receive(encode([Pub(0, attack_topic(0), b"y")] * 10))  # the topic is dirty already
+    assert h.router.index.work == work
+
+
+def test_overlapping_patterns_cannot_slow_an_honest_pair():
+    """One client asks for 8,192 overlapping patterns (it gets max_patterns of them), makes
+    1,000 topics that match every one, then publishes to them without pause, 1,000 to a frame,
+    to a broker on its defaults: an honest pair's round trips keep a p50 of a few milliseconds.
+    (With the 8,192 patterns, each such publish fanned out to 8,192 nodes, 0.5 to 0.8 ms a
+    topic, uncounted: p50s near a second.)"""
+    tail = ".".join(["a"] * DEPTH)
+    setup = [encode([Sub(0, p) for p in overlapping_patterns(8192)])]
+    setup += [encode([Pub(0, f"{tail}.n{j + i}", b"x") for i in range(100)]) for j in range(0, 1000, 100)]
+    flood = [encode([Pub(0, f"{tail}.n{i}", b"x") for i in range(1000)])]
+    with BrokerNode() as node, Attacker(node.port, setup, flood):
+        latencies = run(round_trips(node.url, 2.0))
+    p50 = sorted(latencies)[len(latencies) // 2]
+    assert p50 < 0.02, f"honest p50 {p50 * 1000:.1f} ms"

@@ -150,6 +150,7 @@ class Server:
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
             max_subscriptions=config.max_subscriptions,
+            max_patterns=config.max_patterns,
             max_pending_bytes=config.max_pending_bytes,
             max_batch_messages=config.max_batch_messages,
             policy=policy.BY_NAME[config.slow_consumer_policy],

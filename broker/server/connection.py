@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import CloseCode
 from ..fastpath import BINARY, CLOSE, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
 from ..messages import SUBPROTOCOL
-from ..router import TICK_INPUT_BYTES
+from ..router import TICK_BUDGET_S, TICK_INPUT_BYTES
 from ..session import Session
 from . import handshake, logs
 
@@ -61,7 +61,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
         "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "_buffer", "_needed", "_timer",
-        "_reading", "_queued", "_tls",
+        "_reading", "_queued", "_tls", "_wake",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -82,14 +82,16 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self._queued = False  # waiting in the server's queue of connections to resume
         self._tls = None  # start_tls, run step by step, while the TLS handshake is in progress
+        self._wake: asyncio.TimerHandle | None = None  # the end of a sit-out (see debt)
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
         # loop time since when an incomplete frame waits at the start of _buffer for the client
         # to send the rest (0: none, or the broker is not reading); the server's sweep closes
         # the connection once it waited frame_timeout_s
         self.partial_since = 0.0
-        # iteration budget (bytes, router.TICK_INPUT_BYTES a turn) this connection's frames used
-        # beyond one iteration's share: it sits out that many turns in the server's queue
+        # iteration budget (bytes, router.TICK_INPUT_BYTES an iteration) this connection's
+        # frames used beyond one iteration's share: at its next turn it sits out, unread,
+        # router.TICK_BUDGET_S per iteration's budget owed
         self.debt = 0
         # the payload of the latest ping not answered yet (None: none). Its pong leaves with the
         # connection's next write of a tick, never on its own, and while the transport is paused
@@ -192,6 +194,9 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         self._buffer = None
         self.partial_since = 0.0
         server = self.server
@@ -343,7 +348,7 @@ class Connection(asyncio.Protocol):
             if opcode == BINARY and fin:
                 if self.state != OPEN:
                     continue  # closing: apply nothing more
-                before = router.input_bytes
+                before = router.spent()
                 router.input_bytes += len(payload)
                 try:
                     done = self.session.receive(payload)
@@ -351,9 +356,7 @@ class Connection(asyncio.Protocol):
                     logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
                     self.close(CloseCode.INTERNAL_ERROR, "internal error")
                     return
-                used = router.input_bytes - before  # its bytes and its decoding (router.decoded)
-                if used > TICK_INPUT_BYTES:
-                    self.debt += used - TICK_INPUT_BYTES
+                self._owe(router.spent() - before)  # its bytes, its decoding and the index work it caused
                 if not done:
                     self._keep(data, pos)
                     server.queue(self)
@@ -393,14 +396,21 @@ class Connection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         if self.debt:
-            # a frame that cost more than an iteration's share: wait that many turns
-            self.debt = max(0, self.debt - TICK_INPUT_BYTES)
-            self.server.queue(self)
+            # a frame that cost more than an iteration's share: sit out, unread, the time that
+            # much work is worth, then take a turn in the queue again
+            delay = self.debt / TICK_INPUT_BYTES * TICK_BUDGET_S
+            self.debt = 0
+            self._queued = True
+            self._wake = self.server.loop.call_later(delay, self._sat_out)
             return
         session = self.session
         progress = True
         if session.suspended:
-            if not session.resume():
+            router = self.server.router
+            before = router.spent()
+            done = session.resume()
+            self._owe(router.spent() - before)
+            if not done:
                 self.server.queue(self)
                 return
             progress = False
@@ -423,6 +433,17 @@ class Connection(asyncio.Protocol):
             self.transport.set_write_buffer_limits(TLS_WRITE_HIGH_WATER)
         else:
             self.transport.set_write_buffer_limits()
+
+    def _owe(self, used: int) -> None:
+        """Work of this connection's (`used`, in budget bytes) in one go: what passed one
+        iteration's budget is owed, and sat out before its next turn."""
+        if used > TICK_INPUT_BYTES:
+            self.debt += used - TICK_INPUT_BYTES
+
+    def _sat_out(self) -> None:
+        self._wake = None
+        if self.state != CLOSED:
+            self.server.queue(self)
 
     def take_pong(self) -> bytes:
         """The pong owed to the client as a frame (b"" when none is owed), to write before
