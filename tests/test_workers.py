@@ -443,7 +443,7 @@ def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
                     clients.append((client, await client.subscribe("ga.>")))
                 count = len(clients)
 
-                status, text = await admin_get(admin, "/metrics")
+                status, text = await admin_get(admin, "/metrics", KEY)
                 assert status == 200
                 m = samples(text)
                 for index in (0, 1):
@@ -494,7 +494,7 @@ def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
                 # the dashboard: its page, and its events summed over both workers
                 assert (await admin_get(admin, "/dashboard/"))[0] == 200
                 async with aiohttp.ClientSession() as session:
-                    async with session.get(f"http://127.0.0.1:{admin}/dashboard/events") as response:
+                    async with session.get(f"http://127.0.0.1:{admin}/dashboard/events", headers={"Authorization": f"Bearer {KEY}"}) as response:
                         deadline = time.monotonic() + 10
                         async for line in response.content:
                             if line.startswith(b"data: ") and json.loads(line[6:])["connections"] == count - 1:
@@ -556,7 +556,7 @@ def test_a_revocation_through_the_group_admin_port_reaches_every_worker_once(red
 def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
     hang_timeout_s = 2.0
     port, admin = free_port(), free_port()
-    args = serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin), "--hang-timeout-s", str(hang_timeout_s))
+    args = serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin), "--admin-api-key", KEY, "--hang-timeout-s", str(hang_timeout_s))
     proc, log = start_supervisor(*args)
     try:
         wait_healthy(admin, proc)
@@ -580,7 +580,7 @@ def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
         log.wait("worker_up", index=0, count=2)
         assert not alive(hung)
         assert wait_healthy(admin, proc)["workers"] == {"0": "ok", "1": "ok"}
-        m = samples(run(admin_get(admin, "/metrics"))[1])
+        m = samples(run(admin_get(admin, "/metrics", KEY))[1])
         assert m[("broker_worker_starts_total", (("worker", "0"),))] == 2
 
         async def serves():  # every new connection is answered again, whichever worker gets it
