@@ -174,6 +174,122 @@ async def round_trips(server_url: str, seconds: float, pause: float = 0.002) -> 
     return latencies
 
 
+class Ledger:
+    """What the publishers of a cluster test were told and what its subscribers got, checked
+    against the cluster's promise (docs/cluster.md): every acknowledged message reaches every
+    subscriber once, at the position its ack gave, or is covered by a gap; no position is
+    acknowledged for two payloads; subscribers on different nodes never get two payloads for
+    one position; an `ended` gap starts right after the last message the subscriber got in
+    that epoch. Payloads must be unique."""
+
+    def __init__(self) -> None:
+        self.acked: dict[bytes, tuple[str, int, int]] = {}  # payload -> (topic, epoch, seq)
+        self.positions: dict[tuple[str, int, int], set[bytes]] = {}  # position -> payloads acked for it
+        self.failed: dict[bytes, Exception] = {}  # payload -> the error its publish got
+        self.received: list[list] = []  # per subscriber: Messages and Gaps in arrival order
+
+    def subscriber(self):
+        """A subscription callback that records into a list of its own."""
+        items: list = []
+        self.received.append(items)
+        return items.append
+
+    async def publish(self, client: Client, topic: str, payload: bytes) -> bool:
+        """Publish acknowledged and record the outcome; True when acknowledged."""
+        from broker.errors import RequestError
+
+        try:
+            ack = await client.publish_acked(topic, payload)
+        except RequestError as exc:
+            self.failed[payload] = exc
+            return False
+        self.acked[payload] = position = (topic, ack.epoch, ack.seq)
+        self.positions.setdefault(position, set()).add(payload)
+        return True
+
+    def missing(self) -> list[tuple[int, bytes]]:
+        """(subscriber, payload) of every acknowledged message a subscriber neither got nor
+        was told (by a gap) it will not get."""
+        from broker.client import Gap, Message
+
+        out = []
+        for index, items in enumerate(self.received):
+            got = {item.data for item in items if isinstance(item, Message)}
+            gaps: dict[tuple[str, int], list] = {}
+            for item in items:
+                if isinstance(item, Gap):
+                    gaps.setdefault((item.topic, item.epoch), []).append(item)
+            for payload, (topic, epoch, seq) in self.acked.items():
+                if payload in got:
+                    continue
+                if not any(gap.first <= seq and (gap.last == 0 or seq <= gap.last) for gap in gaps.get((topic, epoch), ())):
+                    out.append((index, payload))
+        return out
+
+    def problems(self) -> list[str]:
+        """Every way the record breaks the promise (empty: kept)."""
+        from broker.client import Gap, Message
+
+        found = [f"{position} acknowledged for {sorted(payloads)}" for position, payloads in self.positions.items() if len(payloads) > 1]
+        found += [f"subscriber {index}: acknowledged {payload!r} neither delivered nor in a gap" for index, payload in self.missing()]
+        everywhere: dict[tuple[str, int, int], bytes] = {}
+        for index, items in enumerate(self.received):
+            seen: dict[bytes, tuple[str, int, int]] = {}
+            last: dict[tuple[str, int], int] = {}
+            for item in items:
+                if isinstance(item, Gap):
+                    if item.cause == "ended" and item.first != last.get((item.topic, item.epoch), 0) + 1:
+                        found.append(f"subscriber {index}: {item} does not start after its last message of that epoch ({last.get((item.topic, item.epoch), 0)})")
+                    continue
+                assert isinstance(item, Message)
+                position = (item.topic, item.epoch, item.seq)
+                last[(item.topic, item.epoch)] = item.seq
+                if item.data in seen:
+                    found.append(f"subscriber {index}: {item.data!r} delivered at {seen[item.data]} and at {position}")
+                seen[item.data] = position
+                acked = self.acked.get(item.data)
+                if acked is not None and acked != position:
+                    found.append(f"subscriber {index}: {item.data!r} acknowledged at {acked}, delivered at {position}")
+                other = everywhere.setdefault(position, item.data)
+                if other != item.data:
+                    found.append(f"{position} delivered as {other!r} and as {item.data!r} (subscriber {index})")
+        return found
+
+
+class Publishers:
+    """One task per client (by payload prefix) publishing acknowledged messages to the topics
+    in turn, eight at a time, each payload unique, into a Ledger, until stopped."""
+
+    def __init__(self, ledger: Ledger, clients: dict[bytes, Client], topics: list[str]) -> None:
+        self.ledger = ledger
+        self.topics = topics
+        self.running = True
+        self.tasks = [asyncio.ensure_future(self._publish(name, client)) for name, client in clients.items()]
+
+    async def _publish(self, name: bytes, client: Client) -> None:
+        i = 0
+        while self.running:
+            await asyncio.gather(*(self.ledger.publish(client, self.topics[(i + k) % len(self.topics)], b"%s%d" % (name, i + k)) for k in range(8)))
+            i += 8
+
+    async def acked(self, more: int, timeout: float = 15.0) -> None:
+        """Wait until `more` further publishes were acknowledged."""
+        target = len(self.ledger.acked) + more
+        await eventually(lambda: len(self.ledger.acked) >= target, timeout, f"{more} more acknowledged publishes")
+
+    async def stop(self) -> None:
+        self.running = False
+        await asyncio.gather(*self.tasks)
+
+
+async def settled(ledger: Ledger, timeout: float = 15.0) -> None:
+    """Wait until every subscriber got, or was told it will not get, every acknowledged
+    message, or `timeout` seconds passed (then ledger.problems() says what is missing)."""
+    deadline = time.monotonic() + timeout
+    while ledger.missing() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+
+
 def conns_with(server, subscriptions: set[str]) -> list:
     """The server-side Connections whose sessions hold exactly `subscriptions`, oldest first."""
     found = [c for c in server.connections.values() if set(c.session.subscriptions) == subscriptions]

