@@ -318,11 +318,11 @@ def start(name: str, port: int, defaults: bool = False, broker: dict | None = No
 
 
 def redis_script_commands() -> set[str]:
-    """The commands the broker's Redis backplane runs inside its Lua scripts, as its source
+    """The commands the broker's Redis backplane runs inside its Lua scripts, as their source
     names them (`redis.call('NAME', ...)`): Redis 6 counts them in INFO commandstats beside the
     commands its clients send, with nothing to tell them apart."""
     try:
-        text = (ROOT / "broker" / "cluster" / "streams.py").read_text()
+        text = (ROOT / "broker" / "cluster" / "scripts.py").read_text()
     except OSError:
         return set()
     return {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"]([A-Za-z]+)['\"]", text)}

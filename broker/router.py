@@ -623,11 +623,39 @@ class Router:
             self._emit_now([state])
         return self._new_epoch(state, epoch)
 
+    def end_epochs(self, states: list[TopicState], epoch: int) -> None:
+        """The backplane numbers these topics in `epoch` from now on (it lost messages of their
+        epoch, or went back in time): their epochs end now for every receiver, with a gap
+        (cause `ended`) from the receiver's next number, and positions awaited in them are
+        answered the same way; each topic continues under a new id, its numbers from 1."""
+        if self.dirty:  # what this node published in this tick goes to the backplane first
+            dirty = self.dirty
+            self.dirty = []
+            self._emit(dirty)
+        for state in states:
+            if state.epoch == epoch:
+                continue
+            if state.pending:
+                self._emit_now([state])
+            self._new_epoch(state, epoch)
+            waiting = self._awaiting.pop(state.name, None)
+            if waiting:
+                still = [entry for entry in waiting if entry[1] == epoch]
+                for box, position_epoch, seq in waiting:
+                    if position_epoch != epoch:
+                        if not box.closed:
+                            self._gap(box, Gap(state.name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+                        self._release_position(box)
+                if still:
+                    self._awaiting[state.name] = still
+        self._want_flush()
+
     def _new_epoch(self, state: TopicState, epoch: int) -> TopicState:
         """The backplane numbers a topic in a new epoch (it lost its counters): the old epoch
-        ends for every receiver; a new state with a new id carries the topic on."""
-        if state.seq:
-            self._gap_all(state, Gap(state.name, state.epoch, state.seq + 1, 0, f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers); it continues in epoch {epoch}", "ended"))
+        ends for every receiver (from the first number, if this node delivered none of it:
+        messages it had not read yet may have been acknowledged); a new state with a new id
+        carries the topic on."""
+        self._gap_all(state, Gap(state.name, state.epoch, state.seq + 1, 0, f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers or went back in time); it continues in epoch {epoch}", "ended"))
         self.backplane.forget(state)
         self.stats.retired += 1  # connections drop what they cached about the old state
         return self.index.renew(state, epoch)

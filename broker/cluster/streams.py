@@ -5,15 +5,15 @@ one hash tag, `{PREFIX:N}`, so that Redis Cluster keeps them in one slot and spr
 over its slots:
 
 - `{PREFIX:N}:s`, the shard's stream: one entry per publishing node per tick that published
-  to the shard, `n` (node), `w` (the node's write number), `e` (epoch), `s` (the first sequence
-  number of each topic's batch, comma-separated) and `d` (MessagePack `[[topic, [payload,
-  ...]], ...]`, the batches in the order of `s`);
-- `{PREFIX:N}:h`, the shard's counters: field `""` the shard's epoch, one field per topic
-  the topic's last sequence number.
+  to the shard, `n` (node), `w` (the node's write number), `e` (epoch), `c` (the shard's write
+  count in the epoch), `s` (MessagePack, the first sequence number of each topic's batch) and
+  `d` (MessagePack `[[topic, [payload, ...]], ...]`, the batches in the order of `s`);
+- `{PREFIX:N}:h`, the shard's counters: field `""` the shard's epoch, `.count` its write
+  count, one field per topic the topic's last sequence number.
 
 A node sequences nothing itself. What its clients publish in a tick is handed over at the end
 of the tick (`stage`), one block per shard; the writer sends every block in one pipeline, each
-block one EVALSHA of `SCRIPT`, which numbers the block's batches (HINCRBY per topic) and
+block one EVALSHA of `scripts.WRITE`, which numbers the block's batches (HINCRBY per topic) and
 appends the entry (XADD, trimmed with MAXLEN ~ or MINID ~) atomically. So per topic the order
 of the stream is the order of the numbers, and every node delivers in it. While a pipeline is
 out, the next ticks' publishes wait and go in the next one: the busier the node, the more
@@ -33,6 +33,12 @@ for a day), answers a repeat with the numbers the first one got instead of appen
 within `redis_timeout_s` fail: acks become err 18 (UNAVAILABLE), fire-and-forget messages are
 counted (`failed`) and logged. While more than `redis_max_buffer_bytes` wait, or after a write
 failed until Redis answers again, publishes are refused at once with err 18.
+
+Redis that comes back older than a node saw it (an older snapshot, a replica promoted without
+the last writes) is found by the write count (broker.cluster.epochs, broker.cluster.scripts):
+on every write, on every entry read, and by a check of every shard after a command failed.
+The shard then continues in a new epoch and the old one ends for every receiver with a gap
+(cause `ended`), so no position is given to two messages.
 """
 
 from __future__ import annotations
@@ -53,41 +59,10 @@ from ..config import read_secret
 from ..errors import ConfigError, ErrorCode, RequestError
 from ..fastpath import TopicState, stamp
 from ..router import unique_epoch
+from . import scripts
+from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP, ShardEpochs
 
 log = logging.getLogger("broker.cluster")
-
-# The script run once per shard per write: numbers the batches and appends the entry, unless
-# the node's mark on the shard says this write (numbered per node) was made already: a write
-# sent again after its reply was lost gets the first one's numbers instead of a second entry.
-# KEYS: counters, stream, the node's mark. ARGV: epoch if the shard has none, MAXLEN|MINID,
-# its value, node, write number, data, and MessagePack [topic, count, topic, count, ...] in the
-# order of the data (one argument: packing thousands of arguments costs the client more than
-# the script's unpacking costs Redis). The first numbers go out as MessagePack [first, ...].
-SCRIPT = """
-local mark = redis.call('GET', KEYS[3])
-if mark then
-  local a = string.find(mark, '|', 1, true)
-  local b = string.find(mark, '|', a + 1, true)
-  if string.sub(mark, 1, a - 1) == ARGV[5] then
-    return {string.sub(mark, a + 1, b - 1), string.sub(mark, b + 1), 'again'}
-  end
-end
-local epoch = redis.call('HGET', KEYS[1], '')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], '', epoch)
-end
-local counts = cmsgpack.unpack(ARGV[7])
-local firsts = {}
-for i = 1, #counts, 2 do
-  local n = counts[i + 1]
-  firsts[#firsts + 1] = redis.call('HINCRBY', KEYS[1], counts[i], n) - n + 1
-end
-local s = cmsgpack.pack(firsts)
-local id = redis.call('XADD', KEYS[2], ARGV[2], '~', ARGV[3], '*', 'n', ARGV[4], 'w', ARGV[5], 'e', epoch, 's', s, 'd', ARGV[6])
-redis.call('SET', KEYS[3], ARGV[5] .. '|' .. epoch .. '|' .. s, 'PX', 86400000)
-return {epoch, s, id}
-"""
 
 BLOCK_MS = 2000  # how long one XREAD waits for entries
 CLUSTER_BLOCK_MS = 500  # on a cluster (one XREAD per shard; also how long a reader takes to stop)
@@ -110,7 +85,7 @@ class BackplaneStats:
     __slots__ = (
         "writes", "scripts", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
         "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
-        "lag_ms", "epoch_changes",
+        "lag_ms", "epoch_changes", "rollbacks",
     )
 
     def __init__(self, shards: int) -> None:
@@ -130,14 +105,15 @@ class BackplaneStats:
         self.unknown = 0  # messages sent whose outcome Redis did not confirm within redis_timeout_s
         self.refused = 0  # publishes refused at once (buffer full, or Redis away)
         self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read
-        self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters)
+        self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
+        self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
 
 
 class _Block:
     """What one shard gets in one write: per topic the payloads in order, and the acks
     waiting for their numbers: (topic, index in its payloads, ok, fail)."""
 
-    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "sent")
+    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "sent", "epoch")
 
     def __init__(self, shard: int, staged: float) -> None:
         self.shard = shard
@@ -148,6 +124,7 @@ class _Block:
         self.staged = staged  # monotonic time of the first message: it fails redis_timeout_s later
         self.write = 0  # the node's write number, once taken for writing
         self.sent = False  # sent at least once: if its reply was lost, it may have been made
+        self.epoch = 0  # the shard's epoch as the node knew it when the block was first sent
 
 
 class RedisBackplane(MemoryBackplane):
@@ -177,7 +154,8 @@ class RedisBackplane(MemoryBackplane):
         self.streams = [f"{{{self.prefix}:{i}}}:s" for i in range(self.shards)]
         self.stream_shard = {name.encode(): i for i, name in enumerate(self.streams)}
         self._marks = [f"{{{self.prefix}:{i}}}:w:{self.node.decode()}" for i in range(self.shards)]
-        self.epochs: list[int] = [0] * self.shards
+        self.shard_epochs = ShardEpochs(self.shards)
+        self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
         self.stats = BackplaneStats(self.shards)
         self.accepting = False  # until start() connected
@@ -382,23 +360,21 @@ class RedisBackplane(MemoryBackplane):
         self._readers = []
 
     async def _load_script(self) -> None:
-        sha = await self._script_load_cluster() if self.cluster else await self._redis.script_load(SCRIPT)
+        sha = await self._script_load_cluster() if self.cluster else await self._redis.script_load(scripts.WRITE)
         self._sha = sha.decode() if isinstance(sha, bytes) else sha
         self.stats.commands += 1
 
     async def _script_load_cluster(self) -> str:
         sha = ""
         for node in self._redis.get_primaries():
-            sha = await self._redis.execute_command("SCRIPT", "LOAD", SCRIPT, target_nodes=node)
+            sha = await self._redis.execute_command("SCRIPT", "LOAD", scripts.WRITE, target_nodes=node)
         return sha
 
     async def _learn_epochs(self) -> None:
-        """Every shard's epoch: the one Redis holds, or a new one set now."""
-        for shard in range(self.shards):
-            key = self.counters[shard]
-            await self._redis.hsetnx(key, "", unique_epoch())
-            self.epochs[shard] = int(await self._redis.hget(key, ""))
-            self.stats.commands += 2
+        """Every shard's epoch and write count: the ones Redis holds, or a new epoch set now."""
+        for shard, (epoch, count, _) in zip(range(self.shards), await self._check(list(range(self.shards)), self._redis)):
+            self.shard_epochs.move(shard, epoch)
+            self.shard_epochs.know(shard, epoch, count)
 
     async def _load_history(self) -> None:
         """Deliver (into history; nobody subscribes yet) what every stream holds from the last
@@ -426,12 +402,19 @@ class RedisBackplane(MemoryBackplane):
     # reading
 
     async def _read_loop(self, shards: list[int], client) -> None:
-        import redis.asyncio as aioredis
-
+        """Read `shards` with `client` until the node stops. After a failure the shards are
+        checked before reading on (Redis may have come back older), and so is a shard whose
+        stream repeated a write count."""
         failures = 0
         while not self._closing:
-            streams = {self.streams[i]: self.positions[i] for i in shards}
+            unchecked = self.shard_epochs.unchecked
             try:
+                if failures or unchecked:
+                    todo = shards if failures else [shard for shard in shards if shard in unchecked]
+                    if todo:
+                        for shard, reply in zip(todo, await self._check(todo, client)):
+                            self._checked(shard, *reply)
+                streams = {self.streams[i]: self.positions[i] for i in shards}
                 reply = await client.xread(streams, count=READ_COUNT, block=self.block_ms)
                 failures = 0
             except asyncio.CancelledError:
@@ -458,36 +441,104 @@ class RedisBackplane(MemoryBackplane):
             log.warning("cluster backplane: %s failed (%s); retrying", what, exc)
         await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
 
+    async def _check(self, shards: list[int], client) -> list[tuple[int, int, int]]:
+        """Run scripts.CHECK on the shards: each one's (epoch, write count, 1 if this check
+        started the epoch because Redis held less than this node knows). Rare (at start,
+        after failures): EVAL, so that a Redis that lost its scripts needs nothing loaded."""
+        trim = self._trim()
+        calls = []
+        for shard in shards:
+            known_epoch, known_count = self.shard_epochs.known[shard]
+            calls.append((self.counters[shard], self.streams[shard], unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim))
+        self.stats.commands += len(calls)
+        if self.cluster:
+            replies = [await client.eval(scripts.CHECK, 2, *call) for call in calls]
+        else:
+            pipe = client.pipeline(transaction=False)
+            for call in calls:
+                pipe.eval(scripts.CHECK, 2, *call)
+            replies = await pipe.execute()
+        return [(int(epoch), int(count), int(moved)) for epoch, count, moved in replies]
+
+    def _checked(self, shard: int, epoch: int, count: int, moved: int) -> None:
+        """A check's reply: a new epoch ends the one delivered in."""
+        if moved and not self.shard_epochs.repeated[shard]:  # else counted when the repeat was read
+            self._rolled_back(shard, epoch)
+        if self.shard_epochs.checked(shard, epoch, count):
+            self._move(shard, epoch)
+
+    def _rolled_back(self, shard: int, epoch: int) -> None:
+        """This node's script started a new epoch: Redis held less of the shard than it knew."""
+        self.stats.rollbacks += 1
+        known_epoch, known_count = self.shard_epochs.known[shard]
+        log.warning(
+            "cluster backplane: Redis holds less of shard %d than this node saw (epoch %d, write %s): it lost writes or went back in time; the shard continues in epoch %d",
+            shard, known_epoch, "?" if known_count >= FORKED else known_count, epoch,
+        )
+
+    def _move(self, shard: int, epoch: int) -> None:
+        """The shard continues in a later epoch: the one delivered in ends for every receiver
+        of its topics here."""
+        old = self.epochs[shard]
+        self.shard_epochs.move(shard, epoch)
+        self.stats.epoch_changes += 1
+        log.warning("cluster backplane: shard %d continues in epoch %d; epoch %d ended (Redis lost entries of it)", shard, epoch, old)
+        router = self.router
+        if router is not None:
+            shards = self.shards
+            router.end_epochs([state for state in list(router.topics.values()) if zlib.crc32(state.key) % shards == shard], epoch)
+
     def _take(self, shard: int, entries: list) -> None:
-        """Hand the batches of a shard's entries to the router, in stream order."""
+        """Hand the batches of a shard's entries to the router, in stream order; an entry of a
+        later epoch ends the one delivered in first; one that repeats a write count is held
+        back, and the shard checked (broker.cluster.epochs)."""
         taken = []
         stats = self.stats
+        epochs = self.shard_epochs
         size = 0
         for entry_id, fields in entries:
             try:
                 epoch = int(fields[b"e"])
                 if not 0 < epoch < 1 << 63:
                     raise ValueError("epoch out of range")
+                count = int(fields.get(b"c", 0))
+                if not 0 <= count < FORKED:
+                    raise ValueError("write count out of range")
                 data = fields[b"d"]
                 batches = _data.decode(data)
                 firsts = _firsts.decode(fields[b"s"])
             except (KeyError, ValueError, msgspec.DecodeError):
                 log.error("cluster backplane: entry %s of %s is not one of this broker's; skipped", entry_id, self.streams[shard])
                 continue
-            if epoch != self.epochs[shard]:
-                if self.epochs[shard]:
-                    stats.epoch_changes += 1
-                    log.warning("cluster backplane: shard %d continues in a new epoch %d (Redis lost its counters)", shard, epoch)
-                self.epochs[shard] = epoch
-            taken.append((epoch, batches, firsts))
-            size += len(data)
+            verdict = epochs.entry(shard, epoch, count)
+            if verdict == SKIP:
+                continue
+            if verdict == NEW_EPOCH or verdict == REPEAT:  # what came before goes out first
+                if taken:
+                    stats.messages_read += self._deliver(taken)
+                    taken = []
+                if verdict == REPEAT:
+                    stats.rollbacks += 1
+                    log.warning(
+                        "cluster backplane: entry %s of %s repeats write %d of epoch %d (this node read up to %d): Redis went back in time; the epoch ends",
+                        entry_id, self.streams[shard], count, epoch, epochs.read[shard],
+                    )
+                    continue
+                self._move(shard, epoch)
+                epochs.entry(shard, epoch, count)
+            if batches:
+                taken.append((epoch, batches, firsts))
+                size += len(data)
         last = entries[-1][0]
         self.positions[shard] = last
         stats.entries_read += len(entries)
         stats.bytes_read += size
         stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
-        if taken and self.router is not None:
-            stats.messages_read += self.router.deliver_remote(taken)
+        if taken:
+            stats.messages_read += self._deliver(taken)
+
+    def _deliver(self, taken: list) -> int:
+        return self.router.deliver_remote(taken) if self.router is not None else 0
 
     # writing
 
@@ -545,21 +596,27 @@ class RedisBackplane(MemoryBackplane):
         from redis.exceptions import NoScriptError
 
         blocks = list(blocks)  # `_written` takes each block out of `_writing` as its reply arrives
-        now_ms = int(self.clock() * 1000)
-        trim = ("MINID", f"{now_ms - self.stream_age_ms}-0") if self.stream_age_ms else ("MAXLEN", str(self.maxlen))
+        trim = self._trim()
+        known = self.shard_epochs.known
         was_sent = [block.sent for block in blocks]
         for block in blocks:
             if block.sent:
                 self.stats.in_doubt += 1  # sent before without a reply: the script knows whether it was made
+            else:
+                block.epoch = known[block.shard][0]
             block.sent = True
         commands = []
-        for block in blocks:
+        for block, sent in zip(blocks, was_sent):
             topics = block.topics
             counts = []
             for name, payloads in topics.items():
                 counts.append(name)
                 counts.append(len(payloads))
-            args = [unique_epoch(), trim[0], trim[1], self.node, block.write, _encode(list(topics.items())), _encode(counts)]
+            known_epoch, known_count = known[block.shard]
+            args = [
+                unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, block.write,
+                block.epoch if sent else "", _encode(list(topics.items())), _encode(counts),
+            ]
             commands.append((self.counters[block.shard], self.streams[block.shard], self._marks[block.shard], args))
         self.stats.writes += 1
         self.stats.scripts += len(commands)
@@ -590,8 +647,17 @@ class RedisBackplane(MemoryBackplane):
                 else:
                     broken = broken or reply  # in doubt
                 continue
-            epoch, firsts, _ = reply
-            self._written(block, int(epoch), _firsts.decode(firsts))
+            outcome, epoch, count, firsts, moved = reply
+            epoch = int(epoch)
+            if moved:
+                self._rolled_back(block.shard, epoch)
+            self.shard_epochs.know(block.shard, epoch, int(count))
+            if outcome == scripts.ENDED:
+                self._writing.remove(block)
+                self.stats.unknown += block.count
+                self._fail(block, f"the cluster backplane (Redis) lost what it held of epoch {block.epoch}, in which this publish was sent without an answer: it may have been published then (and delivered once) or not", "may not have been published")
+                continue
+            self._written(block, epoch, _firsts.decode(firsts))
         if broken is not None:
             raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
         if self._down:
@@ -655,14 +721,21 @@ class RedisBackplane(MemoryBackplane):
         self._waiting = {}
 
     async def _probe(self) -> None:
-        import redis.asyncio as aioredis
-
+        """While publishes are refused: check every shard (which also finds a Redis that came
+        back older); when every check is answered, publish again."""
         try:
-            await self._redis.ping() if not self.cluster else await self._redis.execute_command("PING")
-            self.stats.commands += 1
+            shards = list(range(self.shards))
+            for shard, reply in zip(shards, await self._check(shards, self._redis)):
+                self._checked(shard, *reply)
         except Exception:  # connection errors; on a cluster also RedisClusterException
             return
         self._back()
+
+    def _trim(self) -> tuple[str, str]:
+        """How an XADD trims its stream now: MINID ~ (by age) or MAXLEN ~."""
+        if self.stream_age_ms:
+            return "MINID", f"{int(self.clock() * 1000) - self.stream_age_ms}-0"
+        return "MAXLEN", str(self.maxlen)
 
     def _back(self) -> None:
         log.warning("cluster backplane: Redis answers again; publishing")

@@ -311,7 +311,7 @@ class Server:
             errors=sum(stats.errors.values()),
             **({} if self.cluster is None else {
                 "redis_" + name: getattr(self.cluster.stats, name)
-                for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused")
+                for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused", "epoch_changes", "rollbacks")
             }),
         )
 
