@@ -27,4 +27,4 @@ def test_promtool_accepts_the_rules():
         pytest.skip("promtool is not installed (apt-get install prometheus provides it)")
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout

@@ -6,7 +6,7 @@ from redis.cluster import RedisCluster
 
 from broker.client import Client
 
-from conftest import run, serving, url
+from conftest import eventually, run, serving, url
 from test_cluster import take
 
 
@@ -136,3 +136,68 @@ def test_the_readers_survive_a_whole_cluster_outage(redis_cluster, redis_prefix)
                 assert all(not task.done() for task in b.cluster._tasks[1:]), "a reader ended"
 
     run(main(), timeout=90)
+
+
+def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_in_a_gap(redis_prefix, caplog):
+    """Three masters with a replica each; the master the nodes were pointed at is killed while
+    both nodes publish. Its replica takes over (what it had not replicated is lost: Redis went
+    back in time there), and no reader stops: every acknowledged message reaches both
+    subscribers or is covered by a gap, the nodes read on from every shard, and the failures
+    in a row were counted (metric) and logged with their count."""
+    import asyncio
+    import logging
+
+    import redis_support
+    from conftest import Ledger, Publishers, settled
+
+    topics = [f"fo.{i}" for i in range(24)]
+    caplog.set_level(logging.WARNING, logger="broker.cluster")
+
+    with redis_support.RedisCluster(masters=3, replicas=1, node_timeout_ms=500) as cluster:
+        dead = cluster.nodes[0]  # the master of redis_url: where the clients started
+        assert dead.role() == "master"
+        # a prefix that puts shards on that master too
+        slots = RedisCluster.from_url(cluster.url)
+        try:
+            prefix = next(p for p in (f"{redis_prefix}{i}" for i in range(100)) if any(slots.get_node_from_key(f"{{{p}:{shard}}}:s").port == dead.port for shard in range(6)))
+        finally:
+            slots.close()
+
+        async def main():
+            ledger = Ledger()
+            settings = dict(redis_url=cluster.url, redis_prefix=prefix, redis_shards=6, redis_timeout_s=1.0)
+            async with serving(**settings) as a, serving(**settings) as b:
+                async with Client(url(a), request_timeout=60) as pa, Client(url(b), request_timeout=60) as pb, Client(url(a)) as sa, Client(url(b)) as sb:
+                    for client in (sa, sb):
+                        await client.subscribe("fo.>", ledger.subscriber())
+                    publishers = Publishers(ledger, {b"a": pa, b"b": pb}, topics)
+                    await publishers.acked(300)
+                    most = 0
+
+                    async def sample() -> None:  # the failures in a row, as the metric shows them
+                        nonlocal most
+                        while True:
+                            most = max(most, *a.cluster.stats.read_failures, *b.cluster.stats.read_failures)
+                            await asyncio.sleep(0.02)
+
+                    sampler = asyncio.ensure_future(sample())
+                    dead.kill()
+                    await asyncio.to_thread(cluster.wait_failed_over)
+                    await publishers.acked(600, timeout=30)
+                    await publishers.stop()
+                    sampler.cancel()
+                    await settled(ledger)
+                    assert not ledger.problems(), ledger.problems()[:20]
+                    for server in (a, b):
+                        assert all(not task.done() for task in server.cluster._tasks), "a reader or the writer ended"
+                        assert server.cluster.stats.read_failures == [0] * 6
+                    # the nodes read on from every shard: a message to each reaches both
+                    marks = {topic: await ledger.publish(pa, topic, b"end." + topic.encode()) for topic in {a.cluster.shard_of(t): t for t in topics}.values()}
+                    assert all(marks.values())
+                    await settled(ledger)
+                    assert not ledger.problems(), ledger.problems()[:20]
+                    assert most >= 2
+            counted = [r.getMessage() for r in caplog.records if "times in a row" in r.getMessage()]
+            assert counted and [r.getMessage() for r in caplog.records if "works again after" in r.getMessage()]
+
+        run(main(), timeout=120)

@@ -39,6 +39,13 @@ the last writes) is found by the write count (broker.cluster.epochs, broker.clus
 on every write, on every entry read, and by a check of every shard after a command failed.
 The shard then continues in a new epoch and the old one ends for every receiver with a gap
 (cause `ended`), so no position is given to two messages.
+
+A command that keeps failing is logged at its first failure, again at 2, 4, 8, ... failures
+in a row with the count, and when it works again; `read_failures` (per shard) and
+`write_failures` count the failures in a row now. On Redis Cluster each reader sends its XREAD
+to the master its shard's slot map names (redis-py would ask another node for the keys of
+XREAD, one that may be gone), and a reader that failed READER_RENEW times in a row starts
+afresh with a new client that knows every node the old one knew.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ READ_COUNT = 1000  # entries one XREAD takes per stream at most
 LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
 BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
+READER_RENEW = 10  # failed reads in a row after which a Redis Cluster reader gets a new client
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
 _firsts = msgspec.msgpack.Decoder(list[Annotated[int, msgspec.Meta(ge=1, le=1 << 62)]])
@@ -85,7 +93,7 @@ class BackplaneStats:
     __slots__ = (
         "writes", "scripts", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
         "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
-        "lag_ms", "epoch_changes", "rollbacks",
+        "lag_ms", "epoch_changes", "rollbacks", "read_failures", "write_failures",
     )
 
     def __init__(self, shards: int) -> None:
@@ -107,6 +115,8 @@ class BackplaneStats:
         self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
         self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
+        self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
+        self.write_failures = 0  # writes that failed in a row, now (0: writing)
 
 
 class _Block:
@@ -174,6 +184,7 @@ class RedisBackplane(MemoryBackplane):
         self._closing = False
         self._redis = None  # commands and writes
         self._readers: list = []  # blocking XREAD clients
+        self._reader_options: dict = {}
         self._sha = ""
 
     # the seam
@@ -291,8 +302,8 @@ class RedisBackplane(MemoryBackplane):
 
             cluster_options = dict(options)  # retry: none (redis-py would retry each command 10 times)
             self._redis = RedisCluster.from_url(self.url, **cluster_options)
-            reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
-            self._readers = [RedisCluster.from_url(self.url, **reader_options) for _ in range(self.shards)]
+            self._reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
+            self._readers = [RedisCluster.from_url(self.url, **self._reader_options) for _ in range(self.shards)]
         else:
             self._redis = aioredis.Redis.from_url(self.url, **options)
             self._readers = [aioredis.Redis.from_url(self.url, **dict(options, socket_timeout=self.timeout + BLOCK_MS / 1000))]
@@ -307,9 +318,9 @@ class RedisBackplane(MemoryBackplane):
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._write_loop()))
         if self.cluster:
-            self._tasks.extend(loop.create_task(self._read_loop([i], self._readers[i])) for i in range(self.shards))
+            self._tasks.extend(loop.create_task(self._read_loop([i], i)) for i in range(self.shards))
         else:
-            self._tasks.append(loop.create_task(self._read_loop(list(range(self.shards)), self._readers[0])))
+            self._tasks.append(loop.create_task(self._read_loop(list(range(self.shards)), 0)))
 
     async def stop(self) -> None:
         """Write what is staged (waiting at most redis_timeout_s), then stop reading."""
@@ -341,23 +352,24 @@ class RedisBackplane(MemoryBackplane):
 
     async def _close_clients(self) -> None:
         for client in [self._redis, *self._readers]:
-            if client is None:
-                continue
-            try:
-                await client.aclose()
-            except Exception:  # closing a broken connection: nothing more to do
-                pass
-            if self.cluster:
-                # after a connection error redis-py marks a cluster client for rediscovery, and
-                # its aclose() then closes nothing: disconnect every node it knows of
-                nodes = {id(node): node for node in [*client.get_nodes(), *client.nodes_manager.startup_nodes.values()]}
-                for node in nodes.values():
-                    try:
-                        await node.disconnect()
-                    except Exception:  # closing a broken connection: nothing more to do
-                        pass
+            if client is not None:
+                await self._close_client(client)
         self._redis = None
         self._readers = []
+
+    async def _close_client(self, client) -> None:
+        try:
+            await client.aclose()
+        except Exception:  # closing a broken connection: nothing more to do
+            pass
+        if self.cluster:
+            # after a connection error redis-py marks a cluster client for rediscovery, and
+            # its aclose() then closes nothing: disconnect every node it knows of
+            for node in _known_nodes(client):
+                try:
+                    await node.disconnect()
+                except Exception:  # closing a broken connection: nothing more to do
+                    pass
 
     async def _load_script(self) -> None:
         sha = await self._script_load_cluster() if self.cluster else await self._redis.script_load(scripts.WRITE)
@@ -401,12 +413,13 @@ class RedisBackplane(MemoryBackplane):
 
     # reading
 
-    async def _read_loop(self, shards: list[int], client) -> None:
-        """Read `shards` with `client` until the node stops. After a failure the shards are
-        checked before reading on (Redis may have come back older), and so is a shard whose
-        stream repeated a write count."""
+    async def _read_loop(self, shards: list[int], reader: int) -> None:
+        """Read `shards` with client `self._readers[reader]` until the node stops. After a
+        failure the shards are checked before reading on (Redis may have come back older), and
+        so is a shard whose stream repeated a write count."""
         failures = 0
         while not self._closing:
+            client = self._readers[reader]
             unchecked = self.shard_epochs.unchecked
             try:
                 if failures or unchecked:
@@ -414,15 +427,22 @@ class RedisBackplane(MemoryBackplane):
                     if todo:
                         for shard, reply in zip(todo, await self._check(todo, client)):
                             self._checked(shard, *reply)
-                streams = {self.streams[i]: self.positions[i] for i in shards}
-                reply = await client.xread(streams, count=READ_COUNT, block=self.block_ms)
-                failures = 0
+                reply = await self._xread(client, shards)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors; on a cluster also RedisClusterException
-                await self._after_failure("reading the shard streams", failures, exc)
                 failures += 1
+                for shard in shards:
+                    self.stats.read_failures[shard] = failures
+                await self._after_failure(f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams", failures, exc)
+                if self.cluster and failures % READER_RENEW == 0 and not self._closing:
+                    await self._renew_reader(reader)
                 continue
+            if failures:
+                log.warning("cluster backplane: %s works again after %d failed attempt(s)", f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams", failures)
+                failures = 0
+                for shard in shards:
+                    self.stats.read_failures[shard] = 0
             self.stats.commands += 1
             self.stats.reads += 1
             if not reply or self._closing:
@@ -434,12 +454,44 @@ class RedisBackplane(MemoryBackplane):
                 except Exception:  # a bug or an entry no broker wrote: reading goes on after it
                     log.exception("cluster backplane: entries of %s up to %s could not be delivered", self.streams[shard], entries[-1][0])
 
+    async def _xread(self, client, shards: list[int]) -> list:
+        """One blocking XREAD of the shards from their positions. On Redis Cluster (one shard
+        per reader) it goes to the master the client's slot map names for the shard: left to
+        redis-py, the keys of XREAD are asked of one node (COMMAND GETKEYS), and a reader
+        whose node is gone would fail there for ever, never learning the new slot map."""
+        if not self.cluster:
+            return await client.xread({self.streams[i]: self.positions[i] for i in shards}, count=READ_COUNT, block=self.block_ms)
+        (shard,) = shards
+        stream = self.streams[shard]
+        try:
+            node = client.get_node_from_key(stream)
+        except Exception:  # no slot map yet, or the slot is not covered now: learn it anew
+            await client.initialize()
+            node = client.get_node_from_key(stream)
+        return await client.execute_command("XREAD", "COUNT", READ_COUNT, "BLOCK", self.block_ms, "STREAMS", stream, self.positions[shard], target_nodes=node)
+
+    async def _renew_reader(self, reader: int) -> None:
+        """Replace a Redis Cluster reader's client by a new one that starts from every node the
+        old one knew and the configured URL: whatever state redis-py's client got into, a new
+        one learns the cluster as it is now."""
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        old = self._readers[reader]
+        seeds = [ClusterNode(node.host, node.port) for node in _known_nodes(old)]
+        self._readers[reader] = RedisCluster.from_url(self.url, startup_nodes=seeds, **self._reader_options)
+        log.warning("cluster backplane: reader %d starts with a new Redis Cluster client (seeds: %s)", reader, ", ".join(sorted({f"{n.host}:{n.port}" for n in seeds})) or _safe(self.url))
+        await self._close_client(old)
+
     async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
-        """Count a failed command, log the first of a series, and pause before the next try."""
+        """Count a failed command, log the first of a series and again at 2, 4, 8, ... failures
+        in a row (a failure that lasts is seen, a log it does not flood), and pause before the
+        next try."""
         self.stats.reconnects += 1
-        if failures == 0:
+        if failures == 1:
             log.warning("cluster backplane: %s failed (%s); retrying", what, exc)
-        await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S) - 1)])
+        elif failures & (failures - 1) == 0:
+            log.warning("cluster backplane: %s failed %d times in a row (%s); retrying", what, failures, exc)
+        await asyncio.sleep(RETRY_S[min(failures - 1, len(RETRY_S) - 1)])
 
     async def _check(self, shards: list[int], client) -> list[tuple[int, int, int]]:
         """Run scripts.CHECK on the shards: each one's (epoch, write count, 1 if this check
@@ -451,8 +503,11 @@ class RedisBackplane(MemoryBackplane):
             known_epoch, known_count = self.shard_epochs.known[shard]
             calls.append((self.counters[shard], self.streams[shard], unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim))
         self.stats.commands += len(calls)
-        if self.cluster:
-            replies = [await client.eval(scripts.CHECK, 2, *call) for call in calls]
+        if self.cluster:  # at once: a master that does not answer holds back no other's check
+            replies = await asyncio.gather(*(client.eval(scripts.CHECK, 2, *call) for call in calls), return_exceptions=True)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
         else:
             pipe = client.pipeline(transaction=False)
             for call in calls:
@@ -576,18 +631,20 @@ class RedisBackplane(MemoryBackplane):
                     block.write = self._writes
             try:
                 await self._send(self._writing)
-                failures = 0
             except asyncio.CancelledError:
                 raise
-            except (OSError, aioredis.RedisError) as exc:
+            except Exception as exc:  # connection errors; anything else is a bug, logged: the writer goes on (its blocks time out)
+                if not isinstance(exc, (OSError, aioredis.RedisError)):
+                    log.exception("cluster backplane: the writer failed")
+                failures += 1
+                self.stats.write_failures = failures
                 self._expire_writes(time.monotonic())
                 await self._after_failure("writing to Redis", failures, exc)
-                failures += 1
-            except Exception as exc:  # a bug: logged, and the writer goes on (its blocks time out)
-                log.exception("cluster backplane: the writer failed")
-                self._expire_writes(time.monotonic())
-                await self._after_failure("writing to Redis", failures, exc)
-                failures += 1
+                continue
+            if failures:
+                log.warning("cluster backplane: writing to Redis works again after %d failed attempt(s)", failures)
+                failures = 0
+                self.stats.write_failures = 0
 
     async def _send(self, blocks: list[_Block]) -> None:
         """Write the blocks, each one EVALSHA, in one pipeline; a block whose write failed
@@ -742,6 +799,12 @@ class RedisBackplane(MemoryBackplane):
         self._down = False
         if not self._closing and self.buffered <= self.max_buffer:
             self.accepting = True
+
+
+def _known_nodes(client) -> list:
+    """Every node a Redis Cluster client knows of: the slot map's and its startup nodes."""
+    nodes = {id(node): node for node in [*client.get_nodes(), *client.nodes_manager.startup_nodes.values()]}
+    return list(nodes.values())
 
 
 def _id_key(entry_id: bytes) -> tuple[int, int]:
