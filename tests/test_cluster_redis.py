@@ -191,6 +191,9 @@ def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_
                     for server in (a, b):
                         assert all(not task.done() for task in server.cluster._tasks), "a reader or the writer ended"
                         assert server.cluster.stats.read_failures == [0] * 6
+                    # a node whose writes failed past redis_timeout_s refuses publishes until
+                    # its next check of the shards is answered (at most a second or two)
+                    await eventually(lambda: a.cluster.accepting and b.cluster.accepting, 10, "both nodes take publishes again")
                     # the nodes read on from every shard: a message to each reaches both
                     marks = {topic: await ledger.publish(pa, topic, b"end." + topic.encode()) for topic in {a.cluster.shard_of(t): t for t in topics}.values()}
                     assert all(marks.values())
