@@ -40,6 +40,29 @@ def test_a_repeated_write_count_holds_back_the_rest_of_the_epoch_and_asks_for_a_
     assert epochs.entry(0, 200, 2) == DELIVER
 
 
+def test_an_entry_that_holds_the_count_of_a_write_of_this_node_but_is_another_is_a_repeat():
+    """The node's write 50 was acknowledged; Redis lost it before the node read it back, and
+    a node that did not know wrote its own entry 50: not this node's, so not delivered."""
+    epochs = started(count=48)
+    epochs.wrote(0, 100, 50, write=7)
+    assert epochs.entry(0, 100, 49) == DELIVER  # another node's, before this node's write
+    assert epochs.entry(0, 100, 50, write=0) == REPEAT
+    assert epochs.unchecked == {0}
+
+
+def test_this_nodes_writes_read_back_are_delivered_whenever_their_replies_came():
+    epochs = started(count=10)
+    epochs.wrote(0, 100, 11, write=1)
+    epochs.wrote(0, 100, 13, write=3)
+    assert epochs.entry(0, 100, 11, write=1) == DELIVER
+    assert epochs.entry(0, 100, 12) == DELIVER  # another node's in between
+    assert epochs.entry(0, 100, 13, write=3) == DELIVER
+    assert epochs.entry(0, 100, 14, write=4) == DELIVER  # read back before its reply came
+    epochs.wrote(0, 100, 14, write=4)
+    assert epochs.entry(0, 100, 15) == DELIVER  # the late reply is passed, not compared
+    assert not epochs.written[0] and not epochs.unchecked
+
+
 def test_a_later_epoch_in_the_stream_moves_the_shard_and_an_earlier_one_is_skipped():
     epochs = started()
     assert epochs.entry(0, 300, 1) == NEW_EPOCH

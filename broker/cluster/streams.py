@@ -559,13 +559,14 @@ class RedisBackplane(MemoryBackplane):
                 count = int(fields.get(b"c", 0))
                 if not 0 <= count < FORKED:
                     raise ValueError("write count out of range")
+                write = int(fields[b"w"]) if fields.get(b"n") == self.node else 0
                 data = fields[b"d"]
                 batches = _data.decode(data)
                 firsts = _firsts.decode(fields[b"s"])
             except (KeyError, ValueError, msgspec.DecodeError):
                 log.error("cluster backplane: entry %s of %s is not one of this broker's; skipped", entry_id, self.streams[shard])
                 continue
-            verdict = epochs.entry(shard, epoch, count)
+            verdict = epochs.entry(shard, epoch, count, write)
             if verdict == SKIP:
                 continue
             if verdict == NEW_EPOCH or verdict == REPEAT:  # what came before goes out first
@@ -575,12 +576,12 @@ class RedisBackplane(MemoryBackplane):
                 if verdict == REPEAT:
                     stats.rollbacks += 1
                     log.warning(
-                        "cluster backplane: entry %s of %s repeats write %d of epoch %d (this node read up to %d): Redis went back in time; the epoch ends",
+                        "cluster backplane: entry %s of %s repeats write %d of epoch %d (this node read up to %d, or made that write itself): Redis went back in time; the epoch ends",
                         entry_id, self.streams[shard], count, epoch, epochs.read[shard],
                     )
                     continue
                 self._move(shard, epoch)
-                epochs.entry(shard, epoch, count)
+                epochs.entry(shard, epoch, count, write)
             if batches:
                 taken.append((epoch, batches, firsts))
                 size += len(data)
@@ -708,12 +709,13 @@ class RedisBackplane(MemoryBackplane):
             epoch = int(epoch)
             if moved:
                 self._rolled_back(block.shard, epoch)
-            self.shard_epochs.know(block.shard, epoch, int(count))
             if outcome == scripts.ENDED:
+                self.shard_epochs.know(block.shard, epoch, int(count))
                 self._writing.remove(block)
                 self.stats.unknown += block.count
                 self._fail(block, f"the cluster backplane (Redis) lost what it held of epoch {block.epoch}, in which this publish was sent without an answer: it may have been published then (and delivered once) or not", "may not have been published")
                 continue
+            self.shard_epochs.wrote(block.shard, epoch, int(count), block.write)
             self._written(block, epoch, _firsts.decode(firsts))
         if broken is not None:
             raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
