@@ -64,6 +64,10 @@ def test_redis_stopped_publishes_fail_with_err_18_then_a_new_epoch_after_it_rest
                     assert exc.code == ErrorCode.UNAVAILABLE
                 assert time.monotonic() - started < 0.5
                 assert a.cluster.stats.unknown + a.cluster.stats.failed >= 1 and a.cluster.stats.refused >= 1
+                # while publishes are refused, the writer's checks (every 0.5 s) count on as
+                # failures in a row, as the node's readers' failures do
+                await until(lambda: asyncio.sleep(0, a.cluster.stats.write_failures >= 7), 10)
+                assert min(a.cluster.stats.read_failures) >= 3
                 own_redis.start()  # the same port, no data: counters and streams are gone
 
                 async def published() -> bool:
@@ -76,6 +80,7 @@ def test_redis_stopped_publishes_fail_with_err_18_then_a_new_epoch_after_it_rest
 
                 await until(published, 15, 0.2)
                 gap, again = await take(sub, 2, timeout=15)
+                assert a.cluster.stats.write_failures == 0 and a.cluster.stats.read_failures == [0] * 16
                 # the old epoch ends where the subscriber was; the topic goes on in a new one
                 assert isinstance(gap, Gap) and gap.cause == "ended" and gap.epoch == before.epoch and gap.first == 6 and gap.last == 0
                 assert isinstance(again, Message) and again.data == b"again" and again.seq == 1 and again.epoch != before.epoch

@@ -116,7 +116,7 @@ class BackplaneStats:
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
         self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
         self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
-        self.write_failures = 0  # writes that failed in a row, now (0: writing)
+        self.write_failures = 0  # the writer's attempts (writes; checks while publishes are refused) that failed in a row, now
 
 
 class _Block:
@@ -483,15 +483,18 @@ class RedisBackplane(MemoryBackplane):
         await self._close_client(old)
 
     async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
-        """Count a failed command, log the first of a series and again at 2, 4, 8, ... failures
-        in a row (a failure that lasts is seen, a log it does not flood), and pause before the
-        next try."""
+        """Count and log a failed command (`_failed`), and pause before the next try."""
+        self._failed(what, failures, exc)
+        await asyncio.sleep(RETRY_S[min(failures - 1, len(RETRY_S) - 1)])
+
+    def _failed(self, what: str, failures: int, exc: Exception) -> None:
+        """Count a failed command; log the first of a series and again at 2, 4, 8, ...
+        failures in a row (a failure that lasts is seen, a log it does not flood)."""
         self.stats.reconnects += 1
         if failures == 1:
             log.warning("cluster backplane: %s failed (%s); retrying", what, exc)
         elif failures & (failures - 1) == 0:
             log.warning("cluster backplane: %s failed %d times in a row (%s); retrying", what, failures, exc)
-        await asyncio.sleep(RETRY_S[min(failures - 1, len(RETRY_S) - 1)])
 
     async def _check(self, shards: list[int], client) -> list[tuple[int, int, int]]:
         """Run scripts.CHECK on the shards: each one's (epoch, write count, 1 if this check
@@ -613,7 +616,15 @@ class RedisBackplane(MemoryBackplane):
                             await asyncio.wait_for(self._wake.wait(), 0.5)
                         except asyncio.TimeoutError:
                             pass
-                        await self._probe()
+                        error = await self._probe()
+                        if error is None:
+                            if failures:
+                                log.warning("cluster backplane: Redis answers again after %d failed attempt(s) to write or check", failures)
+                            failures = self.stats.write_failures = 0
+                        else:  # the probe is the writer's attempt while publishes are refused
+                            failures += 1
+                            self.stats.write_failures = failures
+                            self._failed("checking Redis (publishes are refused meanwhile)", failures, error)
                         continue
                     await self._wake.wait()
                     continue
@@ -779,16 +790,17 @@ class RedisBackplane(MemoryBackplane):
                     fail(ErrorCode.UNAVAILABLE, text)
         self._waiting = {}
 
-    async def _probe(self) -> None:
+    async def _probe(self) -> Exception | None:
         """While publishes are refused: check every shard (which also finds a Redis that came
-        back older); when every check is answered, publish again."""
+        back older); when every check is answered, publish again. Returns why not, if not."""
         try:
             shards = list(range(self.shards))
             for shard, reply in zip(shards, await self._check(shards, self._redis)):
                 self._checked(shard, *reply)
-        except Exception:  # connection errors; on a cluster also RedisClusterException
-            return
+        except Exception as exc:  # connection errors; on a cluster also RedisClusterException
+            return exc
         self._back()
+        return None
 
     def _trim(self) -> tuple[str, str]:
         """How an XADD trims its stream now: MINID ~ (by age) or MAXLEN ~."""
