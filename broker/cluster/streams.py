@@ -479,7 +479,7 @@ class RedisBackplane(MemoryBackplane):
         old = self._readers[reader]
         seeds = [ClusterNode(node.host, node.port) for node in _known_nodes(old)]
         self._readers[reader] = RedisCluster.from_url(self.url, startup_nodes=seeds, **self._reader_options)
-        log.warning("cluster backplane: reader %d starts with a new Redis Cluster client (seeds: %s)", reader, ", ".join(sorted({f"{n.host}:{n.port}" for n in seeds})) or _safe(self.url))
+        log.warning("cluster backplane: reader %d starts with a new Redis Cluster client (seeds: redis_url and %s)", reader, ", ".join(sorted({f"{n.host}:{n.port}" for n in seeds})) or "no other node")
         await self._close_client(old)
 
     async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
