@@ -98,8 +98,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     user_publish_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
     new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 10_000.0
-    user_new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    user_new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    ip_new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
+    ip_new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 10_000.0
+    user_new_topic_rate: Annotated[float, msgspec.Meta(ge=0)] = 1000.0
+    user_new_topic_burst: Annotated[float, msgspec.Meta(ge=0)] = 10_000.0
     rate_limit_close_after: Positive = 10_000
     # [redis] (the cluster backplane; none: the embedded single process)
     redis_url: str = ""
@@ -159,7 +161,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise ValueError(f"set {name} or {name}_file, not both")
         if self.redis_password_file and url_password(self.redis_url):
             raise ValueError("redis_password_file is set and redis_url holds a password too: keep it in the file only")
-        for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "user_new_topic_rate", "auth_message_rate"):
+        for rate in ("publish_rate", "user_publish_rate", "new_topic_rate", "ip_new_topic_rate", "user_new_topic_rate", "auth_message_rate"):
             burst = rate[: -len("rate")] + "burst"
             if getattr(self, rate) and getattr(self, burst) < 1:
                 raise ValueError(f"{burst} must be at least 1 when {rate} is set (it is {getattr(self, rate):g})")
@@ -207,7 +209,7 @@ LIMITS = (
     "max_topics", "max_topic_length", "max_open_requests", "handshake_timeout_s", "max_connections",
     "max_connections_per_ip", "max_connections_per_user", "max_handshakes", "max_handshakes_per_ip", "allowed_origins", "frame_timeout_s", "publish_rate",
     "publish_burst", "user_publish_rate", "user_publish_burst", "new_topic_rate", "new_topic_burst",
-    "user_new_topic_rate", "user_new_topic_burst", "rate_limit_close_after",
+    "ip_new_topic_rate", "ip_new_topic_burst", "user_new_topic_rate", "user_new_topic_burst", "rate_limit_close_after",
 )
 SECTIONS: dict[str, dict[str, str]] = {
     "tls": {name[4:]: name for name in FIELDS if name.startswith("tls_")},
@@ -288,7 +290,9 @@ HELP = {
     "user_publish_burst": "[limits] messages one user may publish at once above user_publish_rate",
     "new_topic_rate": "[limits] new topics per second one connection may create by publishing (0: no limit); past its burst refused with err 15",
     "new_topic_burst": "[limits] new topics one connection may create at once above new_topic_rate",
-    "user_new_topic_rate": "[limits] new topics per second one user may create (0: no limit)",
+    "ip_new_topic_rate": "[limits] new topics per second the connections from one IP address may create together (0: no limit); past its burst refused with err 15",
+    "ip_new_topic_burst": "[limits] new topics the connections from one IP address may create at once above ip_new_topic_rate",
+    "user_new_topic_rate": "[limits] new topics per second the connections of one user may create together (0: no limit)",
     "user_new_topic_burst": "[limits] new topics one user may create at once above user_new_topic_rate",
     "redis_url": "[redis] Redis (or Redis Cluster, detected) joining broker nodes and worker processes: redis://[user:password@]host:port[/db], rediss:// for TLS ('': one embedded process, no Redis)",
     "redis_password_file": "[redis] file holding the Redis password (its content, without a final line break), so that redis_url need not hold it",

@@ -3,8 +3,9 @@
 - `TokenBucket`: `rate` tokens a second, at most `burst` of them, refilled from a monotonic
   clock whenever it is read: O(1), no timers.
 - `Guard`: the server's registry of admitted connections (how many in all, per IP address, in
-  the handshake phase, and per user), the per-user rate buckets shared by all of a user's
-  connections, and the bounded audit log. A connection is counted from its TCP accept, before a
+  the handshake phase, and per user), the rate buckets shared by all of a user's connections
+  and the new-topic bucket shared by all connections from one address, and the bounded audit
+  log. A connection is counted from its TCP accept, before a
   byte of it is read: `max_connections` and `max_handshakes` 503, `max_connections_per_ip` and
   `max_handshakes_per_ip` 429; it leaves the handshake phase when its upgrade is accepted. Once
   the request passed the handshake's rules (broker.server.handshake.Rules) and its token is
@@ -113,7 +114,7 @@ class LimitStats:
         # connections refused, by the setting that refused them: max_connections, max_connections_per_ip,
         # max_handshakes, max_handshakes_per_ip, allowed_origins, max_connections_per_user
         self.refused: dict[str, int] = {}
-        # messages refused with err 15: publish_rate, user_publish_rate, new_topic_rate, user_new_topic_rate
+        # messages refused with err 15: publish_rate, user_publish_rate, new_topic_rate, ip_new_topic_rate, user_new_topic_rate
         self.rate_limited: dict[str, int] = {}
         self.abuse_closes = 0  # connections closed with 1008 for refusals in a row
         self.audit_suppressed = 0  # audit lines left out (counted in their summary lines)
@@ -181,12 +182,13 @@ class AuditLog:
 
 class ConnectionLimits:
     """One admitted connection: where from, whose, and the token buckets its publishes are
-    charged to: its own (made at its first publish, full), and its user's, shared with the
-    user's other connections."""
+    charged to: its own (made at its first publish, full), its user's, shared with the user's
+    other connections, and for new topics its address's, shared with the other connections
+    from that address."""
 
     __slots__ = (
-        "guard", "owner", "ip", "user", "handshaking", "own_publish", "user_publish", "own_new", "user_new", "own_auth", "streak",
-        "streak_start",
+        "guard", "owner", "ip", "user", "handshaking", "own_publish", "user_publish", "own_new", "ip_new", "user_new", "own_auth",
+        "streak", "streak_start",
     )
 
     def __init__(self, guard: Guard, ip: str, owner: Any = None) -> None:
@@ -198,6 +200,7 @@ class ConnectionLimits:
         self.own_publish: TokenBucket | None = None
         self.user_publish: TokenBucket | None = None
         self.own_new: TokenBucket | None = None
+        self.ip_new: TokenBucket | None = None
         self.user_new: TokenBucket | None = None
         self.own_auth: TokenBucket | None = None
         self.streak = 0  # messages refused in a row
@@ -265,19 +268,17 @@ class ConnectionLimits:
             self._refused(own, request_id, now)
         if user is not None and user.level(now) < 1.0:
             self._refused(user, request_id, now)
-        if topic is not None and (guard.new_topic_rate or self.user_new is not None) and topic not in topics:
+        if topic is not None and (guard.new_topic_rate or self.ip_new is not None or self.user_new is not None) and topic not in topics:
             own_new = self.own_new
             if own_new is None and guard.new_topic_rate:
                 own_new = self.own_new = guard.bucket("new_topic_rate")
-            user_new = self.user_new
-            if own_new is not None and own_new.level(now) < 1.0:
-                self._refused(own_new, request_id, now)
-            if user_new is not None and user_new.level(now) < 1.0:
-                self._refused(user_new, request_id, now)
-            if own_new is not None:
-                own_new.tokens -= 1.0
-            if user_new is not None:
-                user_new.tokens -= 1.0
+            ip_new, user_new = self.ip_new, self.user_new
+            for bucket in (own_new, ip_new, user_new):
+                if bucket is not None and bucket.level(now) < 1.0:
+                    self._refused(bucket, request_id, now)
+            for bucket in (own_new, ip_new, user_new):
+                if bucket is not None:
+                    bucket.tokens -= 1.0
         if own is not None:
             own.tokens -= 1.0
         if user is not None:
@@ -322,6 +323,26 @@ class ConnectionLimits:
             )
             self.owner.close(CloseCode.POLICY_VIOLATION, reason)
         raise RequestError(ErrorCode.RATE_LIMITED, bucket.text, request_id)
+
+
+class _Address:
+    """The connections from one IP address and the new-topic bucket they share."""
+
+    __slots__ = ("connections", "new_topic")
+
+    def __init__(self, ip: str, cfg: Config, clock: Callable[[], float]) -> None:
+        self.connections = 0
+        self.new_topic = None
+        if cfg.ip_new_topic_rate:
+            self.new_topic = TokenBucket(
+                cfg.ip_new_topic_rate, cfg.ip_new_topic_burst, clock, "ip_new_topic_rate",
+                f"rate limited: the connections from {ip} may create {_many(cfg.ip_new_topic_rate, 'new topic')} a second "
+                f"together (ip_new_topic_rate, burst {_num(cfg.ip_new_topic_burst)})",
+            )
+
+    def full(self, now: float) -> bool:
+        """True when forgetting the address loses nothing: its bucket is full again."""
+        return self.new_topic is None or self.new_topic.full(now)
 
 
 class _User:
@@ -373,8 +394,8 @@ class Guard:
         self.config = config
         self.clock = clock
         self.close_after = config.rate_limit_close_after
-        self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.user_new_topic_rate
-                          or config.auth_message_rate)
+        self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.ip_new_topic_rate
+                          or config.user_new_topic_rate or config.auth_message_rate)
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
         self.new_topic_rate = config.new_topic_rate
@@ -397,6 +418,10 @@ class Guard:
         self.handshakes_per_ip: dict[str, int] = {}
         self.users: dict[str, _User] = {}
         self._idle_users: set[str] = set()  # users without connections whose buckets are not full yet
+        # addresses with connections, or whose new-topic bucket is not full yet (only while
+        # ip_new_topic_rate is set: the count of connections is per_ip)
+        self.addresses: dict[str, _Address] = {}
+        self._idle_addresses: set[str] = set()
         self.connections: dict[object, ConnectionLimits] = {}  # by connection id
         self.stats = LimitStats()
         self.audit = AuditLog(log, clock, stats=self.stats)
@@ -424,6 +449,13 @@ class Guard:
         limits = ConnectionLimits(self, ip, owner)
         self.total += 1
         self.per_ip[ip] = count + 1
+        if cfg.ip_new_topic_rate:
+            address = self.addresses.get(ip)
+            if address is None:
+                address = self.addresses[ip] = _Address(ip, cfg, self.clock)
+            address.connections += 1
+            self._idle_addresses.discard(ip)
+            limits.ip_new = address.new_topic
         if user is not None:
             try:
                 self.add_user(limits, user)
@@ -465,6 +497,16 @@ class Guard:
             self.per_ip[ip] = left
         else:
             del self.per_ip[ip]
+        address = self.addresses.get(ip)
+        if address is not None:
+            limits.ip_new = None
+            address.connections -= 1
+            if not address.connections:
+                # kept until its bucket is full again: reconnecting must not refill it
+                if address.full(self.clock()):
+                    del self.addresses[ip]
+                else:
+                    self._idle_addresses.add(ip)
         if limits.user is not None:
             self._drop_user(limits)
 
@@ -571,7 +613,8 @@ class Guard:
             self.release(limits)
 
     def sweep(self) -> None:
-        """A few times a second: end the audit log's window, forget users whose buckets refilled."""
+        """A few times a second: end the audit log's window, forget users and addresses without
+        connections whose buckets refilled."""
         now = self.clock()
         if now - self.audit.start >= self.audit.window:
             self.audit.flush(now)
@@ -579,3 +622,7 @@ class Guard:
             for user in [u for u in self._idle_users if self.users[u].full(now)]:
                 self._idle_users.discard(user)
                 del self.users[user]
+        if self._idle_addresses:
+            for ip in [a for a in self._idle_addresses if self.addresses[a].full(now)]:
+                self._idle_addresses.discard(ip)
+                del self.addresses[ip]

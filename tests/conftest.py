@@ -387,9 +387,14 @@ class RawSocketClient:
         self.unread: list = []
 
     @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None, headers: dict[str, str] | None = None, path: str = "/") -> "RawSocketClient":
+    async def connect(cls, port: int, rcvbuf: int | None = None, headers: dict[str, str] | None = None, path: str = "/",
+                      source: str | None = None) -> "RawSocketClient":
+        """A connection from 127.0.0.1, or from `source` (another loopback address, 127.0.0.2:
+        another client address to the broker)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if source is not None:
+            sock.bind((source, 0))
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)

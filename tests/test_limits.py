@@ -425,6 +425,62 @@ def test_new_topic_rate_refuses_creation_past_the_limit():
     run(main())
 
 
+def test_the_connections_of_one_address_share_a_new_topic_budget():
+    """Ten connections from one address cannot create more new topics together than
+    ip_new_topic_burst, while a client at another address still creates its own; reconnecting
+    does not refill the address's bucket."""
+
+    async def main():
+        async with serving(new_topic_burst=100, ip_new_topic_rate=1, ip_new_topic_burst=20, max_topics=1000) as server:
+            clients = [await RawSocketClient.connect(server.port) for _ in range(10)]
+            accepted = 0
+            for n, client in enumerate(clients):
+                await client.send([Pub(i, f"ip.c{n}.t{i}", b"x") for i in range(1, 6)])
+                got = await replies(client, 5)
+                accepted += sum(type(m) is Ack for m in got)
+                refused = [m for m in got if type(m) is Err]
+                assert all(m.code == ErrorCode.RATE_LIMITED for m in refused)
+            assert accepted in (20, 21)  # the burst (and what a second of rate refilled)
+            assert refused[0].text == "rate limited: the connections from 127.0.0.1 may create 1 new topic a second together (ip_new_topic_rate, burst 20)"
+            assert server.guard.stats.rate_limited["ip_new_topic_rate"] >= 29
+            other = await RawSocketClient.connect(server.port, source="127.0.0.2")
+            await other.send([Pub(i, f"ip.other.t{i}", b"x") for i in range(1, 6)])
+            assert [type(m) for m in await replies(other, 5)] == [Ack] * 5
+            for client in clients:
+                client.close()
+            await eventually(lambda: server.guard.per_ip.get("127.0.0.1", 0) == 0, 3, "the connections released")
+            again = await RawSocketClient.connect(server.port)
+            await again.send([Pub(i, f"ip.again.t{i}", b"x") for i in range(1, 4)])
+            assert sum(type(m) is Ack for m in await replies(again, 3)) <= 2  # the bucket kept its level
+            again.close()
+            other.close()
+
+    run(main())
+
+
+def test_on_the_defaults_several_connections_of_one_address_cannot_fill_max_topics():
+    """Three connections from one address each ask for 5,000 new topics at once: on the
+    default settings the address gets ip_new_topic_burst (10,000) of them and what the rate
+    refilled meanwhile, not 15,000 (each connection's own bucket would allow 10,000)."""
+
+    async def main():
+        async with serving() as server:
+            clients = [await RawSocketClient.connect(server.port) for _ in range(3)]
+            started = time.monotonic()
+            for n, client in enumerate(clients):
+                for start in range(0, 5000, 1000):
+                    await client.send([Pub(0, f"d.c{n}.t{i}", b"x") for i in range(start, start + 1000)])
+            await eventually(lambda: server.guard.stats.rate_limited.get("ip_new_topic_rate", 0) > 0, 10, "a refusal")
+            await asyncio.sleep(0.3)
+            elapsed = time.monotonic() - started
+            created = sum(1 for t in server.router.topics if t.startswith("d."))
+            assert 10_000 <= created <= 10_000 + 1000 * elapsed + 10, (created, elapsed)
+            for client in clients:
+                client.close()
+
+    run(main())
+
+
 # per user
 
 

@@ -457,8 +457,8 @@ def test_conflate_delivers_the_newest_message_of_every_topic_however_many_bytes_
 
 
 def test_a_conflating_screen_over_100000_topics_gets_every_newest_message_with_the_defaults():
-    """A `md.>` screen with policy conflate, every setting at its default (except the rate at
-    which the publisher may create topics), stops reading while each of ~100,000 topics is
+    """A `md.>` screen with policy conflate, every setting at its default (except the bursts of
+    topics the publisher, and its address, may create), stops reading while each of ~100,000 topics is
     published three times: it stays open, and once it reads it gets each topic's newest
     message (after a `conflated` gap where it missed some)."""
     count = 99_000  # max_topics is 100,000; the publisher's sync topic is one more
@@ -469,7 +469,7 @@ def test_a_conflating_screen_over_100000_topics_gets_every_newest_message_with_t
         return b"%d:%d:" % (i, seq) + bytes(80)
 
     async def main():
-        async with serving(new_topic_burst=200_000) as server:
+        async with serving(new_topic_burst=200_000, ip_new_topic_burst=200_000) as server:
             async with Client(url(server)) as pub:
                 screen = await RawSocketClient.connect(server.port, rcvbuf=4096)
                 try:
