@@ -1505,9 +1505,9 @@ cdef class Index:
     # topics
 
     def add_topic(self, TopicState state not None):
-        """Register a new topic (`state.id` must be the number of topics so far) and find the
-        nodes that match it."""
-        if state.id != PyList_GET_SIZE(self.states) or state.name in self.topics:
+        """Register a new topic (`state.id` one no topic of the index had; see the twin) and
+        find the nodes that match it."""
+        if state.id < 0 or state.id < PyList_GET_SIZE(self.states) and self.states[state.id] is not None or state.name in self.topics:
             raise ValueError(f"topic {state.name!r} with id {state.id} does not fit the index")
         cdef list tokens = state.name.split(".")
         cdef list nodes = _untracked_list([])
@@ -1540,7 +1540,7 @@ cdef class Index:
         self.work += PyList_GET_SIZE(tokens)
         self.topics[state.name] = state
         self.by_key[state.key] = state
-        self.states.append(state)
+        self._place(state)
 
     def retire(self, TopicState state not None):
         """Forget a topic that no live subscription matches: its name may come back as a new
@@ -1572,12 +1572,21 @@ cdef class Index:
         state.compacted = 0
         self.work += PyList_GET_SIZE(tokens)
 
-    def renew(self, TopicState state not None, epoch):
-        """Start a new epoch of a topic: a new state with a new id takes the old one's place
-        and its subscription nodes; the old id is retired (see the twin)."""
+    cdef void _place(self, TopicState state) except *:
+        cdef list states = self.states
+        cdef Py_ssize_t size = PyList_GET_SIZE(states)
+        if state.id >= size:
+            states.extend([None] * (state.id + 1 - size))
+        states[state.id] = state
+
+    def renew(self, TopicState state not None, epoch, Py_ssize_t topic_id):
+        """Start a new epoch of a topic: a new state with the new id `topic_id` takes the old
+        one's place and its subscription nodes; the old id is retired (see the twin)."""
         if self.topics.get(state.name) is not state:
             raise ValueError(f"topic {state.name!r} is not in the index")
-        cdef TopicState fresh = TopicState(PyList_GET_SIZE(self.states), state.name, epoch)
+        if topic_id < 0 or topic_id < PyList_GET_SIZE(self.states) and self.states[topic_id] is not None:
+            raise ValueError(f"topic id {topic_id} is taken")
+        cdef TopicState fresh = TopicState(topic_id, state.name, epoch)
         fresh.nodes = state.nodes
         fresh.compacted = state.compacted
         cdef list tokens = state.name.split(".")
@@ -1588,7 +1597,7 @@ cdef class Index:
         self.topics[state.name] = fresh
         self.by_key[state.key] = fresh
         self.states[state.id] = None
-        self.states.append(fresh)
+        self._place(fresh)
         state.nodes = _untracked_list([])
         state.compacted = 0
         self.work += PyList_GET_SIZE(tokens)

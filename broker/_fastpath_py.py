@@ -829,9 +829,10 @@ class Index:
     # topics
 
     def add_topic(self, state: TopicState) -> None:
-        """Register a new topic (ids are dense: `state.id` must be the number of topics so
-        far) and find the nodes that match it."""
-        if state.id != len(self.states) or state.name in self.topics:
+        """Register a new topic (`state.id` one no topic of the index had: ids are small,
+        `states` is a list by id, holding None where no topic is) and find the nodes that match
+        it."""
+        if state.id < 0 or state.id < len(self.states) and self.states[state.id] is not None or state.name in self.topics:
             raise ValueError(f"topic {state.name!r} with id {state.id} does not fit the index")
         tokens = state.name.split(".")
         nodes: list[Node] = []
@@ -861,7 +862,7 @@ class Index:
         self.work += len(tokens)
         self.topics[state.name] = state
         self.by_key[state.key] = state
-        self.states.append(state)
+        self._place(state)
 
     def retire(self, state: TopicState) -> None:
         """Forget a topic that no live subscription matches: its name may come back as a new
@@ -890,13 +891,21 @@ class Index:
         state.compacted = 0
         self.work += len(tokens)
 
-    def renew(self, state: TopicState, epoch: int) -> TopicState:
-        """Start a new epoch of a topic: a new state with a new id (announced anew on every
-        connection) takes the old one's place and its subscription nodes; the old id is
-        retired. Returns the new state."""
+    def _place(self, state: TopicState) -> None:
+        states = self.states
+        if state.id >= len(states):
+            states.extend([None] * (state.id + 1 - len(states)))
+        states[state.id] = state
+
+    def renew(self, state: TopicState, epoch: int, topic_id: int) -> TopicState:
+        """Start a new epoch of a topic: a new state with the new id `topic_id` (announced
+        anew on every connection) takes the old one's place and its subscription nodes; the old
+        id is retired. Returns the new state."""
         if self.topics.get(state.name) is not state:
             raise ValueError(f"topic {state.name!r} is not in the index")
-        fresh = TopicState(len(self.states), state.name, epoch)
+        if topic_id < 0 or topic_id < len(self.states) and self.states[topic_id] is not None:
+            raise ValueError(f"topic id {topic_id} is taken")
+        fresh = TopicState(topic_id, state.name, epoch)
         fresh.nodes = state.nodes
         fresh.compacted = state.compacted
         tokens = state.name.split(".")
@@ -907,7 +916,7 @@ class Index:
         self.topics[state.name] = fresh
         self.by_key[state.key] = fresh
         self.states[state.id] = None
-        self.states.append(fresh)
+        self._place(fresh)
         state.nodes = []
         state.compacted = 0
         self.work += len(tokens)

@@ -28,6 +28,7 @@ from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, fanout_steps, schedule_solo, stamp
 from .messages import Ack, Err, GapNotice, Reply, Request, encode
+from .topic_ids import TopicIds
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, key_matches, parts_of, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one, in bytes of
@@ -211,6 +212,7 @@ class Router:
         self.responders: dict[str, list[Outbox]] = {}  # concrete topic -> connections answering its requests
         self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letters_max)  # the newest, oldest first
         self.index = Index()
+        self.topic_ids = TopicIds()  # small, unique, and in an order that tells a client little
         self.topics: dict[str, TopicState] = self.index.topics
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
         self.stats = RouterStats()
@@ -284,7 +286,7 @@ class Router:
             validate_topic(name, self.max_topic_length)
             if len(self.topics) >= self.max_topics:
                 raise RequestError(ErrorCode.TOO_MANY_TOPICS, f"the broker holds {self.max_topics} topics, its limit")
-            state = TopicState(len(self.index.states), name, self._topic_epoch(name))
+            state = TopicState(self.topic_ids.next(), name, self._topic_epoch(name))
             self.index.add_topic(state)
         return state
 
@@ -658,7 +660,7 @@ class Router:
         self._gap_all(state, Gap(state.name, state.epoch, state.seq + 1, 0, f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers or went back in time); it continues in epoch {epoch}", "ended"))
         self.backplane.forget(state)
         self.stats.retired += 1  # connections drop what they cached about the old state
-        return self.index.renew(state, epoch)
+        return self.index.renew(state, epoch, self.topic_ids.next())
 
     def _gap_all(self, state: TopicState, gap: Gap) -> None:
         """A gap notice to every connection receiving the topic now."""

@@ -382,7 +382,17 @@ def test_index_nodes_follow_subscriptions(fastpath_impl):
     assert index.receivers("md.x.y") == [a] and index.receivers("md.x.z") == [b]
     assert index.receivers("md.nothing") == []
     with pytest.raises(ValueError):
-        index.add_topic(impl.TopicState(7, "md.q", 1))  # ids are dense
+        index.add_topic(impl.TopicState(1, "md.q", 1))  # an id taken
+    with pytest.raises(ValueError):
+        index.add_topic(impl.TopicState(9, "md.x.z", 1))  # a name taken
+    later = impl.TopicState(7, "md.q", 1)  # ids need not be dense: the list by id has holes
+    index.add_topic(later)
+    assert index.states[7] is later and index.states[2:7] == [None] * 5
+    assert index.receivers("md.q") == [] and [s.name for s in index.matching("md.>")].count("md.q") == 1
+    fresh = index.renew(later, 2, 30)
+    assert index.states[7] is None and index.states[30] is fresh and fresh.id == 30 and fresh.epoch == 2
+    with pytest.raises(ValueError):
+        index.renew(fresh, 3, 1)  # an id taken
 
 
 def test_a_box_left_with_one_plain_membership_can_subscribe_again(fastpath_impl):

@@ -150,9 +150,11 @@ function handlerOf(name) {
 class BrokerConn extends Conn {
   constructor(index, patterns) {
     super(index, patterns);
-    // Topic ids are dense (0, 1, 2, ... as topics appear), so a connection's tables are arrays
-    // indexed by id: the handler of the topic, its epoch and the next expected sequence number.
-    this.handlers = [];
+    // Topic ids are small (below twice the number of topics, in an order of the server's), so
+    // a connection's tables are arrays indexed by id: the handler of the topic, its epoch and
+    // the next expected sequence number. They grow by doubling, filled, so that an id far past
+    // the end never turns an array into a dictionary.
+    this.handlers = new Array(64).fill(undefined);
     this.epochs = new Float64Array(64);
     this.next = new Float64Array(64);
     this.acked = 0;
@@ -207,6 +209,9 @@ class BrokerConn extends Conn {
     }
     if (id >= this.next.length) {
       const size = Math.max(id + 1, this.next.length * 2);
+      const handlers = new Array(size).fill(undefined);
+      for (let i = 0; i < this.handlers.length; i++) handlers[i] = this.handlers[i];
+      this.handlers = handlers;
       const epochs = new Float64Array(size);
       epochs.set(this.epochs);
       this.epochs = epochs;
