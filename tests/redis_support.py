@@ -119,11 +119,15 @@ class RedisProcess:
 
     `extra_args` are added to the command line; `cluster=True` makes it a cluster node (its
     port is then one whose bus port is free too; `node_timeout_ms` its cluster-node-timeout).
-    `port` fixes the port. It starts at once
+    `port` fixes the port. `username` and `password`: the credentials the harness uses (and
+    `url` names), for a Redis whose extra arguments set up ACL users. It starts at once
     unless `start=False`."""
 
-    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, node_timeout_ms: int = 2000, start: bool = True) -> None:
+    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, node_timeout_ms: int = 2000, start: bool = True,
+                 username: str = "", password: str = "") -> None:
         self.extra_args = list(extra_args)
+        self.username = username
+        self.password = password
         self.cluster = cluster
         self.node_timeout_ms = node_timeout_ms
         self.port = port if port is not None else cluster_port() if cluster else free_port()
@@ -143,7 +147,8 @@ class RedisProcess:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        credentials = f"{self.username}:{self.password}@" if self.username or self.password else ""
+        return f"redis://{credentials}127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:

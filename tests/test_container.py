@@ -55,7 +55,12 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
     published = []
     for name in nodes:
         node = services[name]
-        assert node["environment"]["BROKER_REDIS_URL"] == "redis://redis:6379/0"
+        # the Redis user `broker`, its password from the compose secret (never in the file)
+        assert node["environment"]["BROKER_REDIS_URL"] == "redis://broker@redis:6379/0"
+        assert node["environment"]["BROKER_REDIS_PASSWORD_FILE"] == "/run/secrets/redis-password"
+        assert node["environment"]["BROKER_ADMIN_API_KEY_FILE"] == "/run/secrets/admin-key"
+        assert not {"BROKER_ADMIN_API_KEY", "BROKER_AUTH_JWT_SECRET"} & set(node["environment"])
+        assert set(node["secrets"]) == {"redis-password", "admin-key"}
         assert node["depends_on"]["redis"]["condition"] == "service_healthy"
         assert node["healthcheck"]["test"][:3] == ["CMD", "broker", "health"]
         assert node["ulimits"]["nofile"] == {"soft": 20000, "hard": 20000}
@@ -66,7 +71,10 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
         published.append(host)
     assert len(set(published)) == 3
     assert "redis" in services and "prometheus" in services
-    assert "--protected-mode" in services["redis"]["command"]  # the nodes reach it from other containers
+    assert "--protected-mode no" in services["redis"]["command"][-1]  # the nodes reach it from other containers
+    assert "--user default off" in services["redis"]["command"][-1]  # but only with the password
+    assert compose["secrets"] == {"redis-password": {"file": "./deploy/secrets/redis-password"}, "admin-key": {"file": "./deploy/secrets/admin-key"}}
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
     mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services["prometheus"]["volumes"] if volume.startswith("./")}
     assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus.yml"
     assert mounts["/etc/prometheus/alerts.yml"] == "./deploy/alerts.yml"
@@ -77,7 +85,8 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
     assert sorted(static["targets"]) == [f"{name}:{admin_port}" for name in nodes]
     # /metrics wants the nodes' admin key, and answers only to the names it is scraped by
     environment = services["broker-1"]["environment"]
-    assert job["authorization"] == {"type": "Bearer", "credentials": environment["BROKER_ADMIN_API_KEY"]}
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": environment["BROKER_ADMIN_API_KEY_FILE"]}
+    assert services["prometheus"]["secrets"] == ["admin-key"]  # the same file as the nodes
     assert set(environment["BROKER_ADMIN_ALLOWED_HOSTS"].split(",")) == set(nodes)
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
 
@@ -89,7 +98,8 @@ def test_promtool_accepts_the_prometheus_config(tmp_path):
     # the config as the container sees it: the rules file beside it
     (tmp_path / "alerts.yml").write_text((ROOT / "deploy" / "alerts.yml").read_text())
     config = tmp_path / "prometheus.yml"
-    config.write_text(PROMETHEUS.read_text().replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml")))
+    (tmp_path / "admin-key").write_text("a-key")  # the compose secret, mounted in the container
+    config.write_text(PROMETHEUS.read_text().replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml")).replace("/run/secrets/admin-key", str(tmp_path / "admin-key")))
     result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
