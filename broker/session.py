@@ -537,8 +537,10 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
     if len(since[1]) > MAX_SINCE_TOPICS:
         raise RequestError(ErrorCode.BAD_MESSAGE, f"since names {len(since[1])} topics; the limit is {MAX_SINCE_TOPICS}")
     positions: dict[str, tuple[int, int]] = {}
+    checked = 0
     try:
         for name, value in since[1].items():
+            checked += 1
             if type(name) is not str:
                 raise RequestError(ErrorCode.BAD_MESSAGE, "since for a pattern maps topic names to [epoch, seq]")
             validate_topic(name, router.max_topic_length, need="a since map key")
@@ -552,6 +554,7 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
                 raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
             positions[name] = (epoch, seq)
     finally:
-        # the positions checked, refused or not (the recovery counts their topics again)
-        router.recovering(len(positions) + (len(positions) < len(since[1])))
+        # every position checked, refused, passed over (outside the grants) or kept: each
+        # costs the same checks (the recovery counts the kept ones' topics again)
+        router.recovering(checked)
     return since[0], positions

@@ -31,6 +31,7 @@ from broker.messages import (
     SUBPROTOCOL,
     Ack,
     Err,
+    ServerReader,
     max_frame_values,
     read_client_frame,
 )
@@ -487,6 +488,28 @@ def test_since_positions_and_recovered_topics_count_in_the_budget():
         assert h.router.index.work - work >= steps * RECOVERY_WORK, frame[:3]
         h.tick()
     assert (2 * MAX_SINCE_TOPICS + 1000) * RECOVERY_WORK * TICK_WORK_BYTES > 15 * TICK_INPUT_BYTES
+
+
+def test_since_positions_outside_the_grants_count_as_much_to_check():
+    """A position of a topic outside the connection's grants is checked for its form (its name,
+    the pattern, the position) as any other, then passed over: it counts RECOVERY_WORK steps
+    like the others, so a map of 10,000 of them costs its connection as many budgets as one of
+    granted topics would to check (before, such a map counted one position in all)."""
+    from broker.auth import Identity
+    from broker.grants import Grants
+
+    h = Harness()
+    narrow = Session(h.router, h.limits, owner="narrow", identity=Identity("bob", grants=Grants(("md.NASDAQ.*",), ())))
+    positions = {f"md.NYSE.t{i}": [1, 1] for i in range(MAX_SINCE_TOPICS)}
+    work = h.router.index.work
+    h.router.new_tick()
+    done = narrow.receive(pack(["sub", 1, "md.>", [1, positions]]))
+    while not done:
+        h.router.new_tick()
+        done = narrow.resume()
+    assert h.router.index.work - work >= MAX_SINCE_TOPICS * RECOVERY_WORK
+    h.readers["narrow"] = ServerReader()
+    assert [type(m) for m in h.tick()[0]["narrow"]] == [Ack]  # passed over: no gap, no replay
 
 
 def test_since_maps_cannot_slow_an_honest_pair():
