@@ -72,6 +72,12 @@ def test_everything_but_health_wants_the_key():
                 status, content_type, _ = await fetch(port, path)
                 assert status == 200 and content_type == kind
             assert (await fetch(port, "/dashboard"))[0] == 302
+            # what changes something wants the key as much as what shows something
+            for path, body in (("/api/publish", {"topic": "t", "text": "x"}), ("/api/connections/1/close", None),
+                               ("/api/revocations", {"user": "x"}), ("/api/nothing-here", None)):
+                for key in (None, "wrong", KEY[:-1]):
+                    status, answer = await call(port, "POST", path, key, json=body)
+                    assert status == 401 and "admin_api_key" in answer["error"], (path, key, status)
             status, body = await call(port, "GET", "/api/topics?limit=0")
             assert status == 400 and "limit" in body["error"]
         port = free_port()

@@ -129,6 +129,55 @@ def test_a_bad_token_is_refused_at_the_handshake_with_its_reason(case):
     assert bad not in text
 
 
+def test_a_token_is_checked_in_the_order_security_md_states(tmp_path):
+    """A token that breaks every rule, mended one rule at a time: each refusal names the first
+    rule still broken, in the order of security.md (length, header, algorithm, key,
+    signature, exp present, iat, nbf, exp passed, iss, aud, revocation, grant claims)."""
+    from broker.auth import AuthError
+
+    denylist = tmp_path / "denied.txt"
+    denylist.write_text("t-revoked\n")
+    checker = authenticator(auth_audience="broker", auth_issuer="issuer", auth_leeway_s=5, auth_denylist_file=str(denylist))
+    now = int(time.time())
+    good = {"aud": "broker", "iss": "issuer", "exp": now + 60, "iat": now, "jti": "t-ok"}
+    broken = {"pad": "x" * 9000, "alg": "none", "key": RSA_KEY, "signed": "another-secret-of-32-bytes-long!", "exp": None,
+              "iat": now + 3600, "nbf": now + 3600, "expired": now - 3600, "iss": "someone-else", "aud": "other",
+              "jti": "t-revoked", "subscribe": ["md..x"]}
+    steps = [
+        ("pad", "token longer than 8192 bytes"),
+        ("alg", "token algorithm 'none' is not accepted"),
+        ("key", "no key accepts RS256 tokens"),
+        ("signed", "bad token signature"),
+        ("exp", "token lacks the exp claim"),
+        ("iat", "token issued in the future (iat)"),
+        ("nbf", "token not yet valid (nbf)"),
+        ("expired", "token expired"),
+        ("iss", "token issuer does not match"),
+        ("aud", "token audience does not match"),
+        ("jti", "token revoked"),
+        ("subscribe", "the subscribe claim holds an invalid pattern 'md..x'"),
+    ]
+
+    def make(faults: dict) -> str:
+        claims = {**good, **{k: v for k, v in faults.items() if k in ("pad", "iat", "nbf", "iss", "aud", "jti", "subscribe")}}
+        if "exp" in faults:
+            claims["exp"] = None  # (token() leaves out a claim given as None)
+        elif "expired" in faults:
+            claims["exp"] = faults["expired"]
+        if "alg" in faults:
+            return jwt.encode(claims, None, algorithm="none")
+        if "key" in faults:
+            return token(RSA_KEY, "RS256", **claims)
+        return token(faults.get("signed", SECRET), **claims)
+
+    for fault, reason in steps:
+        with pytest.raises(AuthError) as info:
+            checker.verify(make(broken))
+        assert info.value.text == reason, fault
+        del broken[fault]
+    assert checker.verify(make(broken)).user == "alice"
+
+
 def test_algorithm_confusion_hs256_signed_with_the_public_key_is_refused():
     """With an RSA public key configured (and no secret), a token that claims HS256 and is
     signed with the PEM of that public key must not pass."""
