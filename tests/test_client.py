@@ -415,6 +415,48 @@ def test_requests_after_the_server_closed_raise_connection_closed():
     run(main())
 
 
+def test_requests_wait_while_the_client_reconnects_and_those_in_flight_fail():
+    """A request in flight when the connection drops fails with ConnectionClosed; one made
+    while the client reconnects waits for the new connection, at most request_timeout."""
+    from conftest import RawSocketClient
+
+    async def main():
+        async with serving() as server:
+            responder = await RawSocketClient.connect(server.port)  # takes requests, never answers
+            await responder.send(Sub(1, "rq.svc", None, False, True))
+            assert await responder.recv() == Ack(1)
+            before = set(server.connections)
+            client = await Client.connect(url(server), reconnect_delay=(0.3, 0.3), jitter=lambda: 1.0, request_timeout=5)
+            (conn,) = [c for i, c in server.connections.items() if i not in before]
+            in_flight = asyncio.ensure_future(client.request("rq.svc", b"?", timeout=10))
+            await eventually(lambda: server.router.stats.requests == 1, 5, "the request to reach the responder")
+            conn.transport.abort()  # the connection drops: no close frame (1006)
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(in_flight, 5)
+            assert info.value.code == 1006
+            assert client.state != "connected" and not client.closed
+            started = time.monotonic()
+            sub = await client.subscribe("rq.later")  # made while reconnecting: waits, then acked
+            assert time.monotonic() - started >= 0.2 and client.state == "connected"
+            await client.publish_acked("rq.later", b"after")
+            assert (await sub.next(5)).data == b"after"
+            await client.close()
+            responder.close()
+            # a reconnection slower than request_timeout: a request made meanwhile gives up
+            before = set(server.connections)
+            lonely = await Client.connect(url(server), reconnect_delay=(10, 10), request_timeout=0.3)
+            (conn,) = [c for i, c in server.connections.items() if i not in before]
+            conn.transport.abort()
+            await eventually(lambda: lonely.state != "connected", 5, "the drop")
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as info:
+                await lonely.subscribe("rq.never")
+            assert info.value.reason == "not reconnected within 0.3s" and 0.25 <= time.monotonic() - started < 2
+            await lonely.close()
+
+    run(main())
+
+
 def test_clean_close():
     async def main():
         async with serving() as server:

@@ -5,9 +5,11 @@ every message has its documented outcome."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 from broker.client import Client
+from broker.server.connection import OPEN
 
 from conftest import RawSocketClient, client_frame, eventually, run, serving, split_frame
 from test_shutdown_cli import connect_when_ready, free_ports, serve, stop_process
@@ -138,5 +140,44 @@ def test_pings_from_a_client_that_never_reads_are_owed_one_pong_and_counted():
                 assert len(pongs) < 2000, f"{len(pongs)} pongs for pings that were not read"
             finally:
                 raw.close()
+
+    run(main())
+
+
+def test_past_the_global_bound_the_largest_backlog_is_closed_first_and_no_more():
+    """Two connections that stop reading, neither past max_pending_bytes, hold together more
+    than max_total_pending_bytes: publishers are held, and once that lasted
+    slow_consumer_timeout_s the larger backlog is closed (1013) and only it: the total is then
+    below three quarters of the bound, so the smaller one stays open."""
+
+    async def main():
+        settings = dict(max_pending_bytes=4 * MIB, max_total_pending_bytes=4 * MIB, slow_consumer_timeout_s=0.3)
+        async with serving(**settings) as server:
+            small = await RawSocketClient.connect(server.port, rcvbuf=4096)
+            big = await RawSocketClient.connect(server.port, rcvbuf=4096)
+            for raw, topic in ((small, "total.small"), (big, "total.big")):
+                await raw.send(["sub", 1, topic])
+                assert (await raw.recv()).id == 1
+            conns = {c.id: c for c in server.connections.values()}
+            small_conn, big_conn = conns[min(conns)], conns[max(conns)]
+            for conn in conns.values():
+                # a small kernel send buffer: what the client does not read waits in the
+                # broker, where it is counted, rather than in the kernel (autotuned to MiBs)
+                conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            async with Client(f"ws://127.0.0.1:{server.port}/", reconnect=False) as pub:
+                payload = bytes(PAYLOAD)
+                for _ in range(56):  # 1.75 MiB for the one
+                    pub.publish("total.small", payload)
+                await pub.publish_acked("total.other", b"")
+                for _ in range(112):  # then 3.5 MiB for the other, of which the bound lets in at least 2.25
+                    pub.publish("total.big", payload)
+                await eventually(lambda: server.holds >= 1, 10, "the publisher to be held")
+                await eventually(lambda: big_conn.state != OPEN, 10, "the larger backlog to be closed")
+                assert big_conn.close_reason[0] == 1013
+                await asyncio.sleep(1.0)  # held no more: nothing else is closed
+                assert small_conn.state == OPEN and not server.holding
+                assert server.router.stats.slow_consumers == 1
+            small.close()
+            big.close()
 
     run(main())

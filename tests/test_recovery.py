@@ -187,6 +187,42 @@ def test_backoff_is_exponential_with_full_jitter_and_bounded():
     assert client.backoff(3) == 0.1
 
 
+def test_reconnection_ends_after_max_reconnect_attempts_or_at_a_close_that_blames_the_client():
+    """A close code that blames the client (1002, 1003, 1007 to 1010) ends the client at once,
+    another (1001, 1011, 1006) starts a reconnection; with max_reconnect_attempts the client
+    gives up after that many failed attempts and says so."""
+
+    async def main():
+        async with serving() as server:
+
+            async def closed_by_broker(code: int) -> tuple[Client, list[str]]:
+                states: list[str] = []
+                client = await Client.connect(url(server), reconnect_delay=(0.05, 0.05), on_state=lambda state, _: states.append(state))
+                await client.subscribe("rc.end")
+                del states[:]
+                (conn,) = [c for c in server.connections.values() if "rc.end" in c.session.subscriptions]
+                conn.close(code, "closed by the test")
+                await eventually(lambda: states and states[-1] in ("closed", "connected"), 5, f"the client's answer to {code}")
+                return client, states
+
+            for code in (1002, 1003, 1007, 1008, 1009, 1010):
+                client, states = await closed_by_broker(code)
+                assert states == ["closed"] and client.closed, (code, states)
+                assert await client.wait_closed() == (code, "closed by the test")
+            for code in (1001, 1011):
+                client, states = await closed_by_broker(code)
+                await eventually(lambda: client.state == "connected" and len(server.connections) == 1, 5, f"a reconnection after {code}")
+                assert "disconnected" in states and not client.closed, (code, states)
+                await client.close()
+            port = server.port
+            client = await Client.connect(url(server), reconnect_delay=(0.05, 0.05), max_reconnect_attempts=3)
+        # the broker is gone: three attempts, then the client ends
+        code, reason = await asyncio.wait_for(client.wait_closed(), 10)
+        assert client.closed and code == 1006 and reason.startswith("gave up after 3 reconnection attempts: "), (code, reason, port)
+
+    run(main())
+
+
 def test_after_a_broker_restart_the_client_reconnects_is_told_what_it_lost_and_sends_what_waited():
     async def main():
         async with serving() as first:
