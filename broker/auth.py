@@ -244,9 +244,8 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "token expired") from None
-        except (jwt.ImmatureSignatureError, jwt.InvalidIssuedAtError) as exc:
-            iat = "iat" in str(exc) or isinstance(exc, jwt.InvalidIssuedAtError)
-            raise AuthError(401, "token issued in the future (iat)" if iat else "token not yet valid (nbf)") from None
+        except jwt.ImmatureSignatureError as exc:  # an iat that is not a number is an invalid token, below
+            raise AuthError(401, "token issued in the future (iat)" if "iat" in str(exc) else "token not yet valid (nbf)") from None
         except jwt.InvalidAudienceError:
             raise AuthError(401, "token audience does not match") from None
         except jwt.InvalidIssuerError:
