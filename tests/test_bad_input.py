@@ -682,7 +682,8 @@ def test_too_many_subscriptions():
 
 
 def test_sub_refusals_are_checked_in_the_documented_order():
-    """protocol.md 3.1: sub refusals are checked in the order 1 (does not decode), 3, 5, 8."""
+    """protocol.md 3.1: sub refusals are checked in the order 1 (does not decode), 3, 5, 8,
+    then a since map entry by entry."""
 
     async def main():
         async with serving(max_subscriptions=1) as server:
@@ -698,11 +699,22 @@ def test_sub_refusals_are_checked_in_the_documented_order():
                 await expect_err(ws, 4, ErrorCode.TOO_MANY_SUBSCRIPTIONS)
                 await ws.send(pack(["sub", 5, "a..b", "not a since"]))  # since of the wrong type and invalid: 1
                 await expect_err(ws, 5, ErrorCode.BAD_MESSAGE)
+                await ws.send(pack(["unsub", 6, "lim.a"]))
+                await expect_ack(ws, 6)
+                # a since map's entries are checked one after the other, each: its key (3), the
+                # pattern matches it (10), its position's form (1), the position itself (10)
+                await ws.send(pack(["sub", 7, "lim.>", [0, {"x.a": "bad"}]]))
+                await expect_err(ws, 7, ErrorCode.BAD_POSITION)
+                await ws.send(pack(["sub", 8, "lim.>", [0, {"lim.a": "bad", "lim..b": [1, 1]}]]))
+                await expect_err(ws, 8, ErrorCode.BAD_MESSAGE)
+                await ws.send(pack(["sub", 9, "lim.>", [0, {"lim..b": [1, 1], "lim.a": "bad"}]]))
+                await expect_err(ws, 9, ErrorCode.INVALID_TOPIC)
                 assert errors(server) == {
-                    ErrorCode.BAD_MESSAGE: 1,
+                    ErrorCode.BAD_MESSAGE: 2,
                     ErrorCode.ALREADY_SUBSCRIBED: 1,
-                    ErrorCode.INVALID_TOPIC: 1,
+                    ErrorCode.INVALID_TOPIC: 2,
                     ErrorCode.TOO_MANY_SUBSCRIPTIONS: 1,
+                    ErrorCode.BAD_POSITION: 1,
                 }
                 await ws.close()
                 await traffic.finish()
