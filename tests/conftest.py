@@ -34,6 +34,17 @@ encode = msgspec.msgpack.encode
 MAX_FRAME = 1 << 20  # the default max_frame_bytes
 
 
+REDIS_FIXTURES = {"redis_url", "own_redis", "redis_cluster"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark the tests that use a Redis fixture `redis`, so that `-m "not redis"` leaves them out
+    (the other markers are written on the tests)."""
+    for item in items:
+        if REDIS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
+
+
 def run(coro, timeout: float = 60.0) -> Any:
     """Run `coro` on a new uvloop loop; fail if any callback raised into the loop."""
     errors: list[dict] = []

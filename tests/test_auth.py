@@ -480,6 +480,7 @@ def test_a_server_may_make_responding_need_the_respond_claim():
     run(main())
 
 
+@pytest.mark.slow
 def test_an_expired_token_closes_the_connection_unless_refreshed_in_time():
     async def main():
         async with serving(auth_jwt_secret=SECRET, auth_leeway_s=0, ping_interval_s=0.4, ping_timeout_s=0.2) as server:
@@ -559,6 +560,7 @@ def test_denylist_rules_by_id_user_and_time():
             rule_line(**args)
 
 
+@pytest.mark.slow
 def test_revoking_a_user_or_everything_issued_before_a_time_reaches_open_connections(tmp_path):
     """A denylist line `user:NAME` revokes every token of that user, `before:T` (alone or after
     a user) those issued before T (and those without iat): open connections holding one are

@@ -13,6 +13,7 @@ from conftest import ROOT
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_bench_cluster_systems_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "bench.run", "--scenarios", "a", "--systems", "broker-cluster,nats-cluster,broker-redis",

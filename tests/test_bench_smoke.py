@@ -13,6 +13,7 @@ from conftest import ROOT
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("clients", ["cheap", "real"])
+@pytest.mark.slow
 def test_bench_runner_smoke(tmp_path, clients):
     if clients == "real":  # first use installs Bun and the fleet's packages: not part of the run's time
         subprocess.run([sys.executable, "-c", "from bench import fleetproc, systems; systems.bun_binary(); fleetproc.install()"],

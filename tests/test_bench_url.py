@@ -82,6 +82,7 @@ def png_size(path) -> tuple[int, int]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_bench_url_run_writes_tables_and_plots(tmp_path, running):
     port, pid, ca, token = running
     url = f"wss://127.0.0.1:{port}/"

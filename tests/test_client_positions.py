@@ -1,3 +1,4 @@
+import pytest
 """The client's position tracking against a model (Hypothesis, stateful): whatever mix of live
 batches, overlapping replays, gap notices and epoch changes reaches a subscription, the
 application sees each message at most once, in order per topic, and every message either
@@ -82,4 +83,4 @@ class Positions(RuleBasedStateMachine):
 
 
 Positions.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
-test_client_positions = Positions.TestCase
+test_client_positions = pytest.mark.slow(Positions.TestCase)

@@ -210,6 +210,7 @@ def test_settings_that_cannot_work_are_refused_with_their_names(redis_prefix):
     run(main())
 
 
+@pytest.mark.redis
 def test_the_redis_password_may_come_from_a_file_and_stay_out_of_the_url(tmp_path, redis_prefix):
     """A Redis that wants a password: a node given it in redis_password_file works (and the URL
     it logs or refuses with holds no password); without it, the start stops naming redis_url."""

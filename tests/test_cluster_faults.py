@@ -5,6 +5,8 @@ timeouts are short so that each failure is reached in about a second."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import os
 import signal
@@ -40,6 +42,7 @@ async def until(predicate, timeout: float = 10.0, step: float = 0.05) -> None:
         await asyncio.sleep(step)
 
 
+@pytest.mark.slow
 def test_redis_stopped_publishes_fail_with_err_18_then_a_new_epoch_after_it_restarts_empty(own_redis):
     async def main():
         async with node(own_redis.url) as a, node(own_redis.url) as b:
@@ -88,6 +91,7 @@ def test_redis_stopped_publishes_fail_with_err_18_then_a_new_epoch_after_it_rest
     run(main(), timeout=60)
 
 
+@pytest.mark.slow
 def test_redis_paused_past_the_timeouts_every_publish_is_acked_once_or_refused(own_redis):
     async def main():
         async with node(own_redis.url) as a, node(own_redis.url) as b:
@@ -155,6 +159,7 @@ async def _accepting(server) -> bool:
     return server.cluster.accepting
 
 
+@pytest.mark.slow
 def test_redis_out_of_memory_refuses_publishes_and_they_work_again_after(own_redis):
     async def main():
         async with node(own_redis.url) as a, node(own_redis.url) as b:
@@ -185,6 +190,7 @@ def test_redis_out_of_memory_refuses_publishes_and_they_work_again_after(own_red
     run(main(), timeout=60)
 
 
+@pytest.mark.slow
 def test_a_node_killed_with_clients_on_it_they_move_and_recover(own_redis):
     settings = ["--redis-url", own_redis.url, "--redis-prefix", "k"]
     with BrokerNode(*settings) as a, BrokerNode(*settings) as b:
@@ -212,6 +218,7 @@ def test_a_node_killed_with_clients_on_it_they_move_and_recover(own_redis):
         run(main(), timeout=60)
 
 
+@pytest.mark.slow
 def test_a_stopped_node_does_not_hold_the_others_back_and_catches_up_or_reports_the_exact_gap(own_redis):
     settings = ["--redis-url", own_redis.url, "--redis-prefix", "s", "--redis-stream-maxlen", "10"]
     with BrokerNode(*settings) as a, BrokerNode(*settings) as slow:

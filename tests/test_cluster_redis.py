@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from redis.cluster import RedisCluster
 
 from broker.client import Client
@@ -10,6 +12,7 @@ from conftest import eventually, run, serving, url
 from test_cluster import take
 
 
+@pytest.mark.slow
 def test_nodes_on_a_redis_cluster_share_topics_spread_over_every_master(redis_cluster, redis_prefix):
     async def main():
         settings = dict(redis_url=redis_cluster.url, redis_prefix=redis_prefix, redis_shards=12)
@@ -98,6 +101,7 @@ def test_a_paused_master_fails_its_publishes_within_the_timeout_and_not_later(re
     run(main(), timeout=60)
 
 
+@pytest.mark.slow
 def test_the_readers_survive_a_whole_cluster_outage(redis_cluster, redis_prefix):
     """Every master goes away (redis-py then raises its own cluster errors, not connection
     errors) and comes back empty: messages flow between the nodes again, in a new epoch."""
@@ -138,6 +142,7 @@ def test_the_readers_survive_a_whole_cluster_outage(redis_cluster, redis_prefix)
     run(main(), timeout=90)
 
 
+@pytest.mark.slow
 def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_in_a_gap(redis_prefix, caplog):
     """Three masters with a replica each; the master the nodes were pointed at is killed while
     both nodes publish. Its replica takes over (what it had not replicated is lost: Redis went

@@ -45,6 +45,8 @@ def chromium() -> str | None:
 
 
 @pytest.mark.parametrize("processes", ["one process", "workers"])
+@pytest.mark.slow
+@pytest.mark.browser
 def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
     """On one broker, and on the supervisor of `--workers 2` (its events combine the workers')."""
     extra: list[str] = []

@@ -4,6 +4,8 @@ payload, logged, and readable with `broker dead-letters`."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import json
 import subprocess
@@ -76,6 +78,7 @@ def test_only_the_newest_dead_letters_are_kept():
     assert [d.request_id for d in h.router.dead_letters] == [3, 4, 5] and h.router.stats.dead_letters == 5
 
 
+@pytest.mark.slow
 def test_an_operator_reads_them_with_the_cli(tmp_path):
     (port,) = free_ports()
     path = tmp_path / "dead.jsonl"

@@ -12,6 +12,8 @@ About 10,500 cases in all, under half a minute on this project's two-core machin
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import copy
 import random
@@ -219,6 +221,7 @@ CLIENT_MESSAGES = (Sub, Unsub, Pub, Req, Reply)
     st.sampled_from([1, 2, 10_000]),
     st.sampled_from([0, 16, 512 << 10]),
 )
+@pytest.mark.slow
 def test_decoders_never_raise_and_the_twins_agree(data, max_batch, max_payload):
     # the shape walk: the same answer from both twins, with the server's bounds and tighter ones
     for bounds in [
@@ -281,6 +284,7 @@ def websocket_streams(draw) -> tuple[bytes, int]:
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(websocket_streams(), st.sampled_from([0, 125, 300, 1 << 20]))
+@pytest.mark.slow
 def test_read_frame_twins_agree_on_any_bytes(stream, max_size):
     data, pos = stream
     for source in (data, bytearray(data)):
@@ -461,6 +465,7 @@ live_cases = st.tuples(
 )
 
 
+@pytest.mark.slow
 def test_live_server_answers_mutated_frames_as_documented_while_a_stream_flows():
     live = LiveServer().start()
     outcomes: dict[str, int] = {}

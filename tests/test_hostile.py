@@ -512,6 +512,7 @@ def test_since_positions_outside_the_grants_count_as_much_to_check():
     assert [type(m) for m in h.tick()[0]["narrow"]] == [Ack]  # passed over: no gap, no replay
 
 
+@pytest.mark.slow
 def test_since_maps_cannot_slow_an_honest_pair():
     """One client sends, without pause, frames of four subscriptions with since maps of 10,000
     positions each (the most a map may hold), and unsubscribes them: an honest pair's round
@@ -591,6 +592,7 @@ def test_incomplete_frames_are_closed_after_frame_timeout_and_their_memory_freed
     run(main(), timeout=60)
 
 
+@pytest.mark.slow
 def test_frames_finished_within_the_timeout_are_not_closed():
     """The limit is per frame: a client that finishes every frame within frame_timeout_s stays
     connected however long it takes over all, and so does one whose frames wait in the

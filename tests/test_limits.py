@@ -605,6 +605,7 @@ async def _round_trips(port: int, headers: dict, seconds: float) -> tuple[int, f
         client.close()
 
 
+@pytest.mark.slow
 def test_an_auth_flood_does_not_stall_an_honest_round_trip(tmp_path):
     """Frames of 3,000 `auth` messages with a valid ES256 token (a signature check of about
     0.1 ms each), sent back to back by one connection with the rate limit off: the checks

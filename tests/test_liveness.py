@@ -38,6 +38,7 @@ def test_silent_client_is_disconnected_and_a_live_one_is_kept():
     run(main())
 
 
+@pytest.mark.slow
 def test_a_connection_that_asked_for_heartbeats_hears_a_beat_after_each_silent_interval():
     async def main():
         async with serving() as server:
@@ -82,6 +83,7 @@ def test_a_connection_that_asked_for_heartbeats_hears_a_beat_after_each_silent_i
     run(main())
 
 
+@pytest.mark.slow
 def test_the_client_notices_a_dead_path_by_its_heartbeat_and_recovers_every_message():
     async def main():
         async with serving() as server:

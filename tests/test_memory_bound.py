@@ -4,6 +4,8 @@ every message has its documented outcome."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import socket
 import time
@@ -43,6 +45,7 @@ async def ended(raw: RawSocketClient) -> bool:
             return True
 
 
+@pytest.mark.slow
 def test_a_flooding_publisher_is_held_and_memory_stays_bounded():
     (port,) = free_ports()
     bound = 16 * MIB

@@ -456,6 +456,7 @@ def test_conflate_delivers_the_newest_message_of_every_topic_however_many_bytes_
     run(main())
 
 
+@pytest.mark.slow
 def test_a_conflating_screen_over_100000_topics_gets_every_newest_message_with_the_defaults():
     """A `md.>` screen with policy conflate, every setting at its default (except the bursts of
     topics the publisher, and its address, may create), stops reading while each of ~100,000 topics is

@@ -19,6 +19,8 @@ from redis_support import RedisProcess, free_port
 
 PASSWORD = "a-password-of-the-test-Redis"
 
+pytestmark = pytest.mark.redis  # every test here runs a redis-server
+
 
 def compose_redis() -> tuple[list[str], str]:
     """The Redis service of compose.yaml: its ACL rules for the broker's user, and its command."""

@@ -17,6 +17,8 @@ from broker.client import Client
 from conftest import run
 from redis_support import BrokerNode, RedisProcess, redis_binary
 
+pytestmark = pytest.mark.redis  # every test here runs a redis-server
+
 
 def no_retry_client(url: str, timeout: float) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
@@ -132,6 +134,7 @@ def test_redis_url_and_redis_prefix(redis_url, redis_prefix):
         client.close()
 
 
+@pytest.mark.slow
 def test_a_three_master_cluster_serves_keys_on_every_master(redis_cluster):
     assert len(redis_cluster.nodes) == 3 and redis_cluster.url == redis_cluster.nodes[0].url
     for info in redis_cluster.cluster_info():

@@ -145,6 +145,7 @@ def test_signal_closes_clients_with_1001_and_exits_0(sig):
         stop_process(proc)
 
 
+@pytest.mark.slow
 def test_sigterm_right_after_the_start_line_is_graceful():
     """Once `event=start` is logged the broker is up, so SIGTERM from then on must shut it down
     gracefully (exit 0, `event=stopped`). The broker and this test share one CPU and the broker
@@ -552,6 +553,7 @@ def test_a_start_that_fails_half_way_closes_what_it_opened_and_stop_does_not_fai
     run(main())
 
 
+@pytest.mark.slow
 def test_admin_port_in_use_exits_1_naming_it(redis_url, redis_prefix):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -4,6 +4,8 @@ slow consumer, however large."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import time
 
@@ -104,6 +106,7 @@ def test_a_consumer_that_stays_behind_is_closed_after_slow_consumer_timeout_s():
     run(main())
 
 
+@pytest.mark.slow
 def test_a_consumer_that_catches_up_in_time_is_kept():
     """Above max_pending_bytes for less than slow_consumer_timeout_s, then it reads: kept."""
     limit = 512 << 10
@@ -131,6 +134,7 @@ def test_a_consumer_that_catches_up_in_time_is_kept():
     run(main())
 
 
+@pytest.mark.slow
 def test_a_burst_of_large_frames_is_not_a_slow_consumer():
     """20 connections send one legal 1 MiB frame each at the same moment; every healthy,
     reading subscriber of the topic (default settings: max_pending_bytes 8 MiB) gets all of it

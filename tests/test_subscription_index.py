@@ -5,6 +5,8 @@ waits for later iterations, in turn."""
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import itertools
 import time
@@ -160,6 +162,7 @@ def test_overlapping_patterns_of_one_client_cost_it_iterations_not_the_others():
     assert [(m.topic, m.seq) for m in written["attacker"]] == [(attack_topic(n), 1) for n in range(20)]
 
 
+@pytest.mark.slow
 def test_an_honest_subscriber_keeps_its_latency_while_a_client_churns_overlapping_patterns():
     """The attack of the test above against a real server, at 250 frames a second, while an
     honest publisher and subscriber exchange timestamped messages: the honest messages all
@@ -303,6 +306,7 @@ def test_the_fan_out_a_publish_starts_counts_in_the_budget():
     assert h.router.index.work == work
 
 
+@pytest.mark.slow
 def test_overlapping_patterns_cannot_slow_an_honest_pair():
     """One client asks for 8,192 overlapping patterns (it gets max_patterns of them), makes
     1,000 topics that match every one, then publishes to them without pause, 1,000 to a frame,

@@ -752,6 +752,7 @@ def test_no_payload_or_topic_crosses_the_wire_in_clear(pki, tmp_path, tls):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_bench_runs_the_broker_over_tls(tmp_path):
     """`bench.run --systems broker-tls`: the broker with a throwaway certificate, the Bun fleet
     and the Python publisher over wss:// trusting its CA; everything delivered."""

@@ -271,6 +271,7 @@ def test_restart_backoff_doubles_up_to_10s_and_resets_after_30s_of_running():
 # processes
 
 
+@pytest.mark.slow
 def test_supervisor_restarts_a_killed_worker_and_stops_them_all(redis_url, redis_prefix):
     port = free_port()
     proc, log = start_supervisor(*serve_args(port, redis_url, redis_prefix))
@@ -377,6 +378,7 @@ def test_a_message_reaches_subscribers_on_every_worker(redis_url, redis_prefix):
 
 
 @pytest.mark.parametrize("how", ["timeout", "second SIGTERM"])
+@pytest.mark.slow
 def test_a_worker_that_does_not_stop_is_killed_and_the_exit_code_is_1(redis_url, redis_prefix, how):
     port = free_port()
     args = serve_args(port, redis_url, redis_prefix)
@@ -419,6 +421,7 @@ def documented_worker_metrics() -> set[str]:
     return set(re.findall(r"^\| `(broker_[a-z_]+)`", section, re.M))
 
 
+@pytest.mark.slow
 def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
     """--workers 2 with --admin-port: the supervisor serves it, with every worker's metrics
     labelled by worker, health and readiness of both, and an API over the whole group."""
@@ -553,6 +556,7 @@ def test_a_revocation_through_the_group_admin_port_reaches_every_worker_once(red
         cleanup(proc, log)
 
 
+@pytest.mark.slow
 def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
     hang_timeout_s = 2.0
     port, admin = free_port(), free_port()
@@ -594,6 +598,7 @@ def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
         cleanup(proc, log)
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_start_says_why_and_is_started_again(redis_url, redis_prefix):
     """The port is held by another program: each worker exits 1 saying so, the group's health
     says they are not running, and they are started again (with backoff) until they can."""
