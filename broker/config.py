@@ -91,6 +91,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_handshakes: Positive = 1000
     max_handshakes_per_ip: Positive = 100
     allowed_origins: str = ""
+    http_fallback: bool = True
     frame_timeout_s: Seconds = 10.0
     publish_rate: Annotated[float, msgspec.Meta(ge=0)] = 1_000_000.0
     publish_burst: Annotated[float, msgspec.Meta(ge=0)] = 1_000_000.0
@@ -207,7 +208,7 @@ def url_password(url: str) -> str:
 LIMITS = (
     "max_frame_bytes", "max_payload_bytes", "max_pending_bytes", "max_batch_messages", "max_subscriptions", "max_patterns",
     "max_topics", "max_topic_length", "max_open_requests", "handshake_timeout_s", "max_connections",
-    "max_connections_per_ip", "max_connections_per_user", "max_handshakes", "max_handshakes_per_ip", "allowed_origins", "frame_timeout_s", "publish_rate",
+    "max_connections_per_ip", "max_connections_per_user", "max_handshakes", "max_handshakes_per_ip", "allowed_origins", "http_fallback", "frame_timeout_s", "publish_rate",
     "publish_burst", "user_publish_rate", "user_publish_burst", "new_topic_rate", "new_topic_burst",
     "ip_new_topic_rate", "ip_new_topic_burst", "user_new_topic_rate", "user_new_topic_burst", "rate_limit_close_after",
 )
@@ -283,6 +284,7 @@ HELP = {
     "max_handshakes_per_ip": "[limits] connections from one IP address in their handshake at once; more are refused with 429",
     "max_connections_per_user": "[limits] connections of one user (auth_user_claim) at once; more are refused with 429",
     "allowed_origins": "[limits] comma-separated Origin values a browser may connect from ('': any; requests without Origin are not browsers and are let in)",
+    "http_fallback": "[limits] serve the fallback transport (an event stream plus POSTs, on the same port and path) to clients that cannot open a WebSocket",
     "frame_timeout_s": "[limits] seconds a client has to complete a frame it started; slower ones are closed (1008)",
     "publish_rate": "[limits] messages per second one connection may publish (0: no limit); past its burst they are refused with err 15",
     "publish_burst": "[limits] messages one connection may publish at once above publish_rate",

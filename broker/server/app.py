@@ -33,6 +33,7 @@ from ..messages import SUBPROTOCOL, Heartbeat, encode
 from ..router import Router
 from ..session import HARD_LIMIT_FACTOR, Limits
 from . import handshake, logs, tls
+from .fallback import Fallback
 from .. import limits  # after logs: broker.limits imports it (and this package)
 from .connection import OPEN, Connection
 
@@ -181,6 +182,7 @@ class Server:
         self._sweep_period = 1.0
         self._tick_scheduled = False
         self._waiting: deque[Connection] = deque()  # connections to resume, in order
+        self.fallback = Fallback(self)  # the SSE + POST transport's streams (broker.server.fallback)
         self._behind: set = set()  # outboxes seen above max_pending_bytes
 
     # lifecycle
@@ -362,8 +364,22 @@ class Server:
     # handshake
 
     def _new_connection(self) -> Connection:
+        return Connection(self, self.new_connection_id())
+
+    def new_connection_id(self) -> int:
+        """A connection id no other connection (or fallback stream) of this server has."""
         self._next_id += 1
-        return Connection(self, self._next_id)
+        return self._next_id
+
+    @property
+    def closing(self) -> bool:
+        """True once shutdown began."""
+        return self._closing
+
+    def streaming(self, conn: Connection) -> None:
+        """`conn`'s fallback event stream was accepted: it is out of its handshake phase."""
+        self.handshaking.pop(conn.id, None)
+        self.guard.opened(conn)
 
     def accept(self, conn: Connection) -> handshake.HandshakeError | None:
         """A TCP connection was accepted: count it (broker.limits.Guard.accept) and hold it as
@@ -703,6 +719,7 @@ class Server:
         if self.router.replaying:
             self.router.continue_replays()
         self.guard.sweep()
+        self.fallback.sweep(self.loop.time())
         self._recount()
         self._write_dead_letters()
         now = self.loop.time()

@@ -18,7 +18,7 @@ from ..fastpath import BINARY, CLOSE, ERR_PROTOCOL, PING, PONG, TEXT, encode_fra
 from ..messages import SUBPROTOCOL
 from ..router import TICK_BUDGET_S, TICK_INPUT_BYTES
 from ..session import Session
-from . import handshake, logs
+from . import fallback, handshake, logs
 
 if TYPE_CHECKING:
     from .app import Server
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 # REFUSED: refused at accept, its answer written; closed once the client's first bytes are
 # read (closing with unread bytes would reset the connection, and the answer with it) or after
 # REFUSAL_LINGER_S.
-HANDSHAKE, OPEN, CLOSING, CLOSED, REFUSED = range(5)
+# BODY: reading the body of a fallback POST; STREAMING: carrying a fallback event stream
+# (broker.server.fallback), whose session is not the connection's.
+HANDSHAKE, OPEN, CLOSING, CLOSED, REFUSED, BODY, STREAMING = range(7)
 
 # How long a connection refused at accept waits for its client's request before it is closed,
 # and how many may wait at once (more are closed at once: the answer may then be lost to a reset).
@@ -61,7 +63,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
         "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "_buffer", "_needed", "_timer",
-        "_reading", "_queued", "_tls", "_wake",
+        "_reading", "_queued", "_tls", "_wake", "stream", "post", "_body", "_body_needed", "_on_body",
     )
 
     def __init__(self, server: Server, conn_id: int) -> None:
@@ -98,6 +100,11 @@ class Connection(asyncio.Protocol):
         # a newer ping replaces it (RFC 6455 5.5.3): a client that sends pings and never reads
         # is owed one pong, not a pong per ping.
         self.pong: bytes | None = None
+        self.stream = None  # the fallback stream this connection carries (STREAMING)
+        self.post = None  # a fallback POST being applied: (stream, body or None once handed over, CORS lines)
+        self._body: bytearray | None = None  # a POST body being read (BODY), and how long it is
+        self._body_needed = 0
+        self._on_body = None
 
     # asyncio protocol
 
@@ -177,6 +184,8 @@ class Connection(asyncio.Protocol):
             self._consume(data, 0, False)
         elif state == HANDSHAKE:
             self._handshake_data(data)
+        elif state == BODY:
+            self._body_data(data)
         elif state == REFUSED:
             self.transport.close()  # its request was read: the answer is not lost to a reset
 
@@ -194,12 +203,15 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._wake is not None:
+        if self._wake is not None and self.post is None:  # a POST's frame is still applied after its sit-out
             self._wake.cancel()
             self._wake = None
         self._buffer = None
+        self._body = None
         self.partial_since = 0.0
         server = self.server
+        if self.stream is not None:
+            self.stream.detach(self)
         if previous == REFUSED:
             server.refusing -= 1
             return
@@ -222,10 +234,15 @@ class Connection(asyncio.Protocol):
         server.on_disconnected(self)
 
     def pause_writing(self) -> None:
-        if self.box is not None:
+        if self.stream is not None:
+            self.stream.pause_writing()
+        elif self.box is not None:
             self.box.paused = True
 
     def resume_writing(self) -> None:
+        if self.stream is not None:
+            self.stream.resume_writing()
+            return
         box = self.box
         if box is None:
             return
@@ -258,6 +275,12 @@ class Connection(asyncio.Protocol):
             # the order of docs/protocol.md 1.1: the limits on connections were applied at
             # accept; now the request's rules (path ... token), then the limit per user
             request = handshake.parse_request(bytes(buffer[:end]))
+            if fallback.is_fallback(request):  # plain HTTP: the fallback transport
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self.server.fallback.handle(self, request, rest)
+                return
             accepted = self.server.check_request(request)
             self.server.guard.admit_user(self, accepted.identity.user)
         except handshake.HandshakeError as error:
@@ -295,6 +318,94 @@ class Connection(asyncio.Protocol):
         self.server.refused(error, self.peer)
         self.transport.write(handshake.error_response(error.status, error.text, error.headers))
         self.transport.close()
+
+    # plain HTTP requests (the fallback transport, broker.server.fallback)
+
+    def refuse_request(self, error: handshake.HandshakeError, extra: list[str]) -> None:
+        """Answer a fallback request with an error (and `extra` header lines) and close."""
+        if self.state == CLOSED:
+            return
+        headers = dict(error.headers)
+        for line in extra:
+            name, _, value = line.partition(": ")
+            headers[name] = value
+        self.post = None
+        self._refuse(handshake.HandshakeError(error.status, error.text, headers))
+
+    def next_request(self, rest: bytes) -> None:
+        """The request was answered: the connection waits for the next one (HTTP keep-alive),
+        for at most handshake_timeout_s, still counted as a connection in its handshake."""
+        if self.state == CLOSED:
+            return
+        self.state = HANDSHAKE
+        self._buffer = None
+        self._timer = self.server.loop.call_later(self.server.config.handshake_timeout_s, self._handshake_expired)
+        if rest:
+            self._handshake_data(rest)
+
+    def read_body(self, length: int, rest: bytes, then) -> None:
+        """Read a request body of `length` bytes (the first of them in `rest`) within
+        frame_timeout_s, then call `then(body)`; what follows it is the next request."""
+        self._on_body = then
+        self._body_needed = length
+        self._body = bytearray()
+        self.state = BODY
+        self._timer = self.server.loop.call_later(self.server.config.frame_timeout_s, self._body_expired)
+        self._body_data(rest)
+
+    def _body_data(self, data: bytes) -> None:
+        body = self._body
+        if body is None:  # the body is being applied: what follows waits until it is answered
+            self._buffer = (self._buffer or bytearray()) + data
+            return
+        body += data
+        self.server.bytes_in += len(data)
+        if len(body) < self._body_needed:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        n = self._body_needed
+        self._buffer = bytearray(body[n:]) if len(body) > n else None  # a pipelined next request
+        self._body = None
+        self._on_body(bytes(body[:n]))
+
+    def _body_expired(self) -> None:
+        self._timer = None
+        if self.state == BODY:
+            self.refuse_request(handshake.HandshakeError(408, f"the request body did not arrive within {self.server.config.frame_timeout_s:g} s"), [])
+
+    def answer_post(self, extra: list[str]) -> None:
+        """A fallback POST was applied: 204, then the next request."""
+        if self.state == CLOSED:
+            return
+        self.transport.write(("\r\n".join(["HTTP/1.1 204 No Content", *extra]) + "\r\n\r\n").encode("latin-1"))
+        rest = bytes(self._buffer) if self._buffer else b""
+        self.next_request(rest)
+
+    def carry(self, stream) -> None:
+        """Carry `stream`'s events from now on (a fallback GET was accepted)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.state = STREAMING
+        self.stream = stream
+        self._buffer = None
+
+    def end_stream(self) -> None:
+        """The stream's last event was written: close once it is sent (aborted after
+        close_timeout_s when the client does not read it)."""
+        self.stream = None
+        if self.state == CLOSED:
+            return
+        self.state = CLOSING
+        self.transport.close()
+        if self._timer is None:
+            self._timer = self.server.loop.call_later(self.server.config.close_timeout_s, self.abort)
+
+    def owe(self, used: int) -> None:
+        """Work done for this connection's request (`used`, in budget bytes): see `_owe`."""
+        self._owe(used)
 
     def _refuse_at_accept(self, error: handshake.HandshakeError) -> None:
         """Refused by a limit at accept: answer (on a plain port; on a TLS port the client
@@ -393,8 +504,8 @@ class Connection(asyncio.Protocol):
         """Called by the server in a later loop iteration: carry on with what was left (at
         least one message or frame, whatever the budget)."""
         self._queued = False
-        if self.state == CLOSED:
-            return
+        if self.state == CLOSED and self.post is None:
+            return  # (a fallback POST's frame is applied to its stream even when the POST's client left)
         if self.debt:
             # a frame that cost more than an iteration's share: sit out, unread, the time that
             # much work is worth, then take a turn in the queue again
@@ -402,6 +513,11 @@ class Connection(asyncio.Protocol):
             self.debt = 0
             self._queued = True
             self._wake = self.server.loop.call_later(delay, self._sat_out)
+            return
+        if self.post is not None:
+            self.server.fallback.apply(self, progress=True)
+            if self.post is None:
+                self._read_again()
             return
         session = self.session
         progress = True
@@ -425,7 +541,7 @@ class Connection(asyncio.Protocol):
         writing as soon as it holds a byte the socket did not take (and resumes once it holds
         none): the rest of its queue waits in the broker, where the policy can shed it, and the
         server hands it at most half of max_pending_bytes at a time. Otherwise the usual marks."""
-        if self.state != OPEN:
+        if self.state != OPEN and self.state != STREAMING:
             return
         if shedding:
             self.transport.set_write_buffer_limits(high=0, low=0)
@@ -442,7 +558,7 @@ class Connection(asyncio.Protocol):
 
     def _sat_out(self) -> None:
         self._wake = None
-        if self.state != CLOSED:
+        if self.state != CLOSED or self.post is not None:
             self.server.queue(self)
 
     def take_pong(self) -> bytes:
@@ -477,7 +593,7 @@ class Connection(asyncio.Protocol):
 
     def _read_again(self) -> None:
         """Read from the socket again unless the server's queue or the memory bound holds it."""
-        if not self._queued and not self._reading and not self.held and self.state == OPEN:
+        if not self._queued and not self._reading and not self.held and self.state in (OPEN, HANDSHAKE):
             self._reading = True
             self.transport.resume_reading()
 

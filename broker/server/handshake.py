@@ -148,9 +148,9 @@ class Rules:
         self.authenticator = authenticator
         self.origins = frozenset(o.rstrip("/").lower() for o in origins)
 
-    def check(self, request: Request, closing: bool = False) -> Accepted:
-        """Accept `request` or raise HandshakeError with the status and reason of the first
-        rule it breaks."""
+    def check_path(self, request: Request, closing: bool = False) -> None:
+        """The rules every request meets first, an upgrade or a fallback request: the path
+        (404), then shutdown (503)."""
         path = request.path.partition("?")[0]
         if path != self.path:
             # a long path is not quoted: some clients put a key there
@@ -158,6 +158,15 @@ class Rules:
             raise HandshakeError(404, f"no WebSocket endpoint at {at}; connect to {self.path}")
         if closing:
             raise HandshakeError(503, "server is shutting down")
+
+    def origin_allowed(self, origin: str) -> bool:
+        """True when a browser page of `origin` may connect (allowed_origins)."""
+        return not self.origins or origin.strip().rstrip("/").lower() in self.origins
+
+    def check(self, request: Request, closing: bool = False) -> Accepted:
+        """Accept `request` or raise HandshakeError with the status and reason of the first
+        rule it breaks."""
+        self.check_path(request, closing)
         version = request.header("sec-websocket-version")
         if version is not None and version.strip() != "13":
             raise HandshakeError(426, f"unsupported WebSocket version {shown(version, 16)}; use 13", {"Sec-WebSocket-Version": "13"})
@@ -166,7 +175,7 @@ class Rules:
             why = f"offered {shown_protocols(offered)}" if offered else "no Sec-WebSocket-Protocol header"
             raise HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {self.subprotocol}")
         origin = request.header("origin")
-        if self.origins and origin is not None and origin.strip().rstrip("/").lower() not in self.origins:
+        if origin is not None and not self.origin_allowed(origin):
             raise HandshakeError(403, f"origin {shown(origin.strip())} is not allowed (allowed_origins)", setting="allowed_origins")
         accept = check_upgrade(request)
         try:
