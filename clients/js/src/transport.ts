@@ -97,6 +97,28 @@ function fromBase64(text: string): Uint8Array {
 
 const MAX_ERROR_TEXT = 512;
 
+/** The fields of one Server-Sent Event (its lines without the blank line that ends it): its
+ * type ("message" when it names none), its data and its id (null when it sets none). */
+export function readEvent(block: string): { kind: string; data: string; id: string | null } {
+  let kind = "message";
+  let data = "";
+  let id: string | null = null;
+  let first = true;
+  for (const line of block.split("\n")) {
+    if (line.startsWith("data:")) {
+      data += (first ? "" : "\n") + line.slice(line.charCodeAt(5) === 32 ? 6 : 5);
+      first = false;
+    } else if (line.startsWith("event:")) kind = line.slice(6).trim();
+    else if (line.startsWith("id:")) id = line.slice(3).trim();
+  }
+  return { kind, data, id };
+}
+
+/** The bytes of a message event's data (base64). */
+export function eventBytes(data: string): Uint8Array {
+  return fromBase64(data);
+}
+
 function newStreamId(): string {
   const bytes = new Uint8Array(16);
   globalThis.crypto.getRandomValues(bytes);
@@ -181,14 +203,7 @@ export class FallbackTransport implements Transport {
 
   /** One event of the stream (its lines, without the blank line that ended it). */
   private event(block: string): void {
-    let kind = "message";
-    let data = "";
-    let id: string | null = null;
-    for (const line of block.split("\n")) {
-      if (line.startsWith("data:")) data += (data ? "\n" : "") + line.slice(line.charCodeAt(5) === 32 ? 6 : 5);
-      else if (line.startsWith("event:")) kind = line.slice(6).trim();
-      else if (line.startsWith("id:")) id = line.slice(3).trim();
-    }
+    const { kind, data, id } = readEvent(block);
     if (id !== null) this.lastEventId = id;
     switch (kind) {
       case "message":
@@ -263,9 +278,14 @@ export class FallbackTransport implements Transport {
     this.events.closed(code, reason, this.opened, status);
   }
 
+  /** End the stream and its session at the broker (a DELETE, as a WebSocket client sends a
+   * close frame), without waiting. */
   close(): void {
     if (this.done) return;
     this.done = true;
     this.abort.abort();
+    if (this.opened) {
+      fetch(this.url, { method: "DELETE", headers: { "Broker-Protocol": SUBPROTOCOL, "Broker-Stream": this.streamId }, keepalive: true }).catch(() => {});
+    }
   }
 }
