@@ -68,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     health.add_argument("--config", metavar="FILE", help="TOML file with settings, as for `broker serve`")
 
+    demo = commands.add_parser(
+        "demo",
+        help="run a broker with a synthetic market-data publisher and a page that shows it",
+        description="Start a broker, a publisher of synthetic market data (md.EXCHANGE.SYMBOL, each instrument at its own "
+        "tick rate) and a small web page using the TypeScript client (clients/js): ticking prices, the connection's "
+        "state, gaps, and a switch that takes the page offline. Nothing is loaded from the internet.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address of the broker and the page (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the broker's port (default {DEFAULT_PORT})")
+    demo.add_argument("--http-port", type=int, default=8080, help="the page's port (default 8080; 0: any free one)")
+    demo.add_argument("--symbols", type=int, default=300, help="instruments published (default 300)")
+    demo.add_argument("--client-dir", help="the TypeScript client's folder (default: clients/js of this checkout)")
+
     dead = commands.add_parser(
         "dead-letters",
         help="print the client messages a local broker could not process",
@@ -91,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _dead_letters(args)
         if args.command == "health":
             return _health(args)
+        if args.command == "demo":
+            return _demo(args)
         return _run(_sub(args))
     except ConfigError as exc:
         print(f"broker: {exc}", file=sys.stderr)
@@ -113,6 +128,35 @@ def _new_loop_policy() -> None:
 def _run(coro) -> int:
     _new_loop_policy()
     return asyncio.run(coro)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import CLIENT_DIR, run_demo
+
+    if args.symbols < 1:
+        raise ConfigError("--symbols: at least 1")
+    config = load({"host": args.host, "port": args.port, "log_level": "warning"}, environ={})
+    client_dir = Path(args.client_dir) if args.client_dir else CLIENT_DIR
+    async def main() -> None:
+        import signal
+
+        task = asyncio.ensure_future(run_demo(config, args.host, args.http_port, args.symbols, client_dir))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stop gracefully: clients are told 1001
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    _new_loop_policy()
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        raise BrokerError(f"cannot run the demo: {exc}") from exc
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -426,7 +426,16 @@ export class Client {
         this.lost(code, reason, opened, status);
       },
     };
-    const transport: Transport = kind === "websocket" ? new WebSocketTransport(this.url, token, events) : new FallbackTransport(this.url, token, events);
+    let transport: Transport;
+    try {
+      transport = kind === "websocket" ? new WebSocketTransport(this.url, token, events) : new FallbackTransport(this.url, token, events);
+    } catch (error) {
+      // no WebSocket in this runtime (an old browser, a page that removed it): the next transport
+      transport = { kind, buffered: 0, send: () => {}, close: () => {} };
+      this.transport = transport;
+      queueMicrotask(() => events.closed(1006, `cannot open a ${kind}: ${(error as Error).message}`, false, 0));
+      return;
+    }
     this.transport = transport;
     this.transportKind = kind;
     this.clearTimer("connectTimer");
