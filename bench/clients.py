@@ -15,9 +15,12 @@ import time
 from collections import Counter
 
 from .counters import Counters
-from .fleetproc import Fleet, FleetError
+import subprocess
+from pathlib import Path
+
+from .fleetproc import FLEET as FLEET_DIR, Fleet, FleetError
 from .loadgen import subscriber_main
-from .systems import System
+from .systems import HERE, System, bun_binary
 
 
 def split(connections: list[list[str]], procs: int) -> list[list[int]]:
@@ -44,6 +47,8 @@ def merge(parts: list[dict], groups: list[list[int]], size: int) -> dict:
 
 class RealClients:
     kind = "real"
+    command: list[str] | None = None  # the fleet's program (None: Bun running fleet.js)
+    extra: dict | None = None  # more of its config
 
     def __init__(self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
         self.groups = split(connections, procs)
@@ -52,7 +57,7 @@ class RealClients:
         try:
             for slot, group in enumerate(self.groups):
                 self.fleets.append(Fleet(system, [ports[i] for i in group], [connections[i] for i in group],
-                                         counters.path, slot, latency))
+                                         counters.path, slot, latency, command=self.command_line(), extra=self.extra))
             before = time.monotonic_ns()
             for fleet in self.fleets:
                 fleet.wait_ready()
@@ -63,6 +68,9 @@ class RealClients:
         except BaseException:
             self.close()
             raise
+
+    def command_line(self) -> list[str] | None:
+        return self.command
 
     @property
     def pids(self) -> list[int]:
@@ -139,4 +147,41 @@ def ask(pipe, command, timeout: float = 60.0):
     return pipe.recv()
 
 
-CLIENTS = {"real": RealClients, "cheap": CheapClients}
+class ClientNode(RealClients):
+    """The broker's TypeScript client (clients/js, built; its lock file brings Node 22) in
+    Node, one Client per connection, a handler per message: bench/fleet/client.js."""
+
+    kind = "client-node"
+    extra = {"transport": "websocket"}
+
+    def command_line(self) -> list[str]:
+        js = js_client()
+        return [str(js / "node_modules" / ".bin" / "node"), str(FLEET_DIR / "client.js")]
+
+
+class ClientBun(ClientNode):
+    kind = "client-bun"
+
+    def command_line(self) -> list[str]:
+        js_client()
+        return [bun_binary(), str(FLEET_DIR / "client.js")]
+
+
+class ClientNodeFallback(ClientNode):
+    """The same over the SSE + POST fallback transport."""
+
+    kind = "client-node-sse"
+    extra = {"transport": "fallback"}
+
+
+def js_client() -> Path:
+    """clients/js installed from its lock file and built, the first time it is needed."""
+    js = HERE.parent / "clients" / "js"
+    if not (js / "node_modules" / "typescript" / "package.json").exists():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(js)], check=True)
+    if not (js / "dist" / "index.js").exists():
+        subprocess.run([str(js / "node_modules" / ".bin" / "node"), str(js / "node_modules" / "typescript" / "bin" / "tsc"), "-p", str(js)], check=True)
+    return js
+
+
+CLIENTS = {"real": RealClients, "cheap": CheapClients, "client-node": ClientNode, "client-bun": ClientBun, "client-node-sse": ClientNodeFallback}

@@ -31,7 +31,10 @@ class Fleet:
     `port` the port of every connection, or a list: connection i connects to port[i]."""
 
     def __init__(self, system: System, port: int | list[int], connections: list[list[str]], counters_path: str, slot: int,
-                 latency: bool = False, concurrency: int = 100, ready_timeout: float = 120.0) -> None:
+                 latency: bool = False, concurrency: int = 100, ready_timeout: float = 120.0, command: list[str] | None = None,
+                 extra: dict | None = None) -> None:
+        """`command`: the program and script that read the config (default: Bun running
+        fleet.js); `extra`: more config for it."""
         install()
         ports = port if isinstance(port, list) else [port] * len(connections)
         config = {
@@ -47,14 +50,17 @@ class Fleet:
             "latency": latency,
             "concurrency": concurrency,
             "ready_timeout_s": ready_timeout,
+            **(extra or {}),
         }
         fd, self.config_path = tempfile.mkstemp(prefix="bench-fleet-", suffix=".json")
         with os.fdopen(fd, "w") as fh:
             json.dump(config, fh)
         self.log = tempfile.NamedTemporaryFile(prefix="bench-fleet-", suffix=".log", delete=False)
         self.ready_timeout = ready_timeout
+        if command is None:
+            command = [bun_binary(), *os.environ.get("BENCH_FLEET_BUN_ARGS", "").split(), str(FLEET / "fleet.js")]
         self.proc = subprocess.Popen(
-            [bun_binary(), *os.environ.get("BENCH_FLEET_BUN_ARGS", "").split(), str(FLEET / "fleet.js"), self.config_path],
+            [*command, self.config_path],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=FLEET, preexec_fn=child_setup,
         )
         self._buffer = b""

@@ -234,8 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", default=",".join(scs), help=f"comma-separated (default all): {', '.join(scs)}")
     parser.add_argument("--systems", default=None,
                         help=f"systems the runner starts, comma-separated (default {DEFAULT_SYSTEMS}; with --url none): {', '.join(SYSTEMS)}")
-    parser.add_argument("--clients", choices=["real", "cheap"], default="real",
-                        help="real: the Bun fleet, applications that decode every message; cheap: compiled scanners that only count")
+    parser.add_argument("--clients", choices=sorted(CLIENTS), default="real",
+                        help="real: the Bun fleet, applications that decode every message; cheap: compiled scanners that only count; "
+                        "client-node, client-bun, client-node-sse: the TypeScript client (clients/js) in Node or Bun, over a WebSocket or the fallback")
     parser.add_argument("--fleet-procs", type=int, default=1, help="Bun fleet processes the subscribers are split over (--clients real)")
     parser.add_argument("--sub-procs", type=int, default=1, help="subscriber processes (--clients cheap)")
     parser.add_argument("--runs", type=int, default=3)
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
                 check_pid(args.pid)
         except TargetError as exc:
             parser.error(str(exc))
-    procs = args.fleet_procs if args.clients == "real" else args.sub_procs
+    procs = args.sub_procs if args.clients == "cheap" else args.fleet_procs
     chosen_scs = {key: prefixed(scs[key], args.topic_prefix) for key in chosen}
     if target is not None:  # before any run: the URL, TLS, the token and its grants for each scenario's topics
         print(f"checking {target.name} ...", file=sys.stderr, flush=True)

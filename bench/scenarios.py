@@ -65,6 +65,11 @@ def scenarios() -> dict[str, Scenario]:
                  [["md.>"]] * 50 + random_subscribers(md1k, 50, 20, rng)),
         Scenario("ticker", "ticker: 5,000 topics, 200,000 publishes/s, 100 subscribers on 50 random topics each", md5k,
                  random_subscribers(md5k, 100, 50, rng), rate=200_000),
+        # one subscriber process on md.> over 1,000 topics: what one client process takes (the
+        # TypeScript client in Node or Bun, --clients client-node / client-bun / client-node-sse,
+        # against fleet.js's own decoder, --clients real), and its latency at a fixed rate
+        Scenario("c1k", "one client: 1,000 topics md.x.N, 1 subscriber on md.>", md1k, [["md.>"]]),
+        Scenario("cd", "latency: one client on md.> over 1,000 topics, 20,000 publishes/s", md1k, [["md.>"]], rate=20000),
         Scenario("d5", "latency: 100 subscribers, 5,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=5000),
         Scenario("d20", "latency: 100 subscribers, 20,000 publishes/s", ["bench.t0"], [["bench.t0"]] * 100, rate=20000),
         Scenario("e", "large payloads: 16 KiB, 10 subscribers", ["bench.t0"], [["bench.t0"]] * 10, payload=16384, batch=16),
