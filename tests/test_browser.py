@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
 import urllib.request
 
 import pytest
+
+# The brokers these tests talk to are processes of their own (compiled whatever the suite's
+# fast path): the suite's second, pure-Python run would repeat exactly the same.
+pytestmark = pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the demo broker runs compiled in its own process: covered by the compiled run")
 
 from conftest import BlackHoleProxy, broker_cli
 from redis_support import free_port
