@@ -49,8 +49,12 @@ def examples_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def brokers():
     small = ("--history-max-messages", "5", "--max-subscriptions", "5")
-    with BrokerNode(*small) as plain, BrokerNode("--auth-jwt-secret", SECRET, "--auth-message-rate", "100") as auth:
-        yield {"BROKER_URL": plain.url, "BROKER_AUTH_URL": auth.url, "BROKER_AUTH_SECRET": SECRET}
+    with (
+        BrokerNode(*small) as plain,
+        BrokerNode("--max-open-requests", "3", "--max-topics", "50") as limits,
+        BrokerNode("--auth-jwt-secret", SECRET, "--auth-message-rate", "100") as auth,
+    ):
+        yield {"BROKER_URL": plain.url, "BROKER_LIMITS_URL": limits.url, "BROKER_AUTH_URL": auth.url, "BROKER_AUTH_SECRET": SECRET}
 
 
 def run_tests(command: list[str], cwd, env: dict[str, str], timeout: float = 240) -> str:

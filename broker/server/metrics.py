@@ -30,8 +30,8 @@ class Collector(_Collector):
         server = self.server
         stats = server.router.stats
         yield _gauge("broker_info", "the broker's version and fast path", 1, labels={"version": __version__, "fastpath": server.fastpath})
-        yield _gauge("broker_connections", "WebSocket connections open now", len(server.connections))
-        yield _counter("broker_connections_opened", "WebSocket connections that completed the handshake", server.opened)
+        yield _gauge("broker_connections", "connections open now (WebSocket and fallback streams)", len(server.connections))
+        yield _counter("broker_connections_opened", "connections that completed the handshake (WebSocket upgrades and new fallback streams)", server.opened)
         yield _by("broker_connections_closed_by_broker", "connections the broker closed, by close code", "code", stats.closes, counter=True)
         yield _by("broker_handshakes_refused", "upgrade requests refused, by HTTP status", "status", server.refused_by_status, counter=True)
         yield _counter("broker_bytes_in", "bytes read from client connections (WebSocket frames, after the handshake)", server.bytes_in)

@@ -9,8 +9,9 @@ import { Client, ConnectionClosed, ErrorCode, RequestError, Timeout } from "../d
 
 const URL = process.env.BROKER_URL;
 const AUTH_URL = process.env.BROKER_AUTH_URL;
+const LIMITS_URL = process.env.BROKER_LIMITS_URL;
 const SECRET = process.env.BROKER_AUTH_SECRET;
-const skip = URL ? false : "BROKER_URL is not set (tests/test_js_client.py starts the brokers)";
+const skip = URL && LIMITS_URL ? false : "BROKER_URL is not set (tests/test_js_client.py starts the brokers)";
 const TRANSPORTS = (process.env.BROKER_TRANSPORTS || "websocket,fallback").split(",");
 const bytes = (text) => new TextEncoder().encode(text);
 const text = (data) => new TextDecoder().decode(data);
@@ -129,6 +130,19 @@ for (const transport of TRANSPORTS) {
     await assert.rejects(async () => c.publishAcked("md.*", "x"), (e) => e.code === ErrorCode.PATTERN_NOT_ALLOWED);
     await assert.rejects(c.authenticate("not-a-token"), (e) => e.code === ErrorCode.BAD_TOKEN);
     await c.close();
+    // on a broker of its own (BROKER_LIMITS_URL): max_open_requests 3, max_topics 50
+    const limited = client(transport, {}, LIMITS_URL);
+    const responder = client(transport, {}, LIMITS_URL);
+    await Promise.all([limited.connect(), responder.connect()]);
+    await responder.respond(`${topic}.slow`, () => new Promise((resolve) => setTimeout(() => resolve(bytes("late")), 300)));
+    const waiting = [1, 2, 3, 4].map(() => limited.request(`${topic}.slow`, "x", { timeoutMs: 2000 }).then(() => "ok", (e) => e.code));
+    assert.deepEqual((await Promise.all(waiting)).sort(), ["ok", "ok", "ok", ErrorCode.TOO_MANY_REQUESTS].sort());
+    let refused = null;
+    for (let i = 0; i < 100 && refused === null; i++) {
+      await limited.publishAcked(`${topic}.many.${i}`, "x").catch((e) => (refused = e));
+    }
+    assert.equal(refused?.code, ErrorCode.TOO_MANY_TOPICS);
+    await Promise.all([limited.close(), responder.close()]);
     assert.throws(() => c.publish(topic, "x"), ConnectionClosed);
   });
 
@@ -233,6 +247,27 @@ for (const transport of TRANSPORTS) {
     assert.equal(bad.state, "closed");
   });
 }
+
+test("a machine that slept (timers that fired far too late) reconnects at once and recovers", { skip, timeout: 30000 }, async () => {
+  const c = client("websocket", { heartbeatMs: 1000, heartbeatTimeoutMs: 4000, sleepThresholdMs: 2000 });
+  const publisher = client("websocket");
+  await Promise.all([c.connect(), publisher.connect()]);
+  const topic = unique("sleep");
+  const got = [];
+  await c.subscribe(topic, (m) => got.push(m.seq)).ready;
+  await publisher.publishAcked(topic, "1");
+  const realNow = Date.now;
+  Date.now = () => realNow() + 60_000; // the watchdog's next check finds it ran a minute late
+  try {
+    await until(() => c.reconnects === 1 && c.state === "connected", "the reconnection");
+  } finally {
+    Date.now = realNow;
+  }
+  await publisher.publishAcked(topic, "2");
+  await until(() => got.length === 2, "both messages");
+  assert.deepEqual(got, [1, 2]);
+  await Promise.all([c.close(), publisher.close()]);
+});
 
 test("the client moves to the fallback where a WebSocket cannot be opened", { skip, timeout: 30000 }, async () => {
   // a "proxy" that refuses every upgrade but passes plain HTTP
