@@ -423,7 +423,7 @@ class Fallback:
             raise Refused(413, f"a frame of {length} bytes is larger than {cfg.max_frame_bytes} (max_frame_bytes)")
         stream = self.streams.get(key)
         if stream is None or stream.phase == ENDED:
-            raise Refused(404, "no stream with this Broker-Stream id on this broker: it ended, or a load balancer sent this POST to another node than its event stream (docs/cluster.md: affinity)")
+            raise Refused(404, "no stream with this Broker-Stream id on this broker: it ended, or this POST reached another node or worker process than its event stream (protocol.md 12.5: affinity)")
         conn.read_body(length, rest, lambda body: self._post(conn, stream, body, origin))
 
     def _post(self, conn: Connection, stream: Stream, body: bytes, origin: str | None) -> None:
