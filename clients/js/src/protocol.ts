@@ -538,6 +538,13 @@ export class Core {
           break;
         case "topic": {
           const id = toNumber(m[1]);
+          if (id >= this.topics.length) {
+            // ids are small but not dense (below twice the broker's topics, in its own order):
+            // grow the table by doubling, filled, so that a far id keeps it an array
+            const grown = new Array<TopicEntry | undefined>(Math.max(id + 1, this.topics.length * 2, 64)).fill(undefined);
+            for (let i = 0; i < this.topics.length; i++) grown[i] = this.topics[i];
+            this.topics = grown;
+          }
           this.topics[id] = { name: m[2] as string, epoch: toBig(m[3]), subs: [], version: -1 };
           break;
         }
