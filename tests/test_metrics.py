@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Client
-from broker.errors import ErrorCode, RequestError
+from broker.errors import CloseCode, ErrorCode, RequestError
+from broker.server.handshake import REFUSAL_STATUSES
 
 from conftest import ROOT, RawSocketClient, run, serving, url
 from redis_support import free_port
@@ -73,7 +76,7 @@ def test_metrics_count_connections_messages_bytes_and_errors():
                 assert connections in (2, 3)  # the raw one may be gone already
                 assert m[("broker_queue_bytes_count", ())] == connections
                 assert m[("broker_queue_bytes_bucket", (("le", "+Inf"),))] == connections
-                assert ("broker_event_loop_lag_seconds", ()) in m
+                assert ("broker_event_loop_lag_seconds_count", ()) in m
                 assert not any(name.startswith("broker_backplane") for name, _ in m)
         async with serving() as plain:
             assert plain.admin is None  # off unless admin_port is set
@@ -114,3 +117,47 @@ def test_every_metric_is_documented_and_every_documented_metric_exists(own_redis
     section = (ROOT / "docs" / "operations.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(broker_[a-z_]+)`", section, re.M))
     assert names == documented, (sorted(names - documented), sorted(documented - names))
+
+
+def test_reading_metrics_takes_nothing_from_the_next_reader():
+    """The event-loop lag is a histogram that only grows: a second scraper (or a curl) reads
+    the late sweep the first one read, rather than a value reset by the first read."""
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY):
+            time.sleep(1.2)  # block the loop past the sweep's due time (it runs about once a second)
+            await asyncio.sleep(0.1)
+            first = samples((await get(port, "/metrics"))[1])
+            second = samples((await get(port, "/metrics"))[1])
+        for m in (first, second):
+            late = m[("broker_event_loop_lag_seconds_count", ())] - m[("broker_event_loop_lag_seconds_bucket", (("le", "0.1"),))]
+            assert late >= 1, m
+            assert m[("broker_event_loop_lag_seconds_sum", ())] >= 0.1
+
+    run(main())
+
+
+def test_labelled_counters_have_a_series_for_each_known_value_from_the_start():
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY):
+            return samples((await get(port, "/metrics"))[1])
+
+    m = run(main())
+    for code in ErrorCode:
+        assert m[("broker_errors_total", (("code", str(int(code))),))] == 0, code
+    for code in CloseCode:
+        assert m[("broker_connections_closed_by_broker_total", (("code", str(int(code))),))] == 0, code
+    for status in (400, 401, 403, 404, 429, 503):
+        assert m[("broker_handshakes_refused_total", (("status", str(status)),))] == 0, status
+
+
+def test_every_status_a_refused_upgrade_may_get_has_its_series():
+    """Each HTTP status the code refuses an upgrade with is one of REFUSAL_STATUSES."""
+    source = "\n".join(p.read_text() for p in (ROOT / "broker").rglob("*.py"))
+    used = {int(s) for s in re.findall(r"(?:HandshakeError|AuthError|_refuse)\((\d{3})\b", source)}
+    used |= {int(s) for s in re.findall(r"LimitRefused\((\d{3})", source)}
+    limits = (ROOT / "broker" / "limits.py").read_text()
+    used |= {int(s) for s in re.findall(r"self\._refuse\((\d{3})", limits)}
+    assert used and used <= set(REFUSAL_STATUSES), sorted(used - set(REFUSAL_STATUSES))

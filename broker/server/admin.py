@@ -189,7 +189,7 @@ class Admin:
             "slow_consumers": stats.slow_consumers + stats.sheds,
             "pending_bytes": server.pending_total,
             "backplane_lag_ms": None if cluster is None else max(cluster.stats.lag_ms),
-            "loop_lag_s": server.peek_loop_lag(),
+            "loop_lag_s": server.loop_lag.worst_recent(server.loop.time()),
             "hot": [{"topic": name, "rate": rate, "seq": seq} for rate, name, seq in hot[:HOT_TOPICS]],
         }
 

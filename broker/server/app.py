@@ -36,6 +36,7 @@ from . import handshake, logs, tls
 from .fallback import Fallback
 from .. import limits  # after logs: broker.limits imports it (and this package)
 from .connection import OPEN, Connection
+from .metrics import LoopLag
 
 # Listening backlog: connections the kernel holds before they are accepted.
 BACKLOG = 4096
@@ -169,7 +170,7 @@ class Server:
         self.writes = 0
         self.ticks = 0
         self.fastpath = IMPLEMENTATION
-        self._loop_lag = 0.0  # the most the sweep ran late since the last scrape (s)
+        self.loop_lag = LoopLag()  # how late the sweep ran, each time (the event loop's lag)
         self._sweep_due = 0.0
         self.admin = None  # with admin_port: the admin HTTP server (metrics, health)
         self._server: asyncio.Server | None = None
@@ -317,18 +318,9 @@ class Server:
             }),
         )
 
-    def peek_loop_lag(self) -> float:
-        """How late the sweep ran at most since the last scrape (s), without resetting it."""
-        return self._loop_lag
-
     @property
     def handshakes_refused(self) -> int:
         return sum(self.refused_by_status.values())
-
-    def take_loop_lag(self) -> float:
-        """How late the sweep ran at most since this was last asked (s): the event loop's lag."""
-        lag, self._loop_lag = self._loop_lag, 0.0
-        return lag
 
     def reload(self) -> None:
         """Read again what may change while the broker runs (SIGHUP): the TLS certificate and
@@ -710,9 +702,8 @@ class Server:
         stayed behind or left a frame incomplete for frame_timeout_s, and forget history past
         its age. Runs a few times a second;
         O(connections) plus the history that expired."""
-        late = self.loop.time() - self._sweep_due
-        if late > self._loop_lag:
-            self._loop_lag = late
+        now = self.loop.time()
+        self.loop_lag.observe(now - self._sweep_due, now)
         self.backplane.sweep()
         self._check_tokens()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))

@@ -26,6 +26,10 @@ SHOWN_CHARS = 100
 SHOWN_PROTOCOL_CHARS = 20
 SHOWN_PATH_CHARS = 32
 
+# Every HTTP status an upgrade request may be refused with (here, by the limits of
+# broker.limits: 429 and 503, and by the connection: 431, 500), for the metric of refusals.
+REFUSAL_STATUSES = (400, 401, 403, 404, 405, 426, 429, 431, 500, 503)
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 

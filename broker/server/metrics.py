@@ -8,16 +8,61 @@ metric is listed with its meaning in docs/operations.md; a test checks that the 
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector as _Collector
 
 from .. import __version__
+from ..errors import CloseCode, ErrorCode
+from .handshake import REFUSAL_STATUSES
 
 # Upper bounds of the queue-bytes histogram: what a connection has waiting (in the broker and
 # in its transport) when scraped.
 QUEUE_BUCKETS = (0, 1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+# Upper bounds (s) of the event-loop lag histogram: how late the periodic sweep ran.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The dashboard shows the worst lag of this many seconds.
+RECENT_LAG_S = 5.0
+
+
+class LoopLag:
+    """How late the event loop ran the server's periodic sweep, each time it ran (a few times a
+    second): a histogram that only grows, so that any number of scrapers (and a curl) read the
+    same values, and the worst of the last RECENT_LAG_S seconds for the dashboard. Sans-I/O:
+    the caller gives the loop's time."""
+
+    __slots__ = ("counts", "count", "sum", "_recent")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LAG_BUCKETS)  # per bucket, not cumulative
+        self.count = 0
+        self.sum = 0.0
+        self._recent: deque[tuple[float, float]] = deque(maxlen=64)  # (time, lag)
+
+    def observe(self, lag: float, now: float) -> None:
+        lag = max(0.0, lag)
+        self.count += 1
+        self.sum += lag
+        for i, bound in enumerate(LAG_BUCKETS):
+            if lag <= bound:
+                self.counts[i] += 1
+                break
+        self._recent.append((now, lag))
+
+    def worst_recent(self, now: float) -> float:
+        """The most the sweep ran late within the last RECENT_LAG_S seconds before `now`."""
+        return max((lag for at, lag in self._recent if now - at <= RECENT_LAG_S), default=0.0)
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative (le, count) pairs, +Inf last, as a Prometheus histogram has them."""
+        out, total = [], 0
+        for bound, count in zip(LAG_BUCKETS, self.counts):
+            total += count
+            out.append((repr(bound), total))
+        out.append(("+Inf", self.count))
+        return out
 
 
 class Collector(_Collector):
@@ -32,8 +77,8 @@ class Collector(_Collector):
         yield _gauge("broker_info", "the broker's version and fast path", 1, labels={"version": __version__, "fastpath": server.fastpath})
         yield _gauge("broker_connections", "connections open now (WebSocket and fallback streams)", len(server.connections))
         yield _counter("broker_connections_opened", "connections that completed the handshake (WebSocket upgrades and new fallback streams)", server.opened)
-        yield _by("broker_connections_closed_by_broker", "connections the broker closed, by close code", "code", stats.closes, counter=True)
-        yield _by("broker_handshakes_refused", "upgrade requests refused, by HTTP status", "status", server.refused_by_status, counter=True)
+        yield _by("broker_connections_closed_by_broker", "connections the broker closed, by close code", "code", _known(CloseCode, stats.closes), counter=True)
+        yield _by("broker_handshakes_refused", "upgrade requests refused, by HTTP status", "status", _known(REFUSAL_STATUSES, server.refused_by_status), counter=True)
         yield _counter("broker_bytes_in", "bytes read from client connections (WebSocket frames, after the handshake)", server.bytes_in)
         yield _counter("broker_bytes_out", "bytes written to client connections", server.bytes_out)
         yield _counter("broker_writes", "writes to client connections (each one or more WebSocket frames: everything a connection gets in one loop iteration)", server.writes)
@@ -48,7 +93,7 @@ class Collector(_Collector):
             {"complete": 0, "awaited": 0, "history": 0, "ended": 0, **stats.recoveries}, counter=True,
         )
         yield _counter("broker_duplicates", "publishes dropped as repeats of a msg_id", stats.duplicates)
-        yield _by("broker_errors", "err replies sent, by error code", "code", stats.errors, counter=True)
+        yield _by("broker_errors", "err replies sent, by error code", "code", _known(ErrorCode, stats.errors), counter=True)
         yield _counter("broker_denied", "subscribes, publishes and requests refused for want of a grant", stats.denied)
         yield _counter("broker_rate_limited", "publishes and requests refused by a rate limit (err 15)", stats.errors.get(15, 0))
         yield _by(
@@ -66,7 +111,11 @@ class Collector(_Collector):
         yield _gauge("broker_pending_bytes", "bytes queued for connections that are behind, in all", server.pending_total)
         yield _gauge("broker_holding", "1 while publishers are not read (max_total_pending_bytes passed)", int(server.holding))
         yield _queue_histogram(server)
-        yield _gauge("broker_event_loop_lag_seconds", "how late the periodic sweep ran, at most, over the last scrape interval", server.take_loop_lag())
+        lag = server.loop_lag
+        yield HistogramMetricFamily(
+            "broker_event_loop_lag_seconds", "how late the periodic sweep (a few times a second) ran, each time it ran",
+            buckets=lag.buckets(), sum_value=lag.sum,
+        )
         cluster = server.cluster
         if cluster is not None:
             b = cluster.stats
@@ -111,6 +160,13 @@ def _by(name: str, text: str, label: str, values: dict, counter: bool = False) -
     for key, value in sorted(values.items(), key=lambda item: str(item[0])):
         family.add_metric([str(key)], value)
     return family
+
+
+def _known(values, counts: dict) -> dict:
+    """`counts` (by code or status) with a 0 for each of `values` it lacks: a labelled counter
+    has a series for every value it may take from the start, so that `rate()` and `increase()`
+    see its first event."""
+    return {**{int(value): 0 for value in values}, **counts}
 
 
 def _queue_histogram(server) -> HistogramMetricFamily:
