@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
+import resource
 import time
 
 import aiohttp
@@ -115,7 +117,9 @@ def test_every_metric_is_documented_and_every_documented_metric_exists(own_redis
 
     names = run(main())
     section = (ROOT / "docs" / "operations.md").read_text().split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"^\| `(broker_[a-z_]+)`", section, re.M))
+    documented = set(re.findall(r"^\| `((?:broker|process)_[a-z_]+)`", section, re.M))
+    # process_cpu_seconds_total is a counter: its family is process_cpu_seconds
+    names = {"process_cpu_seconds_total" if name == "process_cpu_seconds" else name for name in names}
     assert names == documented, (sorted(names - documented), sorted(documented - names))
 
 
@@ -161,3 +165,24 @@ def test_every_status_a_refused_upgrade_may_get_has_its_series():
     limits = (ROOT / "broker" / "limits.py").read_text()
     used |= {int(s) for s in re.findall(r"self\._refuse\((\d{3})", limits)}
     assert used and used <= set(REFUSAL_STATUSES), sorted(used - set(REFUSAL_STATUSES))
+
+
+def test_process_and_runtime_metrics():
+    """Memory, CPU, descriptors against their limit, start time, garbage-collector pauses and
+    the connection limit, as an operator coming from NATS or Centrifugo expects them."""
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, max_connections=777):
+            gc.collect()  # a generation-2 collection, measured
+            return samples((await get(port, "/metrics"))[1])
+
+    m = run(main())
+    assert m[("process_resident_memory_bytes", ())] > 10 << 20
+    assert m[("process_cpu_seconds_total", ())] > 0
+    assert 0 < m[("process_open_fds", ())] <= m[("process_max_fds", ())]
+    assert m[("process_max_fds", ())] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert time.time() - 3600 < m[("process_start_time_seconds", ())] <= time.time()
+    assert m[("broker_gc_pause_seconds_count", (("generation", "2"),))] >= 1
+    assert m[("broker_gc_pause_seconds_bucket", (("generation", "2"), ("le", "+Inf")))] >= 1
+    assert m[("broker_connections_limit", ())] == 777

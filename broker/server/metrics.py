@@ -8,10 +8,13 @@ metric is listed with its meaning in docs/operations.md; a test checks that the 
 
 from __future__ import annotations
 
+import gc
+import time
 from collections import deque
 from typing import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as _Collector
 
 from .. import __version__
@@ -21,6 +24,8 @@ from .handshake import REFUSAL_STATUSES
 # Upper bounds of the queue-bytes histogram: what a connection has waiting (in the broker and
 # in its transport) when scraped.
 QUEUE_BUCKETS = (0, 1 << 10, 16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+# Upper bounds (s) of the garbage collector's pauses.
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # Upper bounds (s) of the event-loop lag histogram: how late the periodic sweep ran.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # The dashboard shows the worst lag of this many seconds.
@@ -65,17 +70,71 @@ class LoopLag:
         return out
 
 
+class GcPauses:
+    """How long each run of Python's garbage collector held the process (the event loop with
+    it), by generation: a histogram per generation, from `gc.callbacks`. A collection runs
+    every few thousand allocations at most, so this costs two clock reads per collection,
+    nothing per message."""
+
+    def __init__(self) -> None:
+        self.counts = [[0] * len(GC_BUCKETS) for _ in range(3)]
+        self.count = [0, 0, 0]
+        self.sum = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        """Start measuring (once per process)."""
+        if not self._installed:
+            self._installed = True
+            gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        generation = min(2, max(0, int(info.get("generation", 0))))
+        pause = time.perf_counter() - self._started
+        self.count[generation] += 1
+        self.sum[generation] += pause
+        for i, bound in enumerate(GC_BUCKETS):
+            if pause <= bound:
+                self.counts[generation][i] += 1
+                break
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            "broker_gc_pause_seconds", "how long each garbage collection held the process, by generation", labels=["generation"],
+        )
+        for generation in range(3):
+            buckets, total = [], 0
+            for bound, count in zip(GC_BUCKETS, self.counts[generation]):
+                total += count
+                buckets.append((repr(bound), total))
+            buckets.append(("+Inf", self.count[generation]))
+            family.add_metric([str(generation)], buckets, self.sum[generation])
+        return family
+
+
+GC_PAUSES = GcPauses()  # the process's one: gc.callbacks belong to the process
+
+
 class Collector(_Collector):
     """Metric families of one Server, computed when Prometheus scrapes."""
 
     def __init__(self, server) -> None:
         self.server = server
+        # process_*: resident and virtual memory, CPU seconds, open descriptors and their limit
+        # (the limit caps the connections), start time; read from /proc when scraped (Linux)
+        self.process = ProcessCollector(registry=None)
+        GC_PAUSES.install()
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
         stats = server.router.stats
         yield _gauge("broker_info", "the broker's version and fast path", 1, labels={"version": __version__, "fastpath": server.fastpath})
         yield _gauge("broker_connections", "connections open now (WebSocket and fallback streams)", len(server.connections))
+        yield _gauge("broker_connections_limit", "max_connections: connections the broker holds at once at most", server.config.max_connections)
         yield _counter("broker_connections_opened", "connections that completed the handshake (WebSocket upgrades and new fallback streams)", server.opened)
         yield _by("broker_connections_closed_by_broker", "connections the broker closed, by close code", "code", _known(CloseCode, stats.closes), counter=True)
         yield _by("broker_handshakes_refused", "upgrade requests refused, by HTTP status", "status", _known(REFUSAL_STATUSES, server.refused_by_status), counter=True)
@@ -116,6 +175,8 @@ class Collector(_Collector):
             "broker_event_loop_lag_seconds", "how late the periodic sweep (a few times a second) ran, each time it ran",
             buckets=lag.buckets(), sum_value=lag.sum,
         )
+        yield GC_PAUSES.family()
+        yield from self.process.collect()
         cluster = server.cluster
         if cluster is not None:
             b = cluster.stats
