@@ -211,6 +211,47 @@ def test_shutdown_is_bounded_when_a_client_never_answers():
         stop_process(proc)
 
 
+def test_a_second_sigterm_during_the_drain_aborts_the_clients_and_says_what_is_lost():
+    """The drain waits for a client that never reads (up to shutdown_timeout_s, 30 s here); a
+    second SIGTERM cuts it short: one `shutdown_forced` line with the connections aborted and
+    the bytes queued for them, then `stopped` and exit 0, not a silent death by the signal."""
+    (port,) = free_ports()
+    proc = serve("--port", str(port), "--shutdown-timeout-s", "30", "--close-timeout-s", "30")
+    try:
+
+        async def main():
+            ready = await connect_when_ready(proc, port)
+            await ready.close()
+            deaf = await RawSocketClient.connect(port, rcvbuf=4096)  # never reads again
+            try:
+                await deaf.send(Sub(1, "t"))
+                assert await deaf.recv() == Ack(1)
+                async with Client(f"ws://127.0.0.1:{port}/") as pub:
+                    for _ in range(64):  # fill the deaf client's buffers
+                        await pub.publish_acked("t", bytes(64 << 10))
+                proc.send_signal(signal.SIGTERM)
+                log = await asyncio.get_running_loop().run_in_executor(None, read_until, proc, "event=stopping")
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert await wait_exit(proc, 5) == 0
+                assert time.monotonic() - started < 3
+                return log
+            finally:
+                deaf.close()
+
+        log = run(main()) + proc.stderr.read().decode()
+        names = events(log)
+        assert names.index("stopping") < names.index("shutdown_forced") < names.index("stopped"), log
+        (forced,) = [line for line in log.splitlines() if "event=shutdown_forced" in line]
+        fields = dict(word.split("=", 1) for word in forced.split() if "=" in word)
+        assert fields["signal"] == "SIGTERM" and fields["connections"] == "1", forced
+        assert int(fields["queued_bytes"]) > 64 << 10, forced
+        assert "shutdown_timeout" not in names
+    finally:
+        stop_process(proc)
+
+
 @pytest.mark.parametrize(
     "flags, closed",
     [((), (1001, "server shutting down")), (("--shutdown-close-code", "1012"), (1012, "server restarting"))],

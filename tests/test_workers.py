@@ -403,6 +403,8 @@ def test_a_worker_that_does_not_stop_is_killed_and_the_exit_code_is_1(redis_url,
             assert 0.5 + supervisor.KILL_GRACE_S <= took < 0.5 + supervisor.KILL_GRACE_S + 3
         else:
             assert took < 3
+            (again,) = log.find("supervisor_signal_again")
+            assert again["signal"] == "SIGTERM" and again["workers"] == 1
         log.wait("supervisor_stopped", exit_code=1)
     finally:
         cleanup(proc, log)

@@ -31,7 +31,8 @@ ran for 30 s. A worker that exits with code 2 (a configuration error) within 5 s
 would only fail again: the supervisor stops the others and exits 2. SIGHUP is passed on to
 every worker (each reloads). SIGTERM or SIGINT sends SIGTERM to every worker, waits up to
 shutdown_timeout_s + 5 s, SIGKILLs the ones still running and exits 0, or 1 if a worker had
-to be killed or exited with an error. On Linux a worker gets SIGTERM when its supervisor dies,
+to be killed or exited with an error. A second one is passed on (each worker then aborts its
+clients and logs what it loses) and the workers still running a second later are killed. On Linux a worker gets SIGTERM when its supervisor dies,
 so workers never outlive it.
 
 One thread, on an asyncio loop: signals (SIGCHLD when a worker exits) wake the main loop,
@@ -71,6 +72,7 @@ MAX_BACKOFF_S = 10.0
 STABLE_S = 30.0  # a worker that ran this long is restarted after FIRST_BACKOFF_S again
 START_WINDOW_S = 5.0  # exit code 2 this soon after a start is a configuration error: stop
 KILL_GRACE_S = 5.0  # waited after shutdown_timeout_s before SIGKILL
+FORCED_GRACE_S = 1.0  # after a second signal: the workers' time to abort their clients and log it
 EXIT_CONFIG = 2
 # Exit statuses of a worker that stopped as asked: it finished its graceful shutdown (0), or
 # the signal ended it before it installed its handlers (still starting: -SIGTERM, or SIGINT
@@ -200,7 +202,7 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(config.workers)]
         self.admin: GroupAdmin | None = None
         self.stopping = False
-        self.kill_now = False  # a second SIGTERM/SIGINT: do not wait for the workers
+        self.deadline: float | None = None  # while stopping: when the workers still running are killed
         self.exit_code = 0
         self._signals: list[int] = []
         self._wake: asyncio.Event | None = None
@@ -396,8 +398,9 @@ class Supervisor:
         for worker in live:
             self._signal(worker, signal.SIGTERM)
         deadline = self.clock() + self.config.shutdown_timeout_s + KILL_GRACE_S
-        while not self.kill_now and any(w.proc is not None for w in self.workers):
-            left = deadline - self.clock()
+        self.deadline = deadline if self.deadline is None else min(self.deadline, deadline)  # asked twice at once
+        while any(w.proc is not None for w in self.workers):
+            left = self.deadline - self.clock()
             if left <= 0:
                 break
             await self._wait(min(left, 1.0))
@@ -414,6 +417,22 @@ class Supervisor:
             self.exit_code = max(self.exit_code, 1)
         logs.event(logging.INFO, "supervisor_stopped", exit_code=self.exit_code)
         return self.exit_code
+
+    def _stop_now(self, signum: int) -> None:
+        """Asked again while the workers drain: pass the signal on, so that each stops waiting
+        for its clients and logs what it loses (`shutdown_forced`), and kill the workers still
+        running FORCED_GRACE_S later."""
+        deadline = self.clock() + FORCED_GRACE_S
+        if self.deadline is not None and self.deadline <= deadline:
+            return  # asked again already
+        live = [w for w in self.workers if w.proc is not None]
+        logs.event(
+            logging.WARNING, "supervisor_signal_again", signal=signal.Signals(signum).name, workers=len(live),
+            action=f"the workers stop waiting for their clients; those still running in {FORCED_GRACE_S:g} s are killed",
+        )
+        self.deadline = deadline
+        for worker in live:
+            self._signal(worker, signum)
 
     def _signal(self, worker: Worker, signum: int) -> None:
         try:
@@ -445,7 +464,7 @@ class Supervisor:
                 for worker in live:
                     self._signal(worker, signal.SIGHUP)
             elif self.stopping:
-                self.kill_now = True  # asked again: stop waiting
+                self._stop_now(signum)
             else:
                 logs.event(logging.INFO, "supervisor_signal", signal=signal.Signals(signum).name)
                 self.stopping = True

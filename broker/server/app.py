@@ -179,6 +179,7 @@ class Server:
         self._next_id = 0 if worker is None else worker.index << CONNECTION_ID_BITS
         self._closing = False
         self._all_gone: asyncio.Event | None = None
+        self._forced: asyncio.Event | None = None  # made when the drain starts; set by a second signal
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_period = 1.0
         self._tick_scheduled = False
@@ -273,6 +274,7 @@ class Server:
         if self._closing or self._server is None or self._sweeper is None:
             return
         self._closing = True
+        self._forced = asyncio.Event()
         self._sweeper.cancel()
         self._write_dead_letters()
         if self._request_timer is not None:
@@ -293,14 +295,18 @@ class Server:
             code, reason = CloseCode.GOING_AWAY, "server shutting down"
         for conn in list(self.connections.values()):
             conn.close(code, reason, flush=True)
-        if self.connections:
-            try:
-                await asyncio.wait_for(self._all_gone.wait(), self.config.shutdown_timeout_s)
-            except asyncio.TimeoutError:
-                logs.event(logging.WARNING, "shutdown_timeout", aborted=len(self.connections))
-                for conn in list(self.connections.values()):
-                    conn.abort()
-                await asyncio.sleep(0)  # let the aborted connections report their disconnect
+        if self.connections and not self._forced.is_set():
+            gone = asyncio.ensure_future(self._all_gone.wait())
+            forced = asyncio.ensure_future(self._forced.wait())
+            await asyncio.wait((gone, forced), timeout=self.config.shutdown_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            forced.cancel()
+            if self.connections and not self._forced.is_set():
+                logs.event(logging.WARNING, "shutdown_timeout", aborted=len(self.connections), queued_bytes=self.queued_bytes())
+        if self.connections:  # the shutdown timeout passed, or a second signal came
+            for conn in list(self.connections.values()):
+                conn.abort()
+            await asyncio.sleep(0)  # let the aborted connections report their disconnect
         await self._server.wait_closed()
         if self.admin is not None:
             await self.admin.stop()
@@ -317,6 +323,34 @@ class Server:
                 for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused", "epoch_changes", "rollbacks")
             }),
         )
+
+    def force_stop(self, signum: int = 0) -> None:
+        """A second SIGTERM or SIGINT during the drain: stop waiting for the clients. Logs
+        `shutdown_forced` with what is lost: the connections not closed yet, which are aborted,
+        and the bytes still queued for them (in the broker and in their sockets' buffers).
+        The flush to Redis, if it is under way, ends first (it is bounded by redis_timeout_s).
+        Before the drain started, and after it was forced, it does nothing."""
+        if self._forced is None or self._forced.is_set():
+            return
+        fields: dict[str, object] = {"connections": len(self.connections), "queued_bytes": self.queued_bytes()}
+        if signum:
+            fields["signal"] = signal.Signals(signum).name
+        if self._all_gone is None:
+            fields["waiting_for"] = "the flush to Redis (at most redis_timeout_s), then the clients are aborted"
+        logs.event(logging.WARNING, "shutdown_forced", **fields)
+        self._forced.set()
+
+    def queued_bytes(self) -> int:
+        """Bytes queued for the open connections and not yet sent: in the broker and in their
+        transports' buffers."""
+        total = 0
+        for conn in self.connections.values():
+            box = conn.box
+            if box is not None:
+                total += box.size
+            if conn.transport is not None:
+                total += conn.buffer_size()
+        return total
 
     @property
     def handshakes_refused(self) -> int:
@@ -757,7 +791,8 @@ class Server:
 
 
 async def run(config: Config, worker: WorkerRole | None = None) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads."""
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully (a second one cuts the
+    wait for the clients short); SIGHUP reloads."""
     server = Server(config, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -768,6 +803,11 @@ async def run(config: Config, worker: WorkerRole | None = None) -> None:
         await server.start()
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+        loop.remove_signal_handler(signal.SIGHUP)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # again during the drain: stop waiting, say what is lost
+            loop.add_signal_handler(sig, server.force_stop, sig)
+        try:
+            await server.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
