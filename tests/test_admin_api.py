@@ -205,6 +205,30 @@ def test_server_side_publish_topics_connections_and_closing_one():
     run(main())
 
 
+def test_a_refused_single_message_publish_answers_an_error_status():
+    """`curl --fail` (and any HTTP client) sees that one message was not published; a batch
+    answers 200 with each message's result."""
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, max_payload_bytes=1024, max_topics=1):
+            refused = {
+                400: {"topic": "md.*", "text": "a pattern"},
+                413: {"topic": "md.a", "text": "x" * 2000},
+            }
+            for status, message in refused.items():
+                got, body = await call(port, "POST", "/api/publish", json=message)
+                assert got == status, (message, body)
+                assert body["results"][0]["error"]["code"] in (ErrorCode.PATTERN_NOT_ALLOWED, ErrorCode.INVALID_TOPIC, ErrorCode.PAYLOAD_TOO_LARGE)
+            assert (await call(port, "POST", "/api/publish", json={"topic": "md.a", "text": "ok"}))[0] == 200
+            status, body = await call(port, "POST", "/api/publish", json={"topic": "md.b", "text": "one topic too many"})
+            assert status == 503 and body["results"][0]["error"]["code"] == ErrorCode.TOO_MANY_TOPICS
+            status, body = await call(port, "POST", "/api/publish", json={"messages": [{"topic": "md.a", "text": "x" * 2000}]})
+            assert status == 200 and body["results"][0]["error"]["code"] == ErrorCode.PAYLOAD_TOO_LARGE
+
+    run(main())
+
+
 def test_server_side_publish_through_the_redis_backplane_reaches_other_nodes(redis_url, redis_prefix):
     async def main():
         port = free_port()

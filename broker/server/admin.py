@@ -258,7 +258,8 @@ class Admin:
             body = await request.json()
         except ValueError:
             return json_error(400, "the body is not JSON")
-        items = body.get("messages") if isinstance(body, dict) and "messages" in body else [body]
+        single = not (isinstance(body, dict) and "messages" in body)
+        items = [body] if single else body.get("messages")
         if not isinstance(items, list) or not items or len(items) > MAX_PUBLISH_MESSAGES:
             return json_error(400, f"messages: a list of 1 to {MAX_PUBLISH_MESSAGES} messages")
         loop = asyncio.get_running_loop()
@@ -282,7 +283,10 @@ class Admin:
             results = await asyncio.wait_for(asyncio.gather(*waits), timeout)
         except asyncio.TimeoutError:
             results = [f.result() if f.done() else {"error": {"code": int(ErrorCode.UNAVAILABLE), "text": "not confirmed in time; it may have been published"}} for f in waits]
-        return web.json_response({"results": results})
+        status = 200
+        if single and "error" in results[0]:  # a status `curl --fail` and HTTP clients see
+            status = publish_status(results[0]["error"]["code"])
+        return web.json_response({"results": results}, status=status)
 
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -356,6 +360,22 @@ def _message(item, max_payload: int) -> tuple[str, bytes]:
     if len(payload) > max_payload:
         raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_payload}")
     return item["topic"], payload
+
+
+# The HTTP status of a refused single-message publish, by the error code of docs/protocol.md
+# (400 for the others): what the client sent is wrong (400, 413), or the broker cannot take it
+# now (503: its topics are at max_topics, or Redis did not take it in time).
+PUBLISH_STATUS = {
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.TOO_MANY_TOPICS: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.FORBIDDEN: 403,
+}
+
+
+def publish_status(code: int) -> int:
+    return PUBLISH_STATUS.get(code, 400)
 
 
 def topics_limit(request: web.Request) -> int:
