@@ -11,11 +11,16 @@ import logging
 import aiohttp
 
 from broker.client import Client
+from broker.cluster import group_admin
+from broker.cluster.group_admin import GroupAdmin
+from broker.config import load
 from broker.errors import ErrorCode
 from broker.limits import AUDIT_PER_KEY
 from broker.server import admin
 
-from conftest import run, serving, url
+from broker.messages import SUBPROTOCOL
+
+from conftest import run, send_upgrade, serving, upgrade_request, url
 from redis_support import free_port
 
 KEY = "admin-key-of-this-test"
@@ -307,3 +312,54 @@ def test_an_operator_revokes_tokens_by_id_user_or_time_and_open_connections_clos
             assert status == 409 and "authentication is off" in body["error"]
 
     run(main())
+
+
+def test_every_401_says_how_to_authenticate():
+    """Each answer 401 carries WWW-Authenticate (RFC 9110 11.6.1): every path of the admin
+    server of one process and of the supervisor of `--workers`, without the key and with a
+    wrong one, and the WebSocket handshake without a token and with a bad one. A worker that
+    refuses the key the supervisor accepted is the server's fault: 502, not a bare 401."""
+    secret = "s" * 32
+
+    async def refusals(port: int, routes) -> list[tuple[str, str, int, str | None]]:
+        out = []
+        async with aiohttp.ClientSession() as session:
+            for method, path in routes:
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eDp5"}):
+                    async with session.request(method, f"http://127.0.0.1:{port}{path}", headers=headers) as response:
+                        out.append((method, path, response.status, response.headers.get("WWW-Authenticate")))
+        return out
+
+    def routes_of(app) -> set[tuple[str, str]]:
+        return {
+            (route.method, route.resource.canonical.replace("{id}", "1"))
+            for route in app.router.routes()
+            if route.method in ("GET", "POST")
+        } | {("GET", "/no/such/path"), ("POST", "/metrics")}
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, auth_jwt_secret=secret) as server:
+            answers = await refusals(port, routes_of(server.admin.app))
+            for token in (None, "not.a.token"):
+                headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+                status, head, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], headers))
+                writer.close()
+                answers.append(("GET", f"ws:{token}", status, (head.get("www-authenticate") or [None])[0]))
+        group_port = free_port()
+        group = GroupAdmin(load({"admin_api_key": KEY, "redis_url": "redis://127.0.0.1:1", "workers": 2}, environ={}), [], lambda: [])
+        await group.start("127.0.0.1", group_port)
+        try:
+            answers += await refusals(group_port, routes_of(group.app))
+        finally:
+            await group.stop()
+        return answers
+
+    answers = run(main())
+    unauthorized = [a for a in answers if a[2] == 401]
+    assert len(unauthorized) >= 40, answers
+    assert all(a[3] and a[3].startswith("Bearer") for a in unauthorized), [a for a in unauthorized if not a[3]]
+    assert {a[2] for a in answers if a[1] not in admin.HEALTH | admin.PAGE} == {401}, answers
+    relayed = group_admin.relayed(1, (401, b'{"error": "this endpoint wants Authorization: Bearer <admin_api_key>"}'))
+    assert relayed.status == 502 and b"worker 1 refused the admin key" in relayed.body
+    assert group_admin.relayed(0, (404, b'{"error": "no open connection 3"}')).status == 404

@@ -202,7 +202,7 @@ class GroupAdmin:
             if answer is None:
                 continue
             if answer[0] != 200:  # e.g. 400 for a bad parameter: each worker says the same
-                return web.Response(status=answer[0], body=answer[1], content_type="application/json")
+                return relayed(index, answer)
             body = _json(answer[1])
             if not isinstance(body, dict):
                 return admin.json_error(502, f"worker {index} did not answer with JSON")
@@ -243,7 +243,7 @@ class GroupAdmin:
         answer = await self.links[index].request("POST", request.path, ANSWER_TIMEOUT_S, _key_header(request))
         if answer is None:
             return admin.json_error(503, f"worker {index}, which holds connection {conn_id}, does not answer")
-        return web.Response(status=answer[0], body=answer[1], content_type="application/json")
+        return relayed(index, answer)
 
     async def publish(self, request: web.Request) -> web.Response:
         """Handed to one worker (the next in turn that answers): the backplane takes what it
@@ -258,7 +258,7 @@ class GroupAdmin:
                 "POST", request.path, timeout, {**_key_header(request), "Content-Type": "application/json"}, body,
             )
             if answer is not None:
-                return web.Response(status=answer[0], body=answer[1], content_type="application/json")
+                return relayed(index, answer)
         return admin.json_error(503, "no worker answered")
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -275,7 +275,7 @@ class GroupAdmin:
         if first is None or first[0] != 200:
             if first is None:
                 return admin.json_error(503, f"worker {running[0]} does not answer; nothing was revoked")
-            return web.Response(status=first[0], body=first[1], content_type="application/json")
+            return relayed(running[0], first)
         rest = await asyncio.gather(*(self.links[i].request("POST", request.path, ANSWER_TIMEOUT_S, headers, body) for i in running[1:]))
         result = _json(first[1]) or {}
         closed = result.get("closed", 0)
@@ -436,6 +436,17 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         "loop_lag_s": max((s["loop_lag_s"] for s in snapshots), default=0.0),
         "hot": sorted(hot.values(), key=lambda row: row["rate"], reverse=True)[: admin.HOT_TOPICS],
     }
+
+
+def relayed(index: int, answer: tuple[int, bytes]) -> web.Response:
+    """Worker `index`'s answer to a request of the API, passed on. The supervisor checked the
+    request's key before asking: a worker that refuses it (401) holds another key (its
+    admin_api_key_file changed since the supervisor read it), a fault of the server, not of
+    the request: 502 saying so (a 401 would also want WWW-Authenticate, for a key that is right)."""
+    status, body = answer
+    if status == 401:
+        return admin.json_error(502, f"worker {index} refused the admin key the supervisor accepted (did admin_api_key_file change since the start?)")
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 def _json(data: bytes) -> Any:
