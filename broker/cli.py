@@ -280,6 +280,7 @@ def _show(data: bytes) -> str:
 
 async def _sub(args: argparse.Namespace) -> int:
     from .client import Client, Gap
+    from .messages import position_json
 
     seen = 0
     async with Client(args.url, **_client_options(args)) as client:
@@ -295,7 +296,7 @@ async def _sub(args: argparse.Namespace) -> int:
                     field = {"text": text}
                 except UnicodeDecodeError:
                     field = {"hex": message.data.hex()}
-                line = json.dumps({"topic": message.topic, "epoch": message.epoch, "seq": message.seq, **field})
+                line = json.dumps({"topic": message.topic, **position_json(message.epoch, message.seq), **field})
             else:
                 line = f"{message.topic} {message.seq} {_show(message.data)}"
             print(line, flush=True)

@@ -20,6 +20,16 @@ from .fastpath import FRAME_LONG_ARRAY, FRAME_LONG_BATCH, FRAME_LONG_MAP, FRAME_
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "broker.v1"
 
+# Above this an integer is not exact in a JavaScript number (IEEE double): JSON.parse rounds
+# it. Epochs are milliseconds times 2^20 (about 2^60), so every JSON the broker writes carries
+# them also as strings, `epoch_str`.
+MAX_SAFE_INTEGER = (1 << 53) - 1
+
+
+def position_json(epoch: int, seq: int) -> dict:
+    """A position (epoch, seq) as JSON fields: the epoch as a number and as a string."""
+    return {"epoch": epoch, "epoch_str": str(epoch), "seq": seq}
+
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 

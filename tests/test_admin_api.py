@@ -196,7 +196,9 @@ def test_server_side_publish_topics_connections_and_closing_one():
                         break
                 assert got == [("md.a", 1, b"hello"), ("md.a", 2, b"\x00\x01"), ("md.b", 1, b"b")]
                 status, body = await call(port, "GET", "/api/topics")
-                assert body["topics"][0] == {"topic": "md.a", "epoch": ok["epoch"], "seq": 2, "subscribers": 1}
+                assert body["topics"][0] == {"topic": "md.a", "epoch": ok["epoch"], "epoch_str": str(ok["epoch"]), "seq": 2, "subscribers": 1}
+                # JavaScript's JSON.parse rounds integers past 2^53: epochs are there as strings too
+                assert ok["epoch"] > 1 << 53 and ok["epoch_str"] == str(ok["epoch"])
                 status, body = await call(port, "GET", "/api/connections")
                 (row,) = body["connections"]
                 assert row["subscriptions"] == ["md.>"] and row["queue_bytes"] == 0

@@ -423,9 +423,10 @@ def test_sub_json_lines():
                 lines = [json.loads(line) for line in out.decode().splitlines()]
                 epoch = server.router.epoch
                 assert lines == [
-                    {"topic": "cli.j", "epoch": epoch, "seq": 1, "text": "hi"},
-                    {"topic": "cli.j", "epoch": epoch, "seq": 2, "hex": "ff00"},
+                    {"topic": "cli.j", "epoch": epoch, "epoch_str": str(epoch), "seq": 1, "text": "hi"},
+                    {"topic": "cli.j", "epoch": epoch, "epoch_str": str(epoch), "seq": 2, "hex": "ff00"},
                 ]
+                assert epoch > 1 << 53  # not exact in JavaScript: epoch_str is
             finally:
                 stop_process(proc)
 
@@ -608,3 +609,15 @@ def test_admin_port_in_use_exits_1_naming_it(redis_url, redis_prefix):
     assert proc.returncode == 1, err.decode()
     assert f"broker: cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+def test_json_log_lines_write_integers_past_2_53_as_strings():
+    """A JSON log line read by JavaScript (or a tool written in it) keeps an epoch exact."""
+    import logging
+
+    from broker.server.logs import JsonFormatter
+
+    record = logging.LogRecord("broker", logging.INFO, __file__, 1, "epoch_ended", None, None)
+    record.fields = {"epoch": 1 << 60, "seq": 42, "ok": True, "lag": 0.5, "name": "x"}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["epoch"] == str(1 << 60) and line["seq"] == 42 and line["ok"] is True and line["lag"] == 0.5

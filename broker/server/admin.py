@@ -29,6 +29,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_os_error
+from ..messages import position_json
 from ..revocation import rule_line
 from .metrics import Collector
 
@@ -221,7 +222,7 @@ class Admin:
         router = self.server.router
         states = heapq.nlargest(limit, router.topics.values(), key=lambda state: state.seq)
         rows = [
-            {"topic": state.name, "epoch": state.epoch, "seq": state.seq, "subscribers": len(router.index.receivers(state.name))}
+            {"topic": state.name, **position_json(state.epoch, state.seq), "subscribers": len(router.index.receivers(state.name))}
             for state in states
         ]
         return web.json_response({"topics": rows, "total": len(router.topics)})
@@ -252,7 +253,7 @@ class Admin:
     async def publish(self, request: web.Request) -> web.Response:
         """`{"topic": T, "data": BASE64}` (or `"text": STR`), or `{"messages": [those, ...]}`:
         each published as a WebSocket publish would be (topic rules, max_payload_bytes, the
-        topic's sequence numbers); the answer lists per message `{"epoch", "seq"}` or
+        topic's sequence numbers); the answer lists per message `{"epoch", "epoch_str", "seq"}` or
         `{"error": {"code", "text"}}`, in order."""
         try:
             body = await request.json()
@@ -273,7 +274,7 @@ class Admin:
                 topic, payload = _message(item, max_payload)
                 router.publish_for(
                     topic, payload,
-                    lambda epoch, seq, f=future: f.done() or f.set_result({"epoch": epoch, "seq": seq}),
+                    lambda epoch, seq, f=future: f.done() or f.set_result(position_json(epoch, seq)),
                     lambda code, text, f=future: f.done() or f.set_result({"error": {"code": int(code), "text": text}}),
                 )
             except RequestError as exc:

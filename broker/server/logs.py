@@ -10,6 +10,8 @@ import logging
 import sys
 import time
 
+from ..messages import MAX_SAFE_INTEGER
+
 log = logging.getLogger("broker")
 
 
@@ -46,6 +48,16 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _json_value(value: object) -> object:
+    """A field as a JSON record holds it: an integer beyond 2^53 as a string (JavaScript, and
+    the log tools written in it, read a JSON number as a double: topic epochs are about 2^60)."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
+    return str(value)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record."""
 
@@ -54,7 +66,7 @@ class JsonFormatter(logging.Formatter):
             "ts": record.created,
             "level": record.levelname.lower(),
             "event": record.getMessage(),
-            **{k: v if isinstance(v, (int, float, bool)) or v is None else str(v) for k, v in getattr(record, "fields", {}).items()},
+            **{k: _json_value(v) for k, v in getattr(record, "fields", {}).items()},
         }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
