@@ -10,6 +10,8 @@ import os
 import ssl
 import sys
 import time
+import tomllib
+import traceback
 from typing import Sequence
 
 from . import __version__
@@ -108,13 +110,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         return _run(_sub(args))
     except ConfigError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
-        return 2
+        return _fatal(args, str(exc), 2)
     except BrokerError as exc:
-        print(f"broker: {exc}", file=sys.stderr)
-        return 1
+        return _fatal(args, str(exc), 1)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.command != "serve" or _log_format(args) != "json":
+            raise
+        return _fatal(args, f"{type(exc).__name__}: {exc}", 1, traceback.format_exc())
+
+
+def _fatal(args: argparse.Namespace, text: str, code: int, trace: str = "") -> int:
+    """Say why the command stops, on stderr, and return its exit code: `broker: TEXT`, or for
+    `serve` with log_format json, one JSON line as the broker's log has them (event `fatal`),
+    so that a log pipeline reading JSON sees it."""
+    if args.command == "serve" and _log_format(args) == "json":
+        line = {"ts": time.time(), "level": "error", "event": "fatal", "error": text, "exit_code": code}
+        if trace:
+            line["exception"] = trace
+        print(json.dumps(line), file=sys.stderr, flush=True)
+    else:
+        print(f"broker: {text}", file=sys.stderr)
+    return code
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    """The log_format `serve` was given (flag, environment, then config file), read without
+    validating the rest: the settings may be what failed."""
+    flag = getattr(args, "log_format", None)
+    if flag:
+        return str(flag)
+    env = os.environ.get("BROKER_LOG_FORMAT")
+    if env:
+        return env
+    path = getattr(args, "config", None) or os.environ.get("BROKER_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError):
+            return "text"
+        table = data.get("broker")
+        value = data.get("log_format") or (table.get("log_format") if isinstance(table, dict) else None)
+        if isinstance(value, str):
+            return value
+    return "text"
 
 
 def _new_loop_policy() -> None:

@@ -463,6 +463,34 @@ def test_bad_setting_exits_2_naming_it(tmp_path, args, env, file_text, named):
     assert "Traceback" not in err.decode()
 
 
+@pytest.mark.parametrize("how", ["flag", "env", "file"])
+def test_fatal_start_errors_are_json_lines_with_log_format_json(tmp_path, how):
+    """A log pipeline that reads JSON lines sees why the broker did not start: a port in use
+    (exit 1) and a bad setting (exit 2) are one JSON line each, event `fatal`."""
+    path = tmp_path / "broker.toml"
+    path.write_text('log_format = "json"\n')
+    given = {"flag": (["--log-format", "json"], {}), "env": ([], {"BROKER_LOG_FORMAT": "json"}), "file": (["--config", str(path)], {})}
+    args, env = given[how]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for extra, code, needle in [
+            (["--port", str(port)], 1, f"cannot listen on 127.0.0.1:{port}"),
+            (["--port", "0", "--max-payload-bytes", "2000000"], 2, "max_frame_bytes"),
+        ]:
+            proc = serve(*args, *extra, env=env)
+            try:
+                _, err = proc.communicate(timeout=30)
+            finally:
+                stop_process(proc)
+            assert proc.returncode == code, err.decode()
+            (line,) = err.decode().splitlines()
+            record = json.loads(line)
+            assert record["level"] == "error" and record["event"] == "fatal" and record["exit_code"] == code
+            assert needle in record["error"], record
+
+
 def test_port_in_use_exits_1():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
