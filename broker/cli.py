@@ -15,7 +15,7 @@ import traceback
 from typing import Sequence
 
 from . import __version__
-from .config import DEFAULT_PORT, FIELDS, HELP, SECRET_FLAGS, Config, load, url_password
+from .config import DEFAULT_PORT, FIELDS, HELP, SECRET_FLAGS, Config, load, load_with_sources, url_password, with_sources
 from .errors import BrokerError, ConfigError
 
 DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
@@ -206,20 +206,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     config_file = getattr(args, "config", None)
-    config = load(flags, config_file=config_file)
-    if config.workers > 1:  # a supervisor of worker processes, each a server of its own
-        supervisor.check(config)
+    config, sources = load_with_sources(flags, config_file=config_file)
+    try:
+        if config.workers > 1:  # a supervisor of worker processes, each a server of its own
+            supervisor.check(config)
+            logs.setup(config.log_level, config.log_format)
+            _warn_secret_flags(flags)
+            return supervisor.serve(config, flags, config_file)
         logs.setup(config.log_level, config.log_format)
         _warn_secret_flags(flags)
-        return supervisor.serve(config, flags, config_file)
-    logs.setup(config.log_level, config.log_format)
-    _warn_secret_flags(flags)
-    index = os.environ.get(supervisor.WORKER_INDEX_ENV)
-    if index:  # a worker started by a supervisor
-        supervisor.label_logs(index)
-    role = supervisor.role_from_environ(os.environ)
-    _new_loop_policy()
-    asyncio.run(run(config, role))  # a port it cannot listen on raises ListenError (exit 1)
+        index = os.environ.get(supervisor.WORKER_INDEX_ENV)
+        if index:  # a worker started by a supervisor
+            supervisor.label_logs(index)
+        role = supervisor.role_from_environ(os.environ)
+        _new_loop_policy()
+        asyncio.run(run(config, role))  # a port it cannot listen on raises ListenError (exit 1)
+    except ConfigError as exc:  # a file a setting names, a key, a secret: say where it was given
+        raise ConfigError(with_sources(str(exc), sources)) from exc
     return 0
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
+import typing
 from typing import Annotated, Any, Literal, Mapping
 
 import msgspec
@@ -322,12 +324,29 @@ def load(
     config_file: str | None = None,
 ) -> Config:
     """Merge every source and validate once. `flags` holds only the flags actually given."""
+    return load_with_sources(flags, environ, config_file)[0]
+
+
+def load_with_sources(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """What `load` returns, and where each setting that was given came from (`--port`,
+    `BROKER_PORT`, `port in FILE`); settings not in it have their default."""
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}  # setting -> where its value came from, for error messages
-    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
-    if path:
+    path = config_file
+    if not path and environ.get(ENV_PREFIX + "CONFIG"):
+        path = environ[ENV_PREFIX + "CONFIG"]
+        try:
+            settings, places = read_file(path)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (given as {ENV_PREFIX}CONFIG)") from exc.__cause__
+    elif path:
         settings, places = read_file(path)
+    if path:
         merged.update(settings)
         origin.update({name: f"{place} in {path}" for name, place in places.items()})
     for name in FIELDS:
@@ -341,9 +360,21 @@ def load(
                 merged[name] = value
                 origin[name] = "--" + name.replace("_", "-")
     try:
-        return msgspec.convert(merged, Config, strict=False)
+        return msgspec.convert(merged, Config, strict=False), origin
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {_describe(exc, origin)}") from exc
+
+
+def with_sources(text: str, origin: Mapping[str, str]) -> str:
+    """An error's text with where each setting it names came from, `(NAME given as SOURCE)`,
+    for the settings that were given (a default needs no pointer); as it is when it already
+    says where its setting came from."""
+    if "(given as " in text:
+        return text
+    named = [name for name in FIELDS if name in origin and re.search(rf"(?<![\w-]){name}(?![\w-])", text)]
+    if not named:
+        return text
+    return text + " (" + "; ".join(f"{name} given as {origin[name]}" for name in named) + ")"
 
 
 def read_file(path: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -431,12 +462,24 @@ def _hint(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def accepted_values(name: str) -> tuple | None:
+    """The values setting `name` may take when they are a fixed set (a Literal), else None."""
+    hint = typing.get_type_hints(Config).get(name)
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return None
+
+
 def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
     text = str(exc)
     # msgspec says "Expected `int`, got `str` - at `$.port`": lead with the setting's name.
     if " - at `$." in text:
         message, _, where = text.rpartition(" - at `$.")
         name = where.rstrip("`")
+        values = accepted_values(name)
+        if values is not None:  # "Invalid enum value 'foo'": say which ones are valid
+            message += "; accepted: " + ", ".join(str(v) for v in values)
         given = f" (given as {origin[name]})" if name in origin else ""
         return f"{name}: {message}{given}"
-    return text
+    # a rule between settings (Config.__post_init__): point at each setting it names
+    return with_sources(text, origin)

@@ -52,6 +52,36 @@ def test_invalid_settings_name_the_setting(flags, env, needle):
         load(flags, environ=env)
 
 
+@pytest.mark.parametrize(
+    "name, value, accepted",
+    [
+        ("slow_consumer_policy", "foo", "disconnect, drop, conflate"),
+        ("log_level", "loud", "debug, info, warning, error"),
+        ("log_format", "xml", "text, json"),
+        ("shutdown_close_code", "1000", "1001, 1012"),
+    ],
+)
+def test_a_value_outside_a_fixed_set_is_refused_listing_the_accepted_ones(name, value, accepted):
+    with pytest.raises(ConfigError, match=re.escape(f"{name}: Invalid enum value") + ".*" + re.escape(f"accepted: {accepted}")):
+        load({name: value}, environ={})
+
+
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"BROKER_PORT": "abc"}, "BROKER_PORT"),
+        ({"BROKER_PING_TIMEOUT_S": "100"}, "ping_timeout_s given as BROKER_PING_TIMEOUT_S"),
+        ({"BROKER_MAX_PAYLOAD_BYTES": "2000000"}, "max_payload_bytes given as BROKER_MAX_PAYLOAD_BYTES"),
+        ({"BROKER_ADMIN_API_KEY": "k", "BROKER_ADMIN_API_KEY_FILE": "/etc/hostname"}, "admin_api_key_file given as BROKER_ADMIN_API_KEY_FILE"),
+        ({"BROKER_CONFIG": "/nonexistent/broker.toml"}, "(given as BROKER_CONFIG)"),
+    ],
+)
+def test_a_bad_environment_value_names_its_variable(env, named):
+    with pytest.raises(ConfigError) as info:
+        load({}, environ=env)
+    assert named in str(info.value)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="unknown setting"):
         load({}, environ={}, config_file=write(tmp_path, "prot = 1\n"))

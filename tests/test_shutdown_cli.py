@@ -463,6 +463,25 @@ def test_bad_setting_exits_2_naming_it(tmp_path, args, env, file_text, named):
     assert "Traceback" not in err.decode()
 
 
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"BROKER_AUTH_JWT_SECRET_FILE": "/nonexistent/secret"}, "auth_jwt_secret_file given as BROKER_AUTH_JWT_SECRET_FILE"),
+        ({"BROKER_AUTH_JWT_SECRET": "short"}, "auth_jwt_secret given as BROKER_AUTH_JWT_SECRET"),
+        ({"BROKER_TLS_CERT_FILE": "/nonexistent/cert.pem"}, "tls_cert_file given as BROKER_TLS_CERT_FILE"),
+    ],
+)
+def test_a_file_or_key_a_variable_names_that_cannot_be_used_names_the_variable(env, named):
+    """Files and keys are read after the settings are validated: their errors name the
+    environment variable (or flag, or file key) too."""
+    proc = serve("--port", "0", env=env)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 2 and named in err.decode(), err.decode()
+
+
 @pytest.mark.parametrize("how", ["flag", "env", "file"])
 def test_fatal_start_errors_are_json_lines_with_log_format_json(tmp_path, how):
     """A log pipeline that reads JSON lines sees why the broker did not start: a port in use
