@@ -16,7 +16,7 @@ RUN apt-get update \
        fi \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY broker ./broker
 # An optional build secret `ca-bundle` (a PEM file) is trusted by pip, for builds behind a
 # TLS-intercepting proxy: --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt
