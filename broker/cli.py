@@ -1,4 +1,4 @@
-"""Command line: `broker serve`, `pub`, `sub`, `health`, `dead-letters` (also `python -m broker`)."""
+"""Command line: `broker serve`, `pub`, `sub`, `health`, `check-config`, `dead-letters` (also `python -m broker`)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--symbols", type=int, default=300, help="instruments published (default 300)")
     demo.add_argument("--client-dir", help="the TypeScript client's folder (default: clients/js of this checkout)")
 
+    check = commands.add_parser(
+        "check-config",
+        help="print the configuration `broker serve` would run with, and check it (exit 2 when it would not start)",
+        description="Print every setting `broker serve` would run with, one line each as TOML, with where its value came "
+        "from (default, BROKER_<NAME> in the environment, or the key in FILE) and secrets masked; then check what `serve` "
+        "checks before it listens (values, secret files, token keys, TLS certificate). Exit 0 when valid, 2 otherwise.",
+    )
+    check.add_argument("file", nargs="?", metavar="FILE", help="TOML config file (default: BROKER_CONFIG, or none)")
+
     dead = commands.add_parser(
         "dead-letters",
         help="print the client messages a local broker could not process",
@@ -108,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _health(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "check-config":
+            return _check_config(args)
         return _run(_sub(args))
     except ConfigError as exc:
         return _fatal(args, str(exc), 2)
@@ -240,6 +251,17 @@ def _warn_secret_flags(flags: dict) -> None:
                 logging.WARNING, "secret_on_command_line", setting=name,
                 advice=f"every user of this machine can read command lines (ps, /proc/PID/cmdline); use {name.replace('redis_url', 'redis_password')}_file",
             )
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from . import check
+
+    code, text, error = check.run(args.file)
+    if text:
+        print(text)
+    if error:
+        print(f"broker: {error}", file=sys.stderr)
+    return code
 
 
 def _health(args: argparse.Namespace) -> int:
