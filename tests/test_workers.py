@@ -636,7 +636,9 @@ def test_the_admin_port_in_use_stops_the_supervisor_before_any_worker_starts(red
         try:
             assert proc.wait(15) == 1
             log._thread.join(5)
-            assert f"broker: cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" in log.text()
+            # the supervisor logs JSON here (log_format json): its fatal line is JSON too
+            (fatal,) = log.find("fatal")
+            assert fatal["error"] == f"cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" and fatal["exit_code"] == 1
             assert "Traceback" not in log.text() and not log.find("worker_start")
         finally:
             cleanup(proc, log)
