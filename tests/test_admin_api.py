@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 
 import aiohttp
+import jwt
 
+from broker import __version__
 from broker.client import Client
 from broker.cluster import group_admin
 from broker.cluster.group_admin import GroupAdmin
@@ -365,3 +368,72 @@ def test_every_401_says_how_to_authenticate():
     relayed = group_admin.relayed(1, (401, b'{"error": "this endpoint wants Authorization: Bearer <admin_api_key>"}'))
     assert relayed.status == 502 and b"worker 1 refused the admin key" in relayed.body
     assert group_admin.relayed(0, (404, b'{"error": "no open connection 3"}')).status == 404
+
+
+def test_connections_are_filtered_sorted_and_paged_with_what_each_client_says_it_is():
+    """/api/connections as NATS's /connz: a client says its name and version (the Python client
+    in the Broker-Client header, a browser in the `client` query parameter); rows carry age,
+    idle time and bytes both ways; filters by user, address, client and subscription; sorts
+    by pending bytes, messages, age...; pages with offset and limit; a bad parameter is a 400
+    naming it, and a malformed identification is refused at the handshake."""
+    secret = "s" * 32
+
+    def token(user: str) -> str:
+        return jwt.encode({"sub": user, "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, secret, algorithm="HS256")
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, auth_jwt_secret=secret) as server:
+            async with Client(url(server), token=token("alice")) as alice, Client(url(server), token=token("bob")) as bob:
+                await alice.subscribe("md.>")
+                await alice.subscribe("news.eu")
+                await bob.subscribe("md.NASDAQ.AAPL")
+                for i in range(20):
+                    await bob.publish_acked("md.x", b"%d" % i)
+                browser, _, reader, writer = await send_upgrade(
+                    server.port, upgrade_request(f"/?client=broker-js/0.3.1&token={token('carol')}", [SUBPROTOCOL], {"Authorization": f"Bearer {token('carol')}"}),
+                )
+                assert browser == 101
+                await asyncio.sleep(0.05)
+
+                status, body = await call(port, "GET", "/api/connections")
+                assert status == 200 and body["total"] == 3 and (body["offset"], body["limit"]) == (0, 1000)
+                rows = {row["user"]: row for row in body["connections"]}
+                assert [row["id"] for row in body["connections"]] == sorted(row["id"] for row in body["connections"])
+                assert rows["alice"]["client"] == rows["bob"]["client"] == f"broker-py/{__version__}"
+                assert rows["carol"]["client"] == "broker-js/0.3.1"
+                assert rows["alice"]["subscriptions"] == ["md.>", "news.eu"]
+                assert rows["bob"]["received"] >= 21 and rows["bob"]["bytes_in"] > rows["carol"]["bytes_in"]
+                assert rows["alice"]["bytes_out"] > 20 and rows["carol"]["bytes_out"] == 0
+                assert all(row["age_s"] >= 0.05 and row["idle_s"] >= 0 for row in rows.values())
+                assert abs(rows["carol"]["idle_s"] - rows["carol"]["age_s"]) < 0.05  # it sent nothing since its upgrade
+
+                async def users(query: str) -> list[str]:
+                    status, body = await call(port, "GET", f"/api/connections?{query}")
+                    assert status == 200, body
+                    return [row["user"] for row in body["connections"]]
+
+                assert await users("user=bob") == ["bob"]
+                assert await users("client=broker-py") == ["alice", "bob"]
+                assert await users("client=broker-js/0.3.1") == ["carol"]
+                assert await users("peer=127.0.0.1&sort=received&limit=1") == ["bob"]
+                assert await users(f"peer={rows['carol']['peer']}") == ["carol"]
+                assert await users("peer=10.0.0.1") == []
+                assert await users("subscription=md.NASDAQ.AAPL") == ["alice", "bob"]  # held, or matching that topic
+                assert await users("subscription=md.>") == ["alice"]
+                assert await users("subscription=news.us") == []
+                assert await users("sort=subscriptions") == ["alice", "bob", "carol"]
+                assert (await users("sort=bytes_out&order=asc"))[0] == "carol"
+                assert await users("sort=bytes_in") == ["bob", "alice", "carol"]
+                assert await users("sort=age") == ["alice", "bob", "carol"]
+                assert await users("sort=id&order=desc&offset=1&limit=1") == ["bob"]
+                for query, named in [("sort=size", "sort"), ("order=up", "order"), ("offset=-1", "offset"), ("limit=0", "limit"), ("subscription=a..b", "subscription")]:
+                    status, body = await call(port, "GET", f"/api/connections?{query}")
+                    assert status == 400 and body["error"].startswith(named), (query, body)
+                writer.close()
+            for bad in ("x", "no-version/", "a/b c", "n/" + "1" * 40):
+                status, _, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], {"Broker-Client": bad, "Authorization": f"Bearer {token('dave')}"}))
+                writer.close()
+                assert status == 400, bad
+
+    run(main())

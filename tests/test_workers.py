@@ -25,6 +25,7 @@ from broker.client import Client, ConnectionClosed
 from broker.cluster import group_admin, supervisor
 from broker.config import load
 from broker.errors import ConfigError
+from broker.server import admin
 from broker.server.app import WorkerRole, worker_of_connection
 
 SHUTDOWN_TIMEOUT_S = 3.0
@@ -710,8 +711,18 @@ def test_stats_topics_connections_and_dashboard_events_of_the_group():
         "topics": [{"topic": "a", "epoch": 1, "seq": 10, "subscribers": 3}, {"topic": "c", "epoch": 1, "seq": 5, "subscribers": 1}],
         "total": 3,
     }
-    connections = {0: {"connections": [{"id": 1}], "total": 1}, 1: {"connections": [{"id": (1 << 40) + 1}, {"id": (1 << 40) + 2}], "total": 2}}
-    assert group_admin.merge_connections(connections, 2) == {"connections": [{"id": 1, "worker": 0}, {"id": (1 << 40) + 1, "worker": 1}], "total": 3}
+    connections = {
+        0: {"connections": [{"id": 1, "queue_bytes": 5}], "total": 1},
+        1: {"connections": [{"id": (1 << 40) + 1, "queue_bytes": 9}, {"id": (1 << 40) + 2, "queue_bytes": 0}], "total": 2},
+    }
+    by_id = admin.ConnectionQuery("id", "asc", 0, 2, None, None, None, None)
+    assert group_admin.merge_connections(connections, by_id) == {
+        "connections": [{"id": 1, "queue_bytes": 5, "worker": 0}, {"id": (1 << 40) + 1, "queue_bytes": 9, "worker": 1}],
+        "total": 3, "offset": 0, "limit": 2,
+    }
+    # the workers' rows in one order: the page is cut from all of them
+    second_by_pending = admin.ConnectionQuery("pending", "desc", 1, 1, None, None, None, None)
+    assert group_admin.merge_connections(connections, second_by_pending)["connections"] == [{"id": 1, "queue_bytes": 5, "worker": 0}]
     snapshot = {"connections": 1, "published": 5, "delivered": 7, "topics": 3, "slow_consumers": 0, "pending_bytes": 10, "backplane_lag_ms": 2, "loop_lag_s": 0.01}
     merged = group_admin.merge_snapshots([
         {**snapshot, "hot": [{"topic": "a", "rate": 5, "seq": 50}]},

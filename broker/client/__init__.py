@@ -32,6 +32,7 @@ from typing import Awaitable, Callable, Literal, NamedTuple, Sequence
 import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
+from .. import __version__
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
 from ..messages import (
     DEFAULT_MAX_BATCH,
@@ -71,6 +72,9 @@ __all__ = [
 ]
 
 DEFAULT_URL = "ws://127.0.0.1:7341/"
+# What this client says it is at each connection (docs/protocol.md 1.1, Broker-Client): the
+# broker shows it in its admin API's connections and logs.
+CLIENT_ID = f"broker-py/{__version__}"
 
 # Close codes that say the client itself is at fault: reconnecting would not help.
 FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
@@ -437,7 +441,7 @@ class Client:
         self._paused = False
         if self.secure and self.ssl is None:
             self.ssl = ssl_module.create_default_context()
-        headers = {"Sec-WebSocket-Protocol": SUBPROTOCOL}
+        headers = {"Sec-WebSocket-Protocol": SUBPROTOCOL, "Broker-Client": CLIENT_ID}
         token = None
         try:
             if self.token is not None:

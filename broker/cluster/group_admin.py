@@ -193,10 +193,11 @@ class GroupAdmin:
 
     # the JSON API
 
-    async def _api_bodies(self, request: web.Request) -> dict[int, Any] | web.Response:
-        """The JSON bodies of every worker's answer to this request (with its key), or the
-        response to give instead: a worker's error as it is, or 503 when none answered."""
-        answers = await self._ask_all("GET", request.path_qs, headers=_key_header(request))
+    async def _api_bodies(self, request: web.Request, path_qs: str | None = None) -> dict[int, Any] | web.Response:
+        """The JSON bodies of every worker's answer to this request (or to `path_qs`, with its
+        key), or the response to give instead: a worker's error as it is, or 503 when none
+        answered."""
+        answers = await self._ask_all("GET", path_qs or request.path_qs, headers=_key_header(request))
         bodies = {}
         for index, answer in answers.items():
             if answer is None:
@@ -228,11 +229,15 @@ class GroupAdmin:
         return web.json_response({**merge_topics(list(bodies.values()), limit), "missing_workers": self._missing(bodies)})
 
     async def connections(self, request: web.Request) -> web.Response:
-        limit = admin.connections_limit(request)
-        bodies = await self._api_bodies(request)
+        """Each worker is asked for the first offset + limit rows of its own, with the same
+        filters and order; the page is cut from all of them in that order."""
+        query = admin.ConnectionQuery.of(request)
+        first = min(query.offset + query.limit, admin.MAX_CONNECTIONS_LIMIT)
+        asked = request.rel_url.update_query({"offset": "0", "limit": str(first)})
+        bodies = await self._api_bodies(request, str(asked))
         if isinstance(bodies, web.Response):
             return bodies
-        return web.json_response({**merge_connections(bodies, limit), "missing_workers": self._missing(bodies)})
+        return web.json_response({**merge_connections(bodies, query), "missing_workers": self._missing(bodies)})
 
     async def close_connection(self, request: web.Request) -> web.Response:
         conn_id = admin.int_param(request.match_info["id"], "id", 0, 1 << 62)
@@ -408,10 +413,14 @@ def merge_topics(bodies: list[dict], limit: int) -> dict:
     return {"topics": ordered, "total": max(body["total"] for body in bodies)}
 
 
-def merge_connections(bodies: dict[int, dict], limit: int) -> dict:
-    """/api/connections of the group: every worker's rows with a `worker` field, at most `limit`."""
+def merge_connections(bodies: dict[int, dict], query: admin.ConnectionQuery) -> dict:
+    """/api/connections of the group: the workers' rows (each with a `worker` field) in the
+    query's order, its page of them; total is the rows that match over all workers."""
     rows = [{**row, "worker": index} for index, body in sorted(bodies.items()) for row in body["connections"]]
-    return {"connections": rows[:limit], "total": sum(body["total"] for body in bodies.values())}
+    return {
+        "connections": query.page(rows), "total": sum(body["total"] for body in bodies.values()),
+        "offset": query.offset, "limit": query.limit,
+    }
 
 
 def merge_snapshots(snapshots: list[dict]) -> dict:

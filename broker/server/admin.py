@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_os_error
 from ..messages import position_json
+from ..topics import is_pattern, matches, validate_pattern
 from ..revocation import rule_line
 from .metrics import Collector
 
@@ -228,19 +229,13 @@ class Admin:
         return web.json_response({"topics": rows, "total": len(router.topics)})
 
     async def connections(self, request: web.Request) -> web.Response:
-        limit = connections_limit(request)
-        rows = []
-        for conn in list(self.server.connections.values())[:limit]:
-            box, session = conn.box, conn.session
-            rows.append({
-                "id": conn.id,
-                "peer": conn.peer,
-                "user": conn.user,
-                "subscriptions": sorted(session.subscriptions) if session is not None else [],
-                "queue_bytes": (box.size + box.transport_bytes) if box is not None else 0,
-                "received": session.received if session is not None else 0,
-            })
-        return web.json_response({"connections": rows, "total": len(self.server.connections)})
+        """The open connections, like NATS's /connz: filtered (user, peer, client,
+        subscription), sorted, a page of them (offset, limit)."""
+        query = ConnectionQuery.of(request)
+        now = self.server.loop.time()
+        rows = [connection_row(conn, now) for conn in list(self.server.connections.values())]
+        matching = [row for row in rows if query.selects(row)]
+        return web.json_response({"connections": query.page(matching), "total": len(matching), "offset": query.offset, "limit": query.limit})
 
     async def close_connection(self, request: web.Request) -> web.Response:
         conn_id = int_param(request.match_info["id"], "id", 0, 1 << 62)
@@ -379,14 +374,112 @@ def publish_status(code: int) -> int:
     return PUBLISH_STATUS.get(code, 400)
 
 
+def connection_row(conn, now: float) -> dict:
+    """What /api/connections says of one connection."""
+    box, session = conn.box, conn.session
+    return {
+        "id": conn.id,
+        "peer": conn.peer,
+        "user": conn.user,
+        "client": conn.client,
+        "subscriptions": sorted(session.subscriptions) if session is not None else [],
+        "queue_bytes": (box.size + box.transport_bytes) if box is not None else 0,
+        "received": session.received if session is not None else 0,
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+        "age_s": round(now - conn.opened_at, 3),
+        "idle_s": round(now - conn.last_seen, 3),
+    }
+
+
+LONGEST_TOPIC = 4096  # the most max_topic_length may be: a longer filter matches nothing
+# How /api/connections sorts (`sort=`): the row's field, and the default order (the largest
+# first, but for the ids, in the order the connections came).
+CONNECTION_SORTS = {
+    "id": ("id", "asc"),
+    "pending": ("queue_bytes", "desc"),
+    "received": ("received", "desc"),
+    "bytes_in": ("bytes_in", "desc"),
+    "bytes_out": ("bytes_out", "desc"),
+    "age": ("age_s", "desc"),
+    "idle": ("idle_s", "desc"),
+    "subscriptions": ("subscriptions", "desc"),
+}
+
+
+class ConnectionQuery:
+    """The parameters of /api/connections (each checked, a 400 naming it otherwise), and the
+    rule they make: which rows, in which order, which page. The supervisor of workers applies
+    the same rule to the rows of all its workers."""
+
+    def __init__(self, sort: str, order: str, offset: int, limit: int, user: str | None, peer: str | None,
+                 client: str | None, subscription: str | None) -> None:
+        self.sort, self.order, self.offset, self.limit = sort, order, offset, limit
+        self.user, self.peer, self.client, self.subscription = user, peer, client, subscription
+
+    @classmethod
+    def of(cls, request: web.Request) -> "ConnectionQuery":
+        q = request.query
+        sort = q.get("sort", "id")
+        if sort not in CONNECTION_SORTS:
+            raise web.HTTPBadRequest(reason=f"sort is one of {', '.join(CONNECTION_SORTS)}")
+        order = q.get("order", CONNECTION_SORTS[sort][1])
+        if order not in ("asc", "desc"):
+            raise web.HTTPBadRequest(reason="order is asc or desc")
+        subscription = q.get("subscription")
+        if subscription is not None:
+            try:
+                validate_pattern(subscription, LONGEST_TOPIC)
+            except RequestError as exc:
+                raise web.HTTPBadRequest(reason=f"subscription: {exc.text}") from None
+        for name in ("user", "peer", "client"):
+            if len(q.get(name, "")) > SHOWN * 4:
+                raise web.HTTPBadRequest(reason=f"{name} is longer than {SHOWN * 4} characters")
+        return cls(
+            sort, order, int_param(q.get("offset", "0"), "offset", 0, 1 << 40), connections_limit(request),
+            q.get("user"), q.get("peer"), q.get("client"), subscription,
+        )
+
+    def selects(self, row: dict) -> bool:
+        """Whether a row passes the filters: `user` (exact), `peer` (the address, with or
+        without its port), `client` (the name, or NAME/VERSION), `subscription` (the
+        connection holds that subscription, or one that matches that topic)."""
+        if self.user is not None and row["user"] != self.user:
+            return False
+        if self.peer is not None and row["peer"] != self.peer and row["peer"].rpartition(":")[0].strip("[]") != self.peer.strip("[]"):
+            return False
+        if self.client is not None:
+            client = row["client"] or ""
+            if client != self.client and client.partition("/")[0] != self.client:
+                return False
+        if self.subscription is not None:
+            held = row["subscriptions"]
+            if self.subscription not in held and (is_pattern(self.subscription) or not any(matches(p, self.subscription) for p in held)):
+                return False
+        return True
+
+    def key(self, row: dict):
+        field = CONNECTION_SORTS[self.sort][0]
+        value = row[field]
+        return (len(value) if field == "subscriptions" else value, row["id"])
+
+    def page(self, rows: list[dict]) -> list[dict]:
+        """`rows` in order, the page of them asked for."""
+        ordered = sorted(rows, key=self.key, reverse=self.order == "desc")
+        return ordered[self.offset : self.offset + self.limit]
+
+
 def topics_limit(request: web.Request) -> int:
     """The `limit` of /api/topics: 1 to 100,000, default 100."""
     return int_param(request.query.get("limit", "100"), "limit", 1, 100_000)
 
 
+MAX_CONNECTIONS_LIMIT = 1_000_000
+
+
 def connections_limit(request: web.Request) -> int:
     """The `limit` of /api/connections: 1 to 1,000,000, default 1,000."""
-    return int_param(request.query.get("limit", "1000"), "limit", 1, 1_000_000)
+    return int_param(request.query.get("limit", "1000"), "limit", 1, MAX_CONNECTIONS_LIMIT)
 
 
 def int_param(text: str, name: str, low: int, high: int) -> int:

@@ -531,6 +531,7 @@ class Server:
                             if data:
                                 conn.write(data)
                                 conn.last_sent = now
+                                conn.bytes_out += len(data)
                                 self.writes += 1
                                 self.bytes_out += len(data)
                                 box.transport_bytes = conn.buffer_size()
@@ -689,6 +690,7 @@ class Server:
         while data:
             conn.write(data)
             conn.last_sent = now
+            conn.bytes_out += len(data)
             self.writes += 1
             self.bytes_out += len(data)
             if box.paused or not (box.size or shedding.held):

@@ -58,11 +58,13 @@ class Connection(asyncio.Protocol):
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
     own, bound once), `bound_writes()`, `close()`,
     `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()`, `frame_expired()`, the
-    liveness fields `last_seen` and `ping_sent`, `partial_since`, and `in_tls_handshake`."""
+    liveness fields `last_seen` and `ping_sent`, `partial_since`, and `in_tls_handshake`; for
+    the admin API, `client`, `opened_at`, `bytes_in` and `bytes_out`."""
 
     __slots__ = (
         "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
         "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "_buffer", "_needed", "_timer",
+        "client", "opened_at", "bytes_in", "bytes_out",
         "_reading", "_queued", "_tls", "_wake", "stream", "post", "_body", "_body_needed", "_on_body",
     )
 
@@ -87,6 +89,12 @@ class Connection(asyncio.Protocol):
         self._wake: asyncio.TimerHandle | None = None  # the end of a sit-out (see debt)
         self.held = False  # not read while the broker's queued bytes are past their global bound
         self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
+        self.client: str | None = None  # the NAME/VERSION the client says it is (None: it says nothing)
+        self.opened_at = 0.0  # loop time its upgrade was accepted
+        # bytes read from it after the handshake and written to it by the ticks (one addition
+        # per read or write, as the server's totals)
+        self.bytes_in = 0
+        self.bytes_out = 0
         # loop time since when an incomplete frame waits at the start of _buffer for the client
         # to send the rest (0: none, or the broker is not reading); the server's sweep closes
         # the connection once it waited frame_timeout_s
@@ -171,6 +179,7 @@ class Connection(asyncio.Protocol):
         state = self.state
         if state == OPEN or state == CLOSING:
             server.bytes_in += len(data)
+            self.bytes_in += len(data)
             buffer = self._buffer
             if buffer is not None:
                 buffer += data
@@ -296,16 +305,17 @@ class Connection(asyncio.Protocol):
         server = self.server
         identity = accepted.identity
         self.user = identity.user
+        self.client = accepted.client
         self.session = Session(
             server.router, server.limits, owner=self, identity=identity, authenticator=server.auth, limiter=server.guard.limiter(self)
         )
         self.box = self.session.box
         self.state = OPEN
         self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))
-        self.last_sent = server.loop.time()
+        self.last_sent = self.opened_at = server.loop.time()
         server.opened_connection(self)
         server.opened += 1
-        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user)
+        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user, client=self.client)
         if rest:
             self._consume(rest, 0, False)
 

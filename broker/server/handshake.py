@@ -1,7 +1,8 @@
 """The HTTP side of the WebSocket handshake (RFC 6455 section 4), without I/O.
 
 `parse_request` reads an upgrade request head; `Rules.check` applies every rule the server has
-for a request (path, shutdown, version, subprotocol, Origin, the upgrade itself, the token) in
+for a request (path, shutdown, version, subprotocol, Origin, the upgrade itself, the client's
+identification, the token) in
 the order docs/protocol.md 1.1 states (the limits on connections apply before, at accept, and
 the limit per user after, in broker.limits); `accept_response` and `error_response` build the
 bytes the server answers with.
@@ -12,8 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from http import HTTPStatus
 from typing import NamedTuple
+from urllib.parse import parse_qs
 
 from ..auth import AuthError, Authenticator, Identity
 
@@ -29,6 +32,13 @@ SHOWN_PATH_CHARS = 32
 # Every HTTP status an upgrade request may be refused with (here, by the limits of
 # broker.limits: 429 and 503, and by the connection: 431, 500), for the metric of refusals.
 REFUSAL_STATUSES = (400, 401, 403, 404, 405, 426, 429, 431, 500, 503)
+
+# How a client says what it is (docs/protocol.md 1.1): `NAME/VERSION` in the Broker-Client
+# header, or, for browsers (which cannot set headers on a WebSocket), in the query parameter
+# `client`. Shown in the admin API's connections and in the connect log line.
+CLIENT_HEADER = "broker-client"
+CLIENT_QUERY = "client"
+_CLIENT = re.compile(r"[A-Za-z0-9._-]{1,32}/[A-Za-z0-9._+-]{1,32}")
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -135,10 +145,31 @@ def check_upgrade(request: Request) -> str:
 
 
 class Accepted(NamedTuple):
-    """An upgrade request the server accepts: the Sec-WebSocket-Accept value and who it is."""
+    """An upgrade request the server accepts: the Sec-WebSocket-Accept value, who it is, and
+    the client software it says it is (`NAME/VERSION`, None when it says nothing)."""
 
     accept: str
     identity: Identity
+    client: str | None = None
+
+
+def client_of(request: Request) -> str | None:
+    """The `NAME/VERSION` a request says its client is (the Broker-Client header, else the
+    query parameter `client`), None when it says nothing; raises HandshakeError(400) when
+    it is not of that form."""
+    value = request.header(CLIENT_HEADER)
+    if value is None:
+        values = parse_qs(request.path.partition("?")[2], keep_blank_values=True).get(CLIENT_QUERY)
+        if not values:
+            return None
+        value = values[0]
+    value = value.strip()
+    if not _CLIENT.fullmatch(value):
+        raise HandshakeError(
+            400, f"the client identification {shown(value, 40)!r} is not NAME/VERSION (letters, digits, '.', '_', '-' "
+            "and '+' in the version, 32 characters each at most; Broker-Client header or client query parameter)",
+        )
+    return value
 
 
 class Rules:
@@ -182,12 +213,13 @@ class Rules:
         if origin is not None and not self.origin_allowed(origin):
             raise HandshakeError(403, f"origin {shown(origin.strip())} is not allowed (allowed_origins)", setting="allowed_origins")
         accept = check_upgrade(request)
+        client = client_of(request)
         try:
             identity = self.authenticator.identify(request.path, request.header("authorization"), offered)
         except AuthError as error:
             headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if error.status == 401 else {}
             raise HandshakeError(error.status, error.text, headers) from None
-        return Accepted(accept, identity)
+        return Accepted(accept, identity, client)
 
 
 def accept_response(accept: str, subprotocol: str) -> bytes:
