@@ -90,6 +90,15 @@ class SubscriptionOverflow(BrokerError):
     """A subscription's local queue filled up because its consumer did not keep up."""
 
 
+class SubscriptionEnded(BrokerError):
+    """The broker ended a subscription (`unsubscribed`: an operator unsubscribed the user)."""
+
+    def __init__(self, pattern: str, reason: str) -> None:
+        super().__init__(f"subscription {pattern!r} ended by the broker: {reason}")
+        self.pattern = pattern
+        self.reason = reason
+
+
 class TopicError(RequestError):
     """A topic name or pattern is invalid."""
 

@@ -192,6 +192,16 @@ class Heartbeat(_Wire, tag="beat"):
     time_ms: int
 
 
+class Unsubscribed(_Wire, tag="unsubscribed"):
+    """The server ended this connection's subscription `topic` (the topic or pattern as its
+    `sub` named it): nothing more comes of it, and it is not made again on a reconnection.
+    Sent when an operator unsubscribes the connection's user (the admin API); `reason` says
+    why, for people."""
+
+    topic: str
+    reason: str
+
+
 class Batch(NamedTuple):
     """Consecutive messages of one topic: message i has sequence number seq + i."""
 
@@ -215,15 +225,15 @@ class Delivery(NamedTuple):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Msg]
-SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "beat", "msg")
+ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Unsubscribed, Msg]
+SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "beat", "unsubscribed", "msg")
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat])
+_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Unsubscribed])
 _any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
@@ -488,7 +498,7 @@ class ProtocolViolation(ValueError):
     """A server frame that does not follow the protocol."""
 
 
-def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | GapNotice | Request | Reply | Heartbeat | Msg]:
+def decode_server_frame(data: bytes | memoryview) -> list[ServerMessage]:
     """The messages of one server frame (an array of messages), in order. Messages of a type
     this version does not know are skipped (a newer server may send them)."""
     try:
@@ -497,7 +507,7 @@ def decode_server_frame(data: bytes | memoryview) -> list[Ack | Err | Topic | Ga
         raise ProtocolViolation(f"a server frame is an array of messages: {exc}") from None
     if not parts:
         raise ProtocolViolation("a server frame holds at least one message")
-    out: list[Ack | Err | Topic | GapNotice | Request | Reply | Heartbeat | Msg] = []
+    out: list[ServerMessage] = []
     for part in parts:
         raw = bytes(part)
         head = raw[0] if raw else 0

@@ -16,7 +16,7 @@ from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fanout_steps, fast_publish
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, encode, message_heads, read_client_frame
+from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, Unsubscribed, encode, message_heads, read_client_frame
 from .router import Router
 from .topics import is_pattern, key_matches, matches, validate_pattern, validate_topic
 
@@ -378,9 +378,14 @@ class Session:
             if message.id:
                 self.router.send(self.box, encode(Ack(message.id)))
             return
-        subscriptions = self.subscriptions
-        if pattern not in subscriptions:
+        if pattern not in self.subscriptions:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {pattern!r}")
+        self._drop_subscription(pattern)
+        if message.id:
+            self.router.send(self.box, encode(Ack(message.id)))
+
+    def _drop_subscription(self, pattern: str) -> None:
+        subscriptions = self.subscriptions
         self._policy_changed(subscriptions.pop(pattern), -1)
         if is_pattern(pattern):
             self.patterns -= 1
@@ -391,8 +396,16 @@ class Session:
         else:
             for held in effective:
                 self._release(held)
-        if message.id:
-            self.router.send(self.box, encode(Ack(message.id)))
+
+    def end_subscription(self, pattern: str, reason: str) -> bool:
+        """End the subscription `pattern` from the server's side (an operator's action): as
+        the client's `unsub` would, then tell the client so (`unsubscribed`, after what was
+        queued for it). False when the connection holds no such subscription."""
+        if self.closed or pattern not in self.subscriptions:
+            return False
+        self._drop_subscription(pattern)
+        self.router.send(self.box, encode(Unsubscribed(pattern, reason)))
+        return True
 
     # grants
 

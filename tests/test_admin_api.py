@@ -11,13 +11,14 @@ import time
 
 import aiohttp
 import jwt
+import pytest
 
 from broker import __version__
 from broker.client import Client
 from broker.cluster import group_admin
 from broker.cluster.group_admin import GroupAdmin
 from broker.config import load
-from broker.errors import ErrorCode
+from broker.errors import ErrorCode, SubscriptionEnded
 from broker.limits import AUDIT_PER_KEY
 from broker.server import admin
 
@@ -437,3 +438,56 @@ def test_connections_are_filtered_sorted_and_paged_with_what_each_client_says_it
                 assert status == 400, bad
 
     run(main())
+
+
+def test_an_operator_disconnects_or_unsubscribes_every_connection_of_a_user_and_it_is_logged(caplog):
+    """Not one connection id: every connection of a user. Unsubscribing ends that subscription
+    on each (the client is told, `unsubscribed`, and its Subscription ends; the others go on);
+    disconnecting closes each with 1008. Each action is one `operator_action` log line naming
+    it, the user, the count and the operator's address."""
+    secret = "s" * 32
+
+    def token(user: str) -> str:
+        return jwt.encode({"sub": user, "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, secret, algorithm="HS256")
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, auth_jwt_secret=secret, log_level="info") as server:
+            alices = [await Client.connect(url(server), token=token("alice"), reconnect=False) for _ in range(2)]
+            bob = await Client.connect(url(server), token=token("bob"), reconnect=False)
+            ended = [await alice.subscribe("md.>") for alice in alices]
+            kept = await alices[0].subscribe("news.eu")
+            bobs = await bob.subscribe("md.>")
+
+            status, body = await call(port, "POST", "/api/users/alice/unsubscribe", json={"subscription": "md.>"})
+            assert (status, body) == (200, {"user": "alice", "subscription": "md.>", "connections": 2})
+            for sub in ended:
+                with pytest.raises(SubscriptionEnded) as info:
+                    await sub.next(5)
+                assert info.value.pattern == "md.>" and info.value.reason == "unsubscribed by an operator"
+            await bob.publish_acked("md.a", b"after")
+            await bob.publish_acked("news.eu", b"still")
+            assert (await bobs.next(5)).data == b"after"
+            assert (await kept.next(5)).data == b"still"
+            assert sorted(sorted(c.session.subscriptions) for c in server.connections.values() if c.user == "alice") == [[], ["news.eu"]]
+            assert (await call(port, "POST", "/api/users/alice/unsubscribe", json={"subscription": "md.>"}))[1]["connections"] == 0
+
+            status, body = await call(port, "POST", "/api/users/alice/disconnect")
+            assert (status, body) == (200, {"user": "alice", "closed": 2})
+            for alice in alices:
+                assert await asyncio.wait_for(alice.wait_closed(), 5) == (1008, "closed by an operator")
+            assert not bob.closed and [c.user for c in server.connections.values()] == ["bob"]
+            assert (await call(port, "POST", "/api/users/nobody/disconnect"))[1] == {"user": "nobody", "closed": 0}
+            for body in ({"pattern": "md.>"}, {"subscription": "a..b"}, {"subscription": 5}):
+                status, answer = await call(port, "POST", "/api/users/bob/unsubscribe", json=body)
+                assert status == 400, (body, answer)
+            await bob.close()
+
+    with caplog.at_level(logging.INFO, logger="broker"):
+        run(main())
+    actions = [r.fields for r in caplog.records if r.getMessage() == "operator_action"]
+    assert [(a["action"], a["user"]) for a in actions] == [
+        ("unsubscribe_user", "alice"), ("unsubscribe_user", "alice"), ("disconnect_user", "alice"), ("disconnect_user", "nobody"),
+    ]
+    assert actions[0]["connections"] == 2 and actions[0]["subscription"] == "md.>" and actions[2]["closed"] == 2
+    assert all(a["operator"] == "127.0.0.1" for a in actions)

@@ -41,6 +41,7 @@ from broker.messages import (
     Sub,
     Topic,
     Unsub,
+    Unsubscribed,
     client_batch_decoder,
     client_decoder,
     decode_server_frame,
@@ -61,7 +62,7 @@ _EXAMPLE = re.compile(
 )
 
 CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply, "auth": Auth, "hb": Hb}
-SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "beat": Heartbeat, "msg": Msg}
+SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "beat": Heartbeat, "unsubscribed": Unsubscribed, "msg": Msg}
 
 
 class Example(NamedTuple):
@@ -230,7 +231,7 @@ def test_close_code_table_lists_exactly_close_code():
     assert unnamed == {1006, 1007}
 
 
-@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Auth, Hb, Ack, Err, Topic, GapNotice, Request, Heartbeat])
+@pytest.mark.parametrize("struct", [Sub, Unsub, Pub, Req, Reply, Auth, Hb, Ack, Err, Topic, GapNotice, Request, Heartbeat, Unsubscribed])
 def test_field_tables_match_the_structs(struct):
     tag = struct.__struct_config__.tag
     body = subsection(doc_text(), next(h for h in _headings() if h.startswith(f"`{tag}`")))

@@ -24,7 +24,7 @@ from broker import cli
 from broker.client import Client, ConnectionClosed
 from broker.cluster import group_admin, supervisor
 from broker.config import load
-from broker.errors import ConfigError
+from broker.errors import ConfigError, SubscriptionEnded
 from broker.server import admin
 from broker.server.app import WorkerRole, worker_of_connection
 
@@ -540,11 +540,23 @@ def test_a_revocation_through_the_group_admin_port_reaches_every_worker_once(red
             clients: list[Client] = []
             on: dict[int, int] = {0: 0, 1: 0}
             try:
+                subs = []
                 while min(on.values()) < 1:
                     assert len(clients) < 40, f"connections landed on {on}"
                     client = await Client.connect(f"ws://127.0.0.1:{port}/", token=token, reconnect=False)
                     clients.append(client)
+                    subs.append(await client.subscribe("gr.>"))
                     on[worker_of(log, client)] += 1
+                # an operator's action on a user reaches its connections on every worker, and
+                # each worker logs it with the address the supervisor got it from
+                status, body = await admin_post(admin, "/api/users/mallory/unsubscribe", KEY, {"subscription": "gr.>"})
+                assert (status, body) == (200, {"user": "mallory", "subscription": "gr.>", "connections": len(clients)}), body
+                for sub in subs:
+                    with pytest.raises(SubscriptionEnded):
+                        await sub.next(5)
+                actions = log.wait("operator_action", count=2)
+                assert {a["worker"] for a in actions} == {0, 1} and {a["operator"] for a in actions} == {"127.0.0.1"}
+                assert (await admin_post(admin, "/api/users/mallory/unsubscribe", KEY, {"subscription": "a..b"}))[0] == 400
                 status, body = await admin_post(admin, "/api/revocations", KEY, {"user": "mallory"})
                 assert status == 200 and body["closed"] == len(clients) and body["rule"] == "user:mallory", body
                 for client in clients:

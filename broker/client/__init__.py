@@ -33,7 +33,7 @@ import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from .. import __version__
-from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionOverflow
+from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError, SubscriptionEnded, SubscriptionOverflow
 from ..messages import (
     DEFAULT_MAX_BATCH,
     MAX_REQUEST_TIMEOUT_MS,
@@ -53,6 +53,7 @@ from ..messages import (
     Sub,
     Topic,
     Unsub,
+    Unsubscribed,
     decode_server_frame,
     encode,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "RequestError",
     "ConnectionClosed",
     "SubscriptionOverflow",
+    "SubscriptionEnded",
     "BrokerError",
 ]
 
@@ -951,6 +953,11 @@ class Client:
                 future = self._pending.get(message.id)
                 if future is not None and not future.done():
                     future.set_result(message)
+            elif kind is Unsubscribed:
+                sub = self._subs.get(message.topic)
+                if sub is not None:  # ended by the broker: not made again on a reconnection
+                    self._forget(sub)
+                    sub._finish(SubscriptionEnded(message.topic, message.reason))
             elif kind is Err:
                 self._on_ack.pop(message.id, None)
                 self._inflight.pop(message.id, None)

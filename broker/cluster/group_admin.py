@@ -100,6 +100,8 @@ class GroupAdmin:
         app.router.add_get("/api/topics", self.topics)
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
+        app.router.add_post("/api/users/{user}/disconnect", self.on_every_worker)
+        app.router.add_post("/api/users/{user}/unsubscribe", self.on_every_worker)
         app.router.add_post("/api/publish", self.publish)
         app.router.add_post("/api/revocations", self.revoke)
         app.router.add_get("/dashboard", self.to_dashboard)
@@ -245,10 +247,35 @@ class GroupAdmin:
         states = self.states()
         if index >= len(states) or not states[index].running:
             return admin.json_error(404, f"no open connection {conn_id}")
-        answer = await self.links[index].request("POST", request.path, ANSWER_TIMEOUT_S, _key_header(request))
+        answer = await self.links[index].request("POST", request.path, ANSWER_TIMEOUT_S, {**_key_header(request), **_operator(request)})
         if answer is None:
             return admin.json_error(503, f"worker {index}, which holds connection {conn_id}, does not answer")
         return relayed(index, answer)
+
+    async def on_every_worker(self, request: web.Request) -> web.Response:
+        """An operator's action on a user (disconnect, unsubscribe), done by every running
+        worker (each logs it); the counts of their answers summed. 503 naming the workers
+        that did not answer (the others did it; a repeat is harmless)."""
+        admin.user_param(request)
+        body = await request.read()
+        running = [state.index for state in self.states() if state.running]
+        if not running:
+            return admin.json_error(503, "no worker answered")
+        headers = {**_key_header(request), **_operator(request), "Content-Type": "application/json"}
+        answers = await asyncio.gather(*(self.links[i].request("POST", request.path, ANSWER_TIMEOUT_S, headers, body) for i in running))
+        merged: dict[str, Any] = {}
+        failed = []
+        for index, answer in zip(running, answers):
+            if answer is None:
+                failed.append(index)
+                continue
+            if answer[0] != 200:  # a bad body or user: each worker says the same
+                return relayed(index, answer)
+            for key, value in (_json(answer[1]) or {}).items():
+                merged[key] = merged.get(key, 0) + value if isinstance(value, int) and not isinstance(value, bool) else value
+        if failed:
+            return admin.json_error(503, f"worker(s) {', '.join(map(str, failed))} did not answer; the others did it ({merged}); retry: a repeat is harmless")
+        return web.json_response(merged)
 
     async def publish(self, request: web.Request) -> web.Response:
         """Handed to one worker (the next in turn that answers): the backplane takes what it
@@ -463,6 +490,11 @@ def _json(data: bytes) -> Any:
         return json.loads(data)
     except ValueError:
         return None
+
+
+def _operator(request: web.Request) -> dict[str, str]:
+    """The operator's address, passed on to the worker for its log of operator actions."""
+    return {admin.OPERATOR_HEADER: request.remote or ""}
 
 
 def _key_header(request: web.Request) -> dict[str, str]:

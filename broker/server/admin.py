@@ -73,6 +73,8 @@ class Admin:
         app.router.add_get("/api/topics", self.topics)
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
+        app.router.add_post("/api/users/{user}/disconnect", self.disconnect_user)
+        app.router.add_post("/api/users/{user}/unsubscribe", self.unsubscribe_user)
         app.router.add_post("/api/publish", self.publish)
         app.router.add_post("/api/revocations", self.revoke)
         app.router.add_get("/dashboard", self.to_dashboard)
@@ -239,11 +241,22 @@ class Admin:
 
     async def close_connection(self, request: web.Request) -> web.Response:
         conn_id = int_param(request.match_info["id"], "id", 0, 1 << 62)
-        conn = self.server.connections.get(conn_id)
-        if conn is None:
+        if not self.server.close_connection(conn_id, operator_of(request, self.hosts is None)):
             return json_error(404, f"no open connection {conn_id}")
-        conn.close(CloseCode.POLICY_VIOLATION, "closed by an operator")
         return web.json_response({"closed": conn_id})
+
+    async def disconnect_user(self, request: web.Request) -> web.Response:
+        """Close every open connection of a user (1008); audited."""
+        user = user_param(request)
+        return web.json_response({"user": user, "closed": self.server.disconnect_user(user, operator_of(request, self.hosts is None))})
+
+    async def unsubscribe_user(self, request: web.Request) -> web.Response:
+        """`{"subscription": PATTERN}`: end that subscription on every open connection of the
+        user (each is told, `unsubscribed`); audited."""
+        user = user_param(request)
+        pattern = await subscription_body(request)
+        ended = self.server.unsubscribe_user(user, pattern, operator_of(request, self.hosts is None))
+        return web.json_response({"user": user, "subscription": pattern, "connections": ended})
 
     async def publish(self, request: web.Request) -> web.Response:
         """`{"topic": T, "data": BASE64}` (or `"text": STR`), or `{"messages": [those, ...]}`:
@@ -372,6 +385,46 @@ PUBLISH_STATUS = {
 
 def publish_status(code: int) -> int:
     return PUBLISH_STATUS.get(code, 400)
+
+
+MAX_USER_CHARS = 256  # a user name in a path of the API, at most
+
+
+def user_param(request: web.Request) -> str:
+    """The user a path of /api/users/ names (percent-decoded), or a 400."""
+    user = request.match_info["user"]
+    if not user or len(user) > MAX_USER_CHARS:
+        raise web.HTTPBadRequest(reason=f"user: 1 to {MAX_USER_CHARS} characters")
+    return user
+
+
+async def subscription_body(request: web.Request) -> str:
+    """The `subscription` of a body `{"subscription": PATTERN}` (a topic or pattern), or a 400."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(reason="the body is not JSON") from None
+    if not isinstance(body, dict) or set(body) != {"subscription"} or not isinstance(body["subscription"], str):
+        raise web.HTTPBadRequest(reason='the body is {"subscription": "TOPIC OR PATTERN"}')
+    try:
+        validate_pattern(body["subscription"], LONGEST_TOPIC)
+    except RequestError as exc:
+        raise web.HTTPBadRequest(reason=f"subscription: {exc.text}") from None
+    return body["subscription"]
+
+
+# The header in which the supervisor of workers passes on the address of the operator whose
+# request it forwards (a worker's admin socket is reached by its supervisor only).
+OPERATOR_HEADER = "Broker-Operator"
+
+
+def operator_of(request: web.Request, forwarded: bool = False) -> str:
+    """Who asked, for the log of operator actions: the address the request came from (the key
+    is shared, so that is what tells operators apart); `forwarded` (a worker's admin socket):
+    the address its supervisor got the request from."""
+    if forwarded:
+        return request.headers.get(OPERATOR_HEADER, "supervisor")[:SHOWN]
+    return request.remote or ""
 
 
 def connection_row(conn, now: float) -> dict:

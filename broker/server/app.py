@@ -442,6 +442,39 @@ class Server:
         if not isinstance(error, limits.LimitRefused):  # the guard wrote those already
             self.guard.refused(error, peer)
 
+    # an operator's actions (the admin API), each logged as `operator_action`
+
+    def close_connection(self, conn_id: int, operator: str) -> bool:
+        """Close one connection as an operator asked (1008 "closed by an operator"); False
+        when it is not open."""
+        conn = self.connections.get(conn_id)
+        if conn is None:
+            return False
+        conn.close(CloseCode.POLICY_VIOLATION, "closed by an operator")
+        logs.event(logging.WARNING, "operator_action", action="close_connection", operator=operator, conn=conn_id, user=conn.user, peer=conn.peer)
+        return True
+
+    def disconnect_user(self, user: str, operator: str) -> int:
+        """Close every open connection of `user` (1008 "closed by an operator"); returns how
+        many. Its tokens stay valid: it may connect again (revoke them to keep it out)."""
+        closed = 0
+        for conn in list(self.connections.values()):
+            if conn.user == user and conn.state == OPEN:
+                conn.close(CloseCode.POLICY_VIOLATION, "closed by an operator")
+                closed += 1
+        logs.event(logging.WARNING, "operator_action", action="disconnect_user", operator=operator, user=user, closed=closed)
+        return closed
+
+    def unsubscribe_user(self, user: str, pattern: str, operator: str) -> int:
+        """End the subscription `pattern` (as the client named it) on every open connection of
+        `user`, each told with `unsubscribed`; returns how many held it."""
+        ended = 0
+        for conn in list(self.connections.values()):
+            if conn.user == user and conn.state == OPEN and conn.session.end_subscription(pattern, "unsubscribed by an operator"):
+                ended += 1
+        logs.event(logging.WARNING, "operator_action", action="unsubscribe_user", operator=operator, user=user, subscription=pattern, connections=ended)
+        return ended
+
     # authentication
 
     def revoke(self, line: str) -> tuple[int, str | None]:
