@@ -32,10 +32,11 @@ from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_o
 from ..messages import position_json
 from ..topics import is_pattern, matches, validate_pattern
 from ..revocation import rule_line
+from . import dashboard
 from .metrics import Collector
 
 MAX_BODY_BYTES = 16 << 20  # a publish request's body at most
-MAX_WATCHERS = 16  # dashboards open at once (each costs a scan of the topics a second)
+MAX_WATCHERS = 16  # dashboards open at once (each costs a snapshot a second; the topics are measured once for all)
 HOT_TOPICS = 10
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_PUBLISH_MESSAGES = 10_000  # messages one publish request may carry
@@ -83,6 +84,8 @@ class Admin:
         app.router.add_get("/dashboard/events", self.events)
         self.app = app
         self.watchers = 0
+        self.hot = dashboard.HotTopics()  # measured while a dashboard is open
+        self._scanning: asyncio.TimerHandle | None = None
         self._closing: asyncio.Event | None = None
 
     @web.middleware
@@ -117,6 +120,9 @@ class Admin:
         self.where = f"unix:{path}"
 
     async def stop(self) -> None:
+        if self._scanning is not None:
+            self._scanning.cancel()
+            self._scanning = None
         if self._closing is not None:
             self._closing.set()  # open dashboards' event streams end
         if self._runner is not None:
@@ -152,16 +158,17 @@ class Admin:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The dashboard's feed: a JSON snapshot a second (what /metrics shows, and the
-        topics that got the most messages in the last second)."""
+        hottest topics, measured a slice of topics at a time while a dashboard is open)."""
         if self.watchers >= MAX_WATCHERS:
             return json_error(503, f"{MAX_WATCHERS} dashboards are open already")
         self.watchers += 1
+        if self._scanning is None:
+            self._scan()
         try:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
-            seqs: dict[str, int] = {}
             while not self._closing.is_set():
-                snapshot = self._snapshot(seqs)
+                snapshot = self.snapshot()
                 await response.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
                 try:
                     await asyncio.wait_for(self._closing.wait(), 1.0)
@@ -173,16 +180,21 @@ class Admin:
         finally:
             self.watchers -= 1
 
-    def _snapshot(self, seqs: dict[str, int]) -> dict:
+    def _scan(self) -> None:
+        """One slice of the hot-topic measure, then the next one SLICE_INTERVAL_S later, for as
+        long as a dashboard is open."""
+        if not self.watchers or self._closing.is_set():
+            self._scanning = None
+            return
+        loop = self.server.loop
+        self.hot.scan(self.server.router.index.states, loop.time())
+        self._scanning = loop.call_later(dashboard.SLICE_INTERVAL_S, self._scan)
+
+    def snapshot(self) -> dict:
+        """What a dashboard event says: counters the broker keeps, O(1) but for the hottest
+        topics (HotTopics, kept apart)."""
         server = self.server
         stats = server.router.stats
-        hot = []
-        for state in list(server.router.topics.values()):
-            before = seqs.get(state.name)
-            seqs[state.name] = state.seq
-            if before is not None and state.seq > before:
-                hot.append((state.seq - before, state.name, state.seq))
-        hot.sort(reverse=True)
         cluster = server.cluster
         return {
             "time": time.time(),
@@ -194,7 +206,7 @@ class Admin:
             "pending_bytes": server.pending_total,
             "backplane_lag_ms": None if cluster is None else max(cluster.stats.lag_ms),
             "loop_lag_s": server.loop_lag.worst_recent(server.loop.time()),
-            "hot": [{"topic": name, "rate": rate, "seq": seq} for rate, name, seq in hot[:HOT_TOPICS]],
+            "hot": self.hot.hottest(HOT_TOPICS),
         }
 
     # the JSON API
