@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from types import SimpleNamespace
@@ -109,3 +110,25 @@ def test_the_feed_names_the_topic_that_gets_the_most_messages():
                         assert time.monotonic() < deadline, "busy.one never came first"
 
     run(main())
+
+
+def test_a_dashboard_that_goes_away_is_no_failed_request(caplog):
+    """Closing the page ends its event stream at the next write: no `admin_request_failed`
+    line (which an operator would take for an error), and its place is free again."""
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY) as server:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    response = await session.get(f"http://127.0.0.1:{port}/dashboard/events", headers={"Authorization": f"Bearer {KEY}"})
+                    await response.content.readuntil(b"\n\n")
+                    response.close()
+            deadline = time.monotonic() + 5
+            while server.admin.watchers:
+                assert time.monotonic() < deadline, "the closed dashboards still count"
+                await asyncio.sleep(0.1)
+
+    with caplog.at_level(logging.WARNING, logger="broker"):
+        run(main())
+    assert not [r for r in caplog.records if r.getMessage() == "admin_request_failed"], [r.__dict__.get("fields") for r in caplog.records]

@@ -352,6 +352,8 @@ class GroupAdmin:
                 except asyncio.TimeoutError:
                     pass
             return response
+        except ConnectionResetError:  # the dashboard went away: nothing failed
+            return response
         finally:
             self.watchers -= 1
             for task in followers.values():

@@ -175,8 +175,8 @@ class Admin:
                 except asyncio.TimeoutError:
                     pass
             return response
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise
+        except ConnectionResetError:  # the dashboard went away: nothing failed
+            return response
         finally:
             self.watchers -= 1
 
