@@ -30,6 +30,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
     path: str = "/"
+    node_name: str = ""
     max_frame_bytes: Positive = 1 << 20
     max_payload_bytes: Positive = 512 << 10
     max_pending_bytes: Positive = 8 << 20
@@ -129,6 +130,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
             raise ValueError("path must start with '/'")
+        if len(self.node_name) > 64 or not self.node_name.isprintable():
+            raise ValueError("node_name is at most 64 printable characters")
         if self.ping_timeout_s > self.ping_interval_s:
             raise ValueError("ping_timeout_s must not exceed ping_interval_s")
         # A publish of max_payload_bytes must fit in a frame (else it would close with 1009
@@ -226,6 +229,7 @@ HELP = {
     "host": "interface to listen on",
     "port": "TCP port to listen on (0 picks a free one)",
     "path": "URL path clients connect to",
+    "node_name": "this broker's name in the dashboard and the start line ('': HOST:PORT, the machine's host name and the WebSocket port)",
     "max_frame_bytes": "largest WebSocket frame a client may send; larger ones close with 1009",
     "max_payload_bytes": "largest payload one publish may carry",
     "max_pending_bytes": "bytes queued for one connection that it may stay behind by; longer than slow_consumer_timeout_s, or 4 times as many at once, closes it as a slow consumer (1013)",

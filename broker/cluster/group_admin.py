@@ -33,7 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..config import Config, read_secret
 from ..errors import ListenError, describe_os_error
 from ..server import admin
-from ..server.app import worker_of_connection
+from .. import __version__
+from ..server.app import node_name, worker_of_connection
 
 ANSWER_TIMEOUT_S = 3.0  # a worker's answer to /metrics, health and the API (not publish)
 STREAM_READ_TIMEOUT_S = 5.0  # silence on a worker's dashboard stream (it sends one a second)
@@ -88,6 +89,8 @@ class GroupAdmin:
         # what the supervisor's own requests to a worker carry (the workers want the key too)
         self.worker_headers = {"Authorization": f"Bearer {self.key.decode()}"} if self.key else {}
         self.where = ""
+        self.node = node_name(config.port, None, config.node_name)  # the group's name, for its dashboard
+        self.started = time.time()
         self.watchers = 0
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -346,7 +349,8 @@ class GroupAdmin:
                     task = followers.get(state.index)
                     if state.running and (task is None or task.done()):
                         followers[state.index] = asyncio.ensure_future(self._follow(state.index, latest))
-                await response.write(b"data: " + json.dumps(merge_snapshots(list(latest.values()))).encode() + b"\n\n")
+                group = {"node": self.node, "version": __version__, "started": self.started, "workers": len(self.links)}
+                await response.write(b"data: " + json.dumps({**merge_snapshots(list(latest.values())), **group}).encode() + b"\n\n")
                 try:
                     await asyncio.wait_for(self._closing.wait(), 1.0)
                 except asyncio.TimeoutError:
@@ -464,6 +468,9 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
     lags = [s["backplane_lag_ms"] for s in snapshots if s["backplane_lag_ms"] is not None]
     return {
         "time": time.time(),
+        # changes when a worker starts again (its counters from 0): the dashboard then takes
+        # no rate from the sums of two different sets of workers
+        "instance": "+".join(sorted(str(s.get("instance", "")) for s in snapshots)),
         "connections": sum(s["connections"] for s in snapshots),
         "published": sum(s["published"] for s in snapshots),
         "delivered": sum(s["delivered"] for s in snapshots),

@@ -28,6 +28,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .. import __version__
 from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_os_error
 from ..messages import position_json
 from ..topics import is_pattern, matches, validate_pattern
@@ -198,6 +199,10 @@ class Admin:
         cluster = server.cluster
         return {
             "time": time.time(),
+            "node": server.node,
+            "version": __version__,
+            "started": server.started,
+            "instance": server.instance,
             "connections": len(server.connections),
             "published": stats.published,
             "delivered": stats.delivered,

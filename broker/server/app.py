@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import stat
 import tempfile
@@ -49,6 +50,13 @@ def dead_letter_path(port: int, worker: str | None = None) -> str:
     `worker`, with `broker serve --workers`)."""
     suffix = f"-w{worker}" if worker is not None else ""
     return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}{suffix}.jsonl")
+
+
+def node_name(port: int, worker: int | None = None, given: str = "") -> str:
+    """A broker's name: `node_name` if given, else the machine's host name and its WebSocket
+    port; for a worker of `broker serve --workers`, with `/wI` after it."""
+    name = given or f"{socket.gethostname()}:{port}"
+    return name if worker is None else f"{name}/w{worker}"
 
 
 def foreign_file(path: str) -> str | None:
@@ -170,6 +178,12 @@ class Server:
         self.writes = 0
         self.ticks = 0
         self.fastpath = IMPLEMENTATION
+        # who this process is, for the dashboard and the cluster view: its name (node_name, or
+        # HOST:PORT once it listens), when it started (Unix time), and an id of this start (a
+        # dashboard that sees another one knows the counters started again)
+        self.node = config.node_name  # made whole once it listens (node_name())
+        self.started = time.time()
+        self.instance = os.urandom(6).hex()
         self.loop_lag = LoopLag()  # how late the sweep ran, each time (the event loop's lag)
         self._sweep_due = 0.0
         self.admin = None  # with admin_port: the admin HTTP server (metrics, health)
@@ -205,6 +219,7 @@ class Server:
             except OSError as exc:
                 raise ListenError(f"cannot listen on {cfg.host}:{cfg.port}: {describe_os_error(exc)}") from exc
             self.port = self._server.sockets[0].getsockname()[1]
+            self.node = node_name(self.port, self.worker.index if self.worker is not None else None, self.config.node_name)
             if self.worker is not None:  # its supervisor serves admin_port and asks this socket
                 from .admin import Admin
 
@@ -228,7 +243,7 @@ class Server:
         the backplane and the admin server are on, and where."""
         cfg = self.config
         fields: dict[str, object] = {
-            "host": cfg.host, "port": self.port, "path": cfg.path, "version": __version__,
+            "node": self.node, "host": cfg.host, "port": self.port, "path": cfg.path, "version": __version__,
             "fastpath": IMPLEMENTATION, "subprotocol": SUBPROTOCOL,
             "tls": self.tls is not None,
         }

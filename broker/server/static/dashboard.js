@@ -2,58 +2,141 @@
 // read with fetch so that the request carries the admin key as a header (EventSource cannot
 // send headers). The key is asked for once, or taken from the address's fragment
 // (#key=KEY, which browsers never send to a server), and kept in this tab's sessionStorage.
+//
+// Rates are the difference of two snapshots' counters. A broker that started again (another
+// `instance`, or a counter that went down) counts from 0: that interval has no rate (shown as
+// "–", a gap in the chart) rather than a negative one. When no snapshot came for STALE_MS, or
+// the stream broke, the numbers on the page are old: they are dimmed and the status says since
+// when.
 "use strict";
-const rates = [];  // delivered msg/s, the last 60 seconds
+const STALE_MS = 3000;
+const HISTORY = 60;  // seconds the chart shows
+const rates = [];  // delivered msg/s, the last HISTORY seconds (null: unknown)
 const fmt = (n) => n >= 1e6 ? (n / 1e6).toFixed(2) + " M" : n >= 1e3 ? (n / 1e3).toFixed(1) + " k" : String(Math.round(n));
 let previous = null;
+let lastUpdate = 0;  // Date.now() of the last snapshot shown
+let stale = false;
 
 function show(id, text) { document.getElementById(id).textContent = text; }
 
+function duration(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " min";
+  if (m) return m + " min " + (s % 60) + " s";
+  return s + " s";
+}
+
+// A round upper bound for the chart's axis: 1, 2 or 5 times a power of ten.
+function niceCeil(value) {
+  if (value <= 1) return 1;
+  const power = Math.pow(10, Math.floor(Math.log10(value)));
+  for (const step of [1, 2, 5, 10]) if (value <= step * power) return step * power;
+  return 10 * power;
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(parent, name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  parent.appendChild(element);
+  return element;
+}
+
+// The chart: delivered msg/s over the last minute, with a y axis (0, half, the top, in msg/s)
+// and an x axis (seconds ago). Unknown rates break the line.
 function draw() {
-  const canvas = document.getElementById("chart");
-  const ctx = canvas.getContext("2d");
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  const top = Math.max(1, ...rates);
-  ctx.strokeStyle = "#0969da";
-  ctx.lineWidth = 2;
-  ctx.beginPath();
+  const chart = document.getElementById("chart");
+  chart.replaceChildren();
+  const width = 640, height = 220, left = 56, right = 12, top = 22, bottom = 30;
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const known = rates.filter((value) => value !== null);
+  const ceiling = niceCeil(Math.max(1, ...known));
+  const y = (value) => top + plotH - (value / ceiling) * plotH;
+  const x = (i) => left + plotW - ((rates.length - 1 - i) / (HISTORY - 1)) * plotW;
+  svg(chart, "text", { x: left, y: 13 }, "delivered msg/s, last " + HISTORY + " s");
+  const axes = svg(chart, "g", { class: "axes" });
+  for (const fraction of [0, 0.5, 1]) {
+    const value = ceiling * fraction;
+    if (fraction) svg(axes, "line", { class: "grid", x1: left, x2: left + plotW, y1: y(value), y2: y(value) });
+    svg(axes, "text", { class: "tick y", x: left - 6, y: y(value) + 4, "text-anchor": "end" }, fmt(value));
+  }
+  for (const ago of [HISTORY, HISTORY / 2, 0]) {
+    const at = left + plotW - (ago / HISTORY) * plotW;
+    svg(axes, "text", { class: "tick x", x: at, y: height - 10, "text-anchor": ago === 0 ? "end" : ago === HISTORY ? "start" : "middle" },
+        ago === 0 ? "now" : "−" + ago + " s");
+  }
+  svg(axes, "line", { class: "axis", x1: left, x2: left, y1: top, y2: top + plotH });
+  svg(axes, "line", { class: "axis", x1: left, x2: left + plotW, y1: top + plotH, y2: top + plotH });
+  let path = "";
+  let drawing = false;
   rates.forEach((value, i) => {
-    const x = (i / 59) * (canvas.width - 20) + 10;
-    const y = canvas.height - 10 - (value / top) * (canvas.height - 30);
-    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    if (value === null) { drawing = false; return; }
+    path += (drawing ? "L" : "M") + x(i).toFixed(1) + " " + y(value).toFixed(1);
+    drawing = true;
   });
-  ctx.stroke();
-  ctx.fillStyle = "#57606a";
-  ctx.fillText("delivered msg/s, last 60 s (max " + fmt(top) + ")", 10, 14);
+  if (path) svg(chart, "path", { class: "line", d: path });
+}
+
+function rate(now, before, seconds) {
+  return now >= before ? (now - before) / seconds : null;  // went down: counted again from 0
 }
 
 function update(snapshot) {
+  const restarted = previous !== null && snapshot.instance !== previous.instance;
   const seconds = previous ? Math.max(0.001, snapshot.time - previous.time) : 1;
-  const published = previous ? (snapshot.published - previous.published) / seconds : 0;
-  const delivered = previous ? (snapshot.delivered - previous.delivered) / seconds : 0;
+  let published = null, delivered = null;
+  if (previous !== null && !restarted) {
+    published = rate(snapshot.published, previous.published, seconds);
+    delivered = rate(snapshot.delivered, previous.delivered, seconds);
+  }
   previous = snapshot;
+  lastUpdate = Date.now();
+  setStale(false);
+  show("node", snapshot.node || "–");
+  show("version", "version " + (snapshot.version || "?") + (snapshot.workers ? " · " + snapshot.workers + " workers" : ""));
+  show("uptime", duration(snapshot.time - snapshot.started));
   show("connections", fmt(snapshot.connections));
-  show("published-rate", fmt(published));
-  show("delivered-rate", fmt(delivered));
+  show("published-rate", published === null ? "–" : fmt(published));
+  show("delivered-rate", delivered === null ? "–" : fmt(delivered));
   show("topics", fmt(snapshot.topics));
   show("slow", fmt(snapshot.slow_consumers));
   show("pending", fmt(snapshot.pending_bytes));
   show("lag", snapshot.backplane_lag_ms === null ? "no Redis" : snapshot.backplane_lag_ms + " ms");
   show("loop-lag", (snapshot.loop_lag_s * 1000).toFixed(1) + " ms");
   rates.push(delivered);
-  if (rates.length > 60) rates.shift();
+  if (rates.length > HISTORY) rates.shift();
   draw();
   const body = document.getElementById("hot");
   body.replaceChildren(...snapshot.hot.map((row) => {
     const tr = document.createElement("tr");
-    for (const cell of [row.topic, fmt(row.rate), String(row.seq)]) {
+    [[row.topic, ""], [fmt(row.rate), "num"], [String(row.seq), "num"]].forEach(([text, kind]) => {
       const td = document.createElement("td");
-      td.textContent = cell;
+      td.textContent = text;
+      if (kind) td.className = kind;
       tr.appendChild(td);
-    }
+    });
     return tr;
   }));
 }
+
+function setStale(on) {
+  if (on === stale) return;
+  stale = on;
+  document.getElementById("data").classList.toggle("stale", on);
+  const status = document.getElementById("status");
+  status.classList.toggle("stale", on);
+  if (on) {
+    const since = lastUpdate ? new Date(lastUpdate).toLocaleTimeString() : "the start";
+    status.textContent = "no data since " + since + ": the broker does not answer (numbers below are old)";
+  }
+}
+
+// Old numbers are marked as such whether the stream broke or just went silent.
+setInterval(() => { if (lastUpdate && Date.now() - lastUpdate > STALE_MS) setStale(true); }, 500);
 
 const KEY = "broker-admin-key";
 
@@ -77,25 +160,27 @@ function askForKey(why) {
   };
 }
 
+function lost(text) {
+  if (lastUpdate) setStale(true);
+  else show("status", text);
+  setTimeout(follow, 2000);
+}
+
 async function follow() {
   const key = sessionStorage.getItem(KEY);
   if (!key) return askForKey("needs the admin key");
-  show("status", "connecting…");
+  if (!stale) show("status", "connecting…");
   let response;
   try {
     response = await fetch("events", { headers: { Authorization: "Bearer " + key }, cache: "no-store" });
   } catch (error) {
-    show("status", "reconnecting…");
-    return setTimeout(follow, 2000);
+    return lost("reconnecting…");
   }
   if (response.status === 401) {
     sessionStorage.removeItem(KEY);
     return askForKey("the key was refused");
   }
-  if (!response.ok) {
-    show("status", "reconnecting… (" + response.status + ")");
-    return setTimeout(follow, 2000);
-  }
+  if (!response.ok) return lost("reconnecting… (" + response.status + ")");
   show("status", "live");
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -109,14 +194,17 @@ async function follow() {
         const event = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
         const data = event.split("\n").filter((line) => line.startsWith("data: ")).map((line) => line.slice(6)).join("\n");
-        if (data) update(JSON.parse(data));
+        if (data) {
+          const wasStale = stale;
+          update(JSON.parse(data));
+          if (wasStale) show("status", "live");
+        }
       }
     }
   } catch (error) {
     // the stream broke: connect again
   }
-  show("status", "reconnecting…");
-  setTimeout(follow, 2000);
+  lost("reconnecting…");
 }
 
 takeKeyFromFragment();
