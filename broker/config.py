@@ -229,7 +229,7 @@ HELP = {
     "host": "interface to listen on",
     "port": "TCP port to listen on (0 picks a free one)",
     "path": "URL path clients connect to",
-    "node_name": "this broker's name in the dashboard and the start line ('': HOST:PORT, the machine's host name and the WebSocket port)",
+    "node_name": "this broker's name in the dashboard, the cluster view and the start line ('': HOST:PORT, the machine's host name and the WebSocket port)",
     "max_frame_bytes": "largest WebSocket frame a client may send; larger ones close with 1009",
     "max_payload_bytes": "largest payload one publish may carry",
     "max_pending_bytes": "bytes queued for one connection that it may stay behind by; longer than slow_consumer_timeout_s, or 4 times as many at once, closes it as a slow consumer (1013)",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run compose.yaml with a real engine: build the broker's image, start the three nodes, Redis and
 # Prometheus, wait until each node is ready (its compose health check), publish on broker-1 and
-# receive the message on all three nodes with the same sequence number, check that Prometheus
+# receive the message on all three nodes with the same sequence number, check that broker-1's
+# cluster view (/api/nodes) shows the three nodes, that Prometheus
 # scrapes the three nodes and loaded the alert rules, stop the stack (each node must exit 0 on
 # SIGTERM) and remove it with its volumes. Uses host ports 7341, 7441, 7541 and 9090.
 #
@@ -120,6 +121,23 @@ async def main():
             await client.close()
 
 asyncio.run(main())
+PY
+
+# the cluster view: broker-1's admin API lists the three nodes, as they announce themselves in Redis
+"${compose[@]}" exec -T broker-1 python - <<'PY' || fail "broker-1's cluster view (/api/nodes) does not show the three nodes"
+import json, os, time, urllib.request
+
+request = urllib.request.Request("http://127.0.0.1:7342/api/nodes", headers={"Authorization": "Bearer " + os.environ["BROKER_ADMIN_API_KEY"]})
+deadline = time.monotonic() + 30
+while True:
+    with urllib.request.urlopen(request, timeout=5) as response:
+        nodes = sorted(node["node"] for node in json.load(response)["nodes"])
+    if nodes == ["broker-1:7341", "broker-2:7341", "broker-3:7341"]:
+        break
+    if time.monotonic() > deadline:
+        raise SystemExit(f"nodes in broker-1's view: {nodes}")
+    time.sleep(1)
+print(f"compose-test: broker-1's cluster view shows {', '.join(nodes)}")
 PY
 
 "$python" - <<'PY' || fail "Prometheus does not scrape the three nodes or lacks the alert rules"

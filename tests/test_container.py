@@ -65,6 +65,8 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
         assert node["healthcheck"]["test"][:3] == ["CMD", "broker", "health"]
         assert node["ulimits"]["nofile"] == {"soft": 20000, "hard": 20000}
         assert node["read_only"] is True and node["tmpfs"] == ["/tmp"] and node["cap_drop"] == ["ALL"]
+        assert node["hostname"] == name  # its name in the cluster view, HOST:PORT
+        assert f'"{name}:7341"' in COMPOSE_SCRIPT.read_text()  # the compose test looks for it there
         (mapping,) = node["ports"]
         host, container = mapping.split(":")
         assert container == "7341"

@@ -7,6 +7,7 @@ missing, where there is none."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import socket
@@ -130,6 +131,12 @@ def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
                 ticks = page.eval_on_selector_all("#chart .tick", "nodes => nodes.map(n => n.textContent)")
                 assert "0" in ticks and "now" in ticks and "−60 s" in ticks and "−30 s" in ticks, ticks
                 assert page.locator("#chart .axis").count() == 2 and page.locator("#chart path.line").count() == 1
+                # the cluster's nodes: this one (with workers, each worker, as they announce themselves)
+                expected = json.dumps(["edge-7/w0", "edge-7/w1"] if processes == "workers" else ["edge-7"], separators=(",", ":"))
+                page.wait_for_function(
+                    f"JSON.stringify([...document.querySelectorAll('#nodes tr td:first-child')].map(td => td.textContent)) === '{expected}'",
+                    timeout=15_000,
+                )
                 assert not problems, problems
                 # a bookmark may carry the key in its fragment, which no request sends
                 fresh = browser.new_page()

@@ -101,6 +101,7 @@ class GroupAdmin:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/api/stats", self.stats)
         app.router.add_get("/api/topics", self.topics)
+        app.router.add_get("/api/nodes", self.nodes)
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
         app.router.add_post("/api/users/{user}/disconnect", self.on_every_worker)
@@ -232,6 +233,14 @@ class GroupAdmin:
         if isinstance(bodies, web.Response):
             return bodies
         return web.json_response({**merge_topics(list(bodies.values()), limit), "missing_workers": self._missing(bodies)})
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        """Every node of the cluster: each worker reads the same announcements, so the view of
+        the first that answers (each worker is a node of it)."""
+        bodies = await self._api_bodies(request)
+        if isinstance(bodies, web.Response):
+            return bodies
+        return web.json_response({**merge_nodes(list(bodies.values())), "missing_workers": self._missing(bodies)})
 
     async def connections(self, request: web.Request) -> web.Response:
         """Each worker is asked for the first offset + limit rows of its own, with the same
@@ -456,6 +465,19 @@ def merge_connections(bodies: dict[int, dict], query: admin.ConnectionQuery) -> 
     }
 
 
+def merge_nodes(bodies: list[dict]) -> dict:
+    """/api/nodes of the group: each node once, its newest entry among the workers' views
+    (each worker's own entry is fresh in its own view)."""
+    newest: dict[str, dict] = {}
+    for body in bodies:
+        for item in body.get("nodes", []):
+            seen = newest.get(item["node"])
+            if seen is None or item["time"] > seen["time"]:
+                newest[item["node"]] = item
+    sources = {body.get("source") for body in bodies}
+    return {"nodes": sorted(newest.values(), key=lambda item: item["node"]), "source": "redis" if "redis" in sources else "this node"}
+
+
 def merge_snapshots(snapshots: list[dict]) -> dict:
     """One dashboard event of the group from the workers' newest: counts summed, lags the
     worst, topics the most any worker keeps, the hottest topics over all of them."""
@@ -480,6 +502,7 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         "backplane_lag_ms": max(lags) if lags else None,
         "loop_lag_s": max((s["loop_lag_s"] for s in snapshots), default=0.0),
         "hot": sorted(hot.values(), key=lambda row: row["rate"], reverse=True)[: admin.HOT_TOPICS],
+        "nodes": merge_nodes([{"nodes": s.get("nodes", [])} for s in snapshots])["nodes"],
     }
 
 

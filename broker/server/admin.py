@@ -73,6 +73,7 @@ class Admin:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/api/stats", self.stats)
         app.router.add_get("/api/topics", self.topics)
+        app.router.add_get("/api/nodes", self.nodes)
         app.router.add_get("/api/connections", self.connections)
         app.router.add_post("/api/connections/{id}/close", self.close_connection)
         app.router.add_post("/api/users/{user}/disconnect", self.disconnect_user)
@@ -212,6 +213,7 @@ class Admin:
             "backplane_lag_ms": None if cluster is None else max(cluster.stats.lag_ms),
             "loop_lag_s": server.loop_lag.worst_recent(server.loop.time()),
             "hot": self.hot.hottest(HOT_TOPICS),
+            "nodes": self.server.presence.view()["nodes"] if self.server.presence is not None else [],
         }
 
     # the JSON API
@@ -246,6 +248,10 @@ class Admin:
             for state in states
         ]
         return web.json_response({"topics": rows, "total": len(router.topics)})
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        """Every node of the cluster, as they announce themselves in Redis (cluster/presence.py)."""
+        return web.json_response(self.server.presence.view())
 
     async def connections(self, request: web.Request) -> web.Response:
         """The open connections, like NATS's /connz: filtered (user, peer, client,

@@ -182,8 +182,10 @@ class Server:
         # HOST:PORT once it listens), when it started (Unix time), and an id of this start (a
         # dashboard that sees another one knows the counters started again)
         self.node = config.node_name  # made whole once it listens (node_name())
+        self.version = __version__
         self.started = time.time()
         self.instance = os.urandom(6).hex()
+        self.presence = None  # once started: its announcements in Redis and the cluster's view
         self.loop_lag = LoopLag()  # how late the sweep ran, each time (the event loop's lag)
         self._sweep_due = 0.0
         self.admin = None  # with admin_port: the admin HTTP server (metrics, health)
@@ -233,6 +235,10 @@ class Server:
         except BaseException:
             await self._undo_start()
             raise
+        from ..cluster.presence import Presence
+
+        self.presence = Presence(self)
+        await self.presence.start(self.cluster is not None and self.cluster.cluster)
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
         self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
@@ -296,6 +302,8 @@ class Server:
             self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
         self._server.close()
+        if self.presence is not None:  # out of the cluster's view at once
+            await self.presence.stop()
         for conn in list(self.handshaking.values()):
             if conn.in_tls_handshake:  # it could not be told 503 (shutting down) before its TLS is up
                 conn.abort()
@@ -366,6 +374,11 @@ class Server:
             if conn.transport is not None:
                 total += conn.buffer_size()
         return total
+
+    @property
+    def state(self) -> str:
+        """What the node is doing, for the cluster view: running or stopping."""
+        return "stopping" if self._closing else "running"
 
     @property
     def handshakes_refused(self) -> int:

@@ -110,17 +110,27 @@ function update(snapshot) {
   rates.push(delivered);
   if (rates.length > HISTORY) rates.shift();
   draw();
+  const nodes = snapshot.nodes || [];
+  show("nodes-count", "(" + nodes.length + ")");
+  document.getElementById("nodes").replaceChildren(...nodes.map((node) => row([
+    [node.node, ""], [node.version, ""], [node.state, ""], [duration(node.time - node.started), "num"], [fmt(node.connections), "num"],
+    [node.published_rate === null ? "–" : fmt(node.published_rate), "num"], [node.delivered_rate === null ? "–" : fmt(node.delivered_rate), "num"],
+  ], node.node === snapshot.node ? "this" : "")));
   const body = document.getElementById("hot");
-  body.replaceChildren(...snapshot.hot.map((row) => {
-    const tr = document.createElement("tr");
-    [[row.topic, ""], [fmt(row.rate), "num"], [String(row.seq), "num"]].forEach(([text, kind]) => {
-      const td = document.createElement("td");
-      td.textContent = text;
-      if (kind) td.className = kind;
-      tr.appendChild(td);
-    });
-    return tr;
-  }));
+  body.replaceChildren(...snapshot.hot.map((topic) => row([[topic.topic, ""], [fmt(topic.rate), "num"], [String(topic.seq), "num"]])));
+}
+
+// A table row of [text, class] cells (text, never HTML: names come from clients and nodes).
+function row(cells, kind) {
+  const tr = document.createElement("tr");
+  if (kind) tr.className = kind;
+  for (const [text, cls] of cells) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (cls) td.className = cls;
+    tr.appendChild(td);
+  }
+  return tr;
 }
 
 function setStale(on) {
