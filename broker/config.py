@@ -59,6 +59,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     close_timeout_s: Seconds = 2.0
     shutdown_timeout_s: Seconds = 10.0
     shutdown_close_code: Literal[1001, 1012] = 1001
+    lame_duck_duration_s: Seconds = 30.0
+    lame_duck_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
     # [tls]
@@ -258,6 +260,8 @@ HELP = {
     "close_timeout_s": "seconds a closing connection gets to flush before it is aborted",
     "shutdown_timeout_s": "seconds graceful shutdown waits for clients before aborting them",
     "shutdown_close_code": "1001 (going away: 'server shutting down') or 1012 (service restart: 'server restarting'), the close code clients get at shutdown",
+    "lame_duck_duration_s": "lame-duck mode (SIGUSR2): seconds over which the clients are told to move to another node (close 4010), spread evenly, before the broker stops",
+    "lame_duck_grace_s": "lame-duck mode (SIGUSR2): seconds between refusing new clients (and /readyz answering 503) and telling the first ones to move, for load balancers to notice",
     "log_level": "debug, info, warning or error",
     "log_format": "text (key=value) or json",
     "tls_cert_file": "[tls] PEM file with the server certificate (and its chain): with it the broker serves wss:// only; reloaded on SIGHUP",

@@ -47,6 +47,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 1013  # stayed behind by more than max_pending_bytes
     TOKEN_EXPIRED = 4001  # the token expired and no fresh one came in an `auth` message
     TOKEN_REVOKED = 4003  # the token was revoked: by its jti, its user, or its issue time
+    RECONNECT_ELSEWHERE = 4010  # lame-duck mode: this node is leaving; reconnect to another one now and recover
 
 
 class BrokerError(Exception):

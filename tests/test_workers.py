@@ -754,3 +754,27 @@ def test_a_temporary_directory_too_long_for_the_workers_sockets_is_refused_namin
     assert proc.returncode == 2, err
     assert err.decode().startswith("broker: the workers' admin sockets (") and "set TMPDIR to a shorter directory" in err.decode()
     assert b"worker_start" not in err and list(deep.iterdir()) == []
+
+
+def test_lame_duck_mode_is_passed_on_to_every_worker_and_none_is_started_again(redis_url, redis_prefix):
+    """SIGUSR2 to the supervisor: each worker moves its clients away (4010) and exits; the
+    supervisor starts none again and exits 0 once they all did."""
+    port = free_port()
+    proc, log = start_supervisor(*serve_args(port, redis_url, redis_prefix, "--lame-duck-grace-s", "0", "--lame-duck-duration-s", "0.5"))
+    try:
+        log.wait("start", worker=0)
+        log.wait("start", worker=1)
+
+        async def main():
+            client = await connect(port)
+            os.kill(proc.pid, signal.SIGUSR2)
+            assert await asyncio.wait_for(client.wait_closed(), 10) == (4010, "lame duck: reconnect to another node")
+
+        run(main())
+        assert proc.wait(15) == 0, log.text()
+        exits = log.wait("worker_exit", count=2)
+        assert {e["index"] for e in exits} == {0, 1} and all(e["code"] == 0 and e["reason"] == "lame duck" for e in exits)
+        assert len(log.find("worker_start")) == 2 and log.find("supervisor_lame_duck")
+        assert len(log.find("lame_duck")) == 2  # each worker's own line
+    finally:
+        cleanup(proc, log)

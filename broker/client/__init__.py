@@ -80,6 +80,9 @@ CLIENT_ID = f"broker-py/{__version__}"
 
 # Close codes that say the client itself is at fault: reconnecting would not help.
 FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+# The node is leaving (lame-duck mode, docs/protocol.md section 9): reconnect at once, to the
+# next URL, and recover there (the broker spreads these closes over time, so no backoff).
+RECONNECT_ELSEWHERE = 4010
 
 log = logging.getLogger("broker.client")
 
@@ -1013,7 +1016,7 @@ class Client:
             self._finish()
             return
         self._set_state("disconnected", f"{code}: {reason}" if reason else str(code))
-        self._reconnecting = self._loop.create_task(self._reconnect())
+        self._reconnecting = self._loop.create_task(self._reconnect(at_once=code == RECONNECT_ELSEWHERE))
 
     def _finish(self) -> None:
         """The client is closed for good: subscriptions end, waiters wake."""
@@ -1034,14 +1037,18 @@ class Client:
         first, most = self.reconnect_delay
         return self.jitter() * min(most, first * 2**attempt)
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, at_once: bool = False) -> None:
+        """Connect again (to the next URL), after a backoff, and make every subscription again
+        from where it stopped; `at_once`: the node asked the client to move (4010), the first
+        attempt goes without waiting."""
         attempt = 0
         while not self._closing:
             if self.max_reconnect_attempts is not None and attempt >= self.max_reconnect_attempts:
                 self._close_info = (1006, f"gave up after {attempt} reconnection attempts: {self._close_info[1]}")
                 self._finish()
                 return
-            await asyncio.sleep(self.backoff(attempt))
+            if not (at_once and attempt == 0):
+                await asyncio.sleep(self.backoff(attempt))
             attempt += 1
             if len(self.urls) > 1:
                 self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]

@@ -29,7 +29,9 @@ The supervisor restarts a worker that exits while the supervisor is not shutting
 a backoff: 0.5 s, doubled for each exit in a row up to 10 s, back to 0.5 s once the worker
 ran for 30 s. A worker that exits with code 2 (a configuration error) within 5 s of its start
 would only fail again: the supervisor stops the others and exits 2. SIGHUP is passed on to
-every worker (each reloads). SIGTERM or SIGINT sends SIGTERM to every worker, waits up to
+every worker (each reloads); so is SIGUSR2 (lame-duck mode: each moves its clients away over
+lame_duck_duration_s and exits), and once every worker exited the supervisor exits 0, starting
+none again. SIGTERM or SIGINT sends SIGTERM to every worker, waits up to
 shutdown_timeout_s + 5 s, SIGKILLs the ones still running and exits 0, or 1 if a worker had
 to be killed or exited with an error. A second one is passed on (each worker then aborts its
 clients and logs what it loses) and the workers still running a second later are killed. On Linux a worker gets SIGTERM when its supervisor dies,
@@ -203,6 +205,7 @@ class Supervisor:
         self.admin: GroupAdmin | None = None
         self.stopping = False
         self.deadline: float | None = None  # while stopping: when the workers still running are killed
+        self.lame_duck = False  # SIGUSR2 was passed on: the workers move their clients away and stop
         self.exit_code = 0
         self._signals: list[int] = []
         self._wake: asyncio.Event | None = None
@@ -230,7 +233,7 @@ class Supervisor:
                     f"the workers' admin sockets ({longest}) would be longer than a Unix socket's path may be "
                     f"({MAX_SOCKET_PATH} bytes): set TMPDIR to a shorter directory"
                 )
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
                 loop.add_signal_handler(signum, self._on_signal, signum)
             cfg = self.config
             if cfg.admin_port:
@@ -246,6 +249,8 @@ class Supervisor:
                 await self._wait(self._next_timeout())
                 self._handle_signals()
                 self._reap()
+                if self.lame_duck and all(w.proc is None for w in self.workers):
+                    self.stopping = True  # every worker finished its lame-duck mode
                 if not self.stopping:
                     self._kill_hung()
                     self._restart_due()
@@ -258,7 +263,7 @@ class Supervisor:
             for worker in self.workers:
                 await worker.link.close()
                 worker.link = None
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
                 loop.remove_signal_handler(signum)
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -378,6 +383,12 @@ class Supervisor:
                 if not clean:
                     self.exit_code = max(self.exit_code, 1)
                 logs.event(logging.INFO if clean else logging.WARNING, "worker_exit", **fields)
+            elif self.lame_duck:  # its lame-duck mode ended: not started again
+                clean = code in STOPPED
+                if not clean:
+                    self.exit_code = max(self.exit_code, 1)
+                fields.setdefault("reason", "lame duck")
+                logs.event(logging.INFO if clean else logging.WARNING, "worker_exit", **fields)
             elif code == EXIT_CONFIG and ran < START_WINDOW_S:
                 fields["reason"] = "configuration error at start: stopping"
                 logs.event(logging.ERROR, "worker_exit", **fields)
@@ -463,6 +474,15 @@ class Supervisor:
                 logs.event(logging.INFO, "supervisor_reload", workers=len(live))
                 for worker in live:
                     self._signal(worker, signal.SIGHUP)
+            elif signum == signal.SIGUSR2:
+                if not self.stopping and not self.lame_duck:
+                    live = [w for w in self.workers if w.proc is not None]
+                    logs.event(logging.INFO, "supervisor_lame_duck", workers=len(live))
+                    self.lame_duck = True
+                    for worker in self.workers:
+                        worker.restart_at = None
+                    for worker in live:
+                        self._signal(worker, signal.SIGUSR2)
             elif self.stopping:
                 self._stop_now(signum)
             else:

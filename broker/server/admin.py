@@ -141,11 +141,11 @@ class Admin:
     async def readyz(self, request: web.Request) -> web.Response:
         server = self.server
         checks = {
-            "listening": server.port is not None and not server._closing,
+            "listening": server.accepting_clients,
             "backplane": server.cluster is None or server.cluster.accepting,
         }
         ready = all(checks.values())
-        return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+        return web.json_response({"ready": ready, **checks, "state": server.state}, status=200 if ready else 503)
 
     # the dashboard: static files and one server-sent event a second
 

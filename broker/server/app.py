@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import ssl
@@ -23,6 +24,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from .. import __version__, policy
 from ..auth import Authenticator
@@ -41,6 +43,8 @@ from .metrics import LoopLag
 
 # Listening backlog: connections the kernel holds before they are accepted.
 BACKLOG = 4096
+# Lame-duck mode tells its share of the connections to move this often.
+LAME_DUCK_STEP_S = 0.05
 # Dead letters logged one by one per sweep; the rest are counted in one line.
 DEAD_LETTERS_LOGGED = 10
 
@@ -196,6 +200,14 @@ class Server:
         self._closing = False
         self._all_gone: asyncio.Event | None = None
         self._forced: asyncio.Event | None = None  # made when the drain starts; set by a second signal
+        # lame-duck mode (SIGUSR2): when it began (loop time; None: not in it), the connections
+        # to tell to move, in a random order, how many of them were told, and what to call
+        # once every one was
+        self.lame_duck_since: float | None = None
+        self._moving: list[Connection] = []
+        self._moved = 0
+        self._lame_done: Callable[[], object] | None = None
+        self._lame_timer: asyncio.TimerHandle | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_period = 1.0
         self._tick_scheduled = False
@@ -296,6 +308,9 @@ class Server:
             return
         self._closing = True
         self._forced = asyncio.Event()
+        if self._lame_timer is not None:  # stopped during lame-duck mode: the rest close with the others
+            self._lame_timer.cancel()
+            self._lame_timer = None
         self._sweeper.cancel()
         self._write_dead_letters()
         if self._request_timer is not None:
@@ -377,8 +392,59 @@ class Server:
 
     @property
     def state(self) -> str:
-        """What the node is doing, for the cluster view: running or stopping."""
-        return "stopping" if self._closing else "running"
+        """What the node is doing, for the cluster view: running, lame duck or stopping."""
+        if self._closing:
+            return "stopping"
+        return "running" if self.lame_duck_since is None else "lame duck"
+
+    @property
+    def accepting_clients(self) -> bool:
+        """It listens for new WebSocket clients: started, not in lame-duck mode, not stopping."""
+        return self.port is not None and not self._closing and self.lame_duck_since is None
+
+    # lame-duck mode
+
+    def enter_lame_duck(self, done: Callable[[], object]) -> None:
+        """SIGUSR2: stop accepting (the listener closes, /readyz answers 503), then after
+        lame_duck_grace_s tell the connections to move to another node, a share of them at a
+        time, spread evenly over lame_duck_duration_s (close code 4010, after what is queued
+        for them); once every one was told, call `done` (which stops the broker). A rolling
+        restart of a cluster so never sends every client of a node to the others at once."""
+        if self._closing or self.lame_duck_since is not None or self._server is None:
+            return
+        cfg = self.config
+        self.lame_duck_since = self.loop.time()
+        self._lame_done = done
+        self._server.close()
+        self._moving = list(self.connections.values())
+        random.shuffle(self._moving)
+        logs.event(
+            logging.WARNING, "lame_duck", connections=len(self._moving),
+            grace_s=cfg.lame_duck_grace_s, duration_s=cfg.lame_duck_duration_s, close_code=int(CloseCode.RECONNECT_ELSEWHERE),
+        )
+        self._lame_timer = self.loop.call_later(cfg.lame_duck_grace_s, self._move_some)
+
+    def _move_some(self) -> None:
+        """Tell the share of the connections due by now to move; again LAME_DUCK_STEP_S later."""
+        self._lame_timer = None
+        if self._closing:
+            return
+        cfg = self.config
+        elapsed = self.loop.time() - self.lame_duck_since - cfg.lame_duck_grace_s
+        due = len(self._moving) if elapsed >= cfg.lame_duck_duration_s else int(len(self._moving) * elapsed / cfg.lame_duck_duration_s)
+        while self._moved < due:
+            conn = self._moving[self._moved]
+            self._moved += 1
+            if conn.state == OPEN:
+                conn.close(CloseCode.RECONNECT_ELSEWHERE, "lame duck: reconnect to another node", flush=True)
+        if self._moved < len(self._moving):
+            self._lame_timer = self.loop.call_later(LAME_DUCK_STEP_S, self._move_some)
+            return
+        logs.event(logging.INFO, "lame_duck_done", moved=self._moved)
+        self._moving = []
+        done, self._lame_done = self._lame_done, None
+        if done is not None:
+            done()
 
     @property
     def handshakes_refused(self) -> int:
@@ -855,18 +921,21 @@ class Server:
 
 async def run(config: Config, worker: WorkerRole | None = None) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully (a second one cuts the
-    wait for the clients short); SIGHUP reloads."""
+    wait for the clients short); SIGHUP reloads; SIGUSR2 enters lame-duck mode, at whose end
+    it shuts down the same way."""
     server = Server(config, worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, server.reload)
+    loop.add_signal_handler(signal.SIGUSR2, server.enter_lame_duck, stop.set)
     try:
         await server.start()
         await stop.wait()
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
+        loop.remove_signal_handler(signal.SIGUSR2)
         for sig in (signal.SIGTERM, signal.SIGINT):  # again during the drain: stop waiting, say what is lost
             loop.add_signal_handler(sig, server.force_stop, sig)
         try:
