@@ -73,7 +73,7 @@ MAX_AWAITED_PER_CONNECTION = 10_000
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied", "unknown_topics", "recoveries")
+    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "gap_causes", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied", "unknown_topics", "recoveries")
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -83,7 +83,10 @@ class RouterStats:
         self.errors: dict[int, int] = {}  # err replies sent, by ErrorCode
         self.closes: dict[int, int] = {}  # connections closed by the broker, by close code
         self.replayed = 0  # messages sent from history (recovery and last values)
-        self.gaps = 0  # gap notices sent
+        self.gaps = 0  # gap notices sent (those of recovery, ended epochs and the backplane)
+        # of those, by cause (the slow-consumer policies' gaps are counted by the messages they
+        # skip: dropped, conflated)
+        self.gap_causes: dict[str, int] = {"history": 0, "ended": 0, "backplane": 0}
         self.duplicates = 0  # publishes dropped as repeats of a msg_id in the dedupe window
         self.requests = 0  # requests passed to a responder
         self.replies = 0  # replies passed back to a requester
@@ -1048,7 +1051,9 @@ class Router:
             self._replayed(box, waiting)
 
     def _gap(self, box: Outbox, gap: Gap) -> None:
-        self.stats.gaps += 1
+        stats = self.stats
+        stats.gaps += 1
+        stats.gap_causes[gap.cause] = stats.gap_causes.get(gap.cause, 0) + 1
         if self._recovery is not None:
             self._recovery.append(gap.cause)
         self.send(box, encode(GapNotice(*gap)))

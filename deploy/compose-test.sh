@@ -141,7 +141,7 @@ print(f"compose-test: broker-1's cluster view shows {', '.join(nodes)}")
 PY
 
 "$python" - <<'PY' || fail "Prometheus does not scrape the three nodes or lacks the alert rules"
-import json, time, urllib.request
+import json, re, time, urllib.request
 
 def get(path):
     with urllib.request.urlopen("http://127.0.0.1:9090" + path, timeout=5) as response:

@@ -146,7 +146,7 @@ class Collector(_Collector):
         yield _counter("broker_messages_delivered", "messages queued to subscribers (one per message per subscriber)", stats.delivered)
         yield _counter("broker_batches", "topic batches encoded (one per topic per tick with subscribers)", stats.batches)
         yield _counter("broker_messages_replayed", "messages sent from history (recovery and last values)", stats.replayed)
-        yield _counter("broker_gaps", "gap notices sent", stats.gaps)
+        yield _by("broker_gaps", "gap notices sent, by cause: history (recovery past what history holds), ended (an epoch ended), backplane (a cluster node did not get messages from Redis)", "cause", stats.gap_causes, counter=True)
         yield _by(
             "broker_recoveries", "subscriptions with since or last, by outcome: complete, awaited (a cluster node waits for a position it has not reached), or the cause of the first gap they got (history, ended)", "outcome",
             {"complete": 0, "awaited": 0, "history": 0, "ended": 0, **stats.recoveries}, counter=True,
