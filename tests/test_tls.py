@@ -484,6 +484,7 @@ def test_broker_serve_with_an_unusable_certificate_exits_2(pki, tmp_path):
     assert proc.returncode == 2
     assert err.decode().strip() == (
         f"broker: tls_key_file: the private key in {settings['tls_key_file']} does not belong to the certificate in {settings['tls_cert_file']}"
+        " (tls_key_file given as --tls-key-file)"
     )
 
 
