@@ -10,7 +10,6 @@ import time
 from types import SimpleNamespace
 
 import aiohttp
-import pytest
 
 from broker import __version__
 from broker.client import Client

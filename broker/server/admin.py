@@ -29,7 +29,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .. import __version__
-from ..errors import CloseCode, ErrorCode, ListenError, RequestError, describe_os_error
+from ..errors import ErrorCode, ListenError, RequestError, describe_os_error
 from ..messages import position_json
 from ..topics import is_pattern, matches, validate_pattern
 from ..revocation import rule_line
