@@ -160,7 +160,7 @@ def test_labelled_counters_have_a_series_for_each_known_value_from_the_start():
 def test_every_status_a_refused_upgrade_may_get_has_its_series():
     """Each HTTP status the code refuses an upgrade with is one of REFUSAL_STATUSES."""
     source = "\n".join(p.read_text() for p in (ROOT / "broker").rglob("*.py"))
-    used = {int(s) for s in re.findall(r"(?:HandshakeError|AuthError|_refuse)\((\d{3})\b", source)}
+    used = {int(s) for s in re.findall(r"(?:HandshakeError|AuthError|_refuse|Refused)\((\d{3})\b", source)}
     used |= {int(s) for s in re.findall(r"LimitRefused\((\d{3})", source)}
     limits = (ROOT / "broker" / "limits.py").read_text()
     used |= {int(s) for s in re.findall(r"self\._refuse\((\d{3})", limits)}

@@ -99,7 +99,7 @@ class Stream:
     session, box, state and the methods the tick and the sweep call); its bytes go to the TCP
     connection that carries its event stream, when one does."""
 
-    def __init__(self, fallback: Fallback, key: str, conn_id: int, identity, peer: str, limiter) -> None:
+    def __init__(self, fallback: Fallback, key: str, conn_id: int, identity, peer: str, limiter, client: str | None = None) -> None:
         from .connection import OPEN  # the states are Connection's
 
         server = fallback.server
@@ -109,6 +109,11 @@ class Stream:
         self.id = conn_id
         self.peer = peer
         self.user = identity.user
+        # what the admin API shows of a connection: the client it says it is, since when, bytes
+        self.client = client
+        self.opened_at = server.loop.time()
+        self.bytes_in = 0  # POST bodies
+        self.bytes_out = 0  # what the tick wrote to its event stream
         self.tag = os.urandom(4).hex().encode()  # names this session in its event ids
         self.sent = 0  # events written (their ids count them)
         self.tcp: Connection | None = None
@@ -391,7 +396,7 @@ class Fallback:
             existing.close_reason = (1001, "replaced by a new event stream of the same id")
             existing.end()
         server.streaming(conn)
-        stream = Stream(self, key, server.new_connection_id(), identity, conn.peer, server.guard.limiter(conn))
+        stream = Stream(self, key, server.new_connection_id(), identity, conn.peer, server.guard.limiter(conn), handshake.client_of(request))
         self.streams[key] = stream
         server.connections[stream.id] = stream
         server.opened += 1
@@ -435,6 +440,7 @@ class Fallback:
             conn.refuse_request(Refused(409, "another POST of this stream is being applied; send one frame at a time").error, cors_lines(origin))
             return
         stream.last_seen = self.server.loop.time()
+        stream.bytes_in += len(body)
         stream.ping_sent = 0.0  # any POST answers a ping (the loop's clock may not have moved since it)
         if not body:
             conn.answer_post(cors_lines(origin))

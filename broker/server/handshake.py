@@ -31,7 +31,8 @@ SHOWN_PATH_CHARS = 32
 
 # Every HTTP status an upgrade request may be refused with (here, by the limits of
 # broker.limits: 429 and 503, and by the connection: 431, 500), for the metric of refusals.
-REFUSAL_STATUSES = (400, 401, 403, 404, 405, 426, 429, 431, 500, 503)
+# (the fallback transport's requests, protocol.md section 12, add 406, 408, 409, 411, 413 and 415)
+REFUSAL_STATUSES = (400, 401, 403, 404, 405, 406, 408, 409, 411, 413, 415, 426, 429, 431, 500, 503)
 
 # How a client says what it is (docs/protocol.md 1.1): `NAME/VERSION` in the Broker-Client
 # header, or, for browsers (which cannot set headers on a WebSocket), in the query parameter
