@@ -38,6 +38,14 @@ MAX_FRAME = 1 << 20  # the default max_frame_bytes
 REDIS_FIXTURES = {"redis_url", "own_redis", "redis_cluster"}
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Bytes parameters get an id from their length, not their content: frames made at import
+    hold random masks, and parallel workers (pytest-xdist) must collect the same ids."""
+    if isinstance(val, (bytes, bytearray)):
+        return f"{argname}{len(val)}B"
+    return None
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Mark the tests that use a Redis fixture `redis`, so that `-m "not redis"` leaves them out
     (the other markers are written on the tests)."""

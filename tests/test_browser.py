@@ -20,7 +20,11 @@ import pytest
 
 # The brokers these tests talk to are processes of their own (compiled whatever the suite's
 # fast path): the suite's second, pure-Python run would repeat exactly the same.
-pytestmark = pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the demo broker runs compiled in its own process: covered by the compiled run")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the demo broker runs compiled in its own process: covered by the compiled run"),
+    pytest.mark.slow,
+    pytest.mark.browser,
+]
 
 from conftest import BlackHoleProxy, broker_cli
 from redis_support import free_port

@@ -15,7 +15,10 @@ import pytest
 
 # The brokers these tests talk to are processes of their own (compiled whatever the suite's
 # fast path): the suite's second, pure-Python run would repeat exactly the same.
-pytestmark = pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the brokers run compiled in their own processes: covered by the compiled run")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the brokers run compiled in their own processes: covered by the compiled run"),
+    pytest.mark.slow,
+]
 
 from redis_support import BrokerNode
 from test_fallback_doc import sse_examples

@@ -627,7 +627,7 @@ def test_a_worker_that_cannot_start_says_why_and_is_started_again(redis_url, red
             exit_ = log.wait("worker_exit", index=index)[0]
             assert exit_["code"] == 1 and exit_["started"] is False and exit_["restart_in_s"] == 0.5
         # each worker logs JSON here (log_format json): its fatal line is JSON too
-        assert any(f["error"] == f"cannot listen on 127.0.0.1:{port}: Address already in use" and f["exit_code"] == 1 for f in log.find("fatal"))
+        log.wait("fatal", error=f"cannot listen on 127.0.0.1:{port}: Address already in use", exit_code=1)
         status, text = run(admin_get(admin, "/healthz"))
         assert status == 503 and set(json.loads(text)["workers"].values()) <= {"not running", "no answer"}
         log.wait("worker_exit", index=0, count=2)  # started again
