@@ -8,8 +8,9 @@ from broker.fastpath import MESSAGE_OVERHEAD, stamp
 from broker.errors import ErrorCode
 from broker.fastpath import TopicState
 from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, encode
+from broker.client import Client
 
-from conftest import Harness
+from conftest import Harness, eventually, run, serving, url
 
 
 def publish(h, topic, payloads, ticks=1):
@@ -443,3 +444,32 @@ def test_a_position_beyond_what_a_cluster_node_delivered_is_settled_by_the_next_
     assert written["level"] == [Delivery("t", 42, 7, [b"7", b"8"])]
     h.router.deliver_remote([(42, [("t", [b"9"])], [9])])
     assert h.tick()[0] == {"behind": [Delivery("t", 42, 9, [b"9"])], "level": [Delivery("t", 42, 9, [b"9"])]}
+
+
+def test_the_python_client_gets_the_last_value_of_a_topic_and_of_a_pattern():
+    """`subscribe(topic, last=True)` starts with the topic's latest retained message, whose
+    sequence number is the ack's own (the client must not take it for one from before the
+    subscription), and a pattern with each matching topic's."""
+
+    async def main():
+        async with serving() as server:
+            publisher = await Client.connect(url(server))
+            reader = await Client.connect(url(server))
+            try:
+                for i in range(3):
+                    await publisher.publish_acked("lv.a", b"a%d" % i)
+                await publisher.publish_acked("lv.b", b"b0")
+                exact, pattern = [], []
+                await reader.subscribe("lv.a", exact.append, last=True)
+                await reader.subscribe("lv.*", pattern.append, last=True)
+                await eventually(lambda: len(exact) == 1 and len(pattern) == 2, 5, "the last values")
+                assert [(m.seq, m.data) for m in exact] == [(3, b"a2")]
+                assert sorted((m.topic, m.seq, m.data) for m in pattern) == [("lv.a", 3, b"a2"), ("lv.b", 1, b"b0")]
+                await publisher.publish_acked("lv.a", b"a3")  # and live after it, once each
+                await eventually(lambda: len(exact) == 2 and len(pattern) == 3, 5, "the next message")
+                assert exact[-1].seq == 4 and pattern[-1].seq == 4
+            finally:
+                await publisher.close()
+                await reader.close()
+
+    run(main())

@@ -638,8 +638,9 @@ class Client:
                     sub.positions[pattern] = since
             elif ack.epoch and not is_pattern(pattern):
                 # what the connection gets of the topic at or before the ack (a replay another
-                # subscription asked for) is not this one's
-                sub.positions[pattern] = (ack.epoch, ack.seq)
+                # subscription asked for) is not this one's; with `last`, the latest retained
+                # message, which the broker sends right after the ack, is
+                sub.positions[pattern] = (ack.epoch, ack.seq - 1 if last and ack.seq else ack.seq)
             self._index.add(pattern, sub)
 
         try:
