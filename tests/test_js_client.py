@@ -81,3 +81,62 @@ def test_under_bun(js_client, examples_file, brokers):
     output = run_tests([bun, "test", "--timeout", "30000", "test/unit.test.mjs", "test/interop.test.mjs", "test/integration.test.mjs"],
                        js_client.dir, {"BROKER_EXAMPLES": examples_file, **brokers})
     assert re.search(r"^ 0 fail$", output, re.M) and not re.search(r"^ \d+ skip$", output, re.M), output[-3000:]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "fallback"])
+def test_operator_actions_reach_the_client(js_client, tmp_path, transport):
+    """The client names itself (the admin API shows `broker-js/VERSION`), an operator's
+    unsubscribe of its user ends its subscription (`onEnd`), and a node in lame-duck mode
+    (close 4010) is left at once for the next URL: clients/js/test/operations.test.mjs, driven
+    step by step from here."""
+    import signal
+    import time
+
+    import jwt
+    import urllib.request
+
+    key = "ops-admin-key"
+    token = jwt.encode({"sub": "ana", "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, SECRET, algorithm="HS256")
+    from redis_support import free_port
+
+    admin = free_port()
+    common = ("--auth-jwt-secret", SECRET)
+    with (
+        BrokerNode(*common, "--admin-port", str(admin), "--admin-api-key", key, "--lame-duck-grace-s", "0", "--lame-duck-duration-s", "0.2") as a,
+        BrokerNode(*common) as b,
+    ):
+        env = {**os.environ, "BROKER_OPS_URLS": f"{a.url},{b.url}", "BROKER_OPS_TOKEN": token, "BROKER_OPS_TRANSPORT": transport}
+        proc = subprocess.Popen([js_client.node, "--test-reporter=tap", "test/operations.test.mjs"], cwd=js_client.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def hear(expected: str) -> str:
+            while True:
+                line = proc.stdout.readline()
+                assert line, f"the client script ended before {expected!r}"
+                if line.strip().startswith(expected):
+                    return line.strip()
+
+        def admin_call(method: str, path: str, body: dict | None = None) -> dict:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            request = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=data, method=method, headers=headers)
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return json.load(response)
+
+        try:
+            hear("subscribed")
+            (row,) = admin_call("GET", "/api/connections?user=ana")["connections"]
+            assert row["client"] == "broker-js/0.1.0", row
+            assert admin_call("POST", "/api/users/ana/unsubscribe", {"subscription": "ops.t"})["connections"] == 1
+            proc.stdin.write("unsubscribed\n")
+            proc.stdin.flush()
+            hear("ended")
+            a.proc.send_signal(signal.SIGUSR2)
+            proc.stdin.write("lame duck\n")
+            proc.stdin.flush()
+            moved = hear("moved in")
+            output, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and "# fail 0" in output, output[-3000:]
+            assert int(moved.split()[2]) < 3000, moved  # at once, not after its 5 s backoff
+        finally:
+            if proc.poll() is None:
+                proc.kill()

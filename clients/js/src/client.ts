@@ -492,6 +492,13 @@ export class Client {
       this.finish(status || code, reason);
       return;
     }
+    if (code === CloseCode.RECONNECT_ELSEWHERE && !this.offlineNow) {
+      // the node is leaving: at once, without a backoff, to the next URL of the list
+      this.setState("disconnected", reason, code);
+      if (this.urls.length > 1) this.url = this.urls[(this.urls.indexOf(this.url) + 1) % this.urls.length];
+      this.retryTimer = setTimeout(() => void this.open(), 0);
+      return;
+    }
     this.scheduleRetry(code || status, reason);
   }
 

@@ -38,6 +38,8 @@ export const CloseCode = {
   SLOW_CONSUMER: 1013,
   TOKEN_EXPIRED: 4001,
   TOKEN_REVOKED: 4003,
+  /** The node is leaving (lame-duck mode): reconnect at once, to the next URL, and recover. */
+  RECONNECT_ELSEWHERE: 4010,
 } as const;
 
 const NAMES: Record<number, string> = Object.fromEntries(Object.entries(ErrorCode).map(([name, code]) => [code, name]));
@@ -88,6 +90,19 @@ export class Timeout extends BrokerError {
 
 /** A publish could not be queued: the offline queue is full (offlineOverflow "raise"), or
  * too much waits for a socket that takes no more. */
+/** An operator ended the subscription at the broker (the `unsubscribed` message): it
+ * delivers nothing more, and is not made again on a reconnection. */
+export class SubscriptionEnded extends BrokerError {
+  readonly pattern: string;
+  readonly reason: string;
+  constructor(pattern: string, reason: string) {
+    super(`subscription ${JSON.stringify(pattern)} ended by the broker: ${reason}`);
+    this.name = "SubscriptionEnded";
+    this.pattern = pattern;
+    this.reason = reason;
+  }
+}
+
 export class QueueFull extends BrokerError {
   constructor(message: string) {
     super(message);

@@ -3,7 +3,7 @@
 // frames to send. It never touches a socket or a timer: the connection layer (client.ts)
 // hands it every frame received and the connection's ups and downs, and sends what
 // `takeFrames()` gives.
-import { ConnectionClosed, ErrorCode, QueueFull, RequestError } from "./errors.js";
+import { ConnectionClosed, ErrorCode, QueueFull, RequestError, SubscriptionEnded } from "./errors.js";
 import { Subscription, type Gap, type Handler, type Message, type Since, type SubscribeOptions } from "./subscription.js";
 import { isPattern, matches, validatePattern, validateTopic } from "./topics.js";
 import * as wire from "./wire.js";
@@ -594,6 +594,24 @@ export class Core {
             cause: typeof m[6] === "string" ? m[6] : "",
           };
           for (const sub of this.subsOf(gap.topic)) sub.gap(gap);
+          break;
+        }
+        case "unsubscribed": {
+          // an operator ended the subscription of this pattern at the broker
+          const sub = this.subs.get(m[1] as string);
+          if (sub !== undefined && !sub.done) {
+            this.drop(sub);
+            const error = new SubscriptionEnded(sub.pattern, String(m[2] ?? ""));
+            if (sub.onEnd !== undefined) {
+              try {
+                sub.onEnd(error);
+              } catch (e) {
+                this.events.error(e as Error);
+              }
+            } else {
+              this.events.error(error);
+            }
+          }
           break;
         }
         case "request":

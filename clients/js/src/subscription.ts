@@ -1,5 +1,6 @@
 // One subscription: its handler, and per topic the position of the last message it delivered,
 // so that each message reaches the application once and in order, or a Gap says what is missing.
+import type { SubscriptionEnded } from "./errors.js";
 import type { Policy, Position } from "./wire.js";
 
 /** A delivered message. `conflated`: the broker skipped the messages before it (a Gap with
@@ -43,6 +44,9 @@ export interface SubscribeOptions {
   policy?: Policy;
   /** Called for each Gap of this subscription (otherwise the client's "gap" event has it). */
   onGap?: GapHandler;
+  /** Called when the broker ends the subscription (an operator unsubscribed its user: the
+   * `unsubscribed` message); otherwise the client's "error" event has a SubscriptionEnded. */
+  onEnd?: (error: SubscriptionEnded) => void;
 }
 
 export type Sink = {
@@ -57,6 +61,7 @@ export class Subscription {
   policy: Policy;
   readonly handler: Handler;
   readonly onGap: GapHandler | undefined;
+  readonly onEnd: ((error: SubscriptionEnded) => void) | undefined;
   /** From the subscribe ack: for a topic its epoch and the last sequence number published
    * before the subscription; for a pattern the time (ms) the subscription took effect. */
   epoch = 0n;
@@ -87,6 +92,7 @@ export class Subscription {
     this.handler = handler;
     this.policy = options.policy ?? "";
     this.onGap = options.onGap;
+    this.onEnd = options.onEnd;
     this.since0 = options.since ?? null;
     this.last = options.last ?? false;
     this.sink = sink;

@@ -3,7 +3,15 @@
 // sends plus an HTTP POST for each frame the client sends (docs/protocol.md, section 12),
 // for where a WebSocket cannot be opened. Both carry the same frames; the core never knows
 // which one it has.
-import { BEARER_PREFIX, SUBPROTOCOL } from "./wire.js";
+import { BEARER_PREFIX, CLIENT_ID, SUBPROTOCOL } from "./wire.js";
+
+/** `url` with the client's identification as its `client` query parameter (a WebSocket,
+ * in a browser or Node, cannot send headers), unless it names one already. */
+export function identified(url: string): string {
+  const parsed = new URL(url);
+  if (!parsed.searchParams.has("client")) parsed.searchParams.set("client", CLIENT_ID);
+  return parsed.toString();
+}
 
 export type TransportKind = "websocket" | "fallback";
 
@@ -34,7 +42,7 @@ export class WebSocketTransport implements Transport {
 
   constructor(url: string, token: string | null, events: TransportEvents) {
     const protocols = token ? [SUBPROTOCOL, BEARER_PREFIX + token] : [SUBPROTOCOL];
-    const ws = new WebSocket(url, protocols);
+    const ws = new WebSocket(identified(url), protocols);
     ws.binaryType = "arraybuffer";
     let opened = false;
     ws.onopen = () => {
@@ -163,6 +171,7 @@ export class FallbackTransport implements Transport {
       Accept: "text/event-stream",
       "Broker-Protocol": SUBPROTOCOL,
       "Broker-Stream": this.streamId,
+      "Broker-Client": CLIENT_ID,
     };
     if (this.token) headers.Authorization = `Bearer ${this.token}`;
     if (this.lastEventId) headers["Last-Event-ID"] = this.lastEventId;

@@ -4,6 +4,9 @@
 import { Decoder, Encoder } from "@msgpack/msgpack";
 
 export const SUBPROTOCOL = "broker.v1";
+/** Who this client says it is (protocol.md 1.1: the Broker-Client header, or the `client`
+ * query parameter where headers cannot be set, as on a WebSocket): NAME/VERSION. */
+export const CLIENT_ID = "broker-js/0.1.0";
 /** The prefix of the Sec-WebSocket-Protocol entry that carries a token from a browser. */
 export const BEARER_PREFIX = "bearer.";
 export const DEFAULT_MAX_BATCH = 10_000;
