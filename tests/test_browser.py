@@ -175,7 +175,8 @@ def test_a_restarted_broker_is_recovered_with_the_ended_gap(browser, demo):
         gaps = page.value("window.demo.gaps")
         ended = {g["topic"] for g in gaps if g["cause"] == "ended"}
         received = page.received()
-        old = {topic for topic, seqs in received.items() if seqs[0][0] == before[topic][0]}
+        # a topic first published after `before` was taken is not judged (its old epoch is unknown)
+        old = {topic for topic, seqs in received.items() if topic in before and seqs[0][0] == before[topic][0]}
         assert old and old <= ended, old - ended  # every topic the page had in the old epoch was told it ended
         exactly_once(received, gaps)
         # Chromium itself logs the refused attempts to reconnect while no broker listened
