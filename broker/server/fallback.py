@@ -41,7 +41,7 @@ STREAM_HEADER = "broker-stream"
 # stream's capability for its POSTs, like a connection's socket: never logged or echoed.
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 CONTENT_TYPE = "application/msgpack"
-ALLOWED_HEADERS = "Authorization, Content-Type, Broker-Protocol, Broker-Stream, Last-Event-ID"
+ALLOWED_HEADERS = "Authorization, Content-Type, Broker-Protocol, Broker-Stream, Broker-Client, Last-Event-ID"
 PREFLIGHT_MAX_AGE_S = 600
 
 ATTACHED, DETACHED, ENDED = range(3)
