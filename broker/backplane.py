@@ -90,8 +90,9 @@ class MemoryBackplane:
             on_sequenced(state.epoch, state.seq)
         return state.seq
 
-    def refusal(self) -> str:
-        """Why publishes are refused while `accepting` is False (never, here)."""
+    def refusal(self, state: TopicState | None = None) -> str | None:
+        """While `accepting` is False (never, here): why a publish to the topic is refused,
+        or None when the part of the backplane that takes this topic takes it."""
         return "the backplane does not take publishes now"
 
     def topic_epoch(self, name: str) -> int | None:

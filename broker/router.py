@@ -427,7 +427,9 @@ class Router:
         if state is None:
             state = self.topic(name)
         if not self.backplane.accepting:
-            raise RequestError(ErrorCode.UNAVAILABLE, self.backplane.refusal())
+            refused = self.backplane.refusal(state)
+            if refused is not None:  # None: this topic's part of the backplane takes it
+                raise RequestError(ErrorCode.UNAVAILABLE, refused)
         return state
 
     def _ack_later(self, box: Outbox, request_id: int, epoch: int, seq: int) -> None:

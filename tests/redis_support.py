@@ -327,12 +327,14 @@ class RedisCluster:
     RedisProcess in its own dir, joined by `redis-cli --cluster create` and ready
     (cluster_state:ok, every slot assigned, every node known to every node, every replica
     linked to its master) when the constructor returns. `node_timeout_ms` is every node's
-    cluster-node-timeout: how soon a master that stopped answering is failed over.
+    cluster-node-timeout: how soon a master that stopped answering is failed over;
+    `extra_args` go on every node's command line (`--cluster-require-full-coverage no`).
 
         with RedisCluster() as cluster:
             client = redis.cluster.RedisCluster.from_url(cluster.url)"""
 
-    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000, timeout: float = CLUSTER_READY_TIMEOUT_S) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000, timeout: float = CLUSTER_READY_TIMEOUT_S,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.nodes: list[RedisProcess] = []
         self.master_count = masters
         self.replicas = replicas
@@ -343,7 +345,7 @@ class RedisCluster:
             for _ in range(masters * (1 + replicas)):
                 port = cluster_port(taken)
                 taken |= {port, port + CLUSTER_BUS_OFFSET}
-                self.nodes.append(RedisProcess(port=port, cluster=True, node_timeout_ms=node_timeout_ms))
+                self.nodes.append(RedisProcess(*extra_args, port=port, cluster=True, node_timeout_ms=node_timeout_ms))
             self._create(timeout)
             self.wait_ready(timeout)
         except BaseException:

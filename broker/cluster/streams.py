@@ -12,12 +12,14 @@ over its slots:
   count, one field per topic the topic's last sequence number.
 
 A node sequences nothing itself. What its clients publish in a tick is handed over at the end
-of the tick (`stage`), one block per shard; the writer sends every block in one pipeline, each
-block one EVALSHA of `scripts.WRITE`, which numbers the block's batches (HINCRBY per topic) and
-appends the entry (XADD, trimmed with MAXLEN ~ or MINID ~) atomically. So per topic the order
-of the stream is the order of the numbers, and every node delivers in it. While a pipeline is
-out, the next ticks' publishes wait and go in the next one: the busier the node, the more
-messages per Redis command.
+of the tick (`stage`), one block per shard; each block is one EVALSHA of `scripts.WRITE`, which
+numbers the block's batches (HINCRBY per topic) and appends the entry (XADD, trimmed with
+MAXLEN ~ or MINID ~) atomically. So per topic the order of the stream is the order of the
+numbers, and every node delivers in it. Writers are independent per route (`_Route`): on one
+Redis one writer sends every shard's block in one pipeline; on a Redis Cluster each shard has
+a writer of its own, so a master that is slow or gone holds back only its own shards. While a
+write is out, the next ticks' publishes wait and go in the next one: the busier the node, the
+more messages per Redis command.
 
 Every node reads every shard (blocking XREAD from the last entry it read, one command for all
 shards on a single Redis, one per shard on a cluster) and hands each entry's batches to the
@@ -29,10 +31,13 @@ just started or that a client just moved to.
 Acks: a publish with a request id is acknowledged when the script's reply gives its number.
 A write whose reply was lost (timeout, broken connection) is in doubt: it is sent again as it
 was, and the script, which keeps per node and shard the last write made (`{PREFIX:N}:w:NODE`,
-for a day), answers a repeat with the numbers the first one got instead of appending twice. Publishes that cannot be written
-within `redis_timeout_s` fail: acks become err 18 (UNAVAILABLE), fire-and-forget messages are
-counted (`failed`) and logged. While more than `redis_max_buffer_bytes` wait, or after a write
-failed until Redis answers again, publishes are refused at once with err 18.
+for a day), answers a repeat with the numbers the first one got instead of appending twice.
+Every block is answered by `redis_timeout_s` after its first message was published, wherever
+it is then (staged, out, or waiting to be sent again): a timer fails it (`_answer_late`), so no wait
+depends on how long a command to a stuck Redis takes. Acks then become err 18 (UNAVAILABLE),
+fire-and-forget messages are counted (`failed`) and logged. While more than
+`redis_max_buffer_bytes` wait, publishes are refused at once with err 18; after a write failed
+that way, so are publishes to the shards of its route, until Redis answers for them again.
 
 Redis that comes back older than a node saw it (an older snapshot, a replica promoted without
 the last writes) is found by the write count (broker.cluster.epochs, broker.cluster.scripts):
@@ -77,6 +82,7 @@ READ_COUNT = 1000  # entries one XREAD takes per stream at most
 LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
 BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
+PROBE_S = 0.5  # how often a writer whose shards refuse publishes checks them
 READER_RENEW = 10  # failed reads in a row after which a Redis Cluster reader gets a new client
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
@@ -116,14 +122,14 @@ class BackplaneStats:
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
         self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
         self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
-        self.write_failures = 0  # the writer's attempts (writes; checks while publishes are refused) that failed in a row, now
+        self.write_failures = 0  # the attempts (writes; checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most
 
 
 class _Block:
     """What one shard gets in one write: per topic the payloads in order, and the acks
     waiting for their numbers: (topic, index in its payloads, ok, fail)."""
 
-    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "sent", "epoch")
+    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "sent", "epoch", "answered")
 
     def __init__(self, shard: int, staged: float) -> None:
         self.shard = shard
@@ -135,6 +141,31 @@ class _Block:
         self.write = 0  # the node's write number, once taken for writing
         self.sent = False  # sent at least once: if its reply was lost, it may have been made
         self.epoch = 0  # the shard's epoch as the node knew it when the block was first sent
+        self.answered = False  # its publishes were answered (written, or failed at its deadline)
+
+
+class _Route:
+    """The shards one writer task writes, and what it holds for them. On one Redis one route
+    holds every shard (a write is one pipeline: one round trip); on a Redis Cluster each shard
+    is a route of its own, so that a master that is slow or gone holds back no other's shards."""
+
+    __slots__ = ("name", "shards", "blocks", "full", "writing", "down", "failures", "wake")
+
+    def __init__(self, name: str, shards: list[int]) -> None:
+        self.name = name  # for logs: "writing to Redis", "writing shard 3"
+        self.shards = shards
+        self.blocks: dict[int, _Block] = {}  # the block each shard is filling
+        self.full: list[_Block] = []  # blocks that reached BLOCK_BYTES
+        self.writing: list[_Block] = []  # sent (or to be sent again), at most one per shard
+        self.down = False  # a write failed at its deadline: its shards refuse until Redis answers
+        self.failures = 0  # the writer's attempts that failed in a row
+        self.wake = asyncio.Event()
+
+    def holds(self) -> bool:
+        return bool(self.writing or self.full or self.blocks)
+
+    def all_blocks(self) -> list[_Block]:
+        return [*self.writing, *self.full, *self.blocks.values()]
 
 
 class RedisBackplane(MemoryBackplane):
@@ -168,19 +199,19 @@ class RedisBackplane(MemoryBackplane):
         self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
         self.stats = BackplaneStats(self.shards)
-        self.accepting = False  # until start() connected
+        self.accepting = False  # every shard takes publishes (and the compiled path may stamp them); False until start() connected
         self.buffered = 0  # payload bytes staged or being written
         self.cluster = False
         self.block_ms = BLOCK_MS
         self.router = None
-        self._blocks: dict[int, _Block] = {}  # the block each shard is filling
-        self._full: list[_Block] = []  # blocks that reached BLOCK_BYTES
+        self._routes: list[_Route] = []  # made at start: one, or one per shard on a cluster
+        self._route_of: list[_Route] = []  # per shard
+        self._buffer_full = False  # past redis_max_buffer_bytes, until half of it is written
+        self._expiry: asyncio.TimerHandle | None = None  # answers the oldest block at its deadline
         self._waiting: dict[TopicState, list] = {}  # provisional seq, ok, fail per staged-to-be publish
         self._writes = 0
-        self._writing: list[_Block] = []  # blocks sent (or to be sent again) whose entries are not known yet
-        self._down = False  # a write failed for redis_timeout_s: refuse until Redis answers
-        self._wake: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._writers: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []  # the readers
         self._closing = False
         self._redis = None  # commands and writes
         self._readers: list = []  # blocking XREAD clients
@@ -198,9 +229,8 @@ class RedisBackplane(MemoryBackplane):
     def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Ok | None = None, on_failed: Fail | None = None) -> None:
         """Add `payload` to the topic's pending batch, numbered for now in this node's count
         (the compiled publish path does the same); `stage` hands it over at the end of the
-        tick, and `on_sequenced(epoch, seq)` (or `on_failed(code, text)`) follows."""
-        if not self.accepting:
-            raise RequestError(ErrorCode.UNAVAILABLE, self.refusal())
+        tick, and `on_sequenced(epoch, seq)` (or `on_failed(code, text)`) follows. The router
+        asked `refusal(state)` first."""
         stamp(state, payload, dirty)
         if on_sequenced is not None:
             waiting = self._waiting.get(state)
@@ -209,22 +239,34 @@ class RedisBackplane(MemoryBackplane):
             waiting.append((state.seq, on_sequenced, on_failed))
         return None
 
-    def refusal(self) -> str:
-        """Why publishes are refused now (err 18)."""
+    def refusal(self, state: TopicState | None = None) -> str | None:
+        """While `accepting` is False: why a publish to the topic is refused now (err 18), or
+        None when its shard takes it (another shard's route is down)."""
+        if self._buffer_full or self._closing:
+            text = f"the cluster backplane (Redis) holds {self.buffered} bytes of publishes not yet written, its limit; not published (retry later)"
+        else:
+            route = self._route_of[zlib.crc32(state.key) % self.shards] if state is not None and self._route_of else None
+            if route is not None and not route.down:
+                return None
+            text = "the cluster backplane (Redis) does not answer; not published (retry later)"
         self.stats.refused += 1
-        return self._unavailable()
+        return text
 
-    def _unavailable(self) -> str:
-        if self._down:
-            return "the cluster backplane (Redis) does not answer; not published (retry later)"
-        return f"the cluster backplane (Redis) holds {self.buffered} bytes of publishes not yet written, its limit; not published (retry later)"
+    @property
+    def ready(self) -> bool:
+        """Whether the node takes publishes at all (readiness): not stopping, the buffer below
+        its limit, and Redis answering for at least one shard."""
+        return not self._closing and not self._buffer_full and any(not route.down for route in self._routes)
+
+    def _update_accepting(self) -> None:
+        self.accepting = not self._closing and not self._buffer_full and not any(route.down for route in self._routes)
 
     def stage(self, states: list[TopicState]) -> int:
         """Take the topics' pending batches for the next write and give each topic back the
         sequence number it had (numbers come from Redis). Returns the messages taken."""
         taken = 0
         now = time.monotonic()
-        blocks = self._blocks
+        route_of = self._route_of
         waiting = self._waiting
         for state in states:
             pending = state.pending
@@ -233,9 +275,13 @@ class RedisBackplane(MemoryBackplane):
                 continue
             count = len(pending)
             shard = zlib.crc32(state.key) % self.shards
+            route = route_of[shard]
+            blocks = route.blocks
             block = blocks.get(shard)
             if block is None:
                 block = blocks[shard] = _Block(shard, now)
+                if self._expiry is None:
+                    self._arm(now)
             payloads = block.topics.get(state.name)
             if payloads is None:
                 payloads = block.topics[state.name] = []
@@ -254,13 +300,15 @@ class RedisBackplane(MemoryBackplane):
             state.pending = []
             taken += count
             if block.size >= BLOCK_BYTES:
-                self._full.append(block)
+                route.full.append(block)
                 del blocks[shard]
         if taken:
             if self.buffered > self.max_buffer:
+                self._buffer_full = True
                 self.accepting = False
-            if self._wake is not None:
-                self._wake.set()
+            for route in self._routes:
+                if route.blocks or route.full:
+                    route.wake.set()
         return taken
 
     # start and stop
@@ -273,7 +321,6 @@ class RedisBackplane(MemoryBackplane):
         from redis.backoff import NoBackoff
 
         self.router = router
-        self._wake = asyncio.Event()
         options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False)
         if self.password:
             options["password"] = self.password
@@ -296,6 +343,12 @@ class RedisBackplane(MemoryBackplane):
         finally:
             await probe.aclose()
         self.cluster = bool(info.get("cluster_enabled"))
+        if self.cluster:
+            self._routes = [_Route(f"writing shard {i}", [i]) for i in range(self.shards)]
+            self._route_of = list(self._routes)
+        else:
+            self._routes = [_Route("writing to Redis", list(range(self.shards)))]
+            self._route_of = self._routes * self.shards
         self.block_ms = CLUSTER_BLOCK_MS if self.cluster else BLOCK_MS
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
@@ -316,7 +369,7 @@ class RedisBackplane(MemoryBackplane):
             raise ConfigError(f"redis_url: Redis at {without_password(self.url)} could not be used: {exc}") from None
         self.accepting = True
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._write_loop()))
+        self._writers = [loop.create_task(self._write_loop(route)) for route in self._routes]
         if self.cluster:
             self._tasks.extend(loop.create_task(self._read_loop([i], i)) for i in range(self.shards))
         else:
@@ -326,15 +379,22 @@ class RedisBackplane(MemoryBackplane):
         """Write what is staged (waiting at most redis_timeout_s), then stop reading."""
         self._closing = True
         self.accepting = False
-        if self._tasks:
-            writer, readers = self._tasks[0], self._tasks[1:]
-            self._wake.set()
+        if self._writers:
+            for route in self._routes:
+                route.wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained()), self.timeout)
             except asyncio.TimeoutError:
                 pass
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            for writer in self._writers:
+                writer.cancel()
+            await asyncio.gather(*self._writers, return_exceptions=True)
+            self._writers = []
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self._tasks:
+            readers = self._tasks
             if self.cluster:
                 # redis-py's cluster client does not come back from a cancelled blocking read:
                 # its readers stop by themselves when their XREAD returns (within BLOCK_MS)
@@ -347,7 +407,7 @@ class RedisBackplane(MemoryBackplane):
         await self._close_clients()
 
     async def _drained(self) -> None:
-        while self._blocks or self._full or self._writing:
+        while any(route.holds() for route in self._routes):
             await asyncio.sleep(0.01)
 
     async def _close_clients(self) -> None:
@@ -422,6 +482,10 @@ class RedisBackplane(MemoryBackplane):
             client = self._readers[reader]
             unchecked = self.shard_epochs.unchecked
             try:
+                if failures and self.cluster:
+                    # the failed read may have gone to a master that is gone: learn the slot
+                    # map now (redis-py would only after a command it routes itself failed)
+                    await client.initialize()
                 if failures or unchecked:
                     todo = shards if failures else [shard for shard in shards if shard in unchecked]
                     if todo:
@@ -601,70 +665,74 @@ class RedisBackplane(MemoryBackplane):
 
     # writing
 
-    async def _write_loop(self) -> None:
+    async def _write_loop(self, route: _Route) -> None:
+        """Send the route's blocks, at most one per shard per write, until the node stops. A
+        write that failed is sent again as it was (the script answers a repeat with the first
+        one's numbers), unless its deadline passed meanwhile (`_answer_late`). While the route is
+        down and holds nothing, its shards are checked every PROBE_S."""
         import redis.asyncio as aioredis
 
-        failures = 0
         while True:
-            if not self._writing:
-                if not (self._blocks or self._full):
+            if not route.writing:
+                if not (route.blocks or route.full):
                     if self._closing:
                         return
-                    self._wake.clear()
-                    if self._down:
+                    route.wake.clear()
+                    if route.down:
                         try:
-                            await asyncio.wait_for(self._wake.wait(), 0.5)
+                            await asyncio.wait_for(route.wake.wait(), PROBE_S)
                         except asyncio.TimeoutError:
                             pass
-                        error = await self._probe()
-                        if error is None:
-                            if failures:
-                                log.warning("cluster backplane: Redis answers again after %d failed attempt(s) to write or check", failures)
-                            failures = self.stats.write_failures = 0
-                        else:  # the probe is the writer's attempt while publishes are refused
-                            failures += 1
-                            self.stats.write_failures = failures
-                            self._failed("checking Redis (publishes are refused meanwhile)", failures, error)
+                        if route.down:
+                            error = await self._probe(route)
+                            if error is not None:  # the probe is the writer's attempt while its shards refuse publishes
+                                self._write_failed(route, f"checking {'Redis' if len(route.shards) > 1 else f'shard {route.shards[0]}'} (publishes are refused meanwhile)", error)
                         continue
-                    await self._wake.wait()
+                    await route.wake.wait()
                     continue
                 # at most one block per shard in a write: the script's repeat check knows the
                 # last write per shard, so a write sent again must hold one block per shard
                 shards: set[int] = set()
-                for block in [*self._full, *self._blocks.values()]:
+                for block in [*route.full, *route.blocks.values()]:
                     if block.shard not in shards:
                         shards.add(block.shard)
-                        self._writing.append(block)
-                taken = set(map(id, self._writing))
-                self._full = [block for block in self._full if id(block) not in taken]
-                self._blocks = {shard: block for shard, block in self._blocks.items() if id(block) not in taken}
-                for block in self._writing:
+                        route.writing.append(block)
+                taken = set(map(id, route.writing))
+                route.full = [block for block in route.full if id(block) not in taken]
+                route.blocks = {shard: block for shard, block in route.blocks.items() if id(block) not in taken}
+                for block in route.writing:
                     self._writes += 1
                     block.write = self._writes
             try:
-                await self._send(self._writing)
+                await self._send(route, list(route.writing))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors; anything else is a bug, logged: the writer goes on (its blocks time out)
                 if not isinstance(exc, (OSError, aioredis.RedisError)):
                     log.exception("cluster backplane: the writer failed")
-                failures += 1
-                self.stats.write_failures = failures
-                self._expire_writes(time.monotonic())
-                await self._after_failure("writing to Redis", failures, exc)
+                self._write_failed(route, route.name, exc)
+                await asyncio.sleep(RETRY_S[min(route.failures - 1, len(RETRY_S) - 1)])
                 continue
-            if failures:
-                log.warning("cluster backplane: writing to Redis works again after %d failed attempt(s)", failures)
-                failures = 0
-                self.stats.write_failures = 0
+            if route.failures:
+                log.warning("cluster backplane: %s works again after %d failed attempt(s)", route.name, route.failures)
+                route.failures = 0
+                self._count_write_failures()
 
-    async def _send(self, blocks: list[_Block]) -> None:
-        """Write the blocks, each one EVALSHA, in one pipeline; a block whose write failed
-        or whose reply was lost stays in `_writing` and is sent again as it is."""
+    def _write_failed(self, route: _Route, what: str, exc: Exception) -> None:
+        route.failures += 1
+        self._count_write_failures()
+        self._failed(what, route.failures, exc)
+
+    def _count_write_failures(self) -> None:
+        self.stats.write_failures = max(route.failures for route in self._routes)
+
+    async def _send(self, route: _Route, blocks: list[_Block]) -> None:
+        """Write the blocks, each one EVALSHA, in one pipeline (one command on a cluster's
+        route); a block whose write failed or whose reply was lost stays in `route.writing`
+        and is sent again as it is, unless its deadline passed meanwhile."""
         import redis.asyncio as aioredis
         from redis.exceptions import NoScriptError
 
-        blocks = list(blocks)  # `_written` takes each block out of `_writing` as its reply arrives
         trim = self._trim()
         known = self.shard_epochs.known
         was_sent = [block.sent for block in blocks]
@@ -720,56 +788,73 @@ class RedisBackplane(MemoryBackplane):
             epoch = int(epoch)
             if moved:
                 self._rolled_back(block.shard, epoch)
+            if block in route.writing:
+                route.writing.remove(block)
             if outcome == scripts.ENDED:
                 self.shard_epochs.know(block.shard, epoch, int(count))
-                self._writing.remove(block)
-                self.stats.unknown += block.count
-                self._fail(block, f"the cluster backplane (Redis) lost what it held of epoch {block.epoch}, in which this publish was sent without an answer: it may have been published then (and delivered once) or not", "may not have been published")
+                if not block.answered:
+                    self.stats.unknown += block.count
+                    self._fail(block, f"the cluster backplane (Redis) lost what it held of epoch {block.epoch}, in which this publish was sent without an answer: it may have been published then (and delivered once) or not", "may not have been published")
                 continue
             self.shard_epochs.wrote(block.shard, epoch, int(count), block.write)
             self._written(block, epoch, _firsts.decode(firsts))
         if broken is not None:
             raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
-        if self._down:
-            self._back()
+        if route.down:
+            self._back(route)
 
     def _written(self, block: _Block, epoch: int, firsts: list[int]) -> None:
-        self._writing.remove(block)
-        self.buffered -= block.size
         stats = self.stats
         stats.entries_written += 1
         stats.messages_written += block.count
         stats.bytes_written += block.size
+        if block.answered:  # its deadline passed first: told "may have been published", and it was
+            return
+        block.answered = True
+        self.buffered -= block.size
         if block.waiters:
             first_of = dict(zip(block.topics, firsts))
             for name, index, ok, _ in block.waiters:
                 ok(epoch, first_of[name] + index)
-        if not self.accepting and not self._down and not self._closing and self.buffered <= self.max_buffer // 2:
-            self.accepting = True
+        if self._buffer_full and self.buffered <= self.max_buffer // 2:
+            self._buffer_full = False
+            self._update_accepting()
 
-    def _expire_writes(self, now: float) -> None:
-        """Answer the publishes that waited redis_timeout_s, and refuse new ones until Redis
-        answers. A block never sent was not published. A block sent without a reply may have
-        been: it is not sent again, so it is published once or never, and its acks say so."""
-        late = [block for block in self._writing if now - block.staged >= self.timeout]
-        if not late:
+    def _arm(self, now: float) -> None:
+        """Answer the oldest block at its deadline (redis_timeout_s after it was staged)."""
+        oldest = min((block.staged for route in self._routes for block in route.all_blocks()), default=None)
+        if oldest is None:
+            self._expiry = None
             return
-        for block in late:
-            self._writing.remove(block)
-            if block.sent:
-                self.stats.unknown += block.count
-                self._fail(block, f"Redis did not confirm the publish within redis_timeout_s ({self.timeout:g} s): it may have been published (then it is delivered once) or not", "may not have been published")
-            else:
-                self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
-        self._down = True
-        self.accepting = False
-        for block in [*self._full, *self._blocks.values()]:
-            if now - block.staged >= self.timeout:
-                self._fail(block, "the cluster backplane (Redis) does not answer; not published")
-        self._full = [b for b in self._full if now - b.staged < self.timeout]
-        self._blocks = {k: b for k, b in self._blocks.items() if now - b.staged < self.timeout}
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, oldest + self.timeout - now), self._answer_late)
+
+    def _answer_late(self) -> None:
+        """Answer every block whose deadline passed, wherever it is: a block never sent was not
+        published; one sent without a reply may have been (its command may still be out). It
+        is not sent again, so it is published once or never, and its acks say so. Its route's
+        shards refuse publishes until Redis answers for them again."""
+        now = time.monotonic()
+        for route in self._routes:
+            late = [block for block in route.all_blocks() if now - block.staged >= self.timeout]
+            if not late:
+                continue
+            for block in late:
+                if block.sent:
+                    self.stats.unknown += block.count
+                    self._fail(block, f"Redis did not confirm the publish within redis_timeout_s ({self.timeout:g} s): it may have been published (then it is delivered once) or not", "may not have been published")
+                else:
+                    self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
+            gone = set(map(id, late))
+            route.writing = [block for block in route.writing if id(block) not in gone]
+            route.full = [block for block in route.full if id(block) not in gone]
+            route.blocks = {shard: block for shard, block in route.blocks.items() if id(block) not in gone}
+            if not route.down:
+                route.down = True
+                self._update_accepting()
+        self._arm(now)
 
     def _fail(self, block: _Block, text: str, outcome: str = "not published") -> None:
+        block.answered = True
         self.buffered -= block.size
         if outcome == "not published":
             self.stats.failed += block.count
@@ -779,27 +864,33 @@ class RedisBackplane(MemoryBackplane):
                 fail(ErrorCode.UNAVAILABLE, text)
 
     def _fail_all(self, text: str) -> None:
-        for block in [*self._writing, *self._full, *self._blocks.values()]:
-            self._fail(block, text)
-        self._writing = []
-        self._full = []
-        self._blocks = {}
+        for route in self._routes:
+            for block in route.all_blocks():
+                if not block.answered:
+                    self._fail(block, text)
+            route.writing = []
+            route.full = []
+            route.blocks = {}
         for state, waiting in self._waiting.items():
             for _, _, fail in waiting:
                 if fail is not None:
                     fail(ErrorCode.UNAVAILABLE, text)
         self._waiting = {}
 
-    async def _probe(self) -> Exception | None:
-        """While publishes are refused: check every shard (which also finds a Redis that came
-        back older); when every check is answered, publish again. Returns why not, if not."""
+    async def _probe(self, route: _Route) -> Exception | None:
+        """While the route's shards refuse publishes: check them (which also finds a Redis that
+        came back older); when every check is answered, take publishes again. Returns why
+        not, if not."""
         try:
-            shards = list(range(self.shards))
-            for shard, reply in zip(shards, await self._check(shards, self._redis)):
+            for shard, reply in zip(route.shards, await self._check(route.shards, self._redis)):
                 self._checked(shard, *reply)
         except Exception as exc:  # connection errors; on a cluster also RedisClusterException
             return exc
-        self._back()
+        if route.failures:
+            log.warning("cluster backplane: Redis answers again for %s after %d failed attempt(s) to write or check", "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}", route.failures)
+            route.failures = 0
+            self._count_write_failures()
+        self._back(route)
         return None
 
     def _trim(self) -> tuple[str, str]:
@@ -808,11 +899,10 @@ class RedisBackplane(MemoryBackplane):
             return "MINID", f"{int(self.clock() * 1000) - self.stream_age_ms}-0"
         return "MAXLEN", str(self.maxlen)
 
-    def _back(self) -> None:
-        log.warning("cluster backplane: Redis answers again; publishing")
-        self._down = False
-        if not self._closing and self.buffered <= self.max_buffer:
-            self.accepting = True
+    def _back(self, route: _Route) -> None:
+        log.warning("cluster backplane: Redis answers again for %s; publishing", "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}")
+        route.down = False
+        self._update_accepting()
 
 
 def _known_nodes(client) -> list:

@@ -142,7 +142,7 @@ class Admin:
         server = self.server
         checks = {
             "listening": server.accepting_clients,
-            "backplane": server.cluster is None or server.cluster.accepting,
+            "backplane": server.cluster is None or server.cluster.ready,
         }
         ready = all(checks.values())
         return web.json_response({"ready": ready, **checks, "state": server.state}, status=200 if ready else 503)
