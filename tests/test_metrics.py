@@ -107,6 +107,56 @@ def test_readyz_says_when_the_backplane_does_not_take_publishes(own_redis):
     run(main())
 
 
+def test_a_node_nobody_publishes_on_reports_redis_gone_and_back_within_seconds(own_redis):
+    """A subscriber-only node: /readyz, broker_backplane_connected and the lag follow Redis
+    within the documented bound (3 s) when it stops, comes back, and is paused, though no
+    client publishes and the node sends Redis nothing but its blocking reads."""
+    import asyncio
+    import time
+
+    bound = 3.0
+
+    async def state(port: int) -> tuple[int, float, float]:
+        status, _ = await get(port, "/readyz")
+        m = samples((await get(port, "/metrics"))[1])
+        lag = max(value for (name, _), value in m.items() if name == "broker_backplane_lag_seconds")
+        return status, m[("broker_backplane_connected", ())], lag
+
+    async def until(port: int, status: int, connected: float, within: float) -> tuple[float, float]:
+        """Seconds until /readyz answers `status` and the gauge is `connected`; the lag then."""
+        started = time.monotonic()
+        while True:
+            now, gauge, lag = await state(port)
+            if now == status and gauge == connected:
+                return time.monotonic() - started, lag
+            assert time.monotonic() - started < within, f"/readyz {now}, connected {gauge} after {within} s"
+            await asyncio.sleep(0.05)
+
+    async def main():
+        port = free_port()
+        async with serving(admin_port=port, admin_api_key=KEY, redis_url=own_redis.url, redis_prefix="q", redis_timeout_s=1.0) as server:
+            async with Client(url(server)) as client:
+                await client.subscribe("q.>")
+                await until(port, 200, 1, bound)
+                own_redis.stop()
+                await until(port, 503, 0, bound)
+                await asyncio.sleep(2.0)
+                assert (await state(port))[2] >= 2.0  # the lag grows while Redis is away
+                own_redis.start()
+                _, lag = await until(port, 200, 1, bound + 2)  # readers retry at most 1 s apart
+                assert lag < 1.0
+                own_redis.pause()
+                try:
+                    await until(port, 503, 0, bound + 0.2)
+                finally:
+                    own_redis.resume()
+                await until(port, 200, 1, bound)
+                # the node noticed all this with its blocking reads (and the checks that follow a failed one)
+                assert server.router.stats.published == 0 and server.cluster.stats.writes == 0
+
+    run(main(), timeout=60)
+
+
 def test_every_metric_is_documented_and_every_documented_metric_exists(own_redis):
     async def main():
         port = free_port()

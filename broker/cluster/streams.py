@@ -84,6 +84,10 @@ BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this man
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
 PROBE_S = 0.5  # how often a writer whose shards refuse publishes checks them
 READER_RENEW = 10  # failed reads in a row after which a Redis Cluster reader gets a new client
+# A read that has not come back STALL_S after its block ended means Redis does not answer:
+# the node reports it (readiness, broker_backplane_connected, the lag) within the block plus
+# this, publishing or not, without a command of its own (docs/operations.md says 3 s).
+STALL_S = 1.0
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
 _firsts = msgspec.msgpack.Decoder(list[Annotated[int, msgspec.Meta(ge=1, le=1 << 62)]])
@@ -118,7 +122,7 @@ class BackplaneStats:
         self.failed = 0  # messages that could not be written within redis_timeout_s
         self.unknown = 0  # messages sent whose outcome Redis did not confirm within redis_timeout_s
         self.refused = 0  # publishes refused at once (buffer full, or Redis away)
-        self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read
+        self.lag_ms = [0] * shards  # per shard: how old the newest entry read was when read (0: a read found nothing new)
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
         self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
         self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
@@ -198,6 +202,8 @@ class RedisBackplane(MemoryBackplane):
         self.shard_epochs = ShardEpochs(self.shards)
         self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
+        self._asked = [0.0] * self.shards  # per shard: monotonic time its reader's command went out (0: none out)
+        self._read_at = [time.monotonic()] * self.shards  # per shard: when a read of it last came back
         self.stats = BackplaneStats(self.shards)
         self.accepting = False  # every shard takes publishes (and the compiled path may stamp them); False until start() connected
         self.buffered = 0  # payload bytes staged or being written
@@ -255,8 +261,35 @@ class RedisBackplane(MemoryBackplane):
     @property
     def ready(self) -> bool:
         """Whether the node takes publishes at all (readiness): not stopping, the buffer below
-        its limit, and Redis answering for at least one shard."""
-        return not self._closing and not self._buffer_full and any(not route.down for route in self._routes)
+        its limit, and Redis answering the reads and writes of at least one shard."""
+        if self._closing or self._buffer_full:
+            return False
+        now = time.monotonic()
+        return any(self._reachable(shard, now) and not self._route_of[shard].down for shard in range(self.shards))
+
+    @property
+    def connected(self) -> bool:
+        """Whether Redis answers the reads and takes the writes of every shard now."""
+        now = time.monotonic()
+        return bool(self._routes) and not any(route.down for route in self._routes) and all(self._reachable(shard, now) for shard in range(self.shards))
+
+    def _reachable(self, shard: int, now: float) -> bool:
+        """The shard's reads work: the last one came back, and the one out now is not late."""
+        asked = self._asked[shard]
+        return self.stats.read_failures[shard] == 0 and not (asked and now - asked > self.block_ms / 1000 + STALL_S)
+
+    def lags_s(self) -> list[float]:
+        """Per shard, how far behind this node may be, in seconds: while its reads work, how
+        old the newest entry read was when it was read (0 after a read found nothing new);
+        while they fail or are late, the time since one last came back, which grows."""
+        now = time.monotonic()
+        lags = []
+        for shard, lag_ms in enumerate(self.stats.lag_ms):
+            lag = lag_ms / 1000
+            if not self._reachable(shard, now):
+                lag = max(lag, now - self._read_at[shard])
+            lags.append(lag)
+        return lags
 
     def _update_accepting(self) -> None:
         self.accepting = not self._closing and not self._buffer_full and not any(route.down for route in self._routes)
@@ -478,9 +511,13 @@ class RedisBackplane(MemoryBackplane):
         failure the shards are checked before reading on (Redis may have come back older), and
         so is a shard whose stream repeated a write count."""
         failures = 0
+        asked = self._asked
         while not self._closing:
             client = self._readers[reader]
             unchecked = self.shard_epochs.unchecked
+            now = time.monotonic()
+            for shard in shards:
+                asked[shard] = now
             try:
                 if failures and self.cluster:
                     # the failed read may have gone to a master that is gone: learn the slot
@@ -507,6 +544,12 @@ class RedisBackplane(MemoryBackplane):
                 failures = 0
                 for shard in shards:
                     self.stats.read_failures[shard] = 0
+            now = time.monotonic()
+            lag_ms = self.stats.lag_ms
+            for shard in shards:
+                asked[shard] = 0.0
+                self._read_at[shard] = now
+                lag_ms[shard] = 0  # nothing new, unless the reply holds entries of it
             self.stats.commands += 1
             self.stats.reads += 1
             if not reply or self._closing:

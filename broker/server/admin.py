@@ -210,7 +210,7 @@ class Admin:
             "topics": len(server.router.topics),
             "slow_consumers": stats.slow_consumers + stats.sheds,
             "pending_bytes": server.pending_total,
-            "backplane_lag_ms": None if cluster is None else max(cluster.stats.lag_ms),
+            "backplane_lag_ms": None if cluster is None else int(max(cluster.lags_s()) * 1000),
             "loop_lag_s": server.loop_lag.worst_recent(server.loop.time()),
             "hot": self.hot.hottest(HOT_TOPICS),
             "nodes": self.server.presence.view()["nodes"] if self.server.presence is not None else [],

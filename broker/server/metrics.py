@@ -180,7 +180,7 @@ class Collector(_Collector):
         cluster = server.cluster
         if cluster is not None:
             b = cluster.stats
-            yield _gauge("broker_backplane_connected", "1 while Redis takes publishes to every shard", int(cluster.accepting))
+            yield _gauge("broker_backplane_connected", "1 while Redis answers this node's reads and takes its writes, for every shard", int(cluster.connected))
             yield _counter("broker_backplane_writes", "pipelines sent to Redis (one round trip each)", b.writes)
             yield _counter("broker_backplane_scripts", "numbering script calls (one per shard in a write)", b.scripts)
             yield _counter("broker_backplane_entries_written", "stream entries appended", b.entries_written)
@@ -197,7 +197,7 @@ class Collector(_Collector):
             yield _counter("broker_backplane_unknown", "messages Redis did not confirm within redis_timeout_s (published once or never)", b.unknown)
             yield _counter("broker_backplane_refused", "publishes refused at once (buffer full, or Redis away)", b.refused)
             yield _gauge("broker_backplane_buffered_bytes", "payload bytes staged or being written", cluster.buffered)
-            yield _by("broker_backplane_lag_seconds", "per shard: how old the newest entry read was when it was read", "shard", {str(i): lag / 1000 for i, lag in enumerate(b.lag_ms)})
+            yield _by("broker_backplane_lag_seconds", "per shard: how old the newest entry read was when it was read (0: nothing new); while reads fail or are late, the seconds since one came back", "shard", {str(i): lag for i, lag in enumerate(cluster.lags_s())})
             yield _by("broker_backplane_read_failures", "per shard: reads of its stream that failed in a row, now (0: reading)", "shard", {str(i): n for i, n in enumerate(b.read_failures)})
             yield _gauge("broker_backplane_write_failures", "the attempts (writes, and checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most (0: writing)", b.write_failures)
             yield _counter("broker_backplane_epoch_changes", "shard epochs that ended because Redis lost entries of them or went back in time", b.epoch_changes)
