@@ -5,10 +5,9 @@ timeouts are short so that each failure is reached in about a second."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -186,6 +185,70 @@ def test_redis_out_of_memory_refuses_publishes_and_they_work_again_after(own_red
                 got = await take(sub, len(acked) + 2, timeout=15)
                 assert [m.seq for m in got] == list(range(1, len(acked) + 3))
                 assert got[-1].data == b"after" and {m.data: m.seq for m in got[1:-1]} == acked
+
+    run(main(), timeout=60)
+
+
+def test_redis_out_of_memory_is_named_logged_once_and_readiness_stays_down_until_it_takes_writes(own_redis, caplog):
+    """Redis at maxmemory (noeviction): publishers are told Redis is out of memory (at once,
+    not after redis_timeout_s), the node logs it once and again with a count when it is over,
+    /readyz answers 503 all along (no flapping between 200 and 503) and 200 again soon after
+    Redis takes writes again."""
+    import logging
+
+    import aiohttp
+
+    from redis_support import free_port
+
+    caplog.set_level(logging.WARNING, logger="broker.cluster")
+
+    async def ready(port: int) -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                return response.status
+
+    async def main():
+        port = free_port()
+        async with node(own_redis.url, admin_port=port) as a:
+            async with Client(url(a), request_timeout=30) as publisher:
+                assert (await publisher.publish_acked("o.t", b"before")).seq == 1
+                used = int(own_redis.info("memory")["used_memory"])
+                own_redis.config_set("maxmemory-policy", "noeviction")
+                own_redis.config_set("maxmemory", str(used // 2))  # full, whatever its buffers do meanwhile
+                errors: list[RequestError] = []
+                full = time.monotonic()
+                statuses: list[int] = []
+
+                async def poll() -> None:  # as a load balancer would, all along
+                    while True:
+                        statuses.append(await ready(port))
+                        await asyncio.sleep(0.02)
+
+                poller = None
+                for i in range(60):  # a publish every 50 ms or so for 3 s or more
+                    try:
+                        await publisher.publish_acked(f"o.{i % 20}", b"x" * 1000)
+                        raise AssertionError("published while Redis was full")
+                    except RequestError as exc:
+                        errors.append(exc)
+                    if poller is None:  # after the first refusal: the node knows
+                        poller = asyncio.ensure_future(poll())
+                    await asyncio.sleep(0.05)
+                poller.cancel()
+                assert set(statuses) == {503}, "".join("+" if status == 200 else "." for status in statuses)
+                assert all(e.code == ErrorCode.UNAVAILABLE and "out of memory" in e.text for e in errors), {e.text for e in errors}
+                assert time.monotonic() - full < 8  # refused at once, not each after redis_timeout_s
+                own_redis.config_set("maxmemory", "0")
+                back = time.monotonic()
+                while await ready(port) != 200:
+                    assert time.monotonic() - back < 3, "not ready 3 s after Redis takes writes again"
+                    await asyncio.sleep(0.05)
+                assert (await publisher.publish_acked("o.t", b"after")).seq > 1
+        said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+        assert len(said) == 2, said  # when it started, and when it ended, with the counts
+        refused, failed = map(int, re.search(r"(\d+) publish\(es\) refused and (\d+) message\(s\) not published", said[1]).groups())
+        assert refused + failed == len(errors), said[1]
+        assert not [r for r in caplog.records if "works again" in r.getMessage() or "answers again" in r.getMessage()]
 
     run(main(), timeout=60)
 

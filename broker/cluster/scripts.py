@@ -45,9 +45,13 @@ end
 """
 
 # The shard as it is (a new epoch first if Redis holds less than the node knows):
-# {epoch, write count, 1 if this call started the epoch}.
+# {epoch, write count, 1 if this call started the epoch}. ARGV[7] "1": also a write that
+# changes nothing, which a Redis out of memory refuses (the node learns it takes writes again).
 CHECK = _SHARD + """
 local epoch, count, moved = shard()
+if ARGV[7] == '1' then
+  redis.call('HINCRBY', KEYS[1], '.count', 0)
+end
 return {epoch, count, moved}
 """
 

@@ -83,6 +83,7 @@ LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
 BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
 PROBE_S = 0.5  # how often a writer whose shards refuse publishes checks them
+OUT_OF_MEMORY = "the cluster backplane (Redis) is out of memory (maxmemory): it takes no writes; not published (retry later)"
 READER_RENEW = 10  # failed reads in a row after which a Redis Cluster reader gets a new client
 # A read that has not come back STALL_S after its block ended means Redis does not answer:
 # the node reports it (readiness, broker_backplane_connected, the lag) within the block plus
@@ -153,7 +154,7 @@ class _Route:
     holds every shard (a write is one pipeline: one round trip); on a Redis Cluster each shard
     is a route of its own, so that a master that is slow or gone holds back no other's shards."""
 
-    __slots__ = ("name", "shards", "blocks", "full", "writing", "down", "failures", "wake")
+    __slots__ = ("name", "shards", "blocks", "full", "writing", "down", "failures", "wake", "oom_since", "oom_refused", "oom_failed")
 
     def __init__(self, name: str, shards: list[int]) -> None:
         self.name = name  # for logs: "writing to Redis", "writing shard 3"
@@ -161,9 +162,12 @@ class _Route:
         self.blocks: dict[int, _Block] = {}  # the block each shard is filling
         self.full: list[_Block] = []  # blocks that reached BLOCK_BYTES
         self.writing: list[_Block] = []  # sent (or to be sent again), at most one per shard
-        self.down = False  # a write failed at its deadline: its shards refuse until Redis answers
+        self.down = False  # a write failed at its deadline, or Redis is out of memory: its shards refuse until Redis takes them
         self.failures = 0  # the writer's attempts that failed in a row
         self.wake = asyncio.Event()
+        self.oom_since = 0.0  # monotonic time Redis refused a write for maxmemory (0: it takes writes)
+        self.oom_refused = 0  # publishes refused at once since then
+        self.oom_failed = 0  # messages of writes Redis refused since then
 
     def holds(self) -> bool:
         return bool(self.writing or self.full or self.blocks)
@@ -254,7 +258,11 @@ class RedisBackplane(MemoryBackplane):
             route = self._route_of[zlib.crc32(state.key) % self.shards] if state is not None and self._route_of else None
             if route is not None and not route.down:
                 return None
-            text = "the cluster backplane (Redis) does not answer; not published (retry later)"
+            if route is not None and route.oom_since:
+                route.oom_refused += 1
+                text = OUT_OF_MEMORY
+            else:
+                text = "the cluster backplane (Redis) does not answer; not published (retry later)"
         self.stats.refused += 1
         return text
 
@@ -603,15 +611,17 @@ class RedisBackplane(MemoryBackplane):
         elif failures & (failures - 1) == 0:
             log.warning("cluster backplane: %s failed %d times in a row (%s); retrying", what, failures, exc)
 
-    async def _check(self, shards: list[int], client) -> list[tuple[int, int, int]]:
+    async def _check(self, shards: list[int], client, write: bool = False) -> list[tuple[int, int, int]]:
         """Run scripts.CHECK on the shards: each one's (epoch, write count, 1 if this check
-        started the epoch because Redis held less than this node knows). Rare (at start,
-        after failures): EVAL, so that a Redis that lost its scripts needs nothing loaded."""
+        started the epoch because Redis held less than this node knows); with `write`, the
+        check also makes a write that changes nothing (Redis out of memory refuses it). Rare
+        (at start, after failures): EVAL, so that a Redis that lost its scripts needs nothing
+        loaded."""
         trim = self._trim()
         calls = []
         for shard in shards:
             known_epoch, known_count = self.shard_epochs.known[shard]
-            calls.append((self.counters[shard], self.streams[shard], unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim))
+            calls.append((self.counters[shard], self.streams[shard], unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, "1" if write else ""))
         self.stats.commands += len(calls)
         if self.cluster:  # at once: a master that does not answer holds back no other's check
             replies = await asyncio.gather(*(client.eval(scripts.CHECK, 2, *call) for call in calls), return_exceptions=True)
@@ -728,7 +738,12 @@ class RedisBackplane(MemoryBackplane):
                             pass
                         if route.down:
                             error = await self._probe(route)
-                            if error is not None:  # the probe is the writer's attempt while its shards refuse publishes
+                            if error is None:
+                                pass
+                            elif route.oom_since and _out_of_memory(error):  # said once when it began
+                                route.failures += 1
+                                self._count_write_failures()
+                            else:  # the probe is the writer's attempt while its shards refuse publishes
                                 self._write_failed(route, f"checking {'Redis' if len(route.shards) > 1 else f'shard {route.shards[0]}'} (publishes are refused meanwhile)", error)
                         continue
                     await route.wake.wait()
@@ -816,12 +831,15 @@ class RedisBackplane(MemoryBackplane):
                 await self._load_script()
                 return
         broken = None
+        full: list[_Block] = []
         for block, reply, sent in zip(blocks, replies, was_sent):
             if isinstance(reply, BaseException):
                 if isinstance(reply, aioredis.ResponseError):
                     block.sent = sent  # Redis refused it: not written now
                     if isinstance(reply, NoScriptError):
                         await self._load_script()
+                    elif _out_of_memory(reply):
+                        full.append(block)  # refused before it wrote anything: not published, certainly
                     else:
                         broken = broken or reply
                 else:
@@ -841,10 +859,35 @@ class RedisBackplane(MemoryBackplane):
                 continue
             self.shard_epochs.wrote(block.shard, epoch, int(count), block.write)
             self._written(block, epoch, _firsts.decode(firsts))
+        if full:
+            self._out_of_memory(route, full)
         if broken is not None:
             raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
-        if route.down:
+        if route.down and not full:
             self._back(route)
+
+    def _out_of_memory(self, route: _Route, blocks: list[_Block]) -> None:
+        """Redis refused the blocks for maxmemory (before the script wrote anything): their
+        publishes fail at once, saying so, and so do further publishes to the route's shards
+        until Redis takes a write again (`_probe`). Logged once when it begins; `_back` says
+        when it ends, with the counts."""
+        count = 0
+        for block in blocks:
+            if block in route.writing:
+                route.writing.remove(block)
+            if not block.answered:
+                count += block.count
+                self._fail(block, OUT_OF_MEMORY, logged=False)
+        route.oom_failed += count
+        if not route.oom_since:
+            route.oom_since = time.monotonic()
+            log.error(
+                "cluster backplane: Redis is out of memory (maxmemory; it refuses writes): %d message(s) not published; publishes to %s are refused until it takes writes again",
+                count, "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}",
+            )
+        if not route.down:
+            route.down = True
+            self._update_accepting()
 
     def _written(self, block: _Block, epoch: int, firsts: list[int]) -> None:
         stats = self.stats
@@ -896,12 +939,13 @@ class RedisBackplane(MemoryBackplane):
                 self._update_accepting()
         self._arm(now)
 
-    def _fail(self, block: _Block, text: str, outcome: str = "not published") -> None:
+    def _fail(self, block: _Block, text: str, outcome: str = "not published", logged: bool = True) -> None:
         block.answered = True
         self.buffered -= block.size
         if outcome == "not published":
             self.stats.failed += block.count
-        log.error("cluster backplane: %d message(s) on shard %d %s: %s", block.count, block.shard, outcome, text)
+        if logged:
+            log.error("cluster backplane: %d message(s) on shard %d %s: %s", block.count, block.shard, outcome, text)
         for _, _, _, fail in block.waiters:
             if fail is not None:
                 fail(ErrorCode.UNAVAILABLE, text)
@@ -922,15 +966,17 @@ class RedisBackplane(MemoryBackplane):
 
     async def _probe(self, route: _Route) -> Exception | None:
         """While the route's shards refuse publishes: check them (which also finds a Redis that
-        came back older); when every check is answered, take publishes again. Returns why
-        not, if not."""
+        came back older; after Redis was out of memory, with a write that changes nothing,
+        which Redis refuses while it is full); when every check is answered, take publishes
+        again. Returns why not, if not."""
         try:
-            for shard, reply in zip(route.shards, await self._check(route.shards, self._redis)):
+            for shard, reply in zip(route.shards, await self._check(route.shards, self._redis, write=bool(route.oom_since))):
                 self._checked(shard, *reply)
         except Exception as exc:  # connection errors; on a cluster also RedisClusterException
             return exc
         if route.failures:
-            log.warning("cluster backplane: Redis answers again for %s after %d failed attempt(s) to write or check", "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}", route.failures)
+            if not route.oom_since:  # else `_back` says it
+                log.warning("cluster backplane: Redis answers again for %s after %d failed attempt(s) to write or check", "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}", route.failures)
             route.failures = 0
             self._count_write_failures()
         self._back(route)
@@ -943,9 +989,25 @@ class RedisBackplane(MemoryBackplane):
         return "MAXLEN", str(self.maxlen)
 
     def _back(self, route: _Route) -> None:
-        log.warning("cluster backplane: Redis answers again for %s; publishing", "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}")
+        where = "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}"
+        if route.oom_since:
+            log.warning(
+                "cluster backplane: Redis takes writes again for %s after being out of memory for %.1f s: %d publish(es) refused and %d message(s) not published meanwhile",
+                where, time.monotonic() - route.oom_since, route.oom_refused, route.oom_failed,
+            )
+            route.oom_since = 0.0
+            route.oom_refused = route.oom_failed = 0
+        else:
+            log.warning("cluster backplane: Redis answers again for %s; publishing", where)
         route.down = False
         self._update_accepting()
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a command (or a script's write) for maxmemory."""
+    from redis.exceptions import OutOfMemoryError
+
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 def _known_nodes(client) -> list:
