@@ -80,11 +80,13 @@ class MemoryBackplane:
 
     # sequencing
 
-    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced=None) -> int | None:
+    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced=None, on_failed=None, msg_id: str = "") -> int | None:
         """Sequence `payload` and add it to the topic's pending batch (`dirty` lists the topics
         with pending messages). Returns its sequence number; a backplane that sequences later
         returns None and calls `on_sequenced(epoch, seq)` when it has one (or
-        `on_failed(code, text)`)."""
+        `on_failed(code, text)`). The router recognises a `msg_id` it saw (its dedupe window);
+        a backplane shared by several processes may recognise one another process saw, and
+        then give the first one's numbers without publishing it again."""
         stamp(state, payload, dirty)
         if on_sequenced is not None:
             on_sequenced(state.epoch, state.seq)

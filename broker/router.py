@@ -378,7 +378,7 @@ class Router:
             self.published_since_flush()
         else:
             if record is not None:
-                backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq), lambda code, text: self._refused(record, code, text))
+                backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq), lambda code, text: self._refused(record, code, text), msg_id)
             elif request_id:
                 backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq), lambda code, text: self._fail_later(box, request_id, code, text))
             else:

@@ -372,7 +372,7 @@ class LaterBackplane(MemoryBackplane):
     def topic_epoch(self, name):
         return 42
 
-    def publish(self, state, payload, dirty, on_sequenced=None, on_failed=None):
+    def publish(self, state, payload, dirty, on_sequenced=None, on_failed=None, msg_id=""):
         stamp(state, payload, dirty)
         if on_sequenced is not None:
             self.waiting.setdefault(state, []).append((state.seq, on_sequenced))

@@ -64,7 +64,15 @@ return {epoch, count, moved}
 # the write was first sent in ("" the first time), ARGV[9] the data, ARGV[10] MessagePack
 # [topic, count, ...] in the order of the data (one argument: packing thousands of arguments
 # costs the client more than the script's unpacking costs Redis).
-# Reply: {entry id | "again" | "ended", epoch, write count, MessagePack [first, ...], moved}.
+#
+# Publishes with a msg_id (ARGV[11]: MessagePack [topic, index in its batch, msg_id, ...], ""
+# when none) are recognised across nodes: each one made is recorded in the shard's dedupe hash
+# of the current window (KEYS[4], field "topic msg_id", value "epoch seq"; ARGV[12] how long the
+# hash lives, in ms), and a block holding one the current or the previous window's hash
+# (KEYS[5]) has is not made: the reply names those repeats with their first numbers, and the
+# node sends the block again without them.
+# Reply: {entry id | "again" | "ended" | "repeat", epoch, write count,
+#         MessagePack [first, ...] | MessagePack [topic, index, "epoch seq", ...] (repeat), moved}.
 WRITE = _SHARD + """
 local mark = redis.call('GET', KEYS[3])
 if mark then
@@ -79,6 +87,32 @@ local epoch, count, moved = shard()
 if ARGV[8] ~= '' and ARGV[8] ~= epoch then
   return {'ended', epoch, count, '', moved}
 end
+local ids, fields = nil, nil
+if ARGV[11] ~= '' then
+  ids = cmsgpack.unpack(ARGV[11])
+  fields = {}
+  for i = 1, #ids, 3 do
+    fields[#fields + 1] = ids[i] .. ' ' .. ids[i + 2]
+  end
+  local repeats = {}
+  for from = 1, #fields, 1000 do  -- HMGET in chunks: unpack() has a bound on its results
+    local upto = math.min(from + 999, #fields)
+    local now = redis.call('HMGET', KEYS[4], unpack(fields, from, upto))
+    local before = redis.call('HMGET', KEYS[5], unpack(fields, from, upto))
+    for j = from, upto do
+      local seen = now[j - from + 1] or before[j - from + 1]
+      if seen then
+        local i = 3 * j - 2
+        repeats[#repeats + 1] = ids[i]
+        repeats[#repeats + 1] = ids[i + 1]
+        repeats[#repeats + 1] = seen
+      end
+    end
+  end
+  if #repeats > 0 then
+    return {'repeat', epoch, count, cmsgpack.pack(repeats), moved}
+  end
+end
 local counts = cmsgpack.unpack(ARGV[10])
 local firsts = {}
 for i = 1, #counts, 2 do
@@ -89,8 +123,29 @@ count = redis.call('HINCRBY', KEYS[1], '.count', 1)
 local s = cmsgpack.pack(firsts)
 local id = redis.call('XADD', KEYS[2], ARGV[5], '~', ARGV[6], '*', 'n', ARGV[4], 'w', ARGV[7], 'e', epoch, 'c', count, 's', s, 'd', ARGV[9])
 redis.call('SET', KEYS[3], ARGV[7] .. '|' .. epoch .. '|' .. count .. '|' .. s, 'PX', 86400000)
+if ids then
+  local first_of = {}
+  for i = 1, #counts, 2 do
+    first_of[counts[i]] = firsts[(i + 1) / 2]
+  end
+  local pairs = {}
+  for j = 1, #fields do
+    local i = 3 * j - 2
+    pairs[#pairs + 1] = fields[j]
+    pairs[#pairs + 1] = epoch .. ' ' .. (first_of[ids[i]] + ids[i + 1])
+    if #pairs == 2000 then
+      redis.call('HSET', KEYS[4], unpack(pairs))
+      pairs = {}
+    end
+  end
+  if #pairs > 0 then
+    redis.call('HSET', KEYS[4], unpack(pairs))
+  end
+  redis.call('PEXPIRE', KEYS[4], ARGV[12])
+end
 return {id, epoch, count, s, moved}
 """
 
 AGAIN = b"again"
 ENDED = b"ended"
+REPEAT = b"repeat"

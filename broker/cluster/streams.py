@@ -32,6 +32,9 @@ Acks: a publish with a request id is acknowledged when the script's reply gives 
 A write whose reply was lost (timeout, broken connection) is in doubt: it is sent again as it
 was, and the script, which keeps per node and shard the last write made (`{PREFIX:N}:w:NODE`,
 for a day), answers a repeat with the numbers the first one got instead of appending twice.
+A publish with a msg_id is recognised by the script when the same msg_id was published to the
+topic through any node within the dedupe window (`{PREFIX:N}:i:WINDOW`, scripts.WRITE): it is
+acknowledged with the first one's numbers and not published again.
 Every block is answered by `redis_timeout_s` after its first message was published, wherever
 it is then (staged, out, or waiting to be sent again): a timer fails it (`_answer_late`), so no wait
 depends on how long a command to a stuck Redis takes. Acks then become err 18 (UNAVAILABLE),
@@ -92,6 +95,7 @@ STALL_S = 1.0
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
 _firsts = msgspec.msgpack.Decoder(list[Annotated[int, msgspec.Meta(ge=1, le=1 << 62)]])
+_repeats = msgspec.msgpack.Decoder(list[str | int])  # topic, index, "epoch seq", ... (Lua's strings are MessagePack str)
 _encode = msgspec.msgpack.Encoder().encode
 
 Ok = Callable[[int, int], None]
@@ -104,7 +108,7 @@ class BackplaneStats:
     __slots__ = (
         "writes", "scripts", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
         "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
-        "lag_ms", "epoch_changes", "rollbacks", "read_failures", "write_failures",
+        "lag_ms", "epoch_changes", "rollbacks", "read_failures", "write_failures", "repeats",
     )
 
     def __init__(self, shards: int) -> None:
@@ -127,6 +131,7 @@ class BackplaneStats:
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
         self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
         self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
+        self.repeats = 0  # publishes Redis recognised by their msg_id as published before (through any node)
         self.write_failures = 0  # the attempts (writes; checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most
 
 
@@ -141,7 +146,7 @@ class _Block:
         self.topics: dict[str, list[bytes]] = {}
         self.size = 0
         self.count = 0
-        self.waiters: list[tuple[str, int, Ok, Fail | None]] = []
+        self.waiters: list[tuple[str, int, Ok, Fail | None, str]] = []  # topic, index, ok, fail, msg_id
         self.staged = staged  # monotonic time of the first message: it fails redis_timeout_s later
         self.write = 0  # the node's write number, once taken for writing
         self.sent = False  # sent at least once: if its reply was lost, it may have been made
@@ -198,11 +203,13 @@ class RedisBackplane(MemoryBackplane):
         self.maxlen = config.redis_stream_maxlen
         self.max_age_ms = int(config.history_max_age_s * 1000)
         self.stream_age_ms = int(config.redis_stream_max_age_s * 1000)
+        self.dedupe_ms = int(config.dedupe_window_s * 1000)  # msg_ids are recognised across nodes for at least this long
         self.node = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}".encode()
         self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
         self.streams = [f"{{{self.prefix}:{i}}}:s" for i in range(self.shards)]
         self.stream_shard = {name.encode(): i for i, name in enumerate(self.streams)}
         self._marks = [f"{{{self.prefix}:{i}}}:w:{self.node.decode()}" for i in range(self.shards)]
+        self._ids = [f"{{{self.prefix}:{i}}}:i:" for i in range(self.shards)]  # + the dedupe window's number
         self.shard_epochs = ShardEpochs(self.shards)
         self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
@@ -236,17 +243,19 @@ class RedisBackplane(MemoryBackplane):
     def shard_of(self, name: str) -> int:
         return zlib.crc32(name.encode()) % self.shards
 
-    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Ok | None = None, on_failed: Fail | None = None) -> None:
+    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Ok | None = None, on_failed: Fail | None = None, msg_id: str = "") -> None:
         """Add `payload` to the topic's pending batch, numbered for now in this node's count
         (the compiled publish path does the same); `stage` hands it over at the end of the
-        tick, and `on_sequenced(epoch, seq)` (or `on_failed(code, text)`) follows. The router
-        asked `refusal(state)` first."""
+        tick, and `on_sequenced(epoch, seq)` (or `on_failed(code, text)`) follows: with a
+        `msg_id` published to the topic before (through any node, within the dedupe window),
+        the first one's numbers, and it is not published again. The router asked
+        `refusal(state)` first."""
         stamp(state, payload, dirty)
         if on_sequenced is not None:
             waiting = self._waiting.get(state)
             if waiting is None:
                 waiting = self._waiting[state] = []
-            waiting.append((state.seq, on_sequenced, on_failed))
+            waiting.append((state.seq, on_sequenced, on_failed, msg_id if self.dedupe_ms else ""))
         return None
 
     def refusal(self, state: TopicState | None = None) -> str | None:
@@ -336,7 +345,7 @@ class RedisBackplane(MemoryBackplane):
                 mine = waiting.pop(state, None)
                 if mine is not None:
                     name = state.name
-                    block.waiters.extend((name, base + seq, ok, fail) for seq, ok, fail in mine)
+                    block.waiters.extend((name, base + seq, ok, fail, msg_id) for seq, ok, fail, msg_id in mine)
             state.seq -= count
             state.pending = []
             taken += count
@@ -801,27 +810,32 @@ class RedisBackplane(MemoryBackplane):
                 block.epoch = known[block.shard][0]
             block.sent = True
         commands = []
+        window = int(self.clock() * 1000) // self.dedupe_ms if self.dedupe_ms else 0
         for block, sent in zip(blocks, was_sent):
             topics = block.topics
             counts = []
             for name, payloads in topics.items():
                 counts.append(name)
                 counts.append(len(payloads))
+            ids = [item for name, index, _, _, msg_id in block.waiters if msg_id for item in (name, index, msg_id)]
             known_epoch, known_count = known[block.shard]
             args = [
                 unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, block.write,
                 block.epoch if sent else "", _encode(list(topics.items())), _encode(counts),
+                _encode(ids) if ids else "", 2 * self.dedupe_ms,
             ]
-            commands.append((self.counters[block.shard], self.streams[block.shard], self._marks[block.shard], args))
+            shard = block.shard
+            keys = (self.counters[shard], self.streams[shard], self._marks[shard], f"{self._ids[shard]}{window}", f"{self._ids[shard]}{window - 1}")
+            commands.append((keys, args))
         self.stats.writes += 1
         self.stats.scripts += len(commands)
         self.stats.commands += len(commands)
         if self.cluster:
-            replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 3, h, s, m, *args) for h, s, m, args in commands), return_exceptions=True)
+            replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 5, *keys, *args) for keys, args in commands), return_exceptions=True)
         else:
             pipe = self._redis.pipeline(transaction=False)
-            for h, s, m, args in commands:
-                pipe.evalsha(self._sha, 3, h, s, m, *args)
+            for keys, args in commands:
+                pipe.evalsha(self._sha, 5, *keys, *args)
             try:
                 replies = await pipe.execute(raise_on_error=False)
             except NoScriptError:
@@ -849,6 +863,12 @@ class RedisBackplane(MemoryBackplane):
             epoch = int(epoch)
             if moved:
                 self._rolled_back(block.shard, epoch)
+            if outcome == scripts.REPEAT:  # nothing written: it goes again without its repeats
+                block.sent = sent
+                self.shard_epochs.know(block.shard, epoch, int(count))
+                if self._repeated(block, _repeats.decode(firsts)) and block in route.writing:
+                    route.writing.remove(block)
+                continue
             if block in route.writing:
                 route.writing.remove(block)
             if outcome == scripts.ENDED:
@@ -889,6 +909,46 @@ class RedisBackplane(MemoryBackplane):
             route.down = True
             self._update_accepting()
 
+    def _repeated(self, block: _Block, repeats: list) -> bool:
+        """Take out of the block the publishes Redis recognised by their msg_id and acknowledge
+        them with their first numbers. True when nothing is left to write."""
+        stats = self.stats
+        gone: dict[str, list[int]] = {}
+        numbers: dict[tuple[str, int], tuple[int, int]] = {}
+        for i in range(0, len(repeats) - 2, 3):
+            name, index, seen = repeats[i], int(repeats[i + 1]), repeats[i + 2]
+            epoch, _, seq = seen.partition(" ")
+            gone.setdefault(name, []).append(index)
+            numbers[(name, index)] = (int(epoch), int(seq))
+        waiters = []
+        for name, index, ok, fail, msg_id in block.waiters:
+            number = numbers.get((name, index))
+            if number is not None:
+                stats.repeats += 1
+                if not block.answered:
+                    ok(*number)
+                continue
+            shift = sum(1 for cut in gone.get(name, ()) if cut < index)  # later ones move up
+            waiters.append((name, index - shift, ok, fail, msg_id))
+        block.waiters = waiters
+        for name, indexes in gone.items():
+            payloads = block.topics.get(name)
+            if payloads is None:
+                continue
+            for index in sorted(set(indexes), reverse=True):
+                if 0 <= index < len(payloads):
+                    size = len(payloads.pop(index))
+                    block.size -= size
+                    block.count -= 1
+                    if not block.answered:
+                        self.buffered -= size
+            if not payloads:
+                del block.topics[name]
+        if block.count:
+            return False
+        block.answered = True
+        return True
+
     def _written(self, block: _Block, epoch: int, firsts: list[int]) -> None:
         stats = self.stats
         stats.entries_written += 1
@@ -900,7 +960,7 @@ class RedisBackplane(MemoryBackplane):
         self.buffered -= block.size
         if block.waiters:
             first_of = dict(zip(block.topics, firsts))
-            for name, index, ok, _ in block.waiters:
+            for name, index, ok, _, _ in block.waiters:
                 ok(epoch, first_of[name] + index)
         if self._buffer_full and self.buffered <= self.max_buffer // 2:
             self._buffer_full = False
@@ -946,7 +1006,7 @@ class RedisBackplane(MemoryBackplane):
             self.stats.failed += block.count
         if logged:
             log.error("cluster backplane: %d message(s) on shard %d %s: %s", block.count, block.shard, outcome, text)
-        for _, _, _, fail in block.waiters:
+        for _, _, _, fail, _ in block.waiters:
             if fail is not None:
                 fail(ErrorCode.UNAVAILABLE, text)
 
@@ -959,7 +1019,7 @@ class RedisBackplane(MemoryBackplane):
             route.full = []
             route.blocks = {}
         for state, waiting in self._waiting.items():
-            for _, _, fail in waiting:
+            for _, _, fail, _ in waiting:
                 if fail is not None:
                     fail(ErrorCode.UNAVAILABLE, text)
         self._waiting = {}
