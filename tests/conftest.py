@@ -246,6 +246,17 @@ class Ledger:
                     out.append((index, payload))
         return out
 
+    def undelivered(self) -> list[tuple[int, bytes]]:
+        """(subscriber, payload) of every acknowledged message a subscriber did not get, gap
+        or no gap (where acknowledged must mean delivered: Redis lost nothing acknowledged)."""
+        from broker.client import Message
+
+        out = []
+        for index, items in enumerate(self.received):
+            got = {item.data for item in items if isinstance(item, Message)}
+            out += [(index, payload) for payload in self.acked if payload not in got]
+        return out
+
     def problems(self) -> list[str]:
         """Every way the record breaks the promise (empty: kept)."""
         from broker.client import Gap, Message

@@ -210,3 +210,56 @@ def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_
             assert counted and [r.getMessage() for r in caplog.records if "works again after" in r.getMessage()]
 
         run(main(), timeout=120)
+
+
+def test_with_redis_min_replicas_no_acknowledged_message_is_lost_when_a_master_is_killed(redis_prefix):
+    """Three masters with a replica each, `redis_min_replicas` 1: a publish is acknowledged
+    only once its write reached a replica (WAIT). While both nodes publish, the replica of the
+    master the nodes were pointed at stops for a second (it falls behind), then the master is
+    killed and that replica takes over without the writes it missed: none of those had been
+    acknowledged (they got err 18), so every acknowledged message reaches both subscribers,
+    not merely a gap."""
+    import asyncio
+
+    import redis_support
+    from conftest import Ledger, Publishers, settled
+
+    topics = [f"mr.{i}" for i in range(24)]
+    with redis_support.RedisCluster(masters=3, replicas=1, node_timeout_ms=500) as cluster:
+        dead = cluster.nodes[0]
+        (behind,) = [node for node in cluster.nodes if node.role() == "slave" and int(node.info("replication")["master_port"]) == dead.port]
+        slots = RedisCluster.from_url(cluster.url)
+        try:
+            prefix = next(p for p in (f"{redis_prefix}{i}" for i in range(100)) if any(slots.get_node_from_key(f"{{{p}:{shard}}}:s").port == dead.port for shard in range(6)))
+            on_dead = {shard for shard in range(6) if slots.get_node_from_key(f"{{{prefix}:{shard}}}:s").port == dead.port}
+        finally:
+            slots.close()
+
+        async def main():
+            ledger = Ledger()
+            settings = dict(redis_url=cluster.url, redis_prefix=prefix, redis_shards=6, redis_timeout_s=1.0, redis_min_replicas=1)
+            async with serving(**settings) as a, serving(**settings) as b:
+                async with Client(url(a), request_timeout=60) as pa, Client(url(b), request_timeout=60) as pb, Client(url(a)) as sa, Client(url(b)) as sb:
+                    for client in (sa, sb):
+                        await client.subscribe("mr.>", ledger.subscriber())
+                    publishers = Publishers(ledger, {b"a": pa, b"b": pb}, topics)
+                    await publishers.acked(300)
+                    big = next(t for t in (f"mr.big{i}" for i in range(100)) if a.cluster.shard_of(t) in on_dead)
+                    behind.pause()
+                    # more than the sockets between master and replica hold: the master keeps
+                    # the rest for the replica, and loses it when it is killed
+                    bulk = [asyncio.ensure_future(ledger.publish(pa, big, b"big%d." % i + b"x" * 100_000)) for i in range(250)]
+                    await asyncio.sleep(1.5)
+                    dead.kill()
+                    behind.resume()
+                    await asyncio.gather(*bulk)
+                    await asyncio.to_thread(cluster.wait_failed_over)
+                    await publishers.acked(300, timeout=30)
+                    await publishers.stop()
+                    await settled(ledger)
+                    assert not ledger.problems(), ledger.problems()[:20]
+                    assert not ledger.undelivered(), ledger.undelivered()[:20]
+                    assert a.cluster.stats.unreplicated + b.cluster.stats.unreplicated > 0
+                    assert any("redis_min_replicas" in str(exc) for exc in ledger.failed.values())
+
+        run(main(), timeout=120)

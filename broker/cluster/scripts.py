@@ -70,7 +70,10 @@ return {epoch, count, moved}
 # of the current window (KEYS[4], field "topic msg_id", value "epoch seq"; ARGV[12] how long the
 # hash lives, in ms), and a block holding one the current or the previous window's hash
 # (KEYS[5]) has is not made: the reply names those repeats with their first numbers, and the
-# node sends the block again without them.
+# node sends the block again without them. ARGV[13] "1": the node follows the script with
+# WAIT (redis_min_replicas); a reply with the numbers of an earlier write (again, repeat)
+# then makes a write that changes nothing, so that WAIT, which waits for the connection's own
+# writes, also waits for that earlier one.
 # Reply: {entry id | "again" | "ended" | "repeat", epoch, write count,
 #         MessagePack [first, ...] | MessagePack [topic, index, "epoch seq", ...] (repeat), moved}.
 WRITE = _SHARD + """
@@ -78,6 +81,9 @@ local mark = redis.call('GET', KEYS[3])
 if mark then
   local a = string.find(mark, '|', 1, true)
   if string.sub(mark, 1, a - 1) == ARGV[7] then
+    if ARGV[13] == '1' then  -- a write of this connection's, after the first: WAIT then covers that one
+      redis.call('PEXPIRE', KEYS[3], 86400000)
+    end
     local b = string.find(mark, '|', a + 1, true)
     local c = string.find(mark, '|', b + 1, true)
     return {'again', string.sub(mark, a + 1, b - 1), tonumber(string.sub(mark, b + 1, c - 1)), string.sub(mark, c + 1), 0}
@@ -110,6 +116,9 @@ if ARGV[11] ~= '' then
     end
   end
   if #repeats > 0 then
+    if ARGV[13] == '1' then  -- a write of this connection's, after the first ones: WAIT then covers those
+      redis.call('HINCRBY', KEYS[1], '.count', 0)
+    end
     return {'repeat', epoch, count, cmsgpack.pack(repeats), moved}
   end
 end

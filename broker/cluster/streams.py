@@ -108,7 +108,7 @@ class BackplaneStats:
     __slots__ = (
         "writes", "scripts", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
         "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
-        "lag_ms", "epoch_changes", "rollbacks", "read_failures", "write_failures", "repeats",
+        "lag_ms", "epoch_changes", "rollbacks", "read_failures", "write_failures", "repeats", "unreplicated",
     )
 
     def __init__(self, shards: int) -> None:
@@ -131,6 +131,7 @@ class BackplaneStats:
         self.epoch_changes = 0  # shards whose epoch changed (Redis lost its counters or went back in time)
         self.rollbacks = 0  # times this node found a shard holding less than it had seen (then it moved the epoch on)
         self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
+        self.unreplicated = 0  # messages written that WAIT did not confirm on redis_min_replicas replicas in time
         self.repeats = 0  # publishes Redis recognised by their msg_id as published before (through any node)
         self.write_failures = 0  # the attempts (writes; checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most
 
@@ -203,6 +204,7 @@ class RedisBackplane(MemoryBackplane):
         self.maxlen = config.redis_stream_maxlen
         self.max_age_ms = int(config.history_max_age_s * 1000)
         self.stream_age_ms = int(config.redis_stream_max_age_s * 1000)
+        self.min_replicas = config.redis_min_replicas
         self.dedupe_ms = int(config.dedupe_window_s * 1000)  # msg_ids are recognised across nodes for at least this long
         self.node = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}".encode()
         self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
@@ -822,7 +824,7 @@ class RedisBackplane(MemoryBackplane):
             args = [
                 unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, block.write,
                 block.epoch if sent else "", _encode(list(topics.items())), _encode(counts),
-                _encode(ids) if ids else "", 2 * self.dedupe_ms,
+                _encode(ids) if ids else "", 2 * self.dedupe_ms, "1" if self.min_replicas else "",
             ]
             shard = block.shard
             keys = (self.counters[shard], self.streams[shard], self._marks[shard], f"{self._ids[shard]}{window}", f"{self._ids[shard]}{window - 1}")
@@ -830,12 +832,22 @@ class RedisBackplane(MemoryBackplane):
         self.stats.writes += 1
         self.stats.scripts += len(commands)
         self.stats.commands += len(commands)
-        if self.cluster:
+        waited = None  # with redis_min_replicas: the replicas WAIT counted (None: not asked)
+        if self.cluster and not self.min_replicas:
             replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 5, *keys, *args) for keys, args in commands), return_exceptions=True)
         else:
+            # one connection for the scripts and the WAIT after them (WAIT waits for the writes
+            # its own connection made; on a cluster the route's scripts go to one master)
             pipe = self._redis.pipeline(transaction=False)
             for keys, args in commands:
                 pipe.evalsha(self._sha, 5, *keys, *args)
+            if self.min_replicas:
+                wait_ms = max(1, int((min(block.staged for block in blocks) + self.timeout - time.monotonic()) * 1000))
+                if self.cluster:
+                    pipe.execute_command("WAIT", self.min_replicas, wait_ms, target_nodes=self._redis.get_node_from_key(self.streams[blocks[0].shard]))
+                else:
+                    pipe.execute_command("WAIT", self.min_replicas, wait_ms)
+                self.stats.commands += 1
             try:
                 replies = await pipe.execute(raise_on_error=False)
             except NoScriptError:
@@ -844,6 +856,10 @@ class RedisBackplane(MemoryBackplane):
                     block.sent = sent
                 await self._load_script()
                 return
+            if self.min_replicas:
+                waited = replies[-1] if isinstance(replies[-1], int) else -1
+                replies = replies[:-1]
+        confirmed = waited is None or waited >= self.min_replicas
         broken = None
         full: list[_Block] = []
         for block, reply, sent in zip(blocks, replies, was_sent):
@@ -865,12 +881,19 @@ class RedisBackplane(MemoryBackplane):
                 self._rolled_back(block.shard, epoch)
             if outcome == scripts.REPEAT:  # nothing written: it goes again without its repeats
                 block.sent = sent
+                if not confirmed:  # the first ones may not be on the replicas: sent again, and waited for again
+                    continue
                 self.shard_epochs.know(block.shard, epoch, int(count))
                 if self._repeated(block, _repeats.decode(firsts)) and block in route.writing:
                     route.writing.remove(block)
                 continue
             if block in route.writing:
                 route.writing.remove(block)
+            if not confirmed and outcome != scripts.ENDED:
+                # on the master, not on the replicas (yet): a failover may lose it. Not taken as
+                # known (a node must not end the epoch for a write nobody was told of)
+                self._unreplicated(block, waited)
+                continue
             if outcome == scripts.ENDED:
                 self.shard_epochs.know(block.shard, epoch, int(count))
                 if not block.answered:
@@ -908,6 +931,21 @@ class RedisBackplane(MemoryBackplane):
         if not route.down:
             route.down = True
             self._update_accepting()
+
+    def _unreplicated(self, block: _Block, waited: int) -> None:
+        """A block written on the master that WAIT did not confirm on redis_min_replicas
+        replicas in time: it is delivered unless its master fails first, then it is lost."""
+        self.stats.unreplicated += block.count
+        self.stats.entries_written += 1
+        self.stats.messages_written += block.count
+        self.stats.bytes_written += block.size
+        if not block.answered:
+            self._fail(
+                block,
+                f"written on the Redis master but confirmed on {max(waited, 0)} of redis_min_replicas ({self.min_replicas}) replicas within redis_timeout_s "
+                f"({self.timeout:g} s): it may have been published (it is delivered unless the master fails first)",
+                "may not be on the replicas",
+            )
 
     def _repeated(self, block: _Block, repeats: list) -> bool:
         """Take out of the block the publishes Redis recognised by their msg_id and acknowledge

@@ -201,6 +201,7 @@ class Collector(_Collector):
             yield _by("broker_backplane_read_failures", "per shard: reads of its stream that failed in a row, now (0: reading)", "shard", {str(i): n for i, n in enumerate(b.read_failures)})
             yield _gauge("broker_backplane_write_failures", "the attempts (writes, and checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most (0: writing)", b.write_failures)
             yield _counter("broker_backplane_epoch_changes", "shard epochs that ended because Redis lost entries of them or went back in time", b.epoch_changes)
+            yield _counter("broker_backplane_unreplicated", "messages written on a Redis master that WAIT did not confirm on redis_min_replicas replicas within redis_timeout_s (answered err 18: delivered unless the master fails first)", b.unreplicated)
             yield _counter("broker_backplane_repeats", "publishes Redis recognised by their msg_id as published before through any node: acknowledged with the first one's numbers, not published again", b.repeats)
             yield _counter("broker_backplane_unknown_topics", "batches read from the streams for topics this node cannot hold (past max_topics): not delivered here", stats.unknown_topics)
             yield _counter("broker_backplane_rollbacks", "times this node found a shard holding less than it had seen (Redis went back in time)", b.rollbacks)
