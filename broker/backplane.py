@@ -92,6 +92,13 @@ class MemoryBackplane:
             on_sequenced(state.epoch, state.seq)
         return state.seq
 
+    def reads(self, pattern: str) -> bool:
+        """Whether this process has, and keeps getting, what a subscription to `pattern` needs
+        (always, here). A backplane that reads only what its subscriptions need says False for
+        a pattern it does not cover yet, starts getting it, and calls `router.loaded()` when it
+        has it (or raises RequestError when it cannot)."""
+        return True
+
     def refusal(self, state: TopicState | None = None) -> str | None:
         """While `accepting` is False (never, here): why a publish to the topic is refused,
         or None when the part of the backplane that takes this topic takes it."""

@@ -185,8 +185,13 @@ class Router:
         max_open_requests: int = 1000,
         clock: Callable[[], float] = time.monotonic,
         dead_letters_max: int = 1000,
+        request_resume: Callable[[Outbox], object] | None = None,
     ) -> None:
         self._request_flush = request_flush
+        # the I/O shell carries on with a connection whose subscription waited for the backplane
+        self._request_resume = request_resume or (lambda box: None)
+        self._parked: list[Outbox] = []
+        self._unserved: dict[Outbox, str] = {}  # parked connections whose subscription the backplane could not serve
         self.max_topics = max_topics
         self.max_topic_length = max_topic_length
         self.max_outbound_frame_bytes = max_outbound_frame_bytes
@@ -518,6 +523,36 @@ class Router:
                 taken += count
         return taken
 
+    def interest(self, pattern: str, box: Outbox) -> bool:
+        """Whether a subscription to `pattern` may be made now: the backplane has what it needs
+        (its topics' numbers and history). If not, the backplane starts getting it and the
+        connection waits: `request_resume(box)` once it has it. Raises RequestError (for the
+        subscription that waited) when the backplane could not get it."""
+        refused = self._unserved.pop(box, None)
+        if refused is not None:
+            raise RequestError(ErrorCode.UNAVAILABLE, refused)
+        if self.backplane.reads(pattern):
+            return True
+        if box not in self._parked:
+            self._parked.append(box)
+        return False
+
+    def subscribed(self) -> tuple[bool, list[str]]:
+        """What the subscriptions of this process cover: (whether any is a pattern, the
+        concrete topics subscribed to)."""
+        index = self.index
+        return bool(index.patterns or index.excluding), [name for name, node in index.exact.items() if not node.dead]
+
+    def loaded(self, refused: str | None = None) -> None:
+        """The backplane got what subscriptions waited for, or, with `refused`, gave up: they
+        go on, or are refused with that text (err 18)."""
+        parked, self._parked = self._parked, []
+        for box in parked:
+            if not box.closed:
+                if refused is not None:
+                    self._unserved[box] = refused
+                self._request_resume(box)
+
     def _await_position(self, name: str, box: Outbox, epoch: int, seq: int) -> None:
         """Hold a position this node has not reached: the topic's batches up to it pass the
         connection by, the first one past it is cut for it (see _pass_positions)."""
@@ -809,6 +844,7 @@ class Router:
             self._forget_positions(box, None)
         if box in self.replaying:
             self._end_replays(box)
+        self._unserved.pop(box, None)
 
     # recovery
 

@@ -55,6 +55,7 @@ class Session:
         "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
         "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
         "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms", "_frame", "_bad", "_heads", "patterns",
+        "parked",
     )
 
     def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
@@ -84,6 +85,9 @@ class Session:
         self.published = 0  # of which publishes
         self.errors = 0  # err replies sent
         self.closed = False
+        # receive()/resume() returned False because a subscription waits for the backplane: the
+        # shell resumes it when the router says (`request_resume`), not in the next iteration
+        self.parked = False
         self._backlog: list | None = None  # decoded messages of a frame not yet applied
         self._next = 0
         # While its messages are applied: the frame, the errors its decoding returned, and
@@ -214,6 +218,7 @@ class Session:
 
     def resume(self) -> bool:
         """Carry on with a frame that `receive()` left unfinished; False if it stops again."""
+        self.parked = False
         if self._backlog is None:
             return True
         return self._apply()
@@ -253,7 +258,11 @@ class Session:
                         if state is not None:
                             self._allowed[state.key] = state
                 elif kind is Sub:
-                    self._subscribe(message)
+                    if not self._subscribe(message):
+                        # the backplane gets what it needs first: this message again, later
+                        self._next = i - 1
+                        self.parked = True
+                        return False
                 elif kind is Unsub:
                     self._unsubscribe(message)
                 elif kind is Req:
@@ -297,10 +306,12 @@ class Session:
         if len(data) > max_payload:
             raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(data)} bytes; the limit is {max_payload}")
 
-    def _subscribe(self, message: Sub) -> None:
+    def _subscribe(self, message: Sub) -> bool:
+        """Apply a `sub`; False (nothing applied) when it waits for the backplane to get what
+        it needs (Router.interest): it is applied again when the connection is resumed."""
         if message.respond:
             self._respond(message)
-            return
+            return True
         pattern = message.topic
         validate_pattern(pattern, self.router.max_topic_length)
         subscriptions = self.subscriptions
@@ -326,6 +337,8 @@ class Session:
                 self._forbid(message.id, "subscribe", f"not allowed to subscribe to {pattern!r}")
             if (message.since is not None or message.last) and not grants.may_recover(effective):
                 self._forbid(message.id, "history", f"not allowed to recover the history of {pattern!r} (since, last); subscribe without them")
+        if not router.interest(pattern, self.box):  # before `since` is checked against the topic's numbers
+            return False
         since = None if message.since is None else _since(pattern, message.since, router, effective)
         policy = BY_NAME[message.policy] if message.policy else self.limits.policy
         if effective is None:
@@ -347,6 +360,7 @@ class Session:
         if message.id:
             router.send(self.box, encode(Ack(message.id, epoch, seq)))
         router.recover(pattern, self.box, since, message.last, effective)
+        return True
 
     def _respond(self, message: Sub) -> None:
         topic = message.topic

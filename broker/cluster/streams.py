@@ -21,12 +21,15 @@ a writer of its own, so a master that is slow or gone holds back only its own sh
 write is out, the next ticks' publishes wait and go in the next one: the busier the node, the
 more messages per Redis command.
 
-Every node reads every shard (blocking XREAD from the last entry it read, one command for all
-shards on a single Redis, one per shard on a cluster) and hands each entry's batches to the
-router (`Router.deliver_remote`), its own entries included: local and remote messages reach
-subscribers by one path, in one order. At start a node reads what the streams retain from the
-last `history_max_age_s` into its history, so recovery (`since`, `last`) works on a node that
-just started or that a client just moved to.
+A node reads the shards its subscriptions need (with `redis_read = "all"`, every shard;
+blocking XREAD from the last entry it read, one command for all of them on a single Redis, one
+per shard on a cluster) and hands each entry's batches to the router (`Router.deliver_remote`),
+its own entries included: local and remote messages reach subscribers by one path, in one
+order. Before the first subscription that needs a shard is made (`reads`; the subscription
+waits, `Router.interest`), the node loads what the shard's stream holds after what it read of
+it before, or from the last `history_max_age_s`, into its history, so that the subscription's
+ack and its recovery (`since`, `last`) are exact on a node that just started or that a client
+just moved to. A shard no subscription needed for INTEREST_GRACE_S is read no more.
 
 Acks: a publish with a request id is acknowledged when the script's reply gives its number.
 A write whose reply was lost (timeout, broken connection) is in doubt: it is sent again as it
@@ -74,6 +77,7 @@ from ..config import read_secret
 from ..errors import ConfigError, ErrorCode, RequestError
 from ..fastpath import TopicState, stamp
 from ..router import unique_epoch
+from ..topics import is_pattern
 from . import scripts
 from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP, ShardEpochs
 
@@ -82,6 +86,8 @@ log = logging.getLogger("broker.cluster")
 BLOCK_MS = 2000  # how long one XREAD waits for entries
 CLUSTER_BLOCK_MS = 500  # on a cluster (one XREAD per shard; also how long a reader takes to stop)
 READ_COUNT = 1000  # entries one XREAD takes per stream at most
+INTEREST_REVIEW_S = 5.0  # how often the node looks for shards no subscription needs any more
+INTEREST_GRACE_S = 30.0  # how long a shard no subscription needs is read on (one that comes back soon is not loaded again)
 LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
 BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
@@ -97,6 +103,8 @@ _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
 _firsts = msgspec.msgpack.Decoder(list[Annotated[int, msgspec.Meta(ge=1, le=1 << 62)]])
 _repeats = msgspec.msgpack.Decoder(list[str | int])  # topic, index, "epoch seq", ... (Lua's strings are MessagePack str)
 _encode = msgspec.msgpack.Encoder().encode
+
+WOKEN = object()  # what a read cut short for a change of the shards to read returns
 
 Ok = Callable[[int, int], None]
 Fail = Callable[[int, str], None]
@@ -160,7 +168,7 @@ class _Route:
     holds every shard (a write is one pipeline: one round trip); on a Redis Cluster each shard
     is a route of its own, so that a master that is slow or gone holds back no other's shards."""
 
-    __slots__ = ("name", "shards", "blocks", "full", "writing", "down", "failures", "wake", "oom_since", "oom_refused", "oom_failed")
+    __slots__ = ("name", "shards", "blocks", "full", "writing", "down", "failures", "wake", "oom_since", "oom_refused", "oom_failed", "client")
 
     def __init__(self, name: str, shards: list[int]) -> None:
         self.name = name  # for logs: "writing to Redis", "writing shard 3"
@@ -174,6 +182,10 @@ class _Route:
         self.oom_since = 0.0  # monotonic time Redis refused a write for maxmemory (0: it takes writes)
         self.oom_refused = 0  # publishes refused at once since then
         self.oom_failed = 0  # messages of writes Redis refused since then
+        # its Redis client: on Redis Cluster one of its own, so that what a command to a master
+        # that does not answer does to a client (a slot map refresh it runs, its connections)
+        # holds back no other route
+        self.client = None
 
     def holds(self) -> bool:
         return bool(self.writing or self.full or self.blocks)
@@ -205,6 +217,7 @@ class RedisBackplane(MemoryBackplane):
         self.max_age_ms = int(config.history_max_age_s * 1000)
         self.stream_age_ms = int(config.redis_stream_max_age_s * 1000)
         self.min_replicas = config.redis_min_replicas
+        self.read_all = config.redis_read == "all"
         self.dedupe_ms = int(config.dedupe_window_s * 1000)  # msg_ids are recognised across nodes for at least this long
         self.node = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}".encode()
         self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
@@ -215,7 +228,15 @@ class RedisBackplane(MemoryBackplane):
         self.shard_epochs = ShardEpochs(self.shards)
         self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
+        self._at_ms = 0  # while loaded entries are delivered: the time of theirs history keeps (0: now)
+        self._reading: set[int] = set()  # shards read (loaded first): those subscriptions need, or every one
+        self._wanted: set[int] = set()  # shards subscriptions wait for (being loaded)
+        self._unneeded: dict[int, float] = {}  # shard read that no subscription needs -> since when
+        self._reviewed = 0.0
+        self._loader: asyncio.Task | None = None
+        self._woken: list[asyncio.Event] = []  # per reader: the shards to read changed
         self._asked = [0.0] * self.shards  # per shard: monotonic time its reader's command went out (0: none out)
+        self._patience = [0.0] * self.shards  # per shard: how long that command may take (a blocking read's block + STALL_S; a ping STALL_S)
         self._read_at = [time.monotonic()] * self.shards  # per shard: when a read of it last came back
         self.stats = BackplaneStats(self.shards)
         self.accepting = False  # every shard takes publishes (and the compiled path may stamp them); False until start() connected
@@ -235,6 +256,7 @@ class RedisBackplane(MemoryBackplane):
         self._redis = None  # commands and writes
         self._readers: list = []  # blocking XREAD clients
         self._reader_options: dict = {}
+        self._cluster_options: dict = {}
         self._sha = ""
 
     # the seam
@@ -259,6 +281,22 @@ class RedisBackplane(MemoryBackplane):
                 waiting = self._waiting[state] = []
             waiting.append((state.seq, on_sequenced, on_failed, msg_id if self.dedupe_ms else ""))
         return None
+
+    def reads(self, pattern: str) -> bool:
+        """Whether this node reads (having loaded them) the shards a subscription to `pattern`
+        needs: the topic's, or every one for a pattern. If not, it starts loading them and
+        calls `router.loaded()` once it has, or once Redis has not answered the loads for
+        redis_timeout_s (the subscriptions that waited are refused)."""
+        reading = self._reading
+        if len(reading) == self.shards:
+            return True
+        missing = [shard for shard in (range(self.shards) if is_pattern(pattern) else (self.shard_of(pattern),)) if shard not in reading]
+        if not missing:
+            return True
+        self._wanted.update(missing)
+        if self._loader is None or self._loader.done():
+            self._loader = asyncio.get_running_loop().create_task(self._load_wanted())
+        return False
 
     def refusal(self, state: TopicState | None = None) -> str | None:
         """While `accepting` is False: why a publish to the topic is refused now (err 18), or
@@ -295,7 +333,7 @@ class RedisBackplane(MemoryBackplane):
     def _reachable(self, shard: int, now: float) -> bool:
         """The shard's reads work: the last one came back, and the one out now is not late."""
         asked = self._asked[shard]
-        return self.stats.read_failures[shard] == 0 and not (asked and now - asked > self.block_ms / 1000 + STALL_S)
+        return self.stats.read_failures[shard] == 0 and not (asked and now - asked > self._patience[shard])
 
     def lags_s(self) -> list[float]:
         """Per shard, how far behind this node may be, in seconds: while its reads work, how
@@ -405,23 +443,31 @@ class RedisBackplane(MemoryBackplane):
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
 
-            cluster_options = dict(options)  # retry: none (redis-py would retry each command 10 times)
+            cluster_options = self._cluster_options = dict(options)  # retry: none (redis-py would retry each command 10 times)
             self._redis = RedisCluster.from_url(self.url, **cluster_options)
             self._reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
             self._readers = [RedisCluster.from_url(self.url, **self._reader_options) for _ in range(self.shards)]
         else:
             self._redis = aioredis.Redis.from_url(self.url, **options)
+            for route in self._routes:
+                route.client = self._redis
             self._readers = [aioredis.Redis.from_url(self.url, **dict(options, socket_timeout=self.timeout + BLOCK_MS / 1000))]
         try:
+            if self.cluster:
+                await self._route_clients()
             await self._load_script()
             await self._learn_epochs()
-            await self._load_history()
+            if self.read_all:
+                for shard in range(self.shards):
+                    await self._load(shard)
+                self._reading = set(range(self.shards))
         except (OSError, aioredis.RedisError) as exc:
             await self._close_clients()
             raise ConfigError(f"redis_url: Redis at {without_password(self.url)} could not be used: {exc}") from None
         self.accepting = True
         loop = asyncio.get_running_loop()
         self._writers = [loop.create_task(self._write_loop(route)) for route in self._routes]
+        self._woken = [asyncio.Event() for _ in self._readers]
         if self.cluster:
             self._tasks.extend(loop.create_task(self._read_loop([i], i)) for i in range(self.shards))
         else:
@@ -445,6 +491,12 @@ class RedisBackplane(MemoryBackplane):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        if self._loader is not None:
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+            self._loader = None
+        for event in self._woken:
+            event.set()  # a reader that reads nothing waits on it
         if self._tasks:
             readers = self._tasks
             if self.cluster:
@@ -462,12 +514,26 @@ class RedisBackplane(MemoryBackplane):
         while any(route.holds() for route in self._routes):
             await asyncio.sleep(0.01)
 
+    async def _route_clients(self) -> None:
+        """On Redis Cluster: a client for each route, that knows the slot map from the start
+        and every node the first client found (so that none needs redis_url's node later)."""
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        await self._redis.initialize()
+        for route in self._routes:
+            seeds = [ClusterNode(node.host, node.port) for node in _known_nodes(self._redis)]
+            route.client = RedisCluster.from_url(self.url, startup_nodes=seeds, **self._cluster_options)
+            await route.client.initialize()
+
     async def _close_clients(self) -> None:
-        for client in [self._redis, *self._readers]:
+        routes = [route.client for route in self._routes if route.client is not None and route.client is not self._redis]
+        for client in [self._redis, *routes, *self._readers]:
             if client is not None:
                 await self._close_client(client)
         self._redis = None
         self._readers = []
+        for route in self._routes:
+            route.client = None
 
     async def _close_client(self, client) -> None:
         try:
@@ -500,43 +566,114 @@ class RedisBackplane(MemoryBackplane):
             self.shard_epochs.move(shard, epoch)
             self.shard_epochs.know(shard, epoch, count)
 
-    async def _load_history(self) -> None:
-        """Deliver (into history; nobody subscribes yet) what every stream holds from the last
-        history_max_age_s, and read on from there."""
-        start = max(0, int(self.clock() * 1000) - self.max_age_ms)
-        for shard in range(self.shards):
-            position = f"{start}-0".encode()
-            lower = position
-            while True:
-                entries = await self._redis.xrange(self.streams[shard], min=lower, max="+", count=LOAD_COUNT)
-                self.stats.commands += 1
-                self.stats.reads += 1
-                if not entries:
+    async def _load(self, shard: int) -> None:
+        """Deliver what the shard's stream holds after what this node read of it (a shard it
+        never read: from the last history_max_age_s) into history and to the receivers of its
+        topics, and read on from there."""
+        if self.positions[shard] == b"0-0":
+            position = lower = f"{max(0, int(self.clock() * 1000) - self.max_age_ms)}-0".encode()
+        else:
+            position = self.positions[shard]
+            lower = b"(" + position
+        while True:
+            entries = await self._redis.xrange(self.streams[shard], min=lower, max="+", count=LOAD_COUNT)
+            self.stats.commands += 1
+            self.stats.reads += 1
+            if not entries:
+                break
+            try:
+                self._take(shard, entries, dated=True)
+            except Exception:  # a bug or an entry no broker wrote: loading goes on after it
+                log.exception("cluster backplane: entries of %s up to %s could not be loaded", self.streams[shard], entries[-1][0])
+            position = entries[-1][0]
+            lower = b"(" + position
+            if len(entries) < LOAD_COUNT:
+                break
+        self.positions[shard] = max(position, self.positions[shard], key=_id_key)
+
+    async def _load_wanted(self) -> None:
+        """Load the shards subscriptions wait for, then read them, and let the subscriptions
+        go on. While Redis does not answer, they are refused once it has not for
+        redis_timeout_s, and loading stops until a subscription asks again."""
+        failures = 0
+        failing = 0.0  # monotonic time the loads began to fail
+        refused = None
+        while not self._closing:
+            todo = sorted(self._wanted - self._reading)
+            if not todo:
+                break
+            attempt = time.monotonic()
+            try:
+                for shard in todo:
+                    await self._load(shard)
+                    self._reading.add(shard)
+                    self._unneeded.pop(shard, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection errors; on a cluster also RedisClusterException
+                failures += 1
+                failing = failing or attempt
+                self._failed("loading a shard stream a subscription needs", failures, exc)
+                if time.monotonic() - failing >= self.timeout:
+                    refused = f"the cluster backplane (Redis) did not answer within redis_timeout_s ({self.timeout:g} s): this node could not load the shard stream the subscription needs; not subscribed (retry later)"
                     break
-                try:
-                    self._take(shard, entries)
-                except Exception:  # a bug or an entry no broker wrote: the node starts all the same
-                    log.exception("cluster backplane: entries of %s up to %s could not be loaded", self.streams[shard], entries[-1][0])
-                position = entries[-1][0]
-                lower = b"(" + position
-                if len(entries) < LOAD_COUNT:
-                    break
-            self.positions[shard] = max(position, self.positions[shard], key=_id_key)
+                await asyncio.sleep(RETRY_S[min(failures - 1, len(RETRY_S) - 1)])
+                continue
+            failing = 0.0
+            if failures:
+                log.warning("cluster backplane: loading shard streams works again after %d failed attempt(s)", failures)
+                failures = 0
+        self._wanted.clear()
+        for event in self._woken:
+            event.set()
+        if self.router is not None:
+            self.router.loaded(refused)
+
+    def sweep(self, now_ms: int | None = None) -> None:
+        super().sweep(now_ms)
+        if not self.read_all and self.router is not None:
+            now = time.monotonic()
+            if now - self._reviewed >= INTEREST_REVIEW_S:
+                self._reviewed = now
+                self._review_interest(now)
+
+    def _review_interest(self, now: float) -> None:
+        """Stop reading the shards no subscription has needed for INTEREST_GRACE_S (a later
+        subscription loads what it missed first)."""
+        patterns, topics = self.router.subscribed()
+        if patterns:
+            self._unneeded.clear()
+            return
+        needed = {self.shard_of(name) for name in topics} | self._wanted
+        for shard in list(self._reading):
+            if shard in needed:
+                self._unneeded.pop(shard, None)
+            elif now - self._unneeded.setdefault(shard, now) >= INTEREST_GRACE_S:
+                self._reading.discard(shard)
+                del self._unneeded[shard]
 
     # reading
 
     async def _read_loop(self, shards: list[int], reader: int) -> None:
-        """Read `shards` with client `self._readers[reader]` until the node stops. After a
-        failure the shards are checked before reading on (Redis may have come back older), and
-        so is a shard whose stream repeated a write count."""
+        """Read those of `shards` the node reads (`_reading`) with client
+        `self._readers[reader]` until the node stops; with none of them, PING Redis every
+        block instead, so that the node knows it answers (`_reachable`). After a failure the
+        shards are checked before reading on (Redis may have come back older), and so is a
+        shard whose stream repeated a write count."""
         failures = 0
         asked = self._asked
+        woken = self._woken[reader]
+        what = f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams"
         while not self._closing:
             client = self._readers[reader]
             unchecked = self.shard_epochs.unchecked
+            woken.clear()
+            reading = [shard for shard in shards if shard in self._reading]
             now = time.monotonic()
+            patience = self.block_ms / 1000 + STALL_S if reading else STALL_S
             for shard in shards:
                 asked[shard] = now
+                self._patience[shard] = patience
             try:
                 if failures and self.cluster:
                     # the failed read may have gone to a master that is gone: learn the slot
@@ -547,19 +684,23 @@ class RedisBackplane(MemoryBackplane):
                     if todo:
                         for shard, reply in zip(todo, await self._check(todo, client)):
                             self._checked(shard, *reply)
-                reply = await self._xread(client, shards)
+                if reading:
+                    reply = await self._xread(client, reading, woken)
+                else:
+                    await self._ping(client, shards[0])
+                    reply = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors; on a cluster also RedisClusterException
                 failures += 1
                 for shard in shards:
                     self.stats.read_failures[shard] = failures
-                await self._after_failure(f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams", failures, exc)
+                await self._after_failure(what, failures, exc)
                 if self.cluster and failures % READER_RENEW == 0 and not self._closing:
                     await self._renew_reader(reader)
                 continue
             if failures:
-                log.warning("cluster backplane: %s works again after %d failed attempt(s)", f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams", failures)
+                log.warning("cluster backplane: %s works again after %d failed attempt(s)", what, failures)
                 failures = 0
                 for shard in shards:
                     self.stats.read_failures[shard] = 0
@@ -570,6 +711,14 @@ class RedisBackplane(MemoryBackplane):
                 self._read_at[shard] = now
                 lag_ms[shard] = 0  # nothing new, unless the reply holds entries of it
             self.stats.commands += 1
+            if not reading:  # nothing to read: wait for a subscription that needs a shard, or the next ping
+                try:
+                    await asyncio.wait_for(woken.wait(), self.block_ms / 1000)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if reply is WOKEN:
+                continue
             self.stats.reads += 1
             if not reply or self._closing:
                 continue
@@ -580,13 +729,42 @@ class RedisBackplane(MemoryBackplane):
                 except Exception:  # a bug or an entry no broker wrote: reading goes on after it
                     log.exception("cluster backplane: entries of %s up to %s could not be delivered", self.streams[shard], entries[-1][0])
 
-    async def _xread(self, client, shards: list[int]) -> list:
-        """One blocking XREAD of the shards from their positions. On Redis Cluster (one shard
-        per reader) it goes to the master the client's slot map names for the shard: left to
-        redis-py, the keys of XREAD are asked of one node (COMMAND GETKEYS), and a reader
-        whose node is gone would fail there for ever, never learning the new slot map."""
+    async def _ping(self, client, shard: int) -> None:
+        """PING the Redis (on a cluster, the master of the shard's slot) a reader reads nothing of."""
         if not self.cluster:
-            return await client.xread({self.streams[i]: self.positions[i] for i in shards}, count=READ_COUNT, block=self.block_ms)
+            await client.ping()
+            return
+        try:
+            node = client.get_node_from_key(self.streams[shard])
+        except Exception:  # no slot map yet, or the slot is not covered now: learn it anew
+            await client.initialize()
+            node = client.get_node_from_key(self.streams[shard])
+        await client.execute_command("PING", target_nodes=node)
+
+    async def _xread(self, client, shards: list[int], woken: asyncio.Event):
+        """One blocking XREAD of the shards from their positions. On one Redis, a subscription
+        that needs a shard not among them cuts it short (WOKEN: the reader reads again with
+        that shard; the connection the XREAD was on is dropped, the entries stay in Redis). On
+        Redis Cluster (one shard per reader) it goes to the master the client's slot map names
+        for the shard: left to redis-py, the keys of XREAD are asked of one node (COMMAND
+        GETKEYS), and a reader whose node is gone would fail there for ever, never learning
+        the new slot map."""
+        if not self.cluster:
+            command = client.xread({self.streams[i]: self.positions[i] for i in shards}, count=READ_COUNT, block=self.block_ms)
+            if len(shards) == self.shards:
+                return await command
+            read = asyncio.ensure_future(command)
+            wake = asyncio.ensure_future(woken.wait())
+            try:
+                await asyncio.wait((read, wake), return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the reader is cancelled: nothing left running, no error unread
+                wake.cancel()
+                if not read.done():
+                    read.cancel()
+                await asyncio.gather(read, wake, return_exceptions=True)
+            if read.cancelled():
+                return WOKEN
+            return read.result()
         (shard,) = shards
         stream = self.streams[shard]
         try:
@@ -674,15 +852,24 @@ class RedisBackplane(MemoryBackplane):
             shards = self.shards
             router.end_epochs([state for state in list(router.topics.values()) if zlib.crc32(state.key) % shards == shard], epoch)
 
-    def _take(self, shard: int, entries: list) -> None:
+    def _take(self, shard: int, entries: list, dated: bool = False) -> None:
         """Hand the batches of a shard's entries to the router, in stream order; an entry of a
         later epoch ends the one delivered in first; one that repeats a write count is held
-        back, and the shard checked (broker.cluster.epochs)."""
+        back, and the shard checked (broker.cluster.epochs). `dated` (a load of what the
+        stream held): history keeps each message with the time of its entry, not now, so that
+        a recovery by time (a pattern's `since`) does not take it for a new one."""
         taken = []
         stats = self.stats
         epochs = self.shard_epochs
         size = 0
+        second = 0  # with `dated`: the second of the entries in `taken`
         for entry_id, fields in entries:
+            if dated:
+                ms = _id_key(entry_id)[0]
+                if taken and ms // 1000 != second:
+                    stats.messages_read += self._deliver(taken, second * 1000)
+                    taken = []
+                second = ms // 1000
             try:
                 epoch = int(fields[b"e"])
                 if not 0 < epoch < 1 << 63:
@@ -702,7 +889,7 @@ class RedisBackplane(MemoryBackplane):
                 continue
             if verdict == NEW_EPOCH or verdict == REPEAT:  # what came before goes out first
                 if taken:
-                    stats.messages_read += self._deliver(taken)
+                    stats.messages_read += self._deliver(taken, second * 1000 if dated else 0)
                     taken = []
                 if verdict == REPEAT:
                     stats.rollbacks += 1
@@ -722,10 +909,20 @@ class RedisBackplane(MemoryBackplane):
         stats.bytes_read += size
         stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
         if taken:
-            stats.messages_read += self._deliver(taken)
+            stats.messages_read += self._deliver(taken, second * 1000 if dated else 0)
 
-    def _deliver(self, taken: list) -> int:
-        return self.router.deliver_remote(taken) if self.router is not None else 0
+    def _deliver(self, taken: list, at_ms: int = 0) -> int:
+        """Hand batches to the router; `at_ms`: the time history keeps them with (0: now)."""
+        if self.router is None:
+            return 0
+        self._at_ms = at_ms
+        try:
+            return self.router.deliver_remote(taken)
+        finally:
+            self._at_ms = 0
+
+    def now_ms(self) -> int:
+        return self._at_ms or int(self.clock() * 1000)
 
     # writing
 
@@ -834,17 +1031,17 @@ class RedisBackplane(MemoryBackplane):
         self.stats.commands += len(commands)
         waited = None  # with redis_min_replicas: the replicas WAIT counted (None: not asked)
         if self.cluster and not self.min_replicas:
-            replies = await asyncio.gather(*(self._redis.evalsha(self._sha, 5, *keys, *args) for keys, args in commands), return_exceptions=True)
+            replies = await asyncio.gather(*(route.client.evalsha(self._sha, 5, *keys, *args) for keys, args in commands), return_exceptions=True)
         else:
             # one connection for the scripts and the WAIT after them (WAIT waits for the writes
             # its own connection made; on a cluster the route's scripts go to one master)
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = route.client.pipeline(transaction=False)
             for keys, args in commands:
                 pipe.evalsha(self._sha, 5, *keys, *args)
             if self.min_replicas:
                 wait_ms = max(1, int((min(block.staged for block in blocks) + self.timeout - time.monotonic()) * 1000))
                 if self.cluster:
-                    pipe.execute_command("WAIT", self.min_replicas, wait_ms, target_nodes=self._redis.get_node_from_key(self.streams[blocks[0].shard]))
+                    pipe.execute_command("WAIT", self.min_replicas, wait_ms, target_nodes=route.client.get_node_from_key(self.streams[blocks[0].shard]))
                 else:
                     pipe.execute_command("WAIT", self.min_replicas, wait_ms)
                 self.stats.commands += 1
@@ -1068,7 +1265,7 @@ class RedisBackplane(MemoryBackplane):
         which Redis refuses while it is full); when every check is answered, take publishes
         again. Returns why not, if not."""
         try:
-            for shard, reply in zip(route.shards, await self._check(route.shards, self._redis, write=bool(route.oom_since))):
+            for shard, reply in zip(route.shards, await self._check(route.shards, route.client, write=bool(route.oom_since))):
                 self._checked(shard, *reply)
         except Exception as exc:  # connection errors; on a cluster also RedisClusterException
             return exc

@@ -150,6 +150,7 @@ class Server:
             max_open_requests=config.max_open_requests,
             clock=time.monotonic,
             dead_letters_max=config.dead_letters_max,
+            request_resume=lambda box: box.owner.unpark(),
         )
         self._dead_letters_seen = 0  # router.stats.dead_letters when they were last written
         self._dead_letter_refusal: str | None = None  # why the dead-letter file was last not written

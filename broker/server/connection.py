@@ -480,7 +480,7 @@ class Connection(asyncio.Protocol):
                 self._owe(router.spent() - before)  # its bytes, its decoding and the index work it caused
                 if not done:
                     self._keep(data, pos)
-                    server.queue(self)
+                    self._wait()
                     return
             elif opcode == PING:
                 router.input_bytes += len(payload) + CONTROL_FRAME_COST  # pings use the iteration's budget too
@@ -537,7 +537,7 @@ class Connection(asyncio.Protocol):
             done = session.resume()
             self._owe(router.spent() - before)
             if not done:
-                self.server.queue(self)
+                self._wait()
                 return
             progress = False
         buffer = self._buffer
@@ -584,6 +584,20 @@ class Connection(asyncio.Protocol):
         """Stop reading (the broker holds too many queued bytes) until `release()`."""
         self.held = True
         self._stop_reading()
+
+    def _wait(self) -> None:
+        """The session stopped inside a frame: go on in a following iteration, or, when a
+        subscription waits for the backplane, once the router says (`unpark`). Not read
+        meanwhile."""
+        if self.session.parked:
+            self.suspend_reading()
+        else:
+            self.server.queue(self)
+
+    def unpark(self) -> None:
+        """What a waiting subscription needed came (or will not): go on in order."""
+        if self.state != CLOSED:
+            self.server.queue(self)
 
     def release(self) -> None:
         self.held = False
