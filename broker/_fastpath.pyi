@@ -1,7 +1,7 @@
 """Types of the compiled fast path; `_fastpath_py.py` has the same API."""
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 CONTINUATION: int
 TEXT: int
@@ -146,3 +146,19 @@ class HistoryStore:
     def __init__(self, max_messages: int, max_bytes: int) -> None: ...
     def retain(self, state: TopicState, first: int, payloads: list[bytes], now_ms: int) -> None: ...
     def drop_head(self, log: HistoryLog) -> None: ...
+
+class Block:
+    shard: int
+    topics: dict[str, list[bytes]]
+    size: int
+    count: int
+    waiters: list[tuple[str, int, Any, Any, str]]
+    staged: float
+    write: int
+    sent: bool
+    epoch: int
+    answered: bool
+    def __init__(self, shard: int, staged: float) -> None: ...
+
+def stage(states: list[TopicState], filling: list[Block | None], full_of: list[list[Block]], waiting: dict[TopicState, list], shards: int, now: float, block_bytes: int) -> tuple[int, int, int]: ...
+def arrive(entries: list, topics: dict[str, TopicState], arrived: list[TopicState], other: Callable[[str, int, list[bytes], int], int]) -> int: ...

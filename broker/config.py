@@ -120,6 +120,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     redis_max_buffer_bytes: Positive = 64 << 20
     redis_min_replicas: Annotated[int, msgspec.Meta(ge=0, le=100)] = 0
     redis_read: Literal["interest", "all"] = "interest"
+    redis_batch_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 15.0
     # [admin] (metrics and health over HTTP; off unless admin_port is set)
     admin_host: str = "127.0.0.1"
     admin_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
@@ -316,6 +317,7 @@ HELP = {
     "redis_stream_max_age_s": "[redis] with a value above 0: trim the shard streams by age (MINID ~) instead of by length",
     "redis_timeout_s": "[redis] seconds a Redis command may take, and publishes may wait for Redis, before they fail with err 18",
     "redis_max_buffer_bytes": "[redis] bytes of publishes held while Redis is slow or away; past it publishes are refused with err 18",
+    "redis_batch_ms": "[redis] a node writes to Redis (each shard of a Redis Cluster: each shard) and reads from it at most once per this many ms: what comes meanwhile goes in the next command (fewer commands, that much more latency; 0: a write per loop iteration)",
     "redis_read": "[redis] interest: read only the shard streams this node's subscriptions need (loading a shard's stream before the first subscription that needs it is answered); all: read every shard at all times",
     "redis_min_replicas": "[redis] above 0: acknowledge a publish only once its write reached this many Redis replicas (WAIT); one not confirmed within redis_timeout_s gets err 18 (it may be lost if its master fails)",
     "admin_host": "[admin] interface the admin HTTP server (metrics, health) listens on",

@@ -62,9 +62,15 @@ HistoryStore = _impl.HistoryStore
 MESSAGE_OVERHEAD = _impl.MESSAGE_OVERHEAD
 CHUNK_OVERHEAD = _impl.CHUNK_OVERHEAD
 BUCKET_MS = _impl.BUCKET_MS
+Block = _impl.Block
+stage = _impl.stage
+arrive = _impl.arrive
 
 __all__ = [
     "BINARY",
+    "Block",
+    "arrive",
+    "stage",
     "BUCKET_MS",
     "CHUNK_OVERHEAD",
     "HistoryChunk",

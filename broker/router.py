@@ -26,7 +26,7 @@ from typing import Callable, Iterable, NamedTuple
 
 from .backplane import Gap, MemoryBackplane
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch, end_tick, fanout_steps, schedule_solo, stamp
+from .fastpath import Index, Outbox, TopicState, arrive, emit_all, encode_batch, end_tick, fanout_steps, schedule_solo, stamp
 from .messages import Ack, Err, GapNotice, Reply, Request, encode
 from .topic_ids import TopicIds
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, key_matches, parts_of, validate_pattern, validate_topic
@@ -489,39 +489,42 @@ class Router:
                 self._want_flush()
 
     def _arrive(self, entries: list, arrived: list[TopicState]) -> int:
-        topics = self.topics
-        taken = 0
-        for epoch, batches, firsts in entries:
-            for (name, payloads), first in zip(batches, firsts):
-                state = topics.get(name)
-                if state is None or state.epoch != epoch:
-                    state = self._arriving(name, epoch)
-                    if state is None:
-                        continue
+        # the compiled `arrive` adds each batch that follows its topic's last number; the
+        # others (a new topic or epoch, a repeat, numbers skipped) come to `_arrive_other`
+        return arrive(entries, self.topics, arrived, lambda name, epoch, payloads, first: self._arrive_other(name, epoch, payloads, first, arrived))
+
+    def _arrive_other(self, name: str, epoch: int, payloads: list[bytes], first: int, arrived: list[TopicState]) -> int:
+        """A batch that does not simply follow its topic's last number: the topic is made (or
+        renewed in a new epoch), a repeat is skipped (the part after the last number kept),
+        numbers skipped after ones delivered are a gap. Returns the messages taken."""
+        state = self.topics.get(name)
+        if state is None or state.epoch != epoch:
+            state = self._arriving(name, epoch)
+            if state is None:
+                return 0
+        count = len(payloads)
+        seq = state.seq
+        if first != seq + 1:
+            if first + count - 1 <= seq:
+                return 0  # delivered already
+            if first <= seq:
+                payloads = payloads[seq + 1 - first :]
+                first = seq + 1
                 count = len(payloads)
-                seq = state.seq
-                if first != seq + 1:
-                    if first + count - 1 <= seq:
-                        continue  # delivered already
-                    if first <= seq:
-                        payloads = payloads[seq + 1 - first :]
-                        first = seq + 1
-                        count = len(payloads)
-                    else:
-                        if state.pending:
-                            self._emit_now([state])
-                        if seq:
-                            self._gap_all(state, Gap(name, epoch, seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
-                if state.dirty:
-                    state.pending.extend(payloads)
-                else:
-                    state.dirty = True
-                    state.first = first
-                    state.pending = payloads
-                    arrived.append(state)
-                state.seq = first + count - 1
-                taken += count
-        return taken
+            else:
+                if state.pending:
+                    self._emit_now([state])
+                if seq:
+                    self._gap_all(state, Gap(name, epoch, seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
+        if state.dirty:
+            state.pending.extend(payloads)
+        else:
+            state.dirty = True
+            state.first = first
+            state.pending = payloads
+            arrived.append(state)
+        state.seq = first + count - 1
+        return count
 
     def interest(self, pattern: str, box: Outbox) -> bool:
         """Whether a subscription to `pattern` may be made now: the backplane has what it needs

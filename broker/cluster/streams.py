@@ -12,18 +12,21 @@ over its slots:
   count, one field per topic the topic's last sequence number.
 
 A node sequences nothing itself. What its clients publish in a tick is handed over at the end
-of the tick (`stage`), one block per shard; each block is one EVALSHA of `scripts.WRITE`, which
-numbers the block's batches (HINCRBY per topic) and appends the entry (XADD, trimmed with
-MAXLEN ~ or MINID ~) atomically. So per topic the order of the stream is the order of the
-numbers, and every node delivers in it. Writers are independent per route (`_Route`): on one
-Redis one writer sends every shard's block in one pipeline; on a Redis Cluster each shard has
-a writer of its own, so a master that is slow or gone holds back only its own shards. While a
-write is out, the next ticks' publishes wait and go in the next one: the busier the node, the
-more messages per Redis command.
+of the tick (`stage`, compiled), one block per shard; a write is one EVALSHA of
+`scripts.WRITE`, which per block numbers the batches (HMGET and HSET of the topics' last
+numbers) and appends the entry (XADD, trimmed with MAXLEN ~ or MINID ~) atomically, then reads
+what the node reads of those shards since its positions. So per topic the order of the stream
+is the order of the numbers, and every node delivers in it. Writers are independent per route
+(`_Route`): on one Redis one writer sends every shard's block in one script call; on a Redis
+Cluster each shard has a writer of its own, so a master that is slow or gone holds back only
+its own shards. While a write is out, the next ticks' publishes wait and go in the next one:
+the busier the node, the more messages per Redis command; a quiet node writes at most once per
+`redis_batch_ms` (unless a write holds EAGER_MESSAGES), and its reader reads at most that
+often, so that few messages cost few commands.
 
 A node reads the shards its subscriptions need (with `redis_read = "all"`, every shard;
-blocking XREAD from the last entry it read, one command for all of them on a single Redis, one
-per shard on a cluster) and hands each entry's batches to the router (`Router.deliver_remote`),
+with its writes while it writes, else with a blocking XREAD from the last entry it read, one
+command for all of them on a single Redis, one per shard on a cluster) and hands each entry's batches to the router (`Router.deliver_remote`),
 its own entries included: local and remote messages reach subscribers by one path, in one
 order. Before the first subscription that needs a shard is made (`reads`; the subscription
 waits, `Router.interest`), the node loads what the shard's stream holds after what it read of
@@ -68,6 +71,7 @@ import random
 import socket
 import time
 import zlib
+from collections import deque
 from typing import Annotated, Callable
 
 import msgspec
@@ -75,7 +79,8 @@ import msgspec
 from ..backplane import MemoryBackplane
 from ..config import read_secret
 from ..errors import ConfigError, ErrorCode, RequestError
-from ..fastpath import TopicState, stamp
+from ..fastpath import Block, TopicState, stamp
+from ..fastpath import stage as stage_batches
 from ..router import unique_epoch
 from ..topics import is_pattern
 from . import scripts
@@ -92,6 +97,9 @@ LOAD_COUNT = 1000  # entries per XRANGE page when loading history or searching
 BLOCK_BYTES = 1 << 20  # a shard's block (one stream entry) holds about this many payload bytes at most
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pauses between attempts after a failure, then 1 s each
 PROBE_S = 0.5  # how often a writer whose shards refuse publishes checks them
+EAGER_MESSAGES = 256  # a write (a read) that holds (brought) this many messages does not wait for redis_batch_ms
+SCRIPT_READ_COUNT = 100  # entries a write reads per stream at most (its reply is bounded; the reader reads what is left)
+WRITER_READS_S = 0.05  # after a write that read, how much longer than two redis_batch_ms its reader leaves the reading to the writes
 OUT_OF_MEMORY = "the cluster backplane (Redis) is out of memory (maxmemory): it takes no writes; not published (retry later)"
 READER_RENEW = 10  # failed reads in a row after which a Redis Cluster reader gets a new client
 # A read that has not come back STALL_S after its block ended means Redis does not answer:
@@ -120,8 +128,8 @@ class BackplaneStats:
     )
 
     def __init__(self, shards: int) -> None:
-        self.writes = 0  # pipelines sent (each one round trip)
-        self.scripts = 0  # EVALSHA calls (one per shard in a write; again for a block sent again)
+        self.writes = 0  # writes sent (each one round trip)
+        self.scripts = 0  # EVALSHA calls (one per write, with every shard of the write; again for a write sent again)
         self.entries_written = 0  # stream entries appended (one per shard per write)
         self.messages_written = 0
         self.bytes_written = 0  # payload bytes
@@ -144,38 +152,22 @@ class BackplaneStats:
         self.write_failures = 0  # the attempts (writes; checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most
 
 
-class _Block:
-    """What one shard gets in one write: per topic the payloads in order, and the acks
-    waiting for their numbers: (topic, index in its payloads, ok, fail)."""
-
-    __slots__ = ("shard", "topics", "size", "count", "waiters", "staged", "write", "sent", "epoch", "answered")
-
-    def __init__(self, shard: int, staged: float) -> None:
-        self.shard = shard
-        self.topics: dict[str, list[bytes]] = {}
-        self.size = 0
-        self.count = 0
-        self.waiters: list[tuple[str, int, Ok, Fail | None, str]] = []  # topic, index, ok, fail, msg_id
-        self.staged = staged  # monotonic time of the first message: it fails redis_timeout_s later
-        self.write = 0  # the node's write number, once taken for writing
-        self.sent = False  # sent at least once: if its reply was lost, it may have been made
-        self.epoch = 0  # the shard's epoch as the node knew it when the block was first sent
-        self.answered = False  # its publishes were answered (written, or failed at its deadline)
-
-
 class _Route:
     """The shards one writer task writes, and what it holds for them. On one Redis one route
-    holds every shard (a write is one pipeline: one round trip); on a Redis Cluster each shard
+    holds every shard (a write is one script call: one round trip); on a Redis Cluster each shard
     is a route of its own, so that a master that is slow or gone holds back no other's shards."""
 
-    __slots__ = ("name", "shards", "blocks", "full", "writing", "down", "failures", "wake", "oom_since", "oom_refused", "oom_failed", "client")
+    __slots__ = (
+        "name", "shards", "filling", "full", "writing", "down", "failures", "wake", "oom_since", "oom_refused", "oom_failed", "client",
+        "started", "reads_until",
+    )
 
-    def __init__(self, name: str, shards: list[int]) -> None:
+    def __init__(self, name: str, shards: list[int], filling: list) -> None:
         self.name = name  # for logs: "writing to Redis", "writing shard 3"
         self.shards = shards
-        self.blocks: dict[int, _Block] = {}  # the block each shard is filling
-        self.full: list[_Block] = []  # blocks that reached BLOCK_BYTES
-        self.writing: list[_Block] = []  # sent (or to be sent again), at most one per shard
+        self.filling = filling  # the backplane's: per shard, the block it is filling (None: none)
+        self.full: list[Block] = []  # blocks that reached BLOCK_BYTES (changed in place: stage appends to it)
+        self.writing: list[Block] = []  # sent (or to be sent again), at most one per shard
         self.down = False  # a write failed at its deadline, or Redis is out of memory: its shards refuse until Redis takes them
         self.failures = 0  # the writer's attempts that failed in a row
         self.wake = asyncio.Event()
@@ -186,12 +178,31 @@ class _Route:
         # that does not answer does to a client (a slot map refresh it runs, its connections)
         # holds back no other route
         self.client = None
+        self.started = 0.0  # monotonic time its last write went out
+        self.reads_until = 0.0  # its writes read the node's shards of it (its reader waits) until then
+
+    def filled(self) -> list[Block]:
+        """The blocks its shards are filling."""
+        filling = self.filling
+        return [filling[shard] for shard in self.shards if filling[shard] is not None]
 
     def holds(self) -> bool:
-        return bool(self.writing or self.full or self.blocks)
+        return bool(self.writing or self.full or self.filled())
 
-    def all_blocks(self) -> list[_Block]:
-        return [*self.writing, *self.full, *self.blocks.values()]
+    def staged(self) -> int:
+        """Messages staged for the next write."""
+        return sum(block.count for block in self.filled())
+
+    def all_blocks(self) -> list[Block]:
+        return [*self.writing, *self.full, *self.filled()]
+
+    def drop(self, blocks: list[Block]) -> None:
+        """Take `blocks` out of what it fills and what waits to be written."""
+        gone = set(map(id, blocks))
+        self.full[:] = [block for block in self.full if id(block) not in gone]
+        for shard in self.shards:
+            if id(self.filling[shard]) in gone:
+                self.filling[shard] = None
 
 
 class RedisBackplane(MemoryBackplane):
@@ -218,6 +229,7 @@ class RedisBackplane(MemoryBackplane):
         self.stream_age_ms = int(config.redis_stream_max_age_s * 1000)
         self.min_replicas = config.redis_min_replicas
         self.read_all = config.redis_read == "all"
+        self.batch_s = config.redis_batch_ms / 1000  # a route writes, and a reader reads, at most once per this
         self.dedupe_ms = int(config.dedupe_window_s * 1000)  # msg_ids are recognised across nodes for at least this long
         self.node = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}".encode()
         self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
@@ -229,6 +241,8 @@ class RedisBackplane(MemoryBackplane):
         self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
         self._at_ms = 0  # while loaded entries are delivered: the time of theirs history keeps (0: now)
+        self._taken: deque = deque()  # (shard, entries, dated) read and not handed to the router yet, in order
+        self._handing = False  # a hand-over is scheduled
         self._reading: set[int] = set()  # shards read (loaded first): those subscriptions need, or every one
         self._wanted: set[int] = set()  # shards subscriptions wait for (being loaded)
         self._unneeded: dict[int, float] = {}  # shard read that no subscription needs -> since when
@@ -246,6 +260,8 @@ class RedisBackplane(MemoryBackplane):
         self.router = None
         self._routes: list[_Route] = []  # made at start: one, or one per shard on a cluster
         self._route_of: list[_Route] = []  # per shard
+        self._filling: list[Block | None] = [None] * self.shards  # per shard, the block staged publishes go to
+        self._full_of: list[list[Block]] = []  # per shard, its route's list of full blocks
         self._buffer_full = False  # past redis_max_buffer_bytes, until half of it is written
         self._expiry: asyncio.TimerHandle | None = None  # answers the oldest block at its deadline
         self._waiting: dict[TopicState, list] = {}  # provisional seq, ok, fail per staged-to-be publish
@@ -354,50 +370,17 @@ class RedisBackplane(MemoryBackplane):
     def stage(self, states: list[TopicState]) -> int:
         """Take the topics' pending batches for the next write and give each topic back the
         sequence number it had (numbers come from Redis). Returns the messages taken."""
-        taken = 0
         now = time.monotonic()
-        route_of = self._route_of
-        waiting = self._waiting
-        for state in states:
-            pending = state.pending
-            state.dirty = False
-            if not pending:
-                continue
-            count = len(pending)
-            shard = zlib.crc32(state.key) % self.shards
-            route = route_of[shard]
-            blocks = route.blocks
-            block = blocks.get(shard)
-            if block is None:
-                block = blocks[shard] = _Block(shard, now)
-                if self._expiry is None:
-                    self._arm(now)
-            payloads = block.topics.get(state.name)
-            if payloads is None:
-                payloads = block.topics[state.name] = []
-            base = len(payloads) - state.first
-            payloads.extend(pending)
-            size = sum(map(len, pending))
-            block.size += size
-            block.count += count
-            self.buffered += size
-            if waiting:
-                mine = waiting.pop(state, None)
-                if mine is not None:
-                    name = state.name
-                    block.waiters.extend((name, base + seq, ok, fail, msg_id) for seq, ok, fail, msg_id in mine)
-            state.seq -= count
-            state.pending = []
-            taken += count
-            if block.size >= BLOCK_BYTES:
-                route.full.append(block)
-                del blocks[shard]
+        taken, size, made = stage_batches(states, self._filling, self._full_of, self._waiting, self.shards, now, BLOCK_BYTES)
         if taken:
+            self.buffered += size
+            if made and self._expiry is None:
+                self._arm(now)
             if self.buffered > self.max_buffer:
                 self._buffer_full = True
                 self.accepting = False
             for route in self._routes:
-                if route.blocks or route.full:
+                if route.full or route.filled():
                     route.wake.set()
         return taken
 
@@ -434,11 +417,12 @@ class RedisBackplane(MemoryBackplane):
             await probe.aclose()
         self.cluster = bool(info.get("cluster_enabled"))
         if self.cluster:
-            self._routes = [_Route(f"writing shard {i}", [i]) for i in range(self.shards)]
+            self._routes = [_Route(f"writing shard {i}", [i], self._filling) for i in range(self.shards)]
             self._route_of = list(self._routes)
         else:
-            self._routes = [_Route("writing to Redis", list(range(self.shards)))]
+            self._routes = [_Route("writing to Redis", list(range(self.shards)), self._filling)]
             self._route_of = self._routes * self.shards
+        self._full_of = [route.full for route in self._route_of]
         self.block_ms = CLUSTER_BLOCK_MS if self.cluster else BLOCK_MS
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
@@ -581,10 +565,7 @@ class RedisBackplane(MemoryBackplane):
             self.stats.reads += 1
             if not entries:
                 break
-            try:
-                self._take(shard, entries, dated=True)
-            except Exception:  # a bug or an entry no broker wrote: loading goes on after it
-                log.exception("cluster backplane: entries of %s up to %s could not be loaded", self.streams[shard], entries[-1][0])
+            self._take(shard, entries, dated=True)
             position = entries[-1][0]
             lower = b"(" + position
             if len(entries) < LOAD_COUNT:
@@ -663,6 +644,9 @@ class RedisBackplane(MemoryBackplane):
         failures = 0
         asked = self._asked
         woken = self._woken[reader]
+        route = self._route_of[shards[0]]  # the writer of these shards (one route holds them all)
+        last = 0.0  # when this reader's last read went out
+        brought = 0  # the messages it brought
         what = f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams"
         while not self._closing:
             client = self._readers[reader]
@@ -670,6 +654,17 @@ class RedisBackplane(MemoryBackplane):
             woken.clear()
             reading = [shard for shard in shards if shard in self._reading]
             now = time.monotonic()
+            if reading and not failures and not unchecked:
+                # while the route's writes read these shards, they need no read of their own;
+                # and a read goes out at most once per redis_batch_ms
+                pause = max(route.reads_until - now, last + self.batch_s - now if brought < EAGER_MESSAGES else 0.0)
+                if pause > 0:
+                    try:
+                        await asyncio.wait_for(woken.wait(), pause)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                last = now
             patience = self.block_ms / 1000 + STALL_S if reading else STALL_S
             for shard in shards:
                 asked[shard] = now
@@ -720,14 +715,13 @@ class RedisBackplane(MemoryBackplane):
             if reply is WOKEN:
                 continue
             self.stats.reads += 1
+            brought = 0
             if not reply or self._closing:
                 continue
+            before = self.stats.messages_read
             for stream, entries in reply:
-                shard = self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()]
-                try:
-                    self._take(shard, entries)
-                except Exception:  # a bug or an entry no broker wrote: reading goes on after it
-                    log.exception("cluster backplane: entries of %s up to %s could not be delivered", self.streams[shard], entries[-1][0])
+                self._take(self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()], entries)
+            brought = self.stats.messages_read - before
 
     async def _ping(self, client, shard: int) -> None:
         """PING the Redis (on a cluster, the master of the shard's slot) a reader reads nothing of."""
@@ -852,18 +846,53 @@ class RedisBackplane(MemoryBackplane):
             shards = self.shards
             router.end_epochs([state for state in list(router.topics.values()) if zlib.crc32(state.key) % shards == shard], epoch)
 
-    def _take(self, shard: int, entries: list, dated: bool = False) -> None:
+    def _take(self, shard: int, entries: list, dated: bool = False, later: bool = False) -> None:
+        """Take a shard's entries read: the shard's position moves past them now; their
+        batches go to the router in stream order, through one queue for every read, at once or
+        (`later`: a write's reply, so that the writer sends its next write before the node
+        delivers these) in the loop's next turn. Entries at or before the position were taken
+        already (a write's read and the reader's may both bring one): skipped."""
+        position = _id_key(self.positions[shard])
+        if _id_key(entries[-1][0]) <= position:
+            return
+        fresh = [entry for entry in entries if _id_key(entry[0]) > position]
+        last = entries[-1][0]
+        self.positions[shard] = last
+        self.stats.entries_read += len(fresh)
+        self.stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
+        self._taken.append((shard, fresh, dated))
+        if not later:
+            self._hand_over()
+        elif not self._handing:
+            self._handing = True
+            asyncio.get_running_loop().call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """Hand what was taken to the router, in the order it was taken."""
+        self._handing = False
+        taken = self._taken
+        while taken:
+            shard, entries, dated = taken.popleft()
+            try:
+                self._deliver_entries(shard, entries, dated)
+            except Exception:  # a bug or an entry no broker wrote: reading goes on after it
+                log.exception("cluster backplane: entries of %s up to %s could not be delivered", self.streams[shard], entries[-1][0])
+
+    def _deliver_entries(self, shard: int, entries: list, dated: bool) -> None:
         """Hand the batches of a shard's entries to the router, in stream order; an entry of a
         later epoch ends the one delivered in first; one that repeats a write count is held
         back, and the shard checked (broker.cluster.epochs). `dated` (a load of what the
         stream held): history keeps each message with the time of its entry, not now, so that
-        a recovery by time (a pattern's `since`) does not take it for a new one."""
+        a recovery by time (a pattern's `since`) does not take it for a new one. Fields may
+        come as a dict (XREAD) or a flat list (a script's reply)."""
         taken = []
         stats = self.stats
         epochs = self.shard_epochs
         size = 0
         second = 0  # with `dated`: the second of the entries in `taken`
         for entry_id, fields in entries:
+            if type(fields) is list:
+                fields = dict(zip(fields[::2], fields[1::2]))
             if dated:
                 ms = _id_key(entry_id)[0]
                 if taken and ms // 1000 != second:
@@ -903,11 +932,7 @@ class RedisBackplane(MemoryBackplane):
             if batches:
                 taken.append((epoch, batches, firsts))
                 size += len(data)
-        last = entries[-1][0]
-        self.positions[shard] = last
-        stats.entries_read += len(entries)
         stats.bytes_read += size
-        stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
         if taken:
             stats.messages_read += self._deliver(taken, second * 1000 if dated else 0)
 
@@ -935,7 +960,7 @@ class RedisBackplane(MemoryBackplane):
 
         while True:
             if not route.writing:
-                if not (route.blocks or route.full):
+                if not (route.full or route.filled()):
                     if self._closing:
                         return
                     route.wake.clear()
@@ -956,19 +981,29 @@ class RedisBackplane(MemoryBackplane):
                         continue
                     await route.wake.wait()
                     continue
+                # redis_batch_ms: at most one write per interval, what comes meanwhile goes in
+                # it; a write of EAGER_MESSAGES or more (a busy node: few commands per message
+                # anyway), a full block or stopping does not wait
+                delay = route.started + self.batch_s - time.monotonic()
+                if delay > 0 and not route.full and not self._closing and route.staged() < EAGER_MESSAGES:
+                    route.wake.clear()
+                    try:
+                        await asyncio.wait_for(route.wake.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
                 # at most one block per shard in a write: the script's repeat check knows the
                 # last write per shard, so a write sent again must hold one block per shard
                 shards: set[int] = set()
-                for block in [*route.full, *route.blocks.values()]:
+                for block in [*route.full, *route.filled()]:
                     if block.shard not in shards:
                         shards.add(block.shard)
                         route.writing.append(block)
-                taken = set(map(id, route.writing))
-                route.full = [block for block in route.full if id(block) not in taken]
-                route.blocks = {shard: block for shard, block in route.blocks.items() if id(block) not in taken}
+                route.drop(route.writing)
                 for block in route.writing:
                     self._writes += 1
                     block.write = self._writes
+            route.started = time.monotonic()
             try:
                 await self._send(route, list(route.writing))
             except asyncio.CancelledError:
@@ -992,10 +1027,12 @@ class RedisBackplane(MemoryBackplane):
     def _count_write_failures(self) -> None:
         self.stats.write_failures = max(route.failures for route in self._routes)
 
-    async def _send(self, route: _Route, blocks: list[_Block]) -> None:
-        """Write the blocks, each one EVALSHA, in one pipeline (one command on a cluster's
-        route); a block whose write failed or whose reply was lost stays in `route.writing`
-        and is sent again as it is, unless its deadline passed meanwhile."""
+    async def _send(self, route: _Route, blocks: list[Block]) -> None:
+        """Write the blocks with one EVALSHA (scripts.WRITE), which also reads what the node
+        reads of the route's shards since its positions; with redis_min_replicas, WAIT after
+        it on the same connection. A write that failed or whose reply was lost keeps its
+        blocks in `route.writing`: they are sent again as they are, unless their deadline
+        passed meanwhile."""
         import redis.asyncio as aioredis
         from redis.exceptions import NoScriptError
 
@@ -1008,71 +1045,60 @@ class RedisBackplane(MemoryBackplane):
             else:
                 block.epoch = known[block.shard][0]
             block.sent = True
-        commands = []
         window = int(self.clock() * 1000) // self.dedupe_ms if self.dedupe_ms else 0
+        keys: list = []
+        args: list = [self.node, *trim, 2 * self.dedupe_ms, "1" if self.min_replicas else "", len(blocks), SCRIPT_READ_COUNT]
         for block, sent in zip(blocks, was_sent):
-            topics = block.topics
-            counts = []
-            for name, payloads in topics.items():
-                counts.append(name)
-                counts.append(len(payloads))
-            ids = [item for name, index, _, _, msg_id in block.waiters if msg_id for item in (name, index, msg_id)]
-            known_epoch, known_count = known[block.shard]
-            args = [
-                unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, block.write,
-                block.epoch if sent else "", _encode(list(topics.items())), _encode(counts),
-                _encode(ids) if ids else "", 2 * self.dedupe_ms, "1" if self.min_replicas else "",
-            ]
             shard = block.shard
-            keys = (self.counters[shard], self.streams[shard], self._marks[shard], f"{self._ids[shard]}{window}", f"{self._ids[shard]}{window - 1}")
-            commands.append((keys, args))
+            ids = [item for name, index, _, _, msg_id in block.waiters if msg_id for item in (name, index, msg_id)]
+            known_epoch, known_count = known[shard]
+            keys += (self.counters[shard], self.streams[shard], self._marks[shard], f"{self._ids[shard]}{window}", f"{self._ids[shard]}{window - 1}")
+            topics = block.topics
+            args += (
+                unique_epoch(known_epoch), known_epoch, known_count, block.write, block.epoch if sent else "",
+                _encode(list(topics.items())), _encode(list(topics)), _encode(ids) if ids else "", _encode(list(map(len, topics.values()))),
+            )
+        reading = [shard for shard in route.shards if shard in self._reading]
+        keys += [self.streams[shard] for shard in reading]
+        args += [self.positions[shard] for shard in reading]
         self.stats.writes += 1
-        self.stats.scripts += len(commands)
-        self.stats.commands += len(commands)
+        self.stats.scripts += 1
+        self.stats.commands += 1
         waited = None  # with redis_min_replicas: the replicas WAIT counted (None: not asked)
-        if self.cluster and not self.min_replicas:
-            replies = await asyncio.gather(*(route.client.evalsha(self._sha, 5, *keys, *args) for keys, args in commands), return_exceptions=True)
-        else:
-            # one connection for the scripts and the WAIT after them (WAIT waits for the writes
-            # its own connection made; on a cluster the route's scripts go to one master)
-            pipe = route.client.pipeline(transaction=False)
-            for keys, args in commands:
-                pipe.evalsha(self._sha, 5, *keys, *args)
+        try:
             if self.min_replicas:
+                # one connection for the script and the WAIT after it (WAIT waits for the
+                # writes of its own connection; on a cluster the route's shard is on one master)
+                pipe = route.client.pipeline(transaction=False)
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
                 wait_ms = max(1, int((min(block.staged for block in blocks) + self.timeout - time.monotonic()) * 1000))
                 if self.cluster:
                     pipe.execute_command("WAIT", self.min_replicas, wait_ms, target_nodes=route.client.get_node_from_key(self.streams[blocks[0].shard]))
                 else:
                     pipe.execute_command("WAIT", self.min_replicas, wait_ms)
                 self.stats.commands += 1
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except NoScriptError:
-                # Redis lost its scripts (it restarted): nothing of this pipeline ran
+                reply, waited = await pipe.execute(raise_on_error=False)
+                if isinstance(reply, BaseException):
+                    raise reply
+                waited = waited if isinstance(waited, int) else -1
+            else:
+                reply = await route.client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis lost its scripts (it restarted): nothing of the write ran
+            for block, sent in zip(blocks, was_sent):
+                block.sent = sent
+            await self._load_script()
+            return
+        except aioredis.ResponseError as exc:
+            if _out_of_memory(exc):  # refused at its first write: nothing of it was made
                 for block, sent in zip(blocks, was_sent):
                     block.sent = sent
-                await self._load_script()
+                self._out_of_memory(route, blocks)
                 return
-            if self.min_replicas:
-                waited = replies[-1] if isinstance(replies[-1], int) else -1
-                replies = replies[:-1]
+            raise  # an earlier block may have been made: sent again, the marks tell
+        written, read = reply
         confirmed = waited is None or waited >= self.min_replicas
-        broken = None
-        full: list[_Block] = []
-        for block, reply, sent in zip(blocks, replies, was_sent):
-            if isinstance(reply, BaseException):
-                if isinstance(reply, aioredis.ResponseError):
-                    block.sent = sent  # Redis refused it: not written now
-                    if isinstance(reply, NoScriptError):
-                        await self._load_script()
-                    elif _out_of_memory(reply):
-                        full.append(block)  # refused before it wrote anything: not published, certainly
-                    else:
-                        broken = broken or reply
-                else:
-                    broken = broken or reply  # in doubt
-                continue
-            outcome, epoch, count, firsts, moved = reply
+        for block, outcome_reply, sent in zip(blocks, written, was_sent):
+            outcome, epoch, count, firsts, moved = outcome_reply
             epoch = int(epoch)
             if moved:
                 self._rolled_back(block.shard, epoch)
@@ -1099,14 +1125,17 @@ class RedisBackplane(MemoryBackplane):
                 continue
             self.shard_epochs.wrote(block.shard, epoch, int(count), block.write)
             self._written(block, epoch, _firsts.decode(firsts))
-        if full:
-            self._out_of_memory(route, full)
-        if broken is not None:
-            raise broken if isinstance(broken, (OSError, aioredis.RedisError)) else aioredis.ConnectionError(str(broken))
-        if route.down and not full:
+        if reading:
+            now = time.monotonic()
+            route.reads_until = now + 2 * self.batch_s + WRITER_READS_S
+            for shard in reading:
+                self._read_at[shard] = now
+            for stream, entries in read or ():
+                self._take(self.stream_shard[stream], entries, later=True)
+        if route.down:
             self._back(route)
 
-    def _out_of_memory(self, route: _Route, blocks: list[_Block]) -> None:
+    def _out_of_memory(self, route: _Route, blocks: list[Block]) -> None:
         """Redis refused the blocks for maxmemory (before the script wrote anything): their
         publishes fail at once, saying so, and so do further publishes to the route's shards
         until Redis takes a write again (`_probe`). Logged once when it begins; `_back` says
@@ -1129,7 +1158,7 @@ class RedisBackplane(MemoryBackplane):
             route.down = True
             self._update_accepting()
 
-    def _unreplicated(self, block: _Block, waited: int) -> None:
+    def _unreplicated(self, block: Block, waited: int) -> None:
         """A block written on the master that WAIT did not confirm on redis_min_replicas
         replicas in time: it is delivered unless its master fails first, then it is lost."""
         self.stats.unreplicated += block.count
@@ -1144,7 +1173,7 @@ class RedisBackplane(MemoryBackplane):
                 "may not be on the replicas",
             )
 
-    def _repeated(self, block: _Block, repeats: list) -> bool:
+    def _repeated(self, block: Block, repeats: list) -> bool:
         """Take out of the block the publishes Redis recognised by their msg_id and acknowledge
         them with their first numbers. True when nothing is left to write."""
         stats = self.stats
@@ -1184,7 +1213,7 @@ class RedisBackplane(MemoryBackplane):
         block.answered = True
         return True
 
-    def _written(self, block: _Block, epoch: int, firsts: list[int]) -> None:
+    def _written(self, block: Block, epoch: int, firsts: list[int]) -> None:
         stats = self.stats
         stats.entries_written += 1
         stats.messages_written += block.count
@@ -1227,14 +1256,13 @@ class RedisBackplane(MemoryBackplane):
                     self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
             gone = set(map(id, late))
             route.writing = [block for block in route.writing if id(block) not in gone]
-            route.full = [block for block in route.full if id(block) not in gone]
-            route.blocks = {shard: block for shard, block in route.blocks.items() if id(block) not in gone}
+            route.drop(late)
             if not route.down:
                 route.down = True
                 self._update_accepting()
         self._arm(now)
 
-    def _fail(self, block: _Block, text: str, outcome: str = "not published", logged: bool = True) -> None:
+    def _fail(self, block: Block, text: str, outcome: str = "not published", logged: bool = True) -> None:
         block.answered = True
         self.buffered -= block.size
         if outcome == "not published":
@@ -1251,8 +1279,9 @@ class RedisBackplane(MemoryBackplane):
                 if not block.answered:
                     self._fail(block, text)
             route.writing = []
-            route.full = []
-            route.blocks = {}
+            route.full.clear()
+            for shard in route.shards:
+                route.filling[shard] = None
         for state, waiting in self._waiting.items():
             for _, _, fail, _ in waiting:
                 if fail is not None:

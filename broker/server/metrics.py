@@ -181,8 +181,8 @@ class Collector(_Collector):
         if cluster is not None:
             b = cluster.stats
             yield _gauge("broker_backplane_connected", "1 while Redis answers this node's reads and takes its writes, for every shard", int(cluster.connected))
-            yield _counter("broker_backplane_writes", "pipelines sent to Redis (one round trip each)", b.writes)
-            yield _counter("broker_backplane_scripts", "numbering script calls (one per shard in a write)", b.scripts)
+            yield _counter("broker_backplane_writes", "writes sent to Redis (one round trip each)", b.writes)
+            yield _counter("broker_backplane_scripts", "numbering script calls (one per write, with every shard of the write; also sent again after a lost reply)", b.scripts)
             yield _counter("broker_backplane_entries_written", "stream entries appended", b.entries_written)
             yield _counter("broker_backplane_messages_written", "messages appended", b.messages_written)
             yield _counter("broker_backplane_bytes_written", "payload bytes appended", b.bytes_written)
