@@ -12,6 +12,7 @@ import signal
 import time
 
 import msgspec
+import pytest
 import redis
 
 from broker.client import Client, Gap, Message
