@@ -12,6 +12,7 @@ import time
 from types import SimpleNamespace
 
 import aiohttp
+import pytest
 
 from broker.server import dashboard
 from broker.server.dashboard import HotTopics
@@ -43,6 +44,7 @@ def test_hot_topics_are_measured_a_bounded_slice_at_a_time():
     assert hot.hottest(10) == []  # t.3 is gone, t.7 starts again, the others did not move
 
 
+@pytest.mark.slow  # a bound on time: measured where the fast path is compiled (the CI's first pass)
 def test_an_open_dashboard_costs_the_event_loop_a_bounded_slice_with_100000_topics():
     """With 100,000 topics, a dashboard's feed used to pass over every topic once a second in
     the event loop (20 to 50 ms each time, what a publish waits behind). Now the longest the
