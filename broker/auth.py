@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import Config, read_secret
-from .errors import ConfigError
+from .errors import BrokerError, ConfigError
 from .grants import NOTHING, ClaimError, Grants, rights_of, split_patterns
 from .revocation import Denylist, RuleError
 
@@ -29,7 +29,7 @@ SUBPROTOCOL_PREFIX = "bearer."
 MIN_SECRET_BYTES = 32  # an HS256 key at least as long as the hash (RFC 7518 3.2)
 
 
-class AuthError(Exception):
+class AuthError(BrokerError):
     """A token (or its absence) refused: the HTTP status at the handshake and a reason that
     names the rule, never the token."""
 

@@ -54,6 +54,18 @@ class BrokerError(Exception):
     """Base of every error the broker package raises."""
 
 
+class HandshakeError(BrokerError):
+    """An upgrade request the server refuses: the HTTP status and a one-line explanation, and
+    the setting that refused it, if one did (for counters and the audit log)."""
+
+    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None, setting: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = headers or {}
+        self.setting = setting
+
+
 class ConfigError(BrokerError):
     """A setting is missing, malformed or out of range; the message names it."""
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import BrokerError
 from .topics import covers, excluding, intersect, matches, parts_of, validate_pattern
 
 _CACHE_LIMIT = 4096  # topics whose publish permission a connection remembers
 
 
-class ClaimError(ValueError):
+class ClaimError(BrokerError, ValueError):
     """A claim that is not a list of patterns or an allow/deny object: says which and why,
     never quoting more than a pattern's first 64 characters."""
 

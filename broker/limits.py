@@ -16,31 +16,25 @@
   fire-and-forget path through it (`fast_publish`); a refusal is `err` 15 (RATE_LIMITED), and
   `rate_limit_close_after` refusals in a row within 10 s close the connection with 1008.
 
-The audit log (`AuditLog`) writes at most a few lines per connection (or address) and per kind
-of event each second; what it leaves out is counted and reported in one line per connection
-when the second is over. It never logs tokens or payloads.
+Violations go to the audit log (broker.audit.AuditLog), bounded per connection (or address)
+and per kind of event. The module is part of the sans-I/O core: the server hands it its log
+function and its connections (anything with `id`, `peer`, `transport` and `close`).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any, Callable
 
+from .audit import AuditLog
 from .config import Config
-from .errors import CloseCode, ErrorCode, RequestError
+from .errors import CloseCode, ErrorCode, HandshakeError, RequestError
 from .fastpath import fast_publish as _fast_publish
-from .server import logs
-from .server.handshake import HandshakeError
 
 # Refusals in a row that close a connection (rate_limit_close_after) must fall within this
 # many seconds of the first one; a longer streak starts counting again.
 ABUSE_WINDOW_S = 10.0
-# The audit log's bounds: per second, lines per connection (or address) and per kind of event.
-AUDIT_WINDOW_S = 1.0
-AUDIT_PER_KEY = 5
-AUDIT_PER_EVENT = 50
 
 
 def _num(value: float) -> str:
@@ -118,66 +112,6 @@ class LimitStats:
         self.rate_limited: dict[str, int] = {}
         self.abuse_closes = 0  # connections closed with 1008 for refusals in a row
         self.audit_suppressed = 0  # audit lines left out (counted in their summary lines)
-
-
-class AuditLog:
-    """Structured log lines of limit violations, bounded: in each window of `window` seconds at
-    most `per_key` lines per key (a connection, an address) and `per_event` lines per event
-    name. When the window is over, one `audit_lines_skipped` line per key (with `kind`, the
-    event) says how many of its lines were left out, and one more line per event counts the
-    keys that got no line at all (`sources`)."""
-
-    def __init__(self, emit: Callable[..., None], clock: Callable[[], float] = time.monotonic, *, per_key: int = AUDIT_PER_KEY,
-                 per_event: int = AUDIT_PER_EVENT, window: float = AUDIT_WINDOW_S, stats: LimitStats | None = None) -> None:
-        self.emit = emit
-        self.clock = clock
-        self.per_key = per_key
-        self.per_event = per_event
-        self.window = window
-        self.stats = stats
-        self.start = clock()
-        self._keys: dict[Any, list] = {}  # key -> [event, summary fields, lines logged, lines left out]
-        self._lines: dict[str, int] = {}  # event -> lines logged in this window
-
-    def record(self, key: Any, event: str, summary: dict[str, Any], **fields: Any) -> bool:
-        """Log `event` with `fields` unless `key` or `event` has had its lines in this window;
-        `summary` holds the fields that identify the key in a summary line. True if logged."""
-        now = self.clock()
-        if now - self.start >= self.window:
-            self.flush(now)
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = self._keys[key] = [event, summary, 0, 0]
-        lines = self._lines.get(event, 0)
-        if entry[2] < self.per_key and lines < self.per_event:
-            entry[2] += 1
-            self._lines[event] = lines + 1
-            self.emit(logging.WARNING, event, **fields)
-            return True
-        entry[3] += 1
-        if self.stats is not None:
-            self.stats.audit_suppressed += 1
-        return False
-
-    def flush(self, now: float | None = None) -> None:
-        """End the window: the summary lines of what was left out, then a new window."""
-        now = self.clock() if now is None else now
-        keys = self._keys
-        self._keys = {}
-        self._lines = {}
-        self.start = now
-        unnamed: dict[str, list[int]] = {}  # event -> [lines left out, keys] of keys that logged nothing
-        for event, summary, logged, left_out in keys.values():
-            if not left_out:
-                continue
-            if logged:
-                self.emit(logging.WARNING, "audit_lines_skipped", kind=event, **summary, count=left_out)
-            else:
-                total = unnamed.setdefault(event, [0, 0])
-                total[0] += left_out
-                total[1] += 1
-        for event, (left_out, count) in unnamed.items():
-            self.emit(logging.WARNING, "audit_lines_skipped", kind=event, count=left_out, sources=count)
 
 
 class ConnectionLimits:
@@ -390,7 +324,7 @@ class Guard:
     `limiter(conn)` (what the connection's session checks), `connection_lost(conn)` and
     `sweep()`."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic, log: Callable[..., None] = logs.event) -> None:
+    def __init__(self, config: Config, *, log: Callable[..., None], clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
         self.close_after = config.rate_limit_close_after

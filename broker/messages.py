@@ -14,7 +14,7 @@ from typing import Annotated, Literal, NamedTuple, Union
 
 import msgspec
 
-from .errors import ErrorCode
+from .errors import BrokerError, ErrorCode
 from .fastpath import FRAME_LONG_ARRAY, FRAME_LONG_BATCH, FRAME_LONG_MAP, FRAME_TOO_DEEP, FRAME_TOO_MANY_VALUES, measure_frame
 
 PROTOCOL_VERSION = 1
@@ -292,7 +292,7 @@ def is_batch(data: bytes | memoryview) -> bool:
 _DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 
 
-class BadMessage(Exception):
+class BadMessage(BrokerError):
     """One undecodable client message: what the `err` reply should say."""
 
     def __init__(self, request_id: int, code: int, text: str, data: bytes = b"") -> None:
@@ -494,7 +494,7 @@ def _explain(data, exc: Exception) -> BadMessage:
 # Server frames
 
 
-class ProtocolViolation(ValueError):
+class ProtocolViolation(BrokerError, ValueError):
     """A server frame that does not follow the protocol."""
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
+from .errors import BrokerError
+
 JTI, USER, BEFORE = "jti:", "user:", "before:"
 _USER_BEFORE = " " + BEFORE
 
 
-class RuleError(ValueError):
+class RuleError(BrokerError, ValueError):
     """A line that is no rule: the text says which and why."""
 
 

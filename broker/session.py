@@ -15,6 +15,7 @@ from __future__ import annotations
 from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fanout_steps, fast_publish
+from .pressure import HARD_LIMIT_FACTOR
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
 from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, Unsubscribed, encode, message_heads, read_client_frame
 from .router import Router
@@ -25,9 +26,6 @@ _MAX_ID = 2**63 - 1
 # whose reasons name it.
 _AUDITED = (ErrorCode.RATE_LIMITED, ErrorCode.FORBIDDEN)
 
-# A connection may queue up to this many times max_pending_bytes while it catches up with a
-# burst; past it, it is closed at once (the softer bound is judged over time by the server).
-HARD_LIMIT_FACTOR = 4
 # A connection with a subscription that drops or conflates is never stopped at a push: the
 # server sheds its queue once per tick instead, and closes it only if what may not be shed
 # stays too large.

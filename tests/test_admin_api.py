@@ -19,7 +19,7 @@ from broker.cluster import group_admin
 from broker.cluster.group_admin import GroupAdmin
 from broker.config import load
 from broker.errors import ErrorCode, SubscriptionEnded
-from broker.limits import AUDIT_PER_KEY
+from broker.audit import AUDIT_PER_KEY
 from broker.server import admin
 
 from broker.messages import SUBPROTOCOL

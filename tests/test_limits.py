@@ -15,7 +15,8 @@ import pytest
 
 from broker.config import load
 from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
-from broker.limits import AuditLog, Guard, LimitRefused, TokenBucket
+from broker.audit import AuditLog
+from broker.limits import Guard, LimitRefused, TokenBucket
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
 from conftest import RawSocketClient, eventually, run, send_upgrade, serving, split_frame, upgrade_request
 from redis_support import BrokerNode

@@ -619,7 +619,7 @@ def _is_address(text: str) -> bool:
 class RequestLog:
     """The logger aiohttp is given for the admin server. aiohttp logs every request it cannot
     parse or answer with a traceback (a dozen lines); here each is one `admin_request_failed`
-    line of the audit log (broker.limits.AuditLog: at most a few lines per address and per
+    line of the audit log (broker.audit.AuditLog: at most a few lines per address and per
     second, the rest counted), with the address, the status and the first line of the reason.
     aiohttp's debug lines (bytes that are not HTTP at all) are left out."""
 

@@ -34,11 +34,12 @@ from ..errors import CloseCode, ConfigError, ListenError, describe_os_error
 from ..fastpath import IMPLEMENTATION
 from ..messages import SUBPROTOCOL, Heartbeat, encode
 from ..router import Router
-from ..session import HARD_LIMIT_FACTOR, Limits
+from ..pressure import HOLD, RELEASE, Pressure
+from ..session import Limits
+from .. import limits
 from . import handshake, logs, tls
-from .fallback import Fallback
-from .. import limits  # after logs: broker.limits imports it (and this package)
 from .connection import OPEN, Connection
+from .fallback import Fallback
 from .metrics import LoopLag
 
 # Listening backlog: connections the kernel holds before they are accepted.
@@ -156,12 +157,8 @@ class Server:
         self._dead_letter_refusal: str | None = None  # why the dead-letter file was last not written
         self._request_timer: asyncio.TimerHandle | None = None
         self._request_timer_at = 0.0
-        # The global bound on queued bytes: each lagging outbox's backlog as last seen, their sum.
-        self._lagging: dict = {}
-        self.pending_total = 0
-        self.holding = False  # publishers are not read: pending_total passed max_total_pending_bytes
-        self.holding_since = 0.0
-        self.holds = 0  # times that happened
+        # the bound on queued bytes and the slow-consumer rule (broker.pressure)
+        self.pressure = Pressure(config.max_total_pending_bytes, config.slow_consumer_timeout_s)
         self.limits = Limits(
             max_payload_bytes=config.max_payload_bytes,
             max_subscriptions=config.max_subscriptions,
@@ -214,7 +211,6 @@ class Server:
         self._tick_scheduled = False
         self._waiting: deque[Connection] = deque()  # connections to resume, in order
         self.fallback = Fallback(self)  # the SSE + POST transport's streams (broker.server.fallback)
-        self._behind: set = set()  # outboxes seen above max_pending_bytes
 
     # lifecycle
 
@@ -392,6 +388,21 @@ class Server:
         return total
 
     @property
+    def pending_total(self) -> int:
+        """Bytes queued for the connections that are behind, in all (as last seen)."""
+        return self.pressure.total
+
+    @property
+    def holding(self) -> bool:
+        """True while publishers are not read (max_total_pending_bytes passed)."""
+        return self.pressure.holding
+
+    @property
+    def holds(self) -> int:
+        """Times the publishers were held."""
+        return self.pressure.holds
+
+    @property
     def state(self) -> str:
         """What the node is doing, for the cluster view: running, lame duck or stopping."""
         if self._closing:
@@ -478,7 +489,7 @@ class Server:
         logs.event(logging.INFO, "tls_reloaded", cert=self.certificate.cert_file, sha256=self.certificate.sha256, previous=old.sha256)
 
     def on_disconnected(self, conn: Connection) -> None:
-        self._behind.discard(conn.box)
+        self.pressure.behind.discard(conn.box)
         if self._all_gone is not None and not self.connections:
             self._all_gone.set()
 
@@ -634,7 +645,9 @@ class Server:
             self._slow_consumer(box)
         if touched:
             now = self.loop.time()
-            lagging = self._lagging
+            pressure = self.pressure
+            lagging = pressure.lagging
+            account = pressure.account
             shared: dict = {}
             sizes: dict = {}
             max_frame = self.config.max_outbound_frame_bytes
@@ -672,16 +685,13 @@ class Server:
                     if backlog > box.limit and box.size:
                         backlog = self._shed(box, shedding)
                     if backlog or shedding.held or box in lagging:
-                        self._account(box, backlog + shedding.held_bytes)
+                        account(box, backlog + shedding.held_bytes)
                 elif backlog or box in lagging:
-                    self._account(box, backlog)
-                if backlog > box.limit:
-                    self._falling_behind(box, now)
-                elif box.over_since:
-                    box.over_since = 0.0
-                    self._behind.discard(box)
-            if self.holding or self.pending_total > self.config.max_total_pending_bytes:
-                self._check_memory()
+                    account(box, backlog)
+                if (backlog > box.limit or box.over_since) and pressure.judge(box, backlog, now):
+                    self._slow_consumer(box)
+            if pressure.over():
+                self._publishers(pressure.memory(now))
         if router.replaying:  # replays waiting for room go on as their connections drain
             router.continue_replays()
         router.end_tick()
@@ -695,56 +705,41 @@ class Server:
         if waiting:
             self._request_tick()
 
-    def _account(self, box, backlog: int) -> None:
-        """Record a connection's backlog in the total of queued bytes."""
-        if box.closed:
-            backlog = 0  # its queue is dropped
-        self.pending_total += backlog - self._lagging.pop(box, 0)
-        if backlog:
-            self._lagging[box] = backlog
-
-    def _check_memory(self) -> None:
-        """Past max_total_pending_bytes stop reading from every connection that publishes;
-        below three quarters of it, read from them again."""
-        bound = self.config.max_total_pending_bytes
-        if not self.holding and self.pending_total > bound:
-            self.holding = True
-            self.holding_since = self.loop.time()
-            self.holds += 1
-            logs.event(logging.WARNING, "holding publishers", pending_bytes=self.pending_total, limit=bound)
+    def _publishers(self, action: int) -> None:
+        """Do what the memory bound decided: stop reading from every connection that
+        publishes (HOLD) or read from them again (RELEASE)."""
+        if action == HOLD:
+            logs.event(logging.WARNING, "holding publishers", pending_bytes=self.pressure.total, limit=self.pressure.max_total)
             for conn in self.connections.values():
                 if conn.session is not None and conn.session.published:
                     conn.hold()
-        elif self.holding and self.pending_total < bound * 3 // 4:
-            self.holding = False
-            logs.event(logging.INFO, "releasing publishers", pending_bytes=self.pending_total)
+        elif action == RELEASE:
+            logs.event(logging.INFO, "releasing publishers", pending_bytes=self.pressure.total)
             for conn in self.connections.values():
                 if conn.held:
                     conn.release()
 
     def _recount(self) -> None:
-        """Read every lagging connection's backlog again (transports drain between writes)."""
-        for box in list(self._lagging):
+        """Read every lagging connection's backlog again (transports drain between writes),
+        then apply the memory bound."""
+        pressure = self.pressure
+        for box in list(pressure.lagging):
             conn = box.owner
             if box.closed or conn.state != OPEN:
-                self._account(box, 0)
+                pressure.account(box, 0)
                 continue
             box.transport_bytes = conn.buffer_size()
             shedding = conn.session.shedding
-            self._account(box, box.size + box.transport_bytes + (shedding.held_bytes if shedding is not None else 0))
-        if self.holding or self.pending_total > self.config.max_total_pending_bytes:
-            self._check_memory()
-        if self.holding and self.loop.time() - self.holding_since >= self.config.slow_consumer_timeout_s:
-            # Held that long, the connections the most behind are slow consumers, the largest
-            # backlog first, until the total is below the low-water mark.
-            low = self.config.max_total_pending_bytes * 3 // 4
-            for box in sorted(self._lagging, key=self._lagging.__getitem__, reverse=True):
-                if self.pending_total < low:
-                    break
+            pressure.account(box, box.size + box.transport_bytes + (shedding.held_bytes if shedding is not None else 0))
+        now = self.loop.time()
+        if pressure.over():
+            self._publishers(pressure.memory(now))
+        overdue = pressure.overdue(now)
+        if overdue:
+            for box in overdue:
                 self._slow_consumer(box)
-                self._account(box, 0)
-            self._check_memory()
-        if self.holding:  # publishers that started since are held too
+            self._publishers(pressure.memory(now))
+        if pressure.holding:  # publishers that started since are held too
             for conn in self.connections.values():
                 if not conn.held and conn.session is not None and conn.session.published:
                     conn.hold()
@@ -835,20 +830,9 @@ class Server:
         shedding.shed(box, max(0, min(box.limit // 2, box.limit - box.transport_bytes)))
         return box.size + box.transport_bytes
 
-    def _falling_behind(self, box, now: float) -> None:
-        """A connection's backlog is above max_pending_bytes: it may catch up from a burst, but
-        one that stays behind for slow_consumer_timeout_s is closed, and one four times over
-        at once (what its policies may not drop) at once."""
-        if box.size + box.transport_bytes > box.limit * HARD_LIMIT_FACTOR:
-            self._slow_consumer(box)
-        elif not box.over_since:
-            box.over_since = now
-            self._behind.add(box)
-        elif now - box.over_since >= self.config.slow_consumer_timeout_s:
-            self._slow_consumer(box)
-
     def _slow_consumer(self, box) -> None:
-        self._behind.discard(box)
+        """Close the connection of `box`, judged a slow consumer (broker.pressure)."""
+        self.pressure.forget(box)
         conn = box.owner
         if conn.state != OPEN:
             return
@@ -856,8 +840,6 @@ class Server:
         pending = box.pending
         logs.event(logging.WARNING, "slow_consumer", conn=conn.id, pending=pending, limit=box.limit)
         conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {pending} bytes pending, limit {box.limit}")
-        if box in self._lagging:
-            self._account(box, 0)
 
     # liveness
 
@@ -901,20 +883,18 @@ class Server:
                     conn.close(CloseCode.GOING_AWAY, f"peer has not replied to ping/heartbeat request within {timeout:g} second(s)")
             elif now - conn.last_seen >= interval:
                 conn.ping(now)
-        for box in list(self._behind):
+        pressure = self.pressure
+        for box in list(pressure.behind):
             conn = box.owner
             if box.closed or conn.state != OPEN:
-                self._behind.discard(box)
+                pressure.behind.discard(box)
                 continue
             box.transport_bytes = conn.buffer_size()
             backlog = box.size + box.transport_bytes
             shedding = conn.session.shedding
             if backlog > box.limit and box.size and shedding is not None:
                 backlog = self._shed(box, shedding)
-            if backlog <= box.limit:
-                box.over_since = 0.0
-                self._behind.discard(box)
-            elif now - box.over_since >= cfg.slow_consumer_timeout_s:
+            if pressure.judge(box, backlog, now):
                 self._slow_consumer(box)
         self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)

@@ -699,7 +699,7 @@ class Connection(asyncio.Protocol):
     def audit(self, event: str, **fields: object) -> None:
         """An audit log line about this client's request (a permission denial): the
         connection, user and address, then `fields` (never a token, payload or topic);
-        bounded per connection and per kind by the server's audit log (broker.limits.AuditLog)."""
+        bounded per connection and per kind by the server's audit log (broker.audit.AuditLog)."""
         self.server.guard.audit.record(
             self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
             conn=self.id, peer=self.peer, user=self.user, **fields,

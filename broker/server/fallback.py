@@ -24,7 +24,7 @@ import re
 from typing import TYPE_CHECKING
 
 from ..auth import AuthError
-from ..errors import CloseCode
+from ..errors import BrokerError, CloseCode
 from ..messages import SUBPROTOCOL
 from ..session import Session
 from . import handshake, logs
@@ -86,7 +86,7 @@ def chunk(body: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(body), body)
 
 
-class Refused(Exception):
+class Refused(BrokerError):
     """A fallback request the broker refuses: the HTTP status and a one-line explanation."""
 
     def __init__(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:

@@ -19,6 +19,9 @@ from typing import NamedTuple
 from urllib.parse import parse_qs
 
 from ..auth import AuthError, Authenticator, Identity
+from ..errors import HandshakeError
+
+__all__ = ["HandshakeError"]  # (defined with the other errors; raised and caught as handshake.HandshakeError)
 
 # Longest request head the server reads before it refuses the request.
 MAX_HEAD_BYTES = 16 << 10
@@ -62,18 +65,6 @@ def shown_protocols(offered: list[str]) -> str:
     if hidden:
         parts.append(f"{hidden} other entr{'y' if hidden == 1 else 'ies'} not shown")
     return ", ".join(parts) if parts else "a bearer token entry only"
-
-
-class HandshakeError(Exception):
-    """An upgrade request the server refuses: the HTTP status and a one-line explanation, and
-    the setting that refused it, if one did (for counters and the audit log)."""
-
-    def __init__(self, status: int, text: str, headers: dict[str, str] | None = None, setting: str = "") -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-        self.headers = headers or {}
-        self.setting = setting
 
 
 class Request:
