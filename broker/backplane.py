@@ -23,11 +23,22 @@ age bounds cost O(1) per chunk.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from typing import NamedTuple
 
 from .fastpath import HistoryLog, HistoryStore, TopicState, stamp
+
+
+EPOCH_RANDOM_BITS = 20
+
+
+def unique_epoch(after: int = 0) -> int:
+    """A topic epoch: milliseconds since 1970 times 2^20 plus 20 random bits (so processes
+    started in the same millisecond differ), and greater than `after`."""
+    return max(after + 1, (int(time.time() * 1000) << EPOCH_RANDOM_BITS) | random.getrandbits(EPOCH_RANDOM_BITS))
+
 
 class Gap(NamedTuple):
     """Messages `first` ... `last` of `topic` in `epoch` that a client will not get.

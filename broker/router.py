@@ -18,16 +18,16 @@ budget), so no client can keep the iterations long.
 
 from __future__ import annotations
 
-import heapq
-import random
 import time
 from collections import deque
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
-from .backplane import Gap, MemoryBackplane
+from .backplane import Gap, MemoryBackplane, unique_epoch
+from .dedupe import Dedupe, Seen
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, arrive, emit_all, encode_batch, end_tick, fanout_steps, schedule_solo, stamp
-from .messages import Ack, Err, GapNotice, Reply, Request, encode
+from .messages import Ack, Err, GapNotice, encode
+from .requests import Requests
 from .topic_ids import TopicIds
 from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, key_matches, parts_of, validate_pattern, validate_topic
 
@@ -111,54 +111,6 @@ class RouterStats:
         self.closes[code] = self.closes.get(code, 0) + 1
 
 
-class DeadLetter(NamedTuple):
-    """A client message the broker could not process: when (s since 1970), from which
-    connection, its request id, the error code and reason it was answered with, and the hex of
-    its first bytes."""
-
-    time: float
-    conn: object
-    peer: str
-    request_id: int
-    code: int
-    reason: str
-    head: str
-
-
-EPOCH_RANDOM_BITS = 20
-
-
-def unique_epoch(after: int = 0) -> int:
-    """A topic epoch: milliseconds since 1970 times 2^20 plus 20 random bits (so processes
-    started in the same millisecond differ), and greater than `after`."""
-    return max(after + 1, (int(time.time() * 1000) << EPOCH_RANDOM_BITS) | random.getrandbits(EPOCH_RANDOM_BITS))
-
-
-class _Seen:
-    """A msg_id in the dedupe window: the (epoch, seq) its message got, or, while the backplane
-    has not sequenced it yet, the requests waiting for that (box, request id)."""
-
-    __slots__ = ("epoch", "seq", "waiting")
-
-    def __init__(self) -> None:
-        self.epoch = 0
-        self.seq = 0
-        self.waiting: list | None = None
-
-
-class _Open:
-    """A request waiting for its reply."""
-
-    __slots__ = ("requester", "request_id", "responder", "deadline", "topic")
-
-    def __init__(self, requester: Outbox, request_id: int, responder: Outbox, deadline: float, topic: str) -> None:
-        self.requester = requester
-        self.request_id = request_id
-        self.responder = responder
-        self.deadline = deadline
-        self.topic = topic
-
-
 class _Resume:
     """A replay waiting for room on its connection: of topic `state`, from sequence number
     `next` on."""
@@ -205,25 +157,15 @@ class Router:
         self._scan = 0  # where the retirement scan goes on in index.states
         self._quiet: dict[int, tuple[int, int]] = {}  # topic id -> (seq, ms) when it was seen quiet
         self.backplane = MemoryBackplane() if backplane is None else backplane
-        self.dedupe_window_ms = int(dedupe_window_s * 1000)
-        self.dedupe_max_ids = dedupe_max_ids
-        self._seen: dict[tuple[str, str], _Seen] = {}
-        self._seen_order: deque[tuple[int, tuple[str, str]]] = deque()
-        self.max_open_requests = max_open_requests
+        self.dedupe = Dedupe(dedupe_window_s, dedupe_max_ids)  # msg_ids seen lately (broker.dedupe)
         self.clock = clock
-        self._requests: dict[int, _Open] = {}  # by the number passed to the responder
-        self._deadlines: list[tuple[float, int]] = []  # (deadline, number), a heap
-        self._open: dict[Outbox, int] = {}  # requests waiting, by requester
-        self._involved: dict[Outbox, set[int]] = {}  # the requests a connection made or answers
-        self._next_request = 0
-        self._pick = random.Random()
-        self.responders: dict[str, list[Outbox]] = {}  # concrete topic -> connections answering its requests
-        self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letters_max)  # the newest, oldest first
         self.index = Index()
         self.topic_ids = TopicIds()  # small, unique, and in an order that tells a client little
         self.topics: dict[str, TopicState] = self.index.topics
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
         self.stats = RouterStats()
+        # requests waiting for replies, the responders, and the dead letters (broker.requests)
+        self.requests = Requests(self.send, self.stats, clock, max_open_requests, max_topic_length, dead_letters_max)
         self.dirty: list[TopicState] = []
         self._touched: list[Outbox] = []
         self._slow: list[Outbox] = []
@@ -359,7 +301,7 @@ class Router:
         backplane = self.backplane
         record = None
         if msg_id:
-            record = self._dedupe(name, msg_id)
+            record = self.dedupe.record(name, msg_id, backplane.now_ms())
             if record.seq:
                 self.stats.duplicates += 1
                 if request_id:
@@ -396,15 +338,12 @@ class Router:
             self.stats.count_error(code)
             self.send(box, encode(Err(request_id, int(code), text)))
 
-    def _refused(self, record: "_Seen", code: int, text: str) -> None:
+    def _refused(self, record: Seen, code: int, text: str) -> None:
         """The backplane could not publish a message with a msg_id: those waiting get the
         error, and a retry with the same msg_id publishes it anew."""
         waiting = record.waiting or ()
         record.waiting = None
-        for key, seen in list(self._seen.items()):
-            if seen is record:
-                del self._seen[key]
-                break
+        self.dedupe.forget(record)
         for box, request_id in waiting:
             self._fail_later(box, request_id, code, text)
 
@@ -441,27 +380,11 @@ class Router:
         if not box.closed:
             self.send(box, encode(Ack(request_id, epoch, seq)))
 
-    def _sequenced(self, record: "_Seen", epoch: int, seq: int) -> None:
+    def _sequenced(self, record: Seen, epoch: int, seq: int) -> None:
         waiting = record.waiting or ()
         record.epoch, record.seq, record.waiting = epoch, seq, None
         for box, request_id in waiting:
             self._ack_later(box, request_id, epoch, seq)
-
-    def _dedupe(self, topic: str, msg_id: str) -> "_Seen":
-        """The record of (topic, msg_id) in the dedupe window, made if there is none. Records
-        leave after dedupe_window_s, or oldest first past dedupe_max_ids."""
-        now = self.backplane.now_ms()
-        seen, order = self._seen, self._seen_order
-        horizon = now - self.dedupe_window_ms
-        while order and (order[0][0] < horizon or len(order) >= self.dedupe_max_ids):
-            _, old = order.popleft()
-            seen.pop(old, None)
-        key = (topic, msg_id)
-        record = seen.get(key)
-        if record is None:
-            record = seen[key] = _Seen()
-            order.append((now, key))
-        return record
 
     def deliver_remote(self, entries: list[tuple[int, list[tuple[str, list[bytes]]], list[int]]]) -> int:
         """Entries of a backplane's log, in its order, each (epoch, [(topic, payloads), ...],
@@ -1098,132 +1021,3 @@ class Router:
         if self._recovery is not None:
             self._recovery.append(gap.cause)
         self.send(box, encode(GapNotice(*gap)))
-
-    # dead letters
-
-    def dead_letter(self, box: Outbox, request_id: int, code: int, reason: str, head: bytes) -> None:
-        """Keep a client message the broker could not process (undecodable, or a publish it
-        refused) among the newest `dead_letters_max`; counted in stats.dead_letters."""
-        self.stats.dead_letters += 1
-        owner = box.owner
-        self.dead_letters.append(
-            DeadLetter(time.time(), getattr(owner, "id", owner), getattr(owner, "peer", ""), request_id, int(code), reason, bytes(head).hex())
-        )
-
-    # request / response
-
-    def request(self, box: Outbox, request_id: int, topic: str, data: bytes, timeout_ms: int, user: str | None = None) -> None:
-        """Pass a request to one connection responding to `topic` (chosen at random), as
-        `["request", number, topic, data, user]` (`user`: the requester's, None without one);
-        its reply goes back to `box` with `request_id`.
-        No responder: NO_RESPONDERS at once; no reply within `timeout_ms`: REQUEST_TIMEOUT."""
-        if is_pattern(topic):
-            validate_pattern(topic, self.max_topic_length)
-            raise RequestError(ErrorCode.PATTERN_NOT_ALLOWED, f"cannot send a request to pattern {topic!r}; name a concrete topic")
-        validate_topic(topic, self.max_topic_length)
-        if self._open.get(box, 0) >= self.max_open_requests:
-            raise RequestError(ErrorCode.TOO_MANY_REQUESTS, f"this connection has {self.max_open_requests} requests waiting, the limit")
-        responders = [r for r in self.responders.get(topic, ()) if not r.closed and not r.over]
-        if not responders:
-            raise RequestError(ErrorCode.NO_RESPONDERS, f"no connection responds to {topic!r}")
-        responder = responders[self._pick.randrange(len(responders))] if len(responders) > 1 else responders[0]
-        self._next_request += 1
-        number = self._next_request
-        deadline = self.clock() + timeout_ms / 1000
-        self._requests[number] = _Open(box, request_id, responder, deadline, topic)
-        heapq.heappush(self._deadlines, (deadline, number))
-        self._open[box] = self._open.get(box, 0) + 1
-        self._involved.setdefault(box, set()).add(number)
-        self._involved.setdefault(responder, set()).add(number)
-        self.stats.requests += 1
-        self.send(responder, encode(Request(number, topic, data, user)))
-
-    def add_responder(self, topic: str, box: Outbox) -> None:
-        self.responders.setdefault(topic, []).append(box)
-
-    def remove_responder(self, topic: str, box: Outbox) -> None:
-        boxes = self.responders.get(topic)
-        if boxes is not None and box in boxes:
-            boxes.remove(box)
-            if not boxes:
-                del self.responders[topic]
-
-    def withdraw_responder(self, topic: str, box: Outbox) -> None:
-        """`box` no longer answers `topic` (its grants stopped covering it): it gets no more
-        requests to it, and those passed to it and not yet answered fail at once with
-        NO_RESPONDERS (its reply to one of them is refused as unknown)."""
-        self.remove_responder(topic, box)
-        numbers = self._involved.get(box)
-        if not numbers:
-            return
-        for number in list(numbers):
-            pending = self._requests.get(number)
-            if pending is not None and pending.responder is box and pending.topic == topic:
-                self._close_request(number, pending)
-                self._fail_request(pending, ErrorCode.NO_RESPONDERS, "the responder is no longer allowed to answer this topic")
-
-    def reply(self, box: Outbox, number: int, data: bytes) -> None:
-        """A responder's reply: back to the requester, if the request still waits for it."""
-        pending = self._requests.get(number)
-        if pending is None or pending.responder is not box:
-            raise RequestError(ErrorCode.UNKNOWN_REQUEST, f"no request {number} waits for a reply from this connection (it timed out, or was never passed to it)")
-        self._close_request(number, pending)
-        self.stats.replies += 1
-        if not pending.requester.closed:
-            self.send(pending.requester, encode(Reply(pending.request_id, data)))
-
-    @property
-    def next_deadline(self) -> float | None:
-        """When the earliest waiting request times out (on `clock`), or None."""
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][1] not in self._requests:
-            heapq.heappop(deadlines)  # answered already
-        return deadlines[0][0] if deadlines else None
-
-    def expire_requests(self) -> None:
-        """Answer every request past its deadline with REQUEST_TIMEOUT."""
-        now = self.clock()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, number = heapq.heappop(deadlines)
-            pending = self._requests.get(number)
-            if pending is None:
-                continue
-            self._close_request(number, pending)
-            self.stats.timeouts += 1
-            self._fail_request(pending, ErrorCode.REQUEST_TIMEOUT, "no reply within the request's timeout")
-
-    def forget_requests(self, box: Outbox) -> None:
-        """A connection closes: its own requests are dropped; those it was to answer fail at
-        once with NO_RESPONDERS."""
-        numbers = self._involved.pop(box, None)
-        if not numbers:
-            return
-        for number in numbers:
-            pending = self._requests.get(number)
-            if pending is None:
-                continue
-            if pending.requester is box:
-                self._close_request(number, pending)
-            elif pending.responder is box:
-                self._close_request(number, pending)
-                self._fail_request(pending, ErrorCode.NO_RESPONDERS, "the responder's connection closed before it replied")
-
-    def _close_request(self, number: int, pending: _Open) -> None:
-        del self._requests[number]
-        left = self._open[pending.requester] - 1
-        if left:
-            self._open[pending.requester] = left
-        else:
-            del self._open[pending.requester]
-        for box in (pending.requester, pending.responder):
-            numbers = self._involved.get(box)
-            if numbers is not None:
-                numbers.discard(number)
-                if not numbers:
-                    del self._involved[box]
-
-    def _fail_request(self, pending: _Open, code: ErrorCode, text: str) -> None:
-        if not pending.requester.closed:
-            self.stats.count_error(code)
-            self.send(pending.requester, encode(Err(pending.request_id, int(code), text)))

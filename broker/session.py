@@ -206,7 +206,7 @@ class Session:
             if box.over:
                 break
             self.reply_error(problem.request_id, problem.code, problem.text)
-            router.dead_letter(box, problem.request_id, problem.code, problem.text, problem.data)
+            router.requests.dead_letter(box, problem.request_id, problem.code, problem.text, problem.data)
         self.received += len(messages)
         self._backlog = messages
         self._next = 0
@@ -270,10 +270,10 @@ class Session:
                         self._forbid(message.id, "request", f"not allowed to send requests to {message.topic[:256]!r}")
                     if limiter is not None:
                         limiter.check(message.id)
-                    router.request(box, message.id, message.topic, message.data, message.timeout_ms, self.identity.user)
+                    router.requests.request(box, message.id, message.topic, message.data, message.timeout_ms, self.identity.user)
                 elif kind is Reply:
                     self._check_payload(message.data, max_payload)
-                    router.reply(box, message.id, message.data)
+                    router.requests.reply(box, message.id, message.data)
                 elif kind is Auth:
                     if limiter is not None:
                         limiter.check_auth(message.id)
@@ -283,7 +283,7 @@ class Session:
             except RequestError as exc:
                 self.reply_error(message.id, exc.code, exc.text)
                 if kind is Pub and exc.code not in _AUDITED:  # a message that will reach nobody
-                    router.dead_letter(box, message.id, exc.code, exc.text, self._head(i - 1))
+                    router.requests.dead_letter(box, message.id, exc.code, exc.text, self._head(i - 1))
         self._backlog = None
         self._next = 0
         self._frame = b""
@@ -373,7 +373,7 @@ class Session:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
         if len(self.subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
             raise RequestError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"this connection holds {self.limits.max_subscriptions} subscriptions, the limit")
-        self.router.add_responder(topic, self.box)
+        self.router.requests.add_responder(topic, self.box)
         self.responding.add(topic)
         if message.id:
             self.router.send(self.box, encode(Ack(message.id)))
@@ -386,7 +386,7 @@ class Session:
             if pattern in self._muted:
                 self._muted.discard(pattern)
             else:
-                self.router.remove_responder(pattern, self.box)
+                self.router.requests.remove_responder(pattern, self.box)
             if message.id:
                 self.router.send(self.box, encode(Ack(message.id)))
             return
@@ -493,10 +493,10 @@ class Session:
             if topic in self._muted:
                 if allowed:
                     self._muted.discard(topic)
-                    router.add_responder(topic, self.box)
+                    router.requests.add_responder(topic, self.box)
             elif not allowed:
                 self._muted.add(topic)
-                router.withdraw_responder(topic, self.box)
+                router.requests.withdraw_responder(topic, self.box)
 
     def reply_error(self, request_id: int, code: int, text: str) -> None:
         self.errors += 1
@@ -513,10 +513,10 @@ class Session:
         self._bad = []
         self._heads = None
         self.box.closed = True
-        self.router.forget_requests(self.box)
+        self.router.requests.forget_requests(self.box)
         for topic in self.responding:
             if topic not in self._muted:
-                self.router.remove_responder(topic, self.box)
+                self.router.requests.remove_responder(topic, self.box)
         self.responding.clear()
         self._muted.clear()
         if self._held:

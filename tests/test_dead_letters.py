@@ -31,7 +31,7 @@ def test_undecodable_messages_and_refused_publishes_are_kept_with_their_context(
     s.receive(encode(Pub(9, "md.*", b"x")))
     written, _ = h.tick()
     assert sorted(e.id for e in written["s"] if type(e) is Err) == [0, 7, 8, 9]
-    letters = list(h.router.dead_letters)
+    letters = list(h.router.requests.dead_letters)
     assert h.router.stats.dead_letters == 4 == len(letters)
     assert [(d.conn, d.request_id, d.code) for d in letters] == [
         ("s", 0, ErrorCode.BAD_MESSAGE), ("s", 7, ErrorCode.BAD_MESSAGE), ("s", 8, ErrorCode.UNKNOWN_TYPE), ("s", 9, ErrorCode.PATTERN_NOT_ALLOWED)
@@ -59,7 +59,7 @@ def test_a_refused_publish_is_kept_as_the_client_sent_it():
     batch = [["nope", 1], ["pub", 2, "a..b", b"y"], ["pub", 0, "ok", b"z"], ["pub", 3, "md.>", b"w" * 40]]
     s.receive(msgspec.msgpack.encode(batch))
     h.tick()
-    letters = [(d.request_id, bytes.fromhex(d.head)) for d in h.router.dead_letters]
+    letters = [(d.request_id, bytes.fromhex(d.head)) for d in h.router.requests.dead_letters]
     assert letters == [
         (9, up_to_payload(sent)),
         (10, up_to_payload(wide)),
@@ -71,11 +71,11 @@ def test_a_refused_publish_is_kept_as_the_client_sent_it():
 
 def test_only_the_newest_dead_letters_are_kept():
     h = Harness()
-    h.router.dead_letters = deque(maxlen=3)
+    h.router.requests.dead_letters = deque(maxlen=3)
     s = h.session("s")
     for i in range(1, 6):
         s.receive(msgspec.msgpack.encode(["nope", i]))
-    assert [d.request_id for d in h.router.dead_letters] == [3, 4, 5] and h.router.stats.dead_letters == 5
+    assert [d.request_id for d in h.router.requests.dead_letters] == [3, 4, 5] and h.router.stats.dead_letters == 5
 
 
 @pytest.mark.slow

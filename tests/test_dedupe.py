@@ -27,15 +27,15 @@ def test_a_repeated_msg_id_is_acknowledged_with_the_original_seq_and_delivered_o
 
 def test_a_msg_id_is_forgotten_after_the_window_and_past_the_bound():
     h = Harness()
-    h.router.dedupe_window_ms = 1000
+    h.router.dedupe.window_ms = 1000
     p = h.session("p")
     p.receive(encode(Pub(1, "t", b"a", "m")))
     h.now += 2.0
     p.receive(encode(Pub(2, "t", b"a", "m")))
     assert h.tick()[0]["p"] == [Ack(1, 42, 1), Ack(2, 42, 2)]
-    h.router.dedupe_max_ids = 3
+    h.router.dedupe.max_ids = 3
     p.receive(encode([Pub(0, "t", b"x", f"n{i}") for i in range(5)]))
-    assert len(h.router._seen) <= 3
+    assert len(h.router.dedupe) <= 3
     p.receive(encode([Pub(6, "t", b"x", "n0"), Pub(7, "t", b"x", "n4")]))
     assert h.tick()[0]["p"] == [Ack(6, 42, 8), Ack(7, 42, 7)]  # n0 was forgotten, n4 not
 
@@ -80,7 +80,7 @@ def test_publish_acked_with_a_msg_id_through_a_real_server():
 
 def test_router_defaults():
     router = Router(lambda: None)
-    assert router.dedupe_window_ms == 120_000 and router.dedupe_max_ids == 100_000
+    assert router.dedupe.window_ms == 120_000 and router.dedupe.max_ids == 100_000
 
 
 def test_publish_acked_survives_a_lost_ack_exactly_once():

@@ -101,7 +101,7 @@ def test_refused_topics_payloads_and_tokens_are_not_logged_or_kept(caplog):
                 assert all(isinstance(r, Err) for r in replies)
                 assert server.router.stats.denied == 3
                 server._write_dead_letters()
-                return list(server.router.dead_letters)
+                return list(server.router.requests.dead_letters)
             finally:
                 client.close()
 
@@ -151,7 +151,7 @@ def test_refused_publishes_in_the_sans_io_core_keep_only_their_head():
     s.receive(encode(Pub(9, "md.*", b"PAYLOAD-MARK")))
     s.receive(msgspec.msgpack.encode(["pub", 8, "t", "PAYLOAD-MARK"]))
     h.tick()
-    for letter in h.router.dead_letters:
+    for letter in h.router.requests.dead_letters:
         assert b"PAYLOAD" not in bytes.fromhex(letter.head)
 
 

@@ -33,7 +33,7 @@ def test_a_request_reaches_one_responder_and_its_reply_the_requester():
             session.receive(encode(Reply(r.id, b"answer to " + r.data)))
     replies = h.tick()[0]["c"]
     assert sorted((r.id, r.data) for r in replies) == [(7, b"answer to now?"), (8, b"answer to again")]
-    assert h.router.next_deadline is None
+    assert h.router.requests.next_deadline is None
 
 
 def test_no_responders_is_answered_at_once():
@@ -52,12 +52,12 @@ def test_a_request_without_a_reply_times_out_and_a_late_reply_is_refused():
     c = h.session("c")
     c.receive(encode(Req(5, "svc.time", b"?", 250)))
     (request,) = h.tick()[0]["a"]
-    assert h.router.next_deadline == pytest.approx(h.now + 0.25)
+    assert h.router.requests.next_deadline == pytest.approx(h.now + 0.25)
     h.now += 0.2
-    h.router.expire_requests()
+    h.router.requests.expire_requests()
     assert h.tick()[0] == {}
     h.now += 0.1
-    h.router.expire_requests()
+    h.router.requests.expire_requests()
     (err,) = h.tick()[0]["c"]
     assert (err.id, err.code) == (5, ErrorCode.REQUEST_TIMEOUT) and h.router.stats.timeouts == 1
     a.receive(encode(Reply(request.id, b"too late")))
@@ -100,7 +100,7 @@ def test_open_requests_per_connection_are_bounded_and_freed_when_answered():
     (err,) = written["c"]
     assert (err.id, err.code) == (3, ErrorCode.TOO_MANY_REQUESTS)
     h.now += 2
-    h.router.expire_requests()
+    h.router.requests.expire_requests()
     h.tick()
     c.receive(encode(Req(4, "svc.time", b"", 1000)))
     assert "c" not in h.tick()[0]  # passed on: it waits for its reply
@@ -145,7 +145,7 @@ def test_request_and_respond_with_the_python_client():
                 with pytest.raises(RequestError) as info:
                     await client.request("svc.echo", b"?")
                 assert info.value.code == ErrorCode.NO_RESPONDERS
-                assert not server.router._requests and not server.router._involved
+                assert not server.router.requests.waiting and not server.router.requests.involved
 
     run(main())
 

@@ -6,7 +6,7 @@ import pytest
 
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, Unsub, encode
-from broker.router import unique_epoch
+from broker.backplane import unique_epoch
 
 from conftest import Harness
 

@@ -76,12 +76,11 @@ from typing import Annotated, Callable
 
 import msgspec
 
-from ..backplane import MemoryBackplane
+from ..backplane import MemoryBackplane, unique_epoch
 from ..config import read_secret
 from ..errors import ConfigError, ErrorCode, RequestError
 from ..fastpath import Block, TopicState, stamp
 from ..fastpath import stage as stage_batches
-from ..router import unique_epoch
 from ..topics import is_pattern
 from . import scripts
 from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP, ShardEpochs

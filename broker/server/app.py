@@ -765,7 +765,7 @@ class Server:
         if not new:
             return
         self._dead_letters_seen = count
-        letters = list(self.router.dead_letters)
+        letters = list(self.router.requests.dead_letters)
         for letter in letters[-min(new, DEAD_LETTERS_LOGGED) :]:
             logs.event(
                 logging.WARNING, "dead_letter", conn=letter.conn, peer=letter.peer, id=letter.request_id,
@@ -786,7 +786,7 @@ class Server:
 
     def _arm_request_timer(self) -> None:
         """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
-        deadline = self.router.next_deadline
+        deadline = self.router.requests.next_deadline
         timer = self._request_timer
         if deadline is None or (timer is not None and self._request_timer_at <= deadline):
             return
@@ -797,7 +797,7 @@ class Server:
 
     def _expire_requests(self) -> None:
         self._request_timer = None
-        self.router.expire_requests()
+        self.router.requests.expire_requests()
         self._arm_request_timer()
 
     def _write_within(self, box, conn, shedding, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
