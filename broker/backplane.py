@@ -6,13 +6,15 @@ and answers recovery questions ("what came after [epoch, seq]?"). Local and remo
 reach subscribers the same way: stamped into a topic's pending batch, then emitted by the
 router (`Router.deliver_remote` is the entry for batches sequenced elsewhere).
 
-`MemoryBackplane` is the embedded one: a message is sequenced the moment it is published (the
-compiled publish path stamps it directly, which is why `sequences_at_once` is True), and
-history lives in this process. A backplane that sequences later (one shared through an
-external log, broker.cluster.streams) sets `sequences_at_once` to False: its `publish` stamps
-with this process's count for now and returns None, the router hands the tick's batches to its
-`stage` instead of emitting them, and acknowledges through `on_sequenced` once the log numbered
-them; the numbered batches come back through `Router.deliver_remote`.
+`Backplane` is the seam, a `Protocol` with the contract of each method. `MemoryBackplane` is
+the embedded one: a message is sequenced the moment it is published (the compiled publish path
+stamps it directly), and history lives in this process. A backplane that sequences later (one
+shared through an external log, broker.cluster.streams) has one more ability, `Sequencer`: its
+`publish` stamps with this process's count for now and returns None, the router hands the
+tick's batches to its `stage` instead of emitting them, and acknowledges through
+`on_sequenced` once the log numbered them; the numbered batches come back through
+`Router.deliver_remote`. The router looks for that ability once, when it is made
+(`Router.sequencer`).
 
 History is kept per topic in chunks, one per topic per second at most (the batches of the
 ticks within that second, the payload objects shared with the fan-out, not copied), bounded per
@@ -26,7 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .fastpath import HistoryLog, HistoryStore, TopicState, stamp
 
@@ -52,10 +54,92 @@ class Gap(NamedTuple):
     cause: str  # one of messages.GAP_CAUSES
 
 
+class Backplane(Protocol):
+    """What the router needs of a backplane: where a publish is sequenced, which topics this
+    process gets, and the history recovery reads. Every method is called on the event loop's
+    thread and returns at once (a backplane with I/O does it in its own tasks)."""
+
+    accepting: bool  # False while some publishes are refused (then `refusal` says which, and why)
+    store: Any  # the compiled HistoryStore the emit path retains through, or None (no history)
+    total: int  # bytes counted over every topic's history
+    trimmed: int  # messages dropped from history by any bound
+
+    def now_ms(self) -> int:
+        """The backplane's clock in milliseconds since 1970: history's ages and the dedupe
+        window are measured on it."""
+        ...
+
+    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Any = None, on_failed: Any = None,
+                msg_id: str = "") -> int | None:
+        """Add `payload` to the topic's pending batch (listing the topic in `dirty`). Returns its
+        sequence number, or None when it is sequenced later (`Sequencer`): then
+        `on_sequenced(epoch, seq)` or `on_failed(code, text)` follows exactly once."""
+        ...
+
+    def reads(self, pattern: str) -> bool:
+        """Whether this process has, and keeps getting, what a subscription to `pattern` needs.
+        False: it starts getting it and calls `router.loaded()` once it has it."""
+        ...
+
+    def refusal(self, state: TopicState | None = None) -> str | None:
+        """While `accepting` is False: why a publish to the topic is refused, or None when it is
+        taken."""
+        ...
+
+    def topic_epoch(self, name: str) -> int | None:
+        """The epoch every node gives a new topic of this name, or None: this process picks."""
+        ...
+
+    def retain(self, state: TopicState, first: int, payloads: list[bytes], now_ms: int | None = None) -> None:
+        """Keep one batch of the topic (messages `first`...) in its history."""
+        ...
+
+    def retained(self) -> None:
+        """Batches were retained through `store`: apply the bounds over all topics."""
+        ...
+
+    def sweep(self, now_ms: int | None = None) -> None:
+        """A few times a second: forget history past its age."""
+        ...
+
+    def retains(self, state: TopicState, now_ms: int) -> bool:
+        """True while history holds messages of the topic."""
+        ...
+
+    def forget(self, state: TopicState) -> None:
+        """The topic retires: drop what history still counts for it."""
+        ...
+
+    def latest(self, state: TopicState) -> tuple[int, bytes] | None:
+        """The newest retained message of the topic: (seq, payload), or None."""
+        ...
+
+    def since(self, state: TopicState, seq: int, max_bytes: int | None = None) -> tuple[int, list[tuple[int, list[bytes]]]]:
+        """Retained messages after `seq` of the current epoch: (the first sequence number
+        history holds, batches of (first seq, payloads)), at most about `max_bytes`."""
+        ...
+
+    def since_time(self, state: TopicState, time_ms: int) -> tuple[bool, int, list[tuple[int, list[bytes]]]]:
+        """Retained messages published at or after `time_ms`: (whether some published then
+        were dropped, the first sequence number held, the batches)."""
+        ...
+
+
+@runtime_checkable
+class Sequencer(Protocol):
+    """The optional ability of a backplane that sequences later, through a log shared with
+    other processes: the router stages each tick's batches with it instead of emitting them;
+    they come back numbered through `Router.deliver_remote`."""
+
+    def stage(self, states: list[TopicState]) -> int:
+        """Take the topics' pending batches for the log and give each topic back the sequence
+        number it had. Returns the messages taken."""
+        ...
+
+
 class MemoryBackplane:
     """Sequencing in this process and history in its memory, within four bounds."""
 
-    sequences_at_once = True
     accepting = True  # publishes may take the compiled path (a backplane that cannot take them says False)
 
     def __init__(

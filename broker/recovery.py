@@ -218,7 +218,7 @@ class Recovery:
         self.schedule_write(box)
 
     def _recover_topic(self, box: Outbox, name: str, state: TopicState | None, epoch: int, seq: int) -> None:
-        cluster = not self.backplane.sequences_at_once
+        cluster = self.sequencer is not None
         if state is None or (cluster and epoch == state.epoch and seq > state.seq):
             if not epoch:
                 return

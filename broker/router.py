@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-from .backplane import Gap, MemoryBackplane, unique_epoch
+from .backplane import Backplane, Gap, MemoryBackplane, Sequencer, unique_epoch
 from .dedupe import Dedupe, Seen
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, arrive, emit_all, end_tick, fanout_steps, schedule_solo
@@ -117,7 +117,7 @@ class Router(Recovery):
         max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
         max_outbound_frame_bytes: int = 1 << 20,
         epoch: int | None = None,
-        backplane: MemoryBackplane | None = None,
+        backplane: Backplane | None = None,
         dedupe_window_s: float = 120.0,
         dedupe_max_ids: int = 100_000,
         max_open_requests: int = 1000,
@@ -142,7 +142,7 @@ class Router(Recovery):
         self._retired_any = False
         self._scan = 0  # where the retirement scan goes on in index.states
         self._quiet: dict[int, tuple[int, int]] = {}  # topic id -> (seq, ms) when it was seen quiet
-        self.backplane = MemoryBackplane() if backplane is None else backplane
+        self.use_backplane(MemoryBackplane() if backplane is None else backplane)
         self.dedupe = Dedupe(dedupe_window_s, dedupe_max_ids)  # msg_ids seen lately (broker.dedupe)
         self.clock = clock
         self.index = Index()
@@ -161,6 +161,12 @@ class Router(Recovery):
         self._emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
         self._work_mark = 0  # index.work when this iteration began
+
+    def use_backplane(self, backplane: Backplane) -> None:
+        """Publish through `backplane` (before any topic is made). Its abilities are looked at
+        here, once: `sequencer` is it when it sequences later (broker.backplane.Sequencer)."""
+        self.backplane = backplane
+        self.sequencer: Sequencer | None = backplane if isinstance(backplane, Sequencer) else None
 
     # the budget of one loop iteration
 
@@ -289,7 +295,7 @@ class Router(Recovery):
                 return state
             record.waiting = [(box, request_id)] if request_id else []
         dirty = len(self.dirty)
-        if backplane.sequences_at_once:
+        if self.sequencer is None:
             backplane.publish(state, payload, self.dirty)
             if len(self.dirty) > dirty:
                 self.fanned_out(dirty)
@@ -329,7 +335,7 @@ class Router(Recovery):
         Raises RequestError for a topic the broker refuses."""
         state = self._publishing(name)
         backplane = self.backplane
-        if backplane.sequences_at_once:
+        if self.sequencer is None:
             dirty = len(self.dirty)
             backplane.publish(state, payload, self.dirty)
             if len(self.dirty) > dirty:
@@ -610,9 +616,9 @@ class Router(Recovery):
         """Encode each topic's pending batch once and queue it on every connection that
         receives it; with a backplane that sequences later, hand the batches to it instead
         (they come back numbered through `deliver_remote`)."""
-        backplane = self.backplane
-        if not backplane.sequences_at_once:
-            self.stats.published += backplane.stage(states)
+        sequencer = self.sequencer
+        if sequencer is not None:
+            self.stats.published += sequencer.stage(states)
             return
         self._emit_now(states)
 
@@ -634,7 +640,7 @@ class Router(Recovery):
         if store is not None:
             backplane.retained()
         stats = self.stats
-        if backplane.sequences_at_once:  # else counted when staged, on the node they were published on
+        if self.sequencer is None:  # else counted when staged, on the node they were published on
             stats.published += published
         stats.batches += batches
         stats.delivered += delivered

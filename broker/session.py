@@ -552,7 +552,7 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
     if not is_pattern(pattern):
         epoch, seq = _position(since, "since")
         state = router.topics.get(pattern)
-        if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
+        if state is not None and epoch == state.epoch and seq > state.seq and router.sequencer is None:
             raise RequestError(ErrorCode.BAD_POSITION, f"since [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
         if not epoch and seq:
             raise RequestError(ErrorCode.BAD_POSITION, "since [0, seq] needs seq 0 (from the start of the current epoch)")
@@ -575,7 +575,7 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
             if within is not None and not any(key_matches(held, name) for held in within):
                 continue
             state = router.topics.get(name)
-            if state is not None and epoch == state.epoch and seq > state.seq and router.backplane.sequences_at_once:
+            if state is not None and epoch == state.epoch and seq > state.seq and router.sequencer is None:
                 raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
             positions[name] = (epoch, seq)
     finally:

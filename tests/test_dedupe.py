@@ -42,7 +42,7 @@ def test_a_msg_id_is_forgotten_after_the_window_and_past_the_bound():
 
 def test_a_repeat_before_the_original_is_sequenced_waits_for_its_seq():
     h = Harness()
-    h.router.backplane = backplane = LaterBackplane(clock=lambda: h.now)
+    h.router.use_backplane(backplane := LaterBackplane(clock=lambda: h.now))
     s, p = h.session("s"), h.session("p")
     s.receive(encode(Sub(0, "t")))
     p.receive(encode([Pub(1, "t", b"a", "m"), Pub(2, "t", b"a", "m")]))

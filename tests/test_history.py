@@ -405,7 +405,7 @@ class LaterBackplane(MemoryBackplane):
 
 def test_a_backplane_that_sequences_later_delays_acks_and_delivers_through_the_same_path():
     h = Harness()
-    h.router.backplane = backplane = LaterBackplane(clock=lambda: h.now)
+    h.router.use_backplane(backplane := LaterBackplane(clock=lambda: h.now))
     s, p = h.session("s"), h.session("p")
     s.receive(encode(Sub(0, "t")))
     p.receive(encode([Pub(1, "t", b"a"), Pub(0, "t", b"b")]))
@@ -431,7 +431,7 @@ def test_a_position_beyond_what_a_cluster_node_delivered_is_settled_by_the_next_
     """A node that has not delivered a topic up to a client's position (it started later, or
     lags) cannot tell at once whether messages after it are missing; the next batch does."""
     h = Harness()
-    h.router.backplane = LaterBackplane(clock=lambda: h.now)
+    h.router.use_backplane(LaterBackplane(clock=lambda: h.now))
     behind, level = h.session("behind"), h.session("level")
     behind.receive(encode(Sub(1, "t", [42, 3])))
     level.receive(encode(Sub(1, "t", [42, 6])))

@@ -207,8 +207,6 @@ class _Route:
 class RedisBackplane(MemoryBackplane):
     """Sequencing in Redis, history here (filled from the streams), delivery from the streams."""
 
-    sequences_at_once = False
-
     def __init__(self, config, *, clock=time.time) -> None:
         super().__init__(
             max_messages=config.history_max_messages,
