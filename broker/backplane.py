@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .fastpath import HistoryLog, HistoryStore, TopicState, stamp
 
@@ -42,16 +42,6 @@ def unique_epoch(after: int = 0) -> int:
     return max(after + 1, (int(time.time() * 1000) << EPOCH_RANDOM_BITS) | random.getrandbits(EPOCH_RANDOM_BITS))
 
 
-class Gap(NamedTuple):
-    """Messages `first` ... `last` of `topic` in `epoch` that a client will not get.
-    `last` 0: up to the end of that epoch (not known here)."""
-
-    topic: str
-    epoch: int
-    first: int
-    last: int
-    reason: str
-    cause: str  # one of messages.GAP_CAUSES
 
 
 class Backplane(Protocol):

@@ -174,6 +174,23 @@ class GapNotice(_Wire, tag="gap"):
     cause: str = ""
 
 
+class Gap(NamedTuple):
+    """Messages `first` ... `last` of `topic` in `epoch` that a subscription will not get
+    (`last` 0: to the end of that epoch): what a GapNotice says, as the router hands it to a
+    connection and as the client hands it to the application. `reason` is for people; `cause`,
+    for programs, is one of GAP_CAUSES: "history" (history no longer held them), "ended"
+    (their epoch ended), "replay" (from earlier broker versions: a replay stopped at their
+    bound), "dropped" or "conflated" (the connection fell behind and its slow-consumer policy
+    dropped or conflated them), "backplane" (the cluster backplane lost them)."""
+
+    topic: str
+    epoch: int
+    first: int
+    last: int
+    reason: str
+    cause: str = ""
+
+
 class Request(_Wire, tag="request"):
     """A `req` passed to this connection as its responder: answer with `["reply", id, data]`.
     `user`: the requester's (its token's `auth_user_claim`); None without authentication or

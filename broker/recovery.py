@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .backplane import Gap
+from .messages import Gap
 from .fastpath import Outbox, TopicState, emit_all, encode_batch
 from .messages import GapNotice, encode
 from .topics import is_pattern, key_matches

@@ -21,11 +21,11 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
-from .backplane import Backplane, Gap, MemoryBackplane, Sequencer, unique_epoch
+from .backplane import Backplane, MemoryBackplane, Sequencer, unique_epoch
 from .dedupe import Dedupe, Seen
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, arrive, emit_all, end_tick, fanout_steps, schedule_solo
-from .messages import Ack, Err, encode
+from .messages import Ack, Err, Gap, encode
 from .recovery import Recovery
 from .requests import Requests
 from .topic_ids import TopicIds

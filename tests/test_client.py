@@ -639,11 +639,37 @@ def test_publish_respects_back_pressure_and_holds_a_bounded_amount():
                 sent += 1
                 if sent % 16 == 0:
                     await asyncio.sleep(0)  # let the loop write (and the transport pause)
-        assert client._paused and client._held_bytes <= (1 << 20) + 300 * 1024
+        assert client.protocol.paused and client.protocol.held_bytes <= (1 << 20) + 300 * 1024
         with pytest.raises(asyncio.TimeoutError):
             await client.drain(0.2)
-        client._transport.disconnect(graceful=False)
+        client.abort()
         await client.wait_closed()
         server.close()
+
+    run(main())
+
+
+def test_abort_drops_the_connection_as_a_network_cut_does():
+    """`abort()` ends the connection without a close frame: with `reconnect` the client comes
+    back and its subscription recovers; without, it is closed with 1006."""
+
+    async def main():
+        async with serving() as server:
+            states: list = []
+            client = await Client.connect(url(server), reconnect_delay=(0.01, 0.05), on_state=lambda s, d: states.append((s, d)))
+            got: list = []
+            await client.subscribe("ab.t", got.append)
+            client.abort()
+            await eventually(lambda: client.state == "connected" and client.reconnects == 1, 5, "the reconnection")
+            assert ("disconnected", "1006: connection lost") in states
+            async with Client(url(server)) as pub:
+                await pub.publish_acked("ab.t", b"after")
+            await eventually(lambda: [m.data for m in got] == [b"after"], 5, "the delivery")
+            await client.close()
+
+            once = await Client.connect(url(server), reconnect=False)
+            once.abort()
+            assert await once.wait_closed() == (1006, "connection lost")
+            once.abort()  # closed: nothing to do
 
     run(main())

@@ -31,7 +31,7 @@ class Positions(RuleBasedStateMachine):
     @rule(topic=st.sampled_from(TOPICS), count=st.integers(1, 5))
     def live(self, topic, count):
         first, payloads = self._publish(topic, count)
-        self.sub._receive(topic, self.epoch[topic], first, payloads)
+        self.sub.receive(topic, self.epoch[topic], first, payloads)
 
     @rule(topic=st.sampled_from(TOPICS), back=st.integers(0, 6), count=st.integers(1, 8))
     def replay_overlapping(self, topic, back, count):
@@ -42,7 +42,7 @@ class Positions(RuleBasedStateMachine):
         if start > end:
             return
         payloads = [b"%s:%d:%d" % (topic.encode(), self.epoch[topic], s) for s in range(start, end + 1)]
-        self.sub._receive(topic, self.epoch[topic], start, payloads)
+        self.sub.receive(topic, self.epoch[topic], start, payloads)
 
     @rule(topic=st.sampled_from(TOPICS), count=st.integers(1, 4), overlap=st.integers(0, 3))
     def lost(self, topic, count, overlap):
@@ -50,12 +50,12 @@ class Positions(RuleBasedStateMachine):
         first = self.sent[topic] + 1
         self.sent[topic] += count
         self.published[(topic, self.epoch[topic])] = self.sent[topic]
-        self.sub._gap(Gap(topic, self.epoch[topic], max(1, first - overlap), self.sent[topic], "lost"))
+        self.sub.gap(Gap(topic, self.epoch[topic], max(1, first - overlap), self.sent[topic], "lost"))
 
     @rule(topic=st.sampled_from(TOPICS))
     def new_epoch(self, topic):
         old = self.epoch[topic]
-        self.sub._gap(Gap(topic, old, self.sent[topic] + 1, 0, "epoch ended"))
+        self.sub.gap(Gap(topic, old, self.sent[topic] + 1, 0, "epoch ended"))
         self.epoch[topic] = old + 1
         self.sent[topic] = 0
 

@@ -90,17 +90,17 @@ def test_publish_acked_survives_a_lost_ack_exactly_once():
                 got = []
                 await sub_client.subscribe("d.once", got.append)
                 client = await Client.connect(url(server), reconnect_delay=(0.01, 0.05))
-                real = client._on_message
+                real = client.protocol.receive
                 lost = []
 
                 def lose_the_first_ack(data):
                     if not lost:  # the broker published it; the ack dies with the connection
                         lost.append(bytes(data))
-                        client._transport.disconnect(graceful=False)
+                        client.abort()
                         return
                     real(data)
 
-                client._on_message = lose_the_first_ack
+                client.protocol.receive = lose_the_first_ack
                 ack = await client.publish_acked("d.once", b"exactly once")
                 assert lost and ack.seq == 1 and client.reconnects == 1
                 await client.publish_acked("d.once", b"then this")
@@ -119,13 +119,13 @@ def test_publishes_held_offline_carry_msg_ids_and_are_acknowledged():
             client = await Client.connect(url(server), reconnect_delay=(0.02, 0.1))
         client.publish("d.off", b"1")
         client.publish("d.off", b"2")
-        assert [(t, d) for t, d, _ in client._offline] == [("d.off", b"1"), ("d.off", b"2")]
-        assert len({m for _, _, m in client._offline}) == 2
+        assert [(t, d) for t, d, _ in client.protocol.offline] == [("d.off", b"1"), ("d.off", b"2")]
+        assert len({m for _, _, m in client.protocol.offline}) == 2
         async with serving(port=port) as server:
             async with Client(url(server)) as sub_client:
                 got = []
                 await sub_client.subscribe("d.off", got.append, since=(0, 0))
-                await eventually(lambda: len(got) == 2 and not client._inflight, 10, "the held publishes")
+                await eventually(lambda: len(got) == 2 and not client.protocol.inflight, 10, "the held publishes")
                 assert [m.data for m in got] == [b"1", b"2"]
         await client.close()
 

@@ -39,7 +39,7 @@ def test_a_killed_subscriber_recovers_100000_messages_on_many_topics_without_los
                 publisher = asyncio.create_task(publish())
                 await killed.wait()
                 await eventually(lambda: len(got_first) > 10_000, 10, "part of the stream")
-                first._transport.disconnect(graceful=False)  # the socket dies mid-stream
+                first.abort()  # the socket dies mid-stream
                 await first.wait_closed()
                 positions = dict(sub.positions)
 
@@ -164,7 +164,7 @@ def test_a_client_whose_socket_dies_reconnects_by_itself_and_delivers_every_mess
                 publisher = asyncio.create_task(publish())
                 for kill in range(3):  # the socket dies three times mid-stream
                     await eventually(lambda: len(got) > (kill + 1) * 20_000, 20, "part of the stream")
-                    client._transport.disconnect(graceful=False)
+                    client.abort()
                     await eventually(lambda: client.state == "connected", 10, "the reconnection")
                 await publisher
                 await eventually(lambda: len(got) >= TOPICS * PER_TOPIC and len(exact) >= PER_TOPIC, 30, "every message")
@@ -337,18 +337,18 @@ def test_overlapping_subscriptions_recover_across_a_restart_with_one_ended_gap_e
 
 def test_a_subscription_hands_on_the_end_of_an_epoch_once():
     sub = Subscription(None, "r.>", None, 100)  # type: ignore[arg-type]
-    sub._receive("r.a", 7, 1, [b"1", b"2"])
+    sub.receive("r.a", 7, 1, [b"1", b"2"])
     ended = Gap("r.a", 7, 3, 0, "ended", "ended")
-    sub._gap(ended)
-    sub._receive("r.a", 9, 1, [b"new"])
-    sub._gap(ended)  # another subscription's recovery told the connection again
-    sub._gap(Gap("r.a", 7, 5, 0, "ended", "ended"))
-    sub._receive("r.a", 9, 1, [b"new"])
+    sub.gap(ended)
+    sub.receive("r.a", 9, 1, [b"new"])
+    sub.gap(ended)  # another subscription's recovery told the connection again
+    sub.gap(Gap("r.a", 7, 5, 0, "ended", "ended"))
+    sub.receive("r.a", 9, 1, [b"new"])
     assert list(sub._queue) == [Message("r.a", 7, 1, b"1"), Message("r.a", 7, 2, b"2"), ended, Message("r.a", 9, 1, b"new")]
     # an end reported from further on than the subscription got covers what it did not get
     other = Subscription(None, "r.b", None, 100)  # type: ignore[arg-type]
-    other._receive("r.b", 7, 1, [b"1"])
-    other._gap(Gap("r.b", 7, 5, 0, "ended", "ended"))
+    other.receive("r.b", 7, 1, [b"1"])
+    other.gap(Gap("r.b", 7, 5, 0, "ended", "ended"))
     assert list(other._queue)[-1] == Gap("r.b", 7, 2, 0, "ended", "ended")
 
 

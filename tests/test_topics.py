@@ -4,8 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.client.index import SubscriptionIndex
 from broker.errors import ErrorCode, TopicError
-from broker.topics import SubscriptionIndex, is_pattern, matches, validate_pattern, validate_topic
+from broker.topics import is_pattern, matches, validate_pattern, validate_topic
 
 
 @pytest.mark.parametrize("topic", ["a", "md.NASDAQ.AAPL", "x-1_2:3@4/5", "a" * 255, ".".join("t" * 32)])
