@@ -9,8 +9,9 @@
 
 The package's map: `protocol` is the sans-I/O core (request ids, the topic table, dispatch,
 positions and `since`, the offline queue, frames out), `index` its subscription index,
-`subscription` what the application receives (Subscription, Message, Gap), and `connection`
-the asyncio shell (`Client`: picows, reconnection, token refresh, heartbeat).
+`subscription` what the application receives (Subscription, Message, Gap), `connection` the
+asyncio shell (picows, reconnection, token refresh, heartbeat) and `client` the public
+`Client` on it.
 
 The names are imported when first used, so that `import broker.client.protocol` (which the
 package's import runs first) loads no asyncio and no picows.
@@ -24,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..errors import BrokerError, ConnectionClosed, RequestError, SubscriptionEnded, SubscriptionOverflow
     from ..messages import Request
-    from .connection import Client
+    from .client import Client
     from .protocol import PublishAck
     from .subscription import Gap, Message, Subscription
 
 # name -> the module that defines it
 _HOMES = {
-    "Client": ".connection",
+    "Client": ".client",
     "Gap": ".subscription",
     "Message": ".subscription",
     "PublishAck": ".protocol",
