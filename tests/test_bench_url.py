@@ -15,7 +15,7 @@ import time
 import jwt
 import pytest
 import trustme
-from conftest import ROOT, broker_cli
+from conftest import ROOT, broker_cli, free_port
 
 SECRET = "bench-url-test-secret-of-32-bytes-or-more"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -36,10 +36,6 @@ def test_bench_url_parse():
             parse(bad)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 from conftest import BlackHoleProxy, broker_cli
-from redis_support import free_port
+from conftest import free_port
 from test_dashboard import chromium
 
 SYMBOLS = "40"

@@ -201,7 +201,7 @@ def test_redis_out_of_memory_is_named_logged_once_and_readiness_stays_down_until
 
     import aiohttp
 
-    from redis_support import free_port
+    from conftest import free_port
 
     caplog.set_level(logging.WARNING, logger="broker.cluster")
 

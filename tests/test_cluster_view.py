@@ -17,7 +17,8 @@ from broker.cluster import presence
 from broker.cluster.presence import read_view
 
 from conftest import run, serving
-from redis_support import BrokerNode, free_port
+from redis_support import BrokerNode
+from conftest import free_port
 
 KEY = "cluster-view-key"
 

@@ -138,7 +138,7 @@ def test_every_secret_has_a_file_variant_read_once_with_its_line_break_dropped(t
 def test_a_secret_given_as_a_flag_is_warned_about_without_its_value(tmp_path):
     import signal
 
-    from test_shutdown_cli import read_until, serve, stop_process
+    from conftest import read_until, serve, stop_process
 
     secret = "a-secret-value-of-32-bytes-or-more!"
     key_file = tmp_path / "admin-key"

@@ -20,7 +20,8 @@ import pytest
 from broker import __version__
 
 from conftest import ROOT
-from redis_support import BrokerNode, free_port
+from redis_support import BrokerNode
+from conftest import free_port
 
 PUBLISHER = """
 import asyncio, sys

@@ -18,7 +18,7 @@ from broker.server import dashboard
 from broker.server.dashboard import HotTopics
 
 from conftest import run, serving
-from redis_support import free_port
+from conftest import free_port
 
 KEY = "feed-key-of-this-test"
 

@@ -20,7 +20,7 @@ from broker.errors import ErrorCode
 from broker.messages import Err, Pub, encode
 
 from conftest import ROOT, Harness, RawSocketClient, eventually, run, serving
-from test_shutdown_cli import free_ports, serve, stop_process
+from conftest import free_ports, serve, stop_process
 
 
 def test_undecodable_messages_and_refused_publishes_are_kept_with_their_context():

@@ -14,7 +14,6 @@ import time
 
 import jwt
 import msgspec
-import pytest
 
 from broker.client import Client
 from conftest import eventually, run, serving, url

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.cluster import group_admin
 
 from conftest import ROOT, run, serving
-from redis_support import free_port
+from conftest import free_port
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "broker.json"

@@ -6,7 +6,7 @@ import subprocess
 import time
 
 from conftest import broker_cli
-from test_shutdown_cli import free_ports
+from conftest import free_ports
 
 
 def health(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

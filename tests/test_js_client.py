@@ -97,7 +97,7 @@ def test_operator_actions_reach_the_client(js_client, tmp_path, transport):
 
     key = "ops-admin-key"
     token = jwt.encode({"sub": "ana", "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, SECRET, algorithm="HS256")
-    from redis_support import free_port
+    from conftest import free_port
 
     admin = free_port()
     common = ("--auth-jwt-secret", SECRET)

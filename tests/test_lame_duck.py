@@ -15,7 +15,8 @@ import urllib.request
 from broker.client import Client, Gap
 
 from conftest import run
-from redis_support import BrokerNode, free_port
+from redis_support import BrokerNode
+from conftest import free_port
 
 CLIENTS = 20
 DURATION_S = 2.0

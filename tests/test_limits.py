@@ -18,7 +18,7 @@ from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
 from broker.audit import AuditLog
 from broker.limits import Guard, LimitRefused, TokenBucket
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
-from conftest import RawSocketClient, eventually, run, send_upgrade, serving, split_frame, upgrade_request
+from conftest import RawSocketClient, eventually, run, send_upgrade, serving, upgrade_request, replies
 from redis_support import BrokerNode
 
 
@@ -71,8 +71,6 @@ async def upgrade(port: int, *, source: str = "127.0.0.1", header: str | None = 
     return status, body.decode(), writer
 
 
-async def replies(client: RawSocketClient, n: int) -> list:
-    return [await client.recv() for _ in range(n)]
 
 
 def server_conns(server, before: set) -> list:
@@ -289,6 +287,7 @@ def test_origin_allow_list():
 def test_publish_rate_accepts_exactly_the_burst_then_refuses_with_ids_and_refills():
     async def main():
         async with serving(publish_rate=10, publish_burst=50) as server:
+            clock = server.guard.clock = Clock()  # the connection's buckets read it: time passes when the test says
             client = await RawSocketClient.connect(server.port)
             await client.send([Pub(i, "rate.t", b"x") for i in range(1, 81)])
             got = await replies(client, 80)
@@ -297,7 +296,7 @@ def test_publish_rate_accepts_exactly_the_burst_then_refuses_with_ids_and_refill
             assert got[50:] == [Err(i, ErrorCode.RATE_LIMITED, text) for i in range(51, 81)]
             await client.send(Req(81, "svc.none", b"?"))  # a request is charged too
             assert await client.recv() == Err(81, ErrorCode.RATE_LIMITED, text)
-            await asyncio.sleep(0.25)  # two tokens come back
+            clock.now += 0.25  # two and a half tokens come back
             await client.send([Pub(82, "rate.t", b"x"), Pub(83, "rate.t", b"x"), Pub(84, "rate.t", b"x")])
             assert [type(m) for m in await replies(client, 3)] == [Ack, Ack, Err]
             assert server.guard.stats.rate_limited == {"publish_rate": 32}
@@ -311,6 +310,7 @@ def test_publish_rate_accepts_exactly_the_burst_then_refuses_with_ids_and_refill
 def test_the_fire_and_forget_fast_path_cannot_exceed_the_limit():
     async def main():
         async with serving(publish_rate=5, publish_burst=40) as server:
+            clock = server.guard.clock = Clock()
             reader = await RawSocketClient.connect(server.port)
             await reader.send(Sub(1, "fast.t"))
             assert type(await reader.recv()) is Ack
@@ -327,7 +327,7 @@ def test_the_fire_and_forget_fast_path_cannot_exceed_the_limit():
                 delivered += message.data
             assert delivered == [b"first"] + [b"%d" % i for i in range(39)]
             # a small frame within the allowance later passes whole
-            await asyncio.sleep(0.5)  # 2.5 tokens
+            clock.now += 0.5  # 2.5 tokens
             await client.send([Pub(0, "fast.t", b"a"), Pub(0, "fast.t", b"b")])
             got = []
             while len(got) < 2:

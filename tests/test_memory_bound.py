@@ -14,7 +14,7 @@ from broker.client import Client
 from broker.server.connection import OPEN
 
 from conftest import RawSocketClient, client_frame, eventually, run, serving, split_frame
-from test_shutdown_cli import connect_when_ready, free_ports, serve, stop_process
+from conftest import connect_when_ready, free_ports, serve, stop_process
 
 MIB = 1 << 20
 PAYLOAD = 32 * 1024

@@ -16,7 +16,7 @@ from broker.errors import CloseCode, ErrorCode, RequestError
 from broker.server.handshake import REFUSAL_STATUSES
 
 from conftest import ROOT, RawSocketClient, run, serving, url
-from redis_support import free_port
+from conftest import free_port
 
 
 def samples(text: str) -> dict:

@@ -15,7 +15,8 @@ import yaml
 from broker.client import Client
 
 from conftest import ROOT, eventually, run, serving, url
-from redis_support import RedisProcess, free_port
+from redis_support import RedisProcess
+from conftest import free_port
 
 PASSWORD = "a-password-of-the-test-Redis"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -22,68 +21,13 @@ from broker.config import load
 from broker.errors import ListenError
 from broker.server import Server
 
-from conftest import ROOT, RawSocketClient, broker_cli, conns_with, eventually, run, send_upgrade, serving, split_frame, upgrade_request, url
+from conftest import (
+    ROOT, RawSocketClient, broker_cli, connect_when_ready, conns_with, eventually, free_ports, read_until, run, run_cli, send_upgrade,
+    serve, serving, split_frame, stop_process, upgrade_request, url,
+)
 
 
 # helpers
-
-
-def free_ports(n: int = 1) -> list[int]:
-    """`n` distinct ports that were free a moment ago (bound to port 0, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def serve(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return broker_cli("serve", *args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def read_until(proc: subprocess.Popen, needle: str, timeout: float = 10.0) -> str:
-    """Read the process's stderr until `needle` appears; returns everything read so far."""
-    fd = proc.stderr.fileno()
-    text = ""
-    deadline = time.monotonic() + timeout
-    while needle not in text:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no {needle!r} on stderr within {timeout}s; got:\n{text}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise AssertionError(f"stderr closed before {needle!r} (exit {proc.wait()}):\n{text}")
-            text += chunk.decode()
-    return text
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """Cleanup for a test that failed half way: end the process this test started."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
-async def connect_when_ready(proc: subprocess.Popen, port: int, timeout: float = 10.0) -> Client:
-    """A Client connected to the broker process once it accepts WebSocket connections (one
-    that does not reconnect: these tests watch the broker close it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"broker exited with {proc.returncode}: {proc.stderr.read().decode()}")
-        try:
-            return await Client.connect(f"ws://127.0.0.1:{port}/", connect_timeout=1, reconnect=False)
-        except ConnectionClosed:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
 
 
 async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
@@ -93,18 +37,6 @@ async def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
 
 def events(log: str) -> list[str]:
     return [word[len("event=") :] for line in log.splitlines() for word in line.split() if word.startswith("event=")]
-
-
-async def run_cli(*args: str, input: bytes | None = None, timeout: float = 15.0) -> subprocess.CompletedProcess:
-    """Run `python -m broker ARGS` to completion without blocking the loop (the server may be
-    running in this very loop)."""
-    proc = broker_cli(*args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    loop = asyncio.get_running_loop()
-    try:
-        out, err = await loop.run_in_executor(None, proc.communicate, input, timeout)
-    finally:
-        stop_process(proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
 
 
 # graceful shutdown

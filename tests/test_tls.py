@@ -37,7 +37,7 @@ from broker.server import Server, logs
 from broker.server.connection import OPEN, TLS_WRITE_HIGH_WATER
 
 from conftest import ROOT, broker_cli, client_frame, encode, eventually, record_writes, run, serving, split_frame, upgrade_request
-from test_shutdown_cli import free_ports, read_until, run_cli, stop_process
+from conftest import free_ports, read_until, run_cli, stop_process
 
 
 class Issued(NamedTuple):

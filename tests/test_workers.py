@@ -17,7 +17,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import ROOT, broker_cli, run
+from conftest import ROOT, broker_cli, free_port, run
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import cli
@@ -34,10 +34,6 @@ SHUTDOWN_TIMEOUT_S = 3.0
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Log:
