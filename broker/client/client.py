@@ -175,13 +175,13 @@ class Client(Connection):
         validate_topic(topic)
         if msg_id is None:
             msg_id = self.new_msg_id()
-        deadline = self._loop.time() + self.request_timeout
+        deadline = self.loop.time() + self.request_timeout
         while True:
             try:
                 ack = await self._request(lambda rid: Pub(rid, topic, data, msg_id))
                 return PublishAck(ack.epoch, ack.seq)
             except ConnectionClosed:
-                if self.closed or self._loop.time() >= deadline:
+                if self.closed or self.loop.time() >= deadline:
                     raise
 
     async def request(self, topic: str, data: bytes, *, timeout: float = 5.0) -> bytes:

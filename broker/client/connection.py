@@ -187,7 +187,7 @@ class Connection:
         self.on_state = on_state  # called with (state, detail): connecting, connected, disconnected, closed
         self.state = "new"
         self.reconnects = 0  # successful reconnections
-        self._connected: asyncio.Event | None = None  # set while protocol.connected (for waiting on it)
+        self._connected = asyncio.Event()  # set while protocol.connected (for waiting on it; bound to a loop at first use)
         self._reconnecting: asyncio.Task | None = None
         self._closing = False  # close() was called
         self._answering: set[asyncio.Task] = set()
@@ -200,6 +200,14 @@ class Connection:
 
     # the connection
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the client was opened in (ConnectionClosed before `open()`)."""
+        loop = self._loop
+        if loop is None:
+            raise ConnectionClosed(1006, "not connected")
+        return loop
+
     @classmethod
     async def connect(cls, url: str | Sequence[str] = DEFAULT_URL, **options):  # -> the class called
         client = cls(url, **options)
@@ -208,17 +216,17 @@ class Connection:
 
     async def open(self) -> None:
         """Connect; raises ConnectionClosed when the first connection cannot be made."""
-        self._loop = asyncio.get_running_loop()
-        self._closed = self._loop.create_future()
+        loop = self._loop = asyncio.get_running_loop()
+        closed = self._closed = loop.create_future()
         self._connected = asyncio.Event()
-        self.protocol.call_soon = self._loop.call_soon
+        self.protocol.call_soon = loop.call_soon
         self.protocol.closed = False
         self._set_state("connecting", self.url)
         try:
             await self._connect()
         except BaseException:
             self.protocol.closed = True
-            self._closed.set_result(None)
+            closed.set_result(None)
             self._set_state("closed", self._close_info[1] if self._close_info else "")
             raise
         self._set_state("connected", self.url)
@@ -264,7 +272,7 @@ class Connection:
         self._connected.set()
         if self.heartbeat_s is not None:
             self.protocol.queue(encode(Hb(0, int(self.heartbeat_s * 1000))))
-            self._watch(self._listener, self._frames, self._loop.time())
+            self._watch(listener, self._frames, self.loop.time())
         if token is not None:
             self._schedule_refresh(token)
 
@@ -280,13 +288,13 @@ class Connection:
     def _watch(self, listener: _Listener, frames: int, heard: float) -> None:
         """Check, a few times per heartbeat_timeout_s, that something arrived on the connection
         of `listener` since the last check (`frames`, at loop time `heard`)."""
-        self._watchdog = self._loop.call_later(self.heartbeat_timeout_s / 4, self._check_alive, listener, frames, heard)
+        self._watchdog = self.loop.call_later(self.heartbeat_timeout_s / 4, self._check_alive, listener, frames, heard)
 
     def _check_alive(self, listener: _Listener, frames: int, heard: float) -> None:
         self._watchdog = None
         if self._listener is not listener or not self.protocol.connected:
             return  # that connection ended
-        now = self._loop.time()
+        now = self.loop.time()
         if self._frames != frames:
             self._watch(listener, self._frames, now)
             return
@@ -296,16 +304,15 @@ class Connection:
         reason = f"nothing from the broker for {self.heartbeat_timeout_s:g} s (no heartbeat)"
         log.warning("connection to %s taken for dead: %s", self.url, reason)
         self._close_info = (1006, reason)
-        self._transport.disconnect(graceful=False)
+        self.abort()
 
     # tokens
 
     async def _fresh_token(self) -> str:
-        token = self.token
-        if callable(token):
-            token = token()
-            if inspect.isawaitable(token):
-                token = await token
+        source = self.token
+        token = source() if callable(source) else source
+        if inspect.isawaitable(token):
+            token = await token
         if not isinstance(token, str) or not token:
             raise BrokerError("the token callback must return a non-empty str")
         return token
@@ -319,12 +326,12 @@ class Connection:
             return
         left = expires - time.time()
         delay = max(0.0, min(left - self.refresh_before_s, left * 0.8))
-        self._refresher = self._loop.call_later(delay, self._start_refresh)
+        self._refresher = self.loop.call_later(delay, self._start_refresh)
 
     def _start_refresh(self) -> None:
         self._refresher = None
         if not self.closed and self.protocol.connected:
-            task = self._loop.create_task(self._refresh())
+            task = self.loop.create_task(self._refresh())
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
 
@@ -377,7 +384,7 @@ class Connection:
             log.exception("request handler for %r raised", request.topic)
             return
         if inspect.isawaitable(result):
-            task = self._loop.create_task(self._answer_later(request, result))
+            task = self.loop.create_task(self._answer_later(request, result))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
         else:
@@ -406,14 +413,15 @@ class Connection:
         core = self.protocol
         core.flush()
         async with asyncio.timeout(self.request_timeout if timeout is None else timeout):
-            while (core.paused or core.held) and not self.closed:
-                self._drained = self._loop.create_future()
-                await asyncio.wait([self._drained, self._closed], return_when=asyncio.FIRST_COMPLETED)
+            while (core.paused or core.held) and self._closed is not None and not self._closed.done():
+                drained = self._drained = self.loop.create_future()
+                await asyncio.wait([drained, self._closed], return_when=asyncio.FIRST_COMPLETED)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, close with 1000 and wait (at most `timeout`) for the broker.
         Stops reconnecting; publishes still waiting offline are dropped."""
-        if self._closed is None or self.closed:
+        closed = self._closed
+        if closed is None or closed.done():
             return
         self._closing = True
         if self._reconnecting is not None:
@@ -424,16 +432,20 @@ class Connection:
             return
         self.protocol.flush()
         self.protocol.write_held(force=True)
-        self._transport.send_close(WSCloseCode.OK)
+        transport = self._transport  # the open connection's (protocol.connected)
+        if transport is not None:
+            transport.send_close(WSCloseCode.OK)
         try:
-            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+            await asyncio.wait_for(asyncio.shield(closed), timeout)
         except asyncio.TimeoutError:
-            self._transport.disconnect(graceful=False)
-            await self._closed
+            if transport is not None:
+                transport.disconnect(graceful=False)
+            await closed
 
     async def wait_closed(self) -> tuple[int, str]:
         """Wait until the connection ends; returns the close code and reason the broker sent."""
-        await asyncio.shield(self._closed)
+        if self._closed is not None:  # (never opened: closed already)
+            await asyncio.shield(self._closed)
         return self._close_info or (1006, "connection lost")
 
     # internals
@@ -448,9 +460,11 @@ class Connection:
         self._check_open()
         if self.protocol.connected:
             return
+        closed = self._closed
+        assert closed is not None  # open: checked above
         waiter = asyncio.ensure_future(self._connected.wait())
         try:
-            done, _ = await asyncio.wait([waiter, self._closed], timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([waiter, closed], timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         self._check_open()
@@ -460,7 +474,7 @@ class Connection:
     async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None) -> Ack:
         await self._ready()
         timeout = self.request_timeout if timeout is None else timeout
-        future = self._loop.create_future()
+        future = self.loop.create_future()
         rid = self.protocol.request(make, future, on_ack)
         try:
             async with asyncio.timeout(timeout):
@@ -472,8 +486,10 @@ class Connection:
 
     def _protocol_violation(self, text: str) -> None:
         log.error("closing: the broker sent something unreadable: %s", text)
-        self._transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"undecodable server message")
-        self._transport.disconnect()
+        transport = self._transport  # the open connection's: the frame came on it
+        if transport is not None:
+            transport.send_close(WSCloseCode.UNSUPPORTED_DATA, b"undecodable server message")
+            transport.disconnect()
 
     def _on_disconnected(self) -> None:
         if self._refresher is not None:
@@ -498,7 +514,7 @@ class Connection:
             self._finish()
             return
         self._set_state("disconnected", f"{code}: {reason}" if reason else str(code))
-        self._reconnecting = self._loop.create_task(self._reconnect(at_once=code == RECONNECT_ELSEWHERE))
+        self._reconnecting = self.loop.create_task(self._reconnect(at_once=code == RECONNECT_ELSEWHERE))
 
     def _finish(self) -> None:
         """The client is closed for good: subscriptions end, waiters wake."""
@@ -523,7 +539,8 @@ class Connection:
         attempt = 0
         while not self._closing:
             if self.max_reconnect_attempts is not None and attempt >= self.max_reconnect_attempts:
-                self._close_info = (1006, f"gave up after {attempt} reconnection attempts: {self._close_info[1]}")
+                last = self._close_info[1] if self._close_info else "connection lost"
+                self._close_info = (1006, f"gave up after {attempt} reconnection attempts: {last}")
                 self._finish()
                 return
             if not (at_once and attempt == 0):

@@ -8,7 +8,7 @@ expensive for the others, is the compiled `fastpath.Index`.
 
 from __future__ import annotations
 
-from typing import Generic, Hashable, TypeVar
+from typing import Generic, Hashable, Literal, TypeVar, overload
 
 from ..topics import is_pattern
 
@@ -112,6 +112,11 @@ class SubscriptionIndex(Generic[S]):
             self._collect(child, tokens, i + 1, found)
         if node.star is not None:
             self._collect(node.star, tokens, i + 1, found)
+
+    @overload
+    def _walk(self, pattern: str, create: Literal[True]) -> dict: ...
+    @overload
+    def _walk(self, pattern: str, create: Literal[False]) -> dict | None: ...
 
     def _walk(self, pattern: str, create: bool) -> dict | None:
         """The subscriber dict of `pattern`'s trie position (created when `create`), or None."""

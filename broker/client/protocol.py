@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 import msgspec
@@ -80,16 +81,22 @@ def since_of(sub: Subscription) -> list:
     if is_pattern(sub.pattern):
         # The broker takes the positions of at most MAX_SINCE_TOPICS topics; topics left out
         # are replayed from the subscription's time and the overlap is skipped here.
-        positions = {}
+        positions: dict[str, list[int]] = {}
         for topic, position in sub.positions.items():
             if len(positions) == MAX_SINCE_TOPICS:
                 break
             positions[topic] = list(position)
         return [sub.epoch, positions]
-    position = sub.positions.get(sub.pattern)
-    if position is not None:
-        return list(position)
+    last = sub.positions.get(sub.pattern)
+    if last is not None:
+        return list(last)
     return [sub.epoch, sub.seq] if sub.epoch else [0, 0]
+
+
+def _unattached(_: object) -> None:
+    """`send_frame` and `call_soon` until the connection layer sets them: frames are only
+    written while connected and queued once the client is open, so this is never reached."""
+    raise RuntimeError("the client's core is not attached to a connection")
 
 
 class _Resubscribing:
@@ -141,8 +148,8 @@ class ClientProtocol:
         self.on_error = on_error  # an `err` no request waits for (a fire-and-forget publish)
         self.on_request = on_request  # a `request` to one of the client's responders
         self.on_violation = on_violation  # the broker sent something unreadable: close the connection
-        self.send_frame: Callable[[bytes], object] | None = None  # the current connection's writer
-        self.call_soon: Callable[[Callable[[], None]], object] | None = None  # runs a callable at the end of the turn
+        self.send_frame: Callable[[bytes], object] = _unattached  # the current connection's writer
+        self.call_soon: Callable[[Callable[[], None]], object] = _unattached  # runs a callable at the end of the turn
         self.connected = False  # a connection is open and frames can be sent
         self.closed = True  # not opened yet, or closed for good
         self.paused = False  # the transport takes no more for now: frames wait in `held`
@@ -320,7 +327,7 @@ class ClientProtocol:
                 continue
             self.next_id += 1
             rid = self.next_id
-            self.on_ack[rid] = lambda ack, sub=sub: self._resubscribed(sub, ack)
+            self.on_ack[rid] = partial(self._resubscribed, sub)
             self.pending[rid] = _Resubscribing(self, rid, sub)
             self.queue(encode(Sub(rid, sub.pattern, since_of(sub), False, False, sub.policy)))
 
@@ -356,8 +363,11 @@ class ClientProtocol:
             self.next_id += 1
             rid = self.next_id
             self.inflight[rid] = item
-            self.on_ack[rid] = lambda ack, rid=rid: self.inflight.pop(rid, None)
+            self.on_ack[rid] = partial(self._acked_offline, rid)
             self.queue(encode(Pub(rid, topic, data, msg_id)))
+
+    def _acked_offline(self, rid: int, ack: Ack) -> None:
+        self.inflight.pop(rid, None)
 
     # frames in
 
@@ -369,8 +379,7 @@ class ClientProtocol:
             self.on_violation(str(exc))
             return
         for message in messages:
-            kind = type(message)
-            if kind is Msg:
+            if type(message) is Msg:
                 for topic_id, seq, payloads in message.batches:
                     known = self.topics.get(topic_id)
                     if known is None:
@@ -379,31 +388,31 @@ class ClientProtocol:
                     topic, epoch = known
                     for sub in self.index.lookup(topic):
                         sub.receive(topic, epoch, seq, payloads)
-            elif kind is GapNotice:
+            elif type(message) is GapNotice:
                 gap = Gap(message.topic, message.epoch, message.first, message.last, message.reason, message.cause)
                 for sub in self.index.lookup(message.topic):
                     sub.gap(gap)
-            elif kind is Topic:
+            elif type(message) is Topic:
                 self.topics[message.id] = (message.topic, message.epoch)
-            elif kind is Request:
+            elif type(message) is Request:
                 self.on_request(message)
-            elif kind is Reply:
+            elif type(message) is Reply:
                 waiter = self.pending.get(message.id)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
-            elif kind is Ack:
+            elif type(message) is Ack:
                 hook = self.on_ack.pop(message.id, None)
                 if hook is not None:
                     hook(message)
                 waiter = self.pending.get(message.id)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
-            elif kind is Unsubscribed:
-                sub = self.subs.get(message.topic)
-                if sub is not None:  # ended by the broker: not made again on a reconnection
-                    self.forget(sub)
-                    sub.finish(SubscriptionEnded(message.topic, message.reason))
-            elif kind is Err:
+            elif type(message) is Unsubscribed:
+                ended = self.subs.get(message.topic)
+                if ended is not None:  # ended by the broker: not made again on a reconnection
+                    self.forget(ended)
+                    ended.finish(SubscriptionEnded(message.topic, message.reason))
+            elif type(message) is Err:
                 self.on_ack.pop(message.id, None)
                 self.inflight.pop(message.id, None)
                 error = RequestError(message.code, message.text, message.id)

@@ -18,7 +18,7 @@ from ..errors import SubscriptionOverflow
 from ..messages import Gap
 
 if TYPE_CHECKING:
-    from .connection import Client
+    from .client import Client
 
 __all__ = ["Callback", "Gap", "Message", "Subscription"]
 
