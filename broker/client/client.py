@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError
-from ..messages import MAX_REQUEST_TIMEOUT_MS, Auth, Pub, Req, Request, Sub, Unsub, encode
+from ..messages import MAX_REQUEST_TIMEOUT_MS, Pub, Req, Request, Sub, Unsub, encode
 from ..topics import validate_pattern, validate_topic
 from .connection import Connection
 from .protocol import PublishAck, wire_since
@@ -82,11 +82,6 @@ class Client(Connection):
         other client) carries: its random publisher id and a counter."""
         return self.protocol.new_msg_id()
 
-    async def authenticate(self, token: str) -> None:
-        """Send a fresh token now (the broker answers with an ack, or RequestError code 17)."""
-        await self._request(lambda rid: Auth(rid, token))
-        self._schedule_refresh(token)
-
     # requests
 
     async def subscribe(
@@ -124,7 +119,7 @@ class Client(Connection):
         sub = Subscription(self, pattern, callback, max_queue or self.max_queue, policy)
         core.subs[pattern] = sub
         try:
-            await self._request(lambda rid: Sub(rid, pattern, on_wire, last, False, policy), lambda ack: core.activate(sub, ack, since, last))
+            await self.roundtrip(lambda rid: Sub(rid, pattern, on_wire, last, False, policy), lambda ack: core.activate(sub, ack, since, last))
         except RequestError:
             core.forget(sub)
             raise
@@ -141,7 +136,7 @@ class Client(Connection):
         self.protocol.forget(sub)
         sub.finish(None)
         if self.protocol.connected:
-            await self._request(lambda rid: Unsub(rid, pattern))
+            await self.roundtrip(lambda rid: Unsub(rid, pattern))
         # while reconnecting there is nothing to undo at the broker: it is not made again
 
     def publish(self, topic: str, data: bytes) -> None:
@@ -152,7 +147,7 @@ class Client(Connection):
         `drain()` first. While the client is reconnecting the publish waits in the offline queue (at most
         max_offline_messages; when full it raises BrokerError, or with offline_overflow
         'drop_oldest' drops the oldest waiting publish and counts it in offline_dropped)."""
-        self._check_open()
+        self.check_open()
         core = self.protocol
         if core.connected:
             if core.paused and core.held_bytes + core.outgoing_bytes >= self.max_buffered_bytes:
@@ -178,7 +173,7 @@ class Client(Connection):
         deadline = self.loop.time() + self.request_timeout
         while True:
             try:
-                ack = await self._request(lambda rid: Pub(rid, topic, data, msg_id))
+                ack = await self.roundtrip(lambda rid: Pub(rid, topic, data, msg_id))
                 return PublishAck(ack.epoch, ack.seq)
             except ConnectionClosed:
                 if self.closed or self.loop.time() >= deadline:
@@ -191,7 +186,7 @@ class Client(Connection):
         the responder left before replying), REQUEST_TIMEOUT after `timeout` seconds."""
         validate_topic(topic, need="a request")
         timeout_ms = min(max(1, round(timeout * 1000)), MAX_REQUEST_TIMEOUT_MS)
-        reply = await self._request(lambda rid: Req(rid, topic, data, timeout_ms), timeout=timeout + self.request_timeout)
+        reply = await self.roundtrip(lambda rid: Req(rid, topic, data, timeout_ms), timeout=timeout + self.request_timeout)
         return reply.data
 
     async def respond(self, topic: str, handler: Callable[[Request], bytes | Awaitable[bytes]]) -> None:
@@ -206,7 +201,7 @@ class Client(Connection):
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
         responders[topic] = handler
         try:
-            await self._request(lambda rid: Sub(rid, topic, None, False, True))
+            await self.roundtrip(lambda rid: Sub(rid, topic, None, False, True))
         except BaseException:
             responders.pop(topic, None)
             raise
@@ -216,4 +211,4 @@ class Client(Connection):
         if self.protocol.responders.pop(topic, None) is None:
             raise RequestError(ErrorCode.NOT_SUBSCRIBED, f"not responding to {topic!r}")
         if self.protocol.connected:
-            await self._request(lambda rid: Unsub(rid, topic))
+            await self.roundtrip(lambda rid: Unsub(rid, topic))

@@ -19,7 +19,7 @@ import random
 import ssl as ssl_module
 import time
 from functools import partial
-from typing import Awaitable, Callable, Literal, Sequence
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -335,12 +335,17 @@ class Connection:
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)
 
+    async def authenticate(self, token: str) -> None:
+        """Send a fresh token now (the broker answers with an ack, or RequestError code 17)."""
+        await self.roundtrip(lambda rid: Auth(rid, token))
+        self._schedule_refresh(token)
+
     async def _refresh(self) -> None:
         """Send a fresh token in an `auth` message; a refusal is reported to on_error (the
         broker closes the connection with 4001 when the old token expires)."""
         try:
             token = await self._fresh_token()
-            await self._request(lambda rid: Auth(rid, token))
+            await self.roundtrip(lambda rid: Auth(rid, token))
         except RequestError as error:
             self.on_error(error)
             return
@@ -450,14 +455,16 @@ class Connection:
 
     # internals
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise ConnectionClosed, with the code and reason the client closed with, once it is
+        closed (or before `open()`)."""
         if self.closed:
             code, reason = self._close_info or (1006, "not connected")
             raise ConnectionClosed(code, reason)
 
     async def _ready(self) -> None:
         """Wait (at most request_timeout) while the client reconnects."""
-        self._check_open()
+        self.check_open()
         if self.protocol.connected:
             return
         closed = self._closed
@@ -467,11 +474,16 @@ class Connection:
             done, _ = await asyncio.wait([waiter, closed], timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-        self._check_open()
+        self.check_open()
         if not self.protocol.connected:
             raise ConnectionClosed(1006, f"not reconnected within {self.request_timeout}s")
 
-    async def _request(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None) -> Ack:
+    async def roundtrip(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None) -> Any:
+        """Send the request `make(id)` under a new request id (waiting, at most
+        request_timeout, while the client reconnects) and return the broker's answer: an Ack,
+        or the Reply of a `req`. A refusal raises RequestError; no answer within `timeout`
+        (default request_timeout) raises BrokerError. `on_ack` runs as the ack is read, before
+        any later frame is dispatched. The methods of Client are made of this."""
         await self._ready()
         timeout = self.request_timeout if timeout is None else timeout
         future = self.loop.create_future()
