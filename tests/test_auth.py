@@ -496,7 +496,7 @@ def test_an_expired_token_closes_the_connection_unless_refreshed_in_time():
                 got = []
                 await refreshed.subscribe("tick", lambda m: got.append(m))
                 await eventually(lambda: static.closed, 6, "the static token's connection to be closed")
-                assert static._close_info[0] == 4001 and static._close_info[1] == "token expired"
+                assert await static.wait_closed() == (4001, "token expired")
                 await asyncio.sleep(1.0)
                 assert not refreshed.closed and len(issued) >= 3, issued
                 await static_publisher(server, "tick")
@@ -526,7 +526,7 @@ def test_revoking_a_token_id_closes_its_open_connections_and_refuses_it_at_the_h
             try:
                 denylist.write_text("# revoked token ids\nt-123\n")
                 await eventually(lambda: a.closed, 3, "the revoked connection to be closed")
-                assert a._close_info == (4003, "token revoked")
+                assert await a.wait_closed() == (4003, "token revoked")
                 assert not b.closed
                 status, headers, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], auth_headers(revoked)))
                 writer.close()

@@ -12,6 +12,7 @@ import pytest
 from broker.client import (
     BrokerError,
     Client,
+    Gap,
     ConnectionClosed,
     Message,
     PublishAck,
@@ -671,5 +672,44 @@ def test_abort_drops_the_connection_as_a_network_cut_does():
             once.abort()
             assert await once.wait_closed() == (1006, "connection lost")
             once.abort()  # closed: nothing to do
+
+    run(main())
+
+
+def test_a_subscription_says_how_many_items_wait_unread():
+    """`Subscription.pending`: the messages and gaps queued for the iterator and not read yet
+    (what max_queue bounds)."""
+    sub = Subscription(None, "pn.*", None, 10)  # type: ignore[arg-type]  # fed directly, as the client's core does
+    assert sub.pending == 0
+    sub.receive("pn.a", 1, 1, [b"1", b"2", b"3"])
+    sub.gap(Gap("pn.a", 1, 4, 5, "dropped", "dropped"))
+    assert sub.pending == 4
+
+    async def read_one():
+        return await sub.next(1)
+
+    assert asyncio.run(read_one()) == Message("pn.a", 1, 1, b"1")
+    assert sub.pending == 3
+    called = Subscription(None, "pn.b", lambda item: None, 10)  # type: ignore[arg-type]
+    called.receive("pn.b", 1, 1, [b"1"])
+    assert called.pending == 0  # a callback takes each item as it arrives
+
+
+def test_the_client_tells_its_connection_s_transport_facts():
+    """`Client.get_extra_info(name)`: the current connection's socket facts, as asyncio's
+    transports give them (peername, sockname, ssl_object, cipher...); `default` while there
+    is no connection."""
+
+    async def main():
+        async with serving() as server:
+            client = Client(url(server), reconnect=False)
+            assert client.get_extra_info("peername") is None and client.get_extra_info("peername", "none") == "none"
+            await client.open()
+            assert client.get_extra_info("peername")[1] == server.port
+            local = client.get_extra_info("sockname")[1]
+            assert local != server.port and local > 0
+            assert client.get_extra_info("ssl_object") is None  # ws://
+            await client.close()
+            assert client.get_extra_info("sockname", "closed") == "closed"
 
     run(main())

@@ -101,7 +101,7 @@ async def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
 
 def certificate_of(client: Client) -> bytes:
     """The certificate the client's open connection was given (DER)."""
-    return client._transport.underlying_transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return client.get_extra_info("ssl_object").getpeercert(binary_form=True)
 
 
 @pytest.fixture
@@ -218,8 +218,8 @@ def test_tls_1_2_clients_are_served_with_forward_secrecy_and_aead_only(pki, tmp_
                 sub = await client.subscribe("t")
                 await client.publish_acked("t", b"over TLS 1.2")
                 assert (await sub.next(5)).data == b"over TLS 1.2"
-                assert client._transport.underlying_transport.get_extra_info("ssl_object").version() == "TLSv1.2"
-                cipher = client._transport.underlying_transport.get_extra_info("cipher")[0]
+                assert client.get_extra_info("ssl_object").version() == "TLSv1.2"
+                cipher = client.get_extra_info("cipher")[0]
                 assert cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher), cipher
             # TLS 1.2 without forward secrecy or AEAD is refused
             context.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-RSA-AES128-SHA256:AES128-GCM-SHA256")

@@ -121,7 +121,7 @@ async def connect(port: int, timeout: float = 10.0) -> Client:
 
 
 def local_port(client: Client) -> int:
-    return client._transport.underlying_transport.get_extra_info("sockname")[1]
+    return client.get_extra_info("sockname")[1]
 
 
 async def round_trip(port: int, topic: str) -> None:

@@ -283,6 +283,15 @@ class Connection:
         if self._transport is not None and self.protocol.connected:
             self._transport.disconnect(graceful=False)
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """A fact of the current connection's socket, as asyncio's transports tell them:
+        "peername", "sockname", and for wss:// "ssl_object", "cipher", "peercert"; `default`
+        while there is no connection."""
+        transport = self._transport
+        if transport is None or not self.protocol.connected:
+            return default
+        return transport.underlying_transport.get_extra_info(name, default)
+
     # liveness
 
     def _watch(self, listener: _Listener, frames: int, heard: float) -> None:

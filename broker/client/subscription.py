@@ -67,6 +67,12 @@ class Subscription:
         # the topic reports it, and every subscription matching the topic hears each report)
         self._ended: dict[str, int] = {}
 
+    @property
+    def pending(self) -> int:
+        """The messages and gaps queued for the iterator and not read yet (at most max_queue;
+        always 0 with a callback, which takes each as it arrives)."""
+        return len(self._queue)
+
     def receive(self, topic: str, epoch: int, seq: int, payloads: list[bytes]) -> None:
         """A batch of the topic: deliver what lies after this subscription's position."""
         position = self.positions.get(topic)
