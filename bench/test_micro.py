@@ -162,7 +162,7 @@ def test_session_receive_fire_and_forget(benchmark, limits, frame):
     from broker.config import load
     from broker.limits import Guard
     from broker.router import Router
-    from broker.session import Limits, Session
+    from broker.session import Session, SessionLimits
 
     router = Router(lambda: None)
     names = [f"md.t{i}" for i in range(10)]
@@ -175,7 +175,7 @@ def test_session_receive_fire_and_forget(benchmark, limits, frame):
             settings.update(user_publish_rate=1e12, user_publish_burst=1e12)
         guard = Guard(load(settings, environ={}), log=lambda *a, **k: None)
         limiter = guard.admit("127.0.0.1", "alice" if limits == "connection+user" else None)
-    session = Session(router, Limits(), owner="bench", limiter=limiter)
+    session = Session(router, SessionLimits(), owner="bench", limiter=limiter)
     data = msgspec.msgpack.encode([Pub(0, names[i % 10], PAYLOAD) for i in range(frame)])
 
     def run():

@@ -104,7 +104,7 @@ class Authenticator:
             self.jwks = _read_jwks(config.auth_jwks_file)
         self.enabled = bool(self.secret or self.public_key or self._jwks)
         self.checks = 0  # tokens checked (at handshakes and in `auth` messages)
-        self.sources = tuple(t.strip() for t in config.auth_token_sources.split(",") if t.strip())
+        self.sources = config.token_sources
         try:
             anonymous = Grants(
                 split_patterns(config.auth_anonymous_subscribe), split_patterns(config.auth_anonymous_publish),

@@ -373,9 +373,9 @@ async def _sub(args: argparse.Namespace) -> int:
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
-    from .server.app import dead_letter_path, foreign_file
+    from .server.deadletters import default_path, foreign_file
 
-    path = args.file or dead_letter_path(args.port)
+    path = args.file or default_path(args.port)
     paths = [path]
     if not os.path.lexists(path):  # with --workers, each worker process keeps its own file
         stem, ext = os.path.splitext(path)

@@ -26,7 +26,26 @@ Positive = Annotated[int, msgspec.Meta(gt=0)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
-class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+def comma_list(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated setting, stripped, empty ones left out."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def origin_key(origin: str) -> str:
+    """An Origin as allowed_origins lists it and a request sends it, compared: stripped,
+    without a final slash, in lower case."""
+    return origin.strip().rstrip("/").lower()
+
+
+def host_key(name: str) -> str:
+    """A host name as admin_allowed_hosts lists it and a Host header names it, compared:
+    stripped, in lower case, without a final dot."""
+    return name.strip().lower().rstrip(".")
+
+
+# dict=True: the settings that are lists are parsed once, by __post_init__, into attributes
+# beside the fields (origins, token_sources, admin_host_names); the fields keep the text given.
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, dict=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = DEFAULT_PORT
     path: str = "/"
@@ -150,8 +169,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(
                 f"max_outbound_frame_bytes must be at least max_payload_bytes + max_topic_length + {_ENVELOPE_BYTES} ({envelope})"
             )
-        sources = [t.strip() for t in self.auth_token_sources.split(",") if t.strip()]
-        if not sources or not set(sources) <= {"header", "subprotocol", "query"}:
+        # the lists, parsed once (the rules that use them read these)
+        self.token_sources: tuple[str, ...] = comma_list(self.auth_token_sources)
+        self.origins: frozenset[str] = frozenset(origin_key(o) for o in comma_list(self.allowed_origins))
+        self.admin_host_names: frozenset[str] = frozenset(host_key(h) for h in comma_list(self.admin_allowed_hosts))
+        if not self.token_sources or not set(self.token_sources) <= {"header", "subprotocol", "query"}:
             raise ValueError("auth_token_sources lists one or more of header, subprotocol, query")
         if self.tls_key_file and not self.tls_cert_file:
             raise ValueError("tls_key_file needs tls_cert_file")

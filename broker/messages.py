@@ -14,7 +14,7 @@ from typing import Annotated, Literal, NamedTuple, Union
 
 import msgspec
 
-from .errors import BrokerError, ErrorCode
+from .errors import BrokerError, ErrorCode, RequestError
 from .fastpath import FRAME_LONG_ARRAY, FRAME_LONG_BATCH, FRAME_LONG_MAP, FRAME_TOO_DEEP, FRAME_TOO_MANY_VALUES, measure_frame
 
 PROTOCOL_VERSION = 1
@@ -260,6 +260,21 @@ _str_decoder = msgspec.msgpack.Decoder(str)
 DEFAULT_MAX_BATCH = 10_000
 # Topics one pattern subscription's `since` may name.
 MAX_SINCE_TOPICS = 10_000
+
+
+def payload_too_large(size: int, limit: int) -> RequestError:
+    """The refusal of a payload over max_payload_bytes (the compiled publish path leaves a
+    frame with such a payload to the general path, which refuses it with this)."""
+    return RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {size} bytes; the limit is {limit}")
+
+
+def check_payload(data: bytes, limit: int) -> None:
+    """The payload-size rule of every publish, request, reply and server-side publish: raise
+    payload_too_large when `data` is longer than `limit` (max_payload_bytes). The general
+    publish path writes the comparison inline, per message, and raises the same error."""
+    if len(data) > limit:
+        raise payload_too_large(len(data), limit)
+
 MAX_ERRORS_PER_FRAME = 100
 
 # The shape of a client frame, checked before it is decoded (protocol.md 2.2). A message has a
@@ -299,8 +314,9 @@ def batch_size(data: bytes | memoryview) -> int:
     return count if 0x90 <= nxt <= 0x9F or nxt in (0xDC, 0xDD) else -1
 
 
-def is_batch(data: bytes | memoryview) -> bool:
-    """True when a client frame holds an array of messages rather than one message."""
+def is_message_array(data: bytes | memoryview) -> bool:
+    """True when a client frame holds an array of messages rather than one message (not to be
+    confused with fastpath.is_batch: a piece of a server frame that is a delivery batch)."""
     return batch_size(data) >= 0
 
 

@@ -17,7 +17,7 @@ from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, fanout_steps, fast_publish
 from .pressure import HARD_LIMIT_FACTOR
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, Unsubscribed, encode, message_heads, read_client_frame
+from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, Unsubscribed, check_payload, encode, message_heads, payload_too_large, read_client_frame
 from .router import Router
 from .topics import is_pattern, key_matches, matches, validate_pattern, validate_topic
 
@@ -32,8 +32,9 @@ _AUDITED = (ErrorCode.RATE_LIMITED, ErrorCode.FORBIDDEN)
 NO_HARD_LIMIT = 2**62
 
 
-class Limits:
-    """Per-connection limits, taken from the server config."""
+class SessionLimits:
+    """The limits of one connection's protocol state (a subset of the server config): what a
+    session refuses with an err reply. Admission and rate limits are broker.limits'."""
 
     __slots__ = ("max_payload_bytes", "max_subscriptions", "max_patterns", "max_pending_bytes", "max_batch_messages", "policy")
 
@@ -56,7 +57,7 @@ class Session:
         "parked",
     )
 
-    def __init__(self, router: Router, limits: Limits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
+    def __init__(self, router: Router, limits: SessionLimits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
         self.router = router
         self.limits = limits
         self.identity = identity  # who the token names and what it grants (grants None: anything)
@@ -239,11 +240,8 @@ class Session:
             kind = type(message)
             try:
                 if kind is Pub:
-                    if len(message.data) > max_payload:
-                        raise RequestError(
-                            ErrorCode.PAYLOAD_TOO_LARGE,
-                            f"payload is {len(message.data)} bytes; the limit is {max_payload}",
-                        )
+                    if len(message.data) > max_payload:  # messages.check_payload, inlined on the path of every publish
+                        raise payload_too_large(len(message.data), max_payload)
                     grants = self.identity.grants
                     if grants is not None and not grants.may_publish(message.topic):
                         self._forbid(message.id, "publish", f"not allowed to publish to {message.topic[:256]!r}")
@@ -264,7 +262,7 @@ class Session:
                 elif kind is Unsub:
                     self._unsubscribe(message)
                 elif kind is Req:
-                    self._check_payload(message.data, max_payload)
+                    check_payload(message.data, max_payload)
                     grants = self.identity.grants
                     if grants is not None and not grants.may_publish(message.topic):
                         self._forbid(message.id, "request", f"not allowed to send requests to {message.topic[:256]!r}")
@@ -272,7 +270,7 @@ class Session:
                         limiter.check(message.id)
                     router.requests.request(box, message.id, message.topic, message.data, message.timeout_ms, self.identity.user)
                 elif kind is Reply:
-                    self._check_payload(message.data, max_payload)
+                    check_payload(message.data, max_payload)
                     router.requests.reply(box, message.id, message.data)
                 elif kind is Auth:
                     if limiter is not None:
@@ -298,11 +296,6 @@ class Session:
         if heads is None:
             heads = self._heads = message_heads(self._frame, self._bad)
         return heads[index]
-
-    @staticmethod
-    def _check_payload(data: bytes, max_payload: int) -> None:
-        if len(data) > max_payload:
-            raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(data)} bytes; the limit is {max_payload}")
 
     def _subscribe(self, message: Sub) -> bool:
         """Apply a `sub`; False (nothing applied) when it waits for the backplane to get what

@@ -28,7 +28,7 @@ from broker.config import load
 from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
 from broker.router import Router
 from broker.server import Server
-from broker.session import Limits, Session
+from broker.session import Session, SessionLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 encode = msgspec.msgpack.encode
@@ -644,7 +644,7 @@ class Harness:
             max_open_requests=limits.pop("max_open_requests", 1000),
             clock=lambda: self.now,
         )
-        self.limits = Limits(**limits)
+        self.limits = SessionLimits(**limits)
         self.readers: dict = {}
         self.frames: dict = {}  # owner -> frames written in the last tick
 

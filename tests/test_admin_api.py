@@ -135,15 +135,15 @@ def test_the_admin_port_answers_only_to_its_own_names():
 
 def test_the_hosts_an_admin_server_answers_to():
     allowed_hosts, host_allowed = admin.allowed_hosts, admin.host_allowed
-    names = allowed_hosts("127.0.0.1", "")
+    names = allowed_hosts("127.0.0.1", frozenset())
     assert names == {"localhost", "127.0.0.1"}
     assert host_allowed("localhost:9341", names) and host_allowed("127.0.0.1", names) and host_allowed("[::1]:1", names)
     assert host_allowed("192.0.2.7:9341", names)  # an address cannot be a rebound name
     assert not host_allowed("example.com", names) and not host_allowed(None, names) and not host_allowed("", names)
     assert not host_allowed("[::1]x", names) and not host_allowed("[example.com]", names)
-    named = allowed_hosts("admin.internal", "a.example, B.EXAMPLE.")
+    named = allowed_hosts("admin.internal", load({"admin_allowed_hosts": "a.example, B.EXAMPLE."}, environ={}).admin_host_names)
     assert all(host_allowed(h, named) for h in ("admin.internal:1", "a.example", "b.example", "B.Example:80"))
-    assert host_allowed("anything.example", allowed_hosts("0.0.0.0", "*"))
+    assert host_allowed("anything.example", allowed_hosts("0.0.0.0", load({"admin_allowed_hosts": "*"}, environ={}).admin_host_names))
 
 
 def test_malformed_requests_are_logged_in_one_bounded_line_each(caplog):

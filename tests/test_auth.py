@@ -62,7 +62,7 @@ def refused(rules: Rules, req, closing=False) -> tuple[int, str]:
 
 
 def test_every_handshake_rule_in_its_order():
-    rules = Rules("/", SUBPROTOCOL, authenticator(), ("https://app.example",))
+    rules = Rules("/", SUBPROTOCOL, authenticator(), frozenset({"https://app.example"}))
     good = {"Authorization": f"Bearer {token()}"}
     assert refused(rules, request("/x", headers=good)) == (404, "no WebSocket endpoint at /x; connect to /")
     assert refused(rules, request(headers=good), closing=True)[0] == 503

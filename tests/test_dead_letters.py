@@ -150,11 +150,11 @@ def test_the_default_file_in_the_shared_temporary_directory_is_made_safely(tmp_p
     import stat
     import tempfile
 
-    from broker.server.app import dead_letter_path
+    from broker.server.deadletters import default_path
 
     async def main():
         async with serving(log_level="info") as server:
-            path = dead_letter_path(server.port)
+            path = default_path(server.port)
             assert server.dead_letter_path() == path == os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{server.port}.jsonl")
             try:
                 victim = tmp_path / "victim"

@@ -45,7 +45,7 @@ from broker.messages import (
     client_batch_decoder,
     client_decoder,
     decode_server_frame,
-    is_batch,
+    is_message_array,
 )
 from broker.topics import DEFAULT_MAX_TOPIC_LENGTH, MAX_TOKENS
 
@@ -127,7 +127,7 @@ def strict_equal(a: Any, b: Any) -> bool:
 def typed_decode(data: bytes):
     """Decode with the broker's own decoders: a client frame (one message or batch) or a server message."""
     value = msgspec.msgpack.decode(data)
-    if is_batch(data):
+    if is_message_array(data):
         return client_batch_decoder.decode(data)
     if value[0] in CLIENT_TYPES:
         return client_decoder.decode(data)
@@ -178,7 +178,7 @@ def test_msgpack_example(name):
     # The broker's own schema accepts it and writes the very same bytes (a message that
     # leaves out its optional trailing fields is written with their defaults).
     typed = typed_decode(example.data)
-    if is_batch(example.data):
+    if is_message_array(example.data):
         assert len(typed) == len(decoded) and all(written_with_defaults(v, m) for v, m in zip(decoded, typed))
     elif isinstance(typed, msgspec.Struct):
         assert written_with_defaults(decoded, typed)

@@ -85,7 +85,7 @@ class GroupAdmin:
         self.links = links
         self.states = states
         self.key = read_secret(config, "admin_api_key").encode()
-        self.hosts = admin.allowed_hosts(config.admin_host, config.admin_allowed_hosts)
+        self.hosts = admin.allowed_hosts(config.admin_host, config.admin_host_names)
         # what the supervisor's own requests to a worker carry (the workers want the key too)
         self.worker_headers = {"Authorization": f"Bearer {self.key.decode()}"} if self.key else {}
         self.where = ""

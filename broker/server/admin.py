@@ -9,48 +9,56 @@ Everything but health tells what flows through the broker (topic names, rates, u
 is guarded twice: the key, and the `Host` header, checked against the server's own names (a
 page of another site whose name was made to resolve to this server, DNS rebinding, sends its
 own name). What aiohttp would log about a malformed request, with a traceback, is one line of
-the audit log instead, bounded per address and per second."""
+the audit log instead, bounded per address and per second.
+
+This module is the `Admin` server (its routes: health, metrics, the JSON API, the dashboard's
+feed); who may ask is broker.server.adminguard, how the API's parameters are read is
+broker.server.adminparams (their public names are re-exported here for the supervisor's admin
+server, broker.cluster.group_admin)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import heapq
-import hmac
-import ipaddress
 import json
-import sys
 import time
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from .. import __version__
 from ..errors import ErrorCode, ListenError, RequestError, describe_os_error
 from ..messages import position_json
-from ..topics import is_pattern, matches, validate_pattern
 from ..revocation import rule_line
 from . import dashboard
+from .adminguard import HEALTH, PAGE, SHOWN, RequestLog, allowed_hosts, guard, host_allowed, json_error
+from .adminparams import (
+    MAX_CONNECTIONS_LIMIT,
+    OPERATOR_HEADER,
+    ConnectionQuery,
+    connection_row,
+    int_param,
+    operator_of,
+    publish_item,
+    publish_status,
+    subscription_body,
+    topics_limit,
+    user_param,
+)
 from .metrics import Collector
+
+__all__ = [  # besides Admin, what the supervisor's admin server (broker.cluster.group_admin) uses
+    "Admin", "HEALTH", "PAGE", "SHOWN", "MAX_BODY_BYTES", "MAX_WATCHERS", "HOT_TOPICS", "STATIC", "MAX_CONNECTIONS_LIMIT",
+    "OPERATOR_HEADER", "ConnectionQuery", "allowed_hosts", "guard", "host_allowed", "int_param", "json_error",
+    "topics_limit", "user_param",
+]
 
 MAX_BODY_BYTES = 16 << 20  # a publish request's body at most
 MAX_WATCHERS = 16  # dashboards open at once (each costs a snapshot a second; the topics are measured once for all)
 HOT_TOPICS = 10
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_PUBLISH_MESSAGES = 10_000  # messages one publish request may carry
-# Answered to anyone: they tell whether the process lives and is ready, nothing about traffic.
-HEALTH = frozenset({"/healthz", "/readyz"})
-# The dashboard's page and script: static, no data in them; a browser loads them without the
-# key, which the operator then gives the page (it sends it with its requests for data).
-PAGE = frozenset({"/dashboard", "/dashboard/", "/dashboard/dashboard.js"})
-# Host names every admin server answers to besides its own: IP addresses are always accepted
-# (a page cannot have one as its name and make it resolve elsewhere).
-LOOPBACK_NAMES = frozenset({"localhost"})
-# Longest part of a refused Host header, or of a malformed request's error, quoted back or logged.
-SHOWN = 100
 
 
 class Admin:
@@ -65,7 +73,7 @@ class Admin:
         self.key = server.admin_api_key.encode()
         # the Host names it answers to (None: any; a worker's Unix socket, which only its
         # supervisor reaches, has no name to check)
-        self.hosts: frozenset[str] | None = allowed_hosts(config.admin_host, config.admin_allowed_hosts)
+        self.hosts: frozenset[str] | None = allowed_hosts(config.admin_host, config.admin_host_names)
         self.request_log = RequestLog(server.guard.audit)
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._guard])
         app.router.add_get("/metrics", self.metrics)
@@ -302,7 +310,7 @@ class Admin:
             future = loop.create_future()
             waits.append(future)
             try:
-                topic, payload = _message(item, max_payload)
+                topic, payload = publish_item(item, max_payload)
                 router.publish_for(
                     topic, payload,
                     lambda epoch, seq, f=future: f.done() or f.set_result(position_json(epoch, seq)),
@@ -349,308 +357,3 @@ class Admin:
             path = self.server.config.auth_denylist_file
             return json_error(500, f"in force in this process, but not written to auth_denylist_file {path}: {exc.strerror or exc}")
         return web.json_response({"rule": line, "closed": closed, "saved": saved})
-
-
-async def guard(request: web.Request, handler, key: bytes, hosts: frozenset[str] | None) -> web.StreamResponse:
-    """The rule of every admin server (one process's, a worker's, the supervisor's): health
-    answers anyone; everything else wants a Host of this server (`hosts`; None: any) and the
-    key (the dashboard's static page and script only the Host). Every error is JSON with a
-    reason."""
-    path = request.path
-    if path not in HEALTH:
-        if hosts is not None:
-            host = request.headers.get("Host")
-            if not host_allowed(host, hosts):
-                shown = "no Host header" if host is None else f"Host {host[:SHOWN]!r}"
-                return json_error(403, f"{shown} is not a name of this admin server (admin_allowed_hosts)")
-        if not key:
-            return json_error(404, "only /healthz and /readyz answer without admin_api_key: set it to turn on /metrics, the dashboard and the API")
-        if path not in PAGE:
-            given = request.headers.get("Authorization", "")
-            if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), key):
-                return json_error(401, "this endpoint wants Authorization: Bearer <admin_api_key>", {"WWW-Authenticate": "Bearer"})
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason)
-
-
-def _message(item, max_payload: int) -> tuple[str, bytes]:
-    if not isinstance(item, dict) or not isinstance(item.get("topic"), str):
-        raise RequestError(ErrorCode.BAD_MESSAGE, 'a message is {"topic": str, "data": base64} or {"topic": str, "text": str}')
-    if "data" in item and isinstance(item["data"], str):
-        try:
-            payload = base64.b64decode(item["data"], validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(ErrorCode.BAD_MESSAGE, "data is not base64") from None
-    elif "text" in item and isinstance(item["text"], str):
-        payload = item["text"].encode()
-    else:
-        raise RequestError(ErrorCode.BAD_MESSAGE, 'a message carries "data" (base64) or "text"')
-    if len(payload) > max_payload:
-        raise RequestError(ErrorCode.PAYLOAD_TOO_LARGE, f"payload is {len(payload)} bytes; the limit is {max_payload}")
-    return item["topic"], payload
-
-
-# The HTTP status of a refused single-message publish, by the error code of docs/protocol.md
-# (400 for the others): what the client sent is wrong (400, 413), or the broker cannot take it
-# now (503: its topics are at max_topics, or Redis did not take it in time).
-PUBLISH_STATUS = {
-    ErrorCode.PAYLOAD_TOO_LARGE: 413,
-    ErrorCode.TOO_MANY_TOPICS: 503,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.FORBIDDEN: 403,
-}
-
-
-def publish_status(code: int) -> int:
-    return PUBLISH_STATUS.get(code, 400)
-
-
-MAX_USER_CHARS = 256  # a user name in a path of the API, at most
-
-
-def user_param(request: web.Request) -> str:
-    """The user a path of /api/users/ names (percent-decoded), or a 400."""
-    user = request.match_info["user"]
-    if not user or len(user) > MAX_USER_CHARS:
-        raise web.HTTPBadRequest(reason=f"user: 1 to {MAX_USER_CHARS} characters")
-    return user
-
-
-async def subscription_body(request: web.Request) -> str:
-    """The `subscription` of a body `{"subscription": PATTERN}` (a topic or pattern), or a 400."""
-    try:
-        body = await request.json()
-    except ValueError:
-        raise web.HTTPBadRequest(reason="the body is not JSON") from None
-    if not isinstance(body, dict) or set(body) != {"subscription"} or not isinstance(body["subscription"], str):
-        raise web.HTTPBadRequest(reason='the body is {"subscription": "TOPIC OR PATTERN"}')
-    try:
-        validate_pattern(body["subscription"], LONGEST_TOPIC)
-    except RequestError as exc:
-        raise web.HTTPBadRequest(reason=f"subscription: {exc.text}") from None
-    return body["subscription"]
-
-
-# The header in which the supervisor of workers passes on the address of the operator whose
-# request it forwards (a worker's admin socket is reached by its supervisor only).
-OPERATOR_HEADER = "Broker-Operator"
-
-
-def operator_of(request: web.Request, forwarded: bool = False) -> str:
-    """Who asked, for the log of operator actions: the address the request came from (the key
-    is shared, so that is what tells operators apart); `forwarded` (a worker's admin socket):
-    the address its supervisor got the request from."""
-    if forwarded:
-        return request.headers.get(OPERATOR_HEADER, "supervisor")[:SHOWN]
-    return request.remote or ""
-
-
-def connection_row(conn, now: float) -> dict:
-    """What /api/connections says of one connection."""
-    box, session = conn.box, conn.session
-    return {
-        "id": conn.id,
-        "peer": conn.peer,
-        "user": conn.user,
-        "client": conn.client,
-        "subscriptions": sorted(session.subscriptions) if session is not None else [],
-        "queue_bytes": (box.size + box.transport_bytes) if box is not None else 0,
-        "received": session.received if session is not None else 0,
-        "bytes_in": conn.bytes_in,
-        "bytes_out": conn.bytes_out,
-        "age_s": round(now - conn.opened_at, 3),
-        "idle_s": round(now - conn.last_seen, 3),
-    }
-
-
-LONGEST_TOPIC = 4096  # the most max_topic_length may be: a longer filter matches nothing
-# How /api/connections sorts (`sort=`): the row's field, and the default order (the largest
-# first, but for the ids, in the order the connections came).
-CONNECTION_SORTS = {
-    "id": ("id", "asc"),
-    "pending": ("queue_bytes", "desc"),
-    "received": ("received", "desc"),
-    "bytes_in": ("bytes_in", "desc"),
-    "bytes_out": ("bytes_out", "desc"),
-    "age": ("age_s", "desc"),
-    "idle": ("idle_s", "desc"),
-    "subscriptions": ("subscriptions", "desc"),
-}
-
-
-class ConnectionQuery:
-    """The parameters of /api/connections (each checked, a 400 naming it otherwise), and the
-    rule they make: which rows, in which order, which page. The supervisor of workers applies
-    the same rule to the rows of all its workers."""
-
-    def __init__(self, sort: str, order: str, offset: int, limit: int, user: str | None, peer: str | None,
-                 client: str | None, subscription: str | None) -> None:
-        self.sort, self.order, self.offset, self.limit = sort, order, offset, limit
-        self.user, self.peer, self.client, self.subscription = user, peer, client, subscription
-
-    @classmethod
-    def of(cls, request: web.Request) -> "ConnectionQuery":
-        q = request.query
-        sort = q.get("sort", "id")
-        if sort not in CONNECTION_SORTS:
-            raise web.HTTPBadRequest(reason=f"sort is one of {', '.join(CONNECTION_SORTS)}")
-        order = q.get("order", CONNECTION_SORTS[sort][1])
-        if order not in ("asc", "desc"):
-            raise web.HTTPBadRequest(reason="order is asc or desc")
-        subscription = q.get("subscription")
-        if subscription is not None:
-            try:
-                validate_pattern(subscription, LONGEST_TOPIC)
-            except RequestError as exc:
-                raise web.HTTPBadRequest(reason=f"subscription: {exc.text}") from None
-        for name in ("user", "peer", "client"):
-            if len(q.get(name, "")) > SHOWN * 4:
-                raise web.HTTPBadRequest(reason=f"{name} is longer than {SHOWN * 4} characters")
-        return cls(
-            sort, order, int_param(q.get("offset", "0"), "offset", 0, 1 << 40), connections_limit(request),
-            q.get("user"), q.get("peer"), q.get("client"), subscription,
-        )
-
-    def selects(self, row: dict) -> bool:
-        """Whether a row passes the filters: `user` (exact), `peer` (the address, with or
-        without its port), `client` (the name, or NAME/VERSION), `subscription` (the
-        connection holds that subscription, or one that matches that topic)."""
-        if self.user is not None and row["user"] != self.user:
-            return False
-        if self.peer is not None and row["peer"] != self.peer and row["peer"].rpartition(":")[0].strip("[]") != self.peer.strip("[]"):
-            return False
-        if self.client is not None:
-            client = row["client"] or ""
-            if client != self.client and client.partition("/")[0] != self.client:
-                return False
-        if self.subscription is not None:
-            held = row["subscriptions"]
-            if self.subscription not in held and (is_pattern(self.subscription) or not any(matches(p, self.subscription) for p in held)):
-                return False
-        return True
-
-    def key(self, row: dict):
-        field = CONNECTION_SORTS[self.sort][0]
-        value = row[field]
-        return (len(value) if field == "subscriptions" else value, row["id"])
-
-    def page(self, rows: list[dict]) -> list[dict]:
-        """`rows` in order, the page of them asked for."""
-        ordered = sorted(rows, key=self.key, reverse=self.order == "desc")
-        return ordered[self.offset : self.offset + self.limit]
-
-
-def topics_limit(request: web.Request) -> int:
-    """The `limit` of /api/topics: 1 to 100,000, default 100."""
-    return int_param(request.query.get("limit", "100"), "limit", 1, 100_000)
-
-
-MAX_CONNECTIONS_LIMIT = 1_000_000
-
-
-def connections_limit(request: web.Request) -> int:
-    """The `limit` of /api/connections: 1 to 1,000,000, default 1,000."""
-    return int_param(request.query.get("limit", "1000"), "limit", 1, MAX_CONNECTIONS_LIMIT)
-
-
-def int_param(text: str, name: str, low: int, high: int) -> int:
-    """A query or path parameter as an integer within [low, high], or a 400 naming it."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise web.HTTPBadRequest(reason=f"{name} is not an integer") from None
-    if not low <= value <= high:
-        raise web.HTTPBadRequest(reason=f"{name} must be within {low} and {high}")
-    return value
-
-
-def json_error(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": text}, status=status, headers=headers)
-
-
-def allowed_hosts(admin_host: str, setting: str) -> frozenset[str]:
-    """The host names (lower case, no port) the admin server answers to, besides IP addresses:
-    localhost, `admin_host` when it is a name, and the comma-separated `admin_allowed_hosts`
-    (`*` in it: any name)."""
-    names = set(LOOPBACK_NAMES)
-    names.update(_name(part) for part in setting.split(",") if part.strip())
-    if admin_host:
-        names.add(_name(admin_host))
-    return frozenset(names)
-
-
-def host_allowed(host: str | None, names: frozenset[str]) -> bool:
-    """True when a Host header names this server: an IP address (v4, or v6 in brackets), or one
-    of `names` (with or without a port, in any case, with or without a final dot)."""
-    if host is None:
-        return False
-    value = host.strip()
-    if value.startswith("["):  # [v6]:port
-        literal, sep, rest = value[1:].partition("]")
-        if not sep or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
-            return False
-        return _is_address(literal)
-    name, sep, port = value.rpartition(":")
-    if not sep:
-        name = value
-    elif not port.isdigit():
-        return False
-    name = _name(name)
-    return bool(name) and (_is_address(name) or name in names or "*" in names)
-
-
-def _name(text: str) -> str:
-    return text.strip().lower().rstrip(".")
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-class RequestLog:
-    """The logger aiohttp is given for the admin server. aiohttp logs every request it cannot
-    parse or answer with a traceback (a dozen lines); here each is one `admin_request_failed`
-    line of the audit log (broker.audit.AuditLog: at most a few lines per address and per
-    second, the rest counted), with the address, the status and the first line of the reason.
-    aiohttp's debug lines (bytes that are not HTTP at all) are left out."""
-
-    def __init__(self, audit) -> None:
-        self.audit = audit
-
-    def exception(self, message: str, *args, exc_info=None, **kwargs) -> None:
-        self._line(message, args, exc_info)
-
-    def error(self, message: str, *args, exc_info=None, **kwargs) -> None:
-        self._line(message, args, exc_info)
-
-    def warning(self, message: str, *args, exc_info=None, **kwargs) -> None:
-        self._line(message, args, exc_info)
-
-    def info(self, message: str, *args, **kwargs) -> None:
-        return None
-
-    def debug(self, message: str, *args, **kwargs) -> None:
-        return None
-
-    def _line(self, message: str, args: tuple, exc_info) -> None:
-        # "Error handling request from %s" names the peer; other messages name none
-        peer = str(args[0]) if args and "%s" in message else ""
-        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1] if exc_info else None
-        if isinstance(exc, HttpProcessingError):  # the request could not be parsed: 400, 413, ...
-            status, text = exc.code, exc.message or str(exc)
-        elif exc is not None:  # a handler failed: 500
-            status, text = 500, f"{type(exc).__name__}: {exc}"
-        else:
-            status, text = 500, message.replace("%s", "").strip()
-        lines = str(text).splitlines()
-        reason = (lines[0] if lines else "")[:SHOWN]
-        self.audit.record(("admin", peer), "admin_request_failed", {"peer": peer}, peer=peer, status=status, reason=reason)

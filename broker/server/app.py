@@ -1,5 +1,12 @@
 """The broker server: WebSocket connections on uvloop around the sans-I/O router.
 
+`Server` is the shell's one object: what it holds (the router, the backplane, the tables of
+connections, the limits, counters for metrics), starting (listening, the admin port, the
+cluster view), accepting connections and their upgrades, reloading, and an operator's actions.
+Its other parts are its base classes, one concern each: the per-iteration tick
+(broker.server.tick), the sweep (broker.server.sweep), shutdown and lame-duck mode
+(broker.server.shutdown) and the dead-letter file (broker.server.deadletters).
+
 Per loop tick: publishes accumulate in the router; the first one schedules `_tick` with
 `call_soon`; `_tick` encodes each topic's batch once, queues it on every subscriber's outbox
 and writes every touched connection with a single transport write, everything of the tick
@@ -11,50 +18,37 @@ resumed, in order, by the following ticks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
-import random
 import signal
 import socket
 import ssl
-import stat
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import __version__, policy
+from .. import __version__, limits, policy
 from ..auth import Authenticator
 from ..backplane import MemoryBackplane
 from ..config import Config, read_secret
 from ..errors import CloseCode, ConfigError, ListenError, describe_os_error
 from ..fastpath import IMPLEMENTATION
-from ..messages import SUBPROTOCOL, Heartbeat, encode
+from ..messages import SUBPROTOCOL
+from ..pressure import Pressure
 from ..router import Router
-from ..pressure import HOLD, RELEASE, Pressure
-from ..session import Limits
-from .. import limits
+from ..session import SessionLimits
 from . import handshake, logs, tls
 from .connection import OPEN, Connection
+from .deadletters import DeadLetters
 from .fallback import Fallback
 from .metrics import LoopLag
+from .shutdown import Shutdown
+from .sweep import Sweeper
+from .tick import Ticker
 
 # Listening backlog: connections the kernel holds before they are accepted.
 BACKLOG = 4096
-# Lame-duck mode tells its share of the connections to move this often.
-LAME_DUCK_STEP_S = 0.05
-# Dead letters logged one by one per sweep; the rest are counted in one line.
-DEAD_LETTERS_LOGGED = 10
-
-
-def dead_letter_path(port: int, worker: str | None = None) -> str:
-    """The default dead-letter file of the broker listening on `port` (of its worker process
-    `worker`, with `broker serve --workers`)."""
-    suffix = f"-w{worker}" if worker is not None else ""
-    return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}{suffix}.jsonl")
 
 
 def node_name(port: int, worker: int | None = None, given: str = "") -> str:
@@ -64,44 +58,6 @@ def node_name(port: int, worker: int | None = None, given: str = "") -> str:
     return name if worker is None else f"{name}/w{worker}"
 
 
-def foreign_file(path: str) -> str | None:
-    """Why the broker must not use the file at `path` as its own, or None when it may: it
-    does not exist, or it is a regular file (not a symbolic link) of the broker's user. The
-    default path is in the shared temporary directory, where anyone could have put a file or
-    a link there first."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot look at {path}: {exc.strerror or exc}"
-    if stat.S_ISLNK(st.st_mode):
-        return f"{path} is a symbolic link"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{path} is not a regular file"
-    if st.st_uid != os.geteuid():
-        return f"{path} belongs to uid {st.st_uid}, not to this process's user (uid {os.geteuid()})"
-    return None
-
-
-def _write_file(path: str, text: str) -> None:
-    """Replace the file at `path` with `text` at once (readers see the old or the new one).
-    The new file is made with O_EXCL and mode 0600 under a random name beside it, then renamed
-    over `path`: a rename replaces a link rather than following it, and in a sticky directory
-    such as /tmp it fails on another user's file (the caller checks `foreign_file` first)."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".dead-letters-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        logs.log.exception("cannot write the dead-letter file", extra={"fields": {"path": path}})
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-
-
-# With `broker serve --workers`, worker i numbers its connections from i << CONNECTION_ID_BITS,
 # so a connection id names one connection in the whole group (and the worker holding it).
 CONNECTION_ID_BITS = 40
 
@@ -119,15 +75,16 @@ class WorkerRole:
     admin_socket: str  # the Unix socket of its own admin server, which the supervisor asks
 
 
-class Server:
+class Server(Ticker, Sweeper, Shutdown, DeadLetters):
+    """The broker of one process (or one worker of `broker serve --workers`)."""
+
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
         self.worker = worker
         self.loop: asyncio.AbstractEventLoop | None = None
         self.auth = Authenticator(config)  # raises ConfigError for unusable keys or files
         self.admin_api_key = read_secret(config, "admin_api_key")  # read before anything listens
-        origins = tuple(o.strip() for o in config.allowed_origins.split(",") if o.strip())
-        self.rules = handshake.Rules(config.path, SUBPROTOCOL, self.auth, origins)
+        self.rules = handshake.Rules(config.path, SUBPROTOCOL, self.auth, config.origins)
         self.cluster = None  # with redis_url: the Redis Streams backplane joining the nodes
         if config.redis_url:
             from ..cluster.streams import RedisBackplane
@@ -159,7 +116,7 @@ class Server:
         self._request_timer_at = 0.0
         # the bound on queued bytes and the slow-consumer rule (broker.pressure)
         self.pressure = Pressure(config.max_total_pending_bytes, config.slow_consumer_timeout_s)
-        self.limits = Limits(
+        self.limits = SessionLimits(
             max_payload_bytes=config.max_payload_bytes,
             max_subscriptions=config.max_subscriptions,
             max_patterns=config.max_patterns,
@@ -282,111 +239,6 @@ class Server:
             fields["admin_api"] = "on" if self.admin_api_key else "off"
         return fields
 
-    async def _undo_start(self) -> None:
-        """Close what a start that failed half way opened, the listener first (no client is let
-        in to a broker that will not run); stop() then has nothing to do."""
-        self._closing = True
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            for conn in list(self.connections.values()):
-                conn.abort()
-            await server.wait_closed()
-        if self.admin is not None:
-            await self.admin.stop()
-        if self.cluster is not None:
-            await self.cluster.stop()
-
-    async def stop(self) -> None:
-        """Graceful shutdown: stop accepting, flush what is queued, close every client with 1001
-        and wait for them (at most shutdown_timeout_s), then abort the rest. Does nothing
-        unless start() completed (a failed start closed what it opened)."""
-        if self._closing or self._server is None or self._sweeper is None:
-            return
-        self._closing = True
-        self._forced = asyncio.Event()
-        if self._lame_timer is not None:  # stopped during lame-duck mode: the rest close with the others
-            self._lame_timer.cancel()
-            self._lame_timer = None
-        self._sweeper.cancel()
-        self._write_dead_letters()
-        if self._request_timer is not None:
-            self._request_timer.cancel()
-        logs.event(logging.INFO, "stopping", connections=len(self.connections))
-        self._server.close()
-        if self.presence is not None:  # out of the cluster's view at once
-            await self.presence.stop()
-        for conn in list(self.handshaking.values()):
-            if conn.in_tls_handshake:  # it could not be told 503 (shutting down) before its TLS is up
-                conn.abort()
-        self._tick()
-        if self.cluster is not None:
-            await self.cluster.stop()  # what was published goes to Redis (its acks with it) first
-            self._tick()
-        self._all_gone = asyncio.Event()
-        if self.config.shutdown_close_code == CloseCode.SERVICE_RESTART:
-            code, reason = CloseCode.SERVICE_RESTART, "server restarting"
-        else:
-            code, reason = CloseCode.GOING_AWAY, "server shutting down"
-        for conn in list(self.connections.values()):
-            conn.close(code, reason, flush=True)
-        if self.connections and not self._forced.is_set():
-            gone = asyncio.ensure_future(self._all_gone.wait())
-            forced = asyncio.ensure_future(self._forced.wait())
-            await asyncio.wait((gone, forced), timeout=self.config.shutdown_timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            gone.cancel()
-            forced.cancel()
-            if self.connections and not self._forced.is_set():
-                logs.event(logging.WARNING, "shutdown_timeout", aborted=len(self.connections), queued_bytes=self.queued_bytes())
-        if self.connections:  # the shutdown timeout passed, or a second signal came
-            for conn in list(self.connections.values()):
-                conn.abort()
-            await asyncio.sleep(0)  # let the aborted connections report their disconnect
-        await self._server.wait_closed()
-        if self.admin is not None:
-            await self.admin.stop()
-        stats = self.router.stats
-        logs.event(
-            logging.INFO,
-            "stopped",
-            published=stats.published,
-            delivered=stats.delivered,
-            slow_consumers=stats.slow_consumers,
-            errors=sum(stats.errors.values()),
-            **({} if self.cluster is None else {
-                "redis_" + name: getattr(self.cluster.stats, name)
-                for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused", "epoch_changes", "rollbacks")
-            }),
-        )
-
-    def force_stop(self, signum: int = 0) -> None:
-        """A second SIGTERM or SIGINT during the drain: stop waiting for the clients. Logs
-        `shutdown_forced` with what is lost: the connections not closed yet, which are aborted,
-        and the bytes still queued for them (in the broker and in their sockets' buffers).
-        The flush to Redis, if it is under way, ends first (it is bounded by redis_timeout_s).
-        Before the drain started, and after it was forced, it does nothing."""
-        if self._forced is None or self._forced.is_set():
-            return
-        fields: dict[str, object] = {"connections": len(self.connections), "queued_bytes": self.queued_bytes()}
-        if signum:
-            fields["signal"] = signal.Signals(signum).name
-        if self._all_gone is None:
-            fields["waiting_for"] = "the flush to Redis (at most redis_timeout_s), then the clients are aborted"
-        logs.event(logging.WARNING, "shutdown_forced", **fields)
-        self._forced.set()
-
-    def queued_bytes(self) -> int:
-        """Bytes queued for the open connections and not yet sent: in the broker and in their
-        transports' buffers."""
-        total = 0
-        for conn in self.connections.values():
-            box = conn.box
-            if box is not None:
-                total += box.size
-            if conn.transport is not None:
-                total += conn.buffer_size()
-        return total
-
     @property
     def pending_total(self) -> int:
         """Bytes queued for the connections that are behind, in all (as last seen)."""
@@ -413,50 +265,6 @@ class Server:
     def accepting_clients(self) -> bool:
         """It listens for new WebSocket clients: started, not in lame-duck mode, not stopping."""
         return self.port is not None and not self._closing and self.lame_duck_since is None
-
-    # lame-duck mode
-
-    def enter_lame_duck(self, done: Callable[[], object]) -> None:
-        """SIGUSR2: stop accepting (the listener closes, /readyz answers 503), then after
-        lame_duck_grace_s tell the connections to move to another node, a share of them at a
-        time, spread evenly over lame_duck_duration_s (close code 4010, after what is queued
-        for them); once every one was told, call `done` (which stops the broker). A rolling
-        restart of a cluster so never sends every client of a node to the others at once."""
-        if self._closing or self.lame_duck_since is not None or self._server is None:
-            return
-        cfg = self.config
-        self.lame_duck_since = self.loop.time()
-        self._lame_done = done
-        self._server.close()
-        self._moving = list(self.connections.values())
-        random.shuffle(self._moving)
-        logs.event(
-            logging.WARNING, "lame_duck", connections=len(self._moving),
-            grace_s=cfg.lame_duck_grace_s, duration_s=cfg.lame_duck_duration_s, close_code=int(CloseCode.RECONNECT_ELSEWHERE),
-        )
-        self._lame_timer = self.loop.call_later(cfg.lame_duck_grace_s, self._move_some)
-
-    def _move_some(self) -> None:
-        """Tell the share of the connections due by now to move; again LAME_DUCK_STEP_S later."""
-        self._lame_timer = None
-        if self._closing:
-            return
-        cfg = self.config
-        elapsed = self.loop.time() - self.lame_duck_since - cfg.lame_duck_grace_s
-        due = len(self._moving) if elapsed >= cfg.lame_duck_duration_s else int(len(self._moving) * elapsed / cfg.lame_duck_duration_s)
-        while self._moved < due:
-            conn = self._moving[self._moved]
-            self._moved += 1
-            if conn.state == OPEN:
-                conn.close(CloseCode.RECONNECT_ELSEWHERE, "lame duck: reconnect to another node", flush=True)
-        if self._moved < len(self._moving):
-            self._lame_timer = self.loop.call_later(LAME_DUCK_STEP_S, self._move_some)
-            return
-        logs.event(logging.INFO, "lame_duck_done", moved=self._moved)
-        self._moving = []
-        done, self._lame_done = self._lame_done, None
-        if done is not None:
-            done()
 
     @property
     def handshakes_refused(self) -> int:
@@ -580,324 +388,6 @@ class Server:
                 ended += 1
         logs.event(logging.WARNING, "operator_action", action="unsubscribe_user", operator=operator, user=user, subscription=pattern, connections=ended)
         return ended
-
-    # authentication
-
-    def revoke(self, line: str) -> tuple[int, str | None]:
-        """Put a revocation rule in force at once (broker.revocation; the admin API): every
-        open connection whose token it revokes is closed with 4003 now. Returns how many were
-        closed and the denylist file it was appended to (None: held in memory). Raises
-        OSError when the file cannot be written (the rule is in force all the same)."""
-        try:
-            saved = self.auth.revoke(line)
-        finally:
-            closed = self._check_tokens()
-        logs.event(logging.WARNING, "tokens_revoked", rule=line, closed=closed, saved=saved or "memory")
-        return closed, saved
-
-    def _check_tokens(self, force: bool = False) -> int:
-        """Read the JWKS and denylist files again if they changed; close the connections whose
-        token was revoked or expired (within a sweep period of the moment). Returns how many
-        were closed as revoked."""
-        auth = self.auth
-        if not auth.enabled:
-            return 0
-        try:
-            auth.refresh(force)
-        except Exception as exc:  # a broken file keeps what was read before
-            logs.event(logging.ERROR, "auth_files_unreadable", reason=str(exc))
-        now = time.time()
-        revoked = 0
-        for conn in list(self.connections.values()):
-            session = conn.session
-            if conn.state != OPEN or session is None:
-                continue
-            identity = session.identity
-            if auth.revoked(identity):
-                logs.event(logging.WARNING, "token_revoked", conn=conn.id, user=identity.user, peer=conn.peer)
-                conn.close(CloseCode.TOKEN_REVOKED, "token revoked")
-                revoked += 1
-            elif identity.expires is not None and now >= identity.expires:
-                logs.event(logging.INFO, "token_expired", conn=conn.id, user=identity.user, peer=conn.peer)
-                conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
-        return revoked
-
-    # per-tick flush
-
-    def _request_tick(self) -> None:
-        if not self._tick_scheduled:
-            self._tick_scheduled = True
-            self.loop.call_soon(self._tick)
-
-    def queue(self, conn: Connection) -> None:
-        """`conn` has more to handle than this tick's budget allows: stop reading it and resume
-        it, in order, in a following tick."""
-        conn.suspend_reading()
-        self._waiting.append(conn)
-        self._request_tick()
-
-    def _tick(self) -> None:
-        self._tick_scheduled = False
-        self.ticks += 1
-        router = self.router
-        touched, slow = router.flush()
-        for box in slow:
-            self._slow_consumer(box)
-        if touched:
-            now = self.loop.time()
-            pressure = self.pressure
-            lagging = pressure.lagging
-            account = pressure.account
-            shared: dict = {}
-            sizes: dict = {}
-            max_frame = self.config.max_outbound_frame_bytes
-            for box in touched:
-                box.scheduled = False
-                if box.closed:
-                    continue
-                conn = box.owner
-                shedding = conn.session.shedding
-                if box.paused:
-                    if box.keep():  # this tick's share of its node waits with the rest
-                        self._slow_consumer(box)
-                        continue
-                else:
-                    try:
-                        if shedding is not None:
-                            self._write_within(box, conn, shedding, max_frame, shared, sizes, now)
-                        else:
-                            data = box.take(max_frame, shared)
-                            if conn.pong is not None:  # a pong owed leaves with the tick's one write
-                                data = conn.take_pong() + data
-                            if data:
-                                conn.write(data)
-                                conn.last_sent = now
-                                conn.bytes_out += len(data)
-                                self.writes += 1
-                                self.bytes_out += len(data)
-                                box.transport_bytes = conn.buffer_size()
-                    except Exception:  # never leave the other connections of this tick unwritten
-                        logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
-                        conn.abort()
-                        continue
-                backlog = box.size + box.transport_bytes
-                if shedding is not None:
-                    if backlog > box.limit and box.size:
-                        backlog = self._shed(box, shedding)
-                    if backlog or shedding.held or box in lagging:
-                        account(box, backlog + shedding.held_bytes)
-                elif backlog or box in lagging:
-                    account(box, backlog)
-                if (backlog > box.limit or box.over_since) and pressure.judge(box, backlog, now):
-                    self._slow_consumer(box)
-            if pressure.over():
-                self._publishers(pressure.memory(now))
-        if router.replaying:  # replays waiting for room go on as their connections drain
-            router.continue_replays()
-        router.end_tick()
-        router.new_tick()
-        self._arm_request_timer()
-        waiting = self._waiting
-        for _ in range(len(waiting)):
-            waiting.popleft().resume()
-            if router.busy:
-                break
-        if waiting:
-            self._request_tick()
-
-    def _publishers(self, action: int) -> None:
-        """Do what the memory bound decided: stop reading from every connection that
-        publishes (HOLD) or read from them again (RELEASE)."""
-        if action == HOLD:
-            logs.event(logging.WARNING, "holding publishers", pending_bytes=self.pressure.total, limit=self.pressure.max_total)
-            for conn in self.connections.values():
-                if conn.session is not None and conn.session.published:
-                    conn.hold()
-        elif action == RELEASE:
-            logs.event(logging.INFO, "releasing publishers", pending_bytes=self.pressure.total)
-            for conn in self.connections.values():
-                if conn.held:
-                    conn.release()
-
-    def _recount(self) -> None:
-        """Read every lagging connection's backlog again (transports drain between writes),
-        then apply the memory bound."""
-        pressure = self.pressure
-        for box in list(pressure.lagging):
-            conn = box.owner
-            if box.closed or conn.state != OPEN:
-                pressure.account(box, 0)
-                continue
-            box.transport_bytes = conn.buffer_size()
-            shedding = conn.session.shedding
-            pressure.account(box, box.size + box.transport_bytes + (shedding.held_bytes if shedding is not None else 0))
-        now = self.loop.time()
-        if pressure.over():
-            self._publishers(pressure.memory(now))
-        overdue = pressure.overdue(now)
-        if overdue:
-            for box in overdue:
-                self._slow_consumer(box)
-            self._publishers(pressure.memory(now))
-        if pressure.holding:  # publishers that started since are held too
-            for conn in self.connections.values():
-                if not conn.held and conn.session is not None and conn.session.published:
-                    conn.hold()
-
-    # dead letters
-
-    def dead_letter_path(self) -> str:
-        """Where the kept dead letters are written (`broker dead-letters` reads them)."""
-        worker = os.environ.get("BROKER_WORKER_INDEX")  # set by the worker supervisor
-        path = self.config.dead_letter_file
-        if not path:
-            return dead_letter_path(self.port, worker)
-        if worker is None:
-            return path
-        stem, ext = os.path.splitext(path)  # each worker keeps its own file
-        return f"{stem}-w{worker}{ext}"
-
-    def _write_dead_letters(self) -> None:
-        """Log the dead letters that came since the last call (the newest ten of them, then
-        how many more) and write the kept ones to the dead-letter file, off the loop."""
-        count = self.router.stats.dead_letters
-        new = count - self._dead_letters_seen
-        if not new:
-            return
-        self._dead_letters_seen = count
-        letters = list(self.router.requests.dead_letters)
-        for letter in letters[-min(new, DEAD_LETTERS_LOGGED) :]:
-            logs.event(
-                logging.WARNING, "dead_letter", conn=letter.conn, peer=letter.peer, id=letter.request_id,
-                code=letter.code, reason=letter.reason, head=letter.head,
-            )
-        if new > DEAD_LETTERS_LOGGED:
-            logs.event(logging.WARNING, "dead_letters_not_logged", count=new - DEAD_LETTERS_LOGGED)
-        path = self.dead_letter_path()
-        refusal = foreign_file(path)
-        if refusal is not None:
-            if refusal != self._dead_letter_refusal:  # once, not at every sweep
-                logs.event(logging.ERROR, "dead_letter_file_refused", path=path, reason=refusal, setting="dead_letter_file")
-            self._dead_letter_refusal = refusal
-            return
-        self._dead_letter_refusal = None
-        text = "".join(json.dumps(letter._asdict()) + "\n" for letter in letters)
-        self.loop.run_in_executor(None, _write_file, path, text)
-
-    def _arm_request_timer(self) -> None:
-        """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
-        deadline = self.router.requests.next_deadline
-        timer = self._request_timer
-        if deadline is None or (timer is not None and self._request_timer_at <= deadline):
-            return
-        if timer is not None:
-            timer.cancel()
-        self._request_timer_at = deadline
-        self._request_timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_requests)
-
-    def _expire_requests(self) -> None:
-        self._request_timer = None
-        self.router.requests.expire_requests()
-        self._arm_request_timer()
-
-    def _write_within(self, box, conn, shedding, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
-        """Write a connection whose policies shed at most half of max_pending_bytes at a time,
-        again while its socket takes everything at once (its transport pauses as soon as it
-        holds anything, see Connection.bound_writes): what the socket does not take waits in
-        the broker, where shedding reaches it. Only such a connection with more than that
-        waiting in one iteration is written more than once in it."""
-        budget = box.limit // 2
-        data = shedding.take(box, budget, max_frame, shared, sizes)
-        if conn.pong is not None:
-            data = conn.take_pong() + data
-        while data:
-            conn.write(data)
-            conn.last_sent = now
-            conn.bytes_out += len(data)
-            self.writes += 1
-            self.bytes_out += len(data)
-            if box.paused or not (box.size or shedding.held):
-                break
-            data = shedding.take(box, budget, max_frame, shared, sizes)
-        box.transport_bytes = conn.buffer_size()
-
-    def _shed(self, box, shedding) -> int:
-        """Drop or conflate what the connection's policies allow of its queue in the broker,
-        down to half of max_pending_bytes (less when its transport holds more than the other
-        half); returns its backlog after that (what conflation holds, one message per topic,
-        is not part of it)."""
-        box.keep()
-        shedding.shed(box, max(0, min(box.limit // 2, box.limit - box.transport_bytes)))
-        return box.size + box.transport_bytes
-
-    def _slow_consumer(self, box) -> None:
-        """Close the connection of `box`, judged a slow consumer (broker.pressure)."""
-        self.pressure.forget(box)
-        conn = box.owner
-        if conn.state != OPEN:
-            return
-        self.router.stats.slow_consumers += 1
-        pending = box.pending
-        logs.event(logging.WARNING, "slow_consumer", conn=conn.id, pending=pending, limit=box.limit)
-        conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {pending} bytes pending, limit {box.limit}")
-
-    # liveness
-
-    def _sweep(self) -> None:
-        """Ping idle clients, disconnect those that do not answer, close connections that
-        stayed behind or left a frame incomplete for frame_timeout_s, and forget history past
-        its age. Runs a few times a second;
-        O(connections) plus the history that expired."""
-        now = self.loop.time()
-        self.loop_lag.observe(now - self._sweep_due, now)
-        self.backplane.sweep()
-        self._check_tokens()
-        self.router.retire_idle(int(self.config.topic_idle_s * 1000))
-        if self.router.replaying:
-            self.router.continue_replays()
-        self.guard.sweep()
-        self.fallback.sweep(self.loop.time())
-        self._recount()
-        self._write_dead_letters()
-        now = self.loop.time()
-        cfg = self.config
-        interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
-        frame_timeout = cfg.frame_timeout_s
-        wall_ms = int(time.time() * 1000)
-        for conn in list(self.connections.values()):
-            if conn.state != OPEN:
-                continue
-            heartbeat = conn.session.heartbeat_ms
-            if heartbeat and (now - conn.last_sent) * 1000 >= heartbeat and not conn.box.scheduled:
-                self.router.send(conn.box, encode(Heartbeat(wall_ms)))
-                conn.last_sent = now  # written at the end of this iteration
-            if conn.held:
-                continue  # a held connection is not read: its pongs wait with the rest
-            if conn.partial_since and now - conn.partial_since >= frame_timeout:
-                conn.frame_expired(frame_timeout)  # a frame started and not finished (slowloris)
-                continue
-            if conn.ping_sent:
-                if conn.last_seen > conn.ping_sent:
-                    conn.ping_sent = 0.0
-                elif now - conn.ping_sent >= timeout:
-                    conn.close(CloseCode.GOING_AWAY, f"peer has not replied to ping/heartbeat request within {timeout:g} second(s)")
-            elif now - conn.last_seen >= interval:
-                conn.ping(now)
-        pressure = self.pressure
-        for box in list(pressure.behind):
-            conn = box.owner
-            if box.closed or conn.state != OPEN:
-                pressure.behind.discard(box)
-                continue
-            box.transport_bytes = conn.buffer_size()
-            backlog = box.size + box.transport_bytes
-            shedding = conn.session.shedding
-            if backlog > box.limit and box.size and shedding is not None:
-                backlog = self._shed(box, shedding)
-            if pressure.judge(box, backlog, now):
-                self._slow_consumer(box)
-        self._sweep_due = self.loop.time() + self._sweep_period
-        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
 
 
 async def run(config: Config, worker: WorkerRole | None = None) -> None:

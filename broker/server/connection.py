@@ -5,6 +5,12 @@ The broker speaks WebSocket itself rather than through a library so that an idle
 costs little more than its transport (no per-connection read buffer, task or logger: reads go
 through uvloop's shared buffer and only an incomplete frame is kept), and so that it can stop
 between any two frames when a loop iteration has done its share of work.
+
+`Connection` reads frames and hands them to its session, writes what the tick gives it, and
+answers pings; its other parts are its base classes: the opening (TLS, the upgrade request;
+broker.server.opening), plain HTTP requests of the fallback transport
+(broker.server.plainhttp) and the closing handshake (broker.server.closing). Its states are
+broker.server.states.
 """
 
 from __future__ import annotations
@@ -14,29 +20,17 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..errors import CloseCode
-from ..fastpath import BINARY, CLOSE, ERR_PROTOCOL, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
-from ..messages import SUBPROTOCOL
+from ..fastpath import BINARY, CLOSE, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
 from ..router import TICK_BUDGET_S, TICK_INPUT_BYTES
 from ..session import Session
-from . import fallback, handshake, logs
+from . import logs
+from .closing import Closing
+from .opening import Opening
+from .plainhttp import PlainRequests
+from .states import BODY, CLOSED, CLOSING, HANDSHAKE, OPEN, REFUSED, STREAMING, TLS_WRITE_HIGH_WATER  # noqa: F401 (the states, for the server and the tests)
 
 if TYPE_CHECKING:
     from .app import Server
-
-# REFUSED: refused at accept, its answer written; closed once the client's first bytes are
-# read (closing with unread bytes would reset the connection, and the answer with it) or after
-# REFUSAL_LINGER_S.
-# BODY: reading the body of a fallback POST; STREAMING: carrying a fallback event stream
-# (broker.server.fallback), whose session is not the connection's.
-HANDSHAKE, OPEN, CLOSING, CLOSED, REFUSED, BODY, STREAMING = range(7)
-
-# How long a connection refused at accept waits for its client's request before it is closed,
-# and how many may wait at once (more are closed at once: the answer may then be lost to a reset).
-REFUSAL_LINGER_S = 1.0
-MAX_LINGERING = 64
-
-# Close codes a client may send (RFC 6455 7.4): 1000-1003, 1007-1014, and 3000-4999.
-_VALID_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015)) | frozenset(range(3000, 5000))
 
 _EMPTY = b""
 
@@ -44,16 +38,8 @@ _EMPTY = b""
 # handling): a flood of empty pings is paid for like data.
 CONTROL_FRAME_COST = 64
 
-# Where a TLS transport pauses the writer: where a plain uvloop transport does (64 KiB, and
-# resumes at a quarter of it). uvloop's TLS transport would first hold up to 512 KiB of the
-# connection's own ciphertext, and what it has passed on to the TCP transport below it is not
-# in get_write_buffer_size: with the plain bound, the bytes the broker does not count stay
-# about as few as on a plain connection, and a lagging connection's queue stays in the broker,
-# as pieces shared with the other subscribers, rather than as private ciphertext.
-TLS_WRITE_HIGH_WATER = 64 << 10
 
-
-class Connection(asyncio.Protocol):
+class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
     """The listener of one TCP connection. Its public surface, for the server: `id`, `peer`,
     `session`, `box`, `state`, `close_reason`, `write(data)` and `buffer_size()` (the transport's
     own, bound once), `bound_writes()`, `close()`,
@@ -138,40 +124,6 @@ class Connection(asyncio.Protocol):
         # the transport's own methods, called once per connection per tick
         self.write = transport.write
         self.buffer_size = transport.get_write_buffer_size
-
-    def _start_tls(self, raw: asyncio.Transport) -> None:
-        """Hand the connection to TLS (its handshake within handshake_timeout_s), then give
-        the upgrade request its handshake_timeout_s. uvloop reads a new connection as soon as
-        connection_made returns, so the client's first bytes (its ClientHello) reach whatever
-        protocol the transport has then: start_tls's first step, which gives the transport its
-        TLS protocol, runs here at once (a Task would take it one loop iteration later, after
-        those bytes came to this protocol), and the rest when the handshake's outcome is known."""
-        cfg = self.server.config
-        self._tls = self.server.loop.start_tls(
-            raw, self, self.server.tls, server_side=True,
-            ssl_handshake_timeout=cfg.handshake_timeout_s, ssl_shutdown_timeout=cfg.close_timeout_s,
-        )
-        self._tls_step(self._tls)
-
-    def _tls_step(self, steps) -> None:
-        """Run start_tls on to its next wait (a future: this runs again once it is done), or to
-        its end: the TLS transport, or a failed or timed-out handshake (its transport closed)."""
-        try:
-            waiting = steps.send(None)
-        except StopIteration as done:
-            transport = done.value
-        except Exception:
-            transport = None
-        else:
-            waiting.add_done_callback(lambda _: self._tls_step(steps))
-            return
-        self._tls = None
-        if transport is None or transport.is_closing() or self.state != HANDSHAKE:
-            self._gone()
-            return
-        self._use(transport)
-        transport.set_write_buffer_limits(TLS_WRITE_HIGH_WATER)
-        self._timer = self.server.loop.call_later(self.server.config.handshake_timeout_s, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         server = self.server
@@ -261,182 +213,6 @@ class Connection(asyncio.Protocol):
         router = self.server.router
         if (box.size or self.pong is not None or (shedding is not None and shedding.held) or box in router.replaying) and not box.closed:
             router.schedule_write(box)
-
-    # handshake
-
-    def _handshake_data(self, data: bytes) -> None:
-        buffer = self._buffer
-        if buffer is None:
-            buffer = self._buffer = bytearray()
-        searched = max(0, len(buffer) - 3)
-        buffer += data
-        end = buffer.find(b"\r\n\r\n", searched)
-        if end < 0:
-            if len(buffer) > handshake.MAX_HEAD_BYTES:
-                self._refuse(handshake.HandshakeError(431, f"the request head is longer than {handshake.MAX_HEAD_BYTES} bytes"))
-            return
-        if end > handshake.MAX_HEAD_BYTES:
-            self._refuse(handshake.HandshakeError(431, f"the request head is longer than {handshake.MAX_HEAD_BYTES} bytes"))
-            return
-        rest = bytes(buffer[end + 4 :])
-        self._buffer = None
-        try:
-            # the order of docs/protocol.md 1.1: the limits on connections were applied at
-            # accept; now the request's rules (path ... token), then the limit per user
-            request = handshake.parse_request(bytes(buffer[:end]))
-            if fallback.is_fallback(request):  # plain HTTP: the fallback transport
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                self.server.fallback.handle(self, request, rest)
-                return
-            accepted = self.server.check_request(request)
-            self.server.guard.admit_user(self, accepted.identity.user)
-        except handshake.HandshakeError as error:
-            self._refuse(error)
-            return
-        except Exception:  # a bug in a rule: refuse this request, keep the server going
-            logs.log.exception("internal error checking an upgrade request", extra={"fields": {"peer": self.peer}})
-            self._refuse(handshake.HandshakeError(500, "internal error"))
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        server = self.server
-        identity = accepted.identity
-        self.user = identity.user
-        self.client = accepted.client
-        self.session = Session(
-            server.router, server.limits, owner=self, identity=identity, authenticator=server.auth, limiter=server.guard.limiter(self)
-        )
-        self.box = self.session.box
-        self.state = OPEN
-        self.transport.write(handshake.accept_response(accepted.accept, SUBPROTOCOL))
-        self.last_sent = self.opened_at = server.loop.time()
-        server.opened_connection(self)
-        server.opened += 1
-        logs.event(logging.INFO, "connect", conn=self.id, peer=self.peer, user=identity.user, client=self.client)
-        if rest:
-            self._consume(rest, 0, False)
-
-    def _refuse(self, error: handshake.HandshakeError) -> None:
-        self.state = CLOSED
-        self._buffer = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.server.refused(error, self.peer)
-        self.transport.write(handshake.error_response(error.status, error.text, error.headers))
-        self.transport.close()
-
-    # plain HTTP requests (the fallback transport, broker.server.fallback)
-
-    def refuse_request(self, error: handshake.HandshakeError, extra: list[str]) -> None:
-        """Answer a fallback request with an error (and `extra` header lines) and close."""
-        if self.state == CLOSED:
-            return
-        headers = dict(error.headers)
-        for line in extra:
-            name, _, value = line.partition(": ")
-            headers[name] = value
-        self.post = None
-        self._refuse(handshake.HandshakeError(error.status, error.text, headers))
-
-    def next_request(self, rest: bytes) -> None:
-        """The request was answered: the connection waits for the next one (HTTP keep-alive),
-        for at most handshake_timeout_s, still counted as a connection in its handshake."""
-        if self.state == CLOSED:
-            return
-        self.state = HANDSHAKE
-        self._buffer = None
-        self._timer = self.server.loop.call_later(self.server.config.handshake_timeout_s, self._handshake_expired)
-        if rest:
-            self._handshake_data(rest)
-
-    def read_body(self, length: int, rest: bytes, then) -> None:
-        """Read a request body of `length` bytes (the first of them in `rest`) within
-        frame_timeout_s, then call `then(body)`; what follows it is the next request."""
-        self._on_body = then
-        self._body_needed = length
-        self._body = bytearray()
-        self.state = BODY
-        self._timer = self.server.loop.call_later(self.server.config.frame_timeout_s, self._body_expired)
-        self._body_data(rest)
-
-    def _body_data(self, data: bytes) -> None:
-        body = self._body
-        if body is None:  # the body is being applied: what follows waits until it is answered
-            self._buffer = (self._buffer or bytearray()) + data
-            return
-        body += data
-        self.server.bytes_in += len(data)
-        if len(body) < self._body_needed:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        n = self._body_needed
-        self._buffer = bytearray(body[n:]) if len(body) > n else None  # a pipelined next request
-        self._body = None
-        self._on_body(bytes(body[:n]))
-
-    def _body_expired(self) -> None:
-        self._timer = None
-        if self.state == BODY:
-            self.refuse_request(handshake.HandshakeError(408, f"the request body did not arrive within {self.server.config.frame_timeout_s:g} s"), [])
-
-    def answer_post(self, extra: list[str]) -> None:
-        """A fallback POST was applied: 204, then the next request."""
-        if self.state == CLOSED:
-            return
-        self.transport.write(("\r\n".join(["HTTP/1.1 204 No Content", *extra]) + "\r\n\r\n").encode("latin-1"))
-        rest = bytes(self._buffer) if self._buffer else b""
-        self.next_request(rest)
-
-    def carry(self, stream) -> None:
-        """Carry `stream`'s events from now on (a fallback GET was accepted)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.state = STREAMING
-        self.stream = stream
-        self._buffer = None
-
-    def end_stream(self) -> None:
-        """The stream's last event was written: close once it is sent (aborted after
-        close_timeout_s when the client does not read it)."""
-        self.stream = None
-        if self.state == CLOSED:
-            return
-        self.state = CLOSING
-        self.transport.close()
-        if self._timer is None:
-            self._timer = self.server.loop.call_later(self.server.config.close_timeout_s, self.abort)
-
-    def owe(self, used: int) -> None:
-        """Work done for this connection's request (`used`, in budget bytes): see `_owe`."""
-        self._owe(used)
-
-    def _refuse_at_accept(self, error: handshake.HandshakeError) -> None:
-        """Refused by a limit at accept: answer (on a plain port; on a TLS port the client
-        expects TLS, so it is closed without an answer) and close once its request is read."""
-        server = self.server
-        self.state = REFUSED
-        server.refusing += 1
-        if server.tls is not None:
-            self.transport.abort()
-            return
-        self.transport.write(handshake.error_response(error.status, error.text, error.headers))
-        if server.refusing > MAX_LINGERING:
-            self.transport.close()
-        else:
-            self._timer = server.loop.call_later(REFUSAL_LINGER_S, self.abort)
-
-    def _handshake_expired(self) -> None:
-        self._timer = None
-        if self.state == HANDSHAKE:
-            self.state = CLOSED
-            self.transport.abort()
 
     # frames
 
@@ -621,80 +397,9 @@ class Connection(asyncio.Protocol):
             self._reading = True
             self.transport.resume_reading()
 
-    def _protocol_error(self, code: int) -> None:
-        if code == ERR_PROTOCOL:
-            self.close(CloseCode.PROTOCOL_ERROR, "broken WebSocket framing")
-        else:
-            self.close(CloseCode.MESSAGE_TOO_BIG, f"frame larger than {self.server.config.max_frame_bytes} bytes")
-
-    def _close_received(self, payload: bytes) -> None:
-        """A close frame from the client (the server answers it and closes the connection)."""
-        self._buffer = None
-        self.partial_since = 0.0
-        if self.state == CLOSING:
-            return
-        code = 1005
-        reason = ""
-        reply = 1000
-        if len(payload) == 1:
-            code, reply = 1002, 1002
-        elif len(payload) >= 2:
-            code = int.from_bytes(payload[:2], "big")
-            try:
-                reason = payload[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                reply = 1007
-            if code not in _VALID_CLOSE_CODES:
-                reply = 1002
-            elif reply == 1000 and code in (1000, 1001):
-                reply = code
-        self.close_reason = (code, reason or "client closed")
-        self.state = CLOSING
-        self.transport.write(encode_frame(reply.to_bytes(2, "big"), CLOSE))
-        self.transport.close()  # once what is buffered is sent, or aborted by closing()
-        self.closing()
-
-    # broker-initiated close
-
-    def close(self, code: int, reason: str, *, flush: bool = False) -> None:
-        """Send a close frame with `code` and close the TCP connection once it is sent (the
-        client's answering close frame is not waited for). With `flush`, what is still queued
-        for this connection goes first (even while the transport is paused); without, it is
-        dropped. A connection whose socket does not drain within close_timeout_s is aborted."""
-        if self.state == CLOSED:
-            return
-        if self.state != OPEN:
-            self.closing()
-            return
-        self.state = CLOSING
-        self.close_reason = (int(code), reason)
-        self.server.router.stats.count_close(int(code))
-        box = self.box
-        shedding = self.session.shedding
-        if flush and shedding is not None and shedding.held:
-            shedding.release(box)  # the newest messages its policy conflate holds go too
-        if flush and box.size:
-            self.transport.write(box.take(self.server.config.max_outbound_frame_bytes))
-        self.transport.write(encode_frame(int(code).to_bytes(2, "big") + reason.encode()[:123], CLOSE))
-        self.transport.close()  # once what is buffered is sent; nothing more is read
-        self.closing()
-
-    def closing(self) -> None:
-        """Stop deliveries to this connection and abort it unless it is gone within
-        close_timeout_s (a peer that stops reading never lets the close frame out)."""
-        if self.session is not None:
-            self.session.close()
-        if self._timer is None and self.state != CLOSED:
-            self._timer = self.server.loop.call_later(self.server.config.close_timeout_s, self.abort)
-
     @property
     def in_tls_handshake(self) -> bool:
         return self._tls is not None
-
-    def abort(self) -> None:
-        self._timer = None
-        if self.state != CLOSED and self.transport is not None:
-            self.transport.abort()
 
     def audit(self, event: str, **fields: object) -> None:
         """An audit log line about this client's request (a permission denial): the
@@ -704,13 +409,6 @@ class Connection(asyncio.Protocol):
             self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
             conn=self.id, peer=self.peer, user=self.user, **fields,
         )
-
-    def frame_expired(self, timeout: float) -> None:
-        """The incomplete frame waited frame_timeout_s: drop its bytes and close (1008)."""
-        self._buffer = None
-        self._needed = 0
-        self.partial_since = 0.0
-        self.close(CloseCode.POLICY_VIOLATION, f"frame not completed within {timeout:g} s")
 
     def ping(self, now: float) -> None:
         """Send a ping (empty payload) and remember when."""

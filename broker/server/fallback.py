@@ -329,7 +329,7 @@ class Fallback:
             server.rules.check_path(request, server.closing)
             if not server.config.http_fallback:
                 raise Refused(404, "the HTTP fallback is off on this broker (http_fallback); connect with a WebSocket")
-            origin = self._origin(request)
+            origin = server.rules.check_origin(request)
             if request.method == "OPTIONS":
                 self._preflight(conn, origin)
                 conn.next_request(rest)
@@ -351,17 +351,8 @@ class Fallback:
                 raise Refused(405, f"method {handshake.shown(request.method, 16)} is not allowed; the fallback takes GET (the event stream), POST (a frame) and DELETE (the end)", {"Allow": "GET, POST, DELETE"})
         except Refused as refused:
             conn.refuse_request(refused.error, cors_lines(origin))
-        except handshake.HandshakeError as error:  # check_path's, and the limit per user
+        except handshake.HandshakeError as error:  # check_path's, check_origin's, and the limit per user
             conn.refuse_request(error, cors_lines(origin))
-
-    def _origin(self, request: handshake.Request) -> str | None:
-        origin = request.header("origin")
-        if origin is None:
-            return None
-        origin = origin.strip()
-        if not self.server.rules.origin_allowed(origin):
-            raise Refused(403, f"origin {handshake.shown(origin)} is not allowed (allowed_origins)")
-        return origin
 
     def _preflight(self, conn: Connection, origin: str | None) -> None:
         lines = ["HTTP/1.1 204 No Content", *cors_lines(origin), "Access-Control-Allow-Methods: GET, POST, DELETE",

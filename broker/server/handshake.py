@@ -19,6 +19,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qs
 
 from ..auth import AuthError, Authenticator, Identity
+from ..config import origin_key
 from ..errors import HandshakeError
 
 __all__ = ["HandshakeError"]  # (defined with the other errors; raised and caught as handshake.HandshakeError)
@@ -169,11 +170,11 @@ class Rules:
     connect from (`allowed_origins`; empty: any; a request without Origin is not from a
     browser and passes)."""
 
-    def __init__(self, path: str, subprotocol: str, authenticator: Authenticator, origins: tuple[str, ...] = ()) -> None:
+    def __init__(self, path: str, subprotocol: str, authenticator: Authenticator, origins: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.subprotocol = subprotocol
         self.authenticator = authenticator
-        self.origins = frozenset(o.rstrip("/").lower() for o in origins)
+        self.origins = origins  # Config.origins: parsed once, in the form origin_key gives
 
     def check_path(self, request: Request, closing: bool = False) -> None:
         """The rules every request meets first, an upgrade or a fallback request: the path
@@ -186,9 +187,17 @@ class Rules:
         if closing:
             raise HandshakeError(503, "server is shutting down")
 
-    def origin_allowed(self, origin: str) -> bool:
-        """True when a browser page of `origin` may connect (allowed_origins)."""
-        return not self.origins or origin.strip().rstrip("/").lower() in self.origins
+    def check_origin(self, request: Request) -> str | None:
+        """The Origin rule of the upgrade and of the fallback transport: the request's Origin
+        (stripped; None: it sends none, it is not a browser), or HandshakeError 403 when a
+        browser page of that origin may not connect (allowed_origins)."""
+        origin = request.header("origin")
+        if origin is None:
+            return None
+        origin = origin.strip()
+        if self.origins and origin_key(origin) not in self.origins:
+            raise HandshakeError(403, f"origin {shown(origin)} is not allowed (allowed_origins)", setting="allowed_origins")
+        return origin
 
     def check(self, request: Request, closing: bool = False) -> Accepted:
         """Accept `request` or raise HandshakeError with the status and reason of the first
@@ -201,9 +210,7 @@ class Rules:
         if self.subprotocol not in offered:
             why = f"offered {shown_protocols(offered)}" if offered else "no Sec-WebSocket-Protocol header"
             raise HandshakeError(400, f"unsupported protocol version ({why}); this server speaks {self.subprotocol}")
-        origin = request.header("origin")
-        if origin is not None and not self.origin_allowed(origin):
-            raise HandshakeError(403, f"origin {shown(origin.strip())} is not allowed (allowed_origins)", setting="allowed_origins")
+        self.check_origin(request)
         accept = check_upgrade(request)
         client = client_of(request)
         try:
