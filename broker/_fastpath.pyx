@@ -1,5 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Compiled fast path. `_fastpath_py.py` is its specification: same API, same bytes.
+"""Compiled fast path. `broker._fastpath_py` is its specification: same API, same bytes.
+
+One extension module, its source split by concept into the `.pxi` files included at the end
+(frames, pieces, topics, publish, fan-out, history, index, staging: the same split as the
+twin's modules), its extension types declared in `_fastpath.pxd`. One module rather than one
+per concept because the fan-out calls the pieces', topics' and index's C functions per message
+and per subscriber: within one module they are direct calls the C compiler can inline, across
+modules they would go through a capsule's function pointers (docs/architecture.md, The fast
+path).
 
 The tries of the index are not tracked by the cyclic garbage collector (`no_gc`): they hold
 no cycles (a trie node refers only to its children, its subscription nodes and its topic), and
@@ -34,9 +42,6 @@ PONG = 0xA
 INCOMPLETE = None
 ERR_PROTOCOL = 1002
 ERR_TOO_BIG = 1009
-
-cdef class Node
-cdef class HistoryStore
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void* op)

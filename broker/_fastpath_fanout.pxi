@@ -5,9 +5,7 @@
 # Topic-id bitmaps: which topics were announced to a connection, or to every solo member of a node
 
 
-cdef struct Bits:
-    uint8_t* data
-    Py_ssize_t size
+# (the Bits struct is declared in _fastpath.pxd: Node holds one too)
 
 
 cdef inline bint _bits_has(Bits* bits, Py_ssize_t i) noexcept:
@@ -82,24 +80,6 @@ cdef class Outbox:
     """One connection's pieces of this loop iteration (or of every iteration while its
     transport is paused), counted in bytes, and the topics announced on it; a solo member of
     the node of its only subscription reads this tick's batches from the node (see the twin)."""
-
-    cdef public object owner
-    cdef public list pieces
-    cdef public Py_ssize_t size
-    cdef public Py_ssize_t transport_bytes
-    cdef public Py_ssize_t limit
-    cdef public Py_ssize_t hard_limit
-    cdef public bint scheduled
-    cdef public bint paused
-    cdef public bint closed
-    cdef public bint over
-    cdef public unsigned long long mark
-    cdef public unsigned long long sig
-    cdef public double over_since
-    cdef public Py_ssize_t nsubs
-    cdef public Node solo_node
-    cdef public Py_ssize_t offset
-    cdef Bits known
 
     def __init__(self, object owner, Py_ssize_t limit, hard_limit=None):
         self.owner = owner

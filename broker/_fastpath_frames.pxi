@@ -2,8 +2,6 @@
 # Part of the compiled fast path: included by _fastpath.pyx, which with its includes is one
 # extension module (see its docstring). Twin: broker/_fastpath_py/frames.py.
 
-# WebSocket frames
-
 
 cdef inline Py_ssize_t _header_size(Py_ssize_t size) noexcept:
     if size < 126:

@@ -2,8 +2,6 @@
 # path: included by _fastpath.pyx, which with its includes is one extension module (see its
 # docstring). Twin: broker/_fastpath_py/history.py.
 
-# History: each topic's recent messages, for recovery and last values
-
 
 cdef Py_ssize_t MESSAGE_OVERHEAD_ = 48
 cdef Py_ssize_t CHUNK_OVERHEAD_ = 120
@@ -25,13 +23,6 @@ cdef class HistoryChunk:
     log while the chunk is retained, is broken when the chunk is dropped (`drop_head`), and a
     topic's log is emptied when the topic retires."""
 
-    cdef public long long first
-    cdef public list payloads
-    cdef public Py_ssize_t sizes
-    cdef public long long time
-    cdef public long long last
-    cdef public object log
-
     def __init__(self, long long first, list payloads not None, Py_ssize_t sizes, long long time_ms, log):
         self.first = first
         self.payloads = payloads
@@ -46,13 +37,6 @@ cdef class HistoryChunk:
 cdef class HistoryLog:
     """One topic's retained messages: chunks of consecutive sequence numbers, the first one
     possibly cut (`skip` messages of it are gone)."""
-
-    cdef public object chunks
-    cdef public HistoryChunk tail
-    cdef public Py_ssize_t skip
-    cdef public Py_ssize_t count
-    cdef public Py_ssize_t size
-    cdef public long long trimmed_time
 
     def __init__(self):
         self.chunks = deque()
@@ -74,13 +58,6 @@ cdef class HistoryStore:
     """Every topic's HistoryLog (on `TopicState.history`), bounded per topic by messages and
     bytes as batches are retained; `order` holds every chunk, oldest first, for the bounds by
     age and in total that its owner applies (see the twin)."""
-
-    cdef public object order
-    cdef public Py_ssize_t total
-    cdef public Py_ssize_t stale
-    cdef public Py_ssize_t trimmed
-    cdef public Py_ssize_t max_messages
-    cdef public Py_ssize_t max_bytes
 
     def __init__(self, Py_ssize_t max_messages, Py_ssize_t max_bytes):
         self.order = deque()

@@ -2,22 +2,11 @@
 # by _fastpath.pyx, which with its includes is one extension module (see its docstring). Twin:
 # broker/_fastpath_py/index.py.
 
-# Who receives which topic
-
 
 cdef class Node:
     """One distinct subscription string (a topic or a pattern), the outboxes holding it (solo
     members apart), this tick's pieces for the solo members and the topics every solo member
     was announced (see the twin); dead once the last one left."""
-
-    cdef public str pattern
-    cdef public dict members
-    cdef public dict solo
-    cdef public list pieces
-    cdef public object frame
-    cdef public bint dead
-    cdef bint has_known
-    cdef Bits known
 
     def __init__(self, str pattern not None):
         self.pattern = pattern
@@ -34,11 +23,6 @@ cdef class Node:
 
 @cython.no_gc
 cdef class _PatternTrie:
-    cdef dict children
-    cdef _PatternTrie star
-    cdef Node here
-    cdef Node rest
-
     def __init__(self):
         self.children = {}
         self.star = None
@@ -51,10 +35,6 @@ cdef class _PatternTrie:
 
 @cython.no_gc
 cdef class _TopicTrie:
-    cdef dict children
-    cdef TopicState state
-    cdef Py_ssize_t height
-
     def __init__(self):
         self.children = {}
         self.state = None
@@ -80,10 +60,6 @@ cdef bint _matches(list pattern, list tokens):
 cdef class _Excluding:
     """A subscription string with exclusions, `PATTERN !DENIED ...` (see the twin)."""
 
-    cdef Node node
-    cdef list base
-    cdef list excluded
-
     def __init__(self, str pattern, Node node=None):
         cdef list parts = pattern.split(" !")
         self.node = node
@@ -102,17 +78,6 @@ cdef class _Excluding:
 cdef class Index:
     """Subscriptions and topics, kept so that every topic's `nodes` list holds the live nodes
     that match it (see the twin). `work` counts trie nodes visited and topic lists changed."""
-
-    cdef public dict exact
-    cdef _PatternTrie root
-    cdef public dict topics
-    cdef public dict by_key
-    cdef public list states
-    cdef _TopicTrie _topic_root
-    cdef public Py_ssize_t patterns
-    cdef public dict excluding
-    cdef public Py_ssize_t subscriptions
-    cdef public Py_ssize_t work
 
     def __init__(self):
         self.exact = {}

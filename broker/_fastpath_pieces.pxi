@@ -2,8 +2,6 @@
 # Part of the compiled fast path: included by _fastpath.pyx, which with its includes is one
 # extension module (see its docstring). Twin: broker/_fastpath_py/pieces.py.
 
-# MessagePack pieces
-
 
 cdef inline Py_ssize_t _uint_size(uint64_t v) noexcept:
     if v < 128:

@@ -13,17 +13,6 @@ cdef class Block:
     """What one shard gets in one write: per topic its payloads in order (`topics`), and the
     acks waiting for their numbers (`waiters`: topic, index in its payloads, ok, fail, msg_id)."""
 
-    cdef public Py_ssize_t shard
-    cdef public dict topics
-    cdef public Py_ssize_t size
-    cdef public Py_ssize_t count
-    cdef public list waiters
-    cdef public double staged
-    cdef public long long write
-    cdef public bint sent
-    cdef public object epoch
-    cdef public bint answered
-
     def __init__(self, Py_ssize_t shard, double staged):
         self.shard = shard
         self.topics = {}

@@ -2,25 +2,10 @@
 # of the compiled fast path: included by _fastpath.pyx, which with its includes is one extension
 # module (see its docstring). Twin: broker/_fastpath_py/topics.py.
 
-# Topics
-
 
 cdef class TopicState:
     """One concrete topic: its id, epoch, last sequence number, this tick's pending batch and
     the subscription nodes that match it."""
-
-    cdef public Py_ssize_t id
-    cdef public str name
-    cdef public bytes key
-    cdef public object epoch
-    cdef public long long seq
-    cdef public list pending
-    cdef public long long first
-    cdef public bint dirty
-    cdef public list nodes
-    cdef public Py_ssize_t compacted
-    cdef public bytes announce
-    cdef public object history
 
     def __init__(self, Py_ssize_t topic_id, str name not None, epoch):
         if topic_id < 0:
