@@ -1,7 +1,8 @@
 """The fast path, compiled and pure: the same API, the same bytes, the same behaviour.
 
 Every test runs on both implementations (the `fastpath_impl` fixture) or compares them
-directly (the Hypothesis properties); the two share no code."""
+directly (the Hypothesis properties); the two share no code (test_fastpath_api.py checks that,
+and that both have the API `_fastpath.pyi` declares)."""
 
 import os
 
@@ -11,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import broker._fastpath_py as pure
-from broker import fastpath
 from broker.messages import Batch, Msg, Topic, decode_server_frame
 from broker.topics import matches
 
@@ -21,43 +21,6 @@ try:
     from broker import _fastpath as compiled
 except ImportError:  # the suite requires it; test_compiled_fast_path_is_active... says so
     compiled = None
-
-
-def test_compiled_fast_path_is_active_in_a_normal_install():
-    if os.environ.get("BROKER_PURE_PYTHON"):
-        assert fastpath.IMPLEMENTATION == "python"
-    else:
-        assert fastpath.IMPLEMENTATION == "cython"
-
-
-def test_each_twin_stands_alone():
-    """Neither implementation imports the other, so parity compares two implementations."""
-    import ast
-    from pathlib import Path
-
-    root = Path(pure.__file__).parent.parent
-    compiled_sources = [root / "_fastpath.pyx", *sorted(root.glob("_fastpath*.pxi")), *sorted(root.glob("_fastpath*.pxd"))]
-    twin_sources = sorted((root / "_fastpath_py").glob("*.py"))
-    assert len(compiled_sources) > 2 and len(twin_sources) > 2
-    for path in compiled_sources:
-        for line in path.read_text().splitlines():
-            words = line.split()
-            if words and words[0] in ("import", "from", "cimport", "include"):
-                assert "_fastpath_py" not in line, f"{path.name}: {line}"
-    for path in twin_sources:
-        tree = ast.parse(path.read_text())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-        assert not any("fastpath" in m for m in imported), path.name
-
-
-def test_the_stub_lists_the_whole_api():
-    from pathlib import Path
-
-    stub = (Path(fastpath.__file__).parent / "_fastpath.pyi").read_text()
-    for name in fastpath.__all__:
-        if name != "IMPLEMENTATION":
-            assert f"def {name}(" in stub or f"class {name}" in stub or f"{name}:" in stub, name
 
 
 # WebSocket frames

@@ -110,7 +110,7 @@ class Index:
 
     def __init__(self) -> None:
         self.exact: dict[str, Node] = {}
-        self.root = _PatternTrie()
+        self._root = _PatternTrie()
         self.topics: dict[str, TopicState] = {}
         self.by_key: dict[bytes, TopicState] = {}
         self.states: list[TopicState | None] = []  # by topic id (None: retired)
@@ -137,7 +137,7 @@ class Index:
         if node is not None:
             nodes.append(node)
         if self.patterns:
-            self._collect(self.root, tokens, 0, nodes)
+            self._collect(self._root, tokens, 0, nodes)
         if self.excluding:
             for entry in self.excluding.values():
                 self.work += 1
@@ -364,7 +364,7 @@ class Index:
             node = self.exact.get(name)
             if node is not None:
                 nodes.append(node)
-            self._collect(self.root, name.split("."), 0, nodes)
+            self._collect(self._root, name.split("."), 0, nodes)
             nodes += [entry.node for entry in self.excluding.values() if entry.matches(name.split("."))]
         seen: dict = {}
         for node in nodes:
@@ -396,7 +396,7 @@ class Index:
                     add_node(state, node)
                     self.work += 1
             return node
-        trie = self.root
+        trie = self._root
         tokens = pattern.split(".")
         for token in tokens:
             self.work += 1
@@ -440,7 +440,7 @@ class Index:
             return
         self.patterns -= 1
         tokens = pattern.split(".")
-        chain = [self.root]
+        chain = [self._root]
         for token in tokens[:-1] if tokens[-1] == ">" else tokens:
             trie = chain[-1]
             chain.append(trie.star if token == "*" else trie.children[token])
