@@ -123,7 +123,9 @@ def test_the_stub_declares_exactly_the_twins_names_and_signatures():
         public_assigned = {a for a in assigned if not a.startswith("_")} - HELD_IN_C.get(name, set())
         assert declared == public_assigned - set(methods), name
         twin_methods = {
-            m for m, v in vars(cls).items() if (not m.startswith("_") or m in ("__init__", "__len__")) and (callable(v) or isinstance(v, property))
+            m
+            for m, v in vars(cls).items()
+            if (not m.startswith("_") or m in ("__init__", "__len__")) and (callable(v) or isinstance(v, property))
         }
         assert set(methods) == twin_methods, name
         for method, stub in methods.items():

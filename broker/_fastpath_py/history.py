@@ -1,6 +1,6 @@
 """History: each topic's recent messages, for recovery and last values, in chunks of one time
-bucket under one store-wide bound. Part of the pure-Python fast path (`broker._fastpath_py`);
-the compiled twin is `_fastpath_history.pxi`."""
+bucket, bounded per topic by messages and bytes (`HistoryStore`). Part of the pure-Python fast
+path (`broker._fastpath_py`); the compiled twin is `_fastpath_history.pxi`."""
 
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """Cluster staging: the backplane's per-topic work (broker.cluster.streams), staging a tick's
-pending batches into one block per shard and taking numbered batches back into the topics.
+pending batches into one block per shard for its next write, and taking numbered batches back
+into the topics' pending batches. Both run for every topic a tick or a stream entry touches.
 Part of the pure-Python fast path (`broker._fastpath_py`); the compiled twin is
 `_fastpath_staging.pxi`."""
 
 from __future__ import annotations
-
-# The cluster backplane's per-topic work (broker.cluster.streams): staging a tick's pending
-# batches into one block per shard for its next write, and taking numbered batches back into
-# the topics' pending batches. Both run for every topic a tick or a stream entry touches.
 
 
 class Block:
