@@ -1,4 +1,5 @@
-"""Types of the compiled fast path; `_fastpath_py.py` has the same API."""
+"""Types of the compiled fast path; the pure-Python twin `broker._fastpath_py` has the same API
+(tests/test_fastpath_api.py compares this stub with both)."""
 
 from collections import deque
 from typing import Any, Callable
