@@ -2,10 +2,12 @@
 
 import re
 
+import msgspec
 import pytest
 from conftest import ROOT
 
-from broker.config import DEFAULT_PORT, SECTIONS, Config, load
+from broker.check import shown
+from broker.config import DEFAULT_PORT, DESCRIPTIONS, FIELDS, HELP, LIMITS, SECTIONS, Config, load, table_of
 from broker.errors import ConfigError
 
 
@@ -242,3 +244,31 @@ def test_the_tables_of_a_config_file_are_documented_as_they_are():
     rows = dict(re.findall(r"^\| `\[([a-z]+)\]` \| (.+?) \|", text, re.M))
     documented = {table: re.findall(r"`([a-z_]+)`", keys) for table, keys in rows.items()}
     assert documented == {table: list(names) for table, names in SECTIONS.items()}
+
+
+def test_every_setting_is_described_once_and_its_help_and_table_come_from_that():
+    for name in FIELDS:
+        assert DESCRIPTIONS[name] and DESCRIPTIONS[name] == DESCRIPTIONS[name].strip(), name
+        table = table_of(name)
+        assert HELP[name] == (f"[{table}] " if table else "") + DESCRIPTIONS[name]
+    assert LIMITS == tuple(SECTIONS["limits"]) and "max_connections" in LIMITS and "max_frame_bytes" in LIMITS
+    assert table_of("tls_cert_file") == "tls" and table_of("port") == ""
+    # msgspec's own schema carries the same description
+    assert msgspec.json.schema(Config)["$defs"]["Config"]["properties"]["max_topics"]["description"] == DESCRIPTIONS["max_topics"]
+
+
+def settings_rows() -> list[str]:
+    """docs/operations.md's Settings table, as the settings' descriptions make it."""
+    defaults = Config()
+    rows = []
+    for name in FIELDS:
+        table = table_of(name)
+        rows.append(f"| `{name}` | `{shown(name, getattr(defaults, name))}` | {f'`[{table}]`' if table else ''} | {DESCRIPTIONS[name]} |")
+    return rows
+
+
+def test_the_docs_settings_table_is_every_setting_with_its_description():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("\n### Settings\n", 1)[1].split("\n## ", 1)[0]
+    documented = [line for line in section.splitlines() if line.startswith("| `")]
+    assert documented == settings_rows(), "\n".join(settings_rows())
