@@ -12,10 +12,21 @@ import sys
 import time
 import tomllib
 import traceback
-from typing import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from . import __version__
-from .config import DEFAULT_PORT, FIELDS, HELP, SECRET_FLAGS, Config, load, load_with_sources, url_password, with_sources
+from .config import (
+    DEFAULT_PORT,
+    FIELDS,
+    HELP,
+    SECRET_FLAGS,
+    Config,
+    load,
+    load_with_sources,
+    url_password,
+    with_sources,
+)
 from .errors import BrokerError, ConfigError
 
 DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
@@ -177,7 +188,7 @@ def _new_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _run(coro) -> int:
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     _new_loop_policy()
     return asyncio.run(coro)
 
@@ -237,7 +248,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_secret_flags(flags: dict) -> None:
+def _warn_secret_flags(flags: dict[str, Any]) -> None:
     """A secret given as a flag is in /proc/PID/cmdline, which every user of the machine can
     read: say so, once, at the start (the value is not logged)."""
     import logging
@@ -294,7 +305,7 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
-def _client_options(args: argparse.Namespace) -> dict:
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
     """The Client options of `pub` and `sub`: with --cafile, the SSL context that trusts it."""
     if args.cafile is None:
         return {}

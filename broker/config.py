@@ -11,7 +11,8 @@ import os
 import re
 import tomllib
 import typing
-from typing import Annotated, Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import msgspec
 

@@ -7,7 +7,17 @@ import pytest
 from conftest import ROOT
 
 from broker.check import shown
-from broker.config import DEFAULT_PORT, DESCRIPTIONS, FIELDS, HELP, LIMITS, SECTIONS, Config, load, table_of
+from broker.config import (
+    DEFAULT_PORT,
+    DESCRIPTIONS,
+    FIELDS,
+    HELP,
+    LIMITS,
+    SECTIONS,
+    Config,
+    load,
+    table_of,
+)
 from broker.errors import ConfigError
 
 
