@@ -19,9 +19,10 @@ budget), so no client can keep the iterations long.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 from .backplane import Backplane, MemoryBackplane, Sequencer, unique_epoch
+from .config import Config
 from .dedupe import Dedupe, Seen
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, arrive, emit_all, end_tick, fanout_steps, schedule_solo
@@ -29,7 +30,7 @@ from .messages import Ack, Err, Gap, encode
 from .recovery import Recovery
 from .requests import Requests
 from .topic_ids import TopicIds
-from .topics import DEFAULT_MAX_TOPIC_LENGTH, is_pattern, parts_of, validate_pattern, validate_topic
+from .topics import is_pattern, parts_of, validate_pattern, validate_topic
 
 # The work one loop iteration does before reading pauses until the next one, in bytes of
 # client frames; subscription-index steps (trie nodes visited, topic lists changed, nodes a
@@ -62,6 +63,19 @@ TICK_TOKEN_CHECK_BYTES = TICK_INPUT_BYTES // 8
 # `msg` message and a batch): pieces are cut so that a frame stays within its cap.
 _FRAME_OVERHEAD = 64
 
+
+
+class RouterSettings(Protocol):
+    """The settings the router reads (broker.config.Config has them; docs/operations.md
+    describes each)."""
+
+    max_topics: int
+    max_topic_length: int
+    max_outbound_frame_bytes: int
+    dedupe_window_s: float
+    dedupe_max_ids: int
+    max_open_requests: int
+    dead_letters_max: int
 
 
 class RouterStats:
@@ -112,28 +126,25 @@ class Router(Recovery):
     def __init__(
         self,
         request_flush: Callable[[], object],
+        config: RouterSettings | None = None,
         *,
-        max_topics: int = 100_000,
-        max_topic_length: int = DEFAULT_MAX_TOPIC_LENGTH,
-        max_outbound_frame_bytes: int = 1 << 20,
         epoch: int | None = None,
         backplane: Backplane | None = None,
-        dedupe_window_s: float = 120.0,
-        dedupe_max_ids: int = 100_000,
-        max_open_requests: int = 1000,
         clock: Callable[[], float] = time.monotonic,
-        dead_letters_max: int = 1000,
         request_resume: Callable[[Outbox], object] | None = None,
     ) -> None:
+        """`config`: the settings the router reads (the server's Config; the defaults without
+        one). `request_flush` and `request_resume` are the shell's (see the module's doc)."""
+        settings = Config() if config is None else config
         self._request_flush = request_flush
         # the I/O shell carries on with a connection whose subscription waited for the backplane
         self._request_resume = request_resume or (lambda box: None)
         self._parked: list[Outbox] = []
         self._unserved: dict[Outbox, str] = {}  # parked connections whose subscription the backplane could not serve
-        self.max_topics = max_topics
-        self.max_topic_length = max_topic_length
-        self.max_outbound_frame_bytes = max_outbound_frame_bytes
-        self._max_piece = max(1, max_outbound_frame_bytes - _FRAME_OVERHEAD)
+        self.max_topics = settings.max_topics
+        self.max_topic_length = max_topic_length = settings.max_topic_length
+        self.max_outbound_frame_bytes = settings.max_outbound_frame_bytes
+        self._max_piece = max(1, settings.max_outbound_frame_bytes - _FRAME_OVERHEAD)
         # Epoch: unique per topic lifetime (see unique_epoch). Every topic created before the
         # first retirement shares the broker's; later ones get their own.
         self._fixed_epoch = epoch is not None
@@ -143,7 +154,7 @@ class Router(Recovery):
         self._scan = 0  # where the retirement scan goes on in index.states
         self._quiet: dict[int, tuple[int, int]] = {}  # topic id -> (seq, ms) when it was seen quiet
         self.use_backplane(MemoryBackplane() if backplane is None else backplane)
-        self.dedupe = Dedupe(dedupe_window_s, dedupe_max_ids)  # msg_ids seen lately (broker.dedupe)
+        self.dedupe = Dedupe(settings.dedupe_window_s, settings.dedupe_max_ids)  # msg_ids seen lately (broker.dedupe)
         self.clock = clock
         self.index = Index()
         self.topic_ids = TopicIds()  # small, unique, and in an order that tells a client little
@@ -151,7 +162,7 @@ class Router(Recovery):
         self.topics_by_key: dict[bytes, TopicState] = self.index.by_key
         self.stats = RouterStats()
         # requests waiting for replies, the responders, and the dead letters (broker.requests)
-        self.requests = Requests(self.send, self.stats, clock, max_open_requests, max_topic_length, dead_letters_max)
+        self.requests = Requests(self.send, self.stats, clock, settings.max_open_requests, max_topic_length, settings.dead_letters_max)
         self.dirty: list[TopicState] = []
         self._touched: list[Outbox] = []
         self._slow: list[Outbox] = []

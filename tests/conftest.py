@@ -24,7 +24,7 @@ import uvloop
 
 from broker.backplane import MemoryBackplane
 from broker.client import Client, ConnectionClosed
-from broker.config import load
+from broker.config import Config, load
 from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
 from broker.router import Router
 from broker.server import Server
@@ -636,14 +636,8 @@ class Harness:
         self.flush_requests = 0
         self.now = 1_000_000.0  # the backplane's clock (seconds), moved by tests
         self.backplane = MemoryBackplane(clock=lambda: self.now, **(history or {}))
-        self.router = Router(
-            self._request,
-            epoch=42,
-            max_topics=limits.pop("max_topics", 1000),
-            backplane=self.backplane,
-            max_open_requests=limits.pop("max_open_requests", 1000),
-            clock=lambda: self.now,
-        )
+        settings = Config(max_topics=limits.pop("max_topics", 1000), max_open_requests=limits.pop("max_open_requests", 1000))
+        self.router = Router(self._request, settings, epoch=42, backplane=self.backplane, clock=lambda: self.now)
         self.limits = SessionLimits(**limits)
         self.readers: dict = {}
         self.frames: dict = {}  # owner -> frames written in the last tick

@@ -99,15 +99,9 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
             )
         self.router = Router(
             self._request_tick,
-            max_topics=config.max_topics,
-            max_topic_length=config.max_topic_length,
-            max_outbound_frame_bytes=config.max_outbound_frame_bytes,
+            config,
             backplane=self.backplane,
-            dedupe_window_s=config.dedupe_window_s,
-            dedupe_max_ids=config.dedupe_max_ids,
-            max_open_requests=config.max_open_requests,
             clock=time.monotonic,
-            dead_letters_max=config.dead_letters_max,
             request_resume=lambda box: box.owner.unpark(),
         )
         self._dead_letters_seen = 0  # router.stats.dead_letters when they were last written
