@@ -8,9 +8,9 @@ queue passes max_pending_bytes and continues from history as the connection drai
 gives them to it in order. With a backplane that sequences later (a cluster), a position
 beyond what this node delivered is awaited: the topic's next batch settles it.
 
-`Recovery` is a part of broker.router.Router (its base class): it works on the router's
-index, history (the backplane) and outboxes, and keeps its own state, made by
-`_init_recovery`.
+`Recovery` is a part of broker.router.Router (the base of broker.arrival.Arrival, the
+router's base): it works on the router's index, history (the backplane) and outboxes, and
+keeps its own state, made by `_init_recovery`.
 """
 
 from __future__ import annotations

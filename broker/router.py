@@ -25,9 +25,9 @@ from .backplane import Backplane, MemoryBackplane, Sequencer, unique_epoch
 from .config import Config
 from .dedupe import Dedupe, Seen
 from .errors import ErrorCode, RequestError
-from .fastpath import Index, Outbox, TopicState, arrive, emit_all, end_tick, fanout_steps, schedule_solo
-from .messages import Ack, Err, Gap, encode
-from .recovery import Recovery
+from .fastpath import Index, Outbox, TopicState, emit_all, end_tick, fanout_steps, schedule_solo
+from .messages import Ack, Err, encode
+from .arrival import Arrival
 from .requests import Requests
 from .topic_ids import TopicIds
 from .topics import is_pattern, parts_of, validate_pattern, validate_topic
@@ -119,9 +119,10 @@ class RouterStats:
         self.closes[code] = self.closes.get(code, 0) + 1
 
 
-class Router(Recovery):
-    """Topics, publish and fan-out; recovery and replay come from `Recovery`, requests and
-    dedupe are held (`requests`, `dedupe`)."""
+class Router(Arrival):
+    """Topics, publish and fan-out; cluster arrival comes from `Arrival` (broker.arrival),
+    recovery and replay from `Recovery` (its base), requests and dedupe are held (`requests`,
+    `dedupe`)."""
 
     def __init__(
         self,
@@ -137,10 +138,7 @@ class Router(Recovery):
         one). `request_flush` and `request_resume` are the shell's (see the module's doc)."""
         settings = Config() if config is None else config
         self._request_flush = request_flush
-        # the I/O shell carries on with a connection whose subscription waited for the backplane
-        self._request_resume = request_resume or (lambda box: None)
-        self._parked: list[Outbox] = []
-        self._unserved: dict[Outbox, str] = {}  # parked connections whose subscription the backplane could not serve
+        self._init_arrival(request_resume)  # subscriptions waiting for the backplane (broker.arrival)
         self.max_topics = settings.max_topics
         self.max_topic_length = max_topic_length = settings.max_topic_length
         self.max_outbound_frame_bytes = settings.max_outbound_frame_bytes
@@ -378,156 +376,6 @@ class Router(Recovery):
         for box, request_id in waiting:
             self._ack_later(box, request_id, epoch, seq)
 
-    def deliver_remote(self, entries: list[tuple[int, list[tuple[str, list[bytes]]], list[int]]]) -> int:
-        """Entries of a backplane's log, in its order, each (epoch, [(topic, payloads), ...],
-        [first seq of each batch, ...]): the batches of messages it numbered (published on
-        this node or another), delivered and retained at once, one encoded piece per topic,
-        written with the rest of this tick.
-
-        What this node published in this tick and has not handed over yet goes to the
-        backplane first, so a pending batch never mixes numbered and unnumbered messages. A
-        batch at or before a topic's last sequence number is a repeat and skipped (the part
-        after it is kept). Numbers a batch skips after ones this node delivered are announced
-        to the topic's receivers as a gap (cause `backplane`); a new epoch ends the old one with
-        a gap (cause `ended`) and the topic continues under a new id. Returns the messages
-        taken."""
-        if self.dirty:
-            dirty = self.dirty
-            self.dirty = []
-            self._emit(dirty)
-        arrived: list[TopicState] = []
-        try:
-            return self._arrive(entries, arrived)
-        finally:  # what was stamped goes out even if an entry broke the loop
-            if arrived:
-                self._emit_now(arrived)
-                self._want_flush()
-
-    def _arrive(self, entries: list, arrived: list[TopicState]) -> int:
-        # the compiled `arrive` adds each batch that follows its topic's last number; the
-        # others (a new topic or epoch, a repeat, numbers skipped) come to `_arrive_other`
-        return arrive(entries, self.topics, arrived, lambda name, epoch, payloads, first: self._arrive_other(name, epoch, payloads, first, arrived))
-
-    def _arrive_other(self, name: str, epoch: int, payloads: list[bytes], first: int, arrived: list[TopicState]) -> int:
-        """A batch that does not simply follow its topic's last number: the topic is made (or
-        renewed in a new epoch), a repeat is skipped (the part after the last number kept),
-        numbers skipped after ones delivered are a gap. Returns the messages taken."""
-        state = self.topics.get(name)
-        if state is None or state.epoch != epoch:
-            state = self._arriving(name, epoch)
-            if state is None:
-                return 0
-        count = len(payloads)
-        seq = state.seq
-        if first != seq + 1:
-            if first + count - 1 <= seq:
-                return 0  # delivered already
-            if first <= seq:
-                payloads = payloads[seq + 1 - first :]
-                first = seq + 1
-                count = len(payloads)
-            else:
-                if state.pending:
-                    self._emit_now([state])
-                if seq:
-                    self._gap_all(state, Gap(name, epoch, seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
-        if state.dirty:
-            state.pending.extend(payloads)
-        else:
-            state.dirty = True
-            state.first = first
-            state.pending = payloads
-            arrived.append(state)
-        state.seq = first + count - 1
-        return count
-
-    def interest(self, pattern: str, box: Outbox) -> bool:
-        """Whether a subscription to `pattern` may be made now: the backplane has what it needs
-        (its topics' numbers and history). If not, the backplane starts getting it and the
-        connection waits: `request_resume(box)` once it has it. Raises RequestError (for the
-        subscription that waited) when the backplane could not get it."""
-        refused = self._unserved.pop(box, None)
-        if refused is not None:
-            raise RequestError(ErrorCode.UNAVAILABLE, refused)
-        if self.backplane.reads(pattern):
-            return True
-        if box not in self._parked:
-            self._parked.append(box)
-        return False
-
-    def subscribed(self) -> tuple[bool, list[str]]:
-        """What the subscriptions of this process cover: (whether any is a pattern, the
-        concrete topics subscribed to)."""
-        index = self.index
-        return bool(index.patterns or index.excluding), [name for name, node in index.exact.items() if not node.dead]
-
-    def loaded(self, refused: str | None = None) -> None:
-        """The backplane got what subscriptions waited for, or, with `refused`, gave up: they
-        go on, or are refused with that text (err 18)."""
-        parked, self._parked = self._parked, []
-        for box in parked:
-            if not box.closed:
-                if refused is not None:
-                    self._unserved[box] = refused
-                self._request_resume(box)
-
-    def _arriving(self, name: str, epoch: int) -> TopicState | None:
-        """The state a batch from the backplane goes to: made for a topic new to this node
-        (None past max_topics), or renewed for a new epoch."""
-        state = self.topics.get(name)
-        if state is None:
-            try:
-                return self.topic(name)
-            except RequestError:
-                self.stats.unknown_topics += 1  # past max_topics (or a name this node refuses)
-                return None
-        if state.pending:
-            self._emit_now([state])
-        return self._new_epoch(state, epoch)
-
-    def end_epochs(self, states: list[TopicState], epoch: int) -> None:
-        """The backplane numbers these topics in `epoch` from now on (it lost messages of their
-        epoch, or went back in time): their epochs end now for every receiver, with a gap
-        (cause `ended`) from the receiver's next number, and positions awaited in them are
-        answered the same way; each topic continues under a new id, its numbers from 1."""
-        if self.dirty:  # what this node published in this tick goes to the backplane first
-            dirty = self.dirty
-            self.dirty = []
-            self._emit(dirty)
-        for state in states:
-            if state.epoch == epoch:
-                continue
-            if state.pending:
-                self._emit_now([state])
-            self._new_epoch(state, epoch)
-            waiting = self._awaiting.pop(state.name, None)
-            if waiting:
-                still = [entry for entry in waiting if entry[1] == epoch]
-                for box, position_epoch, seq in waiting:
-                    if position_epoch != epoch:
-                        if not box.closed:
-                            self._gap(box, Gap(state.name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
-                        self._release_position(box)
-                if still:
-                    self._awaiting[state.name] = still
-        self._want_flush()
-
-    def _new_epoch(self, state: TopicState, epoch: int) -> TopicState:
-        """The backplane numbers a topic in a new epoch (it lost its counters): the old epoch
-        ends for every receiver (from the first number, if this node delivered none of it:
-        messages it had not read yet may have been acknowledged); a new state with a new id
-        carries the topic on."""
-        self._gap_all(state, Gap(state.name, state.epoch, state.seq + 1, 0, f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers or went back in time); it continues in epoch {epoch}", "ended"))
-        self.backplane.forget(state)
-        self.stats.retired += 1  # connections drop what they cached about the old state
-        return self.index.renew(state, epoch, self.topic_ids.next())
-
-    def _gap_all(self, state: TopicState, gap: Gap) -> None:
-        """A gap notice to every connection receiving the topic now."""
-        for box in self.index.receivers(state.name):
-            if not box.closed:
-                self._gap(box, gap)
-
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""
         if self.dirty:
@@ -664,5 +512,5 @@ class Router(Recovery):
             self._forget_positions(box, None)
         if box in self.replaying:
             self._end_replays(box)
-        self._unserved.pop(box, None)
+        self.forget_waiting(box)
 
