@@ -299,7 +299,7 @@ def test_history_keeps_at_most_max_bytes():
     first, batches = store.since(st, 0)
     # one chunk (one second): its overhead once, then 58 bytes per message: 4 fit
     assert first == 7 and len(batches[0][1]) == 4
-    assert st.history.size <= store.max_bytes
+    assert st.history.size <= store.history.max_bytes
 
 
 def test_history_forgets_by_age_on_read_and_on_sweep():

@@ -76,10 +76,11 @@ from typing import Annotated, Callable
 
 import msgspec
 
-from ..backplane import MemoryBackplane, unique_epoch
+from ..backplane import unique_epoch
 from ..config import read_secret
 from ..errors import ConfigError, ErrorCode, RequestError
 from ..fastpath import Block, TopicState, stamp
+from ..history import History
 from ..fastpath import stage as stage_batches
 from ..topics import is_pattern
 from . import scripts
@@ -204,17 +205,21 @@ class _Route:
                 self.filling[shard] = None
 
 
-class RedisBackplane(MemoryBackplane):
-    """Sequencing in Redis, history here (filled from the streams), delivery from the streams."""
+class RedisBackplane:
+    """Sequencing in Redis, history here (a held broker.history.History, filled from the
+    streams), delivery from the streams. A Backplane with the Sequencer ability
+    (broker.backplane)."""
 
-    def __init__(self, config, *, clock=time.time) -> None:
-        super().__init__(
+    def __init__(self, config, *, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.history = History(
+            self.now_ms,
             max_messages=config.history_max_messages,
             max_bytes=config.history_max_bytes,
             max_age_s=config.history_max_age_s,
             max_total_bytes=config.history_max_total_bytes,
-            clock=clock,
         )
+        self.store = self.history.store  # the emit path retains through it (None: no history)
         self.url = config.redis_url
         self.password = read_secret(config, "redis_password")  # redis_password_file: kept out of the URL
         self.shards = config.redis_shards
@@ -607,8 +612,43 @@ class RedisBackplane(MemoryBackplane):
         if self.router is not None:
             self.router.loaded(refused)
 
+    # history (broker.history)
+
+    @property
+    def total(self) -> int:
+        """Bytes counted over every topic's history."""
+        return self.history.total
+
+    @property
+    def trimmed(self) -> int:
+        """Messages dropped from history by any bound."""
+        return self.history.trimmed
+
+    def retain(self, state: TopicState, first: int, payloads: list[bytes], now_ms: int | None = None) -> None:
+        self.history.retain(state, first, payloads, now_ms)
+
+    def retained(self) -> None:
+        self.history.retained()
+
+    def retains(self, state: TopicState, now_ms: int) -> bool:
+        return self.history.retains(state, now_ms)
+
+    def forget(self, state: TopicState) -> None:
+        self.history.forget(state)
+
+    def latest(self, state: TopicState) -> tuple[int, bytes] | None:
+        return self.history.latest(state)
+
+    def since(self, state: TopicState, seq: int, max_bytes: int | None = None) -> tuple[int, list[tuple[int, list[bytes]]]]:
+        return self.history.since(state, seq, max_bytes)
+
+    def since_time(self, state: TopicState, time_ms: int) -> tuple[bool, int, list[tuple[int, list[bytes]]]]:
+        return self.history.since_time(state, time_ms)
+
     def sweep(self, now_ms: int | None = None) -> None:
-        super().sweep(now_ms)
+        """Forget history past its age; now and then, stop reading the shards no subscription
+        needs."""
+        self.history.sweep(now_ms)
         if not self.read_all and self.router is not None:
             now = time.monotonic()
             if now - self._reviewed >= INTEREST_REVIEW_S:
