@@ -108,7 +108,7 @@ def test_a_shard_no_subscription_needs_is_read_no_more_and_loaded_again_when_one
     it; a later subscription loads what it missed first, so its recovery is exact."""
     import time
 
-    from broker.cluster.streams import INTEREST_GRACE_S
+    from broker.cluster.shards import INTEREST_GRACE_S
 
     async def main():
         settings = dict(redis_url=own_redis.url, redis_prefix="id")
