@@ -12,23 +12,43 @@ the backplane to load it (`interest`, `loaded`).
 
 `Arrival` is a part of broker.router.Router (its base class, over broker.recovery.Recovery):
 it works on the router's topics, index and emit path, and keeps its own state, made by
-`_init_arrival`.
+`init_arrival`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, TopicState, arrive
 from .messages import Gap
 from .recovery import Recovery
 
+if TYPE_CHECKING:
+    from .topic_ids import TopicIds
+
 
 class Arrival(Recovery):
-    """Batches numbered by the backplane, epochs it ends, subscriptions waiting for it."""
+    """Batches numbered by the backplane, epochs it ends, subscriptions waiting for it.
 
-    def _init_arrival(self, request_resume: Callable[[Outbox], object] | None) -> None:
+    `init_arrival` is the internal API of the router's class family (broker.router calls it).
+    """
+
+    # What it uses of the router beyond Recovery's (broker.router.Router sets these up).
+    dirty: list[TopicState]  # topics with a pending batch in this tick
+    topic_ids: TopicIds
+
+    if TYPE_CHECKING:  # the router's methods it calls
+
+        def topic(self, name: str) -> TopicState: ...
+
+        def emit(self, states: list[TopicState]) -> None: ...
+
+        def emit_now(self, states: list[TopicState]) -> None: ...
+
+        def want_flush(self) -> None: ...
+
+    def init_arrival(self, request_resume: Callable[[Outbox], object] | None) -> None:
         # the I/O shell carries on with a connection whose subscription waited for the backplane
         self._request_resume = request_resume or (lambda box: None)
         self._parked: list[Outbox] = []
@@ -54,14 +74,14 @@ class Arrival(Recovery):
         if self.dirty:
             dirty = self.dirty
             self.dirty = []
-            self._emit(dirty)
+            self.emit(dirty)
         arrived: list[TopicState] = []
         try:
             return self._stamp_entries(entries, arrived)
         finally:  # what was stamped goes out even if an entry broke the loop
             if arrived:
-                self._emit_now(arrived)
-                self._want_flush()
+                self.emit_now(arrived)
+                self.want_flush()
 
     def _stamp_entries(self, entries: list, arrived: list[TopicState]) -> int:
         # the compiled `arrive` stamps each batch that follows its topic's last number; the
@@ -88,7 +108,7 @@ class Arrival(Recovery):
                 count = len(payloads)
             else:
                 if state.pending:
-                    self._emit_now([state])
+                    self.emit_now([state])
                 if seq:
                     self._gap_all(state, Gap(name, epoch, seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
         if state.dirty:
@@ -142,7 +162,7 @@ class Arrival(Recovery):
                 self.stats.unknown_topics += 1  # past max_topics (or a name this node refuses)
                 return None
         if state.pending:
-            self._emit_now([state])
+            self.emit_now([state])
         return self._new_epoch(state, epoch)
 
     def end_epochs(self, states: list[TopicState], epoch: int) -> None:
@@ -153,24 +173,24 @@ class Arrival(Recovery):
         if self.dirty:  # what this node published in this tick goes to the backplane first
             dirty = self.dirty
             self.dirty = []
-            self._emit(dirty)
+            self.emit(dirty)
         for state in states:
             if state.epoch == epoch:
                 continue
             if state.pending:
-                self._emit_now([state])
+                self.emit_now([state])
             self._new_epoch(state, epoch)
-            waiting = self._awaiting.pop(state.name, None)
+            waiting = self.awaiting.pop(state.name, None)
             if waiting:
                 still = [entry for entry in waiting if entry[1] == epoch]
                 for box, position_epoch, seq in waiting:
                     if position_epoch != epoch:
                         if not box.closed:
-                            self._gap(box, Gap(state.name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
-                        self._release_position(box)
+                            self.send_gap(box, Gap(state.name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+                        self.release_position(box)
                 if still:
-                    self._awaiting[state.name] = still
-        self._want_flush()
+                    self.awaiting[state.name] = still
+        self.want_flush()
 
     def _new_epoch(self, state: TopicState, epoch: int) -> TopicState:
         """The backplane numbers a topic in a new epoch (it lost its counters): the old epoch
@@ -186,4 +206,4 @@ class Arrival(Recovery):
         """A gap notice to every connection receiving the topic now."""
         for box in self.index.receivers(state.name):
             if not box.closed:
-                self._gap(box, gap)
+                self.send_gap(box, gap)

@@ -10,17 +10,22 @@ beyond what this node delivered is awaited: the topic's next batch settles it.
 
 `Recovery` is a part of broker.router.Router (the base of broker.arrival.Arrival, the
 router's base): it works on the router's index, history (the backplane) and outboxes, and
-keeps its own state, made by `_init_recovery`.
+keeps its own state, made by `init_recovery`.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from .messages import Gap
-from .fastpath import Outbox, TopicState, emit_all, encode_batch
+from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch
 from .messages import GapNotice, encode
 from .topics import is_pattern, key_matches
+
+if TYPE_CHECKING:
+    from .backplane import Backplane, Sequencer
+    from .router import RouterStats
 
 # Positions (since) beyond what a cluster node delivered that it keeps waiting for their topic's
 # next batches: at most this many in all (past it, the oldest topic's are given up) and per
@@ -42,36 +47,60 @@ class _Resume:
 
 
 class Recovery:
-    """Replays waiting for room, awaited positions, and the recovery of a new subscription."""
+    """Replays waiting for room, awaited positions, and the recovery of a new subscription.
 
-    def _init_recovery(self) -> None:
+    Its public methods without a docstring of their own (`init_recovery`, `pass_positions`,
+    `emit_passing`, `replay`, ...) are the internal API of the router's class family, called
+    by broker.arrival and broker.router, not by the shell."""
+
+    # What it uses of the router (broker.router.Router sets these up; annotations only).
+    index: Index
+    stats: RouterStats
+    backplane: Backplane
+    sequencer: Sequencer | None
+    topics: dict[str, TopicState]
+    touched: list[Outbox]  # outboxes to write at the end of the tick
+    slow: list[Outbox]  # outboxes past their hard limit in this tick
+    solo_nodes: list  # nodes whose solo members got pieces in this tick
+    emission: int  # the number of the last emission (emit_all's)
+    max_piece: int  # the largest piece a frame holds
+
+    if TYPE_CHECKING:  # the router's methods it calls
+
+        def send(self, box: Outbox, piece: bytes) -> None: ...
+
+        def schedule_write(self, box: Outbox) -> None: ...
+
+        def recovering(self, topics: int) -> None: ...
+
+    def init_recovery(self) -> None:
         # With a backplane that sequences later: positions asked for beyond what this node
         # delivered, per topic (connection, epoch, seq), settled by the topic's next batch.
-        self._awaiting: dict[str, list[tuple[Outbox, int, int]]] = {}
+        self.awaiting: dict[str, list[tuple[Outbox, int, int]]] = {}
         self._awaited = 0
-        self._awaits_of: dict[Outbox, int] = {}  # positions awaited per connection
+        self.awaits_of: dict[Outbox, int] = {}  # positions awaited per connection
         self._recovery: list[str] | None = None  # while a recovery runs: the causes of its gaps
         # Replays that did not fit in their connection's queue, oldest first: they continue
         # from history as it drains (continue_replays). Meanwhile the topic's live batches
         # pass the connection by (by topic id), and history gives them to it in order.
         self.replaying: dict[Outbox, deque[_Resume]] = {}
-        self._replay_of: dict[int, list[Outbox]] = {}
+        self.replay_of: dict[int, list[Outbox]] = {}
         self._solo_before: dict[Outbox, str] = {}  # the node a replaying connection was a solo member of
 
     def _await_position(self, name: str, box: Outbox, epoch: int, seq: int) -> None:
         """Hold a position this node has not reached: the topic's batches up to it pass the
-        connection by, the first one past it is cut for it (see _pass_positions)."""
-        held = self._awaits_of.get(box, 0)
+        connection by, the first one past it is cut for it (see pass_positions)."""
+        held = self.awaits_of.get(box, 0)
         if held >= MAX_AWAITED_PER_CONNECTION:
             return
-        awaiting = self._awaiting
+        awaiting = self.awaiting
         if self._awaited >= MAX_AWAITED:  # the oldest topic's positions are given up
             for other, _, _ in awaiting.pop(next(iter(awaiting))):
-                self._release_position(other)
-            held = self._awaits_of.get(box, 0)
+                self.release_position(other)
+            held = self.awaits_of.get(box, 0)
         if not held:
             self._make_plain(box)
-        self._awaits_of[box] = held + 1
+        self.awaits_of[box] = held + 1
         if self._recovery is not None and not self._recovery:
             self._recovery.append("awaited")
         awaiting.setdefault(name, []).append((box, epoch, seq))
@@ -90,37 +119,37 @@ class Recovery:
         self.index.subscribe(node.pattern, box)
         return node.pattern
 
-    def _forget_positions(self, box: Outbox, pattern: str | None) -> None:
+    def forget_positions(self, box: Outbox, pattern: str | None) -> None:
         """Drop the positions `box` awaits on topics of `pattern` (None: on every topic)."""
-        awaiting = self._awaiting
+        awaiting = self.awaiting
         for name in [name for name in awaiting if pattern is None or key_matches(pattern, name)]:
             waiting = awaiting[name]
             still = [entry for entry in waiting if entry[0] is not box]
             for _ in range(len(waiting) - len(still)):
-                self._release_position(box)
+                self.release_position(box)
             if still:
                 awaiting[name] = still
             else:
                 del awaiting[name]
 
-    def _release_position(self, box: Outbox) -> None:
+    def release_position(self, box: Outbox) -> None:
         self._awaited -= 1
-        held = self._awaits_of[box] - 1
+        held = self.awaits_of[box] - 1
         if held:
-            self._awaits_of[box] = held
+            self.awaits_of[box] = held
         else:
-            del self._awaits_of[box]
+            del self.awaits_of[box]
             box.nsubs -= 1  # it stays a plain member until its subscriptions change
 
-    def _pass_positions(self, states: list[TopicState]) -> list:
+    def pass_positions(self, states: list[TopicState]) -> list:
         """Before `states` are emitted: settle the positions awaited on them. A connection
         whose position the batch does not reach is passed by (its `mark` is set to the
         batch's emission number) and keeps waiting; one whose position falls inside the batch
         is passed by and gets the part after it (returned, to queue after the emission); one
         whose position the batch follows gets it as everyone does, with a gap notice for the
         numbers in between if any, or `ended` if the topic is in another epoch now."""
-        awaiting = self._awaiting
-        emission = self._emission
+        awaiting = self.awaiting
+        emission = self.emission
         cut = []
         for state in states:
             count = len(state.pending)
@@ -140,16 +169,16 @@ class Recovery:
                 if box.closed or not any(box in node.members for node in state.nodes if not node.dead):
                     pass  # gone, or no longer subscribed to the topic
                 elif position_epoch != epoch:
-                    self._gap(box, Gap(name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+                    self.send_gap(box, Gap(name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
                 elif first > seq + 1:
-                    self._gap(box, Gap(name, epoch, seq + 1, first - 1, "this node's history does not hold these messages", "history"))
+                    self.send_gap(box, Gap(name, epoch, seq + 1, first - 1, "this node's history does not hold these messages", "history"))
                 elif first <= seq:
                     box.mark = emission  # it has these
                     if last <= seq:
                         still.append(entry)
                         continue
                     cut.append((box, state, seq + 1, state.pending[seq + 1 - first :]))
-                self._release_position(box)
+                self.release_position(box)
             if still:
                 awaiting[name] = still
             else:
@@ -205,8 +234,8 @@ class Recovery:
             elif since is not None:
                 trimmed, first, batches = backplane.since_time(state, since[0])
                 if trimmed:
-                    self._gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)", "history"))
-                self._replay(box, state, batches)
+                    self.send_gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)", "history"))
+                self.replay(box, state, batches)
             elif last:
                 self._send_latest(box, state)
         if listed:
@@ -228,33 +257,33 @@ class Recovery:
                 # delivers tells whether messages after the position are missing.
                 self._await_position(name, box, epoch, seq)
             elif state is None:
-                self._gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
+                self.send_gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
             else:
-                self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
+                self.send_gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
             return
         if epoch and epoch != state.epoch:
-            self._gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
+            self.send_gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
             seq = 0
         elif not epoch:
             seq = 0
         first, batches = self.backplane.since(state, seq)
         if seq + 1 < first:
-            self._gap(box, Gap(name, state.epoch, seq + 1, first - 1, "history no longer holds these messages", "history"))
-        self._replay(box, state, batches)
+            self.send_gap(box, Gap(name, state.epoch, seq + 1, first - 1, "history no longer holds these messages", "history"))
+        self.replay(box, state, batches)
 
     def _send_latest(self, box: Outbox, state: TopicState) -> None:
         latest = self.backplane.latest(state)
         if latest is not None:
-            self._replay(box, state, [(latest[0], [latest[1]])])
+            self.replay(box, state, [(latest[0], [latest[1]])])
 
-    def _replay(self, box: Outbox, state: TopicState, batches: list) -> None:
+    def replay(self, box: Outbox, state: TopicState, batches: list) -> None:
         """Queue batches of one topic from history on `box`, oldest first, in pieces of at
         most max_outbound_frame_bytes, while the connection's queue stays within
         max_pending_bytes; the rest waits for room (behind any replay waiting already)."""
         if not batches:
             return
         if box.introduce(state):
-            self._slow.append(box)
+            self.slow.append(box)
             return
         if box in self.replaying:
             self._wait(box, state, batches[0][0])
@@ -267,7 +296,7 @@ class Recovery:
         """Queue what fits of `batches` within max_pending_bytes (with `progress`, at least one
         message); returns the sequence number of the first message left (0: none left)."""
         limit = box.limit
-        max_piece = self._max_piece
+        max_piece = self.max_piece
         replayed = 0
         rest = 0
         for first, payloads in batches:
@@ -290,7 +319,7 @@ class Recovery:
 
     def _push_replay(self, box: Outbox, state: TopicState, first: int, payloads: list) -> int:
         if payloads and box.push(encode_batch(state.id, first, payloads)):
-            self._slow.append(box)
+            self.slow.append(box)
         return len(payloads)
 
     def _wait(self, box: Outbox, state: TopicState, next_seq: int) -> None:
@@ -303,20 +332,20 @@ class Recovery:
             if pattern is not None:
                 self._solo_before[box] = pattern
         waiting.append(_Resume(state, next_seq))
-        self._replay_of.setdefault(state.id, []).append(box)
+        self.replay_of.setdefault(state.id, []).append(box)
 
-    def _emit_passing(self, states: list[TopicState], store, now_ms: int) -> tuple[int, int, int]:
+    def emit_passing(self, states: list[TopicState], store, now_ms: int) -> tuple[int, int, int]:
         """emit_all, passing by the connections whose replay of a topic waits (history gives
         them its batches, in order, after what they wait for): such a topic is emitted on its
         own, right after its connections were marked as reached by that emission (a mark
         holds for one emission). Returns (messages emitted, batches, deliveries)."""
-        replay_of = self._replay_of
+        replay_of = self.replay_of
         totals = [0, 0, 0]
         run: list[TopicState] = []
 
         def emit(group: list[TopicState]) -> None:
-            self._emission, published, batches, delivered = emit_all(
-                group, self._emission, self._max_piece, self._touched, self._slow, self._nodes, store, now_ms,
+            self.emission, published, batches, delivered = emit_all(
+                group, self.emission, self.max_piece, self.touched, self.slow, self.solo_nodes, store, now_ms,
             )
             totals[0] += published
             totals[1] += batches
@@ -331,7 +360,7 @@ class Recovery:
                 emit(run)
                 run = []
             for box in boxes:
-                box.mark = self._emission + 1  # the number emit_all gives this batch
+                box.mark = self.emission + 1  # the number emit_all gives this batch
             emit([state])
         if run:
             emit(run)
@@ -347,7 +376,7 @@ class Recovery:
         iteration that wrote, and from its sweep."""
         for box in list(self.replaying):
             if box.closed:
-                self._end_replays(box)
+                self.end_replays(box)
             elif not box.paused and box.pending < box.limit:
                 self._continue(box)
                 self.schedule_write(box)
@@ -359,15 +388,15 @@ class Recovery:
             resume = waiting[0]
             state = resume.state
             if self.topics.get(state.name) is not state:
-                self._gap(box, Gap(state.name, state.epoch, resume.next, 0, f"epoch {state.epoch} of the topic ended while its replay waited", "ended"))
+                self.send_gap(box, Gap(state.name, state.epoch, resume.next, 0, f"epoch {state.epoch} of the topic ended while its replay waited", "ended"))
             else:
                 first, batches = self.backplane.since(state, resume.next - 1, box.limit)  # what one turn may send, at most
                 if first > resume.next:
-                    self._gap(box, Gap(state.name, state.epoch, resume.next, first - 1, "history no longer holds these messages (they left it while the replay waited for room)", "history"))
+                    self.send_gap(box, Gap(state.name, state.epoch, resume.next, first - 1, "history no longer holds these messages (they left it while the replay waited for room)", "history"))
                     resume.next = first
                 if batches:
                     if box.introduce(state):
-                        self._slow.append(box)
+                        self.slow.append(box)
                         return
                     rest = self._push_within(box, state, batches, progress)
                     progress = False
@@ -381,10 +410,10 @@ class Recovery:
     def _replayed(self, box: Outbox, waiting: deque) -> None:
         """The oldest waiting replay of `box` is done."""
         state = waiting.popleft().state
-        boxes = self._replay_of[state.id]
+        boxes = self.replay_of[state.id]
         boxes.remove(box)
         if not boxes:
-            del self._replay_of[state.id]
+            del self.replay_of[state.id]
         if not waiting:
             del self.replaying[box]
             box.nsubs -= 1
@@ -392,13 +421,13 @@ class Recovery:
             if pattern is not None and not box.closed:
                 self.index.settle(pattern, box)  # a solo member again, if that is still its only subscription
 
-    def _end_replays(self, box: Outbox) -> None:
+    def end_replays(self, box: Outbox) -> None:
         """`box` closed: its waiting replays are dropped."""
         waiting = self.replaying[box]
         while waiting:
             self._replayed(box, waiting)
 
-    def _gap(self, box: Outbox, gap: Gap) -> None:
+    def send_gap(self, box: Outbox, gap: Gap) -> None:
         stats = self.stats
         stats.gaps += 1
         stats.gap_causes[gap.cause] = stats.gap_causes.get(gap.cause, 0) + 1

@@ -138,11 +138,11 @@ class Router(Arrival):
         one). `request_flush` and `request_resume` are the shell's (see the module's doc)."""
         settings = Config() if config is None else config
         self._request_flush = request_flush
-        self._init_arrival(request_resume)  # subscriptions waiting for the backplane (broker.arrival)
+        self.init_arrival(request_resume)  # subscriptions waiting for the backplane (broker.arrival)
         self.max_topics = settings.max_topics
         self.max_topic_length = max_topic_length = settings.max_topic_length
         self.max_outbound_frame_bytes = settings.max_outbound_frame_bytes
-        self._max_piece = max(1, settings.max_outbound_frame_bytes - _FRAME_OVERHEAD)
+        self.max_piece = max(1, settings.max_outbound_frame_bytes - _FRAME_OVERHEAD)
         # Epoch: unique per topic lifetime (see unique_epoch). Every topic created before the
         # first retirement shares the broker's; later ones get their own.
         self._fixed_epoch = epoch is not None
@@ -162,12 +162,12 @@ class Router(Arrival):
         # requests waiting for replies, the responders, and the dead letters (broker.requests)
         self.requests = Requests(self.send, self.stats, clock, settings.max_open_requests, max_topic_length, settings.dead_letters_max)
         self.dirty: list[TopicState] = []
-        self._touched: list[Outbox] = []
-        self._slow: list[Outbox] = []
-        self._nodes: list = []  # nodes whose solo members got pieces in this tick
-        self._init_recovery()  # replays and awaited positions (broker.recovery)
+        self.touched: list[Outbox] = []
+        self.slow: list[Outbox] = []
+        self.solo_nodes: list = []  # nodes whose solo members got pieces in this tick
+        self.init_recovery()  # replays and awaited positions (broker.recovery)
         self._flush_requested = False
-        self._emission = 0
+        self.emission = 0
         self.input_bytes = 0  # client frame bytes handled in this loop iteration
         self._work_mark = 0  # index.work when this iteration began
 
@@ -295,6 +295,7 @@ class Router(Arrival):
             if record.seq:
                 self.stats.duplicates += 1
                 if request_id:
+                    assert box is not None  # a publish with a request id names the outbox its ack goes to
                     self.send(box, encode(Ack(request_id, record.epoch, record.seq)))
                 return state
             if record.waiting is not None:  # the original is not sequenced yet
@@ -311,12 +312,14 @@ class Router(Arrival):
             if record is not None:
                 record.epoch, record.seq, record.waiting = state.epoch, state.seq, None
             if request_id:
+                assert box is not None
                 self.send(box, encode(Ack(request_id, state.epoch, state.seq)))
             self.published_since_flush()
         else:
             if record is not None:
                 backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq), lambda code, text: self._refused(record, code, text), msg_id)
             elif request_id:
+                assert box is not None
                 backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq), lambda code, text: self._fail_later(box, request_id, code, text))
             else:
                 backplane.publish(state, payload, self.dirty)
@@ -379,9 +382,9 @@ class Router(Arrival):
     def published_since_flush(self) -> None:
         """Called after messages were stamped: the first time in a tick, ask for a flush."""
         if self.dirty:
-            self._want_flush()
+            self.want_flush()
 
-    def _want_flush(self) -> None:
+    def want_flush(self) -> None:
         if not self._flush_requested:
             self._flush_requested = True
             self._request_flush()
@@ -407,8 +410,8 @@ class Router(Arrival):
         validate_pattern(parts_of(pattern)[0], self.max_topic_length)
         self._emit_matching(pattern)
         removed = self.index.unsubscribe(pattern, box)
-        if box in self._awaits_of:
-            self._forget_positions(box, pattern)
+        if box in self.awaits_of:
+            self.forget_positions(box, pattern)
         if remaining is not None:
             self.index.settle(remaining, box)
         if box.size:
@@ -425,26 +428,26 @@ class Router(Arrival):
         if not is_pattern(pattern):
             state = self.topics.get(pattern)
             if state is not None and state.pending:
-                self._emit([state])
+                self.emit([state])
             return
         dirty = self.dirty
         self.dirty = []
-        self._emit(dirty)
+        self.emit(dirty)
 
     # outbound
 
     def send(self, box: Outbox, piece: bytes) -> None:
         """Queue one encoded message (a reply) on one connection; written with the rest of this tick."""
         if box.push(piece):
-            self._slow.append(box)
+            self.slow.append(box)
         self.schedule_write(box)
 
     def schedule_write(self, box: Outbox) -> None:
         """Ask for `box` to be written at the end of this tick (after the transport resumed)."""
         if not box.scheduled:
             box.scheduled = True
-            self._touched.append(box)
-            self._want_flush()
+            self.touched.append(box)
+            self.want_flush()
 
     def flush(self) -> tuple[list[Outbox], list[Outbox]]:
         """Encode and fan out every dirty topic's batch.
@@ -456,22 +459,22 @@ class Router(Arrival):
         dirty = self.dirty
         if dirty:
             self.dirty = []
-            self._emit(dirty)
-        touched, slow = self._touched, self._slow
-        if self._nodes:
-            schedule_solo(self._nodes, touched)
-        self._touched = []
-        self._slow = []
+            self.emit(dirty)
+        touched, slow = self.touched, self.slow
+        if self.solo_nodes:
+            schedule_solo(self.solo_nodes, touched)
+        self.touched = []
+        self.slow = []
         return touched, slow
 
     def end_tick(self) -> None:
         """After every outbox of the tick was written or kept: nodes forget this tick's pieces."""
-        nodes = self._nodes
+        nodes = self.solo_nodes
         if nodes:
-            self._nodes = []
+            self.solo_nodes = []
             end_tick(nodes)
 
-    def _emit(self, states: list[TopicState]) -> None:
+    def emit(self, states: list[TopicState]) -> None:
         """Encode each topic's pending batch once and queue it on every connection that
         receives it; with a backplane that sequences later, hand the batches to it instead
         (they come back numbered through `deliver_remote`)."""
@@ -479,22 +482,22 @@ class Router(Arrival):
         if sequencer is not None:
             self.stats.published += sequencer.stage(states)
             return
-        self._emit_now(states)
+        self.emit_now(states)
 
-    def _emit_now(self, states: list[TopicState]) -> None:
+    def emit_now(self, states: list[TopicState]) -> None:
         backplane = self.backplane
         store = backplane.store
-        cut = self._pass_positions(states) if self._awaiting else None
+        cut = self.pass_positions(states) if self.awaiting else None
         now_ms = backplane.now_ms() if store is not None else 0
-        if self._replay_of:
-            published, batches, delivered = self._emit_passing(states, store, now_ms)
+        if self.replay_of:
+            published, batches, delivered = self.emit_passing(states, store, now_ms)
         else:
-            self._emission, published, batches, delivered = emit_all(
-                states, self._emission, self._max_piece, self._touched, self._slow, self._nodes, store, now_ms,
+            self.emission, published, batches, delivered = emit_all(
+                states, self.emission, self.max_piece, self.touched, self.slow, self.solo_nodes, store, now_ms,
             )
         if cut:
             for box, state, first, payloads in cut:
-                self._replay(box, state, [(first, payloads)])
+                self.replay(box, state, [(first, payloads)])
                 self.schedule_write(box)
         if store is not None:
             backplane.retained()
@@ -508,9 +511,9 @@ class Router(Arrival):
         """Drop every subscription of a closing connection."""
         for pattern in patterns:
             self.index.unsubscribe(pattern, box)
-        if box in self._awaits_of:
-            self._forget_positions(box, None)
+        if box in self.awaits_of:
+            self.forget_positions(box, None)
         if box in self.replaying:
-            self._end_replays(box)
+            self.end_replays(box)
         self.forget_waiting(box)
 

@@ -338,7 +338,7 @@ def test_a_lagging_node_gives_a_raw_client_only_what_follows_its_position(redis_
                 await pub.send(pubs("lag", range(9, 10), 15))
                 assert isinstance(await recv_message(pub), Ack)
                 assert await deliveries(raw, {"lag": 9}) == [("lag", 9, b"9")]
-                assert not b.router._awaiting and not b.router._awaits_of
+                assert not b.router.awaiting and not b.router.awaits_of
                 assert b.router.stats.recoveries == {"awaited": 2}
                 # a position dropped with its subscription: a new one gets what follows its ack
                 await raw.send(msgspec.msgpack.encode(["unsub", 3, "lag"]))
@@ -347,7 +347,7 @@ def test_a_lagging_node_gives_a_raw_client_only_what_follows_its_position(redis_
                 await raw.send(msgspec.msgpack.encode(["sub", 6, "lag"]))
                 for _ in range(4):
                     assert isinstance(await recv_message(raw), Ack)
-                assert not b.router._awaiting and not b.router._awaits_of
+                assert not b.router.awaiting and not b.router.awaits_of
                 await pub.send(pubs("lag", range(10, 12), 16))
                 assert isinstance(await recv_message(pub), Ack)
                 assert await deliveries(raw, {"lag": 11}) == [("lag", 10, b"10"), ("lag", 11, b"11")]

@@ -74,13 +74,13 @@ def test_a_pattern_subscription_emits_every_pending_batch_in_one_pass():
     # thousands of publishes to distinct topics, then thousands of pattern subs and unsubs,
     # all in one frame: each topic's batch is emitted exactly once
     emitted = []
-    real_emit = h.router._emit
+    real_emit = h.router.emit
 
     def counting_emit(states):
         emitted.extend(state.name for state in states if state.pending)
         real_emit(states)
 
-    h.router._emit = counting_emit
+    h.router.emit = counting_emit
     changes = []
     for i in range(n):
         changes += [Sub(0, f"c.{i}.*"), Unsub(0, f"c.{i}.*")]
