@@ -120,10 +120,10 @@ def test_a_shard_no_subscription_needs_is_read_no_more_and_loaded_again_when_one
                 await client.unsubscribe("id.t")
                 shard = b.cluster.shard_of("id.t")
                 now = time.monotonic()
-                b.cluster._review_interest(now)
-                assert shard in b.cluster._reading  # within the grace period
-                b.cluster._review_interest(now + INTEREST_GRACE_S + 1)
-                assert shard not in b.cluster._reading
+                b.cluster.review_interest(now)
+                assert shard in b.cluster.reading  # within the grace period
+                b.cluster.review_interest(now + INTEREST_GRACE_S + 1)
+                assert shard not in b.cluster.reading
                 await publisher.publish_acked("id.t", b"2")  # the read out when it was dropped may take this one
                 await asyncio.sleep(0.3)
                 read = b.cluster.stats.entries_read

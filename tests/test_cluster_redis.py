@@ -64,7 +64,7 @@ def test_a_paused_master_fails_its_publishes_within_the_timeout_and_not_later(re
     async def main():
         settings = dict(redis_url=redis_cluster.url, redis_prefix=redis_prefix, redis_shards=12, redis_timeout_s=1.0)
         async with serving(**settings) as a:
-            clients = [a.cluster._redis, *a.cluster._readers]
+            clients = [a.cluster.redis, *a.cluster.readers]
             async with Client(url(a), request_timeout=60) as publisher:
                 await publisher.publish_acked("ct.warm", b"w")
                 cluster = RedisCluster.from_url(redis_cluster.url)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from collections import deque
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import msgspec
 
 from ..topics import is_pattern
-from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP
+from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP, ShardEpochs
 
 from .shards import (
+    BackplaneStats,
+    Route,
     READ_COUNT,
     INTEREST_GRACE_S,
     LOAD_COUNT,
@@ -35,26 +38,76 @@ _firsts = msgspec.msgpack.Decoder(list[Annotated[int, msgspec.Meta(ge=1, le=1 <<
 WOKEN = object()  # what a read cut short for a change of the shards to read returns
 
 
+if TYPE_CHECKING:
+    from ..router import Router
+
+
 class Reader:
-    """Interest, reads and arrival (a part of RedisBackplane)."""
+    """Interest, reads and arrival (a part of RedisBackplane; broker.cluster.shards.ShardLinks
+    says how its parts share state and methods)."""
+
+    # set up by RedisBackplane (annotations only)
+    url: str
+    shards: int
+    node: bytes
+    streams: list[str]
+    stream_shard: dict[bytes, int]
+    clock: Callable[[], float]
+    timeout: float
+    batch_s: float
+    block_ms: int  # how long one XREAD blocks
+    max_age_ms: int
+    cluster: bool
+    closing: bool
+    redis: Any
+    readers: list[Any]
+    reader_options: dict[str, Any]
+    route_of: list[Route]
+    router: Router | None
+    positions: list[bytes]  # per shard, the last entry read
+    reading: set[int]  # shards read (loaded first)
+    wanted: set[int]  # shards subscriptions wait for (being loaded)
+    unneeded: dict[int, float]  # shard read that no subscription needs -> since when
+    loader: asyncio.Task[None] | None
+    woken: list[asyncio.Event]  # per reader: the shards to read changed
+    asked: list[float]  # per shard: when its reader's command went out (0: none out)
+    patience: list[float]  # per shard: how long that command may take
+    read_at: list[float]  # per shard: when a read of it last came back
+    taken: deque[tuple[int, list, bool]]  # (shard, entries, dated) not handed to the router yet
+    handing: bool  # a hand-over is scheduled
+    at_ms: int  # while loaded entries are delivered: the time history keeps them with (0: now)
+    shard_epochs: ShardEpochs
+    stats: BackplaneStats
+
+    if TYPE_CHECKING:  # of the facade (broker.cluster.streams) and ShardLinks (broker.cluster.shards)
+
+        def shard_of(self, name: str) -> int: ...
+
+        async def check(self, shards: list[int], client: Any, write: bool = False) -> list[tuple[int, int, int]]: ...
+
+        def checked(self, shard: int, epoch: int, count: int, moved: int) -> None: ...
+
+        def move_to_epoch(self, shard: int, epoch: int) -> None: ...
+
+        async def close_client(self, client: Any) -> None: ...
 
     def reads(self, pattern: str) -> bool:
         """Whether this node reads (having loaded them) the shards a subscription to `pattern`
         needs: the topic's, or every one for a pattern. If not, it starts loading them and
         calls `router.loaded()` once it has, or once Redis has not answered the loads for
         redis_timeout_s (the subscriptions that waited are refused)."""
-        reading = self._reading
+        reading = self.reading
         if len(reading) == self.shards:
             return True
         missing = [shard for shard in (range(self.shards) if is_pattern(pattern) else (self.shard_of(pattern),)) if shard not in reading]
         if not missing:
             return True
-        self._wanted.update(missing)
-        if self._loader is None or self._loader.done():
-            self._loader = asyncio.get_running_loop().create_task(self._load_wanted())
+        self.wanted.update(missing)
+        if self.loader is None or self.loader.done():
+            self.loader = asyncio.get_running_loop().create_task(self._load_wanted())
         return False
 
-    async def _load(self, shard: int) -> None:
+    async def load(self, shard: int) -> None:
         """Deliver what the shard's stream holds after what this node read of it (a shard it
         never read: from the last history_max_age_s) into history and to the receivers of its
         topics, and read on from there."""
@@ -64,12 +117,12 @@ class Reader:
             position = self.positions[shard]
             lower = b"(" + position
         while True:
-            entries = await self._redis.xrange(self.streams[shard], min=lower, max="+", count=LOAD_COUNT)
+            entries = await self.redis.xrange(self.streams[shard], min=lower, max="+", count=LOAD_COUNT)
             self.stats.commands += 1
             self.stats.reads += 1
             if not entries:
                 break
-            self._take(shard, entries, dated=True)
+            self.take(shard, entries, dated=True)
             position = entries[-1][0]
             lower = b"(" + position
             if len(entries) < LOAD_COUNT:
@@ -83,22 +136,22 @@ class Reader:
         failures = 0
         failing = 0.0  # monotonic time the loads began to fail
         refused = None
-        while not self._closing:
-            todo = sorted(self._wanted - self._reading)
+        while not self.closing:
+            todo = sorted(self.wanted - self.reading)
             if not todo:
                 break
             attempt = time.monotonic()
             try:
                 for shard in todo:
-                    await self._load(shard)
-                    self._reading.add(shard)
-                    self._unneeded.pop(shard, None)
+                    await self.load(shard)
+                    self.reading.add(shard)
+                    self.unneeded.pop(shard, None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection errors; on a cluster also RedisClusterException
                 failures += 1
                 failing = failing or attempt
-                self._failed("loading a shard stream a subscription needs", failures, exc)
+                self.note_failure("loading a shard stream a subscription needs", failures, exc)
                 if time.monotonic() - failing >= self.timeout:
                     refused = f"the cluster backplane (Redis) did not answer within redis_timeout_s ({self.timeout:g} s): this node could not load the shard stream the subscription needs; not subscribed (retry later)"
                     break
@@ -108,45 +161,48 @@ class Reader:
             if failures:
                 log.warning("cluster backplane: loading shard streams works again after %d failed attempt(s)", failures)
                 failures = 0
-        self._wanted.clear()
-        for event in self._woken:
+        self.wanted.clear()
+        for event in self.woken:
             event.set()
         if self.router is not None:
             self.router.loaded(refused)
 
-    def _review_interest(self, now: float) -> None:
+    def review_interest(self, now: float) -> None:
         """Stop reading the shards no subscription has needed for INTEREST_GRACE_S (a later
         subscription loads what it missed first)."""
-        patterns, topics = self.router.subscribed()
-        if patterns:
-            self._unneeded.clear()
+        router = self.router
+        if router is None:  # not started: no subscriptions
             return
-        needed = {self.shard_of(name) for name in topics} | self._wanted
-        for shard in list(self._reading):
+        patterns, topics = router.subscribed()
+        if patterns:
+            self.unneeded.clear()
+            return
+        needed = {self.shard_of(name) for name in topics} | self.wanted
+        for shard in list(self.reading):
             if shard in needed:
-                self._unneeded.pop(shard, None)
-            elif now - self._unneeded.setdefault(shard, now) >= INTEREST_GRACE_S:
-                self._reading.discard(shard)
-                del self._unneeded[shard]
+                self.unneeded.pop(shard, None)
+            elif now - self.unneeded.setdefault(shard, now) >= INTEREST_GRACE_S:
+                self.reading.discard(shard)
+                del self.unneeded[shard]
 
-    async def _read_loop(self, shards: list[int], reader: int) -> None:
-        """Read those of `shards` the node reads (`_reading`) with client
-        `self._readers[reader]` until the node stops; with none of them, PING Redis every
+    async def read_loop(self, shards: list[int], reader: int) -> None:
+        """Read those of `shards` the node reads (`reading`) with client
+        `self.readers[reader]` until the node stops; with none of them, PING Redis every
         block instead, so that the node knows it answers (`_reachable`). After a failure the
         shards are checked before reading on (Redis may have come back older), and so is a
         shard whose stream repeated a write count."""
         failures = 0
-        asked = self._asked
-        woken = self._woken[reader]
-        route = self._route_of[shards[0]]  # the writer of these shards (one route holds them all)
+        asked = self.asked
+        woken = self.woken[reader]
+        route = self.route_of[shards[0]]  # the writer of these shards (one route holds them all)
         last = 0.0  # when this reader's last read went out
         brought = 0  # the messages it brought
         what = f"reading shard {shards[0]}" if len(shards) == 1 else "reading the shard streams"
-        while not self._closing:
-            client = self._readers[reader]
+        while not self.closing:
+            client = self.readers[reader]
             unchecked = self.shard_epochs.unchecked
             woken.clear()
-            reading = [shard for shard in shards if shard in self._reading]
+            reading = [shard for shard in shards if shard in self.reading]
             now = time.monotonic()
             if reading and not failures and not unchecked:
                 # while the route's writes read these shards, they need no read of their own;
@@ -162,7 +218,7 @@ class Reader:
             patience = self.block_ms / 1000 + STALL_S if reading else STALL_S
             for shard in shards:
                 asked[shard] = now
-                self._patience[shard] = patience
+                self.patience[shard] = patience
             try:
                 if failures and self.cluster:
                     # the failed read may have gone to a master that is gone: learn the slot
@@ -171,8 +227,8 @@ class Reader:
                 if failures or unchecked:
                     todo = shards if failures else [shard for shard in shards if shard in unchecked]
                     if todo:
-                        for shard, reply in zip(todo, await self._check(todo, client)):
-                            self._checked(shard, *reply)
+                        for shard, answer in zip(todo, await self.check(todo, client)):
+                            self.checked(shard, *answer)
                 if reading:
                     reply = await self._xread(client, reading, woken)
                 else:
@@ -185,7 +241,7 @@ class Reader:
                 for shard in shards:
                     self.stats.read_failures[shard] = failures
                 await self._after_failure(what, failures, exc)
-                if self.cluster and failures % READER_RENEW == 0 and not self._closing:
+                if self.cluster and failures % READER_RENEW == 0 and not self.closing:
                     await self._renew_reader(reader)
                 continue
             if failures:
@@ -197,7 +253,7 @@ class Reader:
             lag_ms = self.stats.lag_ms
             for shard in shards:
                 asked[shard] = 0.0
-                self._read_at[shard] = now
+                self.read_at[shard] = now
                 lag_ms[shard] = 0  # nothing new, unless the reply holds entries of it
             self.stats.commands += 1
             if not reading:  # nothing to read: wait for a subscription that needs a shard, or the next ping
@@ -210,11 +266,11 @@ class Reader:
                 continue
             self.stats.reads += 1
             brought = 0
-            if not reply or self._closing:
+            if not reply or self.closing:
                 continue
             before = self.stats.messages_read
             for stream, entries in reply:
-                self._take(self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()], entries)
+                self.take(self.stream_shard[stream if isinstance(stream, bytes) else stream.encode()], entries)
             brought = self.stats.messages_read - before
 
     async def _ping(self, client, shard: int) -> None:
@@ -268,18 +324,18 @@ class Reader:
         one learns the cluster as it is now."""
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-        old = self._readers[reader]
+        old = self.readers[reader]
         seeds = [ClusterNode(node.host, node.port) for node in known_nodes(old)]
-        self._readers[reader] = RedisCluster.from_url(self.url, startup_nodes=seeds, **self._reader_options)
+        self.readers[reader] = RedisCluster.from_url(self.url, startup_nodes=seeds, **self.reader_options)
         log.warning("cluster backplane: reader %d starts with a new Redis Cluster client (seeds: redis_url and %s)", reader, ", ".join(sorted({f"{n.host}:{n.port}" for n in seeds})) or "no other node")
-        await self._close_client(old)
+        await self.close_client(old)
 
     async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
-        """Count and log a failed command (`_failed`), and pause before the next try."""
-        self._failed(what, failures, exc)
+        """Count and log a failed command (`note_failure`), and pause before the next try."""
+        self.note_failure(what, failures, exc)
         await asyncio.sleep(RETRY_S[min(failures - 1, len(RETRY_S) - 1)])
 
-    def _failed(self, what: str, failures: int, exc: Exception) -> None:
+    def note_failure(self, what: str, failures: int, exc: Exception) -> None:
         """Count a failed command; log the first of a series and again at 2, 4, 8, ...
         failures in a row (a failure that lasts is seen, a log it does not flood)."""
         self.stats.reconnects += 1
@@ -288,7 +344,7 @@ class Reader:
         elif failures & (failures - 1) == 0:
             log.warning("cluster backplane: %s failed %d times in a row (%s); retrying", what, failures, exc)
 
-    def _take(self, shard: int, entries: list, dated: bool = False, later: bool = False) -> None:
+    def take(self, shard: int, entries: list, dated: bool = False, later: bool = False) -> None:
         """Take a shard's entries read: the shard's position moves past them now; their
         batches go to the router in stream order, through one queue for every read, at once or
         (`later`: a write's reply, so that the writer sends its next write before the node
@@ -302,17 +358,17 @@ class Reader:
         self.positions[shard] = last
         self.stats.entries_read += len(fresh)
         self.stats.lag_ms[shard] = max(0, int(self.clock() * 1000) - int(last.split(b"-")[0]))
-        self._taken.append((shard, fresh, dated))
+        self.taken.append((shard, fresh, dated))
         if not later:
             self._hand_over()
-        elif not self._handing:
-            self._handing = True
+        elif not self.handing:
+            self.handing = True
             asyncio.get_running_loop().call_soon(self._hand_over)
 
     def _hand_over(self) -> None:
         """Hand what was taken to the router, in the order it was taken."""
-        self._handing = False
-        taken = self._taken
+        self.handing = False
+        taken = self.taken
         while taken:
             shard, entries, dated = taken.popleft()
             try:
@@ -327,7 +383,7 @@ class Reader:
         stream held): history keeps each message with the time of its entry, not now, so that
         a recovery by time (a pattern's `since`) does not take it for a new one. Fields may
         come as a dict (XREAD) or a flat list (a script's reply)."""
-        taken = []
+        taken: list[tuple[int, list[tuple[str, list[bytes]]], list[int]]] = []  # (epoch, batches, firsts)
         stats = self.stats
         epochs = self.shard_epochs
         size = 0
@@ -369,7 +425,7 @@ class Reader:
                         entry_id, self.streams[shard], count, epoch, epochs.read[shard],
                     )
                     continue
-                self._move(shard, epoch)
+                self.move_to_epoch(shard, epoch)
                 epochs.entry(shard, epoch, count, write)
             if batches:
                 taken.append((epoch, batches, firsts))
@@ -382,9 +438,9 @@ class Reader:
         """Hand batches to the router; `at_ms`: the time history keeps them with (0: now)."""
         if self.router is None:
             return 0
-        self._at_ms = at_ms
+        self.at_ms = at_ms
         try:
             return self.router.deliver_remote(taken)
         finally:
-            self._at_ms = 0
+            self.at_ms = 0
 

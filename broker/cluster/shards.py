@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
+from typing import TYPE_CHECKING, Any
 
 
 from ..backplane import unique_epoch
 from ..fastpath import Block
 from . import scripts
-from .epochs import FORKED
+from .epochs import FORKED, ShardEpochs
+
+if TYPE_CHECKING:
+    from ..router import Router
 
 log = logging.getLogger("broker.cluster")
 
@@ -100,7 +104,7 @@ class Route:
         # its Redis client: on Redis Cluster one of its own, so that what a command to a master
         # that does not answer does to a client (a slot map refresh it runs, its connections)
         # holds back no other route
-        self.client = None
+        self.client: Any = None  # redis.asyncio Redis or RedisCluster (None: not connected)
         self.started = 0.0  # monotonic time its last write went out
         self.reads_until = 0.0  # its writes read the node's shards of it (its reader waits) until then
 
@@ -129,30 +133,56 @@ class Route:
 
 
 class ShardLinks:
-    """Clients, the script, the checks of the shards' epochs (a part of RedisBackplane)."""
+    """Clients, the script, the checks of the shards' epochs (a part of RedisBackplane).
 
-    async def _route_clients(self) -> None:
+    The parts of RedisBackplane share its state (set up by its __init__ and start) and call
+    each other's methods: those names are public, the internal API of the class family, used
+    by broker.cluster.streams, .reader and .writer only. Each part declares below what it
+    uses of the others."""
+
+    # set up by RedisBackplane (annotations only)
+    url: str
+    shards: int
+    node: bytes  # this node's name in the streams
+    counters: list[str]  # per shard, its counters' key
+    streams: list[str]  # per shard, its stream's key
+    cluster: bool  # Redis is a Redis Cluster
+    cluster_options: dict[str, Any]
+    redis: Any  # commands and writes: redis.asyncio Redis or RedisCluster, as `cluster` says (None: not connected)
+    readers: list[Any]  # the blocking XREAD clients (as `redis`)
+    routes: list[Route]
+    script_sha: str
+    shard_epochs: ShardEpochs
+    epochs: list[int]
+    stats: BackplaneStats
+    router: Router | None
+
+    if TYPE_CHECKING:  # of the writer (broker.cluster.writer)
+
+        def trim(self) -> tuple[str, str]: ...
+
+    async def route_clients(self) -> None:
         """On Redis Cluster: a client for each route, that knows the slot map from the start
         and every node the first client found (so that none needs redis_url's node later)."""
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-        await self._redis.initialize()
-        for route in self._routes:
-            seeds = [ClusterNode(node.host, node.port) for node in known_nodes(self._redis)]
-            route.client = RedisCluster.from_url(self.url, startup_nodes=seeds, **self._cluster_options)
+        await self.redis.initialize()
+        for route in self.routes:
+            seeds = [ClusterNode(node.host, node.port) for node in known_nodes(self.redis)]
+            route.client = RedisCluster.from_url(self.url, startup_nodes=seeds, **self.cluster_options)
             await route.client.initialize()
 
-    async def _close_clients(self) -> None:
-        routes = [route.client for route in self._routes if route.client is not None and route.client is not self._redis]
-        for client in [self._redis, *routes, *self._readers]:
+    async def close_clients(self) -> None:
+        routes = [route.client for route in self.routes if route.client is not None and route.client is not self.redis]
+        for client in [self.redis, *routes, *self.readers]:
             if client is not None:
-                await self._close_client(client)
-        self._redis = None
-        self._readers = []
-        for route in self._routes:
+                await self.close_client(client)
+        self.redis = None
+        self.readers = []
+        for route in self.routes:
             route.client = None
 
-    async def _close_client(self, client) -> None:
+    async def close_client(self, client) -> None:
         try:
             await client.aclose()
         except Exception:  # closing a broken connection: nothing more to do
@@ -166,40 +196,42 @@ class ShardLinks:
                 except Exception:  # closing a broken connection: nothing more to do
                     pass
 
-    async def _load_script(self) -> None:
-        sha = await self._script_load_cluster() if self.cluster else await self._redis.script_load(scripts.WRITE)
-        self._sha = sha.decode() if isinstance(sha, bytes) else sha
+    async def load_script(self) -> None:
+        sha = await self._script_load_cluster() if self.cluster else await self.redis.script_load(scripts.WRITE)
+        self.script_sha = sha.decode() if isinstance(sha, bytes) else sha
         self.stats.commands += 1
 
     async def _script_load_cluster(self) -> str:
         sha = ""
-        for node in self._redis.get_primaries():
-            sha = await self._redis.execute_command("SCRIPT", "LOAD", scripts.WRITE, target_nodes=node)
+        for node in self.redis.get_primaries():
+            sha = await self.redis.execute_command("SCRIPT", "LOAD", scripts.WRITE, target_nodes=node)
         return sha
 
-    async def _learn_epochs(self) -> None:
+    async def learn_epochs(self) -> None:
         """Every shard's epoch and write count: the ones Redis holds, or a new epoch set now."""
-        for shard, (epoch, count, _) in zip(range(self.shards), await self._check(list(range(self.shards)), self._redis)):
+        for shard, (epoch, count, _) in zip(range(self.shards), await self.check(list(range(self.shards)), self.redis)):
             self.shard_epochs.move(shard, epoch)
             self.shard_epochs.know(shard, epoch, count)
 
-    async def _check(self, shards: list[int], client, write: bool = False) -> list[tuple[int, int, int]]:
+    async def check(self, shards: list[int], client, write: bool = False) -> list[tuple[int, int, int]]:
         """Run scripts.CHECK on the shards: each one's (epoch, write count, 1 if this check
         started the epoch because Redis held less than this node knows); with `write`, the
         check also makes a write that changes nothing (Redis out of memory refuses it). Rare
         (at start, after failures): EVAL, so that a Redis that lost its scripts needs nothing
         loaded."""
-        trim = self._trim()
+        trim = self.trim()
         calls = []
         for shard in shards:
             known_epoch, known_count = self.shard_epochs.known[shard]
             calls.append((self.counters[shard], self.streams[shard], unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, "1" if write else ""))
         self.stats.commands += len(calls)
         if self.cluster:  # at once: a master that does not answer holds back no other's check
-            replies = await asyncio.gather(*(client.eval(scripts.CHECK, 2, *call) for call in calls), return_exceptions=True)
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    raise reply
+            outcomes = await asyncio.gather(*(client.eval(scripts.CHECK, 2, *call) for call in calls), return_exceptions=True)
+            replies = []
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                replies.append(outcome)
         else:
             pipe = client.pipeline(transaction=False)
             for call in calls:
@@ -207,14 +239,14 @@ class ShardLinks:
             replies = await pipe.execute()
         return [(int(epoch), int(count), int(moved)) for epoch, count, moved in replies]
 
-    def _checked(self, shard: int, epoch: int, count: int, moved: int) -> None:
+    def checked(self, shard: int, epoch: int, count: int, moved: int) -> None:
         """A check's reply: a new epoch ends the one delivered in."""
         if moved and not self.shard_epochs.repeated[shard]:  # else counted when the repeat was read
-            self._rolled_back(shard, epoch)
+            self.rolled_back(shard, epoch)
         if self.shard_epochs.checked(shard, epoch, count):
-            self._move(shard, epoch)
+            self.move_to_epoch(shard, epoch)
 
-    def _rolled_back(self, shard: int, epoch: int) -> None:
+    def rolled_back(self, shard: int, epoch: int) -> None:
         """This node's script started a new epoch: Redis held less of the shard than it knew."""
         self.stats.rollbacks += 1
         known_epoch, known_count = self.shard_epochs.known[shard]
@@ -223,7 +255,7 @@ class ShardLinks:
             shard, known_epoch, "?" if known_count >= FORKED else known_count, epoch,
         )
 
-    def _move(self, shard: int, epoch: int) -> None:
+    def move_to_epoch(self, shard: int, epoch: int) -> None:
         """The shard continues in a later epoch: the one delivered in ends for every receiver
         of its topics here."""
         old = self.epochs[shard]

@@ -76,7 +76,7 @@ import socket
 import time
 import zlib
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 
 from ..config import read_secret
@@ -134,45 +134,45 @@ class RedisBackplane(Reader, Writer, ShardLinks):
         self.counters = [f"{{{self.prefix}:{i}}}:h" for i in range(self.shards)]
         self.streams = [f"{{{self.prefix}:{i}}}:s" for i in range(self.shards)]
         self.stream_shard = {name.encode(): i for i, name in enumerate(self.streams)}
-        self._marks = [f"{{{self.prefix}:{i}}}:w:{self.node.decode()}" for i in range(self.shards)]
-        self._ids = [f"{{{self.prefix}:{i}}}:i:" for i in range(self.shards)]  # + the dedupe window's number
+        self.mark_keys = [f"{{{self.prefix}:{i}}}:w:{self.node.decode()}" for i in range(self.shards)]
+        self.id_prefixes = [f"{{{self.prefix}:{i}}}:i:" for i in range(self.shards)]  # + the dedupe window's number
         self.shard_epochs = ShardEpochs(self.shards)
         self.epochs = self.shard_epochs.epochs  # per shard, the epoch this node delivers in
         self.positions: list[bytes] = [b"0-0"] * self.shards  # the last entry read, per shard
-        self._at_ms = 0  # while loaded entries are delivered: the time of theirs history keeps (0: now)
-        self._taken: deque = deque()  # (shard, entries, dated) read and not handed to the router yet, in order
-        self._handing = False  # a hand-over is scheduled
-        self._reading: set[int] = set()  # shards read (loaded first): those subscriptions need, or every one
-        self._wanted: set[int] = set()  # shards subscriptions wait for (being loaded)
-        self._unneeded: dict[int, float] = {}  # shard read that no subscription needs -> since when
+        self.at_ms = 0  # while loaded entries are delivered: the time of theirs history keeps (0: now)
+        self.taken: deque = deque()  # (shard, entries, dated) read and not handed to the router yet, in order
+        self.handing = False  # a hand-over is scheduled
+        self.reading: set[int] = set()  # shards read (loaded first): those subscriptions need, or every one
+        self.wanted: set[int] = set()  # shards subscriptions wait for (being loaded)
+        self.unneeded: dict[int, float] = {}  # shard read that no subscription needs -> since when
         self._reviewed = 0.0
-        self._loader: asyncio.Task | None = None
-        self._woken: list[asyncio.Event] = []  # per reader: the shards to read changed
-        self._asked = [0.0] * self.shards  # per shard: monotonic time its reader's command went out (0: none out)
-        self._patience = [0.0] * self.shards  # per shard: how long that command may take (a blocking read's block + STALL_S; a ping STALL_S)
-        self._read_at = [time.monotonic()] * self.shards  # per shard: when a read of it last came back
+        self.loader: asyncio.Task | None = None
+        self.woken: list[asyncio.Event] = []  # per reader: the shards to read changed
+        self.asked = [0.0] * self.shards  # per shard: monotonic time its reader's command went out (0: none out)
+        self.patience = [0.0] * self.shards  # per shard: how long that command may take (a blocking read's block + STALL_S; a ping STALL_S)
+        self.read_at = [time.monotonic()] * self.shards  # per shard: when a read of it last came back
         self.stats = BackplaneStats(self.shards)
         self.accepting = False  # every shard takes publishes (and the compiled path may stamp them); False until start() connected
         self.buffered = 0  # payload bytes staged or being written
         self.cluster = False
         self.block_ms = BLOCK_MS
         self.router = None
-        self._routes: list[Route] = []  # made at start: one, or one per shard on a cluster
-        self._route_of: list[Route] = []  # per shard
-        self._filling: list[Block | None] = [None] * self.shards  # per shard, the block staged publishes go to
-        self._full_of: list[list[Block]] = []  # per shard, its route's list of full blocks
-        self._buffer_full = False  # past redis_max_buffer_bytes, until half of it is written
-        self._expiry: asyncio.TimerHandle | None = None  # answers the oldest block at its deadline
-        self._waiting: dict[TopicState, list] = {}  # provisional seq, ok, fail per staged-to-be publish
-        self._writes = 0
+        self.routes: list[Route] = []  # made at start: one, or one per shard on a cluster
+        self.route_of: list[Route] = []  # per shard
+        self.filling: list[Block | None] = [None] * self.shards  # per shard, the block staged publishes go to
+        self.full_of: list[list[Block]] = []  # per shard, its route's list of full blocks
+        self.buffer_full = False  # past redis_max_buffer_bytes, until half of it is written
+        self.expiry: asyncio.TimerHandle | None = None  # answers the oldest block at its deadline
+        self.waiting: dict[TopicState, list] = {}  # provisional seq, ok, fail per staged-to-be publish
+        self.last_write = 0
         self._writers: list[asyncio.Task] = []
         self._tasks: list[asyncio.Task] = []  # the readers
-        self._closing = False
-        self._redis = None  # commands and writes
-        self._readers: list = []  # blocking XREAD clients
-        self._reader_options: dict = {}
-        self._cluster_options: dict = {}
-        self._sha = ""
+        self.closing = False
+        self.redis = None  # commands and writes
+        self.readers: list = []  # blocking XREAD clients
+        self.reader_options: dict = {}
+        self.cluster_options: dict = {}
+        self.script_sha = ""
 
     # the seam
 
@@ -191,19 +191,19 @@ class RedisBackplane(Reader, Writer, ShardLinks):
         `refusal(state)` first."""
         stamp(state, payload, dirty)
         if on_sequenced is not None:
-            waiting = self._waiting.get(state)
+            waiting = self.waiting.get(state)
             if waiting is None:
-                waiting = self._waiting[state] = []
+                waiting = self.waiting[state] = []
             waiting.append((state.seq, on_sequenced, on_failed, msg_id if self.dedupe_ms else ""))
         return None
 
     def refusal(self, state: TopicState | None = None) -> str | None:
         """While `accepting` is False: why a publish to the topic is refused now (err 18), or
         None when its shard takes it (another shard's route is down)."""
-        if self._buffer_full or self._closing:
+        if self.buffer_full or self.closing:
             text = f"the cluster backplane (Redis) holds {self.buffered} bytes of publishes not yet written, its limit; not published (retry later)"
         else:
-            route = self._route_of[zlib.crc32(state.key) % self.shards] if state is not None and self._route_of else None
+            route = self.route_of[zlib.crc32(state.key) % self.shards] if state is not None and self.route_of else None
             if route is not None and not route.down:
                 return None
             if route is not None and route.oom_since:
@@ -218,21 +218,21 @@ class RedisBackplane(Reader, Writer, ShardLinks):
     def ready(self) -> bool:
         """Whether the node takes publishes at all (readiness): not stopping, the buffer below
         its limit, and Redis answering the reads and writes of at least one shard."""
-        if self._closing or self._buffer_full:
+        if self.closing or self.buffer_full:
             return False
         now = time.monotonic()
-        return any(self._reachable(shard, now) and not self._route_of[shard].down for shard in range(self.shards))
+        return any(self._reachable(shard, now) and not self.route_of[shard].down for shard in range(self.shards))
 
     @property
     def connected(self) -> bool:
         """Whether Redis answers the reads and takes the writes of every shard now."""
         now = time.monotonic()
-        return bool(self._routes) and not any(route.down for route in self._routes) and all(self._reachable(shard, now) for shard in range(self.shards))
+        return bool(self.routes) and not any(route.down for route in self.routes) and all(self._reachable(shard, now) for shard in range(self.shards))
 
     def _reachable(self, shard: int, now: float) -> bool:
         """The shard's reads work: the last one came back, and the one out now is not late."""
-        asked = self._asked[shard]
-        return self.stats.read_failures[shard] == 0 and not (asked and now - asked > self._patience[shard])
+        asked = self.asked[shard]
+        return self.stats.read_failures[shard] == 0 and not (asked and now - asked > self.patience[shard])
 
     def lags_s(self) -> list[float]:
         """Per shard, how far behind this node may be, in seconds: while its reads work, how
@@ -243,7 +243,7 @@ class RedisBackplane(Reader, Writer, ShardLinks):
         for shard, lag_ms in enumerate(self.stats.lag_ms):
             lag = lag_ms / 1000
             if not self._reachable(shard, now):
-                lag = max(lag, now - self._read_at[shard])
+                lag = max(lag, now - self.read_at[shard])
             lags.append(lag)
         return lags
 
@@ -257,7 +257,7 @@ class RedisBackplane(Reader, Writer, ShardLinks):
         from redis.backoff import NoBackoff
 
         self.router = router
-        options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False)
+        options: dict[str, Any] = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False)
         if self.password:
             options["password"] = self.password
         deadline = time.monotonic() + self.timeout
@@ -280,52 +280,52 @@ class RedisBackplane(Reader, Writer, ShardLinks):
             await probe.aclose()
         self.cluster = bool(info.get("cluster_enabled"))
         if self.cluster:
-            self._routes = [Route(f"writing shard {i}", [i], self._filling) for i in range(self.shards)]
-            self._route_of = list(self._routes)
+            self.routes = [Route(f"writing shard {i}", [i], self.filling) for i in range(self.shards)]
+            self.route_of = list(self.routes)
         else:
-            self._routes = [Route("writing to Redis", list(range(self.shards)), self._filling)]
-            self._route_of = self._routes * self.shards
-        self._full_of = [route.full for route in self._route_of]
+            self.routes = [Route("writing to Redis", list(range(self.shards)), self.filling)]
+            self.route_of = self.routes * self.shards
+        self.full_of = [route.full for route in self.route_of]
         self.block_ms = CLUSTER_BLOCK_MS if self.cluster else BLOCK_MS
         if self.cluster:
             from redis.asyncio.cluster import RedisCluster
 
-            cluster_options = self._cluster_options = dict(options)  # retry: none (redis-py would retry each command 10 times)
-            self._redis = RedisCluster.from_url(self.url, **cluster_options)
-            self._reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
-            self._readers = [RedisCluster.from_url(self.url, **self._reader_options) for _ in range(self.shards)]
+            cluster_options = self.cluster_options = dict(options)  # retry: none (redis-py would retry each command 10 times)
+            self.redis = RedisCluster.from_url(self.url, **cluster_options)
+            self.reader_options = dict(cluster_options, socket_timeout=self.timeout + CLUSTER_BLOCK_MS / 1000)
+            self.readers = [RedisCluster.from_url(self.url, **self.reader_options) for _ in range(self.shards)]
         else:
-            self._redis = aioredis.Redis.from_url(self.url, **options)
-            for route in self._routes:
-                route.client = self._redis
-            self._readers = [aioredis.Redis.from_url(self.url, **dict(options, socket_timeout=self.timeout + BLOCK_MS / 1000))]
+            self.redis = aioredis.Redis.from_url(self.url, **options)
+            for route in self.routes:
+                route.client = self.redis
+            self.readers = [aioredis.Redis.from_url(self.url, **dict(options, socket_timeout=self.timeout + BLOCK_MS / 1000))]
         try:
             if self.cluster:
-                await self._route_clients()
-            await self._load_script()
-            await self._learn_epochs()
+                await self.route_clients()
+            await self.load_script()
+            await self.learn_epochs()
             if self.read_all:
                 for shard in range(self.shards):
-                    await self._load(shard)
-                self._reading = set(range(self.shards))
+                    await self.load(shard)
+                self.reading = set(range(self.shards))
         except (OSError, aioredis.RedisError) as exc:
-            await self._close_clients()
+            await self.close_clients()
             raise ConfigError(f"redis_url: Redis at {without_password(self.url)} could not be used: {exc}") from None
         self.accepting = True
         loop = asyncio.get_running_loop()
-        self._writers = [loop.create_task(self._write_loop(route)) for route in self._routes]
-        self._woken = [asyncio.Event() for _ in self._readers]
+        self._writers = [loop.create_task(self.write_loop(route)) for route in self.routes]
+        self.woken = [asyncio.Event() for _ in self.readers]
         if self.cluster:
-            self._tasks.extend(loop.create_task(self._read_loop([i], i)) for i in range(self.shards))
+            self._tasks.extend(loop.create_task(self.read_loop([i], i)) for i in range(self.shards))
         else:
-            self._tasks.append(loop.create_task(self._read_loop(list(range(self.shards)), 0)))
+            self._tasks.append(loop.create_task(self.read_loop(list(range(self.shards)), 0)))
 
     async def stop(self) -> None:
         """Write what is staged (waiting at most redis_timeout_s), then stop reading."""
-        self._closing = True
+        self.closing = True
         self.accepting = False
         if self._writers:
-            for route in self._routes:
+            for route in self.routes:
                 route.wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained()), self.timeout)
@@ -335,14 +335,14 @@ class RedisBackplane(Reader, Writer, ShardLinks):
                 writer.cancel()
             await asyncio.gather(*self._writers, return_exceptions=True)
             self._writers = []
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if self._loader is not None:
-            self._loader.cancel()
-            await asyncio.gather(self._loader, return_exceptions=True)
-            self._loader = None
-        for event in self._woken:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.loader is not None:
+            self.loader.cancel()
+            await asyncio.gather(self.loader, return_exceptions=True)
+            self.loader = None
+        for event in self.woken:
             event.set()  # a reader that reads nothing waits on it
         if self._tasks:
             readers = self._tasks
@@ -354,11 +354,11 @@ class RedisBackplane(Reader, Writer, ShardLinks):
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
             self._tasks = []
-        self._fail_all("the broker node stopped before Redis took the publish")
-        await self._close_clients()
+        self.fail_all("the broker node stopped before Redis took the publish")
+        await self.close_clients()
 
     async def _drained(self) -> None:
-        while any(route.holds() for route in self._routes):
+        while any(route.holds() for route in self.routes):
             await asyncio.sleep(0.01)
 
     # history (broker.history)
@@ -402,11 +402,11 @@ class RedisBackplane(Reader, Writer, ShardLinks):
             now = time.monotonic()
             if now - self._reviewed >= INTEREST_REVIEW_S:
                 self._reviewed = now
-                self._review_interest(now)
+                self.review_interest(now)
 
     # reading
 
     def now_ms(self) -> int:
-        return self._at_ms or int(self.clock() * 1000)
+        return self.at_ms or int(self.clock() * 1000)
 
     # writing

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
 import msgspec
 
@@ -18,8 +18,10 @@ from ..errors import ErrorCode
 from ..fastpath import Block, TopicState
 from ..fastpath import stage as stage_batches
 from . import scripts
+from .epochs import ShardEpochs
 
 from .shards import (
+    BackplaneStats,
     BLOCK_BYTES,
     RETRY_S,
     PROBE_S,
@@ -38,29 +40,78 @@ _encode = msgspec.msgpack.Encoder().encode
 
 
 class Writer:
-    """Staging, writes, answers (a part of RedisBackplane)."""
+    """Staging, writes, answers (a part of RedisBackplane; broker.cluster.shards.ShardLinks
+    says how its parts share state and methods)."""
+
+    # set up by RedisBackplane (annotations only)
+    shards: int
+    node: bytes
+    counters: list[str]
+    streams: list[str]
+    stream_shard: dict[bytes, int]  # a stream's key -> its shard
+    mark_keys: list[str]  # per shard, the key of this node's last write
+    id_prefixes: list[str]  # per shard, the prefix of its dedupe windows' keys
+    clock: Callable[[], float]
+    timeout: float
+    batch_s: float
+    max_buffer: int
+    maxlen: int
+    stream_age_ms: int
+    min_replicas: int
+    dedupe_ms: int
+    cluster: bool
+    closing: bool
+    accepting: bool
+    buffered: int
+    buffer_full: bool
+    routes: list[Route]
+    filling: list[Block | None]
+    full_of: list[list[Block]]
+    waiting: dict[TopicState, list]
+    expiry: asyncio.TimerHandle | None
+    last_write: int  # the number of this node's last write
+    script_sha: str
+    positions: list[bytes]
+    reading: set[int]
+    read_at: list[float]
+    shard_epochs: ShardEpochs
+    stats: BackplaneStats
+
+    if TYPE_CHECKING:  # of ShardLinks (broker.cluster.shards) and Reader (broker.cluster.reader)
+
+        async def load_script(self) -> None: ...
+
+        async def check(self, shards: list[int], client: Any, write: bool = False) -> list[tuple[int, int, int]]: ...
+
+        def checked(self, shard: int, epoch: int, count: int, moved: int) -> None: ...
+
+        def rolled_back(self, shard: int, epoch: int) -> None: ...
+
+        def note_failure(self, what: str, failures: int, exc: Exception) -> None: ...
+
+        def take(self, shard: int, entries: list, dated: bool = False, later: bool = False) -> None: ...
 
     def _update_accepting(self) -> None:
-        self.accepting = not self._closing and not self._buffer_full and not any(route.down for route in self._routes)
+        self.accepting = not self.closing and not self.buffer_full and not any(route.down for route in self.routes)
 
     def stage(self, states: list[TopicState]) -> int:
         """Take the topics' pending batches for the next write and give each topic back the
         sequence number it had (numbers come from Redis). Returns the messages taken."""
         now = time.monotonic()
-        taken, size, made = stage_batches(states, self._filling, self._full_of, self._waiting, self.shards, now, BLOCK_BYTES)
+        taken, size, made = stage_batches(states, self.filling, self.full_of, self.waiting, self.shards, now, BLOCK_BYTES)
         if taken:
             self.buffered += size
-            if made and self._expiry is None:
+            if made and self.expiry is None:
                 self._arm(now)
             if self.buffered > self.max_buffer:
-                self._buffer_full = True
+                self.buffer_full = True
                 self.accepting = False
-            for route in self._routes:
+            for route in self.routes:
                 if route.full or route.filled():
                     route.wake.set()
         return taken
 
-    async def _write_loop(self, route: Route) -> None:
+    async def write_loop(self, route: Route) -> None:
         """Send the route's blocks, at most one per shard per write, until the node stops. A
         write that failed is sent again as it was (the script answers a repeat with the first
         one's numbers), unless its deadline passed meanwhile (`_answer_late`). While the route is
@@ -70,7 +121,7 @@ class Writer:
         while True:
             if not route.writing:
                 if not (route.full or route.filled()):
-                    if self._closing:
+                    if self.closing:
                         return
                     route.wake.clear()
                     if route.down:
@@ -94,7 +145,7 @@ class Writer:
                 # it; a write of EAGER_MESSAGES or more (a busy node: few commands per message
                 # anyway), a full block or stopping does not wait
                 delay = route.started + self.batch_s - time.monotonic()
-                if delay > 0 and not route.full and not self._closing and route.staged() < EAGER_MESSAGES:
+                if delay > 0 and not route.full and not self.closing and route.staged() < EAGER_MESSAGES:
                     route.wake.clear()
                     try:
                         await asyncio.wait_for(route.wake.wait(), delay)
@@ -110,8 +161,8 @@ class Writer:
                         route.writing.append(block)
                 route.drop(route.writing)
                 for block in route.writing:
-                    self._writes += 1
-                    block.write = self._writes
+                    self.last_write += 1
+                    block.write = self.last_write
             route.started = time.monotonic()
             try:
                 await self._send(route, list(route.writing))
@@ -131,10 +182,10 @@ class Writer:
     def _write_failed(self, route: Route, what: str, exc: Exception) -> None:
         route.failures += 1
         self._count_write_failures()
-        self._failed(what, route.failures, exc)
+        self.note_failure(what, route.failures, exc)
 
     def _count_write_failures(self) -> None:
-        self.stats.write_failures = max(route.failures for route in self._routes)
+        self.stats.write_failures = max(route.failures for route in self.routes)
 
     async def _send(self, route: Route, blocks: list[Block]) -> None:
         """Write the blocks with one EVALSHA (scripts.WRITE), which also reads what the node
@@ -145,7 +196,7 @@ class Writer:
         import redis.asyncio as aioredis
         from redis.exceptions import NoScriptError
 
-        trim = self._trim()
+        trim = self.trim()
         known = self.shard_epochs.known
         was_sent = [block.sent for block in blocks]
         for block in blocks:
@@ -161,13 +212,13 @@ class Writer:
             shard = block.shard
             ids = [item for name, index, _, _, msg_id in block.waiters if msg_id for item in (name, index, msg_id)]
             known_epoch, known_count = known[shard]
-            keys += (self.counters[shard], self.streams[shard], self._marks[shard], f"{self._ids[shard]}{window}", f"{self._ids[shard]}{window - 1}")
+            keys += (self.counters[shard], self.streams[shard], self.mark_keys[shard], f"{self.id_prefixes[shard]}{window}", f"{self.id_prefixes[shard]}{window - 1}")
             topics = block.topics
             args += (
                 unique_epoch(known_epoch), known_epoch, known_count, block.write, block.epoch if sent else "",
                 _encode(list(topics.items())), _encode(list(topics)), _encode(ids) if ids else "", _encode(list(map(len, topics.values()))),
             )
-        reading = [shard for shard in route.shards if shard in self._reading]
+        reading = [shard for shard in route.shards if shard in self.reading]
         keys += [self.streams[shard] for shard in reading]
         args += [self.positions[shard] for shard in reading]
         self.stats.writes += 1
@@ -179,7 +230,7 @@ class Writer:
                 # one connection for the script and the WAIT after it (WAIT waits for the
                 # writes of its own connection; on a cluster the route's shard is on one master)
                 pipe = route.client.pipeline(transaction=False)
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
+                pipe.evalsha(self.script_sha, len(keys), *keys, *args)
                 wait_ms = max(1, int((min(block.staged for block in blocks) + self.timeout - time.monotonic()) * 1000))
                 if self.cluster:
                     pipe.execute_command("WAIT", self.min_replicas, wait_ms, target_nodes=route.client.get_node_from_key(self.streams[blocks[0].shard]))
@@ -191,11 +242,11 @@ class Writer:
                     raise reply
                 waited = waited if isinstance(waited, int) else -1
             else:
-                reply = await route.client.evalsha(self._sha, len(keys), *keys, *args)
+                reply = await route.client.evalsha(self.script_sha, len(keys), *keys, *args)
         except NoScriptError:  # Redis lost its scripts (it restarted): nothing of the write ran
             for block, sent in zip(blocks, was_sent):
                 block.sent = sent
-            await self._load_script()
+            await self.load_script()
             return
         except aioredis.ResponseError as exc:
             if out_of_memory(exc):  # refused at its first write: nothing of it was made
@@ -210,7 +261,7 @@ class Writer:
             outcome, epoch, count, firsts, moved = outcome_reply
             epoch = int(epoch)
             if moved:
-                self._rolled_back(block.shard, epoch)
+                self.rolled_back(block.shard, epoch)
             if outcome == scripts.REPEAT:  # nothing written: it goes again without its repeats
                 block.sent = sent
                 if not confirmed:  # the first ones may not be on the replicas: sent again, and waited for again
@@ -221,7 +272,7 @@ class Writer:
                 continue
             if block in route.writing:
                 route.writing.remove(block)
-            if not confirmed and outcome != scripts.ENDED:
+            if waited is not None and waited < self.min_replicas and outcome != scripts.ENDED:  # not confirmed
                 # on the master, not on the replicas (yet): a failover may lose it. Not taken as
                 # known (a node must not end the epoch for a write nobody was told of)
                 self._unreplicated(block, waited)
@@ -238,9 +289,9 @@ class Writer:
             now = time.monotonic()
             route.reads_until = now + 2 * self.batch_s + WRITER_READS_S
             for shard in reading:
-                self._read_at[shard] = now
+                self.read_at[shard] = now
             for stream, entries in read or ():
-                self._take(self.stream_shard[stream], entries, later=True)
+                self.take(self.stream_shard[stream], entries, later=True)
         if route.down:
             self._back(route)
 
@@ -335,17 +386,17 @@ class Writer:
             first_of = dict(zip(block.topics, firsts))
             for name, index, ok, _, _ in block.waiters:
                 ok(epoch, first_of[name] + index)
-        if self._buffer_full and self.buffered <= self.max_buffer // 2:
-            self._buffer_full = False
+        if self.buffer_full and self.buffered <= self.max_buffer // 2:
+            self.buffer_full = False
             self._update_accepting()
 
     def _arm(self, now: float) -> None:
         """Answer the oldest block at its deadline (redis_timeout_s after it was staged)."""
-        oldest = min((block.staged for route in self._routes for block in route.all_blocks()), default=None)
+        oldest = min((block.staged for route in self.routes for block in route.all_blocks()), default=None)
         if oldest is None:
-            self._expiry = None
+            self.expiry = None
             return
-        self._expiry = asyncio.get_running_loop().call_later(max(0.0, oldest + self.timeout - now), self._answer_late)
+        self.expiry = asyncio.get_running_loop().call_later(max(0.0, oldest + self.timeout - now), self._answer_late)
 
     def _answer_late(self) -> None:
         """Answer every block whose deadline passed, wherever it is: a block never sent was not
@@ -353,7 +404,7 @@ class Writer:
         is not sent again, so it is published once or never, and its acks say so. Its route's
         shards refuse publishes until Redis answers for them again."""
         now = time.monotonic()
-        for route in self._routes:
+        for route in self.routes:
             late = [block for block in route.all_blocks() if now - block.staged >= self.timeout]
             if not late:
                 continue
@@ -382,8 +433,8 @@ class Writer:
             if fail is not None:
                 fail(ErrorCode.UNAVAILABLE, text)
 
-    def _fail_all(self, text: str) -> None:
-        for route in self._routes:
+    def fail_all(self, text: str) -> None:
+        for route in self.routes:
             for block in route.all_blocks():
                 if not block.answered:
                     self._fail(block, text)
@@ -391,11 +442,11 @@ class Writer:
             route.full.clear()
             for shard in route.shards:
                 route.filling[shard] = None
-        for state, waiting in self._waiting.items():
+        for state, waiting in self.waiting.items():
             for _, _, fail, _ in waiting:
                 if fail is not None:
                     fail(ErrorCode.UNAVAILABLE, text)
-        self._waiting = {}
+        self.waiting = {}
 
     async def _probe(self, route: Route) -> Exception | None:
         """While the route's shards refuse publishes: check them (which also finds a Redis that
@@ -403,8 +454,8 @@ class Writer:
         which Redis refuses while it is full); when every check is answered, take publishes
         again. Returns why not, if not."""
         try:
-            for shard, reply in zip(route.shards, await self._check(route.shards, route.client, write=bool(route.oom_since))):
-                self._checked(shard, *reply)
+            for shard, reply in zip(route.shards, await self.check(route.shards, route.client, write=bool(route.oom_since))):
+                self.checked(shard, *reply)
         except Exception as exc:  # connection errors; on a cluster also RedisClusterException
             return exc
         if route.failures:
@@ -415,7 +466,7 @@ class Writer:
         self._back(route)
         return None
 
-    def _trim(self) -> tuple[str, str]:
+    def trim(self) -> tuple[str, str]:
         """How an XADD trims its stream now: MINID ~ (by age) or MAXLEN ~."""
         if self.stream_age_ms:
             return "MINID", f"{int(self.clock() * 1000) - self.stream_age_ms}-0"
