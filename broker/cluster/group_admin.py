@@ -41,7 +41,7 @@ STREAM_READ_TIMEOUT_S = 5.0  # silence on a worker's dashboard stream (it sends 
 
 
 class WorkerState(NamedTuple):
-    index: int
+    worker: int  # its index
     running: bool  # its process runs (it may still be starting, or hung)
     starts: int  # times the supervisor started it
 
@@ -149,7 +149,7 @@ class GroupAdmin:
 
     async def _ask_all(self, method: str, path: str, timeout: float = ANSWER_TIMEOUT_S, headers: dict[str, str] | None = None) -> dict[int, tuple[int, bytes] | None]:
         """Every running worker's answer (None: no answer in time); workers not running are left out."""
-        running = [state.index for state in self.states() if state.running]
+        running = [state.worker for state in self.states() if state.running]
         headers = {**self.worker_headers, **(headers or {})}
         answers = await asyncio.gather(*(self.links[i].request(method, path, timeout, headers) for i in running))
         return dict(zip(running, answers))
@@ -168,13 +168,13 @@ class GroupAdmin:
         answers = await self._ask_all("GET", "/healthz")
         workers = {}
         for state in self.states():
-            answer = answers.get(state.index)
+            answer = answers.get(state.worker)
             if not state.running:
-                workers[str(state.index)] = "not running"
+                workers[str(state.worker)] = "not running"
             elif answer is None:
-                workers[str(state.index)] = "no answer"
+                workers[str(state.worker)] = "no answer"
             else:
-                workers[str(state.index)] = "ok" if answer[0] == 200 else f"status {answer[0]}"
+                workers[str(state.worker)] = "ok" if answer[0] == 200 else f"status {answer[0]}"
         ok = all(value == "ok" for value in workers.values())
         return web.json_response({"status": "ok" if ok else "failing", "workers": workers}, status=200 if ok else 503)
 
@@ -182,13 +182,13 @@ class GroupAdmin:
         answers = await self._ask_all("GET", "/readyz")
         workers: dict[str, Any] = {}
         for state in self.states():
-            answer = answers.get(state.index)
+            answer = answers.get(state.worker)
             if not state.running:
-                workers[str(state.index)] = {"ready": False, "answer": "not running"}
+                workers[str(state.worker)] = {"ready": False, "answer": "not running"}
             elif answer is None:
-                workers[str(state.index)] = {"ready": False, "answer": "none"}
+                workers[str(state.worker)] = {"ready": False, "answer": "none"}
             else:
-                workers[str(state.index)] = _json(answer[1]) or {"ready": False, "answer": f"status {answer[0]}"}
+                workers[str(state.worker)] = _json(answer[1]) or {"ready": False, "answer": f"status {answer[0]}"}
         ready = all(body.get("ready") is True for body in workers.values())
         return web.json_response({"ready": ready, "workers": workers}, status=200 if ready else 503)
 
@@ -214,7 +214,7 @@ class GroupAdmin:
         return bodies
 
     def _missing(self, bodies: dict[int, Any]) -> list[int]:
-        return [state.index for state in self.states() if state.index not in bodies]
+        return [state.worker for state in self.states() if state.worker not in bodies]
 
     async def stats(self, request: web.Request) -> web.Response:
         bodies = await self._api_bodies(request)
@@ -265,7 +265,7 @@ class GroupAdmin:
         that did not answer (the others did it; a repeat is harmless)."""
         admin.user_param(request)
         body = await request.read()
-        running = [state.index for state in self.states() if state.running]
+        running = [state.worker for state in self.states() if state.running]
         if not running:
             return admin.json_error(503, "no worker answered")
         headers = {**_key_header(request), **_operator(request), "Content-Type": "application/json"}
@@ -288,7 +288,7 @@ class GroupAdmin:
         """Handed to one worker (the next in turn that answers): the backplane takes what it
         publishes to the subscribers of every worker."""
         body = await request.read()
-        running = [state.index for state in self.states() if state.running]
+        running = [state.worker for state in self.states() if state.running]
         timeout = self.config.redis_timeout_s + 1 + ANSWER_TIMEOUT_S  # the worker's own bound, and a margin
         for _ in range(len(running)):
             index = running[self._next_publisher % len(running)]
@@ -306,7 +306,7 @@ class GroupAdmin:
         do not append it again). The answer sums the connections closed, and fails (503) when a
         worker did not answer: the rule may then hold on some workers only."""
         body = await request.read()
-        running = [state.index for state in self.states() if state.running]
+        running = [state.worker for state in self.states() if state.running]
         if not running:
             return admin.json_error(503, "no worker answered")
         headers = {**_key_header(request), "Content-Type": "application/json"}
@@ -350,9 +350,9 @@ class GroupAdmin:
             await response.prepare(request)
             while not self._closing.is_set():
                 for state in self.states():
-                    task = followers.get(state.index)
+                    task = followers.get(state.worker)
                     if state.running and (task is None or task.done()):
-                        followers[state.index] = asyncio.ensure_future(self._follow(state.index, latest))
+                        followers[state.worker] = asyncio.ensure_future(self._follow(state.worker, latest))
                 group = {"node": self.node, "version": __version__, "started": self.started, "workers": len(self.links)}
                 await response.write(b"data: " + json.dumps({**merge_snapshots(list(latest.values())), **group}).encode() + b"\n\n")
                 try:
@@ -405,8 +405,8 @@ def supervisor_families(states: list[WorkerState], answered: set[int]) -> list[M
     up = GaugeMetricFamily("broker_worker_up", "1 when the worker answered this scrape", labels=["worker"])
     starts = CounterMetricFamily("broker_worker_starts", "times the supervisor started the worker (1 + its restarts)", labels=["worker"])
     for state in states:
-        up.add_metric([str(state.index)], 1 if state.index in answered else 0)
-        starts.add_metric([str(state.index)], state.starts)
+        up.add_metric([str(state.worker)], 1 if state.worker in answered else 0)
+        starts.add_metric([str(state.worker)], state.starts)
     return [up, starts]
 
 

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+from typing import Any
 
 from ..config import read_secret
 from ..server import logs
@@ -102,7 +103,7 @@ class Presence:
         self.others: list[dict] = []  # the view as last read (this node's own entry included)
         self.read_at = 0.0  # when it was read (0: never)
         self.failing = False  # the last announcement failed (logged once)
-        self._redis = None
+        self._redis: Any = None  # redis.asyncio Redis or RedisCluster while it runs
         self._task: asyncio.Task | None = None
 
     async def start(self, cluster_mode: bool) -> None:

@@ -181,10 +181,11 @@ class Worker:
         self.prober: asyncio.Task | None = None
         self.hung = ""  # why the supervisor killed the process now in it, if it did
 
-    def place(self, directory: str) -> None:
-        """Give it its admin socket in `directory`."""
+    def place(self, directory: str) -> WorkerLink:
+        """Give it its admin socket in `directory`; returns the link to it."""
         self.admin_socket = os.path.join(directory, f"w{self.index}.sock")
         self.link = WorkerLink(self.index, self.admin_socket)
+        return self.link
 
 
 class Supervisor:
@@ -208,7 +209,7 @@ class Supervisor:
         self.lame_duck = False  # SIGUSR2 was passed on: the workers move their clients away and stop
         self.exit_code = 0
         self._signals: list[int] = []
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()  # a signal came (made anew by each run)
         self._preexec = _parent_death_signal()
 
     def states(self) -> list[WorkerState]:
@@ -224,8 +225,7 @@ class Supervisor:
             self.directory = tempfile.mkdtemp(prefix="broker-workers-")
         except OSError as exc:
             raise ConfigError(f"cannot make the workers' admin socket directory in {tempfile.gettempdir()}: {exc.strerror or exc} (set TMPDIR)") from exc
-        for worker in self.workers:
-            worker.place(self.directory)
+        links = [worker.place(self.directory) for worker in self.workers]
         try:
             longest = self.workers[-1].admin_socket
             if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
@@ -237,7 +237,7 @@ class Supervisor:
                 loop.add_signal_handler(signum, self._on_signal, signum)
             cfg = self.config
             if cfg.admin_port:
-                self.admin = GroupAdmin(cfg, [w.link for w in self.workers], self.states)
+                self.admin = GroupAdmin(cfg, links, self.states)
                 await self.admin.start(cfg.admin_host, cfg.admin_port)  # ListenError: exit 1
             logs.event(
                 logging.INFO, "supervisor_start", pid=os.getpid(), workers=cfg.workers, host=cfg.host, port=cfg.port,
@@ -261,8 +261,9 @@ class Supervisor:
             if self.admin is not None:
                 await self.admin.stop()
             for worker in self.workers:
-                await worker.link.close()
-                worker.link = None
+                if worker.link is not None:
+                    await worker.link.close()
+                    worker.link = None
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
                 loop.remove_signal_handler(signum)
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -303,8 +304,11 @@ class Supervisor:
     async def _probe(self, worker: Worker) -> None:
         """Ask the worker's /healthz, one probe at a time: PROBE_INTERVAL_S after each answer
         (every 0.1 s until the first, to know soon that it started)."""
+        link = worker.link
+        if link is None:  # not placed: nothing to ask
+            return
         while True:
-            answer = await worker.link.request("GET", "/healthz", self.config.hang_timeout_s)
+            answer = await link.request("GET", "/healthz", self.config.hang_timeout_s)
             if answer is not None and answer[0] == 200:
                 if worker.answered is None:
                     logs.event(logging.INFO, "worker_up", index=worker.index, pid=worker.proc.pid, took_s=round(self.clock() - worker.started, 3))
