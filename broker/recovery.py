@@ -49,9 +49,9 @@ class _Resume:
 class Recovery:
     """Replays waiting for room, awaited positions, and the recovery of a new subscription.
 
-    Its public methods without a docstring of their own (`init_recovery`, `pass_positions`,
-    `emit_passing`, `replay`, ...) are the internal API of the router's class family, called
-    by broker.arrival and broker.router, not by the shell."""
+    Some of its public names (`init_recovery`, `pass_positions`, `emit_passing`, `replay`,
+    `send_gap`, `awaiting`, ...) are the internal API of the router's class family, used by
+    broker.arrival and broker.router, not by the shell."""
 
     # What it uses of the router (broker.router.Router sets these up; annotations only).
     index: Index

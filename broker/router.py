@@ -122,7 +122,8 @@ class RouterStats:
 class Router(Arrival):
     """Topics, publish and fan-out; cluster arrival comes from `Arrival` (broker.arrival),
     recovery and replay from `Recovery` (its base), requests and dedupe are held (`requests`,
-    `dedupe`)."""
+    `dedupe`). `emit`, `emit_now`, `want_flush` and the tick's lists (`touched`, `slow`,
+    `solo_nodes`, `emission`, `max_piece`) are the internal API its parts use."""
 
     def __init__(
         self,
