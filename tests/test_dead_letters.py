@@ -173,7 +173,7 @@ def test_the_default_file_in_the_shared_temporary_directory_is_made_safely(tmp_p
                     await raw.send(["nope", 1])
                     assert (await raw.recv()).code == ErrorCode.UNKNOWN_TYPE
                     raw.close()
-                    server._write_dead_letters()
+                    server.write_dead_letters()
                     if case == "own":
                         await eventually(lambda: os.path.exists(path) and os.path.getsize(path) > 0, 5, "the dead-letter file")
                         st = os.lstat(path)

@@ -100,7 +100,7 @@ def test_refused_topics_payloads_and_tokens_are_not_logged_or_kept(caplog):
                 replies = [await client.recv() for _ in range(4)]
                 assert all(isinstance(r, Err) for r in replies)
                 assert server.router.stats.denied == 3
-                server._write_dead_letters()
+                server.write_dead_letters()
                 return list(server.router.requests.dead_letters)
             finally:
                 client.close()

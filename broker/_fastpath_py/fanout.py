@@ -5,7 +5,7 @@ is `_fastpath_fanout.pxi`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .pieces import assemble, encode_batch
 from .topics import TopicState, compact_nodes
@@ -39,8 +39,8 @@ class Outbox:
         "closed", "over", "mark", "sig", "known", "over_since", "nsubs", "solo_node", "offset",
     )
 
-    def __init__(self, owner: object, limit: int, hard_limit: int | None = None) -> None:
-        self.owner = owner
+    def __init__(self, owner: Any, limit: int, hard_limit: int | None = None) -> None:
+        self.owner: Any = owner  # the shell's object for the connection (the core never reads it)
         self.pieces: list[bytes] = []
         self.size = 0
         self.transport_bytes = 0

@@ -7,8 +7,8 @@ Its other parts are its base classes, one concern each: the per-iteration tick
 (broker.server.tick), the sweep (broker.server.sweep), shutdown and lame-duck mode
 (broker.server.shutdown) and the dead-letter file (broker.server.deadletters).
 
-Per loop tick: publishes accumulate in the router; the first one schedules `_tick` with
-`call_soon`; `_tick` encodes each topic's batch once, queues it on every subscriber's outbox
+Per loop tick: publishes accumulate in the router; the first one schedules `tick` with
+`call_soon`; `tick` encodes each topic's batch once, queues it on every subscriber's outbox
 and writes every touched connection with a single transport write, everything of the tick
 coalesced into as few frames as possible (connections receiving the same pieces share the
 bytes). A connection that arrives when the tick's budget is spent waits in a queue and is
@@ -26,11 +26,11 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import __version__, limits, policy
 from ..auth import Authenticator
-from ..backplane import MemoryBackplane
+from ..backplane import Backplane, MemoryBackplane
 from ..config import Config, read_secret
 from ..errors import CloseCode, ConfigError, ListenError, describe_os_error
 from ..fastpath import IMPLEMENTATION
@@ -46,6 +46,11 @@ from .metrics import LoopLag
 from .shutdown import Shutdown
 from .sweep import Sweeper
 from .tick import Ticker
+
+if TYPE_CHECKING:
+    from ..cluster.presence import Presence
+    from ..cluster.streams import RedisBackplane
+    from .admin import Admin
 
 # Listening backlog: connections the kernel holds before they are accepted.
 BACKLOG = 4096
@@ -78,14 +83,16 @@ class WorkerRole:
 class Server(Ticker, Sweeper, Shutdown, DeadLetters):
     """The broker of one process (or one worker of `broker serve --workers`)."""
 
+    loop: asyncio.AbstractEventLoop  # the running loop, from start() on
+
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         self.config = config
         self.worker = worker
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.auth = Authenticator(config)  # raises ConfigError for unusable keys or files
         self.admin_api_key = read_secret(config, "admin_api_key")  # read before anything listens
         self.rules = handshake.Rules(config.path, SUBPROTOCOL, self.auth, config.origins)
-        self.cluster = None  # with redis_url: the Redis Streams backplane joining the nodes
+        self.cluster: RedisBackplane | None = None  # with redis_url: the Redis Streams backplane joining the nodes
+        self.backplane: Backplane
         if config.redis_url:
             from ..cluster.streams import RedisBackplane
 
@@ -98,7 +105,7 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
                 max_total_bytes=config.history_max_total_bytes,
             )
         self.router = Router(
-            self._request_tick,
+            self.request_tick,
             config,
             backplane=self.backplane,
             clock=time.monotonic,
@@ -138,10 +145,10 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         self.version = __version__
         self.started = time.time()
         self.instance = os.urandom(6).hex()
-        self.presence = None  # once started: its announcements in Redis and the cluster's view
+        self.presence: Presence | None = None  # once started: its announcements in Redis and the cluster's view
         self.loop_lag = LoopLag()  # how late the sweep ran, each time (the event loop's lag)
         self._sweep_due = 0.0
-        self.admin = None  # with admin_port: the admin HTTP server (metrics, health)
+        self.admin: Admin | None = None  # with admin_port: the admin HTTP server (metrics, health)
         self._server: asyncio.Server | None = None
         self.tls: ssl.SSLContext | None = None  # with tls_cert_file: the context every handshake uses
         self.certificate: tls.Certificate | None = None  # what it was last loaded with
@@ -168,16 +175,13 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         cfg = self.config
-        listen = {}
         if cfg.tls_cert_file:  # TLS only: every connection starts with a TLS handshake (Connection starts it, once counted)
             self.tls, self.certificate = tls.server_context(cfg)
-        if cfg.reuse_port:
-            listen["reuse_port"] = True
         if self.cluster is not None:
             await self.cluster.start(self.router)  # the history the streams retain, before any client
         try:
             try:
-                self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, **listen)
+                self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, reuse_port=cfg.reuse_port or None)
             except OSError as exc:
                 raise ListenError(f"cannot listen on {cfg.host}:{cfg.port}: {describe_os_error(exc)}") from exc
             self.port = self._server.sockets[0].getsockname()[1]
@@ -185,23 +189,23 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
             if self.worker is not None:  # its supervisor serves admin_port and asks this socket
                 from .admin import Admin
 
-                self.admin = Admin(self)
-                await self.admin.start_unix(self.worker.admin_socket)
+                self.admin = admin = Admin(self)
+                await admin.start_unix(self.worker.admin_socket)
             elif cfg.admin_port:
                 from .admin import Admin
 
-                self.admin = Admin(self)
-                await self.admin.start(cfg.admin_host, cfg.admin_port)
+                self.admin = admin = Admin(self)
+                await admin.start(cfg.admin_host, cfg.admin_port)
         except BaseException:
-            await self._undo_start()
+            await self.undo_start()
             raise
         from ..cluster.presence import Presence
 
-        self.presence = Presence(self)
-        await self.presence.start(self.cluster is not None and self.cluster.cluster)
+        self.presence = presence = Presence(self)
+        await presence.start(self.cluster is not None and self.cluster.cluster)
         self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
         self._sweep_due = self.loop.time() + self._sweep_period
-        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
+        self._sweeper = self.loop.call_later(self._sweep_period, self.sweep)
         logs.event(logging.INFO, "start", **self._start_fields())
 
     def _start_fields(self) -> dict[str, object]:
@@ -271,8 +275,8 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         and the broker goes on with what it had."""
         logs.event(logging.INFO, "reload")
         self._reload_tls()
-        if self.loop is not None:
-            self._check_tokens(force=True)
+        if getattr(self, "loop", None) is not None:  # started: connections may hold revoked tokens
+            self.check_tokens(force=True)
 
     def _reload_tls(self) -> None:
         """Load tls_cert_file and tls_key_file again into the context the listener uses: new
@@ -280,6 +284,7 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         if self.tls is None:
             return
         old = self.certificate
+        assert old is not None  # loaded with the context
         try:
             self.certificate = tls.reload(self.tls, self.config)
         except ConfigError as exc:  # names the setting and the file; the old certificate stays
@@ -378,7 +383,7 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         `user`, each told with `unsubscribed`; returns how many held it."""
         ended = 0
         for conn in list(self.connections.values()):
-            if conn.user == user and conn.state == OPEN and conn.session.end_subscription(pattern, "unsubscribed by an operator"):
+            if conn.user == user and conn.state == OPEN and conn.session is not None and conn.session.end_subscription(pattern, "unsubscribed by an operator"):
                 ended += 1
         logs.event(logging.WARNING, "operator_action", action="unsubscribe_user", operator=operator, user=user, subscription=pattern, connections=ended)
         return ended

@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import stat
+import asyncio
 import tempfile
-from typing import TYPE_CHECKING
 
+from ..config import Config
+from ..router import Router
 from . import logs
-
-if TYPE_CHECKING:
-    from .app import Server
 
 # Dead letters logged one by one per sweep; the rest are counted in one line.
 DEAD_LETTERS_LOGGED = 10
@@ -71,20 +70,30 @@ def write_file(path: str, text: str) -> None:
 
 
 class DeadLetters:
-    """Dead letters of `Server` (its base class)."""
+    """Dead letters of `Server` (its base class): `write_dead_letters()`, for the sweep and
+    shutdown, and `dead_letter_path()`."""
 
-    def dead_letter_path(self: Server) -> str:
+    # what it uses of Server (annotations only: Server.__init__ sets them)
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    router: Router
+    port: int | None
+    _dead_letters_seen: int
+    _dead_letter_refusal: str | None
+
+    def dead_letter_path(self) -> str:
         """Where the kept dead letters are written (`broker dead-letters` reads them)."""
         worker = os.environ.get("BROKER_WORKER_INDEX")  # set by the worker supervisor
         path = self.config.dead_letter_file
         if not path:
+            assert self.port is not None  # only written once it listens (by the sweep and stop())
             return default_path(self.port, worker)
         if worker is None:
             return path
         stem, ext = os.path.splitext(path)  # each worker keeps its own file
         return f"{stem}-w{worker}{ext}"
 
-    def _write_dead_letters(self: Server) -> None:
+    def write_dead_letters(self) -> None:
         """Log the dead letters that came since the last call (the newest ten of them, then
         how many more) and write the kept ones to the dead-letter file, off the loop."""
         count = self.router.stats.dead_letters

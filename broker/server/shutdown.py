@@ -12,12 +12,16 @@ import random
 import signal
 from typing import TYPE_CHECKING, Callable
 
+from ..config import Config
 from ..errors import CloseCode
+from ..router import Router
 from . import logs
-from .connection import OPEN
+from .connection import OPEN, Connection
 
 if TYPE_CHECKING:
-    from .app import Server
+    from ..cluster.presence import Presence
+    from ..cluster.streams import RedisBackplane
+    from .admin import Admin
 
 # Lame-duck mode tells its share of the connections to move this often.
 LAME_DUCK_STEP_S = 0.05
@@ -25,9 +29,34 @@ LAME_DUCK_STEP_S = 0.05
 
 class Shutdown:
     """The end of `Server`'s life (its base class): `stop()`, `force_stop()`,
-    `enter_lame_duck()`, and `queued_bytes()`, what a forced stop loses."""
+    `enter_lame_duck()`, and `queued_bytes()`, what a forced stop loses; `undo_start()` for
+    the server's start."""
 
-    async def _undo_start(self: Server) -> None:
+    # what it uses of Server (annotations only: Server.__init__ sets them, its other parts
+    # define the methods)
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    router: Router
+    cluster: RedisBackplane | None
+    admin: Admin | None
+    presence: Presence | None
+    connections: dict[int, Connection]
+    handshaking: dict[int, Connection]
+    lame_duck_since: float | None
+    _server: asyncio.Server | None
+    _closing: bool
+    _forced: asyncio.Event | None
+    _all_gone: asyncio.Event | None
+    _sweeper: asyncio.TimerHandle | None
+    _request_timer: asyncio.TimerHandle | None
+    _moving: list[Connection]
+    _moved: int
+    _lame_done: Callable[[], object] | None
+    _lame_timer: asyncio.TimerHandle | None
+    tick: Callable[[], None]
+    write_dead_letters: Callable[[], None]
+
+    async def undo_start(self) -> None:
         """Close what a start that failed half way opened, the listener first (no client is let
         in to a broker that will not run); stop() then has nothing to do."""
         self._closing = True
@@ -42,7 +71,7 @@ class Shutdown:
         if self.cluster is not None:
             await self.cluster.stop()
 
-    async def stop(self: Server) -> None:
+    async def stop(self) -> None:
         """Graceful shutdown: stop accepting, flush what is queued, close every client with 1001
         and wait for them (at most shutdown_timeout_s), then abort the rest. Does nothing
         unless start() completed (a failed start closed what it opened)."""
@@ -54,7 +83,7 @@ class Shutdown:
             self._lame_timer.cancel()
             self._lame_timer = None
         self._sweeper.cancel()
-        self._write_dead_letters()
+        self.write_dead_letters()
         if self._request_timer is not None:
             self._request_timer.cancel()
         logs.event(logging.INFO, "stopping", connections=len(self.connections))
@@ -64,10 +93,10 @@ class Shutdown:
         for conn in list(self.handshaking.values()):
             if conn.in_tls_handshake:  # it could not be told 503 (shutting down) before its TLS is up
                 conn.abort()
-        self._tick()
+        self.tick()
         if self.cluster is not None:
             await self.cluster.stop()  # what was published goes to Redis (its acks with it) first
-            self._tick()
+            self.tick()
         self._all_gone = asyncio.Event()
         if self.config.shutdown_close_code == CloseCode.SERVICE_RESTART:
             code, reason = CloseCode.SERVICE_RESTART, "server restarting"
@@ -104,7 +133,7 @@ class Shutdown:
             }),
         )
 
-    def force_stop(self: Server, signum: int = 0) -> None:
+    def force_stop(self, signum: int = 0) -> None:
         """A second SIGTERM or SIGINT during the drain: stop waiting for the clients. Logs
         `shutdown_forced` with what is lost: the connections not closed yet, which are aborted,
         and the bytes still queued for them (in the broker and in their sockets' buffers).
@@ -120,7 +149,7 @@ class Shutdown:
         logs.event(logging.WARNING, "shutdown_forced", **fields)
         self._forced.set()
 
-    def queued_bytes(self: Server) -> int:
+    def queued_bytes(self) -> int:
         """Bytes queued for the open connections and not yet sent: in the broker and in their
         transports' buffers."""
         total = 0
@@ -135,7 +164,7 @@ class Shutdown:
 
     # lame-duck mode
 
-    def enter_lame_duck(self: Server, done: Callable[[], object]) -> None:
+    def enter_lame_duck(self, done: Callable[[], object]) -> None:
         """SIGUSR2: stop accepting (the listener closes, /readyz answers 503), then after
         lame_duck_grace_s tell the connections to move to another node, a share of them at a
         time, spread evenly over lame_duck_duration_s (close code 4010, after what is queued
@@ -155,13 +184,15 @@ class Shutdown:
         )
         self._lame_timer = self.loop.call_later(cfg.lame_duck_grace_s, self._move_some)
 
-    def _move_some(self: Server) -> None:
+    def _move_some(self) -> None:
         """Tell the share of the connections due by now to move; again LAME_DUCK_STEP_S later."""
         self._lame_timer = None
         if self._closing:
             return
         cfg = self.config
-        elapsed = self.loop.time() - self.lame_duck_since - cfg.lame_duck_grace_s
+        since = self.lame_duck_since
+        assert since is not None  # its timer runs only in lame-duck mode
+        elapsed = self.loop.time() - since - cfg.lame_duck_grace_s
         due = len(self._moving) if elapsed >= cfg.lame_duck_duration_s else int(len(self._moving) * elapsed / cfg.lame_duck_duration_s)
         while self._moved < due:
             conn = self._moving[self._moved]

@@ -6,25 +6,54 @@ idle topics, history past its age, the fallback streams, and the dead letters to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
+from ..auth import Authenticator
+from ..backplane import Backplane
+from ..config import Config
 from ..errors import CloseCode
+from ..fastpath import Outbox
+from ..limits import Guard
 from ..messages import Heartbeat, encode
+from ..policy import Shed
+from ..pressure import Pressure
+from ..router import Router
 from . import logs
-from .connection import OPEN
-
-if TYPE_CHECKING:
-    from .app import Server
+from .connection import OPEN, Connection
+from .fallback import Fallback
+from .metrics import LoopLag
 
 
 class Sweeper:
-    """The periodic checks of `Server` (its base class); `revoke()` is the admin API's."""
+    """The periodic checks of `Server` (its base class); `revoke()` is the admin API's,
+    `sweep()` and `check_tokens()` the server's."""
+
+    # what it uses of Server (annotations only: Server.__init__ sets them, its other parts
+    # define the methods)
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    auth: Authenticator
+    backplane: Backplane
+    router: Router
+    guard: Guard
+    fallback: Fallback
+    pressure: Pressure
+    connections: dict[int, Connection]
+    loop_lag: LoopLag
+    _sweep_due: float
+    _sweep_period: float
+    _sweeper: asyncio.TimerHandle | None
+    recount: Callable[[], None]
+    shed: Callable[[Outbox, Shed], int]
+    slow_consumer: Callable[[Outbox], None]
+    write_dead_letters: Callable[[], None]
 
     # authentication
 
-    def revoke(self: Server, line: str) -> tuple[int, str | None]:
+    def revoke(self, line: str) -> tuple[int, str | None]:
         """Put a revocation rule in force at once (broker.revocation; the admin API): every
         open connection whose token it revokes is closed with 4003 now. Returns how many were
         closed and the denylist file it was appended to (None: held in memory). Raises
@@ -32,11 +61,11 @@ class Sweeper:
         try:
             saved = self.auth.revoke(line)
         finally:
-            closed = self._check_tokens()
+            closed = self.check_tokens()
         logs.event(logging.WARNING, "tokens_revoked", rule=line, closed=closed, saved=saved or "memory")
         return closed, saved
 
-    def _check_tokens(self: Server, force: bool = False) -> int:
+    def check_tokens(self, force: bool = False) -> int:
         """Read the JWKS and denylist files again if they changed; close the connections whose
         token was revoked or expired (within a sweep period of the moment). Returns how many
         were closed as revoked."""
@@ -66,7 +95,7 @@ class Sweeper:
 
     # liveness
 
-    def _sweep(self: Server) -> None:
+    def sweep(self) -> None:
         """Ping idle clients, disconnect those that do not answer, close connections that
         stayed behind or left a frame incomplete for frame_timeout_s, and forget history past
         its age. Runs a few times a second;
@@ -74,23 +103,24 @@ class Sweeper:
         now = self.loop.time()
         self.loop_lag.observe(now - self._sweep_due, now)
         self.backplane.sweep()
-        self._check_tokens()
+        self.check_tokens()
         self.router.retire_idle(int(self.config.topic_idle_s * 1000))
         if self.router.replaying:
             self.router.continue_replays()
         self.guard.sweep()
         self.fallback.sweep(self.loop.time())
-        self._recount()
-        self._write_dead_letters()
+        self.recount()
+        self.write_dead_letters()
         now = self.loop.time()
         cfg = self.config
         interval, timeout = cfg.ping_interval_s, cfg.ping_timeout_s
         frame_timeout = cfg.frame_timeout_s
         wall_ms = int(time.time() * 1000)
         for conn in list(self.connections.values()):
-            if conn.state != OPEN:
+            session = conn.session
+            if conn.state != OPEN or session is None:  # (an open connection has its session)
                 continue
-            heartbeat = conn.session.heartbeat_ms
+            heartbeat = session.heartbeat_ms
             if heartbeat and (now - conn.last_sent) * 1000 >= heartbeat and not conn.box.scheduled:
                 self.router.send(conn.box, encode(Heartbeat(wall_ms)))
                 conn.last_sent = now  # written at the end of this iteration
@@ -116,9 +146,9 @@ class Sweeper:
             backlog = box.size + box.transport_bytes
             shedding = conn.session.shedding
             if backlog > box.limit and box.size and shedding is not None:
-                backlog = self._shed(box, shedding)
+                backlog = self.shed(box, shedding)
             if pressure.judge(box, backlog, now):
-                self._slow_consumer(box)
+                self.slow_consumer(box)
         self._sweep_due = self.loop.time() + self._sweep_period
-        self._sweeper = self.loop.call_later(self._sweep_period, self._sweep)
+        self._sweeper = self.loop.call_later(self._sweep_period, self.sweep)
 

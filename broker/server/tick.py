@@ -11,44 +11,60 @@ later iteration. One timer at the earliest request deadline expires waiting requ
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import deque
 
+from ..config import Config
 from ..errors import CloseCode
+from ..pressure import Pressure
+from ..router import Router
 from ..pressure import HOLD, RELEASE
 from . import logs
 from .connection import OPEN, Connection
 
-if TYPE_CHECKING:
-    from .app import Server
-
 
 class Ticker:
     """The per-iteration flush of `Server` (its base class): `queue()` is public, for the
-    connections; the rest runs from `call_soon` and from the sweep."""
+    connections; `tick()`, `request_tick()`, `recount()`, `shed()` and `slow_consumer()` for
+    the other parts of `Server` (the sweep, shutdown); the rest runs from `call_soon`."""
+
+    # what it uses of Server (annotations only: Server.__init__ sets them)
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    router: Router
+    pressure: Pressure
+    connections: dict[int, Connection]
+    ticks: int
+    writes: int
+    bytes_out: int
+    _tick_scheduled: bool
+    _waiting: deque[Connection]
+    _request_timer: asyncio.TimerHandle | None
+    _request_timer_at: float
 
     # per-tick flush
 
-    def _request_tick(self: Server) -> None:
+    def request_tick(self) -> None:
         if not self._tick_scheduled:
             self._tick_scheduled = True
-            self.loop.call_soon(self._tick)
+            self.loop.call_soon(self.tick)
 
-    def queue(self: Server, conn: Connection) -> None:
+    def queue(self, conn: Connection) -> None:
         """`conn` has more to handle than this tick's budget allows: stop reading it and resume
         it, in order, in a following tick."""
         conn.suspend_reading()
         self._waiting.append(conn)
-        self._request_tick()
+        self.request_tick()
 
-    def _tick(self: Server) -> None:
+    def tick(self) -> None:
         self._tick_scheduled = False
         self.ticks += 1
         router = self.router
         touched, slow = router.flush()
         for box in slow:
-            self._slow_consumer(box)
+            self.slow_consumer(box)
         if touched:
             now = self.loop.time()
             pressure = self.pressure
@@ -65,7 +81,7 @@ class Ticker:
                 shedding = conn.session.shedding
                 if box.paused:
                     if box.keep():  # this tick's share of its node waits with the rest
-                        self._slow_consumer(box)
+                        self.slow_consumer(box)
                         continue
                 else:
                     try:
@@ -89,13 +105,13 @@ class Ticker:
                 backlog = box.size + box.transport_bytes
                 if shedding is not None:
                     if backlog > box.limit and box.size:
-                        backlog = self._shed(box, shedding)
+                        backlog = self.shed(box, shedding)
                     if backlog or shedding.held or box in lagging:
                         account(box, backlog + shedding.held_bytes)
                 elif backlog or box in lagging:
                     account(box, backlog)
                 if (backlog > box.limit or box.over_since) and pressure.judge(box, backlog, now):
-                    self._slow_consumer(box)
+                    self.slow_consumer(box)
             if pressure.over():
                 self._publishers(pressure.memory(now))
         if router.replaying:  # replays waiting for room go on as their connections drain
@@ -109,9 +125,9 @@ class Ticker:
             if router.busy:
                 break
         if waiting:
-            self._request_tick()
+            self.request_tick()
 
-    def _publishers(self: Server, action: int) -> None:
+    def _publishers(self, action: int) -> None:
         """Do what the memory bound decided: stop reading from every connection that
         publishes (HOLD) or read from them again (RELEASE)."""
         if action == HOLD:
@@ -125,7 +141,7 @@ class Ticker:
                 if conn.held:
                     conn.release()
 
-    def _recount(self: Server) -> None:
+    def recount(self) -> None:
         """Read every lagging connection's backlog again (transports drain between writes),
         then apply the memory bound."""
         pressure = self.pressure
@@ -143,7 +159,7 @@ class Ticker:
         overdue = pressure.overdue(now)
         if overdue:
             for box in overdue:
-                self._slow_consumer(box)
+                self.slow_consumer(box)
             self._publishers(pressure.memory(now))
         if pressure.holding:  # publishers that started since are held too
             for conn in self.connections.values():
@@ -151,7 +167,7 @@ class Ticker:
                     conn.hold()
 
 
-    def _arm_request_timer(self: Server) -> None:
+    def _arm_request_timer(self) -> None:
         """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
         deadline = self.router.requests.next_deadline
         timer = self._request_timer
@@ -162,12 +178,12 @@ class Ticker:
         self._request_timer_at = deadline
         self._request_timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_requests)
 
-    def _expire_requests(self: Server) -> None:
+    def _expire_requests(self) -> None:
         self._request_timer = None
         self.router.requests.expire_requests()
         self._arm_request_timer()
 
-    def _write_within(self: Server, box, conn, shedding, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
+    def _write_within(self, box, conn, shedding, max_frame: int, shared: dict, sizes: dict, now: float) -> None:
         """Write a connection whose policies shed at most half of max_pending_bytes at a time,
         again while its socket takes everything at once (its transport pauses as soon as it
         holds anything, see Connection.bound_writes): what the socket does not take waits in
@@ -188,7 +204,7 @@ class Ticker:
             data = shedding.take(box, budget, max_frame, shared, sizes)
         box.transport_bytes = conn.buffer_size()
 
-    def _shed(self: Server, box, shedding) -> int:
+    def shed(self, box, shedding) -> int:
         """Drop or conflate what the connection's policies allow of its queue in the broker,
         down to half of max_pending_bytes (less when its transport holds more than the other
         half); returns its backlog after that (what conflation holds, one message per topic,
@@ -197,7 +213,7 @@ class Ticker:
         shedding.shed(box, max(0, min(box.limit // 2, box.limit - box.transport_bytes)))
         return box.size + box.transport_bytes
 
-    def _slow_consumer(self: Server, box) -> None:
+    def slow_consumer(self, box) -> None:
         """Close the connection of `box`, judged a slow consumer (broker.pressure)."""
         self.pressure.forget(box)
         conn = box.owner
