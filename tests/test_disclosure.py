@@ -14,7 +14,8 @@ import jwt
 import msgspec
 
 from broker.errors import ErrorCode
-from broker.messages import SUBPROTOCOL, Ack, Err, Pub, Req, Sub, dead_letter_head, encode
+from broker.letterhead import dead_letter_head
+from broker.messages import SUBPROTOCOL, Ack, Err, Pub, Req, Sub, encode
 from broker.server import logs
 
 from conftest import Harness, RawSocketClient, client_frame, run, send_upgrade, serving, upgrade_request

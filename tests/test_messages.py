@@ -21,7 +21,7 @@ from broker.messages import (
     decode_client_frame,
     decode_server_frame,
     encode,
-    is_batch,
+    is_message_array,
 )
 
 from conftest import wire
@@ -53,13 +53,13 @@ def test_client_message_round_trip(message):
     data = encode(message)
     assert client_decoder.decode(data) == message
     assert decode_client_frame(data) == ([message], [])
-    assert not is_batch(data)
+    assert not is_message_array(data)
 
 
 @given(st.lists(client_messages, min_size=1, max_size=40))
 def test_client_batch_round_trip(messages):
     data = encode(messages)
-    assert is_batch(data)
+    assert is_message_array(data)
     assert decode_client_frame(data) == (messages, [])
 
 
