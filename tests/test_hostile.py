@@ -562,11 +562,11 @@ def test_incomplete_frames_are_closed_after_frame_timeout_and_their_memory_freed
             peer = "127.0.0.1:%d" % writer.get_extra_info("sockname")[1]
             await eventually(lambda: any(c.peer == peer for c in server.connections.values()), 3.0, "the connection")
             conn = next(c for c in server.connections.values() if c.peer == peer)
-            await eventually(lambda: len(conn._buffer or b"") >= sent, 3.0, "its partial frame")  # held by the server
+            await eventually(lambda: len(conn.unhandled or b"") >= sent, 3.0, "its partial frame")  # held by the server
             code, reason = await read_close(reader, 10.0)
             results.append((code, reason, time.monotonic() - started[id(writer)]))
             await eventually(lambda: conn.id not in server.connections, 3.0, "the connection to go")
-            assert conn._buffer is None  # its bytes are freed
+            assert conn.unhandled is None  # its bytes are freed
         finally:
             task.cancel()
             writer.close()
@@ -672,3 +672,12 @@ def test_dribbled_handshakes_are_dropped_at_the_handshake_timeout():
                 await stream.finish()
 
     run(main(), timeout=60)
+
+
+def test_a_connection_has_no_instance_dict():
+    """An idle connection costs its slots only: no class of Connection's family (its parts, the
+    fields they share, asyncio.Protocol) gives it a __dict__."""
+    from broker.server.connection import Connection
+
+    assert Connection.__dictoffset__ == 0
+    assert all("__slots__" in vars(cls) for cls in Connection.__mro__[:-1])

@@ -383,7 +383,7 @@ def test_a_tls_publisher_past_the_iteration_budget_is_paused_and_resumed(pki, tm
             await publisher.publish_acked("big.done", b"")
             assert queued, "the publisher never had to wait for a following iteration"
             assert [(await sub.next(10)).data for _ in payloads] == payloads
-            assert all(conn._reading for conn in server.connections.values())
+            assert all(conn.reading for conn in server.connections.values())
             await subscriber.close()
             await publisher.close()
 

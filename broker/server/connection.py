@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..errors import CloseCode
 from ..fastpath import BINARY, CLOSE, PING, PONG, TEXT, encode_frame, frame_needs, read_frame
@@ -45,81 +45,32 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
     own, bound once), `bound_writes()`, `close()`,
     `closing()`, `abort()`, `resume()`, `hold()`, `release()`, `ping()`, `frame_expired()`, the
     liveness fields `last_seen` and `ping_sent`, `partial_since`, and `in_tls_handshake`; for
-    the admin API, `client`, `opened_at`, `bytes_in` and `bytes_out`."""
+    the admin API, `client`, `opened_at`, `bytes_in` and `bytes_out`; for the fallback
+    transport, `owe()`. Its fields are declared, and set, by broker.server.states.ConnectionState."""
 
-    __slots__ = (
-        "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "_buffer", "_needed", "_timer",
-        "client", "opened_at", "bytes_in", "bytes_out",
-        "_reading", "_queued", "_tls", "_wake", "stream", "post", "_body", "_body_needed", "_on_body",
-    )
-
-    def __init__(self, server: Server, conn_id: int) -> None:
-        self.server = server
-        self.id = conn_id
-        self.peer = ""
-        self.session: Session | None = None
-        self.box = None
-        self.transport: asyncio.Transport | None = None
-        self.state = HANDSHAKE
-        self.close_reason: tuple[int, str] | None = None  # set when either side starts the close
-        self.last_seen = 0.0  # loop time of the last data from the client
-        self.last_sent = 0.0  # loop time of the last write to the client (for its heartbeats)
-        self.ping_sent = 0.0  # loop time of an unanswered ping (0: none)
-        self._buffer: bytearray | None = None  # bytes received and not yet handled
-        self._needed = 0  # bytes the frame at the start of _buffer needs in all
-        self._timer: asyncio.TimerHandle | None = None  # handshake timeout, then close timeout
-        self._reading = True
-        self._queued = False  # waiting in the server's queue of connections to resume
-        self._tls = None  # start_tls, run step by step, while the TLS handshake is in progress
-        self._wake: asyncio.TimerHandle | None = None  # the end of a sit-out (see debt)
-        self.held = False  # not read while the broker's queued bytes are past their global bound
-        self.user: str | None = None  # who the token names (None: authentication is off, or anonymous)
-        self.client: str | None = None  # the NAME/VERSION the client says it is (None: it says nothing)
-        self.opened_at = 0.0  # loop time its upgrade was accepted
-        # bytes read from it after the handshake and written to it by the ticks (one addition
-        # per read or write, as the server's totals)
-        self.bytes_in = 0
-        self.bytes_out = 0
-        # loop time since when an incomplete frame waits at the start of _buffer for the client
-        # to send the rest (0: none, or the broker is not reading); the server's sweep closes
-        # the connection once it waited frame_timeout_s
-        self.partial_since = 0.0
-        # iteration budget (bytes, router.TICK_INPUT_BYTES an iteration) this connection's
-        # frames used beyond one iteration's share: at its next turn it sits out, unread,
-        # router.TICK_BUDGET_S per iteration's budget owed
-        self.debt = 0
-        # the payload of the latest ping not answered yet (None: none). Its pong leaves with the
-        # connection's next write of a tick, never on its own, and while the transport is paused
-        # a newer ping replaces it (RFC 6455 5.5.3): a client that sends pings and never reads
-        # is owed one pong, not a pong per ping.
-        self.pong: bytes | None = None
-        self.stream = None  # the fallback stream this connection carries (STREAMING)
-        self.post = None  # a fallback POST being applied: (stream, body or None once handed over, CORS lines)
-        self._body: bytearray | None = None  # a POST body being read (BODY), and how long it is
-        self._body_needed = 0
-        self._on_body = None
+    __slots__ = ()  # the slots are ConnectionState's: a connection has no __dict__
 
     # asyncio protocol
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """At TCP accept: counted (in all, from its address, in the handshake phase) or refused
         at once; with TLS, its TLS handshake starts here, within those counts."""
-        self._use(transport)
+        transport = cast(asyncio.Transport, transport)  # a stream server's transport
+        self.use_transport(transport)
         server = self.server
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
         self.last_seen = server.loop.time()
         error = server.accept(self)
         if error is not None:
-            self._refuse_at_accept(error)
+            self.refuse_at_accept(error)
             return
         if server.tls is not None:
-            self._start_tls(transport)
+            self.start_tls(transport, server.tls)
         else:
-            self._timer = server.loop.call_later(server.config.handshake_timeout_s, self._handshake_expired)
+            self.timer = server.loop.call_later(server.config.handshake_timeout_s, self.handshake_expired)
 
-    def _use(self, transport: asyncio.Transport) -> None:
+    def use_transport(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         # the transport's own methods, called once per connection per tick
         self.write = transport.write
@@ -132,21 +83,21 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         if state == OPEN or state == CLOSING:
             server.bytes_in += len(data)
             self.bytes_in += len(data)
-            buffer = self._buffer
+            buffer = self.unhandled
             if buffer is not None:
                 buffer += data
-                if len(buffer) < self._needed or self._queued:
+                if len(buffer) < self.needed or self.queued:
                     return
-                self._buffer = None
-                data = buffer
-            elif self._queued:
-                self._buffer = bytearray(data)
-                return
-            self._consume(data, 0, False)
+                self.unhandled = None
+                self.consume(buffer, 0, False)
+            elif self.queued:
+                self.unhandled = bytearray(data)
+            else:
+                self.consume(data, 0, False)
         elif state == HANDSHAKE:
-            self._handshake_data(data)
+            self.handshake_data(data)
         elif state == BODY:
-            self._body_data(data)
+            self.body_data(data)
         elif state == REFUSED:
             self.transport.close()  # its request was read: the answer is not lost to a reset
 
@@ -154,21 +105,21 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._gone()
+        self.gone()
 
-    def _gone(self) -> None:
+    def gone(self) -> None:
         """The TCP connection is gone (or its TLS handshake failed): release what it held.
         Called again for a connection gone in its handshake phase, it changes nothing."""
         previous = self.state
         self.state = CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._wake is not None and self.post is None:  # a POST's frame is still applied after its sit-out
-            self._wake.cancel()
-            self._wake = None
-        self._buffer = None
-        self._body = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.wake is not None and self.post is None:  # a POST's frame is still applied after its sit-out
+            self.wake.cancel()
+            self.wake = None
+        self.unhandled = None
+        self.body = None
         self.partial_since = 0.0
         server = self.server
         if self.stream is not None:
@@ -204,22 +155,25 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         if self.stream is not None:
             self.stream.resume_writing()
             return
-        box = self.box
-        if box is None:
+        session = self.session
+        if session is None:
             return
+        box = session.box
         box.paused = False
         box.transport_bytes = self.transport.get_write_buffer_size()
-        shedding = self.session.shedding
+        shedding = session.shedding
         router = self.server.router
         if (box.size or self.pong is not None or (shedding is not None and shedding.held) or box in router.replaying) and not box.closed:
             router.schedule_write(box)
 
     # frames
 
-    def _consume(self, data, pos: int, progress: bool) -> None:
+    def consume(self, data: bytes | bytearray, pos: int, progress: bool) -> None:
         """Handle the complete frames in data[pos:] and keep what is left. Once the server's
         loop iteration has done its share, stop and wait in the server's queue; with
         `progress` (the head of that queue) handle at least one frame first."""
+        session = self.session
+        assert session is not None  # frames are read once the upgrade made the session
         server = self.server
         router = server.router
         max_frame = server.config.max_frame_bytes
@@ -238,7 +192,7 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
                 self.partial_since = started or server.loop.time()
                 return
             if type(result) is int:
-                self._protocol_error(result)
+                self.protocol_error(result)
                 return
             progress = False
             opcode, fin, payload, pos = result
@@ -248,25 +202,25 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
                 before = router.spent()
                 router.input_bytes += len(payload)
                 try:
-                    done = self.session.receive(payload)
+                    done = session.receive(payload)
                 except Exception:
                     logs.log.exception("internal error handling a frame", extra={"fields": {"conn": self.id}})
                     self.close(CloseCode.INTERNAL_ERROR, "internal error")
                     return
-                self._owe(router.spent() - before)  # its bytes, its decoding and the index work it caused
+                self.owe(router.spent() - before)  # its bytes, its decoding and the index work it caused
                 if not done:
                     self._keep(data, pos)
-                    self._wait()
+                    self._wait(session)
                     return
             elif opcode == PING:
                 router.input_bytes += len(payload) + CONTROL_FRAME_COST  # pings use the iteration's budget too
                 if self.state == OPEN:
                     self.pong = payload
-                    router.schedule_write(self.box)
+                    router.schedule_write(session.box)
             elif opcode == PONG:
                 self.ping_sent = 0.0
             elif opcode == CLOSE:
-                self._close_received(payload)
+                self.close_received(payload)
                 return
             elif self.state == OPEN:
                 if opcode == TEXT and fin:
@@ -280,16 +234,16 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         caller says when it is an incomplete frame the client has to finish)."""
         self.partial_since = 0.0
         if pos >= len(data):
-            self._buffer = None
-            self._needed = 0
+            self.unhandled = None
+            self.needed = 0
             return
-        self._buffer = bytearray(memoryview(data)[pos:])
-        self._needed = frame_needs(self._buffer, 0)
+        self.unhandled = bytearray(memoryview(data)[pos:])
+        self.needed = frame_needs(self.unhandled, 0)
 
     def resume(self) -> None:
         """Called by the server in a later loop iteration: carry on with what was left (at
         least one message or frame, whatever the budget)."""
-        self._queued = False
+        self.queued = False
         if self.state == CLOSED and self.post is None:
             return  # (a fallback POST's frame is applied to its stream even when the POST's client left)
         if self.debt:
@@ -297,8 +251,8 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
             # much work is worth, then take a turn in the queue again
             delay = self.debt / TICK_INPUT_BYTES * TICK_BUDGET_S
             self.debt = 0
-            self._queued = True
-            self._wake = self.server.loop.call_later(delay, self._sat_out)
+            self.queued = True
+            self.wake = self.server.loop.call_later(delay, self._sat_out)
             return
         if self.post is not None:
             self.server.fallback.apply(self, progress=True)
@@ -306,20 +260,21 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
                 self._read_again()
             return
         session = self.session
+        assert session is not None  # only a connection that read frames waits in the queue
         progress = True
         if session.suspended:
             router = self.server.router
             before = router.spent()
             done = session.resume()
-            self._owe(router.spent() - before)
+            self.owe(router.spent() - before)
             if not done:
-                self._wait()
+                self._wait(session)
                 return
             progress = False
-        buffer = self._buffer
+        buffer = self.unhandled
         if buffer is not None:
-            self._buffer = None
-            self._consume(buffer, 0, progress)
+            self.unhandled = None
+            self.consume(buffer, 0, progress)
         self._read_again()
 
     def bound_writes(self, shedding: bool) -> None:
@@ -336,14 +291,14 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         else:
             self.transport.set_write_buffer_limits()
 
-    def _owe(self, used: int) -> None:
+    def owe(self, used: int) -> None:
         """Work of this connection's (`used`, in budget bytes) in one go: what passed one
         iteration's budget is owed, and sat out before its next turn."""
         if used > TICK_INPUT_BYTES:
             self.debt += used - TICK_INPUT_BYTES
 
     def _sat_out(self) -> None:
-        self._wake = None
+        self.wake = None
         if self.state != CLOSED or self.post is not None:
             self.server.queue(self)
 
@@ -361,11 +316,11 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         self.held = True
         self._stop_reading()
 
-    def _wait(self) -> None:
+    def _wait(self, session: Session) -> None:
         """The session stopped inside a frame: go on in a following iteration, or, when a
         subscription waits for the backplane, once the router says (`unpark`). Not read
         meanwhile."""
-        if self.session.parked:
+        if session.parked:
             self.suspend_reading()
         else:
             self.server.queue(self)
@@ -383,23 +338,19 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
 
     def suspend_reading(self) -> None:
         """Stop reading from the socket until `resume()` (the server's queue calls this)."""
-        self._queued = True
+        self.queued = True
         self._stop_reading()
 
     def _stop_reading(self) -> None:
-        if self._reading:
-            self._reading = False
+        if self.reading:
+            self.reading = False
             self.transport.pause_reading()
 
     def _read_again(self) -> None:
         """Read from the socket again unless the server's queue or the memory bound holds it."""
-        if not self._queued and not self._reading and not self.held and self.state in (OPEN, HANDSHAKE):
-            self._reading = True
+        if not self.queued and not self.reading and not self.held and self.state in (OPEN, HANDSHAKE):
+            self.reading = True
             self.transport.resume_reading()
-
-    @property
-    def in_tls_handshake(self) -> bool:
-        return self._tls is not None
 
     def audit(self, event: str, **fields: object) -> None:
         """An audit log line about this client's request (a permission denial): the
