@@ -17,7 +17,7 @@ else:
 
         IMPLEMENTATION = "cython"
     except ImportError:
-        from . import _fastpath_py as _impl  # type: ignore[no-redef]
+        from . import _fastpath_py as _impl
 
         IMPLEMENTATION = "python"
 

@@ -127,8 +127,12 @@ def split_patterns(text: str) -> tuple[str, ...]:
     return out
 
 
-def _rights(value: Rights | tuple[str, ...] | None) -> Rights | None:
-    return value if value is None or isinstance(value, Rights) else Rights(tuple(value))
+def _rights(value: Rights | tuple[str, ...]) -> Rights:
+    return value if isinstance(value, Rights) else Rights(tuple(value))
+
+
+def _optional_rights(value: Rights | tuple[str, ...] | None) -> Rights | None:
+    return None if value is None else _rights(value)
 
 
 class Grants:
@@ -141,8 +145,8 @@ class Grants:
                  history: Rights | tuple[str, ...] | None = None, respond: Rights | tuple[str, ...] | None = None) -> None:
         self.subscribe = _rights(subscribe)
         self.publish = _rights(publish)
-        self.history = _rights(history)
-        self.respond = _rights(respond)
+        self.history = _optional_rights(history)
+        self.respond = _optional_rights(respond)
         self._published: dict[str, bool] = {}
 
     def subscriptions_for(self, pattern: str) -> list[str]:

@@ -83,7 +83,7 @@ def intersect(a: str, b: str) -> str | None:
     one token, `>` one or more), so their intersection is one pattern or nothing."""
     x = a.split(".")
     y = b.split(".")
-    out = []
+    out: list[str] = []
     for i in range(max(len(x), len(y))):
         p = x[i] if i < len(x) else None
         q = y[i] if i < len(y) else None

@@ -121,8 +121,8 @@ class Sweeper:
             if conn.state != OPEN or session is None:  # (an open connection has its session)
                 continue
             heartbeat = session.heartbeat_ms
-            if heartbeat and (now - conn.last_sent) * 1000 >= heartbeat and not conn.box.scheduled:
-                self.router.send(conn.box, encode(Heartbeat(wall_ms)))
+            if heartbeat and (now - conn.last_sent) * 1000 >= heartbeat and not session.box.scheduled:
+                self.router.send(session.box, encode(Heartbeat(wall_ms)))
                 conn.last_sent = now  # written at the end of this iteration
             if conn.held:
                 continue  # a held connection is not read: its pongs wait with the rest
