@@ -79,7 +79,7 @@ class Outbox:
 
     def knows(self, topic_id: int) -> bool:
         node = self.solo_node
-        return topic_id in self.known or (node is not None and node.known is not None and topic_id in node.known)
+        return topic_id in self.known or (node is not None and topic_id in node.known)
 
     def introduce(self, state: TopicState) -> bool:
         """Queue the topic's announcement unless this connection knows its id already; True
@@ -111,19 +111,19 @@ class Outbox:
         if not pieces:
             return b""
         key = (self.sig, len(pieces))
-        data = None
+        frame: bytes | None = None
         if shared is not None:
             hit = shared.get(key)
             if hit is not None and all(a is b for a, b in zip(hit[0], pieces)):
-                data = hit[1]
-        if data is None:
-            data = assemble(pieces, max_frame)
+                frame = hit[1]
+        if frame is None:
+            frame = assemble(pieces, max_frame)
             if shared is not None:
-                shared[key] = (pieces, data)
+                shared[key] = (pieces, frame)
         self.pieces = []
         self.size = 0
         self.sig = _SIG_SEED
-        return data
+        return frame
 
     def keep(self) -> bool:
         """Move this tick's batches of its solo node into its own pieces (its transport is

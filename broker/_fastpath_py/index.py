@@ -4,7 +4,7 @@ each topic's list of the nodes that match it. Part of the pure-Python fast path
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from .topics import TopicState, add_node
 
@@ -32,7 +32,7 @@ class Node:
         self.solo: dict = {}
         self.pieces: list[bytes] = []
         self.frame: bytes | None = None
-        self.known: set[int] | None = None  # None while there is no solo member
+        self.known: set[int] = set()  # empty while there is no solo member
         self.dead = False
 
 
@@ -74,15 +74,14 @@ def _matches(pattern: list[str], tokens: list[str]) -> bool:
     return len(pattern) == n
 
 
-class _Excluding:
+class _Exclusions:
     """A subscription string with exclusions, `PATTERN !DENIED !DENIED...` (a grant's deny
-    entries cut out of a subscription): its node and its parts, split at dots."""
+    entries cut out of a subscription): its parts, split at dots."""
 
-    __slots__ = ("node", "base", "excluded")
+    __slots__ = ("base", "excluded")
 
-    def __init__(self, pattern: str, node: "Node | None" = None) -> None:
+    def __init__(self, pattern: str) -> None:
         parts = pattern.split(" !")
-        self.node = node
         self.base = parts[0].split(".")
         self.excluded = [part.split(".") for part in parts[1:]]
 
@@ -93,6 +92,16 @@ class _Excluding:
             if _matches(excluded, tokens):
                 return False
         return True
+
+
+class _Excluding(_Exclusions):
+    """A subscription string with exclusions held by someone: its parts and its node."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, pattern: str, node: Node) -> None:
+        super().__init__(pattern)
+        self.node = node
 
 
 class Index:
@@ -237,7 +246,7 @@ class Index:
         """The topics that match `pattern` (a topic, a pattern, or a pattern with exclusions),
         found through the topic trie."""
         if " " in pattern:
-            entry = _Excluding(pattern)
+            entry = _Exclusions(pattern)
             return [state for state in self._matching_topics(pattern.partition(" ")[0]) if entry.matches(state.name.split("."))]
         return self._matching_topics(pattern)
 
@@ -262,9 +271,9 @@ class Index:
             for child in trie.children.values():
                 self._match_topics(child, tokens, i + 1, out)
         else:
-            child = trie.children.get(token)
-            if child is not None:
-                self._match_topics(child, tokens, i + 1, out)
+            below = trie.children.get(token)
+            if below is not None:
+                self._match_topics(below, tokens, i + 1, out)
 
     def _subtree(self, trie: _TopicTrie, out: list) -> None:
         self.work += 1
@@ -328,8 +337,9 @@ class Index:
             # the node's deliveries name topics announced to its solo members: announce to the
             # newcomer, first, those it was not
             for topic_id in sorted(node.known - box.known):
-                if self.states[topic_id] is not None:  # not retired
-                    box._add(self.states[topic_id].announce)
+                state = self.states[topic_id]
+                if state is not None:  # not retired
+                    box._add(state.announce)
                     self.work += 1
             box.known |= node.known
         node.solo[box] = None
@@ -347,7 +357,7 @@ class Index:
         box.solo_node = None
         box.offset = 0
         if not node.solo:
-            node.known = None
+            node.known = set()
 
     def node(self, pattern: str) -> Node | None:
         """The node of `pattern`, if anyone holds it."""
@@ -375,6 +385,10 @@ class Index:
                     seen[box] = None
         return list(seen)
 
+    @overload
+    def _node(self, pattern: str, create: Literal[True]) -> Node: ...
+    @overload
+    def _node(self, pattern: str, create: Literal[False]) -> Node | None: ...
     def _node(self, pattern: str, create: bool) -> Node | None:
         if " " in pattern:
             entry = self.excluding.get(pattern)
@@ -391,9 +405,9 @@ class Index:
             node = self.exact.get(pattern)
             if node is None and create:
                 node = self.exact[pattern] = Node(pattern)
-                state = self.topics.get(pattern)
-                if state is not None:
-                    add_node(state, node)
+                topic = self.topics.get(pattern)
+                if topic is not None:
+                    add_node(topic, node)
                     self.work += 1
             return node
         trie = self._root
@@ -443,7 +457,9 @@ class Index:
         chain = [self._root]
         for token in tokens[:-1] if tokens[-1] == ">" else tokens:
             trie = chain[-1]
-            chain.append(trie.star if token == "*" else trie.children[token])
+            step = trie.star if token == "*" else trie.children[token]
+            assert step is not None  # the path of a held pattern exists down to its node
+            chain.append(step)
         if tokens[-1] == ">":
             chain[-1].rest = None
             path = tokens[:-1]

@@ -53,10 +53,9 @@ def fast_publish(data, topics_by_key: dict, max_payload: int, max_count: int, di
     if batch and (data[0] & 0x0F if head == 1 else int.from_bytes(data[1:head], "big")) > max_count:
         return -1
     try:
-        value = (_decode_fast_batch if batch else _decode_fast_one)(data)
+        messages = _decode_fast_batch(data) if batch else [_decode_fast_one(data)]
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return -1
-    messages = value if batch else [value]
     if not messages or len(messages) > max_count:
         return -1
     accepted = []
