@@ -10,7 +10,7 @@ A client frame carries either one message (`["pub", ...]`) or an array of messag
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple, Union
+from typing import Annotated, Literal, NamedTuple, Union, final
 
 import msgspec
 
@@ -41,7 +41,7 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True, tag_field="type"):
 # Client to server
 
 
-class Sub(_Wire, tag="sub"):
+class Sub(_Wire, tag="sub", frozen=True):
     """Subscribe to an exact topic or a wildcard pattern.
 
     `since`: recover from history what came after a position: `[epoch, seq]` for a topic,
@@ -59,7 +59,7 @@ class Sub(_Wire, tag="sub"):
     policy: Literal["", "disconnect", "drop", "conflate"] = ""
 
 
-class Unsub(_Wire, tag="unsub"):
+class Unsub(_Wire, tag="unsub", frozen=True):
     """Drop a subscription made earlier with the same topic or pattern."""
 
     id: RequestId
@@ -69,7 +69,7 @@ class Unsub(_Wire, tag="unsub"):
 MAX_MSG_ID_LENGTH = 128
 
 
-class Pub(_Wire, tag="pub"):
+class Pub(_Wire, tag="pub", frozen=True):
     """Publish one payload to an exact topic. id 0 asks for no ack (errors still come back).
     `msg_id`: the publisher's own id for the message; a repeat within the broker's dedupe
     window is acknowledged with the original sequence number and not delivered again."""
@@ -83,7 +83,7 @@ class Pub(_Wire, tag="pub"):
 MAX_REQUEST_TIMEOUT_MS = 600_000
 
 
-class Req(_Wire, tag="req"):
+class Req(_Wire, tag="req", frozen=True):
     """Ask one responder subscribed to `topic` for a reply, within `timeout_ms`."""
 
     id: RequestId
@@ -92,7 +92,7 @@ class Req(_Wire, tag="req"):
     timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_REQUEST_TIMEOUT_MS)] = 5000
 
 
-class Reply(_Wire, tag="reply"):
+class Reply(_Wire, tag="reply", frozen=True):
     """A responder's answer to the `request` numbered `id` (client to server), or the answer
     to the requester's `req` with id `id` (server to client). Either way an id in the range of
     request ids (a request number the server gave is one too), so a client's reply with an
@@ -102,7 +102,7 @@ class Reply(_Wire, tag="reply"):
     data: bytes
 
 
-class Auth(_Wire, tag="auth"):
+class Auth(_Wire, tag="auth", frozen=True):
     """A fresh token for this connection (before the current one expires): the same user,
     its grants replace the old ones."""
 
@@ -115,7 +115,7 @@ MIN_HEARTBEAT_MS = 1000
 MAX_HEARTBEAT_MS = 3_600_000
 
 
-class Hb(_Wire, tag="hb"):
+class Hb(_Wire, tag="hb", frozen=True):
     """Ask the server to send this connection a `beat` whenever it has sent it nothing else for
     `interval_ms` (0: stop), so that the client can tell a quiet connection from a dead one."""
 
@@ -130,7 +130,7 @@ CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply", "auth", "hb")
 # Server to client
 
 
-class Ack(_Wire, tag="ack"):
+class Ack(_Wire, tag="ack", frozen=True):
     """Success reply. For `pub`: the topic epoch and the sequence number given to the message.
     For `sub` of an exact topic: the topic epoch and the last sequence number published so far
     (0, 0 when nothing was published yet). 0, 0 for patterns and `unsub`."""
@@ -140,7 +140,7 @@ class Ack(_Wire, tag="ack"):
     seq: int = 0
 
 
-class Err(_Wire, tag="err"):
+class Err(_Wire, tag="err", frozen=True):
     """Failure reply: echoes the request id (0 when none could be read)."""
 
     id: int
@@ -148,7 +148,8 @@ class Err(_Wire, tag="err"):
     text: str
 
 
-class Topic(_Wire, tag="topic"):
+@final  # final: ServerReader tells it apart by its exact type
+class Topic(_Wire, tag="topic", frozen=True):
     """Announces that `id` stands for `topic` (with its epoch) in this connection's deliveries.
     Sent once per connection before the first delivery of the topic, again only if its epoch
     changes."""
@@ -161,7 +162,7 @@ class Topic(_Wire, tag="topic"):
 GAP_CAUSES = ("history", "ended", "replay", "dropped", "conflated", "backplane")
 
 
-class GapNotice(_Wire, tag="gap"):
+class GapNotice(_Wire, tag="gap", frozen=True):
     """Messages `first` ... `last` of `topic` in `epoch` will not reach this connection
     (`last` 0: up to the end of that epoch); `reason` says why, for people; `cause`, for
     programs, is one of GAP_CAUSES (`conflated`: the topic's next delivery is the newest
@@ -192,7 +193,7 @@ class Gap(NamedTuple):
     cause: str = ""
 
 
-class Request(_Wire, tag="request"):
+class Request(_Wire, tag="request", frozen=True):
     """A `req` passed to this connection as its responder: answer with `["reply", id, data]`.
     `user`: the requester's (its token's `auth_user_claim`); None without authentication or
     for an anonymous requester (and from servers before the field was added)."""
@@ -203,14 +204,14 @@ class Request(_Wire, tag="request"):
     user: Union[str, None] = None
 
 
-class Heartbeat(_Wire, tag="beat"):
+class Heartbeat(_Wire, tag="beat", frozen=True):
     """The server is there: sent to a connection that asked for heartbeats (`hb`) and was sent
     nothing else for its interval. `time_ms`: the server's clock (Unix time, milliseconds)."""
 
     time_ms: int
 
 
-class Unsubscribed(_Wire, tag="unsubscribed"):
+class Unsubscribed(_Wire, tag="unsubscribed", frozen=True):
     """The server ended this connection's subscription `topic` (the topic or pattern as its
     `sub` named it): nothing more comes of it, and it is not made again on a reconnection.
     Sent when an operator unsubscribes the connection's user (the admin API); `reason` says
@@ -228,6 +229,7 @@ class Batch(NamedTuple):
     data: list[bytes]
 
 
+@final  # final: ServerReader tells it apart by its exact type
 class Msg(NamedTuple):
     """`["msg", batch, batch, ...]`: deliveries, each batch `[topic_id, seq, payload, ...]`."""
 
@@ -244,6 +246,8 @@ class Delivery(NamedTuple):
 
 
 ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Unsubscribed, Msg]
+# What ServerReader returns: the server's messages but announcements, each msg batch resolved.
+ReaderEvent = Union[Ack, Err, GapNotice, Request, Reply, Heartbeat, Unsubscribed, Delivery]
 SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "beat", "unsubscribed", "msg")
 
 _encoder = msgspec.msgpack.Encoder()
@@ -535,19 +539,18 @@ class ServerReader:
     def __init__(self) -> None:
         self.topics: dict[int, tuple[str, int]] = {}
 
-    def read(self, data: bytes | memoryview) -> list[Ack | Err | GapNotice | Request | Reply | Heartbeat | Delivery]:
-        """Acks, errors, heartbeats and deliveries of one frame, in order; announcements update
-        the table."""
-        out: list[Ack | Err | GapNotice | Request | Reply | Heartbeat | Delivery] = []
+    def read(self, data: bytes | memoryview) -> list[ReaderEvent]:
+        """Acks, errors, heartbeats, other notices and deliveries of one frame, in order;
+        announcements update the table."""
+        out: list[ReaderEvent] = []
         for message in decode_server_frame(data):
-            kind = type(message)
-            if kind is Msg:
+            if type(message) is Msg:
                 for batch in message.batches:
                     known = self.topics.get(batch.topic_id)
                     if known is None:
                         raise ProtocolViolation(f"delivery for topic id {batch.topic_id}, which was never announced")
                     out.append(Delivery(known[0], known[1], batch.seq, batch.data))
-            elif kind is Topic:
+            elif type(message) is Topic:
                 self.topics[message.id] = (message.topic, message.epoch)
             else:
                 out.append(message)
