@@ -401,7 +401,8 @@ class Guard:
     def add_user(self, limits: ConnectionLimits, user: str) -> None:
         """Count an admitted connection as `user`'s (429 past max_connections_per_user) and
         charge its publishes to the user's buckets too. Idempotent for the same user."""
-        if limits.user == user or limits.released:
+        ip = limits.ip
+        if limits.user == user or ip is None:  # the same user, or released
             return
         if limits.user is not None:
             self._drop_user(limits)
@@ -409,7 +410,7 @@ class Guard:
         count = entry.connections if entry is not None else 0
         if count >= self.config.max_connections_per_user:
             self._refuse(429, "max_connections_per_user", f"user {user!r} has {_many(count, 'connection')}, the limit (max_connections_per_user)",
-                         limits.ip, limits.owner, user)
+                         ip, limits.owner, user)
         if entry is None:
             entry = self.users[user] = _User(user, self.config, self.clock)
         entry.connections += 1
@@ -446,6 +447,8 @@ class Guard:
 
     def _drop_user(self, limits: ConnectionLimits) -> None:
         user = limits.user
+        if user is None:  # counted under no user
+            return
         entry = self.users[user]
         entry.connections -= 1
         limits.user = None
@@ -468,10 +471,10 @@ class Guard:
         raise LimitRefused(status, text, limit)
 
     def _end_handshake(self, limits: ConnectionLimits) -> None:
-        if not limits.handshaking:
+        ip = limits.ip
+        if not limits.handshaking or ip is None:  # (released ends the handshake phase first)
             return
         limits.handshaking = False
-        ip = limits.ip
         self.handshakes -= 1
         left = self.handshakes_per_ip[ip] - 1
         if left:
@@ -487,10 +490,9 @@ class Guard:
         LimitRefused, in this order: max_connections (503), max_connections_per_ip (429),
         max_handshakes (503), max_handshakes_per_ip (429). A client that connects and stays
         silent holds a counted connection until handshake_timeout_s closes it."""
-        ip = _ip_of(conn)
+        ip = sys.intern(_ip_of(conn))  # the string admit keeps (it interns it too)
         limits = self.admit(ip, owner=conn)
         cfg = self.config
-        ip = limits.ip
         if self.handshakes >= cfg.max_handshakes:
             self.release(limits)
             self._refuse(503, "max_handshakes", f"{_many(self.handshakes, 'connection')} are in their handshake, the limit (max_handshakes); try again later",
