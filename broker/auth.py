@@ -261,7 +261,7 @@ class Authenticator:
         user = claims.get(cfg.auth_user_claim)
         user = str(user)[:256] if user is not None else None
         iat = claims.get("iat")
-        issued = float(iat) if type(iat) in (int, float) else None
+        issued = float(iat) if type(iat) is int or type(iat) is float else None
         if self.rules and self.rules.revoked(jti, user, issued):
             raise AuthError(403, "token revoked")
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
 from .errors import ErrorCode, RequestError
-from .fastpath import Outbox, fanout_steps, fast_publish
+from .fastpath import Outbox, TopicState, fanout_steps, fast_publish
 from .pressure import HARD_LIMIT_FACTOR
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
 from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, Unsubscribed, check_payload, encode, message_heads, payload_too_large, read_client_frame
@@ -71,7 +71,7 @@ class Session:
         # on the compiled path look topics up in `_allowed`, those this connection may publish to.
         self._held: dict[str, int] = {}
         self._effective: dict[str, list[str]] = {}
-        self._allowed: dict[bytes, object] = {}
+        self._allowed: dict[bytes, TopicState] = {}
         self._allowed_mark = 0
         self.box = Outbox(owner, limits.max_pending_bytes, limits.max_pending_bytes * HARD_LIMIT_FACTOR)
         self.subscriptions: dict[str, int] = {}  # pattern -> its slow-consumer policy
@@ -213,17 +213,18 @@ class Session:
         self._next = 0
         self._frame = data if type(data) is bytes else bytes(data)
         self._bad = bad
-        return self._apply()
+        return self._apply(messages)
 
     def resume(self) -> bool:
         """Carry on with a frame that `receive()` left unfinished; False if it stops again."""
         self.parked = False
-        if self._backlog is None:
-            return True
-        return self._apply()
-
-    def _apply(self) -> bool:
         messages = self._backlog
+        if messages is None:
+            return True
+        return self._apply(messages)
+
+    def _apply(self, messages: list) -> bool:
+        """Apply the messages of the frame in `_backlog` (`messages`), from `_next` on."""
         start = i = self._next
         router = self.router
         box = self.box
@@ -455,7 +456,7 @@ class Session:
         old = self.identity.grants
         self.identity = identity
         grants = identity.grants
-        if grants != old:
+        if grants is not None and grants != old:  # (a verified token always carries grants)
             self._allowed.clear()
             for pattern in self.subscriptions:
                 new = grants.subscriptions_for(pattern)

@@ -36,7 +36,7 @@ def publish_item(item, max_payload: int) -> tuple[str, bytes]:
 # The HTTP status of a refused single-message publish, by the error code of docs/protocol.md
 # (400 for the others): what the client sent is wrong (400, 413), or the broker cannot take it
 # now (503: its topics are at max_topics, or Redis did not take it in time).
-PUBLISH_STATUS = {
+PUBLISH_STATUS: dict[int, int] = {
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.TOO_MANY_TOPICS: 503,
     ErrorCode.UNAVAILABLE: 503,
