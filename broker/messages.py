@@ -40,6 +40,9 @@ class _Wire(msgspec.Struct, array_like=True, frozen=True, tag_field="type"):
 
 # Client to server
 
+# A subscription's slow-consumer policy as a `sub` names it ("": the server's).
+PolicyName = Literal["", "disconnect", "drop", "conflate"]
+
 
 class Sub(_Wire, tag="sub", frozen=True):
     """Subscribe to an exact topic or a wildcard pattern.
@@ -56,7 +59,7 @@ class Sub(_Wire, tag="sub", frozen=True):
     since: Union[list, None] = None
     last: bool = False
     respond: bool = False
-    policy: Literal["", "disconnect", "drop", "conflate"] = ""
+    policy: PolicyName = ""
 
 
 class Unsub(_Wire, tag="unsub", frozen=True):

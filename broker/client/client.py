@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError
-from ..messages import MAX_REQUEST_TIMEOUT_MS, Pub, Req, Request, Sub, Unsub, encode
+from ..messages import MAX_REQUEST_TIMEOUT_MS, PolicyName, Pub, Req, Request, Sub, Unsub, encode
 from ..topics import validate_pattern, validate_topic
 from .connection import Connection
 from .protocol import PublishAck, wire_since
@@ -92,7 +92,7 @@ class Client(Connection):
         max_queue: int | None = None,
         since: tuple[int, int] | tuple[int, dict[str, tuple[int, int]]] | None = None,
         last: bool = False,
-        policy: str = "",
+        policy: PolicyName = "",
     ) -> Subscription:
         """Subscribe to a topic or pattern; returns once the broker acknowledged it.
 

@@ -75,7 +75,8 @@ class _Listener(WSListener):
             client.protocol.receive(frame.get_payload_as_memoryview())
         elif kind is WSMsgType.CLOSE:
             if not transport.is_close_frame_sent:
-                client._close_info = (int(frame.get_close_code()), frame.get_close_reason() or "")
+                # picows's stub declares WSCloseCode an Enum; at run time it is an IntEnum
+                client._close_info = (int(frame.get_close_code()), frame.get_close_reason() or "")  # type: ignore[call-overload]
                 transport.send_close(WSCloseCode.OK)
             transport.disconnect()
         elif kind is WSMsgType.PING:
@@ -242,7 +243,7 @@ class Connection:
             if self.token is not None:
                 token = await self._fresh_token()
                 headers["Authorization"] = f"Bearer {token}"
-            self._transport, listener = await asyncio.wait_for(
+            transport, listener = await asyncio.wait_for(
                 ws_connect(
                     self._new_listener,
                     self.url,
@@ -256,6 +257,7 @@ class Connection:
                 ),
                 self.connect_timeout,
             )
+            self._transport = transport
             if listener is None:  # picows returns, without a listener, when the connection ends before the upgrade's answer
                 hint = "" if self.secure else " (a broker that serves TLS takes wss:// URLs)"
                 raise ConnectionError(f"the connection closed before the WebSocket handshake completed{hint}")
@@ -268,7 +270,7 @@ class Connection:
             if isinstance(exc, (BrokerError, asyncio.CancelledError)) or not isinstance(exc, Exception):
                 raise
             raise ConnectionClosed(1006, reason) from exc
-        self.protocol.opened(partial(self._transport.send, WSMsgType.BINARY))
+        self.protocol.opened(partial(transport.send, WSMsgType.BINARY))
         self._connected.set()
         if self.heartbeat_s is not None:
             self.protocol.queue(encode(Hb(0, int(self.heartbeat_s * 1000))))
@@ -294,12 +296,12 @@ class Connection:
 
     # liveness
 
-    def _watch(self, listener: _Listener, frames: int, heard: float) -> None:
+    def _watch(self, listener: WSListener, frames: int, heard: float) -> None:
         """Check, a few times per heartbeat_timeout_s, that something arrived on the connection
         of `listener` since the last check (`frames`, at loop time `heard`)."""
         self._watchdog = self.loop.call_later(self.heartbeat_timeout_s / 4, self._check_alive, listener, frames, heard)
 
-    def _check_alive(self, listener: _Listener, frames: int, heard: float) -> None:
+    def _check_alive(self, listener: WSListener, frames: int, heard: float) -> None:
         self._watchdog = None
         if self._listener is not listener or not self.protocol.connected:
             return  # that connection ended
@@ -523,7 +525,7 @@ class Connection:
         if self._transport is not None and self._transport.close_handshake is not None:
             recv = self._transport.close_handshake.recv
             if recv is not None and self._close_info is None:
-                code, reason = int(recv.code), recv.reason or ""
+                code, reason = int(recv.code), recv.reason or ""  # type: ignore[call-overload]  # an IntEnum at run time (picows's stub: Enum)
         self._close_info = (code, reason)
         self._connected.clear()
         stays = not (self._closing or not self.reconnect or code in FATAL_CLOSE_CODES)

@@ -15,7 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import SubscriptionOverflow
-from ..messages import Gap
+from ..messages import Gap, PolicyName
 
 if TYPE_CHECKING:
     from .client import Client
@@ -46,7 +46,7 @@ class Subscription:
     (epoch, seq) of the last message delivered, and anything at or before it (a replay
     overlapping what arrived live) is skipped. A Gap says which messages will not come."""
 
-    def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int, policy: str = "") -> None:
+    def __init__(self, client: Client, pattern: str, callback: Callback | None, max_queue: int, policy: PolicyName = "") -> None:
         self.client = client
         self.pattern = pattern
         self.policy = policy  # its slow-consumer policy at the broker ("": the server's)
