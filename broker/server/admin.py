@@ -96,7 +96,7 @@ class Admin:
         self.watchers = 0
         self.hot = dashboard.HotTopics()  # measured while a dashboard is open
         self._scanning: asyncio.TimerHandle | None = None
-        self._closing: asyncio.Event | None = None
+        self._closing = asyncio.Event()  # set by stop(); made again by each start
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
@@ -133,8 +133,7 @@ class Admin:
         if self._scanning is not None:
             self._scanning.cancel()
             self._scanning = None
-        if self._closing is not None:
-            self._closing.set()  # open dashboards' event streams end
+        self._closing.set()  # open dashboards' event streams end
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

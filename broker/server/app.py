@@ -41,7 +41,7 @@ from ..session import SessionLimits
 from . import handshake, logs, tls
 from .connection import OPEN, Connection
 from .deadletters import DeadLetters
-from .fallback import Fallback
+from .fallback import Fallback, OpenConnection
 from .metrics import LoopLag
 from .shutdown import Shutdown
 from .sweep import Sweeper
@@ -125,7 +125,7 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
             max_batch_messages=config.max_batch_messages,
             policy=policy.BY_NAME[config.slow_consumer_policy],
         )
-        self.connections: dict[int, Connection] = {}  # open (upgraded) connections
+        self.connections: dict[int, OpenConnection] = {}  # open (upgraded) connections and fallback streams
         self.handshaking: dict[int, Connection] = {}  # accepted, upgrade not yet done (TLS included)
         self.refusing = 0  # connections refused at accept whose TCP connection is not gone yet
         self.guard = limits.Guard(config, log=logs.event)  # connections admitted, rate limits, audit log
@@ -160,7 +160,7 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         # to tell to move, in a random order, how many of them were told, and what to call
         # once every one was
         self.lame_duck_since: float | None = None
-        self._moving: list[Connection] = []
+        self._moving: list[OpenConnection] = []
         self._moved = 0
         self._lame_done: Callable[[], object] | None = None
         self._lame_timer: asyncio.TimerHandle | None = None
@@ -295,7 +295,7 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
             return
         logs.event(logging.INFO, "tls_reloaded", cert=self.certificate.cert_file, sha256=self.certificate.sha256, previous=old.sha256)
 
-    def on_disconnected(self, conn: Connection) -> None:
+    def on_disconnected(self, conn: OpenConnection) -> None:
         self.pressure.behind.discard(conn.box)
         if self._all_gone is not None and not self.connections:
             self._all_gone.set()

@@ -21,7 +21,7 @@ import binascii
 import logging
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from ..auth import AuthError
 from ..errors import BrokerError, CloseCode
@@ -59,9 +59,9 @@ def is_fallback(request: handshake.Request) -> bool:
     return PROTOCOL_HEADER in headers
 
 
-def frame_payloads(data: bytes) -> list[bytes]:
+def frame_payloads(data: bytes) -> list[memoryview]:
     """The payloads of the server WebSocket frames in `data` (binary frames as the outbox
-    assembles them: unmasked, FIN set)."""
+    assembles them: unmasked, FIN set), as views into it."""
     out = []
     pos = 0
     view = memoryview(data)
@@ -175,11 +175,12 @@ class Stream:
         self.box.paused = True
 
     def resume_writing(self) -> None:
-        if self.phase != ATTACHED:
+        tcp = self.tcp
+        if self.phase != ATTACHED or tcp is None:  # (attached: tcp is its event stream's)
             return
         box = self.box
         box.paused = False
-        box.transport_bytes = self.tcp.buffer_size()
+        box.transport_bytes = tcp.buffer_size()
         shedding = self.session.shedding
         router = self.server.router
         if (box.size or (shedding is not None and shedding.held) or box in router.replaying) and not box.closed:
@@ -281,6 +282,11 @@ class Stream:
             conn.abort()
         self.held_posts = []
         server.on_disconnected(self)
+
+
+# What Server.connections holds: the open WebSocket connections and fallback event streams
+# (the sweep, the tick, shutdown and the admin API treat both alike).
+OpenConnection = Union["Connection", Stream]
 
 
 def cors_lines(origin: str | None) -> list[str]:
@@ -444,7 +450,10 @@ class Fallback:
         """Apply (or go on applying) the frame of the POST on `conn` within the iteration's
         budget (`progress`: the head of the server's queue, which applies at least one
         message whatever the budget); answer 204 once it is applied."""
-        stream, body, cors = conn.post
+        post = conn.post
+        if post is None:  # (set until the POST is answered)
+            return
+        stream, body, cors = post
         server = self.server
         router = server.router
         if stream.phase == ENDED:

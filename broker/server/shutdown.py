@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..cluster.presence import Presence
     from ..cluster.streams import RedisBackplane
     from .admin import Admin
+    from .fallback import OpenConnection
 
 # Lame-duck mode tells its share of the connections to move this often.
 LAME_DUCK_STEP_S = 0.05
@@ -40,7 +41,7 @@ class Shutdown:
     cluster: RedisBackplane | None
     admin: Admin | None
     presence: Presence | None
-    connections: dict[int, Connection]
+    connections: dict[int, OpenConnection]
     handshaking: dict[int, Connection]
     lame_duck_since: float | None
     _server: asyncio.Server | None
@@ -49,7 +50,7 @@ class Shutdown:
     _all_gone: asyncio.Event | None
     _sweeper: asyncio.TimerHandle | None
     _request_timer: asyncio.TimerHandle | None
-    _moving: list[Connection]
+    _moving: list[OpenConnection]
     _moved: int
     _lame_done: Callable[[], object] | None
     _lame_timer: asyncio.TimerHandle | None
@@ -90,9 +91,9 @@ class Shutdown:
         self._server.close()
         if self.presence is not None:  # out of the cluster's view at once
             await self.presence.stop()
-        for conn in list(self.handshaking.values()):
-            if conn.in_tls_handshake:  # it could not be told 503 (shutting down) before its TLS is up
-                conn.abort()
+        for opening in list(self.handshaking.values()):
+            if opening.in_tls_handshake:  # it could not be told 503 (shutting down) before its TLS is up
+                opening.abort()
         self.tick()
         if self.cluster is not None:
             await self.cluster.stop()  # what was published goes to Redis (its acks with it) first
@@ -157,8 +158,7 @@ class Shutdown:
             box = conn.box
             if box is not None:
                 total += box.size
-            if conn.transport is not None:
-                total += conn.buffer_size()
+            total += conn.buffer_size()  # a fallback stream's: its event stream's TCP buffer (0 while detached)
         return total
 
 

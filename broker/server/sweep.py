@@ -23,7 +23,7 @@ from ..pressure import Pressure
 from ..router import Router
 from . import logs
 from .connection import OPEN, Connection
-from .fallback import Fallback
+from .fallback import Fallback, OpenConnection
 from .metrics import LoopLag
 
 
@@ -41,7 +41,7 @@ class Sweeper:
     guard: Guard
     fallback: Fallback
     pressure: Pressure
-    connections: dict[int, Connection]
+    connections: dict[int, OpenConnection]
     loop_lag: LoopLag
     _sweep_due: float
     _sweep_period: float

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CloseCode
@@ -23,6 +24,9 @@ from ..router import Router
 from ..pressure import HOLD, RELEASE
 from . import logs
 from .connection import OPEN, Connection
+
+if TYPE_CHECKING:
+    from .fallback import OpenConnection
 
 
 class Ticker:
@@ -35,7 +39,7 @@ class Ticker:
     config: Config
     router: Router
     pressure: Pressure
-    connections: dict[int, Connection]
+    connections: dict[int, OpenConnection]
     ticks: int
     writes: int
     bytes_out: int
