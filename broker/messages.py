@@ -250,7 +250,7 @@ class Delivery(NamedTuple):
 
 ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Unsubscribed, Msg]
 # What ServerReader returns: the server's messages but announcements, each msg batch resolved.
-ReaderEvent = Union[Ack, Err, GapNotice, Request, Reply, Heartbeat, Unsubscribed, Delivery]
+ReaderEvent = Ack | Err | GapNotice | Request | Reply | Heartbeat | Unsubscribed | Delivery
 SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "beat", "unsubscribed", "msg")
 
 _encoder = msgspec.msgpack.Encoder()

@@ -22,7 +22,16 @@ from __future__ import annotations
 from typing import Awaitable, Callable
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError
-from ..messages import MAX_REQUEST_TIMEOUT_MS, PolicyName, Pub, Req, Request, Sub, Unsub, encode
+from ..messages import (
+    MAX_REQUEST_TIMEOUT_MS,
+    PolicyName,
+    Pub,
+    Req,
+    Request,
+    Sub,
+    Unsub,
+    encode,
+)
 from ..topics import validate_pattern, validate_topic
 from .connection import Connection
 from .protocol import PublishAck, wire_since

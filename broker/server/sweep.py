@@ -22,7 +22,7 @@ from ..policy import Shed
 from ..pressure import Pressure
 from ..router import Router
 from . import logs
-from .connection import OPEN, Connection
+from .connection import OPEN
 from .fallback import Fallback, OpenConnection
 from .metrics import LoopLag
 
