@@ -44,11 +44,24 @@ def test_hot_topics_are_measured_a_bounded_slice_at_a_time():
     assert hot.hottest(10) == []  # t.3 is gone, t.7 starts again, the others did not move
 
 
+async def held(seconds: int) -> list[float]:
+    """The longest the event loop was held, in each of `seconds` seconds."""
+    worst_per_second = []
+    for _ in range(seconds):
+        worst, last, end = 0.0, time.monotonic(), time.monotonic() + 1
+        while time.monotonic() < end:
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            worst, last = max(worst, now - last), now
+        worst_per_second.append(worst)
+    return worst_per_second
+
+
 @pytest.mark.slow  # a bound on time: measured where the fast path is compiled (the CI's first pass)
 def test_an_open_dashboard_costs_the_event_loop_a_bounded_slice_with_100000_topics():
     """With 100,000 topics, a dashboard's feed used to pass over every topic once a second in
     the event loop (20 to 50 ms each time, what a publish waits behind). Now the longest the
-    loop is held while dashboards are open stays a small fraction of that, and the topics
+    loop is held while dashboards are open stays within 5 ms of what it is with none, and the topics
     looked at are at most SLICE_TOPICS per SLICE_INTERVAL_S."""
 
     async def main():
@@ -58,6 +71,7 @@ def test_an_open_dashboard_costs_the_event_loop_a_bounded_slice_with_100000_topi
                 server.router.publish(f"many.{i}", b"x")
             await asyncio.sleep(0.05)
             assert len(server.router.topics) == 100_000
+            without = await held(3)  # the same broker with no dashboard open: the machine's own delays
             events = []
 
             async def watch(session: aiohttp.ClientSession) -> None:
@@ -69,14 +83,7 @@ def test_an_open_dashboard_costs_the_event_loop_a_bounded_slice_with_100000_topi
             async with aiohttp.ClientSession() as session:
                 watchers = [asyncio.ensure_future(watch(session)) for _ in range(4)]
                 started = time.monotonic()
-                worst_per_second = []
-                for _ in range(4):  # the longest the loop was held, each second
-                    worst, last, end = 0.0, time.monotonic(), time.monotonic() + 1
-                    while time.monotonic() < end:
-                        await asyncio.sleep(0.001)
-                        now = time.monotonic()
-                        worst, last = max(worst, now - last), now
-                    worst_per_second.append(worst)
+                worst_per_second = await held(4)
                 elapsed = time.monotonic() - started
                 for task in watchers:
                     task.cancel()
@@ -84,11 +91,13 @@ def test_an_open_dashboard_costs_the_event_loop_a_bounded_slice_with_100000_topi
             assert len(events) >= 8 and events[-1]["topics"] == 100_000
             visited = server.admin.hot.visited
             assert visited <= (elapsed / dashboard.SLICE_INTERVAL_S + 2) * dashboard.SLICE_TOPICS, visited
-            return worst_per_second
+            return without, worst_per_second
 
-    worst = run(main())
-    # a slice is well under a millisecond; the scheduler of a shared machine adds a few
-    assert statistics.median(worst) < 0.010, [f"{w * 1000:.1f} ms" for w in worst]
+    without, worst = run(main())
+    # a slice is well under a millisecond: open dashboards add little to the longest hold of
+    # the loop the same broker shows without them (the sweep's slices, the machine's scheduler)
+    shown = ([f"{w * 1000:.1f} ms" for w in without], [f"{w * 1000:.1f} ms" for w in worst])
+    assert statistics.median(worst) < statistics.median(without) + 0.005, shown
 
 
 def test_the_feed_names_the_topic_that_gets_the_most_messages():
