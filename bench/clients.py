@@ -11,14 +11,14 @@ shared counters, and answer `mark()` with per-connection counts in the scenario'
 from __future__ import annotations
 
 import multiprocessing as mp
+import subprocess
 import time
 from collections import Counter
-
-from .counters import Counters
-import subprocess
 from pathlib import Path
 
-from .fleetproc import FLEET as FLEET_DIR, Fleet, FleetError
+from .counters import Counters
+from .fleetproc import FLEET as FLEET_DIR
+from .fleetproc import Fleet, FleetError
 from .loadgen import subscriber_main
 from .systems import HERE, System, bun_binary
 
@@ -50,14 +50,26 @@ class RealClients:
     command: list[str] | None = None  # the fleet's program (None: Bun running fleet.js)
     extra: dict | None = None  # more of its config
 
-    def __init__(self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+    def __init__(
+        self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool
+    ) -> None:
         self.groups = split(connections, procs)
         self.size = len(connections)
         self.fleets: list[Fleet] = []
         try:
             for slot, group in enumerate(self.groups):
-                self.fleets.append(Fleet(system, [ports[i] for i in group], [connections[i] for i in group],
-                                         counters.path, slot, latency, command=self.command_line(), extra=self.extra))
+                self.fleets.append(
+                    Fleet(
+                        system,
+                        [ports[i] for i in group],
+                        [connections[i] for i in group],
+                        counters.path,
+                        slot,
+                        latency,
+                        command=self.command_line(),
+                        extra=self.extra,
+                    )
+                )
             before = time.monotonic_ns()
             for fleet in self.fleets:
                 fleet.wait_ready()
@@ -90,7 +102,9 @@ class RealClients:
 class CheapClients:
     kind = "cheap"
 
-    def __init__(self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool) -> None:
+    def __init__(
+        self, system: System, ports: list[int], connections: list[list[str]], counters: Counters, procs: int, latency: bool
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.groups = split(connections, procs)
         self.size = len(connections)
@@ -100,8 +114,17 @@ class CheapClients:
                 ours, theirs = ctx.Pipe()
                 p = ctx.Process(
                     target=subscriber_main,
-                    args=(theirs, system, system.host, [ports[i] for i in group], [connections[i] for i in group], counters.path,
-                          counters.slots, slot, latency and slot == 0),
+                    args=(
+                        theirs,
+                        system,
+                        system.host,
+                        [ports[i] for i in group],
+                        [connections[i] for i in group],
+                        counters.path,
+                        counters.slots,
+                        slot,
+                        latency and slot == 0,
+                    ),
                     daemon=True,
                 )
                 p.start()
@@ -180,8 +203,16 @@ def js_client() -> Path:
     if not (js / "node_modules" / "typescript" / "package.json").exists():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(js)], check=True)
     if not (js / "dist" / "index.js").exists():
-        subprocess.run([str(js / "node_modules" / ".bin" / "node"), str(js / "node_modules" / "typescript" / "bin" / "tsc"), "-p", str(js)], check=True)
+        subprocess.run(
+            [str(js / "node_modules" / ".bin" / "node"), str(js / "node_modules" / "typescript" / "bin" / "tsc"), "-p", str(js)], check=True
+        )
     return js
 
 
-CLIENTS = {"real": RealClients, "cheap": CheapClients, "client-node": ClientNode, "client-bun": ClientBun, "client-node-sse": ClientNodeFallback}
+CLIENTS = {
+    "real": RealClients,
+    "cheap": CheapClients,
+    "client-node": ClientNode,
+    "client-bun": ClientBun,
+    "client-node-sse": ClientNodeFallback,
+}

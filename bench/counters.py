@@ -18,7 +18,7 @@ class Counters:
         self.view = memoryview(self._map).cast("d")
 
     @classmethod
-    def create(cls, slots: int) -> "Counters":
+    def create(cls, slots: int) -> Counters:
         folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, path = tempfile.mkstemp(prefix="bench-counters-", dir=folder)
         os.write(fd, bytes(slots * 8))

@@ -59,7 +59,9 @@ def measure(system_name: str, connections: int, procs: int, timeout: float) -> d
     port = free_port()
     # every connection comes from 127.0.0.1: past max_connections_per_ip (1,000) and, at 19,000,
     # max_connections (10,000); the publisher's connection and a margin on top
-    server = start(system_name, port, defaults=True, broker={"max_connections": connections + 100, "max_connections_per_ip": connections + 100})
+    server = start(
+        system_name, port, defaults=True, broker={"max_connections": connections + 100, "max_connections_per_ip": connections + 100}
+    )
     counters = Counters.create(procs)
     fleets: list[Fleet] = []
     try:
@@ -115,7 +117,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.density", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.density", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", default="broker:10000,nats:10000,bun:10000,broker:19000", help="SYSTEM:CONNECTIONS,...")
     parser.add_argument("--fleet-procs", type=int, default=2, help="fleet processes (at least 2, more when needed)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for connecting, and for the fan-out")

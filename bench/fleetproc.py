@@ -30,9 +30,19 @@ class Fleet:
     """One fleet process: `connections[i]` is the list of patterns connection i subscribes to;
     `port` the port of every connection, or a list: connection i connects to port[i]."""
 
-    def __init__(self, system: System, port: int | list[int], connections: list[list[str]], counters_path: str, slot: int,
-                 latency: bool = False, concurrency: int = 100, ready_timeout: float = 120.0, command: list[str] | None = None,
-                 extra: dict | None = None) -> None:
+    def __init__(
+        self,
+        system: System,
+        port: int | list[int],
+        connections: list[list[str]],
+        counters_path: str,
+        slot: int,
+        latency: bool = False,
+        concurrency: int = 100,
+        ready_timeout: float = 120.0,
+        command: list[str] | None = None,
+        extra: dict | None = None,
+    ) -> None:
         """`command`: the program and script that read the config (default: Bun running
         fleet.js); `extra`: more config for it."""
         install()
@@ -61,7 +71,11 @@ class Fleet:
             command = [bun_binary(), *os.environ.get("BENCH_FLEET_BUN_ARGS", "").split(), str(FLEET / "fleet.js")]
         self.proc = subprocess.Popen(
             [*command, self.config_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=FLEET, preexec_fn=child_setup,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            cwd=FLEET,
+            preexec_fn=child_setup,
         )
         self._buffer = b""
         self.ready: dict | None = None

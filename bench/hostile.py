@@ -111,7 +111,9 @@ async def measure_async(system_name: str, port: int, server_pid: int, kind: str,
     await honest.open()
     cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
     quiet = await phase(honest, system, port, seconds)
-    quiet.update(phase="quiet", kind=kind, attack_frames_per_s=0.0, replies=0, system_cpu=(cpu_seconds(server_pid) - cpu0) / (time.monotonic() - t0))
+    quiet.update(
+        phase="quiet", kind=kind, attack_frames_per_s=0.0, replies=0, system_cpu=(cpu_seconds(server_pid) - cpu0) / (time.monotonic() - t0)
+    )
 
     attacker = Attacker(hostile_frame(kind))
     client = await connect(system, "127.0.0.1", port, [], sample=True, on_data=attacker.on_data)
@@ -179,7 +181,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hostile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--systems", default="broker")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of each measurement")

@@ -121,8 +121,11 @@ async def connect(system: System, host: str, port: int, patterns: list[str], sam
     loop = asyncio.get_running_loop()
     context = client_ssl(system)
     _, client = await loop.create_connection(
-        lambda: WSClient(system, host, port, scan.Scanner(system.scan_mode, sample), on_data), host, port,
-        ssl=context, server_hostname=host if context else None,
+        lambda: WSClient(system, host, port, scan.Scanner(system.scan_mode, sample), on_data),
+        host,
+        port,
+        ssl=context,
+        server_hostname=host if context else None,
     )
     await asyncio.wait_for(client.ready, 10)
     for opcode, frame in system.hello() + (system.subscribe(patterns) if patterns else []):
@@ -202,8 +205,17 @@ class Progress:
         self.counters.view[self.slot] = self.total
 
 
-def subscriber_main(pipe: Connection, system: System, host: str, ports: list[int], assignments: list[list[str]],
-                    counters_path: str, slots: int, slot: int, sample_latency: bool) -> None:
+def subscriber_main(
+    pipe: Connection,
+    system: System,
+    host: str,
+    ports: list[int],
+    assignments: list[list[str]],
+    counters_path: str,
+    slots: int,
+    slot: int,
+    sample_latency: bool,
+) -> None:
     """One process holding len(assignments) subscriber connections; assignments[i] = patterns,
     connected to ports[i]. With `sample_latency`, the first connection decodes every payload and
     times it."""
@@ -259,7 +271,7 @@ def subscriber_main(pipe: Connection, system: System, host: str, ports: list[int
 def build_frames(system: System, topics: list[str], batch: int, payload_size: int, stamp: bytes) -> list[tuple[int, bytes, list[int]]]:
     """The frames of one round-robin cycle over `topics`, `batch` publishes each:
     (opcode, frame, topic indexes). Every payload starts with `stamp` (20 digits)."""
-    payload = (stamp + b"x" * max(0, payload_size - STAMP))[:max(payload_size, STAMP)]
+    payload = (stamp + b"x" * max(0, payload_size - STAMP))[: max(payload_size, STAMP)]
     n = len(topics)
     cycle = n // math.gcd(n, batch)  # frames until the start topic comes round again
     frames = []
@@ -270,8 +282,20 @@ def build_frames(system: System, topics: list[str], batch: int, payload_size: in
     return frames
 
 
-def publisher_main(pipe: Connection, system: System, host: str, port: int, topics: list[str], payload_size: int,
-                   batch: int, deliveries: list[int], window: int, rate: float, counters_path: str, slots: int) -> None:
+def publisher_main(
+    pipe: Connection,
+    system: System,
+    host: str,
+    port: int,
+    topics: list[str],
+    payload_size: int,
+    batch: int,
+    deliveries: list[int],
+    window: int,
+    rate: float,
+    counters_path: str,
+    slots: int,
+) -> None:
     """Publishes round-robin over `topics`: closed loop (rate 0: frames of `batch` publishes
     while fewer than `window` deliveries are in flight, summed over every subscriber through
     the shared counters) or at a fixed `rate` per second (every 1 ms, each frame with a fresh

@@ -94,11 +94,27 @@ def throughput(rows: list[dict], scs: dict[str, Scenario], palette: dict[str, st
             low.append(max(0.0, value - least))
             high.append(max(0.0, most - value))
             top = max(top, most)
-        ax.bar(xs, heights, width * 0.92, label=name, color=palette[name],
-               yerr=[low, high] if runs > 1 else None, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "#333333"})
+        ax.bar(
+            xs,
+            heights,
+            width * 0.92,
+            label=name,
+            color=palette[name],
+            yerr=[low, high] if runs > 1 else None,
+            capsize=2,
+            error_kw={"elinewidth": 0.8, "ecolor": "#333333"},
+        )
         for x, h, up in zip(xs, heights, high):  # the median's value, above the error bar
-            ax.annotate(f"{h:.2f}", (x, h + up), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
-                        rotation=90 if len(names) > 3 else 0)
+            ax.annotate(
+                f"{h:.2f}",
+                (x, h + up),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90 if len(names) > 3 else 0,
+            )
     ax.set_xticks(range(len(keys)), [f"{key}\n{scs[key].title.split(':')[0]}" for key in keys])
     ax.set_ylim(0, top * 1.18)
     ax.set_ylabel("delivered messages/s (millions)")
@@ -124,8 +140,15 @@ def latency(rows: list[dict], scs: dict[str, Scenario], palette: dict[str, str],
         for r in (r for r in rows if r["scenario"] == key):
             curve = sorted((float(p), us) for p, us in r["latency_pct"].items() if float(p) < 100)
             # 0 µs has no place on a log scale: it is drawn at 1 µs
-            ax.plot([nines(p) for p, _ in curve], [max(us, 1) for _, us in curve], marker="o", markersize=2.5, linewidth=1.5,
-                    color=palette[r["system"]], label=f"{r['system']} (p99 {r['p99_us']:,.0f} µs)")
+            ax.plot(
+                [nines(p) for p, _ in curve],
+                [max(us, 1) for _, us in curve],
+                marker="o",
+                markersize=2.5,
+                linewidth=1.5,
+                color=palette[r["system"]],
+                label=f"{r['system']} (p99 {r['p99_us']:,.0f} µs)",
+            )
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
@@ -138,8 +161,10 @@ def latency(rows: list[dict], scs: dict[str, Scenario], palette: dict[str, str],
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes[: len(keys)]:
         ax.set_ylabel("publish to delivery (µs, log scale)")
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.set_visible(False)
-    fig.suptitle(f"Latency percentiles, publish to delivery\n{clients} clients, each point the median over {runs} run{'s' if runs != 1 else ''}",
-                 fontsize=10)
+    fig.suptitle(
+        f"Latency percentiles, publish to delivery\n{clients} clients, each point the median over {runs} run{'s' if runs != 1 else ''}",
+        fontsize=10,
+    )
     return fig

@@ -68,7 +68,14 @@ async def replay_once(url: str, since_ms: int, expected: int, server_pid: int) -
         await asyncio.wait_for(done.wait(), 60)
         took = time.perf_counter() - began
         cpu = cpu_seconds(server_pid) - cpu_before
-    return {"replayed": got, "gaps": gaps, "seconds": took, "msgs_per_s": got / took, "mb_per_s": got * PAYLOAD / took / 1e6, "broker_cpu_s_per_m": cpu / got * 1e6}
+    return {
+        "replayed": got,
+        "gaps": gaps,
+        "seconds": took,
+        "msgs_per_s": got / took,
+        "mb_per_s": got * PAYLOAD / took / 1e6,
+        "broker_cpu_s_per_m": cpu / got * 1e6,
+    }
 
 
 async def measure_async(port: int, pid: int, topics: int, messages: int, runs: int) -> list[dict]:
@@ -79,7 +86,9 @@ async def measure_async(port: int, pid: int, topics: int, messages: int, runs: i
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.recovery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.recovery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--topics", type=int, default=400)
     parser.add_argument("--messages", type=int, default=99, help="messages per topic before the final acked one (history holds 100)")
     parser.add_argument("--runs", type=int, default=5)
@@ -98,7 +107,9 @@ def main(argv=None) -> int:
     print(f"\nCommand: `{command}`  \nCommit: {commit()}, machine: {machine()}\n")
     print("| replayed per run | gaps | replay time | msg/s | MB/s of payload | broker CPU s per M replayed |")
     print("|---|---|---|---|---|---|")
-    print(f"| {median['replayed']:,.0f} | {median['gaps']:.0f} | {median['seconds'] * 1000:.0f} ms | {median['msgs_per_s']:,.0f} | {median['mb_per_s']:.1f} | {median['broker_cpu_s_per_m']:.2f} |")
+    print(
+        f"| {median['replayed']:,.0f} | {median['gaps']:.0f} | {median['seconds'] * 1000:.0f} ms | {median['msgs_per_s']:,.0f} | {median['mb_per_s']:.1f} | {median['broker_cpu_s_per_m']:.2f} |"
+    )
     print(f"\nmedian of {len(rows)} runs")
     return 0
 

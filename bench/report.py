@@ -117,14 +117,20 @@ def table(rows: list[dict], scs: dict[str, Scenario], command) -> str:
         lines.append(f"\n#### ({key}) {sc.title}\n")
         lines.append(f"`{command(key, [r['system'] for r in these])}`\n")
         if sc.broker:
-            settings = ", ".join(f"`{name}` {value:,}" if isinstance(value, int) else f"`{name}` {value}" for name, value in sc.broker.items())
+            settings = ", ".join(
+                f"`{name}` {value:,}" if isinstance(value, int) else f"`{name}` {value}" for name, value in sc.broker.items()
+            )
             if any(r.get("target") for r in these):
-                lines.append(f"A broker the runner starts gets {settings} (past its defaults: see bench/scenarios.py); "
-                             "a --url target runs on its own settings.\n")
+                lines.append(
+                    f"A broker the runner starts gets {settings} (past its defaults: see bench/scenarios.py); "
+                    "a --url target runs on its own settings.\n"
+                )
             else:
                 lines.append(f"The broker with {settings} (past its defaults: see bench/scenarios.py).\n")
-        head = ("| system | delivered msg/s | MB/s | lost | closes slow/other | seq gaps/dups | system CPU | "
-                "CPU s per M msg | clients CPU | publisher CPU |")
+        head = (
+            "| system | delivered msg/s | MB/s | lost | closes slow/other | seq gaps/dups | system CPU | "
+            "CPU s per M msg | clients CPU | publisher CPU |"
+        )
         if sc.latency:
             head += " p50 µs | p99 µs | p99.9 µs |"
         head += " ours ÷ this | notes |"
@@ -170,8 +176,9 @@ def processes(rows: list[dict]) -> list[str]:
             redis = f"{r['redis_cpu']:.2f}"
             per_msg = f"{r['redis_sent_per_msg']:.4f} / {r['redis_total_per_msg']:.4f}"
             inside = set(r.get("redis_in_scripts", ()))
-            calls = ", ".join(f"{name}{' (in script)' if name in inside else ''} {n:.4f}"
-                              for name, n in r["redis_calls_per_msg"].items() if n >= 0.00005)
+            calls = ", ".join(
+                f"{name}{' (in script)' if name in inside else ''} {n:.4f}" for name, n in r["redis_calls_per_msg"].items() if n >= 0.00005
+            )
         else:
             redis = per_msg = calls = "–"
         lines.append(f"| {r['system']} | {r.get('published_per_s', 0):,.0f} | {procs} | {redis} | {per_msg} | {calls} |")

@@ -73,8 +73,20 @@ def run_once(system: str | System, sc: Scenario, clients_kind: str, procs: int, 
         ours, theirs = ctx.Pipe()
         pub = ctx.Process(
             target=publisher_main,
-            args=(theirs, system, system.host, dep.pub_port, sc.topics, sc.payload, sc.batch, deliveries, window, sc.rate,
-                  counters.path, counters.slots),
+            args=(
+                theirs,
+                system,
+                system.host,
+                dep.pub_port,
+                sc.topics,
+                sc.payload,
+                sc.batch,
+                deliveries,
+                window,
+                sc.rate,
+                counters.path,
+                counters.slots,
+            ),
             daemon=True,
         )
         pub.start()
@@ -149,8 +161,14 @@ def run_once(system: str | System, sc: Scenario, clients_kind: str, procs: int, 
             "clients_cpu_max": max(clients_cpu),
             "publisher_cpu": (c1["publisher"] - c0["publisher"]) / elapsed,
             # everything else running on the machine meanwhile (other work shares the cores)
-            "other_cpu": max(0.0, (c1["machine"] - c0["machine"]) - server_cpu_s - sum(b - a for a, b in zip(c0["clients"], c1["clients"]))
-                             - (c1["publisher"] - c0["publisher"])) / elapsed,
+            "other_cpu": max(
+                0.0,
+                (c1["machine"] - c0["machine"])
+                - server_cpu_s
+                - sum(b - a for a, b in zip(c0["clients"], c1["clients"]))
+                - (c1["publisher"] - c0["publisher"]),
+            )
+            / elapsed,
             "window": window,
             "alive": dep.alive(),
             "stalls": stopped["stalls"],
@@ -162,7 +180,9 @@ def run_once(system: str | System, sc: Scenario, clients_kind: str, procs: int, 
         if len(pids) > 1:  # each process of the system: cluster nodes A, B, C and Redis
             result["system_cpu"] = {label: seconds / elapsed for label, seconds in system_cpu.items()}
         if dep.redis_port:
-            result.update(redis_usage(r0, r1, n1 - n0, elapsed, sum(seconds for label, seconds in system_cpu.items() if label.startswith("redis"))))
+            result.update(
+                redis_usage(r0, r1, n1 - n0, elapsed, sum(seconds for label, seconds in system_cpu.items() if label.startswith("redis")))
+            )
         if system.fleet_protocol == "broker" and clients_kind == "real":
             result.update({k: final.get(k, 0) for k in ("gaps", "dups", "unknown", "errors")})
         result["saturated"] = result["clients_cpu_max"] >= SATURATED or result["publisher_cpu"] >= SATURATED
@@ -232,29 +252,56 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     scs = scenarios()
     parser.add_argument("--scenarios", default=",".join(scs), help=f"comma-separated (default all): {', '.join(scs)}")
-    parser.add_argument("--systems", default=None,
-                        help=f"systems the runner starts, comma-separated (default {DEFAULT_SYSTEMS}; with --url none): {', '.join(SYSTEMS)}")
-    parser.add_argument("--clients", choices=sorted(CLIENTS), default="real",
-                        help="real: the Bun fleet, applications that decode every message; cheap: compiled scanners that only count; "
-                        "client-node, client-bun, client-node-sse: the TypeScript client (clients/js) in Node or Bun, over a WebSocket or the fallback")
+    parser.add_argument(
+        "--systems",
+        default=None,
+        help=f"systems the runner starts, comma-separated (default {DEFAULT_SYSTEMS}; with --url none): {', '.join(SYSTEMS)}",
+    )
+    parser.add_argument(
+        "--clients",
+        choices=sorted(CLIENTS),
+        default="real",
+        help="real: the Bun fleet, applications that decode every message; cheap: compiled scanners that only count; "
+        "client-node, client-bun, client-node-sse: the TypeScript client (clients/js) in Node or Bun, over a WebSocket or the fallback",
+    )
     parser.add_argument("--fleet-procs", type=int, default=1, help="Bun fleet processes the subscribers are split over (--clients real)")
     parser.add_argument("--sub-procs", type=int, default=1, help="subscriber processes (--clients cheap)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=None, help="seconds measured per run (default: per scenario, 5)")
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)")
-    parser.add_argument("--topic-prefix", default="", metavar="PREFIX",
-                        help="every topic and pattern under PREFIX. (PREFIX.bench.t0, PREFIX.md.>): apart from other traffic, within a token's grants")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and Markdown results and the plots (PNG)")
+    parser.add_argument(
+        "--window", type=int, default=0, help="deliveries in flight in the closed loop, for every scenario (default: the scenario's)"
+    )
+    parser.add_argument(
+        "--topic-prefix",
+        default="",
+        metavar="PREFIX",
+        help="every topic and pattern under PREFIX. (PREFIX.bench.t0, PREFIX.md.>): apart from other traffic, within a token's grants",
+    )
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON and Markdown results and the plots (PNG)"
+    )
     parser.add_argument("--report", nargs="+", metavar="LOG", help="only build the tables and plots from the JSON lines of earlier runs")
     running = parser.add_argument_group("a broker that is already running")
-    running.add_argument("--url", help="benchmark the broker at this ws:// or wss:// URL (the runner neither starts nor configures it; "
-                                       "with --systems, beside the systems it starts)")
-    running.add_argument("--token", help="a token for the broker's authentication, sent in a bearer.TOKEN subprotocol entry "
-                                         "(default: $BENCH_TOKEN; never written to the results)")
-    running.add_argument("--cafile", metavar="FILE", help="PEM file of the CA(s) to trust for a wss:// URL, instead of the default, publicly trusted ones")
-    running.add_argument("--pid", type=int, default=0,
-                         help="the broker's process, when it runs on this machine: its CPU (with its children) from /proc (default: not measured)")
+    running.add_argument(
+        "--url",
+        help="benchmark the broker at this ws:// or wss:// URL (the runner neither starts nor configures it; "
+        "with --systems, beside the systems it starts)",
+    )
+    running.add_argument(
+        "--token",
+        help="a token for the broker's authentication, sent in a bearer.TOKEN subprotocol entry "
+        "(default: $BENCH_TOKEN; never written to the results)",
+    )
+    running.add_argument(
+        "--cafile", metavar="FILE", help="PEM file of the CA(s) to trust for a wss:// URL, instead of the default, publicly trusted ones"
+    )
+    running.add_argument(
+        "--pid",
+        type=int,
+        default=0,
+        help="the broker's process, when it runs on this machine: its CPU (with its children) from /proc (default: not measured)",
+    )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for key in chosen:
@@ -300,8 +347,11 @@ def main(argv=None) -> int:
         for key, sc in chosen_scs.items():
             if sc.broker:  # what the runner sets on a broker it starts
                 wanted = ", ".join(f"{name} {value:,}" for name, value in sc.broker.items())
-                print(f"note: {key} needs the broker settings {wanted} (past their defaults); {target.name} runs on its own",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"note: {key} needs the broker settings {wanted} (past their defaults); {target.name} runs on its own",
+                    file=sys.stderr,
+                    flush=True,
+                )
     rows = []
     if args.report:
         # the JSON lines a run prints (one per run: medians are taken here), or the .json file
@@ -349,7 +399,9 @@ def main(argv=None) -> int:
         for _ in range(args.runs):
             for name, system in these:
                 try:
-                    r = run_once(system, sc, args.clients, procs, max(args.warmup, sc.warmup), args.window, args.pid if system is target else 0)
+                    r = run_once(
+                        system, sc, args.clients, procs, max(args.warmup, sc.warmup), args.window, args.pid if system is target else 0
+                    )
                 except Exception as exc:  # one failed run must not lose the others
                     print(f"run failed: {name} {key}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -396,8 +448,10 @@ def main(argv=None) -> int:
     )
     for url, pid in {r["target"]: r.get("target_pid", 0) for r in rows if r.get("target")}.items():
         cpu = f"its CPU from /proc of process {pid:.0f} (with its children)" if pid else "its CPU not measured (no --pid)"
-        header += (f"\nTarget {url}: a broker that was already running, on its own settings; {cpu}. "
-                   "The publisher and the subscribers run on this machine (latency: publish to delivery on its clock).\n")
+        header += (
+            f"\nTarget {url}: a broker that was already running, on its own settings; {cpu}. "
+            "The publisher and the subscribers run on this machine (latency: publish to delivery on its clock).\n"
+        )
     text = header + table(rows, scs, command)
     images = plots.write(rows, scs, out, stamp, clients=", ".join(kinds), runs=args.runs)
     if images:

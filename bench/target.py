@@ -72,8 +72,17 @@ def parse(url: str, token: str | None = None, cafile: str | None = None) -> Syst
     if parts.query:
         path += "?" + parts.query
     return System(
-        display(url), scan.BROKER, "broker.v1" + (f", bearer.{token}" if token else ""), "broker", acks=True,
-        tls=scheme == "wss", external=True, host=parts.hostname, port=port or DEFAULT_PORTS[scheme], path=path, ca=cafile,
+        display(url),
+        scan.BROKER,
+        "broker.v1" + (f", bearer.{token}" if token else ""),
+        "broker",
+        acks=True,
+        tls=scheme == "wss",
+        external=True,
+        host=parts.hostname,
+        port=port or DEFAULT_PORTS[scheme],
+        path=path,
+        ca=cafile,
     )
 
 
@@ -94,11 +103,15 @@ async def _check(system: System, topic: str, pattern: str) -> None:
     except (OSError, RuntimeError, TimeoutError) as exc:
         raise TargetError(explain(system, exc)) from None
     try:
-        chosen = next((line.split(":", 1)[1].strip() for line in client.response.split("\r\n")
-                       if line.lower().startswith("sec-websocket-protocol:")), "")
+        chosen = next(
+            (line.split(":", 1)[1].strip() for line in client.response.split("\r\n") if line.lower().startswith("sec-websocket-protocol:")),
+            "",
+        )
         if chosen != "broker.v1":
-            raise TargetError(f"{system.name} accepted the WebSocket but not the broker.v1 subprotocol "
-                              f"(it chose {chosen or 'none'}): is it this project's broker?")
+            raise TargetError(
+                f"{system.name} accepted the WebSocket but not the broker.v1 subprotocol "
+                f"(it chose {chosen or 'none'}): is it this project's broker?"
+            )
         frames = [["sub", 1, pattern], ["pub", 2, topic, b"0" * 20 + b"bench check"]]
         client.send(msgspec.msgpack.encode(frames), 2)
         answers: dict[int, list] = {}
@@ -129,6 +142,7 @@ async def _check(system: System, topic: str, pattern: str) -> None:
 def check(system: System, topic: str, pattern: str | None = None) -> None:
     """TargetError unless the broker at `system`'s URL takes the benchmark's clients: a
     subscription to `pattern` (default `topic`) and a publish to `topic` (see _check)."""
+
     async def bounded() -> None:
         try:
             await asyncio.wait_for(_check(system, topic, pattern or topic), CHECK_TIMEOUT)

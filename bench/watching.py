@@ -102,9 +102,14 @@ async def phase(url: str, admin: int, dashboards: int, seconds: float, rate: flo
         await asyncio.gather(*watchers, return_exceptions=True)
     rtts.sort()
     return {
-        "dashboards": dashboards, "publishes": len(rtts), "events": len(events),
-        "p50_ms": statistics.median(rtts) * 1000, "p99_ms": rtts[int(len(rtts) * 0.99)] * 1000, "max_ms": rtts[-1] * 1000,
-        "broker_cpu": cpu, "full_gcs": collections,
+        "dashboards": dashboards,
+        "publishes": len(rtts),
+        "events": len(events),
+        "p50_ms": statistics.median(rtts) * 1000,
+        "p99_ms": rtts[int(len(rtts) * 0.99)] * 1000,
+        "max_ms": rtts[-1] * 1000,
+        "broker_cpu": cpu,
+        "full_gcs": collections,
     }
 
 
@@ -115,7 +120,9 @@ async def measure(port: int, admin: int, pid: int, seconds: float, rate: float, 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.watching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.watching", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--systems", default="broker", help="comma-separated: broker, broker-baseline (BENCH_BASELINE_TREE)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of publishes per phase")
     parser.add_argument("--rate", type=float, default=500.0, help="publishes a second")
@@ -140,7 +147,9 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         gcs = "" if r["full_gcs"] is None else f"{r['full_gcs']:.0f}"
-        print(f"| {r['system']} | {r['dashboards']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['max_ms']:.1f} ms | {r['broker_cpu']:.2f} | {gcs} |")
+        print(
+            f"| {r['system']} | {r['dashboards']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['max_ms']:.1f} ms | {r['broker_cpu']:.2f} | {gcs} |"
+        )
     print(f"\nmedians over {args.rounds} rounds of {args.duration:g} s at {args.rate:g} publishes/s:\n")
     print("| system | open dashboards | p50 | p99 | worst | broker CPU (cores) |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -148,7 +157,9 @@ def main(argv=None) -> int:
         for dashboards in PHASES:
             rows = [r for r in results if r["system"] == name and r["dashboards"] == dashboards]
             med = {key: statistics.median(r[key] for r in rows) for key in ("p50_ms", "p99_ms", "max_ms", "broker_cpu")}
-            print(f"| {name} | {dashboards} | {med['p50_ms']:.2f} ms | {med['p99_ms']:.2f} ms | {med['max_ms']:.1f} ms | {med['broker_cpu']:.2f} |")
+            print(
+                f"| {name} | {dashboards} | {med['p50_ms']:.2f} ms | {med['p99_ms']:.2f} ms | {med['max_ms']:.1f} ms | {med['broker_cpu']:.2f} |"
+            )
     return 0
 
 

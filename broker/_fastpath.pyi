@@ -2,7 +2,8 @@
 (tests/test_fastpath_api.py compares this stub with both)."""
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CONTINUATION: int
 TEXT: int
@@ -41,7 +42,9 @@ class TopicState:
 
 def stamp(state: TopicState, payload: bytes, dirty: list[TopicState]) -> None: ...
 def fanout_steps(dirty: list[TopicState], start: int) -> int: ...
-def fast_publish(data: bytes | bytearray | memoryview, topics_by_key: dict[bytes, TopicState], max_payload: int, max_count: int, dirty: list[TopicState]) -> int: ...
+def fast_publish(
+    data: bytes | bytearray | memoryview, topics_by_key: dict[bytes, TopicState], max_payload: int, max_count: int, dirty: list[TopicState]
+) -> int: ...
 
 FRAME_TOO_DEEP: int
 FRAME_LONG_ARRAY: int
@@ -49,7 +52,9 @@ FRAME_LONG_MAP: int
 FRAME_TOO_MANY_VALUES: int
 FRAME_LONG_BATCH: int
 
-def measure_frame(data: bytes | bytearray | memoryview, max_messages: int, max_fields: int, max_entries: int, max_depth: int, max_values: int) -> int: ...
+def measure_frame(
+    data: bytes | bytearray | memoryview, max_messages: int, max_fields: int, max_entries: int, max_depth: int, max_values: int
+) -> int: ...
 
 class Outbox:
     owner: Any
@@ -80,7 +85,16 @@ class Outbox:
     def pending(self) -> int: ...
 
 def emit(state: TopicState, emission: int, max_piece: int, touched: list[Outbox], slow: list[Outbox], nodes_touched: list[Node]) -> int: ...
-def emit_all(dirty: list[TopicState], emission: int, max_piece: int, touched: list[Outbox], slow: list[Outbox], nodes_touched: list[Node], history: HistoryStore | None = None, now_ms: int = 0) -> tuple[int, int, int, int]: ...
+def emit_all(
+    dirty: list[TopicState],
+    emission: int,
+    max_piece: int,
+    touched: list[Outbox],
+    slow: list[Outbox],
+    nodes_touched: list[Node],
+    history: HistoryStore | None = None,
+    now_ms: int = 0,
+) -> tuple[int, int, int, int]: ...
 def schedule_solo(nodes: list[Node], touched: list[Outbox]) -> None: ...
 def end_tick(nodes: list[Node]) -> None: ...
 
@@ -161,5 +175,15 @@ class Block:
     answered: bool
     def __init__(self, shard: int, staged: float) -> None: ...
 
-def stage(states: list[TopicState], filling: list[Block | None], full_of: list[list[Block]], waiting: dict[TopicState, list], shards: int, now: float, block_bytes: int) -> tuple[int, int, int]: ...
-def arrive(entries: list, topics: dict[str, TopicState], arrived: list[TopicState], other: Callable[[str, int, list[bytes], int], int]) -> int: ...
+def stage(
+    states: list[TopicState],
+    filling: list[Block | None],
+    full_of: list[list[Block]],
+    waiting: dict[TopicState, list],
+    shards: int,
+    now: float,
+    block_bytes: int,
+) -> tuple[int, int, int]: ...
+def arrive(
+    entries: list, topics: dict[str, TopicState], arrived: list[TopicState], other: Callable[[str, int, list[bytes], int], int]
+) -> int: ...

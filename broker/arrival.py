@@ -17,7 +17,8 @@ it works on the router's topics, index and emit path, and keeps its own state, m
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, TopicState, arrive
@@ -86,7 +87,12 @@ class Arrival(Recovery):
     def _stamp_entries(self, entries: list, arrived: list[TopicState]) -> int:
         # the compiled `arrive` stamps each batch that follows its topic's last number; the
         # others (a new topic or epoch, a repeat, numbers skipped) come to `_stamp_out_of_line`
-        return arrive(entries, self.topics, arrived, lambda name, epoch, payloads, first: self._stamp_out_of_line(name, epoch, payloads, first, arrived))
+        return arrive(
+            entries,
+            self.topics,
+            arrived,
+            lambda name, epoch, payloads, first: self._stamp_out_of_line(name, epoch, payloads, first, arrived),
+        )
 
     def _stamp_out_of_line(self, name: str, epoch: int, payloads: list[bytes], first: int, arrived: list[TopicState]) -> int:
         """A batch that does not simply follow its topic's last number: the topic is made (or
@@ -110,7 +116,17 @@ class Arrival(Recovery):
                 if state.pending:
                     self.emit_now([state])
                 if seq:
-                    self._gap_all(state, Gap(name, epoch, seq + 1, first - 1, "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)", "backplane"))
+                    self._gap_all(
+                        state,
+                        Gap(
+                            name,
+                            epoch,
+                            seq + 1,
+                            first - 1,
+                            "this node did not get these messages from the cluster backplane (they were trimmed from its stream, or lost by it)",
+                            "backplane",
+                        ),
+                    )
         if state.dirty:
             state.pending.extend(payloads)
         else:
@@ -186,7 +202,17 @@ class Arrival(Recovery):
                 for box, position_epoch, seq in waiting:
                     if position_epoch != epoch:
                         if not box.closed:
-                            self.send_gap(box, Gap(state.name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+                            self.send_gap(
+                                box,
+                                Gap(
+                                    state.name,
+                                    position_epoch,
+                                    seq + 1,
+                                    0,
+                                    f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}",
+                                    "ended",
+                                ),
+                            )
                         self.release_position(box)
                 if still:
                     self.awaiting[state.name] = still
@@ -197,7 +223,17 @@ class Arrival(Recovery):
         ends for every receiver (from the first number, if this node delivered none of it:
         messages it had not read yet may have been acknowledged); a new state with a new id
         carries the topic on."""
-        self._gap_all(state, Gap(state.name, state.epoch, state.seq + 1, 0, f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers or went back in time); it continues in epoch {epoch}", "ended"))
+        self._gap_all(
+            state,
+            Gap(
+                state.name,
+                state.epoch,
+                state.seq + 1,
+                0,
+                f"epoch {state.epoch} of the topic ended (the cluster backplane lost its sequence numbers or went back in time); it continues in epoch {epoch}",
+                "ended",
+            ),
+        )
         self.backplane.forget(state)
         self.stats.retired += 1  # connections drop what they cached about the old state
         return self.index.renew(state, epoch, self.topic_ids.next())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # The audit log's bounds: per second, lines per connection (or address) and per kind of event.
 AUDIT_WINDOW_S = 1.0
@@ -25,8 +26,16 @@ class AuditLog:
     event) says how many of its lines were left out, and one more line per event counts the
     keys that got no line at all (`sources`)."""
 
-    def __init__(self, emit: Callable[..., None], clock: Callable[[], float] = time.monotonic, *, per_key: int = AUDIT_PER_KEY,
-                 per_event: int = AUDIT_PER_EVENT, window: float = AUDIT_WINDOW_S, stats: Any = None) -> None:
+    def __init__(
+        self,
+        emit: Callable[..., None],
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        per_key: int = AUDIT_PER_KEY,
+        per_event: int = AUDIT_PER_EVENT,
+        window: float = AUDIT_WINDOW_S,
+        stats: Any = None,
+    ) -> None:
         self.emit = emit
         self.clock = clock
         self.per_key = per_key

@@ -46,8 +46,14 @@ class Identity:
 
     __slots__ = ("user", "jti", "expires", "grants", "issued")
 
-    def __init__(self, user: str | None = None, jti: str | None = None, expires: float | None = None, grants: Grants | None = None,
-                 issued: float | None = None) -> None:
+    def __init__(
+        self,
+        user: str | None = None,
+        jti: str | None = None,
+        expires: float | None = None,
+        grants: Grants | None = None,
+        issued: float | None = None,
+    ) -> None:
         self.user = user
         self.jti = jti
         self.expires = expires
@@ -107,7 +113,8 @@ class Authenticator:
         self.sources = config.token_sources
         try:
             anonymous = Grants(
-                split_patterns(config.auth_anonymous_subscribe), split_patterns(config.auth_anonymous_publish),
+                split_patterns(config.auth_anonymous_subscribe),
+                split_patterns(config.auth_anonymous_publish),
                 respond=None if config.auth_respond_follows_subscribe else NOTHING,
             )
         except Exception as exc:
@@ -125,7 +132,9 @@ class Authenticator:
             except RuleError as exc:
                 raise ConfigError(f"invalid setting: auth_denylist_file: {exc}") from None
         if (config.auth_anonymous or config.auth_denylist_file) and not self.enabled:
-            raise ConfigError("invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_secret_file, auth_jwt_public_key_file or auth_jwks_file)")
+            raise ConfigError(
+                "invalid setting: auth_anonymous and auth_denylist_file need a key (auth_jwt_secret, auth_jwt_secret_file, auth_jwt_public_key_file or auth_jwks_file)"
+            )
 
     def key_settings(self) -> list[str]:
         """The settings that gave the keys tokens are checked with (none: authentication is off)."""
@@ -213,7 +222,11 @@ class Authenticator:
         if token is None:
             if self.anonymous is not None:
                 return self.anonymous
-            where = {"header": "an Authorization: Bearer header", "subprotocol": f"a Sec-WebSocket-Protocol entry {SUBPROTOCOL_PREFIX}<token>", "query": f"the query parameter {self.config.auth_query_param}"}
+            where = {
+                "header": "an Authorization: Bearer header",
+                "subprotocol": f"a Sec-WebSocket-Protocol entry {SUBPROTOCOL_PREFIX}<token>",
+                "query": f"the query parameter {self.config.auth_query_param}",
+            }
             raise AuthError(401, "a token is required: send it in " + " or ".join(where[s] for s in self.sources))
         return self.verify(token)
 
@@ -317,7 +330,9 @@ def _read_jwks(path: str) -> dict[str | None, list[jwt.PyJWK]]:
         for entry in keys:
             key = jwt.PyJWK(entry, entry.get("alg") or _default_algorithm(entry))
             if key.algorithm_name == "HS256" and len(key.key) < MIN_SECRET_BYTES:
-                raise ValueError(f"the HS256 key {entry.get('kid')!r} has {len(key.key)} bytes; it must have at least {MIN_SECRET_BYTES} (RFC 7518 3.2)")
+                raise ValueError(
+                    f"the HS256 key {entry.get('kid')!r} has {len(key.key)} bytes; it must have at least {MIN_SECRET_BYTES} (RFC 7518 3.2)"
+                )
             if key.algorithm_name in ALGORITHMS:
                 out.setdefault(entry.get("kid"), []).append(key)
     except (OSError, ValueError, KeyError, TypeError, jwt.PyJWKError, jwt.InvalidKeyError) as exc:
@@ -334,4 +349,3 @@ def _default_algorithm(entry: dict) -> str | None:
     if kty == "oct":
         return "HS256"
     return None
-

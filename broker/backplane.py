@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from .fastpath import TopicState, stamp
 from .history import History
-
 
 EPOCH_RANDOM_BITS = 20
 
@@ -37,8 +37,6 @@ def unique_epoch(after: int = 0) -> int:
     """A topic epoch: milliseconds since 1970 times 2^20 plus 20 random bits (so processes
     started in the same millisecond differ), and greater than `after`."""
     return max(after + 1, (int(time.time() * 1000) << EPOCH_RANDOM_BITS) | random.getrandbits(EPOCH_RANDOM_BITS))
-
-
 
 
 class Backplane(Protocol):
@@ -64,8 +62,9 @@ class Backplane(Protocol):
         window are measured on it."""
         ...
 
-    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Any = None, on_failed: Any = None,
-                msg_id: str = "") -> int | None:
+    def publish(
+        self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Any = None, on_failed: Any = None, msg_id: str = ""
+    ) -> int | None:
         """Add `payload` to the topic's pending batch (listing the topic in `dirty`). Returns its
         sequence number, or None when it is sequenced later (`Sequencer`): then
         `on_sequenced(epoch, seq)` or `on_failed(code, text)` follows exactly once."""
@@ -148,7 +147,9 @@ class MemoryBackplane:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock
-        self.history = History(self.now_ms, max_messages=max_messages, max_bytes=max_bytes, max_age_s=max_age_s, max_total_bytes=max_total_bytes)
+        self.history = History(
+            self.now_ms, max_messages=max_messages, max_bytes=max_bytes, max_age_s=max_age_s, max_total_bytes=max_total_bytes
+        )
         self.store = self.history.store  # the emit path retains through it (None: no history)
 
     @property

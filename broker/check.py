@@ -9,7 +9,8 @@ token keys and the TLS certificate. Nothing listens and nothing connects (Redis 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .config import FIELDS, SECRETS, Config, load_with_sources, read_secret, with_sources
 from .errors import ConfigError

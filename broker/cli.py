@@ -44,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         "or from a TOML file (--config); flags win over the environment, which wins over the file.",
         argument_default=argparse.SUPPRESS,
     )
-    serve.add_argument("--config", metavar="FILE", help="TOML file with settings: full names at the top level or in [broker], short names in [tls], [auth], [limits], [redis], [admin] (docs/operations.md)")
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with settings: full names at the top level or in [broker], short names in [tls], [auth], [limits], [redis], [admin] (docs/operations.md)",
+    )
     defaults = Config()
     for name in FIELDS:
         default = getattr(defaults, name)
@@ -77,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         "as `broker serve` (BROKER_ADMIN_PORT, --config).",
     )
     health.add_argument("--url", help="the admin server's base URL, e.g. http://127.0.0.1:7342 (default: from the settings)")
-    health.add_argument("--ready", action="store_true", help="check /readyz (listening, and the backplane takes publishes) instead of /healthz")
+    health.add_argument(
+        "--ready", action="store_true", help="check /readyz (listening, and the backplane takes publishes) instead of /healthz"
+    )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     health.add_argument("--config", metavar="FILE", help="TOML file with settings, as for `broker serve`")
 
@@ -202,6 +208,7 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigError("--symbols: at least 1")
     config = load({"host": args.host, "port": args.port, "log_level": "warning"}, environ={})
     client_dir = Path(args.client_dir) if args.client_dir else CLIENT_DIR
+
     async def main() -> None:
         import signal
 
@@ -259,7 +266,9 @@ def _warn_secret_flags(flags: dict[str, Any]) -> None:
         value = flags.get(name)
         if value and (name != "redis_url" or url_password(str(value))):
             logs.event(
-                logging.WARNING, "secret_on_command_line", setting=name,
+                logging.WARNING,
+                "secret_on_command_line",
+                setting=name,
                 advice=f"every user of this machine can read command lines (ps, /proc/PID/cmdline); use {name.replace('redis_url', 'redis_password')}_file",
             )
 
@@ -365,7 +374,11 @@ async def _sub(args: argparse.Namespace) -> int:
         print(f"subscribed to {args.pattern}", file=sys.stderr, flush=True)
         async for message in sub:
             if isinstance(message, Gap):
-                print(f"gap {message.topic} epoch={message.epoch} {message.first}-{message.last or 'end'}: {message.reason}", file=sys.stderr, flush=True)
+                print(
+                    f"gap {message.topic} epoch={message.epoch} {message.first}-{message.last or 'end'}: {message.reason}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             if args.json:
                 try:
@@ -398,7 +411,9 @@ def _dead_letters(args: argparse.Namespace) -> int:
             # this user's, never one another user put there (or a link to somewhere else)
             refusal = foreign_file(path)
             if refusal is not None:
-                raise BrokerError(f"not reading {refusal}; the broker writes its own file there (run this as its user, or name the file with --file)")
+                raise BrokerError(
+                    f"not reading {refusal}; the broker writes its own file there (run this as its user, or name the file with --file)"
+                )
         try:
             fd = os.open(path, os.O_RDONLY | (0 if args.file else os.O_NOFOLLOW))
             with open(fd, encoding="utf-8") as fh:
@@ -415,7 +430,9 @@ def _dead_letters(args: argparse.Namespace) -> int:
         try:
             letter = json.loads(line)
             when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(letter["time"]))
-            print(f"{when}Z conn={letter['conn']} peer={letter['peer']} id={letter['request_id']} code={letter['code']} {letter['reason']!r} head={letter['head']}")
+            print(
+                f"{when}Z conn={letter['conn']} peer={letter['peer']} id={letter['request_id']} code={letter['code']} {letter['reason']!r} head={letter['head']}"
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise BrokerError(f"{path} is not a dead-letter file: {exc}") from exc
     return 0

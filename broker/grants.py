@@ -141,8 +141,13 @@ class Grants:
 
     __slots__ = ("subscribe", "publish", "history", "respond", "_published")
 
-    def __init__(self, subscribe: Rights | tuple[str, ...], publish: Rights | tuple[str, ...],
-                 history: Rights | tuple[str, ...] | None = None, respond: Rights | tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        subscribe: Rights | tuple[str, ...],
+        publish: Rights | tuple[str, ...],
+        history: Rights | tuple[str, ...] | None = None,
+        respond: Rights | tuple[str, ...] | None = None,
+    ) -> None:
         self.subscribe = _rights(subscribe)
         self.publish = _rights(publish)
         self.history = _optional_rights(history)
@@ -171,7 +176,10 @@ class Grants:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Grants) and (self.subscribe, self.publish, self.history, self.respond) == (
-            other.subscribe, other.publish, other.history, other.respond
+            other.subscribe,
+            other.publish,
+            other.history,
+            other.respond,
         )
 
     def __repr__(self) -> str:

@@ -13,7 +13,8 @@ router's history questions from it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .fastpath import HistoryLog, HistoryStore, TopicState
 
@@ -169,7 +170,9 @@ class History:
         return log if log.chunks else None
 
     @staticmethod
-    def _collect(log: HistoryLog, wanted: Callable[[Any], bool], from_seq: int, max_bytes: int | None = None) -> list[tuple[int, list[bytes]]]:
+    def _collect(
+        log: HistoryLog, wanted: Callable[[Any], bool], from_seq: int, max_bytes: int | None = None
+    ) -> list[tuple[int, list[bytes]]]:
         """The retained messages from the first chunk `wanted` accepts on, from `from_seq`
         on, as batches of consecutive sequence numbers (one, unless numbers were skipped);
         with `max_bytes`, up to the first message that takes their payloads past it."""

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .audit import AuditLog
 from .config import Config
@@ -121,8 +122,19 @@ class ConnectionLimits:
     from that address."""
 
     __slots__ = (
-        "guard", "owner", "ip", "user", "handshaking", "own_publish", "user_publish", "own_new", "ip_new", "user_new", "own_auth",
-        "streak", "streak_start",
+        "guard",
+        "owner",
+        "ip",
+        "user",
+        "handshaking",
+        "own_publish",
+        "user_publish",
+        "own_new",
+        "ip_new",
+        "user_new",
+        "own_auth",
+        "streak",
+        "streak_start",
     )
 
     def __init__(self, guard: Guard, ip: str, owner: Any = None) -> None:
@@ -241,8 +253,15 @@ class ConnectionLimits:
         user = self.user
         conn_id, peer = self.conn_id, self.peer
         guard.audit.record(
-            conn_id, "rate_limited", {"conn": conn_id, "peer": peer, "user": user},
-            conn=conn_id, peer=peer, user=user, limit=bucket.name, id=request_id, reason=bucket.text,
+            conn_id,
+            "rate_limited",
+            {"conn": conn_id, "peer": peer, "user": user},
+            conn=conn_id,
+            peer=peer,
+            user=user,
+            limit=bucket.name,
+            id=request_id,
+            reason=bucket.text,
         )
         if not self.streak or now - self.streak_start > ABUSE_WINDOW_S:
             self.streak = 0
@@ -252,8 +271,14 @@ class ConnectionLimits:
             reason = f"rate limit abuse: {self.streak} messages refused in a row ({bucket.name})"
             guard.stats.abuse_closes += 1
             guard.audit.record(
-                ("close", conn_id), "rate_limit_close", {"conn": conn_id, "peer": peer, "user": user},
-                conn=conn_id, peer=peer, user=user, code=int(CloseCode.POLICY_VIOLATION), reason=reason,
+                ("close", conn_id),
+                "rate_limit_close",
+                {"conn": conn_id, "peer": peer, "user": user},
+                conn=conn_id,
+                peer=peer,
+                user=user,
+                code=int(CloseCode.POLICY_VIOLATION),
+                reason=reason,
             )
             self.owner.close(CloseCode.POLICY_VIOLATION, reason)
         raise RequestError(ErrorCode.RATE_LIMITED, bucket.text, request_id)
@@ -269,7 +294,10 @@ class _Address:
         self.new_topic = None
         if cfg.ip_new_topic_rate:
             self.new_topic = TokenBucket(
-                cfg.ip_new_topic_rate, cfg.ip_new_topic_burst, clock, "ip_new_topic_rate",
+                cfg.ip_new_topic_rate,
+                cfg.ip_new_topic_burst,
+                clock,
+                "ip_new_topic_rate",
                 f"rate limited: the connections from {ip} may create {_many(cfg.ip_new_topic_rate, 'new topic')} a second "
                 f"together (ip_new_topic_rate, burst {_num(cfg.ip_new_topic_burst)})",
             )
@@ -289,13 +317,19 @@ class _User:
         self.publish = self.new_topic = None
         if cfg.user_publish_rate:
             self.publish = TokenBucket(
-                cfg.user_publish_rate, cfg.user_publish_burst, clock, "user_publish_rate",
+                cfg.user_publish_rate,
+                cfg.user_publish_burst,
+                clock,
+                "user_publish_rate",
                 f"rate limited: user {name!r} may publish {_many(cfg.user_publish_rate, 'message')} a second over all "
                 f"its connections (user_publish_rate, burst {_num(cfg.user_publish_burst)})",
             )
         if cfg.user_new_topic_rate:
             self.new_topic = TokenBucket(
-                cfg.user_new_topic_rate, cfg.user_new_topic_burst, clock, "user_new_topic_rate",
+                cfg.user_new_topic_rate,
+                cfg.user_new_topic_burst,
+                clock,
+                "user_new_topic_rate",
                 f"rate limited: user {name!r} may create {_many(cfg.user_new_topic_rate, 'new topic')} a second over all "
                 f"its connections (user_new_topic_rate, burst {_num(cfg.user_new_topic_burst)})",
             )
@@ -328,23 +362,38 @@ class Guard:
         self.config = config
         self.clock = clock
         self.close_after = config.rate_limit_close_after
-        self.rated = bool(config.publish_rate or config.user_publish_rate or config.new_topic_rate or config.ip_new_topic_rate
-                          or config.user_new_topic_rate or config.auth_message_rate)
+        self.rated = bool(
+            config.publish_rate
+            or config.user_publish_rate
+            or config.new_topic_rate
+            or config.ip_new_topic_rate
+            or config.user_new_topic_rate
+            or config.auth_message_rate
+        )
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
         self.new_topic_rate = config.new_topic_rate
         self.auth_message_rate = config.auth_message_rate
         # a connection's own buckets: (rate, burst, what a refused client is told), by setting
         self._buckets = {
-            "publish_rate": (config.publish_rate, config.publish_burst,
-                             f"rate limited: a connection may publish {_many(config.publish_rate, 'message')} a second "
-                             f"(publish_rate, burst {_num(config.publish_burst)})"),
-            "new_topic_rate": (config.new_topic_rate, config.new_topic_burst,
-                               f"rate limited: a connection may create {_many(config.new_topic_rate, 'new topic')} a second "
-                               f"(new_topic_rate, burst {_num(config.new_topic_burst)})"),
-            "auth_message_rate": (config.auth_message_rate, config.auth_message_burst,
-                                  f"rate limited: a connection may send {_many(config.auth_message_rate, 'auth message')} a second "
-                                  f"(auth_message_rate, burst {_num(config.auth_message_burst)}); the token was not checked"),
+            "publish_rate": (
+                config.publish_rate,
+                config.publish_burst,
+                f"rate limited: a connection may publish {_many(config.publish_rate, 'message')} a second "
+                f"(publish_rate, burst {_num(config.publish_burst)})",
+            ),
+            "new_topic_rate": (
+                config.new_topic_rate,
+                config.new_topic_burst,
+                f"rate limited: a connection may create {_many(config.new_topic_rate, 'new topic')} a second "
+                f"(new_topic_rate, burst {_num(config.new_topic_burst)})",
+            ),
+            "auth_message_rate": (
+                config.auth_message_rate,
+                config.auth_message_burst,
+                f"rate limited: a connection may send {_many(config.auth_message_rate, 'auth message')} a second "
+                f"(auth_message_rate, burst {_num(config.auth_message_burst)}); the token was not checked",
+            ),
         }
         self.total = 0  # connections admitted and not yet gone
         self.per_ip: dict[str, int] = {}
@@ -373,12 +422,24 @@ class Guard:
         `owner` is the connection (with `id`, `peer` and `close(code, reason)`), if any."""
         cfg = self.config
         if self.total >= cfg.max_connections:
-            self._refuse(503, "max_connections", f"the broker holds {_many(self.total, 'connection')}, its limit (max_connections); try again later",
-                         ip, owner, user)
+            self._refuse(
+                503,
+                "max_connections",
+                f"the broker holds {_many(self.total, 'connection')}, its limit (max_connections); try again later",
+                ip,
+                owner,
+                user,
+            )
         count = self.per_ip.get(ip, 0)
         if count >= cfg.max_connections_per_ip:
-            self._refuse(429, "max_connections_per_ip", f"{_many(count, 'connection')} from {ip}, the limit (max_connections_per_ip)",
-                         ip, owner, user)
+            self._refuse(
+                429,
+                "max_connections_per_ip",
+                f"{_many(count, 'connection')} from {ip}, the limit (max_connections_per_ip)",
+                ip,
+                owner,
+                user,
+            )
         ip = sys.intern(ip)  # one string per address, however many connections it has
         limits = ConnectionLimits(self, ip, owner)
         self.total += 1
@@ -409,8 +470,14 @@ class Guard:
         entry = self.users.get(user)
         count = entry.connections if entry is not None else 0
         if count >= self.config.max_connections_per_user:
-            self._refuse(429, "max_connections_per_user", f"user {user!r} has {_many(count, 'connection')}, the limit (max_connections_per_user)",
-                         ip, limits.owner, user)
+            self._refuse(
+                429,
+                "max_connections_per_user",
+                f"user {user!r} has {_many(count, 'connection')}, the limit (max_connections_per_user)",
+                ip,
+                limits.owner,
+                user,
+            )
         if entry is None:
             entry = self.users[user] = _User(user, self.config, self.clock)
         entry.connections += 1
@@ -465,8 +532,15 @@ class Guard:
         refused = self.stats.refused
         refused[limit] = refused.get(limit, 0) + 1
         self.audit.record(
-            ("ip", ip), "handshake_refused", {"peer": ip},
-            conn=conn_id, peer=peer, user=user, status=status, limit=limit, reason=text,
+            ("ip", ip),
+            "handshake_refused",
+            {"peer": ip},
+            conn=conn_id,
+            peer=peer,
+            user=user,
+            status=status,
+            limit=limit,
+            reason=text,
         )
         raise LimitRefused(status, text, limit)
 
@@ -495,13 +569,25 @@ class Guard:
         cfg = self.config
         if self.handshakes >= cfg.max_handshakes:
             self.release(limits)
-            self._refuse(503, "max_handshakes", f"{_many(self.handshakes, 'connection')} are in their handshake, the limit (max_handshakes); try again later",
-                         ip, conn, None)
+            self._refuse(
+                503,
+                "max_handshakes",
+                f"{_many(self.handshakes, 'connection')} are in their handshake, the limit (max_handshakes); try again later",
+                ip,
+                conn,
+                None,
+            )
         count = self.handshakes_per_ip.get(ip, 0)
         if count >= cfg.max_handshakes_per_ip:
             self.release(limits)
-            self._refuse(429, "max_handshakes_per_ip", f"{_many(count, 'connection')} from {ip} are in their handshake, the limit (max_handshakes_per_ip)",
-                         ip, conn, None)
+            self._refuse(
+                429,
+                "max_handshakes_per_ip",
+                f"{_many(count, 'connection')} from {ip} are in their handshake, the limit (max_handshakes_per_ip)",
+                ip,
+                conn,
+                None,
+            )
         limits.handshaking = True
         self.handshakes += 1
         self.handshakes_per_ip[ip] = count + 1

@@ -10,7 +10,7 @@ A client frame carries either one message (`["pub", ...]`) or an array of messag
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, NamedTuple, Union, final
+from typing import Annotated, Literal, NamedTuple, final
 
 import msgspec
 
@@ -30,6 +30,7 @@ MAX_SAFE_INTEGER = (1 << 53) - 1
 def position_json(epoch: int, seq: int) -> dict:
     """A position (epoch, seq) as JSON fields: the epoch as a number and as a string."""
     return {"epoch": epoch, "epoch_str": str(epoch), "seq": seq}
+
 
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
@@ -56,7 +57,7 @@ class Sub(_Wire, tag="sub", frozen=True):
 
     id: RequestId
     topic: str
-    since: Union[list, None] = None
+    since: list | None = None
     last: bool = False
     respond: bool = False
     policy: PolicyName = ""
@@ -126,7 +127,7 @@ class Hb(_Wire, tag="hb", frozen=True):
     interval_ms: Annotated[int, msgspec.Meta(ge=0, le=MAX_HEARTBEAT_MS)]
 
 
-ClientMessage = Union[Sub, Unsub, Pub, Req, Reply, Auth, Hb]
+ClientMessage = Sub | Unsub | Pub | Req | Reply | Auth | Hb
 CLIENT_TYPES = ("sub", "unsub", "pub", "req", "reply", "auth", "hb")
 
 
@@ -204,7 +205,7 @@ class Request(_Wire, tag="request", frozen=True):
     id: int
     topic: str
     data: bytes
-    user: Union[str, None] = None
+    user: str | None = None
 
 
 class Heartbeat(_Wire, tag="beat", frozen=True):
@@ -248,7 +249,7 @@ class Delivery(NamedTuple):
     data: list[bytes]
 
 
-ServerMessage = Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Unsubscribed, Msg]
+ServerMessage = Ack | Err | Topic | GapNotice | Request | Reply | Heartbeat | Unsubscribed | Msg
 # What ServerReader returns: the server's messages but announcements, each msg batch resolved.
 ReaderEvent = Ack | Err | GapNotice | Request | Reply | Heartbeat | Unsubscribed | Delivery
 SERVER_TYPES = ("ack", "err", "topic", "gap", "request", "reply", "beat", "unsubscribed", "msg")
@@ -258,7 +259,7 @@ encode = _encoder.encode
 
 client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 client_batch_decoder = msgspec.msgpack.Decoder(list[ClientMessage])
-_named_decoder = msgspec.msgpack.Decoder(Union[Ack, Err, Topic, GapNotice, Request, Reply, Heartbeat, Unsubscribed])
+_named_decoder = msgspec.msgpack.Decoder(Ack | Err | Topic | GapNotice | Request | Reply | Heartbeat | Unsubscribed)
 _any_decoder = msgspec.msgpack.Decoder()
 _raw_list_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _id_decoder = msgspec.msgpack.Decoder(RequestId)
@@ -282,6 +283,7 @@ def check_payload(data: bytes, limit: int) -> None:
     publish path writes the comparison inline, per message, and raises the same error."""
     if len(data) > limit:
         raise payload_too_large(len(data), limit)
+
 
 MAX_ERRORS_PER_FRAME = 100
 
@@ -345,9 +347,7 @@ class BadMessage(BrokerError):
         self.index = -1  # its place in a batch frame (-1: it is about the whole frame)
 
 
-def decode_client_frame(
-    data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH
-) -> tuple[list[ClientMessage], list[BadMessage]]:
+def decode_client_frame(data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH) -> tuple[list[ClientMessage], list[BadMessage]]:
     """Decode one client frame into the messages it holds and the errors for those it could not
     (`read_client_frame` without the count of values)."""
     messages, bad, _ = read_client_frame(data, max_batch)
@@ -358,9 +358,7 @@ def _refused(data, text: str) -> tuple[list[ClientMessage], list[BadMessage], in
     return [], [BadMessage(0, ErrorCode.BAD_MESSAGE, text, dead_letter_head(data))], 0
 
 
-def read_client_frame(
-    data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH
-) -> tuple[list[ClientMessage], list[BadMessage], int]:
+def read_client_frame(data: bytes | memoryview, max_batch: int = DEFAULT_MAX_BATCH) -> tuple[list[ClientMessage], list[BadMessage], int]:
     """Decode one client frame into the messages it holds, the errors for those it could not,
     and the number of MessagePack values it holds (the work its decoding took).
 
@@ -415,7 +413,11 @@ def _decode(data, count: int) -> tuple[list[ClientMessage], list[BadMessage]]:
             good.append(client_decoder.decode(part))
         except _DECODE_ERRORS as exc:
             if len(bad) == MAX_ERRORS_PER_FRAME:
-                bad.append(BadMessage(0, ErrorCode.BAD_MESSAGE, f"more than {MAX_ERRORS_PER_FRAME} bad messages in one frame; the rest of it was ignored"))
+                bad.append(
+                    BadMessage(
+                        0, ErrorCode.BAD_MESSAGE, f"more than {MAX_ERRORS_PER_FRAME} bad messages in one frame; the rest of it was ignored"
+                    )
+                )
                 break
             problem = _with_data(_explain(part, exc), part)
             problem.index = index

@@ -28,8 +28,8 @@ connection that keeps up.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
-from typing import Callable
 
 import msgspec
 
@@ -95,8 +95,6 @@ def split_batch(piece: bytes, room: int) -> tuple[bytes, bytes] | None:
             break
         count += 1
     return encode_batch(topic_id, first, payloads[:count]), encode_batch(topic_id, first + count, payloads[count:])
-
-
 
 
 def _prefix(pieces: list, budget: int) -> tuple[list, list, int]:

@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .messages import Gap
 from .fastpath import Index, Outbox, TopicState, emit_all, encode_batch
-from .messages import GapNotice, encode
+from .messages import Gap, GapNotice, encode
 from .topics import is_pattern, key_matches
 
 if TYPE_CHECKING:
@@ -169,7 +168,17 @@ class Recovery:
                 if box.closed or not any(box in node.members for node in state.nodes if not node.dead):
                     pass  # gone, or no longer subscribed to the topic
                 elif position_epoch != epoch:
-                    self.send_gap(box, Gap(name, position_epoch, seq + 1, 0, f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}", "ended"))
+                    self.send_gap(
+                        box,
+                        Gap(
+                            name,
+                            position_epoch,
+                            seq + 1,
+                            0,
+                            f"epoch {position_epoch} of the topic ended; it continues in epoch {epoch}",
+                            "ended",
+                        ),
+                    )
                 elif first > seq + 1:
                     self.send_gap(box, Gap(name, epoch, seq + 1, first - 1, "this node's history does not hold these messages", "history"))
                 elif first <= seq:
@@ -234,7 +243,17 @@ class Recovery:
             elif since is not None:
                 trimmed, first, batches = backplane.since_time(state, since[0])
                 if trimmed:
-                    self.send_gap(box, Gap(state.name, state.epoch, 1, first - 1, "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)", "history"))
+                    self.send_gap(
+                        box,
+                        Gap(
+                            state.name,
+                            state.epoch,
+                            1,
+                            first - 1,
+                            "history no longer holds the messages before this one published since your subscription time (it may also have held older ones)",
+                            "history",
+                        ),
+                    )
                 self.replay(box, state, batches)
             elif last:
                 self._send_latest(box, state)
@@ -257,12 +276,18 @@ class Recovery:
                 # delivers tells whether messages after the position are missing.
                 self._await_position(name, box, epoch, seq)
             elif state is None:
-                self.send_gap(box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended"))
+                self.send_gap(
+                    box, Gap(name, epoch, seq + 1, 0, "the topic has no messages in this broker any more: its epoch ended", "ended")
+                )
             else:
-                self.send_gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
+                self.send_gap(
+                    box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended")
+                )
             return
         if epoch and epoch != state.epoch:
-            self.send_gap(box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended"))
+            self.send_gap(
+                box, Gap(name, epoch, seq + 1, 0, f"epoch {epoch} of the topic ended; it continues in epoch {state.epoch}", "ended")
+            )
             seq = 0
         elif not epoch:
             seq = 0
@@ -345,7 +370,14 @@ class Recovery:
 
         def emit(group: list[TopicState]) -> None:
             self.emission, published, batches, delivered = emit_all(
-                group, self.emission, self.max_piece, self.touched, self.slow, self.solo_nodes, store, now_ms,
+                group,
+                self.emission,
+                self.max_piece,
+                self.touched,
+                self.slow,
+                self.solo_nodes,
+                store,
+                now_ms,
             )
             totals[0] += published
             totals[1] += batches
@@ -388,11 +420,26 @@ class Recovery:
             resume = waiting[0]
             state = resume.state
             if self.topics.get(state.name) is not state:
-                self.send_gap(box, Gap(state.name, state.epoch, resume.next, 0, f"epoch {state.epoch} of the topic ended while its replay waited", "ended"))
+                self.send_gap(
+                    box,
+                    Gap(
+                        state.name, state.epoch, resume.next, 0, f"epoch {state.epoch} of the topic ended while its replay waited", "ended"
+                    ),
+                )
             else:
                 first, batches = self.backplane.since(state, resume.next - 1, box.limit)  # what one turn may send, at most
                 if first > resume.next:
-                    self.send_gap(box, Gap(state.name, state.epoch, resume.next, first - 1, "history no longer holds these messages (they left it while the replay waited for room)", "history"))
+                    self.send_gap(
+                        box,
+                        Gap(
+                            state.name,
+                            state.epoch,
+                            resume.next,
+                            first - 1,
+                            "history no longer holds these messages (they left it while the replay waited for room)",
+                            "history",
+                        ),
+                    )
                     resume.next = first
                 if batches:
                     if box.introduce(state):

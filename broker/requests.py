@@ -17,7 +17,8 @@ import heapq
 import random
 import time
 from collections import deque
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox
@@ -56,8 +57,15 @@ class Requests:
     """The requests waiting for replies (by the number passed to the responder), the
     connections that respond to each topic, and the dead letters."""
 
-    def __init__(self, send: Callable[[Outbox, bytes], None], stats, clock: Callable[[], float], max_open_requests: int,
-                 max_topic_length: int, dead_letters_max: int) -> None:
+    def __init__(
+        self,
+        send: Callable[[Outbox, bytes], None],
+        stats,
+        clock: Callable[[], float],
+        max_open_requests: int,
+        max_topic_length: int,
+        dead_letters_max: int,
+    ) -> None:
         self.send = send
         self.stats = stats  # the router's RouterStats: requests, replies, timeouts, dead_letters, errors
         self.clock = clock
@@ -88,7 +96,9 @@ class Requests:
         self.stats.dead_letters += 1
         owner = box.owner
         self.dead_letters.append(
-            DeadLetter(time.time(), getattr(owner, "id", owner), getattr(owner, "peer", ""), request_id, int(code), reason, bytes(head).hex())
+            DeadLetter(
+                time.time(), getattr(owner, "id", owner), getattr(owner, "peer", ""), request_id, int(code), reason, bytes(head).hex()
+            )
         )
 
     def request(self, box: Outbox, request_id: int, topic: str, data: bytes, timeout_ms: int, user: str | None = None) -> None:
@@ -145,7 +155,10 @@ class Requests:
         """A responder's reply: back to the requester, if the request still waits for it."""
         pending = self._requests.get(number)
         if pending is None or pending.responder is not box:
-            raise RequestError(ErrorCode.UNKNOWN_REQUEST, f"no request {number} waits for a reply from this connection (it timed out, or was never passed to it)")
+            raise RequestError(
+                ErrorCode.UNKNOWN_REQUEST,
+                f"no request {number} waits for a reply from this connection (it timed out, or was never passed to it)",
+            )
         self._close_request(number, pending)
         self.stats.replies += 1
         if not pending.requester.closed:

@@ -16,7 +16,7 @@ Blank lines and lines starting with `#` are ignored. Sans-I/O: parsing and match
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from .errors import BrokerError
 
@@ -72,7 +72,7 @@ class Denylist:
         self.before = 0.0  # every token issued before this time is revoked
 
     @classmethod
-    def parse(cls, lines: Iterable[str]) -> "Denylist":
+    def parse(cls, lines: Iterable[str]) -> Denylist:
         """The rules of a file's lines; RuleError (naming the line number) for a bad one."""
         out = cls()
         for number, line in enumerate(lines, 1):
@@ -102,7 +102,7 @@ class Denylist:
         else:
             self.jtis.add(text)
 
-    def merge(self, other: "Denylist") -> "Denylist":
+    def merge(self, other: Denylist) -> Denylist:
         out = Denylist()
         out.jtis = self.jtis | other.jtis
         out.users = dict(self.users)

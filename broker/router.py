@@ -19,15 +19,16 @@ budget), so no client can keep the iterations long.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
+from .arrival import Arrival
 from .backplane import Backplane, MemoryBackplane, Sequencer, unique_epoch
 from .config import Config
 from .dedupe import Dedupe, Seen
 from .errors import ErrorCode, RequestError
 from .fastpath import Index, Outbox, TopicState, emit_all, end_tick, fanout_steps, schedule_solo
 from .messages import Ack, Err, encode
-from .arrival import Arrival
 from .requests import Requests
 from .topic_ids import TopicIds
 from .topics import is_pattern, parts_of, validate_pattern, validate_topic
@@ -64,7 +65,6 @@ TICK_TOKEN_CHECK_BYTES = TICK_INPUT_BYTES // 8
 _FRAME_OVERHEAD = 64
 
 
-
 class RouterSettings(Protocol):
     """The settings the router reads (broker.config.Config has them; docs/operations.md
     describes each)."""
@@ -81,7 +81,29 @@ class RouterSettings(Protocol):
 class RouterStats:
     """Counters the router keeps; read by tests, logs and metrics."""
 
-    __slots__ = ("published", "delivered", "batches", "slow_consumers", "errors", "closes", "replayed", "gaps", "gap_causes", "duplicates", "requests", "replies", "timeouts", "dead_letters", "retired", "sheds", "dropped", "conflated", "denied", "unknown_topics", "recoveries")
+    __slots__ = (
+        "published",
+        "delivered",
+        "batches",
+        "slow_consumers",
+        "errors",
+        "closes",
+        "replayed",
+        "gaps",
+        "gap_causes",
+        "duplicates",
+        "requests",
+        "replies",
+        "timeouts",
+        "dead_letters",
+        "retired",
+        "sheds",
+        "dropped",
+        "conflated",
+        "denied",
+        "unknown_topics",
+        "recoveries",
+    )
 
     def __init__(self) -> None:
         self.published = 0  # messages accepted from publishers (counted when their batch is emitted)
@@ -318,10 +340,23 @@ class Router(Arrival):
             self.published_since_flush()
         else:
             if record is not None:
-                backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._sequenced(record, epoch, seq), lambda code, text: self._refused(record, code, text), msg_id)
+                backplane.publish(
+                    state,
+                    payload,
+                    self.dirty,
+                    lambda epoch, seq: self._sequenced(record, epoch, seq),
+                    lambda code, text: self._refused(record, code, text),
+                    msg_id,
+                )
             elif request_id:
                 assert box is not None
-                backplane.publish(state, payload, self.dirty, lambda epoch, seq: self._ack_later(box, request_id, epoch, seq), lambda code, text: self._fail_later(box, request_id, code, text))
+                backplane.publish(
+                    state,
+                    payload,
+                    self.dirty,
+                    lambda epoch, seq: self._ack_later(box, request_id, epoch, seq),
+                    lambda code, text: self._fail_later(box, request_id, code, text),
+                )
             else:
                 backplane.publish(state, payload, self.dirty)
             self.published_since_flush()
@@ -494,7 +529,14 @@ class Router(Arrival):
             published, batches, delivered = self.emit_passing(states, store, now_ms)
         else:
             self.emission, published, batches, delivered = emit_all(
-                states, self.emission, self.max_piece, self.touched, self.slow, self.solo_nodes, store, now_ms,
+                states,
+                self.emission,
+                self.max_piece,
+                self.touched,
+                self.slow,
+                self.solo_nodes,
+                store,
+                now_ms,
             )
         if cut:
             for box, state, first, payloads in cut:
@@ -517,4 +559,3 @@ class Router(Arrival):
         if box in self.replaying:
             self.end_replays(box)
         self.forget_waiting(box)
-

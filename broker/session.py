@@ -12,12 +12,31 @@ else of this connection is handled in between.
 
 from __future__ import annotations
 
-from .auth import UNRESTRICTED, AuthError, Authenticator, Identity
+from .auth import UNRESTRICTED, Authenticator, AuthError, Identity
 from .errors import ErrorCode, RequestError
 from .fastpath import Outbox, TopicState, fanout_steps, fast_publish
-from .pressure import HARD_LIMIT_FACTOR
+from .messages import (
+    DEFAULT_MAX_BATCH,
+    MAX_SINCE_TOPICS,
+    MIN_HEARTBEAT_MS,
+    Ack,
+    Auth,
+    Err,
+    Hb,
+    Pub,
+    Reply,
+    Req,
+    Sub,
+    Unsub,
+    Unsubscribed,
+    check_payload,
+    encode,
+    message_heads,
+    payload_too_large,
+    read_client_frame,
+)
 from .policy import BY_NAME, CONFLATE, DISCONNECT, DROP, Shed
-from .messages import DEFAULT_MAX_BATCH, MIN_HEARTBEAT_MS, MAX_SINCE_TOPICS, Ack, Auth, Err, Hb, Pub, Reply, Req, Sub, Unsub, Unsubscribed, check_payload, encode, message_heads, payload_too_large, read_client_frame
+from .pressure import HARD_LIMIT_FACTOR
 from .router import Router
 from .topics import is_pattern, key_matches, matches, validate_pattern, validate_topic
 
@@ -38,7 +57,15 @@ class SessionLimits:
 
     __slots__ = ("max_payload_bytes", "max_subscriptions", "max_patterns", "max_pending_bytes", "max_batch_messages", "policy")
 
-    def __init__(self, max_payload_bytes: int = 512 << 10, max_subscriptions: int = 10_000, max_pending_bytes: int = 8 << 20, max_batch_messages: int = DEFAULT_MAX_BATCH, policy: int = DISCONNECT, max_patterns: int = 100) -> None:
+    def __init__(
+        self,
+        max_payload_bytes: int = 512 << 10,
+        max_subscriptions: int = 10_000,
+        max_pending_bytes: int = 8 << 20,
+        max_batch_messages: int = DEFAULT_MAX_BATCH,
+        policy: int = DISCONNECT,
+        max_patterns: int = 100,
+    ) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.max_subscriptions = max_subscriptions
         # of them, patterns: a topic may match every pattern of a connection, and each distinct
@@ -51,13 +78,47 @@ class SessionLimits:
 
 class Session:
     __slots__ = (
-        "router", "limits", "box", "subscriptions", "responding", "received", "published", "errors", "closed",
-        "shedding", "identity", "authenticator", "denied", "limiter", "_backlog", "_next", "_drops", "_conflates", "_policy_of",
-        "_held", "_effective", "_allowed", "_allowed_mark", "_muted", "heartbeat_ms", "_frame", "_bad", "_heads", "patterns",
+        "router",
+        "limits",
+        "box",
+        "subscriptions",
+        "responding",
+        "received",
+        "published",
+        "errors",
+        "closed",
+        "shedding",
+        "identity",
+        "authenticator",
+        "denied",
+        "limiter",
+        "_backlog",
+        "_next",
+        "_drops",
+        "_conflates",
+        "_policy_of",
+        "_held",
+        "_effective",
+        "_allowed",
+        "_allowed_mark",
+        "_muted",
+        "heartbeat_ms",
+        "_frame",
+        "_bad",
+        "_heads",
+        "patterns",
         "parked",
     )
 
-    def __init__(self, router: Router, limits: SessionLimits, owner: object = None, identity: Identity = UNRESTRICTED, authenticator: Authenticator | None = None, limiter=None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        limits: SessionLimits,
+        owner: object = None,
+        identity: Identity = UNRESTRICTED,
+        authenticator: Authenticator | None = None,
+        limiter=None,
+    ) -> None:
         self.router = router
         self.limits = limits
         self.identity = identity  # who the token names and what it grants (grants None: anything)
@@ -328,7 +389,9 @@ class Session:
             if not effective:
                 self._forbid(message.id, "subscribe", f"not allowed to subscribe to {pattern!r}")
             if (message.since is not None or message.last) and not grants.may_recover(effective):
-                self._forbid(message.id, "history", f"not allowed to recover the history of {pattern!r} (since, last); subscribe without them")
+                self._forbid(
+                    message.id, "history", f"not allowed to recover the history of {pattern!r} (since, last); subscribe without them"
+                )
         if not router.interest(pattern, self.box):  # before `since` is checked against the topic's numbers
             return False
         since = None if message.since is None else _since(pattern, message.since, router, effective)
@@ -366,7 +429,9 @@ class Session:
         if topic in self.responding:
             raise RequestError(ErrorCode.ALREADY_SUBSCRIBED, f"already responding to {topic!r}")
         if len(self.subscriptions) + len(self.responding) >= self.limits.max_subscriptions:
-            raise RequestError(ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"this connection holds {self.limits.max_subscriptions} subscriptions, the limit")
+            raise RequestError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS, f"this connection holds {self.limits.max_subscriptions} subscriptions, the limit"
+            )
         self.router.requests.add_responder(topic, self.box)
         self.responding.add(topic)
         if message.id:
@@ -526,11 +591,7 @@ class Session:
 
 
 def _position(value: object, what: str) -> tuple[int, int]:
-    if not (
-        type(value) is list
-        and len(value) == 2
-        and all(type(x) is int and 0 <= x <= _MAX_ID for x in value)
-    ):
+    if not (type(value) is list and len(value) == 2 and all(type(x) is int and 0 <= x <= _MAX_ID for x in value)):
         raise RequestError(ErrorCode.BAD_MESSAGE, f"{what} is [epoch, seq], two integers from 0 to 2^63-1")
     return value[0], value[1]
 
@@ -547,7 +608,9 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
         epoch, seq = _position(since, "since")
         state = router.topics.get(pattern)
         if state is not None and epoch == state.epoch and seq > state.seq and router.sequencer is None:
-            raise RequestError(ErrorCode.BAD_POSITION, f"since [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+            raise RequestError(
+                ErrorCode.BAD_POSITION, f"since [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}"
+            )
         if not epoch and seq:
             raise RequestError(ErrorCode.BAD_POSITION, "since [0, seq] needs seq 0 (from the start of the current epoch)")
         return epoch, seq
@@ -570,7 +633,10 @@ def _since(pattern: str, since: list, router: Router, within: list[str] | None =
                 continue
             state = router.topics.get(name)
             if state is not None and epoch == state.epoch and seq > state.seq and router.sequencer is None:
-                raise RequestError(ErrorCode.BAD_POSITION, f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}")
+                raise RequestError(
+                    ErrorCode.BAD_POSITION,
+                    f"since of {name!r} [{epoch}, {seq}] is ahead of the topic: its last sequence number is {state.seq}",
+                )
             positions[name] = (epoch, seq)
     finally:
         # every position checked, refused, passed over (outside the grants) or kept: each

@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgspec
 import pytest
@@ -270,7 +271,9 @@ class Ledger:
             for item in items:
                 if isinstance(item, Gap):
                     if item.cause == "ended" and item.first != last.get((item.topic, item.epoch), 0) + 1:
-                        found.append(f"subscriber {index}: {item} does not start after its last message of that epoch ({last.get((item.topic, item.epoch), 0)})")
+                        found.append(
+                            f"subscriber {index}: {item} does not start after its last message of that epoch ({last.get((item.topic, item.epoch), 0)})"
+                        )
                     continue
                 assert isinstance(item, Message)
                 position = (item.topic, item.epoch, item.seq)
@@ -300,7 +303,9 @@ class Publishers:
     async def _publish(self, name: bytes, client: Client) -> None:
         i = 0
         while self.running:
-            await asyncio.gather(*(self.ledger.publish(client, self.topics[(i + k) % len(self.topics)], b"%s%d" % (name, i + k)) for k in range(8)))
+            await asyncio.gather(
+                *(self.ledger.publish(client, self.topics[(i + k) % len(self.topics)], b"%s%d" % (name, i + k)) for k in range(8))
+            )
             i += 8
 
     async def acked(self, more: int, timeout: float = 15.0) -> None:
@@ -418,8 +423,9 @@ class RawSocketClient:
         self.unread: list = []
 
     @classmethod
-    async def connect(cls, port: int, rcvbuf: int | None = None, headers: dict[str, str] | None = None, path: str = "/",
-                      source: str | None = None) -> "RawSocketClient":
+    async def connect(
+        cls, port: int, rcvbuf: int | None = None, headers: dict[str, str] | None = None, path: str = "/", source: str | None = None
+    ) -> RawSocketClient:
         """A connection from 127.0.0.1, or from `source` (another loopback address, 127.0.0.2:
         another client address to the broker)."""
         loop = asyncio.get_running_loop()
@@ -519,7 +525,9 @@ class Attacker:
         self._file.flush()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _ATTACKER, str(port), self._file.name, str(ROOT / "tests")],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         # the broker may take seconds over the setup (its budget at work), not minutes
         if not select.select([self.proc.stdout], [], [], ready_timeout)[0]:
@@ -528,7 +536,7 @@ class Attacker:
         line = self.proc.stdout.readline()
         assert line == "ready\n", f"the attacker did not get ready ({line!r})"
 
-    def __enter__(self) -> "Attacker":
+    def __enter__(self) -> Attacker:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -676,6 +684,7 @@ def broker_cli(*args: str, env: dict | None = None, **popen: Any) -> subprocess.
     full_env.update(env or {})
     return subprocess.Popen([sys.executable, "-m", "broker", *args], env=full_env, cwd=ROOT, **popen)
 
+
 # the broker as a process (python -m broker), and ports
 
 
@@ -753,7 +762,6 @@ async def run_cli(*args: str, input: bytes | None = None, timeout: float = 15.0)
     finally:
         stop_process(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
-
 
 
 @pytest.fixture(params=["cython", "python"])
@@ -848,7 +856,12 @@ def _js_client_build() -> JsClient | str:
     sources = list((JS_CLIENT / "src").glob("*.ts"))
     built = JS_CLIENT / "dist" / "index.js"
     if not built.exists() or max(p.stat().st_mtime for p in sources) > built.stat().st_mtime:
-        done = subprocess.run([client.node, str(JS_CLIENT / "node_modules" / "typescript" / "bin" / "tsc"), "-p", "."], cwd=JS_CLIENT, capture_output=True, text=True)
+        done = subprocess.run(
+            [client.node, str(JS_CLIENT / "node_modules" / "typescript" / "bin" / "tsc"), "-p", "."],
+            cwd=JS_CLIENT,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, f"clients/js does not build:\n{done.stdout}{done.stderr}"
     return client
 

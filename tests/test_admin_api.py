@@ -14,18 +14,15 @@ import jwt
 import pytest
 
 from broker import __version__
+from broker.audit import AUDIT_PER_KEY
 from broker.client import Client
 from broker.cluster import group_admin
 from broker.cluster.group_admin import GroupAdmin
 from broker.config import load
 from broker.errors import ErrorCode, SubscriptionEnded
-from broker.audit import AUDIT_PER_KEY
-from broker.server import admin
-
 from broker.messages import SUBPROTOCOL
-
-from conftest import run, send_upgrade, serving, upgrade_request, url
-from conftest import free_port
+from broker.server import admin
+from conftest import free_port, run, send_upgrade, serving, upgrade_request, url
 
 KEY = "admin-key-of-this-test"
 
@@ -82,8 +79,12 @@ def test_everything_but_health_wants_the_key():
                 assert status == 200 and content_type == kind
             assert (await fetch(port, "/dashboard"))[0] == 302
             # what changes something wants the key as much as what shows something
-            for path, body in (("/api/publish", {"topic": "t", "text": "x"}), ("/api/connections/1/close", None),
-                               ("/api/revocations", {"user": "x"}), ("/api/nothing-here", None)):
+            for path, body in (
+                ("/api/publish", {"topic": "t", "text": "x"}),
+                ("/api/connections/1/close", None),
+                ("/api/revocations", {"user": "x"}),
+                ("/api/nothing-here", None),
+            ):
                 for key in (None, "wrong", KEY[:-1]):
                     status, answer = await call(port, "POST", path, key, json=body)
                     assert status == 401 and "admin_api_key" in answer["error"], (path, key, status)
@@ -116,11 +117,20 @@ def test_the_api_key_may_come_from_a_file(tmp_path):
 def test_the_admin_port_answers_only_to_its_own_names():
     """A page of another site whose name was made to resolve to the admin server (DNS
     rebinding) sends its own name in Host: refused, key or not. Health answers any Host."""
+
     async def main():
         port = free_port()
         async with serving(admin_port=port, admin_api_key=KEY, admin_allowed_hosts="ops.example.com, Broker-1"):
-            own = [f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "10.1.2.3",
-                   f"ops.example.com:{port}", "ops.example.com.", f"broker-1:{port}"]
+            own = [
+                f"127.0.0.1:{port}",
+                f"localhost:{port}",
+                "LOCALHOST",
+                f"[::1]:{port}",
+                "10.1.2.3",
+                f"ops.example.com:{port}",
+                "ops.example.com.",
+                f"broker-1:{port}",
+            ]
             for host in own:
                 assert (await fetch(port, "/metrics", KEY, host))[0] == 200, host
             for host in (f"evil.example:{port}", "127.0.0.1.evil.example", "localhost.evil.example", "ops.example.com:x", "[::1"):
@@ -149,6 +159,7 @@ def test_the_hosts_an_admin_server_answers_to():
 def test_malformed_requests_are_logged_in_one_bounded_line_each(caplog):
     """40 requests aiohttp cannot parse: no traceback, at most one line each, and at most a
     few per address a second (the rest counted in one line)."""
+
     async def main():
         port = free_port()
         async with serving(admin_port=port, admin_api_key=KEY):
@@ -200,7 +211,13 @@ def test_server_side_publish_topics_connections_and_closing_one():
                         break
                 assert got == [("md.a", 1, b"hello"), ("md.a", 2, b"\x00\x01"), ("md.b", 1, b"b")]
                 status, body = await call(port, "GET", "/api/topics")
-                assert body["topics"][0] == {"topic": "md.a", "epoch": ok["epoch"], "epoch_str": str(ok["epoch"]), "seq": 2, "subscribers": 1}
+                assert body["topics"][0] == {
+                    "topic": "md.a",
+                    "epoch": ok["epoch"],
+                    "epoch_str": str(ok["epoch"]),
+                    "seq": 2,
+                    "subscribers": 1,
+                }
                 # JavaScript's JSON.parse rounds integers past 2^53: epochs are there as strings too
                 assert ok["epoch"] > 1 << 53 and ok["epoch_str"] == str(ok["epoch"])
                 status, body = await call(port, "GET", "/api/connections")
@@ -230,7 +247,11 @@ def test_a_refused_single_message_publish_answers_an_error_status():
             for status, message in refused.items():
                 got, body = await call(port, "POST", "/api/publish", json=message)
                 assert got == status, (message, body)
-                assert body["results"][0]["error"]["code"] in (ErrorCode.PATTERN_NOT_ALLOWED, ErrorCode.INVALID_TOPIC, ErrorCode.PAYLOAD_TOO_LARGE)
+                assert body["results"][0]["error"]["code"] in (
+                    ErrorCode.PATTERN_NOT_ALLOWED,
+                    ErrorCode.INVALID_TOPIC,
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                )
             assert (await call(port, "POST", "/api/publish", json={"topic": "md.a", "text": "ok"}))[0] == 200
             status, body = await call(port, "POST", "/api/publish", json={"topic": "md.b", "text": "one topic too many"})
             assert status == 503 and body["results"][0]["error"]["code"] == ErrorCode.TOO_MANY_TOPICS
@@ -247,7 +268,9 @@ def test_server_side_publish_through_the_redis_backplane_reaches_other_nodes(red
         async with serving(admin_port=port, admin_api_key=KEY, **settings), serving(**settings) as other:
             async with Client(url(other)) as client:
                 sub = await client.subscribe("rp.t")
-                status, body = await call(port, "POST", "/api/publish", json={"messages": [{"topic": "rp.t", "text": "1"}, {"topic": "rp.t", "text": "2"}]})
+                status, body = await call(
+                    port, "POST", "/api/publish", json={"messages": [{"topic": "rp.t", "text": "1"}, {"topic": "rp.t", "text": "2"}]}
+                )
                 assert status == 200 and [r["seq"] for r in body["results"]] == [1, 2]
                 got = []
                 async for message in sub:
@@ -268,7 +291,6 @@ def test_an_operator_revokes_tokens_by_id_user_or_time_and_open_connections_clos
     import jwt
 
     from broker.messages import Ack, Sub
-
     from conftest import RawSocketClient
 
     secret = "s3cret-for-tests-only-32-bytes!!"
@@ -392,7 +414,10 @@ def test_connections_are_filtered_sorted_and_paged_with_what_each_client_says_it
                 for i in range(20):
                     await bob.publish_acked("md.x", b"%d" % i)
                 browser, _, reader, writer = await send_upgrade(
-                    server.port, upgrade_request(f"/?client=broker-js/0.3.1&token={token('carol')}", [SUBPROTOCOL], {"Authorization": f"Bearer {token('carol')}"}),
+                    server.port,
+                    upgrade_request(
+                        f"/?client=broker-js/0.3.1&token={token('carol')}", [SUBPROTOCOL], {"Authorization": f"Bearer {token('carol')}"}
+                    ),
                 )
                 assert browser == 101
                 await asyncio.sleep(0.05)
@@ -428,12 +453,20 @@ def test_connections_are_filtered_sorted_and_paged_with_what_each_client_says_it
                 assert await users("sort=bytes_in") == ["bob", "alice", "carol"]
                 assert (await users("sort=age"))[-1] == "carol" and (await users("sort=age&order=asc"))[0] == "carol"  # the youngest
                 assert await users("sort=id&order=desc&offset=1&limit=1") == ["bob"]
-                for query, named in [("sort=size", "sort"), ("order=up", "order"), ("offset=-1", "offset"), ("limit=0", "limit"), ("subscription=a..b", "subscription")]:
+                for query, named in [
+                    ("sort=size", "sort"),
+                    ("order=up", "order"),
+                    ("offset=-1", "offset"),
+                    ("limit=0", "limit"),
+                    ("subscription=a..b", "subscription"),
+                ]:
                     status, body = await call(port, "GET", f"/api/connections?{query}")
                     assert status == 400 and body["error"].startswith(named), (query, body)
                 writer.close()
             for bad in ("x", "no-version/", "a/b c", "n/" + "1" * 40):
-                status, _, _, writer = await send_upgrade(server.port, upgrade_request("/", [SUBPROTOCOL], {"Broker-Client": bad, "Authorization": f"Bearer {token('dave')}"}))
+                status, _, _, writer = await send_upgrade(
+                    server.port, upgrade_request("/", [SUBPROTOCOL], {"Broker-Client": bad, "Authorization": f"Bearer {token('dave')}"})
+                )
                 writer.close()
                 assert status == 400, bad
 
@@ -487,7 +520,10 @@ def test_an_operator_disconnects_or_unsubscribes_every_connection_of_a_user_and_
         run(main())
     actions = [r.fields for r in caplog.records if r.getMessage() == "operator_action"]
     assert [(a["action"], a["user"]) for a in actions] == [
-        ("unsubscribe_user", "alice"), ("unsubscribe_user", "alice"), ("disconnect_user", "alice"), ("disconnect_user", "nobody"),
+        ("unsubscribe_user", "alice"),
+        ("unsubscribe_user", "alice"),
+        ("disconnect_user", "alice"),
+        ("disconnect_user", "nobody"),
     ]
     assert actions[0]["connections"] == 2 and actions[0]["subscription"] == "md.>" and actions[2]["closed"] == 2
     assert all(a["operator"] == "127.0.0.1" for a in actions)

@@ -18,10 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from broker.auth import Authenticator, Grants
 from broker.client import Client
 from broker.config import load
-from broker.errors import ConnectionClosed, ErrorCode
+from broker.errors import BrokerError, ConnectionClosed, ErrorCode
 from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Hb, Pub, Reply, Req, Request, Sub, Unsub, encode
 from broker.server.handshake import HandshakeError, Rules, parse_request
-
 from conftest import RawSocketClient, client_frame, eventually, run, send_upgrade, serving, upgrade_request, url
 
 SECRET = "s3cret-for-tests-only-32-bytes!!"
@@ -70,8 +69,14 @@ def test_every_handshake_rule_in_its_order():
     bad_version.headers["sec-websocket-version"] = ["8"]
     assert refused(rules, bad_version)[0] == 426
     assert refused(rules, request(protocols=(), headers=good))[0] == 400
-    assert refused(rules, request(protocols=("broker.v2", f"bearer.{token()}"), headers=good))[1] == "unsupported protocol version (offered broker.v2); this server speaks broker.v1"
-    assert refused(rules, request(headers={**good, "Origin": "https://evil.example"})) == (403, "origin https://evil.example is not allowed (allowed_origins)")
+    assert (
+        refused(rules, request(protocols=("broker.v2", f"bearer.{token()}"), headers=good))[1]
+        == "unsupported protocol version (offered broker.v2); this server speaks broker.v1"
+    )
+    assert refused(rules, request(headers={**good, "Origin": "https://evil.example"})) == (
+        403,
+        "origin https://evil.example is not allowed (allowed_origins)",
+    )
     no_upgrade = request(headers=good)
     del no_upgrade.headers["upgrade"]
     assert refused(rules, no_upgrade)[0] == 400
@@ -108,14 +113,20 @@ BAD_TOKENS = {
     "wrong audience": (lambda: scoped(aud="other"), "token audience does not match"),
     "wrong issuer": (lambda: scoped(iss="someone-else"), "token issuer does not match"),
     "no exp": (lambda: scoped(exp=None), "token lacks the exp claim"),
-    "alg none": (lambda: jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "aud": "broker", "iss": "issuer"}, None, algorithm="none"), "token algorithm 'none' is not accepted"),
+    "alg none": (
+        lambda: jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "aud": "broker", "iss": "issuer"}, None, algorithm="none"),
+        "token algorithm 'none' is not accepted",
+    ),
     "bad signature": (lambda: scoped(key="another-secret-of-32-bytes-long!"), "bad token signature"),
     "malformed": (lambda: "not.a.jwt", "malformed token"),
     "garbage": (lambda: "%%%", "malformed token"),
     "oversized": (lambda: scoped(pad="x" * 9000), "token longer than 8192 bytes"),
     "RS256 unknown here": (lambda: scoped(key=RSA_KEY, alg="RS256"), "no key accepts RS256 tokens"),
     "bad grant": (lambda: scoped(subscribe=["md..x"]), "the subscribe claim holds an invalid pattern 'md..x'"),
-    "grant not a list": (lambda: scoped(publish={"a": 1}), 'the publish claim must be a list of topic patterns, or {"allow": [...], "deny": [...]}'),
+    "grant not a list": (
+        lambda: scoped(publish={"a": 1}),
+        'the publish claim must be a list of topic patterns, or {"allow": [...], "deny": [...]}',
+    ),
     "bad deny": (lambda: scoped(subscribe={"allow": [">"], "deny": ["a..b"]}), "the subscribe claim holds an invalid pattern 'a..b'"),
 }
 
@@ -142,9 +153,20 @@ def test_a_token_is_checked_in_the_order_security_md_states(tmp_path):
     checker = authenticator(auth_audience="broker", auth_issuer="issuer", auth_leeway_s=5, auth_denylist_file=str(denylist))
     now = int(time.time())
     good = {"aud": "broker", "iss": "issuer", "exp": now + 60, "iat": now, "jti": "t-ok"}
-    broken = {"pad": "x" * 9000, "alg": "none", "key": RSA_KEY, "signed": "another-secret-of-32-bytes-long!", "exp": None,
-              "iat": now + 3600, "nbf": now + 3600, "expired": now - 3600, "iss": "someone-else", "aud": "other",
-              "jti": "t-revoked", "subscribe": ["md..x"]}
+    broken = {
+        "pad": "x" * 9000,
+        "alg": "none",
+        "key": RSA_KEY,
+        "signed": "another-secret-of-32-bytes-long!",
+        "exp": None,
+        "iat": now + 3600,
+        "nbf": now + 3600,
+        "expired": now - 3600,
+        "iss": "someone-else",
+        "aud": "other",
+        "jti": "t-revoked",
+        "subscribe": ["md..x"],
+    }
     steps = [
         ("pad", "token longer than 8192 bytes"),
         ("alg", "token algorithm 'none' is not accepted"),
@@ -183,8 +205,8 @@ def test_a_token_is_checked_in_the_order_security_md_states(tmp_path):
 def test_algorithm_confusion_hs256_signed_with_the_public_key_is_refused():
     """With an RSA public key configured (and no secret), a token that claims HS256 and is
     signed with the PEM of that public key must not pass."""
-    import hmac
     import hashlib
+    import hmac
 
     path = _write(pem(RSA_KEY))
     rules = Rules("/", SUBPROTOCOL, Authenticator(load({"auth_jwt_public_key_file": path}, environ={})))
@@ -205,7 +227,9 @@ def test_es256_keys_and_a_jwks_file_read_again_when_it_changes(tmp_path):
     jwks.write_text(json.dumps({"keys": [_jwk(RSA_KEY, "k1", "RS256")]}))
     auth = Authenticator(load({"auth_jwks_file": str(jwks)}, environ={}))
     rules = Rules("/", SUBPROTOCOL, auth)
-    assert rules.check(request(headers={"Authorization": f"Bearer {token(RSA_KEY, 'RS256', headers={'kid': 'k1'})}"})).identity.user == "alice"
+    assert (
+        rules.check(request(headers={"Authorization": f"Bearer {token(RSA_KEY, 'RS256', headers={'kid': 'k1'})}"})).identity.user == "alice"
+    )
     newer = token(EC_KEY, "ES256", headers={"kid": "k2"})
     assert refused(rules, request(headers={"Authorization": f"Bearer {newer}"})) == (401, "no key accepts ES256 tokens with kid 'k2'")
     jwks.write_text(json.dumps({"keys": [_jwk(RSA_KEY, "k1", "RS256"), _jwk(EC_KEY, "k2", "ES256")]}))
@@ -274,7 +298,9 @@ def test_a_grant_narrower_than_the_subscription_never_leaks_and_publishes_are_ch
     async def main():
         async with serving(auth_jwt_secret=SECRET) as server:
             feed = await Client.connect(url(server), token=token(sub="feed"))
-            narrow = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="bob", subscribe=["md.NASDAQ.*"], publish=["orders.bob.>"])))
+            narrow = await RawSocketClient.connect(
+                server.port, headers=auth_headers(token(sub="bob", subscribe=["md.NASDAQ.*"], publish=["orders.bob.>"]))
+            )
             try:
                 await narrow.send(Sub(1, "md.>"))
                 assert isinstance(await narrow.recv(), Ack)
@@ -376,11 +402,16 @@ def test_deny_entries_cut_topics_out_of_a_grant_on_every_path():
     async def main():
         async with serving(auth_jwt_secret=SECRET) as server:
             feed = await Client.connect(url(server), token=token(sub="feed"))
-            reader = await RawSocketClient.connect(server.port, headers=auth_headers(token(
-                sub="reader",
-                subscribe={"allow": ["md.>"], "deny": ["md.INTERNAL.>"]},
-                publish={"allow": ["md.>"], "deny": ["md.INTERNAL.>"]},
-            )))
+            reader = await RawSocketClient.connect(
+                server.port,
+                headers=auth_headers(
+                    token(
+                        sub="reader",
+                        subscribe={"allow": ["md.>"], "deny": ["md.INTERNAL.>"]},
+                        publish={"allow": ["md.>"], "deny": ["md.INTERNAL.>"]},
+                    )
+                ),
+            )
             try:
                 await feed.publish_acked("md.INTERNAL.X", b"secret-before")
                 await feed.publish_acked("md.NYSE.X", b"before")
@@ -390,7 +421,10 @@ def test_deny_entries_cut_topics_out_of_a_grant_on_every_path():
                 assert (await reader.recv()).data == [b"before"]
                 await reader.send(Sub(2, "md.INTERNAL.>"))
                 await reader.send(Sub(3, "md.INTERNAL.X"))
-                assert [(r.id, r.code) for r in (await reader.recv(), await reader.recv())] == [(2, ErrorCode.FORBIDDEN), (3, ErrorCode.FORBIDDEN)]
+                assert [(r.id, r.code) for r in (await reader.recv(), await reader.recv())] == [
+                    (2, ErrorCode.FORBIDDEN),
+                    (3, ErrorCode.FORBIDDEN),
+                ]
                 for topic in ("md.INTERNAL.X", "md.INTERNAL.NEW", "md.NEW"):
                     await feed.publish_acked(topic, topic.encode())
                 message = await reader.recv()
@@ -419,9 +453,17 @@ def test_history_and_respond_are_rights_of_their_own():
 
     async def main():
         async with serving(auth_jwt_secret=SECRET) as server:
-            narrow = await RawSocketClient.connect(server.port, headers=auth_headers(token(
-                sub="carol", subscribe=["md.>", "svc.>"], history=["md.NASDAQ.*"], respond=[],
-            )))
+            narrow = await RawSocketClient.connect(
+                server.port,
+                headers=auth_headers(
+                    token(
+                        sub="carol",
+                        subscribe=["md.>", "svc.>"],
+                        history=["md.NASDAQ.*"],
+                        respond=[],
+                    )
+                ),
+            )
             service = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="svc", subscribe=["svc.>"])))
             asker = await Client.connect(url(server), token=token(sub="dave"))
             try:
@@ -458,7 +500,9 @@ def test_history_and_respond_are_rights_of_their_own():
 
 def test_a_server_may_make_responding_need_the_respond_claim():
     async def main():
-        async with serving(auth_jwt_secret=SECRET, auth_respond_follows_subscribe=False, auth_anonymous=True, auth_anonymous_subscribe=">") as server:
+        async with serving(
+            auth_jwt_secret=SECRET, auth_respond_follows_subscribe=False, auth_anonymous=True, auth_anonymous_subscribe=">"
+        ) as server:
             reader = await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="reader", subscribe=["svc.>"])))
             service = await Client.connect(url(server), token=token(sub="svc", subscribe=[], respond=["svc.>"]))
             anonymous = await RawSocketClient.connect(server.port)
@@ -570,7 +614,9 @@ def test_revoking_a_user_or_everything_issued_before_a_time_reaches_open_connect
     now = int(time.time())
 
     async def main():
-        async with serving(auth_jwt_secret=SECRET, auth_denylist_file=str(denylist), auth_anonymous=True, auth_anonymous_subscribe=">") as server:
+        async with serving(
+            auth_jwt_secret=SECRET, auth_denylist_file=str(denylist), auth_anonymous=True, auth_anonymous_subscribe=">"
+        ) as server:
             old = now - 100
             clients = {
                 "mallory": await RawSocketClient.connect(server.port, headers=auth_headers(token(sub="mallory", iat=now))),
@@ -707,7 +753,7 @@ def test_refusals_are_logged_without_the_token(caplog):
 def test_the_client_refuses_a_callback_that_gives_no_token():
     async def main():
         async with serving(auth_jwt_secret=SECRET) as server:
-            with pytest.raises(Exception):
+            with pytest.raises(BrokerError, match="non-empty str"):
                 await Client.connect(url(server), token=lambda: "", reconnect=False)
 
     run(main())
@@ -734,7 +780,6 @@ def _write(data: bytes) -> str:
         fh.write(data)
     _files.append(fh.name)
     return fh.name
-
 
 
 def test_denials_are_counted_and_audited_within_a_bound(caplog):
@@ -803,7 +848,9 @@ def test_an_hs256_secret_shorter_than_32_bytes_stops_the_start_and_a_file_may_ho
     from broker.errors import ConfigError
 
     for short in ("s", "x" * 31):
-        with pytest.raises(ConfigError, match=f"invalid setting: auth_jwt_secret: an HS256 secret must be at least 32 bytes .*not {len(short)}"):
+        with pytest.raises(
+            ConfigError, match=f"invalid setting: auth_jwt_secret: an HS256 secret must be at least 32 bytes .*not {len(short)}"
+        ):
             Authenticator(load({"auth_jwt_secret": short}, environ={}))
     path = tmp_path / "secret"
     path.write_text("short\n")

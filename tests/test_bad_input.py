@@ -26,8 +26,20 @@ import websockets
 from broker.client import Client
 from broker.errors import CloseCode, ErrorCode
 from broker.messages import Ack, Delivery, Err, Pub, encode
-
-from conftest import MAX_FRAME, Harness, client_frame, decode_frames, eventually, raw_upgrade, recv_message, run, serving, url, ws_raw, replies
+from conftest import (
+    MAX_FRAME,
+    Harness,
+    client_frame,
+    decode_frames,
+    eventually,
+    raw_upgrade,
+    recv_message,
+    replies,
+    run,
+    serving,
+    url,
+    ws_raw,
+)
 
 pack = msgspec.msgpack.encode
 
@@ -47,7 +59,7 @@ class Traffic:
         self._task: asyncio.Task | None = None
         self.during = 0
 
-    async def __aenter__(self) -> "Traffic":
+    async def __aenter__(self) -> Traffic:
         self.sub_client = await Client.connect(url(self.server), on_error=self.client_errors.append)
         self.pub_client = await Client.connect(url(self.server), on_error=self.client_errors.append)
         self.sub = await self.sub_client.subscribe(FEED)
@@ -164,8 +176,6 @@ async def still_works(ws, request_id: int, topic: str = "probe.ok", seq: int = 1
 
 def errors(server) -> dict[int, int]:
     return dict(server.router.stats.errors)
-
-
 
 
 async def probe(ws, request_id: int, topic: str = "probe.ok") -> Ack:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT
 
 
@@ -16,9 +17,29 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_bench_cluster_systems_smoke(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--scenarios", "a", "--systems", "broker-cluster,nats-cluster,broker-redis",
-         "--clients", "cheap", "--runs", "1", "--duration", "0.5", "--warmup", "0.3", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--scenarios",
+            "a",
+            "--systems",
+            "broker-cluster,nats-cluster,broker-redis",
+            "--clients",
+            "cheap",
+            "--runs",
+            "1",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["system"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT
 
 
@@ -16,12 +17,36 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_bench_runner_smoke(tmp_path, clients):
     if clients == "real":  # first use installs Bun and the fleet's packages: not part of the run's time
-        subprocess.run([sys.executable, "-c", "from bench import fleetproc, systems; systems.bun_binary(); fleetproc.install()"],
-                       cwd=ROOT, check=True, timeout=180)
+        subprocess.run(
+            [sys.executable, "-c", "from bench import fleetproc, systems; systems.bun_binary(); fleetproc.install()"],
+            cwd=ROOT,
+            check=True,
+            timeout=180,
+        )
     out = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--scenarios", "a", "--systems", "broker,ceiling", "--clients", clients,
-         "--runs", "1", "--duration", "0.5", "--warmup", "0.3", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--scenarios",
+            "a",
+            "--systems",
+            "broker,ceiling",
+            "--clients",
+            clients,
+            "--runs",
+            "1",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -15,6 +15,7 @@ import time
 import jwt
 import pytest
 import trustme
+
 from conftest import ROOT, broker_cli, free_port
 
 SECRET = "bench-url-test-secret-of-32-bytes-or-more"
@@ -36,8 +37,6 @@ def test_bench_url_parse():
             parse(bad)
 
 
-
-
 @pytest.fixture(scope="module")
 def running(tmp_path_factory):
     """A broker serving wss:// with authentication on, started as users start it: (port, pid,
@@ -48,10 +47,20 @@ def running(tmp_path_factory):
     cert.private_key_and_cert_chain_pem.write_to_path(str(folder / "server.pem"))
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
     port = free_port()
-    proc = broker_cli("serve", "--port", str(port), "--log-level", "warning",
-                      "--tls-cert-file", str(folder / "server.pem"), "--tls-key-file", str(folder / "server.pem"),
-                      env={"BROKER_AUTH_JWT_SECRET": SECRET, "BROKER_MAX_CONNECTIONS_PER_USER": "1000"},
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = broker_cli(
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--tls-cert-file",
+        str(folder / "server.pem"),
+        "--tls-key-file",
+        str(folder / "server.pem"),
+        env={"BROKER_AUTH_JWT_SECRET": SECRET, "BROKER_MAX_CONNECTIONS_PER_USER": "1000"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -67,8 +76,9 @@ def running(tmp_path_factory):
 
 
 def bench(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bench.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 def png_size(path) -> tuple[int, int]:
@@ -82,9 +92,27 @@ def png_size(path) -> tuple[int, int]:
 def test_bench_url_run_writes_tables_and_plots(tmp_path, running):
     port, pid, ca, token = running
     url = f"wss://127.0.0.1:{port}/"
-    out = bench("--url", url, "--cafile", ca, "--pid", str(pid), "--scenarios", "a,d5", "--clients", "cheap", "--runs", "1",
-                "--duration", "0.5", "--warmup", "0.3", "--out", str(tmp_path / "run"),
-                env={**os.environ, "BENCH_TOKEN": token})
+    out = bench(
+        "--url",
+        url,
+        "--cafile",
+        ca,
+        "--pid",
+        str(pid),
+        "--scenarios",
+        "a,d5",
+        "--clients",
+        "cheap",
+        "--runs",
+        "1",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.3",
+        "--out",
+        str(tmp_path / "run"),
+        env={**os.environ, "BENCH_TOKEN": token},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["scenario"]: r for r in (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))}
     assert set(rows) == {"a", "d5"}, out.stderr[-3000:]
@@ -116,9 +144,24 @@ def test_bench_url_run_writes_tables_and_plots(tmp_path, running):
 
 def test_bench_url_without_pid_reports_no_system_cpu(tmp_path):
     """--report of a target's rows without --pid: the CPU columns say unknown instead of 0."""
-    row = {"system": "ws://10.0.0.1:7341/", "target": "ws://10.0.0.1:7341/", "target_pid": 0, "scenario": "a", "clients": "cheap",
-           "delivered_per_s": 1e6, "bytes_per_s": 1e8, "lost": 0, "closes_slow": 0, "closes_other": 0, "server_cpu": None,
-           "cpu_s_per_m": None, "clients_cpu": 0.5, "clients_cpu_max": 0.5, "publisher_cpu": 0.1, "alive": True}
+    row = {
+        "system": "ws://10.0.0.1:7341/",
+        "target": "ws://10.0.0.1:7341/",
+        "target_pid": 0,
+        "scenario": "a",
+        "clients": "cheap",
+        "delivered_per_s": 1e6,
+        "bytes_per_s": 1e8,
+        "lost": 0,
+        "closes_slow": 0,
+        "closes_other": 0,
+        "server_cpu": None,
+        "cpu_s_per_m": None,
+        "clients_cpu": 0.5,
+        "clients_cpu_max": 0.5,
+        "publisher_cpu": 0.1,
+        "alive": True,
+    }
     log = tmp_path / "log"
     log.write_text(json.dumps(row) + "\n")
     out = bench("--report", str(log), "--out", str(tmp_path))

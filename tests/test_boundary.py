@@ -40,11 +40,6 @@ def test_the_core_is_every_module_outside_the_shell():
 
 @pytest.mark.parametrize("module", core_modules())
 def test_a_core_module_imports_no_io_library_nor_the_shell(module):
-    code = (
-        "import sys\n"
-        f"import {module}\n"
-        f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
-        "print(' '.join(bad))\n"
-    )
+    code = f"import sys\nimport {module}\nbad = [m for m in {FORBIDDEN!r} if m in sys.modules]\nprint(' '.join(bad))\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == [], f"{module} imports {done.stdout.strip()}"

@@ -21,14 +21,16 @@ import pytest
 # The brokers these tests talk to are processes of their own (compiled whatever the suite's
 # fast path): the suite's second, pure-Python run would repeat exactly the same.
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the demo broker runs compiled in its own process: covered by the compiled run"),
+    pytest.mark.skipif(
+        os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the demo broker runs compiled in its own process: covered by the compiled run"
+    ),
     pytest.mark.slow,
     pytest.mark.browser,
 ]
 
-from conftest import BlackHoleProxy, broker_cli
-from conftest import free_port
 from test_dashboard import chromium
+
+from conftest import BlackHoleProxy, broker_cli, free_port
 
 SYMBOLS = "40"
 
@@ -39,8 +41,18 @@ class Demo:
     def __init__(self, port: int | None = None, http_port: int | None = None) -> None:
         self.port = port or free_port()
         self.http_port = http_port or free_port()
-        self.proc = broker_cli("demo", "--port", str(self.port), "--http-port", str(self.http_port), "--symbols", SYMBOLS,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = broker_cli(
+            "demo",
+            "--port",
+            str(self.port),
+            "--http-port",
+            str(self.http_port),
+            "--symbols",
+            SYMBOLS,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         assert "the page is at" in line, line + self.proc.stderr.read()
         self.url = f"http://127.0.0.1:{self.http_port}/"
@@ -109,7 +121,8 @@ class Watched:
         self.page.wait_for_function(
             """(wanted) => Object.entries(wanted).every(([t, seq]) => {
                  const got = window.demo.received[t]; return got && got[got.length - 1][1] >= seq; })""",
-            arg=wanted, timeout=timeout_s * 1000,
+            arg=wanted,
+            timeout=timeout_s * 1000,
         )
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ import subprocess
 import pytest
 
 from broker.config import FIELDS
-
 from conftest import broker_cli
 
 SECRET = "a-jwt-secret-of-more-than-32-bytes-0123456789"
@@ -67,7 +66,11 @@ def test_every_setting_with_its_source_and_secrets_masked(tmp_path):
         ("", {"BROKER_PING_TIMEOUT_S": "100"}, "ping_timeout_s given as BROKER_PING_TIMEOUT_S"),
         ('[auth]\njwt_secret_file = "/nonexistent/secret"\n', {}, "auth_jwt_secret_file given as auth.jwt_secret_file in"),
         ('[tls]\ncert_file = "/nonexistent/cert.pem"\n', {}, "tls_cert_file given as tls.cert_file in"),
-        ('[redis]\nurl = "redis://r:6379"\n', {"BROKER_WORKERS": "2", "BROKER_PORT": "0"}, "port: 0 (a free port) cannot be used with workers > 1"),
+        (
+            '[redis]\nurl = "redis://r:6379"\n',
+            {"BROKER_WORKERS": "2", "BROKER_PORT": "0"},
+            "port: 0 (a free port) cannot be used with workers > 1",
+        ),
     ],
     ids=["unknown-key", "enum", "rule-between-settings", "secret-file", "certificate", "workers"],
 )

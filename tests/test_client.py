@@ -12,8 +12,8 @@ import pytest
 from broker.client import (
     BrokerError,
     Client,
-    Gap,
     ConnectionClosed,
+    Gap,
     Message,
     PublishAck,
     RequestError,
@@ -22,7 +22,6 @@ from broker.client import (
 )
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Sub, encode
-
 from conftest import connect_tracked, eventually, recv_message, run, serving, url, ws_raw
 
 
@@ -445,9 +444,7 @@ def test_requests_wait_while_the_client_reconnects_and_those_in_flight_fail():
             responder.close()
             # a reconnection slower than request_timeout: a request made meanwhile gives up
             before = set(server.connections)
-            lonely = await Client.connect(
-                url(server), reconnect_delay=(10, 10), jitter=lambda: 1.0, request_timeout=0.3
-            )
+            lonely = await Client.connect(url(server), reconnect_delay=(10, 10), jitter=lambda: 1.0, request_timeout=0.3)
             (conn,) = [c for i, c in server.connections.items() if i not in before]
             conn.transport.abort()
             await eventually(lambda: lonely.state != "connected", 5, "the drop")

@@ -1,4 +1,5 @@
 import pytest
+
 """The client's position tracking against a model (Hypothesis, stateful): whatever mix of live
 batches, overlapping replays, gap notices and epoch changes reaches a subscription, the
 application sees each message at most once, in order per topic, and every message either

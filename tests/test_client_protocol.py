@@ -76,7 +76,13 @@ def test_a_subscription_is_made_delivered_to_and_told_of_gaps_through_plain_call
     assert [msgspec.msgpack.decode(frame) for frame in sent] == [["sub", rid, "t.*"]]
     core.receive(frame(encode(Ack(rid, 5, 0))))
     assert waiter.result == Ack(rid, 5, 0) and sub.active
-    core.receive(frame(encode(Topic(3, "t.a", 7)), msgspec.msgpack.encode(["msg", [3, 1, b"x", b"y"]]), encode(GapNotice("t.a", 7, 3, 4, "lost", "history"))))
+    core.receive(
+        frame(
+            encode(Topic(3, "t.a", 7)),
+            msgspec.msgpack.encode(["msg", [3, 1, b"x", b"y"]]),
+            encode(GapNotice("t.a", 7, 3, 4, "lost", "history")),
+        )
+    )
     assert items == [Message("t.a", 7, 1, b"x"), Message("t.a", 7, 2, b"y"), Gap("t.a", 7, 3, 4, "lost", "history")]
     assert sub.positions == {"t.a": (7, 4)}
 

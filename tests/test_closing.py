@@ -12,7 +12,6 @@ import pytest
 from broker.client import Client
 from broker.errors import CloseCode
 from broker.messages import Ack, Sub
-
 from conftest import MAX_FRAME, RawSocketClient, client_frame, eventually, run, server_conn_with, serving, url
 
 CLOSE_TIMEOUT = 0.3

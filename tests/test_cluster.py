@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import msgspec
+import pytest
 import redis
 
 from broker.client import Client, Gap
-
 from conftest import run, serving, url
 
 
@@ -180,7 +179,7 @@ def test_few_redis_commands_per_message_when_publishing_fast(redis_url, redis_pr
         async with node(redis_url, redis_prefix) as a, node(redis_url, redis_prefix) as b:
             async with Client(url(a)) as publisher, Client(url(b)) as client:
                 sub = await client.subscribe("fast")
-                for i in range(20_000):
+                for _i in range(20_000):
                     publisher.publish("fast", b"x" * 16)
                 got = await take(sub, 20_000, timeout=30)
                 assert got[-1].seq == 20_000
@@ -218,7 +217,6 @@ def test_the_redis_password_may_come_from_a_file_and_stay_out_of_the_url(tmp_pat
     from broker.config import load
     from broker.errors import ConfigError
     from broker.server import Server
-
     from redis_support import RedisProcess
 
     password = "a-redis-password-kept-in-a-file"
@@ -233,11 +231,30 @@ def test_the_redis_password_may_come_from_a_file_and_stay_out_of_the_url(tmp_pat
                     sub = await client.subscribe("pw.t")
                     await client.publish_acked("pw.t", b"x")
                     assert [m.data for m in await take(sub, 1)] == [b"x"]
-            refused = Server(load({"port": 0, "redis_url": server.url, "redis_prefix": redis_prefix, "redis_timeout_s": 1, "log_level": "error"}, environ={}))
-            with pytest.raises(ConfigError, match=r"redis_url: Redis at redis://127.0.0.1:[0-9]+ refused the credentials \(the password in redis_url, or redis_password_file\)"):
+            refused = Server(
+                load(
+                    {"port": 0, "redis_url": server.url, "redis_prefix": redis_prefix, "redis_timeout_s": 1, "log_level": "error"},
+                    environ={},
+                )
+            )
+            with pytest.raises(
+                ConfigError,
+                match=r"redis_url: Redis at redis://127.0.0.1:[0-9]+ refused the credentials \(the password in redis_url, or redis_password_file\)",
+            ):
                 await refused.start()
             path.write_text("wrong\n")
-            wrong = Server(load({"port": 0, "redis_url": server.url, "redis_prefix": redis_prefix, "redis_password_file": str(path), "log_level": "error"}, environ={}))
+            wrong = Server(
+                load(
+                    {
+                        "port": 0,
+                        "redis_url": server.url,
+                        "redis_prefix": redis_prefix,
+                        "redis_password_file": str(path),
+                        "log_level": "error",
+                    },
+                    environ={},
+                )
+            )
             with pytest.raises(ConfigError, match=r"refused the credentials \(redis_password_file\)"):
                 await wrong.start()
 
@@ -287,7 +304,6 @@ def test_a_lagging_node_gives_a_raw_client_only_what_follows_its_position(redis_
     import time
 
     from broker.messages import Ack, Delivery, GapNotice
-
     from conftest import recv_message, ws_raw
 
     async def deliveries(ws, until_seq: dict[str, int]) -> list[tuple[str, int, bytes]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 from broker.client import Client, Message
-
 from conftest import Ledger, eventually, run, serving, settled, url
 from redis_support import BrokerNode
 
@@ -24,8 +23,10 @@ def test_a_msg_id_published_through_one_node_is_acknowledged_through_another_wit
                 again = await on_b.publish_acked("dd.t", b"once", msg_id="order-17")
                 assert again == first
                 # in the same write as messages that are new: they are published, it is not
-                await asyncio.gather(*(on_b.publish_acked("dd.t", b"new%d" % i, msg_id=f"new-{i}") for i in range(3)),
-                                     on_b.publish_acked("dd.t", b"once", msg_id="order-17"))
+                await asyncio.gather(
+                    *(on_b.publish_acked("dd.t", b"new%d" % i, msg_id=f"new-{i}") for i in range(3)),
+                    on_b.publish_acked("dd.t", b"once", msg_id="order-17"),
+                )
                 other = await on_b.publish_acked("dd.u", b"other topic", msg_id="order-17")  # per topic
                 last = await on_a.publish_acked("dd.t", b"last")
                 await eventually(lambda: len(got) == 6, 5, "the deliveries")

@@ -14,13 +14,12 @@ import time
 import msgspec
 import pytest
 import redis
+from test_cluster import take
 
 from broker.client import Client, Gap, Message
 from broker.errors import ErrorCode, RequestError
-
 from conftest import run, serving, url
 from redis_support import BrokerNode
-from test_cluster import take
 
 FAST = {"redis_timeout_s": 1.0}
 

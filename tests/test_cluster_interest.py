@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import asyncio
 
+from test_cluster import take
+
 from broker.client import Client, Gap, Message
 from broker.errors import ErrorCode, RequestError
-
 from conftest import eventually, run, serving, url
-from test_cluster import take
 
 
 def test_nodes_of_different_audiences_read_only_the_shards_they_need(own_redis):

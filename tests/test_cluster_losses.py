@@ -9,13 +9,12 @@ import asyncio
 import logging
 
 import redis
+from test_cluster import take
 
 from broker.client import Client
 from broker.errors import ErrorCode, RequestError
 from broker.server.metrics import Collector
-
 from conftest import eventually, run, serving, url
-from test_cluster import take
 
 
 def test_a_node_that_stops_while_redis_does_not_answer_answers_what_it_could_not_write(own_redis):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from redis.cluster import RedisCluster
+from test_cluster import take
 
 from broker.client import Client
-
 from conftest import eventually, run, serving, url
-from test_cluster import take
 
 
 @pytest.mark.slow
@@ -164,7 +162,11 @@ def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_
         # a prefix that puts shards on that master too
         slots = RedisCluster.from_url(cluster.url)
         try:
-            prefix = next(p for p in (f"{redis_prefix}{i}" for i in range(100)) if any(slots.get_node_from_key(f"{{{p}:{shard}}}:s").port == dead.port for shard in range(6)))
+            prefix = next(
+                p
+                for p in (f"{redis_prefix}{i}" for i in range(100))
+                if any(slots.get_node_from_key(f"{{{p}:{shard}}}:s").port == dead.port for shard in range(6))
+            )
         finally:
             slots.close()
 
@@ -172,7 +174,12 @@ def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_
             ledger = Ledger()
             settings = dict(redis_url=cluster.url, redis_prefix=prefix, redis_shards=6, redis_timeout_s=1.0)
             async with serving(**settings) as a, serving(**settings) as b:
-                async with Client(url(a), request_timeout=60) as pa, Client(url(b), request_timeout=60) as pb, Client(url(a)) as sa, Client(url(b)) as sb:
+                async with (
+                    Client(url(a), request_timeout=60) as pa,
+                    Client(url(b), request_timeout=60) as pb,
+                    Client(url(a)) as sa,
+                    Client(url(b)) as sb,
+                ):
                     for client in (sa, sb):
                         await client.subscribe("fo.>", ledger.subscriber())
                     publishers = Publishers(ledger, {b"a": pa, b"b": pb}, topics)
@@ -194,14 +201,19 @@ def test_the_readers_survive_a_failover_and_every_acked_message_is_delivered_or_
                     await settled(ledger)
                     assert not ledger.problems(), ledger.problems()[:20]
                     for server in (a, b):
-                        assert all(not task.done() for task in [*server.cluster._tasks, *server.cluster._writers]), "a reader or a writer ended"
+                        assert all(not task.done() for task in [*server.cluster._tasks, *server.cluster._writers]), (
+                            "a reader or a writer ended"
+                        )
                         # a reader between two attempts (up to 1 s apart) reads again at the next
                         await eventually(lambda: server.cluster.stats.read_failures == [0] * 6, 10, "every reader reads again")
                     # a node whose writes failed past redis_timeout_s refuses publishes until
                     # its next check of the shards is answered (at most a second or two)
                     await eventually(lambda: a.cluster.accepting and b.cluster.accepting, 10, "both nodes take publishes again")
                     # the nodes read on from every shard: a message to each reaches both
-                    marks = {topic: await ledger.publish(pa, topic, b"end." + topic.encode()) for topic in {a.cluster.shard_of(t): t for t in topics}.values()}
+                    marks = {
+                        topic: await ledger.publish(pa, topic, b"end." + topic.encode())
+                        for topic in {a.cluster.shard_of(t): t for t in topics}.values()
+                    }
                     assert all(marks.values())
                     await settled(ledger)
                     assert not ledger.problems(), ledger.problems()[:20]
@@ -230,7 +242,11 @@ def test_with_redis_min_replicas_no_acknowledged_message_is_lost_when_a_master_i
         (behind,) = [node for node in cluster.nodes if node.role() == "slave" and int(node.info("replication")["master_port"]) == dead.port]
         slots = RedisCluster.from_url(cluster.url)
         try:
-            prefix = next(p for p in (f"{redis_prefix}{i}" for i in range(100)) if any(slots.get_node_from_key(f"{{{p}:{shard}}}:s").port == dead.port for shard in range(6)))
+            prefix = next(
+                p
+                for p in (f"{redis_prefix}{i}" for i in range(100))
+                if any(slots.get_node_from_key(f"{{{p}:{shard}}}:s").port == dead.port for shard in range(6))
+            )
             on_dead = {shard for shard in range(6) if slots.get_node_from_key(f"{{{prefix}:{shard}}}:s").port == dead.port}
         finally:
             slots.close()
@@ -239,7 +255,12 @@ def test_with_redis_min_replicas_no_acknowledged_message_is_lost_when_a_master_i
             ledger = Ledger()
             settings = dict(redis_url=cluster.url, redis_prefix=prefix, redis_shards=6, redis_timeout_s=1.0, redis_min_replicas=1)
             async with serving(**settings) as a, serving(**settings) as b:
-                async with Client(url(a), request_timeout=60) as pa, Client(url(b), request_timeout=60) as pb, Client(url(a)) as sa, Client(url(b)) as sb:
+                async with (
+                    Client(url(a), request_timeout=60) as pa,
+                    Client(url(b), request_timeout=60) as pb,
+                    Client(url(a)) as sa,
+                    Client(url(b)) as sb,
+                ):
                     for client in (sa, sb):
                         await client.subscribe("mr.>", ledger.subscriber())
                     publishers = Publishers(ledger, {b"a": pa, b"b": pb}, topics)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import signal
 
-from broker.client import Client, Gap, Message
+from test_cluster_faults import until
 
+from broker.client import Client, Gap, Message
 from conftest import Ledger, Publishers, eventually, run, serving, settled, url
 from redis_support import BrokerNode
-from test_cluster_faults import until
 
 TOPICS = [f"rb.{i}" for i in range(8)]  # spread over the default 16 shards
 
@@ -31,7 +31,12 @@ def test_redis_back_from_an_older_snapshot_ends_the_epoch_and_numbers_no_positio
     async def main():
         ledger = Ledger()
         async with node(own_redis.url) as a, node(own_redis.url) as b:
-            async with Client(url(a), request_timeout=30) as pa, Client(url(b), request_timeout=30) as pb, Client(url(a)) as sa, Client(url(b)) as sb:
+            async with (
+                Client(url(a), request_timeout=30) as pa,
+                Client(url(b), request_timeout=30) as pb,
+                Client(url(a)) as sa,
+                Client(url(b)) as sb,
+            ):
                 for client in (sa, sb):
                     await client.subscribe("rb.>", ledger.subscriber())
                 publishers = Publishers(ledger, {b"a": pa, b"b": pb}, TOPICS)
@@ -115,7 +120,11 @@ def test_a_node_that_saw_more_ends_the_epoch_a_node_started_after_the_rollback_w
                 try:
                     own_redis.kill()
                     own_redis.start(keep_data=True)
-                    async with node(own_redis.url) as later, Client(url(later), request_timeout=30) as late_publisher, Client(url(later)) as late_client:
+                    async with (
+                        node(own_redis.url) as later,
+                        Client(url(later), request_timeout=30) as late_publisher,
+                        Client(url(later)) as late_client,
+                    ):
                         late: list = []
                         await late_client.subscribe("rb.0", late.append)
                         forked = [await late_publisher.publish_acked("rb.0", b"fork%d" % i) for i in range(8)]
@@ -132,7 +141,9 @@ def test_a_node_that_saw_more_ends_the_epoch_a_node_started_after_the_rollback_w
                     os.kill(knowing.pid, signal.SIGCONT)
             old = lost[0].epoch
             # the node that saw more delivered nothing of what the later node numbered in the old epoch
-            assert [(m.epoch, m.seq, m.data) for m in seen[:10]] == [(old, i + 1, d) for i, d in enumerate([b"kept%d" % i for i in range(5)] + [b"lost%d" % i for i in range(5)])]
+            assert [(m.epoch, m.seq, m.data) for m in seen[:10]] == [
+                (old, i + 1, d) for i, d in enumerate([b"kept%d" % i for i in range(5)] + [b"lost%d" % i for i in range(5)])
+            ]
             assert seen[10:] == [Gap("rb.0", old, 11, 0, seen[10].reason, "ended"), Message("rb.0", after.epoch, 1, b"after")]
             assert [m.data for m in late[:8]] == [b"fork%d" % i for i in range(8)]
             assert late[8:] == [Gap("rb.0", old, 14, 0, late[8].reason, "ended"), Message("rb.0", after.epoch, 1, b"after")]

@@ -15,10 +15,8 @@ from broker import __version__
 from broker.client import Client
 from broker.cluster import presence
 from broker.cluster.presence import read_view
-
-from conftest import run, serving
+from conftest import free_port, run, serving
 from redis_support import BrokerNode
-from conftest import free_port
 
 KEY = "cluster-view-key"
 
@@ -28,7 +26,13 @@ def test_an_entry_past_its_expiry_leaves_the_view_and_is_forgotten_later():
     fresh = {"node": "a:1", "expires": now + 1}
     expired = {"node": "b:1", "expires": now - 1}
     long_gone = {"node": "c:1", "expires": now - presence.FORGET_S - 1}
-    fields = {"a:1": json.dumps(fresh), "b:1": json.dumps(expired), "c:1": json.dumps(long_gone), "junk": b"not json", "x": json.dumps({"node": "x"})}
+    fields = {
+        "a:1": json.dumps(fresh),
+        "b:1": json.dumps(expired),
+        "c:1": json.dumps(long_gone),
+        "junk": b"not json",
+        "x": json.dumps({"node": "x"}),
+    }
     nodes, forget = read_view(fields, now)
     assert [n["node"] for n in nodes] == ["a:1"]
     assert sorted(forget) == ["c:1", "junk", "x"]
@@ -37,8 +41,13 @@ def test_an_entry_past_its_expiry_leaves_the_view_and_is_forgotten_later():
 def test_an_announcement_says_who_the_node_is_and_its_rates_since_the_last():
     stats = SimpleNamespace(published=100, delivered=1000)
     server = SimpleNamespace(
-        node="n:1", instance="i1", version="9.9", started=900.0, state="running",
-        connections={1: None, 2: None}, router=SimpleNamespace(stats=stats, topics={"t": None}),
+        node="n:1",
+        instance="i1",
+        version="9.9",
+        started=900.0,
+        state="running",
+        connections={1: None, 2: None},
+        router=SimpleNamespace(stats=stats, topics={"t": None}),
     )
     first = presence.entry(server, None, 1000.0)
     assert first["published_rate"] is None and first["connections"] == 2 and first["expires"] == 1000.0 + presence.TTL_S
@@ -84,8 +93,10 @@ async def eventually_view(admin: int, predicate, timeout: float = presence.ANNOU
 def test_every_node_shows_every_node_through_redis(redis_url, redis_prefix):
     admins = [free_port(), free_port()]
     common = ("--redis-url", redis_url, "--redis-prefix", redis_prefix, "--admin-api-key", KEY)
-    with BrokerNode(*common, "--admin-port", str(admins[0]), "--node-name", "alpha") as alpha, \
-            BrokerNode(*common, "--admin-port", str(admins[1]), "--node-name", "beta") as beta:
+    with (
+        BrokerNode(*common, "--admin-port", str(admins[0]), "--node-name", "alpha") as alpha,
+        BrokerNode(*common, "--admin-port", str(admins[1]), "--node-name", "beta") as beta,
+    ):
 
         async def main():
             async with Client(beta.url) as client:

@@ -13,7 +13,6 @@ import time
 from redis.cluster import RedisCluster as SyncCluster
 
 from broker.client import Client
-
 from conftest import Ledger, run, serving, settled, url
 from redis_support import RedisCluster
 
@@ -98,7 +97,9 @@ def test_a_paused_master_delays_only_its_own_shards_and_every_publish_is_answere
                     slowest = max(answered - sent for _, sent, answered, _ in during)
                     assert slowest < 0.5, f"a publish to a master that answers waited {slowest:.2f} s while another was paused"
                     for _, sent, answered, _ in paced.answers:
-                        assert answered - sent < timeout + 0.3, f"a publish was answered after {answered - sent:.2f} s (redis_timeout_s {timeout})"
+                        assert answered - sent < timeout + 0.3, (
+                            f"a publish was answered after {answered - sent:.2f} s (redis_timeout_s {timeout})"
+                        )
                     dark_during = paced.within(out + 0.1, back - timeout - 0.3, dark)
                     assert dark_during and not any(acked for _, _, _, acked in dark_during)
                     recovered = [a for a in paced.within(back + 3.0, time.monotonic(), dark)]

@@ -4,7 +4,6 @@ import re
 
 import msgspec
 import pytest
-from conftest import ROOT
 
 from broker.check import shown
 from broker.config import (
@@ -19,6 +18,7 @@ from broker.config import (
     table_of,
 )
 from broker.errors import ConfigError
+from conftest import ROOT
 
 
 def write(tmp_path, text):
@@ -84,7 +84,10 @@ def test_a_value_outside_a_fixed_set_is_refused_listing_the_accepted_ones(name, 
         ({"BROKER_PORT": "abc"}, "BROKER_PORT"),
         ({"BROKER_PING_TIMEOUT_S": "100"}, "ping_timeout_s given as BROKER_PING_TIMEOUT_S"),
         ({"BROKER_MAX_PAYLOAD_BYTES": "2000000"}, "max_payload_bytes given as BROKER_MAX_PAYLOAD_BYTES"),
-        ({"BROKER_ADMIN_API_KEY": "k", "BROKER_ADMIN_API_KEY_FILE": "/etc/hostname"}, "admin_api_key_file given as BROKER_ADMIN_API_KEY_FILE"),
+        (
+            {"BROKER_ADMIN_API_KEY": "k", "BROKER_ADMIN_API_KEY_FILE": "/etc/hostname"},
+            "admin_api_key_file given as BROKER_ADMIN_API_KEY_FILE",
+        ),
         ({"BROKER_CONFIG": "/nonexistent/broker.toml"}, "(given as BROKER_CONFIG)"),
     ],
 )
@@ -105,7 +108,9 @@ def test_bad_files(tmp_path):
 
 def test_sections_of_a_config_file_name_their_settings(tmp_path):
     path = tmp_path / "broker.toml"
-    path.write_text('port = 9000\n[tls]\ncert_file = "c.pem"\n[auth]\njwt_secret = "s"\nleeway_s = 5\n[limits]\nmax_connections = 7\nmax_frame_bytes = 2000000\n')
+    path.write_text(
+        'port = 9000\n[tls]\ncert_file = "c.pem"\n[auth]\njwt_secret = "s"\nleeway_s = 5\n[limits]\nmax_connections = 7\nmax_frame_bytes = 2000000\n'
+    )
     config = load({}, environ={}, config_file=str(path))
     assert (config.port, config.tls_cert_file, config.auth_jwt_secret, config.auth_leeway_s) == (9000, "c.pem", "s", 5.0)
     assert (config.max_connections, config.max_frame_bytes) == (7, 2000000)
@@ -116,7 +121,10 @@ def test_sections_of_a_config_file_name_their_settings(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load({}, environ={}, config_file=str(path))
     assert "unknown setting auth.not_a_setting: [auth] has no not_a_setting" in str(caught.value)
-    assert "unknown setting limits.tls_cert_file: [limits] has no tls_cert_file (tls_cert_file goes at the top level (or in [broker]), or in [tls] as cert_file)" in str(caught.value)
+    assert (
+        "unknown setting limits.tls_cert_file: [limits] has no tls_cert_file (tls_cert_file goes at the top level (or in [broker]), or in [tls] as cert_file)"
+        in str(caught.value)
+    )
 
 
 # secrets: each may come from a file, so that none needs a flag or an environment variable
@@ -208,18 +216,39 @@ def test_every_layout_of_a_file_applies_every_key(tmp_path, layout):
         ("[tls.auth]\njwt_secret = 'x'\n", "unknown table [tls.auth]: [tls] holds settings, not tables"),
         ("prot = 1\n", "unknown setting prot (did you mean port?)"),
         ("[broker]\nprot = 1\n", "unknown setting broker.prot (did you mean port?)"),
-        ("jwt_secret = 'x'\n", "unknown setting jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)"),
-        ("[auth]\nauth_jwt_secret = 'x'\n", "unknown setting auth.auth_jwt_secret: [auth] has no auth_jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)"),
-        ("[redis]\nport = 1\n", "unknown setting redis.port: [redis] has no port (port goes at the top level (or in [broker]); admin_port goes at the top level (or in [broker]), or in [admin] as port)"),
-        ("[limits]\nslow_consumer_timeout_s = 1\n", "unknown setting limits.slow_consumer_timeout_s: [limits] has no slow_consumer_timeout_s (slow_consumer_timeout_s goes at the top level (or in [broker]))"),
+        (
+            "jwt_secret = 'x'\n",
+            "unknown setting jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)",
+        ),
+        (
+            "[auth]\nauth_jwt_secret = 'x'\n",
+            "unknown setting auth.auth_jwt_secret: [auth] has no auth_jwt_secret (auth_jwt_secret goes at the top level (or in [broker]), or in [auth] as jwt_secret)",
+        ),
+        (
+            "[redis]\nport = 1\n",
+            "unknown setting redis.port: [redis] has no port (port goes at the top level (or in [broker]); admin_port goes at the top level (or in [broker]), or in [admin] as port)",
+        ),
+        (
+            "[limits]\nslow_consumer_timeout_s = 1\n",
+            "unknown setting limits.slow_consumer_timeout_s: [limits] has no slow_consumer_timeout_s (slow_consumer_timeout_s goes at the top level (or in [broker]))",
+        ),
         ("[broker.auth]\nport = 1\n", "unknown setting broker.auth.port: [broker.auth] has no port"),
         ("broker = 1\n", "broker must be a table ([broker]) of settings, not a value"),
         ("auth = 'on'\n", "auth must be a table ([auth]) of auth settings, not a value"),
         ("[[auth]]\njwt_secret = 'x'\n", "auth must be a table ([auth]) of auth settings, not a value"),
         ("port = 1\n[broker]\nport = 2\n", "port is given twice, as port and as broker.port: give it once"),
-        ("auth_jwt_secret = 'a'\n[auth]\njwt_secret = 'b'\n", "auth_jwt_secret is given twice, as auth_jwt_secret and as auth.jwt_secret: give it once"),
-        ("[auth]\njwt_secret = 'a'\n[broker.auth]\njwt_secret = 'b'\n", "auth_jwt_secret is given twice, as auth.jwt_secret and as broker.auth.jwt_secret: give it once"),
-        ("[broker]\nadmin_port = 1\n[admin]\nport = 2\n", "admin_port is given twice, as broker.admin_port and as admin.port: give it once"),
+        (
+            "auth_jwt_secret = 'a'\n[auth]\njwt_secret = 'b'\n",
+            "auth_jwt_secret is given twice, as auth_jwt_secret and as auth.jwt_secret: give it once",
+        ),
+        (
+            "[auth]\njwt_secret = 'a'\n[broker.auth]\njwt_secret = 'b'\n",
+            "auth_jwt_secret is given twice, as auth.jwt_secret and as broker.auth.jwt_secret: give it once",
+        ),
+        (
+            "[broker]\nadmin_port = 1\n[admin]\nport = 2\n",
+            "admin_port is given twice, as broker.admin_port and as admin.port: give it once",
+        ),
     ],
 )
 def test_a_key_a_file_cannot_apply_is_refused_naming_its_table_and_key(tmp_path, text, problem):

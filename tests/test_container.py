@@ -76,7 +76,10 @@ def test_compose_runs_three_nodes_on_one_redis_and_prometheus_scrapes_each():
     assert len(set(published)) == 3
     assert "redis" in services and "prometheus" in services and "grafana" in services
     grafana = {volume.split(":")[1]: volume.split(":")[0] for volume in services["grafana"]["volumes"] if volume.startswith("./")}
-    assert grafana == {"/etc/grafana/provisioning": "./deploy/grafana/provisioning", "/var/lib/grafana/dashboards": "./deploy/grafana/dashboards"}
+    assert grafana == {
+        "/etc/grafana/provisioning": "./deploy/grafana/provisioning",
+        "/var/lib/grafana/dashboards": "./deploy/grafana/dashboards",
+    }
     assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000"]
     assert "--protected-mode no" in services["redis"]["command"][-1]  # the nodes reach it from other containers
     assert "--user default off" in services["redis"]["command"][-1]  # but only with the password
@@ -105,7 +108,11 @@ def test_promtool_accepts_the_prometheus_config(tmp_path):
     (tmp_path / "alerts.yml").write_text((ROOT / "deploy" / "alerts.yml").read_text())
     config = tmp_path / "prometheus.yml"
     (tmp_path / "admin-key").write_text("a-key")  # the compose secret, mounted in the container
-    config.write_text(PROMETHEUS.read_text().replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml")).replace("/run/secrets/admin-key", str(tmp_path / "admin-key")))
+    config.write_text(
+        PROMETHEUS.read_text()
+        .replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml"))
+        .replace("/run/secrets/admin-key", str(tmp_path / "admin-key"))
+    )
     result = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -140,12 +147,17 @@ def test_the_scripts_say_clearly_when_there_is_no_container_engine(tmp_path, scr
     if script == SCRIPT:
         assert "no container engine (docker or podman) found; nothing was built" in result.stderr
     else:
-        assert "no container engine with a compose command (docker compose, podman compose or podman-compose) found; nothing was run" in result.stderr
+        assert (
+            "no container engine with a compose command (docker compose, podman compose or podman-compose) found; nothing was run"
+            in result.stderr
+        )
     assert not result.stdout
 
 
 def test_an_engine_that_does_not_answer_is_no_engine(tmp_path):
-    result = subprocess.run([str(SCRIPT)], capture_output=True, text=True, timeout=60, env=machine_without_engines(tmp_path / "bin", broken="docker"))
+    result = subprocess.run(
+        [str(SCRIPT)], capture_output=True, text=True, timeout=60, env=machine_without_engines(tmp_path / "bin", broken="docker")
+    )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "found but not working: docker" in result.stderr and "nothing was built" in result.stderr
 

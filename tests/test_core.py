@@ -3,7 +3,6 @@
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Err, Pub, Sub, Unsub, encode
 from broker.session import HARD_LIMIT_FACTOR
-
 from conftest import MAX_FRAME, Harness
 
 
@@ -46,14 +45,22 @@ def test_acks_carry_epoch_and_sequence():
     p.receive(encode([Sub(4, "t"), Sub(5, "nothing.yet"), Sub(6, "t.>"), Unsub(7, "t.>")]))
     written, _ = h.tick()
     assert written["p"] == [
-        Ack(1, 42, 1), Ack(2, 42, 2), Ack(3, 42, 1), Ack(4, 42, 3), Ack(5, 0, 0), Ack(6, int(h.now * 1000), 0), Ack(7, 0, 0)
+        Ack(1, 42, 1),
+        Ack(2, 42, 2),
+        Ack(3, 42, 1),
+        Ack(4, 42, 3),
+        Ack(5, 0, 0),
+        Ack(6, int(h.now * 1000), 0),
+        Ack(7, 0, 0),
     ]
 
 
 def test_errors_echo_ids_and_are_counted():
     h = Harness(max_payload_bytes=4, max_subscriptions=1)
     s = h.session("s")
-    s.receive(encode([Pub(1, "a.*", b""), Pub(2, "a..b", b""), Pub(3, "t", b"12345"), Sub(4, "x"), Sub(5, "x"), Sub(6, "y"), Unsub(7, "z")]))
+    s.receive(
+        encode([Pub(1, "a.*", b""), Pub(2, "a..b", b""), Pub(3, "t", b"12345"), Sub(4, "x"), Sub(5, "x"), Sub(6, "y"), Unsub(7, "z")])
+    )
     s.receive(b"\xc1")
     written, _ = h.tick()
     codes = [(m.id, m.code) for m in written["s"] if isinstance(m, Err)]
@@ -89,7 +96,7 @@ def test_past_its_hard_limit_a_consumer_is_reported_once_and_neighbours_keep_rec
     assert slow.box.hard_limit == HARD_LIMIT_FACTOR * 1000
     delivered = []
     reported = []
-    for i in range(20):
+    for _i in range(20):
         h.session("p").receive(encode(Pub(0, "t", bytes(300))))
         touched, slow_boxes = h.router.flush()  # what the server does with them:
         for box in touched:
@@ -103,7 +110,7 @@ def test_past_its_hard_limit_a_consumer_is_reported_once_and_neighbours_keep_rec
             delivered += [m.seq for m in h.read(box, box.take(MAX_FRAME))]
         h.router.end_tick()
         reported += [box.owner for box in slow_boxes]
-        for box in slow_boxes:
+        for _box in slow_boxes:
             slow.close()  # the server closes it; here the session just goes away
     assert reported == ["slow"]
     assert delivered == list(range(1, 21))

@@ -18,10 +18,8 @@ import time
 import pytest
 
 from broker import __version__
-
-from conftest import ROOT
+from conftest import ROOT, free_port
 from redis_support import BrokerNode
-from conftest import free_port
 
 PUBLISHER = """
 import asyncio, sys
@@ -123,7 +121,9 @@ def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
                 )
                 assert page.text_content("#delivered-rate") not in ("0", "–")
                 assert page.text_content("#connections") == "1"
-                page.wait_for_function("document.querySelector('#hot td') && document.querySelector('#hot td').textContent === 'md.live'", timeout=10_000)
+                page.wait_for_function(
+                    "document.querySelector('#hot td') && document.querySelector('#hot td').textContent === 'md.live'", timeout=10_000
+                )
                 assert page.text_content("#node") == "edge-7"
                 assert page.text_content("#version").startswith(f"version {__version__}")
                 assert ("2 workers" in page.text_content("#version")) == (processes == "workers")
@@ -152,7 +152,9 @@ def test_the_dashboard_shows_live_numbers_in_chromium(processes, request):
 
 LONG_TOPIC = "md." + "INSTRUMENT" * 24  # 243 characters, nowhere a line may break
 
-LONG_PUBLISHER = PUBLISHER.replace('client.publish("md.live", b"%d" % i)', f'client.publish("md.live", b"%d" % i); client.publish("{LONG_TOPIC}", b"x")')
+LONG_PUBLISHER = PUBLISHER.replace(
+    'client.publish("md.live", b"%d" % i)', f'client.publish("md.live", b"%d" % i); client.publish("{LONG_TOPIC}", b"x")'
+)
 
 
 @pytest.mark.slow
@@ -183,7 +185,9 @@ def test_the_dashboard_survives_a_restart_marks_old_numbers_and_fits_420_pixels(
                         new MutationObserver(() => window.shown.push(element.textContent)).observe(element, {childList: true, characterData: true, subtree: true});
                     }
                 }""")
-                page.wait_for_function(f"[...document.querySelectorAll('#hot td')].some(td => td.textContent === '{LONG_TOPIC}')", timeout=15_000)
+                page.wait_for_function(
+                    f"[...document.querySelectorAll('#hot td')].some(td => td.textContent === '{LONG_TOPIC}')", timeout=15_000
+                )
                 assert page.evaluate("document.documentElement.scrollWidth") <= 420
                 assert float(page.evaluate("getComputedStyle(document.getElementById('data')).opacity")) == 1
                 time.sleep(2)  # its counters grow well past what the next process will have

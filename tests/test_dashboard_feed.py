@@ -16,9 +16,7 @@ import pytest
 
 from broker.server import dashboard
 from broker.server.dashboard import HotTopics
-
-from conftest import run, serving
-from conftest import free_port
+from conftest import free_port, run, serving
 
 KEY = "feed-key-of-this-test"
 

@@ -4,8 +4,6 @@ payload, logged, and readable with `broker dead-letters`."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import json
 import subprocess
@@ -14,13 +12,12 @@ import time
 from collections import deque
 
 import msgspec
+import pytest
 
 from broker.config import load
 from broker.errors import ErrorCode
 from broker.messages import Err, Pub, encode
-
-from conftest import ROOT, Harness, RawSocketClient, eventually, run, serving
-from conftest import free_ports, serve, stop_process
+from conftest import ROOT, Harness, RawSocketClient, eventually, free_ports, run, serve, serving, stop_process
 
 
 def test_undecodable_messages_and_refused_publishes_are_kept_with_their_context():
@@ -34,7 +31,10 @@ def test_undecodable_messages_and_refused_publishes_are_kept_with_their_context(
     letters = list(h.router.requests.dead_letters)
     assert h.router.stats.dead_letters == 4 == len(letters)
     assert [(d.conn, d.request_id, d.code) for d in letters] == [
-        ("s", 0, ErrorCode.BAD_MESSAGE), ("s", 7, ErrorCode.BAD_MESSAGE), ("s", 8, ErrorCode.UNKNOWN_TYPE), ("s", 9, ErrorCode.PATTERN_NOT_ALLOWED)
+        ("s", 0, ErrorCode.BAD_MESSAGE),
+        ("s", 7, ErrorCode.BAD_MESSAGE),
+        ("s", 8, ErrorCode.UNKNOWN_TYPE),
+        ("s", 9, ErrorCode.PATTERN_NOT_ALLOWED),
     ]
     assert letters[0].head == "c1"  # not MessagePack: its first byte only
     assert bytes.fromhex(letters[1].head) == b"\x94" + msgspec.msgpack.encode(["pub", 7, "t"])[1:]  # up to the payload
@@ -102,14 +102,22 @@ def test_an_operator_reads_them_with_the_cli(tmp_path):
             raw.close()
 
         run(main())
-        out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "broker", "dead-letters", "--file", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert len(lines) == 2 and "id=5 code=3" in lines[0] and "id=6 code=2" in lines[1]
         sent = msgspec.msgpack.encode(["pub", 5, "a..b", b"x"])
         assert "head=" + sent[: sent.index(b"\xc4")].hex() in lines[0]  # as sent, up to the payload
         assert "head=" + msgspec.msgpack.encode(["subscribe", 6]).hex().replace("92", "93", 1) in lines[1]
-        as_json = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(path), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        as_json = subprocess.run(
+            [sys.executable, "-m", "broker", "dead-letters", "--file", str(path), "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert [json.loads(line)["request_id"] for line in as_json.stdout.splitlines()] == [5, 6]
     finally:
         stop_process(proc)
@@ -118,7 +126,13 @@ def test_an_operator_reads_them_with_the_cli(tmp_path):
 
 
 def test_the_cli_says_when_there_are_none(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "none.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "none.jsonl")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0 and out.stdout == "" and "no dead letters" in out.stderr
 
 
@@ -136,7 +150,13 @@ def test_each_worker_process_keeps_its_own_file_and_the_cli_reads_them_all(tmp_p
     for worker, request_id in (("0", 3), ("1", 4)):
         letter = {"time": 0, "conn": 1, "peer": "p", "request_id": request_id, "code": 1, "reason": "r", "head": "00"}
         (tmp_path / f"dead-w{worker}.jsonl").write_text(json.dumps(letter) + "\n")
-    out = subprocess.run([sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "dead.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "dead-letters", "--file", str(tmp_path / "dead.jsonl")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert ["id=3" in out.stdout.splitlines()[0], "id=4" in out.stdout.splitlines()[1]] == [True, True]
 
@@ -182,7 +202,11 @@ def test_the_default_file_in_the_shared_temporary_directory_is_made_safely(tmp_p
                         await asyncio.sleep(0.2)
                         outcomes[case] = (open(path).read(), os.path.islink(path))
                     outcomes[case + "-cli"] = subprocess.run(
-                        [sys.executable, "-m", "broker", "dead-letters", "--port", str(server.port)], cwd=ROOT, capture_output=True, text=True, timeout=30
+                        [sys.executable, "-m", "broker", "dead-letters", "--port", str(server.port)],
+                        cwd=ROOT,
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
                     )
                 return path, outcomes
             finally:
@@ -195,7 +219,10 @@ def test_the_default_file_in_the_shared_temporary_directory_is_made_safely(tmp_p
     assert outcomes["link"] == ("keep me", True) and (tmp_path / "victim").read_text() == "keep me"
     assert outcomes["own"] == (True, 0o600, True)
     refusals = [r.fields for r in caplog.records if r.getMessage() == "dead_letter_file_refused"]
-    assert [f["reason"] for f in refusals] == [f"{path} belongs to uid 12345, not to this process's user (uid {os.geteuid()})", f"{path} is a symbolic link"]
+    assert [f["reason"] for f in refusals] == [
+        f"{path} belongs to uid 12345, not to this process's user (uid {os.geteuid()})",
+        f"{path} is a symbolic link",
+    ]
     assert outcomes["foreign-cli"].returncode == 1 and f"not reading {path} belongs to uid 12345" in outcomes["foreign-cli"].stderr
     assert outcomes["link-cli"].returncode == 1 and f"not reading {path} is a symbolic link" in outcomes["link-cli"].stderr
     assert "keep me" not in outcomes["link-cli"].stdout and "planted" not in outcomes["foreign-cli"].stdout

@@ -1,13 +1,13 @@
 """Idempotent publish: a msg_id repeated within the dedupe window is acknowledged with the
 original sequence number and not delivered again (sans-I/O core and a real server)."""
 
+from test_history import LaterBackplane
+
 from broker.client import Client
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Err, Pub, Sub, encode
 from broker.router import Router
-
 from conftest import Harness, eventually, run, serving, url
-from test_history import LaterBackplane
 
 
 def test_a_repeated_msg_id_is_acknowledged_with_the_original_seq_and_delivered_once():

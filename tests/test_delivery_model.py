@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from broker.messages import SUBPROTOCOL, Delivery, Err, Pub, Sub, Unsub, encode
 from broker.topics import matches
-
 from conftest import Harness, run, serving, url
 
 TOPICS = ["md.a.x", "md.a.y", "md.b.x", "md.b", "fx.eur", "fx.usd", "x"]
@@ -169,7 +168,9 @@ def test_within_one_iteration_a_subscription_starts_and_stops_at_its_exact_point
             (held[who].add if step[0] == "sub" else held[who].discard)(pattern)
         else:
             _, who, topics = step
-            sessions[who].receive(encode([Pub(0, t, b"%s#%d" % (t.encode(), seqs.get(t, 0) + 1 + topics[:i].count(t))) for i, t in enumerate(topics)]))
+            sessions[who].receive(
+                encode([Pub(0, t, b"%s#%d" % (t.encode(), seqs.get(t, 0) + 1 + topics[:i].count(t))) for i, t in enumerate(topics)])
+            )
             for t in topics:
                 seqs[t] = seqs.get(t, 0) + 1
                 for other, patterns in enumerate(held):

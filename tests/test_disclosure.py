@@ -17,7 +17,6 @@ from broker.errors import ErrorCode
 from broker.letterhead import dead_letter_head
 from broker.messages import SUBPROTOCOL, Ack, Err, Pub, Req, Sub, encode
 from broker.server import logs
-
 from conftest import Harness, RawSocketClient, client_frame, run, send_upgrade, serving, upgrade_request
 
 SECRET = "s3cret-for-tests-only-32-bytes!!"
@@ -116,13 +115,18 @@ def test_refused_topics_payloads_and_tokens_are_not_logged_or_kept(caplog):
     assert heads[3][1:] == msgspec.msgpack.encode(["pub", 5, "orders.mallory.*"])[1:]
     lines = text_lines(caplog.records)
     denied = [line for line in lines if "event=permission_denied" in line]
-    assert len(denied) == 3 and "action=subscribe id=1" in denied[0] and "action=publish id=2" in denied[1] and "action=request id=3" in denied[2]
+    assert (
+        len(denied) == 3
+        and "action=subscribe id=1" in denied[0]
+        and "action=publish id=2" in denied[1]
+        and "action=request id=3" in denied[2]
+    )
     assert all("user=mallory" in line for line in denied)
     assert sum("event=dead_letter " in line for line in lines) == 4
     signature = secret.rsplit(".", 1)[1]
     for line in lines:
         assert "SECRET" not in line and "PAYLOAD-MARK" not in line and signature not in line, line
-        assert "PAYLOAD-MARK".encode().hex() not in line, line
+        assert b"PAYLOAD-MARK".hex() not in line, line
     for letter in letters:
         assert "SECRET" not in letter.reason and b"PAYLOAD" not in bytes.fromhex(letter.head)
 

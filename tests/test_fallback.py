@@ -227,7 +227,11 @@ def test_requests_are_checked_as_an_upgrade_is():
             status, _, body = await http(port, "GET", fallback_headers("short", **stream))
             assert status == 400 and body.startswith(b"a Broker-Stream header is required")
             status, headers, body = await http(port, "GET", fallback_headers(Origin="https://app.example", **stream))
-            assert (status, headers["www-authenticate"], headers["access-control-allow-origin"]) == (401, 'Bearer error="invalid_token"', "https://app.example")
+            assert (status, headers["www-authenticate"], headers["access-control-allow-origin"]) == (
+                401,
+                'Bearer error="invalid_token"',
+                "https://app.example",
+            )
             assert body.startswith(b"a token is required")
             es = EventStream(port)
             assert await es.open(Authorization=f"Bearer {token}", Origin="https://app.example") == 200
@@ -244,7 +248,11 @@ def test_requests_are_checked_as_an_upgrade_is():
             status, _, body = await http(port, "POST", fallback_headers(es.stream, **post, **{"Transfer-Encoding": "chunked"}), None)
             assert status == 411
             status, headers, _ = await http(port, "OPTIONS", {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
-            assert status == 204 and "Broker-Stream" in headers["access-control-allow-headers"] and headers["access-control-allow-origin"] == "https://app.example"
+            assert (
+                status == 204
+                and "Broker-Stream" in headers["access-control-allow-headers"]
+                and headers["access-control-allow-origin"] == "https://app.example"
+            )
             status, _, _ = await http(port, "OPTIONS", {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
             assert status == 403
             # the grants of the stream's token apply to what its POSTs ask
@@ -388,7 +396,12 @@ def test_two_nodes_behind_a_balancer_keyed_by_broker_stream(redis_url, redis_pre
             es = EventStream(port, stream)
             assert await es.open() == 200
             # POSTs go through the balancer too, one connection each
-            status, _, _ = await http(port, "POST", fallback_headers(es.stream, **{"Content-Type": "application/msgpack"}), msgspec.msgpack.encode(["sub", 1, "md.>"]))
+            status, _, _ = await http(
+                port,
+                "POST",
+                fallback_headers(es.stream, **{"Content-Type": "application/msgpack"}),
+                msgspec.msgpack.encode(["sub", 1, "md.>"]),
+            )
             assert status == 204
             streams.append(es)
         assert len(set(balancer.sent)) == 2, balancer.sent
@@ -406,11 +419,16 @@ def test_two_nodes_behind_a_balancer_keyed_by_broker_stream(redis_url, redis_pre
         es = streams[0]
         home = balancer.sent[0]
         other = next(p for p in ports if p != home)
-        status, _, body = await http(other, "POST", fallback_headers(es.stream, **{"Content-Type": "application/msgpack"}), msgspec.msgpack.encode(["hb", 0, 0]))
+        status, _, body = await http(
+            other, "POST", fallback_headers(es.stream, **{"Content-Type": "application/msgpack"}), msgspec.msgpack.encode(["hb", 0, 0])
+        )
         assert status == 404 and b"affinity" in body
         for es in streams:
             es.close()
         await balancer.close()
 
-    with BrokerNode("--redis-url", redis_url, "--redis-prefix", redis_prefix) as a, BrokerNode("--redis-url", redis_url, "--redis-prefix", redis_prefix) as b:
+    with (
+        BrokerNode("--redis-url", redis_url, "--redis-prefix", redis_prefix) as a,
+        BrokerNode("--redis-url", redis_url, "--redis-prefix", redis_prefix) as b,
+    ):
         run(main([a.port, b.port]))

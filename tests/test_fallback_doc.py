@@ -11,10 +11,10 @@ import base64
 import re
 
 import msgspec
+from test_protocol_doc import EXAMPLES, doc_text, section
 
 from broker.server import fallback
 from conftest import run, serving
-from test_protocol_doc import EXAMPLES, doc_text, section
 
 _EXCHANGE = re.compile(
     r"^exchange: (?P<name>\S+)\n```http\n(?P<request>.*?)\n```\n(?:```hex\n(?P<body>[0-9a-f \n]*?)\n```\n)?```http\n(?P<response>.*?)\n```",
@@ -89,7 +89,25 @@ def test_the_refusal_table_follows_the_code():
     """The statuses of 12.4, in order, are those fallback.py raises, in the order it checks."""
     rows = [row for row in re.findall(r"^\| (\d+) \| ([\d, ]+) \|", fallback_section(), re.MULTILINE)]
     statuses = [status.strip() for _, status in rows]
-    assert statuses == ["404", "503", "404", "403", "400", "400", "405", "406", "401, 403", "429", "409", "415", "411", "413", "404", "409", "404"]
+    assert statuses == [
+        "404",
+        "503",
+        "404",
+        "403",
+        "400",
+        "400",
+        "405",
+        "406",
+        "401, 403",
+        "429",
+        "409",
+        "415",
+        "411",
+        "413",
+        "404",
+        "409",
+        "404",
+    ]
     source = open(fallback.__file__).read()
     raised = {int(s) for s in re.findall(r"Refused\((\d+)", source)}
     # 503 comes from handshake.Rules.check_path (as 404 for the path), 403 from

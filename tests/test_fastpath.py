@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 import broker._fastpath_py as pure
 from broker.messages import Batch, Msg, Topic, decode_server_frame
 from broker.topics import matches
-
 from conftest import MAX_FRAME, client_frame, decode_frames, split_frames
 
 try:
@@ -148,7 +147,7 @@ def test_assemble_splits_at_the_cap_and_never_splits_a_piece(fastpath_impl):
 
 piece_lists = st.lists(
     st.one_of(
-        st.builds(lambda i, n: pure.encode_topic(i, "t%d" % i, 5), st.integers(0, 70_000), st.integers()),
+        st.builds(lambda i, n: pure.encode_topic(i, f"t{i}", 5), st.integers(0, 70_000), st.integers()),
         st.builds(lambda i: msgspec.msgpack.encode(["ack", i, 0, 0]), st.integers(0, 2**63 - 1)),
         st.builds(
             lambda i, seq, ps: pure.encode_batch(i, seq, ps),
@@ -324,6 +323,7 @@ def test_index_nodes_follow_subscriptions(fastpath_impl):
     a, b = impl.Outbox("a", 1), impl.Outbox("b", 1)
     t = impl.TopicState(0, "md.x.y", 1)
     index.add_topic(t)
+
     def live(state):
         return sorted(n.pattern for n in state.nodes if not n.dead)
 
@@ -384,7 +384,9 @@ TOPICS = ["a", "b", "a.b", "a.c", "b.b", "a.b.c", "a.x.c", "b.b.c", "a.b.c.d", "
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["sub", "unsub", "topic", "pub", "flush"]), st.integers(0, 3), st.integers(0, 100)), max_size=120))
+@given(
+    st.lists(st.tuples(st.sampled_from(["sub", "unsub", "topic", "pub", "flush"]), st.integers(0, 3), st.integers(0, 100)), max_size=120)
+)
 def test_index_and_emit_agree_with_a_model_and_between_twins(steps):
     """Any sequence of subscription changes, new topics and publishes: both twins deliver the
     same bytes, and every connection gets exactly the messages of the topics it matches."""
@@ -466,9 +468,9 @@ def test_fast_publish_parity_and_agreement_with_general_path(messages, single):
     assert got == outcome(pure, data, max_payload=70000)
     count, stamped = got
     decoded, bad = decode_client_frame(data)
-    simple = not bad and all(
-        type(m) is Pub and m.id == 0 and m.topic in KNOWN and len(m.data) <= 70000 for m in decoded
-    ) and len(decoded) <= 50
+    simple = (
+        not bad and all(type(m) is Pub and m.id == 0 and m.topic in KNOWN and len(m.data) <= 70000 for m in decoded) and len(decoded) <= 50
+    )
     assert (count >= 0) == simple
     if count >= 0:
         assert count == len(decoded)
@@ -512,7 +514,9 @@ def test_fast_publish_takes_an_empty_msg_id_and_leaves_a_real_one_to_the_general
     assert outcome(fastpath_impl, real, max_payload=5, max_count=3)[0] == -1
 
 
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 6), st.integers(0, 1500)), max_size=60), st.integers(1, 12), st.integers(200, 3000))
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.integers(1, 6), st.integers(0, 1500)), max_size=60), st.integers(1, 12), st.integers(200, 3000)
+)
 def test_history_store_parity_and_bounds(steps, max_messages, max_bytes):
     """Both history stores keep the same messages of every topic, within the bounds."""
     from broker import _fastpath as compiled

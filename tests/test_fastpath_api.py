@@ -14,7 +14,6 @@ import pytest
 
 import broker._fastpath_py as pure
 from broker import fastpath
-
 from conftest import ROOT
 
 try:

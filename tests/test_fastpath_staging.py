@@ -66,7 +66,11 @@ def test_stage_takes_every_pending_message_and_gives_the_numbers_back(fastpath_i
     filling = [None] * 4
     full_of = [[] for _ in range(4)]
     waiting = {a: [(2, "ok", "fail", "id-2")]}
-    assert fastpath_impl.stage(dirty, filling, full_of, waiting, 4, 9.0, 1 << 20) == (3, 6, len({zlib.crc32(b"a") % 4, zlib.crc32(b"b") % 4}))
+    assert fastpath_impl.stage(dirty, filling, full_of, waiting, 4, 9.0, 1 << 20) == (
+        3,
+        6,
+        len({zlib.crc32(b"a") % 4, zlib.crc32(b"b") % 4}),
+    )
     assert (a.seq, a.pending, a.dirty, b.seq, b.pending) == (0, [], False, 0, [])
     block = filling[zlib.crc32(b"a") % 4]
     assert block.topics["a"] == [b"1", b"22"] and block.waiters == [("a", 1, "ok", "fail", "id-2")] and block.staged == 9.0
@@ -88,19 +92,34 @@ def _arrived(impl, entries):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([7, 8]), st.lists(st.tuples(st.sampled_from(["t.0", "t.1", "t.2", "t.9"]), st.integers(1, 3), st.integers(1, 8)), max_size=4)), max_size=5))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([7, 8]),
+            st.lists(st.tuples(st.sampled_from(["t.0", "t.1", "t.2", "t.9"]), st.integers(1, 3), st.integers(1, 8)), max_size=4),
+        ),
+        max_size=5,
+    )
+)
 def test_arrive_parity(entries):
     """Both twins add the same batches to the same topics and hand the same ones to `other`."""
     if compiled is None:
         pytest.fail("the compiled fast path is not built")
+
     def wire():  # fresh lists for each twin: a topic's pending batch becomes the first list it takes
-        return [(epoch, [(name, [b"x%d" % k for k in range(count)]) for name, count, _ in batches], [first for _, _, first in batches]) for epoch, batches in entries]
+        return [
+            (epoch, [(name, [b"x%d" % k for k in range(count)]) for name, count, _ in batches], [first for _, _, first in batches])
+            for epoch, batches in entries
+        ]
 
     assert _arrived(compiled, wire()) == _arrived(pure, wire())
 
 
 def test_arrive_adds_what_follows_and_hands_the_rest_on(fastpath_impl):
-    entries = [(7, [("t.0", [b"5", b"6"]), ("t.1", [b"1"]), ("t.9", [b"new"]), ("t.0", [b"7"]), ("t.2", [b"9"])], [5, 1, 1, 7, 9]), (8, [("t.1", [b"e"])], [1])]
+    entries = [
+        (7, [("t.0", [b"5", b"6"]), ("t.1", [b"1"]), ("t.9", [b"new"]), ("t.0", [b"7"]), ("t.2", [b"9"])], [5, 1, 1, 7, 9]),
+        (8, [("t.1", [b"e"])], [1]),
+    ]
     taken, others, arrived, topics = _arrived(fastpath_impl, entries)
     assert taken == 4 and arrived == ["t.0", "t.1"]
     assert topics["t.0"] == (7, 5, [b"5", b"6", b"7"], True) and topics["t.1"] == (1, 1, [b"1"], True)

@@ -12,8 +12,6 @@ About 10,500 cases in all, under half a minute on this project's two-core machin
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import copy
 import random
@@ -22,6 +20,7 @@ import threading
 import time
 
 import msgspec
+import pytest
 import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,17 +41,16 @@ from broker.messages import (
     Msg,
     Pub,
     Reply,
+    Req,
     Request,
     Sub,
     Topic,
     Unsub,
-    Req,
     decode_client_frame,
     decode_server_frame,
     max_frame_values,
     read_client_frame,
 )
-
 from conftest import MAX_FRAME, client_frame, serving, split_frame, upgrade_request, url
 
 pack = msgspec.msgpack.encode
@@ -140,7 +138,14 @@ def _nest(depth: int):
 VALUE_OPS = ["replace", "replace", "replace", "append", "append", "drop", "wrap", "big-array", "big-map", "type", "deep", "batch"]
 BYTE_OPS = ["flip", "flip", "set", "set", "insert", "delete", "truncate", "junk", "length", "deep-prefix", "twice"]
 HEADS = [0x90, 0x9F, 0xDC, 0xDD, 0x80, 0xDE, 0xDF, 0xA0, 0xD9, 0xDA, 0xDB, 0xC4, 0xC5, 0xC6, 0xC1, 0xC7, 0xD4, 0xCF, 0xD3, 0xC0]
-LONG = [b"\xdd\xff\xff\xff\xff", b"\xdc\xff\xff", b"\xdf\x00\x01\x00\x00", b"\xc6\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff", b"\xdd\x00\x0f\x42\x40"]
+LONG = [
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdc\xff\xff",
+    b"\xdf\x00\x01\x00\x00",
+    b"\xc6\xff\xff\xff\xff",
+    b"\xdb\x7f\xff\xff\xff",
+    b"\xdd\x00\x0f\x42\x40",
+]
 
 
 def mutated(seed: int, big: bool = True) -> bytes:
@@ -322,7 +327,7 @@ class LiveServer:
         self.result: dict = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self.thread.start()
         assert self.ready.wait(10), "the server did not start"
         return self

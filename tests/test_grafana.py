@@ -17,9 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.cluster import group_admin
-
-from conftest import ROOT, run, serving
-from conftest import free_port
+from conftest import ROOT, free_port, run, serving
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "broker.json"

@@ -20,7 +20,6 @@ from websockets.exceptions import InvalidStatus
 
 from broker.client import Client
 from broker.messages import SUBPROTOCOL, Ack, decode_server_frame
-
 from conftest import client_frame, eventually, recv_message, run, send_upgrade, serving, split_frame, upgrade_request, url
 
 pack = msgspec.msgpack.encode
@@ -197,12 +196,18 @@ def test_path_with_a_double_slash_is_refused_with_404(path):
 SECRET = "order-test-secret-of-32-bytes-min"
 
 
-def breaking(*, path="/x", method="POST", version="8", protocols=(), origin="https://evil.example", user=None,
-             upgrade=False, head_bytes=0) -> bytes:
+def breaking(
+    *, path="/x", method="POST", version="8", protocols=(), origin="https://evil.example", user=None, upgrade=False, head_bytes=0
+) -> bytes:
     """An upgrade request that breaks, by default, every rule a request can break: path,
     WebSocket version, subprotocol, Origin, method, the Upgrade header, the token."""
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: Upgrade",
-             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}", f"Sec-WebSocket-Version: {version}"]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}",
+        f"Sec-WebSocket-Version: {version}",
+    ]
     if upgrade:
         lines.append("Upgrade: websocket")
     lines += [f"Sec-WebSocket-Protocol: {p}" for p in protocols]
@@ -386,7 +391,13 @@ def test_malformed_upgrade_request_is_refused(request_bytes):
         (upgrade_request("/", [SUBPROTOCOL]).replace(b"HTTP/1.1", b"HTTP/1.0"), 400, None),
         (upgrade_request("/", [SUBPROTOCOL]).replace(b"Upgrade: websocket", b"Upgrade: h2c"), 400, None),
         (upgrade_request("/", [SUBPROTOCOL]).replace(b"Connection: Upgrade", b"Connection: keep-alive"), 400, None),
-        (_without(upgrade_request("/", [SUBPROTOCOL]), b"Sec-WebSocket-Key:").replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Key: c2hvcnQ=\r\n\r\n"), 400, None),
+        (
+            _without(upgrade_request("/", [SUBPROTOCOL]), b"Sec-WebSocket-Key:").replace(
+                b"\r\n\r\n", b"\r\nSec-WebSocket-Key: c2hvcnQ=\r\n\r\n"
+            ),
+            400,
+            None,
+        ),
         (upgrade_request("/", [SUBPROTOCOL]).replace(b"\r\n\r\n", b"\r\nX-Padding: " + b"p" * (20 << 10) + b"\r\n\r\n"), 431, None),
     ],
     ids=["post", "http-1.0", "upgrade-h2c", "no-upgrade-token", "short-key", "head-over-16-kib"],

@@ -5,8 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from conftest import broker_cli
-from conftest import free_ports
+from conftest import broker_cli, free_ports
 
 
 def health(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

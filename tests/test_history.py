@@ -4,12 +4,10 @@ and the bounds history keeps."""
 import pytest
 
 from broker.backplane import MemoryBackplane
-from broker.fastpath import MESSAGE_OVERHEAD, stamp
-from broker.errors import ErrorCode
-from broker.fastpath import TopicState
-from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, encode
 from broker.client import Client
-
+from broker.errors import ErrorCode
+from broker.fastpath import MESSAGE_OVERHEAD, TopicState, stamp
+from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, encode
 from conftest import Harness, eventually, run, serving, url
 
 

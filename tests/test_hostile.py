@@ -37,7 +37,6 @@ from broker.messages import (
 )
 from broker.router import RECOVERY_WORK, TICK_BUDGET_S, TICK_INPUT_BYTES, TICK_VALUE_BYTES, TICK_WORK_BYTES
 from broker.session import Session
-
 from conftest import (
     Attacker,
     Harness,
@@ -71,7 +70,7 @@ class Stream:
         self.errors: list[Exception] = []
         self._stop = asyncio.Event()
 
-    async def __aenter__(self) -> "Stream":
+    async def __aenter__(self) -> Stream:
         self.sub_client = await Client.connect(url(self.server), on_error=self.errors.append)
         self.pub_client = await Client.connect(url(self.server), on_error=self.errors.append)
         self.sub = await self.sub_client.subscribe(FEED)
@@ -559,7 +558,7 @@ def test_incomplete_frames_are_closed_after_frame_timeout_and_their_memory_freed
 
         task = asyncio.get_running_loop().create_task(dribble())
         try:
-            peer = "127.0.0.1:%d" % writer.get_extra_info("sockname")[1]
+            peer = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
             await eventually(lambda: any(c.peer == peer for c in server.connections.values()), 3.0, "the connection")
             conn = next(c for c in server.connections.values() if c.peer == peer)
             await eventually(lambda: len(conn.unhandled or b"") >= sent, 3.0, "its partial frame")  # held by the server
@@ -608,7 +607,9 @@ def test_frames_finished_within_the_timeout_are_not_closed():
                     for start in range(0, len(frame), len(frame) // 3 + 1):
                         writer.write(frame[start : start + len(frame) // 3 + 1])
                         await asyncio.sleep(0.2)  # each frame takes about 0.6 s, 1.8 s in all
-                await eventually(lambda: "slow.t" in server.router.topics and server.router.topics["slow.t"].seq == 3, 3.0, "the slow frames")
+                await eventually(
+                    lambda: "slow.t" in server.router.topics and server.router.topics["slow.t"].seq == 3, 3.0, "the slow frames"
+                )
                 # 6 MB of frames at once: they wait in the server's queue (a megabyte a loop
                 # iteration), the rest unread, longer than the timeout in all
                 writer.write(b"".join(client_frame(0x2, pack([["pub", 0, "slow.t", bytes(100_000)]] * 5)) for _ in range(12)))

@@ -8,9 +8,7 @@ import time
 
 from broker.client import Client
 from broker.messages import Ack, Delivery, Sub, Unsub, encode
-
 from conftest import eventually, record_writes, recv_message, run, server_conn_with, serving, split_frames, url, ws_raw
-
 
 # helpers
 
@@ -181,9 +179,7 @@ def test_new_subscription_overlapping_an_existing_one_starts_after_its_ack():
                     try:
                         await eventually(lambda: any(m.topic == topic for m in wide_got), 3, "messages to flow")
                         narrow = await client.subscribe(topic)
-                        await eventually(
-                            lambda: wide_got[-1].topic == topic and wide_got[-1].seq > narrow.seq + 5, 3, "more messages"
-                        )
+                        await eventually(lambda: wide_got[-1].topic == topic and wide_got[-1].seq > narrow.seq + 5, 3, "more messages")
                     finally:
                         flowing = False
                         await task
@@ -343,5 +339,3 @@ def test_one_write_per_connection_per_tick():
                 await ws.close()
 
     run(main())
-
-

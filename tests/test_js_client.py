@@ -16,13 +16,16 @@ import pytest
 # The brokers these tests talk to are processes of their own (compiled whatever the suite's
 # fast path): the suite's second, pure-Python run would repeat exactly the same.
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the brokers run compiled in their own processes: covered by the compiled run"),
+    pytest.mark.skipif(
+        os.environ.get("BROKER_PURE_PYTHON") == "1", reason="the brokers run compiled in their own processes: covered by the compiled run"
+    ),
     pytest.mark.slow,
 ]
 
-from redis_support import BrokerNode
 from test_fallback_doc import sse_examples
 from test_protocol_doc import EXAMPLES
+
+from redis_support import BrokerNode
 
 SECRET = "js-client-test-secret-of-32-bytes"
 
@@ -43,7 +46,10 @@ def normal(value):
 @pytest.fixture(scope="module")
 def examples_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("js") / "examples.json"
-    events = [{"name": name, "event": "\n".join(f"{k}: {v}" for k, v in fields.items()), "value": normal(value)} for name, (fields, value) in sse_examples().items()]
+    events = [
+        {"name": name, "event": "\n".join(f"{k}: {v}" for k, v in fields.items()), "value": normal(value)}
+        for name, (fields, value) in sse_examples().items()
+    ]
     messages = [{"name": e.name, "encoding": e.encoding, "hex": e.data.hex(), "value": normal(e.value)} for e in EXAMPLES.values()]
     path.write_text(json.dumps({"messages": messages, "events": events}))
     return str(path)
@@ -68,8 +74,11 @@ def run_tests(command: list[str], cwd, env: dict[str, str], timeout: float = 240
 
 
 def test_under_node(js_client, examples_file, brokers):
-    output = run_tests([js_client.node, "--test", "--test-concurrency=1", "test/unit.test.mjs", "test/interop.test.mjs", "test/integration.test.mjs"],
-                       js_client.dir, {"BROKER_EXAMPLES": examples_file, **brokers})
+    output = run_tests(
+        [js_client.node, "--test", "--test-concurrency=1", "test/unit.test.mjs", "test/interop.test.mjs", "test/integration.test.mjs"],
+        js_client.dir,
+        {"BROKER_EXAMPLES": examples_file, **brokers},
+    )
     assert "# fail 0" in output and "# skipped 0" in output, output[-3000:]
 
 
@@ -78,8 +87,11 @@ def test_under_bun(js_client, examples_file, brokers):
         bun = js_client.bun()
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"no Bun (npm install bun failed): {exc}")
-    output = run_tests([bun, "test", "--timeout", "30000", "test/unit.test.mjs", "test/interop.test.mjs", "test/integration.test.mjs"],
-                       js_client.dir, {"BROKER_EXAMPLES": examples_file, **brokers})
+    output = run_tests(
+        [bun, "test", "--timeout", "30000", "test/unit.test.mjs", "test/interop.test.mjs", "test/integration.test.mjs"],
+        js_client.dir,
+        {"BROKER_EXAMPLES": examples_file, **brokers},
+    )
     assert re.search(r"^ 0 fail$", output, re.M) and not re.search(r"^ \d+ skip$", output, re.M), output[-3000:]
 
 
@@ -91,9 +103,9 @@ def test_operator_actions_reach_the_client(js_client, tmp_path, transport):
     step by step from here."""
     import signal
     import time
+    import urllib.request
 
     import jwt
-    import urllib.request
 
     key = "ops-admin-key"
     token = jwt.encode({"sub": "ana", "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, SECRET, algorithm="HS256")
@@ -102,11 +114,21 @@ def test_operator_actions_reach_the_client(js_client, tmp_path, transport):
     admin = free_port()
     common = ("--auth-jwt-secret", SECRET)
     with (
-        BrokerNode(*common, "--admin-port", str(admin), "--admin-api-key", key, "--lame-duck-grace-s", "0", "--lame-duck-duration-s", "0.2") as a,
+        BrokerNode(
+            *common, "--admin-port", str(admin), "--admin-api-key", key, "--lame-duck-grace-s", "0", "--lame-duck-duration-s", "0.2"
+        ) as a,
         BrokerNode(*common) as b,
     ):
         env = {**os.environ, "BROKER_OPS_URLS": f"{a.url},{b.url}", "BROKER_OPS_TOKEN": token, "BROKER_OPS_TRANSPORT": transport}
-        proc = subprocess.Popen([js_client.node, "--test-reporter=tap", "test/operations.test.mjs"], cwd=js_client.dir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [js_client.node, "--test-reporter=tap", "test/operations.test.mjs"],
+            cwd=js_client.dir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
         def hear(expected: str) -> str:
             while True:

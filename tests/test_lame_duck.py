@@ -13,10 +13,8 @@ import urllib.error
 import urllib.request
 
 from broker.client import Client, Gap
-
-from conftest import run
+from conftest import free_port, run
 from redis_support import BrokerNode
-from conftest import free_port
 
 CLIENTS = 20
 DURATION_S = 2.0
@@ -34,7 +32,9 @@ def readyz(admin: int) -> tuple[int, dict]:
 def test_a_node_in_lame_duck_mode_moves_its_clients_to_another_spread_over_time_and_nothing_is_lost(redis_url, redis_prefix):
     admin = free_port()
     common = ("--redis-url", redis_url, "--redis-prefix", redis_prefix)
-    leaving = BrokerNode(*common, "--admin-port", str(admin), "--lame-duck-duration-s", str(DURATION_S), "--lame-duck-grace-s", str(GRACE_S))
+    leaving = BrokerNode(
+        *common, "--admin-port", str(admin), "--lame-duck-duration-s", str(DURATION_S), "--lame-duck-grace-s", str(GRACE_S)
+    )
     staying = BrokerNode(*common)
     try:
 
@@ -48,6 +48,7 @@ def test_a_node_in_lame_duck_mode_moves_its_clients_to_another_spread_over_time_
                         closes.append(detail)
                     if state == "connected" and detail == staying.url:
                         moved_at[n] = time.monotonic()
+
                 return on_state
 
             clients = [Client([leaving.url, staying.url], on_state=watcher(n), reconnect_delay=(0.5, 1.0)) for n in range(CLIENTS)]

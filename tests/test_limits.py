@@ -13,12 +13,12 @@ import time
 
 import pytest
 
+from broker.audit import AuditLog
 from broker.config import load
 from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
-from broker.audit import AuditLog
 from broker.limits import Guard, LimitRefused, TokenBucket
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
-from conftest import RawSocketClient, eventually, run, send_upgrade, serving, upgrade_request, replies
+from conftest import RawSocketClient, eventually, replies, run, send_upgrade, serving, upgrade_request
 from redis_support import BrokerNode
 
 
@@ -69,8 +69,6 @@ async def upgrade(port: int, *, source: str = "127.0.0.1", header: str | None = 
     if status != 101:
         body = await asyncio.wait_for(reader.read(), 3)
     return status, body.decode(), writer
-
-
 
 
 def server_conns(server, before: set) -> list:
@@ -358,7 +356,11 @@ def test_persistent_abuse_closes_with_1008():
             limited = [f for e, f in lines if e == "rate_limited"]
             assert len(limited) == 5  # the first few of this connection in this second
             assert limited[0] == {
-                "conn": conn.id, "peer": conn.peer, "user": None, "limit": "publish_rate", "id": 2,
+                "conn": conn.id,
+                "peer": conn.peer,
+                "user": None,
+                "limit": "publish_rate",
+                "id": 2,
                 "reason": "rate limited: a connection may publish 1 message a second (publish_rate, burst 1)",
             }
             assert ("audit_lines_skipped", {"kind": "rate_limited", "conn": conn.id, "peer": conn.peer, "user": None, "count": 15}) in lines
@@ -372,7 +374,9 @@ def test_persistent_abuse_closes_with_1008():
 
 def test_the_streak_is_refusals_in_a_row_within_10_s():
     clock = Clock()
-    guard = Guard(load({"publish_rate": 1, "publish_burst": 1, "rate_limit_close_after": 5}, environ={}), clock=clock, log=lambda *a, **k: None)
+    guard = Guard(
+        load({"publish_rate": 1, "publish_burst": 1, "rate_limit_close_after": 5}, environ={}), clock=clock, log=lambda *a, **k: None
+    )
 
     class Owner:
         id = 1
@@ -442,7 +446,10 @@ def test_the_connections_of_one_address_share_a_new_topic_budget():
                 refused = [m for m in got if type(m) is Err]
                 assert all(m.code == ErrorCode.RATE_LIMITED for m in refused)
             assert accepted in (20, 21)  # the burst (and what a second of rate refilled)
-            assert refused[0].text == "rate limited: the connections from 127.0.0.1 may create 1 new topic a second together (ip_new_topic_rate, burst 20)"
+            assert (
+                refused[0].text
+                == "rate limited: the connections from 127.0.0.1 may create 1 new topic a second together (ip_new_topic_rate, burst 20)"
+            )
             assert server.guard.stats.rate_limited["ip_new_topic_rate"] >= 29
             other = await RawSocketClient.connect(server.port, source="127.0.0.2")
             await other.send([Pub(i, f"ip.other.t{i}", b"x") for i in range(1, 6)])
@@ -490,8 +497,14 @@ def test_per_user_connections_and_shared_buckets_through_the_admission_hook():
     the handshake, where a refusal is a 429 response); here it is called on open connections."""
 
     async def main():
-        settings = dict(max_connections_per_user=2, publish_rate=0, user_publish_rate=1, user_publish_burst=30,
-                        user_new_topic_rate=1, user_new_topic_burst=3)
+        settings = dict(
+            max_connections_per_user=2,
+            publish_rate=0,
+            user_publish_rate=1,
+            user_publish_burst=30,
+            user_new_topic_rate=1,
+            user_new_topic_burst=3,
+        )
         async with serving(**settings) as server:
             guard = server.guard
             before = set(server.connections)
@@ -514,7 +527,10 @@ def test_per_user_connections_and_shared_buckets_through_the_admission_hook():
             await c2.send([Pub(i, "user.a", b"x") for i in range(1, 21)])
             got = await replies(c2, 20)
             assert [type(m) for m in got] == [Ack] * 10 + [Err] * 10
-            assert got[10].text == "rate limited: user 'alice' may publish 1 message a second over all its connections (user_publish_rate, burst 30)"
+            assert (
+                got[10].text
+                == "rate limited: user 'alice' may publish 1 message a second over all its connections (user_publish_rate, burst 30)"
+            )
             await c3.send([Pub(i, "user.b", b"x") for i in range(1, 21)])
             assert [type(m) for m in await replies(c3, 20)] == [Ack] * 20
             assert guard.stats.rate_limited == {"user_publish_rate": 10}
@@ -613,7 +629,6 @@ def test_an_auth_flood_does_not_stall_an_honest_round_trip(tmp_path):
     count in the iteration's budget, so an honest client's publish-and-ack loop goes on
     (before: 2 or 3 round trips in 1.5 s, pauses of seconds) while the flood is served too."""
     from broker.messages import Auth, encode
-
     from conftest import client_frame
 
     key_file, token = _es256_key_file(tmp_path)
@@ -645,7 +660,9 @@ def test_an_auth_flood_does_not_stall_an_honest_round_trip(tmp_path):
 
     baseline, count, longest, checks = run(main(), timeout=60)
     assert checks >= 1000, f"the flood was not served ({checks} tokens checked)"
-    assert count >= 30 and longest < 0.75, f"{count} round trips in 1.5 s during the flood (baseline {baseline} in 0.5 s), longest wait {longest:.3f} s"
+    assert count >= 30 and longest < 0.75, (
+        f"{count} round trips in 1.5 s during the flood (baseline {baseline} in 0.5 s), longest wait {longest:.3f} s"
+    )
 
 
 def test_auth_messages_are_rate_limited_per_connection_anonymous_or_not(tmp_path):
@@ -657,7 +674,9 @@ def test_auth_messages_are_rate_limited_per_connection_anonymous_or_not(tmp_path
     key_file, token = _es256_key_file(tmp_path)
 
     async def main():
-        settings = dict(auth_jwt_public_key_file=key_file, auth_anonymous=True, auth_message_rate=1, auth_message_burst=3, rate_limit_close_after=20)
+        settings = dict(
+            auth_jwt_public_key_file=key_file, auth_anonymous=True, auth_message_rate=1, auth_message_burst=3, rate_limit_close_after=20
+        )
         async with serving(**settings) as server:
             named = await RawSocketClient.connect(server.port, headers={"Authorization": f"Bearer {token()}"})
             anonymous = await RawSocketClient.connect(server.port)
@@ -668,7 +687,10 @@ def test_auth_messages_are_rate_limited_per_connection_anonymous_or_not(tmp_path
                         await client.send(Auth(i, token()))
                     replies = [await client.recv() for _ in range(5)]
                     assert [getattr(r, "code", 0) for r in replies[3:]] == [ErrorCode.RATE_LIMITED] * 2
-                    assert replies[3].text == "rate limited: a connection may send 1 auth message a second (auth_message_rate, burst 3); the token was not checked"
+                    assert (
+                        replies[3].text
+                        == "rate limited: a connection may send 1 auth message a second (auth_message_rate, burst 3); the token was not checked"
+                    )
                     assert server.auth.checks - checks == 3
                 assert [type(r) for r in replies[:3]] == [Err] * 3  # anonymous: another user, refused after the check
                 assert server.guard.stats.rate_limited["auth_message_rate"] == 4
@@ -683,8 +705,7 @@ def test_auth_messages_are_rate_limited_per_connection_anonymous_or_not(tmp_path
 
 
 def test_a_token_check_counts_in_the_iteration_budget():
-    from broker.router import TICK_TOKEN_CHECK_BYTES, TICK_INPUT_BYTES
-
+    from broker.router import TICK_INPUT_BYTES, TICK_TOKEN_CHECK_BYTES
     from conftest import Harness
 
     h = Harness()

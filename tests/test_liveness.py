@@ -10,8 +10,7 @@ import pytest
 from broker.client import Client
 from broker.errors import ErrorCode
 from broker.messages import Ack, Err, Heartbeat
-
-from conftest import BlackHoleProxy, RawSocketClient, eventually, run, serving, raw_upgrade, ws_raw
+from conftest import BlackHoleProxy, RawSocketClient, eventually, raw_upgrade, run, serving, ws_raw
 
 
 def test_silent_client_is_disconnected_and_a_live_one_is_kept():
@@ -91,7 +90,10 @@ def test_the_client_notices_a_dead_path_by_its_heartbeat_and_recovers_every_mess
             proxied = await proxy.start()
             states: list[tuple[float, str, str]] = []
             reader = await Client.connect(
-                proxied, heartbeat_s=1.0, heartbeat_timeout_s=3.0, reconnect_delay=(0.05, 0.2),
+                proxied,
+                heartbeat_s=1.0,
+                heartbeat_timeout_s=3.0,
+                reconnect_delay=(0.05, 0.2),
                 on_state=lambda state, detail: states.append((time.monotonic(), state, detail)),
             )
             publisher = await Client.connect(f"ws://127.0.0.1:{server.port}/")

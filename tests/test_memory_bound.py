@@ -4,17 +4,26 @@ every message has its documented outcome."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import socket
 import time
 
+import pytest
+
 from broker.client import Client
 from broker.server.connection import OPEN
-
-from conftest import RawSocketClient, client_frame, eventually, run, serving, split_frame
-from conftest import connect_when_ready, free_ports, serve, stop_process
+from conftest import (
+    RawSocketClient,
+    client_frame,
+    connect_when_ready,
+    eventually,
+    free_ports,
+    run,
+    serve,
+    serving,
+    split_frame,
+    stop_process,
+)
 
 MIB = 1 << 20
 PAYLOAD = 32 * 1024
@@ -39,7 +48,7 @@ async def ended(raw: RawSocketClient) -> bool:
             chunk = await asyncio.wait_for(loop.sock_recv(raw.sock, 1 << 20), 5)
         except ConnectionError:
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         if not chunk:
             return True
@@ -50,8 +59,16 @@ def test_a_flooding_publisher_is_held_and_memory_stays_bounded():
     (port,) = free_ports()
     bound = 16 * MIB
     proc = serve(
-        "--port", str(port), "--max-pending-bytes", str(4 * MIB), "--max-total-pending-bytes", str(bound),
-        "--slow-consumer-timeout-s", "1", "--log-level", "info",
+        "--port",
+        str(port),
+        "--max-pending-bytes",
+        str(4 * MIB),
+        "--max-total-pending-bytes",
+        str(bound),
+        "--slow-consumer-timeout-s",
+        "1",
+        "--log-level",
+        "info",
     )
     try:
 

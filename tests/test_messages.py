@@ -23,7 +23,6 @@ from broker.messages import (
     encode,
     is_message_array,
 )
-
 from conftest import wire
 
 ids = st.integers(0, 2**63 - 1)

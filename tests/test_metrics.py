@@ -14,9 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.client import Client
 from broker.errors import CloseCode, ErrorCode, RequestError
 from broker.server.handshake import REFUSAL_STATUSES
-
-from conftest import ROOT, RawSocketClient, run, serving, url
-from conftest import free_port
+from conftest import ROOT, RawSocketClient, free_port, run, serving, url
 
 
 def samples(text: str) -> dict:

@@ -13,7 +13,6 @@ from broker.client import Client, Gap, Message, Subscription
 from broker.fastpath import Outbox, assemble, encode_batch, encode_topic
 from broker.messages import Ack, Delivery, Err, GapNotice, Sub, decode_server_frame, encode
 from broker.router import Router
-
 from conftest import RawSocketClient, conns_with, run, serving, split_frames, url
 
 SIZE = 4 << 10
@@ -146,7 +145,7 @@ def test_conflate_keeps_the_newest_message_of_each_topic_and_marks_what_it_skipp
                         delivered, lost = assert_exact_cover(items, last[topic])
                         assert lost and delivered, f"{topic}: {delivered} delivered, {lost} conflated"
                         assert items[-1][0] == "msg" and items[-1][2] == last[topic], "the newest message arrives"
-                        for i, (kind, first, end, item) in enumerate(items):
+                        for i, (kind, _first, end, item) in enumerate(items):
                             if kind == "gap":
                                 assert item.cause == "conflated"
                                 # right after it: one message, the topic's newest at that moment
@@ -164,7 +163,13 @@ def test_a_subscription_chooses_its_policy_and_the_most_careful_one_wins():
     `p.>` too and `p.a` with policy disconnect. A flood on p.a conflates for A and closes B."""
 
     async def main():
-        async with serving(max_pending_bytes=LIMIT, max_payload_bytes=64 << 10, slow_consumer_timeout_s=0.3, close_timeout_s=0.2, slow_consumer_policy="conflate") as server:
+        async with serving(
+            max_pending_bytes=LIMIT,
+            max_payload_bytes=64 << 10,
+            slow_consumer_timeout_s=0.3,
+            close_timeout_s=0.2,
+            slow_consumer_policy="conflate",
+        ) as server:
             async with Client(url(server)) as pub:
                 a = await RawSocketClient.connect(server.port, rcvbuf=4096)
                 b = await RawSocketClient.connect(server.port, rcvbuf=4096)
@@ -181,7 +186,9 @@ def test_a_subscription_chooses_its_policy_and_the_most_careful_one_wins():
                     assert conn_b.session.policy_of(server.router.topic("p.a").id) == policy.DISCONNECT
                     assert conn_b.session.policy_of(server.router.topic("p.b").id) == policy.CONFLATE
                     samples: list[int] = []
-                    last = await flood(pub, ["p.a"], conn_a, samples, lambda: conn_b.close_reason is not None and server.router.stats.sheds >= 2)
+                    last = await flood(
+                        pub, ["p.a"], conn_a, samples, lambda: conn_b.close_reason is not None and server.router.stats.sheds >= 2
+                    )
                     assert conn_b.close_reason[0] == 1013
                     assert conn_a.close_reason is None
                     got = await read_until(a, last)
@@ -273,13 +280,22 @@ def test_conflating_holds_each_topics_newest_message_and_writes_it_after_its_gap
     shed = policy.Shed(lambda topic_id: policy.CONFLATE if topic_id in conflating else policy.DISCONNECT, router.index.states)
     alone = encode_batch(c.id, 1, [b"c1"])
     for piece in (
-        a.announce, encode_batch(a.id, 1, [b"a1", b"a2"]), b.announce, encode_batch(b.id, 1, [b"b1", b"b2"]),
-        encode_batch(a.id, 3, [b"a3", b"a4", b"a5"]), c.announce, alone, encode_batch(b.id, 3, [b"b3"]),
+        a.announce,
+        encode_batch(a.id, 1, [b"a1", b"a2"]),
+        b.announce,
+        encode_batch(b.id, 1, [b"b1", b"b2"]),
+        encode_batch(a.id, 3, [b"a3", b"a4", b"a5"]),
+        c.announce,
+        alone,
+        encode_batch(b.id, 3, [b"b3"]),
     ):
         box.push(piece)
     assert shed.shed(box, 0) == (0, 4)
     # k.b (disconnect) stays queued; k.a and k.c wait out of the queue, one message each
-    assert [(bt.topic_id, bt.seq) for m in _read(box.pieces, router) if type(m).__name__ == "Msg" for bt in m.batches] == [(b.id, 1), (b.id, 3)]
+    assert [(bt.topic_id, bt.seq) for m in _read(box.pieces, router) if type(m).__name__ == "Msg" for bt in m.batches] == [
+        (b.id, 1),
+        (b.id, 3),
+    ]
     assert set(shed.held) == {a.id, c.id} and shed.held[c.id].piece is alone  # a batch of one is kept as it is, shared
     box.push(encode_batch(a.id, 6, [b"a6"]))  # a later one replaces it; the gap grows
     out = _read_frames(shed.take(box, 1 << 20, 1 << 20, {}, {}))
@@ -404,7 +420,6 @@ def test_a_shedding_connection_is_handed_at_most_its_budget_cutting_a_batch_betw
     small.push(encode_batch(b.id, 2, [b"b2"]))
     assert _read_frames(shed.take(small, 500, 1 << 20, {}, {}))[0].batches[0].data == [b"b2"]
     assert not small.pieces and small.size == 0
-
 
 
 def test_conflate_delivers_the_newest_message_of_every_topic_however_many_bytes_that_is():

@@ -48,7 +48,6 @@ from broker.messages import (
     is_message_array,
 )
 from broker.topics import DEFAULT_MAX_TOPIC_LENGTH, MAX_TOKENS
-
 from conftest import split_frames, wire
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -62,7 +61,17 @@ _EXAMPLE = re.compile(
 )
 
 CLIENT_TYPES = {"sub": Sub, "unsub": Unsub, "pub": Pub, "req": Req, "reply": Reply, "auth": Auth, "hb": Hb}
-SERVER_TYPES = {"ack": Ack, "err": Err, "topic": Topic, "gap": GapNotice, "request": Request, "reply": Reply, "beat": Heartbeat, "unsubscribed": Unsubscribed, "msg": Msg}
+SERVER_TYPES = {
+    "ack": Ack,
+    "err": Err,
+    "topic": Topic,
+    "gap": GapNotice,
+    "request": Request,
+    "reply": Reply,
+    "beat": Heartbeat,
+    "unsubscribed": Unsubscribed,
+    "msg": Msg,
+}
 
 
 class Example(NamedTuple):
@@ -192,9 +201,7 @@ def written_with_defaults(value: list, message) -> bool:
     fields = type(message).__struct_fields__
     defaults = dict(zip(fields[len(fields) - len(type(message).__struct_defaults__) :], type(message).__struct_defaults__))
     omitted = fields[len(value) - 1 :]
-    return strict_equal(written[: len(value)], value) and all(
-        strict_equal(w, defaults[f]) for w, f in zip(written[len(value) :], omitted)
-    )
+    return strict_equal(written[: len(value)], value) and all(strict_equal(w, defaults[f]) for w, f in zip(written[len(value) :], omitted))
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in EXAMPLES.items() if e.encoding == "websocket-frame"))

@@ -10,7 +10,6 @@ import pytest
 
 from broker.client import BrokerError, Client, Gap, Message, Subscription
 from broker.messages import Ack, Delivery, GapNotice, Sub, encode
-
 from conftest import RawSocketClient, eventually, run, serving, url
 
 TOPICS = 100
@@ -120,7 +119,7 @@ def test_more_publishes_in_one_tick_than_a_batch_may_hold_all_arrive():
             async with Client(url(server), max_batch_messages=1000) as pub, Client(url(server)) as sub_client:
                 got: list = []
                 await sub_client.subscribe("many", got.append)
-                for i in range(25_000):
+                for _i in range(25_000):
                     pub.publish("many", b"x")
                 await eventually(lambda: len(got) == 25_000, 10, "every publish")
                 assert server.router.stats.errors == {}
@@ -171,7 +170,9 @@ def test_a_client_whose_socket_dies_reconnects_by_itself_and_delivers_every_mess
                 await asyncio.sleep(0.1)
                 assert client.reconnects == 3
                 assert not [g for g in got + exact if isinstance(g, Gap)]
-                assert sorted((m.topic, m.seq) for m in got) == sorted((f"auto.{t}", s) for t in range(TOPICS) for s in range(1, PER_TOPIC + 1))
+                assert sorted((m.topic, m.seq) for m in got) == sorted(
+                    (f"auto.{t}", s) for t in range(TOPICS) for s in range(1, PER_TOPIC + 1)
+                )
                 assert [m.seq for m in exact] == list(range(1, PER_TOPIC + 1))
                 assert states[:2] == ["connecting", "connected"] and states.count("disconnected") == 3 and states[-1] == "connected"
                 await client.close()
@@ -319,7 +320,9 @@ def test_overlapping_subscriptions_recover_across_a_restart_with_one_ended_gap_e
                     got = [await raw.recv() for _ in range(6)]
                 finally:
                     raw.close()
-                ended = GapNotice("r.a", old_epoch, 4, 0, f"epoch {old_epoch} of the topic ended; it continues in epoch {new.epoch}", "ended")
+                ended = GapNotice(
+                    "r.a", old_epoch, 4, 0, f"epoch {old_epoch} of the topic ended; it continues in epoch {new.epoch}", "ended"
+                )
                 replay = Delivery("r.a", new.epoch, 1, [b"new 1"])
                 assert got[0] == Ack(1, new.epoch, 1) and got[1:3] == [ended, replay]
                 assert isinstance(got[3], Ack) and got[3].id == 2 and got[4:] == [ended, replay]
@@ -329,7 +332,9 @@ def test_overlapping_subscriptions_recover_across_a_restart_with_one_ended_gap_e
                 await asyncio.sleep(0.1)  # nothing more comes
                 gap = Gap("r.a", old_epoch, 4, 0, ended.reason, "ended")
                 for items in (exact, pattern):
-                    assert items[3:] == [gap, Message("r.a", new.epoch, 1, b"new 1"), Message("r.a", new.epoch, 2, b"new 2")], "\n".join(map(repr, items))
+                    assert items[3:] == [gap, Message("r.a", new.epoch, 1, b"new 1"), Message("r.a", new.epoch, 2, b"new 2")], "\n".join(
+                        map(repr, items)
+                    )
                 await client.close()
 
     run(main(), timeout=60)
@@ -364,13 +369,18 @@ def test_a_client_closed_as_a_slow_consumer_comes_back_and_recovers_all_that_his
     payload = bytes(1000)
 
     async def main():
-        async with serving(max_pending_bytes=256 << 10, max_payload_bytes=16 << 10, slow_consumer_timeout_s=0.3,
-                           history_max_messages=10_000, history_max_bytes=16 << 20) as server:
+        async with serving(
+            max_pending_bytes=256 << 10,
+            max_payload_bytes=16 << 10,
+            slow_consumer_timeout_s=0.3,
+            history_max_messages=10_000,
+            history_max_bytes=16 << 20,
+        ) as server:
             async with Client(url(server)) as pub:
                 got: list = []
                 sub_client = await Client.connect(url(server), reconnect_delay=(0.05, 0.2))
                 await sub_client.subscribe("sc.*", got.append)
-                for i, topic in enumerate(topics):
+                for _i, topic in enumerate(topics):
                     pub.publish(topic, b"1:" + payload)
                 await pub.publish_acked("sc.sync.x", b"")
                 await eventually(lambda: len(got) == len(topics), 5, "the first messages")
@@ -415,7 +425,9 @@ def test_a_subscription_made_while_another_ones_replay_waits_gets_only_what_foll
                     assert server.router.replaying, "the replay fits at once"
                     sub = await client.subscribe("pq.a", exact.append)
                     await pub.publish_acked("pq.a", b"302")
-                    await eventually(lambda: len(everything) == 302 and exact and exact[-1].seq == 302, 10, "the replay and the live message")
+                    await eventually(
+                        lambda: len(everything) == 302 and exact and exact[-1].seq == 302, 10, "the replay and the live message"
+                    )
                     assert [m.seq for m in everything] == list(range(1, 303))
                     assert [m.seq for m in exact] == list(range(sub.seq + 1, 303)) and sub.seq == 301
 

@@ -13,10 +13,8 @@ import redis
 import yaml
 
 from broker.client import Client
-
-from conftest import ROOT, eventually, run, serving, url
+from conftest import ROOT, eventually, free_port, run, serving, url
 from redis_support import RedisProcess
-from conftest import free_port
 
 PASSWORD = "a-password-of-the-test-Redis"
 
@@ -36,7 +34,22 @@ def acl_args(rules: list[str]) -> list[str]:
     _, command = compose_redis()
     assert "--user default off" in command and "--user healthcheck on nopass -@all +ping" in command
     assert '--user broker on ">$$(cat /run/secrets/redis-password)" $$BROKER_ACL_RULES' in command
-    return ["--user", "default", "off", "--user", "healthcheck", "on", "nopass", "-@all", "+ping", "--user", "broker", "on", f">{PASSWORD}", *rules]
+    return [
+        "--user",
+        "default",
+        "off",
+        "--user",
+        "healthcheck",
+        "on",
+        "nopass",
+        "-@all",
+        "+ping",
+        "--user",
+        "broker",
+        "on",
+        f">{PASSWORD}",
+        *rules,
+    ]
 
 
 def test_broker_nodes_work_through_the_acl_of_compose_and_nothing_else_does(tmp_path):
@@ -51,8 +64,12 @@ def test_broker_nodes_work_through_the_acl_of_compose_and_nothing_else_does(tmp_
         with pytest.raises(redis.AuthenticationError):
             anonymous.ping()
         broker_user = redis.Redis.from_url(server.url)
-        for refused in (lambda: broker_user.set("other-key", 1), lambda: broker_user.flushall(), lambda: broker_user.keys("*"),
-                        lambda: broker_user.config_get("*")):
+        for refused in (
+            lambda: broker_user.set("other-key", 1),
+            lambda: broker_user.flushall(),
+            lambda: broker_user.keys("*"),
+            lambda: broker_user.config_get("*"),
+        ):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 refused()
         healthcheck = redis.Redis.from_url(f"redis://healthcheck:anything@127.0.0.1:{server.port}")
@@ -104,10 +121,32 @@ def test_a_node_reaches_redis_over_tls_with_rediss_and_its_ca(tmp_path):
     cert.private_key_pem.write_to_path(key_file)
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--tls-ca-cert-file", str(ca_file),
-         "--tls-auth-clients", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            binary,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--tls-cert-file",
+            str(cert_file),
+            "--tls-key-file",
+            str(key_file),
+            "--tls-ca-cert-file",
+            str(ca_file),
+            "--tls-auth-clients",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         node_url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca_file}"

@@ -13,7 +13,6 @@ from redis.cluster import RedisCluster as ClusterClient
 from redis.retry import Retry
 
 from broker.client import Client
-
 from conftest import run
 from redis_support import BrokerNode, RedisProcess, redis_binary
 
@@ -146,7 +145,7 @@ def test_a_three_master_cluster_serves_keys_on_every_master(redis_cluster):
             key = f"{{{tag}}}:k"
             assert client.set(key, tag)
             owners[key] = client.get_node_from_key(key).port
-        for key, port in owners.items():
+        for key, _port in owners.items():
             assert client.get(key) == key[1].encode()
         assert set(owners.values()) == {node.port for node in redis_cluster.nodes}
     finally:

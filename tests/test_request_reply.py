@@ -9,7 +9,6 @@ import pytest
 from broker.client import Client, RequestError
 from broker.errors import ErrorCode
 from broker.messages import Ack, Err, Reply, Req, Request, Sub, Unsub, encode
-
 from conftest import Harness, run, serving, url
 
 
@@ -111,7 +110,9 @@ def test_a_responder_answers_a_concrete_topic_and_can_stop():
     s = h.session("s")
     s.receive(encode([Sub(1, "svc.*", None, False, True), Sub(2, "svc.a", None, False, True), Sub(3, "svc.a", None, False, True)]))
     written = h.tick()[0]["s"]
-    assert written[0].code == ErrorCode.PATTERN_NOT_ALLOWED and written[1] == Ack(2, 0, 0) and written[2].code == ErrorCode.ALREADY_SUBSCRIBED
+    assert (
+        written[0].code == ErrorCode.PATTERN_NOT_ALLOWED and written[1] == Ack(2, 0, 0) and written[2].code == ErrorCode.ALREADY_SUBSCRIBED
+    )
     s.receive(encode(Unsub(4, "svc.a")))
     assert h.tick()[0]["s"] == [Ack(4, 0, 0)]
     s.receive(encode(Req(5, "svc.a", b"", 1000)))

@@ -4,10 +4,9 @@ a new id and a new epoch, which recovery reports."""
 
 import pytest
 
+from broker.backplane import unique_epoch
 from broker.errors import ErrorCode
 from broker.messages import Ack, Delivery, Err, GapNotice, Pub, Sub, Unsub, encode
-from broker.backplane import unique_epoch
-
 from conftest import Harness
 
 IDLE_MS = 1000

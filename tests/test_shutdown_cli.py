@@ -15,17 +15,30 @@ import pytest
 
 from broker import __version__
 from broker.client import Client, ConnectionClosed
-from broker.messages import SUBPROTOCOL, Ack, ServerReader, Sub
 from broker.cluster.streams import without_password
 from broker.config import load
 from broker.errors import ListenError
+from broker.messages import SUBPROTOCOL, Ack, ServerReader, Sub
 from broker.server import Server
-
 from conftest import (
-    ROOT, RawSocketClient, broker_cli, connect_when_ready, conns_with, eventually, free_ports, read_until, run, run_cli, send_upgrade,
-    serve, serving, split_frame, stop_process, upgrade_request, url,
+    ROOT,
+    RawSocketClient,
+    broker_cli,
+    connect_when_ready,
+    conns_with,
+    eventually,
+    free_ports,
+    read_until,
+    run,
+    run_cli,
+    send_upgrade,
+    serve,
+    serving,
+    split_frame,
+    stop_process,
+    upgrade_request,
+    url,
 )
-
 
 # helpers
 
@@ -271,9 +284,7 @@ def test_stop_flushes_messages_queued_behind_a_paused_transport():
 
 
 def test_version():
-    result = subprocess.run(
-        [sys.executable, "-m", "broker", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run([sys.executable, "-m", "broker", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.strip() == f"broker {__version__}"
 

@@ -4,14 +4,13 @@ slow consumer, however large."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import time
 
+import pytest
+
 from broker.client import Client
 from broker.messages import Ack, Pub, Sub, encode
-
 from conftest import RawSocketClient, client_frame, conns_with, eventually, run, serving, url
 
 
@@ -20,7 +19,9 @@ def test_past_four_times_max_pending_bytes_a_consumer_is_closed_at_once_and_othe
 
     async def main():
         # a long timeout: only the hard bound (4 x 256 KiB) can close it in this test
-        async with serving(max_pending_bytes=256 << 10, max_payload_bytes=128 << 10, close_timeout_s=0.2, slow_consumer_timeout_s=30) as server:
+        async with serving(
+            max_pending_bytes=256 << 10, max_payload_bytes=128 << 10, close_timeout_s=0.2, slow_consumer_timeout_s=30
+        ) as server:
             async with Client(url(server)) as fast, Client(url(server)) as pub:
                 got = []
                 arrived = asyncio.Event()
@@ -84,7 +85,9 @@ def test_a_consumer_that_stays_behind_is_closed_after_slow_consumer_timeout_s():
     limit = 512 << 10
 
     async def main():
-        async with serving(max_pending_bytes=limit, max_payload_bytes=128 << 10, close_timeout_s=0.2, slow_consumer_timeout_s=timeout) as server:
+        async with serving(
+            max_pending_bytes=limit, max_payload_bytes=128 << 10, close_timeout_s=0.2, slow_consumer_timeout_s=timeout
+        ) as server:
             async with Client(url(server)) as pub:
                 slow = await RawSocketClient.connect(server.port, rcvbuf=4096)
                 try:

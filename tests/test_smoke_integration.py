@@ -1,5 +1,4 @@
 from broker.client import Client
-
 from conftest import run, serving, url
 
 

@@ -5,18 +5,17 @@ waits for later iterations, in turn."""
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import itertools
 import time
+
+import pytest
 
 from broker.client import Client
 from broker.errors import ErrorCode
 from broker.fastpath import IMPLEMENTATION
 from broker.messages import Ack, Delivery, Err, Pub, Sub, Unsub, encode
 from broker.router import TICK_INDEX_WORK
-
 from conftest import Attacker, Harness, RawSocketClient, client_frame, eventually, round_trips, run, serving, url
 from redis_support import BrokerNode
 
@@ -275,7 +274,9 @@ def test_a_connection_holds_at_most_max_patterns_pattern_subscriptions():
     client.receive(encode([Sub(i + 1, p) for i, p in enumerate(patterns)]))
     client.receive(encode([Sub(200, "exact.topic"), Unsub(201, patterns[0]), Sub(202, patterns[100])]))
     replies = h.tick()[0]["client"]
-    assert replies[100] == Err(101, ErrorCode.TOO_MANY_SUBSCRIPTIONS, "this connection holds 100 pattern subscriptions, the limit (max_patterns)")
+    assert replies[100] == Err(
+        101, ErrorCode.TOO_MANY_SUBSCRIPTIONS, "this connection holds 100 pattern subscriptions, the limit (max_patterns)"
+    )
     assert all(isinstance(r, Ack) for r in replies[:100]) and [type(r) for r in replies[101:]] == [Ack, Ack, Ack]
     assert client.patterns == 100 and len(client.subscriptions) == 101
     assert len(h.router.index.topics) == 0 and h.router.index.patterns == 100

@@ -35,9 +35,22 @@ from broker.errors import ConfigError
 from broker.messages import SUBPROTOCOL, Ack, Delivery, ServerReader, Sub
 from broker.server import Server, logs
 from broker.server.connection import OPEN, TLS_WRITE_HIGH_WATER
-
-from conftest import ROOT, broker_cli, client_frame, encode, eventually, record_writes, run, serving, split_frame, upgrade_request
-from conftest import free_ports, read_until, run_cli, stop_process
+from conftest import (
+    ROOT,
+    broker_cli,
+    client_frame,
+    encode,
+    eventually,
+    free_ports,
+    read_until,
+    record_writes,
+    run,
+    run_cli,
+    serving,
+    split_frame,
+    stop_process,
+    upgrade_request,
+)
 
 
 class Issued(NamedTuple):
@@ -78,7 +91,10 @@ def install(folder: Path, issued: Issued, *, cert: bytes | None = None, key: byt
     """Write (or overwrite, with a rename as a deployment does) the certificate and key files
     in `folder`; returns the settings that name them."""
     paths = {"tls_cert_file": folder / "cert.pem", "tls_key_file": folder / "key.pem"}
-    for path, data in ((paths["tls_cert_file"], issued.cert if cert is None else cert), (paths["tls_key_file"], issued.key if key is None else key)):
+    for path, data in (
+        (paths["tls_cert_file"], issued.cert if cert is None else cert),
+        (paths["tls_key_file"], issued.key if key is None else key),
+    ):
         tmp = path.with_suffix(".new")
         tmp.write_bytes(data)
         tmp.replace(path)
@@ -447,13 +463,25 @@ def test_bad_certificate_settings_stop_the_start_with_an_error_naming_the_settin
     both = tmp_path / "both.pem"
     both.write_bytes(pki.first.key + pki.first.cert)
     cases = [
-        ({"tls_cert_file": str(tmp_path / "missing.pem")}, f"tls_cert_file: cannot read {tmp_path / 'missing.pem'}: No such file or directory"),
-        ({"tls_cert_file": cert, "tls_key_file": str(tmp_path / "nokey.pem")}, f"tls_key_file: cannot read {tmp_path / 'nokey.pem'}: No such file or directory"),
+        (
+            {"tls_cert_file": str(tmp_path / "missing.pem")},
+            f"tls_cert_file: cannot read {tmp_path / 'missing.pem'}: No such file or directory",
+        ),
+        (
+            {"tls_cert_file": cert, "tls_key_file": str(tmp_path / "nokey.pem")},
+            f"tls_key_file: cannot read {tmp_path / 'nokey.pem'}: No such file or directory",
+        ),
         ({"tls_cert_file": str(garbage), "tls_key_file": key}, f"tls_cert_file: {garbage} holds no PEM certificate"),
         ({"tls_cert_file": cert, "tls_key_file": str(garbage)}, f"tls_key_file: {garbage} holds no PEM private key"),
         ({"tls_cert_file": cert}, f"tls_cert_file: {cert} holds no private key; add it to the file or set tls_key_file"),
-        ({"tls_cert_file": cert, "tls_key_file": str(other)}, f"tls_key_file: the private key in {other} does not belong to the certificate in {cert}"),
-        ({"tls_cert_file": cert, "tls_key_file": str(locked)}, f"tls_key_file: the private key in {locked} is encrypted and the broker takes no passphrase"),
+        (
+            {"tls_cert_file": cert, "tls_key_file": str(other)},
+            f"tls_key_file: the private key in {other} does not belong to the certificate in {cert}",
+        ),
+        (
+            {"tls_cert_file": cert, "tls_key_file": str(locked)},
+            f"tls_key_file: the private key in {locked} is encrypted and the broker takes no passphrase",
+        ),
         ({"tls_cert_file": str(tmp_path)}, f"tls_cert_file: cannot read {tmp_path}: Is a directory"),
     ]
     for settings, message in cases:
@@ -475,8 +503,17 @@ def test_bad_certificate_settings_stop_the_start_with_an_error_naming_the_settin
 def test_broker_serve_with_an_unusable_certificate_exits_2(pki, tmp_path):
     settings = install(tmp_path, pki.second, key=pki.first.key)
     (port,) = free_ports()
-    proc = broker_cli("serve", "--port", str(port), "--tls-cert-file", settings["tls_cert_file"], "--tls-key-file",
-                      settings["tls_key_file"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = broker_cli(
+        "serve",
+        "--port",
+        str(port),
+        "--tls-cert-file",
+        settings["tls_cert_file"],
+        "--tls-key-file",
+        settings["tls_key_file"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         _, err = proc.communicate(timeout=15)
     finally:
@@ -551,8 +588,17 @@ def test_a_reload_that_cannot_load_the_files_keeps_the_old_certificate(pki, tmp_
 def test_sighup_reloads_the_certificate_of_broker_serve(pki, tmp_path):
     settings = install(tmp_path, pki.first)
     (port,) = free_ports()
-    proc = broker_cli("serve", "--port", str(port), "--tls-cert-file", settings["tls_cert_file"], "--tls-key-file",
-                      settings["tls_key_file"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = broker_cli(
+        "serve",
+        "--port",
+        str(port),
+        "--tls-cert-file",
+        settings["tls_cert_file"],
+        "--tls-key-file",
+        settings["tls_key_file"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         log = read_until(proc, "event=start")
         assert f"tls=True cert_sha256={pki.first.sha256}" in log
@@ -757,12 +803,36 @@ def test_no_payload_or_topic_crosses_the_wire_in_clear(pki, tmp_path, tls):
 def test_bench_runs_the_broker_over_tls(tmp_path):
     """`bench.run --systems broker-tls`: the broker with a throwaway certificate, the Bun fleet
     and the Python publisher over wss:// trusting its CA; everything delivered."""
-    subprocess.run([sys.executable, "-c", "from bench import fleetproc, systems; systems.bun_binary(); fleetproc.install()"],
-                   cwd=ROOT, check=True, timeout=180)
+    subprocess.run(
+        [sys.executable, "-c", "from bench import fleetproc, systems; systems.bun_binary(); fleetproc.install()"],
+        cwd=ROOT,
+        check=True,
+        timeout=180,
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--scenarios", "a", "--systems", "broker-tls", "--clients", "real",
-         "--runs", "1", "--duration", "0.5", "--warmup", "0.3", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--scenarios",
+            "a",
+            "--systems",
+            "broker-tls",
+            "--clients",
+            "real",
+            "--runs",
+            "1",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.3",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (row,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -3,7 +3,6 @@ client at most the power of two below which the number of topics lies."""
 
 from broker.messages import Pub, encode
 from broker.topic_ids import FIRST_BLOCK, TopicIds
-
 from conftest import Harness
 
 

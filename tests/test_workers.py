@@ -17,7 +17,6 @@ import time
 
 import aiohttp
 import pytest
-from conftest import ROOT, broker_cli, free_port, run
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker import cli
@@ -27,13 +26,12 @@ from broker.config import load
 from broker.errors import ConfigError, SubscriptionEnded
 from broker.server import admin
 from broker.server.app import WorkerRole, worker_of_connection
+from conftest import ROOT, broker_cli, free_port, run
 
 SHUTDOWN_TIMEOUT_S = 3.0
 
 
 # helpers
-
-
 
 
 class Log:
@@ -148,7 +146,9 @@ async def admin_get(port: int, path: str, key: str | None = None) -> tuple[int, 
 
 async def admin_post(port: int, path: str, key: str, body: dict | None = None) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{port}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=10)) as response:
+        async with session.post(
+            f"http://127.0.0.1:{port}{path}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=aiohttp.ClientTimeout(total=10)
+        ) as response:
             return response.status, await response.json()
 
 
@@ -156,7 +156,8 @@ def samples(text: str) -> dict:
     """{(sample name, labels as a sorted tuple): value} of a Prometheus text exposition."""
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
 
 
@@ -177,8 +178,19 @@ def wait_healthy(admin: int, proc: subprocess.Popen, timeout: float = 15.0) -> d
 
 def serve_args(port: int, redis_url: str, prefix: str, *more: str) -> list[str]:
     return [
-        "--workers", "2", "--port", str(port), "--redis-url", redis_url, "--redis-prefix", prefix,
-        "--log-format", "json", "--shutdown-timeout-s", str(SHUTDOWN_TIMEOUT_S), *more,
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--redis-url",
+        redis_url,
+        "--redis-prefix",
+        prefix,
+        "--log-format",
+        "json",
+        "--shutdown-timeout-s",
+        str(SHUTDOWN_TIMEOUT_S),
+        *more,
     ]
 
 
@@ -204,8 +216,9 @@ def test_workers_without_redis_url_is_an_error_naming_it(source, tmp_path):
 
 
 def test_workers_on_port_0_is_an_error_naming_port():
-    proc = broker_cli("serve", "--workers", "2", "--port", "0", "--redis-url", "redis://127.0.0.1:1",
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = broker_cli(
+        "serve", "--workers", "2", "--port", "0", "--redis-url", "redis://127.0.0.1:1", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 2, err
     assert err.decode().startswith("broker: invalid setting: port: 0"), err
@@ -373,7 +386,6 @@ def test_a_message_reaches_subscribers_on_every_worker(redis_url, redis_prefix):
         cleanup(proc, log)
 
 
-
 @pytest.mark.parametrize("how", ["timeout", "second SIGTERM"])
 @pytest.mark.slow
 def test_a_worker_that_does_not_stop_is_killed_and_the_exit_code_is_1(redis_url, redis_prefix, how):
@@ -478,7 +490,7 @@ def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
 
                 status, body = await admin_post(admin, "/api/publish", KEY, {"messages": [{"topic": "ga.t", "text": "to all"}]})
                 assert status == 200 and body["results"][0]["seq"] == 1
-                for n, (client, sub) in enumerate(clients):  # every subscriber, on either worker
+                for n, (_client, sub) in enumerate(clients):  # every subscriber, on either worker
                     message = await sub.next(10)
                     assert (message.topic, message.seq, message.data) == ("ga.t", 1, b"to all"), n
                 status, text = await admin_get(admin, "/api/topics", KEY)
@@ -496,7 +508,9 @@ def test_one_admin_port_serves_the_whole_group(redis_url, redis_prefix):
                 # the dashboard: its page, and its events summed over both workers
                 assert (await admin_get(admin, "/dashboard/"))[0] == 200
                 async with aiohttp.ClientSession() as session:
-                    async with session.get(f"http://127.0.0.1:{admin}/dashboard/events", headers={"Authorization": f"Bearer {KEY}"}) as response:
+                    async with session.get(
+                        f"http://127.0.0.1:{admin}/dashboard/events", headers={"Authorization": f"Bearer {KEY}"}
+                    ) as response:
                         deadline = time.monotonic() + 10
                         async for line in response.content:
                             if line.startswith(b"data: ") and json.loads(line[6:])["connections"] == count - 1:
@@ -524,15 +538,28 @@ def test_a_revocation_through_the_group_admin_port_reaches_every_worker_once(red
     denylist = tmp_path / "denylist"
     denylist.write_text("")
     port, admin = free_port(), free_port()
-    proc, log = start_supervisor(*serve_args(
-        port, redis_url, redis_prefix, "--admin-port", str(admin), "--admin-api-key", KEY,
-        "--auth-jwt-secret", secret, "--auth-denylist-file", str(denylist),
-    ))
+    proc, log = start_supervisor(
+        *serve_args(
+            port,
+            redis_url,
+            redis_prefix,
+            "--admin-port",
+            str(admin),
+            "--admin-api-key",
+            KEY,
+            "--auth-jwt-secret",
+            secret,
+            "--auth-denylist-file",
+            str(denylist),
+        )
+    )
     try:
         wait_healthy(admin, proc)
 
         async def main():
-            token = jwt.encode({"sub": "mallory", "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, secret, algorithm="HS256")
+            token = jwt.encode(
+                {"sub": "mallory", "exp": int(time.time()) + 600, "subscribe": [">"], "publish": [">"]}, secret, algorithm="HS256"
+            )
             clients: list[Client] = []
             on: dict[int, int] = {0: 0, 1: 0}
             try:
@@ -571,7 +598,9 @@ def test_a_revocation_through_the_group_admin_port_reaches_every_worker_once(red
 def test_a_hung_worker_is_killed_and_started_again(redis_url, redis_prefix):
     hang_timeout_s = 2.0
     port, admin = free_port(), free_port()
-    args = serve_args(port, redis_url, redis_prefix, "--admin-port", str(admin), "--admin-api-key", KEY, "--hang-timeout-s", str(hang_timeout_s))
+    args = serve_args(
+        port, redis_url, redis_prefix, "--admin-port", str(admin), "--admin-api-key", KEY, "--hang-timeout-s", str(hang_timeout_s)
+    )
     proc, log = start_supervisor(*args)
     try:
         wait_healthy(admin, proc)
@@ -648,7 +677,9 @@ def test_the_admin_port_in_use_stops_the_supervisor_before_any_worker_starts(red
             log._thread.join(5)
             # the supervisor logs JSON here (log_format json): its fatal line is JSON too
             (fatal,) = log.find("fatal")
-            assert fatal["error"] == f"cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" and fatal["exit_code"] == 1
+            assert (
+                fatal["error"] == f"cannot listen on the admin port 127.0.0.1:{admin}: Address already in use" and fatal["exit_code"] == 1
+            )
             assert "Traceback" not in log.text() and not log.find("worker_start")
         finally:
             cleanup(proc, log)
@@ -692,11 +723,11 @@ def test_hang_bounds_at_start_and_after_the_first_answer():
 
 def test_metrics_of_the_workers_are_labelled_and_kept_in_one_family_each():
     text = {
-        0: '# HELP broker_connections open\n# TYPE broker_connections gauge\nbroker_connections 3.0\n'
+        0: "# HELP broker_connections open\n# TYPE broker_connections gauge\nbroker_connections 3.0\n"
         '# HELP broker_errors_total errs\n# TYPE broker_errors_total counter\nbroker_errors_total{code="3"} 1.0\n'
         '# HELP broker_queue_bytes q\n# TYPE broker_queue_bytes histogram\nbroker_queue_bytes_bucket{le="0.0"} 1.0\n'
         'broker_queue_bytes_bucket{le="+Inf"} 3.0\nbroker_queue_bytes_count 3.0\nbroker_queue_bytes_sum 10.0\n',
-        1: '# HELP broker_connections open\n# TYPE broker_connections gauge\nbroker_connections 4.0\n',
+        1: "# HELP broker_connections open\n# TYPE broker_connections gauge\nbroker_connections 4.0\n",
     }
     families = group_admin.relabel(text)
     assert [f.name for f in families] == ["broker_connections", "broker_errors", "broker_queue_bytes"]
@@ -711,10 +742,22 @@ def test_stats_topics_connections_and_dashboard_events_of_the_group():
         {"connections": 2, "topics": 5, "published": 10, "errors": {"3": 1}, "backplane": "redis"},
         {"connections": 3, "topics": 4, "published": 1, "errors": {"3": 2, "7": 1}, "backplane": "redis"},
     ]
-    assert group_admin.merge_stats(stats) == {"connections": 5, "topics": 5, "published": 11, "errors": {"3": 3, "7": 1}, "backplane": "redis"}
+    assert group_admin.merge_stats(stats) == {
+        "connections": 5,
+        "topics": 5,
+        "published": 11,
+        "errors": {"3": 3, "7": 1},
+        "backplane": "redis",
+    }
     topics = [
-        {"topics": [{"topic": "a", "epoch": 1, "seq": 9, "subscribers": 1}, {"topic": "b", "epoch": 1, "seq": 2, "subscribers": 0}], "total": 2},
-        {"topics": [{"topic": "a", "epoch": 1, "seq": 10, "subscribers": 2}, {"topic": "c", "epoch": 1, "seq": 5, "subscribers": 1}], "total": 3},
+        {
+            "topics": [{"topic": "a", "epoch": 1, "seq": 9, "subscribers": 1}, {"topic": "b", "epoch": 1, "seq": 2, "subscribers": 0}],
+            "total": 2,
+        },
+        {
+            "topics": [{"topic": "a", "epoch": 1, "seq": 10, "subscribers": 2}, {"topic": "c", "epoch": 1, "seq": 5, "subscribers": 1}],
+            "total": 3,
+        },
     ]
     assert group_admin.merge_topics(topics, 2) == {
         "topics": [{"topic": "a", "epoch": 1, "seq": 10, "subscribers": 3}, {"topic": "c", "epoch": 1, "seq": 5, "subscribers": 1}],
@@ -727,17 +770,37 @@ def test_stats_topics_connections_and_dashboard_events_of_the_group():
     by_id = admin.ConnectionQuery("id", "asc", 0, 2, None, None, None, None)
     assert group_admin.merge_connections(connections, by_id) == {
         "connections": [{"id": 1, "queue_bytes": 5, "worker": 0}, {"id": (1 << 40) + 1, "queue_bytes": 9, "worker": 1}],
-        "total": 3, "offset": 0, "limit": 2,
+        "total": 3,
+        "offset": 0,
+        "limit": 2,
     }
     # the workers' rows in one order: the page is cut from all of them
     second_by_pending = admin.ConnectionQuery("pending", "desc", 1, 1, None, None, None, None)
     assert group_admin.merge_connections(connections, second_by_pending)["connections"] == [{"id": 1, "queue_bytes": 5, "worker": 0}]
-    snapshot = {"connections": 1, "published": 5, "delivered": 7, "topics": 3, "slow_consumers": 0, "pending_bytes": 10, "backplane_lag_ms": 2, "loop_lag_s": 0.01}
-    merged = group_admin.merge_snapshots([
-        {**snapshot, "hot": [{"topic": "a", "rate": 5, "seq": 50}]},
-        {**snapshot, "backplane_lag_ms": 9, "hot": [{"topic": "a", "rate": 6, "seq": 51}, {"topic": "b", "rate": 1, "seq": 1}]},
-    ])
-    assert (merged["connections"], merged["published"], merged["delivered"], merged["topics"], merged["pending_bytes"], merged["backplane_lag_ms"]) == (2, 10, 14, 3, 20, 9)
+    snapshot = {
+        "connections": 1,
+        "published": 5,
+        "delivered": 7,
+        "topics": 3,
+        "slow_consumers": 0,
+        "pending_bytes": 10,
+        "backplane_lag_ms": 2,
+        "loop_lag_s": 0.01,
+    }
+    merged = group_admin.merge_snapshots(
+        [
+            {**snapshot, "hot": [{"topic": "a", "rate": 5, "seq": 50}]},
+            {**snapshot, "backplane_lag_ms": 9, "hot": [{"topic": "a", "rate": 6, "seq": 51}, {"topic": "b", "rate": 1, "seq": 1}]},
+        ]
+    )
+    assert (
+        merged["connections"],
+        merged["published"],
+        merged["delivered"],
+        merged["topics"],
+        merged["pending_bytes"],
+        merged["backplane_lag_ms"],
+    ) == (2, 10, 14, 3, 20, 9)
     assert merged["hot"] == [{"topic": "a", "rate": 6, "seq": 51}, {"topic": "b", "rate": 1, "seq": 1}]
     assert group_admin.merge_snapshots([])["backplane_lag_ms"] is None
 
@@ -745,8 +808,18 @@ def test_stats_topics_connections_and_dashboard_events_of_the_group():
 def test_a_temporary_directory_too_long_for_the_workers_sockets_is_refused_naming_it(tmp_path):
     deep = tmp_path / ("d" * 100)
     deep.mkdir()
-    proc = broker_cli("serve", "--workers", "2", "--port", str(free_port()), "--redis-url", "redis://127.0.0.1:1",
-                      env={"TMPDIR": str(deep)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = broker_cli(
+        "serve",
+        "--workers",
+        "2",
+        "--port",
+        str(free_port()),
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        env={"TMPDIR": str(deep)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 2, err
     assert err.decode().startswith("broker: the workers' admin sockets (") and "set TMPDIR to a shorter directory" in err.decode()

@@ -95,7 +95,9 @@ class Conn(WSListener):
         self.group.conns.append(self)
         routes.clear()
         if self.group.announced:  # topics this group was told about before this connection joined
-            self.transport.send(WSMsgType.BINARY, b"".join([b"\xdd" + len(self.group.announced).to_bytes(4, "big"), *self.group.announced.values()]))
+            self.transport.send(
+                WSMsgType.BINARY, b"".join([b"\xdd" + len(self.group.announced).to_bytes(4, "big"), *self.group.announced.values()])
+            )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ _SIG_PRIME = 0x100000001B3
 _SIG_MASK = (1 << 64) - 1
 
 
-
-
 class Outbox:
     """One connection's pieces of this loop iteration (or of every iteration while its
     transport is paused), counted in bytes, and the topics announced on it.
@@ -35,8 +33,23 @@ class Outbox:
     tick's batches of the node are read from the node's list, from `offset` on."""
 
     __slots__ = (
-        "owner", "pieces", "size", "transport_bytes", "limit", "hard_limit", "scheduled", "paused",
-        "closed", "over", "mark", "sig", "known", "over_since", "nsubs", "solo_node", "offset",
+        "owner",
+        "pieces",
+        "size",
+        "transport_bytes",
+        "limit",
+        "hard_limit",
+        "scheduled",
+        "paused",
+        "closed",
+        "over",
+        "mark",
+        "sig",
+        "known",
+        "over_since",
+        "nsubs",
+        "solo_node",
+        "offset",
     )
 
     def __init__(self, owner: Any, limit: int, hard_limit: int | None = None) -> None:
@@ -225,7 +238,16 @@ def emit(state: TopicState, emission: int, max_piece: int, touched: list, slow: 
     return receivers
 
 
-def emit_all(dirty: list, emission: int, max_piece: int, touched: list, slow: list, nodes_touched: list, history: HistoryStore | None = None, now_ms: int = 0) -> tuple[int, int, int, int]:
+def emit_all(
+    dirty: list,
+    emission: int,
+    max_piece: int,
+    touched: list,
+    slow: list,
+    nodes_touched: list,
+    history: HistoryStore | None = None,
+    now_ms: int = 0,
+) -> tuple[int, int, int, int]:
     """`emit` every topic of `dirty` that has pending messages, with emission numbers from
     `emission` + 1 on. Returns (the last emission number used, messages emitted, batches
     encoded for at least one receiver, deliveries: messages times receivers). With `history`,

@@ -13,8 +13,6 @@ ERR_PROTOCOL = 1002  # broken framing
 ERR_TOO_BIG = 1009  # a data frame over the size limit
 
 
-
-
 def frame_header(size: int, opcode: int = BINARY) -> bytes:
     """Header of a final server frame (no mask) carrying `size` bytes."""
     if size < 0:

@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     from .topics import TopicState
 
 
-
 MESSAGE_OVERHEAD = 48  # bytes counted per retained message on top of its payload
 CHUNK_OVERHEAD = 120  # bytes counted per chunk (its record and its places in the queues)
 BUCKET_MS = 1000  # a topic's batches retained within this many milliseconds share one chunk

@@ -12,8 +12,6 @@ if TYPE_CHECKING:
     from .fanout import Outbox
 
 
-
-
 class Node:
     """One distinct subscription string (a topic or a pattern) and the outboxes holding it;
     dead once the last one left (a new subscription to the string makes a new node).
@@ -34,7 +32,6 @@ class Node:
         self.frame: bytes | None = None
         self.known: set[int] = set()  # empty while there is no solo member
         self.dead = False
-
 
 
 class _PatternTrie:

@@ -18,8 +18,6 @@ _FRAME_ALLOWANCE = 5  # the outer array header (at most array 32)
 _RUN_ALLOWANCE = 9  # a "msg" message header: array 32 header + fixstr "msg"
 
 
-
-
 def _array_header(n: int) -> bytes:
     if n < 16:
         return bytes((0x90 | n,))

@@ -101,14 +101,38 @@ def _head_sizes() -> tuple[list[int], list[int], list[int]]:
         fixed[b] = 1 + (b & 0x1F)
     kind[0xC1] = -1
     for b, (head, n) in {
-        0xC4: (2, 1), 0xC5: (3, 2), 0xC6: (5, 4),  # bin
-        0xD9: (2, 1), 0xDA: (3, 2), 0xDB: (5, 4),  # str
-        0xC7: (3, 1), 0xC8: (4, 2), 0xC9: (6, 4),  # ext
-        0xDC: (3, 2), 0xDD: (5, 4), 0xDE: (3, 2), 0xDF: (5, 4),  # array, map
+        0xC4: (2, 1),
+        0xC5: (3, 2),
+        0xC6: (5, 4),  # bin
+        0xD9: (2, 1),
+        0xDA: (3, 2),
+        0xDB: (5, 4),  # str
+        0xC7: (3, 1),
+        0xC8: (4, 2),
+        0xC9: (6, 4),  # ext
+        0xDC: (3, 2),
+        0xDD: (5, 4),
+        0xDE: (3, 2),
+        0xDF: (5, 4),  # array, map
     }.items():
         fixed[b], length[b] = head, n
-    for b, size in {0xCC: 2, 0xD0: 2, 0xCD: 3, 0xD1: 3, 0xCA: 5, 0xCE: 5, 0xD2: 5, 0xCB: 9, 0xCF: 9, 0xD3: 9,
-                    0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}.items():
+    for b, size in {
+        0xCC: 2,
+        0xD0: 2,
+        0xCD: 3,
+        0xD1: 3,
+        0xCA: 5,
+        0xCE: 5,
+        0xD2: 5,
+        0xCB: 9,
+        0xCF: 9,
+        0xD3: 9,
+        0xD4: 3,
+        0xD5: 4,
+        0xD6: 6,
+        0xD7: 10,
+        0xD8: 18,
+    }.items():
         fixed[b] = size
     kind[0xDC] = kind[0xDD] = 1
     kind[0xDE] = kind[0xDF] = 2

@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from .index import Node
 
 
-
-
 class TopicState:
     """One concrete topic: its id, epoch, last sequence number, this tick's pending batch and
     the subscription nodes that match it."""
@@ -49,7 +47,7 @@ def stamp(state: TopicState, payload: bytes, dirty: list) -> None:
 
 def fanout_steps(dirty: list, start: int) -> int:
     """The subscription nodes of the topics dirty[start:]: what their fan-out will visit."""
-    return sum(len(state.nodes) for state in dirty[max(start, 0):])
+    return sum(len(state.nodes) for state in dirty[max(start, 0) :])
 
 
 def compact_nodes(state: TopicState) -> None:
@@ -58,7 +56,7 @@ def compact_nodes(state: TopicState) -> None:
     state.compacted = len(state.nodes)
 
 
-def add_node(state: TopicState, node: "Node") -> None:
+def add_node(state: TopicState, node: Node) -> None:
     """Append a live node to a topic's list, first dropping dead ones once the list has grown
     to twice its length at the last compaction (so the list stays within twice its live nodes
     plus a few, at amortized O(1) per append)."""

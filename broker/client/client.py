@@ -19,7 +19,7 @@ Fire-and-forget publishes made while it is disconnected wait in a bounded queue.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..errors import BrokerError, ConnectionClosed, ErrorCode, RequestError
 from ..messages import (
@@ -128,7 +128,9 @@ class Client(Connection):
         sub = Subscription(self, pattern, callback, max_queue or self.max_queue, policy)
         core.subs[pattern] = sub
         try:
-            await self.roundtrip(lambda rid: Sub(rid, pattern, on_wire, last, False, policy), lambda ack: core.activate(sub, ack, since, last))
+            await self.roundtrip(
+                lambda rid: Sub(rid, pattern, on_wire, last, False, policy), lambda ack: core.activate(sub, ack, since, last)
+            )
         except RequestError:
             core.forget(sub)
             raise

@@ -18,8 +18,9 @@ import logging
 import random
 import ssl as ssl_module
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, Awaitable, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -360,7 +361,7 @@ class Connection:
         except RequestError as error:
             self.on_error(error)
             return
-        except (ConnectionClosed, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionClosed):
             return
         except Exception:
             log.exception("token refresh failed")
@@ -453,7 +454,7 @@ class Connection:
             transport.send_close(WSCloseCode.OK)
         try:
             await asyncio.wait_for(asyncio.shield(closed), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if transport is not None:
                 transport.disconnect(graceful=False)
             await closed
@@ -489,7 +490,9 @@ class Connection:
         if not self.protocol.connected:
             raise ConnectionClosed(1006, f"not reconnected within {self.request_timeout}s")
 
-    async def roundtrip(self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None) -> Any:
+    async def roundtrip(
+        self, make: Callable[[int], object], on_ack: Callable[[Ack], None] | None = None, timeout: float | None = None
+    ) -> Any:
         """Send the request `make(id)` under a new request id (waiting, at most
         request_timeout, while the client reconnects) and return the broker's answer: an Ack,
         or the Reply of a `req`. A refusal raises RequestError; no answer within `timeout`

@@ -8,7 +8,8 @@ expensive for the others, is the compiled `fastpath.Index`.
 
 from __future__ import annotations
 
-from typing import Generic, Hashable, Literal, TypeVar, overload
+from collections.abc import Hashable
+from typing import Generic, Literal, TypeVar, overload
 
 from ..topics import is_pattern
 

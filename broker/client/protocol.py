@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -54,6 +55,7 @@ log = logging.getLogger("broker.client")
 # How every fire-and-forget publish the client encodes begins: ["pub", 0, ...]
 PUB_NO_ACK = b"\x94\xa3pub\x00"
 _pub_decoder = msgspec.msgpack.Decoder(Pub)
+
 
 class PublishAck(NamedTuple):
     epoch: int

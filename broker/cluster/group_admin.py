@@ -30,10 +30,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from .. import __version__
 from ..config import Config, read_secret
 from ..errors import ListenError, describe_os_error
 from ..server import admin
-from .. import __version__
 from ..server.app import node_name, worker_of_connection
 
 ANSWER_TIMEOUT_S = 3.0  # a worker's answer to /metrics, health and the API (not publish)
@@ -60,15 +60,24 @@ class WorkerLink:
         return self._session
 
     async def request(
-        self, method: str, path: str, timeout: float, headers: dict[str, str] | None = None, data: bytes | None = None,
+        self,
+        method: str,
+        path: str,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
     ) -> tuple[int, bytes] | None:
         """(status, body), or None when the worker does not answer within `timeout` s."""
         try:
             async with self.session().request(
-                method, "http://worker" + path, headers=headers, data=data, timeout=aiohttp.ClientTimeout(total=timeout),
+                method,
+                "http://worker" + path,
+                headers=headers,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 return response.status, await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
 
     async def close(self) -> None:
@@ -147,7 +156,9 @@ class GroupAdmin:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _ask_all(self, method: str, path: str, timeout: float = ANSWER_TIMEOUT_S, headers: dict[str, str] | None = None) -> dict[int, tuple[int, bytes] | None]:
+    async def _ask_all(
+        self, method: str, path: str, timeout: float = ANSWER_TIMEOUT_S, headers: dict[str, str] | None = None
+    ) -> dict[int, tuple[int, bytes] | None]:
         """Every running worker's answer (None: no answer in time); workers not running are left out."""
         running = [state.worker for state in self.states() if state.running]
         headers = {**self.worker_headers, **(headers or {})}
@@ -281,7 +292,9 @@ class GroupAdmin:
             for key, value in (_json(answer[1]) or {}).items():
                 merged[key] = merged.get(key, 0) + value if isinstance(value, int) and not isinstance(value, bool) else value
         if failed:
-            return admin.json_error(503, f"worker(s) {', '.join(map(str, failed))} did not answer; the others did it ({merged}); retry: a repeat is harmless")
+            return admin.json_error(
+                503, f"worker(s) {', '.join(map(str, failed))} did not answer; the others did it ({merged}); retry: a repeat is harmless"
+            )
         return web.json_response(merged)
 
     async def publish(self, request: web.Request) -> web.Response:
@@ -294,7 +307,11 @@ class GroupAdmin:
             index = running[self._next_publisher % len(running)]
             self._next_publisher += 1
             answer = await self.links[index].request(
-                "POST", request.path, timeout, {**_key_header(request), "Content-Type": "application/json"}, body,
+                "POST",
+                request.path,
+                timeout,
+                {**_key_header(request), "Content-Type": "application/json"},
+                body,
             )
             if answer is not None:
                 return relayed(index, answer)
@@ -325,7 +342,9 @@ class GroupAdmin:
             else:
                 closed += (_json(answer[1]) or {}).get("closed", 0)
         if failed:
-            return admin.json_error(503, f"worker(s) {', '.join(map(str, failed))} did not take the rule; it holds on the others (retry: a repeat is harmless)")
+            return admin.json_error(
+                503, f"worker(s) {', '.join(map(str, failed))} did not take the rule; it holds on the others (retry: a repeat is harmless)"
+            )
         return web.json_response({**result, "closed": closed})
 
     # the dashboard: the workers' event streams combined, one event a second
@@ -357,7 +376,7 @@ class GroupAdmin:
                 await response.write(b"data: " + json.dumps({**merge_snapshots(list(latest.values())), **group}).encode() + b"\n\n")
                 try:
                     await asyncio.wait_for(self._closing.wait(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             return response
         except ConnectionResetError:  # the dashboard went away: nothing failed
@@ -372,7 +391,9 @@ class GroupAdmin:
         """Keep latest[index] the newest snapshot of worker `index`'s event stream, until it ends."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=ANSWER_TIMEOUT_S, sock_read=STREAM_READ_TIMEOUT_S)
         try:
-            async with self.links[index].session().get("http://worker/dashboard/events", timeout=timeout, headers=self.worker_headers) as response:
+            async with (
+                self.links[index].session().get("http://worker/dashboard/events", timeout=timeout, headers=self.worker_headers) as response
+            ):
                 if response.status != 200:
                     return
                 async for line in response.content:
@@ -380,7 +401,7 @@ class GroupAdmin:
                         snapshot = _json(line[6:])
                         if snapshot is not None:
                             latest[index] = snapshot
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         latest.pop(index, None)
         await asyncio.sleep(1.0)  # a worker that is not there is asked again after a second
@@ -466,8 +487,10 @@ def merge_connections(bodies: dict[int, dict], query: admin.ConnectionQuery) -> 
     query's order, its page of them; total is the rows that match over all workers."""
     rows = [{**row, "worker": index} for index, body in sorted(bodies.items()) for row in body["connections"]]
     return {
-        "connections": query.page(rows), "total": sum(body["total"] for body in bodies.values()),
-        "offset": query.offset, "limit": query.limit,
+        "connections": query.page(rows),
+        "total": sum(body["total"] for body in bodies.values()),
+        "offset": query.offset,
+        "limit": query.limit,
     }
 
 
@@ -519,7 +542,9 @@ def relayed(index: int, answer: tuple[int, bytes]) -> web.Response:
     the request: 502 saying so (a 401 would also want WWW-Authenticate, for a key that is right)."""
     status, body = answer
     if status == 401:
-        return admin.json_error(502, f"worker {index} refused the admin key the supervisor accepted (did admin_api_key_file change since the start?)")
+        return admin.json_error(
+            502, f"worker {index} refused the admin key the supervisor accepted (did admin_api_key_file change since the start?)"
+        )
     return web.Response(status=status, body=body, content_type="application/json")
 
 

@@ -10,26 +10,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Annotated, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
 from ..topics import is_pattern
 from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP, ShardEpochs
-
 from .shards import (
-    BackplaneStats,
-    Route,
-    READ_COUNT,
+    EAGER_MESSAGES,
     INTEREST_GRACE_S,
     LOAD_COUNT,
-    RETRY_S,
-    EAGER_MESSAGES,
+    READ_COUNT,
     READER_RENEW,
+    RETRY_S,
     STALL_S,
-    log,
-    known_nodes,
+    BackplaneStats,
+    Route,
     id_key,
+    known_nodes,
+    log,
 )
 
 _data = msgspec.msgpack.Decoder(list[tuple[str, list[bytes]]])
@@ -211,7 +211,7 @@ class Reader:
                 if pause > 0:
                     try:
                         await asyncio.wait_for(woken.wait(), pause)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     continue
                 last = now
@@ -259,7 +259,7 @@ class Reader:
             if not reading:  # nothing to read: wait for a subscription that needs a shard, or the next ping
                 try:
                     await asyncio.wait_for(woken.wait(), self.block_ms / 1000)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             if reply is WOKEN:
@@ -316,7 +316,9 @@ class Reader:
         except Exception:  # no slot map yet, or the slot is not covered now: learn it anew
             await client.initialize()
             node = client.get_node_from_key(stream)
-        return await client.execute_command("XREAD", "COUNT", READ_COUNT, "BLOCK", self.block_ms, "STREAMS", stream, self.positions[shard], target_nodes=node)
+        return await client.execute_command(
+            "XREAD", "COUNT", READ_COUNT, "BLOCK", self.block_ms, "STREAMS", stream, self.positions[shard], target_nodes=node
+        )
 
     async def _renew_reader(self, reader: int) -> None:
         """Replace a Redis Cluster reader's client by a new one that starts from every node the
@@ -327,7 +329,11 @@ class Reader:
         old = self.readers[reader]
         seeds = [ClusterNode(node.host, node.port) for node in known_nodes(old)]
         self.readers[reader] = RedisCluster.from_url(self.url, startup_nodes=seeds, **self.reader_options)
-        log.warning("cluster backplane: reader %d starts with a new Redis Cluster client (seeds: redis_url and %s)", reader, ", ".join(sorted({f"{n.host}:{n.port}" for n in seeds})) or "no other node")
+        log.warning(
+            "cluster backplane: reader %d starts with a new Redis Cluster client (seeds: redis_url and %s)",
+            reader,
+            ", ".join(sorted({f"{n.host}:{n.port}" for n in seeds})) or "no other node",
+        )
         await self.close_client(old)
 
     async def _after_failure(self, what: str, failures: int, exc: Exception) -> None:
@@ -422,7 +428,11 @@ class Reader:
                     stats.rollbacks += 1
                     log.warning(
                         "cluster backplane: entry %s of %s repeats write %d of epoch %d (this node read up to %d, or made that write itself): Redis went back in time; the epoch ends",
-                        entry_id, self.streams[shard], count, epoch, epochs.read[shard],
+                        entry_id,
+                        self.streams[shard],
+                        count,
+                        epoch,
+                        epochs.read[shard],
                     )
                     continue
                 self.move_to_epoch(shard, epoch)
@@ -443,4 +453,3 @@ class Reader:
             return self.router.deliver_remote(taken)
         finally:
             self.at_ms = 0
-

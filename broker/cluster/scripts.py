@@ -49,13 +49,16 @@ end
 # the counters hash, KEYS[2] the stream; ARGV[1..6] as shard()'s `new` ... `value`. Reply:
 # {epoch, write count, 1 if this call started the epoch}. ARGV[7] "1": also a write that
 # changes nothing, which a Redis out of memory refuses (the node learns it takes writes again).
-CHECK = _SHARD + """
+CHECK = (
+    _SHARD
+    + """
 local epoch, count, moved = shard(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if ARGV[7] == '1' then
   redis.call('HINCRBY', KEYS[1], '.count', 0)
 end
 return {epoch, count, moved}
 """
+)
 
 # One write of a node: a block for each of N shards (every shard on one Redis; one on a Redis
 # Cluster, where a script touches one slot), then what the node reads of the streams since
@@ -90,7 +93,9 @@ return {epoch, count, moved}
 # Reply: {{block reply, ...}, XREAD reply or nil}; a block reply is {entry id | "again" |
 # "ended" | "repeat", epoch, write count, MessagePack [first, ...] | MessagePack [topic, index,
 # "epoch seq", ...] (repeat), moved}.
-WRITE = _SHARD + """
+WRITE = (
+    _SHARD
+    + """
 local function write(k, a)  -- block at KEYS[k + 1 ..], ARGV[a + 1 ..]
   local h, s, mark_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local mark = redis.call('GET', mark_key)
@@ -197,6 +202,7 @@ if #KEYS > 5 * n then
 end
 return {replies, read}
 """
+)
 
 WRITE_KEYS = 5  # keys per block
 WRITE_ARGS = 9  # arguments per block

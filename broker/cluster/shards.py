@@ -14,7 +14,6 @@ import logging
 import zlib
 from typing import TYPE_CHECKING, Any
 
-
 from ..backplane import unique_epoch
 from ..fastpath import Block
 from . import scripts
@@ -49,9 +48,28 @@ class BackplaneStats:
     """Counters of the Redis backplane (exported as metrics)."""
 
     __slots__ = (
-        "writes", "scripts", "entries_written", "messages_written", "bytes_written", "reads", "entries_read",
-        "messages_read", "bytes_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused",
-        "lag_ms", "epoch_changes", "rollbacks", "read_failures", "write_failures", "repeats", "unreplicated",
+        "writes",
+        "scripts",
+        "entries_written",
+        "messages_written",
+        "bytes_written",
+        "reads",
+        "entries_read",
+        "messages_read",
+        "bytes_read",
+        "commands",
+        "reconnects",
+        "in_doubt",
+        "failed",
+        "unknown",
+        "refused",
+        "lag_ms",
+        "epoch_changes",
+        "rollbacks",
+        "read_failures",
+        "write_failures",
+        "repeats",
+        "unreplicated",
     )
 
     def __init__(self, shards: int) -> None:
@@ -76,7 +94,9 @@ class BackplaneStats:
         self.read_failures = [0] * shards  # per shard: reads that failed in a row, now (0: reading)
         self.unreplicated = 0  # messages written that WAIT did not confirm on redis_min_replicas replicas in time
         self.repeats = 0  # publishes Redis recognised by their msg_id as published before (through any node)
-        self.write_failures = 0  # the attempts (writes; checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most
+        self.write_failures = (
+            0  # the attempts (writes; checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most
+        )
 
 
 class Route:
@@ -85,8 +105,20 @@ class Route:
     is a route of its own, so that a master that is slow or gone holds back no other's shards."""
 
     __slots__ = (
-        "name", "shards", "filling", "full", "writing", "down", "failures", "wake", "oom_since", "oom_refused", "oom_failed", "client",
-        "started", "reads_until",
+        "name",
+        "shards",
+        "filling",
+        "full",
+        "writing",
+        "down",
+        "failures",
+        "wake",
+        "oom_since",
+        "oom_refused",
+        "oom_failed",
+        "client",
+        "started",
+        "reads_until",
     )
 
     def __init__(self, name: str, shards: list[int], filling: list) -> None:
@@ -223,7 +255,18 @@ class ShardLinks:
         calls = []
         for shard in shards:
             known_epoch, known_count = self.shard_epochs.known[shard]
-            calls.append((self.counters[shard], self.streams[shard], unique_epoch(known_epoch), known_epoch, known_count, self.node, *trim, "1" if write else ""))
+            calls.append(
+                (
+                    self.counters[shard],
+                    self.streams[shard],
+                    unique_epoch(known_epoch),
+                    known_epoch,
+                    known_count,
+                    self.node,
+                    *trim,
+                    "1" if write else "",
+                )
+            )
         self.stats.commands += len(calls)
         if self.cluster:  # at once: a master that does not answer holds back no other's check
             outcomes = await asyncio.gather(*(client.eval(scripts.CHECK, 2, *call) for call in calls), return_exceptions=True)
@@ -252,7 +295,10 @@ class ShardLinks:
         known_epoch, known_count = self.shard_epochs.known[shard]
         log.warning(
             "cluster backplane: Redis holds less of shard %d than this node saw (epoch %d, write %s): it lost writes or went back in time; the shard continues in epoch %d",
-            shard, known_epoch, "?" if known_count >= FORKED else known_count, epoch,
+            shard,
+            known_epoch,
+            "?" if known_count >= FORKED else known_count,
+            epoch,
         )
 
     def move_to_epoch(self, shard: int, epoch: int) -> None:

@@ -76,15 +76,15 @@ import socket
 import time
 import zlib
 from collections import deque
-from typing import Any, Callable
-
+from collections.abc import Callable
+from typing import Any
 
 from ..config import read_secret
 from ..errors import ConfigError
 from ..fastpath import Block, TopicState, stamp
 from ..history import History
 from .epochs import ShardEpochs
-
+from .reader import Reader
 from .shards import (
     BLOCK_MS,
     CLUSTER_BLOCK_MS,
@@ -92,10 +92,9 @@ from .shards import (
     OUT_OF_MEMORY,
     BackplaneStats,
     Route,
-    without_password,
     ShardLinks,
+    without_password,
 )
-from .reader import Reader
 from .writer import Writer
 
 Ok = Callable[[int, int], None]
@@ -182,7 +181,15 @@ class RedisBackplane(Reader, Writer, ShardLinks):
     def shard_of(self, name: str) -> int:
         return zlib.crc32(name.encode()) % self.shards
 
-    def publish(self, state: TopicState, payload: bytes, dirty: list, on_sequenced: Ok | None = None, on_failed: Fail | None = None, msg_id: str = "") -> None:
+    def publish(
+        self,
+        state: TopicState,
+        payload: bytes,
+        dirty: list,
+        on_sequenced: Ok | None = None,
+        on_failed: Fail | None = None,
+        msg_id: str = "",
+    ) -> None:
         """Add `payload` to the topic's pending batch, numbered for now in this node's count
         (the compiled publish path does the same); `stage` hands it over at the end of the
         tick, and `on_sequenced(epoch, seq)` (or `on_failed(code, text)`) follows: with a
@@ -227,7 +234,11 @@ class RedisBackplane(Reader, Writer, ShardLinks):
     def connected(self) -> bool:
         """Whether Redis answers the reads and takes the writes of every shard now."""
         now = time.monotonic()
-        return bool(self.routes) and not any(route.down for route in self.routes) and all(self._reachable(shard, now) for shard in range(self.shards))
+        return (
+            bool(self.routes)
+            and not any(route.down for route in self.routes)
+            and all(self._reachable(shard, now) for shard in range(self.shards))
+        )
 
     def _reachable(self, shard: int, now: float) -> bool:
         """The shard's reads work: the last one came back, and the one out now is not late."""
@@ -257,7 +268,9 @@ class RedisBackplane(Reader, Writer, ShardLinks):
         from redis.backoff import NoBackoff
 
         self.router = router
-        options: dict[str, Any] = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False)
+        options: dict[str, Any] = dict(
+            socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0), decode_responses=False
+        )
         if self.password:
             options["password"] = self.password
         deadline = time.monotonic() + self.timeout
@@ -269,10 +282,14 @@ class RedisBackplane(Reader, Writer, ShardLinks):
                     break
                 except aioredis.AuthenticationError as exc:  # no use retrying
                     where = "redis_password_file" if self.password else "the password in redis_url, or redis_password_file"
-                    raise ConfigError(f"redis_url: Redis at {without_password(self.url)} refused the credentials ({where}): {exc}") from None
+                    raise ConfigError(
+                        f"redis_url: Redis at {without_password(self.url)} refused the credentials ({where}): {exc}"
+                    ) from None
                 except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                     if time.monotonic() >= deadline:
-                        raise ConfigError(f"redis_url: cannot reach Redis at {without_password(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}") from None
+                        raise ConfigError(
+                            f"redis_url: cannot reach Redis at {without_password(self.url)} within redis_timeout_s ({self.timeout:g} s): {exc}"
+                        ) from None
                     await asyncio.sleep(0.2)
                 except aioredis.ResponseError as exc:
                     raise ConfigError(f"redis_url: Redis at {without_password(self.url)} refused: {exc}") from None
@@ -329,7 +346,7 @@ class RedisBackplane(Reader, Writer, ShardLinks):
                 route.wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained()), self.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             for writer in self._writers:
                 writer.cancel()

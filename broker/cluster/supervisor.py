@@ -107,10 +107,15 @@ def worker_command(flags: Mapping[str, Any], config_file: str | None) -> list[st
 
 def worker_environ(index: int, admin_socket: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if environ is None else environ)
-    env.update({
-        "BROKER_WORKERS": "1", "BROKER_REUSE_PORT": "true", "BROKER_ADMIN_PORT": "0",
-        WORKER_INDEX_ENV: str(index), WORKER_ADMIN_SOCKET_ENV: admin_socket,
-    })
+    env.update(
+        {
+            "BROKER_WORKERS": "1",
+            "BROKER_REUSE_PORT": "true",
+            "BROKER_ADMIN_PORT": "0",
+            WORKER_INDEX_ENV: str(index),
+            WORKER_ADMIN_SOCKET_ENV: admin_socket,
+        }
+    )
     return env
 
 
@@ -224,7 +229,9 @@ class Supervisor:
         try:
             self.directory = tempfile.mkdtemp(prefix="broker-workers-")
         except OSError as exc:
-            raise ConfigError(f"cannot make the workers' admin socket directory in {tempfile.gettempdir()}: {exc.strerror or exc} (set TMPDIR)") from exc
+            raise ConfigError(
+                f"cannot make the workers' admin socket directory in {tempfile.gettempdir()}: {exc.strerror or exc} (set TMPDIR)"
+            ) from exc
         links = [worker.place(self.directory) for worker in self.workers]
         try:
             longest = self.workers[-1].admin_socket
@@ -240,8 +247,14 @@ class Supervisor:
                 self.admin = GroupAdmin(cfg, links, self.states)
                 await self.admin.start(cfg.admin_host, cfg.admin_port)  # ListenError: exit 1
             logs.event(
-                logging.INFO, "supervisor_start", pid=os.getpid(), workers=cfg.workers, host=cfg.host, port=cfg.port,
-                admin="off" if self.admin is None else self.admin.where, hang_timeout_s=cfg.hang_timeout_s,
+                logging.INFO,
+                "supervisor_start",
+                pid=os.getpid(),
+                workers=cfg.workers,
+                host=cfg.host,
+                port=cfg.port,
+                admin="off" if self.admin is None else self.admin.where,
+                hang_timeout_s=cfg.hang_timeout_s,
             )
             for worker in self.workers:
                 self._spawn(worker)
@@ -311,7 +324,9 @@ class Supervisor:
             answer = await link.request("GET", "/healthz", self.config.hang_timeout_s)
             if answer is not None and answer[0] == 200:
                 if worker.answered is None:
-                    logs.event(logging.INFO, "worker_up", index=worker.index, pid=worker.proc.pid, took_s=round(self.clock() - worker.started, 3))
+                    logs.event(
+                        logging.INFO, "worker_up", index=worker.index, pid=worker.proc.pid, took_s=round(self.clock() - worker.started, 3)
+                    )
                 worker.answered = self.clock()
             await asyncio.sleep(PROBE_INTERVAL_S if worker.answered is not None else 0.1)
 
@@ -337,7 +352,14 @@ class Supervisor:
                 worker.hung = f"a health probe unanswered for {cfg.hang_timeout_s:g} s (hang_timeout_s)"
             else:
                 continue
-            logs.event(logging.ERROR, "worker_hung", index=worker.index, pid=worker.proc.pid, reason=worker.hung, action="SIGKILL, then started again")
+            logs.event(
+                logging.ERROR,
+                "worker_hung",
+                index=worker.index,
+                pid=worker.proc.pid,
+                reason=worker.hung,
+                action="SIGKILL, then started again",
+            )
             self._stop_probing(worker)
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
@@ -379,7 +401,13 @@ class Supervisor:
             self._stop_probing(worker)
             code = proc.returncode
             ran = now - worker.started
-            fields = {"index": worker.index, "pid": proc.pid, **_describe(code), "ran_s": round(ran, 3), "started": worker.answered is not None}
+            fields = {
+                "index": worker.index,
+                "pid": proc.pid,
+                **_describe(code),
+                "ran_s": round(ran, 3),
+                "started": worker.answered is not None,
+            }
             if worker.hung:
                 fields["reason"] = "hung: " + worker.hung
             if self.stopping:
@@ -442,7 +470,10 @@ class Supervisor:
             return  # asked again already
         live = [w for w in self.workers if w.proc is not None]
         logs.event(
-            logging.WARNING, "supervisor_signal_again", signal=signal.Signals(signum).name, workers=len(live),
+            logging.WARNING,
+            "supervisor_signal_again",
+            signal=signal.Signals(signum).name,
+            workers=len(live),
             action=f"the workers stop waiting for their clients; those still running in {FORCED_GRACE_S:g} s are killed",
         )
         self.deadline = deadline
@@ -466,7 +497,7 @@ class Supervisor:
         """Sleep until a signal comes or `timeout` seconds pass."""
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self._wake.clear()
 

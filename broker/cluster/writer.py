@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
@@ -19,16 +20,15 @@ from ..fastpath import Block, TopicState
 from ..fastpath import stage as stage_batches
 from . import scripts
 from .epochs import ShardEpochs
-
 from .shards import (
-    BackplaneStats,
     BLOCK_BYTES,
-    RETRY_S,
-    PROBE_S,
     EAGER_MESSAGES,
+    OUT_OF_MEMORY,
+    PROBE_S,
+    RETRY_S,
     SCRIPT_READ_COUNT,
     WRITER_READS_S,
-    OUT_OF_MEMORY,
+    BackplaneStats,
     Route,
     log,
     out_of_memory,
@@ -127,7 +127,7 @@ class Writer:
                     if route.down:
                         try:
                             await asyncio.wait_for(route.wake.wait(), PROBE_S)
-                        except asyncio.TimeoutError:
+                        except TimeoutError:
                             pass
                         if route.down:
                             error = await self._probe(route)
@@ -137,7 +137,11 @@ class Writer:
                                 route.failures += 1
                                 self._count_write_failures()
                             else:  # the probe is the writer's attempt while its shards refuse publishes
-                                self._write_failed(route, f"checking {'Redis' if len(route.shards) > 1 else f'shard {route.shards[0]}'} (publishes are refused meanwhile)", error)
+                                self._write_failed(
+                                    route,
+                                    f"checking {'Redis' if len(route.shards) > 1 else f'shard {route.shards[0]}'} (publishes are refused meanwhile)",
+                                    error,
+                                )
                         continue
                     await route.wake.wait()
                     continue
@@ -149,7 +153,7 @@ class Writer:
                     route.wake.clear()
                     try:
                         await asyncio.wait_for(route.wake.wait(), delay)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     continue
                 # at most one block per shard in a write: the script's repeat check knows the
@@ -212,11 +216,24 @@ class Writer:
             shard = block.shard
             ids = [item for name, index, _, _, msg_id in block.waiters if msg_id for item in (name, index, msg_id)]
             known_epoch, known_count = known[shard]
-            keys += (self.counters[shard], self.streams[shard], self.mark_keys[shard], f"{self.id_prefixes[shard]}{window}", f"{self.id_prefixes[shard]}{window - 1}")
+            keys += (
+                self.counters[shard],
+                self.streams[shard],
+                self.mark_keys[shard],
+                f"{self.id_prefixes[shard]}{window}",
+                f"{self.id_prefixes[shard]}{window - 1}",
+            )
             topics = block.topics
             args += (
-                unique_epoch(known_epoch), known_epoch, known_count, block.write, block.epoch if sent else "",
-                _encode(list(topics.items())), _encode(list(topics)), _encode(ids) if ids else "", _encode(list(map(len, topics.values()))),
+                unique_epoch(known_epoch),
+                known_epoch,
+                known_count,
+                block.write,
+                block.epoch if sent else "",
+                _encode(list(topics.items())),
+                _encode(list(topics)),
+                _encode(ids) if ids else "",
+                _encode(list(map(len, topics.values()))),
             )
         reading = [shard for shard in route.shards if shard in self.reading]
         keys += [self.streams[shard] for shard in reading]
@@ -233,7 +250,9 @@ class Writer:
                 pipe.evalsha(self.script_sha, len(keys), *keys, *args)
                 wait_ms = max(1, int((min(block.staged for block in blocks) + self.timeout - time.monotonic()) * 1000))
                 if self.cluster:
-                    pipe.execute_command("WAIT", self.min_replicas, wait_ms, target_nodes=route.client.get_node_from_key(self.streams[blocks[0].shard]))
+                    pipe.execute_command(
+                        "WAIT", self.min_replicas, wait_ms, target_nodes=route.client.get_node_from_key(self.streams[blocks[0].shard])
+                    )
                 else:
                     pipe.execute_command("WAIT", self.min_replicas, wait_ms)
                 self.stats.commands += 1
@@ -281,7 +300,11 @@ class Writer:
                 self.shard_epochs.know(block.shard, epoch, int(count))
                 if not block.answered:
                     self.stats.unknown += block.count
-                    self._fail(block, f"the cluster backplane (Redis) lost what it held of epoch {block.epoch}, in which this publish was sent without an answer: it may have been published then (and delivered once) or not", "may not have been published")
+                    self._fail(
+                        block,
+                        f"the cluster backplane (Redis) lost what it held of epoch {block.epoch}, in which this publish was sent without an answer: it may have been published then (and delivered once) or not",
+                        "may not have been published",
+                    )
                 continue
             self.shard_epochs.wrote(block.shard, epoch, int(count), block.write)
             self._written(block, epoch, _firsts.decode(firsts))
@@ -312,7 +335,8 @@ class Writer:
             route.oom_since = time.monotonic()
             log.error(
                 "cluster backplane: Redis is out of memory (maxmemory; it refuses writes): %d message(s) not published; publishes to %s are refused until it takes writes again",
-                count, "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}",
+                count,
+                "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}",
             )
         if not route.down:
             route.down = True
@@ -411,9 +435,16 @@ class Writer:
             for block in late:
                 if block.sent:
                     self.stats.unknown += block.count
-                    self._fail(block, f"Redis did not confirm the publish within redis_timeout_s ({self.timeout:g} s): it may have been published (then it is delivered once) or not", "may not have been published")
+                    self._fail(
+                        block,
+                        f"Redis did not confirm the publish within redis_timeout_s ({self.timeout:g} s): it may have been published (then it is delivered once) or not",
+                        "may not have been published",
+                    )
                 else:
-                    self._fail(block, f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published")
+                    self._fail(
+                        block,
+                        f"the cluster backplane (Redis) did not take the publish within redis_timeout_s ({self.timeout:g} s); not published",
+                    )
             gone = set(map(id, late))
             route.writing = [block for block in route.writing if id(block) not in gone]
             route.drop(late)
@@ -442,7 +473,7 @@ class Writer:
             route.full.clear()
             for shard in route.shards:
                 route.filling[shard] = None
-        for state, waiting in self.waiting.items():
+        for _state, waiting in self.waiting.items():
             for _, _, fail, _ in waiting:
                 if fail is not None:
                     fail(ErrorCode.UNAVAILABLE, text)
@@ -460,7 +491,11 @@ class Writer:
             return exc
         if route.failures:
             if not route.oom_since:  # else `_back` says it
-                log.warning("cluster backplane: Redis answers again for %s after %d failed attempt(s) to write or check", "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}", route.failures)
+                log.warning(
+                    "cluster backplane: Redis answers again for %s after %d failed attempt(s) to write or check",
+                    "every shard" if len(route.shards) > 1 else f"shard {route.shards[0]}",
+                    route.failures,
+                )
             route.failures = 0
             self._count_write_failures()
         self._back(route)
@@ -477,7 +512,10 @@ class Writer:
         if route.oom_since:
             log.warning(
                 "cluster backplane: Redis takes writes again for %s after being out of memory for %.1f s: %d publish(es) refused and %d message(s) not published meanwhile",
-                where, time.monotonic() - route.oom_since, route.oom_refused, route.oom_failed,
+                where,
+                time.monotonic() - route.oom_since,
+                route.oom_refused,
+                route.oom_failed,
             )
             route.oom_since = 0.0
             route.oom_refused = route.oom_failed = 0
@@ -485,4 +523,3 @@ class Writer:
             log.warning("cluster backplane: Redis answers again for %s; publishing", where)
         route.down = False
         self._update_accepting()
-

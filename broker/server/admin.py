@@ -49,9 +49,24 @@ from .adminparams import (
 from .metrics import Collector
 
 __all__ = [  # besides Admin, what the supervisor's admin server (broker.cluster.group_admin) uses
-    "Admin", "HEALTH", "PAGE", "SHOWN", "MAX_BODY_BYTES", "MAX_WATCHERS", "HOT_TOPICS", "STATIC", "MAX_CONNECTIONS_LIMIT",
-    "OPERATOR_HEADER", "ConnectionQuery", "allowed_hosts", "guard", "host_allowed", "int_param", "json_error",
-    "topics_limit", "user_param",
+    "Admin",
+    "HEALTH",
+    "PAGE",
+    "SHOWN",
+    "MAX_BODY_BYTES",
+    "MAX_WATCHERS",
+    "HOT_TOPICS",
+    "STATIC",
+    "MAX_CONNECTIONS_LIMIT",
+    "OPERATOR_HEADER",
+    "ConnectionQuery",
+    "allowed_hosts",
+    "guard",
+    "host_allowed",
+    "int_param",
+    "json_error",
+    "topics_limit",
+    "user_param",
 ]
 
 MAX_BODY_BYTES = 16 << 20  # a publish request's body at most
@@ -181,7 +196,7 @@ class Admin:
                 await response.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
                 try:
                     await asyncio.wait_for(self._closing.wait(), 1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             return response
         except ConnectionResetError:  # the dashboard went away: nothing failed
@@ -267,7 +282,9 @@ class Admin:
         now = self.server.loop.time()
         rows = [connection_row(conn, now) for conn in list(self.server.connections.values())]
         matching = [row for row in rows if query.selects(row)]
-        return web.json_response({"connections": query.page(matching), "total": len(matching), "offset": query.offset, "limit": query.limit})
+        return web.json_response(
+            {"connections": query.page(matching), "total": len(matching), "offset": query.offset, "limit": query.limit}
+        )
 
     async def close_connection(self, request: web.Request) -> web.Response:
         conn_id = int_param(request.match_info["id"], "id", 0, 1 << 62)
@@ -311,7 +328,8 @@ class Admin:
             try:
                 topic, payload = publish_item(item, max_payload)
                 router.publish_for(
-                    topic, payload,
+                    topic,
+                    payload,
                     lambda epoch, seq, f=future: f.done() or f.set_result(position_json(epoch, seq)),
                     lambda code, text, f=future: f.done() or f.set_result({"error": {"code": int(code), "text": text}}),
                 )
@@ -320,13 +338,17 @@ class Admin:
         timeout = self.server.config.redis_timeout_s + 1
         try:
             results = await asyncio.wait_for(asyncio.gather(*waits), timeout)
-        except asyncio.TimeoutError:
-            results = [f.result() if f.done() else {"error": {"code": int(ErrorCode.UNAVAILABLE), "text": "not confirmed in time; it may have been published"}} for f in waits]
+        except TimeoutError:
+            results = [
+                f.result()
+                if f.done()
+                else {"error": {"code": int(ErrorCode.UNAVAILABLE), "text": "not confirmed in time; it may have been published"}}
+                for f in waits
+            ]
         status = 200
         if single and "error" in results[0]:  # a status `curl --fail` and HTTP clients see
             status = publish_status(results[0]["error"]["code"])
         return web.json_response({"results": results}, status=status)
-
 
     async def revoke(self, request: web.Request) -> web.Response:
         """`{"jti": ID}`, `{"user": NAME}`, `{"user": NAME, "issued_before": UNIX_TIME}` or
@@ -340,7 +362,10 @@ class Admin:
         except ValueError:
             return json_error(400, "the body is not JSON")
         if not isinstance(body, dict) or set(body) - {"jti", "user", "issued_before"}:
-            return json_error(400, 'a revocation is {"jti": str}, {"user": str}, {"user": str, "issued_before": unix_time} or {"issued_before": unix_time}')
+            return json_error(
+                400,
+                'a revocation is {"jti": str}, {"user": str}, {"user": str, "issued_before": unix_time} or {"issued_before": unix_time}',
+            )
         jti, user, before = body.get("jti"), body.get("user"), body.get("issued_before")
         if not all(v is None or isinstance(v, str) and v for v in (jti, user)) or not (
             before is None or type(before) in (int, float) and 0 < before < 1e11

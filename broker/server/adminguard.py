@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -40,7 +40,9 @@ async def guard(request: web.Request, handler, key: bytes, hosts: frozenset[str]
                 shown = "no Host header" if host is None else f"Host {host[:SHOWN]!r}"
                 return json_error(403, f"{shown} is not a name of this admin server (admin_allowed_hosts)")
         if not key:
-            return json_error(404, "only /healthz and /readyz answer without admin_api_key: set it to turn on /metrics, the dashboard and the API")
+            return json_error(
+                404, "only /healthz and /readyz answer without admin_api_key: set it to turn on /metrics, the dashboard and the API"
+            )
         if path not in PAGE:
             given = request.headers.get("Authorization", "")
             if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), key):

@@ -15,6 +15,7 @@ from ..messages import check_payload
 from ..topics import is_pattern, matches, validate_pattern
 from .adminguard import SHOWN
 
+
 def publish_item(item, max_payload: int) -> tuple[str, bytes]:
     """The topic and payload of one message of /api/publish, or the RequestError a WebSocket
     publish of it would get."""
@@ -127,13 +128,22 @@ class ConnectionQuery:
     rule they make: which rows, in which order, which page. The supervisor of workers applies
     the same rule to the rows of all its workers."""
 
-    def __init__(self, sort: str, order: str, offset: int, limit: int, user: str | None, peer: str | None,
-                 client: str | None, subscription: str | None) -> None:
+    def __init__(
+        self,
+        sort: str,
+        order: str,
+        offset: int,
+        limit: int,
+        user: str | None,
+        peer: str | None,
+        client: str | None,
+        subscription: str | None,
+    ) -> None:
         self.sort, self.order, self.offset, self.limit = sort, order, offset, limit
         self.user, self.peer, self.client, self.subscription = user, peer, client, subscription
 
     @classmethod
-    def of(cls, request: web.Request) -> "ConnectionQuery":
+    def of(cls, request: web.Request) -> ConnectionQuery:
         q = request.query
         sort = q.get("sort", "id")
         if sort not in CONNECTION_SORTS:
@@ -151,8 +161,14 @@ class ConnectionQuery:
             if len(q.get(name, "")) > SHOWN * 4:
                 raise web.HTTPBadRequest(reason=f"{name} is longer than {SHOWN * 4} characters")
         return cls(
-            sort, order, int_param(q.get("offset", "0"), "offset", 0, 1 << 40), connections_limit(request),
-            q.get("user"), q.get("peer"), q.get("client"), subscription,
+            sort,
+            order,
+            int_param(q.get("offset", "0"), "offset", 0, 1 << 40),
+            connections_limit(request),
+            q.get("user"),
+            q.get("peer"),
+            q.get("client"),
+            subscription,
         )
 
     def selects(self, row: dict) -> bool:

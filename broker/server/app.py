@@ -25,8 +25,9 @@ import socket
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .. import __version__, limits, policy
 from ..auth import Authenticator
@@ -181,7 +182,9 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
             await self.cluster.start(self.router)  # the history the streams retain, before any client
         try:
             try:
-                self._server = await self.loop.create_server(self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, reuse_port=cfg.reuse_port or None)
+                self._server = await self.loop.create_server(
+                    self._new_connection, cfg.host, cfg.port, backlog=BACKLOG, reuse_port=cfg.reuse_port or None
+                )
             except OSError as exc:
                 raise ListenError(f"cannot listen on {cfg.host}:{cfg.port}: {describe_os_error(exc)}") from exc
             self.port = self._server.sockets[0].getsockname()[1]
@@ -203,7 +206,9 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
 
         self.presence = presence = Presence(self)
         await presence.start(self.cluster is not None and self.cluster.cluster)
-        self._sweep_period = min(1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2)
+        self._sweep_period = min(
+            1.0, cfg.ping_interval_s / 2, cfg.ping_timeout_s / 2, cfg.slow_consumer_timeout_s / 2, cfg.frame_timeout_s / 2
+        )
         self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self.sweep)
         logs.event(logging.INFO, "start", **self._start_fields())
@@ -213,8 +218,13 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         the backplane and the admin server are on, and where."""
         cfg = self.config
         fields: dict[str, object] = {
-            "node": self.node, "host": cfg.host, "port": self.port, "path": cfg.path, "version": __version__,
-            "fastpath": IMPLEMENTATION, "subprotocol": SUBPROTOCOL,
+            "node": self.node,
+            "host": cfg.host,
+            "port": self.port,
+            "path": cfg.path,
+            "version": __version__,
+            "fastpath": IMPLEMENTATION,
+            "subprotocol": SUBPROTOCOL,
             "tls": self.tls is not None,
         }
         if self.certificate:
@@ -364,7 +374,9 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         if conn is None:
             return False
         conn.close(CloseCode.POLICY_VIOLATION, "closed by an operator")
-        logs.event(logging.WARNING, "operator_action", action="close_connection", operator=operator, conn=conn_id, user=conn.user, peer=conn.peer)
+        logs.event(
+            logging.WARNING, "operator_action", action="close_connection", operator=operator, conn=conn_id, user=conn.user, peer=conn.peer
+        )
         return True
 
     def disconnect_user(self, user: str, operator: str) -> int:
@@ -383,9 +395,22 @@ class Server(Ticker, Sweeper, Shutdown, DeadLetters):
         `user`, each told with `unsubscribed`; returns how many held it."""
         ended = 0
         for conn in list(self.connections.values()):
-            if conn.user == user and conn.state == OPEN and conn.session is not None and conn.session.end_subscription(pattern, "unsubscribed by an operator"):
+            if (
+                conn.user == user
+                and conn.state == OPEN
+                and conn.session is not None
+                and conn.session.end_subscription(pattern, "unsubscribed by an operator")
+            ):
                 ended += 1
-        logs.event(logging.WARNING, "operator_action", action="unsubscribe_user", operator=operator, user=user, subscription=pattern, connections=ended)
+        logs.event(
+            logging.WARNING,
+            "operator_action",
+            action="unsubscribe_user",
+            operator=operator,
+            user=user,
+            subscription=pattern,
+            connections=ended,
+        )
         return ended
 
 

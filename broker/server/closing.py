@@ -5,8 +5,6 @@ socket does not drain within close_timeout_s."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 from ..errors import CloseCode
 from ..fastpath import CLOSE, ERR_PROTOCOL, encode_frame
 from .states import CLOSED, CLOSING, OPEN, ConnectionState
@@ -86,12 +84,10 @@ class Closing(ConnectionState):
         if self.timer is None and self.state != CLOSED:
             self.timer = self.server.loop.call_later(self.server.config.close_timeout_s, self.abort)
 
-
     def abort(self) -> None:
         self.timer = None
         if self.state != CLOSED and self.transport is not None:
             self.transport.abort()
-
 
     def frame_expired(self, timeout: float) -> None:
         """The incomplete frame waited frame_timeout_s: drop its bytes and close (1008)."""
@@ -99,4 +95,3 @@ class Closing(ConnectionState):
         self.needed = 0
         self.partial_since = 0.0
         self.close(CloseCode.POLICY_VIOLATION, f"frame not completed within {timeout:g} s")
-

@@ -30,7 +30,7 @@ from .plainhttp import PlainRequests
 from .states import BODY, CLOSED, CLOSING, HANDSHAKE, OPEN, REFUSED, STREAMING, TLS_WRITE_HIGH_WATER  # noqa: F401 (the states, for the server and the tests)
 
 if TYPE_CHECKING:
-    from .app import Server
+    pass
 
 _EMPTY = b""
 
@@ -357,8 +357,13 @@ class Connection(Opening, PlainRequests, Closing, asyncio.Protocol):
         connection, user and address, then `fields` (never a token, payload or topic);
         bounded per connection and per kind by the server's audit log (broker.audit.AuditLog)."""
         self.server.guard.audit.record(
-            self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
-            conn=self.id, peer=self.peer, user=self.user, **fields,
+            self.id,
+            event,
+            {"conn": self.id, "peer": self.peer, "user": self.user},
+            conn=self.id,
+            peer=self.peer,
+            user=self.user,
+            **fields,
         )
 
     def ping(self, now: float) -> None:

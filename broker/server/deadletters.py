@@ -5,12 +5,12 @@ letters and writes the file from its sweep and at shutdown (broker.server.app)."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import stat
-import asyncio
 import tempfile
 
 from ..config import Config
@@ -26,7 +26,6 @@ def default_path(port: int, worker: str | None = None) -> str:
     `worker`, with `broker serve --workers`)."""
     suffix = f"-w{worker}" if worker is not None else ""
     return os.path.join(tempfile.gettempdir(), f"broker-dead-letters-{port}{suffix}.jsonl")
-
 
 
 def foreign_file(path: str) -> str | None:
@@ -104,8 +103,14 @@ class DeadLetters:
         letters = list(self.router.requests.dead_letters)
         for letter in letters[-min(new, DEAD_LETTERS_LOGGED) :]:
             logs.event(
-                logging.WARNING, "dead_letter", conn=letter.conn, peer=letter.peer, id=letter.request_id,
-                code=letter.code, reason=letter.reason, head=letter.head,
+                logging.WARNING,
+                "dead_letter",
+                conn=letter.conn,
+                peer=letter.peer,
+                id=letter.request_id,
+                code=letter.code,
+                reason=letter.reason,
+                head=letter.head,
             )
         if new > DEAD_LETTERS_LOGGED:
             logs.event(logging.WARNING, "dead_letters_not_logged", count=new - DEAD_LETTERS_LOGGED)
@@ -119,4 +124,3 @@ class DeadLetters:
         self._dead_letter_refusal = None
         text = "".join(json.dumps(letter._asdict()) + "\n" for letter in letters)
         self.loop.run_in_executor(None, write_file, path, text)
-

@@ -149,8 +149,12 @@ class Stream:
         self.last_seen = self.server.loop.time()
         self.ping_sent = 0.0
         head = [
-            "HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-store", "X-Accel-Buffering: no",
-            "Transfer-Encoding: chunked", *cors_lines(origin),
+            "HTTP/1.1 200 OK",
+            "Content-Type: text/event-stream",
+            "Cache-Control: no-store",
+            "X-Accel-Buffering: no",
+            "Transfer-Encoding: chunked",
+            *cors_lines(origin),
         ]
         opening = b"id: %b\nevent: open\ndata: %b\n\n" % (self.event_id, b"resumed" if resumed else b"new")
         conn.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + chunk(opening))
@@ -230,8 +234,13 @@ class Stream:
 
     def audit(self, event: str, **fields: object) -> None:
         self.server.guard.audit.record(
-            self.id, event, {"conn": self.id, "peer": self.peer, "user": self.user},
-            conn=self.id, peer=self.peer, user=self.user, **fields,
+            self.id,
+            event,
+            {"conn": self.id, "peer": self.peer, "user": self.user},
+            conn=self.id,
+            peer=self.peer,
+            user=self.user,
+            **fields,
         )
 
     def close(self, code: int, reason: str, *, flush: bool = False) -> None:
@@ -276,8 +285,17 @@ class Stream:
         server = self.server
         server.connections.pop(self.id, None)
         code, reason = self.close_reason or (1006, "stream lost")
-        logs.event(logging.INFO, "disconnect", conn=self.id, peer=self.peer, code=code, reason=reason,
-                   received=self.session.received, errors=self.session.errors, transport="sse")
+        logs.event(
+            logging.INFO,
+            "disconnect",
+            conn=self.id,
+            peer=self.peer,
+            code=code,
+            reason=reason,
+            received=self.session.received,
+            errors=self.session.errors,
+            transport="sse",
+        )
         for conn in self.held_posts:
             conn.abort()
         self.held_posts = []
@@ -342,7 +360,10 @@ class Fallback:
                 return
             version = request.header(PROTOCOL_HEADER)
             if version is None or version.strip() != SUBPROTOCOL:
-                raise Refused(400, f"unsupported protocol version (Broker-Protocol: {handshake.shown(version or '', 20)}); this server speaks {SUBPROTOCOL}")
+                raise Refused(
+                    400,
+                    f"unsupported protocol version (Broker-Protocol: {handshake.shown(version or '', 20)}); this server speaks {SUBPROTOCOL}",
+                )
             key = request.header(STREAM_HEADER)
             if key is None or not _STREAM_ID.fullmatch(key.strip()):
                 raise Refused(400, "a Broker-Stream header is required: 16 to 64 characters of base64url (A-Z a-z 0-9 - _)")
@@ -354,15 +375,24 @@ class Fallback:
             elif request.method == "DELETE":
                 self._delete(conn, key, origin, rest)
             else:
-                raise Refused(405, f"method {handshake.shown(request.method, 16)} is not allowed; the fallback takes GET (the event stream), POST (a frame) and DELETE (the end)", {"Allow": "GET, POST, DELETE"})
+                raise Refused(
+                    405,
+                    f"method {handshake.shown(request.method, 16)} is not allowed; the fallback takes GET (the event stream), POST (a frame) and DELETE (the end)",
+                    {"Allow": "GET, POST, DELETE"},
+                )
         except Refused as refused:
             conn.refuse_request(refused.error, cors_lines(origin))
         except handshake.HandshakeError as error:  # check_path's, check_origin's, and the limit per user
             conn.refuse_request(error, cors_lines(origin))
 
     def _preflight(self, conn: Connection, origin: str | None) -> None:
-        lines = ["HTTP/1.1 204 No Content", *cors_lines(origin), "Access-Control-Allow-Methods: GET, POST, DELETE",
-                 f"Access-Control-Allow-Headers: {ALLOWED_HEADERS}", f"Access-Control-Max-Age: {PREFLIGHT_MAX_AGE_S}"]
+        lines = [
+            "HTTP/1.1 204 No Content",
+            *cors_lines(origin),
+            "Access-Control-Allow-Methods: GET, POST, DELETE",
+            f"Access-Control-Allow-Headers: {ALLOWED_HEADERS}",
+            f"Access-Control-Max-Age: {PREFLIGHT_MAX_AGE_S}",
+        ]
         conn.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
     def _open(self, conn: Connection, request: handshake.Request, key: str, origin: str | None) -> None:
@@ -393,7 +423,9 @@ class Fallback:
             existing.close_reason = (1001, "replaced by a new event stream of the same id")
             existing.end()
         server.streaming(conn)
-        stream = Stream(self, key, server.new_connection_id(), identity, conn.peer, server.guard.limiter(conn), handshake.client_of(request))
+        stream = Stream(
+            self, key, server.new_connection_id(), identity, conn.peer, server.guard.limiter(conn), handshake.client_of(request)
+        )
         self.streams[key] = stream
         server.connections[stream.id] = stream
         server.opened += 1
@@ -425,7 +457,10 @@ class Fallback:
             raise Refused(413, f"a frame of {length} bytes is larger than {cfg.max_frame_bytes} (max_frame_bytes)")
         stream = self.streams.get(key)
         if stream is None or stream.phase == ENDED:
-            raise Refused(404, "no stream with this Broker-Stream id on this broker: it ended, or this POST reached another node or worker process than its event stream (protocol.md 12.5: affinity)")
+            raise Refused(
+                404,
+                "no stream with this Broker-Stream id on this broker: it ended, or this POST reached another node or worker process than its event stream (protocol.md 12.5: affinity)",
+            )
         conn.read_body(length, rest, lambda body: self._post(conn, stream, body, origin))
 
     def _post(self, conn: Connection, stream: Stream, body: bytes, origin: str | None) -> None:
@@ -434,7 +469,9 @@ class Fallback:
             conn.refuse_request(Refused(404, "the stream ended").error, cors_lines(origin))
             return
         if stream.posting is not None:
-            conn.refuse_request(Refused(409, "another POST of this stream is being applied; send one frame at a time").error, cors_lines(origin))
+            conn.refuse_request(
+                Refused(409, "another POST of this stream is being applied; send one frame at a time").error, cors_lines(origin)
+            )
             return
         stream.last_seen = self.server.loop.time()
         stream.bytes_in += len(body)

@@ -18,7 +18,7 @@ from http import HTTPStatus
 from typing import NamedTuple
 from urllib.parse import parse_qs
 
-from ..auth import AuthError, Authenticator, Identity
+from ..auth import Authenticator, AuthError, Identity
 from ..config import origin_key
 from ..errors import HandshakeError
 
@@ -159,7 +159,8 @@ def client_of(request: Request) -> str | None:
     value = value.strip()
     if not _CLIENT.fullmatch(value):
         raise HandshakeError(
-            400, f"the client identification {shown(value, 40)!r} is not NAME/VERSION (letters, digits, '.', '_', '-' "
+            400,
+            f"the client identification {shown(value, 40)!r} is not NAME/VERSION (letters, digits, '.', '_', '-' "
             "and '+' in the version, 32 characters each at most; Broker-Client header or client query parameter)",
         )
     return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -104,7 +104,9 @@ class GcPauses:
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
-            "broker_gc_pause_seconds", "how long each garbage collection held the process, by generation", labels=["generation"],
+            "broker_gc_pause_seconds",
+            "how long each garbage collection held the process, by generation",
+            labels=["generation"],
         )
         for generation in range(3):
             buckets, total = [], 0
@@ -134,33 +136,75 @@ class Collector(_Collector):
         stats = server.router.stats
         yield _gauge("broker_info", "the broker's version and fast path", 1, labels={"version": __version__, "fastpath": server.fastpath})
         yield _gauge("broker_connections", "connections open now (WebSocket and fallback streams)", len(server.connections))
-        yield _gauge("broker_connections_limit", "max_connections: connections the broker holds at once at most", server.config.max_connections)
-        yield _counter("broker_connections_opened", "connections that completed the handshake (WebSocket upgrades and new fallback streams)", server.opened)
-        yield _by("broker_connections_closed_by_broker", "connections the broker closed, by close code", "code", _known(CloseCode, stats.closes), counter=True)
-        yield _by("broker_handshakes_refused", "upgrade requests refused, by HTTP status", "status", _known(REFUSAL_STATUSES, server.refused_by_status), counter=True)
+        yield _gauge(
+            "broker_connections_limit", "max_connections: connections the broker holds at once at most", server.config.max_connections
+        )
+        yield _counter(
+            "broker_connections_opened",
+            "connections that completed the handshake (WebSocket upgrades and new fallback streams)",
+            server.opened,
+        )
+        yield _by(
+            "broker_connections_closed_by_broker",
+            "connections the broker closed, by close code",
+            "code",
+            _known(CloseCode, stats.closes),
+            counter=True,
+        )
+        yield _by(
+            "broker_handshakes_refused",
+            "upgrade requests refused, by HTTP status",
+            "status",
+            _known(REFUSAL_STATUSES, server.refused_by_status),
+            counter=True,
+        )
         yield _counter("broker_bytes_in", "bytes read from client connections (WebSocket frames, after the handshake)", server.bytes_in)
         yield _counter("broker_bytes_out", "bytes written to client connections", server.bytes_out)
-        yield _counter("broker_writes", "writes to client connections (each one or more WebSocket frames: everything a connection gets in one loop iteration)", server.writes)
+        yield _counter(
+            "broker_writes",
+            "writes to client connections (each one or more WebSocket frames: everything a connection gets in one loop iteration)",
+            server.writes,
+        )
         yield _counter("broker_ticks", "loop iterations that delivered or wrote something", server.ticks)
-        yield _counter("broker_messages_published", "messages accepted from this node's publishers (its clients and the admin API)", stats.published)
+        yield _counter(
+            "broker_messages_published", "messages accepted from this node's publishers (its clients and the admin API)", stats.published
+        )
         yield _counter("broker_messages_delivered", "messages queued to subscribers (one per message per subscriber)", stats.delivered)
         yield _counter("broker_batches", "topic batches encoded (one per topic per tick with subscribers)", stats.batches)
         yield _counter("broker_messages_replayed", "messages sent from history (recovery and last values)", stats.replayed)
-        yield _by("broker_gaps", "gap notices sent, by cause: history (recovery past what history holds), ended (an epoch ended), backplane (a cluster node did not get messages from Redis)", "cause", stats.gap_causes, counter=True)
         yield _by(
-            "broker_recoveries", "subscriptions with since or last, by outcome: complete, awaited (a cluster node waits for a position it has not reached), or the cause of the first gap they got (history, ended)", "outcome",
-            {"complete": 0, "awaited": 0, "history": 0, "ended": 0, **stats.recoveries}, counter=True,
+            "broker_gaps",
+            "gap notices sent, by cause: history (recovery past what history holds), ended (an epoch ended), backplane (a cluster node did not get messages from Redis)",
+            "cause",
+            stats.gap_causes,
+            counter=True,
+        )
+        yield _by(
+            "broker_recoveries",
+            "subscriptions with since or last, by outcome: complete, awaited (a cluster node waits for a position it has not reached), or the cause of the first gap they got (history, ended)",
+            "outcome",
+            {"complete": 0, "awaited": 0, "history": 0, "ended": 0, **stats.recoveries},
+            counter=True,
         )
         yield _counter("broker_duplicates", "publishes dropped as repeats of a msg_id", stats.duplicates)
         yield _by("broker_errors", "err replies sent, by error code", "code", _known(ErrorCode, stats.errors), counter=True)
         yield _counter("broker_denied", "subscribes, publishes and requests refused for want of a grant", stats.denied)
         yield _counter("broker_rate_limited", "publishes and requests refused by a rate limit (err 15)", stats.errors.get(15, 0))
         yield _by(
-            "broker_slow_consumer_events", "connections behind max_pending_bytes, by outcome: disconnect (closed as slow consumers, policy disconnect), shed (their queue shed, policy drop or conflate)", "outcome",
-            {"disconnect": stats.slow_consumers, "shed": stats.sheds}, counter=True,
+            "broker_slow_consumer_events",
+            "connections behind max_pending_bytes, by outcome: disconnect (closed as slow consumers, policy disconnect), shed (their queue shed, policy drop or conflate)",
+            "outcome",
+            {"disconnect": stats.slow_consumers, "shed": stats.sheds},
+            counter=True,
         )
-        yield _counter("broker_messages_dropped", "messages dropped for connections behind (policy drop), each announced by a gap", stats.dropped)
-        yield _counter("broker_messages_conflated", "messages skipped for connections behind (policy conflate), each announced by a gap", stats.conflated)
+        yield _counter(
+            "broker_messages_dropped", "messages dropped for connections behind (policy drop), each announced by a gap", stats.dropped
+        )
+        yield _counter(
+            "broker_messages_conflated",
+            "messages skipped for connections behind (policy conflate), each announced by a gap",
+            stats.conflated,
+        )
         yield _counter("broker_dead_letters", "client messages that could not be processed", stats.dead_letters)
         yield _counter("broker_requests", "requests passed to a responder", stats.requests)
         yield _counter("broker_request_timeouts", "requests that got no reply in time", stats.timeouts)
@@ -172,17 +216,27 @@ class Collector(_Collector):
         yield _queue_histogram(server)
         lag = server.loop_lag
         yield HistogramMetricFamily(
-            "broker_event_loop_lag_seconds", "how late the periodic sweep (a few times a second) ran, each time it ran",
-            buckets=lag.buckets(), sum_value=lag.sum,
+            "broker_event_loop_lag_seconds",
+            "how late the periodic sweep (a few times a second) ran, each time it ran",
+            buckets=lag.buckets(),
+            sum_value=lag.sum,
         )
         yield GC_PAUSES.family()
         yield from self.process.collect()
         cluster = server.cluster
         if cluster is not None:
             b = cluster.stats
-            yield _gauge("broker_backplane_connected", "1 while Redis answers this node's reads and takes its writes, for every shard", int(cluster.connected))
+            yield _gauge(
+                "broker_backplane_connected",
+                "1 while Redis answers this node's reads and takes its writes, for every shard",
+                int(cluster.connected),
+            )
             yield _counter("broker_backplane_writes", "writes sent to Redis (one round trip each)", b.writes)
-            yield _counter("broker_backplane_scripts", "numbering script calls (one per write, with every shard of the write; also sent again after a lost reply)", b.scripts)
+            yield _counter(
+                "broker_backplane_scripts",
+                "numbering script calls (one per write, with every shard of the write; also sent again after a lost reply)",
+                b.scripts,
+            )
             yield _counter("broker_backplane_entries_written", "stream entries appended", b.entries_written)
             yield _counter("broker_backplane_messages_written", "messages appended", b.messages_written)
             yield _counter("broker_backplane_bytes_written", "payload bytes appended", b.bytes_written)
@@ -194,17 +248,53 @@ class Collector(_Collector):
             yield _counter("broker_backplane_reconnects", "Redis commands that failed for the connection (then retried)", b.reconnects)
             yield _counter("broker_backplane_resent", "blocks sent again after their reply was lost", b.in_doubt)
             yield _counter("broker_backplane_failed", "messages not published: Redis did not take them within redis_timeout_s", b.failed)
-            yield _counter("broker_backplane_unknown", "messages Redis did not confirm within redis_timeout_s (published once or never)", b.unknown)
+            yield _counter(
+                "broker_backplane_unknown", "messages Redis did not confirm within redis_timeout_s (published once or never)", b.unknown
+            )
             yield _counter("broker_backplane_refused", "publishes refused at once (buffer full, or Redis away)", b.refused)
             yield _gauge("broker_backplane_buffered_bytes", "payload bytes staged or being written", cluster.buffered)
-            yield _by("broker_backplane_lag_seconds", "per shard: how old the newest entry read was when it was read (0: nothing new); while reads fail or are late, the seconds since one came back", "shard", {str(i): lag for i, lag in enumerate(cluster.lags_s())})
-            yield _by("broker_backplane_read_failures", "per shard: reads of its stream that failed in a row, now (0: reading)", "shard", {str(i): n for i, n in enumerate(b.read_failures)})
-            yield _gauge("broker_backplane_write_failures", "the attempts (writes, and checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most (0: writing)", b.write_failures)
-            yield _counter("broker_backplane_epoch_changes", "shard epochs that ended because Redis lost entries of them or went back in time", b.epoch_changes)
-            yield _counter("broker_backplane_unreplicated", "messages written on a Redis master that WAIT did not confirm on redis_min_replicas replicas within redis_timeout_s (answered err 18: delivered unless the master fails first)", b.unreplicated)
-            yield _counter("broker_backplane_repeats", "publishes Redis recognised by their msg_id as published before through any node: acknowledged with the first one's numbers, not published again", b.repeats)
-            yield _counter("broker_backplane_unknown_topics", "batches read from the streams for topics this node cannot hold (past max_topics): not delivered here", stats.unknown_topics)
-            yield _counter("broker_backplane_rollbacks", "times this node found a shard holding less than it had seen (Redis went back in time)", b.rollbacks)
+            yield _by(
+                "broker_backplane_lag_seconds",
+                "per shard: how old the newest entry read was when it was read (0: nothing new); while reads fail or are late, the seconds since one came back",
+                "shard",
+                {str(i): lag for i, lag in enumerate(cluster.lags_s())},
+            )
+            yield _by(
+                "broker_backplane_read_failures",
+                "per shard: reads of its stream that failed in a row, now (0: reading)",
+                "shard",
+                {str(i): n for i, n in enumerate(b.read_failures)},
+            )
+            yield _gauge(
+                "broker_backplane_write_failures",
+                "the attempts (writes, and checks while its shards refuse publishes) that failed in a row, now, of the writer that fails most (0: writing)",
+                b.write_failures,
+            )
+            yield _counter(
+                "broker_backplane_epoch_changes",
+                "shard epochs that ended because Redis lost entries of them or went back in time",
+                b.epoch_changes,
+            )
+            yield _counter(
+                "broker_backplane_unreplicated",
+                "messages written on a Redis master that WAIT did not confirm on redis_min_replicas replicas within redis_timeout_s (answered err 18: delivered unless the master fails first)",
+                b.unreplicated,
+            )
+            yield _counter(
+                "broker_backplane_repeats",
+                "publishes Redis recognised by their msg_id as published before through any node: acknowledged with the first one's numbers, not published again",
+                b.repeats,
+            )
+            yield _counter(
+                "broker_backplane_unknown_topics",
+                "batches read from the streams for topics this node cannot hold (past max_topics): not delivered here",
+                stats.unknown_topics,
+            )
+            yield _counter(
+                "broker_backplane_rollbacks",
+                "times this node found a shard holding less than it had seen (Redis went back in time)",
+                b.rollbacks,
+            )
 
 
 def _gauge(name: str, text: str, value: float, labels: dict | None = None) -> GaugeMetricFamily:
@@ -247,4 +337,9 @@ def _queue_histogram(server) -> HistogramMetricFamily:
                 counts[i] += 1
     buckets = [(str(bound), count) for bound, count in zip(QUEUE_BUCKETS, counts)]
     buckets.append(("+Inf", len(server.connections)))
-    return HistogramMetricFamily("broker_queue_bytes", "bytes each connection has waiting, in the broker and its transport, over connections", buckets=buckets, sum_value=total)
+    return HistogramMetricFamily(
+        "broker_queue_bytes",
+        "bytes each connection has waiting, in the broker and its transport, over connections",
+        buckets=buckets,
+        sum_value=total,
+    )

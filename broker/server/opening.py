@@ -6,7 +6,8 @@ the answers of a refusal, at accept or after the request."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from ..messages import SUBPROTOCOL
 from ..session import Session
@@ -50,8 +51,12 @@ class Opening(ConnectionState):
         those bytes came to this protocol), and the rest when the handshake's outcome is known."""
         cfg = self.server.config
         self.tls_steps = self.server.loop.start_tls(
-            raw, cast("Connection", self), context, server_side=True,
-            ssl_handshake_timeout=cfg.handshake_timeout_s, ssl_shutdown_timeout=cfg.close_timeout_s,
+            raw,
+            cast("Connection", self),
+            context,
+            server_side=True,
+            ssl_handshake_timeout=cfg.handshake_timeout_s,
+            ssl_shutdown_timeout=cfg.close_timeout_s,
         )
         self._tls_step(self.tls_steps)
 
@@ -74,7 +79,6 @@ class Opening(ConnectionState):
         self.use_transport(transport)
         transport.set_write_buffer_limits(TLS_WRITE_HIGH_WATER)
         self.timer = self.server.loop.call_later(self.server.config.handshake_timeout_s, self.handshake_expired)
-
 
     # handshake
 
@@ -163,4 +167,3 @@ class Opening(ConnectionState):
         if self.state == HANDSHAKE:
             self.state = CLOSED
             self.transport.abort()
-

@@ -5,7 +5,8 @@ carrying an event stream."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import handshake
 from .states import BODY, CLOSED, CLOSING, HANDSHAKE, STREAMING, ConnectionState
@@ -79,7 +80,9 @@ class PlainRequests(ConnectionState):
     def _body_expired(self) -> None:
         self.timer = None
         if self.state == BODY:
-            self.refuse_request(handshake.HandshakeError(408, f"the request body did not arrive within {self.server.config.frame_timeout_s:g} s"), [])
+            self.refuse_request(
+                handshake.HandshakeError(408, f"the request body did not arrive within {self.server.config.frame_timeout_s:g} s"), []
+            )
 
     def answer_post(self, extra: list[str]) -> None:
         """A fallback POST was applied: 204, then the next request."""

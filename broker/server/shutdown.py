@@ -10,7 +10,8 @@ import asyncio
 import logging
 import random
 import signal
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CloseCode
@@ -128,10 +129,28 @@ class Shutdown:
             delivered=stats.delivered,
             slow_consumers=stats.slow_consumers,
             errors=sum(stats.errors.values()),
-            **({} if self.cluster is None else {
-                "redis_" + name: getattr(self.cluster.stats, name)
-                for name in ("writes", "entries_written", "messages_written", "entries_read", "messages_read", "commands", "reconnects", "in_doubt", "failed", "unknown", "refused", "epoch_changes", "rollbacks")
-            }),
+            **(
+                {}
+                if self.cluster is None
+                else {
+                    "redis_" + name: getattr(self.cluster.stats, name)
+                    for name in (
+                        "writes",
+                        "entries_written",
+                        "messages_written",
+                        "entries_read",
+                        "messages_read",
+                        "commands",
+                        "reconnects",
+                        "in_doubt",
+                        "failed",
+                        "unknown",
+                        "refused",
+                        "epoch_changes",
+                        "rollbacks",
+                    )
+                }
+            ),
         )
 
     def force_stop(self, signum: int = 0) -> None:
@@ -161,7 +180,6 @@ class Shutdown:
             total += conn.buffer_size()  # a fallback stream's: its event stream's TCP buffer (0 while detached)
         return total
 
-
     # lame-duck mode
 
     def enter_lame_duck(self, done: Callable[[], object]) -> None:
@@ -179,8 +197,12 @@ class Shutdown:
         self._moving = list(self.connections.values())
         random.shuffle(self._moving)
         logs.event(
-            logging.WARNING, "lame_duck", connections=len(self._moving),
-            grace_s=cfg.lame_duck_grace_s, duration_s=cfg.lame_duck_duration_s, close_code=int(CloseCode.RECONNECT_ELSEWHERE),
+            logging.WARNING,
+            "lame_duck",
+            connections=len(self._moving),
+            grace_s=cfg.lame_duck_grace_s,
+            duration_s=cfg.lame_duck_duration_s,
+            close_code=int(CloseCode.RECONNECT_ELSEWHERE),
         )
         self._lame_timer = self.loop.call_later(cfg.lame_duck_grace_s, self._move_some)
 
@@ -207,4 +229,3 @@ class Shutdown:
         done, self._lame_done = self._lame_done, None
         if done is not None:
             done()
-

@@ -4,7 +4,8 @@ of a TLS transport."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import asyncio
@@ -35,10 +36,40 @@ class ConnectionState:
     and the only class of the family with slots: a connection has no __dict__)."""
 
     __slots__ = (
-        "server", "id", "peer", "session", "box", "transport", "state", "close_reason", "last_seen",
-        "ping_sent", "write", "buffer_size", "held", "user", "partial_since", "debt", "pong", "last_sent", "unhandled", "needed", "timer",
-        "client", "opened_at", "bytes_in", "bytes_out",
-        "reading", "queued", "tls_steps", "wake", "stream", "post", "body", "body_needed", "on_body",
+        "server",
+        "id",
+        "peer",
+        "session",
+        "box",
+        "transport",
+        "state",
+        "close_reason",
+        "last_seen",
+        "ping_sent",
+        "write",
+        "buffer_size",
+        "held",
+        "user",
+        "partial_since",
+        "debt",
+        "pong",
+        "last_sent",
+        "unhandled",
+        "needed",
+        "timer",
+        "client",
+        "opened_at",
+        "bytes_in",
+        "bytes_out",
+        "reading",
+        "queued",
+        "tls_steps",
+        "wake",
+        "stream",
+        "post",
+        "body",
+        "body_needed",
+        "on_body",
     )
 
     server: Server

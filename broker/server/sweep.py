@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..auth import Authenticator
 from ..backplane import Backplane
@@ -92,7 +92,6 @@ class Sweeper:
                 conn.close(CloseCode.TOKEN_EXPIRED, "token expired")
         return revoked
 
-
     # liveness
 
     def sweep(self) -> None:
@@ -151,4 +150,3 @@ class Sweeper:
                 self.slow_consumer(box)
         self._sweep_due = self.loop.time() + self._sweep_period
         self._sweeper = self.loop.call_later(self._sweep_period, self.sweep)
-

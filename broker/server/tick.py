@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import CloseCode
-from ..pressure import Pressure
+from ..pressure import HOLD, RELEASE, Pressure
 from ..router import Router
-from ..pressure import HOLD, RELEASE
 from . import logs
 from .connection import OPEN, Connection
 
@@ -170,7 +169,6 @@ class Ticker:
                 if not conn.held and conn.session is not None and conn.session.published:
                     conn.hold()
 
-
     def _arm_request_timer(self) -> None:
         """Have a timer at the earliest deadline of a waiting request (one timer in all)."""
         deadline = self.router.requests.next_deadline
@@ -227,4 +225,3 @@ class Ticker:
         pending = box.pending
         logs.event(logging.WARNING, "slow_consumer", conn=conn.id, pending=pending, limit=box.limit)
         conn.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {pending} bytes pending, limit {box.limit}")
-

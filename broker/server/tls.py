@@ -86,7 +86,9 @@ def _load(context: ssl.SSLContext, config: Config) -> Certificate:
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise ConfigError(f"{key_setting}: the private key in {key_file} does not belong to the certificate in {cert_file}") from None
-        raise ConfigError(f"tls_cert_file: cannot use the certificate chain in {cert_file} with the key in {key_file}: {_why(exc)}") from None
+        raise ConfigError(
+            f"tls_cert_file: cannot use the certificate chain in {cert_file} with the key in {key_file}: {_why(exc)}"
+        ) from None
     except OSError as exc:  # replaced or removed since it was read
         raise ConfigError(f"tls_cert_file: cannot read {cert_file} or {key_file}: {exc.strerror or exc}") from None
     der = ssl.PEM_cert_to_DER_cert(blocks[0].join((b"-----BEGIN CERTIFICATE-----\n", b"-----END CERTIFICATE-----\n")).decode("ascii"))
