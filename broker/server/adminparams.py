@@ -99,7 +99,7 @@ def connection_row(conn, now: float) -> dict:
         "user": conn.user,
         "client": conn.client,
         "subscriptions": sorted(session.subscriptions) if session is not None else [],
-        "queue_bytes": (box.size + box.transport_bytes) if box is not None else 0,
+        "queue_bytes": box.pending if box is not None else 0,
         "received": session.received if session is not None else 0,
         "bytes_in": conn.bytes_in,
         "bytes_out": conn.bytes_out,

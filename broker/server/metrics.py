@@ -330,7 +330,7 @@ def _queue_histogram(server) -> HistogramMetricFamily:
         box = conn.box
         if box is None:
             continue
-        size = box.size + box.transport_bytes
+        size = box.pending
         total += size
         for i, bound in enumerate(QUEUE_BUCKETS):
             if size <= bound:

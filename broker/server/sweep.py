@@ -142,7 +142,7 @@ class Sweeper:
                 pressure.behind.discard(box)
                 continue
             box.transport_bytes = conn.buffer_size()
-            backlog = box.size + box.transport_bytes
+            backlog = box.pending
             shedding = conn.session.shedding
             if backlog > box.limit and box.size and shedding is not None:
                 backlog = self.shed(box, shedding)

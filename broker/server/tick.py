@@ -105,7 +105,7 @@ class Ticker:
                         logs.log.exception("write failed", extra={"fields": {"conn": conn.id}})
                         conn.abort()
                         continue
-                backlog = box.size + box.transport_bytes
+                backlog = box.pending
                 if shedding is not None:
                     if backlog > box.limit and box.size:
                         backlog = self.shed(box, shedding)
@@ -155,7 +155,7 @@ class Ticker:
                 continue
             box.transport_bytes = conn.buffer_size()
             shedding = conn.session.shedding
-            pressure.account(box, box.size + box.transport_bytes + (shedding.held_bytes if shedding is not None else 0))
+            pressure.account(box, box.pending + (shedding.held_bytes if shedding is not None else 0))
         now = self.loop.time()
         if pressure.over():
             self._publishers(pressure.memory(now))
@@ -213,7 +213,7 @@ class Ticker:
         is not part of it)."""
         box.keep()
         shedding.shed(box, max(0, min(box.limit // 2, box.limit - box.transport_bytes)))
-        return box.size + box.transport_bytes
+        return box.pending
 
     def slow_consumer(self, box) -> None:
         """Close the connection of `box`, judged a slow consumer (broker.pressure)."""
