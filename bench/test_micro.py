@@ -159,10 +159,10 @@ def test_session_receive_fire_and_forget(benchmark, limits, frame):
     """Session.receive of one frame of fire-and-forget publishes to known topics (the compiled
     path of broker.fastpath): without rate limits, with a connection's publish bucket, and with
     its user's too (buckets so large that they stay full: the cost of the check alone)."""
-    from broker.config import load
     from broker.limits import Guard
     from broker.router import Router
     from broker.session import Session, SessionLimits
+    from broker.settings import load
 
     router = Router(lambda: None)
     names = [f"md.t{i}" for i in range(10)]

@@ -12,8 +12,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .config import FIELDS, SECRETS, Config, load_with_sources, read_secret, with_sources
+from .config import FIELDS, SECRETS, Config, read_secret
 from .errors import ConfigError
+from .settings import load_with_sources, with_sources
 
 MASK = "***"  # as the start line shows a Redis URL's password
 

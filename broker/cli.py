@@ -16,18 +16,9 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from . import __version__
-from .config import (
-    DEFAULT_PORT,
-    FIELDS,
-    HELP,
-    SECRET_FLAGS,
-    Config,
-    load,
-    load_with_sources,
-    url_password,
-    with_sources,
-)
+from .config import DEFAULT_PORT, FIELDS, SECRET_FLAGS, Config, url_password
 from .errors import BrokerError, ConfigError
+from .settings import HELP, load, load_with_sources, with_sources
 
 DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
 

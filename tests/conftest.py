@@ -25,11 +25,12 @@ import uvloop
 
 from broker.backplane import MemoryBackplane
 from broker.client import Client, ConnectionClosed
-from broker.config import Config, load
+from broker.config import Config
 from broker.messages import SUBPROTOCOL, Msg, ServerReader, decode_server_frame
 from broker.router import Router
 from broker.server import Server
 from broker.session import Session, SessionLimits
+from broker.settings import load
 
 ROOT = Path(__file__).resolve().parent.parent
 encode = msgspec.msgpack.encode

@@ -18,10 +18,10 @@ from broker.audit import AUDIT_PER_KEY
 from broker.client import Client
 from broker.cluster import group_admin
 from broker.cluster.group_admin import GroupAdmin
-from broker.config import load
 from broker.errors import ErrorCode, SubscriptionEnded
 from broker.messages import SUBPROTOCOL
 from broker.server import admin
+from broker.settings import load
 from conftest import free_port, run, send_upgrade, serving, upgrade_request, url
 
 KEY = "admin-key-of-this-test"

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from broker.auth import Authenticator, Grants
 from broker.client import Client
-from broker.config import load
 from broker.errors import BrokerError, ConnectionClosed, ErrorCode
 from broker.messages import SUBPROTOCOL, Ack, Auth, Delivery, Err, Hb, Pub, Reply, Req, Request, Sub, Unsub, encode
 from broker.server.handshake import HandshakeError, Rules, parse_request
+from broker.settings import load
 from conftest import RawSocketClient, client_frame, eventually, run, send_upgrade, serving, upgrade_request, url
 
 SECRET = "s3cret-for-tests-only-32-bytes!!"

@@ -191,9 +191,9 @@ def test_few_redis_commands_per_message_when_publishing_fast(redis_url, redis_pr
 
 
 def test_settings_that_cannot_work_are_refused_with_their_names(redis_prefix):
-    from broker.config import load
     from broker.errors import ConfigError
     from broker.server import Server
+    from broker.settings import load
 
     with pytest.raises(ConfigError, match="redis_url"):
         load({"workers": 2}, environ={})
@@ -214,9 +214,9 @@ def test_settings_that_cannot_work_are_refused_with_their_names(redis_prefix):
 def test_the_redis_password_may_come_from_a_file_and_stay_out_of_the_url(tmp_path, redis_prefix):
     """A Redis that wants a password: a node given it in redis_password_file works (and the URL
     it logs or refuses with holds no password); without it, the start stops naming redis_url."""
-    from broker.config import load
     from broker.errors import ConfigError
     from broker.server import Server
+    from broker.settings import load
     from redis_support import RedisProcess
 
     password = "a-redis-password-kept-in-a-file"

@@ -6,18 +6,9 @@ import msgspec
 import pytest
 
 from broker.check import shown
-from broker.config import (
-    DEFAULT_PORT,
-    DESCRIPTIONS,
-    FIELDS,
-    HELP,
-    LIMITS,
-    SECTIONS,
-    Config,
-    load,
-    table_of,
-)
+from broker.config import DEFAULT_PORT, FIELDS, Config
 from broker.errors import ConfigError
+from broker.settings import DESCRIPTIONS, HELP, LIMITS, SECTIONS, load, table_of
 from conftest import ROOT
 
 

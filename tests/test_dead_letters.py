@@ -14,9 +14,9 @@ from collections import deque
 import msgspec
 import pytest
 
-from broker.config import load
 from broker.errors import ErrorCode
 from broker.messages import Err, Pub, encode
+from broker.settings import load
 from conftest import ROOT, Harness, RawSocketClient, eventually, free_ports, run, serve, serving, stop_process
 
 

@@ -16,10 +16,10 @@ import pytest
 from broker import __version__
 from broker.client import Client, ConnectionClosed
 from broker.cluster.streams import without_password
-from broker.config import load
 from broker.errors import ListenError
 from broker.messages import SUBPROTOCOL, Ack, ServerReader, Sub
 from broker.server import Server
+from broker.settings import load
 from conftest import (
     ROOT,
     RawSocketClient,

@@ -30,11 +30,11 @@ import websockets
 from websockets.exceptions import InvalidMessage
 
 from broker.client import Client, ConnectionClosed
-from broker.config import load
 from broker.errors import ConfigError
 from broker.messages import SUBPROTOCOL, Ack, Delivery, ServerReader, Sub
 from broker.server import Server, logs
 from broker.server.connection import OPEN, TLS_WRITE_HIGH_WATER
+from broker.settings import load
 from conftest import (
     ROOT,
     broker_cli,

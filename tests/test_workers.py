@@ -22,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker import cli
 from broker.client import Client, ConnectionClosed
 from broker.cluster import group_admin, supervisor
-from broker.config import load
 from broker.errors import ConfigError, SubscriptionEnded
 from broker.server import admin
 from broker.server.app import WorkerRole, worker_of_connection
+from broker.settings import load
 from conftest import ROOT, broker_cli, free_port, run
 
 SHUTDOWN_TIMEOUT_S = 3.0
