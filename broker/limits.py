@@ -1,7 +1,8 @@
 """Limits on what one client, one address or one user may take, and the audit log of violations.
 
-- `TokenBucket`: `rate` tokens a second, at most `burst` of them, refilled from a monotonic
-  clock whenever it is read: O(1), no timers.
+Rates are enforced with token buckets (broker.buckets: `TokenBucket`, and the buckets an
+address's or a user's connections share).
+
 - `Guard`: the server's registry of admitted connections (how many in all, per IP address, in
   the handshake phase, and per user), the rate buckets shared by all of a user's connections
   and the new-topic bucket shared by all connections from one address, and the bounded audit
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .audit import AuditLog
+from .buckets import AddressBuckets, TokenBucket, UserBuckets, amount, plural
 from .config import Config
 from .errors import CloseCode, ErrorCode, HandshakeError, RequestError
 from .fastpath import fast_publish as _fast_publish
@@ -36,59 +38,6 @@ from .fastpath import fast_publish as _fast_publish
 # Refusals in a row that close a connection (rate_limit_close_after) must fall within this
 # many seconds of the first one; a longer streak starts counting again.
 ABUSE_WINDOW_S = 10.0
-
-
-def _num(value: float) -> str:
-    """A rate or burst as people write it: 1,000 or 2.5."""
-    return f"{value:,.0f}" if value == int(value) else f"{value:g}"
-
-
-def _many(value: float, noun: str) -> str:
-    """`value` `noun`s: 1 message, 1,000 messages."""
-    return f"{_num(value)} {noun}" if value == 1 else f"{_num(value)} {noun}s"
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` of them; full when made. Reading the level
-    refills it from `clock`; nothing runs in between. `name` is the setting it enforces and
-    `text` what a client whose message it refuses is told."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp", "clock", "name", "text")
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic, name: str = "", text: str = "") -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError(f"a token bucket needs rate > 0 and burst >= 1 (got {rate}, {burst})")
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.clock = clock
-        self.stamp = clock()
-        self.name = name
-        self.text = text
-
-    def level(self, now: float | None = None) -> float:
-        """The tokens there are now (the bucket is refilled for the time since it was read)."""
-        if now is None:
-            now = self.clock()
-        tokens = self.tokens
-        if now > self.stamp:  # (a bucket made after `now` was read is not refilled for it)
-            tokens += (now - self.stamp) * self.rate
-            if tokens > self.burst:
-                tokens = self.burst
-            self.tokens = tokens
-            self.stamp = now
-        return tokens
-
-    def take(self, n: float = 1.0, now: float | None = None) -> bool:
-        """Take `n` tokens if there are that many; False (and nothing taken) otherwise."""
-        if self.level(now) >= n:
-            self.tokens -= n
-            return True
-        return False
-
-    def full(self, now: float) -> bool:
-        """True when the bucket is full at `now` (without reading it)."""
-        return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
 class LimitRefused(HandshakeError):
@@ -284,61 +233,6 @@ class ConnectionLimits:
         raise RequestError(ErrorCode.RATE_LIMITED, bucket.text, request_id)
 
 
-class _Address:
-    """The connections from one IP address and the new-topic bucket they share."""
-
-    __slots__ = ("connections", "new_topic")
-
-    def __init__(self, ip: str, cfg: Config, clock: Callable[[], float]) -> None:
-        self.connections = 0
-        self.new_topic = None
-        if cfg.ip_new_topic_rate:
-            self.new_topic = TokenBucket(
-                cfg.ip_new_topic_rate,
-                cfg.ip_new_topic_burst,
-                clock,
-                "ip_new_topic_rate",
-                f"rate limited: the connections from {ip} may create {_many(cfg.ip_new_topic_rate, 'new topic')} a second "
-                f"together (ip_new_topic_rate, burst {_num(cfg.ip_new_topic_burst)})",
-            )
-
-    def full(self, now: float) -> bool:
-        """True when forgetting the address loses nothing: its bucket is full again."""
-        return self.new_topic is None or self.new_topic.full(now)
-
-
-class _User:
-    """A user's connections and the buckets all of them share."""
-
-    __slots__ = ("connections", "publish", "new_topic")
-
-    def __init__(self, name: str, cfg: Config, clock: Callable[[], float]) -> None:
-        self.connections = 0
-        self.publish = self.new_topic = None
-        if cfg.user_publish_rate:
-            self.publish = TokenBucket(
-                cfg.user_publish_rate,
-                cfg.user_publish_burst,
-                clock,
-                "user_publish_rate",
-                f"rate limited: user {name!r} may publish {_many(cfg.user_publish_rate, 'message')} a second over all "
-                f"its connections (user_publish_rate, burst {_num(cfg.user_publish_burst)})",
-            )
-        if cfg.user_new_topic_rate:
-            self.new_topic = TokenBucket(
-                cfg.user_new_topic_rate,
-                cfg.user_new_topic_burst,
-                clock,
-                "user_new_topic_rate",
-                f"rate limited: user {name!r} may create {_many(cfg.user_new_topic_rate, 'new topic')} a second over all "
-                f"its connections (user_new_topic_rate, burst {_num(cfg.user_new_topic_burst)})",
-            )
-
-    def full(self, now: float) -> bool:
-        """True when forgetting the user loses nothing: its buckets are full again."""
-        return all(bucket is None or bucket.full(now) for bucket in (self.publish, self.new_topic))
-
-
 def _ip_of(conn: Any) -> str:
     transport = getattr(conn, "transport", None)
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -379,31 +273,31 @@ class Guard:
             "publish_rate": (
                 config.publish_rate,
                 config.publish_burst,
-                f"rate limited: a connection may publish {_many(config.publish_rate, 'message')} a second "
-                f"(publish_rate, burst {_num(config.publish_burst)})",
+                f"rate limited: a connection may publish {plural(config.publish_rate, 'message')} a second "
+                f"(publish_rate, burst {amount(config.publish_burst)})",
             ),
             "new_topic_rate": (
                 config.new_topic_rate,
                 config.new_topic_burst,
-                f"rate limited: a connection may create {_many(config.new_topic_rate, 'new topic')} a second "
-                f"(new_topic_rate, burst {_num(config.new_topic_burst)})",
+                f"rate limited: a connection may create {plural(config.new_topic_rate, 'new topic')} a second "
+                f"(new_topic_rate, burst {amount(config.new_topic_burst)})",
             ),
             "auth_message_rate": (
                 config.auth_message_rate,
                 config.auth_message_burst,
-                f"rate limited: a connection may send {_many(config.auth_message_rate, 'auth message')} a second "
-                f"(auth_message_rate, burst {_num(config.auth_message_burst)}); the token was not checked",
+                f"rate limited: a connection may send {plural(config.auth_message_rate, 'auth message')} a second "
+                f"(auth_message_rate, burst {amount(config.auth_message_burst)}); the token was not checked",
             ),
         }
         self.total = 0  # connections admitted and not yet gone
         self.per_ip: dict[str, int] = {}
         self.handshakes = 0  # of them, connections in the handshake phase (TLS and the upgrade request)
         self.handshakes_per_ip: dict[str, int] = {}
-        self.users: dict[str, _User] = {}
+        self.users: dict[str, UserBuckets] = {}
         self._idle_users: set[str] = set()  # users without connections whose buckets are not full yet
         # addresses with connections, or whose new-topic bucket is not full yet (only while
         # ip_new_topic_rate is set: the count of connections is per_ip)
-        self.addresses: dict[str, _Address] = {}
+        self.addresses: dict[str, AddressBuckets] = {}
         self._idle_addresses: set[str] = set()
         self.connections: dict[object, ConnectionLimits] = {}  # by connection id
         self.stats = LimitStats()
@@ -425,7 +319,7 @@ class Guard:
             self._refuse(
                 503,
                 "max_connections",
-                f"the broker holds {_many(self.total, 'connection')}, its limit (max_connections); try again later",
+                f"the broker holds {plural(self.total, 'connection')}, its limit (max_connections); try again later",
                 ip,
                 owner,
                 user,
@@ -435,7 +329,7 @@ class Guard:
             self._refuse(
                 429,
                 "max_connections_per_ip",
-                f"{_many(count, 'connection')} from {ip}, the limit (max_connections_per_ip)",
+                f"{plural(count, 'connection')} from {ip}, the limit (max_connections_per_ip)",
                 ip,
                 owner,
                 user,
@@ -447,7 +341,7 @@ class Guard:
         if cfg.ip_new_topic_rate:
             address = self.addresses.get(ip)
             if address is None:
-                address = self.addresses[ip] = _Address(ip, cfg, self.clock)
+                address = self.addresses[ip] = AddressBuckets(ip, cfg, self.clock)
             address.connections += 1
             self._idle_addresses.discard(ip)
             limits.ip_new = address.new_topic
@@ -473,13 +367,13 @@ class Guard:
             self._refuse(
                 429,
                 "max_connections_per_user",
-                f"user {user!r} has {_many(count, 'connection')}, the limit (max_connections_per_user)",
+                f"user {user!r} has {plural(count, 'connection')}, the limit (max_connections_per_user)",
                 ip,
                 limits.owner,
                 user,
             )
         if entry is None:
-            entry = self.users[user] = _User(user, self.config, self.clock)
+            entry = self.users[user] = UserBuckets(user, self.config, self.clock)
         entry.connections += 1
         self._idle_users.discard(user)
         limits.user = user
@@ -572,7 +466,7 @@ class Guard:
             self._refuse(
                 503,
                 "max_handshakes",
-                f"{_many(self.handshakes, 'connection')} are in their handshake, the limit (max_handshakes); try again later",
+                f"{plural(self.handshakes, 'connection')} are in their handshake, the limit (max_handshakes); try again later",
                 ip,
                 conn,
                 None,
@@ -583,7 +477,7 @@ class Guard:
             self._refuse(
                 429,
                 "max_handshakes_per_ip",
-                f"{_many(count, 'connection')} from {ip} are in their handshake, the limit (max_handshakes_per_ip)",
+                f"{plural(count, 'connection')} from {ip} are in their handshake, the limit (max_handshakes_per_ip)",
                 ip,
                 conn,
                 None,

@@ -14,8 +14,9 @@ import time
 import pytest
 
 from broker.audit import AuditLog
+from broker.buckets import TokenBucket
 from broker.errors import CloseCode, ConfigError, ErrorCode, RequestError
-from broker.limits import Guard, LimitRefused, TokenBucket
+from broker.limits import Guard, LimitRefused
 from broker.messages import SUBPROTOCOL, Ack, Delivery, Err, Pub, Req, Sub
 from broker.settings import load
 from conftest import RawSocketClient, eventually, replies, run, send_upgrade, serving, upgrade_request
