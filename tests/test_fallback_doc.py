@@ -109,7 +109,7 @@ def test_the_refusal_table_follows_the_code():
         "404",
     ]
     source = open(fallback.__file__).read()
-    raised = {int(s) for s in re.findall(r"Refused\((\d+)", source)}
+    raised = {int(s) for s in re.findall(r"Refused\(\s*(\d+)", source)}
     # 503 comes from handshake.Rules.check_path (as 404 for the path), 403 from
     # handshake.Rules.check_origin (the one Origin rule, also the WebSocket's) and from the
     # authenticator with 401, 429 from the limit per user: the rest are fallback.py's own
