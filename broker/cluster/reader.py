@@ -19,6 +19,7 @@ from ..topics import is_pattern
 from .epochs import FORKED, NEW_EPOCH, REPEAT, SKIP, ShardEpochs
 from .shards import (
     EAGER_MESSAGES,
+    FOREIGN_LOG_INTERVAL_S,
     INTEREST_GRACE_S,
     LOAD_COUNT,
     READ_COUNT,
@@ -73,6 +74,9 @@ class Reader:
     asked: list[float]  # per shard: when its reader's command went out (0: none out)
     patience: list[float]  # per shard: how long that command may take
     read_at: list[float]  # per shard: when a read of it last came back
+    foreign_entries: int  # entries read that no broker wrote (skipped)
+    foreign_logged: int  # of them, counted in a log line
+    foreign_logged_at: float  # when the last such line was written
     taken: deque[tuple[int, list, bool]]  # (shard, entries, dated) not handed to the router yet
     handing: bool  # a hand-over is scheduled
     at_ms: int  # while loaded entries are delivered: the time history keeps them with (0: now)
@@ -341,6 +345,22 @@ class Reader:
         self.note_failure(what, failures, exc)
         await asyncio.sleep(RETRY_S[min(failures - 1, len(RETRY_S) - 1)])
 
+    def foreign_entry(self, entry_id: bytes, shard: int) -> None:
+        """An entry no broker wrote is skipped, and said at most once per
+        FOREIGN_LOG_INTERVAL_S with the count of such entries since the last line: whoever
+        writes into the streams cannot flood the log."""
+        self.foreign_entries += 1
+        now = self.clock()
+        if now - self.foreign_logged_at >= FOREIGN_LOG_INTERVAL_S:
+            count = self.foreign_entries - self.foreign_logged
+            self.foreign_logged, self.foreign_logged_at = self.foreign_entries, now
+            log.error(
+                "cluster backplane: entry %s of %s is not one of this broker's; skipped (%d such entries since the last line)",
+                entry_id,
+                self.streams[shard],
+                count,
+            )
+
     def note_failure(self, what: str, failures: int, exc: Exception) -> None:
         """Count a failed command; log the first of a series and again at 2, 4, 8, ...
         failures in a row (a failure that lasts is seen, a log it does not flood)."""
@@ -415,7 +435,7 @@ class Reader:
                 batches = _data.decode(data)
                 firsts = _firsts.decode(fields[b"s"])
             except (KeyError, ValueError, msgspec.DecodeError):
-                log.error("cluster backplane: entry %s of %s is not one of this broker's; skipped", entry_id, self.streams[shard])
+                self.foreign_entry(entry_id, shard)
                 continue
             verdict = epochs.entry(shard, epoch, count, write)
             if verdict == SKIP:

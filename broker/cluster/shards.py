@@ -37,6 +37,7 @@ EAGER_MESSAGES = 256  # a write (a read) that holds (brought) this many messages
 SCRIPT_READ_COUNT = 100  # entries a write reads per stream at most (its reply is bounded; the reader reads what is left)
 WRITER_READS_S = 0.05  # after a write that read, how much longer than two redis_batch_ms its reader leaves the reading to the writes
 OUT_OF_MEMORY = "the cluster backplane (Redis) is out of memory (maxmemory): it takes no writes; not published (retry later)"
+FOREIGN_LOG_INTERVAL_S = 10.0  # entries no broker wrote are said at most once per this many seconds, with their count
 READER_RENEW = 10  # failed reads in a row after which a Redis Cluster reader gets a new client
 # A read that has not come back STALL_S after its block ended means Redis does not answer:
 # the node reports it (readiness, broker_backplane_connected, the lag) within the block plus

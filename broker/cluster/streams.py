@@ -88,6 +88,7 @@ from .reader import Reader
 from .shards import (
     BLOCK_MS,
     CLUSTER_BLOCK_MS,
+    FOREIGN_LOG_INTERVAL_S,
     INTEREST_REVIEW_S,
     OUT_OF_MEMORY,
     BackplaneStats,
@@ -150,6 +151,9 @@ class RedisBackplane(Reader, Writer, ShardLinks):
         self.asked = [0.0] * self.shards  # per shard: monotonic time its reader's command went out (0: none out)
         self.patience = [0.0] * self.shards  # per shard: how long that command may take (a blocking read's block + STALL_S; a ping STALL_S)
         self.read_at = [time.monotonic()] * self.shards  # per shard: when a read of it last came back
+        self.foreign_entries = 0  # entries read that no broker wrote (skipped)
+        self.foreign_logged = 0  # of them, counted in a log line
+        self.foreign_logged_at = -FOREIGN_LOG_INTERVAL_S  # when the last such line was written
         self.stats = BackplaneStats(self.shards)
         self.accepting = False  # every shard takes publishes (and the compiled path may stamp them); False until start() connected
         self.buffered = 0  # payload bytes staged or being written
